@@ -1,0 +1,236 @@
+"""Trained weights -> an ONNX graph of native LSTM / GRU / RNN nodes implementing the v1 contract.
+
+The graph is built by hand with onnx.helper because torch's exporters either unroll `nn.RNN` or
+freeze the sequence length of bidirectional layers. Facts that shape it:
+- onnxruntime rejects `layout=1`, so the recurrent nodes run time-major with Transposes around;
+- ONNX gate orders differ from PyTorch's: LSTM iofc (torch ifgo), GRU zrh (torch rzn);
+- GRU uses `linear_before_reset=1`, the variant PyTorch implements;
+- a `sequence_lens` of 0 would return zeros, so the contract requires lengths >= 1;
+- the IR version is set explicitly (onnx 1.23 stamps 14, which onnxruntime may refuse).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from export.arch import ArchConfig
+from export.model import RecurrentClassifier
+from service.engine import description as contract
+from service.engine.description import DESCRIPTION_KEY, ModelDescription
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def _reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
+    """Reorder the gate blocks along axis 0 from PyTorch's order to ONNX's."""
+    blocks = [w[k * hidden : (k + 1) * hidden] for k in range(w.shape[0] // hidden)]
+    if cell == "lstm":  # torch i, f, g, o -> onnx i, o, f, c
+        blocks = [blocks[0], blocks[3], blocks[1], blocks[2]]
+    elif cell == "gru":  # torch r, z, n -> onnx z, r, h
+        blocks = [blocks[1], blocks[0], blocks[2]]
+    return np.concatenate(blocks, axis=0)
+
+
+def recurrent_initializers(
+    model: RecurrentClassifier, layer_index: int
+) -> dict[str, np.ndarray]:
+    """W [D, G*H, I], R [D, G*H, H], B [D, 2*G*H] and, for peepholes, P [D, 3H] (order i, o, f)."""
+    arch = model.arch
+    layer = model.layers[layer_index]
+    hid = arch.hidden_size
+    ws, rs, bs, ps = [], [], [], []
+    for d in range(arch.directions):
+        p = layer.direction_params(d)
+        ws.append(_reorder(_np(p["w_ih"]), arch.cell, hid))
+        rs.append(_reorder(_np(p["w_hh"]), arch.cell, hid))
+        b_ih = _reorder(_np(p["b_ih"]), arch.cell, hid)
+        b_hh = _reorder(_np(p["b_hh"]), arch.cell, hid)
+        bs.append(np.concatenate([b_ih, b_hh]))
+        if arch.peephole:
+            p_i, p_f, p_o = np.split(_np(p["peephole"]), 3)
+            ps.append(np.concatenate([p_i, p_o, p_f]))
+    out = {"W": np.stack(ws), "R": np.stack(rs), "B": np.stack(bs)}
+    if arch.peephole:
+        out["P"] = np.stack(ps)
+    return out
+
+
+class _GraphBuilder:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def init(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: object) -> list[str]:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0] + "_" + op, **attrs))
+        return outputs
+
+    def one(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        return self.node(op, inputs, [output], **attrs)[0]
+
+
+def _input_block(g: _GraphBuilder, model: RecurrentClassifier) -> str:
+    """Graph input -> time-major float input (T, B, I)."""
+    arch = model.arch
+    if arch.input_kind == "tokens":
+        emb = g.init("embedding", _np(model.embedding.weight))
+        x = g.one("Gather", [emb, contract.INPUT_TOKENS], "embedded", axis=0)  # (B, T, E)
+    else:
+        mean = g.init("feature_mean", _np(model.feature_mean))
+        inv_std = g.init("feature_inv_std", 1.0 / _np(model.feature_std))
+        centred = g.one("Sub", [contract.INPUT_FEATURES, mean], "centred")
+        x = g.one("Mul", [centred, inv_std], "normalized")  # (B, T, F)
+    return g.one("Transpose", [x], "x_tbi", perm=[1, 0, 2])  # (T, B, I)
+
+
+def _recurrent_block(
+    g: _GraphBuilder, model: RecurrentClassifier, x: str, seq_lens: str, state: str
+) -> tuple[str, list[str]]:
+    """Stacked recurrent nodes; returns the last layer's (T, B, D*H) output and the state rows."""
+    arch = model.arch
+    hid, dirs = arch.hidden_size, arch.directions
+    direction = "bidirectional" if arch.bidirectional else "forward"
+    shape_tb_dh = g.init("shape_tb_dh", np.array([0, 0, dirs * hid], dtype=np.int64))
+    rows: list[str] = []
+    for index in range(arch.num_layers):
+        prm = {k: g.init(f"l{index}_{k}", v) for k, v in recurrent_initializers(model, index).items()}
+        initial = {}
+        for kind in arch.state_kinds:
+            lo, hi = arch.state_slice(index, kind)
+            starts = g.init(f"l{index}_{kind}_start", np.array([lo], dtype=np.int64))
+            ends = g.init(f"l{index}_{kind}_end", np.array([hi], dtype=np.int64))
+            initial[kind] = g.one("Slice", [state, starts, ends], f"l{index}_{kind}0")  # (D, B, H)
+        y, y_h = f"l{index}_Y", f"l{index}_Y_h"
+        if arch.cell == "lstm":
+            inputs = [x, prm["W"], prm["R"], prm["B"], seq_lens, initial["h"], initial["c"]]
+            inputs.append(prm.get("P", ""))
+            outs = [y, y_h, f"l{index}_Y_c"]
+            g.node("LSTM", inputs, outs, hidden_size=hid, direction=direction,
+                   input_forget=int(arch.cifg))  # fmt: skip
+            rows += [y_h, outs[2]]
+        else:
+            op = "GRU" if arch.cell == "gru" else "RNN"
+            extra = {"linear_before_reset": 1} if arch.cell == "gru" else {}
+            inputs = [x, prm["W"], prm["R"], prm["B"], seq_lens, initial["h"]]
+            g.node(op, inputs, [y, y_h], hidden_size=hid, direction=direction, **extra)
+            rows.append(y_h)
+        y_tbdh = g.one("Transpose", [y], f"l{index}_Y_tbdh", perm=[0, 2, 1, 3])  # (T, B, D, H)
+        x = g.one("Reshape", [y_tbdh, shape_tb_dh], f"l{index}_out")  # (T, B, D*H)
+    return x, rows
+
+
+def _head_block(g: _GraphBuilder, model: RecurrentClassifier, y: str) -> None:
+    """(T, B, D*H) -> step_probs (B, T, C) and probs (B, C) at each row's last valid step."""
+    y_btd = g.one("Transpose", [y], "y_btd", perm=[1, 0, 2])  # (B, T, D*H)
+    w = g.init("head_weight_t", _np(model.head.weight).T.copy())  # (D*H, C)
+    b = g.init("head_bias", _np(model.head.bias))
+    logits = g.one("Add", [g.one("MatMul", [y_btd, w], "head_mm"), b], "logits")  # (B, T, C)
+    step_probs = g.one("Softmax", [logits], contract.OUTPUT_STEP_PROBS, axis=-1)
+    one = g.init("one_i64", np.array(1, dtype=np.int64))
+    last = g.one("Sub", [contract.INPUT_LENGTHS, one], "last_step")  # (B,)
+    shape_b11 = g.init("shape_b11", np.array([-1, 1, 1], dtype=np.int64))
+    last_b11 = g.one("Reshape", [last, shape_b11], "last_b11")  # (B, 1, 1)
+    classes = g.init("shape_11c", np.array([1, 1, model.arch.num_classes], dtype=np.int64))
+    index = g.one("Expand", [last_b11, classes], "last_b1c")  # (B, 1, C)
+    picked = g.one("GatherElements", [step_probs, index], "probs_b1c", axis=1)
+    axis1 = g.init("axis1", np.array([1], dtype=np.int64))
+    g.one("Squeeze", [picked, axis1], contract.OUTPUT_PROBS)  # (B, C)
+
+
+def build_graph(model: RecurrentClassifier, description: ModelDescription) -> onnx.ModelProto:
+    """The whole v1 graph for `model`, with `description` embedded in the metadata."""
+    arch = model.arch
+    g = _GraphBuilder()
+    x = _input_block(g, model)
+    seq_lens = g.one("Cast", [contract.INPUT_LENGTHS], "seq_lens", to=TensorProto.INT32)
+    state = g.one("Transpose", [contract.INPUT_STATE], "state_sbh", perm=[1, 0, 2])  # (S, B, H)
+    y, rows = _recurrent_block(g, model, x, seq_lens, state)
+    _head_block(g, model, y)
+    state_sbh = g.one("Concat", rows, "state_out_sbh", axis=0)  # (S, B, H)
+    g.one("Transpose", [state_sbh], contract.OUTPUT_STATE, perm=[1, 0, 2])  # (B, S, H)
+
+    s, h, c = arch.state_rows, arch.hidden_size, arch.num_classes
+    if arch.input_kind == "tokens":
+        x_in = helper.make_tensor_value_info(contract.INPUT_TOKENS, TensorProto.INT64, ["B", "T"])
+    else:
+        x_in = helper.make_tensor_value_info(
+            contract.INPUT_FEATURES, TensorProto.FLOAT, ["B", "T", arch.feature_dim]
+        )
+    inputs = [
+        x_in,
+        helper.make_tensor_value_info(contract.INPUT_LENGTHS, TensorProto.INT64, ["B"]),
+        helper.make_tensor_value_info(contract.INPUT_STATE, TensorProto.FLOAT, ["B", s, h]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(contract.OUTPUT_STEP_PROBS, TensorProto.FLOAT, ["B", "T", c]),
+        helper.make_tensor_value_info(contract.OUTPUT_PROBS, TensorProto.FLOAT, ["B", c]),
+        helper.make_tensor_value_info(contract.OUTPUT_STATE, TensorProto.FLOAT, ["B", s, h]),
+    ]
+    graph = helper.make_graph(g.nodes, description.name, inputs, outputs, g.inits)
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="lstm-serve export",
+        producer_version="1",
+        model_version=description.version,
+        doc_string=f"{description.name} v{description.version}: {arch.cell} sequence classifier",
+    )
+    proto.ir_version = IR_VERSION
+    helper.set_model_props(proto, {DESCRIPTION_KEY: description.to_json()})
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def describe(
+    model: RecurrentClassifier,
+    name: str,
+    version: int,
+    labels: list[str],
+    tokenizer: dict | None = None,
+    training: dict | None = None,
+) -> ModelDescription:
+    """The description of `model` under the v1 contract."""
+    from service.engine.description import Tokenizer
+
+    arch = model.arch
+    fallback = arch.cuda_fallback_reasons
+    architecture = arch.to_dict() | {"directions": arch.directions}
+    return ModelDescription(
+        name=name,
+        version=version,
+        labels=tuple(labels),
+        input_kind=arch.input_kind,
+        vocab_size=arch.vocab_size,
+        feature_dim=arch.feature_dim,
+        tokenizer=Tokenizer.from_dict(tokenizer) if tokenizer else None,
+        state_rows=arch.state_rows,
+        hidden_size=arch.hidden_size,
+        state_row_names=tuple(arch.state_row_names()),
+        streamable=arch.streamable,
+        architecture=architecture,
+        cuda={"wholly_on_cuda": not fallback, "cpu_fallback": fallback},
+        training=training or {},
+    )
+
+
+def export_model(
+    model: RecurrentClassifier, description: ModelDescription, path: str
+) -> onnx.ModelProto:
+    """Write `model` with its description to `path` (model.onnx)."""
+    model.eval()
+    proto = build_graph(model, description)
+    onnx.save_model(proto, path)
+    return proto
