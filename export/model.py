@@ -29,7 +29,12 @@ class RecurrentLayer(nn.Module):
         h = arch.hidden_size
         kwargs = {"nonlinearity": "tanh"} if arch.cell == "rnn" else {}
         self.rnn = _RNN_MODULES[arch.cell](
-            input_size, h, num_layers=1, batch_first=True, bidirectional=arch.bidirectional, **kwargs
+            input_size,
+            h,
+            num_layers=1,
+            batch_first=True,
+            bidirectional=arch.bidirectional,
+            **kwargs,
         )
         if arch.peephole:
             # Per direction: peephole weights for the i, f, o gates, [3H] each.
@@ -50,10 +55,7 @@ class RecurrentLayer(nn.Module):
                     b_hh[0:h].zero_()
                     b_ih[h : 2 * h].zero_()  # the forget block is unused under CIFG
                     b_hh[h : 2 * h].zero_()
-                elif self.arch.cell == "lstm":
-                    b_ih[h : 2 * h].fill_(fb)
-                    b_hh[h : 2 * h].zero_()
-                elif self.arch.cell == "gru":
+                elif self.arch.cell == "lstm" or self.arch.cell == "gru":
                     b_ih[h : 2 * h].fill_(fb)
                     b_hh[h : 2 * h].zero_()
 

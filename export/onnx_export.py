@@ -16,7 +16,6 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.arch import ArchConfig
 from export.model import RecurrentClassifier
 from service.engine import description as contract
 from service.engine.description import DESCRIPTION_KEY, ModelDescription
@@ -39,9 +38,7 @@ def _reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
     return np.concatenate(blocks, axis=0)
 
 
-def recurrent_initializers(
-    model: RecurrentClassifier, layer_index: int
-) -> dict[str, np.ndarray]:
+def recurrent_initializers(model: RecurrentClassifier, layer_index: int) -> dict[str, np.ndarray]:
     """W [D, G*H, I], R [D, G*H, H], B [D, 2*G*H] and, for peepholes, P [D, 3H] (order i, o, f)."""
     arch = model.arch
     layer = model.layers[layer_index]
@@ -75,7 +72,9 @@ class _GraphBuilder:
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: object) -> list[str]:
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0] + "_" + op, **attrs))
+        self.nodes.append(
+            helper.make_node(op, inputs, outputs, name=outputs[0] + "_" + op, **attrs)
+        )
         return outputs
 
     def one(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
@@ -106,7 +105,9 @@ def _recurrent_block(
     shape_tb_dh = g.init("shape_tb_dh", np.array([0, 0, dirs * hid], dtype=np.int64))
     rows: list[str] = []
     for index in range(arch.num_layers):
-        prm = {k: g.init(f"l{index}_{k}", v) for k, v in recurrent_initializers(model, index).items()}
+        prm = {
+            k: g.init(f"l{index}_{k}", v) for k, v in recurrent_initializers(model, index).items()
+        }
         initial = {}
         for kind in arch.state_kinds:
             lo, hi = arch.state_slice(index, kind)
