@@ -1,0 +1,225 @@
+"""Checks that an exported model keeps the v1 contract:
+- PyTorch and onnxruntime agree (the torch model is rebuilt from the ONNX initializers, so the
+  check covers the gate reordering, the state layout and the graph semantics);
+- streaming: a sequence fed in chunks, each call's state_out passed on, equals one whole call;
+- padding: a batch with mixed lengths gives each row exactly what it gets alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+from export.arch import ArchConfig
+from export.model import RecurrentClassifier
+from service.engine.description import ModelDescription
+
+TOLERANCE = 1e-5
+
+
+def open_session(path: str | Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _inverse_reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
+    """ONNX gate order -> PyTorch gate order (inverse of onnx_export._reorder)."""
+    blocks = [w[k * hidden : (k + 1) * hidden] for k in range(w.shape[0] // hidden)]
+    if cell == "lstm":  # onnx i, o, f, c -> torch i, f, g, o
+        blocks = [blocks[0], blocks[2], blocks[3], blocks[1]]
+    elif cell == "gru":  # onnx z, r, h -> torch r, z, n
+        blocks = [blocks[1], blocks[0], blocks[2]]
+    return np.concatenate(blocks, axis=0)
+
+
+def torch_from_onnx(path: str | Path) -> tuple[RecurrentClassifier, ModelDescription]:
+    """Rebuild the PyTorch model from an exported file's initializers and description."""
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    desc = ModelDescription.from_metadata(meta)
+    arch = ArchConfig.from_dict(desc.architecture)
+    inits = {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer
+    }
+    model = RecurrentClassifier(arch).eval()
+    hid = arch.hidden_size
+    with torch.no_grad():
+        if arch.input_kind == "tokens":
+            model.embedding.weight.copy_(inits["embedding"])
+        else:
+            model.set_normalization(inits["feature_mean"], 1.0 / inits["feature_inv_std"])
+        for index, layer in enumerate(model.layers):
+            for d in range(arch.directions):
+                p = layer.direction_params(d)
+                w, r, b = (inits[f"l{index}_{k}"][d].numpy() for k in "WRB")
+                gh = b.shape[0] // 2
+                p["w_ih"].copy_(torch.from_numpy(_inverse_reorder(w, arch.cell, hid)))
+                p["w_hh"].copy_(torch.from_numpy(_inverse_reorder(r, arch.cell, hid)))
+                p["b_ih"].copy_(torch.from_numpy(_inverse_reorder(b[:gh], arch.cell, hid)))
+                p["b_hh"].copy_(torch.from_numpy(_inverse_reorder(b[gh:], arch.cell, hid)))
+                if arch.peephole:
+                    p_i, p_o, p_f = inits[f"l{index}_P"][d].split(hid)
+                    p["peephole"].copy_(torch.cat([p_i, p_f, p_o]))
+        model.head.weight.copy_(inits["head_weight_t"].T)
+        model.head.bias.copy_(inits["head_bias"])
+    return model, desc
+
+
+def random_inputs(
+    desc: ModelDescription, rng: np.random.Generator, batch: int, t_max: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, lengths (1..t_max, t_max included), and a random non-zero state."""
+    if desc.input_kind == "tokens":
+        x = rng.integers(0, desc.vocab_size, size=(batch, t_max), dtype=np.int64)
+    else:
+        x = rng.normal(size=(batch, t_max, desc.feature_dim)).astype(np.float32)
+    lengths = rng.integers(1, t_max + 1, size=batch, dtype=np.int64)
+    lengths[0] = t_max
+    state = rng.normal(scale=0.5, size=(batch, desc.state_rows, desc.hidden_size))
+    return x, lengths, state.astype(np.float32)
+
+
+def run_onnx(
+    sess: ort.InferenceSession, desc: ModelDescription, x: np.ndarray, lengths: np.ndarray,
+    state: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    step_probs, probs, state_out = sess.run(
+        None, {desc.input_name: x, "lengths": lengths, "state": state}
+    )
+    return step_probs, probs, state_out
+
+
+def _valid_mask(lengths: np.ndarray, t_max: int) -> np.ndarray:
+    return np.arange(t_max)[None, :] < lengths[:, None]  # (B, T)
+
+
+def torch_parity(
+    model: RecurrentClassifier, sess: ort.InferenceSession, desc: ModelDescription,
+    rng: np.random.Generator, batch: int, t_max: int,
+) -> float:  # fmt: skip
+    """Max |torch - onnxruntime| over valid step_probs, probs and state_out."""
+    x, lengths, state = random_inputs(desc, rng, batch, t_max)
+    with torch.no_grad():
+        ref = model.contract_forward(
+            torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(state)
+        )
+    out = run_onnx(sess, desc, x, lengths, state)
+    mask = _valid_mask(lengths, t_max)
+    diffs = [np.abs(ref[0].numpy() - out[0])[mask].max()]
+    diffs += [np.abs(r.numpy() - o).max() for r, o in zip(ref[1:], out[1:], strict=True)]
+    return float(max(diffs))
+
+
+def streaming_diff(
+    sess: ort.InferenceSession, desc: ModelDescription, x: np.ndarray, state: np.ndarray,
+    chunks: list[int],
+) -> float:  # fmt: skip
+    """One row fed in `chunks` (sizes summing to its length) vs one call on the whole row."""
+    t_max = x.shape[0]
+    assert sum(chunks) == t_max and all(c >= 1 for c in chunks)
+    whole = run_onnx(sess, desc, x[None], np.array([t_max]), state[None])
+    steps, st, pos, probs = [], state[None], 0, None
+    for size in chunks:
+        sp, probs, st = run_onnx(sess, desc, x[None, pos : pos + size], np.array([size]), st)
+        steps.append(sp[0])
+        pos += size
+    assert probs is not None
+    return float(
+        max(
+            np.abs(np.concatenate(steps) - whole[0][0]).max(),
+            np.abs(probs - whole[1]).max(),
+            np.abs(st - whole[2]).max(),
+        )
+    )
+
+
+def padding_diff(
+    sess: ort.InferenceSession, desc: ModelDescription, rng: np.random.Generator, batch: int,
+    t_max: int,
+) -> float:  # fmt: skip
+    """A batch with mixed lengths vs each row alone at its own length."""
+    x, lengths, state = random_inputs(desc, rng, batch, t_max)
+    together = run_onnx(sess, desc, x, lengths, state)
+    worst = 0.0
+    for b in range(batch):
+        n = int(lengths[b])
+        alone = run_onnx(sess, desc, x[b : b + 1, :n], lengths[b : b + 1], state[b : b + 1])
+        worst = max(
+            worst,
+            float(np.abs(alone[0][0] - together[0][b, :n]).max()),
+            float(np.abs(alone[1][0] - together[1][b]).max()),
+            float(np.abs(alone[2][0] - together[2][b]).max()),
+        )
+    return worst
+
+
+def random_chunks(rng: np.random.Generator, total: int) -> list[int]:
+    """A random split of `total` steps into chunks of 1..total steps, 1-step chunks common."""
+    chunks, left = [], total
+    while left:
+        size = 1 if rng.random() < 0.4 else int(rng.integers(1, left + 1))
+        size = min(size, left)
+        chunks.append(size)
+        left -= size
+    return chunks
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    torch_parity: float = 0.0
+    streaming: float | None = None
+    padding: float = 0.0
+    cases: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        worst = max(self.torch_parity, self.padding, self.streaming or 0.0)
+        return worst <= TOLERANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "max_abs_diff_torch_vs_onnxruntime": self.torch_parity,
+            "max_abs_diff_streaming_vs_whole": self.streaming,
+            "max_abs_diff_padded_batch_vs_alone": self.padding,
+            "cases": self.cases,
+            "tolerance": TOLERANCE,
+            "passed": self.passed,
+        }
+
+
+def verify_model(path: str | Path, seed: int = 0) -> VerifyReport:
+    """All contract checks on one exported model file, on random inputs."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    model, desc = torch_from_onnx(path)
+    sess = open_session(path)
+    rng = np.random.default_rng(seed)
+    report = VerifyReport(model=f"{desc.name}/{desc.version}")
+    for batch in (1, 3, 8):
+        for t_max in (1, 5, 17):
+            report.torch_parity = max(
+                report.torch_parity, torch_parity(model, sess, desc, rng, batch, t_max)
+            )
+            report.padding = max(report.padding, padding_diff(sess, desc, rng, batch, t_max))
+            report.cases += 1
+    if desc.streamable:
+        report.streaming = 0.0
+        for t_max in (1, 2, 9, 30):
+            x, _, state = random_inputs(desc, rng, 1, t_max)
+            for chunks in ([1] * t_max, random_chunks(rng, t_max), random_chunks(rng, t_max)):
+                diff = streaming_diff(sess, desc, x[0], state[0], chunks)
+                report.streaming = max(report.streaming, diff)
+                report.cases += 1
+    return report
