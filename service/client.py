@@ -1,0 +1,234 @@
+"""The Python client: list models, classify, and streaming sessions that survive broken streams.
+
+    async with LstmClient(["10.0.0.1:8001", "10.0.0.2:8001"]) as client:
+        session = await client.open_session("langid-chars", top_k=3)
+        for ch in "bonjour":
+            result = await session.step(ch)          # or pipeline: send() ... receive()
+        await session.end()
+
+Failover: unary calls go to the next address when one is UNAVAILABLE. A session whose stream
+breaks is resumed by id (on the same address first, then the others); chunks sent but not yet
+answered are resent, and the server answers those it had already applied with `duplicate=true`
+(no probabilities). Sessions live in one server's memory: resuming on another server only works
+if that server holds the session (same process behind another address), else SessionLost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+Steps = str | Sequence[int] | np.ndarray | pb.SequenceInput
+
+
+def _stream_was_cancelled_under_us() -> bool:
+    """A read raised CancelledError because the call (not this task) was cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+class SessionLost(Exception):
+    """The session could not be resumed on any address."""
+
+
+def to_input(steps: Steps) -> pb.SequenceInput:
+    """Text, token ids, or a (T, F) float array of frames -> SequenceInput."""
+    if isinstance(steps, pb.SequenceInput):
+        return steps
+    if isinstance(steps, str):
+        return pb.SequenceInput(text=steps)
+    array = np.asarray(steps)
+    if array.dtype.kind == "f":
+        if array.ndim != 2:
+            raise ValueError(f"frames must be (T, F), got shape {array.shape}")
+        frames = pb.Frames(values=array.ravel().tolist(), frame_count=array.shape[0])
+        return pb.SequenceInput(frames=frames)
+    return pb.SequenceInput(tokens=pb.TokenIds(ids=[int(x) for x in array.ravel()]))
+
+
+class LstmClient:
+    """Async client over one or more server addresses."""
+
+    def __init__(self, addresses: Sequence[str] | str, timeout_s: float = 30.0) -> None:
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("give at least one address")
+        self.timeout_s = timeout_s
+        self._index = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def __aenter__(self) -> LstmClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def stub(self, offset: int = 0) -> pb_grpc.LstmServeStub:
+        """A stub on the current address (or `offset` addresses further on)."""
+        address = self.addresses[(self._index + offset) % len(self.addresses)]
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return pb_grpc.LstmServeStub(self._channels[address])
+
+    async def _unary(self, method: str, request: Any) -> Any:
+        """Call on the current address; on UNAVAILABLE move on to the next, once round."""
+        for attempt in range(len(self.addresses)):
+            try:
+                return await getattr(self.stub(), method)(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == len(self.addresses) - 1:
+                    raise
+                self._index += 1
+        raise AssertionError("unreachable")
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        reply = await self._unary("ListModels", pb.ListModelsRequest())
+        return list(reply.models)
+
+    async def get_model(self, name: str, version: int = 0) -> pb.ModelInfo:
+        return await self._unary("GetModel", pb.GetModelRequest(name=name, version=version))
+
+    async def classify(
+        self,
+        model: str,
+        sequences: Sequence[Steps],
+        version: int = 0,
+        step_probabilities: bool = False,
+        top_k: int = 1,
+    ) -> pb.ClassifyResponse:
+        request = pb.ClassifyRequest(
+            model=model, version=version, sequences=[to_input(s) for s in sequences],
+            step_probabilities=step_probabilities, top_k=top_k,
+        )  # fmt: skip
+        return await self._unary("Classify", request)
+
+    async def open_session(
+        self, model: str, version: int = 0, every_step: bool = False, top_k: int = 1
+    ) -> StreamSession:
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        first = pb.StreamRequest(open=pb.OpenSession(model=model, version=version, options=options))
+        session = StreamSession(self)
+        await session.attach(first)
+        return session
+
+    async def resume_session(self, session_id: str) -> StreamSession:
+        session = StreamSession(self)
+        await session.attach(pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id)))
+        return session
+
+
+class StreamSession:
+    """One streaming session: pipelined chunks, in-order replies, resume after a broken stream."""
+
+    def __init__(self, client: LstmClient) -> None:
+        self.client = client
+        self.opened = pb.SessionOpened()
+        self._call: Any = None
+        self._pending: deque[pb.StreamRequest] = deque()  # sent, not yet answered
+        self._next_seq = 1
+
+    @property
+    def session_id(self) -> str:
+        return self.opened.session_id
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.opened.labels)
+
+    async def attach(self, first: pb.StreamRequest, offset: int = 0) -> pb.SessionOpened:
+        """Start a stream with `first` (open or resume) and read the `opened` reply."""
+        self._call = self.client.stub(offset).Stream()
+        await self._call.write(first)
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            raise SessionLost("the server closed the stream before opening the session")
+        self.opened = reply.opened
+        self._next_seq = max(self._next_seq, self.opened.last_applied_seq + 1)
+        return self.opened
+
+    async def send(self, steps: Steps) -> int:
+        """Send one chunk without waiting for its reply; returns its seq."""
+        seq = self._next_seq
+        self._next_seq += 1
+        await self._write(pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=to_input(steps))))
+        return seq
+
+    async def receive(self) -> pb.StreamResponse:
+        """The reply to the oldest unanswered message (resuming the session if needed)."""
+        while True:
+            try:
+                reply = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                reply = None
+            except asyncio.CancelledError:
+                if not _stream_was_cancelled_under_us():
+                    raise
+                reply = None
+            if reply is None or reply is grpc.aio.EOF:
+                await self.reconnect()
+                continue
+            self._pending.popleft()
+            return reply
+
+    async def step(self, steps: Steps) -> pb.ChunkResult:
+        """Send one chunk and wait for its result."""
+        await self.send(steps)
+        return (await self.receive()).chunk
+
+    async def reset(self) -> pb.ResetDone:
+        seq = self._next_seq
+        self._next_seq += 1
+        await self._write(pb.StreamRequest(reset=pb.Reset(seq=seq)))
+        return (await self.receive()).reset
+
+    async def end(self) -> pb.SessionEnded:
+        await self._write(pb.StreamRequest(end=pb.End()))
+        ended = (await self.receive()).ended
+        await self.close()
+        return ended
+
+    async def close(self) -> None:
+        """Close this stream; the session stays on the server (resumable) unless ended."""
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    async def _write(self, request: pb.StreamRequest) -> None:
+        self._pending.append(request)
+        try:
+            await self._call.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, AttributeError):
+            await self.reconnect()
+
+    async def reconnect(self) -> None:
+        """Resume by id on the current address, then the others; resend unanswered messages."""
+        await self.close()
+        resume = pb.StreamRequest(resume=pb.ResumeSession(session_id=self.session_id))
+        last_error: Exception | None = None
+        for offset in range(len(self.client.addresses)):
+            try:
+                await self.attach(resume, offset)
+            except grpc.aio.AioRpcError as exc:
+                last_error = exc
+                continue
+            for request in self._pending:
+                await self._call.write(request)
+            return
+        raise SessionLost(f"session {self.session_id} could not be resumed: {last_error}")

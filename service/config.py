@@ -1,0 +1,172 @@
+"""The server configuration: one frozen dataclass, built in main() from flags and LSTM_SERVE_*."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
+
+ENV_PREFIX = "LSTM_SERVE_"
+
+# Short provider names accepted by --providers, and the onnxruntime names they stand for.
+PROVIDER_ALIASES = {
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def provider_name(name: str) -> str:
+    """'cuda' -> 'CUDAExecutionProvider'; full onnxruntime names pass through."""
+    return PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to start; validated on construction."""
+
+    model_repository: Path = Path("models")
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    providers: tuple[str, ...] = ()
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    compute_threads: int = 4
+    session_idle_timeout_s: float = 600.0
+    max_sessions: int = 10_000
+    max_chunk_steps: int = 4096
+    max_classify_sequences: int = 256
+    max_sequence_steps: int = 16_384
+    expired_ids_remembered: int = 10_000
+    initial_slab_capacity: int = 64
+    drain_grace_s: float = 10.0
+    log_json: bool = False
+    log_level: str = "INFO"
+    debug_compute_delay_ms: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_repository", Path(self.model_repository))
+        object.__setattr__(self, "providers", tuple(provider_name(p) for p in self.providers))
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        self._check_ports()
+        self._check_limits()
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
+
+    def _check_ports(self) -> None:
+        if not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"grpc_port {self.grpc_port} is not in 0..65535")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is not in -1..65535 (-1 = off)")
+
+    def _check_limits(self) -> None:
+        positive = (
+            "compute_threads",
+            "max_sessions",
+            "max_chunk_steps",
+            "max_classify_sequences",
+            "max_sequence_steps",
+            "expired_ids_remembered",
+            "initial_slab_capacity",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.session_idle_timeout_s <= 0:
+            raise ConfigError(
+                f"session_idle_timeout_s must be > 0, got {self.session_idle_timeout_s}"
+            )
+        if self.drain_grace_s < 0:
+            raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+
+    @property
+    def eviction_interval_s(self) -> float:
+        """How often idle sessions are swept: a quarter of the idle timeout, within [0.05, 10] s."""
+        return max(0.05, min(self.session_idle_timeout_s / 4, 10.0))
+
+
+# flag name -> (help, type); the defaults come from ServerConfig, env overrides defaults.
+FLAGS: dict[str, tuple[str, Any]] = {
+    "model_repository": ("model repository: NAME/VERSION/model.onnx", Path),
+    "host": ("address the gRPC server binds", str),
+    "grpc_port": ("gRPC port; 0 picks a free port (logged)", int),
+    "metrics_port": ("Prometheus /metrics HTTP port; 0 picks a free port, -1 disables", int),
+    "providers": ("ordered execution providers, e.g. cuda,cpu (default: cuda if available)", str),
+    "intra_op_threads": ("onnxruntime intra-op threads per model (0 = onnxruntime default)", int),
+    "inter_op_threads": ("onnxruntime inter-op threads per model (0 = onnxruntime default)", int),
+    "compute_threads": ("worker threads running onnxruntime calls", int),
+    "session_idle_timeout_s": ("seconds a session may stay untouched before it is freed", float),
+    "max_sessions": ("most sessions held at once; more -> RESOURCE_EXHAUSTED", int),
+    "max_chunk_steps": ("most steps in one streamed chunk", int),
+    "max_classify_sequences": ("most sequences in one Classify request", int),
+    "max_sequence_steps": ("most steps in one Classify sequence", int),
+    "expired_ids_remembered": ("how many expired session ids are remembered (for NOT_FOUND)", int),
+    "initial_slab_capacity": ("state slab rows allocated per model version at first use", int),
+    "drain_grace_s": ("seconds SIGTERM waits for in-flight work before stopping", float),
+    "log_json": ("log one JSON object per line", bool),
+    "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
+    "debug_compute_delay_ms": ("FOR TESTS ONLY: sleep this long before each model run", int),
+}
+
+
+def _env_value(environ: Mapping[str, str], name: str) -> str | None:
+    return environ.get(ENV_PREFIX + name.upper())
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The lstm-serve argument parser; LSTM_SERVE_<FLAG> environment variables set defaults."""
+    environ = os.environ if environ is None else environ
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    parser = argparse.ArgumentParser(
+        prog="lstm-serve",
+        description="Serve recurrent sequence classifiers (ONNX) over gRPC.",
+        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}GRPC_PORT).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, (help_text, kind) in FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        env = _env_value(environ, name)
+        default = defaults[name]
+        if name == "providers":
+            default = ",".join(default)
+        if kind is bool:
+            truthy = env is not None and env.strip().lower() in ("1", "true", "yes", "on")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=truthy,
+                                help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")  # fmt: skip
+            continue
+        parser.add_argument(flag, type=str, default=env if env is not None else str(default),
+                            help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")  # fmt: skip
+    return parser
+
+
+def config_from_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Parse flags (and LSTM_SERVE_* defaults) into a validated ServerConfig."""
+    args = build_parser(environ).parse_args(argv)
+    values: dict[str, Any] = {}
+    for name, (_help, kind) in FLAGS.items():
+        raw = getattr(args, name)
+        try:
+            if name == "providers":
+                values[name] = tuple(p for p in raw.split(",") if p.strip())
+            elif kind is bool:
+                values[name] = bool(raw)
+            else:
+                values[name] = kind(raw)
+        except ValueError as exc:
+            raise ConfigError(f"--{name.replace('_', '-')} {raw!r}: {exc}") from exc
+    return ServerConfig(**values)

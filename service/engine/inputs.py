@@ -1,0 +1,103 @@
+"""Checks and conversions of one sequence's steps into model inputs, with named-field errors.
+
+Protocol-neutral: the gRPC codec (and any later protocol) calls these with plain Python values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.engine.description import ModelDescription
+from service.errors import InvalidInput
+
+
+def check_steps(steps: int, max_steps: int, field: str) -> None:
+    """A sequence or chunk must have 1..max_steps steps."""
+    if steps < 1:
+        raise InvalidInput(f"{field} is empty: a chunk needs at least one step")
+    if steps > max_steps:
+        raise InvalidInput(f"{field} has {steps} steps, more than the maximum {max_steps}")
+
+
+def _need_kind(desc: ModelDescription, kind: str, field: str) -> None:
+    if desc.input_kind != kind:
+        raise InvalidInput(
+            f"{field}: model {desc.name} v{desc.version} takes {desc.input_kind}, not {kind}"
+        )
+
+
+def tokens_from_ids(
+    desc: ModelDescription, ids: Sequence[int], max_steps: int, field: str
+) -> np.ndarray:
+    """Token ids -> (T,) int64, every id in [0, vocab_size)."""
+    _need_kind(desc, "tokens", field)
+    check_steps(len(ids), max_steps, field)
+    tokens = np.asarray(ids, dtype=np.int64)  # (T,)
+    bad = np.flatnonzero((tokens < 0) | (tokens >= desc.vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidInput(
+            f"{field}[{i}] = {int(tokens[i])} is out of range [0, {desc.vocab_size})"
+        )
+    return tokens
+
+
+def tokens_from_text(desc: ModelDescription, text: str, max_steps: int, field: str) -> np.ndarray:
+    """Text -> (T,) int64 with the model's own tokenizer; some character must be known."""
+    _need_kind(desc, "tokens", field)
+    if desc.tokenizer is None:
+        raise InvalidInput(f"{field}: model {desc.name} v{desc.version} has no tokenizer")
+    ids = desc.tokenizer.encode(text)
+    check_steps(len(ids), max_steps, field)
+    if len(desc.tokenizer.unknown_chars(text)) == len(ids):
+        raise InvalidInput(f"{field} = {text!r} has no character in the model's vocabulary")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _check_finite(frames: np.ndarray, field: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(frames))
+    if bad.size:
+        t, f = divmod(int(bad[0]), frames.shape[1])
+        raise InvalidInput(f"{field}: frame {t} value {f} is {frames[t, f]} (must be finite)")
+
+
+def frames_from_flat(
+    desc: ModelDescription, values: Sequence[float], frame_count: int, max_steps: int, field: str
+) -> np.ndarray:
+    """Row-major floats -> (T, F) float32; frame_count 0 means len(values) / F."""
+    _need_kind(desc, "features", field)
+    dim = desc.feature_dim
+    if frame_count == 0:
+        if len(values) % dim:
+            raise InvalidInput(
+                f"{field}.values has {len(values)} floats, not a multiple of feature_dim {dim}"
+            )
+        frame_count = len(values) // dim
+    elif len(values) != frame_count * dim:
+        raise InvalidInput(
+            f"{field}.values has {len(values)} floats, not frame_count {frame_count} "
+            f"x feature_dim {dim} = {frame_count * dim}"
+        )
+    check_steps(frame_count, max_steps, field)
+    frames = np.asarray(values, dtype=np.float32).reshape(frame_count, dim)  # (T, F)
+    _check_finite(frames, field)
+    return frames
+
+
+def frames_from_rows(
+    desc: ModelDescription, rows: Sequence[Sequence[float]], max_steps: int, field: str
+) -> np.ndarray:
+    """One list of F floats per frame -> (T, F) float32."""
+    _need_kind(desc, "features", field)
+    check_steps(len(rows), max_steps, field)
+    for t, row in enumerate(rows):
+        if len(row) != desc.feature_dim:
+            raise InvalidInput(
+                f"{field}.frames[{t}] has {len(row)} values, the model's feature_dim is "
+                f"{desc.feature_dim}"
+            )
+    frames = np.asarray(rows, dtype=np.float32)  # (T, F)
+    _check_finite(frames, field)
+    return frames

@@ -1,0 +1,111 @@
+"""One onnxruntime InferenceSession per model version: the only place that calls run()."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.engine.description import (
+    INPUT_LENGTHS,
+    INPUT_STATE,
+    OUTPUT_PROBS,
+    OUTPUT_STATE,
+    OUTPUT_STEP_PROBS,
+    DescriptionError,
+    ModelDescription,
+)
+from service.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What one run returns, for a batch of B rows padded to T steps."""
+
+    step_probs: np.ndarray  # (B, T, C)
+    probs: np.ndarray  # (B, C)
+    state_out: np.ndarray  # (B, S, H)
+
+
+def default_providers() -> tuple[str, ...]:
+    """CUDA then CPU when onnxruntime can use CUDA here, else CPU alone."""
+    available = ort.get_available_providers()
+    return (CUDA, CPU) if CUDA in available else (CPU,)
+
+
+def resolve_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested providers this onnxruntime build has (in order); CPU if none requested."""
+    if not requested:
+        return default_providers()
+    available = ort.get_available_providers()
+    usable = tuple(p for p in requested if p in available)
+    for missing in (p for p in requested if p not in available):
+        log.warning("execution provider %s is not available here (have %s)", missing, available)
+    if not usable:
+        raise ConfigError(f"none of the providers {list(requested)} is available: {available}")
+    return usable
+
+
+class ModelRuntime:
+    """An onnxruntime session for one model version, plus the provider it actually runs on."""
+
+    def __init__(
+        self,
+        path: Path,
+        providers: tuple[str, ...],
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ) -> None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.description = ModelDescription.from_metadata(metadata)
+        except DescriptionError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        self.providers: tuple[str, ...] = tuple(self.session.get_providers())
+        self.provider: str = self.providers[0]
+        self.debug_delay_s = 0.0
+
+    @property
+    def cpu_fallback(self) -> tuple[str, ...]:
+        """Nodes that run on the CPU although the model runs on CUDA (none on a CPU session)."""
+        if self.provider != CUDA:
+            return ()
+        return tuple(str(x) for x in self.description.cuda.get("cpu_fallback", []))
+
+    def run(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
+        """One model call: inputs (B, T) int64 or (B, T, F) float32; state (B, S, H)."""
+        if self.debug_delay_s:
+            time.sleep(self.debug_delay_s)
+        feeds = {
+            self.description.input_name: inputs,
+            INPUT_LENGTHS: lengths,
+            INPUT_STATE: state,
+        }
+        step_probs, probs, state_out = self.session.run(
+            [OUTPUT_STEP_PROBS, OUTPUT_PROBS, OUTPUT_STATE], feeds
+        )
+        return RunOutput(step_probs=step_probs, probs=probs, state_out=state_out)
+
+    def warm_up(self) -> None:
+        """One run on a one-step input, so the first real request does not pay for set-up."""
+        desc = self.description
+        if desc.input_kind == "tokens":
+            inputs = np.zeros((1, 1), dtype=np.int64)  # (B, T)
+        else:
+            inputs = np.zeros((1, 1, desc.feature_dim), dtype=np.float32)  # (B, T, F)
+        state = np.zeros((1, desc.state_rows, desc.hidden_size), dtype=np.float32)  # (B, S, H)
+        self.run(inputs, np.ones(1, dtype=np.int64), state)

@@ -1,0 +1,71 @@
+"""The one exception family of lstm-serve.
+
+Each error names its gRPC status code by *name* (`code`), so the engine can raise these without
+importing grpc; `service/status.py` is the one place that turns them into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+
+class LstmServeError(Exception):
+    """Base of every error the service reports to a client."""
+
+    code: str = "INTERNAL"
+
+
+class ModelNotFound(LstmServeError):
+    """No such model name or version in the repository."""
+
+    code = "NOT_FOUND"
+
+
+class InvalidInput(LstmServeError):
+    """A request field has a value the model cannot take; the message names field and value."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotStreamable(LstmServeError):
+    """A bidirectional model was asked for a streaming session."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ProtocolError(LstmServeError):
+    """A stream's messages came in an order the protocol does not allow."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class SessionNotFound(LstmServeError):
+    """No session has this id (never issued, or ended)."""
+
+    code = "NOT_FOUND"
+
+
+class SessionExpired(SessionNotFound):
+    """The session was freed after being idle longer than the idle timeout."""
+
+    code = "NOT_FOUND"
+
+
+class Overloaded(LstmServeError):
+    """The server holds its maximum number of sessions."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(LstmServeError):
+    """The server cannot take this request now (models still loading)."""
+
+    code = "UNAVAILABLE"
+
+
+class Draining(Unavailable):
+    """The server is shutting down and refuses new work."""
+
+    code = "UNAVAILABLE"
+
+
+class ConfigError(ValueError):
+    """The server configuration is invalid (raised at start-up, never sent to a client)."""
