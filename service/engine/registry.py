@@ -71,8 +71,8 @@ def load_model(path: Path, options: RuntimeOptions) -> LoadedModel:
     runtime = ModelRuntime(
         path, options.providers, options.intra_op_threads, options.inter_op_threads
     )
-    runtime.warm_up()
     runtime.debug_delay_s = options.debug_compute_delay_s
+    runtime.warm_up()
     desc = runtime.description
     if desc.name != path.parent.parent.name or str(desc.version) != path.parent.name:
         raise ConfigError(f"{path}: describes {desc.name} v{desc.version}, not its folder")

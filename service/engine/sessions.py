@@ -131,6 +131,10 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, session_id: object) -> bool:
+        """Whether the id is held now (without touching or expiring it)."""
+        return session_id in self._sessions
+
     def open(self, model: LoadedModel, options: StreamOptions) -> Session:
         """A new session from a zero state; NotStreamable / Overloaded when it cannot be."""
         if not model.description.streamable:

@@ -1,0 +1,222 @@
+"""Every bad input and every error over a real server: the status, the message, no side effects."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import numpy as np
+import pytest
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from service.client import LstmClient
+from tests.integration.conftest import Reference, ServerThread
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def frames(values: list[float], count: int = 0) -> pb.SequenceInput:
+    return pb.SequenceInput(frames=pb.Frames(values=values, frame_count=count))
+
+
+def rows(*widths: int) -> pb.SequenceInput:
+    return pb.SequenceInput(frames=pb.Frames(frames=[pb.Frame(values=[0.0] * w) for w in widths]))
+
+
+def tokens(*ids: int) -> pb.SequenceInput:
+    return pb.SequenceInput(tokens=pb.TokenIds(ids=ids))
+
+
+def text(value: str) -> pb.SequenceInput:
+    return pb.SequenceInput(text=value)
+
+
+def open_(model: str, version: int = 0) -> pb.StreamRequest:
+    return pb.StreamRequest(open=pb.OpenSession(model=model, version=version))
+
+
+def classify(model: str, *inputs: pb.SequenceInput) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=model, sequences=inputs)
+
+
+BAD_CHUNKS = {
+    "token id out of range": ("tiny-lstm", tokens(1, 28), "tokens.ids[1] = 28"),
+    "negative token id": ("tiny-lstm", tokens(-1), "tokens.ids[0] = -1"),
+    "empty token chunk": ("tiny-lstm", tokens(), "is empty"),
+    "empty text": ("tiny-lstm", text(""), "is empty"),
+    "no input at all": ("tiny-lstm", pb.SequenceInput(), "is empty"),
+    "text with no known character": ("tiny-lstm", text("123!"), "'123!'"),
+    "frames for a token model": ("tiny-lstm", frames([0.0] * 5), "takes tokens, not features"),
+    "text for a feature model": ("tiny-rnn-frames", text("abc"), "takes features"),
+    "wrong feature width (flat)": (
+        "tiny-rnn-frames",
+        frames([0.0] * 7),
+        "multiple of feature_dim 5",
+    ),
+    "wrong frame count": ("tiny-rnn-frames", frames([0.0] * 10, 3), "not frame_count 3"),
+    "wrong feature width (rows)": ("tiny-rnn-frames", rows(5, 4), "frames[1] has 4 values"),
+    "nan frame": (
+        "tiny-rnn-frames",
+        frames([0.0] * 7 + [math.nan] + [0.0] * 2),
+        "frame 1 value 2 is nan",
+    ),
+    "inf frame": ("tiny-rnn-frames", frames([math.inf] + [0.0] * 4), "frame 0 value 0 is inf"),
+    "empty frames": ("tiny-rnn-frames", frames([]), "is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHUNKS))
+def test_bad_chunk_is_answered_in_band_and_leaves_the_session_unchanged(
+    case: str, server: ServerThread, reference: Reference
+) -> None:
+    model, bad, expected_text = BAD_CHUNKS[case]
+    good = (
+        pb.SequenceInput(text="ab")
+        if model == "tiny-lstm"
+        else frames(np.ones(10, dtype=np.float32).tolist())
+    )
+
+    async def main() -> tuple[pb.ChunkResult, pb.ChunkResult, pb.ChunkResult]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream()
+            await call.write(pb.StreamRequest(open=pb.OpenSession(model=model, version=1)))
+            await call.read()
+            for seq, steps in ((1, good), (2, bad), (2, good)):  # seq 2 retried after rejection
+                await call.write(pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=steps)))
+            replies = [(await call.read()).chunk for _ in range(3)]
+            await call.write(pb.StreamRequest(end=pb.End()))
+            await call.read()
+            return replies[0], replies[1], replies[2]
+
+    first, rejected, retried = asyncio.run(main())
+    assert rejected.HasField("error") and rejected.seq == 2
+    assert rejected.error.code == "INVALID_ARGUMENT" and rejected.error.numeric_code == 3
+    assert expected_text in rejected.error.message
+    assert rejected.total_steps == first.total_steps and not rejected.probabilities
+    assert not retried.HasField("error") and retried.total_steps == 2 * first.total_steps
+    # The state after good + (rejected) + good is the state after good + good.
+    if model == "tiny-lstm":
+        whole = np.array([1, 2, 1, 2], dtype=np.int64)
+    else:
+        whole = np.ones((4, 5), dtype=np.float32)
+    np.testing.assert_allclose(retried.probabilities, reference.run(model, whole)[0], atol=1e-5)
+
+
+def test_chunk_longer_than_the_maximum_is_rejected(small_server: ServerThread) -> None:
+    async def main() -> pb.ChunkResult:
+        async with LstmClient(small_server.address) as client:
+            session = await client.open_session("tiny-gru")
+            reply = await session.step(list(range(1, 18)))  # 17 steps > 16
+            await session.end()
+            return reply
+
+    reply = asyncio.run(main())
+    assert reply.error.code == "INVALID_ARGUMENT"
+    assert "17 steps, more than the maximum 16" in reply.error.message
+
+
+def test_seq_zero_is_rejected_in_band(server: ServerThread) -> None:
+    async def main() -> pb.ChunkResult:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream()
+            await call.write(pb.StreamRequest(open=pb.OpenSession(model="tiny-gru")))
+            await call.read()
+            chunk = pb.Chunk(seq=0, input=pb.SequenceInput(text="a"))
+            await call.write(pb.StreamRequest(chunk=chunk))
+            reply = (await call.read()).chunk
+            call.cancel()
+            return reply
+
+    reply = asyncio.run(main())
+    assert reply.error.code == "INVALID_ARGUMENT" and "chunk.seq = 0" in reply.error.message
+
+
+def test_one_clients_bad_input_never_changes_another_session(
+    server: ServerThread, reference: Reference
+) -> None:
+    async def main() -> pb.ChunkResult:
+        async with LstmClient(server.address) as client:
+            victim = await client.open_session("tiny-lstm", version=1)
+            attacker = await client.open_session("tiny-lstm", version=1)
+            await victim.step("abc")
+            for bad in ([99], "", "!!!", [-5]):
+                assert (await attacker.step(bad)).HasField("error")
+            reply = await victim.step("de")
+            await victim.end()
+            await attacker.end()
+            return reply
+
+    reply = asyncio.run(main())
+    ids = np.array([1, 2, 3, 4, 5], dtype=np.int64)
+    np.testing.assert_allclose(reply.probabilities, reference.run("tiny-lstm", ids)[0], atol=1e-5)
+
+
+async def stream_status(address: str, first: pb.StreamRequest) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.LstmServeStub(channel).Stream()
+        await call.write(first)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        return info.value.code(), info.value.details() or ""
+
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+STREAM_ERRORS = {
+    "unknown model": (open_("nope"), NOT_FOUND, "'nope'"),
+    "unknown version": (open_("tiny-gru", 7), NOT_FOUND, "no version 7"),
+    "not streamable": (open_("tiny-bilstm"), PRECONDITION, "streamable=false"),
+    "unknown session": (
+        pb.StreamRequest(resume=pb.ResumeSession(session_id="ab" * 16)),
+        NOT_FOUND,
+        "does not exist",
+    ),
+    "chunk before open": (
+        pb.StreamRequest(chunk=pb.Chunk(seq=1)),
+        PRECONDITION,
+        "must be open or resume",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_ERRORS))
+def test_stream_level_errors_end_the_stream_with_a_status(case: str, server: ServerThread) -> None:
+    first, code, wanted = STREAM_ERRORS[case]
+    got_code, details = asyncio.run(stream_status(server.address, first))
+    assert got_code == code and wanted in details
+
+
+def test_classify_errors(small_server: ServerThread) -> None:
+    cases = [
+        (classify("nope", text("a")), NOT_FOUND, "'nope'"),
+        (classify("tiny-gru"), INVALID, "sequences is empty"),
+        (classify("tiny-gru", *[text("a")] * 5), INVALID, "5 entries"),
+        (classify("tiny-gru", text("a" * 33)), INVALID, "sequences[0].text has 33 steps"),
+        (classify("tiny-gru", text("a"), tokens(30)), INVALID, "sequences[1].tokens.ids[0] = 30"),
+    ]
+
+    async def main() -> list[tuple[grpc.StatusCode, str]]:
+        out = []
+        async with grpc.aio.insecure_channel(small_server.address) as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            for request, _, _ in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Classify(request)
+                out.append((info.value.code(), info.value.details() or ""))
+        return out
+
+    for (_, code, wanted), (got_code, details) in zip(cases, asyncio.run(main()), strict=True):
+        assert got_code == code and wanted in details, details
+
+
+def test_get_model_unknown_is_not_found(server: ServerThread) -> None:
+    async def main() -> grpc.StatusCode:
+        async with LstmClient(server.address) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.get_model("tiny-gru", version=9)
+            return info.value.code()
+
+    assert asyncio.run(main()) == grpc.StatusCode.NOT_FOUND
