@@ -1,0 +1,167 @@
+"""lstm-client: list models, classify text or frames, stream text live, resume a session."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+import numpy as np
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from service.client import LstmClient, StreamSession
+
+
+def load_frames(path: Path) -> np.ndarray:
+    """A (T, F) float32 array from a .npy file or a CSV file (one frame per line)."""
+    raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+    frames = np.asarray(raw, dtype=np.float32)
+    if frames.ndim != 2:
+        raise ValueError(f"{path}: frames must be 2-D (T, F), got shape {frames.shape}")
+    return frames
+
+
+def format_top(top: Sequence[pb.LabelScore]) -> str:
+    return "  ".join(f"{t.label} {t.probability:.3f}" for t in top)
+
+
+class LiveLine:
+    """One line rewritten in place on a terminal; one line per update otherwise."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.width = 0
+
+    def update(self, text: str) -> None:
+        if self.tty:
+            self.out.write("\r" + text.ljust(self.width))
+            self.width = max(self.width, len(text))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
+async def cmd_list(client: LstmClient, args: argparse.Namespace) -> int:
+    for m in await client.list_models():
+        shape = f"S×H={m.state_rows}×{m.hidden_size}"
+        width = f"vocab={m.vocab_size}" if m.input_kind == "tokens" else f"F={m.feature_dim}"
+        fallback = f" cpu_fallback={len(m.cpu_fallback)}" if m.cpu_fallback else ""
+        print(
+            f"{m.name} v{m.version}{' (latest)' if m.latest else ''}  {m.input_kind} {width}  "
+            f"{shape}  streamable={str(m.streamable).lower()}  {m.provider}{fallback}  "
+            f"labels={','.join(m.labels)}"
+        )
+    return 0
+
+
+async def cmd_classify(client: LstmClient, args: argparse.Namespace) -> int:
+    steps: str | np.ndarray = args.text if args.text is not None else load_frames(args.frames)
+    reply = await client.classify(args.model, [steps], version=args.version, top_k=args.top_k)
+    result = reply.results[0]
+    if args.json:
+        top = [{"label": t.label, "probability": t.probability} for t in result.top]
+        print(json.dumps({"model": reply.model, "version": reply.version, "top": top}))
+    else:
+        print(f"{reply.model} v{reply.version}  {result.length} steps  {format_top(result.top)}")
+    return 0
+
+
+async def stream_text(session: StreamSession, text: str, delay_s: float, out: TextIO) -> int:
+    """Send the text one character per chunk, showing the top label as it changes."""
+    line = LiveLine(out)
+    consumed = ""
+    for ch in text:
+        result = await session.step(ch)
+        consumed += ch
+        if result.HasField("error"):
+            line.update(f"{consumed!r}  (skipped {ch!r}: {result.error.message})")
+        else:
+            line.update(f"{consumed!r:<32} {format_top(result.top)}")
+        if delay_s:
+            await asyncio.sleep(delay_s)
+    line.done()
+    return 0
+
+
+async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
+    if args.session:
+        session = await client.resume_session(args.session)
+    else:
+        session = await client.open_session(args.model, version=args.version, top_k=args.top_k)
+    print(f"session {session.session_id} {session.opened.model} v{session.opened.version}")
+    await stream_text(session, args.text, args.delay_ms / 1000, sys.stdout)
+    if args.keep:
+        await session.close()
+        print(f"kept session {session.session_id} (resume with --session)")
+    else:
+        ended = await session.end()
+        print(f"ended after {ended.total_steps} steps")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-client", description=__doc__)
+    parser.add_argument(
+        "--address",
+        action="append",
+        default=None,
+        help="server host:port; repeat for failover (default localhost:8001)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per unary call")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the served models")
+    classify = sub.add_parser("classify", help="classify one whole text or file of frames")
+    classify.add_argument("model")
+    source = classify.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text for a token model")
+    source.add_argument("--frames", type=Path, help=".npy or .csv (T, F) frames")
+    classify.add_argument("--json", action="store_true", help="print JSON")
+    stream = sub.add_parser("stream", help="stream a text one character at a time, live")
+    stream.add_argument("model", nargs="?", default="", help="model (not with --session)")
+    stream.add_argument("--text", required=True)
+    stream.add_argument("--session", help="resume this session id instead of opening one")
+    stream.add_argument("--keep", action="store_true", help="keep the session open at the end")
+    stream.add_argument("--delay-ms", type=float, default=0.0, help="pause between characters")
+    for p in (classify, stream):
+        p.add_argument("--version", type=int, default=0, help="model version (0 = latest)")
+        p.add_argument("--top-k", type=int, default=1, help="labels to show")
+    return parser
+
+
+COMMANDS = {"list": cmd_list, "classify": cmd_classify, "stream": cmd_stream}
+
+
+async def run(args: argparse.Namespace) -> int:
+    async with LstmClient(args.address or ["localhost:8001"], timeout_s=args.timeout) as client:
+        return await COMMANDS[args.command](client, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lstm-client` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "stream" and not (args.model or args.session):
+        print("lstm-client stream: give a model or --session", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run(args))
+    except grpc.aio.AioRpcError as exc:
+        print(f"lstm-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"lstm-client: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

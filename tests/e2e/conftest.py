@@ -1,0 +1,92 @@
+"""The real lstm-serve as a subprocess (JSON logs parsed for its ports) and the real CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    """`python -m service.cli` with --log-json on 127.0.0.1, free ports."""
+
+    def __init__(self, repo: Path, *extra: str) -> None:
+        cmd = [
+            sys.executable, "-m", "service.cli", "--log-json", "--host", "127.0.0.1",
+            "--grpc-port", "0", "--metrics-port", "0", "--model-repository", str(repo), *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        listening = self.wait_event("listening")
+        self.port = int(listening["grpc_port"])
+        self.metrics_port = int(listening["metrics_port"])
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            with contextlib.suppress(json.JSONDecodeError):
+                self.events.put(json.loads(line))
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {name!r} log line; got:\n{''.join(self.lines)}")
+            try:
+                event = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if event.get("event") == name:
+                return event
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.terminate()
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_repo: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(tiny_repo)
+    server.wait_event("ready")
+    yield server
+    server.stop()
+
+
+def run_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m service.client_cli ARGS` (the lstm-client console script)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "service.client_cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip

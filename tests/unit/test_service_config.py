@@ -1,0 +1,78 @@
+"""The frozen config: validation, flags, LSTM_SERVE_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import FLAGS, ServerConfig, config_from_args
+from service.errors import ConfigError
+
+
+def test_defaults_serve_models_on_triton_ports() -> None:
+    config = config_from_args([], environ={})
+    assert config == ServerConfig()
+    assert (config.model_repository, config.grpc_port, config.metrics_port) == (
+        Path("models"), 8001, 8002,
+    )  # fmt: skip
+    assert config.session_idle_timeout_s == 600
+
+
+def test_flags_override_environment_which_overrides_defaults() -> None:
+    env = {
+        "LSTM_SERVE_GRPC_PORT": "9000",
+        "LSTM_SERVE_MAX_SESSIONS": "5",
+        "LSTM_SERVE_LOG_JSON": "1",
+    }
+    config = config_from_args(["--grpc-port", "0", "--providers", "cuda,cpu"], environ=env)
+    assert config.grpc_port == 0 and config.max_sessions == 5 and config.log_json
+    assert config.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ServerConfig().grpc_port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"grpc_port": 70000},
+        {"metrics_port": -2},
+        {"max_sessions": 0},
+        {"max_chunk_steps": 0},
+        {"session_idle_timeout_s": 0},
+        {"log_level": "LOUD"},
+        {"debug_compute_delay_ms": -1},
+    ],
+)
+def test_invalid_values_are_rejected(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        ServerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_bad_number_on_the_command_line_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="grpc-port"):
+        config_from_args(["--grpc-port", "x"], environ={})
+
+
+def test_every_field_is_a_flag() -> None:
+    assert set(FLAGS) == {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in FLAGS:
+        assert "--" + name.replace("_", "-") in out
+    assert "LSTM_SERVE_" in out
+
+
+def test_eviction_interval_follows_the_idle_timeout() -> None:
+    assert ServerConfig(session_idle_timeout_s=0.2).eviction_interval_s == 0.05
+    assert ServerConfig().eviction_interval_s == 10.0

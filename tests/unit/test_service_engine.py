@@ -1,0 +1,107 @@
+"""The engine and input checks without a network: chunked steps == one whole-sequence run."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.engine.core import Engine
+from service.engine.inputs import frames_from_flat, tokens_from_ids, tokens_from_text
+from service.engine.registry import ModelRegistry, RuntimeOptions
+from service.engine.sessions import SessionStore, StreamOptions
+from service.errors import Draining, InvalidInput, ModelNotFound, Unavailable
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_repo: Path) -> ModelRegistry:
+    return ModelRegistry.load(tiny_repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
+
+
+def make_engine(registry: ModelRegistry | None) -> Engine:
+    engine = Engine(SessionStore(max_sessions=100, idle_timeout_s=60), compute_threads=1)
+    engine.registry = registry
+    return engine
+
+
+def test_registry_versions_and_latest(registry: ModelRegistry) -> None:
+    assert registry.get("tiny-lstm").version == 2
+    assert registry.get("tiny-lstm", 1).version == 1 and not registry.get("tiny-lstm", 1).latest
+    with pytest.raises(ModelNotFound, match="no version 3"):
+        registry.get("tiny-lstm", 3)
+    with pytest.raises(ModelNotFound, match="'nope'"):
+        registry.get("nope")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 27), min_size=1, max_size=30),
+    cuts=st.lists(st.integers(1, 29), max_size=6),
+)
+def test_chunked_steps_equal_classify_on_the_whole_sequence(
+    registry: ModelRegistry, tokens: list[int], cuts: list[int]
+) -> None:
+    engine = make_engine(registry)
+    model = registry.get("tiny-lstm", 1)
+    seq = np.array(tokens, dtype=np.int64)
+    bounds = sorted({c for c in cuts if c < len(seq)} | {0, len(seq)})
+
+    async def main() -> tuple[np.ndarray, np.ndarray]:
+        session = engine.open_session("tiny-lstm", 1, StreamOptions())
+        for seq_no, (a, b) in enumerate(itertools.pairwise(bounds), start=1):
+            outcome = await engine.apply_chunk(session, seq_no, seq[a:b])
+        [whole] = await engine.classify(model, [seq], with_steps=False)
+        return outcome.result.probs, whole.probs  # type: ignore[union-attr]
+
+    chunked, whole = asyncio.run(main())
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    engine.close()
+
+
+def test_resent_chunk_is_not_applied_twice(registry: ModelRegistry) -> None:
+    engine = make_engine(registry)
+
+    async def main() -> None:
+        session = engine.open_session("tiny-gru", 0, StreamOptions())
+        first = await engine.apply_chunk(session, 1, np.array([1, 2], dtype=np.int64))
+        state = session.read_state()
+        again = await engine.apply_chunk(session, 1, np.array([1, 2], dtype=np.int64))
+        assert again.duplicate and again.result is None and again.total_steps == 2
+        np.testing.assert_array_equal(session.read_state(), state)
+        assert not first.duplicate
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_loading_and_draining_refuse_new_work(registry: ModelRegistry) -> None:
+    loading = make_engine(None)
+    with pytest.raises(Unavailable, match="loading"):
+        loading.open_session("tiny-gru", 0, StreamOptions())
+    draining = make_engine(registry)
+    draining.draining = True
+    with pytest.raises(Draining):
+        draining.open_session("tiny-gru", 0, StreamOptions())
+    loading.close()
+    draining.close()
+
+
+def test_input_checks_name_field_and_value(registry: ModelRegistry) -> None:
+    tokens = registry.get("tiny-gru").description
+    frames = registry.get("tiny-rnn-frames").description
+    with pytest.raises(InvalidInput, match=r"x\[2\] = 40 is out of range \[0, 28\)"):
+        tokens_from_ids(tokens, [1, 2, 40], 10, "x")
+    with pytest.raises(InvalidInput, match="more than the maximum 2"):
+        tokens_from_ids(tokens, [1, 2, 3], 2, "x")
+    with pytest.raises(InvalidInput, match="no character"):
+        tokens_from_text(tokens, "42", 10, "t")
+    assert tokens_from_text(tokens, "Ab?", 10, "t").tolist() == [1, 2, 0]
+    got = frames_from_flat(frames, list(range(10)), 2, 10, "f")
+    assert got.shape == (2, 5) and got.dtype == np.float32
+    with pytest.raises(InvalidInput, match="frame 0 value 1 is nan"):
+        frames_from_flat(frames, [0.0, float("nan"), 0.0, 0.0, 0.0], 0, 10, "f")

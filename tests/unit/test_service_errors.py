@@ -1,0 +1,53 @@
+"""Each error of the family maps to its gRPC status, in the one place that maps them."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service import errors
+from service.status import numeric_code, status_code, status_message
+
+MAPPING = {
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotStreamable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.SessionExpired: grpc.StatusCode.NOT_FOUND,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Draining: grpc.StatusCode.UNAVAILABLE,
+    errors.LstmServeError: grpc.StatusCode.INTERNAL,
+}
+
+
+@pytest.mark.parametrize("cls", list(MAPPING), ids=lambda c: c.__name__)
+def test_error_maps_to_its_status(cls: type[errors.LstmServeError]) -> None:
+    exc = cls("field x = 3 is wrong")
+    assert status_code(exc) == MAPPING[cls]
+    assert status_message(exc) == "field x = 3 is wrong"
+
+
+def test_every_error_of_the_family_is_mapped() -> None:
+    family = {
+        obj
+        for obj in vars(errors).values()
+        if isinstance(obj, type) and issubclass(obj, errors.LstmServeError)
+    }
+    assert family == set(MAPPING)
+
+
+def test_unexpected_exceptions_are_internal_without_leaking_their_text() -> None:
+    exc = RuntimeError("secret path /etc/x")
+    assert status_code(exc) == grpc.StatusCode.INTERNAL
+    assert "secret" not in status_message(exc)
+
+
+def test_numeric_codes() -> None:
+    assert numeric_code(grpc.StatusCode.INVALID_ARGUMENT) == 3
+    assert numeric_code(grpc.StatusCode.NOT_FOUND) == 5
+
+
+def test_expired_is_a_kind_of_not_found() -> None:
+    assert issubclass(errors.SessionExpired, errors.SessionNotFound)
