@@ -33,7 +33,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     def _label(self, name: str) -> str:
         """The model metric label: the name if it is served, else a fixed placeholder."""
         registry = self.engine.registry
-        return name if registry is not None and name in registry.names() else metrics.UNKNOWN_MODEL
+        return name if registry is not None and name in registry else metrics.UNKNOWN_MODEL
 
     async def _unary(
         self, rpc: str, model: str, context: grpc.aio.ServicerContext, work: Awaitable[T]

@@ -18,7 +18,7 @@ from service import metrics
 from service.engine.registry import LoadedModel, ModelRegistry
 from service.engine.runtime import RunOutput
 from service.engine.sessions import Session, SessionStore, StreamOptions
-from service.errors import Draining, InvalidInput, SessionNotFound, Unavailable
+from service.errors import Draining, InvalidInput, SessionExpired, SessionNotFound, Unavailable
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,10 @@ class Engine:
             self.store.end(session)
 
     def _check_live(self, session: Session) -> None:
+        if session.expired:
+            raise SessionExpired(f"session {session.id} expired (idle timeout)")
         if session.ended:
-            raise SessionNotFound(f"session {session.id} has ended or expired")
+            raise SessionNotFound(f"session {session.id} has ended")
 
     @staticmethod
     def _clamp(model: LoadedModel, options: StreamOptions) -> StreamOptions:
@@ -173,14 +175,13 @@ class Engine:
     ) -> RunOutput:
         """One model call on a worker thread, timed (queue / compute / total) and counted."""
         queued = time.perf_counter()
+        loop = asyncio.get_running_loop()
         self._enter()
-        try:
-            loop = asyncio.get_running_loop()
-            started, out, finished = await loop.run_in_executor(
-                self._executor, _timed_run, model, inputs, lengths, state
-            )
-        finally:
-            self._leave()
+        future = loop.run_in_executor(self._executor, _timed_run, model, inputs, lengths, state)
+        future.add_done_callback(lambda _: self._leave())  # when the thread is done, not before
+        # shield: a cancelled caller (client gone) does not hide a run still in progress from
+        # wait_idle(); its state is simply not written back.
+        started, out, finished = await asyncio.shield(future)
         name = model.name
         metrics.CHUNK_SECONDS.labels(name, "queue").observe(started - queued)
         metrics.CHUNK_SECONDS.labels(name, "compute").observe(finished - started)

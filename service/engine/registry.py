@@ -113,3 +113,6 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._models)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models

@@ -98,6 +98,7 @@ class Session:
     last_seq: int = 0
     total_steps: int = 0
     ended: bool = False
+    expired: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def read_state(self) -> np.ndarray:
@@ -205,6 +206,7 @@ class SessionStore:
 
     def _expire(self, session: Session) -> None:
         if self._remove(session):
+            session.expired = True
             metrics.SESSION_EVENTS.labels(session.model.name, "expired").inc()
             self._expired[session.id] = None
             while len(self._expired) > self.expired_memory:

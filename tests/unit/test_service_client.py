@@ -1,0 +1,52 @@
+"""Client helpers that need no server: input conversion and the live terminal line."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import to_input
+from service.client_cli import LiveLine, load_frames
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_line_rewrites_in_place_on_a_tty() -> None:
+    out = FakeTty()
+    line = LiveLine(out)
+    line.update("'h'  class1 0.500")
+    line.update("'he' class2 0.700")
+    line.done()
+    assert out.getvalue() == "\r'h'  class1 0.500\r'he' class2 0.700\n"
+
+
+def test_live_line_prints_plain_lines_otherwise() -> None:
+    out = io.StringIO()
+    line = LiveLine(out)
+    line.update("a")
+    line.update("b")
+    line.done()
+    assert out.getvalue() == "a\nb\n"
+
+
+def test_to_input_kinds() -> None:
+    assert to_input("hi").text == "hi"
+    assert list(to_input([1, 2]).tokens.ids) == [1, 2]
+    frames = to_input(np.ones((2, 3), np.float32)).frames
+    assert frames.frame_count == 2 and len(frames.values) == 6
+    with pytest.raises(ValueError, match="frames must be"):
+        to_input(np.ones(3, np.float32))
+
+
+def test_load_frames_csv_and_npy(tmp_path: Path) -> None:
+    frames = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.save(tmp_path / "f.npy", frames)
+    np.savetxt(tmp_path / "f.csv", frames, delimiter=",")
+    for name in ("f.npy", "f.csv"):
+        np.testing.assert_array_equal(load_frames(tmp_path / name), frames)

@@ -1,0 +1,38 @@
+"""Execution providers: default, ordered request, unavailable ones, the CPU-fallback report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from service.engine.registry import RuntimeOptions, load_model
+from service.engine.runtime import CPU, CUDA, default_providers, resolve_providers
+from service.errors import ConfigError
+
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+def test_default_is_cuda_only_when_onnxruntime_can_use_it() -> None:
+    assert default_providers() == ((CUDA, CPU) if HAS_CUDA else (CPU,))
+    assert resolve_providers(()) == default_providers()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only fallback")
+def test_unavailable_providers_are_dropped_in_order() -> None:
+    assert resolve_providers((CUDA, CPU)) == (CPU,)
+    with pytest.raises(ConfigError, match="none of the providers"):
+        resolve_providers((CUDA,))
+
+
+def test_model_reports_the_provider_it_runs_on(tiny_repo: Path) -> None:
+    model = load_model(
+        tiny_repo / "tiny-peephole-frames" / "1" / "model.onnx",
+        RuntimeOptions(providers=resolve_providers(())),
+    )
+    assert model.runtime.provider == model.runtime.providers[0]
+    if model.runtime.provider == CPU:
+        assert model.runtime.cpu_fallback == ()
+    else:  # peepholes are not implemented by the CUDA LSTM kernel
+        assert any("peephole" in reason for reason in model.runtime.cpu_fallback)
