@@ -1,4 +1,4 @@
-"""lstm-client: list models, classify text or frames, stream text live, resume a session."""
+"""lstm-client: list models, classify text or frames, stream live, resume a session."""
 
 from __future__ import annotations
 
@@ -77,15 +77,18 @@ async def cmd_classify(client: LstmClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def stream_text(session: StreamSession, text: str, delay_s: float, out: TextIO) -> int:
-    """Send the text one character per chunk, showing the top label as it changes."""
+async def stream_steps(
+    session: StreamSession, steps: str | np.ndarray, delay_s: float, out: TextIO
+) -> int:
+    """Send one character (or frame) per chunk, showing the top label as it changes."""
     line = LiveLine(out)
     consumed = ""
-    for ch in text:
-        result = await session.step(ch)
-        consumed += ch
+    for i in range(len(steps)):
+        step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
+        result = await session.step(step)
+        consumed = steps[: i + 1] if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}"
         if result.HasField("error"):
-            line.update(f"{consumed!r}  (skipped {ch!r}: {result.error.message})")
+            line.update(f"{consumed!r}  (skipped: {result.error.message})")
         else:
             line.update(f"{consumed!r:<32} {format_top(result.top)}")
         if delay_s:
@@ -100,7 +103,8 @@ async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
     else:
         session = await client.open_session(args.model, version=args.version, top_k=args.top_k)
     print(f"session {session.session_id} {session.opened.model} v{session.opened.version}")
-    await stream_text(session, args.text, args.delay_ms / 1000, sys.stdout)
+    steps: str | np.ndarray = args.text if args.text is not None else load_frames(args.frames)
+    await stream_steps(session, steps, args.delay_ms / 1000, sys.stdout)
     if args.keep:
         await session.close()
         print(f"kept session {session.session_id} (resume with --session)")
@@ -127,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text", help="text for a token model")
     source.add_argument("--frames", type=Path, help=".npy or .csv (T, F) frames")
     classify.add_argument("--json", action="store_true", help="print JSON")
-    stream = sub.add_parser("stream", help="stream a text one character at a time, live")
+    stream = sub.add_parser("stream", help="stream text (or frames) one step at a time, live")
     stream.add_argument("model", nargs="?", default="", help="model (not with --session)")
-    stream.add_argument("--text", required=True)
+    steps = stream.add_mutually_exclusive_group(required=True)
+    steps.add_argument("--text", help="text for a token model, one character per chunk")
+    steps.add_argument("--frames", type=Path, help=".npy or .csv frames, one frame per chunk")
     stream.add_argument("--session", help="resume this session id instead of opening one")
     stream.add_argument("--keep", action="store_true", help="keep the session open at the end")
     stream.add_argument("--delay-ms", type=float, default=0.0, help="pause between characters")

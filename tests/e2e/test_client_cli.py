@@ -73,6 +73,14 @@ def test_classify_frames_from_a_file(
     assert '"model": "tiny-rnn-frames"' in out.stdout and out.stdout.count('"label"') == 2
 
 
+def test_stream_frames_one_per_chunk(server_process: ServerProcess, tmp_path: Path) -> None:
+    np.save(tmp_path / "f.npy", np.ones((3, 5), dtype=np.float32))
+    out = run_client("--address", server_process.address, "stream", "tiny-cifg-frames",
+                     "--frames", str(tmp_path / "f.npy"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "'frame 3/3'" in out.stdout and out.stdout.splitlines()[-1] == "ended after 3 steps"
+
+
 def test_errors_are_reported_with_their_status(server_process: ServerProcess) -> None:
     out = run_client("--address", server_process.address, "stream", "tiny-bilstm", "--text", "a")
     assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr
