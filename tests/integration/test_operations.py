@@ -57,7 +57,11 @@ def test_session_limit_is_resource_exhausted(small_server: ServerThread) -> None
                 await session.end()
             return info.value.code()
 
+    name = "lstm_serve_session_events_total"
+    before = metric(scrape(small_server.metrics_url), name, model="tiny-gru", event="rejected")
     assert asyncio.run(main()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    after = metric(scrape(small_server.metrics_url), name, model="tiny-gru", event="rejected")
+    assert after == before + 1
 
 
 def test_idle_session_expires_and_its_id_says_so(small_server: ServerThread) -> None:
