@@ -79,9 +79,9 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="session")
 def small_server(tiny_repo: Path) -> Iterator[ServerThread]:
-    """A server with tight limits: 3 sessions, 0.3 s idle timeout, chunks of at most 16 steps."""
+    """A server with tight limits: 3 sessions, 1 s idle timeout, chunks of at most 16 steps."""
     config = make_config(
-        tiny_repo, max_sessions=3, session_idle_timeout_s=0.3, max_chunk_steps=16,
+        tiny_repo, max_sessions=3, session_idle_timeout_s=1.0, max_chunk_steps=16,
         max_classify_sequences=4, max_sequence_steps=32,
     )  # fmt: skip
     srv = ServerThread(config).start()
