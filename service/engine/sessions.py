@@ -166,8 +166,8 @@ class SessionStore:
             if session_id in self._expired:
                 raise SessionExpired(
                     f"session {session_id} expired after {self.idle_timeout_s:g} s idle"
-                )
-            raise SessionNotFound(f"session {session_id!r} does not exist")
+                )  # only ids the server issued are remembered, so this one is short
+            raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
         return session
 
     def touch(self, session: Session) -> None:
