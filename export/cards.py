@@ -28,6 +28,15 @@ def _steps_table(by_steps: dict[str, dict[str, float]], unit: str) -> str:
     return "\n".join(rows)
 
 
+def _schedule(hist: dict[str, Any]) -> str:
+    cfg = hist["config"]
+    if hist.get("early_stopping", True):
+        best, run = hist["best_epoch"], hist["epochs_run"]
+        return f"Best epoch {best} of {run} (early stopping on validation loss)"
+    avg = f", weights averaged over the last {cfg['average_last']}" if cfg["average_last"] else ""
+    return f"Fixed {hist['epochs_run']} epochs on the whole training split{avg}"
+
+
 TORCH_KEY = "max_abs_diff_torch_vs_onnxruntime"
 
 
@@ -61,8 +70,7 @@ embedded in `model.onnx` (metadata key `lstm_serve.description`).
 ## Accuracy (held-out test split)
 **Top-1 test accuracy: {report["test_accuracy"] * 100:.2f} %**
 ({report["test_correct"]} / {report["test_examples"]}), label = the last step's answer.
-Best epoch {hist["best_epoch"]} of {hist["epochs_run"]} (early stopping on validation loss),
-{hist["seconds"]} s of training on the CPU.
+{_schedule(hist)}, {hist["seconds"]} s of training on 2 CPU cores.
 
 | class | accuracy |
 |---|---:|

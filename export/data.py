@@ -42,7 +42,10 @@ class Dataset:
 def _stratified_split(
     examples: list[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Split off `fraction` of each class (at least one) as validation, deterministically."""
+    """Split off `fraction` of each class (at least one) as validation, deterministically;
+    a fraction of 0 keeps every example for training."""
+    if fraction <= 0:
+        return examples, []
     rng = random.Random(seed)
     by_label: dict[int, list[Example]] = {}
     for ex in examples:
@@ -80,7 +83,10 @@ def load_japanese_vowels(val_fraction: float = 0.15, seed: int = 0) -> Dataset:
             "data": "JapaneseVowels (Kudo, Toyama & Shimbo 1999), UCI / UEA archive",
             "licence": "CC BY 4.0 (UCI Machine Learning Repository)",
             "shipped_by": "the aeon wheel (aeon/datasets/data/JapaneseVowels)",
-            "split": "official: 270 train (of which a stratified 15% is validation), 370 test",
+            "split": (
+                f"official: 270 train (a stratified {val_fraction:.0%} of it held out for "
+                "validation), 370 test"
+            ),
         },
     )
 

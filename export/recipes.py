@@ -32,7 +32,7 @@ class Recipe:
 
 
 def _load_vowels() -> tuple[Dataset, None]:
-    return load_japanese_vowels(), None
+    return load_japanese_vowels(val_fraction=0.0), None
 
 
 def _load_words() -> tuple[Dataset, dict[str, Any]]:
@@ -45,9 +45,13 @@ RECIPES: dict[str, Recipe] = {
         name="speaker-vowels",
         title="Speaker of a Japanese vowel /ae/ utterance, frame by frame (JapaneseVowels)",
         load=_load_vowels,
+        # Chosen by 5-fold cross-validation (x 2 seeds) on the 270 training series: GRU 96 with
+        # weight averaging over the last 30 of 80 epochs scored 98.9 %, LSTM 96 97.2 %, LSTM
+        # 128 96.3 % (`lstm-export crossval speaker-vowels`). The test split was not used to
+        # choose. The final fit uses all 270 training series for 80 epochs (no early stopping).
         arch=lambda ds, _: ArchConfig(
-            cell="lstm",
-            hidden_size=128,
+            cell="gru",
+            hidden_size=96,
             num_layers=1,
             num_classes=len(ds.labels),
             input_kind="features",
@@ -55,12 +59,12 @@ RECIPES: dict[str, Recipe] = {
         ),
         train=TrainConfig(
             epochs=80,
-            patience=15,
             batch_size=16,
             lr=3e-3,
-            feature_noise=0.1,
+            feature_noise=0.3,
             random_crop=0.5,
             step_weight=0.5,
+            average_last=30,
         ),
     ),
     "langid-chars": Recipe(

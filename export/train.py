@@ -36,6 +36,9 @@ class TrainConfig:
     # Probability of training on a random contiguous window (at least half) of a sequence.
     random_crop: float = 0.0
     lr_decay: float = 1.0  # multiply lr by this after every epoch
+    # Without validation (fixed epochs): average the weights of the last N epochs (SWA), which
+    # steadies a small data set's noisy optimisation; 0 keeps the final weights.
+    average_last: int = 0
     threads: int = 2
 
 
@@ -139,43 +142,64 @@ def _noisy(x: torch.Tensor, model: RecurrentClassifier, scale: float) -> torch.T
     return x + torch.randn_like(x) * scale * model.feature_std
 
 
+def _train_epoch(
+    model: RecurrentClassifier,
+    train: list[Example],
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    rng: random.Random,
+    epoch: int,
+) -> float:
+    """One pass over `train`; returns the mean training loss."""
+    model.train()
+    total, seen = 0.0, 0
+    n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    bar = tqdm(batches(train, cfg.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
+               leave=False, mininterval=1.0)  # fmt: skip
+    for batch in bar:
+        x, lengths, y = collate(_crop(batch, cfg.random_crop, rng))
+        logits, _ = model.step_logits(_noisy(x, model, cfg.feature_noise), lengths)
+        loss = sequence_loss(logits, lengths, y, cfg.step_weight)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        total += float(loss.detach()) * len(batch)
+        seen += len(batch)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / seen
+
+
 def fit(
     model: RecurrentClassifier, train: list[Example], val: list[Example], cfg: TrainConfig
 ) -> dict[str, Any]:
-    """Train with early stopping on validation loss; restores the best weights."""
+    """Train with early stopping on validation loss and restore the best weights; with no
+    validation examples, train for exactly `cfg.epochs` and keep the final weights."""
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
-    best = {"val_accuracy": -1.0, "epoch": 0, "val_loss": float("inf")}
-    best_state = copy.deepcopy(model.state_dict())
+    best: dict[str, Any] = {"val_accuracy": None, "epoch": cfg.epochs, "val_loss": None}
+    best_state = None
     history, started, stale = [], time.time(), 0
-    n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    averaged = torch.optim.swa_utils.AveragedModel(model) if cfg.average_last and not val else None
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(batches(train, cfg.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
-                   leave=False, mininterval=1.0)  # fmt: skip
-        for batch in bar:
-            x, lengths, y = collate(_crop(batch, cfg.random_crop, rng))
-            logits, _ = model.step_logits(_noisy(x, model, cfg.feature_noise), lengths)
-            loss = sequence_loss(logits, lengths, y, cfg.step_weight)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            opt.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+        train_loss = _train_epoch(model, train, cfg, opt, rng, epoch)
         sched.step()
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 5)}
+        history.append(record)
+        if not val:
+            tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}")
+            if averaged is not None and epoch > cfg.epochs - cfg.average_last:
+                averaged.update_parameters(model)
+            continue
         val_loss, val_acc = evaluate(model, val, cfg.step_weight)
-        history.append({"epoch": epoch, "train_loss": round(total / seen, 5),
-                        "val_loss": round(val_loss, 5), "val_accuracy": val_acc})  # fmt: skip
-        tqdm.write(f"epoch {epoch:3d}  train loss {total / seen:.4f}  val loss {val_loss:.4f}"
+        record |= {"val_loss": round(val_loss, 5), "val_accuracy": val_acc}
+        tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}"
                    f"  val acc {val_acc:.4f}")  # fmt: skip
-        if val_loss < best["val_loss"]:
-            best = {"val_accuracy": val_acc, "epoch": epoch, "val_loss": val_loss}
+        if best["val_loss"] is None or val_loss < best["val_loss"]:
+            best = {"val_accuracy": val_acc, "epoch": epoch, "val_loss": round(val_loss, 5)}
             best_state = copy.deepcopy(model.state_dict())
             stale = 0
         else:
@@ -183,13 +207,19 @@ def fit(
             if stale >= cfg.patience:
                 tqdm.write(f"early stop: no val improvement for {cfg.patience} epochs")
                 break
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if averaged is not None:
+        with torch.no_grad():
+            for mine, avg in zip(model.parameters(), averaged.module.parameters(), strict=True):
+                mine.copy_(avg)
     model.eval()
     return {
         "config": asdict(cfg),
+        "early_stopping": bool(val),
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],
-        "best_val_loss": round(best["val_loss"], 5),
+        "best_val_loss": best["val_loss"],
         "epochs_run": len(history),
         "seconds": round(time.time() - started, 1),
         "history": history,
