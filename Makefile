@@ -36,5 +36,8 @@ train-langid: $(TEST_VENV)/.installed
 verify: $(TEST_VENV)/.installed
 	for m in models/*/*/; do $(TEST_VENV)/bin/lstm-export verify $$m || exit 1; done
 
+proto: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python tools/codegen.py
+
 clean:
 	rm -rf $(SERVE_VENV) $(TEST_VENV)
