@@ -36,7 +36,7 @@ def _load_vowels() -> tuple[Dataset, None]:
 
 
 def _load_words() -> tuple[Dataset, dict[str, Any]]:
-    dataset, vocab = load_word_languages()
+    dataset, vocab = load_word_languages(per_language=30000)
     return dataset, {"type": "chars", "vocab": vocab, "lowercase": True, "unknown_id": 0}
 
 
@@ -73,15 +73,16 @@ RECIPES: dict[str, Recipe] = {
         load=_load_words,
         arch=lambda ds, tok: ArchConfig(
             cell="lstm",
-            hidden_size=128,
+            hidden_size=256,
             num_layers=1,
             num_classes=len(ds.labels),
             input_kind="tokens",
             vocab_size=len(tok["vocab"]) if tok else 0,
-            embedding_dim=32,
+            embedding_dim=48,
         ),
+        # Every prefix is trained (step_weight 1): the stream's answer after each character.
         train=TrainConfig(
-            epochs=8, patience=2, batch_size=128, lr=3e-3, step_weight=1.0, lr_decay=0.8
+            epochs=8, patience=2, batch_size=256, lr=3e-3, step_weight=1.0, lr_decay=0.8
         ),
     ),
 }
