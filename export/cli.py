@@ -48,6 +48,23 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crossval(args: argparse.Namespace) -> int:
+    from export.crossval import SPEAKER_CANDIDATES, cross_validate
+    from export.recipes import RECIPES
+
+    if args.model != "speaker-vowels":
+        print(f"no candidate list for {args.model}; only speaker-vowels has one", file=sys.stderr)
+        return 2
+    recipe = RECIPES[args.model]
+    ds, tokenizer = recipe.load()
+    rows = cross_validate(
+        recipe.arch(ds, tokenizer), recipe.train, ds.train + ds.val, SPEAKER_CANDIDATES,
+        k=args.folds, seeds=args.seeds,
+    )  # fmt: skip
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
 def _tiny(args: argparse.Namespace) -> int:
     from export.tiny import write_tiny_repository
 
@@ -74,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     describe = sub.add_parser("describe", help="print a model's embedded description")
     describe.add_argument("path")
     describe.set_defaults(func=_describe)
+    crossval = sub.add_parser("crossval", help="k-fold CV of candidate settings (train split)")
+    crossval.add_argument("model", choices=["speaker-vowels"])
+    crossval.add_argument("--folds", type=int, default=5)
+    crossval.add_argument("--seeds", type=int, default=2)
+    crossval.set_defaults(func=_crossval)
     tiny = sub.add_parser("tiny", help="write tiny random models of every architecture")
     tiny.add_argument("--out", required=True)
     tiny.set_defaults(func=_tiny)
