@@ -65,6 +65,17 @@ def _crossval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from export.cards import refresh_card
+
+    failed = 0
+    for path in args.paths:
+        report = refresh_card(Path(path))
+        print(json.dumps({"model": report["model"], "verify": report["verify"]}))
+        failed += not report["verify"]["passed"]
+    return 1 if failed else 0
+
+
 def _tiny(args: argparse.Namespace) -> int:
     from export.tiny import write_tiny_repository
 
@@ -96,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     crossval.add_argument("--folds", type=int, default=5)
     crossval.add_argument("--seeds", type=int, default=2)
     crossval.set_defaults(func=_crossval)
+    card = sub.add_parser("card", help="re-verify exported models and rewrite their cards")
+    card.add_argument("paths", nargs="+", help="models/NAME/VERSION")
+    card.set_defaults(func=_card)
     tiny = sub.add_parser("tiny", help="write tiny random models of every architecture")
     tiny.add_argument("--out", required=True)
     tiny.set_defaults(func=_tiny)
