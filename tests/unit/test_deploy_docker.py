@@ -148,7 +148,7 @@ def unused_port() -> int:
 
 
 @pytest.mark.skipif(
-    os.environ.get("LSTM_SERVE_OFFLINE") == "1", reason="LSTM_SERVE_OFFLINE=1: needs PyPI"
+    os.environ.get("SKIP_NETWORK_TESTS") == "1", reason="SKIP_NETWORK_TESTS=1: needs PyPI"
 )
 def test_image_install_steps_in_a_fresh_venv(tmp_path: Path) -> None:
     """The build stage's COPYs + install.sh cpu, in a new venv from PyPI (about a minute)."""

@@ -1,0 +1,80 @@
+"""docs/OPERATIONS.md: its metrics table is service.metrics', its settings and paths are real."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from service.config import ENV_PREFIX, FLAGS
+
+ROOT = Path(__file__).resolve().parents[2]
+GUIDE = ROOT / "docs" / "OPERATIONS.md"
+PLANNED_ENV = {"LSTM_SERVE_SNAPSHOT_KEY"}  # session snapshots: the next change
+
+
+def load_reference() -> ModuleType:
+    path = ROOT / "deploy" / "tools" / "metrics_reference.py"
+    spec = importlib.util.spec_from_file_location("metrics_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def guide() -> str:
+    return GUIDE.read_text(encoding="utf-8")
+
+
+def test_metrics_table_matches_service_metrics() -> None:
+    reference = load_reference()
+    assert reference.documented_table(guide()) == reference.markdown_table(), (
+        "docs/OPERATIONS.md's metrics table is stale: "
+        "run python deploy/tools/metrics_reference.py --write"
+    )
+
+
+def test_every_metric_is_documented_with_type_and_labels() -> None:
+    table = load_reference().documented_table(guide())
+    for spec in load_reference().exported_metrics():
+        (row,) = [ln for ln in table.splitlines() if f"`{spec.series[0]}`" in ln]
+        assert f"| {spec.kind} |" in row
+        assert all(f"`{label}`" in row for label in spec.labels), row
+
+
+def test_settings_named_in_the_guide_exist() -> None:
+    known = {ENV_PREFIX + name.upper() for name in FLAGS} | PLANNED_ENV
+    named = set(re.findall(rf"\b{ENV_PREFIX}[A-Z0-9_]*[A-Z0-9]\b", guide()))
+    assert named - {ENV_PREFIX}, "the guide names no setting"
+    assert named <= known, f"unknown settings in the guide: {sorted(named - known)}"
+
+
+def test_paths_named_in_the_guide_exist() -> None:
+    paths = set(re.findall(r"`((?:deploy|docs|tests|service)/[\w./{},-]+)`", guide()))
+    assert paths
+    for path in paths:
+        for expanded in expand_braces(path):
+            assert (ROOT / expanded).exists(), f"the guide names {expanded}, which is missing"
+
+
+def expand_braces(path: str) -> list[str]:
+    """'overlays/{cpu,gpu}' -> ['overlays/cpu', 'overlays/gpu']."""
+    match = re.search(r"\{([^}]*)\}", path)
+    if match is None:
+        return [path]
+    return [
+        expanded
+        for option in match.group(1).split(",")
+        for expanded in expand_braces(path[: match.start()] + option + path[match.end() :])
+    ]
+
+
+def test_session_portability_is_announced_not_claimed() -> None:
+    text = guide()
+    section = text[text.index("## Keeping sessions across pods") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "Landing in the next change" in section and "not available yet" in section
+    assert "redis://" in section and "LSTM_SERVE_SNAPSHOT_KEY" in section
