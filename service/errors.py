@@ -67,5 +67,17 @@ class Draining(Unavailable):
     code = "UNAVAILABLE"
 
 
+class SnapshotInvalid(InvalidInput):
+    """A session snapshot that cannot be verified: unknown key, bad signature, bad contents."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class SnapshotMismatch(LstmServeError):
+    """A valid snapshot for a model version this replica does not serve, or another state shape."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ConfigError(ValueError):
     """The server configuration is invalid (raised at start-up, never sent to a client)."""

@@ -18,6 +18,8 @@ MAPPING = {
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
+    errors.SnapshotInvalid: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.SnapshotMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     errors.LstmServeError: grpc.StatusCode.INTERNAL,
 }
 

@@ -1,0 +1,150 @@
+"""Portable session snapshots: a session's whole state as opaque bytes, signed with a key that
+every replica shares, so any replica can continue any session.
+
+Layout (all integers big-endian):
+
+    b"LSS1" | key id length (1 byte) | key id (ASCII) | header length (4 bytes) | header (JSON)
+            | state (float32, little-endian, S*H values) | HMAC-SHA256 of everything before (32)
+
+The header carries the session id, model name and version, S and H, steps consumed and the last
+chunk sequence number applied. Several keys may be configured (rotation): the first signs, all
+verify. Verification uses `hmac.compare_digest`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ConfigError, SnapshotInvalid
+
+MAGIC = b"LSS1"
+MAC_BYTES = 32
+MAX_KEY_ID = 64
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """What a snapshot restores: the session as it was after its last applied chunk."""
+
+    session_id: str
+    model: str
+    version: int
+    state: np.ndarray  # (S, H) float32
+    total_steps: int
+    last_seq: int
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SnapshotKeys:
+    """Named HMAC keys; `signing` is the key id new snapshots are signed with."""
+
+    keys: dict[str, bytes]
+    signing: str
+
+    def __post_init__(self) -> None:
+        if self.signing not in self.keys:
+            raise ConfigError(f"snapshot signing key {self.signing!r} is not among the keys")
+        for key_id, secret in self.keys.items():
+            if not key_id or len(key_id) > MAX_KEY_ID or not key_id.isascii():
+                raise ConfigError(f"snapshot key id {key_id!r} must be 1-64 ASCII characters")
+            if len(secret) < 16:
+                raise ConfigError(f"snapshot key {key_id!r} is shorter than 16 bytes")
+
+    @classmethod
+    def parse(cls, spec: str) -> SnapshotKeys:
+        """'id1:BASE64[,id2:BASE64...]': the first key signs, every key verifies."""
+        keys: dict[str, bytes] = {}
+        for item in (part.strip() for part in spec.split(",")):
+            key_id, sep, encoded = item.partition(":")
+            if not sep:
+                raise ConfigError(f"snapshot key {key_id!r} must be written ID:BASE64SECRET")
+            try:
+                keys[key_id.strip()] = base64.b64decode(encoded.strip(), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ConfigError(f"snapshot key {key_id!r} is not valid base64") from exc
+        return cls(keys=keys, signing=next(iter(keys)))
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
+    """Serialise and sign a snapshot with the signing key."""
+    state = np.ascontiguousarray(snap.state, dtype="<f4")  # (S, H)
+    header = json.dumps(
+        {
+            "session_id": snap.session_id,
+            "model": snap.model,
+            "version": snap.version,
+            "rows": int(state.shape[0]),
+            "hidden": int(state.shape[1]),
+            "total_steps": snap.total_steps,
+            "last_seq": snap.last_seq,
+            "created_at": snap.created_at or time.time(),
+        },
+        separators=(",", ":"),
+    ).encode()
+    key_id = keys.signing.encode("ascii")
+    body = MAGIC + bytes([len(key_id)]) + key_id + struct.pack(">I", len(header)) + header
+    body += state.tobytes()
+    return body + _mac(keys.keys[keys.signing], body)
+
+
+def _split(blob: bytes) -> tuple[str, bytes, bytes, bytes]:
+    """-> key id, header, state bytes, body (everything the MAC covers)."""
+    if len(blob) < len(MAGIC) + 1 + 4 + MAC_BYTES or not blob.startswith(MAGIC):
+        raise SnapshotInvalid("snapshot: not an lstm-serve snapshot (bad magic or too short)")
+    body, mac = blob[:-MAC_BYTES], blob[-MAC_BYTES:]
+    pos = len(MAGIC)
+    key_len = body[pos]
+    key_id = body[pos + 1 : pos + 1 + key_len].decode("ascii", errors="replace")
+    pos += 1 + key_len
+    if pos + 4 > len(body):
+        raise SnapshotInvalid("snapshot: truncated header")
+    (header_len,) = struct.unpack(">I", body[pos : pos + 4])
+    header = body[pos + 4 : pos + 4 + header_len]
+    if len(header) != header_len:
+        raise SnapshotInvalid("snapshot: truncated header")
+    return key_id, header, body[pos + 4 + header_len :], body + mac
+
+
+def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
+    """Verify and deserialise; SnapshotInvalid for an unknown key, a bad MAC or bad contents."""
+    key_id, header, state_bytes, signed = _split(blob)
+    key = keys.keys.get(key_id)
+    if key is None:
+        raise SnapshotInvalid(
+            f"snapshot: signed with key id {key_id[:MAX_KEY_ID]!r}, which this replica does "
+            f"not have (it has {sorted(keys.keys)})"
+        )
+    body, mac = signed[:-MAC_BYTES], signed[-MAC_BYTES:]
+    if not hmac.compare_digest(_mac(key, body), mac):
+        raise SnapshotInvalid(
+            f"snapshot: signature check failed with key {key_id!r} (tampered or corrupted)"
+        )
+    try:
+        meta = json.loads(header)
+        rows, hidden = int(meta["rows"]), int(meta["hidden"])
+        state = np.frombuffer(state_bytes, dtype="<f4").reshape(rows, hidden)
+        return SessionSnapshot(
+            session_id=str(meta["session_id"]),
+            model=str(meta["model"]),
+            version=int(meta["version"]),
+            state=state.astype(np.float32),
+            total_steps=int(meta["total_steps"]),
+            last_seq=int(meta["last_seq"]),
+            created_at=float(meta["created_at"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # signed but malformed: a bug, not an attack
+        raise SnapshotInvalid(f"snapshot: malformed contents ({exc})") from exc

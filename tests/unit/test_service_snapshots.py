@@ -1,0 +1,77 @@
+"""Signed session snapshots: round trip, tampering, unknown keys, key rotation."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from service.engine.snapshots import (
+    SessionSnapshot,
+    SnapshotKeys,
+    decode_snapshot,
+    encode_snapshot,
+)
+from service.errors import ConfigError, SnapshotInvalid
+
+SECRET_A = base64.b64encode(b"a" * 32).decode()
+SECRET_B = base64.b64encode(b"b" * 32).decode()
+
+
+def _snap() -> SessionSnapshot:
+    state = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    return SessionSnapshot("ab" * 16, "tiny-lstm", 2, state, total_steps=17, last_seq=5)
+
+
+def test_round_trip_keeps_every_field_and_the_exact_state() -> None:
+    keys = SnapshotKeys.parse(f"k1:{SECRET_A}")
+    back = decode_snapshot(encode_snapshot(_snap(), keys), keys)
+    snap = _snap()
+    assert (back.session_id, back.model, back.version) == (snap.session_id, "tiny-lstm", 2)
+    assert (back.total_steps, back.last_seq) == (17, 5)
+    np.testing.assert_array_equal(back.state, snap.state)
+    assert back.state.dtype == np.float32 and back.created_at > 0
+
+
+@pytest.mark.parametrize("offset", [10, 40, -40, -1])
+def test_a_flipped_byte_anywhere_is_refused(offset: int) -> None:
+    keys = SnapshotKeys.parse(f"k1:{SECRET_A}")
+    blob = bytearray(encode_snapshot(_snap(), keys))
+    blob[offset] ^= 0x01
+    with pytest.raises(SnapshotInvalid, match="snapshot"):
+        decode_snapshot(bytes(blob), keys)
+
+
+def test_a_snapshot_signed_with_an_unknown_key_is_refused_by_name() -> None:
+    blob = encode_snapshot(_snap(), SnapshotKeys.parse(f"other:{SECRET_B}"))
+    with pytest.raises(SnapshotInvalid, match="key id 'other'"):
+        decode_snapshot(blob, SnapshotKeys.parse(f"k1:{SECRET_A}"))
+
+
+def test_the_same_key_id_with_another_secret_fails_the_signature() -> None:
+    blob = encode_snapshot(_snap(), SnapshotKeys.parse(f"k1:{SECRET_B}"))
+    with pytest.raises(SnapshotInvalid, match="signature check failed"):
+        decode_snapshot(blob, SnapshotKeys.parse(f"k1:{SECRET_A}"))
+
+
+def test_rotation_new_key_signs_old_key_still_verifies() -> None:
+    old = SnapshotKeys.parse(f"k1:{SECRET_A}")
+    rotated = SnapshotKeys.parse(f"k2:{SECRET_B},k1:{SECRET_A}")
+    assert decode_snapshot(encode_snapshot(_snap(), old), rotated).last_seq == 5
+    with pytest.raises(SnapshotInvalid):
+        decode_snapshot(encode_snapshot(_snap(), rotated), old)
+
+
+@pytest.mark.parametrize("blob", [b"", b"LSS1", b"garbage" * 10, b"LSS1\x05k1"])
+def test_garbage_is_refused_without_crashing(blob: bytes) -> None:
+    with pytest.raises(SnapshotInvalid):
+        decode_snapshot(blob, SnapshotKeys.parse(f"k1:{SECRET_A}"))
+
+
+@pytest.mark.parametrize(
+    "spec", ["nokey", "k1:not-base64!!", f"k1:{base64.b64encode(b'short').decode()}"]
+)
+def test_bad_key_specs_are_config_errors(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        SnapshotKeys.parse(spec)
