@@ -7,9 +7,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.engine.batcher import BatchPolicy
 
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -42,6 +45,10 @@ class ServerConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     compute_threads: int = 4
+    batching: bool = True
+    max_batch_size: int = 256
+    max_queue_delay_us: int = 1000
+    max_concurrent_batches: int = 1
     session_idle_timeout_s: float = 600.0
     max_sessions: int = 10_000
     max_chunk_steps: int = 4096
@@ -72,6 +79,8 @@ class ServerConfig:
     def _check_limits(self) -> None:
         positive = (
             "compute_threads",
+            "max_batch_size",
+            "max_concurrent_batches",
             "max_sessions",
             "max_chunk_steps",
             "max_classify_sequences",
@@ -82,7 +91,14 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms"):
+        if self.max_concurrent_batches > self.compute_threads:
+            raise ConfigError(
+                f"max_concurrent_batches {self.max_concurrent_batches} exceeds compute_threads "
+                f"{self.compute_threads}"
+            )
+        zero_ok = ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms",
+                   "max_queue_delay_us")  # fmt: skip
+        for name in zero_ok:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.session_idle_timeout_s <= 0:
@@ -91,6 +107,20 @@ class ServerConfig:
             )
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        """The batcher's settings; batching off = batches of one, compute_threads at a time."""
+        from service.engine.batcher import BatchPolicy  # the engine (onnxruntime) only when used
+
+        if not self.batching:
+            return BatchPolicy(max_batch_size=1, max_queue_delay_s=0.0,
+                               max_concurrent=self.compute_threads)  # fmt: skip
+        return BatchPolicy(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_s=self.max_queue_delay_us / 1e6,
+            max_concurrent=self.max_concurrent_batches,
+        )
 
     @property
     def eviction_interval_s(self) -> float:
@@ -108,6 +138,14 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "intra_op_threads": ("onnxruntime intra-op threads per model (0 = onnxruntime default)", int),
     "inter_op_threads": ("onnxruntime inter-op threads per model (0 = onnxruntime default)", int),
     "compute_threads": ("worker threads running onnxruntime calls", int),
+    "batching": ("batch the chunks of many sessions into one model run (off = one per run)", bool),
+    "max_batch_size": ("most chunks (one per session) in one batched model run", int),
+    "max_queue_delay_us": (
+        "while a batch of the model runs, a further batch starts once its oldest chunk has "
+        "waited this many microseconds (or it is full); an idle model starts one at once",
+        int,
+    ),
+    "max_concurrent_batches": ("batched runs of one model version at once (<= threads)", int),
     "session_idle_timeout_s": ("seconds a session may stay untouched before it is freed", float),
     "max_sessions": ("most sessions held at once; more -> RESOURCE_EXHAUSTED", int),
     "max_chunk_steps": ("most steps in one streamed chunk", int),
@@ -143,7 +181,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         if name == "providers":
             default = ",".join(default)
         if kind is bool:
-            truthy = env is not None and env.strip().lower() in ("1", "true", "yes", "on")
+            truthy = default if env is None else env.strip().lower() in ("1", "true", "yes", "on")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=truthy,
                                 help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")  # fmt: skip
             continue

@@ -20,15 +20,40 @@ REQUESTS = Counter(
 )
 CHUNK_SECONDS = Histogram(
     "lstm_serve_chunk_seconds",
-    "Per-chunk latency by stage: queue (waiting for the session/worker), compute (model run), "
-    "total.",
+    "Latency by stage. Classify: queue (waiting for a worker), compute (model run), total. "
+    "Streamed chunks: total (submission to result); their batching is in lstm_serve_batch_*.",
     ["model", "stage"],
     buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+BATCH_SIZE = Histogram(
+    "lstm_serve_batch_size",
+    "Streamed chunks (one per session) per batched model run.",
+    ["model"],
+    buckets=BATCH_SIZE_BUCKETS,
+)
+BATCH_QUEUE_SECONDS = Histogram(
+    "lstm_serve_batch_queue_seconds",
+    "Per chunk: seconds from submission to the batcher until its batch started.",
+    ["model"],
+    buckets=QUEUE_BUCKETS,
+)
+BATCH_COMPUTE_SECONDS = Histogram(
+    "lstm_serve_batch_compute_seconds",
+    "Per batch: seconds of gather, padding and the model run (on the worker thread).",
+    ["model"],
+    buckets=QUEUE_BUCKETS,
 )
 STEPS = Counter(
     "lstm_serve_steps_total", "Sequence steps processed by the models.", ["model", "rpc"]
 )
-INFLIGHT_RUNS = Gauge("lstm_serve_inflight_runs", "Model runs in progress (chunks and Classify).")
+INFLIGHT_RUNS = Gauge(
+    "lstm_serve_inflight_runs",
+    "Work in progress: streamed chunks queued or running, and Classify runs.",
+)
 ACTIVE_SESSIONS = Gauge(
     "lstm_serve_active_sessions", "Streaming sessions held.", ["model", "version"]
 )

@@ -143,7 +143,7 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         expired_memory=config.expired_ids_remembered,
         initial_capacity=config.initial_slab_capacity,
     )
-    engine = Engine(store, compute_threads=config.compute_threads)
+    engine = Engine(store, compute_threads=config.compute_threads, policy=config.batch_policy)
     server = grpc.aio.server()
     app = LstmServer(config, server, engine)
     pb_grpc.add_LstmServeServicer_to_server(LstmServeServicer(engine, config), server)

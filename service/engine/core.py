@@ -1,8 +1,8 @@
-"""The engine: sessions in order, the `step` seam, Classify batches; no gRPC here.
+"""The engine: sessions in order, cross-session batching of their chunks, Classify; no gRPC here.
 
-`Engine.step(session, chunk)` is the one function a cross-session batcher will replace: it reads
-the session's state, runs the model on one chunk off the event loop, and writes the state back
-only after the run succeeded.
+A session's chunks go one at a time (its lock) to the model version's `SequenceBatcher`, which
+runs the chunks of many sessions as one batch and commits each session's new state, seq and step
+count only after the run succeeded (service/engine/batcher.py).
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import metrics
+from service.engine.batcher import BatchPolicy, InflightCounter, SequenceBatcher, StepResult
 from service.engine.registry import LoadedModel, ModelRegistry
 from service.engine.runtime import RunOutput
 from service.engine.sessions import Session, SessionStore, StreamOptions
-from service.errors import Draining, InvalidInput, SessionExpired, SessionNotFound, Unavailable
+from service.errors import (
+    Draining,
+    InvalidInput,
+    LstmServeError,
+    SessionExpired,
+    SessionNotFound,
+    Unavailable,
+)
 
-
-@dataclass(frozen=True)
-class StepResult:
-    """The outcome of one chunk (or one whole Classify sequence)."""
-
-    probs: np.ndarray  # (C,) after the last step
-    step_probs: np.ndarray | None  # (T, C) after every step, if asked for
-    steps: int  # T
-    total_steps: int  # steps since open / reset, after this chunk
+__all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,28 @@ class ChunkOutcome:
     total_steps: int
 
 
+@dataclass(frozen=True)
+class ChunkWork:
+    """One validated chunk for one session (a multi-session message carries many)."""
+
+    session: Session
+    seq: int
+    chunk: np.ndarray  # (T,) or (T, F)
+
+
 class Engine:
     """Models, sessions and the thread pool that runs onnxruntime off the event loop."""
 
-    def __init__(self, store: SessionStore, compute_threads: int = 4) -> None:
+    def __init__(
+        self, store: SessionStore, compute_threads: int = 4, policy: BatchPolicy | None = None
+    ) -> None:
         self.store = store
         self.registry: ModelRegistry | None = None
         self.draining = False
+        self.policy = policy or BatchPolicy()
         self._executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="lstm-run")
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._inflight = InflightCounter()
+        self._batchers: dict[str, SequenceBatcher] = {}
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -91,22 +102,73 @@ class Engine:
             self._check_live(session)
             if seq <= session.last_seq:
                 return ChunkOutcome(seq, None, True, session.total_steps)
-            result = await self.step(session, chunk)
-            session.last_seq = seq
-            self.store.touch(session)
+            result = await self.batcher(session.model).submit(session, seq, chunk)
             return ChunkOutcome(seq, result, False, result.total_steps)
 
-    async def step(self, session: Session, chunk: np.ndarray) -> StepResult:
-        """Run one chunk, (T,) tokens or (T, F) frames, from the session's state."""
-        model = session.model
-        steps = int(chunk.shape[0])
-        state = session.read_state()[None]  # (1, S, H)
-        lengths = np.array([steps], dtype=np.int64)  # (1,)
-        out = await self._run(model, chunk[None], lengths, state, "Stream")
-        session.write_state(out.state_out[0])
-        session.total_steps += steps
-        step_probs = out.step_probs[0] if session.options.every_step else None  # (T, C)
-        return StepResult(out.probs[0], step_probs, steps, session.total_steps)
+    async def apply_chunks(self, work: list[ChunkWork]) -> list[ChunkOutcome | LstmServeError]:
+        """Chunks of distinct sessions, submitted together so they share batches.
+
+        Each entry behaves as `apply_chunk` on its own; an entry's error is returned in its
+        place, not raised. Free session locks are all taken in one loop turn (never waited for
+        while holding others, so two messages naming the same sessions cannot deadlock); a
+        session busy elsewhere gets its own `apply_chunk`, which waits its turn.
+        """
+        if len({id(w.session) for w in work}) != len(work):
+            raise ValueError("apply_chunks takes at most one chunk per session")
+        outcomes: list[ChunkOutcome | LstmServeError | None] = [None] * len(work)
+        waiting: dict[int, asyncio.Future[StepResult]] = {}
+        busy: dict[int, asyncio.Task[ChunkOutcome]] = {}
+        locked: list[Session] = []
+        try:
+            for i, item in enumerate(work):
+                if item.seq < 1 or item.session.lock.locked():
+                    busy[i] = asyncio.ensure_future(
+                        self.apply_chunk(item.session, item.seq, item.chunk)
+                    )
+                    continue
+                await item.session.lock.acquire()  # free: taken without suspending
+                locked.append(item.session)
+                outcomes[i] = self._submit_locked(item, waiting, i)
+            if waiting or busy:
+                await asyncio.wait([*waiting.values(), *busy.values()])
+        finally:
+            for future in [*waiting.values(), *busy.values()]:
+                future.cancel()  # no-op when done; a cancelled caller drops its chunks
+            for session in locked:
+                session.lock.release()
+        for i, future in waiting.items():
+            result = future.result()
+            outcomes[i] = ChunkOutcome(work[i].seq, result, False, result.total_steps)
+        for i, task in busy.items():
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, LstmServeError):
+                raise exc
+            outcomes[i] = exc if isinstance(exc, LstmServeError) else task.result()
+        return [o for o in outcomes if o is not None]
+
+    def _submit_locked(
+        self, item: ChunkWork, waiting: dict[int, asyncio.Future[StepResult]], index: int
+    ) -> ChunkOutcome | LstmServeError | None:
+        """Duplicate / dead-session checks, else submit; the session's lock is held."""
+        session = item.session
+        try:
+            self._check_live(session)
+        except LstmServeError as exc:
+            return exc
+        if item.seq <= session.last_seq:
+            return ChunkOutcome(item.seq, None, True, session.total_steps)
+        waiting[index] = self.batcher(session.model).submit(session, item.seq, item.chunk)
+        return None
+
+    def batcher(self, model: LoadedModel) -> SequenceBatcher:
+        """The model version's batcher, made at its first chunk."""
+        batcher = self._batchers.get(model.key)
+        if batcher is None:
+            batcher = SequenceBatcher(
+                model, self.policy, self._executor, self._inflight, self.store.touch
+            )
+            self._batchers[model.key] = batcher
+        return batcher
 
     async def reset(self, session: Session, seq: int) -> bool:
         """Zero the state; returns True if `seq` was a resend and nothing was done."""
@@ -176,11 +238,11 @@ class Engine:
         """One model call on a worker thread, timed (queue / compute / total) and counted."""
         queued = time.perf_counter()
         loop = asyncio.get_running_loop()
-        self._enter()
+        self._inflight.enter()
         future = loop.run_in_executor(self._executor, _timed_run, model, inputs, lengths, state)
-        future.add_done_callback(lambda _: self._leave())  # when the thread is done, not before
+        future.add_done_callback(lambda _: self._inflight.leave())  # when the thread is done
         # shield: a cancelled caller (client gone) does not hide a run still in progress from
-        # wait_idle(); its state is simply not written back.
+        # wait_idle(); its result is simply dropped.
         started, out, finished = await asyncio.shield(future)
         name = model.name
         metrics.CHUNK_SECONDS.labels(name, "queue").observe(started - queued)
@@ -189,25 +251,15 @@ class Engine:
         metrics.STEPS.labels(name, rpc).inc(int(lengths.sum()))
         return out
 
-    def _enter(self) -> None:
-        self._inflight += 1
-        self._idle.clear()
-        metrics.INFLIGHT_RUNS.inc()
-
-    def _leave(self) -> None:
-        self._inflight -= 1
-        metrics.INFLIGHT_RUNS.dec()
-        if self._inflight == 0:
-            self._idle.set()
-
     @property
     def inflight(self) -> int:
-        return self._inflight
+        """Chunks queued or running and Classify runs in progress."""
+        return self._inflight.count
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no model run is in progress; False if `timeout_s` passed first."""
+        """Wait until no chunk is queued and no model run is in progress; False on timeout."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(self._inflight.wait_idle(), timeout_s)
         except TimeoutError:
             return False
         return True

@@ -85,9 +85,12 @@ class StreamOptions:
     top_k: int = 1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
-    """One streaming session: its state row in its model version's slab and its progress."""
+    """One streaming session: its state row in its model version's slab and its progress.
+
+    Slotted: 100k idle sessions must cost little beyond their state rows.
+    """
 
     id: str
     model: LoadedModel

@@ -1,0 +1,290 @@
+"""Cross-session sequence batching: pending chunks of many sessions -> one model run.
+
+One `SequenceBatcher` per model version. Sessions submit one chunk at a time (their lock keeps at
+most one pending chunk per session, so a batch never holds two chunks of one session and each
+session's chunks run in its own order). A batch gathers the sessions' states from the version's
+slab into (B, S, H), pads the chunks to (B, Tmax) with `lengths`, runs once, and scatters the new
+states back on the event loop thread, where each row is committed (state, seq, total steps)
+atomically or not at all: a chunk whose waiter was cancelled before its batch finished is
+dropped and its session is left untouched.
+
+When a batch starts (the dispatch rule):
+  * nothing of this model is running: at once, with whatever is pending (a lone client waits for
+    no one);
+  * otherwise, while fewer than `max_concurrent` batches run: as soon as `max_batch_size` chunks
+    are pending or the oldest has waited `max_queue_delay_s`;
+  * when a batch finishes, the next one starts at once with what piled up meanwhile, so under load
+    batches fill by themselves.
+
+Chunks are queued in buckets by length (1, 2, 3-4, 5-8, ... steps). A batch takes the bucket of
+the oldest pending chunk and fills any room left with shorter chunks (never longer ones, which
+would raise Tmax and pad every row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import metrics
+from service.engine.registry import LoadedModel
+from service.engine.runtime import RunOutput
+from service.engine.sessions import Session
+
+STAGES = ("queue", "compute", "total")  # per-chunk latency stages, as for Classify
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of one chunk (or one whole Classify sequence)."""
+
+    probs: np.ndarray  # (C,) after the last step
+    step_probs: np.ndarray | None  # (T, C) after every step, if asked for
+    steps: int  # T
+    total_steps: int  # steps since open / reset, after this chunk
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How chunks are grouped into model runs."""
+
+    max_batch_size: int = 256
+    max_queue_delay_s: float = 0.002
+    max_concurrent: int = 1  # batches of one model version running at once
+
+
+class InflightCounter:
+    """Work accepted and not finished (queued chunks, running batches, Classify runs)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self, n: int = 1) -> None:
+        self.count += n
+        self._idle.clear()
+        metrics.INFLIGHT_RUNS.inc(n)
+
+    def leave(self, n: int = 1) -> None:
+        self.count -= n
+        metrics.INFLIGHT_RUNS.dec(n)
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class Pending:
+    """One submitted chunk waiting for (or inside) a batch."""
+
+    __slots__ = ("chunk", "enqueued", "future", "seq", "session", "steps")
+
+    def __init__(
+        self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult]
+    ) -> None:
+        self.session = session
+        self.seq = seq
+        self.chunk = chunk  # (T,) or (T, F)
+        self.steps = int(chunk.shape[0])
+        self.future = future
+        self.enqueued = time.perf_counter()
+
+
+def bucket_of(steps: int) -> int:
+    """Length bucket: 0 for 1 step, 1 for 2, 2 for 3-4, 3 for 5-8, ..."""
+    return (steps - 1).bit_length()
+
+
+def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Chunks of (T_b,) or (T_b, F) -> zero-padded (B, Tmax[, F]) and lengths (B,) int64."""
+    lengths = np.fromiter((c.shape[0] for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
+    first = chunks[0]
+    batch = np.zeros((len(chunks), int(lengths.max()), *first.shape[1:]), dtype=first.dtype)
+    for b, chunk in enumerate(chunks):
+        batch[b, : chunk.shape[0]] = chunk  # (B, Tmax) or (B, Tmax, F)
+    return batch, lengths
+
+
+class SequenceBatcher:
+    """Pending chunks of one model version's sessions -> batched runs on the executor."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        policy: BatchPolicy,
+        executor: Executor,
+        inflight: InflightCounter,
+        touch: Callable[[Session], None],
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self._executor = executor
+        self._inflight = inflight
+        self._touch = touch
+        self._buckets: dict[int, deque[Pending]] = {}
+        self._pending = 0
+        self._running = 0
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        name = model.name
+        self._m_size = metrics.BATCH_SIZE.labels(name)
+        self._m_queue = metrics.BATCH_QUEUE_SECONDS.labels(name)
+        self._m_compute = metrics.BATCH_COMPUTE_SECONDS.labels(name)
+        self._m_steps = metrics.STEPS.labels(name, "Stream")
+        self._m_chunk = {s: metrics.CHUNK_SECONDS.labels(name, s) for s in STAGES}
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, session: Session, seq: int, chunk: np.ndarray) -> asyncio.Future[StepResult]:
+        """Queue one validated chunk (>= 1 step) of a session that has no other chunk pending."""
+        if chunk.shape[0] < 1:
+            raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
+        loop = asyncio.get_running_loop()
+        item = Pending(session, seq, chunk, loop.create_future())
+        self._buckets.setdefault(bucket_of(item.steps), deque()).append(item)
+        self._pending += 1
+        self._inflight.enter()
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)  # chunks submitted in this loop turn join the batch
+        return item.future
+
+    # -- forming batches ---------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start every batch the dispatch rule allows now; arm a timer for the next one."""
+        self._scheduled = False
+        while self._pending and self._running < self.policy.max_concurrent:
+            wait = self._wait_before_next()
+            if wait > 0:
+                self._arm_timer(wait)
+                return
+            batch = self._take_batch()
+            if batch:
+                self._start(batch)
+
+    def _wait_before_next(self) -> float:
+        """Seconds until the next batch may start (0 = now)."""
+        policy = self.policy
+        if self._running == 0 or self._pending >= policy.max_batch_size:
+            return 0.0
+        oldest = min(q[0].enqueued for q in self._buckets.values() if q)
+        return oldest + policy.max_queue_delay_s - time.perf_counter()
+
+    def _arm_timer(self, wait: float) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take_batch(self) -> list[Pending]:
+        """Up to max_batch_size live chunks: the oldest chunk's bucket, then shorter buckets."""
+        live = {k: q for k, q in self._buckets.items() if q}
+        primary = min(live, key=lambda k: live[k][0].enqueued)
+        order = [primary, *sorted((k for k in live if k < primary), reverse=True)]
+        batch: list[Pending] = []
+        seen: set[int] = set()
+        for key in order:
+            queue = live[key]
+            deferred: list[Pending] = []
+            while queue and len(batch) < self.policy.max_batch_size:
+                item = queue.popleft()
+                self._pending -= 1
+                if item.future.done():  # waiter cancelled while queued: drop it
+                    self._inflight.leave()
+                elif id(item.session) in seen:  # never two chunks of one session in a batch
+                    deferred.append(item)
+                    self._pending += 1
+                else:
+                    seen.add(id(item.session))
+                    batch.append(item)
+            queue.extendleft(reversed(deferred))
+        return batch
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _start(self, batch: list[Pending]) -> None:
+        self._running += 1
+        started = time.perf_counter()
+        for item in batch:
+            self._m_queue.observe(started - item.enqueued)
+            self._m_chunk["queue"].observe(started - item.enqueued)
+        self._m_size.observe(len(batch))
+        rows = [item.session.row for item in batch]
+        chunks = [item.chunk for item in batch]
+        slab = batch[0].session.slab
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run, slab.gather, rows, chunks)
+        future.add_done_callback(lambda f: self._finish(batch, f))
+
+    def _run(
+        self, gather: Callable[[list[int]], np.ndarray], rows: list[int], chunks: list[np.ndarray]
+    ) -> tuple[RunOutput, float]:
+        """On a worker thread: gather states, pad chunks, one model call; (out, seconds)."""
+        started = time.perf_counter()
+        state = gather(rows)  # (B, S, H), a copy
+        inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
+        out = self.model.runtime.run(inputs, lengths, state)
+        seconds = time.perf_counter() - started
+        self._m_compute.observe(seconds)
+        return out, seconds
+
+    def _finish(
+        self, batch: list[Pending], future: asyncio.Future[tuple[RunOutput, float]]
+    ) -> None:
+        """On the loop thread: commit every row whose waiter still wants it, wake the waiters."""
+        self._running -= 1
+        try:
+            if future.cancelled():
+                raise RuntimeError("the batch run was cancelled (server shutting down)")
+            out, seconds = future.result()
+        except BaseException as exc:  # a failed run fails its chunks, never the batcher
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        else:
+            self._commit(batch, out, seconds)
+        finally:
+            self._inflight.leave(len(batch))
+            self._dispatch()
+
+    def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
+        keep = [b for b, item in enumerate(batch) if self._wanted(item)]
+        if not keep:
+            return
+        slab = batch[0].session.slab
+        slab.scatter([batch[b].session.row for b in keep], out.state_out[keep])  # (B', S, H)
+        now = time.perf_counter()
+        steps = 0
+        for b in keep:
+            item = batch[b]
+            session = item.session
+            session.total_steps += item.steps
+            session.last_seq = item.seq
+            self._touch(session)
+            steps += item.steps
+            every = out.step_probs[b, : item.steps] if session.options.every_step else None
+            item.future.set_result(
+                StepResult(out.probs[b], every, item.steps, session.total_steps)
+            )  # (C,), (T, C)
+            self._m_chunk["compute"].observe(seconds)
+            self._m_chunk["total"].observe(now - item.enqueued)
+        self._m_steps.inc(steps)
+
+    @staticmethod
+    def _wanted(item: Pending) -> bool:
+        """Commit the row only if its waiter is still there and the session still lives."""
+        return not item.future.done() and not item.session.ended
