@@ -6,28 +6,16 @@ import importlib.util
 import json
 import re
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "lstm-serve.json"
 
 # Labels Prometheus (Operator) attaches at scrape time, not the service.
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "endpoint", "container"}
-# Referenced by the dashboard before the change exporting it lands: allowed while missing only.
-PENDING = {
-    name: "the batching change adds this histogram"
-    for name in (
-        "lstm_serve_batch_size",
-        "lstm_serve_batch_queue_seconds",
-        "lstm_serve_batch_compute_seconds",
-    )
-}
 PROMQL_WORDS = {
     "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
     "and", "or", "unless", "inf", "nan",
@@ -102,13 +90,7 @@ def test_every_query_names_only_exported_series() -> None:
         assert names, f"{where}: no metric in {expr!r}"
         for name in names:
             seen.add(name)
-            if name in exported:
-                continue
-            family = re.sub(r"_(bucket|sum|count)$", "", name)
-            if family in PENDING:
-                warnings.warn(f"{name} is not exported yet ({PENDING[family]})", stacklevel=1)
-                continue
-            pytest.fail(f"{where}: {name!r} is not exported by service.metrics: {expr!r}")
+            assert name in exported, f"{where}: {name!r} is not exported: {expr!r}"
     families = {spec.name for spec in exported.values()}
     unused = {f for f in families if not any(s.startswith(f) for s in seen)}
     assert not unused, f"metrics the dashboard never shows: {sorted(unused)}"
@@ -118,9 +100,7 @@ def test_every_matcher_uses_a_label_the_metric_has() -> None:
     exported = load_reference().series_names()
     for where, expr in expressions(dashboard()):
         for metric, label in selector_labels(expr):
-            spec = exported.get(metric)
-            if spec is None:
-                continue  # pending metrics: their labels are checked once they exist
+            spec = exported[metric]
             allowed = set(spec.labels) | set(spec.extra_labels) | TARGET_LABELS
             assert label in allowed, f"{where}: {metric} has no label {label!r}: {expr!r}"
 
