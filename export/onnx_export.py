@@ -28,14 +28,20 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
-def _reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
-    """Reorder the gate blocks along axis 0 from PyTorch's order to ONNX's."""
-    blocks = [w[k * hidden : (k + 1) * hidden] for k in range(w.shape[0] // hidden)]
-    if cell == "lstm":  # torch i, f, g, o -> onnx i, o, f, c
-        blocks = [blocks[0], blocks[3], blocks[1], blocks[2]]
-    elif cell == "gru":  # torch r, z, n -> onnx z, r, h
-        blocks = [blocks[1], blocks[0], blocks[2]]
-    return np.concatenate(blocks, axis=0)
+# ONNX gate block k is PyTorch gate block ONNX_FROM_TORCH[cell][k].
+ONNX_FROM_TORCH: dict[str, tuple[int, ...]] = {
+    "lstm": (0, 3, 1, 2),  # torch i, f, g, o -> onnx i, o, f, c
+    "gru": (1, 0, 2),  # torch r, z, n -> onnx z, r, h
+    "rnn": (0,),
+}
+
+
+def reorder_gates(w: np.ndarray, cell: str, hidden: int, to_onnx: bool = True) -> np.ndarray:
+    """Reorder the gate blocks along axis 0 between PyTorch's order and ONNX's."""
+    order = ONNX_FROM_TORCH[cell]
+    if not to_onnx:
+        order = tuple(order.index(k) for k in range(len(order)))
+    return np.concatenate([w[k * hidden : (k + 1) * hidden] for k in order], axis=0)
 
 
 def recurrent_initializers(model: RecurrentClassifier, layer_index: int) -> dict[str, np.ndarray]:
@@ -46,10 +52,10 @@ def recurrent_initializers(model: RecurrentClassifier, layer_index: int) -> dict
     ws, rs, bs, ps = [], [], [], []
     for d in range(arch.directions):
         p = layer.direction_params(d)
-        ws.append(_reorder(_np(p["w_ih"]), arch.cell, hid))
-        rs.append(_reorder(_np(p["w_hh"]), arch.cell, hid))
-        b_ih = _reorder(_np(p["b_ih"]), arch.cell, hid)
-        b_hh = _reorder(_np(p["b_hh"]), arch.cell, hid)
+        ws.append(reorder_gates(_np(p["w_ih"]), arch.cell, hid))
+        rs.append(reorder_gates(_np(p["w_hh"]), arch.cell, hid))
+        b_ih = reorder_gates(_np(p["b_ih"]), arch.cell, hid)
+        b_hh = reorder_gates(_np(p["b_hh"]), arch.cell, hid)
         bs.append(np.concatenate([b_ih, b_hh]))
         if arch.peephole:
             p_i, p_f, p_o = np.split(_np(p["peephole"]), 3)

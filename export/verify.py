@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from export.arch import ArchConfig
 from export.model import RecurrentClassifier
+from export.onnx_export import reorder_gates
 from service.engine.description import ModelDescription
 
 TOLERANCE = 1e-5
@@ -29,16 +30,6 @@ def open_session(path: str | Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _inverse_reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
-    """ONNX gate order -> PyTorch gate order (inverse of onnx_export._reorder)."""
-    blocks = [w[k * hidden : (k + 1) * hidden] for k in range(w.shape[0] // hidden)]
-    if cell == "lstm":  # onnx i, o, f, c -> torch i, f, g, o
-        blocks = [blocks[0], blocks[2], blocks[3], blocks[1]]
-    elif cell == "gru":  # onnx z, r, h -> torch r, z, n
-        blocks = [blocks[1], blocks[0], blocks[2]]
-    return np.concatenate(blocks, axis=0)
 
 
 def torch_from_onnx(path: str | Path) -> tuple[RecurrentClassifier, ModelDescription]:
@@ -62,10 +53,14 @@ def torch_from_onnx(path: str | Path) -> tuple[RecurrentClassifier, ModelDescrip
                 p = layer.direction_params(d)
                 w, r, b = (inits[f"l{index}_{k}"][d].numpy() for k in "WRB")
                 gh = b.shape[0] // 2
-                p["w_ih"].copy_(torch.from_numpy(_inverse_reorder(w, arch.cell, hid)))
-                p["w_hh"].copy_(torch.from_numpy(_inverse_reorder(r, arch.cell, hid)))
-                p["b_ih"].copy_(torch.from_numpy(_inverse_reorder(b[:gh], arch.cell, hid)))
-                p["b_hh"].copy_(torch.from_numpy(_inverse_reorder(b[gh:], arch.cell, hid)))
+                p["w_ih"].copy_(torch.from_numpy(reorder_gates(w, arch.cell, hid, to_onnx=False)))
+                p["w_hh"].copy_(torch.from_numpy(reorder_gates(r, arch.cell, hid, to_onnx=False)))
+                p["b_ih"].copy_(
+                    torch.from_numpy(reorder_gates(b[:gh], arch.cell, hid, to_onnx=False))
+                )
+                p["b_hh"].copy_(
+                    torch.from_numpy(reorder_gates(b[gh:], arch.cell, hid, to_onnx=False))
+                )
                 if arch.peephole:
                     p_i, p_o, p_f = inits[f"l{index}_P"][d].split(hid)
                     p["peephole"].copy_(torch.cat([p_i, p_f, p_o]))
