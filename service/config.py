@@ -53,6 +53,7 @@ class ServerConfig:
     max_sessions: int = 10_000
     max_chunk_steps: int = 4096
     max_classify_sequences: int = 256
+    max_multi_entries: int = 4096
     max_sequence_steps: int = 16_384
     expired_ids_remembered: int = 10_000
     initial_slab_capacity: int = 64
@@ -84,6 +85,7 @@ class ServerConfig:
             "max_sessions",
             "max_chunk_steps",
             "max_classify_sequences",
+            "max_multi_entries",
             "max_sequence_steps",
             "expired_ids_remembered",
             "initial_slab_capacity",
@@ -150,6 +152,7 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "max_sessions": ("most sessions held at once; more -> RESOURCE_EXHAUSTED", int),
     "max_chunk_steps": ("most steps in one streamed chunk", int),
     "max_classify_sequences": ("most sequences in one Classify request", int),
+    "max_multi_entries": ("most entries (session messages) in one StreamMulti message", int),
     "max_sequence_steps": ("most steps in one Classify sequence", int),
     "expired_ids_remembered": ("how many expired session ids are remembered (for NOT_FOUND)", int),
     "initial_slab_capacity": ("state slab rows allocated per model version at first use", int),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -13,9 +13,9 @@ from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import codec, metrics
 from service.config import ServerConfig
-from service.engine.core import Engine
+from service.engine.core import ChunkOutcome, ChunkWork, Engine
 from service.engine.sessions import Session
-from service.errors import InvalidInput, LstmServeError, ProtocolError
+from service.errors import InvalidInput, LstmServeError, ProtocolError, SessionNotFound
 from service.status import status_code, status_message
 
 log = logging.getLogger(__name__)
@@ -173,3 +173,121 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             return codec.encode_chunk_error(chunk.seq, exc, session)
         metrics.REQUESTS.labels("Stream.chunk", desc.name, "OK").inc()
         return codec.encode_chunk_result(outcome, session)
+
+    # -- stream multi ------------------------------------------------------------------------
+
+    async def StreamMulti(
+        self,
+        request_iterator: AsyncIterator[pb.StreamMultiRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamMultiResponse]:
+        try:
+            async for request in request_iterator:
+                yield await self._multi(request)
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels("StreamMulti", metrics.UNKNOWN_MODEL, "CANCELLED").inc()
+            raise
+        except Exception as exc:
+            await self._fail("StreamMulti", "", context, exc)
+            return
+        metrics.REQUESTS.labels("StreamMulti", metrics.UNKNOWN_MODEL, "OK").inc()
+
+    async def _multi(self, request: pb.StreamMultiRequest) -> pb.StreamMultiResponse:
+        """Answer every entry in place; one session's entries in order, rounds across sessions."""
+        entries = request.entries
+        limit = self.config.max_multi_entries
+        if len(entries) > limit:
+            raise InvalidInput(f"entries has {len(entries)} entries, more than the maximum {limit}")
+        results: list[pb.SessionResult | None] = [None] * len(entries)
+        for indices in _rounds(entries):
+            work: list[tuple[int, ChunkWork]] = []
+            for i in indices:
+                reply = await self._entry(entries[i], i, work)
+                if reply is not None:
+                    results[i] = reply
+            if work:
+                outcomes = await self.engine.apply_chunks([w for _, w in work])
+                for (i, item), outcome in zip(work, outcomes, strict=True):
+                    results[i] = _chunk_reply(item, outcome)
+        return pb.StreamMultiResponse(results=results)
+
+    async def _entry(
+        self, entry: pb.SessionRequest, i: int, work: list[tuple[int, ChunkWork]]
+    ) -> pb.SessionResult | None:
+        """One entry's reply, or None for a valid chunk (added to `work`); errors in-band."""
+        kind = entry.WhichOneof("kind")
+        session_id = entry.resume.session_id if kind == "resume" else entry.session_id
+        try:
+            if kind in ("open", "resume"):
+                session, reply = self._attach(_as_stream_request(entry))
+                return pb.SessionResult(session_id=session.id, opened=reply.opened)
+            if kind is None:
+                raise ProtocolError(f"entries[{i}] is empty: set open, resume, chunk, reset or end")
+            if not session_id:
+                raise SessionNotFound(f"entries[{i}].session_id is empty ({kind} needs a session)")
+            session = self.engine.store.get(session_id)
+            if kind == "chunk":
+                return self._decode_chunk(session, entry.chunk, i, work)
+            reply = await self._handle(session, _as_stream_request(entry))
+        except LstmServeError as exc:
+            return pb.SessionResult(session_id=session_id, error=codec.encode_error(exc))
+        result = pb.SessionResult(session_id=session.id)
+        field = reply.WhichOneof("kind")  # "reset" or "ended": the same names in SessionResult
+        getattr(result, field).CopyFrom(getattr(reply, field))
+        return result
+
+    def _decode_chunk(
+        self, session: Session, chunk: pb.Chunk, i: int, work: list[tuple[int, ChunkWork]]
+    ) -> pb.SessionResult | None:
+        desc = session.model.description
+        field = f"entries[{i}].chunk.input"
+        try:
+            steps = codec.decode_input(chunk.input, desc, self.config.max_chunk_steps, field)
+        except InvalidInput as exc:
+            metrics.REQUESTS.labels("StreamMulti.chunk", desc.name, status_code(exc).name).inc()
+            error = codec.encode_chunk_error(chunk.seq, exc, session)
+            return pb.SessionResult(session_id=session.id, chunk=error)
+        work.append((i, ChunkWork(session, chunk.seq, steps)))
+        return None
+
+
+def _as_stream_request(entry: pb.SessionRequest) -> pb.StreamRequest:
+    """The Stream message an entry stands for (open, resume, reset or end)."""
+    kind = entry.WhichOneof("kind")
+    request = pb.StreamRequest()
+    getattr(request, kind).CopyFrom(getattr(entry, kind))
+    return request
+
+
+def _rounds(entries: Sequence[pb.SessionRequest]) -> list[list[int]]:
+    """Entry indices in rounds: round r holds the r-th entry of every session named."""
+    seen: dict[str, int] = {}
+    rounds: list[list[int]] = []
+    for i, entry in enumerate(entries):
+        kind = entry.WhichOneof("kind")
+        if kind == "open":
+            key = f"open#{i}"  # a new session of its own
+        else:
+            key = entry.resume.session_id if kind == "resume" else entry.session_id
+        r = seen.get(key, 0)
+        seen[key] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
+    return rounds
+
+
+def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> pb.SessionResult:
+    """A chunk entry's result: applied, duplicate, rejected in-band, or the session is gone."""
+    session = item.session
+    name = session.model.name
+    if isinstance(outcome, InvalidInput):
+        metrics.REQUESTS.labels("StreamMulti.chunk", name, status_code(outcome).name).inc()
+        chunk = codec.encode_chunk_error(item.seq, outcome, session)
+        return pb.SessionResult(session_id=session.id, chunk=chunk)
+    if isinstance(outcome, LstmServeError):
+        return pb.SessionResult(session_id=session.id, error=codec.encode_error(outcome))
+    metrics.REQUESTS.labels("StreamMulti.chunk", name, "OK").inc()
+    return pb.SessionResult(
+        session_id=session.id, chunk=codec.encode_chunk_result(outcome, session)
+    )

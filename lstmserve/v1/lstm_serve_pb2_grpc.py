@@ -45,6 +45,11 @@ class LstmServeStub:
                 request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamRequest.SerializeToString,
                 response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.StreamMulti = channel.stream_stream(
+                '/lstmserve.v1.LstmServe/StreamMulti',
+                request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/lstmserve.v1.LstmServe/ListModels',
                 request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsRequest.SerializeToString,
@@ -80,6 +85,23 @@ class LstmServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamMulti(self, request_iterator, context):
+        """Many sessions over one stream (a gateway fronting many users multiplexes them). Every
+        `StreamMultiRequest` carries entries for any number of sessions and is answered by exactly
+        one `StreamMultiResponse` with one result per entry, in entry order; messages are answered
+        in the order sent (a client may pipeline them). Each entry has the semantics of the same
+        message on `Stream` (open / resume / chunk / reset / end, seq numbers, duplicates, in-band
+        chunk errors), except that problems which would end a `Stream` with a status (unknown or
+        expired session, unknown model, not streamable, too many sessions, draining, reset seq 0,
+        an empty entry) are answered in-band in that entry's `SessionResult.error` and the stream
+        goes on. Entries for one session are applied in entry order; entries for different
+        sessions are independent and their chunks share batched model runs. Sessions are not tied
+        to the stream: closing it keeps them until `end` or the idle timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Every model version the server has loaded.
         """
@@ -106,6 +128,11 @@ def add_LstmServeServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamRequest.FromString,
                     response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamResponse.SerializeToString,
+            ),
+            'StreamMulti': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamMulti,
+                    request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -173,6 +200,33 @@ class LstmServe:
             '/lstmserve.v1.LstmServe/Stream',
             lstmserve_dot_v1_dot_lstm__serve__pb2.StreamRequest.SerializeToString,
             lstmserve_dot_v1_dot_lstm__serve__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMulti(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstmserve.v1.LstmServe/StreamMulti',
+            lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiResponse.FromString,
             options,
             channel_credentials,
             insecure,

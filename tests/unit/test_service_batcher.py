@@ -1,0 +1,188 @@
+"""The sequence batcher without a network: batches, ordering, cancellation, drain, padding."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.engine.batcher import BatchPolicy, bucket_of, pad_chunks
+from service.engine.core import ChunkOutcome, ChunkWork, Engine
+from service.engine.registry import ModelRegistry, RuntimeOptions
+from service.engine.runtime import RunOutput
+from service.engine.sessions import SessionStore, StreamOptions
+from service.errors import InvalidInput, SessionNotFound
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_repo: Path) -> ModelRegistry:
+    return ModelRegistry.load(tiny_repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
+
+
+class GatedRun:
+    """A runtime.run wrapper that records lengths and holds each run until released."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.inner = runtime.run
+        self.calls: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
+        self.calls.append(lengths.tolist())
+        self.gate.wait(30)
+        return self.inner(inputs, lengths, state)
+
+
+@pytest.fixture
+def gated(registry: ModelRegistry) -> Any:
+    runtime = registry.get("tiny-gru").runtime
+    run = GatedRun(runtime)
+    runtime.run = run  # type: ignore[method-assign]
+    yield run
+    run.gate.set()
+    del runtime.run
+
+
+def make_engine(registry: ModelRegistry, **policy: Any) -> Engine:
+    store = SessionStore(max_sessions=100, idle_timeout_s=60)
+    engine = Engine(store, compute_threads=2, policy=BatchPolicy(**policy))
+    engine.registry = registry
+    return engine
+
+
+def tokens(*ids: int) -> np.ndarray:
+    return np.array(ids, dtype=np.int64)
+
+
+def test_bucket_and_padding() -> None:
+    assert [bucket_of(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+    batch, lengths = pad_chunks([tokens(1, 2, 3), tokens(4)])
+    assert batch.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]
+    frames, _ = pad_chunks([np.ones((2, 5), np.float32), np.ones((1, 5), np.float32)])
+    assert frames.shape == (2, 2, 5) and frames[1, 1].sum() == 0
+
+
+def test_chunks_submitted_together_share_one_run_and_equal_single_runs(
+    registry: ModelRegistry, gated: GatedRun
+) -> None:
+    engine = make_engine(registry)
+    lone = make_engine(registry, max_batch_size=1)
+    chunks = [tokens(1, 2, 3), tokens(4), tokens(5, 6), tokens(7, 8, 9, 10)]
+
+    async def main() -> tuple[list[ChunkOutcome], list[ChunkOutcome]]:
+        sessions = [engine.open_session("tiny-gru", 0, StreamOptions()) for _ in chunks]
+        together = await asyncio.gather(
+            *(engine.apply_chunk(s, 1, c) for s, c in zip(sessions, chunks, strict=True))
+        )
+        alone = []
+        for c in chunks:
+            session = lone.open_session("tiny-gru", 0, StreamOptions())
+            alone.append(await lone.apply_chunk(session, 1, c))
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    assert gated.calls[0] == [3, 4, 2, 1]  # one run: the oldest bucket (3-4), then shorter ones
+    assert all(len(c) == 1 for c in gated.calls[1:])
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose(a.result.probs, b.result.probs, atol=1e-6)  # type: ignore[union-attr]
+    engine.close()
+    lone.close()
+
+
+def test_under_load_a_batch_fills_while_one_runs(registry: ModelRegistry, gated: GatedRun) -> None:
+    engine = make_engine(registry, max_batch_size=8, max_queue_delay_s=60.0)
+    gated.gate.clear()
+
+    async def main() -> None:
+        sessions = [engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(6)]
+        first = asyncio.ensure_future(engine.apply_chunk(sessions[0], 1, tokens(1)))
+        while not gated.calls:  # the first chunk starts at once, alone
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(engine.apply_chunk(s, 1, tokens(2))) for s in sessions[1:]]
+        await asyncio.sleep(0.01)
+        assert len(gated.calls) == 1  # the others wait for the running batch (long delay)
+        gated.gate.set()
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(main())
+    assert gated.calls == [[1], [1] * 5]
+    engine.close()
+
+
+def test_cancelled_chunk_leaves_its_session_untouched(
+    registry: ModelRegistry, gated: GatedRun
+) -> None:
+    engine = make_engine(registry)
+    gated.gate.clear()
+
+    async def main() -> None:
+        kept = engine.open_session("tiny-gru", 0, StreamOptions())
+        dropped = engine.open_session("tiny-gru", 0, StreamOptions())
+        before = dropped.read_state()
+        keep = asyncio.ensure_future(engine.apply_chunk(kept, 1, tokens(1, 2)))
+        drop = asyncio.ensure_future(engine.apply_chunk(dropped, 1, tokens(3, 4)))
+        while not gated.calls:
+            await asyncio.sleep(0.001)
+        drop.cancel()  # the client went away while its chunk was in the running batch
+        gated.gate.set()
+        await keep
+        with pytest.raises(asyncio.CancelledError):
+            await drop
+        assert await engine.wait_idle(10)
+        np.testing.assert_array_equal(dropped.read_state(), before)
+        assert dropped.last_seq == 0 and dropped.total_steps == 0
+        assert kept.last_seq == 1 and kept.total_steps == 2
+        again = await engine.apply_chunk(dropped, 1, tokens(3, 4))  # the resend is applied
+        assert not again.duplicate and again.total_steps == 2
+
+    asyncio.run(main())
+    assert gated.calls[0] == [2, 2]
+    engine.close()
+
+
+def test_wait_idle_waits_for_queued_and_running_chunks(
+    registry: ModelRegistry, gated: GatedRun
+) -> None:
+    engine = make_engine(registry)
+    gated.gate.clear()
+
+    async def main() -> None:
+        session = engine.open_session("tiny-gru", 0, StreamOptions())
+        task = asyncio.ensure_future(engine.apply_chunk(session, 1, tokens(1)))
+        while not gated.calls:
+            await asyncio.sleep(0.001)
+        assert engine.inflight == 1
+        assert not await engine.wait_idle(0.01)
+        gated.gate.set()
+        assert await engine.wait_idle(10)
+        assert (await task).total_steps == 1
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_apply_chunks_answers_each_entry_in_place(registry: ModelRegistry) -> None:
+    engine = make_engine(registry)
+
+    async def main() -> list[ChunkOutcome | Exception]:
+        a, b, c = (engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(3))
+        await engine.apply_chunk(b, 5, tokens(1))
+        engine.store.end(c)
+        work = [
+            ChunkWork(a, 1, tokens(1, 2)),
+            ChunkWork(b, 5, tokens(1)),  # resend
+            ChunkWork(c, 1, tokens(1)),  # ended
+        ]
+        first = await engine.apply_chunks(work)
+        return [*first, *await engine.apply_chunks([ChunkWork(a, 0, tokens(1))])]
+
+    applied, duplicate, ended, bad_seq = asyncio.run(main())
+    assert isinstance(applied, ChunkOutcome) and applied.total_steps == 2
+    assert isinstance(duplicate, ChunkOutcome) and duplicate.duplicate
+    assert isinstance(ended, SessionNotFound) and isinstance(bad_seq, InvalidInput)
+    engine.close()
