@@ -61,7 +61,8 @@ def encode_options(options: StreamOptions) -> pb.StreamOptions:
 def top_labels(desc: ModelDescription, probs: np.ndarray, k: int) -> list[pb.LabelScore]:
     """The k most probable labels of a (C,) distribution, most probable first."""
     k = min(max(k, 1), desc.num_classes)
-    order = np.argsort(-probs, kind="stable")[:k]
+    # k == 1, the common case: argmax (the first of ties, as the stable sort) is much cheaper
+    order = [int(probs.argmax())] if k == 1 else np.argsort(-probs, kind="stable")[:k]
     return [
         pb.LabelScore(label=desc.labels[i], index=int(i), probability=float(probs[i]))
         for i in order

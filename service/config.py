@@ -49,6 +49,7 @@ class ServerConfig:
     max_batch_size: int = 256
     max_queue_delay_us: int = 1000
     max_concurrent_batches: int = 1
+    inline_max_steps: int = 4
     session_idle_timeout_s: float = 600.0
     max_sessions: int = 10_000
     max_chunk_steps: int = 4096
@@ -99,7 +100,7 @@ class ServerConfig:
                 f"{self.compute_threads}"
             )
         zero_ok = ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms",
-                   "max_queue_delay_us")  # fmt: skip
+                   "max_queue_delay_us", "inline_max_steps")  # fmt: skip
         for name in zero_ok:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -122,6 +123,7 @@ class ServerConfig:
             max_batch_size=self.max_batch_size,
             max_queue_delay_s=self.max_queue_delay_us / 1e6,
             max_concurrent=self.max_concurrent_batches,
+            inline_max_steps=self.inline_max_steps,
         )
 
     @property
@@ -145,6 +147,11 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "max_queue_delay_us": (
         "while a batch of the model runs, a further batch starts once its oldest chunk has "
         "waited this many microseconds (or it is full); an idle model starts one at once",
+        int,
+    ),
+    "inline_max_steps": (
+        "an idle model runs a batch of at most this many (rows x steps) on the event loop "
+        "thread, saving two thread hand-offs; 0 = never",
         int,
     ),
     "max_concurrent_batches": ("batched runs of one model version at once (<= threads)", int),

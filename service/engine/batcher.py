@@ -8,6 +8,10 @@ states back on the event loop thread, where each row is committed (state, seq, t
 atomically or not at all: a chunk whose waiter was cancelled before its batch finished is
 dropped and its session is left untouched.
 
+A batch of at most `inline_max_steps` B x Tmax steps on an otherwise idle model runs inline on the
+event loop thread (two thread hand-offs cost more than one small step); larger ones run on the
+executor.
+
 When a batch starts (the dispatch rule):
   * nothing of this model is running: at once, with whatever is pending (a lone client waits for
     no one);
@@ -57,6 +61,7 @@ class BatchPolicy:
     max_batch_size: int = 256
     max_queue_delay_s: float = 0.002
     max_concurrent: int = 1  # batches of one model version running at once
+    inline_max_steps: int = 0  # an idle model runs batches of <= this many B x Tmax steps inline
 
 
 class InflightCounter:
@@ -227,8 +232,23 @@ class SequenceBatcher:
         chunks = [item.chunk for item in batch]
         slab = batch[0].session.slab
         loop = asyncio.get_running_loop()
+        if self._inline(batch):
+            done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
+            try:
+                done.set_result(self._run(slab.gather, rows, chunks))
+            except Exception as exc:
+                done.set_exception(exc)
+            self._finish(batch, done)
+            return
         future = loop.run_in_executor(self._executor, self._run, slab.gather, rows, chunks)
         future.add_done_callback(lambda f: self._finish(batch, f))
+
+    def _inline(self, batch: list[Pending]) -> bool:
+        """Run on the loop thread: a tiny batch on an idle model costs less than two thread hops."""
+        limit = self.policy.inline_max_steps
+        if limit <= 0 or self._running != 1 or self.model.runtime.debug_delay_s:
+            return False
+        return len(batch) * max(item.steps for item in batch) <= limit
 
     def _run(
         self, gather: Callable[[list[int]], np.ndarray], rows: list[int], chunks: list[np.ndarray]

@@ -1,0 +1,111 @@
+"""Server processes for the benchmark (lstm-serve, echo), their CPU time and their metrics."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HOST = "127.0.0.1"  # the benchmark never sends traffic anywhere else
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A server subprocess on 127.0.0.1, with its CPU seconds and (lstm-serve) metrics port."""
+
+    def __init__(self, argv: list[str], port: int, metrics_port: int = -1) -> None:
+        self.port = port
+        self.metrics_port = metrics_port
+        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.ps = psutil.Process(self.popen.pid)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the process and its threads so far."""
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            err = self.popen.stderr.read().decode() if self.popen.stderr else ""
+            raise RuntimeError(f"server exited with {self.popen.returncode}: {err[-2000:]}")
+
+
+def start_lstm_serve(repo: Path, flags: list[str], timeout_s: float = 120.0) -> Process:
+    """lstm-serve on free ports; returns once health says SERVING (models loaded and warmed)."""
+    port, metrics_port = free_port(), free_port()
+    argv = [
+        sys.executable, "-m", "service.cli", "--model-repository", str(repo), "--host", HOST,
+        "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--log-level", "WARNING",
+        "--drain-grace-s", "1", *flags,
+    ]  # fmt: skip
+    proc = Process(argv, port, metrics_port)
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(proc.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            proc.check_alive()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise TimeoutError("lstm-serve did not become SERVING")
+            time.sleep(0.1)
+
+
+def start_echo(timeout_s: float = 30.0) -> Process:
+    port = free_port()
+    proc = Process([sys.executable, "-m", "bench.echo", "--port", str(port)], port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.check_alive()
+        with socket.socket() as sock:
+            if sock.connect_ex((HOST, port)) == 0:
+                return proc
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise TimeoutError("echo server did not start")
+        time.sleep(0.05)
+
+
+def scrape_batches(metrics_port: int, model: str) -> tuple[float, float]:
+    """(batched runs, chunks in them) so far, from lstm_serve_batch_size."""
+    url = f"http://{HOST}:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    runs = chunks = 0.0
+    for line in text.splitlines():
+        if f'model="{model}"' not in line:
+            continue
+        if line.startswith("lstm_serve_batch_size_count"):
+            runs = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lstm_serve_batch_size_sum"):
+            chunks = float(line.rsplit(" ", 1)[1])
+    return runs, chunks

@@ -1,0 +1,192 @@
+"""The benchmark sweep: batched vs batching-off lstm-serve, echo and compute ceilings, memory.
+
+    python -m bench.run --out bench/results           # the full run (about 5 minutes here)
+    python -m bench.run --out /tmp/bench --quick      # a few seconds per point
+
+Writes results.json, table.md and throughput.png under --out and prints the table. Every server
+is a subprocess on 127.0.0.1; the load generator is this process (asyncio gRPC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench.ceiling import compute_ceiling
+from bench.load import Load, drive, message_sizes
+from bench.model import BENCH_MODEL, build_repository
+from bench.procs import Process, scrape_batches, start_echo, start_lstm_serve
+from bench.report import write_report
+
+SESSIONS = (1, 16, 64, 256, 1024)
+STEPS = (1, 16)
+MULTI_SESSIONS, MULTI_STREAMS = 1024, 4
+INTRA_OP_THREADS = 2
+BATCHED = ["--intra-op-threads", str(INTRA_OP_THREADS), "--inter-op-threads", "1",
+           "--compute-threads", "2", "--max-concurrent-batches", "1", "--max-batch-size", "256",
+           "--max-sessions", "20000"]  # fmt: skip
+NAIVE = [*BATCHED, "--no-batching"]  # the same server, one chunk per model run
+
+
+def measure(
+    proc: Process, load: Load, model: str, vocab: int, warmup_s: float, seconds: float
+) -> dict[str, Any]:
+    """One point: throughput, latency percentiles, server CPU, mean batch size."""
+    marks: dict[str, tuple[float, float, float, tuple[float, float]]] = {}
+    me = psutil.Process()
+
+    async def on_window(edge: str) -> None:
+        batches = (0.0, 0.0)
+        if proc.metrics_port > 0:
+            batches = await asyncio.to_thread(scrape_batches, proc.metrics_port, model)
+        client = sum(me.cpu_times()[:2])
+        marks[edge] = (time.perf_counter(), proc.cpu_seconds(), client, batches)
+
+    window = asyncio.run(drive(load, proc.address, model, vocab, warmup_s, seconds, on_window))
+    (t0, cpu0, me0, b0), (t1, cpu1, me1, b1) = marks["start"], marks["end"]
+    elapsed = t1 - t0
+    lat = np.array(window.latencies or [float("nan")]) * 1000
+    msgs = window.completed / elapsed
+    runs, chunks = b1[0] - b0[0], b1[1] - b0[1]
+    return asdict(load) | {
+        "model": model,
+        "messages_per_s": msgs,
+        "chunks_per_s": msgs * load.per_message,
+        "steps_per_s": msgs * load.per_message * load.steps,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+        "client_cpu_pct": 100 * (me1 - me0) / elapsed,
+        "mean_batch": chunks / runs if runs else None,
+        "seconds": elapsed,
+    }
+
+
+def stream_loads(sessions: tuple[int, ...], steps: tuple[int, ...]) -> list[Load]:
+    loads = [Load("stream", s, k, s) for s in sessions for k in steps]
+    loads += [Load("multi", MULTI_SESSIONS, k, MULTI_STREAMS) for k in steps]
+    return loads
+
+
+def sweep_server(
+    repo: Path, flags: list[str], label: str, model: str, vocab: int, loads: list[Load],
+    timing: tuple[float, float],
+) -> list[dict[str, Any]]:  # fmt: skip
+    proc = start_lstm_serve(repo, flags)
+    rows = []
+    try:
+        for load in loads:
+            row = measure(proc, load, model, vocab, *timing) | {"server": label}
+            print(_progress(row), flush=True)
+            rows.append(row)
+    finally:
+        proc.stop()
+    return rows
+
+
+def sweep_echo(loads: list[Load], timing: tuple[float, float]) -> list[dict[str, Any]]:
+    proc = start_echo()
+    rows = []
+    try:
+        for load in loads:
+            sizes = message_sizes(load.per_message, load.steps)
+            echo = Load("echo", load.sessions, load.steps, load.streams, sizes)
+            row = measure(proc, echo, BENCH_MODEL, 1000, *timing)
+            row |= {"server": "echo", "mode": load.mode}
+            print(_progress(row), flush=True)
+            rows.append(row)
+    finally:
+        proc.stop()
+    return rows
+
+
+def ceilings(
+    path: Path, rows: list[dict[str, Any]], seconds: float, model: str
+) -> list[dict[str, Any]]:
+    """Raw onnxruntime at each batched point's mean batch size and chunk length."""
+    out, done = [], {}
+    for row in rows:
+        if row["server"] != "batched" or row["model"] != model:
+            continue
+        batch = max(1, round(row["mean_batch"] or 1))
+        key = (batch, row["steps"])
+        if key not in done:
+            done[key] = compute_ceiling(path, batch, row["steps"], INTRA_OP_THREADS, seconds)
+            one = compute_ceiling(path, batch, row["steps"], 1, seconds)
+            done[key]["steps_per_s_1_thread"] = one["steps_per_s"]
+        out.append({"mode": row["mode"], "sessions": row["sessions"], "steps": row["steps"],
+                    "model": model, "batch": batch, **done[key]})  # fmt: skip
+    return out
+
+
+def memory(repo: Path, sessions: int) -> dict[str, Any]:
+    """The idle-session memory check, in a fresh process."""
+    argv = [sys.executable, "-m", "bench.memory", "--sessions", str(sessions), "--repo", str(repo)]
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _progress(row: dict[str, Any]) -> str:
+    return (
+        f"{row['server']:>8} {row['model']:>12} {row['mode']:>6} S={row['sessions']:<5} "
+        f"k={row['steps']:<3} {row['steps_per_s']:>9.0f} steps/s {row['messages_per_s']:>7.0f} "
+        f"msg/s p50 {row['p50_ms']:.2f} ms cpu {row['server_cpu_pct']:.0f}% "
+        f"batch {row['mean_batch'] or 0:.1f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--quick", action="store_true", help="short points (~2 s each)")
+    parser.add_argument("--memory-sessions", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    timing = (0.3, 1.2) if args.quick else (0.8, 3.0)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lstm-bench-") as tmp:
+        repo = Path(tmp)
+        paths = build_repository(repo)
+        loads = stream_loads(SESSIONS, STEPS)
+        rows = sweep_server(repo, BATCHED, "batched", BENCH_MODEL, 1000, loads, timing)
+        rows += sweep_server(repo, NAIVE, "naive", BENCH_MODEL, 1000, loads, timing)
+        rows += sweep_echo(loads, timing)
+        if "langid-chars" in paths:
+            small = [Load("stream", s, k, s) for s in (1, 256) for k in STEPS]
+            for flags, label in ((BATCHED, "batched"), (NAIVE, "naive")):
+                rows += sweep_server(repo, flags, label, "langid-chars", 28, small, timing)
+        ceiling_s = timing[1] / 2
+        limits = ceilings(paths[BENCH_MODEL], rows, ceiling_s, BENCH_MODEL)
+        if "langid-chars" in paths:
+            limits += ceilings(paths["langid-chars"], rows, ceiling_s, "langid-chars")
+        mem = memory(repo, args.memory_sessions)
+    results = {
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version()},
+        "server_flags": {"batched": BATCHED, "naive": NAIVE},
+        "timing": {"warmup_s": timing[0], "seconds": timing[1]},
+        "points": rows,
+        "ceilings": limits,
+        "memory": mem,
+    }
+    results["total_seconds"] = time.perf_counter() - started
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(write_report(results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
