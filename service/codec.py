@@ -61,8 +61,10 @@ def encode_options(options: StreamOptions) -> pb.StreamOptions:
 def top_labels(desc: ModelDescription, probs: np.ndarray, k: int) -> list[pb.LabelScore]:
     """The k most probable labels of a (C,) distribution, most probable first."""
     k = min(max(k, 1), desc.num_classes)
-    # k == 1, the common case: argmax (the first of ties, as the stable sort) is much cheaper
-    order = [int(probs.argmax())] if k == 1 else np.argsort(-probs, kind="stable")[:k]
+    if k == 1:  # the common case: argmax (the first of ties, as the stable sort) is cheaper
+        i = int(probs.argmax())
+        return [pb.LabelScore(label=desc.labels[i], index=i, probability=float(probs[i]))]
+    order = np.argsort(-probs, kind="stable")[:k]
     return [
         pb.LabelScore(label=desc.labels[i], index=int(i), probability=float(probs[i]))
         for i in order
@@ -76,17 +78,21 @@ def _steps(step_probs: np.ndarray | None) -> list[pb.Probabilities]:
 
 
 def encode_chunk_result(outcome: ChunkOutcome, session: Session) -> pb.ChunkResult:
-    reply = pb.ChunkResult(
-        seq=outcome.seq, duplicate=outcome.duplicate, total_steps=outcome.total_steps
-    )
     result = outcome.result
-    if result is not None:
-        desc = session.model.description
-        reply.steps = result.steps
-        reply.probabilities.extend(result.probs.tolist())
-        reply.top.extend(top_labels(desc, result.probs, session.options.top_k))
-        reply.step_probabilities.extend(_steps(result.step_probs))
-    return reply
+    if result is None:
+        return pb.ChunkResult(
+            seq=outcome.seq, duplicate=outcome.duplicate, total_steps=outcome.total_steps
+        )
+    probs = result.probs  # (C,)
+    return pb.ChunkResult(
+        seq=outcome.seq,
+        steps=result.steps,
+        probabilities=probs.tolist(),
+        top=top_labels(session.model.description, probs, session.options.top_k),
+        step_probabilities=_steps(result.step_probs),
+        total_steps=outcome.total_steps,
+        duplicate=outcome.duplicate,
+    )
 
 
 def encode_chunk_error(seq: int, exc: BaseException, session: Session) -> pb.ChunkResult:

@@ -5,6 +5,8 @@ Never a session id. Requests naming an unknown model are counted under model="<u
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 UNKNOWN_MODEL = "<unknown>"
@@ -18,10 +20,18 @@ REQUESTS = Counter(
     "RPCs (and streamed chunks, rpc='Stream.chunk') by outcome status code.",
     ["rpc", "model", "code"],
 )
+
+
+@lru_cache(maxsize=4096)
+def requests(rpc: str, model: str, code: str) -> Counter:
+    """REQUESTS.labels(...), cached: the per-chunk path counts every chunk."""
+    return REQUESTS.labels(rpc, model, code)
+
+
 CHUNK_SECONDS = Histogram(
     "lstm_serve_chunk_seconds",
-    "Latency by stage. Classify: queue (waiting for a worker), compute (model run), total. "
-    "Streamed chunks: total (submission to result); their batching is in lstm_serve_batch_*.",
+    "Latency by stage: queue (per chunk or Classify request: waiting for its model run), "
+    "compute (per model run), total (per chunk or request).",
     ["model", "stage"],
     buckets=LATENCY_BUCKETS,
 )
@@ -37,7 +47,7 @@ BATCH_SIZE = Histogram(
 )
 BATCH_QUEUE_SECONDS = Histogram(
     "lstm_serve_batch_queue_seconds",
-    "Per chunk: seconds from submission to the batcher until its batch started.",
+    "Per batch: seconds its oldest chunk waited between submission and the batch's start.",
     ["model"],
     buckets=QUEUE_BUCKETS,
 )

@@ -169,9 +169,9 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             )
             outcome = await self.engine.apply_chunk(session, chunk.seq, steps)
         except InvalidInput as exc:
-            metrics.REQUESTS.labels("Stream.chunk", desc.name, status_code(exc).name).inc()
+            metrics.requests("Stream.chunk", desc.name, status_code(exc).name).inc()
             return codec.encode_chunk_error(chunk.seq, exc, session)
-        metrics.REQUESTS.labels("Stream.chunk", desc.name, "OK").inc()
+        metrics.requests("Stream.chunk", desc.name, "OK").inc()
         return codec.encode_chunk_result(outcome, session)
 
     # -- stream multi ------------------------------------------------------------------------
@@ -244,7 +244,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         try:
             steps = codec.decode_input(chunk.input, desc, self.config.max_chunk_steps, field)
         except InvalidInput as exc:
-            metrics.REQUESTS.labels("StreamMulti.chunk", desc.name, status_code(exc).name).inc()
+            metrics.requests("StreamMulti.chunk", desc.name, status_code(exc).name).inc()
             error = codec.encode_chunk_error(chunk.seq, exc, session)
             return pb.SessionResult(session_id=session.id, chunk=error)
         work.append((i, ChunkWork(session, chunk.seq, steps)))
@@ -282,12 +282,12 @@ def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> pb.
     session = item.session
     name = session.model.name
     if isinstance(outcome, InvalidInput):
-        metrics.REQUESTS.labels("StreamMulti.chunk", name, status_code(outcome).name).inc()
+        metrics.requests("StreamMulti.chunk", name, status_code(outcome).name).inc()
         chunk = codec.encode_chunk_error(item.seq, outcome, session)
         return pb.SessionResult(session_id=session.id, chunk=chunk)
     if isinstance(outcome, LstmServeError):
         return pb.SessionResult(session_id=session.id, error=codec.encode_error(outcome))
-    metrics.REQUESTS.labels("StreamMulti.chunk", name, "OK").inc()
+    metrics.requests("StreamMulti.chunk", name, "OK").inc()
     return pb.SessionResult(
         session_id=session.id, chunk=codec.encode_chunk_result(outcome, session)
     )

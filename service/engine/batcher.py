@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -65,26 +66,33 @@ class BatchPolicy:
 
 
 class InflightCounter:
-    """Work accepted and not finished (queued chunks, running batches, Classify runs)."""
+    """Work accepted and not finished (queued chunks, running batches, Classify runs).
+
+    The `lstm_serve_inflight_runs` gauge reads every live counter when scraped, so the per-chunk
+    path does no metric work for it.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        _COUNTERS.add(self)
 
     def enter(self, n: int = 1) -> None:
         self.count += n
         self._idle.clear()
-        metrics.INFLIGHT_RUNS.inc(n)
 
     def leave(self, n: int = 1) -> None:
         self.count -= n
-        metrics.INFLIGHT_RUNS.dec(n)
         if self.count == 0:
             self._idle.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+_COUNTERS: weakref.WeakSet[InflightCounter] = weakref.WeakSet()
+metrics.INFLIGHT_RUNS.set_function(lambda: sum(c.count for c in list(_COUNTERS)))
 
 
 class Pending:
@@ -224,9 +232,10 @@ class SequenceBatcher:
     def _start(self, batch: list[Pending]) -> None:
         self._running += 1
         started = time.perf_counter()
+        queue = self._m_chunk["queue"]
         for item in batch:
-            self._m_queue.observe(started - item.enqueued)
-            self._m_chunk["queue"].observe(started - item.enqueued)
+            queue.observe(started - item.enqueued)
+        self._m_queue.observe(started - min(item.enqueued for item in batch))  # the oldest
         self._m_size.observe(len(batch))
         rows = [item.session.row for item in batch]
         chunks = [item.chunk for item in batch]
@@ -288,6 +297,7 @@ class SequenceBatcher:
         slab = batch[0].session.slab
         slab.scatter([batch[b].session.row for b in keep], out.state_out[keep])  # (B', S, H)
         now = time.perf_counter()
+        total = self._m_chunk["total"]
         steps = 0
         for b in keep:
             item = batch[b]
@@ -300,8 +310,8 @@ class SequenceBatcher:
             item.future.set_result(
                 StepResult(out.probs[b], every, item.steps, session.total_steps)
             )  # (C,), (T, C)
-            self._m_chunk["compute"].observe(seconds)
-            self._m_chunk["total"].observe(now - item.enqueued)
+            total.observe(now - item.enqueued)
+        self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
 
     @staticmethod

@@ -34,10 +34,9 @@ def tokens_from_ids(
     """Token ids -> (T,) int64, every id in [0, vocab_size)."""
     _need_kind(desc, "tokens", field)
     check_steps(len(ids), max_steps, field)
-    tokens = np.asarray(ids, dtype=np.int64)  # (T,)
-    bad = np.flatnonzero((tokens < 0) | (tokens >= desc.vocab_size))
-    if bad.size:
-        i = int(bad[0])
+    tokens = np.array(ids, dtype=np.int64)  # (T,)
+    if tokens.min() < 0 or tokens.max() >= desc.vocab_size:  # rare: find the first bad id
+        i = int(np.flatnonzero((tokens < 0) | (tokens >= desc.vocab_size))[0])
         raise InvalidInput(
             f"{field}[{i}] = {int(tokens[i])} is out of range [0, {desc.vocab_size})"
         )
