@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ from service.errors import ConfigError
 
 if TYPE_CHECKING:
     from service.engine.batcher import BatchPolicy
+    from service.engine.snapshots import SnapshotKeys
 
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -26,6 +27,8 @@ PROVIDER_ALIASES = {
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SECRET_FLAGS = frozenset({"snapshot_key"})
 
 
 def provider_name(name: str) -> str:
@@ -59,6 +62,10 @@ class ServerConfig:
     expired_ids_remembered: int = 10_000
     initial_slab_capacity: int = 64
     drain_grace_s: float = 10.0
+    # Shared HMAC keys for portable session snapshots: "ID:BASE64[,ID:BASE64...]", the first
+    # signs. Secret: never printed (repr=False, hidden in --help).
+    snapshot_key: str = field(default="", repr=False)
+    session_store: str = "memory"
     log_json: bool = False
     log_level: str = "INFO"
     debug_compute_delay_ms: int = 0
@@ -110,6 +117,30 @@ class ServerConfig:
             )
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        self._check_session_store()
+
+    def _check_session_store(self) -> None:
+        if self.snapshot_key:
+            self.snapshot_keys  # noqa: B018 - parses and validates the keys
+        store = self.session_store
+        if store == "memory":
+            return
+        if not store.startswith(REDIS_SCHEMES):
+            raise ConfigError(
+                f"session_store {store!r} is neither 'memory' nor a redis URL ({REDIS_SCHEMES})"
+            )
+        if not self.snapshot_key:
+            raise ConfigError(
+                "session_store redis://... needs snapshot_key: replicas verify the session "
+                "records they read with the shared key"
+            )
+
+    @property
+    def snapshot_keys(self) -> SnapshotKeys | None:
+        """The parsed snapshot keys, or None when snapshots are not configured."""
+        from service.engine.snapshots import SnapshotKeys
+
+        return SnapshotKeys.parse(self.snapshot_key) if self.snapshot_key else None
 
     @property
     def batch_policy(self) -> BatchPolicy:
@@ -164,6 +195,16 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "expired_ids_remembered": ("how many expired session ids are remembered (for NOT_FOUND)", int),
     "initial_slab_capacity": ("state slab rows allocated per model version at first use", int),
     "drain_grace_s": ("seconds SIGTERM waits for in-flight work before stopping", float),
+    "snapshot_key": (
+        "shared HMAC keys for session snapshots, ID:BASE64[,ID:BASE64...] (the first signs, all "
+        "verify); needed for snapshots and the redis session store; never printed",
+        str,
+    ),
+    "session_store": (
+        "where session state lives: 'memory' (this process) or redis://HOST:PORT/DB (written "
+        "through on every chunk, so any replica can resume any session by id)",
+        str,
+    ),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
     "debug_compute_delay_ms": ("FOR TESTS ONLY: sleep this long before each model run", int),
@@ -195,6 +236,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=truthy,
                                 help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")  # fmt: skip
             continue
+        if name in SECRET_FLAGS:  # no default shown: it would print the secret
+            parser.add_argument(flag, type=str, default=argparse.SUPPRESS,
+                                help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")  # fmt: skip
+            continue
         parser.add_argument(flag, type=str, default=env if env is not None else str(default),
                             help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")  # fmt: skip
     return parser
@@ -204,10 +249,13 @@ def config_from_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServerConfig:
     """Parse flags (and LSTM_SERVE_* defaults) into a validated ServerConfig."""
+    environ = os.environ if environ is None else environ
     args = build_parser(environ).parse_args(argv)
     values: dict[str, Any] = {}
     for name, (_help, kind) in FLAGS.items():
-        raw = getattr(args, name)
+        raw = getattr(args, name, None)
+        if raw is None:  # a secret flag not given: its variable, else the default
+            raw = _env_value(environ, name) or ""
         try:
             if name == "providers":
                 values[name] = tuple(p for p in raw.split(",") if p.strip())

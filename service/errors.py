@@ -79,5 +79,11 @@ class SnapshotMismatch(LstmServeError):
     code = "FAILED_PRECONDITION"
 
 
+class SnapshotsDisabled(LstmServeError):
+    """Snapshots were asked for, but this server has no snapshot key (--snapshot-key)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ConfigError(ValueError):
     """The server configuration is invalid (raised at start-up, never sent to a client)."""

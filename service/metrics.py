@@ -69,8 +69,19 @@ ACTIVE_SESSIONS = Gauge(
 )
 SESSION_EVENTS = Counter(
     "lstm_serve_session_events_total",
-    "Session lifecycle events: opened, resumed, ended, expired, rejected.",
+    "Session lifecycle events: opened, resumed, restored (from a snapshot or the shared "
+    "store), ended, expired, rejected.",
     ["model", "event"],
+)
+SNAPSHOTS = Counter(
+    "lstm_serve_snapshots_total",
+    "Session snapshots: taken (asked for), final (sent by a draining server), restored, refused.",
+    ["model", "event"],
+)
+SESSION_STORE_OPS = Counter(
+    "lstm_serve_session_store_operations_total",
+    "Operations on the shared session store (redis): save, load, delete; by outcome.",
+    ["op", "outcome"],
 )
 STATE_BYTES = Gauge(
     "lstm_serve_state_memory_bytes",

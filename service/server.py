@@ -15,7 +15,9 @@ from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServerConfig
+from service.engine.continuity import SessionContinuity
 from service.engine.core import Engine
+from service.engine.redis_backend import RedisSessionBackend
 from service.engine.registry import ModelRegistry, RuntimeOptions
 from service.engine.runtime import resolve_providers
 from service.engine.sessions import SessionStore
@@ -43,6 +45,7 @@ class LstmServer:
         self._loaded = asyncio.Event()
         self._stopped = asyncio.Event()
         self.load_error: BaseException | None = None
+        self.servicer: LstmServeServicer | None = None
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING), then load and warm every model in the background."""
@@ -67,6 +70,9 @@ class LstmServer:
                 debug_compute_delay_s=self.config.debug_compute_delay_ms / 1000,
             )
             started = time.perf_counter()
+            backend = self.engine.continuity.backend
+            if backend is not None:
+                await backend.ping()  # not ready until the shared session store answers
             registry = await asyncio.to_thread(
                 ModelRegistry.load, self.config.model_repository, options
             )
@@ -117,8 +123,12 @@ class LstmServer:
         self.engine.draining = True
         metrics.READY.set(0)
         await self.health.enter_graceful_shutdown()
+        self.engine.drain_started.set()
+        if self.servicer is not None:
+            self.servicer.begin_drain()
         drained = await self.engine.wait_idle(grace)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        await self.engine.continuity.close()
         self._close()
         log.info("stopped", extra={"fields": {"drained": drained}})
         self._stopped.set()
@@ -135,6 +145,14 @@ class LstmServer:
         await self._stopped.wait()
 
 
+def _continuity(config: ServerConfig, store: SessionStore) -> SessionContinuity:
+    """Snapshots when a key is configured; write-through to Redis when the store says so."""
+    backend = None
+    if config.session_store != "memory":
+        backend = RedisSessionBackend(config.session_store, config.session_idle_timeout_s)
+    return SessionContinuity(store, keys=config.snapshot_keys, backend=backend)
+
+
 def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     """Build (not start) the server and bind its gRPC port; call inside a running event loop."""
     store = SessionStore(
@@ -143,10 +161,16 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         expired_memory=config.expired_ids_remembered,
         initial_capacity=config.initial_slab_capacity,
     )
-    engine = Engine(store, compute_threads=config.compute_threads, policy=config.batch_policy)
+    engine = Engine(
+        store,
+        compute_threads=config.compute_threads,
+        policy=config.batch_policy,
+        continuity=_continuity(config, store),
+    )
     server = grpc.aio.server()
     app = LstmServer(config, server, engine)
-    pb_grpc.add_LstmServeServicer_to_server(LstmServeServicer(engine, config), server)
+    app.servicer = LstmServeServicer(engine, config)
+    pb_grpc.add_LstmServeServicer_to_server(app.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

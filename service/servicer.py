@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
@@ -15,7 +16,7 @@ from service import codec, metrics
 from service.config import ServerConfig
 from service.engine.core import ChunkOutcome, ChunkWork, Engine
 from service.engine.sessions import Session
-from service.errors import InvalidInput, LstmServeError, ProtocolError, SessionNotFound
+from service.errors import Draining, InvalidInput, LstmServeError, ProtocolError, SessionNotFound
 from service.status import status_code, status_message
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
+        self._inboxes: set[asyncio.Queue[object]] = set()
 
     def _label(self, name: str) -> str:
         """The model metric label: the name if it is served, else a fixed placeholder."""
@@ -106,10 +108,26 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         session: Session | None = None
         model = ""
+        inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=STREAM_READ_AHEAD)
+        reader = asyncio.create_task(_read_into(request_iterator, inbox))
+        self._inboxes.add(inbox)
         try:
-            async for request in request_iterator:
+            while True:
+                request = _DRAIN if self.engine.drain_started.is_set() else await inbox.get()
+                if request is _EOF:
+                    break
+                if request is _DRAIN:
+                    if session is not None and self.engine.continuity.enabled:
+                        yield await self._final_snapshot(session)
+                    raise Draining(
+                        "the server is draining (shutting down): continue the session on "
+                        "another replica from its final snapshot, or by id with a shared store"
+                    )
+                if isinstance(request, BaseException):
+                    raise request
+                assert isinstance(request, pb.StreamRequest)
                 if session is None:
-                    session, reply = self._attach(request)
+                    session, reply = await self._attach(request)
                     model = session.model.name
                     yield reply
                     continue
@@ -123,22 +141,47 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         except Exception as exc:
             await self._fail("Stream", model, context, exc)
             return
+        finally:
+            reader.cancel()
+            self._inboxes.discard(inbox)
         metrics.REQUESTS.labels("Stream", self._label(model), "OK").inc()
 
-    def _attach(self, request: pb.StreamRequest) -> tuple[Session, pb.StreamResponse]:
-        """Open or resume the stream's session from its first message."""
+    def begin_drain(self) -> None:
+        """Wake every stream waiting for its next message, so it sends its final snapshot."""
+        for inbox in list(self._inboxes):
+            with contextlib.suppress(asyncio.QueueFull):  # a busy stream checks between messages
+                inbox.put_nowait(_DRAIN)
+
+    async def _final_snapshot(self, session: Session) -> pb.StreamResponse:
+        """The draining server's last message on a stream: the session's snapshot."""
+        blob = await self.engine.take_snapshot(session, final=True)
+        snap = pb.SessionSnapshot(
+            data=blob, last_applied_seq=session.last_seq, total_steps=session.total_steps,
+            final=True,
+        )  # fmt: skip
+        return pb.StreamResponse(session_id=session.id, snapshot=snap)
+
+    async def _attach(self, request: pb.StreamRequest) -> tuple[Session, pb.StreamResponse]:
+        """Open, resume or restore the stream's session from its first message."""
         kind = request.WhichOneof("kind")
+        resumed = True
         if kind == "open":
             opts = codec.decode_options(request.open.options)
             session = self.engine.open_session(request.open.model, request.open.version, opts)
+            await self.engine.continuity.persist(session)  # resumable elsewhere from the start
             resumed = False
         elif kind == "resume":
             msg = request.resume
             opts = codec.decode_options(msg.options) if msg.HasField("options") else None
-            session = self.engine.resume_session(msg.session_id, opts)
-            resumed = True
+            session = await self.engine.resume_session(msg.session_id, opts)
+        elif kind == "restore":
+            msg = request.restore
+            opts = codec.decode_options(msg.options) if msg.HasField("options") else None
+            session = await self.engine.restore_session(msg.snapshot, opts)
         else:
-            raise ProtocolError(f"the first Stream message must be open or resume, not {kind}")
+            raise ProtocolError(
+                f"the first Stream message must be open, resume or restore, not {kind}"
+            )
         opened = codec.session_opened(session, resumed, self.config.session_idle_timeout_s)
         return session, pb.StreamResponse(session_id=session.id, opened=opened)
 
@@ -152,6 +195,12 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             duplicate = await self.engine.reset(session, request.reset.seq)
             done = pb.ResetDone(seq=request.reset.seq, duplicate=duplicate)
             return pb.StreamResponse(session_id=session.id, reset=done)
+        if kind == "snapshot":
+            blob = await self.engine.take_snapshot(session)
+            snap = pb.SessionSnapshot(
+                data=blob, last_applied_seq=session.last_seq, total_steps=session.total_steps
+            )
+            return pb.StreamResponse(session_id=session.id, snapshot=snap)
         if kind == "end":
             await self.engine.end(session)
             ended = pb.SessionEnded(
@@ -219,13 +268,13 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         session_id = entry.resume.session_id if kind == "resume" else entry.session_id
         try:
             if kind in ("open", "resume"):
-                session, reply = self._attach(_as_stream_request(entry))
+                session, reply = await self._attach(_as_stream_request(entry))
                 return pb.SessionResult(session_id=session.id, opened=reply.opened)
             if kind is None:
                 raise ProtocolError(f"entries[{i}] is empty: set open, resume, chunk, reset or end")
             if not session_id:
                 raise SessionNotFound(f"entries[{i}].session_id is empty ({kind} needs a session)")
-            session = self.engine.store.get(session_id)
+            session = await self.engine.find_session(session_id)
             if kind == "chunk":
                 return self._decode_chunk(session, entry.chunk, i, work)
             reply = await self._handle(session, _as_stream_request(entry))
@@ -249,6 +298,26 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             return pb.SessionResult(session_id=session.id, chunk=error)
         work.append((i, ChunkWork(session, chunk.seq, steps)))
         return None
+
+
+STREAM_READ_AHEAD = 64  # messages read ahead of processing per stream (gRPC flow control beyond)
+_EOF = object()
+_DRAIN = object()
+
+
+async def _read_into(
+    requests: AsyncIterator[pb.StreamRequest], inbox: asyncio.Queue[object]
+) -> None:
+    """Move a stream's requests into its inbox, then _EOF (or the error that ended it)."""
+    try:
+        async for request in requests:
+            await inbox.put(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await inbox.put(exc)
+        return
+    await inbox.put(_EOF)
 
 
 def _as_stream_request(entry: pb.SessionRequest) -> pb.StreamRequest:

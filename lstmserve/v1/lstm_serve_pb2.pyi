@@ -145,18 +145,46 @@ class End(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("open", "resume", "chunk", "reset", "end")
+    __slots__ = ("open", "resume", "chunk", "reset", "end", "restore", "snapshot")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     resume: ResumeSession
     chunk: Chunk
     reset: Reset
     end: End
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
+    restore: RestoreSession
+    snapshot: TakeSnapshot
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., restore: _Optional[_Union[RestoreSession, _Mapping]] = ..., snapshot: _Optional[_Union[TakeSnapshot, _Mapping]] = ...) -> None: ...
+
+class RestoreSession(_message.Message):
+    __slots__ = ("snapshot", "options")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bytes
+    options: StreamOptions
+    def __init__(self, snapshot: _Optional[bytes] = ..., options: _Optional[_Union[StreamOptions, _Mapping]] = ...) -> None: ...
+
+class TakeSnapshot(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionSnapshot(_message.Message):
+    __slots__ = ("data", "last_applied_seq", "total_steps", "final")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    last_applied_seq: int
+    total_steps: int
+    final: bool
+    def __init__(self, data: _Optional[bytes] = ..., last_applied_seq: _Optional[int] = ..., total_steps: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "model", "version", "resumed", "last_applied_seq", "total_steps", "options", "labels", "idle_timeout_seconds")
@@ -217,18 +245,20 @@ class SessionEnded(_message.Message):
     def __init__(self, total_steps: _Optional[int] = ..., last_applied_seq: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("session_id", "opened", "chunk", "reset", "ended")
+    __slots__ = ("session_id", "opened", "chunk", "reset", "ended", "snapshot")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     opened: SessionOpened
     chunk: ChunkResult
     reset: ResetDone
     ended: SessionEnded
-    def __init__(self, session_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., reset: _Optional[_Union[ResetDone, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
+    snapshot: SessionSnapshot
+    def __init__(self, session_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., reset: _Optional[_Union[ResetDone, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("session_id", "open", "resume", "chunk", "reset", "end")

@@ -75,8 +75,8 @@ class LstmServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stream(self, request_iterator, context):
-        """A stateful streaming session. The first request must be `open` or `resume`; it is answered
-        with `opened`. Then every `chunk`, `reset` and `end` gets exactly one reply, in the order
+        """A stateful streaming session. The first request must be `open`, `resume` or `restore`; it is
+        answered with `opened`. Then every `chunk`, `reset` and `end` gets exactly one reply, in the order
         sent. A client may send several messages before reading replies (pipelining); they are
         applied in order, never concurrently. Closing the stream without `end` keeps the session
         for `resume` until it has been idle for the server's idle timeout.

@@ -16,6 +16,7 @@ import numpy as np
 
 from service import metrics
 from service.engine.batcher import BatchPolicy, InflightCounter, SequenceBatcher, StepResult
+from service.engine.continuity import SessionContinuity
 from service.engine.registry import LoadedModel, ModelRegistry
 from service.engine.runtime import RunOutput
 from service.engine.sessions import Session, SessionStore, StreamOptions
@@ -54,9 +55,15 @@ class Engine:
     """Models, sessions and the thread pool that runs onnxruntime off the event loop."""
 
     def __init__(
-        self, store: SessionStore, compute_threads: int = 4, policy: BatchPolicy | None = None
+        self,
+        store: SessionStore,
+        compute_threads: int = 4,
+        policy: BatchPolicy | None = None,
+        continuity: SessionContinuity | None = None,
     ) -> None:
         self.store = store
+        self.continuity = continuity or SessionContinuity(store)
+        self.drain_started = asyncio.Event()
         self.registry: ModelRegistry | None = None
         self.draining = False
         self.policy = policy or BatchPolicy()
@@ -81,18 +88,42 @@ class Engine:
     # -- sessions ----------------------------------------------------------------------------
 
     def open_session(self, name: str, version: int, options: StreamOptions) -> Session:
+        """A new session (held here; written to a shared store by its first `persist`)."""
         self.check_accepting()
         model = self.models().get(name, version)
         return self.store.open(model, self._clamp(model, options))
 
-    def resume_session(self, session_id: str, options: StreamOptions | None) -> Session:
+    async def resume_session(self, session_id: str, options: StreamOptions | None) -> Session:
         self.check_accepting()
-        session = self.store.get(session_id)
+        session = await self.find_session(session_id)
         if options is not None:
             session.options = self._clamp(session.model, options)
         self.store.touch(session)
         metrics.SESSION_EVENTS.labels(session.model.name, "resumed").inc()
         return session
+
+    async def find_session(self, session_id: str) -> Session:
+        """A session held here, or (with a shared store) continued from the store."""
+        return await self.continuity.find(self.models(), session_id)
+
+    async def restore_session(self, blob: bytes, options: StreamOptions | None) -> Session:
+        """Continue a session from a snapshot made by any replica sharing the key."""
+        self.check_accepting()
+        registry = self.models()
+        session = self.continuity.restore(registry, blob, options)
+        if options is not None:
+            session.options = self._clamp(session.model, options)
+        self.store.touch(session)
+        await self.continuity.persist(session, force=True)
+        return session
+
+    async def take_snapshot(self, session: Session, final: bool = False) -> bytes:
+        """The session's signed snapshot, after every chunk already submitted for it."""
+        async with session.lock:
+            self._check_live(session)
+            blob = self.continuity.snapshot(session)
+        metrics.SNAPSHOTS.labels(session.model.name, "final" if final else "taken").inc()
+        return blob
 
     async def apply_chunk(self, session: Session, seq: int, chunk: np.ndarray) -> ChunkOutcome:
         """Apply a validated chunk once, in order; a resend (seq <= last applied) is skipped."""
@@ -103,6 +134,7 @@ class Engine:
             if seq <= session.last_seq:
                 return ChunkOutcome(seq, None, True, session.total_steps)
             result = await self.batcher(session.model).submit(session, seq, chunk)
+            await self.continuity.persist(session)
             return ChunkOutcome(seq, result, False, result.total_steps)
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[ChunkOutcome | LstmServeError]:
@@ -139,6 +171,8 @@ class Engine:
         for i, future in waiting.items():
             result = future.result()
             outcomes[i] = ChunkOutcome(work[i].seq, result, False, result.total_steps)
+        if waiting:
+            await asyncio.gather(*(self.continuity.persist(work[i].session) for i in waiting))
         for i, task in busy.items():
             exc = task.exception()
             if exc is not None and not isinstance(exc, LstmServeError):
@@ -182,12 +216,14 @@ class Engine:
             session.total_steps = 0
             session.last_seq = seq
             self.store.touch(session)
+            await self.continuity.persist(session)
             return False
 
     async def end(self, session: Session) -> None:
         """Free the session once its chunk in progress (if any) is done."""
         async with session.lock:
             self.store.end(session)
+        await self.continuity.forget(session.id)
 
     def _check_live(self, session: Session) -> None:
         if session.expired:

@@ -141,6 +141,26 @@ class SessionStore:
 
     def open(self, model: LoadedModel, options: StreamOptions) -> Session:
         """A new session from a zero state; NotStreamable / Overloaded when it cannot be."""
+        session = self._new_session(model, options, secrets.token_hex(16))
+        metrics.SESSION_EVENTS.labels(model.name, "opened").inc()
+        return session
+
+    def adopt(
+        self, model: LoadedModel, options: StreamOptions, session_id: str, state: np.ndarray,
+        last_seq: int, total_steps: int,
+    ) -> Session:  # fmt: skip
+        """A session continued from elsewhere (a snapshot, the shared store), under its own id."""
+        existing = self._sessions.get(session_id)
+        if existing is not None:
+            self._remove(existing)
+        self._expired.pop(session_id, None)
+        session = self._new_session(model, options, session_id)
+        session.write_state(state)
+        session.last_seq, session.total_steps = last_seq, total_steps
+        metrics.SESSION_EVENTS.labels(model.name, "restored").inc()
+        return session
+
+    def _new_session(self, model: LoadedModel, options: StreamOptions, session_id: str) -> Session:
         if not model.description.streamable:
             metrics.SESSION_EVENTS.labels(model.name, "rejected").inc()
             raise NotStreamable(
@@ -151,11 +171,10 @@ class SessionStore:
             raise Overloaded(f"the server holds its maximum of {self.max_sessions} sessions")
         slab = self._slab_for(model)
         session = Session(
-            id=secrets.token_hex(16), model=model, slab=slab, row=slab.allocate(),
+            id=session_id, model=model, slab=slab, row=slab.allocate(),
             options=options, last_used=self.clock(),
         )  # fmt: skip
         self._sessions[session.id] = session
-        metrics.SESSION_EVENTS.labels(model.name, "opened").inc()
         self._update_gauges(model)
         return session
 

@@ -177,7 +177,7 @@ STREAM_ERRORS = {
     "chunk before open": (
         pb.StreamRequest(chunk=pb.Chunk(seq=1)),
         PRECONDITION,
-        "must be open or resume",
+        "must be open, resume or restore",
     ),
 }
 

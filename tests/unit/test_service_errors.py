@@ -20,6 +20,7 @@ MAPPING = {
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
     errors.SnapshotInvalid: grpc.StatusCode.INVALID_ARGUMENT,
     errors.SnapshotMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SnapshotsDisabled: grpc.StatusCode.FAILED_PRECONDITION,
     errors.LstmServeError: grpc.StatusCode.INTERNAL,
 }
 

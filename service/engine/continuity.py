@@ -1,0 +1,185 @@
+"""Sessions that outlive their replica: signed snapshots, and write-through to a shared store.
+
+`SessionContinuity` is what the engine asks to (a) snapshot a session, (b) continue a session
+from a snapshot made by any replica that shares the key, and, with a shared store (Redis),
+(c) write each session's state through after every applied chunk and (d) find a session this
+process does not hold. No gRPC here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from service import metrics
+from service.engine.redis_backend import RedisSessionBackend
+from service.engine.registry import ModelRegistry
+from service.engine.sessions import Session, SessionStore, StreamOptions
+from service.engine.snapshots import (
+    SessionSnapshot,
+    SnapshotKeys,
+    decode_snapshot,
+    encode_snapshot,
+)
+from service.errors import (
+    ModelNotFound,
+    SessionExpired,
+    SessionNotFound,
+    SnapshotInvalid,
+    SnapshotMismatch,
+    SnapshotsDisabled,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SessionContinuity:
+    """Snapshots (with a key) and the shared session store (with a backend)."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        keys: SnapshotKeys | None = None,
+        backend: RedisSessionBackend | None = None,
+    ) -> None:
+        if backend is not None and keys is None:
+            raise ValueError("a shared session store needs snapshot keys")
+        self.store = store
+        self.keys = keys
+        self.backend = backend
+
+    @property
+    def enabled(self) -> bool:
+        return self.keys is not None
+
+    def _keys(self) -> SnapshotKeys:
+        if self.keys is None:
+            raise SnapshotsDisabled(
+                "snapshots are not configured on this server: start it with --snapshot-key "
+                "(LSTM_SERVE_SNAPSHOT_KEY), the same on every replica"
+            )
+        return self.keys
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self, session: Session) -> bytes:
+        """The session as of its last applied message, signed. Call with its lock held."""
+        snap = SessionSnapshot(
+            session_id=session.id, model=session.model.name, version=session.model.version,
+            state=session.read_state(), total_steps=session.total_steps,
+            last_seq=session.last_seq, created_at=time.time(),
+        )  # fmt: skip
+        return encode_snapshot(snap, self._keys())
+
+    def restore(
+        self, registry: ModelRegistry, blob: bytes, options: StreamOptions | None
+    ) -> Session:
+        """The session a snapshot describes, held here under its id (a newer local copy wins)."""
+        try:
+            snap = decode_snapshot(blob, self._keys())
+        except SnapshotInvalid:
+            metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
+            raise
+        session = self._adopt(registry, snap, options)
+        metrics.SNAPSHOTS.labels(session.model.name, "restored").inc()
+        return session
+
+    def _adopt(
+        self, registry: ModelRegistry, snap: SessionSnapshot, options: StreamOptions | None
+    ) -> Session:
+        try:
+            model = registry.get(snap.model, snap.version)
+        except ModelNotFound as exc:
+            metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
+            served = sorted(f"{m.name}@{m.version}" for m in registry.all())
+            raise SnapshotMismatch(
+                f"snapshot is for model {snap.model!r} version {snap.version}, which this "
+                f"server does not serve (it serves {served})"
+            ) from exc
+        desc = model.description
+        if snap.state.shape != (desc.state_rows, desc.hidden_size):
+            raise SnapshotMismatch(
+                f"snapshot state is {snap.state.shape}, model {model.key} keeps "
+                f"({desc.state_rows}, {desc.hidden_size})"
+            )
+        if snap.session_id in self.store:
+            local = self.store.get(snap.session_id)
+            if local.last_seq >= snap.last_seq and local.model is model:
+                if options is not None:
+                    local.options = options
+                return local
+        return self.store.adopt(
+            model, options or StreamOptions(), snap.session_id, snap.state,
+            snap.last_seq, snap.total_steps,
+        )  # fmt: skip
+
+    # -- the shared store --------------------------------------------------------------------
+
+    async def persist(self, session: Session, force: bool = False) -> None:
+        """Write the session through to the shared store (no-op without one).
+
+        Called right after a state change, before the reply leaves. A store failure is logged
+        and counted, not sent to the client: the chunk was applied here and stays applied.
+        """
+        if self.backend is None or session.ended:
+            return
+        blob = self.snapshot(session)  # synchronous: state and seq read together
+        try:
+            await self.backend.save(session.id, session.last_seq, blob, force=force)
+        except Exception as exc:  # any store failure is survivable here
+            metrics.SESSION_STORE_OPS.labels("save", "error").inc()
+            log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
+            return
+        metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
+
+    async def forget(self, session_id: str) -> None:
+        """The session ended: remove it from the shared store."""
+        if self.backend is None:
+            return
+        try:
+            await self.backend.delete(session_id)
+        except Exception as exc:
+            metrics.SESSION_STORE_OPS.labels("delete", "error").inc()
+            log.warning("session store delete failed", extra={"fields": {"error": repr(exc)}})
+            return
+        metrics.SESSION_STORE_OPS.labels("delete", "ok").inc()
+
+    async def find(self, registry: ModelRegistry, session_id: str) -> Session:
+        """The session by id: held here (and not older than the shared copy), or loaded from the
+        shared store; SessionNotFound / SessionExpired otherwise."""
+        try:
+            local: Session | None = self.store.get(session_id)
+        except SessionNotFound:
+            if self.backend is None:
+                raise
+            local = None
+        if self.backend is None:
+            assert local is not None
+            return local
+        blob = await self._load(session_id)
+        if blob is None:
+            if local is not None:
+                return local
+            if await self.backend.was_issued(session_id):
+                raise SessionExpired(f"session {session_id} expired (idle timeout, shared store)")
+            raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
+        snap = decode_snapshot(blob, self._keys())
+        if local is not None and local.last_seq >= snap.last_seq:
+            return local
+        session = self._adopt(registry, snap, local.options if local else None)
+        return session
+
+    async def _load(self, session_id: str) -> bytes | None:
+        assert self.backend is not None
+        try:
+            blob = await self.backend.load(session_id)
+        except Exception as exc:
+            metrics.SESSION_STORE_OPS.labels("load", "error").inc()
+            raise Unavailable(f"the shared session store is unreachable: {exc!r}") from exc
+        metrics.SESSION_STORE_OPS.labels("load", "ok").inc()
+        return blob
+
+    async def close(self) -> None:
+        if self.backend is not None:
+            await self.backend.close()
