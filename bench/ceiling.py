@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+REPEATS = 3
+
 
 def compute_ceiling(
     path: Path,
@@ -17,7 +19,8 @@ def compute_ceiling(
     seconds: float,
     max_runs: int = 100_000,
 ) -> dict[str, float]:
-    """Back-to-back runs of (batch, steps) token chunks with states fed back: steps/s, ms/run."""
+    """Back-to-back runs of (batch, steps) token chunks with states fed back: steps/s, ms/run
+    (the best of REPEATS windows)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
@@ -30,10 +33,12 @@ def compute_ceiling(
     feeds = {"tokens": tokens, "lengths": lengths, "state": state}
     for _ in range(3):  # warm-up
         feeds["state"] = session.run(None, feeds)[2]
-    runs, started = 0, time.perf_counter()
-    deadline = started + seconds
-    while runs < max_runs and (runs < 3 or time.perf_counter() < deadline):
-        feeds["state"] = session.run(None, feeds)[2]
-        runs += 1
-    elapsed = time.perf_counter() - started
-    return {"steps_per_s": runs * batch * steps / elapsed, "ms_per_run": 1000 * elapsed / runs}
+    best = 0.0
+    for _ in range(REPEATS):  # best of a few windows: other processes only ever slow it down
+        runs, started = 0, time.perf_counter()
+        deadline = started + seconds / REPEATS
+        while runs < max_runs and (runs < 2 or time.perf_counter() < deadline):
+            feeds["state"] = session.run(None, feeds)[2]
+            runs += 1
+        best = max(best, runs / (time.perf_counter() - started))
+    return {"steps_per_s": best * batch * steps, "ms_per_run": 1000 / best}

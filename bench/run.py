@@ -33,6 +33,7 @@ from bench.report import write_report
 SESSIONS = (1, 16, 64, 256, 1024)
 STEPS = (1, 16)
 MULTI_SESSIONS, MULTI_STREAMS = 1024, 4
+VOCAB = {BENCH_MODEL: 1000, "langid-chars": 28}  # token ids are drawn from [1, VOCAB)
 INTRA_OP_THREADS = 2
 BATCHED = ["--intra-op-threads", str(INTRA_OP_THREADS), "--inter-op-threads", "1",
            "--compute-threads", "2", "--max-concurrent-batches", "1", "--max-batch-size", "256",
@@ -75,61 +76,56 @@ def measure(
     }
 
 
-def stream_loads(sessions: tuple[int, ...], steps: tuple[int, ...]) -> list[Load]:
-    loads = [Load("stream", s, k, s) for s in sessions for k in steps]
-    loads += [Load("multi", MULTI_SESSIONS, k, MULTI_STREAMS) for k in steps]
-    return loads
+def sweep_points(langid: bool) -> list[tuple[str, Load]]:
+    """(model, load) of every point: S x k streams and multi for the bench model, a few langid."""
+    points = [(BENCH_MODEL, Load("stream", s, k, s)) for s in SESSIONS for k in STEPS]
+    points += [(BENCH_MODEL, Load("multi", MULTI_SESSIONS, k, MULTI_STREAMS)) for k in STEPS]
+    if langid:
+        points += [("langid-chars", Load("stream", s, k, s)) for s in (1, 256) for k in STEPS]
+    return points
 
 
-def sweep_server(
-    repo: Path, flags: list[str], label: str, model: str, vocab: int, loads: list[Load],
-    timing: tuple[float, float],
-) -> list[dict[str, Any]]:  # fmt: skip
-    proc = start_lstm_serve(repo, flags)
-    rows = []
+def sweep(
+    repo: Path, paths: dict[str, Path], points: list[tuple[str, Load]], timing: tuple[float, float]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every point on the batched server, the batching-off server and the echo server back to
+    back (all three up at once, so slow drifts in the machine's load hit all three alike), then
+    its compute ceiling."""
+    procs = {"batched": start_lstm_serve(repo, BATCHED), "naive": start_lstm_serve(repo, NAIVE)}
+    procs["echo"] = start_echo()
+    rows: list[dict[str, Any]] = []
+    limits: list[dict[str, Any]] = []
     try:
-        for load in loads:
-            row = measure(proc, load, model, vocab, *timing) | {"server": label}
-            print(_progress(row), flush=True)
-            rows.append(row)
+        for model, load in points:
+            vocab = VOCAB[model]
+            for label in ("batched", "naive", "echo"):
+                if label == "echo" and model != BENCH_MODEL:
+                    continue
+                run_load = load
+                if label == "echo":
+                    sizes = message_sizes(load.per_message, load.steps)
+                    run_load = Load("echo", load.sessions, load.steps, load.streams, sizes)
+                row = measure(procs[label], run_load, model, vocab, *timing)
+                row |= {"server": label, "mode": load.mode}
+                print(_progress(row), flush=True)
+                rows.append(row)
+            limits.append(ceiling(paths[model], rows[-3 if model == BENCH_MODEL else -2], timing))
     finally:
-        proc.stop()
-    return rows
+        for proc in procs.values():
+            proc.stop()
+    return rows, limits
 
 
-def sweep_echo(loads: list[Load], timing: tuple[float, float]) -> list[dict[str, Any]]:
-    proc = start_echo()
-    rows = []
-    try:
-        for load in loads:
-            sizes = message_sizes(load.per_message, load.steps)
-            echo = Load("echo", load.sessions, load.steps, load.streams, sizes)
-            row = measure(proc, echo, BENCH_MODEL, 1000, *timing)
-            row |= {"server": "echo", "mode": load.mode}
-            print(_progress(row), flush=True)
-            rows.append(row)
-    finally:
-        proc.stop()
-    return rows
-
-
-def ceilings(
-    path: Path, rows: list[dict[str, Any]], seconds: float, model: str
-) -> list[dict[str, Any]]:
-    """Raw onnxruntime at each batched point's mean batch size and chunk length."""
-    out, done = [], {}
-    for row in rows:
-        if row["server"] != "batched" or row["model"] != model:
-            continue
-        batch = max(1, round(row["mean_batch"] or 1))
-        key = (batch, row["steps"])
-        if key not in done:
-            done[key] = compute_ceiling(path, batch, row["steps"], INTRA_OP_THREADS, seconds)
-            one = compute_ceiling(path, batch, row["steps"], 1, seconds)
-            done[key]["steps_per_s_1_thread"] = one["steps_per_s"]
-        out.append({"mode": row["mode"], "sessions": row["sessions"], "steps": row["steps"],
-                    "model": model, "batch": batch, **done[key]})  # fmt: skip
-    return out
+def ceiling(path: Path, row: dict[str, Any], timing: tuple[float, float]) -> dict[str, Any]:
+    """Raw onnxruntime at the batched point's mean batch size and chunk length (server threads
+    and one thread)."""
+    batch = max(1, round(row["mean_batch"] or 1))
+    seconds = timing[1] / 2
+    two = compute_ceiling(path, batch, row["steps"], INTRA_OP_THREADS, seconds)
+    one = compute_ceiling(path, batch, row["steps"], 1, seconds)
+    return {"mode": row["mode"], "sessions": row["sessions"], "steps": row["steps"],
+            "model": row["model"], "batch": batch, **two,
+            "steps_per_s_1_thread": one["steps_per_s"]}  # fmt: skip
 
 
 def memory(repo: Path, sessions: int) -> dict[str, Any]:
@@ -160,18 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lstm-bench-") as tmp:
         repo = Path(tmp)
         paths = build_repository(repo)
-        loads = stream_loads(SESSIONS, STEPS)
-        rows = sweep_server(repo, BATCHED, "batched", BENCH_MODEL, 1000, loads, timing)
-        rows += sweep_server(repo, NAIVE, "naive", BENCH_MODEL, 1000, loads, timing)
-        rows += sweep_echo(loads, timing)
-        if "langid-chars" in paths:
-            small = [Load("stream", s, k, s) for s in (1, 256) for k in STEPS]
-            for flags, label in ((BATCHED, "batched"), (NAIVE, "naive")):
-                rows += sweep_server(repo, flags, label, "langid-chars", 28, small, timing)
-        ceiling_s = timing[1] / 2
-        limits = ceilings(paths[BENCH_MODEL], rows, ceiling_s, BENCH_MODEL)
-        if "langid-chars" in paths:
-            limits += ceilings(paths["langid-chars"], rows, ceiling_s, "langid-chars")
+        points = sweep_points("langid-chars" in paths)
+        rows, limits = sweep(repo, paths, points, timing)
         mem = memory(repo, args.memory_sessions)
     results = {
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
