@@ -7,10 +7,14 @@
         await session.end()
 
 Failover: unary calls go to the next address when one is UNAVAILABLE. A session whose stream
-breaks is resumed by id (on the same address first, then the others); chunks sent but not yet
-answered are resent, and the server answers those it had already applied with `duplicate=true`
-(no probabilities). Sessions live in one server's memory: resuming on another server only works
-if that server holds the session (same process behind another address), else SessionLost.
+breaks continues on the first address that can take it:
+  * after a draining server's final snapshot, by restoring that snapshot on the other addresses
+    (any replica started with the same --snapshot-key);
+  * otherwise by resuming its id, on the same address first, then the others (any replica, with
+    a shared --session-store redis://...; only the same server without one).
+Chunks sent but not yet answered are resent; the server answers those it had already applied
+with `duplicate=true` (no probabilities), so no step is lost or applied twice. If no address can
+take the session: SessionLost.
 """
 
 from __future__ import annotations
@@ -131,6 +135,19 @@ class LstmClient:
         await session.attach(pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id)))
         return session
 
+    async def restore_session(
+        self, snapshot: bytes, every_step: bool = False, top_k: int = 1
+    ) -> StreamSession:
+        """Continue a session from a snapshot (`StreamSession.snapshot()`), on any replica."""
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        session = StreamSession(self)
+        await session.attach(pb.StreamRequest(restore=_restore(snapshot, options)))
+        return session
+
+    def advance(self, offset: int) -> None:
+        """Make the address `offset` places on the current one (after a failover)."""
+        self._index = (self._index + offset) % len(self.addresses)
+
 
 class StreamSession:
     """One streaming session: pipelined chunks, in-order replies, resume after a broken stream."""
@@ -141,6 +158,7 @@ class StreamSession:
         self._call: Any = None
         self._pending: deque[pb.StreamRequest] = deque()  # sent, not yet answered
         self._next_seq = 1
+        self.final_snapshot: bytes | None = None  # from a draining server, until restored
 
     @property
     def session_id(self) -> str:
@@ -184,6 +202,9 @@ class StreamSession:
             if reply is None or reply is grpc.aio.EOF:
                 await self.reconnect()
                 continue
+            if reply.WhichOneof("kind") == "snapshot" and reply.snapshot.final:
+                self.final_snapshot = reply.snapshot.data  # unasked: the server is draining
+                continue
             self._pending.popleft()
             return reply
 
@@ -197,6 +218,11 @@ class StreamSession:
         self._next_seq += 1
         await self._write(pb.StreamRequest(reset=pb.Reset(seq=seq)))
         return (await self.receive()).reset
+
+    async def snapshot(self) -> pb.SessionSnapshot:
+        """A signed snapshot of the session after every message sent so far."""
+        await self._write(pb.StreamRequest(snapshot=pb.TakeSnapshot()))
+        return (await self.receive()).snapshot
 
     async def end(self) -> pb.SessionEnded:
         await self._write(pb.StreamRequest(end=pb.End()))
@@ -218,17 +244,29 @@ class StreamSession:
             await self.reconnect()
 
     async def reconnect(self) -> None:
-        """Resume by id on the current address, then the others; resend unanswered messages."""
+        """Continue the session elsewhere (module docstring), then resend unanswered messages."""
         await self.close()
-        resume = pb.StreamRequest(resume=pb.ResumeSession(session_id=self.session_id))
+        addresses = len(self.client.addresses)
+        if self.final_snapshot is not None:  # the current server is draining: others first
+            first = pb.StreamRequest(restore=_restore(self.final_snapshot, self.opened.options))
+            offsets = [*range(1, addresses), 0]
+        else:
+            first = pb.StreamRequest(resume=pb.ResumeSession(session_id=self.session_id))
+            offsets = list(range(addresses))
         last_error: Exception | None = None
-        for offset in range(len(self.client.addresses)):
+        for offset in offsets:
             try:
-                await self.attach(resume, offset)
-            except grpc.aio.AioRpcError as exc:
+                await self.attach(first, offset)
+            except (grpc.aio.AioRpcError, SessionLost) as exc:
                 last_error = exc
                 continue
+            self.client.advance(offset)
+            self.final_snapshot = None
             for request in self._pending:
                 await self._call.write(request)
             return
-        raise SessionLost(f"session {self.session_id} could not be resumed: {last_error}")
+        raise SessionLost(f"session {self.session_id} could not be continued: {last_error}")
+
+
+def _restore(snapshot: bytes, options: pb.StreamOptions) -> pb.RestoreSession:
+    return pb.RestoreSession(snapshot=snapshot, options=options)

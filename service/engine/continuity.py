@@ -126,10 +126,15 @@ class SessionContinuity:
             return
         blob = self.snapshot(session)  # synchronous: state and seq read together
         try:
-            await self.backend.save(session.id, session.last_seq, blob, force=force)
+            saved = await self.backend.save(session.id, session.last_seq, blob, force=force)
         except Exception as exc:  # any store failure is survivable here
             metrics.SESSION_STORE_OPS.labels("save", "error").inc()
             log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
+            return
+        if not saved:  # another replica wrote a newer seq: this copy is stale, drop it
+            metrics.SESSION_STORE_OPS.labels("save", "stale").inc()
+            log.warning("stale session copy dropped", extra={"fields": {"seq": session.last_seq}})
+            self.store.end(session)
             return
         metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
 
@@ -158,9 +163,9 @@ class SessionContinuity:
             assert local is not None
             return local
         blob = await self._load(session_id)
-        if blob is None:
+        if blob is None:  # the shared store is the truth: ended or expired elsewhere
             if local is not None:
-                return local
+                self.store.end(local)
             if await self.backend.was_issued(session_id):
                 raise SessionExpired(f"session {session_id} expired (idle timeout, shared store)")
             raise SessionNotFound(f"session {session_id[:64]!r} does not exist")

@@ -1,0 +1,222 @@
+"""Sessions that outlive their replica: snapshots restored anywhere, and the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from service.client import LstmClient, StreamSession
+from tests.integration.conftest import Reference, ServerThread, make_config
+
+KEY = "k1:" + base64.b64encode(b"shared-secret-for-all-replicas!!").decode()
+OTHER_KEY = "k9:" + base64.b64encode(b"a-key-no-replica-here-knows-of!!").decode()
+WORD = np.array([8, 5, 12, 12, 15, 23, 15, 18, 12, 4, 19], dtype=np.int64)  # "helloworlds"
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_repo: Path) -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two replicas of the tiny repository that share a snapshot key."""
+    a = ServerThread(make_config(tiny_repo, snapshot_key=KEY)).start()
+    b = ServerThread(make_config(tiny_repo, snapshot_key=KEY)).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+async def _steps(session: StreamSession, ids: np.ndarray) -> list[np.ndarray]:
+    """Send one token per chunk; the probabilities after each."""
+    out = []
+    for token in ids:
+        result = await session.step([int(token)])
+        assert not result.duplicate and not result.HasField("error")
+        out.append(np.array(result.probabilities))
+    return out
+
+
+def _assert_offline(reference: Reference, model: str, ids: np.ndarray, got: list[np.ndarray],
+                    version: int = 1) -> None:  # fmt: skip
+    _, step_probs = reference.run(model, ids, version)
+    np.testing.assert_allclose(np.stack(got), step_probs, atol=1e-5)
+
+
+def test_a_snapshot_continues_on_another_replica_exactly(
+    keyed: tuple[ServerThread, ServerThread], reference: Reference
+) -> None:
+    a, b = keyed
+
+    async def scenario() -> list[np.ndarray]:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            first = await ca.open_session("tiny-lstm", version=2)
+            probs = await _steps(first, WORD[:5])
+            snap = await first.snapshot()
+            assert snap.last_applied_seq == 5 and snap.total_steps == 5 and not snap.final
+            await first.end()
+            second = await cb.restore_session(snap.data)
+            assert second.session_id == first.session_id
+            assert second.opened.last_applied_seq == 5 and second.opened.version == 2
+            probs += await _steps(second, WORD[5:])
+            await second.end()
+            return probs
+
+    _assert_offline(reference, "tiny-lstm", WORD, asyncio.run(scenario()), version=2)
+
+
+def test_restoring_an_older_snapshot_keeps_the_newer_session_held_here(
+    keyed: tuple[ServerThread, ServerThread],
+) -> None:
+    a, _ = keyed
+
+    async def scenario() -> None:
+        async with LstmClient(a.address) as client:
+            session = await client.open_session("tiny-gru")
+            await _steps(session, WORD[:2])
+            old = (await session.snapshot()).data
+            await _steps(session, WORD[2:4])
+            await session.close()
+            again = await client.restore_session(old)
+            assert again.opened.last_applied_seq == 4, "the newer copy held here wins"
+            assert again.opened.total_steps == 4
+            await again.end()
+
+    asyncio.run(scenario())
+
+
+async def _restore_status(address: str, blob: bytes) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+
+        call = pb_grpc.LstmServeStub(channel).Stream()
+        await call.write(pb.StreamRequest(restore=pb.RestoreSession(snapshot=blob)))
+        try:
+            await call.read()
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+        raise AssertionError("the restore was accepted")
+
+
+async def _snapshot_of(address: str, model: str, version: int = 1) -> bytes:
+    async with LstmClient(address) as client:
+        session = await client.open_session(model, version=version)
+        await _steps(session, WORD[:3])
+        data = (await session.snapshot()).data
+        await session.end()
+        return data
+
+
+def test_a_tampered_snapshot_is_refused(keyed: tuple[ServerThread, ServerThread]) -> None:
+    a, b = keyed
+    blob = bytearray(asyncio.run(_snapshot_of(a.address, "tiny-gru")))
+    blob[-40] ^= 0x10  # a bit of the state
+    code, details = asyncio.run(_restore_status(b.address, bytes(blob)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "signature check failed" in details
+
+
+def test_a_snapshot_signed_with_an_unknown_key_is_refused(
+    keyed: tuple[ServerThread, ServerThread], tiny_repo: Path
+) -> None:
+    _, b = keyed
+    stranger = ServerThread(make_config(tiny_repo, snapshot_key=OTHER_KEY)).start()
+    try:
+        blob = asyncio.run(_snapshot_of(stranger.address, "tiny-gru"))
+    finally:
+        stranger.stop()
+    code, details = asyncio.run(_restore_status(b.address, blob))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "key id 'k9'" in details
+
+
+def test_a_snapshot_for_a_version_this_replica_does_not_serve_is_refused(
+    keyed: tuple[ServerThread, ServerThread], tiny_repo: Path, tmp_path: Path
+) -> None:
+    a, _ = keyed
+    only_v1 = tmp_path / "models"
+    shutil.copytree(tiny_repo / "tiny-lstm" / "1", only_v1 / "tiny-lstm" / "1")
+    old_fleet = ServerThread(make_config(only_v1, snapshot_key=KEY)).start()
+    try:
+        blob = asyncio.run(_snapshot_of(a.address, "tiny-lstm", version=2))
+        code, details = asyncio.run(_restore_status(old_fleet.address, blob))
+    finally:
+        old_fleet.stop()
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'tiny-lstm' version 2" in details and "tiny-lstm@1" in details
+
+
+def test_snapshots_need_a_configured_key(server: ServerThread) -> None:
+    async def scenario() -> grpc.StatusCode:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("tiny-gru")
+            try:
+                await session.snapshot()
+            except grpc.aio.AioRpcError as exc:
+                assert "--snapshot-key" in (exc.details() or "")
+                return exc.code()
+            raise AssertionError("a snapshot without a key")
+
+    assert asyncio.run(scenario()) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_repo: Path, redis_url: str) -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two replicas that keep sessions in the same Redis."""
+    config = make_config(tiny_repo, snapshot_key=KEY, session_store=redis_url)
+    a = ServerThread(config).start()
+    b = ServerThread(config).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_with_a_shared_store_any_replica_resumes_any_session_by_id(
+    shared: tuple[ServerThread, ServerThread], reference: Reference
+) -> None:
+    a, b = shared
+
+    async def scenario() -> list[np.ndarray]:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            first = await ca.open_session("tiny-rnn-frames")
+            frames = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+            probs = []
+            for frame in frames[:4]:
+                probs.append(np.array((await first.step(frame[None])).probabilities))
+            await first.close()  # the stream breaks; the session lives on in Redis
+            second = await cb.resume_session(first.session_id)
+            assert second.opened.last_applied_seq == 4 and second.opened.total_steps == 4
+            for frame in frames[4:]:
+                probs.append(np.array((await second.step(frame[None])).probabilities))
+            await second.end()
+            _, step_probs = reference.run("tiny-rnn-frames", frames)
+            np.testing.assert_allclose(np.stack(probs), step_probs, atol=1e-5)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await ca.resume_session(first.session_id)
+            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+            return probs
+
+    asyncio.run(scenario())
+
+
+def test_a_resent_chunk_on_the_other_replica_is_not_applied_twice(
+    shared: tuple[ServerThread, ServerThread],
+) -> None:
+    a, b = shared
+
+    async def scenario() -> None:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            first = await ca.open_session("tiny-gru")
+            await _steps(first, WORD[:3])
+            await first.close()
+            second = await cb.resume_session(first.session_id)
+            call = second._call
+            await call.write(pb.StreamRequest(chunk=pb.Chunk(seq=3, input=pb.SequenceInput(
+                tokens=pb.TokenIds(ids=[1])))))  # fmt: skip
+            reply = await call.read()
+            assert reply.chunk.duplicate and reply.chunk.total_steps == 3
+            await second.close()
+
+    asyncio.run(scenario())
