@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,14 @@ def gated(registry: ModelRegistry) -> Any:
     yield run
     run.gate.set()
     del runtime.run
+
+
+async def until(condition: Any, timeout_s: float = 10.0) -> None:
+    """Wait (polling the event loop) until `condition()` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a condition"
+        await asyncio.sleep(0.001)
 
 
 def make_engine(registry: ModelRegistry, **policy: Any) -> Engine:
@@ -101,8 +110,7 @@ def test_under_load_a_batch_fills_while_one_runs(registry: ModelRegistry, gated:
     async def main() -> None:
         sessions = [engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(6)]
         first = asyncio.ensure_future(engine.apply_chunk(sessions[0], 1, tokens(1)))
-        while not gated.calls:  # the first chunk starts at once, alone
-            await asyncio.sleep(0.001)
+        await until(lambda: gated.calls)  # the first chunk starts at once, alone
         rest = [asyncio.ensure_future(engine.apply_chunk(s, 1, tokens(2))) for s in sessions[1:]]
         await asyncio.sleep(0.01)
         assert len(gated.calls) == 1  # the others wait for the running batch (long delay)
@@ -126,8 +134,7 @@ def test_cancelled_chunk_leaves_its_session_untouched(
         before = dropped.read_state()
         keep = asyncio.ensure_future(engine.apply_chunk(kept, 1, tokens(1, 2)))
         drop = asyncio.ensure_future(engine.apply_chunk(dropped, 1, tokens(3, 4)))
-        while not gated.calls:
-            await asyncio.sleep(0.001)
+        await until(lambda: gated.calls)
         drop.cancel()  # the client went away while its chunk was in the running batch
         gated.gate.set()
         await keep
@@ -154,8 +161,7 @@ def test_wait_idle_waits_for_queued_and_running_chunks(
     async def main() -> None:
         session = engine.open_session("tiny-gru", 0, StreamOptions())
         task = asyncio.ensure_future(engine.apply_chunk(session, 1, tokens(1)))
-        while not gated.calls:
-            await asyncio.sleep(0.001)
+        await until(lambda: gated.calls)
         assert engine.inflight == 1
         assert not await engine.wait_idle(0.01)
         gated.gate.set()
@@ -186,3 +192,33 @@ def test_apply_chunks_answers_each_entry_in_place(registry: ModelRegistry) -> No
     assert isinstance(duplicate, ChunkOutcome) and duplicate.duplicate
     assert isinstance(ended, SessionNotFound) and isinstance(bad_seq, InvalidInput)
     engine.close()
+
+
+def test_apply_chunks_waits_for_a_session_busy_elsewhere(registry: ModelRegistry) -> None:
+    engine = make_engine(registry)
+
+    async def main() -> None:
+        busy, free = (engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(2))
+        await busy.lock.acquire()  # e.g. a Stream applying its own chunk
+        work = [ChunkWork(busy, 1, tokens(1)), ChunkWork(free, 1, tokens(2))]
+        task = asyncio.ensure_future(engine.apply_chunks(work))
+        await until(lambda: free.last_seq == 1)  # not held up by the busy session
+        assert not task.done() and busy.last_seq == 0
+        busy.lock.release()
+        first, second = await task
+        assert isinstance(first, ChunkOutcome) and first.total_steps == 1
+        assert isinstance(second, ChunkOutcome) and second.total_steps == 1
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_batching_flags_make_the_policy() -> None:
+    from service.config import config_from_args
+
+    on = config_from_args(["--max-batch-size", "32", "--max-queue-delay-us", "250"], environ={})
+    assert on.batching and on.batch_policy.max_batch_size == 32
+    assert on.batch_policy.max_queue_delay_s == 0.00025
+    off = config_from_args(["--no-batching", "--compute-threads", "3"], environ={})
+    assert off.batch_policy.max_batch_size == 1 and off.batch_policy.max_concurrent == 3
+    assert not config_from_args([], environ={"LSTM_SERVE_BATCHING": "0"}).batching
