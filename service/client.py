@@ -189,6 +189,9 @@ class StreamSession:
     async def receive(self) -> pb.StreamResponse:
         """The reply to the oldest unanswered message (resuming the session if needed)."""
         while True:
+            if self._call is None:
+                await self.reconnect()
+                continue
             try:
                 reply = await self._call.read()
             except grpc.aio.AioRpcError as exc:
@@ -238,10 +241,16 @@ class StreamSession:
 
     async def _write(self, request: pb.StreamRequest) -> None:
         self._pending.append(request)
+        if self._call is None:
+            await self.reconnect()  # resends every pending message, this one included
+            return
         try:
             await self._call.write(request)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, AttributeError):
-            await self.reconnect()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            # The stream is broken, but replies may still be buffered on it (and a draining
+            # server's final snapshot): receive() reads them first, then continues elsewhere
+            # and resends what is still unanswered, this message included.
+            return
 
     async def reconnect(self) -> None:
         """Continue the session elsewhere (module docstring), then resend unanswered messages."""
