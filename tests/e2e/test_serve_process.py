@@ -64,7 +64,10 @@ async def drain_scenario(server: ServerProcess) -> dict[str, object]:
         except grpc.aio.AioRpcError as exc:
             seen["new_session"] = exc.code()
         seen["inflight_reply"] = (await call.read()).chunk
-        await call.done_writing()
+        try:  # then the draining server ends the stream (no snapshot: no --snapshot-key)
+            seen["after_reply"] = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            seen["after_reply"] = exc.code()
     return seen
 
 
@@ -93,6 +96,7 @@ def test_serving_after_load_then_sigterm_drains_in_flight_chunk(
     reply = seen["inflight_reply"]
     assert isinstance(reply, pb.ChunkResult)
     assert reply.steps == 5 and len(reply.probabilities) == 3 and not reply.HasField("error")
+    assert seen["after_reply"] == grpc.StatusCode.UNAVAILABLE
     assert rc == 0
     server.wait_event("stopped", timeout=1)
 
