@@ -72,9 +72,11 @@ def expand_braces(path: str) -> list[str]:
     ]
 
 
-def test_session_portability_is_announced_not_claimed() -> None:
+def test_session_portability_section_points_at_the_tests_that_prove_it() -> None:
     text = guide()
     section = text[text.index("## Keeping sessions across pods") :]
     section = section[: section.index("\n## ", 1)]
-    assert "Landing in the next change" in section and "not available yet" in section
+    assert "not available yet" not in section
+    assert "tests/e2e/test_failover.py" in section
+    assert (ROOT / "tests" / "e2e" / "test_failover.py").exists()
     assert "redis://" in section and "LSTM_SERVE_SNAPSHOT_KEY" in section
