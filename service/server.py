@@ -70,15 +70,14 @@ class LstmServer:
                 debug_compute_delay_s=self.config.debug_compute_delay_ms / 1000,
             )
             started = time.perf_counter()
-            backend = self.engine.continuity.backend
-            if backend is not None:
-                await backend.ping()  # not ready until the shared session store answers
+            await self._check_session_store()
             registry = await asyncio.to_thread(
                 ModelRegistry.load, self.config.model_repository, options
             )
         except Exception as exc:
             self.load_error = exc
-            log.error("model loading failed", extra={"fields": {"error": str(exc)}})
+            event = "session store unreachable" if _is_store_error(exc) else "model loading failed"
+            log.error(event, extra={"fields": {"error": str(exc)}})
             self._loaded.set()
             return
         self._record_models(registry, time.perf_counter() - started)
@@ -88,6 +87,18 @@ class LstmServer:
                 await self.health.set(service, SERVING)
             metrics.READY.set(1)
         self._loaded.set()
+
+    async def _check_session_store(self) -> None:
+        """Not ready until the shared session store (if any) answers."""
+        backend = self.engine.continuity.backend
+        if backend is None:
+            return
+        try:
+            await backend.ping()
+        except Exception as exc:
+            raise SessionStoreUnreachable(
+                f"session store {self.config.session_store!r} does not answer: {exc}"
+            ) from exc
 
     def _record_models(self, registry: ModelRegistry, seconds: float) -> None:
         for model in registry.all():
@@ -143,6 +154,14 @@ class LstmServer:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+class SessionStoreUnreachable(RuntimeError):
+    """The shared session store did not answer at start-up."""
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    return isinstance(exc, SessionStoreUnreachable)
 
 
 def _continuity(config: ServerConfig, store: SessionStore) -> SessionContinuity:

@@ -107,3 +107,14 @@ def test_bad_repository_exits_non_zero(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path)
     assert server.proc.wait(30) == 1
     server.wait_event("model loading failed", timeout=1)
+
+
+def test_unreachable_session_store_exits_non_zero_and_says_so(tiny_repo: Path) -> None:
+    key = "k1:" + "YWFh" * 8
+    server = ServerProcess(
+        tiny_repo, "--session-store", "redis://127.0.0.1:1/0", "--snapshot-key", key
+    )
+    assert server.proc.wait(30) == 1
+    event = server.wait_event("session store unreachable", timeout=1)
+    assert "redis://127.0.0.1:1/0" in event["error"]
+    assert key not in "".join(server.lines), "the key is never logged"
