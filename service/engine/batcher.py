@@ -247,7 +247,7 @@ class SequenceBatcher:
                 done.set_result(self._run(slab.gather, rows, chunks))
             except Exception as exc:
                 done.set_exception(exc)
-            self._finish(batch, done)
+            self._finish(batch, done, dispatch=False)  # the caller's _dispatch loop goes on
             return
         future = loop.run_in_executor(self._executor, self._run, slab.gather, rows, chunks)
         future.add_done_callback(lambda f: self._finish(batch, f))
@@ -272,7 +272,10 @@ class SequenceBatcher:
         return out, seconds
 
     def _finish(
-        self, batch: list[Pending], future: asyncio.Future[tuple[RunOutput, float]]
+        self,
+        batch: list[Pending],
+        future: asyncio.Future[tuple[RunOutput, float]],
+        dispatch: bool = True,
     ) -> None:
         """On the loop thread: commit every row whose waiter still wants it, wake the waiters."""
         self._running -= 1
@@ -288,7 +291,8 @@ class SequenceBatcher:
             self._commit(batch, out, seconds)
         finally:
             self._inflight.leave(len(batch))
-            self._dispatch()
+            if dispatch:
+                self._dispatch()
 
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         keep = [b for b, item in enumerate(batch) if self._wanted(item)]
