@@ -130,6 +130,10 @@ class LstmClient:
         await session.attach(first)
         return session
 
+    def multi_stream(self) -> MultiStream:
+        """A StreamMulti call on the current address: many sessions over one stream."""
+        return MultiStream(self.stub().StreamMulti())
+
     async def resume_session(self, session_id: str) -> StreamSession:
         session = StreamSession(self)
         await session.attach(pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id)))
@@ -279,3 +283,66 @@ class StreamSession:
 
 def _restore(snapshot: bytes, options: pb.StreamOptions) -> pb.RestoreSession:
     return pb.RestoreSession(snapshot=snapshot, options=options)
+
+
+class MultiStream:
+    """One StreamMulti call (a gateway's many sessions over one stream): each message carries
+    entries for any number of sessions and is answered by one result per entry, in order.
+
+    No automatic resume: the sessions outlive the stream, so after a broken stream open another
+    `MultiStream` and resend what was not answered; chunks already applied come back as
+    duplicates (by seq). Build entries with the static helpers.
+
+        multi = client.multi_stream()
+        opened = await multi.exchange([MultiStream.open("langid-chars") for _ in range(100)])
+        ids = [r.session_id for r in opened]
+        results = await multi.exchange([MultiStream.chunk(i, 1, "bonjour") for i in ids])
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, entries: Sequence[pb.SessionRequest]) -> None:
+        """Send one message without waiting for its results (pipelining)."""
+        await self._call.write(pb.StreamMultiRequest(entries=entries))
+
+    async def receive(self) -> list[pb.SessionResult]:
+        """The results of the oldest unanswered message, one per entry, in entry order."""
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            raise SessionLost("the server closed the StreamMulti stream")
+        return list(reply.results)
+
+    async def exchange(self, entries: Sequence[pb.SessionRequest]) -> list[pb.SessionResult]:
+        await self.send(entries)
+        return await self.receive()
+
+    async def close(self) -> None:
+        """Close the stream; its sessions stay on the server until `end` or the idle timeout."""
+        await self._call.done_writing()
+        self._call.cancel()
+
+    @staticmethod
+    def open(
+        model: str, version: int = 0, every_step: bool = False, top_k: int = 1
+    ) -> pb.SessionRequest:
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        return pb.SessionRequest(open=pb.OpenSession(model=model, version=version, options=options))
+
+    @staticmethod
+    def resume(session_id: str) -> pb.SessionRequest:
+        return pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id))
+
+    @staticmethod
+    def chunk(session_id: str, seq: int, steps: Steps) -> pb.SessionRequest:
+        return pb.SessionRequest(
+            session_id=session_id, chunk=pb.Chunk(seq=seq, input=to_input(steps))
+        )
+
+    @staticmethod
+    def reset(session_id: str, seq: int) -> pb.SessionRequest:
+        return pb.SessionRequest(session_id=session_id, reset=pb.Reset(seq=seq))
+
+    @staticmethod
+    def end(session_id: str) -> pb.SessionRequest:
+        return pb.SessionRequest(session_id=session_id, end=pb.End())

@@ -154,3 +154,33 @@ def test_stream_multi_many_sessions_match_offline_with_in_band_errors(
     np.testing.assert_allclose(after.chunk.probabilities, expected, atol=1e-5)
     assert ended.ended.total_steps == len(seqs[3]) and gone.error.code == "NOT_FOUND"
     assert empty.error.code == "FAILED_PRECONDITION"
+
+
+def test_client_multi_stream_resume_and_end(
+    batching_server: ServerThread, reference: Reference
+) -> None:
+    from service.client import LstmClient, MultiStream
+
+    async def main() -> tuple[list[pb.SessionResult], list[pb.SessionResult]]:
+        async with LstmClient(batching_server.address) as client:
+            multi = client.multi_stream()
+            opened = await multi.exchange([MultiStream.open("tiny-gru") for _ in range(3)])
+            ids = [r.session_id for r in opened]
+            await multi.exchange([MultiStream.chunk(s, 1, "ab") for s in ids])
+            await multi.close()
+            again = client.multi_stream()  # the sessions outlived the first stream
+            resumed = await again.exchange([MultiStream.resume(ids[0])])
+            last = await again.exchange(
+                [MultiStream.chunk(s, 2, text) for s, text in zip(ids, "cde", strict=True)]
+                + [MultiStream.end(s) for s in ids]
+            )
+            await again.close()
+            return resumed, last
+
+    resumed, last = asyncio.run(main())
+    assert resumed[0].opened.resumed and resumed[0].opened.last_applied_seq == 1
+    for text, result in zip(["abc", "abd", "abe"], last[:3], strict=True):
+        ids = np.array([ord(c) - 96 for c in text], dtype=np.int64)
+        expected = reference.run("tiny-gru", ids)[0]
+        np.testing.assert_allclose(result.chunk.probabilities, expected, atol=1e-5)
+    assert [r.ended.total_steps for r in last[3:]] == [3, 3, 3]
