@@ -311,9 +311,11 @@ class SequenceBatcher:
             self._touch(session)
             steps += item.steps
             every = out.step_probs[b, : item.steps] if session.options.every_step else None
-            item.future.set_result(
-                StepResult(out.probs[b], every, item.steps, session.total_steps)
+            result = StepResult(
+                out.probs[b], every, item.steps, session.total_steps
             )  # (C,), (T, C)
+            session.last_result = result
+            item.future.set_result(result)
             total.observe(now - item.enqueued)
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)

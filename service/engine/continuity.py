@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
+
+import numpy as np
 
 from service import metrics
+from service.engine.batcher import StepResult
 from service.engine.redis_backend import RedisSessionBackend
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import Session, SessionStore, StreamOptions
@@ -32,6 +36,12 @@ from service.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
+    if result is None:
+        return {}
+    return {"last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps}
 
 
 class SessionContinuity:
@@ -69,6 +79,7 @@ class SessionContinuity:
             session_id=session.id, model=session.model.name, version=session.model.version,
             state=session.read_state(), total_steps=session.total_steps,
             last_seq=session.last_seq, created_at=time.time(),
+            **_last_result_fields(session.last_result),
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
 
@@ -109,10 +120,14 @@ class SessionContinuity:
                 if options is not None:
                     local.options = options
                 return local
-        return self.store.adopt(
+        session = self.store.adopt(
             model, options or StreamOptions(), snap.session_id, snap.state,
             snap.last_seq, snap.total_steps,
         )  # fmt: skip
+        if snap.last_steps and len(snap.last_probs) == desc.num_classes:
+            probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
+            session.last_result = StepResult(probs, None, snap.last_steps, snap.total_steps)
+        return session
 
     # -- the shared store --------------------------------------------------------------------
 

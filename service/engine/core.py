@@ -132,7 +132,7 @@ class Engine:
         async with session.lock:
             self._check_live(session)
             if seq <= session.last_seq:
-                return ChunkOutcome(seq, None, True, session.total_steps)
+                return _duplicate(session, seq)
             result = await self.batcher(session.model).submit(session, seq, chunk)
             await self.continuity.persist(session)
             return ChunkOutcome(seq, result, False, result.total_steps)
@@ -190,7 +190,7 @@ class Engine:
         except LstmServeError as exc:
             return exc
         if item.seq <= session.last_seq:
-            return ChunkOutcome(item.seq, None, True, session.total_steps)
+            return _duplicate(session, item.seq)
         waiting[index] = self.batcher(session.model).submit(session, item.seq, item.chunk)
         return None
 
@@ -215,6 +215,7 @@ class Engine:
             session.write_state(np.zeros_like(session.read_state()))
             session.total_steps = 0
             session.last_seq = seq
+            session.last_result = None
             self.store.touch(session)
             await self.continuity.persist(session)
             return False
@@ -302,6 +303,12 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _duplicate(session: Session, seq: int) -> ChunkOutcome:
+    """A resend: not applied again; the last applied chunk's resend gets its original result."""
+    result = session.last_result if seq == session.last_seq else None
+    return ChunkOutcome(seq, result, True, session.total_steps)
 
 
 def _timed_run(

@@ -9,12 +9,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service import metrics
 from service.engine.registry import LoadedModel
 from service.errors import NotStreamable, Overloaded, SessionExpired, SessionNotFound
+
+if TYPE_CHECKING:
+    from service.engine.batcher import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,9 @@ class Session:
     ended: bool = False
     expired: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The reply to the last applied chunk, so a resend of it (a reply lost with a broken
+    # connection) can be answered with the original probabilities.
+    last_result: StepResult | None = None
 
     def read_state(self) -> np.ndarray:
         """A copy of the state, (S, H)."""

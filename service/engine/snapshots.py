@@ -6,9 +6,10 @@ Layout (all integers big-endian):
     b"LSS1" | key id length (1 byte) | key id (ASCII) | header length (4 bytes) | header (JSON)
             | state (float32, little-endian, S*H values) | HMAC-SHA256 of everything before (32)
 
-The header carries the session id, model name and version, S and H, steps consumed and the last
-chunk sequence number applied. Several keys may be configured (rotation): the first signs, all
-verify. Verification uses `hmac.compare_digest`.
+The header carries the session id, model name and version, S and H, steps consumed, the last
+chunk sequence number applied and that chunk's final probabilities (to answer its resend).
+Several keys may be configured (rotation): the first signs, all verify. Verification uses
+`hmac.compare_digest`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class SessionSnapshot:
     total_steps: int
     last_seq: int
     created_at: float = 0.0
+    # The last applied chunk's probabilities after its last step, and its steps (0 = none).
+    last_probs: tuple[float, ...] = ()
+    last_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "total_steps": snap.total_steps,
             "last_seq": snap.last_seq,
             "created_at": snap.created_at or time.time(),
+            "last_probs": list(snap.last_probs),
+            "last_steps": snap.last_steps,
         },
         separators=(",", ":"),
     ).encode()
@@ -145,6 +151,8 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             total_steps=int(meta["total_steps"]),
             last_seq=int(meta["last_seq"]),
             created_at=float(meta["created_at"]),
+            last_probs=tuple(float(p) for p in meta.get("last_probs", ())),
+            last_steps=int(meta.get("last_steps", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:  # signed but malformed: a bug, not an attack
         raise SnapshotInvalid(f"snapshot: malformed contents ({exc})") from exc

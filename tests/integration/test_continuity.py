@@ -209,7 +209,7 @@ def test_a_resent_chunk_on_the_other_replica_is_not_applied_twice(
     async def scenario() -> None:
         async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
             first = await ca.open_session("tiny-gru")
-            await _steps(first, WORD[:3])
+            lost = (await _steps(first, WORD[:3]))[-1]  # as if this reply had been lost
             await first.close()
             second = await cb.resume_session(first.session_id)
             call = second._call
@@ -217,6 +217,8 @@ def test_a_resent_chunk_on_the_other_replica_is_not_applied_twice(
                 tokens=pb.TokenIds(ids=[1])))))  # fmt: skip
             reply = await call.read()
             assert reply.chunk.duplicate and reply.chunk.total_steps == 3
+            # the last applied chunk's resend carries its original answer, from the other replica
+            np.testing.assert_allclose(reply.chunk.probabilities, lost, atol=1e-6)
             await second.close()
 
     asyncio.run(scenario())

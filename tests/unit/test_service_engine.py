@@ -69,11 +69,16 @@ def test_resent_chunk_is_not_applied_twice(registry: ModelRegistry) -> None:
     async def main() -> None:
         session = engine.open_session("tiny-gru", 0, StreamOptions())
         first = await engine.apply_chunk(session, 1, np.array([1, 2], dtype=np.int64))
+        second = await engine.apply_chunk(session, 2, np.array([3], dtype=np.int64))
         state = session.read_state()
-        again = await engine.apply_chunk(session, 1, np.array([1, 2], dtype=np.int64))
-        assert again.duplicate and again.result is None and again.total_steps == 2
+        old = await engine.apply_chunk(session, 1, np.array([1, 2], dtype=np.int64))
+        assert old.duplicate and old.result is None and old.total_steps == 3
+        last = await engine.apply_chunk(session, 2, np.array([3], dtype=np.int64))
+        assert last.duplicate and last.total_steps == 3
+        assert last.result is not None and second.result is not None
+        np.testing.assert_array_equal(last.result.probs, second.result.probs)  # the lost reply
         np.testing.assert_array_equal(session.read_state(), state)
-        assert not first.duplicate
+        assert not first.duplicate and not second.duplicate
 
     asyncio.run(main())
     engine.close()
