@@ -30,7 +30,14 @@ import numpy as np
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+# Stream errors after which the session is continued (resumed) rather than given up. ABORTED:
+# another replica advanced the session (shared store); resuming fetches its current state.
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+)
 
 Steps = str | Sequence[int] | np.ndarray | pb.SequenceInput
 

@@ -49,6 +49,13 @@ class SessionExpired(SessionNotFound):
     code = "NOT_FOUND"
 
 
+class SessionMoved(LstmServeError):
+    """Another replica advanced this session in the shared store: this copy was stale.
+    ABORTED: a concurrency conflict; resume the session (it is current again) and resend."""
+
+    code = "ABORTED"
+
+
 class Overloaded(LstmServeError):
     """The server holds its maximum number of sessions."""
 

@@ -274,7 +274,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                 raise ProtocolError(f"entries[{i}] is empty: set open, resume, chunk, reset or end")
             if not session_id:
                 raise SessionNotFound(f"entries[{i}].session_id is empty ({kind} needs a session)")
-            session = await self.engine.find_session(session_id)
+            session = await self.engine.find_session(session_id, local_first=kind == "chunk")
             if kind == "chunk":
                 return self._decode_chunk(session, entry.chunk, i, work)
             reply = await self._handle(session, _as_stream_request(entry))

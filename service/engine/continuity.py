@@ -28,6 +28,7 @@ from service.engine.snapshots import (
 from service.errors import (
     ModelNotFound,
     SessionExpired,
+    SessionMoved,
     SessionNotFound,
     SnapshotInvalid,
     SnapshotMismatch,
@@ -135,7 +136,9 @@ class SessionContinuity:
         """Write the session through to the shared store (no-op without one).
 
         Called right after a state change, before the reply leaves. A store failure is logged
-        and counted, not sent to the client: the chunk was applied here and stays applied.
+        and counted, not sent to the client: the chunk was applied here and stays applied. If the
+        store holds a newer seq, this copy was stale: it is dropped and SessionMoved raised, so
+        the client resumes (and gets the current state) instead of a reply computed from it.
         """
         if self.backend is None or session.ended:
             return
@@ -146,11 +149,15 @@ class SessionContinuity:
             metrics.SESSION_STORE_OPS.labels("save", "error").inc()
             log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             return
-        if not saved:  # another replica wrote a newer seq: this copy is stale, drop it
+        if not saved:  # another replica wrote a newer seq: this copy was stale, drop it
             metrics.SESSION_STORE_OPS.labels("save", "stale").inc()
             log.warning("stale session copy dropped", extra={"fields": {"seq": session.last_seq}})
             self.store.end(session)
-            return
+            raise SessionMoved(
+                f"session {session.id} was continued on another replica since this one last "
+                "held it; its chunk was not kept here: resume the session to get its current "
+                "state and resend"
+            )
         metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
 
     async def forget(self, session_id: str) -> None:
@@ -164,6 +171,12 @@ class SessionContinuity:
             log.warning("session store delete failed", extra={"fields": {"error": repr(exc)}})
             return
         metrics.SESSION_STORE_OPS.labels("delete", "ok").inc()
+
+    async def find_local_first(self, registry: ModelRegistry, session_id: str) -> Session:
+        """The copy held here if any (a stale one is caught by `persist`), else `find`."""
+        if session_id in self.store:
+            return self.store.get(session_id)
+        return await self.find(registry, session_id)
 
     async def find(self, registry: ModelRegistry, session_id: str) -> Session:
         """The session by id: held here (and not older than the shared copy), or loaded from the

@@ -102,8 +102,11 @@ class Engine:
         metrics.SESSION_EVENTS.labels(session.model.name, "resumed").inc()
         return session
 
-    async def find_session(self, session_id: str) -> Session:
-        """A session held here, or (with a shared store) continued from the store."""
+    async def find_session(self, session_id: str, local_first: bool = False) -> Session:
+        """A session held here, or (with a shared store) continued from the store. With
+        `local_first`, a copy held here is used without asking the store (per-chunk lookups)."""
+        if local_first:
+            return await self.continuity.find_local_first(self.models(), session_id)
         return await self.continuity.find(self.models(), session_id)
 
     async def restore_session(self, blob: bytes, options: StreamOptions | None) -> Session:
@@ -172,7 +175,15 @@ class Engine:
             result = future.result()
             outcomes[i] = ChunkOutcome(work[i].seq, result, False, result.total_steps)
         if waiting:
-            await asyncio.gather(*(self.continuity.persist(work[i].session) for i in waiting))
+            saved = await asyncio.gather(
+                *(self.continuity.persist(work[i].session) for i in waiting),
+                return_exceptions=True,
+            )
+            for i, error in zip(waiting, saved, strict=True):
+                if isinstance(error, LstmServeError):
+                    outcomes[i] = error  # a stale copy: this entry's session moved
+                elif isinstance(error, BaseException):
+                    raise error
         for i, task in busy.items():
             exc = task.exception()
             if exc is not None and not isinstance(exc, LstmServeError):

@@ -222,3 +222,35 @@ def test_a_resent_chunk_on_the_other_replica_is_not_applied_twice(
             await second.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stale_copy_never_answers_and_the_client_resumes_the_current_state(
+    shared: tuple[ServerThread, ServerThread], reference: Reference
+) -> None:
+    """A holds the session at seq 2 while B advances it to 3: A must not answer from its copy."""
+    a, b = shared
+
+    async def scenario() -> tuple[grpc.StatusCode, list[np.ndarray]]:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            on_a = await ca.open_session("tiny-gru")
+            probs = await _steps(on_a, WORD[:2])
+            on_b = await cb.resume_session(on_a.session_id)
+            probs += await _steps(on_b, WORD[2:3])
+            await on_b.close()
+            call = on_a._call  # A's stream is still attached to its (now stale) copy
+            await call.write(pb.StreamRequest(chunk=pb.Chunk(seq=3, input=pb.SequenceInput(
+                tokens=pb.TokenIds(ids=[int(WORD[3])])))))  # fmt: skip
+            try:
+                await call.read()
+                raise AssertionError("a stale copy answered")
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            again = await ca.resume_session(on_a.session_id)  # A fetches the current state
+            assert again.opened.last_applied_seq == 3
+            probs += await _steps(again, WORD[3:6])
+            await again.end()
+            return code, probs
+
+    code, probs = asyncio.run(scenario())
+    assert code == grpc.StatusCode.ABORTED
+    _assert_offline(reference, "tiny-gru", WORD[:6], probs)

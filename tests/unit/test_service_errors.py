@@ -15,6 +15,7 @@ MAPPING = {
     errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SessionExpired: grpc.StatusCode.NOT_FOUND,
+    errors.SessionMoved: grpc.StatusCode.ABORTED,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
