@@ -298,7 +298,9 @@ class MultiStream:
 
     No automatic resume: the sessions outlive the stream, so after a broken stream open another
     `MultiStream` and resend what was not answered; chunks already applied come back as
-    duplicates (by seq). Build entries with the static helpers.
+    duplicates (by seq). A draining server's last message carries a final snapshot per live
+    session (`final_snapshots`): restore them on another replica with `MultiStream.restore`.
+    Build entries with the static helpers.
 
         multi = client.multi_stream()
         opened = await multi.exchange([MultiStream.open("langid-chars") for _ in range(100)])
@@ -308,6 +310,7 @@ class MultiStream:
 
     def __init__(self, call: Any) -> None:
         self._call = call
+        self.final_snapshots: dict[str, bytes] = {}  # session id -> snapshot, from a drain
 
     async def send(self, entries: Sequence[pb.SessionRequest]) -> None:
         """Send one message without waiting for its results (pipelining)."""
@@ -318,7 +321,11 @@ class MultiStream:
         reply = await self._call.read()
         if reply is grpc.aio.EOF:
             raise SessionLost("the server closed the StreamMulti stream")
-        return list(reply.results)
+        results = list(reply.results)
+        if results and all(r.WhichOneof("kind") == "snapshot" for r in results):
+            self.final_snapshots = {r.session_id: r.snapshot.data for r in results}
+            raise SessionLost("the server is draining; restore from final_snapshots elsewhere")
+        return results
 
     async def exchange(self, entries: Sequence[pb.SessionRequest]) -> list[pb.SessionResult]:
         await self.send(entries)
@@ -335,6 +342,11 @@ class MultiStream:
     ) -> pb.SessionRequest:
         options = pb.StreamOptions(every_step=every_step, top_k=top_k)
         return pb.SessionRequest(open=pb.OpenSession(model=model, version=version, options=options))
+
+    @staticmethod
+    def restore(snapshot: bytes, every_step: bool = False, top_k: int = 1) -> pb.SessionRequest:
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        return pb.SessionRequest(restore=_restore(snapshot, options))
 
     @staticmethod
     def resume(session_id: str) -> pb.SessionRequest:

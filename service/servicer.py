@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -17,6 +16,7 @@ from service.config import ServerConfig
 from service.engine.core import ChunkOutcome, ChunkWork, Engine
 from service.engine.sessions import Session
 from service.errors import Draining, InvalidInput, LstmServeError, ProtocolError, SessionNotFound
+from service.inbox import DRAIN, EOF, Inbox
 from service.status import status_code, status_message
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
-        self._inboxes: set[asyncio.Queue[object]] = set()
+        self._inboxes: set[Inbox[Any]] = set()
 
     def _label(self, name: str) -> str:
         """The model metric label: the name if it is served, else a fixed placeholder."""
@@ -108,23 +108,16 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         session: Session | None = None
         model = ""
-        inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=STREAM_READ_AHEAD)
-        reader = asyncio.create_task(_read_into(request_iterator, inbox))
-        self._inboxes.add(inbox)
+        inbox = self._open_inbox(request_iterator)
         try:
             while True:
-                request = _DRAIN if self.engine.drain_started.is_set() else await inbox.get()
-                if request is _EOF:
+                request = await inbox.next()
+                if request is EOF:
                     break
-                if request is _DRAIN:
+                if request is DRAIN:
                     if session is not None and self.engine.continuity.enabled:
                         yield await self._final_snapshot(session)
-                    raise Draining(
-                        "the server is draining (shutting down): continue the session on "
-                        "another replica from its final snapshot, or by id with a shared store"
-                    )
-                if isinstance(request, BaseException):
-                    raise request
+                    raise _draining()
                 assert isinstance(request, pb.StreamRequest)
                 if session is None:
                     session, reply = await self._attach(request)
@@ -142,24 +135,33 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             await self._fail("Stream", model, context, exc)
             return
         finally:
-            reader.cancel()
-            self._inboxes.discard(inbox)
+            self._close_inbox(inbox)
         metrics.REQUESTS.labels("Stream", self._label(model), "OK").inc()
 
+    def _open_inbox(self, requests: AsyncIterator[T]) -> Inbox[T]:
+        inbox = Inbox(requests, self.engine.drain_started)
+        self._inboxes.add(inbox)
+        return inbox
+
+    def _close_inbox(self, inbox: Inbox[T]) -> None:
+        inbox.close()
+        self._inboxes.discard(inbox)
+
     def begin_drain(self) -> None:
-        """Wake every stream waiting for its next message, so it sends its final snapshot."""
+        """Wake every stream waiting for its next message, so it sends its final snapshots."""
         for inbox in list(self._inboxes):
-            with contextlib.suppress(asyncio.QueueFull):  # a busy stream checks between messages
-                inbox.put_nowait(_DRAIN)
+            inbox.wake()
 
     async def _final_snapshot(self, session: Session) -> pb.StreamResponse:
         """The draining server's last message on a stream: the session's snapshot."""
-        blob = await self.engine.take_snapshot(session, final=True)
-        snap = pb.SessionSnapshot(
+        return pb.StreamResponse(session_id=session.id, snapshot=await self._snapshot(session))
+
+    async def _snapshot(self, session: Session, final: bool = True) -> pb.SessionSnapshot:
+        blob = await self.engine.take_snapshot(session, final=final)
+        return pb.SessionSnapshot(
             data=blob, last_applied_seq=session.last_seq, total_steps=session.total_steps,
-            final=True,
+            final=final,
         )  # fmt: skip
-        return pb.StreamResponse(session_id=session.id, snapshot=snap)
 
     async def _attach(self, request: pb.StreamRequest) -> tuple[Session, pb.StreamResponse]:
         """Open, resume or restore the stream's session from its first message."""
@@ -196,10 +198,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             done = pb.ResetDone(seq=request.reset.seq, duplicate=duplicate)
             return pb.StreamResponse(session_id=session.id, reset=done)
         if kind == "snapshot":
-            blob = await self.engine.take_snapshot(session)
-            snap = pb.SessionSnapshot(
-                data=blob, last_applied_seq=session.last_seq, total_steps=session.total_steps
-            )
+            snap = await self._snapshot(session, final=False)
             return pb.StreamResponse(session_id=session.id, snapshot=snap)
         if kind == "end":
             await self.engine.end(session)
@@ -230,18 +229,45 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         request_iterator: AsyncIterator[pb.StreamMultiRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamMultiResponse]:
+        inbox = self._open_inbox(request_iterator)
+        used: dict[str, Session] = {}  # live sessions this stream has named, for drain
         try:
-            async for request in request_iterator:
-                yield await self._multi(request)
+            while True:
+                request = await inbox.next()
+                if request is EOF:
+                    break
+                if request is DRAIN:
+                    if used and self.engine.continuity.enabled:
+                        yield await self._final_snapshots(used)
+                    raise _draining()
+                assert isinstance(request, pb.StreamMultiRequest)
+                yield await self._multi(request, used)
         except asyncio.CancelledError:
             metrics.REQUESTS.labels("StreamMulti", metrics.UNKNOWN_MODEL, "CANCELLED").inc()
             raise
         except Exception as exc:
             await self._fail("StreamMulti", "", context, exc)
             return
+        finally:
+            self._close_inbox(inbox)
         metrics.REQUESTS.labels("StreamMulti", metrics.UNKNOWN_MODEL, "OK").inc()
 
-    async def _multi(self, request: pb.StreamMultiRequest) -> pb.StreamMultiResponse:
+    async def _final_snapshots(self, used: dict[str, Session]) -> pb.StreamMultiResponse:
+        """A draining server's last StreamMulti message: a final snapshot per live session."""
+        results = []
+        for session_id, session in used.items():
+            if session.ended:
+                continue
+            try:
+                snap = await self._snapshot(session)
+            except LstmServeError:
+                continue  # ended or expired meanwhile: nothing to hand over
+            results.append(pb.SessionResult(session_id=session_id, snapshot=snap))
+        return pb.StreamMultiResponse(results=results)
+
+    async def _multi(
+        self, request: pb.StreamMultiRequest, used: dict[str, Session] | None = None
+    ) -> pb.StreamMultiResponse:
         """Answer every entry in place; one session's entries in order, rounds across sessions."""
         entries = request.entries
         limit = self.config.max_multi_entries
@@ -258,7 +284,22 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                 outcomes = await self.engine.apply_chunks([w for _, w in work])
                 for (i, item), outcome in zip(work, outcomes, strict=True):
                     results[i] = _chunk_reply(item, outcome)
+        if used is not None:
+            self._note_used(results, used)
         return pb.StreamMultiResponse(results=results)
+
+    def _note_used(
+        self, results: Sequence[pb.SessionResult | None], used: dict[str, Session]
+    ) -> None:
+        """Remember the live sessions a StreamMulti stream has named (final snapshots)."""
+        for result in results:
+            if result is None or not result.session_id:
+                continue
+            session = self.engine.store.peek(result.session_id)
+            if session is None or result.WhichOneof("kind") == "ended":
+                used.pop(result.session_id, None)
+            else:
+                used[result.session_id] = session
 
     async def _entry(
         self, entry: pb.SessionRequest, i: int, work: list[tuple[int, ChunkWork]]
@@ -267,7 +308,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         kind = entry.WhichOneof("kind")
         session_id = entry.resume.session_id if kind == "resume" else entry.session_id
         try:
-            if kind in ("open", "resume"):
+            if kind in ("open", "resume", "restore"):
                 session, reply = await self._attach(_as_stream_request(entry))
                 return pb.SessionResult(session_id=session.id, opened=reply.opened)
             if kind is None:
@@ -300,24 +341,11 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         return None
 
 
-STREAM_READ_AHEAD = 64  # messages read ahead of processing per stream (gRPC flow control beyond)
-_EOF = object()
-_DRAIN = object()
-
-
-async def _read_into(
-    requests: AsyncIterator[pb.StreamRequest], inbox: asyncio.Queue[object]
-) -> None:
-    """Move a stream's requests into its inbox, then _EOF (or the error that ended it)."""
-    try:
-        async for request in requests:
-            await inbox.put(request)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        await inbox.put(exc)
-        return
-    await inbox.put(_EOF)
+def _draining() -> Draining:
+    return Draining(
+        "the server is draining (shutting down): continue the session on another replica from "
+        "its final snapshot, or by id with a shared store"
+    )
 
 
 def _as_stream_request(entry: pb.SessionRequest) -> pb.StreamRequest:
@@ -334,8 +362,8 @@ def _rounds(entries: Sequence[pb.SessionRequest]) -> list[list[int]]:
     rounds: list[list[int]] = []
     for i, entry in enumerate(entries):
         kind = entry.WhichOneof("kind")
-        if kind == "open":
-            key = f"open#{i}"  # a new session of its own
+        if kind in ("open", "restore"):
+            key = f"{kind}#{i}"  # a session of its own (a restore names it inside the snapshot)
         else:
             key = entry.resume.session_id if kind == "resume" else entry.session_id
         r = seen.get(key, 0)

@@ -261,20 +261,22 @@ class StreamResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., reset: _Optional[_Union[ResetDone, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("session_id", "open", "resume", "chunk", "reset", "end")
+    __slots__ = ("session_id", "open", "resume", "chunk", "reset", "end", "restore")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     open: OpenSession
     resume: ResumeSession
     chunk: Chunk
     reset: Reset
     end: End
-    def __init__(self, session_id: _Optional[str] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
+    restore: RestoreSession
+    def __init__(self, session_id: _Optional[str] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., restore: _Optional[_Union[RestoreSession, _Mapping]] = ...) -> None: ...
 
 class StreamMultiRequest(_message.Message):
     __slots__ = ("entries",)
@@ -283,20 +285,22 @@ class StreamMultiRequest(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[SessionRequest, _Mapping]]] = ...) -> None: ...
 
 class SessionResult(_message.Message):
-    __slots__ = ("session_id", "opened", "chunk", "reset", "ended", "error")
+    __slots__ = ("session_id", "opened", "chunk", "reset", "ended", "error", "snapshot")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     opened: SessionOpened
     chunk: ChunkResult
     reset: ResetDone
     ended: SessionEnded
     error: ErrorStatus
-    def __init__(self, session_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., reset: _Optional[_Union[ResetDone, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ...) -> None: ...
+    snapshot: SessionSnapshot
+    def __init__(self, session_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., reset: _Optional[_Union[ResetDone, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
 
 class StreamMultiResponse(_message.Message):
     __slots__ = ("results",)

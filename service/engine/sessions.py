@@ -199,6 +199,10 @@ class SessionStore:
             raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
         return session
 
+    def peek(self, session_id: str) -> Session | None:
+        """The session if held here, without touching or expiring it."""
+        return self._sessions.get(session_id)
+
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
 

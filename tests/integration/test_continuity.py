@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service.client import LstmClient, StreamSession
+from service.client import LstmClient, MultiStream, SessionLost, StreamSession
 from tests.integration.conftest import Reference, ServerThread, make_config
 
 KEY = "k1:" + base64.b64encode(b"shared-secret-for-all-replicas!!").decode()
@@ -254,3 +254,55 @@ def test_a_stale_copy_never_answers_and_the_client_resumes_the_current_state(
     code, probs = asyncio.run(scenario())
     assert code == grpc.StatusCode.ABORTED
     _assert_offline(reference, "tiny-gru", WORD[:6], probs)
+
+
+def test_a_draining_server_hands_every_multi_session_over_by_final_snapshots(
+    keyed: tuple[ServerThread, ServerThread], tiny_repo: Path, reference: Reference
+) -> None:
+    _, b = keyed
+    doomed = ServerThread(make_config(tiny_repo, snapshot_key=KEY)).start()
+    words = [WORD[:5], WORD[3:9], WORD[1:4]]
+
+    async def scenario() -> dict[str, list[np.ndarray]]:
+        async with LstmClient(doomed.address) as ca, LstmClient(b.address) as cb:
+            multi = ca.multi_stream()
+            opened = await multi.exchange([MultiStream.open("tiny-gru") for _ in words])
+            ids = [r.session_id for r in opened]
+            probs: dict[str, list[np.ndarray]] = {i: [] for i in ids}
+            for seq in (1, 2):
+                entries = [
+                    MultiStream.chunk(i, seq, [int(w[seq - 1])])
+                    for i, w in zip(ids, words, strict=True)
+                ]
+                for r in await multi.exchange(entries):
+                    probs[r.session_id].append(np.array(r.chunk.probabilities))
+            loop = asyncio.get_running_loop()
+            stopping = loop.run_in_executor(None, doomed.call, doomed.app.shutdown(5.0))
+            with pytest.raises(SessionLost):
+                await multi.receive()
+            await stopping
+            assert set(multi.final_snapshots) == set(ids)
+            other = cb.multi_stream()
+            back = await other.exchange(
+                [MultiStream.restore(multi.final_snapshots[i]) for i in ids]
+            )
+            assert [r.session_id for r in back] == ids
+            assert all(r.opened.last_applied_seq == 2 for r in back)
+            for seq in range(3, 6):
+                entries = [
+                    MultiStream.chunk(i, seq, [int(w[seq - 1])])
+                    for i, w in zip(ids, words, strict=True)
+                    if len(w) >= seq
+                ]
+                for r in await other.exchange(entries):
+                    probs[r.session_id].append(np.array(r.chunk.probabilities))
+            await other.close()
+            return {i: probs[i] for i in ids}
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        doomed.stop()
+    for (session_id, steps), word in zip(got.items(), words, strict=True):
+        _assert_offline(reference, "tiny-gru", word[: len(steps)], steps)
+        assert session_id

@@ -1,0 +1,52 @@
+"""A stream's requests, read ahead into a bounded queue, so that a draining server can wake a
+stream that is waiting for its next message (to send its final snapshots and close it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
+
+R = TypeVar("R")
+
+READ_AHEAD = 64  # messages read ahead of processing per stream (gRPC flow control beyond)
+EOF = object()  # the client closed its side
+DRAIN = object()  # the server is draining: stop after the message in progress
+
+
+class Inbox(Generic[R]):
+    """Requests of one stream, in order, or EOF / DRAIN."""
+
+    def __init__(self, requests: AsyncIterator[R], draining: asyncio.Event) -> None:
+        self._draining = draining
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=READ_AHEAD)
+        self._reader = asyncio.create_task(self._read(requests))
+
+    async def _read(self, requests: AsyncIterator[R]) -> None:
+        try:
+            async for request in requests:
+                await self._queue.put(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke: handed to next() to raise
+            await self._queue.put(exc)
+            return
+        await self._queue.put(EOF)
+
+    async def next(self) -> R | object:
+        """The next request, EOF or DRAIN; raises what broke the stream."""
+        if self._draining.is_set():
+            return DRAIN
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def wake(self) -> None:
+        """Wake a stream waiting for its next message (a busy one checks between messages)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(DRAIN)
+
+    def close(self) -> None:
+        self._reader.cancel()
