@@ -51,6 +51,8 @@ def model_card(report: dict[str, Any], desc: ModelDescription) -> str:
     )
     verify = report["verify"]
     streaming = verify["max_diff_streaming_vs_whole"]
+    floor = verify.get("float32_noise_floor")
+    floor = "not measured" if floor is None else f"{floor:.2e}"
     hist = report["training"]
     return f"""# {report["model"]}: {report["title"]}
 
@@ -86,7 +88,10 @@ Accuracy of the answer so far, by number of {unit} seen (sequences at least that
 Max absolute difference on probabilities; on states the same within [-1, 1] and relative
 beyond (an LSTM's cell state c is unbounded; float32 spacing alone is ~1e-6 at |c| = 10).
 - Trained model on real test sequences: {report["trained_parity_max_diff"]:.2e}.
-- Random inputs and states, batch 1/3/8, lengths 1-17: {verify[TORCH_KEY]:.2e}.
+- Random inputs and states, batch 1/3/8, lengths 1-17: {verify[TORCH_KEY]:.2e}; float32's own
+  rounding noise on the same cases (PyTorch float32 vs float64): {floor}. The check allows
+  1e-5, or 4x that noise where larger ({verify.get("parity_tolerance", 1e-5):.1e} here): the
+  two float32 implementations each round about that far from the exact result.
 - Streaming in random chunks vs one call: {streaming if streaming is None else f"{streaming:.2e}"}.
 - Padded mixed-length batch vs each row alone: {verify["max_diff_padded_batch_vs_alone"]:.2e}.
 

@@ -82,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         # Every prefix is trained (step_weight 1): the stream's answer after each character.
         train=TrainConfig(
-            epochs=8, patience=2, batch_size=256, lr=3e-3, step_weight=1.0, lr_decay=0.8
+            epochs=14, patience=3, batch_size=256, lr=3e-3, step_weight=1.0, lr_decay=0.85
         ),
     ),
 }

@@ -24,6 +24,7 @@ from export.onnx_export import reorder_gates
 from service.engine.description import ModelDescription
 
 TOLERANCE = 1e-5
+FLOOR_FACTOR = 4.0
 
 
 def open_session(path: str | Path) -> ort.InferenceSession:
@@ -104,23 +105,38 @@ def _valid_mask(lengths: np.ndarray, t_max: int) -> np.ndarray:
     return np.arange(t_max)[None, :] < lengths[:, None]  # (B, T)
 
 
+def _parity_case(
+    model: RecurrentClassifier, sess: ort.InferenceSession, desc: ModelDescription,
+    rng: np.random.Generator, batch: int, t_max: int,
+) -> tuple[float, float]:  # fmt: skip
+    """(|torch - onnxruntime|, |torch float32 - torch float64|) on one random case: the
+    difference, and float32's own rounding noise on the same inputs (the noise floor)."""
+    x, lengths, state = random_inputs(desc, rng, batch, t_max)
+    args = (torch.from_numpy(x), torch.from_numpy(lengths))
+    with torch.no_grad():
+        ref = model.contract_forward(*args, torch.from_numpy(state))
+        exact = model.double().contract_forward(*args, torch.from_numpy(state).double())
+    model.float()
+    out = run_onnx(sess, desc, x, lengths, state)
+    mask = _valid_mask(lengths, t_max)
+
+    def diff(a: tuple, b: tuple) -> float:  # type: ignore[type-arg]
+        return max(
+            float(np.abs(a[0] - b[0])[mask].max()),
+            float(np.abs(a[1] - b[1]).max()),
+            state_diff(a[2], b[2]),
+        )
+
+    ref_np = tuple(r.numpy() for r in ref)
+    return diff(ref_np, out), diff(ref_np, tuple(e.numpy() for e in exact))
+
+
 def torch_parity(
     model: RecurrentClassifier, sess: ort.InferenceSession, desc: ModelDescription,
     rng: np.random.Generator, batch: int, t_max: int,
 ) -> float:  # fmt: skip
     """Max |torch - onnxruntime| over valid step_probs, probs and state_out."""
-    x, lengths, state = random_inputs(desc, rng, batch, t_max)
-    with torch.no_grad():
-        ref = model.contract_forward(
-            torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(state)
-        )
-    out = run_onnx(sess, desc, x, lengths, state)
-    mask = _valid_mask(lengths, t_max)
-    return max(
-        float(np.abs(ref[0].numpy() - out[0])[mask].max()),
-        float(np.abs(ref[1].numpy() - out[1]).max()),
-        state_diff(ref[2].numpy(), out[2]),
-    )
+    return _parity_case(model, sess, desc, rng, batch, t_max)[0]
 
 
 def streaming_diff(
@@ -186,15 +202,27 @@ class VerifyReport:
     cases: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    float32_floor: float = 0.0
+
+    @property
+    def parity_tolerance(self) -> float:
+        """1e-5, or FLOOR_FACTOR x float32's own noise on the same cases if that is larger:
+        torch and onnxruntime round differently, each about as far from the exact result as
+        the floor, so they may differ by twice it. An export bug (a gate out of order, a wrong
+        state row) shows as ~1e-1."""
+        return max(TOLERANCE, FLOOR_FACTOR * self.float32_floor)
+
     @property
     def passed(self) -> bool:
-        worst = max(self.torch_parity, self.padding, self.streaming or 0.0)
-        return worst <= TOLERANCE
+        exact = max(self.padding, self.streaming or 0.0) <= TOLERANCE
+        return exact and self.torch_parity <= self.parity_tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "max_diff_torch_vs_onnxruntime": self.torch_parity,
+            "float32_noise_floor": self.float32_floor,
+            "parity_tolerance": self.parity_tolerance,
             "max_diff_streaming_vs_whole": self.streaming,
             "max_diff_padded_batch_vs_alone": self.padding,
             "cases": self.cases,
@@ -214,9 +242,9 @@ def verify_model(path: str | Path, seed: int = 0) -> VerifyReport:
     report = VerifyReport(model=f"{desc.name}/{desc.version}")
     for batch in (1, 3, 8):
         for t_max in (1, 5, 17):
-            report.torch_parity = max(
-                report.torch_parity, torch_parity(model, sess, desc, rng, batch, t_max)
-            )
+            diff, floor = _parity_case(model, sess, desc, rng, batch, t_max)
+            report.torch_parity = max(report.torch_parity, diff)
+            report.float32_floor = max(report.float32_floor, floor)
             report.padding = max(report.padding, padding_diff(sess, desc, rng, batch, t_max))
             report.cases += 1
     if desc.streamable:
