@@ -170,6 +170,7 @@ class StreamSession:
         self._pending: deque[pb.StreamRequest] = deque()  # sent, not yet answered
         self._next_seq = 1
         self.final_snapshot: bytes | None = None  # from a draining server, until restored
+        self._write_failed = False  # a write on the current call failed
 
     @property
     def session_id(self) -> str:
@@ -206,7 +207,9 @@ class StreamSession:
             try:
                 reply = await self._call.read()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
+                # INTERNAL after our own write failed is the transport's word for a stream the
+                # server had already ended: continue elsewhere like any broken stream.
+                if exc.code() not in RETRYABLE and not self._write_failed:
                     raise
                 reply = None
             except asyncio.CancelledError:
@@ -218,6 +221,7 @@ class StreamSession:
                 continue
             if reply.WhichOneof("kind") == "snapshot" and reply.snapshot.final:
                 self.final_snapshot = reply.snapshot.data  # unasked: the server is draining
+                await self.reconnect()  # at once: the draining server waits for us to go
                 continue
             self._pending.popleft()
             return reply
@@ -258,6 +262,7 @@ class StreamSession:
         try:
             await self._call.write(request)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            self._write_failed = True
             # The stream is broken, but replies may still be buffered on it (and a draining
             # server's final snapshot): receive() reads them first, then continues elsewhere
             # and resends what is still unanswered, this message included.
@@ -282,6 +287,7 @@ class StreamSession:
                 continue
             self.client.advance(offset)
             self.final_snapshot = None
+            self._write_failed = False
             for request in self._pending:
                 await self._call.write(request)
             return

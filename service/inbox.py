@@ -43,6 +43,18 @@ class Inbox(Generic[R]):
             raise item
         return item
 
+    async def wait_closed(self, timeout_s: float) -> None:
+        """After a stream's final message: give the client up to `timeout_s` to close its side
+        (dropping whatever it still sends), so it reads that message before the stream ends."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    item = await self._queue.get()
+                    if item is EOF or isinstance(item, BaseException):
+                        return
+        except TimeoutError:
+            return
+
     def wake(self) -> None:
         """Wake a stream waiting for its next message (a busy one checks between messages)."""
         with contextlib.suppress(asyncio.QueueFull):

@@ -117,6 +117,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                 if request is DRAIN:
                     if session is not None and self.engine.continuity.enabled:
                         yield await self._final_snapshot(session)
+                        await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise _draining()
                 assert isinstance(request, pb.StreamRequest)
                 if session is None:
@@ -239,6 +240,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
                 if request is DRAIN:
                     if used and self.engine.continuity.enabled:
                         yield await self._final_snapshots(used)
+                        await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise _draining()
                 assert isinstance(request, pb.StreamMultiRequest)
                 yield await self._multi(request, used)
@@ -339,6 +341,12 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             return pb.SessionResult(session_id=session.id, chunk=error)
         work.append((i, ChunkWork(session, chunk.seq, steps)))
         return None
+
+
+# After a draining server's final snapshot(s), how long a stream waits for the client to close
+# it (the client continues elsewhere at once) before ending it: a client that writes meanwhile
+# would otherwise see its write fail and might lose the unread snapshot.
+FINAL_MESSAGE_GRACE_S = 2.0
 
 
 def _draining() -> Draining:

@@ -58,8 +58,8 @@ async def drain_scenario(server: ServerProcess) -> dict[str, object]:
         await until(lambda: _is(status, NOT_SERVING))
         seen["after_sigterm"] = NOT_SERVING
         late = stub.Stream()
-        await late.write(pb.StreamRequest(open=pb.OpenSession(model="tiny-gru")))
-        try:
+        try:  # refused as soon as the stream starts: the write itself may already fail
+            await late.write(pb.StreamRequest(open=pb.OpenSession(model="tiny-gru")))
             await late.read()
         except grpc.aio.AioRpcError as exc:
             seen["new_session"] = exc.code()
