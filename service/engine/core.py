@@ -137,7 +137,8 @@ class Engine:
             if seq <= session.last_seq:
                 return _duplicate(session, seq)
             result = await self.batcher(session.model).submit(session, seq, chunk)
-            await self.continuity.persist(session)
+            if self.continuity.backend is not None:  # no coroutine on the hot path without one
+                await self.continuity.persist(session)
             return ChunkOutcome(seq, result, False, result.total_steps)
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[ChunkOutcome | LstmServeError]:
@@ -174,7 +175,7 @@ class Engine:
         for i, future in waiting.items():
             result = future.result()
             outcomes[i] = ChunkOutcome(work[i].seq, result, False, result.total_steps)
-        if waiting:
+        if waiting and self.continuity.backend is not None:  # write-through, if any
             saved = await asyncio.gather(
                 *(self.continuity.persist(work[i].session) for i in waiting),
                 return_exceptions=True,
