@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.deploy_reference import ROOT, load_reference
+
 DASHBOARD = ROOT / "deploy" / "grafana" / "lstm-serve.json"
 
 # Labels Prometheus (Operator) attaches at scrape time, not the service.
@@ -23,16 +20,6 @@ PROMQL_WORDS = {
 GROUPING = re.compile(r"\b(by|without|on|ignoring)\s*\(([^)]*)\)")
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 IDENT = re.compile(r"(?<![\w$.])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()")
-
-
-def load_reference() -> ModuleType:
-    path = ROOT / "deploy" / "tools" / "metrics_reference.py"
-    spec = importlib.util.spec_from_file_location("metrics_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def dashboard() -> dict[str, Any]:
