@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.engine.description import ModelDescription
+from lstmserve.contract import ModelDescription
 
 
 def _arch_line(arch: dict[str, Any]) -> str:
@@ -106,7 +106,7 @@ lstm-export verify models/{report["model"]}
 def refresh_card(version_dir: Path) -> dict[str, Any]:
     """Re-run the verification of an exported model and rewrite its card and report."""
     from export.verify import verify_model
-    from service.engine.description import read_description
+    from lstmserve.contract import read_description
 
     report_path = version_dir / "training_report.json"
     report = json.loads(report_path.read_text())

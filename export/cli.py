@@ -40,7 +40,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from service.engine.description import read_description
+    from lstmserve.contract import read_description
 
     path = Path(args.path)
     desc = read_description(str(path / "model.onnx" if path.is_dir() else path))

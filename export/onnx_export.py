@@ -17,8 +17,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export.model import RecurrentClassifier
-from service.engine import description as contract
-from service.engine.description import DESCRIPTION_KEY, ModelDescription
+from lstmserve import contract
+from lstmserve.contract import DESCRIPTION_KEY, ModelDescription
 
 OPSET = 17
 IR_VERSION = 8
@@ -210,7 +210,7 @@ def describe(
     training: dict | None = None,
 ) -> ModelDescription:
     """The description of `model` under the v1 contract."""
-    from service.engine.description import Tokenizer
+    from lstmserve.contract import Tokenizer
 
     arch = model.arch
     fallback = arch.cuda_fallback_reasons

@@ -19,7 +19,7 @@ from export.model import RecurrentClassifier
 from export.onnx_export import describe, export_model
 from export.train import TrainConfig, batches, collate, fit, predict, seed_everything
 from export.verify import open_session, run_onnx, state_diff, verify_model
-from service.engine.description import ModelDescription
+from lstmserve.contract import ModelDescription
 
 
 @dataclass(frozen=True)

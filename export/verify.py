@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from export.arch import ArchConfig
 from export.model import RecurrentClassifier
 from export.onnx_export import reorder_gates
-from service.engine.description import ModelDescription
+from lstmserve.contract import ModelDescription
 
 TOLERANCE = 1e-5
 FLOOR_FACTOR = 4.0

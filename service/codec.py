@@ -12,7 +12,7 @@ import numpy as np
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service.engine.core import ChunkOutcome, StepResult
-from service.engine.description import ModelDescription
+from lstmserve.contract import ModelDescription
 from service.engine.inputs import (
     frames_from_flat,
     frames_from_rows,

@@ -15,7 +15,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTOS = ("lstmserve/v1/lstm_serve.proto",)
-PACKAGES = ("lstmserve", "lstmserve/v1")
+PACKAGES = ("lstmserve/v1",)  # lstmserve/__init__.py is hand-written (the light package)
 
 
 def generate(out: Path) -> None:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from service.client import LstmClient, Steps
+from lstmserve.client import LstmClient, Steps
 
 
 async def one_session(

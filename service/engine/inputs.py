@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.engine.description import ModelDescription
+from lstmserve.contract import ModelDescription
 from service.errors import InvalidInput
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine.description import ModelDescription
+from lstmserve.contract import ModelDescription
 from service.engine.runtime import ModelRuntime
 from service.errors import ConfigError, ModelNotFound
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.engine.description import (
+from lstmserve.contract import (
     INPUT_LENGTHS,
     INPUT_STATE,
     OUTPUT_PROBS,

@@ -84,9 +84,9 @@ def server_process(tiny_repo: Path) -> Iterator[ServerProcess]:
 
 
 def run_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python -m service.client_cli ARGS` (the lstm-client console script)."""
+    """`python -m lstmserve.client_cli ARGS` (the lstm-client console script)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "service.client_cli", *args],
+        [sys.executable, "-m", "lstmserve.client_cli", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip

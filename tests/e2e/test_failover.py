@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.client import LstmClient
+from lstmserve.client import LstmClient
 from tests.e2e.conftest import ServerProcess
 from tests.integration.conftest import Reference, metric, scrape
 

@@ -159,7 +159,7 @@ def test_stream_multi_many_sessions_match_offline_with_in_band_errors(
 def test_client_multi_stream_resume_and_end(
     batching_server: ServerThread, reference: Reference
 ) -> None:
-    from service.client import LstmClient, MultiStream
+    from lstmserve.client import LstmClient, MultiStream
 
     async def main() -> tuple[list[pb.SessionResult], list[pb.SessionResult]]:
         async with LstmClient(batching_server.address) as client:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service.client import LstmClient, MultiStream, SessionLost, StreamSession
+from lstmserve.client import LstmClient, MultiStream, SessionLost, StreamSession
 from tests.integration.conftest import Reference, ServerThread, make_config
 
 KEY = "k1:" + base64.b64encode(b"shared-secret-for-all-replicas!!").decode()

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service.client import LstmClient
+from lstmserve.client import LstmClient
 from service.server import SERVICE_NAME
 from tests.integration.conftest import ServerThread, metric, scrape, wait_for
 

@@ -11,7 +11,7 @@ import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from service.client import LstmClient
+from lstmserve.client import LstmClient
 from tests.integration.conftest import Reference, ServerThread
 
 STREAMABLE = {

@@ -116,7 +116,7 @@ def test_invalid_architectures_are_rejected() -> None:
 
 
 def test_exported_graph_runs_wholly_on_cuda_flag(tmp_path: Path) -> None:
-    from service.engine.description import read_description
+    from lstmserve.contract import read_description
 
     _, path = _export(ARCHS["lstm-peephole-uni-1l-tok"], tmp_path)
     desc = read_description(str(path))

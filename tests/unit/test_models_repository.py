@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from export.verify import verify_model
-from service.engine.description import read_description
+from lstmserve.contract import read_description
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 VERSIONS = sorted(p for p in MODELS.glob("*/*") if (p / "model.onnx").exists())

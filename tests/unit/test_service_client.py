@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.client import to_input
-from service.client_cli import LiveLine, load_frames
+from lstmserve.client import to_input
+from lstmserve.client_cli import LiveLine, load_frames
 
 
 class FakeTty(io.StringIO):

@@ -9,7 +9,7 @@ import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import codec
-from service.client import to_input
+from lstmserve.client import to_input
 from service.engine.registry import ModelRegistry, RuntimeOptions
 from service.errors import InvalidInput
 

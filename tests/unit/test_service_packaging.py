@@ -25,7 +25,7 @@ def test_checked_in_stubs_match_the_proto(tmp_path: Path) -> None:
 
 def test_serving_path_never_imports_torch_or_export() -> None:
     code = (
-        "import sys, service.server, service.cli, service.client, service.client_cli; "
+        "import sys, service.server, service.cli, lstmserve.client, lstmserve.client_cli; "
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'export'))]; "
         "assert not bad, bad"
     )

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service.client import LstmClient, StreamSession
+from lstmserve.client import LstmClient, StreamSession
 
 
 def load_frames(path: Path) -> np.ndarray:
