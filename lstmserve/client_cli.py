@@ -13,8 +13,8 @@ from typing import TextIO
 import grpc
 import numpy as np
 
-from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.client import LstmClient, StreamSession
+from lstmserve.v1 import lstm_serve_pb2 as pb
 
 
 def load_frames(path: Path) -> np.ndarray:

@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 
+from lstmserve.contract import ModelDescription
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service.engine.core import ChunkOutcome, StepResult
-from lstmserve.contract import ModelDescription
 from service.engine.inputs import (
     frames_from_flat,
     frames_from_rows,

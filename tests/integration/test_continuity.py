@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.client import LstmClient, MultiStream, SessionLost, StreamSession
+from lstmserve.v1 import lstm_serve_pb2 as pb
 from tests.integration.conftest import Reference, ServerThread, make_config
 
 KEY = "k1:" + base64.b64encode(b"shared-secret-for-all-replicas!!").decode()

@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.client import LstmClient
+from lstmserve.v1 import lstm_serve_pb2 as pb
 from service.server import SERVICE_NAME
 from tests.integration.conftest import ServerThread, metric, scrape, wait_for
 

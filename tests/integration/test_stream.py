@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
+from lstmserve.client import LstmClient
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from lstmserve.client import LstmClient
 from tests.integration.conftest import Reference, ServerThread
 
 STREAMABLE = {

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lstmserve.client import to_input
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import codec
-from lstmserve.client import to_input
 from service.engine.registry import ModelRegistry, RuntimeOptions
 from service.errors import InvalidInput
 
