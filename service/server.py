@@ -15,6 +15,7 @@ from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServerConfig
+from service.errors import ConfigError
 from service.engine.continuity import SessionContinuity
 from service.engine.core import Engine
 from service.engine.redis_backend import RedisSessionBackend
@@ -186,7 +187,8 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         policy=config.batch_policy,
         continuity=_continuity(config, store),
     )
-    server = grpc.aio.server()
+    # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app = LstmServer(config, server, engine)
     app.servicer = LstmServeServicer(engine, config)
     pb_grpc.add_LstmServeServicer_to_server(app.servicer, server)
@@ -196,7 +198,13 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
          reflection.SERVICE_NAME),
         server,
     )  # fmt: skip
-    port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    address = f"{config.host}:{config.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises on a failed bind
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC port {config.host}:{config.grpc_port}")
+        raise ConfigError(
+            f"cannot listen on {address} (--grpc-port): the address is in use or not available"
+        )
     return app, port
