@@ -12,16 +12,17 @@ import numpy as np
 
 from lstmserve.contract import ModelDescription
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service.engine.core import ChunkOutcome, StepResult
 from service.engine.inputs import (
     frames_from_flat,
     frames_from_rows,
     tokens_from_ids,
     tokens_from_text,
 )
-from service.engine.registry import LoadedModel
-from service.engine.sessions import Session, StreamOptions
+from service.engine.sessions import Session
+from service.engine.types import ChunkOutcome, StepResult, StreamOptions, VersionStatus
+from service.engine.worker import ModelWorker
 from service.errors import InvalidInput
+from service.protocol import messages as m
 from service.status import numeric_code, status_code, status_message
 
 TOKEN_DTYPE = np.int64
@@ -48,6 +49,18 @@ def decode_input(
             desc, frames.values, frames.frame_count, max_steps, f"{field}.frames"
         )
     raise InvalidInput(f"{field} is empty: set tokens, text or frames")
+
+
+class PbInput:
+    """A chunk's SequenceInput, decoded once the session's model is known."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: pb.SequenceInput) -> None:
+        self.msg = msg
+
+    def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
+        return decode_input(self.msg, desc, max_steps, field)
 
 
 def decode_options(msg: pb.StreamOptions) -> StreamOptions:
@@ -122,8 +135,8 @@ def session_opened(session: Session, resumed: bool, idle_timeout_s: float) -> pb
     desc = session.model.description
     return pb.SessionOpened(
         session_id=session.id,
-        model=desc.name,
-        version=desc.version,
+        model=session.model.name,
+        version=session.model.version,
         resumed=resumed,
         last_applied_seq=session.last_seq,
         total_steps=session.total_steps,
@@ -133,13 +146,20 @@ def session_opened(session: Session, resumed: bool, idle_timeout_s: float) -> pb
     )
 
 
-def model_info(model: LoadedModel) -> pb.ModelInfo:
+STATE_ENUM = {
+    "LOADING": pb.MODEL_STATE_LOADING, "READY": pb.MODEL_STATE_READY,
+    "DRAINING": pb.MODEL_STATE_DRAINING, "UNAVAILABLE": pb.MODEL_STATE_UNAVAILABLE,
+    "RETIRED": pb.MODEL_STATE_RETIRED,
+}  # fmt: skip
+
+
+def model_info(model: ModelWorker, latest: bool) -> pb.ModelInfo:
     """Everything a client may want to know about one loaded model version."""
     desc = model.description
     info = pb.ModelInfo(
-        name=desc.name,
-        version=desc.version,
-        latest=model.latest,
+        name=model.name,
+        version=model.version,
+        latest=latest,
         labels=list(desc.labels),
         input_kind=desc.input_kind,
         vocab_size=desc.vocab_size,
@@ -154,6 +174,8 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         architecture_json=json.dumps(desc.architecture, sort_keys=True),
         training_json=json.dumps(desc.training, sort_keys=True),
         load_seconds=model.load_seconds,
+        state=STATE_ENUM[model.lifecycle.value],
+        sessions=model.sessions,
     )
     if desc.tokenizer is not None:
         tok = desc.tokenizer
@@ -164,3 +186,99 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
             )
         )  # fmt: skip
     return info
+
+
+def unavailable_info(status: VersionStatus) -> pb.ModelInfo:
+    """A version that failed to load: its name, version, state and reason."""
+    return pb.ModelInfo(name=status.name, version=status.version,
+                        state=STATE_ENUM[status.state.value], reason=status.reason)  # fmt: skip
+
+
+def repository_model(status: VersionStatus) -> pb.RepositoryModel:
+    state = STATE_ENUM[status.state.value]
+    return pb.RepositoryModel(
+        name=status.name, version=status.version, state=state, reason=status.reason
+    )
+
+
+# -- Stream / StreamMulti messages <-> the session layer's ------------------------------------
+
+
+def _optional_options(msg: pb.ResumeSession | pb.RestoreSession) -> StreamOptions | None:
+    return decode_options(msg.options) if msg.HasField("options") else None
+
+
+def _request(
+    kind: str | None, msg: pb.StreamRequest | pb.SessionRequest, expected: str
+) -> m.Request:
+    """The session layer's request for a message's `kind` oneof."""
+    if kind == "chunk":
+        return m.Chunk(msg.chunk.seq, PbInput(msg.chunk.input))
+    if kind == "open":
+        o = msg.open
+        return m.Open(o.model, o.version, decode_options(o.options))
+    if kind == "resume":
+        return m.Resume(msg.resume.session_id, _optional_options(msg.resume))
+    if kind == "restore":
+        return m.Restore(msg.restore.snapshot, _optional_options(msg.restore))
+    if kind == "reset":
+        return m.Reset(msg.reset.seq)
+    if kind == "end":
+        return m.End()
+    if kind == "snapshot":
+        return m.TakeSnapshot()
+    return m.Unset(expected)
+
+
+def stream_request(msg: pb.StreamRequest) -> m.Request:
+    return _request(msg.WhichOneof("kind"), msg, "open, resume or restore")
+
+
+def session_entry(msg: pb.SessionRequest) -> m.SessionEntry:
+    kind = msg.WhichOneof("kind")
+    session_id = msg.resume.session_id if kind == "resume" else msg.session_id
+    return m.SessionEntry(session_id, _request(kind, msg, "open, resume, chunk, reset or end"))
+
+
+def chunk_result(done: m.ChunkDone) -> pb.ChunkResult:
+    if done.error is not None:
+        return encode_chunk_error(done.seq, done.error, done.session)
+    assert done.outcome is not None
+    return encode_chunk_result(done.outcome, done.session)
+
+
+def _snapshot(snap: m.Snapshot) -> pb.SessionSnapshot:
+    return pb.SessionSnapshot(data=snap.data, last_applied_seq=snap.last_seq,
+                              total_steps=snap.total_steps, final=snap.final)  # fmt: skip
+
+
+def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
+    """(oneof field name, message) of a reply body, shared by Stream and StreamMulti replies."""
+    if isinstance(body, m.ChunkDone):
+        return "chunk", chunk_result(body)
+    if isinstance(body, m.Opened):
+        return "opened", session_opened(body.session, body.resumed, idle_timeout_s)
+    if isinstance(body, m.ResetDone):
+        return "reset", pb.ResetDone(seq=body.seq, duplicate=body.duplicate)
+    if isinstance(body, m.Snapshot):
+        return "snapshot", _snapshot(body)
+    if isinstance(body, m.Ended):
+        return "ended", pb.SessionEnded(total_steps=body.total_steps,
+                                        last_applied_seq=body.last_seq)  # fmt: skip
+    return "error", encode_error(body.error)
+
+
+def stream_response(reply: m.Reply, idle_timeout_s: float) -> pb.StreamResponse:
+    body = reply.body
+    if isinstance(body, m.ChunkDone):  # the per-chunk path: no detour
+        return pb.StreamResponse(session_id=reply.session_id, chunk=chunk_result(body))
+    name, value = _body_field(body, idle_timeout_s)
+    return pb.StreamResponse(session_id=reply.session_id, **{name: value})
+
+
+def multi_response(reply: m.MultiReply, idle_timeout_s: float) -> pb.StreamMultiResponse:
+    results = []
+    for r in reply.replies:
+        name, value = _body_field(r.body, idle_timeout_s)
+        results.append(pb.SessionResult(session_id=r.session_id, **{name: value}))
+    return pb.StreamMultiResponse(results=results)

@@ -94,3 +94,21 @@ class SnapshotsDisabled(LstmServeError):
 
 class ConfigError(ValueError):
     """The server configuration is invalid (raised at start-up, never sent to a client)."""
+
+
+class SessionReplaced(SessionMoved):
+    """A newer copy of the session was restored on this server beside the one in use."""
+
+    code = "ABORTED"
+
+
+class VersionRetired(Unavailable):
+    """The session's model version was unloaded; open a new session on a served version."""
+
+    code = "UNAVAILABLE"
+
+
+class ModelLoadFailed(LstmServeError):
+    """A model version could not be loaded (its reason is kept and reported)."""
+
+    code = "UNAVAILABLE"

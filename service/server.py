@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -15,13 +16,14 @@ from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServerConfig
-from service.errors import ConfigError
 from service.engine.continuity import SessionContinuity
 from service.engine.core import Engine
 from service.engine.redis_backend import RedisSessionBackend
-from service.engine.registry import ModelRegistry, RuntimeOptions
 from service.engine.runtime import resolve_providers
 from service.engine.sessions import SessionStore
+from service.engine.types import RuntimeOptions
+from service.errors import ConfigError
+from service.protocol.session import Limits, SessionLayer
 from service.servicer import LstmServeServicer
 
 log = logging.getLogger(__name__)
@@ -35,59 +37,96 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class LstmServer:
     """A running lstm-serve: gRPC server, engine, health, metrics endpoint, background tasks."""
 
-    def __init__(self, config: ServerConfig, server: grpc.aio.Server, engine: Engine) -> None:
+    def __init__(
+        self, config: ServerConfig, server: grpc.aio.Server, engine: Engine, layer: SessionLayer
+    ) -> None:
         self.config = config
         self.grpc = server
         self.engine = engine
+        self.layer = layer
         self.health = health.aio.HealthServicer()
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._serving: bool | None = None
         self.load_error: BaseException | None = None
-        self.servicer: LstmServeServicer | None = None
 
     async def start(self) -> None:
-        """Listen (health NOT_SERVING), then load and warm every model in the background."""
-        for service in HEALTH_SERVICES:
-            await self.health.set(service, NOT_SERVING)
-        metrics.READY.set(0)
+        """Listen (health NOT_SERVING), then load and warm the models in the background."""
+        await self._set_health(False)
         await self.grpc.start()
         if self.config.metrics_port >= 0:
             self._metrics_server, self.metrics_port = metrics.start_metrics_server(
                 self.config.metrics_port, self.config.host
             )
-        self._tasks.append(asyncio.create_task(self._load_models(), name="load-models"))
-        interval = self.config.eviction_interval_s
-        self._tasks.append(asyncio.create_task(self.engine.store.run_evictor(interval)))
+        self._spawn(self._load_models(), "load-models")
+        self._spawn(self.engine.store.run_evictor(self.config.eviction_interval_s), "evictor")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(work, name=name))
 
     async def _load_models(self) -> None:
+        started = time.perf_counter()
         try:
-            options = RuntimeOptions(
-                providers=resolve_providers(self.config.providers),
-                intra_op_threads=self.config.intra_op_threads,
-                inter_op_threads=self.config.inter_op_threads,
-                debug_compute_delay_s=self.config.debug_compute_delay_ms / 1000,
-            )
-            started = time.perf_counter()
             await self._check_session_store()
-            registry = await asyncio.to_thread(
-                ModelRegistry.load, self.config.model_repository, options
-            )
+            await self.engine.load_models(strict=self.config.model_control == "none")
+            for name in self.config.load_models if self.config.model_control == "explicit" else ():
+                await self.engine.control.load(name)
+            self._check_not_empty()
         except Exception as exc:
             self.load_error = exc
             event = "session store unreachable" if _is_store_error(exc) else "model loading failed"
             log.error(event, extra={"fields": {"error": str(exc)}})
             self._loaded.set()
             return
-        self._record_models(registry, time.perf_counter() - started)
-        self.engine.registry = registry
-        if not self.engine.draining:
-            for service in HEALTH_SERVICES:
-                await self.health.set(service, SERVING)
-            metrics.READY.set(1)
+        self.engine.control.subscribe(self._on_models_changed)
+        if self.config.model_control == "poll":
+            self._spawn(self.engine.control.run_poll(self.config.repository_poll_s), "poll")
+        log.info("ready", extra={"fields": {
+            "models": len(self.engine.registry.all()),
+            "seconds": round(time.perf_counter() - started, 4),
+            "model_control": self.config.model_control,
+        }})  # fmt: skip
+        await self._refresh_health()
         self._loaded.set()
+
+    def _check_not_empty(self) -> None:
+        """With none / poll, a repository that yields no model fails the start."""
+        if self.config.model_control == "explicit" or self.engine.registry.all():
+            return
+        failed = self.engine.registry.failures()
+        detail = f": {failed[0].reason}" if failed else " (expected NAME/VERSION/model.onnx)"
+        raise ConfigError(
+            f"model repository {str(self.config.model_repository)!r} holds no loadable "
+            f"model{detail}"
+        )
+
+    async def rescan(self) -> None:
+        """SIGHUP: scan the repository once, in any mode."""
+        if not self._loaded.is_set() or self.load_error is not None or self.engine.draining:
+            return
+        log.info("re-scanning the model repository (SIGHUP)")
+        try:
+            await self.engine.control.scan()
+        except ConfigError as exc:
+            log.error("repository scan failed", extra={"fields": {"error": str(exc)}})
+
+    def _on_models_changed(self) -> None:
+        self._spawn(self._refresh_health(), "health")
+
+    async def _refresh_health(self) -> None:
+        """SERVING while some version is READY and the server is not draining."""
+        await self._set_health(bool(self.engine.registry.ready()) and not self.engine.draining)
+
+    async def _set_health(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, SERVING if serving else NOT_SERVING)
+        metrics.READY.set(1 if serving else 0)
 
     async def _check_session_store(self) -> None:
         """Not ready until the shared session store (if any) answers."""
@@ -101,23 +140,6 @@ class LstmServer:
                 f"session store {self.config.session_store!r} does not answer: {exc}"
             ) from exc
 
-    def _record_models(self, registry: ModelRegistry, seconds: float) -> None:
-        for model in registry.all():
-            version = str(model.version)
-            fallback = "true" if model.runtime.cpu_fallback else "false"
-            metrics.MODEL_LOAD_SECONDS.labels(model.name, version).set(model.load_seconds)
-            metrics.MODEL_INFO.labels(model.name, version, model.runtime.provider, fallback).set(1)
-            log.info("model loaded", extra={"fields": {
-                "model": model.name, "version": model.version, "provider": model.runtime.provider,
-                "providers": list(model.runtime.providers),
-                "cpu_fallback": list(model.runtime.cpu_fallback),
-                "load_seconds": round(model.load_seconds, 4), "latest": model.latest,
-            }})  # fmt: skip
-        if not registry.all():
-            log.warning("the model repository has no models", extra={"fields": {
-                "model_repository": str(self.config.model_repository)}})  # fmt: skip
-        log.info("ready", extra={"fields": {"models": len(registry.all()), "seconds": seconds}})
-
     async def wait_until_loaded(self, timeout_s: float | None = None) -> None:
         """Wait until loading finished; re-raises a loading failure."""
         await asyncio.wait_for(self._loaded.wait(), timeout_s)
@@ -125,19 +147,19 @@ class LstmServer:
             raise self.load_error
 
     async def shutdown(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new sessions, finish in-flight runs, stop within grace."""
+        """Drain: NOT_SERVING first, then refuse new work, then final snapshots, then stop."""
         if self.engine.draining:
             await self._stopped.wait()
             return
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         log.info("draining", extra={"fields": {"inflight": self.engine.inflight, "grace_s": grace}})
-        self.engine.draining = True
+        self._serving = False
         metrics.READY.set(0)
         await self.health.enter_graceful_shutdown()
+        self.engine.draining = True
         self.engine.drain_started.set()
-        if self.servicer is not None:
-            self.servicer.begin_drain()
+        self.layer.begin_drain()
         drained = await self.engine.wait_idle(grace)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
         await self.engine.continuity.close()
@@ -173,25 +195,36 @@ def _continuity(config: ServerConfig, store: SessionStore) -> SessionContinuity:
     return SessionContinuity(store, keys=config.snapshot_keys, backend=backend)
 
 
-def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
-    """Build (not start) the server and bind its gRPC port; call inside a running event loop."""
+def build_engine(config: ServerConfig) -> Engine:
+    """The engine a configuration describes (models not loaded yet)."""
     store = SessionStore(
         max_sessions=config.max_sessions,
         idle_timeout_s=config.session_idle_timeout_s,
         expired_memory=config.expired_ids_remembered,
         initial_capacity=config.initial_slab_capacity,
     )
-    engine = Engine(
-        store,
-        compute_threads=config.compute_threads,
-        policy=config.batch_policy,
-        continuity=_continuity(config, store),
+    runtime = RuntimeOptions(
+        providers=resolve_providers(config.providers),
+        intra_op_threads=config.intra_op_threads,
+        inter_op_threads=config.inter_op_threads,
+        debug_compute_delay_s=config.debug_compute_delay_ms / 1000,
     )
+    return Engine(
+        store, compute_threads=config.compute_threads, policy=config.batch_policy,
+        continuity=_continuity(config, store), runtime=runtime,
+        repository=config.model_repository, model_control=config.model_control,
+    )  # fmt: skip
+
+
+def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
+    """Build (not start) the server and bind its gRPC port; call inside a running event loop."""
+    engine = build_engine(config)
+    limits = Limits(config.max_chunk_steps, config.max_multi_entries, config.session_idle_timeout_s)
+    layer = SessionLayer(engine, limits)
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    app = LstmServer(config, server, engine)
-    app.servicer = LstmServeServicer(engine, config)
-    pb_grpc.add_LstmServeServicer_to_server(app.servicer, server)
+    app = LstmServer(config, server, engine, layer)
+    pb_grpc.add_LstmServeServicer_to_server(LstmServeServicer(layer, config), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

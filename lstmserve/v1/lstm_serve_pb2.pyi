@@ -1,10 +1,26 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_DRAINING: _ClassVar[ModelState]
+    MODEL_STATE_UNAVAILABLE: _ClassVar[ModelState]
+    MODEL_STATE_RETIRED: _ClassVar[ModelState]
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_DRAINING: ModelState
+MODEL_STATE_UNAVAILABLE: ModelState
+MODEL_STATE_RETIRED: ModelState
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -341,7 +357,7 @@ class TokenizerInfo(_message.Message):
     def __init__(self, type: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., lowercase: _Optional[bool] = ..., unknown_id: _Optional[int] = ..., normalization: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "latest", "labels", "input_kind", "vocab_size", "feature_dim", "tokenizer", "streamable", "state_rows", "hidden_size", "state_row_names", "provider", "providers", "cpu_fallback", "architecture_json", "training_json", "load_seconds")
+    __slots__ = ("name", "version", "latest", "labels", "input_kind", "vocab_size", "feature_dim", "tokenizer", "streamable", "state_rows", "hidden_size", "state_row_names", "provider", "providers", "cpu_fallback", "architecture_json", "training_json", "load_seconds", "state", "reason", "sessions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +376,9 @@ class ModelInfo(_message.Message):
     ARCHITECTURE_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINING_JSON_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     latest: bool
@@ -378,4 +397,53 @@ class ModelInfo(_message.Message):
     architecture_json: str
     training_json: str
     load_seconds: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., streamable: _Optional[bool] = ..., state_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., state_row_names: _Optional[_Iterable[str]] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., cpu_fallback: _Optional[_Iterable[str]] = ..., architecture_json: _Optional[str] = ..., training_json: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    state: ModelState
+    reason: str
+    sessions: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., streamable: _Optional[bool] = ..., state_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., state_row_names: _Optional[_Iterable[str]] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., cpu_fallback: _Optional[_Iterable[str]] = ..., architecture_json: _Optional[str] = ..., training_json: _Optional[str] = ..., load_seconds: _Optional[float] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., sessions: _Optional[int] = ...) -> None: ...
+
+class RepositoryIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RepositoryModel(_message.Message):
+    __slots__ = ("name", "version", "state", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    state: ModelState
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RepositoryIndexResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[RepositoryModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[RepositoryModel, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("draining",)
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    draining: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, draining: _Optional[_Iterable[str]] = ...) -> None: ...

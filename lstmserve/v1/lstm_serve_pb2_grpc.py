@@ -60,6 +60,21 @@ class LstmServeStub:
                 request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/RepositoryIndex',
+                request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/LoadModel',
+                request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/UnloadModel',
+                request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class LstmServeServicer:
@@ -103,14 +118,42 @@ class LstmServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Every model version the server has loaded.
+        """Every model version the server holds (READY or DRAINING), and the versions that failed to
+        load (state UNAVAILABLE, with the reason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """One model version (version 0 = the latest).
+        """One model version (version 0 = the latest READY one); a version that failed to load is
+        answered with state UNAVAILABLE and the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryIndex(self, request, context):
+        """Every version in the model repository and every version still held, with its state
+        (Triton's repository index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """--model-control explicit only (FAILED_PRECONDITION otherwise): load every version of a
+        model from the repository, warmed; a version already served is kept. NOT_FOUND if the
+        repository has no such model; UNAVAILABLE with the reason if a version fails to load (the
+        versions already served go on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """--model-control explicit only: drain every version of a model (no new sessions; its
+        sessions go on until they end or idle out; then it is retired and its memory freed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +186,21 @@ def add_LstmServeServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelRequest.FromString,
                     response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ModelInfo.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +339,87 @@ class LstmServe:
             '/lstmserve.v1.LstmServe/GetModel',
             lstmserve_dot_v1_dot_lstm__serve__pb2.GetModelRequest.SerializeToString,
             lstmserve_dot_v1_dot_lstm__serve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/RepositoryIndex',
+            lstmserve_dot_v1_dot_lstm__serve__pb2.RepositoryIndexRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstm__serve__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/LoadModel',
+            lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstm__serve__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/UnloadModel',
+            lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstm__serve__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

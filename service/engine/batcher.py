@@ -1,12 +1,14 @@
 """Cross-session sequence batching: pending chunks of many sessions -> one model run.
 
-One `SequenceBatcher` per model version. Sessions submit one chunk at a time (their lock keeps at
-most one pending chunk per session, so a batch never holds two chunks of one session and each
-session's chunks run in its own order). A batch gathers the sessions' states from the version's
-slab into (B, S, H), pads the chunks to (B, Tmax) with `lengths`, runs once, and scatters the new
-states back on the event loop thread, where each row is committed (state, seq, total steps)
-atomically or not at all: a chunk whose waiter was cancelled before its batch finished is
-dropped and its session is left untouched.
+One `SequenceBatcher` per model version (its ModelWorker's). Sessions submit one chunk at a time
+(their lock keeps at most one pending chunk per session, so a batch never holds two chunks of one
+session and each session's chunks run in its own order). A batch gathers the sessions' states
+from the version's state store into (B, S, H) on the event loop thread, pads the chunks to
+(B, Tmax) with `lengths`, runs once, and scatters the new states back on the loop thread, where
+each row is committed (state, seq, total steps) atomically or not at all. Every pending chunk is
+resolved: a chunk whose waiter was cancelled is dropped (its session untouched); a chunk whose
+session was closed meanwhile (replaced by a newer copy, expired, its version retired) is answered
+with the close reason and not committed; a failed run fails its chunks.
 
 A batch of at most `inline_max_steps` B x Tmax steps on an otherwise idle model runs inline on the
 event loop thread (two thread hand-offs cost more than one small step); larger ones run on the
@@ -31,38 +33,18 @@ import asyncio
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from service import metrics
-from service.engine.registry import LoadedModel
-from service.engine.runtime import RunOutput
+from service.engine.runtime import ModelRuntime, RunOutput
 from service.engine.sessions import Session
+from service.engine.state import StateStore
+from service.engine.types import BatchPolicy, StepResult
 
 STAGES = ("queue", "compute", "total")  # per-chunk latency stages, as for Classify
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The outcome of one chunk (or one whole Classify sequence)."""
-
-    probs: np.ndarray  # (C,) after the last step
-    step_probs: np.ndarray | None  # (T, C) after every step, if asked for
-    steps: int  # T
-    total_steps: int  # steps since open / reset, after this chunk
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """How chunks are grouped into model runs."""
-
-    max_batch_size: int = 256
-    max_queue_delay_s: float = 0.002
-    max_concurrent: int = 1  # batches of one model version running at once
-    inline_max_steps: int = 0  # an idle model runs batches of <= this many B x Tmax steps inline
 
 
 class InflightCounter:
@@ -95,6 +77,14 @@ _COUNTERS: weakref.WeakSet[InflightCounter] = weakref.WeakSet()
 metrics.INFLIGHT_RUNS.set_function(lambda: sum(c.count for c in list(_COUNTERS)))
 
 
+@dataclass(frozen=True)
+class ComputeLanes:
+    """Where model runs happen: the worker threads and the count of work in progress."""
+
+    executor: Executor
+    inflight: InflightCounter
+
+
 class Pending:
     """One submitted chunk waiting for (or inside) a batch."""
 
@@ -109,6 +99,14 @@ class Pending:
         self.steps = int(chunk.shape[0])
         self.future = future
         self.enqueued = time.perf_counter()
+
+    def resolve_closed(self) -> bool:
+        """Answer the chunk with its session's close reason if the session is gone."""
+        if self.session.closed is None:
+            return False
+        if not self.future.done():
+            self.future.set_exception(self.session.closed_error())
+        return True
 
 
 def bucket_of(steps: int) -> int:
@@ -131,23 +129,22 @@ class SequenceBatcher:
 
     def __init__(
         self,
-        model: LoadedModel,
+        name: str,
+        runtime: ModelRuntime,
+        state: StateStore,
         policy: BatchPolicy,
-        executor: Executor,
-        inflight: InflightCounter,
-        touch: Callable[[Session], None],
+        lanes: ComputeLanes,
     ) -> None:
-        self.model = model
+        self.runtime = runtime
+        self.state = state
         self.policy = policy
-        self._executor = executor
-        self._inflight = inflight
-        self._touch = touch
+        self._executor = lanes.executor
+        self._inflight = lanes.inflight
         self._buckets: dict[int, deque[Pending]] = {}
         self._pending = 0
         self._running = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        name = model.name
         self._m_size = metrics.BATCH_SIZE.labels(name)
         self._m_queue = metrics.BATCH_QUEUE_SECONDS.labels(name)
         self._m_compute = metrics.BATCH_COMPUTE_SECONDS.labels(name)
@@ -171,6 +168,16 @@ class SequenceBatcher:
             self._scheduled = True
             loop.call_soon(self._dispatch)  # chunks submitted in this loop turn join the batch
         return item.future
+
+    def fail_queued(self) -> None:
+        """Answer every queued chunk now (its session was closed: the version is retiring)."""
+        for queue in self._buckets.values():
+            while queue:
+                item = queue.popleft()
+                self._pending -= 1
+                self._inflight.leave()
+                if not item.resolve_closed() and not item.future.done():
+                    item.future.set_exception(RuntimeError("the batcher was closed"))
 
     # -- forming batches ---------------------------------------------------------------------
 
@@ -216,7 +223,7 @@ class SequenceBatcher:
             while queue and len(batch) < self.policy.max_batch_size:
                 item = queue.popleft()
                 self._pending -= 1
-                if item.future.done():  # waiter cancelled while queued: drop it
+                if item.future.done() or item.resolve_closed():  # cancelled, or session gone
                     self._inflight.leave()
                 elif id(item.session) in seen:  # never two chunks of one session in a batch
                     deferred.append(item)
@@ -237,36 +244,34 @@ class SequenceBatcher:
             queue.observe(started - item.enqueued)
         self._m_queue.observe(started - min(item.enqueued for item in batch))  # the oldest
         self._m_size.observe(len(batch))
-        rows = [item.session.row for item in batch]
+        # Gathered here, on the loop thread: the run holds its own copy, so a session closed
+        # while its batch runs can free its row at once.
+        state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
-        slab = batch[0].session.slab
         loop = asyncio.get_running_loop()
         if self._inline(batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
             try:
-                done.set_result(self._run(slab.gather, rows, chunks))
+                done.set_result(self._run(state, chunks))
             except Exception as exc:
                 done.set_exception(exc)
             self._finish(batch, done, dispatch=False)  # the caller's _dispatch loop goes on
             return
-        future = loop.run_in_executor(self._executor, self._run, slab.gather, rows, chunks)
+        future = loop.run_in_executor(self._executor, self._run, state, chunks)
         future.add_done_callback(lambda f: self._finish(batch, f))
 
     def _inline(self, batch: list[Pending]) -> bool:
         """Run on the loop thread: a tiny batch on an idle model costs less than two thread hops."""
         limit = self.policy.inline_max_steps
-        if limit <= 0 or self._running != 1 or self.model.runtime.debug_delay_s:
+        if limit <= 0 or self._running != 1 or self.runtime.debug_delay_s:
             return False
         return len(batch) * max(item.steps for item in batch) <= limit
 
-    def _run(
-        self, gather: Callable[[list[int]], np.ndarray], rows: list[int], chunks: list[np.ndarray]
-    ) -> tuple[RunOutput, float]:
-        """On a worker thread: gather states, pad chunks, one model call; (out, seconds)."""
+    def _run(self, state: np.ndarray, chunks: list[np.ndarray]) -> tuple[RunOutput, float]:
+        """On a worker thread: pad chunks, one model call; (out, seconds)."""
         started = time.perf_counter()
-        state = gather(rows)  # (B, S, H), a copy
         inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
-        out = self.model.runtime.run(inputs, lengths, state)
+        out = self.runtime.run(inputs, lengths, state)
         seconds = time.perf_counter() - started
         self._m_compute.observe(seconds)
         return out, seconds
@@ -295,32 +300,26 @@ class SequenceBatcher:
                 self._dispatch()
 
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
+        """Scatter the kept rows' states, then advance each kept session; answer the rest."""
         keep = [b for b, item in enumerate(batch) if self._wanted(item)]
-        if not keep:
-            return
-        slab = batch[0].session.slab
-        slab.scatter([batch[b].session.row for b in keep], out.state_out[keep])  # (B', S, H)
+        if keep:
+            rows = [batch[b].session.row for b in keep]
+            self.state.scatter(rows, out.state_out[keep])  # (B', S, H)
         now = time.perf_counter()
         total = self._m_chunk["total"]
         steps = 0
         for b in keep:
             item = batch[b]
             session = item.session
-            session.total_steps += item.steps
-            session.last_seq = item.seq
-            self._touch(session)
-            steps += item.steps
             every = out.step_probs[b, : item.steps] if session.options.every_step else None
-            result = StepResult(
-                out.probs[b], every, item.steps, session.total_steps
-            )  # (C,), (T, C)
-            session.last_result = result
-            item.future.set_result(result)
+            item.future.set_result(session.commit(item.seq, item.steps, out.probs[b], every))
+            steps += item.steps
             total.observe(now - item.enqueued)
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
 
     @staticmethod
     def _wanted(item: Pending) -> bool:
-        """Commit the row only if its waiter is still there and the session still lives."""
-        return not item.future.done() and not item.session.ended
+        """Commit the row only if its waiter is still there and its session still lives (a
+        closed session's chunk is answered with the close reason here)."""
+        return not item.future.done() and not item.resolve_closed()

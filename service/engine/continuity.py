@@ -15,18 +15,18 @@ from typing import Any
 import numpy as np
 
 from service import metrics
-from service.engine.batcher import StepResult
 from service.engine.redis_backend import RedisSessionBackend
 from service.engine.registry import ModelRegistry
-from service.engine.sessions import Session, SessionStore, StreamOptions
+from service.engine.sessions import Session, SessionStore
 from service.engine.snapshots import (
     SessionSnapshot,
     SnapshotKeys,
     decode_snapshot,
     encode_snapshot,
 )
+from service.engine.types import StepResult, StreamOptions
 from service.errors import (
-    ModelNotFound,
+    LstmServeError,
     SessionExpired,
     SessionMoved,
     SessionNotFound,
@@ -84,29 +84,28 @@ class SessionContinuity:
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
 
-    def restore(
-        self, registry: ModelRegistry, blob: bytes, options: StreamOptions | None
-    ) -> Session:
+    def restore(self, registry: ModelRegistry, blob: bytes) -> Session:
         """The session a snapshot describes, held here under its id (a newer local copy wins)."""
         try:
             snap = decode_snapshot(blob, self._keys())
         except SnapshotInvalid:
             metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
             raise
-        session = self._adopt(registry, snap, options)
+        session = self._adopt(registry, snap, None)
         metrics.SNAPSHOTS.labels(session.model.name, "restored").inc()
         return session
 
     def _adopt(
         self, registry: ModelRegistry, snap: SessionSnapshot, options: StreamOptions | None
     ) -> Session:
+        """A local copy at least as new as the snapshot, else a fresh session taking it over."""
         try:
-            model = registry.get(snap.model, snap.version)
-        except ModelNotFound as exc:
+            model = registry.find(snap.model, snap.version)
+        except LstmServeError as exc:
             metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
-            served = sorted(f"{m.name}@{m.version}" for m in registry.all())
+            served = sorted(m.key for m in registry.all())
             raise SnapshotMismatch(
-                f"snapshot is for model {snap.model!r} version {snap.version}, which this "
+                f"snapshot is for model {snap.model[:128]!r} version {snap.version}, which this "
                 f"server does not serve (it serves {served})"
             ) from exc
         desc = model.description
@@ -115,19 +114,15 @@ class SessionContinuity:
                 f"snapshot state is {snap.state.shape}, model {model.key} keeps "
                 f"({desc.state_rows}, {desc.hidden_size})"
             )
-        if snap.session_id in self.store:
-            local = self.store.get(snap.session_id)
-            if local.last_seq >= snap.last_seq and local.model is model:
-                if options is not None:
-                    local.options = options
-                return local
-        session = self.store.adopt(
-            model, options or StreamOptions(), snap.session_id, snap.state,
-            snap.last_seq, snap.total_steps,
-        )  # fmt: skip
+        local = self.store.peek(snap.session_id)
+        if local is not None and local.last_seq >= snap.last_seq and local.model is model:
+            return local
+        session = self.store.adopt(model, options or StreamOptions(), snap.session_id)
+        last = None
         if snap.last_steps and len(snap.last_probs) == desc.num_classes:
             probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
-            session.last_result = StepResult(probs, None, snap.last_steps, snap.total_steps)
+            last = StepResult(probs, None, snap.last_steps, snap.total_steps)
+        session.restore(snap.state, snap.last_seq, snap.total_steps, last)
         return session
 
     # -- the shared store --------------------------------------------------------------------
@@ -152,12 +147,13 @@ class SessionContinuity:
         if not saved:  # another replica wrote a newer seq: this copy was stale, drop it
             metrics.SESSION_STORE_OPS.labels("save", "stale").inc()
             log.warning("stale session copy dropped", extra={"fields": {"seq": session.last_seq}})
-            self.store.end(session)
-            raise SessionMoved(
+            moved = SessionMoved(
                 f"session {session.id} was continued on another replica since this one last "
                 "held it; its chunk was not kept here: resume the session to get its current "
                 "state and resend"
             )
+            self.store.end(session, moved)
+            raise moved
         metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
 
     async def forget(self, session_id: str) -> None:
@@ -192,11 +188,12 @@ class SessionContinuity:
             return local
         blob = await self._load(session_id)
         if blob is None:  # the shared store is the truth: ended or expired elsewhere
-            if local is not None:
-                self.store.end(local)
+            gone: SessionNotFound = SessionNotFound(f"session {session_id[:64]!r} does not exist")
             if await self.backend.was_issued(session_id):
-                raise SessionExpired(f"session {session_id} expired (idle timeout, shared store)")
-            raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
+                gone = SessionExpired(f"session {session_id} expired (idle timeout, shared store)")
+            if local is not None:
+                self.store.end(local, gone)
+            raise gone
         snap = decode_snapshot(blob, self._keys())
         if local is not None and local.last_seq >= snap.last_seq:
             return local

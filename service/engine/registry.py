@@ -1,118 +1,120 @@
-"""The model repository: NAME/VERSION/model.onnx -> loaded, described, warmed model versions."""
+"""The served model versions: `{name: {version: ModelWorker}}`, swapped whole on every change.
+
+Readers take one consistent view (a lookup never sees a half-applied reload). `latest` is
+computed: the highest READY version. Versions that failed to load are kept with their reason,
+so ListModels can say why a version is not served.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from types import MappingProxyType
 
-from lstmserve.contract import ModelDescription
-from service.engine.runtime import ModelRuntime
-from service.errors import ConfigError, ModelNotFound
+from service.engine.types import ModelState, VersionStatus
+from service.engine.worker import ModelWorker
+from service.errors import ModelNotFound, Unavailable
 
-log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.onnx"
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How every model's onnxruntime session is built."""
-
-    providers: tuple[str, ...]
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    debug_compute_delay_s: float = 0.0
-
-
-@dataclass
-class LoadedModel:
-    """One served model version."""
-
-    description: ModelDescription
-    runtime: ModelRuntime
-    path: Path
-    load_seconds: float
-    latest: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.description.name
-
-    @property
-    def version(self) -> int:
-        return self.description.version
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-def discover(repository: Path) -> list[Path]:
-    """Every NAME/VERSION/model.onnx under the repository (VERSION a positive integer), sorted."""
-    if not repository.is_dir():
-        raise ConfigError(f"model repository {str(repository)!r} is not a directory")
-    found = []
-    for path in sorted(repository.glob(f"*/*/{MODEL_FILE}")):
-        version_dir = path.parent.name
-        if not version_dir.isdigit() or int(version_dir) < 1:
-            log.warning(
-                "skipping %s: version folder %r is not a positive integer", path, version_dir
-            )
-            continue
-        found.append(path)
-    return found
-
-
-def load_model(path: Path, options: RuntimeOptions) -> LoadedModel:
-    """Load, check and warm one model version."""
-    started = time.perf_counter()
-    runtime = ModelRuntime(
-        path, options.providers, options.intra_op_threads, options.inter_op_threads
-    )
-    runtime.debug_delay_s = options.debug_compute_delay_s
-    runtime.warm_up()
-    desc = runtime.description
-    if desc.name != path.parent.parent.name or str(desc.version) != path.parent.name:
-        raise ConfigError(f"{path}: describes {desc.name} v{desc.version}, not its folder")
-    return LoadedModel(desc, runtime, path, time.perf_counter() - started)
+Versions = MappingProxyType[int, ModelWorker]
 
 
 class ModelRegistry:
-    """The loaded model versions, by name and version; version 0 means the latest."""
+    """Model versions by name and version; version 0 means the latest READY one."""
 
-    def __init__(self, models: list[LoadedModel]) -> None:
-        self._models: dict[str, dict[int, LoadedModel]] = {}
-        for model in models:
-            self._models.setdefault(model.name, {})[model.version] = model
-        for versions in self._models.values():
-            versions[max(versions)].latest = True
+    def __init__(self, workers: list[ModelWorker] | None = None) -> None:
+        self._view: MappingProxyType[str, Versions] = MappingProxyType({})
+        self._failed: MappingProxyType[tuple[str, int], VersionStatus] = MappingProxyType({})
+        for worker in workers or []:
+            self.install(worker)
 
-    @classmethod
-    def load(cls, repository: Path, options: RuntimeOptions) -> ModelRegistry:
-        """Load and warm every model version in the repository."""
-        return cls([load_model(path, options) for path in discover(repository)])
+    # -- reading -------------------------------------------------------------------------------
 
-    def get(self, name: str, version: int = 0) -> LoadedModel:
-        """The model version, or the latest one for version 0; ModelNotFound if absent."""
-        versions = self._models.get(name)
+    def get(self, name: str, version: int = 0) -> ModelWorker:
+        """A READY version (the latest for 0): what new sessions and Classify use."""
+        worker = self.find(name, version)
+        if worker.lifecycle is not ModelState.READY:
+            raise Unavailable(
+                f"model {worker.key} is {worker.lifecycle.value.lower()}: it takes no new "
+                f"sessions (ready: {self._ready_versions(name) or 'none'})"
+            )
+        return worker
+
+    def find(self, name: str, version: int = 0) -> ModelWorker:
+        """A loaded version, READY or DRAINING (sessions continued on it); 0 = the latest."""
+        versions = self._view.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not served (have {sorted(self._models)})")
+            raise ModelNotFound(f"model {name[:128]!r} is not served (have {self.names()})")
         if version == 0:
-            return versions[max(versions)]
-        if version not in versions:
+            ready = self._ready_versions(name)
+            if not ready:
+                raise Unavailable(f"model {name!r} has no ready version (have {sorted(versions)})")
+            return versions[ready[-1]]
+        worker = versions.get(version)
+        if worker is None:
             raise ModelNotFound(
                 f"model {name!r} has no version {version} (have {sorted(versions)})"
             )
-        return versions[version]
+        return worker
 
-    def all(self) -> list[LoadedModel]:
-        """Every loaded model version, sorted by name then version."""
-        return [self._models[n][v] for n in sorted(self._models) for v in sorted(self._models[n])]
+    def is_latest(self, worker: ModelWorker) -> bool:
+        ready = self._ready_versions(worker.name)
+        return bool(ready) and ready[-1] == worker.version and worker.lifecycle is ModelState.READY
+
+    def all(self) -> list[ModelWorker]:
+        """Every loaded version, sorted by name then version."""
+        view = self._view
+        return [view[n][v] for n in sorted(view) for v in sorted(view[n])]
+
+    def ready(self) -> list[ModelWorker]:
+        return [w for w in self.all() if w.lifecycle is ModelState.READY]
+
+    def failures(self) -> list[VersionStatus]:
+        """Versions that failed to load, with their reasons."""
+        return [self._failed[k] for k in sorted(self._failed)]
+
+    def failure(self, name: str, version: int) -> VersionStatus | None:
+        return self._failed.get((name, version))
 
     def names(self) -> list[str]:
-        return sorted(self._models)
+        return sorted(self._view)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._models
+        return name in self._view
+
+    def _ready_versions(self, name: str) -> list[int]:
+        versions = self._view.get(name, {})
+        return sorted(v for v, w in versions.items() if w.lifecycle is ModelState.READY)
+
+    # -- changing (model control only) ---------------------------------------------------------
+
+    def install(self, worker: ModelWorker) -> ModelWorker | None:
+        """Serve `worker`; returns the worker it replaces under the same name and version."""
+        view = {n: dict(v) for n, v in self._view.items()}
+        old = view.setdefault(worker.name, {}).get(worker.version)
+        view[worker.name][worker.version] = worker
+        self._swap(view)
+        self._set_failure(worker.name, worker.version, None)
+        return old
+
+    def remove(self, worker: ModelWorker) -> None:
+        """Stop listing a (retired) worker."""
+        view = {n: dict(v) for n, v in self._view.items()}
+        versions = view.get(worker.name, {})
+        if versions.get(worker.version) is worker:
+            del versions[worker.version]
+            if not versions:
+                del view[worker.name]
+            self._swap(view)
+
+    def record_failure(self, status: VersionStatus | None, name: str, version: int) -> None:
+        """Remember why a version failed to load (None: forget it)."""
+        self._set_failure(name, version, status)
+
+    def _set_failure(self, name: str, version: int, status: VersionStatus | None) -> None:
+        failed = dict(self._failed)
+        if status is None:
+            failed.pop((name, version), None)
+        else:
+            failed[(name, version)] = status
+        self._failed = MappingProxyType(failed)
+
+    def _swap(self, view: dict[str, dict[int, ModelWorker]]) -> None:
+        self._view = MappingProxyType({n: MappingProxyType(v) for n, v in view.items()})

@@ -1,4 +1,11 @@
-"""Streaming sessions: ids, per-model-version state slabs [capacity, S, H], idle expiry, limits."""
+"""Streaming sessions: a Session owns its transitions; the SessionStore indexes them by id.
+
+A session's writes (commit, reset, restore, close) are its own methods. Commit and reset run
+while the session's lock is held (its caller holds it while its one chunk is pending); `close`
+is terminal and may come from outside the lock (a newer copy restored beside it, idle expiry,
+a retired version): the batcher then answers the chunk in flight with the close reason instead
+of committing it, so no pending chunk is ever left unanswered.
+"""
 
 from __future__ import annotations
 
@@ -7,120 +14,115 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service import metrics
-from service.engine.registry import LoadedModel
-from service.errors import NotStreamable, Overloaded, SessionExpired, SessionNotFound
+from service.engine.types import ChunkOutcome, StepResult, StreamOptions
+from service.errors import (
+    LstmServeError,
+    NotStreamable,
+    Overloaded,
+    SessionExpired,
+    SessionNotFound,
+    SessionReplaced,
+)
 
 if TYPE_CHECKING:
-    from service.engine.batcher import StepResult
+    from service.engine.worker import ModelWorker
+
+__all__ = ["Session", "SessionStore", "StreamOptions"]
 
 log = logging.getLogger(__name__)
 
 
-class StateSlab:
-    """The float32 states of one model version's sessions, one row [S, H] per session.
-
-    One array for all sessions, so a batch of sessions is gathered / scattered with one
-    vectorised numpy indexing op. Grows by doubling up to `max_capacity` rows.
-    """
-
-    def __init__(self, rows: int, hidden: int, capacity: int, max_capacity: int) -> None:
-        capacity = max(1, min(capacity, max_capacity))
-        self.states = np.zeros((capacity, rows, hidden), dtype=np.float32)  # (N, S, H)
-        self.max_capacity = max_capacity
-        self._free: list[int] = list(range(capacity - 1, -1, -1))
-        self.used = 0
-
-    @property
-    def capacity(self) -> int:
-        return int(self.states.shape[0])
-
-    @property
-    def allocated_bytes(self) -> int:
-        return int(self.states.nbytes)
-
-    @property
-    def used_bytes(self) -> int:
-        return self.used * int(self.states[0].nbytes)
-
-    def allocate(self) -> int:
-        """A zeroed row for a new session."""
-        if not self._free:
-            self._grow()
-        row = self._free.pop()
-        self.states[row] = 0.0
-        self.used += 1
-        return row
-
-    def release(self, row: int) -> None:
-        self._free.append(row)
-        self.used -= 1
-
-    def gather(self, rows: Sequence[int]) -> np.ndarray:
-        """A copy of the rows' states, (B, S, H)."""
-        return self.states[np.asarray(rows, dtype=np.intp)]
-
-    def scatter(self, rows: Sequence[int], states: np.ndarray) -> None:
-        """Write (B, S, H) states back into the rows."""
-        self.states[np.asarray(rows, dtype=np.intp)] = states
-
-    def _grow(self) -> None:
-        old = self.capacity
-        new = min(old * 2, self.max_capacity)
-        if new <= old:
-            raise Overloaded(f"state slab is full ({old} sessions)")
-        grown = np.zeros((new, *self.states.shape[1:]), dtype=np.float32)  # (N', S, H)
-        grown[:old] = self.states
-        self.states = grown
-        self._free.extend(range(new - 1, old - 1, -1))
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """Per-session reply options."""
-
-    every_step: bool = False
-    top_k: int = 1
-
-
 @dataclass(eq=False, slots=True)
 class Session:
-    """One streaming session: its state row in its model version's slab and its progress.
+    """One streaming session: its state row in its version's store and its progress.
 
     Slotted: 100k idle sessions must cost little beyond their state rows.
     """
 
     id: str
-    model: LoadedModel
-    slab: StateSlab
+    model: ModelWorker
     row: int
     options: StreamOptions
     last_used: float
     last_seq: int = 0
     total_steps: int = 0
-    ended: bool = False
-    expired: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The reply to the last applied chunk, so a resend of it (a reply lost with a broken
     # connection) can be answered with the original probabilities.
     last_result: StepResult | None = None
+    # Why the session is gone (ended, expired, replaced, retired); None while it lives.
+    closed: LstmServeError | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.closed is not None
+
+    @property
+    def expired(self) -> bool:
+        return isinstance(self.closed, SessionExpired)
+
+    def check_live(self) -> None:
+        """Raise why the session is gone, if it is."""
+        if self.closed is not None:
+            raise self.closed_error()
+
+    def closed_error(self) -> LstmServeError:
+        """A fresh copy of the close reason (each waiter raises its own)."""
+        assert self.closed is not None
+        return type(self.closed)(*self.closed.args)
+
+    def duplicate(self, seq: int) -> ChunkOutcome:
+        """A resend (seq <= last applied): not applied again; the last applied chunk's resend
+        gets its original result."""
+        result = self.last_result if seq == self.last_seq else None
+        return ChunkOutcome(seq, result, True, self.total_steps)
 
     def read_state(self) -> np.ndarray:
         """A copy of the state, (S, H)."""
-        return self.slab.states[self.row].copy()
+        return self.model.state.read(self.row)
 
-    def write_state(self, state: np.ndarray) -> None:
-        self.slab.states[self.row] = state
+    def commit(
+        self, seq: int, steps: int, probs: np.ndarray, step_probs: np.ndarray | None
+    ) -> StepResult:
+        """A chunk's new state is in the store: advance, and keep its reply (own copies)."""
+        self.total_steps += steps
+        self.last_seq = seq
+        every = step_probs.copy() if step_probs is not None else None  # (T, C)
+        self.last_result = StepResult(probs.copy(), every, steps, self.total_steps)
+        return self.last_result
+
+    def reset(self, seq: int) -> None:
+        """Zero the state and the step count, as message `seq`."""
+        self.model.state.write(self.row, np.zeros_like(self.model.state.read(self.row)))
+        self.total_steps = 0
+        self.last_seq = seq
+        self.last_result = None
+
+    def restore(self, state: np.ndarray, last_seq: int, total_steps: int,
+                last_result: StepResult | None) -> None:  # fmt: skip
+        """Take a continued session's progress (a fresh session, before anyone uses it)."""
+        self.model.state.write(self.row, state)
+        self.last_seq, self.total_steps, self.last_result = last_seq, total_steps, last_result
+
+    def close(self, reason: LstmServeError) -> bool:
+        """Terminal: free the row; every later use (and a chunk in flight) gets `reason`."""
+        if self.closed is not None:
+            return False
+        self.closed = reason
+        self.last_result = None
+        self.model.release_row(self.row)
+        return True
 
 
 class SessionStore:
-    """Every live session, by id. Used from the event loop thread only."""
+    """Every live session, by id; ids, idle expiry and the session limit. Loop thread only."""
 
     def __init__(
         self,
@@ -137,7 +139,6 @@ class SessionStore:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
-        self._slabs: dict[str, StateSlab] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -146,28 +147,27 @@ class SessionStore:
         """Whether the id is held now (without touching or expiring it)."""
         return session_id in self._sessions
 
-    def open(self, model: LoadedModel, options: StreamOptions) -> Session:
+    def open(self, model: ModelWorker, options: StreamOptions) -> Session:
         """A new session from a zero state; NotStreamable / Overloaded when it cannot be."""
         session = self._new_session(model, options, secrets.token_hex(16))
         metrics.SESSION_EVENTS.labels(model.name, "opened").inc()
         return session
 
-    def adopt(
-        self, model: LoadedModel, options: StreamOptions, session_id: str, state: np.ndarray,
-        last_seq: int, total_steps: int,
-    ) -> Session:  # fmt: skip
-        """A session continued from elsewhere (a snapshot, the shared store), under its own id."""
+    def adopt(self, model: ModelWorker, options: StreamOptions, session_id: str) -> Session:
+        """A fresh session under an id continued from elsewhere; a copy held here is replaced
+        (its chunk in flight, if any, is answered ABORTED)."""
         existing = self._sessions.get(session_id)
         if existing is not None:
-            self._remove(existing)
+            self._remove(existing, SessionReplaced(
+                f"session {session_id} was replaced by a newer copy (restored on this server); "
+                "resume it to continue from that copy"
+            ))  # fmt: skip
         self._expired.pop(session_id, None)
         session = self._new_session(model, options, session_id)
-        session.write_state(state)
-        session.last_seq, session.total_steps = last_seq, total_steps
         metrics.SESSION_EVENTS.labels(model.name, "restored").inc()
         return session
 
-    def _new_session(self, model: LoadedModel, options: StreamOptions, session_id: str) -> Session:
+    def _new_session(self, model: ModelWorker, options: StreamOptions, session_id: str) -> Session:
         if not model.description.streamable:
             metrics.SESSION_EVENTS.labels(model.name, "rejected").inc()
             raise NotStreamable(
@@ -176,13 +176,11 @@ class SessionStore:
         if len(self._sessions) >= self.max_sessions:
             metrics.SESSION_EVENTS.labels(model.name, "rejected").inc()
             raise Overloaded(f"the server holds its maximum of {self.max_sessions} sessions")
-        slab = self._slab_for(model)
         session = Session(
-            id=session_id, model=model, slab=slab, row=slab.allocate(),
-            options=options, last_used=self.clock(),
+            id=session_id, model=model, row=model.allocate_row(), options=options,
+            last_used=self.clock(),
         )  # fmt: skip
         self._sessions[session.id] = session
-        self._update_gauges(model)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -206,10 +204,17 @@ class SessionStore:
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
 
-    def end(self, session: Session) -> None:
-        """Free the session now."""
-        if self._remove(session):
+    def end(self, session: Session, reason: LstmServeError | None = None) -> None:
+        """Free the session now (the client ended it, or `reason`)."""
+        if self._remove(session, reason or SessionNotFound(f"session {session.id} has ended")):
             metrics.SESSION_EVENTS.labels(session.model.name, "ended").inc()
+
+    def close_all(self, model: ModelWorker, reason: LstmServeError) -> int:
+        """Close every session of one model version (it is being retired); how many."""
+        doomed = [s for s in self._sessions.values() if s.model is model]
+        for session in doomed:
+            self._remove(session, reason)
+        return len(doomed)
 
     def evict_idle(self) -> list[Session]:
         """Free every session idle longer than the timeout (not those mid-chunk)."""
@@ -226,46 +231,21 @@ class SessionStore:
             for session in self.evict_idle():
                 log.info("session expired", extra={"fields": {"model": session.model.key}})
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Allocated and used state bytes over every slab."""
-        slabs = self._slabs.values()
-        return {
-            "allocated": sum(s.allocated_bytes for s in slabs),
-            "used": sum(s.used_bytes for s in slabs),
-        }
-
     def _is_idle(self, session: Session, now: float) -> bool:
         return not session.lock.locked() and now - session.last_used > self.idle_timeout_s
 
     def _expire(self, session: Session) -> None:
-        if self._remove(session):
-            session.expired = True
+        reason = SessionExpired(
+            f"session {session.id} expired after {self.idle_timeout_s:g} s idle"
+        )
+        if self._remove(session, reason):
             metrics.SESSION_EVENTS.labels(session.model.name, "expired").inc()
             self._expired[session.id] = None
             while len(self._expired) > self.expired_memory:
                 self._expired.popitem(last=False)
 
-    def _remove(self, session: Session) -> bool:
-        if self._sessions.pop(session.id, None) is None:
+    def _remove(self, session: Session, reason: LstmServeError) -> bool:
+        if self._sessions.get(session.id) is not session:
             return False
-        session.ended = True
-        session.slab.release(session.row)
-        self._update_gauges(session.model)
-        return True
-
-    def _slab_for(self, model: LoadedModel) -> StateSlab:
-        slab = self._slabs.get(model.key)
-        if slab is None:
-            desc = model.description
-            slab = StateSlab(
-                desc.state_rows, desc.hidden_size, self.initial_capacity, self.max_sessions
-            )
-            self._slabs[model.key] = slab
-        return slab
-
-    def _update_gauges(self, model: LoadedModel) -> None:
-        slab = self._slabs[model.key]
-        version = str(model.version)
-        metrics.ACTIVE_SESSIONS.labels(model.name, version).set(slab.used)
-        metrics.STATE_BYTES.labels(model.name, version, "allocated").set(slab.allocated_bytes)
-        metrics.STATE_BYTES.labels(model.name, version, "used").set(slab.used_bytes)
+        del self._sessions[session.id]
+        return session.close(reason)

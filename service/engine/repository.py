@@ -1,0 +1,258 @@
+"""Model control: the repository on disk -> the registry (Triton's none / poll / explicit).
+
+`NAME/VERSION/model.onnx` is the truth. A scan loads and warms versions that are new (or whose
+file changed since a failed attempt), drains versions whose folder is gone (no new sessions;
+its sessions go on until they end or idle out, then it is retired and its memory freed), and
+keeps each failure with its reason. A version that fails never takes the served ones down.
+Scans run one at a time (poll timer, SIGHUP, the LoadModel / UnloadModel RPCs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service import metrics
+from service.engine.registry import ModelRegistry
+from service.engine.sessions import SessionStore
+from service.engine.types import ModelState, VersionStatus
+from service.engine.worker import ModelWorker, WorkerFactory
+from service.errors import ConfigError, ModelLoadFailed, ModelNotFound, VersionRetired
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+MODES = ("none", "poll", "explicit")
+
+
+def discover(repository: Path, only: str | None = None) -> dict[tuple[str, int], Path]:
+    """Every NAME/VERSION/model.onnx (VERSION a positive integer), or only NAME's."""
+    if not repository.is_dir():
+        raise ConfigError(f"model repository {str(repository)!r} is not a directory")
+    found: dict[tuple[str, int], Path] = {}
+    pattern = f"{glob_escape(only) if only else '*'}/*/{MODEL_FILE}"
+    for path in sorted(repository.glob(pattern)):
+        version_dir = path.parent.name
+        if not version_dir.isdigit() or int(version_dir) < 1:
+            log.warning("skipping %s: version folder %r is not a positive integer", path,
+                        version_dir)  # fmt: skip
+            continue
+        found[(path.parent.parent.name, int(version_dir))] = path
+    return found
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@dataclass
+class ScanReport:
+    """What one scan changed."""
+
+    loaded: list[str] = field(default_factory=list)
+    draining: list[str] = field(default_factory=list)
+    failed: list[VersionStatus] = field(default_factory=list)
+
+
+class ModelControl:
+    """Loads, drains and retires model versions; the only writer of the registry."""
+
+    def __init__(self, repository: Path, registry: ModelRegistry, factory: WorkerFactory,
+                 store: SessionStore, mode: str = "none") -> None:  # fmt: skip
+        if mode not in MODES:
+            raise ConfigError(f"model_control {mode!r} is not one of {MODES}")
+        self.repository = repository
+        self.registry = registry
+        self.factory = factory
+        self.store = store
+        self.mode = mode
+        self._lock = asyncio.Lock()
+        self._attempts: dict[tuple[str, int], tuple[int, int]] = {}  # failed file fingerprints
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change of the served versions (health follows them)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    async def scan(self, only: str | None = None, strict: bool = False) -> ScanReport:
+        """Bring the registry in line with the repository (or NAME's folder only). `strict`:
+        the first failure raises ConfigError (start-up with --model-control none)."""
+        async with self._lock:
+            found = await asyncio.to_thread(discover, self.repository, only)
+            report = ScanReport()
+            for key, path in found.items():
+                if self._needs_load(key, path):
+                    await self._load(key, path, report, strict)
+            for worker in self.registry.all():
+                gone = (worker.name, worker.version) not in found
+                if gone and (only is None or worker.name == only):
+                    self._drain(worker, report)
+            for status in self.registry.failures():
+                if (status.name, status.version) not in found and only in (None, status.name):
+                    self.registry.record_failure(None, status.name, status.version)
+                    self._attempts.pop((status.name, status.version), None)
+            if report.loaded or report.draining:
+                self._changed()
+            return report
+
+    async def load(self, name: str) -> ScanReport:
+        """Explicit mode's LoadModel: load (or re-scan) every version of NAME."""
+        if not (self.repository / name).is_dir() or "/" in name or name in (".", ".."):
+            raise ModelNotFound(f"model {name[:128]!r} is not in the repository")
+        report = await self.scan(only=name)
+        if report.failed:
+            reasons = "; ".join(f"v{s.version}: {s.reason}" for s in report.failed)
+            raise ModelLoadFailed(f"model {name!r} failed to load: {reasons}"[:1000])
+        if not any(w.name == name for w in self.registry.ready()):
+            raise ModelNotFound(f"model {name!r} has no version folder with a {MODEL_FILE}")
+        return report
+
+    async def unload(self, name: str) -> list[str]:
+        """Explicit mode's UnloadModel: drain every version of NAME."""
+        async with self._lock:
+            workers = [w for w in self.registry.all() if w.name == name]
+            if not workers:
+                raise ModelNotFound(f"model {name[:128]!r} is not loaded")
+            report = ScanReport()
+            for worker in workers:
+                self._drain(worker, report)
+            self._changed()
+            return report.draining
+
+    def index(self) -> list[VersionStatus]:
+        """Every version in the repository or still held, with its state (RepositoryIndex)."""
+        rows: dict[tuple[str, int], VersionStatus] = {}
+        try:
+            found = discover(self.repository)
+        except ConfigError:
+            found = {}
+        for (name, version), path in found.items():
+            rows[(name, version)] = VersionStatus(name, version, ModelState.UNAVAILABLE,
+                                                  "not loaded", path)  # fmt: skip
+        for status in self.registry.failures():
+            rows[(status.name, status.version)] = status
+        for w in self.registry.all():
+            rows[(w.name, w.version)] = VersionStatus(w.name, w.version, w.lifecycle, "", w.path)
+        return [rows[k] for k in sorted(rows)]
+
+    async def run_poll(self, interval_s: float) -> None:
+        """Re-scan every `interval_s` seconds, forever (cancel to stop)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.scan()
+            except ConfigError as exc:  # the repository itself went away: keep serving
+                log.error("repository scan failed", extra={"fields": {"error": str(exc)}})
+
+    def retire_all(self) -> None:
+        """Shutting down: retire every version (their sessions closed)."""
+        for worker in self.registry.all():
+            self._retire(worker)
+
+    # -- one version ---------------------------------------------------------------------------
+
+    def _needs_load(self, key: tuple[str, int], path: Path) -> bool:
+        held = self.registry.all()
+        if any((w.name, w.version) == key and w.lifecycle is not ModelState.RETIRED for w in held):
+            return False
+        attempted = self._attempts.get(key)
+        return attempted is None or attempted != _fingerprint(path)
+
+    async def _load(self, key: tuple[str, int], path: Path, report: ScanReport,
+                    strict: bool) -> None:  # fmt: skip
+        name, version = key
+        try:
+            fingerprint = _fingerprint(path)
+            worker = await asyncio.to_thread(self.factory.load, path)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ConfigError) else f"{path}: {exc!r}"
+            if strict:
+                raise ConfigError(reason) from exc
+            self._attempts[key] = fingerprint
+            status = VersionStatus(name, version, ModelState.UNAVAILABLE, reason, path)
+            self.registry.record_failure(status, name, version)
+            report.failed.append(status)
+            metrics.MODEL_LOAD_FAILURES.labels(name).inc()
+            log.error(
+                "model version failed to load; the versions already served go on",
+                extra={"fields": {"model": name, "version": version, "error": reason}},
+            )
+            return
+        self._attempts.pop(key, None)
+        worker.on_drained = self._retire
+        self.registry.install(worker)
+        report.loaded.append(worker.key)
+        _record_loaded(worker, self.registry.is_latest(worker))
+
+    def _drain(self, worker: ModelWorker, report: ScanReport) -> None:
+        if worker.lifecycle is not ModelState.READY:
+            return
+        worker.drain()
+        report.draining.append(worker.key)
+        metrics.MODEL_STATE.labels(worker.name, str(worker.version)).set(_STATE_CODE["DRAINING"])
+        log.info(
+            "model version draining",
+            extra={
+                "fields": {
+                    "model": worker.name,
+                    "version": worker.version,
+                    "sessions": worker.sessions,
+                }
+            },
+        )
+        if worker.sessions == 0:
+            self._retire(worker)
+
+    def _retire(self, worker: ModelWorker) -> None:
+        """The version has no sessions left (or the server stops): free it."""
+        if worker.lifecycle is ModelState.RETIRED:
+            return
+        closed = self.store.close_all(
+            worker,
+            VersionRetired(
+                f"model {worker.key} was unloaded: open a new session on a served version"
+            ),
+        )
+        worker.retire()
+        self.registry.remove(worker)
+        metrics.MODEL_STATE.labels(worker.name, str(worker.version)).set(_STATE_CODE["RETIRED"])
+        log.info(
+            "model version retired",
+            extra={
+                "fields": {
+                    "model": worker.name,
+                    "version": worker.version,
+                    "sessions_closed": closed,
+                }
+            },
+        )
+
+
+# lstm_serve_model_state's values: one gauge per version, its lifecycle as a number.
+_STATE_CODE = {"LOADING": 0, "READY": 1, "DRAINING": 2, "RETIRED": 3, "UNAVAILABLE": 4}
+
+
+def _record_loaded(worker: ModelWorker, latest: bool) -> None:
+    version = str(worker.version)
+    runtime = worker.runtime
+    fallback = "true" if runtime.cpu_fallback else "false"
+    metrics.MODEL_LOAD_SECONDS.labels(worker.name, version).set(worker.load_seconds)
+    metrics.MODEL_INFO.labels(worker.name, version, runtime.provider, fallback).set(1)
+    metrics.MODEL_STATE.labels(worker.name, version).set(_STATE_CODE["READY"])
+    log.info("model loaded", extra={"fields": {
+        "model": worker.name, "version": worker.version, "provider": runtime.provider,
+        "providers": list(runtime.providers), "cpu_fallback": list(runtime.cpu_fallback),
+        "load_seconds": round(worker.load_seconds, 4), "latest": latest,
+    }})  # fmt: skip

@@ -1,0 +1,95 @@
+"""What crosses the engine's edge: options, results and lifecycle states. No gRPC here.
+
+Results own their arrays (copies, never views into a batch's outputs), so a session that keeps
+its last result keeps only its own rows alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from service.engine.sessions import Session
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Per-session reply options."""
+
+    every_step: bool = False
+    top_k: int = 1
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of one chunk (or one whole Classify sequence); owns its arrays."""
+
+    probs: np.ndarray  # (C,) after the last step
+    step_probs: np.ndarray | None  # (T, C) after every step, if asked for
+    steps: int  # T
+    total_steps: int  # steps since open / reset, after this chunk
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """A chunk applied (result set) or recognised as a resend (duplicate, not applied)."""
+
+    seq: int
+    result: StepResult | None
+    duplicate: bool
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """One validated chunk for one session (a multi-session message carries many)."""
+
+    session: Session
+    seq: int
+    chunk: np.ndarray  # (T,) or (T, F)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How chunks are grouped into model runs."""
+
+    max_batch_size: int = 256
+    max_queue_delay_s: float = 0.002
+    max_concurrent: int = 1  # batches of one model version running at once
+    inline_max_steps: int = 0  # an idle model runs batches of <= this many B x Tmax steps inline
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How every model version's onnxruntime session is built."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    debug_compute_delay_s: float = 0.0
+
+
+class ModelState(StrEnum):
+    """A model version's lifecycle: loading -> ready -> draining -> retired; or unavailable."""
+
+    LOADING = "LOADING"
+    READY = "READY"  # serves new sessions and Classify
+    DRAINING = "DRAINING"  # removed: no new sessions, its sessions go on until they end
+    RETIRED = "RETIRED"  # no sessions left; its memory is freed
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load (the reason is kept)
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of the repository as model control sees it (ListModels, RepositoryIndex)."""
+
+    name: str
+    version: int
+    state: ModelState
+    reason: str = ""
+    path: Path | None = None

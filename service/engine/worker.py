@@ -1,0 +1,197 @@
+"""ModelWorker: one loaded model version and everything it owns.
+
+Its onnxruntime session, its state store (a row per session), its sequence batcher, its
+Classify lane and its lifecycle (`loading -> ready -> draining -> retired`). Nothing else
+holds a version's resources, so retiring a worker frees all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lstmserve.contract import ModelDescription
+from service import metrics
+from service.engine.batcher import ComputeLanes, SequenceBatcher
+from service.engine.runtime import ModelRuntime, RunOutput
+from service.engine.sessions import Session
+from service.engine.state import HostStateSlab, StateStore
+from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
+from service.errors import ConfigError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """One served model version: runtime + state + batcher + Classify lane + lifecycle."""
+
+    def __init__(self, name: str, version: int, runtime: ModelRuntime, path: Path,
+                 load_seconds: float, state: StateStore, policy: BatchPolicy,
+                 lanes: ComputeLanes) -> None:  # fmt: skip
+        self.name = name
+        self.version = version
+        self.runtime = runtime
+        self.path = path
+        self.load_seconds = load_seconds
+        self.state = state
+        self.lifecycle = ModelState.READY
+        self.batcher = SequenceBatcher(name, runtime, state, policy, lanes)
+        self._lanes = lanes
+        self.on_drained: Callable[[ModelWorker], None] | None = None
+        self._version_label = str(version)
+        self._update_gauges()
+
+    @property
+    def description(self) -> ModelDescription:
+        return self.runtime.description
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def sessions(self) -> int:
+        """Sessions held on this version now."""
+        return self.state.used
+
+    # -- rows of state (sessions) --------------------------------------------------------------
+
+    def allocate_row(self) -> int:
+        """A zeroed state row for a session; Unavailable once retired."""
+        if self.lifecycle is ModelState.RETIRED:
+            raise Unavailable(f"model {self.key} was unloaded: open a session on another version")
+        row = self.state.allocate()
+        self._update_gauges()
+        return row
+
+    def release_row(self, row: int) -> None:
+        if self.lifecycle is ModelState.RETIRED:
+            return  # the store is already freed
+        self.state.release(row)
+        self._update_gauges()
+        if self.lifecycle is ModelState.DRAINING and self.sessions == 0 and self.on_drained:
+            self.on_drained(self)
+
+    def submit(self, session: Session, seq: int, chunk: np.ndarray) -> asyncio.Future[StepResult]:
+        """Queue one chunk of a session of this version (its lock held by the caller)."""
+        return self.batcher.submit(session, seq, chunk)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """No new sessions or Classify; the sessions held go on until they end or idle out."""
+        if self.lifecycle is ModelState.READY:
+            self.lifecycle = ModelState.DRAINING
+
+    def retire(self) -> None:
+        """Free everything (every session of this version must be closed already)."""
+        if self.lifecycle is ModelState.RETIRED:
+            return
+        self.batcher.fail_queued()
+        self.lifecycle = ModelState.RETIRED
+        self.state.close()
+        for kind in ("allocated", "used"):
+            metrics.STATE_BYTES.labels(self.name, self._version_label, kind).set(0)
+        metrics.ACTIVE_SESSIONS.labels(self.name, self._version_label).set(0)
+
+    def _update_gauges(self) -> None:
+        version = self._version_label
+        metrics.ACTIVE_SESSIONS.labels(self.name, version).set(self.state.used)
+        metrics.STATE_BYTES.labels(self.name, version, "allocated").set(self.state.allocated_bytes)
+        metrics.STATE_BYTES.labels(self.name, version, "used").set(self.state.used_bytes)
+
+    # -- the Classify lane ---------------------------------------------------------------------
+
+    async def classify(self, sequences: list[np.ndarray], with_steps: bool) -> list[StepResult]:
+        """Whole sequences from zero states in one padded batch."""
+        desc = self.description
+        lengths = np.array([s.shape[0] for s in sequences], dtype=np.int64)  # (B,)
+        shape = (len(sequences), int(lengths.max()), *sequences[0].shape[1:])
+        batch = np.zeros(shape, dtype=sequences[0].dtype)  # (B, T) or (B, T, F)
+        for b, seq in enumerate(sequences):
+            batch[b, : seq.shape[0]] = seq
+        state = np.zeros((len(sequences), desc.state_rows, desc.hidden_size), np.float32)
+        out = await self._run_classify(batch, lengths, state)
+        return [
+            StepResult(
+                out.probs[b].copy(),
+                out.step_probs[b, : lengths[b]].copy() if with_steps else None,
+                int(lengths[b]),
+                int(lengths[b]),
+            )
+            for b in range(len(sequences))
+        ]
+
+    async def _run_classify(
+        self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray
+    ) -> RunOutput:
+        """One model call on a worker thread, timed (queue / compute / total) and counted."""
+        queued = time.perf_counter()
+        inflight = self._lanes.inflight
+        inflight.enter()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._lanes.executor, _timed_run, self.runtime, inputs,
+                                      lengths, state)  # fmt: skip
+        future.add_done_callback(lambda _: inflight.leave())  # when the thread is done
+        # shield: a cancelled caller (client gone) does not hide a run still in progress from
+        # wait_idle(); its result is simply dropped.
+        started, out, finished = await asyncio.shield(future)
+        metrics.CHUNK_SECONDS.labels(self.name, "queue").observe(started - queued)
+        metrics.CHUNK_SECONDS.labels(self.name, "compute").observe(finished - started)
+        metrics.CHUNK_SECONDS.labels(self.name, "total").observe(time.perf_counter() - queued)
+        metrics.STEPS.labels(self.name, "Classify").inc(int(lengths.sum()))
+        return out
+
+
+def _timed_run(
+    runtime: ModelRuntime, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray
+) -> tuple[float, RunOutput, float]:
+    started = time.perf_counter()
+    out = runtime.run(inputs, lengths, state)
+    return started, out, time.perf_counter()
+
+
+class WorkerFactory:
+    """Builds ModelWorkers from model files: the settings every version shares."""
+
+    def __init__(self, options: RuntimeOptions, policy: BatchPolicy, lanes: ComputeLanes,
+                 initial_capacity: int, max_sessions: int) -> None:  # fmt: skip
+        self.options = options
+        self.policy = policy
+        self.lanes = lanes
+        self.initial_capacity = initial_capacity
+        self.max_sessions = max_sessions
+
+    def load(self, path: Path) -> ModelWorker:
+        """Load, check and warm `NAME/VERSION/model.onnx` (blocking: call off the loop).
+
+        The folders name the model; a description that says otherwise is only a warning.
+        """
+        name, version = path.parent.parent.name, int(path.parent.name)
+        started = time.perf_counter()
+        opts = self.options
+        try:
+            runtime = ModelRuntime(path, opts.providers, opts.intra_op_threads,
+                                   opts.inter_op_threads)  # fmt: skip
+            runtime.debug_delay_s = opts.debug_compute_delay_s
+            runtime.warm_up()
+        except ConfigError:
+            raise
+        except Exception as exc:  # onnxruntime's own errors: a corrupt or unrunnable file
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"{path}: cannot load: {first_line[:300]}") from exc
+        desc = runtime.description
+        if (desc.name, desc.version) != (name, version):
+            log.warning("model description names another model than its folder", extra={"fields": {
+                "path": str(path), "folder": f"{name}/{version}",
+                "description": f"{desc.name}/{desc.version}",
+            }})  # fmt: skip
+        state = HostStateSlab(desc.state_rows, desc.hidden_size, self.initial_capacity,
+                              self.max_sessions)  # fmt: skip
+        seconds = time.perf_counter() - started
+        return ModelWorker(name, version, runtime, path, seconds, state, self.policy, self.lanes)

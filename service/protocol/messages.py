@@ -1,0 +1,149 @@
+"""Plain messages between a protocol front and the session layer.
+
+Requests are what a client asked for; replies carry engine objects (the Session, ChunkOutcome)
+for the front to encode. A chunk's input stays in the front's own form behind `InputSource`
+until the session (and so the model's description) is known: it is decoded once, by the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from lstmserve.contract import ModelDescription
+from service.engine.sessions import Session
+from service.engine.types import ChunkOutcome, StreamOptions
+from service.errors import LstmServeError
+
+
+class InputSource(Protocol):
+    """A chunk's input in the front's form; decoded against the session's model."""
+
+    def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
+        """(T,) int64 tokens or (T, F) float32 frames; InvalidInput naming `field`."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    model: str
+    version: int
+    options: StreamOptions
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    session_id: str
+    options: StreamOptions | None
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    snapshot: bytes
+    options: StreamOptions | None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    seq: int
+    input: InputSource
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TakeSnapshot:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unset:
+    """A message with no kind set (the front names what was expected)."""
+
+    expected: str
+
+
+Attach = Open | Resume | Restore
+Request = Open | Resume | Restore | Chunk | Reset | TakeSnapshot | End | Unset
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEntry:
+    """One entry of a multi-session message: a request for the session it names."""
+
+    session_id: str  # empty for open / restore
+    request: Request
+
+
+# -- replies --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    session: Session
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkDone:
+    """A chunk's reply: applied or duplicate (`outcome`), or rejected in-band (`error`)."""
+
+    session: Session
+    seq: int
+    outcome: ChunkOutcome | None
+    error: LstmServeError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResetDone:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    data: bytes
+    last_seq: int
+    total_steps: int
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    total_steps: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A multi-session entry's session-level error, answered in-band."""
+
+    error: LstmServeError
+
+
+Body = Opened | ChunkDone | ResetDone | Snapshot | Ended | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply for one session (`session_id` empty when an entry failed before naming one)."""
+
+    session_id: str
+    body: Body
+
+
+@dataclass(frozen=True, slots=True)
+class MultiReply:
+    """The reply to one multi-session message: one per entry, in entry order."""
+
+    replies: list[Reply]

@@ -1,0 +1,178 @@
+"""Many sessions over one stream: each message's entries in rounds, answered in entry order.
+
+Round r holds the r-th entry of every session named, so one session's entries apply in order
+while different sessions' chunks share batched runs. Session-level problems are answered
+in-band per entry; the stream goes on. On drain: a final snapshot of every live session the
+stream has named, then the stream ends (UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from service import metrics
+from service.engine.sessions import Session
+from service.engine.types import ChunkOutcome, ChunkWork
+from service.errors import InvalidInput, LstmServeError, ProtocolError, SessionNotFound
+from service.protocol.inbox import DRAIN, EOF
+from service.protocol.messages import (
+    Chunk,
+    ChunkDone,
+    Ended,
+    Failed,
+    MultiReply,
+    Open,
+    Reply,
+    Restore,
+    Resume,
+    SessionEntry,
+    Unset,
+)
+from service.protocol.session import (
+    FINAL_MESSAGE_GRACE_S,
+    SessionLayer,
+    draining_error,
+    kind_name,
+)
+
+RPC = "StreamMulti"
+
+
+class MultiConversation:
+    """Drives one multi-session stream."""
+
+    def __init__(self, layer: SessionLayer, requests: AsyncIterator[list[SessionEntry]]) -> None:
+        self.layer = layer
+        self._requests = requests
+        self._used: dict[str, Session] = {}  # live sessions this stream named, for drain
+
+    async def replies(self) -> AsyncIterator[MultiReply]:
+        layer = self.layer
+        inbox = layer.open_inbox(self._requests)
+        try:
+            while True:
+                entries = await inbox.next()
+                if entries is EOF:
+                    return
+                if entries is DRAIN:
+                    if self._used and layer.hands_over:
+                        yield await self._final_snapshots()
+                        await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
+                    raise draining_error()
+                yield await self.answer(entries)  # type: ignore[arg-type]
+        finally:
+            layer.close_inbox(inbox)
+
+    async def answer(self, entries: Sequence[SessionEntry]) -> MultiReply:
+        """One reply per entry, in entry order."""
+        limit = self.layer.limits.max_multi_entries
+        if len(entries) > limit:
+            raise InvalidInput(f"entries has {len(entries)} entries, more than the maximum {limit}")
+        replies: list[Reply | None] = [None] * len(entries)
+        for indices in rounds(entries):
+            work: list[tuple[int, ChunkWork]] = []
+            for i in indices:
+                replies[i] = await self._entry(entries[i], i, work)
+            if work:
+                outcomes = await self.layer.engine.apply_chunks([w for _, w in work])
+                for (i, item), outcome in zip(work, outcomes, strict=True):
+                    replies[i] = _chunk_reply(item, outcome)
+        done = [r for r in replies if r is not None]
+        self._note_used(done)
+        return MultiReply(done)
+
+    async def _entry(
+        self, entry: SessionEntry, i: int, work: list[tuple[int, ChunkWork]]
+    ) -> Reply | None:
+        """One entry's reply, or None for a valid chunk (added to `work`); errors in-band."""
+        request, session_id = entry.request, entry.session_id
+        layer = self.layer
+        try:
+            if isinstance(request, Open | Resume | Restore):
+                opened = await layer.attach(request)
+                return Reply(opened.session.id, opened)
+            if isinstance(request, Unset):
+                raise ProtocolError(f"entries[{i}] is empty: set {request.expected}")
+            if not session_id:
+                raise SessionNotFound(
+                    f"entries[{i}].session_id is empty ({kind_name(request)} needs a session)"
+                )
+            chunk = isinstance(request, Chunk)
+            session = await layer.engine.find_session(session_id, local_first=chunk)
+            if isinstance(request, Chunk):
+                return self._decode_chunk(session, request, i, work)
+            body = await layer.handle(session, request, RPC)
+        except LstmServeError as exc:
+            return Reply(session_id, Failed(exc))
+        return Reply(session.id, body)
+
+    def _decode_chunk(
+        self, session: Session, chunk: Chunk, i: int, work: list[tuple[int, ChunkWork]]
+    ) -> Reply | None:
+        desc = session.model.description
+        field = f"entries[{i}].chunk.input"
+        try:
+            steps = chunk.input.decode(desc, self.layer.limits.max_chunk_steps, field)
+        except InvalidInput as exc:
+            metrics.requests(f"{RPC}.chunk", desc.name, exc.code).inc()
+            return Reply(session.id, ChunkDone(session, chunk.seq, None, exc))
+        work.append((i, ChunkWork(session, chunk.seq, steps)))
+        return None
+
+    def _note_used(self, replies: Sequence[Reply]) -> None:
+        """Remember the live sessions this stream has named (for final snapshots)."""
+        store = self.layer.engine.store
+        for reply in replies:
+            if not reply.session_id:
+                continue
+            session = store.peek(reply.session_id)
+            if session is None or isinstance(reply.body, Ended):
+                self._used.pop(reply.session_id, None)
+            else:
+                self._used[reply.session_id] = session
+
+    async def _final_snapshots(self) -> MultiReply:
+        """A draining server's last message: a final snapshot per live session."""
+        replies = []
+        for session_id, session in self._used.items():
+            if session.ended:
+                continue
+            try:
+                snap = await self.layer.snapshot(session, final=True)
+            except LstmServeError:
+                continue  # ended or expired meanwhile: nothing to hand over
+            replies.append(Reply(session_id, snap))
+        return MultiReply(replies)
+
+
+def rounds(entries: Sequence[SessionEntry]) -> list[list[int]]:
+    """Entry indices in rounds: round r holds the r-th entry of every session named."""
+    seen: dict[str, int] = {}
+    result: list[list[int]] = []
+    for i, entry in enumerate(entries):
+        request = entry.request
+        if isinstance(request, Open | Restore):
+            key = f"{kind_name(request)}#{i}"  # a session of its own
+        elif isinstance(request, Resume):
+            key = request.session_id
+        else:
+            key = entry.session_id
+        r = seen.get(key, 0)
+        seen[key] = r + 1
+        if r == len(result):
+            result.append([])
+        result[r].append(i)
+    return result
+
+
+def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> Reply:
+    """A chunk entry's reply: applied, duplicate, rejected in-band, or the session is gone."""
+    session = item.session
+    name = session.model.name
+    if isinstance(outcome, InvalidInput):
+        metrics.requests(f"{RPC}.chunk", name, outcome.code).inc()
+        return Reply(session.id, ChunkDone(session, item.seq, None, outcome))
+    if isinstance(outcome, LstmServeError):
+        return Reply(session.id, Failed(outcome))
+    metrics.requests(f"{RPC}.chunk", name, "OK").inc()
+    return Reply(session.id, ChunkDone(session, item.seq, outcome))

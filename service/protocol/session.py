@@ -1,0 +1,141 @@
+"""SessionLayer: attach and per-message dispatch for every front, and the drain hand-over.
+
+A front hands it plain requests (service/protocol/messages.py) and encodes the replies. What
+ends a stream is raised (the front turns it into a status); what a client can fix and go on
+from (a bad chunk) is answered in-band.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from service import metrics
+from service.engine.core import Engine
+from service.engine.sessions import Session
+from service.errors import Draining, InvalidInput, ProtocolError
+from service.protocol.inbox import Inbox
+from service.protocol.messages import (
+    Body,
+    Chunk,
+    ChunkDone,
+    End,
+    Ended,
+    Open,
+    Opened,
+    Request,
+    Reset,
+    ResetDone,
+    Restore,
+    Resume,
+    Snapshot,
+    TakeSnapshot,
+)
+
+R = TypeVar("R")
+
+# After a draining server's final snapshot(s), how long a stream waits for the client to close
+# it (the client continues elsewhere at once) before ending it: a client that writes meanwhile
+# would otherwise see its write fail and might lose the unread snapshot.
+FINAL_MESSAGE_GRACE_S = 2.0
+
+KIND_NAMES = {Open: "open", Resume: "resume", Restore: "restore", Chunk: "chunk",
+              Reset: "reset", TakeSnapshot: "snapshot", End: "end"}  # fmt: skip
+
+
+def kind_name(request: object) -> str:
+    return KIND_NAMES.get(type(request), type(request).__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request limits the layer enforces."""
+
+    max_chunk_steps: int = 4096
+    max_multi_entries: int = 4096
+    idle_timeout_s: float = 600.0
+
+
+def draining_error() -> Draining:
+    return Draining(
+        "the server is draining (shutting down): continue the session on another replica from "
+        "its final snapshot, or by id with a shared store"
+    )
+
+
+class SessionLayer:
+    """The protocol-neutral session operations over one engine."""
+
+    def __init__(self, engine: Engine, limits: Limits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self._inboxes: set[Inbox[Any]] = set()
+
+    # -- attach and dispatch -------------------------------------------------------------------
+
+    async def attach(self, request: Request) -> Opened:
+        """Open, resume or restore a session (a stream's first message, or a multi entry)."""
+        engine = self.engine
+        if isinstance(request, Open):
+            session = await engine.open_session(request.model, request.version, request.options)
+            return Opened(session, resumed=False)
+        if isinstance(request, Resume):
+            return Opened(await engine.resume_session(request.session_id, request.options), True)
+        if isinstance(request, Restore):
+            return Opened(await engine.restore_session(request.snapshot, request.options), True)
+        raise ProtocolError(
+            f"the first Stream message must be open, resume or restore, not {kind_name(request)}"
+        )
+
+    async def handle(self, session: Session, request: Request, rpc: str) -> Body:
+        """One message for an attached session."""
+        if isinstance(request, Chunk):
+            return await self.chunk(session, request, rpc, "chunk.input")
+        if isinstance(request, Reset):
+            return ResetDone(request.seq, await self.engine.reset(session, request.seq))
+        if isinstance(request, TakeSnapshot):
+            return await self.snapshot(session, final=False)
+        if isinstance(request, End):
+            await self.engine.end(session)
+            return Ended(session.total_steps, session.last_seq)
+        raise ProtocolError(
+            f"a Stream already attached to a session cannot take {kind_name(request)}"
+        )
+
+    async def chunk(self, session: Session, chunk: Chunk, rpc: str, field: str) -> ChunkDone:
+        """Apply one chunk; a bad chunk is answered in-band and leaves the session unchanged."""
+        desc = session.model.description
+        try:
+            steps = chunk.input.decode(desc, self.limits.max_chunk_steps, field)
+            outcome = await self.engine.apply_chunk(session, chunk.seq, steps)
+        except InvalidInput as exc:
+            metrics.requests(f"{rpc}.chunk", session.model.name, exc.code).inc()
+            return ChunkDone(session, chunk.seq, None, exc)
+        metrics.requests(f"{rpc}.chunk", session.model.name, "OK").inc()
+        return ChunkDone(session, chunk.seq, outcome)
+
+    async def snapshot(self, session: Session, final: bool) -> Snapshot:
+        blob = await self.engine.take_snapshot(session, final=final)
+        return Snapshot(blob, session.last_seq, session.total_steps, final)
+
+    # -- streams and the drain hand-over -------------------------------------------------------
+
+    def open_inbox(self, requests: AsyncIterator[R]) -> Inbox[R]:
+        inbox = Inbox(requests, self.engine.drain_started)
+        self._inboxes.add(inbox)
+        return inbox
+
+    def close_inbox(self, inbox: Inbox[Any]) -> None:
+        inbox.close()
+        self._inboxes.discard(inbox)
+
+    def begin_drain(self) -> None:
+        """Wake every stream waiting for its next message, so it sends its final snapshots."""
+        for inbox in list(self._inboxes):
+            inbox.wake()
+
+    @property
+    def hands_over(self) -> bool:
+        """Whether a draining server sends final snapshots (snapshots are configured)."""
+        return self.engine.continuity.enabled

@@ -1,0 +1,52 @@
+"""One single-session stream: attach on the first message, then one reply per message, in
+order; on drain, a final snapshot and the stream ends (UNAVAILABLE)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from service.engine.sessions import Session
+from service.protocol.inbox import DRAIN, EOF
+from service.protocol.messages import Ended, Reply, Request
+from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error
+
+
+class StreamConversation:
+    """Drives one stream; `model` names its session's model once attached (for metrics)."""
+
+    def __init__(self, layer: SessionLayer, requests: AsyncIterator[Request], rpc: str) -> None:
+        self.layer = layer
+        self.rpc = rpc
+        self.session: Session | None = None
+        self._requests = requests
+
+    @property
+    def model(self) -> str:
+        return self.session.model.name if self.session is not None else ""
+
+    async def replies(self) -> AsyncIterator[Reply]:
+        """Every reply, in order; raises what ends the stream with a status."""
+        layer = self.layer
+        inbox = layer.open_inbox(self._requests)
+        try:
+            while True:
+                request = await inbox.next()
+                if request is EOF:
+                    return
+                if request is DRAIN:
+                    if self.session is not None and layer.hands_over:
+                        yield Reply(self.session.id, await layer.snapshot(self.session, True))
+                        await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
+                    raise draining_error()
+                assert not isinstance(request, BaseException)
+                if self.session is None:
+                    opened = await layer.attach(request)  # type: ignore[arg-type]
+                    self.session = opened.session
+                    yield Reply(opened.session.id, opened)
+                    continue
+                body = await layer.handle(self.session, request, self.rpc)  # type: ignore[arg-type]
+                yield Reply(self.session.id, body)
+                if isinstance(body, Ended):
+                    return
+        finally:
+            layer.close_inbox(inbox)
