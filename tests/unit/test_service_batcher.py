@@ -11,42 +11,40 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.batcher import BatchPolicy, bucket_of, pad_chunks
+from service.engine.batcher import bucket_of, pad_chunks
 from service.engine.core import ChunkOutcome, ChunkWork, Engine
-from service.engine.registry import ModelRegistry, RuntimeOptions
 from service.engine.runtime import RunOutput
-from service.engine.sessions import SessionStore, StreamOptions
-from service.errors import InvalidInput, SessionNotFound
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_repo: Path) -> ModelRegistry:
-    return ModelRegistry.load(tiny_repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
+from service.engine.types import BatchPolicy, StreamOptions
+from service.errors import InvalidInput, SessionNotFound, SessionReplaced
+from tests.unit.engines import load_engine
 
 
 class GatedRun:
-    """A runtime.run wrapper that records lengths and holds each run until released."""
+    """Wraps the tiny-gru runtime of engines: records lengths, holds each run until released."""
 
-    def __init__(self, runtime: Any) -> None:
-        self.inner = runtime.run
+    def __init__(self) -> None:
         self.calls: list[list[int]] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
-        self.calls.append(lengths.tolist())
-        self.gate.wait(30)
-        return self.inner(inputs, lengths, state)
+    def attach(self, engine: Engine) -> Engine:
+        runtime = engine.registry.get("tiny-gru").runtime
+        inner = runtime.run
+
+        def run(inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
+            self.calls.append(lengths.tolist())
+            self.gate.wait(30)
+            return inner(inputs, lengths, state)
+
+        runtime.run = run  # type: ignore[method-assign]
+        return engine
 
 
 @pytest.fixture
-def gated(registry: ModelRegistry) -> Any:
-    runtime = registry.get("tiny-gru").runtime
-    run = GatedRun(runtime)
-    runtime.run = run  # type: ignore[method-assign]
+def gated() -> Any:
+    run = GatedRun()
     yield run
     run.gate.set()
-    del runtime.run
 
 
 async def until(condition: Any, timeout_s: float = 10.0) -> None:
@@ -57,11 +55,8 @@ async def until(condition: Any, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
-def make_engine(registry: ModelRegistry, **policy: Any) -> Engine:
-    store = SessionStore(max_sessions=100, idle_timeout_s=60)
-    engine = Engine(store, compute_threads=2, policy=BatchPolicy(**policy))
-    engine.registry = registry
-    return engine
+def make_engine(repo: Path, **policy: Any) -> Engine:
+    return load_engine(repo, compute_threads=2, policy=BatchPolicy(**policy))
 
 
 def tokens(*ids: int) -> np.ndarray:
@@ -77,20 +72,20 @@ def test_bucket_and_padding() -> None:
 
 
 def test_chunks_submitted_together_share_one_run_and_equal_single_runs(
-    registry: ModelRegistry, gated: GatedRun
+    tiny_repo: Path, gated: GatedRun
 ) -> None:
-    engine = make_engine(registry)
-    lone = make_engine(registry, max_batch_size=1)
+    engine = gated.attach(make_engine(tiny_repo))
+    lone = gated.attach(make_engine(tiny_repo, max_batch_size=1))
     chunks = [tokens(1, 2, 3), tokens(4), tokens(5, 6), tokens(7, 8, 9, 10)]
 
     async def main() -> tuple[list[ChunkOutcome], list[ChunkOutcome]]:
-        sessions = [engine.open_session("tiny-gru", 0, StreamOptions()) for _ in chunks]
+        sessions = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in chunks]
         together = await asyncio.gather(
             *(engine.apply_chunk(s, 1, c) for s, c in zip(sessions, chunks, strict=True))
         )
         alone = []
         for c in chunks:
-            session = lone.open_session("tiny-gru", 0, StreamOptions())
+            session = await lone.open_session("tiny-gru", 0, StreamOptions())
             alone.append(await lone.apply_chunk(session, 1, c))
         return together, alone
 
@@ -103,12 +98,12 @@ def test_chunks_submitted_together_share_one_run_and_equal_single_runs(
     lone.close()
 
 
-def test_under_load_a_batch_fills_while_one_runs(registry: ModelRegistry, gated: GatedRun) -> None:
-    engine = make_engine(registry, max_batch_size=8, max_queue_delay_s=60.0)
+def test_under_load_a_batch_fills_while_one_runs(tiny_repo: Path, gated: GatedRun) -> None:
+    engine = gated.attach(make_engine(tiny_repo, max_batch_size=8, max_queue_delay_s=60.0))
     gated.gate.clear()
 
     async def main() -> None:
-        sessions = [engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(6)]
+        sessions = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(6)]
         first = asyncio.ensure_future(engine.apply_chunk(sessions[0], 1, tokens(1)))
         await until(lambda: gated.calls)  # the first chunk starts at once, alone
         rest = [asyncio.ensure_future(engine.apply_chunk(s, 1, tokens(2))) for s in sessions[1:]]
@@ -123,14 +118,14 @@ def test_under_load_a_batch_fills_while_one_runs(registry: ModelRegistry, gated:
 
 
 def test_cancelled_chunk_leaves_its_session_untouched(
-    registry: ModelRegistry, gated: GatedRun
+    tiny_repo: Path, gated: GatedRun
 ) -> None:
-    engine = make_engine(registry)
+    engine = gated.attach(make_engine(tiny_repo))
     gated.gate.clear()
 
     async def main() -> None:
-        kept = engine.open_session("tiny-gru", 0, StreamOptions())
-        dropped = engine.open_session("tiny-gru", 0, StreamOptions())
+        kept = await engine.open_session("tiny-gru", 0, StreamOptions())
+        dropped = await engine.open_session("tiny-gru", 0, StreamOptions())
         before = dropped.read_state()
         keep = asyncio.ensure_future(engine.apply_chunk(kept, 1, tokens(1, 2)))
         drop = asyncio.ensure_future(engine.apply_chunk(dropped, 1, tokens(3, 4)))
@@ -153,13 +148,13 @@ def test_cancelled_chunk_leaves_its_session_untouched(
 
 
 def test_wait_idle_waits_for_queued_and_running_chunks(
-    registry: ModelRegistry, gated: GatedRun
+    tiny_repo: Path, gated: GatedRun
 ) -> None:
-    engine = make_engine(registry)
+    engine = gated.attach(make_engine(tiny_repo))
     gated.gate.clear()
 
     async def main() -> None:
-        session = engine.open_session("tiny-gru", 0, StreamOptions())
+        session = await engine.open_session("tiny-gru", 0, StreamOptions())
         task = asyncio.ensure_future(engine.apply_chunk(session, 1, tokens(1)))
         await until(lambda: gated.calls)
         assert engine.inflight == 1
@@ -172,11 +167,11 @@ def test_wait_idle_waits_for_queued_and_running_chunks(
     engine.close()
 
 
-def test_apply_chunks_answers_each_entry_in_place(registry: ModelRegistry) -> None:
-    engine = make_engine(registry)
+def test_apply_chunks_answers_each_entry_in_place(tiny_repo: Path) -> None:
+    engine = make_engine(tiny_repo)
 
     async def main() -> list[ChunkOutcome | Exception]:
-        a, b, c = (engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(3))
+        a, b, c = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(3)]
         await engine.apply_chunk(b, 5, tokens(1))
         engine.store.end(c)
         work = [
@@ -194,11 +189,11 @@ def test_apply_chunks_answers_each_entry_in_place(registry: ModelRegistry) -> No
     engine.close()
 
 
-def test_apply_chunks_waits_for_a_session_busy_elsewhere(registry: ModelRegistry) -> None:
-    engine = make_engine(registry)
+def test_apply_chunks_waits_for_a_session_busy_elsewhere(tiny_repo: Path) -> None:
+    engine = make_engine(tiny_repo)
 
     async def main() -> None:
-        busy, free = (engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(2))
+        busy, free = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(2)]
         await busy.lock.acquire()  # e.g. a Stream applying its own chunk
         work = [ChunkWork(busy, 1, tokens(1)), ChunkWork(free, 1, tokens(2))]
         task = asyncio.ensure_future(engine.apply_chunks(work))

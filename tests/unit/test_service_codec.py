@@ -10,13 +10,14 @@ import pytest
 from lstmserve.client import to_input
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import codec
-from service.engine.registry import ModelRegistry, RuntimeOptions
+from service.engine.registry import ModelRegistry
 from service.errors import InvalidInput
+from tests.unit.engines import load_engine
 
 
 @pytest.fixture(scope="module")
 def registry(tiny_repo: Path) -> ModelRegistry:
-    return ModelRegistry.load(tiny_repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
+    return load_engine(tiny_repo).registry
 
 
 def test_frames_round_trip_flat_and_rows(registry: ModelRegistry) -> None:
@@ -54,6 +55,7 @@ def test_error_status_in_band() -> None:
 
 
 def test_model_info_carries_tokenizer_and_provider(registry: ModelRegistry) -> None:
-    info = codec.model_info(registry.get("tiny-gru"))
+    info = codec.model_info(registry.get("tiny-gru"), latest=True)
     assert info.tokenizer.vocab[0] == "<unk>" and info.tokenizer.lowercase
     assert info.provider == "CPUExecutionProvider" and info.load_seconds > 0
+    assert info.state == pb.MODEL_STATE_READY and info.latest and info.sessions == 0

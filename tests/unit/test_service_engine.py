@@ -13,25 +13,35 @@ from hypothesis import strategies as st
 
 from service.engine.core import Engine
 from service.engine.inputs import frames_from_flat, tokens_from_ids, tokens_from_text
-from service.engine.registry import ModelRegistry, RuntimeOptions
-from service.engine.sessions import SessionStore, StreamOptions
+from service.engine.registry import ModelRegistry
+from service.engine.sessions import SessionStore
+from service.engine.types import StreamOptions
 from service.errors import Draining, InvalidInput, ModelNotFound, Unavailable
+from tests.unit.engines import load_engine
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_repo: Path) -> ModelRegistry:
-    return ModelRegistry.load(tiny_repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
+def shared(tiny_repo: Path) -> Engine:
+    return load_engine(tiny_repo)
 
 
-def make_engine(registry: ModelRegistry | None) -> Engine:
-    engine = Engine(SessionStore(max_sessions=100, idle_timeout_s=60), compute_threads=1)
-    engine.registry = registry
-    return engine
+@pytest.fixture(scope="module")
+def registry(shared: Engine) -> ModelRegistry:
+    return shared.registry
+
+
+@pytest.fixture
+def engine(tiny_repo: Path) -> Engine:
+    fresh = load_engine(tiny_repo)
+    yield fresh
+    fresh.close()
 
 
 def test_registry_versions_and_latest(registry: ModelRegistry) -> None:
     assert registry.get("tiny-lstm").version == 2
-    assert registry.get("tiny-lstm", 1).version == 1 and not registry.get("tiny-lstm", 1).latest
+    older = registry.get("tiny-lstm", 1)
+    assert older.version == 1 and not registry.is_latest(older)
+    assert registry.is_latest(registry.get("tiny-lstm"))
     with pytest.raises(ModelNotFound, match="no version 3"):
         registry.get("tiny-lstm", 3)
     with pytest.raises(ModelNotFound, match="'nope'"):
@@ -44,15 +54,15 @@ def test_registry_versions_and_latest(registry: ModelRegistry) -> None:
     cuts=st.lists(st.integers(1, 29), max_size=6),
 )
 def test_chunked_steps_equal_classify_on_the_whole_sequence(
-    registry: ModelRegistry, tokens: list[int], cuts: list[int]
+    shared: Engine, tokens: list[int], cuts: list[int]
 ) -> None:
-    engine = make_engine(registry)
-    model = registry.get("tiny-lstm", 1)
+    engine = shared
+    model = engine.registry.get("tiny-lstm", 1)
     seq = np.array(tokens, dtype=np.int64)
     bounds = sorted({c for c in cuts if c < len(seq)} | {0, len(seq)})
 
     async def main() -> tuple[np.ndarray, np.ndarray]:
-        session = engine.open_session("tiny-lstm", 1, StreamOptions())
+        session = await engine.open_session("tiny-lstm", 1, StreamOptions())
         for seq_no, (a, b) in enumerate(itertools.pairwise(bounds), start=1):
             outcome = await engine.apply_chunk(session, seq_no, seq[a:b])
         [whole] = await engine.classify(model, [seq], with_steps=False)
@@ -60,14 +70,12 @@ def test_chunked_steps_equal_classify_on_the_whole_sequence(
 
     chunked, whole = asyncio.run(main())
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
-    engine.close()
 
 
-def test_resent_chunk_is_not_applied_twice(registry: ModelRegistry) -> None:
-    engine = make_engine(registry)
+def test_resent_chunk_is_not_applied_twice(engine: Engine) -> None:
 
     async def main() -> None:
-        session = engine.open_session("tiny-gru", 0, StreamOptions())
+        session = await engine.open_session("tiny-gru", 0, StreamOptions())
         first = await engine.apply_chunk(session, 1, np.array([1, 2], dtype=np.int64))
         second = await engine.apply_chunk(session, 2, np.array([3], dtype=np.int64))
         state = session.read_state()
@@ -81,19 +89,16 @@ def test_resent_chunk_is_not_applied_twice(registry: ModelRegistry) -> None:
         assert not first.duplicate and not second.duplicate
 
     asyncio.run(main())
-    engine.close()
 
 
-def test_loading_and_draining_refuse_new_work(registry: ModelRegistry) -> None:
-    loading = make_engine(None)
+def test_loading_and_draining_refuse_new_work(tiny_repo: Path, engine: Engine) -> None:
+    loading = Engine(SessionStore(max_sessions=1, idle_timeout_s=60), repository=tiny_repo)
     with pytest.raises(Unavailable, match="loading"):
-        loading.open_session("tiny-gru", 0, StreamOptions())
-    draining = make_engine(registry)
-    draining.draining = True
+        asyncio.run(loading.open_session("tiny-gru", 0, StreamOptions()))
+    engine.draining = True
     with pytest.raises(Draining):
-        draining.open_session("tiny-gru", 0, StreamOptions())
+        asyncio.run(engine.open_session("tiny-gru", 0, StreamOptions()))
     loading.close()
-    draining.close()
 
 
 def test_input_checks_name_field_and_value(registry: ModelRegistry) -> None:

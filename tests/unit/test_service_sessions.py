@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.registry import LoadedModel, ModelRegistry, RuntimeOptions
-from service.engine.sessions import SessionStore, StateSlab, StreamOptions
+from service.engine.registry import ModelRegistry
+from service.engine.sessions import SessionStore
+from service.engine.state import HostStateSlab as StateSlab
+from service.engine.types import StreamOptions
+from service.engine.worker import ModelWorker
 from service.errors import NotStreamable, Overloaded, SessionExpired, SessionNotFound
+from tests.unit.engines import load_engine
 
 
 @pytest.fixture(scope="module")
 def registry(tiny_repo: Path) -> ModelRegistry:
-    return ModelRegistry.load(tiny_repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
+    return load_engine(tiny_repo).registry
 
 
 class Clock:
@@ -71,7 +75,7 @@ def test_store_opens_limits_and_ends(registry: ModelRegistry) -> None:
         store.get(a.id)
     assert not isinstance(info.value, SessionExpired)
     assert store.get(b.id) is b
-    assert store.memory_bytes()["used"] == model.description.state_bytes
+    assert model.state.used_bytes == model.description.state_bytes
 
 
 def test_store_refuses_bidirectional_models(registry: ModelRegistry) -> None:
@@ -83,7 +87,7 @@ def test_store_refuses_bidirectional_models(registry: ModelRegistry) -> None:
 def test_idle_sessions_expire_and_are_remembered_bounded(registry: ModelRegistry) -> None:
     clock = Clock()
     store = SessionStore(max_sessions=10, idle_timeout_s=5, expired_memory=2, clock=clock)
-    model: LoadedModel = registry.get("tiny-lstm", 1)
+    model: ModelWorker = registry.get("tiny-lstm", 1)
     sessions = [store.open(model, StreamOptions()) for _ in range(3)]
     clock.now += 3
     store.touch(sessions[2])

@@ -1,0 +1,36 @@
+"""Engines over the tiny repository, loaded, for the unit tests (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from service.engine.batcher import ComputeLanes, InflightCounter
+from service.engine.core import Engine
+from service.engine.sessions import SessionStore
+from service.engine.types import BatchPolicy, RuntimeOptions
+from service.engine.worker import ModelWorker, WorkerFactory
+
+CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",))
+
+
+def load_engine(
+    repo: Path, max_sessions: int = 100, idle_timeout_s: float = 60.0,
+    clock: Callable[[], float] = time.monotonic, **kwargs: Any,
+) -> Engine:  # fmt: skip
+    """An engine that has loaded and warmed every version of `repo`."""
+    store = SessionStore(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, clock=clock)
+    kwargs.setdefault("compute_threads", 1)
+    engine = Engine(store, runtime=CPU_ONLY, repository=repo, **kwargs)
+    asyncio.run(engine.load_models())
+    return engine
+
+
+def load_worker(path: Path, options: RuntimeOptions = CPU_ONLY) -> ModelWorker:
+    """One model version loaded and warmed on its own (no engine around it)."""
+    lanes = ComputeLanes(ThreadPoolExecutor(1), InflightCounter())
+    return WorkerFactory(options, BatchPolicy(), lanes, 1, 10).load(path)
