@@ -117,9 +117,7 @@ def test_under_load_a_batch_fills_while_one_runs(tiny_repo: Path, gated: GatedRu
     engine.close()
 
 
-def test_cancelled_chunk_leaves_its_session_untouched(
-    tiny_repo: Path, gated: GatedRun
-) -> None:
+def test_cancelled_chunk_leaves_its_session_untouched(tiny_repo: Path, gated: GatedRun) -> None:
     engine = gated.attach(make_engine(tiny_repo))
     gated.gate.clear()
 
@@ -147,9 +145,7 @@ def test_cancelled_chunk_leaves_its_session_untouched(
     engine.close()
 
 
-def test_wait_idle_waits_for_queued_and_running_chunks(
-    tiny_repo: Path, gated: GatedRun
-) -> None:
+def test_wait_idle_waits_for_queued_and_running_chunks(tiny_repo: Path, gated: GatedRun) -> None:
     engine = gated.attach(make_engine(tiny_repo))
     gated.gate.clear()
 
@@ -217,3 +213,48 @@ def test_batching_flags_make_the_policy() -> None:
     off = config_from_args(["--no-batching", "--compute-threads", "3"], environ={})
     assert off.batch_policy.max_batch_size == 1 and off.batch_policy.max_concurrent == 3
     assert not config_from_args([], environ={"LSTM_SERVE_BATCHING": "0"}).batching
+
+
+def test_a_chunk_in_flight_on_a_replaced_session_is_answered_aborted(
+    tiny_repo: Path, gated: GatedRun
+) -> None:
+    engine = gated.attach(make_engine(tiny_repo))
+    gated.gate.clear()
+
+    async def main() -> None:
+        old = await engine.open_session("tiny-gru", 0, StreamOptions())
+        other = await engine.open_session("tiny-gru", 0, StreamOptions())
+        running = asyncio.ensure_future(engine.apply_chunk(old, 1, tokens(1, 2)))
+        await until(lambda: gated.calls)  # in the running batch
+        queued = asyncio.ensure_future(engine.apply_chunk(other, 1, tokens(3)))
+        await asyncio.sleep(0.01)
+        worker = old.model
+        newer = engine.store.adopt(worker, StreamOptions(), old.id)  # a newer copy restored
+        engine.store.adopt(worker, StreamOptions(), other.id)  # and one of the queued session
+        gated.gate.set()
+        async with asyncio.timeout(5):
+            for task in (running, queued):
+                with pytest.raises(SessionReplaced, match="replaced by a newer copy"):
+                    await task
+        assert newer.last_seq == 0 and not newer.read_state().any()  # nothing committed into it
+        assert await engine.wait_idle(5) and worker.sessions == 2
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_results_own_their_arrays(tiny_repo: Path) -> None:
+    engine = make_engine(tiny_repo)
+
+    async def main() -> None:
+        session = await engine.open_session("tiny-gru", 0, StreamOptions(every_step=True))
+        outcome = await engine.apply_chunk(session, 1, tokens(1, 2, 3))
+        result = outcome.result
+        assert result is not None and result.step_probs is not None
+        assert result.probs.base is None and result.step_probs.base is None  # no batch views
+        [whole] = await engine.classify(session.model, [tokens(1, 2, 3)], with_steps=True)
+        assert whole.probs.base is None and whole.step_probs is not None
+        assert whole.step_probs.base is None
+
+    asyncio.run(main())
+    engine.close()
