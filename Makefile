@@ -7,16 +7,21 @@ TEST_VENV := .venv-test
 
 .PHONY: serve test train-speaker train-langid verify proto clean
 
+# First run only (and after pyproject.toml changes): pip shows each package as it installs.
 $(SERVE_VENV)/.installed: pyproject.toml
+	@echo "==> Installing lstm-serve (onnxruntime, gRPC, numpy, redis) into $(SERVE_VENV):" \
+		"about a minute, once"
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/pip install --quiet -e .
+	$(SERVE_VENV)/bin/pip install -e .
 	touch $@
 
 $(TEST_VENV)/.installed: pyproject.toml
+	@echo "==> Installing lstm-serve with its test and training extras (torch, onnx, grpcio-tools," \
+		"ruff, ...) into $(TEST_VENV): several minutes (torch is a large download), once"
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install --quiet --upgrade pip
-	$(TEST_VENV)/bin/pip install --quiet -e '.[test]'
+	$(TEST_VENV)/bin/pip install -e '.[test]'
 	touch $@
 
 serve: $(SERVE_VENV)/.installed

@@ -19,10 +19,17 @@ from lstmserve.v1 import lstm_serve_pb2 as pb
 
 def load_frames(path: Path) -> np.ndarray:
     """A (T, F) float32 array from a .npy file or a CSV file (one frame per line)."""
-    raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+    try:
+        raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+    except OSError as exc:
+        raise ValueError(f"--frames {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # not a .npy file, or not numbers
+        raise ValueError(f"--frames {path}: {exc}") from exc
     frames = np.asarray(raw, dtype=np.float32)
     if frames.ndim != 2:
-        raise ValueError(f"{path}: frames must be 2-D (T, F), got shape {frames.shape}")
+        raise ValueError(f"--frames {path}: frames must be 2-D (T, F), got shape {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError(f"--frames {path}: the file holds no frames")
     return frames
 
 
@@ -66,7 +73,7 @@ async def cmd_list(client: LstmClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_classify(client: LstmClient, args: argparse.Namespace) -> int:
-    steps: str | np.ndarray = args.text if args.text is not None else load_frames(args.frames)
+    steps = read_steps(args)
     reply = await client.classify(args.model, [steps], version=args.version, top_k=args.top_k)
     result = reply.results[0]
     if args.json:
@@ -77,40 +84,92 @@ async def cmd_classify(client: LstmClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def read_steps(args: argparse.Namespace) -> str | np.ndarray:
+    """The --text, or the --frames file read and checked: before anything is sent."""
+    if args.text is None:
+        return load_frames(args.frames)
+    if not args.text:
+        raise ValueError("--text is empty")
+    return str(args.text)
+
+
+def check_input(info: pb.ModelInfo, steps: str | np.ndarray, frames: Path | None) -> None:
+    """A ValueError when `info`'s model cannot take these steps (checked before streaming)."""
+    name = f"{info.name} v{info.version}"
+    if isinstance(steps, str):
+        if info.input_kind != "tokens":
+            raise ValueError(
+                f"{name} takes frames ({info.feature_dim} features each), not text: "
+                "give --frames FILE instead of --text"
+            )
+        if not info.HasField("tokenizer"):
+            raise ValueError(f"{name} has no tokenizer: it takes token ids, not --text")
+        return
+    if info.input_kind != "features":
+        raise ValueError(
+            f"{name} takes text (input_kind {info.input_kind}), not frames: give --text "
+            f"instead of --frames {frames}"
+        )
+    if steps.shape[1] != info.feature_dim:
+        raise ValueError(
+            f"--frames {frames}: {steps.shape[1]} features per frame, {name} takes "
+            f"{info.feature_dim}"
+        )
+
+
 async def stream_steps(
     session: StreamSession, steps: str | np.ndarray, delay_s: float, out: TextIO
 ) -> int:
-    """Send one character (or frame) per chunk, showing the top label as it changes."""
+    """Send one character (or frame) per chunk, showing the top label as it changes; returns
+    how many chunks the server refused."""
     line = LiveLine(out)
-    consumed = ""
+    refused = 0
     for i in range(len(steps)):
         step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
         result = await session.step(step)
         consumed = steps[: i + 1] if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}"
         if result.HasField("error"):
-            line.update(f"{consumed!r}  (skipped: {result.error.message})")
+            refused += 1
+            line.update(f"{consumed!r}  (refused: {result.error.code}: {result.error.message})")
         else:
             line.update(f"{consumed!r:<32} {format_top(result.top)}")
         if delay_s:
             await asyncio.sleep(delay_s)
     line.done()
-    return 0
+    return refused
+
+
+async def start_stream(
+    client: LstmClient, args: argparse.Namespace, steps: str | np.ndarray
+) -> StreamSession:
+    """Open (or resume) the session once its model is known to take `steps`."""
+    if not args.session:
+        check_input(await client.get_model(args.model, args.version), steps, args.frames)
+        return await client.open_session(args.model, version=args.version, top_k=args.top_k)
+    session = await client.resume_session(args.session)
+    try:
+        info = await client.get_model(session.opened.model, session.opened.version)
+        check_input(info, steps, args.frames)
+    except BaseException:
+        await session.close()  # the session stays as it was, resumable
+        raise
+    return session
 
 
 async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
-    if args.session:
-        session = await client.resume_session(args.session)
-    else:
-        session = await client.open_session(args.model, version=args.version, top_k=args.top_k)
+    steps = read_steps(args)
+    session = await start_stream(client, args, steps)
     print(f"session {session.session_id} {session.opened.model} v{session.opened.version}")
-    steps: str | np.ndarray = args.text if args.text is not None else load_frames(args.frames)
-    await stream_steps(session, steps, args.delay_ms / 1000, sys.stdout)
+    refused = await stream_steps(session, steps, args.delay_ms / 1000, sys.stdout)
     if args.keep:
         await session.close()
         print(f"kept session {session.session_id} (resume with --session)")
     else:
         ended = await session.end()
         print(f"ended after {ended.total_steps} steps")
+    if refused:
+        print(f"lstm-client: the server refused {refused} of {len(steps)} chunks", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from types import TracebackType
+from typing import IO
 
 from service.config import ServerConfig, config_from_args
 from service.errors import ConfigError
 from service.logs import configure_logging
-from service.server import create_server
+from service.server import LstmServer, create_server
 
 log = logging.getLogger("service.cli")
+
+# grpc's C-core logs a line of its own ("E... add_port.cc:83] Failed to add port ...") when it
+# cannot bind the gRPC port; the ConfigError says the same in one line, so that line is dropped.
+GRPC_BIND_LOG = b"add_port.cc"
 
 
 async def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM/SIGINT has drained it; 1 if the models failed to load."""
-    app, port = create_server(config)
-    await app.start()
+    app, port = create_server_quietly(config)
+    try:
+        await app.start()
+    except BaseException:  # e.g. a busy --metrics-port: the gRPC server had already started
+        await _abandon(app)
+        raise
     log.info("listening", extra={"fields": {
         "grpc_port": port, "metrics_port": app.metrics_port, "host": config.host,
         "model_repository": str(config.model_repository),
@@ -36,12 +48,77 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
-def _on_signal(app: object, sig: signal.Signals) -> None:
-    from service.server import LstmServer
+async def _abandon(app: LstmServer) -> None:
+    """Stop what a failed start() had started, quietly: nothing was served yet."""
+    await app.grpc.stop(None)
+    app.engine.close()
 
-    assert isinstance(app, LstmServer)
+
+def _on_signal(app: LstmServer, sig: signal.Signals) -> None:
     log.info("signal", extra={"fields": {"signal": sig.name}})
     asyncio.get_running_loop().create_task(app.shutdown())
+
+
+def create_server_quietly(config: ServerConfig) -> tuple[LstmServer, int]:
+    """create_server, without grpc's own log line for a port it cannot bind; all of grpc's output
+    is kept when the user set GRPC_VERBOSITY."""
+    if "GRPC_VERBOSITY" in os.environ:
+        return create_server(config)
+    held = HeldStderr()
+    with held:
+        try:
+            return create_server(config)
+        except ConfigError:
+            held.drop(GRPC_BIND_LOG)
+            raise
+
+
+class HeldStderr:
+    """File descriptor 2 (C code writes there too) held in a temporary file, then written back
+    except the lines holding a dropped marker; holds nothing without a temporary file or fd 2."""
+
+    def __init__(self) -> None:
+        self._markers: list[bytes] = []
+        self._saved: int | None = None
+        self._file: IO[bytes] | None = None
+
+    def drop(self, marker: bytes) -> None:
+        """Leave out the held lines that contain `marker`."""
+        self._markers.append(marker)
+
+    def __enter__(self) -> HeldStderr:
+        sys.stderr.flush()
+        try:  # no temporary directory or no fd 2: nothing is held
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except OSError:
+            self._close()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        sys.stderr.flush()
+        if self._saved is not None and self._file is not None:
+            os.dup2(self._saved, 2)
+            self._file.seek(0)
+            lines = self._file.read().splitlines(keepends=True)
+            _write_fd2(b"".join(ln for ln in lines if not any(m in ln for m in self._markers)))
+        self._close()
+
+    def _close(self) -> None:
+        if self._saved is not None:
+            os.close(self._saved)
+            self._saved = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _write_fd2(data: bytes) -> None:
+    while data:
+        data = data[os.write(2, data) :]
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:

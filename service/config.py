@@ -131,8 +131,8 @@ class ServerConfig:
             )
         if not self.snapshot_key:
             raise ConfigError(
-                "session_store redis://... needs snapshot_key: replicas verify the session "
-                "records they read with the shared key"
+                "--session-store redis://... needs --snapshot-key (LSTM_SERVE_SNAPSHOT_KEY): "
+                "replicas verify the session records they read with the shared key"
             )
 
     @property

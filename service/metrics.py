@@ -9,6 +9,8 @@ from functools import lru_cache
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from service.errors import ConfigError
+
 UNKNOWN_MODEL = "<unknown>"
 
 LATENCY_BUCKETS = (
@@ -101,6 +103,12 @@ READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and n
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> tuple[object, int]:
-    """Serve /metrics over HTTP on its own thread; returns (server, bound port). Port 0 = any."""
-    server, _thread = start_http_server(port, addr=host)
+    """Serve /metrics on its own thread -> (server, bound port); port 0 = any. An address that
+    cannot be bound is a ConfigError naming it and --metrics-port."""
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:  # busy port, unknown host, no permission
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot serve metrics on {address} (--metrics-port): {reason}") from exc
     return server, int(server.server_port)

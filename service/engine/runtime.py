@@ -43,15 +43,24 @@ def default_providers() -> tuple[str, ...]:
 
 
 def resolve_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
-    """The requested providers this onnxruntime build has (in order); CPU if none requested."""
+    """The requested providers this onnxruntime has, in order (the default if none is asked); if
+    none of them is here, a ConfigError listing the accepted short names and those available."""
     if not requested:
         return default_providers()
     available = ort.get_available_providers()
     usable = tuple(p for p in requested if p in available)
+    if not usable:
+        from service.config import PROVIDER_ALIASES
+
+        short = {full: alias for alias, full in PROVIDER_ALIASES.items()}
+        here = ", ".join(f"{p} ({short[p]})" if p in short else p for p in available)
+        raise ConfigError(
+            f"--providers {','.join(requested)}: none of these providers is available here; "
+            f"accepted short names: {', '.join(PROVIDER_ALIASES)} (or full onnxruntime names); "
+            f"available here: {here}"
+        )
     for missing in (p for p in requested if p not in available):
         log.warning("execution provider %s is not available here (have %s)", missing, available)
-    if not usable:
-        raise ConfigError(f"none of the providers {list(requested)} is available: {available}")
     return usable
 
 

@@ -30,6 +30,7 @@ from service.errors import ConfigError, SnapshotInvalid
 MAGIC = b"LSS1"
 MAC_BYTES = 32
 MAX_KEY_ID = 64
+MIN_SECRET_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -57,26 +58,56 @@ class SnapshotKeys:
 
     def __post_init__(self) -> None:
         if self.signing not in self.keys:
-            raise ConfigError(f"snapshot signing key {self.signing!r} is not among the keys")
+            raise ConfigError(f"--snapshot-key: the signing key id {self.signing!r} is not a key")
         for key_id, secret in self.keys.items():
-            if not key_id or len(key_id) > MAX_KEY_ID or not key_id.isascii():
-                raise ConfigError(f"snapshot key id {key_id!r} must be 1-64 ASCII characters")
-            if len(secret) < 16:
-                raise ConfigError(f"snapshot key {key_id!r} is shorter than 16 bytes")
+            _check_key_id(key_id)
+            if len(secret) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"--snapshot-key: the secret of key id {key_id!r} is {len(secret)} bytes, "
+                    f"it needs {MIN_SECRET_BYTES} or more"
+                )
 
     @classmethod
     def parse(cls, spec: str) -> SnapshotKeys:
         """'id1:BASE64[,id2:BASE64...]': the first key signs, every key verifies."""
         keys: dict[str, bytes] = {}
-        for item in (part.strip() for part in spec.split(",")):
-            key_id, sep, encoded = item.partition(":")
-            if not sep:
-                raise ConfigError(f"snapshot key {key_id!r} must be written ID:BASE64SECRET")
-            try:
-                keys[key_id.strip()] = base64.b64decode(encoded.strip(), validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ConfigError(f"snapshot key {key_id!r} is not valid base64") from exc
+        for number, item in enumerate(spec.split(","), start=1):
+            key_id, secret = _parse_entry(number, item.strip())
+            if key_id in keys:
+                raise ConfigError(f"--snapshot-key: key id {key_id!r} is given twice")
+            keys[key_id] = secret
         return cls(keys=keys, signing=next(iter(keys)))
+
+
+def _parse_entry(number: int, item: str) -> tuple[str, bytes]:
+    """'ID:BASE64' -> (id, secret); errors name the id or the entry's number, never the secret."""
+    key_id, sep, encoded = item.partition(":")
+    key_id = key_id.strip()
+    if not item:
+        raise ConfigError(f"--snapshot-key: entry {number} is empty")
+    if not sep:  # the entry may be a bare secret: not shown
+        raise ConfigError(
+            f"--snapshot-key: entry {number} has no ':'; write each key as KEY_ID:BASE64SECRET "
+            "(the entry is not shown: it may be a secret)"
+        )
+    _check_key_id(key_id)
+    try:
+        return key_id, base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:  # their messages never quote the input
+        raise ConfigError(
+            f"--snapshot-key: the secret of key id {key_id!r} is not valid base64 ({exc}); "
+            "write KEY_ID:BASE64SECRET"
+        ) from None
+
+
+def _check_key_id(key_id: str) -> None:
+    """1-64 ASCII characters; a longer one is not shown (it may be a misplaced secret)."""
+    if len(key_id) > MAX_KEY_ID:
+        raise ConfigError(f"--snapshot-key: a key id is longer than {MAX_KEY_ID} characters")
+    if not key_id or not key_id.isascii():
+        raise ConfigError(
+            f"--snapshot-key: key id {key_id!r} must be 1-{MAX_KEY_ID} ASCII characters"
+        )
 
 
 def _mac(key: bytes, body: bytes) -> bytes:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import ROOT, ServerProcess, run_client
 
@@ -101,3 +103,78 @@ def test_stream_a_word_to_langid_chars() -> None:
     assert out.returncode == 0, out.stderr
     steps = [m for m in map(STEP_LINE.match, out.stdout.splitlines()) if m]
     assert len(steps) == len("bonjour")
+
+
+def sessions_opened(server: ServerProcess, model: str) -> float:
+    """lstm_serve_session_events_total{event="opened", model=MODEL} on the server's /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    wanted = {"event": "opened", "model": model}
+    samples = (s for family in text_string_to_metric_families(text) for s in family.samples)
+    name = "lstm_serve_session_events_total"
+    return sum(s.value for s in samples if s.name == name and s.labels == wanted)
+
+
+def test_stream_frames_to_a_token_model_is_refused_before_any_session(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "f.npy", np.ones((19, 5), dtype=np.float32))
+    before = sessions_opened(server_process, "tiny-lstm")
+    out = run_client("--address", server_process.address, "stream", "tiny-lstm",
+                     "--frames", str(tmp_path / "f.npy"))  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "tiny-lstm" in out.stderr and "--text" in out.stderr and "not frames" in out.stderr
+    assert out.stdout == ""  # no session line, no chunk line
+    assert sessions_opened(server_process, "tiny-lstm") == before
+
+
+def test_stream_text_to_a_frames_model_is_refused_before_any_session(
+    server_process: ServerProcess,
+) -> None:
+    before = sessions_opened(server_process, "tiny-cifg-frames")
+    out = run_client(
+        "--address", server_process.address, "stream", "tiny-cifg-frames", "--text", "abc"
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "tiny-cifg-frames" in out.stderr and "--frames" in out.stderr
+    assert sessions_opened(server_process, "tiny-cifg-frames") == before
+
+
+def test_frames_of_the_wrong_width_are_refused_before_any_session(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "wide.npy", np.ones((3, 7), dtype=np.float32))
+    before = sessions_opened(server_process, "tiny-cifg-frames")
+    out = run_client("--address", server_process.address, "stream", "tiny-cifg-frames",
+                     "--frames", str(tmp_path / "wide.npy"))  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "7 features per frame" in out.stderr and "takes 5" in out.stderr
+    assert sessions_opened(server_process, "tiny-cifg-frames") == before
+
+
+def test_a_missing_frames_file_opens_no_session(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.npy"
+    before = sessions_opened(server_process, "tiny-cifg-frames")
+    out = run_client("--address", server_process.address, "stream", "tiny-cifg-frames",
+                     "--frames", str(missing))  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"--frames {missing}" in out.stderr and "No such file" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert sessions_opened(server_process, "tiny-cifg-frames") == before
+
+
+def test_a_chunk_refused_by_the_server_fails_the_stream(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    frames = np.ones((3, 5), dtype=np.float32)
+    frames[1, 2] = np.nan  # the server refuses the second chunk in-band (must be finite)
+    np.save(tmp_path / "nan.npy", frames)
+    out = run_client("--address", server_process.address, "stream", "tiny-cifg-frames",
+                     "--frames", str(tmp_path / "nan.npy"))  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "'frame 2/3'  (refused: INVALID_ARGUMENT" in out.stdout
+    assert out.stdout.splitlines()[-1] == "ended after 2 steps"
+    assert "refused 1 of 3 chunks" in out.stderr

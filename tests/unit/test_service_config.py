@@ -60,6 +60,19 @@ def test_bad_number_on_the_command_line_is_a_config_error() -> None:
         config_from_args(["--grpc-port", "x"], environ={})
 
 
+def test_bad_snapshot_key_names_the_flag_and_key_id_never_the_secret() -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_args(["--snapshot-key", "k1:abc"], environ={})
+    message = str(raised.value)
+    assert "--snapshot-key" in message and "key id 'k1'" in message and "base64" in message
+    assert "abc" not in message
+
+
+def test_a_redis_store_without_a_key_names_both_flags() -> None:
+    with pytest.raises(ConfigError, match=r"--session-store redis://\.\.\. needs --snapshot-key"):
+        config_from_args(["--session-store", "redis://127.0.0.1:6379/0"], environ={})
+
+
 def test_every_field_is_a_flag() -> None:
     assert set(FLAGS) == {f.name for f in dataclasses.fields(ServerConfig)}
 

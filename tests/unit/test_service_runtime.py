@@ -7,6 +7,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
+from service.config import ServerConfig
 from service.engine.registry import RuntimeOptions, load_model
 from service.engine.runtime import CPU, CUDA, default_providers, resolve_providers
 from service.errors import ConfigError
@@ -22,8 +23,19 @@ def test_default_is_cuda_only_when_onnxruntime_can_use_it() -> None:
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only fallback")
 def test_unavailable_providers_are_dropped_in_order() -> None:
     assert resolve_providers((CUDA, CPU)) == (CPU,)
-    with pytest.raises(ConfigError, match="none of the providers"):
+    with pytest.raises(ConfigError, match="none of these providers is available"):
         resolve_providers((CUDA,))
+
+
+def test_no_usable_provider_lists_the_accepted_short_names_and_those_here() -> None:
+    with pytest.raises(ConfigError) as raised:
+        resolve_providers(ServerConfig(providers=("gpu",)).providers)
+    message = str(raised.value)
+    assert message.startswith("--providers gpu: none of these providers is available here")
+    assert "accepted short names: cuda, cpu, tensorrt, rocm, coreml" in message
+    here = message[message.index("available here:") :]
+    assert all(p in here for p in ort.get_available_providers())
+    assert "CPUExecutionProvider (cpu)" in here
 
 
 def test_model_reports_the_provider_it_runs_on(tiny_repo: Path) -> None:

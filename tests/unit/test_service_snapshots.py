@@ -75,3 +75,31 @@ def test_garbage_is_refused_without_crashing(blob: bytes) -> None:
 def test_bad_key_specs_are_config_errors(spec: str) -> None:
     with pytest.raises(ConfigError):
         SnapshotKeys.parse(spec)
+
+
+@pytest.mark.parametrize("secret", ["abc", "s3cret-not-base64!!", "ünïcode-secret"])
+def test_a_bad_secret_is_named_by_its_key_id_and_never_shown(secret: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        SnapshotKeys.parse(f"k1:{secret}")
+    message = str(raised.value)
+    assert "--snapshot-key: the secret of key id 'k1' is not valid base64" in message
+    assert secret not in message
+    assert raised.value.__cause__ is None  # no chained error that could quote it either
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (SECRET_A, "entry 1 has no ':'"),  # a bare secret, no key id
+        (f"k1:{SECRET_A},{SECRET_B}", "entry 2 has no ':'"),
+        (f"{SECRET_A * 2}:{SECRET_B}", "a key id is longer than 64 characters"),
+        (f"k1:{SECRET_A},k1:{SECRET_B}", "key id 'k1' is given twice"),
+        (f"k1:{base64.b64encode(b'short').decode()}", "key id 'k1' is 5 bytes, it needs 16"),
+    ],
+)
+def test_key_spec_errors_say_what_is_wrong_without_a_secret(spec: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--snapshot-key: ") as raised:
+        SnapshotKeys.parse(spec)
+    message = str(raised.value)
+    assert expected in message
+    assert SECRET_A not in message and SECRET_B not in message
