@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from service.errors import ConfigError
 
 if TYPE_CHECKING:
-    from service.engine.batcher import BatchPolicy
     from service.engine.snapshots import SnapshotKeys
+    from service.engine.types import BatchPolicy
 
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -27,6 +27,7 @@ PROVIDER_ALIASES = {
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_FLAGS = frozenset({"snapshot_key"})
 
@@ -62,6 +63,9 @@ class ServerConfig:
     expired_ids_remembered: int = 10_000
     initial_slab_capacity: int = 64
     drain_grace_s: float = 10.0
+    model_control: str = "none"
+    repository_poll_s: float = 15.0
+    load_models: tuple[str, ...] = ()
     # Shared HMAC keys for portable session snapshots: "ID:BASE64[,ID:BASE64...]", the first
     # signs. Secret: never printed (repr=False, hidden in --help).
     snapshot_key: str = field(default="", repr=False)
@@ -115,6 +119,12 @@ class ServerConfig:
             raise ConfigError(
                 f"session_idle_timeout_s must be > 0, got {self.session_idle_timeout_s}"
             )
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                f"model_control {self.model_control!r} is not one of {MODEL_CONTROL_MODES}"
+            )
+        if self.repository_poll_s <= 0:
+            raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         self._check_session_store()
@@ -145,7 +155,7 @@ class ServerConfig:
     @property
     def batch_policy(self) -> BatchPolicy:
         """The batcher's settings; batching off = batches of one, compute_threads at a time."""
-        from service.engine.batcher import BatchPolicy  # the engine (onnxruntime) only when used
+        from service.engine.types import BatchPolicy
 
         if not self.batching:
             return BatchPolicy(max_batch_size=1, max_queue_delay_s=0.0,
@@ -195,6 +205,15 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "expired_ids_remembered": ("how many expired session ids are remembered (for NOT_FOUND)", int),
     "initial_slab_capacity": ("state slab rows allocated per model version at first use", int),
     "drain_grace_s": ("seconds SIGTERM waits for in-flight work before stopping", float),
+    "model_control": (
+        "none: load the repository once at start (any failure fails the start); poll: also "
+        "re-scan it every --repository-poll-s (new versions load, removed ones drain, failures "
+        "are reported and never take served versions down); explicit: load only what "
+        "--load-models names and the LoadModel / UnloadModel RPCs ask for. SIGHUP re-scans",
+        str,
+    ),
+    "repository_poll_s": ("seconds between repository scans with --model-control poll", float),
+    "load_models": ("with --model-control explicit: models to load at start (comma list)", str),
     "snapshot_key": (
         "shared HMAC keys for session snapshots, ID:BASE64[,ID:BASE64...] (the first signs, all "
         "verify); needed for snapshots and the redis session store; never printed",
@@ -229,7 +248,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         flag = "--" + name.replace("_", "-")
         env = _env_value(environ, name)
         default = defaults[name]
-        if name == "providers":
+        if name in ("providers", "load_models"):
             default = ",".join(default)
         if kind is bool:
             truthy = default if env is None else env.strip().lower() in ("1", "true", "yes", "on")
@@ -257,8 +276,8 @@ def config_from_args(
         if raw is None:  # a secret flag not given: its variable, else the default
             raw = _env_value(environ, name) or ""
         try:
-            if name == "providers":
-                values[name] = tuple(p for p in raw.split(",") if p.strip())
+            if name in ("providers", "load_models"):
+                values[name] = tuple(p.strip() for p in raw.split(",") if p.strip())
             elif kind is bool:
                 values[name] = bool(raw)
             else:

@@ -99,6 +99,16 @@ MODEL_INFO = Gauge(
     "some of its nodes fall back to the CPU.",
     ["model", "version", "provider", "cpu_fallback"],
 )
+MODEL_STATE = Gauge(
+    "lstm_serve_model_state",
+    "Per model version: 1 ready, 2 draining (removed; its sessions go on), 3 retired.",
+    ["model", "version"],
+)
+MODEL_LOAD_FAILURES = Counter(
+    "lstm_serve_model_load_failures_total",
+    "Model versions that failed to load (the versions already served go on).",
+    ["model"],
+)
 READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")
 
 

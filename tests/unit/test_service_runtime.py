@@ -8,9 +8,10 @@ import onnxruntime as ort
 import pytest
 
 from service.config import ServerConfig
-from service.engine.registry import RuntimeOptions, load_model
 from service.engine.runtime import CPU, CUDA, default_providers, resolve_providers
+from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
+from tests.unit.engines import load_worker
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 
@@ -39,7 +40,7 @@ def test_no_usable_provider_lists_the_accepted_short_names_and_those_here() -> N
 
 
 def test_model_reports_the_provider_it_runs_on(tiny_repo: Path) -> None:
-    model = load_model(
+    model = load_worker(
         tiny_repo / "tiny-peephole-frames" / "1" / "model.onnx",
         RuntimeOptions(providers=resolve_providers(())),
     )
