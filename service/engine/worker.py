@@ -178,8 +178,8 @@ class WorkerFactory:
         try:
             runtime = ModelRuntime(path, opts.providers, opts.intra_op_threads,
                                    opts.inter_op_threads)  # fmt: skip
+            runtime.debug_delay_s = opts.debug_compute_delay_s
             runtime.warm_up()
-            runtime.debug_delay_s = opts.debug_compute_delay_s  # not on the warm-up run
         except ConfigError:
             raise
         except Exception as exc:  # onnxruntime's own errors: a corrupt or unrunnable file

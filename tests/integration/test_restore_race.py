@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +28,13 @@ DELAY_MS = 1500
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_repo: Path) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = ServerThread(make_config(tiny_repo, snapshot_key=KEY)).start()
-    b = ServerThread(
-        make_config(tiny_repo, snapshot_key=KEY, debug_compute_delay_ms=DELAY_MS)
-    ).start()
+def replicas(
+    tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerThread, ServerThread]]:
+    repo = tmp_path_factory.mktemp("race-models")
+    shutil.copytree(tiny_repo / "tiny-gru", repo / "tiny-gru")  # one model: one slow warm-up
+    a = ServerThread(make_config(repo, snapshot_key=KEY)).start()
+    b = ServerThread(make_config(repo, snapshot_key=KEY, debug_compute_delay_ms=DELAY_MS)).start()
     yield a, b
     a.stop()
     b.stop()
