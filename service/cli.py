@@ -39,6 +39,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: _on_signal(app, s))
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app.rescan()))  # re-scan
     try:
         await app.wait_until_loaded()
     except Exception:

@@ -186,7 +186,7 @@ class ModelControl:
             report.failed.append(status)
             metrics.MODEL_LOAD_FAILURES.labels(name).inc()
             log.error(
-                "model version failed to load; the versions already served go on",
+                "model version failed to load",
                 extra={"fields": {"model": name, "version": version, "error": reason}},
             )
             return
