@@ -22,25 +22,35 @@ from bench.model import BENCH_MODEL, build_repository
 
 
 def open_sessions(repo: Path, count: int, sample: int) -> dict[str, Any]:
-    from service.engine.core import Engine
-    from service.engine.registry import ModelRegistry, RuntimeOptions
-    from service.engine.sessions import SessionStore, StreamOptions
+    import asyncio
 
-    registry = ModelRegistry.load(repo, RuntimeOptions(providers=("CPUExecutionProvider",)))
-    engine = Engine(SessionStore(max_sessions=count + sample + 1, idle_timeout_s=3600), 1)
-    engine.registry = registry
-    model = registry.get(BENCH_MODEL)
+    from service.engine.core import Engine
+    from service.engine.sessions import SessionStore
+    from service.engine.types import RuntimeOptions, StreamOptions
+
+    store = SessionStore(max_sessions=count + sample + 1, idle_timeout_s=3600)
+    cpu = RuntimeOptions(providers=("CPUExecutionProvider",))
+    engine = Engine(store, 1, runtime=cpu, repository=repo)
+    asyncio.run(engine.load_models())
+    model = engine.registry.get(BENCH_MODEL)
     desc = model.description
     opts = StreamOptions()
-    keep = [engine.open_session(BENCH_MODEL, 0, opts)]  # the slab and the metrics exist
+
+    def open_many(n: int) -> list[Any]:
+        async def main() -> list[Any]:
+            return [await engine.open_session(BENCH_MODEL, 0, opts) for _ in range(n)]
+
+        return asyncio.run(main())
+
+    keep = open_many(1)  # the slab and the metrics exist
     gc.collect()
     rss0 = psutil.Process().memory_info().rss
-    keep += [engine.open_session(BENCH_MODEL, 0, opts) for _ in range(count)]
+    keep += open_many(count)
     gc.collect()
     rss1 = psutil.Process().memory_info().rss
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    keep += [engine.open_session(BENCH_MODEL, 0, opts) for _ in range(sample)]
+    keep += open_many(sample)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     python_bytes = sum(
@@ -48,7 +58,7 @@ def open_sessions(repo: Path, count: int, sample: int) -> dict[str, Any]:
         if "numpy" not in s.traceback[0].filename
     )  # fmt: skip
     raw = count * desc.state_rows * desc.hidden_size * 4
-    slab = engine.store.memory_bytes()
+    slab = {"allocated": model.state.allocated_bytes, "used": model.state.used_bytes}
     engine.close()
     return {
         "sessions": count,
