@@ -42,6 +42,28 @@ RETRYABLE = (
 Steps = str | Sequence[int] | np.ndarray | pb.SequenceInput
 
 
+CLOSE_GRACE_S = 1.0  # how long close() lets the server finish the stream before cancelling
+
+
+async def _close_call(call: Any) -> None:
+    """End a stream cleanly: close the write side and let the server finish (its status OK,
+    not CANCELLED, in its metrics); cancel it if it has not within CLOSE_GRACE_S. Replies
+    still unread are dropped."""
+    try:
+        if not call.done():
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await call.done_writing()
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+    except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        pass  # broken or slow: cancelled below
+    except asyncio.CancelledError:
+        if not _stream_was_cancelled_under_us():
+            raise  # this task was cancelled, not just the call
+    finally:
+        call.cancel()
+
+
 def _stream_was_cancelled_under_us() -> bool:
     """A read raised CancelledError because the call (not this task) was cancelled."""
     task = asyncio.current_task()
@@ -250,9 +272,9 @@ class StreamSession:
 
     async def close(self) -> None:
         """Close this stream; the session stays on the server (resumable) unless ended."""
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        call, self._call = self._call, None
+        if call is not None:
+            await _close_call(call)
 
     async def _write(self, request: pb.StreamRequest) -> None:
         self._pending.append(request)
@@ -339,8 +361,7 @@ class MultiStream:
 
     async def close(self) -> None:
         """Close the stream; its sessions stay on the server until `end` or the idle timeout."""
-        await self._call.done_writing()
-        self._call.cancel()
+        await _close_call(self._call)
 
     @staticmethod
     def open(

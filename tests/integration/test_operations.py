@@ -160,3 +160,27 @@ def test_reflection_lists_the_service(server: ServerThread) -> None:
     finally:
         channel.close()
     assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
+
+
+def test_a_stream_closed_without_end_counts_as_ok_not_cancelled(server: ServerThread) -> None:
+    url = server.metrics_url
+    before = scrape(url)
+
+    async def main() -> None:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("tiny-lstm")
+            await session.step([1, 2])
+            await session.close()  # lstm-client stream --keep: the session stays
+
+    asyncio.run(main())
+    wait_for(
+        lambda: metric(scrape(url), "lstm_serve_requests_total", rpc="Stream", model="tiny-lstm",
+                       code="OK") > metric(before, "lstm_serve_requests_total", rpc="Stream",
+                                           model="tiny-lstm", code="OK"),
+        what="the stream counted OK",
+    )  # fmt: skip
+    after = scrape(url)
+    cancelled = {"rpc": "Stream", "model": "tiny-lstm", "code": "CANCELLED"}
+    assert metric(after, "lstm_serve_requests_total", **cancelled) == metric(
+        before, "lstm_serve_requests_total", **cancelled
+    )
