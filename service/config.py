@@ -32,6 +32,18 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_FLAGS = frozenset({"snapshot_key"})
 
 
+def redacted_url(url: str) -> str:
+    """A store URL safe to print: its password (if any) replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
 def provider_name(name: str) -> str:
     """'cuda' -> 'CUDAExecutionProvider'; full onnxruntime names pass through."""
     return PROVIDER_ALIASES.get(name.strip().lower(), name.strip())

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import metrics
-from service.config import ServerConfig
+from service.config import ServerConfig, redacted_url
 from service.engine.continuity import SessionContinuity
 from service.engine.core import Engine
 from service.engine.redis_backend import RedisSessionBackend
@@ -137,7 +137,7 @@ class LstmServer:
             await backend.ping()
         except Exception as exc:
             raise SessionStoreUnreachable(
-                f"session store {self.config.session_store!r} does not answer: {exc}"
+                f"session store {redacted_url(self.config.session_store)!r} does not answer: {exc}"
             ) from exc
 
     async def wait_until_loaded(self, timeout_s: float | None = None) -> None:

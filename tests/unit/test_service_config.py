@@ -89,3 +89,11 @@ def test_help_documents_every_flag() -> None:
 def test_eviction_interval_follows_the_idle_timeout() -> None:
     assert ServerConfig(session_idle_timeout_s=0.2).eviction_interval_s == 0.05
     assert ServerConfig().eviction_interval_s == 10.0
+
+
+def test_store_urls_are_printed_without_their_password() -> None:
+    from service.config import redacted_url
+
+    assert redacted_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert redacted_url("rediss://app:s3cret@r:6380/1") == "rediss://app:***@r:6380/1"
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
