@@ -1,0 +1,92 @@
+"""The house rules of shared/ARCHITECTURE.md, checked: no cycles, no forbidden arrows, small
+classes."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("service", "lstmserve")
+MAX_CLASS_LINES = 200
+
+
+def sources() -> dict[str, Path]:
+    """Module name -> file, for our packages (generated stubs excluded)."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            if "v1" in rel.parts:
+                continue
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            found[".".join(parts)] = path
+    return found
+
+
+def _type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Our modules `path` imports at run time (TYPE_CHECKING blocks do not count)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = {id(n) for block in ast.walk(tree) if _type_checking_block(block)
+            for n in ast.walk(block)}  # fmt: skip
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n in modules}
+
+
+def test_no_import_cycles() -> None:
+    modules = sources()
+    graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = [*trail[trail.index(nxt) :], nxt] if nxt in trail else [node, nxt]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_class_is_over_200_lines() -> None:
+    big = []
+    for name, path in sources().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    big.append(f"{name}.{node.name}: {lines} lines")
+    assert not big, big
+
+
+@pytest.mark.parametrize("package", ["service.engine", "service.protocol"])
+def test_engine_and_session_layer_import_no_grpc_or_protobuf(package: str) -> None:
+    modules = [m for m in sources() if m.startswith(package)]
+    code = (
+        f"import sys, {', '.join(modules)}\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or "
+        "m.startswith(('google.protobuf', 'lstmserve.v1')))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
