@@ -85,14 +85,12 @@ class ModelRegistry:
 
     # -- changing (model control only) ---------------------------------------------------------
 
-    def install(self, worker: ModelWorker) -> ModelWorker | None:
-        """Serve `worker`; returns the worker it replaces under the same name and version."""
+    def install(self, worker: ModelWorker) -> None:
+        """Serve `worker` (a version not held yet, or one whose worker was retired)."""
         view = {n: dict(v) for n, v in self._view.items()}
-        old = view.setdefault(worker.name, {}).get(worker.version)
-        view[worker.name][worker.version] = worker
+        view.setdefault(worker.name, {})[worker.version] = worker
         self._swap(view)
-        self._set_failure(worker.name, worker.version, None)
-        return old
+        self.record_failure(worker.name, worker.version, None)
 
     def remove(self, worker: ModelWorker) -> None:
         """Stop listing a (retired) worker."""
@@ -104,11 +102,8 @@ class ModelRegistry:
                 del view[worker.name]
             self._swap(view)
 
-    def record_failure(self, status: VersionStatus | None, name: str, version: int) -> None:
+    def record_failure(self, name: str, version: int, status: VersionStatus | None) -> None:
         """Remember why a version failed to load (None: forget it)."""
-        self._set_failure(name, version, status)
-
-    def _set_failure(self, name: str, version: int, status: VersionStatus | None) -> None:
         failed = dict(self._failed)
         if status is None:
             failed.pop((name, version), None)

@@ -101,7 +101,7 @@ class ModelControl:
                     self._drain(worker, report)
             for status in self.registry.failures():
                 if (status.name, status.version) not in found and only in (None, status.name):
-                    self.registry.record_failure(None, status.name, status.version)
+                    self.registry.record_failure(status.name, status.version, None)
                     self._attempts.pop((status.name, status.version), None)
             if report.loaded or report.draining:
                 self._changed()
@@ -109,7 +109,7 @@ class ModelControl:
 
     async def load(self, name: str) -> ScanReport:
         """Explicit mode's LoadModel: load (or re-scan) every version of NAME."""
-        if not (self.repository / name).is_dir() or "/" in name or name in (".", ".."):
+        if "/" in name or name in ("", ".", "..") or not (self.repository / name).is_dir():
             raise ModelNotFound(f"model {name[:128]!r} is not in the repository")
         report = await self.scan(only=name)
         if report.failed:
@@ -182,7 +182,7 @@ class ModelControl:
                 raise ConfigError(reason) from exc
             self._attempts[key] = fingerprint
             status = VersionStatus(name, version, ModelState.UNAVAILABLE, reason, path)
-            self.registry.record_failure(status, name, version)
+            self.registry.record_failure(name, version, status)
             report.failed.append(status)
             metrics.MODEL_LOAD_FAILURES.labels(name).inc()
             log.error(
@@ -201,17 +201,7 @@ class ModelControl:
             return
         worker.drain()
         report.draining.append(worker.key)
-        metrics.MODEL_STATE.labels(worker.name, str(worker.version)).set(_STATE_CODE["DRAINING"])
-        log.info(
-            "model version draining",
-            extra={
-                "fields": {
-                    "model": worker.name,
-                    "version": worker.version,
-                    "sessions": worker.sessions,
-                }
-            },
-        )
+        _record_state(worker, "model version draining", sessions=worker.sessions)
         if worker.sessions == 0:
             self._retire(worker)
 
@@ -219,29 +209,24 @@ class ModelControl:
         """The version has no sessions left (or the server stops): free it."""
         if worker.lifecycle is ModelState.RETIRED:
             return
-        closed = self.store.close_all(
-            worker,
-            VersionRetired(
-                f"model {worker.key} was unloaded: open a new session on a served version"
-            ),
+        reason = VersionRetired(
+            f"model {worker.key} was unloaded: open a new session on a served version"
         )
+        closed = self.store.close_all(worker, reason)
         worker.retire()
         self.registry.remove(worker)
-        metrics.MODEL_STATE.labels(worker.name, str(worker.version)).set(_STATE_CODE["RETIRED"])
-        log.info(
-            "model version retired",
-            extra={
-                "fields": {
-                    "model": worker.name,
-                    "version": worker.version,
-                    "sessions_closed": closed,
-                }
-            },
-        )
+        _record_state(worker, "model version retired", sessions_closed=closed)
 
 
 # lstm_serve_model_state's values: one gauge per version, its lifecycle as a number.
 _STATE_CODE = {"LOADING": 0, "READY": 1, "DRAINING": 2, "RETIRED": 3, "UNAVAILABLE": 4}
+
+
+def _record_state(worker: ModelWorker, event: str, **fields: object) -> None:
+    """The version's state gauge and a log line saying what happened to it."""
+    code = _STATE_CODE[worker.lifecycle.value]
+    metrics.MODEL_STATE.labels(worker.name, str(worker.version)).set(code)
+    log.info(event, extra={"fields": {"model": worker.name, "version": worker.version, **fields}})
 
 
 def _record_loaded(worker: ModelWorker, latest: bool) -> None:
