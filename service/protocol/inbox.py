@@ -34,14 +34,17 @@ class Inbox(Generic[R]):
             return
         await self._queue.put(EOF)
 
-    async def next(self) -> R | object:
-        """The next request, EOF or DRAIN; raises what broke the stream."""
-        if self._draining.is_set():
+    async def next(self, drain: bool = True) -> R | object:
+        """The next request, EOF or (with `drain`) DRAIN; raises what broke the stream.
+        `drain=False` reads on through a drain (the wake-up is skipped)."""
+        if drain and self._draining.is_set():
             return DRAIN
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is not DRAIN or drain:
+                return item
 
     async def wait_closed(self, timeout_s: float) -> None:
         """After a stream's final message: give the client up to `timeout_s` to close its side

@@ -3,10 +3,11 @@ order; on drain, a final snapshot and the stream ends (UNAVAILABLE)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from service.engine.sessions import Session
-from service.protocol.inbox import DRAIN, EOF
+from service.protocol.inbox import DRAIN, EOF, Inbox
 from service.protocol.messages import Ended, Reply, Request
 from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error
 
@@ -30,9 +31,11 @@ class StreamConversation:
         inbox = layer.open_inbox(self._requests)
         try:
             while True:
-                request = await inbox.next()
+                request = await self._next(inbox)
                 if request is EOF:
                     return
+                if request is DRAIN and self.session is None:
+                    continue  # read the first message and refuse it (see _next)
                 if request is DRAIN:
                     if self.session is not None and layer.hands_over:
                         yield Reply(self.session.id, await layer.snapshot(self.session, True))
@@ -50,3 +53,15 @@ class StreamConversation:
                     return
         finally:
             layer.close_inbox(inbox)
+
+    async def _next(self, inbox: Inbox[Request]) -> object:
+        """The next message, EOF or DRAIN. A stream not attached yet when the drain starts has
+        its first message read (up to FINAL_MESSAGE_GRACE_S) and refused by attach, instead of
+        being cut off while the client writes it (grpc would report INTERNAL, not the status)."""
+        if self.session is not None or not self.layer.engine.drain_started.is_set():
+            return await inbox.next()
+        try:
+            async with asyncio.timeout(FINAL_MESSAGE_GRACE_S):
+                return await inbox.next(drain=False)
+        except TimeoutError:
+            raise draining_error() from None
