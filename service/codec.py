@@ -7,8 +7,11 @@ float32 (T, F); probabilities float32 (C,) / (T, C) -> repeated float.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import Message
 
 from lstmserve.contract import ModelDescription
 from lstmserve.v1 import lstm_serve_pb2 as pb
@@ -21,12 +24,37 @@ from service.engine.inputs import (
 from service.engine.sessions import Session
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions, VersionStatus
 from service.engine.worker import ModelWorker
-from service.errors import InvalidInput
+from service.errors import InvalidInput, MalformedRequest
 from service.protocol import messages as m
 from service.status import numeric_code, status_code, status_message
 
 TOKEN_DTYPE = np.int64
 FRAME_DTYPE = np.float32
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A request whose bytes did not parse: what the handler gets instead of a message."""
+
+    message: str  # the protobuf type's full name, e.g. lstmserve.v1.ClassifyRequest
+    size: int  # bytes received
+
+    def error(self) -> MalformedRequest:
+        """The INVALID_ARGUMENT it is answered with; never quotes the bytes themselves."""
+        return MalformedRequest(f"the request is not a valid {self.message} ({self.size} bytes)")
+
+
+def lenient_parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """A request deserializer that never raises: bytes that do not parse give a Malformed."""
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except Exception:  # DecodeError and whatever else a parser may raise on hostile bytes
+            return Malformed(name, len(data))
+
+    return parse
 
 
 def decode_input(

@@ -112,3 +112,9 @@ class ModelLoadFailed(LstmServeError):
     """A model version could not be loaded (its reason is kept and reported)."""
 
     code = "UNAVAILABLE"
+
+
+class MalformedRequest(InvalidInput):
+    """A request's bytes do not parse as its protobuf message type."""
+
+    code = "INVALID_ARGUMENT"

@@ -13,7 +13,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServerConfig, redacted_url
 from service.engine.continuity import SessionContinuity
@@ -24,7 +23,7 @@ from service.engine.sessions import SessionStore
 from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
 from service.protocol.session import Limits, SessionLayer
-from service.servicer import LstmServeServicer
+from service.servicer import LstmServeServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app = LstmServer(config, server, engine, layer)
-    pb_grpc.add_LstmServeServicer_to_server(LstmServeServicer(layer, config), server)
+    add_to_server(LstmServeServicer(layer, config), server)  # malformed bytes: INVALID_ARGUMENT
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -1,7 +1,9 @@
 """The LstmServe gRPC front: protobuf <-> the session layer's messages (codec), nothing more.
 
 Every error leaves through `_fail` (service/status.py). Stream and StreamMulti are driven by
-the protocol-neutral conversations of service/protocol/.
+the protocol-neutral conversations of service/protocol/. The handlers are registered here
+(`add_to_server`) with deserializers that never raise: bytes that do not parse reach the
+handler as a `codec.Malformed` and are answered INVALID_ARGUMENT like any other bad input.
 """
 
 from __future__ import annotations
@@ -10,16 +12,23 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import MethodDescriptor
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import codec, metrics
 from service.config import ServerConfig
 from service.engine.core import Engine
-from service.errors import InvalidInput, LstmServeError, ModelNotFound, ProtocolError
+from service.errors import (
+    InvalidInput,
+    LstmServeError,
+    MalformedRequest,
+    ModelNotFound,
+    ProtocolError,
+)
 from service.protocol.multi import MultiConversation
 from service.protocol.session import SessionLayer
 from service.protocol.stream import StreamConversation
@@ -27,13 +36,21 @@ from service.status import status_code, status_message
 
 log = logging.getLogger(__name__)
 
+SERVICE = pb.DESCRIPTOR.services_by_name["LstmServe"]
+
 T = TypeVar("T")
 A = TypeVar("A")
 B = TypeVar("B")
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-async def _translated(requests: AsyncIterator[A], translate: Callable[[A], B]) -> AsyncIterator[B]:
+async def _translated(
+    requests: AsyncIterator[A | codec.Malformed], translate: Callable[[A], B]
+) -> AsyncIterator[B]:
+    """The stream's messages translated; a malformed one ends the stream (INVALID_ARGUMENT)."""
     async for request in requests:
+        if isinstance(request, codec.Malformed):
+            raise request.error()
         yield translate(request)
 
 
@@ -65,9 +82,21 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     ) -> None:
         code = status_code(exc)
         metrics.REQUESTS.labels(rpc, self._label(model), code.name).inc()
-        if not isinstance(exc, LstmServeError):
+        if isinstance(exc, MalformedRequest):  # one line, no traceback: a client's problem
+            log.warning("malformed request", extra={"fields": {"rpc": rpc, "error": str(exc)}})
+        elif not isinstance(exc, LstmServeError):
             log.exception("unexpected error in %s", rpc, exc_info=exc)
         await context.abort(code, status_message(exc))
+
+    def guarded(self, rpc: str, behaviour: Unary) -> Unary:
+        """A unary method that answers a malformed request INVALID_ARGUMENT."""
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, codec.Malformed):
+                await self._fail(rpc, "", context, request.error())
+            return await behaviour(request, context)
+
+        return handle
 
     # -- models ------------------------------------------------------------------------------
 
@@ -207,3 +236,33 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
 
 def _entries(request: pb.StreamMultiRequest) -> list:
     return [codec.session_entry(e) for e in request.entries]
+
+
+def add_to_server(servicer: LstmServeServicer, server: grpc.aio.Server) -> None:
+    """Register LstmServe on `server`, every method with a deserializer that never raises."""
+    handlers = method_handlers(servicer)
+    generic = grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def method_handlers(servicer: LstmServeServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """One handler per method of the service descriptor, keyed by method name."""
+    return {method.name: _handler(servicer, method) for method in SERVICE.methods}
+
+
+def _handler(servicer: LstmServeServicer, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    parse = codec.lenient_parser(getattr(pb, method.input_type.name))
+    serialize = getattr(pb, method.output_type.name).SerializeToString
+    behaviour = getattr(servicer, method.name)
+    if method.client_streaming and method.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            behaviour, request_deserializer=parse, response_serializer=serialize
+        )
+    if not method.client_streaming and not method.server_streaming:
+        return grpc.unary_unary_rpc_method_handler(
+            servicer.guarded(method.name, behaviour),
+            request_deserializer=parse,
+            response_serializer=serialize,
+        )
+    raise TypeError(f"{method.full_name}: only unary and bidirectional methods are handled")

@@ -12,6 +12,15 @@ import numpy as np
 from lstmserve.contract import ModelDescription
 from service.errors import InvalidInput
 
+QUOTE_CHARS = 64  # the most characters of a client's value an error message quotes
+
+
+def quoted(value: str, limit: int = QUOTE_CHARS) -> str:
+    """repr() of at most `limit` characters of a client's value; a cut one names its length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 def check_steps(steps: int, max_steps: int, field: str) -> None:
     """A sequence or chunk must have 1..max_steps steps."""
@@ -51,7 +60,7 @@ def tokens_from_text(desc: ModelDescription, text: str, max_steps: int, field: s
     ids = desc.tokenizer.encode(text)
     check_steps(len(ids), max_steps, field)
     if len(desc.tokenizer.unknown_chars(text)) == len(ids):
-        raise InvalidInput(f"{field} = {text!r} has no character in the model's vocabulary")
+        raise InvalidInput(f"{field} = {quoted(text)} has no character in the model's vocabulary")
     return np.asarray(ids, dtype=np.int64)
 
 

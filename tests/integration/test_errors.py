@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 from lstmserve.client import LstmClient
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from tests.integration.conftest import Reference, ServerThread
+from tests.integration.conftest import Reference, ServerThread, make_config, metric, scrape
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -220,3 +224,211 @@ def test_get_model_unknown_is_not_found(server: ServerThread) -> None:
             return info.value.code()
 
     assert asyncio.run(main()) == grpc.StatusCode.NOT_FOUND
+
+
+# -- malformed protobuf and oversized client input ------------------------------------------------
+
+SERVICE = pb.DESCRIPTOR.services_by_name["LstmServe"]
+UNARY_METHODS = [m.name for m in SERVICE.methods if not m.client_streaming]
+STREAM_METHODS = [m.name for m in SERVICE.methods if m.client_streaming]
+GARBAGE = b"\xff\xff\xff\xff"  # a varint that runs past the end: no message type parses it
+EMOJI = "\U0001f600"
+METADATA_16K = [("grpc.max_metadata_size", 16 * 1024)]  # a client's usual metadata limit
+
+
+def method_path(method: str) -> str:
+    return f"/{SERVICE.full_name}/{method}"
+
+
+async def raw_unary(address: str, method: str, data: bytes) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(method_path(method))(data)
+        return info.value
+
+
+async def raw_stream(address: str, method: str, messages: list[bytes]) -> grpc.aio.AioRpcError:
+    """Send raw messages on a stream and read to its end; the status it ends with."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(method_path(method))()
+        for data in messages:
+            await call.write(data)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while True:
+                await call.read()
+        return info.value
+
+
+def malformed_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "service.servicer"]
+
+
+def requests_counted(server: ServerThread, rpc: str, code: str) -> float:
+    samples = scrape(server.metrics_url)
+    return metric(samples, "lstm_serve_requests_total", rpc=rpc, code=code)
+
+
+@pytest.mark.parametrize("method", UNARY_METHODS)
+def test_malformed_bytes_to_a_unary_rpc_are_invalid_argument_with_one_warning(
+    method: str, server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = requests_counted(server, method, "INVALID_ARGUMENT")
+    error = asyncio.run(raw_unary(server.address, method, GARBAGE))
+    assert error.code() == INVALID
+    message_type = SERVICE.methods_by_name[method].input_type.full_name
+    assert error.details() == f"the request is not a valid {message_type} (4 bytes)"
+    assert requests_counted(server, method, "INVALID_ARGUMENT") == before + 1
+    records = malformed_records(caplog)
+    assert [(r.levelno, r.getMessage(), r.exc_info) for r in records] == [
+        (logging.WARNING, "malformed request", None)
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("method", STREAM_METHODS)
+def test_malformed_bytes_end_a_stream_with_invalid_argument_and_one_warning(
+    method: str, server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = requests_counted(server, method, "INVALID_ARGUMENT")
+    error = asyncio.run(raw_stream(server.address, method, [GARBAGE]))
+    assert error.code() == INVALID and "is not a valid lstmserve.v1." in (error.details() or "")
+    assert requests_counted(server, method, "INVALID_ARGUMENT") == before + 1
+    records = malformed_records(caplog)
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_malformed_message_mid_stream_ends_it_and_the_session_goes_on(
+    server: ServerThread, reference: Reference
+) -> None:
+    async def main() -> tuple[grpc.aio.AioRpcError, pb.ChunkResult, pb.ChunkResult]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = channel.stream_stream(method_path("Stream"))()
+            await call.write(open_("tiny-lstm", 1).SerializeToString())
+            opened = pb.StreamResponse.FromString(await call.read()).opened
+            chunk = pb.StreamRequest(chunk=pb.Chunk(seq=1, input=text("ab")))
+            await call.write(chunk.SerializeToString())
+            first = pb.StreamResponse.FromString(await call.read()).chunk
+            await call.write(GARBAGE)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            async with LstmClient(server.address) as client:
+                session = await client.resume_session(opened.session_id)
+                second = await session.step("cd")
+                await session.end()
+            return info.value, first, second
+
+    error, first, second = asyncio.run(main())
+    assert error.code() == INVALID
+    assert not first.HasField("error") and not second.HasField("error")
+    whole = np.array([1, 2, 3, 4], dtype=np.int64)
+    np.testing.assert_allclose(
+        second.probabilities, reference.run("tiny-lstm", whole)[0], atol=1e-5
+    )
+
+
+def test_a_2000_emoji_classify_is_invalid_argument_with_a_short_message(
+    server: ServerThread,
+) -> None:
+    async def main() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(server.address, options=METADATA_16K) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.LstmServeStub(channel).Classify(
+                    classify("tiny-lstm", text(EMOJI * 2000))
+                )
+            return info.value
+
+    error = asyncio.run(main())
+    details = error.details() or ""
+    assert error.code() == INVALID, details
+    assert len(details.encode()) < 2048 and "no character" in details
+    assert details.count(EMOJI) <= 64 and "(2000 characters)" in details
+
+
+def test_an_emoji_chunk_is_answered_in_band_with_a_short_message(server: ServerThread) -> None:
+    async def main() -> pb.ChunkResult:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("tiny-lstm")
+            reply = await session.step(EMOJI * 3000)
+            await session.end()
+            return reply
+
+    reply = asyncio.run(main())
+    assert reply.error.code == "INVALID_ARGUMENT" and len(reply.error.message.encode()) < 2048
+
+
+HUGE_NAMES = {"100 KB ascii": "m" * 100_000, "100 KB emoji": EMOJI * 25_000}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_NAMES))
+def test_a_huge_model_name_gets_not_found_with_a_short_message(
+    case: str, server: ServerThread
+) -> None:
+    name = HUGE_NAMES[case]
+
+    async def main() -> list[grpc.aio.AioRpcError]:
+        errors = []
+        async with grpc.aio.insecure_channel(server.address, options=METADATA_16K) as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            for call in (
+                stub.Classify(classify(name, text("a"))),
+                stub.GetModel(pb.GetModelRequest(name=name)),
+                stub.UnloadModel(pb.UnloadModelRequest(name=name)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                errors.append(info.value)
+        return errors
+
+    classify_error, get_error, unload_error = asyncio.run(main())
+    assert classify_error.code() == NOT_FOUND and get_error.code() == NOT_FOUND
+    assert unload_error.code() == PRECONDITION  # not --model-control explicit
+    for error in (classify_error, get_error, unload_error):
+        assert len((error.details() or "").encode()) <= 1024
+    code, details = asyncio.run(stream_status(server.address, open_(name)))
+    assert code == NOT_FOUND and len(details.encode()) <= 1024
+
+
+SECRET = b"never-print-this-secret-32bytes!"
+SECRET_KEY = "k1:" + base64.b64encode(SECRET).decode()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_repo: Path) -> Iterator[ServerThread]:
+    """A server that signs snapshots with SECRET."""
+    srv = ServerThread(make_config(tiny_repo, snapshot_key=SECRET_KEY)).start()
+    yield srv
+    srv.stop()
+
+
+def test_snapshot_errors_never_print_the_secret(
+    keyed_server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def main() -> list[tuple[grpc.StatusCode, str]]:
+        async with grpc.aio.insecure_channel(keyed_server.address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream()
+            await call.write(open_("tiny-gru"))
+            await call.read()
+            await call.write(pb.StreamRequest(snapshot=pb.TakeSnapshot()))
+            blob = (await call.read()).snapshot.data
+            await call.write(pb.StreamRequest(end=pb.End()))
+            await call.read()
+        tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+        out = []
+        for data in (tampered, blob[: len(blob) // 2], b"\x00" * 40, blob + GARBAGE):
+            restore = pb.StreamRequest(restore=pb.RestoreSession(snapshot=data))
+            out.append(await stream_status(keyed_server.address, restore))
+        return out
+
+    statuses = asyncio.run(main())
+    assert [code for code, _ in statuses] == [INVALID] * len(statuses)
+    secrets = (SECRET.decode(), SECRET_KEY.split(":", 1)[1])
+    printed = [details for _, details in statuses] + [r.getMessage() for r in caplog.records]
+    printed += [str(getattr(r, "fields", "")) for r in caplog.records]
+    assert not [text for text in printed for secret in secrets if secret in text]

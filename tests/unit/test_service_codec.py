@@ -11,7 +11,7 @@ from lstmserve.client import to_input
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import codec
 from service.engine.registry import ModelRegistry
-from service.errors import InvalidInput
+from service.errors import InvalidInput, MalformedRequest
 from tests.unit.engines import load_engine
 
 
@@ -59,3 +59,28 @@ def test_model_info_carries_tokenizer_and_provider(registry: ModelRegistry) -> N
     assert info.tokenizer.vocab[0] == "<unk>" and info.tokenizer.lowercase
     assert info.provider == "CPUExecutionProvider" and info.load_seconds > 0
     assert info.state == pb.MODEL_STATE_READY and info.latest and info.sessions == 0
+
+
+def test_lenient_parser_never_raises() -> None:
+    parse = codec.lenient_parser(pb.ClassifyRequest)
+    good = pb.ClassifyRequest(model="tiny-gru", sequences=[pb.SequenceInput(text="ab")])
+    assert parse(good.SerializeToString()) == good
+    assert parse(b"") == pb.ClassifyRequest()
+    bad = parse(b"\xff\xff\xff\xff")
+    assert bad == codec.Malformed("lstmserve.v1.ClassifyRequest", 4)
+    error = bad.error()
+    assert isinstance(error, MalformedRequest) and error.code == "INVALID_ARGUMENT"
+    assert str(error) == "the request is not a valid lstmserve.v1.ClassifyRequest (4 bytes)"
+
+
+def test_lenient_parser_on_invalid_utf8_and_truncated_fields() -> None:
+    parse = codec.lenient_parser(pb.StreamRequest)
+    opened = pb.StreamRequest(open=pb.OpenSession(model="tiny-gru")).SerializeToString()
+    assert isinstance(parse(opened[:-2]), codec.Malformed)  # length runs past the end
+    bad_text = pb.SequenceInput(text="x").SerializeToString().replace(b"x", b"\xff")
+    assert isinstance(codec.lenient_parser(pb.SequenceInput)(bad_text), codec.Malformed)
+
+
+def test_in_band_error_messages_are_capped() -> None:
+    status = codec.encode_error(InvalidInput("x" * 10_000))
+    assert len(status.message.encode()) <= 1024

@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.engine.core import Engine
-from service.engine.inputs import frames_from_flat, tokens_from_ids, tokens_from_text
+from service.engine.inputs import (
+    QUOTE_CHARS,
+    frames_from_flat,
+    quoted,
+    tokens_from_ids,
+    tokens_from_text,
+)
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import SessionStore
 from service.engine.types import StreamOptions
@@ -115,3 +121,19 @@ def test_input_checks_name_field_and_value(registry: ModelRegistry) -> None:
     assert got.shape == (2, 5) and got.dtype == np.float32
     with pytest.raises(InvalidInput, match="frame 0 value 1 is nan"):
         frames_from_flat(frames, [0.0, float("nan"), 0.0, 0.0, 0.0], 0, 10, "f")
+
+
+def test_quoted_client_values_are_cut_to_a_few_characters() -> None:
+    assert quoted("abc") == "'abc'"
+    long = quoted("\U0001f600" * 2000)
+    assert long.startswith(repr("\U0001f600" * QUOTE_CHARS)) and "(2000 characters)" in long
+    assert len(long) < QUOTE_CHARS + 40
+
+
+def test_text_errors_quote_at_most_a_few_characters_of_the_text(registry: ModelRegistry) -> None:
+    tokens = registry.get("tiny-gru").description
+    with pytest.raises(InvalidInput) as info:
+        tokens_from_text(tokens, "\U0001f600" * 2000, 4096, "t")
+    message = str(info.value)
+    assert "no character" in message and "(2000 characters)" in message
+    assert message.count("\U0001f600") == QUOTE_CHARS and len(message.encode()) < 512

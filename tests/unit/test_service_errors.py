@@ -6,7 +6,14 @@ import grpc
 import pytest
 
 from service import errors
-from service.status import numeric_code, status_code, status_message
+from service.status import (
+    CUT_MARK,
+    MAX_MESSAGE_BYTES,
+    capped,
+    numeric_code,
+    status_code,
+    status_message,
+)
 
 MAPPING = {
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -23,6 +30,7 @@ MAPPING = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
     errors.SnapshotInvalid: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.SnapshotMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SnapshotsDisabled: grpc.StatusCode.FAILED_PRECONDITION,
     errors.LstmServeError: grpc.StatusCode.INTERNAL,
@@ -58,3 +66,18 @@ def test_numeric_codes() -> None:
 
 def test_expired_is_a_kind_of_not_found() -> None:
     assert issubclass(errors.SessionExpired, errors.SessionNotFound)
+
+
+def test_status_messages_are_capped_at_a_kilobyte_on_a_character_boundary() -> None:
+    for text in ("x" * 100_000, "\U0001f600" * 2000, "a" + "\u00e9" * 5000):
+        message = status_message(errors.ModelNotFound(f"model {text!r} is not served"))
+        size = len(message.encode("utf-8"))
+        assert size <= MAX_MESSAGE_BYTES and message.startswith("model '") and "cut" in message
+    assert capped("short") == "short"
+    cut = capped("\u00e9" * 600, 100)  # 2 bytes a character: never half of one
+    assert len(cut.encode()) <= 100 and cut.endswith(CUT_MARK)
+    assert set(cut.removesuffix(CUT_MARK)) == {"\u00e9"}
+
+
+def test_malformed_requests_are_invalid_input() -> None:
+    assert issubclass(errors.MalformedRequest, errors.InvalidInput)
