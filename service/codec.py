@@ -90,6 +90,18 @@ class PbInput:
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
         return decode_input(self.msg, desc, max_steps, field)
 
+    def steps_hint(self) -> int:
+        msg = self.msg
+        kind = msg.WhichOneof("input")
+        if kind == "tokens":
+            return len(msg.tokens.ids)
+        if kind == "text":
+            return len(msg.text)
+        if kind == "frames":
+            frames = msg.frames
+            return len(frames.frames) or frames.frame_count or len(frames.values)
+        return 0
+
 
 def decode_options(msg: pb.StreamOptions) -> StreamOptions:
     return StreamOptions(every_step=msg.every_step, top_k=max(1, msg.top_k))

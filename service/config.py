@@ -13,7 +13,7 @@ from service.errors import ConfigError
 
 if TYPE_CHECKING:
     from service.engine.snapshots import SnapshotKeys
-    from service.engine.types import BatchPolicy
+    from service.engine.types import BatchPolicy, ClassifyPolicy
 
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -72,6 +72,10 @@ class ServerConfig:
     max_classify_sequences: int = 256
     max_multi_entries: int = 4096
     max_sequence_steps: int = 16_384
+    max_request_row_steps: int = 1_048_576
+    max_batch_row_steps: int = 65_536
+    classify_threads: int = 1
+    classify_slice_row_steps: int = 16_384
     expired_ids_remembered: int = 10_000
     initial_slab_capacity: int = 64
     drain_grace_s: float = 10.0
@@ -111,6 +115,9 @@ class ServerConfig:
             "max_classify_sequences",
             "max_multi_entries",
             "max_sequence_steps",
+            "max_request_row_steps",
+            "max_batch_row_steps",
+            "classify_threads",
             "expired_ids_remembered",
             "initial_slab_capacity",
         )
@@ -123,7 +130,8 @@ class ServerConfig:
                 f"{self.compute_threads}"
             )
         zero_ok = ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms",
-                   "max_queue_delay_us", "inline_max_steps")  # fmt: skip
+                   "max_queue_delay_us", "inline_max_steps",
+                   "classify_slice_row_steps")  # fmt: skip
         for name in zero_ok:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -177,6 +185,18 @@ class ServerConfig:
             max_queue_delay_s=self.max_queue_delay_us / 1e6,
             max_concurrent=self.max_concurrent_batches,
             inline_max_steps=self.inline_max_steps,
+            max_batch_row_steps=self.max_batch_row_steps,
+        )
+
+    @property
+    def classify_policy(self) -> ClassifyPolicy:
+        """The Classify lane's settings."""
+        from service.engine.types import ClassifyPolicy
+
+        return ClassifyPolicy(
+            threads=self.classify_threads,
+            slice_row_steps=self.classify_slice_row_steps,
+            max_request_row_steps=self.max_request_row_steps,
         )
 
     @property
@@ -214,6 +234,22 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "max_classify_sequences": ("most sequences in one Classify request", int),
     "max_multi_entries": ("most entries (session messages) in one StreamMulti message", int),
     "max_sequence_steps": ("most steps in one Classify sequence", int),
+    "max_request_row_steps": (
+        "budget of one Classify request or StreamMulti message: most steps summed over its "
+        "sequences or chunks; more -> RESOURCE_EXHAUSTED before any work (the default, ~10 s "
+        "of one core for an LSTM 256, fits a 2 GiB pod)",
+        int,
+    ),
+    "max_batch_row_steps": (
+        "most rows x steps in one batched streaming run (bounds the run's memory)",
+        int,
+    ),
+    "classify_threads": ("threads of the Classify lane (streaming never waits behind it)", int),
+    "classify_slice_row_steps": (
+        "Classify runs in time slices of at most this many rows x steps (bounded memory; a "
+        "cancelled or expired call stops after the slice in progress); 0 = one run",
+        int,
+    ),
     "expired_ids_remembered": ("how many expired session ids are remembered (for NOT_FOUND)", int),
     "initial_slab_capacity": ("state slab rows allocated per model version at first use", int),
     "drain_grace_s": ("seconds SIGTERM waits for in-flight work before stopping", float),

@@ -118,3 +118,9 @@ class MalformedRequest(InvalidInput):
     """A request's bytes do not parse as its protobuf message type."""
 
     code = "INVALID_ARGUMENT"
+
+
+class BudgetExceeded(Overloaded):
+    """A request asks for more work than one request may (--max-request-row-steps)."""
+
+    code = "RESOURCE_EXHAUSTED"

@@ -212,13 +212,15 @@ def build_engine(config: ServerConfig) -> Engine:
         store, compute_threads=config.compute_threads, policy=config.batch_policy,
         continuity=_continuity(config, store), runtime=runtime,
         repository=config.model_repository, model_control=config.model_control,
+        classify_policy=config.classify_policy,
     )  # fmt: skip
 
 
 def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     """Build (not start) the server and bind its gRPC port; call inside a running event loop."""
     engine = build_engine(config)
-    limits = Limits(config.max_chunk_steps, config.max_multi_entries, config.session_idle_timeout_s)
+    limits = Limits(config.max_chunk_steps, config.max_multi_entries,
+                    config.session_idle_timeout_s, config.max_request_row_steps)  # fmt: skip
     layer = SessionLayer(engine, limits)
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

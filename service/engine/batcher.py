@@ -22,9 +22,7 @@ When a batch starts (the dispatch rule):
   * when a batch finishes, the next one starts at once with what piled up meanwhile, so under load
     batches fill by themselves.
 
-Chunks are queued in buckets by length (1, 2, 3-4, 5-8, ... steps). A batch takes the bucket of
-the oldest pending chunk and fills any room left with shorter chunks (never longer ones, which
-would raise Tmax and pad every row).
+Which chunks form the next batch (length buckets, the size caps) is service/engine/pending.py.
 """
 
 from __future__ import annotations
@@ -32,17 +30,19 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from service import metrics
+from service.engine.pending import Pending, PendingChunks, bucket_of
 from service.engine.runtime import ModelRuntime, RunOutput
 from service.engine.sessions import Session
 from service.engine.state import StateStore
 from service.engine.types import BatchPolicy, StepResult
+
+__all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
 
 STAGES = ("queue", "compute", "total")  # per-chunk latency stages, as for Classify
 
@@ -85,35 +85,6 @@ class ComputeLanes:
     inflight: InflightCounter
 
 
-class Pending:
-    """One submitted chunk waiting for (or inside) a batch."""
-
-    __slots__ = ("chunk", "enqueued", "future", "seq", "session", "steps")
-
-    def __init__(
-        self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult]
-    ) -> None:
-        self.session = session
-        self.seq = seq
-        self.chunk = chunk  # (T,) or (T, F)
-        self.steps = int(chunk.shape[0])
-        self.future = future
-        self.enqueued = time.perf_counter()
-
-    def resolve_closed(self) -> bool:
-        """Answer the chunk with its session's close reason if the session is gone."""
-        if self.session.closed is None:
-            return False
-        if not self.future.done():
-            self.future.set_exception(self.session.closed_error())
-        return True
-
-
-def bucket_of(steps: int) -> int:
-    """Length bucket: 0 for 1 step, 1 for 2, 2 for 3-4, 3 for 5-8, ..."""
-    return (steps - 1).bit_length()
-
-
 def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Chunks of (T_b,) or (T_b, F) -> zero-padded (B, Tmax[, F]) and lengths (B,) int64."""
     lengths = np.fromiter((c.shape[0] for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
@@ -140,8 +111,7 @@ class SequenceBatcher:
         self.policy = policy
         self._executor = lanes.executor
         self._inflight = lanes.inflight
-        self._buckets: dict[int, deque[Pending]] = {}
-        self._pending = 0
+        self._queue = PendingChunks(policy, lanes.inflight)
         self._running = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -153,7 +123,7 @@ class SequenceBatcher:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return len(self._queue)
 
     def submit(self, session: Session, seq: int, chunk: np.ndarray) -> asyncio.Future[StepResult]:
         """Queue one validated chunk (>= 1 step) of a session that has no other chunk pending."""
@@ -161,8 +131,7 @@ class SequenceBatcher:
             raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
         loop = asyncio.get_running_loop()
         item = Pending(session, seq, chunk, loop.create_future())
-        self._buckets.setdefault(bucket_of(item.steps), deque()).append(item)
-        self._pending += 1
+        self._queue.add(item)
         self._inflight.enter()
         if not self._scheduled:
             self._scheduled = True
@@ -171,35 +140,28 @@ class SequenceBatcher:
 
     def fail_queued(self) -> None:
         """Answer every queued chunk now (its session was closed: the version is retiring)."""
-        for queue in self._buckets.values():
-            while queue:
-                item = queue.popleft()
-                self._pending -= 1
-                self._inflight.leave()
-                if not item.resolve_closed() and not item.future.done():
-                    item.future.set_exception(RuntimeError("the batcher was closed"))
+        self._queue.fail_all()
 
     # -- forming batches ---------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         """Start every batch the dispatch rule allows now; arm a timer for the next one."""
         self._scheduled = False
-        while self._pending and self._running < self.policy.max_concurrent:
+        while self._queue and self._running < self.policy.max_concurrent:
             wait = self._wait_before_next()
             if wait > 0:
                 self._arm_timer(wait)
                 return
-            batch = self._take_batch()
+            batch = self._queue.take()
             if batch:
                 self._start(batch)
 
     def _wait_before_next(self) -> float:
         """Seconds until the next batch may start (0 = now)."""
         policy = self.policy
-        if self._running == 0 or self._pending >= policy.max_batch_size:
+        if self._running == 0 or len(self._queue) >= policy.max_batch_size:
             return 0.0
-        oldest = min(q[0].enqueued for q in self._buckets.values() if q)
-        return oldest + policy.max_queue_delay_s - time.perf_counter()
+        return self._queue.oldest() + policy.max_queue_delay_s - time.perf_counter()
 
     def _arm_timer(self, wait: float) -> None:
         if self._timer is None:
@@ -209,30 +171,6 @@ class SequenceBatcher:
     def _on_timer(self) -> None:
         self._timer = None
         self._dispatch()
-
-    def _take_batch(self) -> list[Pending]:
-        """Up to max_batch_size live chunks: the oldest chunk's bucket, then shorter buckets."""
-        live = {k: q for k, q in self._buckets.items() if q}
-        primary = min(live, key=lambda k: live[k][0].enqueued)
-        order = [primary, *sorted((k for k in live if k < primary), reverse=True)]
-        batch: list[Pending] = []
-        seen: set[int] = set()
-        for key in order:
-            queue = live[key]
-            deferred: list[Pending] = []
-            while queue and len(batch) < self.policy.max_batch_size:
-                item = queue.popleft()
-                self._pending -= 1
-                if item.future.done() or item.resolve_closed():  # cancelled, or session gone
-                    self._inflight.leave()
-                elif id(item.session) in seen:  # never two chunks of one session in a batch
-                    deferred.append(item)
-                    self._pending += 1
-                else:
-                    seen.add(id(item.session))
-                    batch.append(item)
-            queue.extendleft(reversed(deferred))
-        return batch
 
     # -- running -----------------------------------------------------------------------------
 

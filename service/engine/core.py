@@ -16,6 +16,7 @@ import numpy as np
 
 from service import metrics
 from service.engine.batcher import ComputeLanes, InflightCounter
+from service.engine.classify import ClassifyLane
 from service.engine.continuity import SessionContinuity
 from service.engine.multi import apply_together
 from service.engine.registry import ModelRegistry
@@ -25,6 +26,7 @@ from service.engine.types import (
     BatchPolicy,
     ChunkOutcome,
     ChunkWork,
+    ClassifyPolicy,
     RuntimeOptions,
     StepResult,
     StreamOptions,
@@ -47,6 +49,7 @@ class Engine:
         runtime: RuntimeOptions | None = None,
         repository: Path = Path("models"),
         model_control: str = "none",
+        classify_policy: ClassifyPolicy | None = None,
     ) -> None:
         self.store = store
         self.continuity = continuity or SessionContinuity(store)
@@ -56,10 +59,13 @@ class Engine:
         self.registry = ModelRegistry()
         self._executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="lstm-run")
         self._inflight = InflightCounter()
+        lane = classify_policy or ClassifyPolicy()
+        self._classify_threads = ThreadPoolExecutor(lane.threads, "lstm-classify")
         factory = WorkerFactory(
             runtime or RuntimeOptions(), policy or BatchPolicy(),
-            ComputeLanes(self._executor, self._inflight), store.initial_capacity,
-            store.max_sessions,
+            ComputeLanes(self._executor, self._inflight),
+            ClassifyLane(self._classify_threads, self._inflight, lane),
+            store.initial_capacity, store.max_sessions,
         )  # fmt: skip
         self.control = ModelControl(repository, self.registry, factory, store, model_control)
 
@@ -201,6 +207,7 @@ class Engine:
     def close(self) -> None:
         self.control.retire_all()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._classify_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _clamp(model: ModelWorker, options: StreamOptions) -> StreamOptions:

@@ -64,6 +64,11 @@ def resolve_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
     return usable
 
 
+# Run option: shrink the CPU memory arena back after the run (large runs only).
+SHRINK = ort.RunOptions()
+SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
 class ModelRuntime:
     """An onnxruntime session for one model version, plus the provider it actually runs on."""
 
@@ -98,8 +103,11 @@ class ModelRuntime:
             return ()
         return tuple(str(x) for x in self.description.cuda.get("cpu_fallback", []))
 
-    def run(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
-        """One model call: inputs (B, T) int64 or (B, T, F) float32; state (B, S, H)."""
+    def run(
+        self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray, shrink: bool = False
+    ) -> RunOutput:
+        """One model call: inputs (B, T) int64 or (B, T, F) float32; state (B, S, H). With
+        `shrink`, the CPU arena gives back what the run grew it by (large runs)."""
         if self.debug_delay_s:
             time.sleep(self.debug_delay_s)
         feeds = {
@@ -108,7 +116,7 @@ class ModelRuntime:
             INPUT_STATE: state,
         }
         step_probs, probs, state_out = self.session.run(
-            [OUTPUT_STEP_PROBS, OUTPUT_PROBS, OUTPUT_STATE], feeds
+            [OUTPUT_STEP_PROBS, OUTPUT_PROBS, OUTPUT_STATE], feeds, SHRINK if shrink else None
         )
         return RunOutput(step_probs=step_probs, probs=probs, state_out=state_out)
 

@@ -91,12 +91,17 @@ class Session:
     def commit(
         self, seq: int, steps: int, probs: np.ndarray, step_probs: np.ndarray | None
     ) -> StepResult:
-        """A chunk's new state is in the store: advance, and keep its reply (own copies)."""
+        """A chunk's new state is in the store: advance; the reply owns copies of its rows.
+
+        Only the final probabilities are kept for a resend of this chunk (as the contract says:
+        a resend carries no per-step probabilities), so a session keeps (C,) floats, not the
+        (T, C) of its last chunk."""
         self.total_steps += steps
         self.last_seq = seq
+        final = probs.copy()  # (C,)
+        self.last_result = StepResult(final, None, steps, self.total_steps)
         every = step_probs.copy() if step_probs is not None else None  # (T, C)
-        self.last_result = StepResult(probs.copy(), every, steps, self.total_steps)
-        return self.last_result
+        return StepResult(final, every, steps, self.total_steps)
 
     def reset(self, seq: int) -> None:
         """Zero the state and the step count, as message `seq`."""

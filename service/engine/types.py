@@ -62,6 +62,16 @@ class BatchPolicy:
     max_queue_delay_s: float = 0.002
     max_concurrent: int = 1  # batches of one model version running at once
     inline_max_steps: int = 0  # an idle model runs batches of <= this many B x Tmax steps inline
+    max_batch_row_steps: int = 65_536  # most B x Tmax steps in one run (bounds its memory)
+
+
+@dataclass(frozen=True)
+class ClassifyPolicy:
+    """The Classify lane: its own threads, work in slices, a budget per request."""
+
+    threads: int = 1
+    slice_row_steps: int = 16_384  # most B x T steps per model run (0 = the whole request)
+    max_request_row_steps: int = 1_048_576  # most steps (summed over sequences) per request
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import numpy as np
 from lstmserve.contract import ModelDescription
 from service import metrics
 from service.engine.batcher import ComputeLanes, SequenceBatcher
-from service.engine.runtime import ModelRuntime, RunOutput
+from service.engine.classify import ClassifyLane
+from service.engine.runtime import ModelRuntime
 from service.engine.sessions import Session
 from service.engine.state import HostStateSlab, StateStore
 from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
@@ -32,7 +33,7 @@ class ModelWorker:
 
     def __init__(self, name: str, version: int, runtime: ModelRuntime, path: Path,
                  load_seconds: float, state: StateStore, policy: BatchPolicy,
-                 lanes: ComputeLanes) -> None:  # fmt: skip
+                 lanes: ComputeLanes, classify: ClassifyLane) -> None:  # fmt: skip
         self.name = name
         self.version = version
         self.runtime = runtime
@@ -41,7 +42,7 @@ class ModelWorker:
         self.state = state
         self.lifecycle = ModelState.READY
         self.batcher = SequenceBatcher(name, runtime, state, policy, lanes)
-        self._lanes = lanes
+        self._classify = classify
         self.on_drained: Callable[[ModelWorker], None] | None = None
         self._version_label = str(version)
         self._update_gauges()
@@ -108,62 +109,20 @@ class ModelWorker:
     # -- the Classify lane ---------------------------------------------------------------------
 
     async def classify(self, sequences: list[np.ndarray], with_steps: bool) -> list[StepResult]:
-        """Whole sequences from zero states in one padded batch."""
-        desc = self.description
-        lengths = np.array([s.shape[0] for s in sequences], dtype=np.int64)  # (B,)
-        shape = (len(sequences), int(lengths.max()), *sequences[0].shape[1:])
-        batch = np.zeros(shape, dtype=sequences[0].dtype)  # (B, T) or (B, T, F)
-        for b, seq in enumerate(sequences):
-            batch[b, : seq.shape[0]] = seq
-        state = np.zeros((len(sequences), desc.state_rows, desc.hidden_size), np.float32)
-        out = await self._run_classify(batch, lengths, state)
-        return [
-            StepResult(
-                out.probs[b].copy(),
-                out.step_probs[b, : lengths[b]].copy() if with_steps else None,
-                int(lengths[b]),
-                int(lengths[b]),
-            )
-            for b in range(len(sequences))
-        ]
-
-    async def _run_classify(
-        self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray
-    ) -> RunOutput:
-        """One model call on a worker thread, timed (queue / compute / total) and counted."""
-        queued = time.perf_counter()
-        inflight = self._lanes.inflight
-        inflight.enter()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._lanes.executor, _timed_run, self.runtime, inputs,
-                                      lengths, state)  # fmt: skip
-        future.add_done_callback(lambda _: inflight.leave())  # when the thread is done
-        # shield: a cancelled caller (client gone) does not hide a run still in progress from
-        # wait_idle(); its result is simply dropped.
-        started, out, finished = await asyncio.shield(future)
-        metrics.CHUNK_SECONDS.labels(self.name, "queue").observe(started - queued)
-        metrics.CHUNK_SECONDS.labels(self.name, "compute").observe(finished - started)
-        metrics.CHUNK_SECONDS.labels(self.name, "total").observe(time.perf_counter() - queued)
-        metrics.STEPS.labels(self.name, "Classify").inc(int(lengths.sum()))
-        return out
-
-
-def _timed_run(
-    runtime: ModelRuntime, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray
-) -> tuple[float, RunOutput, float]:
-    started = time.perf_counter()
-    out = runtime.run(inputs, lengths, state)
-    return started, out, time.perf_counter()
+        """Whole sequences from zero states, on the Classify lane (service/engine/classify.py)."""
+        return await self._classify.run(self.runtime, self.name, sequences, with_steps)
 
 
 class WorkerFactory:
     """Builds ModelWorkers from model files: the settings every version shares."""
 
     def __init__(self, options: RuntimeOptions, policy: BatchPolicy, lanes: ComputeLanes,
-                 initial_capacity: int, max_sessions: int) -> None:  # fmt: skip
+                 classify: ClassifyLane, initial_capacity: int,
+                 max_sessions: int) -> None:  # fmt: skip
         self.options = options
         self.policy = policy
         self.lanes = lanes
+        self.classify = classify
         self.initial_capacity = initial_capacity
         self.max_sessions = max_sessions
 
@@ -194,4 +153,5 @@ class WorkerFactory:
         state = HostStateSlab(desc.state_rows, desc.hidden_size, self.initial_capacity,
                               self.max_sessions)  # fmt: skip
         seconds = time.perf_counter() - started
-        return ModelWorker(name, version, runtime, path, seconds, state, self.policy, self.lanes)
+        return ModelWorker(name, version, runtime, path, seconds, state, self.policy, self.lanes,
+                           self.classify)  # fmt: skip

@@ -25,6 +25,10 @@ class InputSource(Protocol):
         """(T,) int64 tokens or (T, F) float32 frames; InvalidInput naming `field`."""
         ...
 
+    def steps_hint(self) -> int:
+        """At most how many steps this decodes to, found without decoding (budgets)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Open:

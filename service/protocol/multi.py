@@ -13,7 +13,13 @@ from collections.abc import AsyncIterator, Sequence
 from service import metrics
 from service.engine.sessions import Session
 from service.engine.types import ChunkOutcome, ChunkWork
-from service.errors import InvalidInput, LstmServeError, ProtocolError, SessionNotFound
+from service.errors import (
+    BudgetExceeded,
+    InvalidInput,
+    LstmServeError,
+    ProtocolError,
+    SessionNotFound,
+)
 from service.protocol.inbox import DRAIN, EOF
 from service.protocol.messages import (
     Chunk,
@@ -68,6 +74,9 @@ class MultiConversation:
         limit = self.layer.limits.max_multi_entries
         if len(entries) > limit:
             raise InvalidInput(f"entries has {len(entries)} entries, more than the maximum {limit}")
+        refused = self._over_budget(entries)
+        if refused is not None:
+            return MultiReply([Reply(e.session_id, Failed(refused)) for e in entries])
         replies: list[Reply | None] = [None] * len(entries)
         for indices in rounds(entries):
             work: list[tuple[int, ChunkWork]] = []
@@ -80,6 +89,18 @@ class MultiConversation:
         done = [r for r in replies if r is not None]
         self._note_used(done)
         return MultiReply(done)
+
+    def _over_budget(self, entries: Sequence[SessionEntry]) -> BudgetExceeded | None:
+        """The message's chunks, summed, against --max-request-row-steps (before any work)."""
+        total = sum(e.request.input.steps_hint() for e in entries if isinstance(e.request, Chunk))
+        budget = self.layer.limits.max_request_row_steps
+        if total <= budget:
+            return None
+        return BudgetExceeded(
+            f"the message's chunks have {total} steps in all, more than the budget of {budget} "
+            "(--max-request-row-steps): nothing in it was applied; send its chunks in several "
+            "messages"
+        )
 
     async def _entry(
         self, entry: SessionEntry, i: int, work: list[tuple[int, ChunkWork]]

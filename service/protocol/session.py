@@ -55,6 +55,7 @@ class Limits:
     max_chunk_steps: int = 4096
     max_multi_entries: int = 4096
     idle_timeout_s: float = 600.0
+    max_request_row_steps: int = 1_048_576  # per StreamMulti message, summed over its chunks
 
 
 def draining_error() -> Draining:

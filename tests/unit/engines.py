@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from service.engine.batcher import ComputeLanes, InflightCounter
+from service.engine.classify import ClassifyLane
 from service.engine.core import Engine
 from service.engine.sessions import SessionStore
-from service.engine.types import BatchPolicy, RuntimeOptions
+from service.engine.types import BatchPolicy, ClassifyPolicy, RuntimeOptions
 from service.engine.worker import ModelWorker, WorkerFactory
 
 CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",))
@@ -32,5 +33,7 @@ def load_engine(
 
 def load_worker(path: Path, options: RuntimeOptions = CPU_ONLY) -> ModelWorker:
     """One model version loaded and warmed on its own (no engine around it)."""
-    lanes = ComputeLanes(ThreadPoolExecutor(1), InflightCounter())
-    return WorkerFactory(options, BatchPolicy(), lanes, 1, 10).load(path)
+    inflight = InflightCounter()
+    lanes = ComputeLanes(ThreadPoolExecutor(1), inflight)
+    classify = ClassifyLane(ThreadPoolExecutor(1), inflight, ClassifyPolicy())
+    return WorkerFactory(options, BatchPolicy(), lanes, classify, 1, 10).load(path)

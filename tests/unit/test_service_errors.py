@@ -27,6 +27,7 @@ MAPPING = {
     errors.VersionRetired: grpc.StatusCode.UNAVAILABLE,
     errors.ModelLoadFailed: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
     errors.SnapshotInvalid: grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,0 +1,123 @@
+"""The chunks waiting for a batch of one model version, in buckets by length.
+
+Chunks are queued in buckets by length (1, 2, 3-4, 5-8, ... steps). A batch takes the bucket of
+the oldest pending chunk and fills any room left with shorter chunks (never longer ones, which
+would raise Tmax and pad every row), up to max_batch_size chunks and max_batch_row_steps
+B x Tmax steps. A chunk whose waiter is gone or whose session was closed is answered (or
+dropped) here, never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.engine.types import BatchPolicy, StepResult
+
+if TYPE_CHECKING:
+    from service.engine.batcher import InflightCounter
+    from service.engine.sessions import Session
+
+
+class Pending:
+    """One submitted chunk waiting for (or inside) a batch."""
+
+    __slots__ = ("chunk", "enqueued", "future", "seq", "session", "steps")
+
+    def __init__(
+        self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult]
+    ) -> None:
+        self.session = session
+        self.seq = seq
+        self.chunk = chunk  # (T,) or (T, F)
+        self.steps = int(chunk.shape[0])
+        self.future = future
+        self.enqueued = time.perf_counter()
+
+    def resolve_closed(self) -> bool:
+        """Answer the chunk with its session's close reason if the session is gone."""
+        if self.session.closed is None:
+            return False
+        if not self.future.done():
+            self.future.set_exception(self.session.closed_error())
+        return True
+
+
+def bucket_of(steps: int) -> int:
+    """Length bucket: 0 for 1 step, 1 for 2, 2 for 3-4, 3 for 5-8, ..."""
+    return (steps - 1).bit_length()
+
+
+class PendingChunks:
+    """The queue of one batcher: add, take the next batch, fail all."""
+
+    def __init__(self, policy: BatchPolicy, inflight: InflightCounter) -> None:
+        self.policy = policy
+        self._inflight = inflight
+        self._buckets: dict[int, deque[Pending]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, item: Pending) -> None:
+        self._buckets.setdefault(bucket_of(item.steps), deque()).append(item)
+        self._count += 1
+
+    def oldest(self) -> float:
+        """When the oldest pending chunk was queued (perf_counter)."""
+        return min(q[0].enqueued for q in self._buckets.values() if q)
+
+    def take(self) -> list[Pending]:
+        """The next batch: the oldest chunk's bucket, then shorter buckets (the first chunk
+        always goes, however long)."""
+        live = {k: q for k, q in self._buckets.items() if q}
+        primary = min(live, key=lambda k: live[k][0].enqueued)
+        order = [primary, *sorted((k for k in live if k < primary), reverse=True)]
+        batch: list[Pending] = []
+        seen: set[int] = set()
+        longest = 0
+        for key in order:
+            longest = self._take_from(live[key], batch, seen, longest)
+        return batch
+
+    def _take_from(self, queue: deque[Pending], batch: list[Pending], seen: set[int],
+                   longest: int) -> int:  # fmt: skip
+        """Move chunks of one bucket into the batch; the batch's longest chunk after."""
+        deferred: list[Pending] = []
+        while queue and len(batch) < self.policy.max_batch_size:
+            item = queue.popleft()
+            self._count -= 1
+            if item.future.done() or item.resolve_closed():  # cancelled, or session gone
+                self._inflight.leave()
+                continue
+            repeat = id(item.session) in seen  # never two chunks of one session in a batch
+            if repeat or not self._fits(len(batch), longest, item.steps):
+                deferred.append(item)
+                self._count += 1
+                if not repeat:
+                    break  # over the size cap: the rest of this bucket is no shorter
+                continue
+            seen.add(id(item.session))
+            batch.append(item)
+            longest = max(longest, item.steps)
+        queue.extendleft(reversed(deferred))
+        return longest
+
+    def _fits(self, rows: int, longest: int, steps: int) -> bool:
+        """Whether one more chunk keeps the batch within max_batch_row_steps (B x Tmax)."""
+        return rows == 0 or (rows + 1) * max(longest, steps) <= self.policy.max_batch_row_steps
+
+    def fail_all(self) -> None:
+        """Answer every queued chunk now (the batcher is closing)."""
+        for queue in self._buckets.values():
+            while queue:
+                item = queue.popleft()
+                self._count -= 1
+                self._inflight.leave()
+                if not item.resolve_closed() and not item.future.done():
+                    item.future.set_exception(RuntimeError("the batcher was closed"))
