@@ -7,7 +7,9 @@
 Each scenario starts its own server on the shipped models (models/, langid-chars/1: LSTM 256)
 and reports what the robustness issue's "done when" asks, measured here:
   classify    Classify 16 x 16,384 tokens twice: refused, or peak RSS growth and RSS 10 s later
+  multi       one StreamMulti message of 64 x 4,096-token chunks: peak RSS growth, 10 s later
   unread      two streams that never read their replies, each sending 4 MB messages: RSS growth
+              at the peak (allocator churn, noisy) and held while the streams stay open
   lanes       p99 of 8-step stream chunks beside four concurrent Classify 8 x 8,192
   deadline    a Classify 16 x 16,384 with a 0.3 s deadline: seconds until the server's CPU idles
   every_step  1,000 every_step sessions after one 4,096-step chunk each: bytes per session
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shlex
 import time
@@ -37,6 +40,7 @@ from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MODEL = "langid-chars"
 MiB = 1024 * 1024
+EVERY_STEP = True
 
 
 def rss(proc: Process) -> int:
@@ -89,32 +93,60 @@ async def classify_big(proc: Process) -> dict[str, Any]:
 
 
 async def unread(proc: Process) -> dict[str, Any]:
-    big = pb.StreamRequest(chunk=pb.Chunk(seq=1, input=tokens(4096, 0)))
     filler = pb.StreamRequest(chunk=pb.Chunk(seq=1, input=pb.SequenceInput(text="a" * 4_000_000)))
-    start = rss(proc)
     async with grpc.aio.insecure_channel(proc.address, options=_big()) as channel:
         stub = pb_grpc.LstmServeStub(channel)
         calls = []
-        for _ in range(2):
+        every = pb.StreamOptions(every_step=True)
+        for i in range(2):
             call = stub.Stream()
-            await call.write(pb.StreamRequest(open=pb.OpenSession(model=MODEL)))
+            await call.write(pb.StreamRequest(open=pb.OpenSession(model=MODEL, options=every)))
             await call.read()
+            for seq in range(1, 4):  # ~160 KB replies, never read: the server's writes block
+                chunk = pb.Chunk(seq=seq, input=tokens(4096, i))
+                await call.write(pb.StreamRequest(chunk=chunk))
             calls.append(call)
+        await asyncio.sleep(2)  # their runs are done (the model's arena has its working size)
+        start = rss(proc)
         with RssSampler(proc) as sampler:
+
+            written = [0]
 
             async def flood(call: Any) -> None:
                 for _ in range(100):  # never reads a reply
                     await call.write(filler)
+                    written[0] += 1
 
-            try:
+            with contextlib.suppress(TimeoutError):  # flow control stopped the writers: good
                 await asyncio.wait_for(asyncio.gather(*(flood(c) for c in calls)), 20)
-            except TimeoutError:
-                pass  # flow control stopped the writers: what we want
-            await asyncio.sleep(1)
+            await asyncio.sleep(2)
+            held = rss(proc) - start  # the streams still open, their replies unread
         for call in calls:
             call.cancel()
-    del big
-    return {"scenario": "unread", "peak_growth_mib": round((sampler.peak - start) / MiB, 1)}
+    return {"scenario": "unread", "peak_growth_mib": round((sampler.peak - start) / MiB, 1),
+            "held_growth_mib": round(held / MiB, 1), "messages_written": written[0]}  # fmt: skip
+
+
+async def multi(proc: Process) -> dict[str, Any]:
+    start = rss(proc)
+    async with grpc.aio.insecure_channel(proc.address, options=_big()) as channel:
+        call = pb_grpc.LstmServeStub(channel).StreamMulti()
+        opens = [pb.SessionRequest(open=pb.OpenSession(model=MODEL)) for _ in range(64)]
+        await call.write(pb.StreamMultiRequest(entries=opens))
+        ids = [r.session_id for r in (await call.read()).results]
+        with RssSampler(proc) as sampler:
+            chunks = [
+                pb.SessionRequest(session_id=sid, chunk=pb.Chunk(seq=1, input=tokens(4096, i)))
+                for i, sid in enumerate(ids)
+            ]
+            await call.write(pb.StreamMultiRequest(entries=chunks))
+            reply = await call.read()
+        await call.done_writing()
+    await asyncio.sleep(10)
+    applied = sum(r.chunk.total_steps == 4096 for r in reply.results)
+    return {"scenario": "multi", "applied": applied,
+            "peak_growth_mib": round((sampler.peak - start) / MiB, 1),
+            "growth_after_10s_mib": round((rss(proc) - start) / MiB, 1)}  # fmt: skip
 
 
 async def lanes(proc: Process) -> dict[str, Any]:
@@ -164,25 +196,34 @@ async def deadline(proc: Process) -> dict[str, Any]:
 
 
 async def every_step(proc: Process) -> dict[str, Any]:
-    sessions = 1000
-    start = rss(proc)
+    """RSS per session after warming up (the arena and the heap reach their working size on the
+    first sessions; what then grows with every session is what a session keeps)."""
+    sessions, warm = 1000, 50
     async with grpc.aio.insecure_channel(proc.address, options=_big()) as channel:
         stub = pb_grpc.LstmServeStub(channel)
-        opts = pb.StreamOptions(every_step=True)
-        calls = []
+        for i in range(warm):
+            await _one_every_step_session(stub, i)
+        await asyncio.sleep(1)
+        start = rss(proc)
         for i in range(sessions):
-            call = stub.Stream()
-            await call.write(pb.StreamRequest(open=pb.OpenSession(model=MODEL, options=opts)))
-            await call.read()
-            await call.write(pb.StreamRequest(chunk=pb.Chunk(seq=1, input=tokens(4096, i))))
-            await call.read()
-            await call.done_writing()
-            calls.append(call)
+            await _one_every_step_session(stub, warm + i)
         await asyncio.sleep(2)
         grown = rss(proc) - start
     state = 2 * 256 * 4  # langid-chars: S x H float32
-    return {"scenario": "every_step", "sessions": sessions,
+    return {"scenario": "every_step", "sessions": sessions, "every_step": EVERY_STEP,
             "bytes_per_session_beyond_state": int(grown / sessions - state)}  # fmt: skip
+
+
+async def _one_every_step_session(stub: pb_grpc.LstmServeStub, seed: int) -> None:
+    """Open, one 4,096-step chunk, close the stream (the session stays, resumable)."""
+    call = stub.Stream()
+    opts = pb.StreamOptions(every_step=EVERY_STEP)
+    await call.write(pb.StreamRequest(open=pb.OpenSession(model=MODEL, options=opts)))
+    await call.read()
+    await call.write(pb.StreamRequest(chunk=pb.Chunk(seq=1, input=tokens(4096, seed))))
+    await call.read()
+    await call.done_writing()
+    await call.code()
 
 
 def _big() -> list[tuple[str, int]]:
@@ -191,8 +232,8 @@ def _big() -> list[tuple[str, int]]:
 
 
 SCENARIOS: dict[str, Callable[[Process], Any]] = {
-    "classify": classify_big, "unread": unread, "lanes": lanes, "deadline": deadline,
-    "every_step": every_step,
+    "classify": classify_big, "multi": multi, "unread": unread, "lanes": lanes,
+    "deadline": deadline, "every_step": every_step,
 }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from lstmserve.contract import ModelDescription
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service.engine.inputs import (
+    check_steps,
     frames_from_flat,
     frames_from_rows,
     tokens_from_ids,
@@ -71,6 +72,7 @@ def decode_input(
         if len(frames.frames) and len(frames.values):
             raise InvalidInput(f"{field}.frames: set either values or frames, not both")
         if len(frames.frames):
+            check_steps(len(frames.frames), max_steps, f"{field}.frames")  # before copying rows
             rows = [list(f.values) for f in frames.frames]
             return frames_from_rows(desc, rows, max_steps, f"{field}.frames")
         return frames_from_flat(
@@ -89,6 +91,9 @@ class PbInput:
 
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
         return decode_input(self.msg, desc, max_steps, field)
+
+    def nbytes(self) -> int:
+        return self.msg.ByteSize()
 
     def steps_hint(self) -> int:
         msg = self.msg

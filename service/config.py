@@ -73,9 +73,11 @@ class ServerConfig:
     max_multi_entries: int = 4096
     max_sequence_steps: int = 16_384
     max_request_row_steps: int = 1_048_576
-    max_batch_row_steps: int = 65_536
+    max_batch_row_steps: int = 16_384
     classify_threads: int = 1
     classify_slice_row_steps: int = 16_384
+    read_ahead_bytes: int = 4 << 20
+    read_ahead_total_bytes: int = 256 << 20
     expired_ids_remembered: int = 10_000
     initial_slab_capacity: int = 64
     drain_grace_s: float = 10.0
@@ -118,6 +120,8 @@ class ServerConfig:
             "max_request_row_steps",
             "max_batch_row_steps",
             "classify_threads",
+            "read_ahead_bytes",
+            "read_ahead_total_bytes",
             "expired_ids_remembered",
             "initial_slab_capacity",
         )
@@ -244,6 +248,12 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "most rows x steps in one batched streaming run (bounds the run's memory)",
         int,
     ),
+    "read_ahead_bytes": (
+        "most request bytes one stream reads ahead of processing; beyond it the server stops "
+        "reading and gRPC flow control holds the client back (one message always fits)",
+        int,
+    ),
+    "read_ahead_total_bytes": ("most request bytes read ahead over all streams", int),
     "classify_threads": ("threads of the Classify lane (streaming never waits behind it)", int),
     "classify_slice_row_steps": (
         "Classify runs in time slices of at most this many rows x steps (bounded memory; a "

@@ -219,8 +219,13 @@ def build_engine(config: ServerConfig) -> Engine:
 def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     """Build (not start) the server and bind its gRPC port; call inside a running event loop."""
     engine = build_engine(config)
-    limits = Limits(config.max_chunk_steps, config.max_multi_entries,
-                    config.session_idle_timeout_s, config.max_request_row_steps)  # fmt: skip
+    limits = Limits(
+        max_chunk_steps=config.max_chunk_steps, max_multi_entries=config.max_multi_entries,
+        idle_timeout_s=config.session_idle_timeout_s,
+        max_request_row_steps=config.max_request_row_steps,
+        read_ahead_bytes=config.read_ahead_bytes,
+        read_ahead_total_bytes=config.read_ahead_total_bytes,
+    )  # fmt: skip
     layer = SessionLayer(engine, limits)
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

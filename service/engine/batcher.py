@@ -44,7 +44,10 @@ from service.engine.types import BatchPolicy, StepResult
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
 
-STAGES = ("queue", "compute", "total")  # per-chunk latency stages, as for Classify
+STAGES = ("queue", "compute", "total")
+# A run of at least this many B x Tmax steps gives its onnxruntime arena growth back afterwards
+# (docs/OPERATIONS.md, "Memory"): big runs are rare and costly anyway, small ones stay fast.
+SHRINK_ROW_STEPS = 8192  # per-chunk latency stages, as for Classify
 
 
 class InflightCounter:
@@ -209,7 +212,8 @@ class SequenceBatcher:
         """On a worker thread: pad chunks, one model call; (out, seconds)."""
         started = time.perf_counter()
         inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
-        out = self.runtime.run(inputs, lengths, state)
+        shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
+        out = self.runtime.run(inputs, lengths, state, shrink)
         seconds = time.perf_counter() - started
         self._m_compute.observe(seconds)
         return out, seconds

@@ -112,5 +112,5 @@ def _result(probs: np.ndarray, steps: np.ndarray | None, row: int, length: int) 
 def _timed(runtime: ModelRuntime, inputs: np.ndarray, lengths: np.ndarray,
            state: np.ndarray) -> tuple[RunOutput, float]:  # fmt: skip
     started = time.perf_counter()
-    out = runtime.run(np.ascontiguousarray(inputs), lengths, np.ascontiguousarray(state))
+    out = runtime.run(np.ascontiguousarray(inputs), lengths, np.ascontiguousarray(state), True)
     return out, time.perf_counter() - started

@@ -13,6 +13,9 @@ from lstmserve.contract import ModelDescription
 from service.errors import InvalidInput
 
 QUOTE_CHARS = 64  # the most characters of a client's value an error message quotes
+# Normalisation (NFC) composes at most a few code points into one character (a base and its
+# marks, Hangul jamo): a text longer than this many code points per allowed step cannot fit.
+MAX_CHARS_PER_STEP = 8
 
 
 def quoted(value: str, limit: int = QUOTE_CHARS) -> str:
@@ -57,8 +60,13 @@ def tokens_from_text(desc: ModelDescription, text: str, max_steps: int, field: s
     _need_kind(desc, "tokens", field)
     if desc.tokenizer is None:
         raise InvalidInput(f"{field}: model {desc.name} v{desc.version} has no tokenizer")
-    ids = desc.tokenizer.encode(text)
-    check_steps(len(ids), max_steps, field)
+    if len(text) > MAX_CHARS_PER_STEP * max_steps:  # cannot fit: refused before any copy
+        raise InvalidInput(
+            f"{field} has {len(text)} characters: more than the maximum {max_steps} steps"
+        )
+    normalized = desc.tokenizer.normalize(text)
+    check_steps(len(normalized), max_steps, field)  # before a list of ids is built
+    ids = desc.tokenizer.encode(normalized)  # normalising is idempotent
     if len(desc.tokenizer.unknown_chars(text)) == len(ids):
         raise InvalidInput(f"{field} = {quoted(text)} has no character in the model's vocabulary")
     return np.asarray(ids, dtype=np.int64)

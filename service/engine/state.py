@@ -8,6 +8,7 @@ the same interface. Used from the event loop thread only.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -42,7 +43,9 @@ class HostStateSlab:
         capacity = max(1, min(capacity, max_capacity))
         self.states = np.zeros((capacity, rows, hidden), dtype=np.float32)  # (N, S, H)
         self.max_capacity = max_capacity
-        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self.min_capacity = capacity
+        self._free: list[int] = list(range(capacity))  # a heap: the lowest free row first
+        self._in_use = np.zeros(capacity, dtype=bool)  # (N,)
         self.used = 0
 
     @property
@@ -58,17 +61,36 @@ class HostStateSlab:
         return self.used * int(self.states[0].nbytes)
 
     def allocate(self) -> int:
-        """A zeroed row for a new session."""
+        """A zeroed row for a new session (the lowest free one, so that high rows empty out
+        and the slab can shrink after a peak)."""
         if not self._free:
             self._grow()
-        row = self._free.pop()
+        row = heapq.heappop(self._free)
         self.states[row] = 0.0
+        self._in_use[row] = True
         self.used += 1
         return row
 
     def release(self, row: int) -> None:
-        self._free.append(row)
+        heapq.heappush(self._free, row)
+        self._in_use[row] = False
         self.used -= 1
+        if self.used <= self.capacity // 4 and (self.used < 64 or self.used % 64 == 0):
+            self.shrink()  # checked now and then: it scans the rows in use
+
+    def shrink(self) -> None:
+        """Halve the slab (repeatedly) while its upper half holds no session and the rest
+        would still be at most half full; never below the initial capacity."""
+        capacity = self.capacity
+        top = int(np.flatnonzero(self._in_use)[-1]) + 1 if self.used else 0
+        while capacity // 2 >= max(self.min_capacity, top, 2 * self.used, 1):
+            capacity //= 2
+        if capacity == self.capacity:
+            return
+        self.states = self.states[:capacity].copy()  # (N', S, H): the old array is freed
+        self._in_use = self._in_use[:capacity].copy()
+        self._free = [r for r in self._free if r < capacity]
+        heapq.heapify(self._free)
 
     def read(self, row: int) -> np.ndarray:
         """A copy of one row, (S, H)."""
@@ -88,6 +110,7 @@ class HostStateSlab:
     def close(self) -> None:
         """Free the memory (the version is retired; no row is in use)."""
         self.states = np.zeros((0, *self.states.shape[1:]), dtype=np.float32)
+        self._in_use = np.zeros(0, dtype=bool)
         self._free.clear()
 
     def _grow(self) -> None:
@@ -98,4 +121,6 @@ class HostStateSlab:
         grown = np.zeros((new, *self.states.shape[1:]), dtype=np.float32)  # (N', S, H)
         grown[:old] = self.states
         self.states = grown
-        self._free.extend(range(new - 1, old - 1, -1))
+        self._in_use = np.concatenate([self._in_use, np.zeros(new - old, dtype=bool)])
+        self._free.extend(range(old, new))
+        heapq.heapify(self._free)

@@ -62,7 +62,7 @@ class BatchPolicy:
     max_queue_delay_s: float = 0.002
     max_concurrent: int = 1  # batches of one model version running at once
     inline_max_steps: int = 0  # an idle model runs batches of <= this many B x Tmax steps inline
-    max_batch_row_steps: int = 65_536  # most B x Tmax steps in one run (bounds its memory)
+    max_batch_row_steps: int = 16_384  # most B x Tmax steps in one run (bounds its memory)
 
 
 @dataclass(frozen=True)

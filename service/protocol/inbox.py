@@ -1,38 +1,95 @@
 """A stream's requests, read ahead into a bounded queue, so that a draining server can wake a
-stream that is waiting for its next message (to send its final snapshots and close it)."""
+stream that is waiting for its next message (to send its final snapshots and close it).
+
+Read-ahead is bounded in messages and in bytes, per stream and across all streams
+(`ReadAhead`): beyond the bounds a stream simply stops reading, and gRPC's flow control holds
+the client back; a stream with nothing buffered may always read one message, so every stream
+makes progress.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
 
-READ_AHEAD = 64  # messages read ahead of processing per stream (gRPC flow control beyond)
+READ_AHEAD = 64  # messages read ahead of processing per stream
 EOF = object()  # the client closed its side
 DRAIN = object()  # the server is draining: stop after the message in progress
+
+
+class ReadAhead:
+    """Bytes read ahead of processing: at most `per_stream` in one stream, `total` in all."""
+
+    def __init__(self, per_stream: int = 4 << 20, total: int = 256 << 20) -> None:
+        self.per_stream = per_stream
+        self.total = total
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    def fits(self, buffered: int, size: int) -> bool:
+        """Whether a stream holding `buffered` bytes may read `size` more now."""
+        if buffered == 0:
+            return True  # one message always: every stream makes progress
+        return buffered + size <= self.per_stream and self.used + size <= self.total
+
+    async def wait_until_fits(self, buffered: Callable[[], int], size: int) -> None:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.fits(buffered(), size))
+
+    def take(self, size: int) -> None:
+        self.used += size
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+        if self._freed._waiters:  # type: ignore[attr-defined]  # no loop hop when none wait
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._freed:
+            self._freed.notify_all()
 
 
 class Inbox(Generic[R]):
     """Requests of one stream, in order, or EOF / DRAIN."""
 
-    def __init__(self, requests: AsyncIterator[R], draining: asyncio.Event) -> None:
+    def __init__(self, requests: AsyncIterator[R], draining: asyncio.Event,
+                 read_ahead: ReadAhead, size: Callable[[R], int]) -> None:  # fmt: skip
         self._draining = draining
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=READ_AHEAD)
+        self._budget = read_ahead
+        self._size = size
+        self._bytes = 0  # read ahead and not yet taken by next()
+        self._queue: asyncio.Queue[tuple[object, int]] = asyncio.Queue(maxsize=READ_AHEAD)
         self._reader = asyncio.create_task(self._read(requests))
 
     async def _read(self, requests: AsyncIterator[R]) -> None:
         try:
             async for request in requests:
-                await self._queue.put(request)
+                await self._put(request, self._size(request))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the stream broke: handed to next() to raise
-            await self._queue.put(exc)
+            await self._put(exc, 0)
             return
-        await self._queue.put(EOF)
+        await self._put(EOF, 0)
+
+    async def _put(self, item: object, size: int) -> None:
+        if not self._budget.fits(self._bytes, size):
+            await self._budget.wait_until_fits(lambda: self._bytes, size)
+        self._bytes += size
+        self._budget.take(size)
+        await self._queue.put((item, size))
+
+    def _taken(self, item: tuple[object, int]) -> object:
+        """A queued item, its bytes given back to the read-ahead budget."""
+        request, size = item
+        if size:
+            self._bytes -= size
+            self._budget.give_back(size)
+        return request
 
     async def next(self, drain: bool = True) -> R | object:
         """The next request, EOF or (with `drain`) DRAIN; raises what broke the stream.
@@ -40,7 +97,7 @@ class Inbox(Generic[R]):
         if drain and self._draining.is_set():
             return DRAIN
         while True:
-            item = await self._queue.get()
+            item = self._taken(await self._queue.get())
             if isinstance(item, BaseException):
                 raise item
             if item is not DRAIN or drain:
@@ -52,7 +109,7 @@ class Inbox(Generic[R]):
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
-                    item = await self._queue.get()
+                    item = self._taken(await self._queue.get())
                     if item is EOF or isinstance(item, BaseException):
                         return
         except TimeoutError:
@@ -61,7 +118,11 @@ class Inbox(Generic[R]):
     def wake(self) -> None:
         """Wake a stream waiting for its next message (a busy one checks between messages)."""
         with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(DRAIN)
+            self._queue.put_nowait((DRAIN, 0))
 
     def close(self) -> None:
+        """Stop reading; what was read ahead and not taken is given back."""
         self._reader.cancel()
+        if self._bytes:
+            self._budget.give_back(self._bytes)
+            self._bytes = 0

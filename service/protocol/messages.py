@@ -29,6 +29,10 @@ class InputSource(Protocol):
         """At most how many steps this decodes to, found without decoding (budgets)."""
         ...
 
+    def nbytes(self) -> int:
+        """The input's size on the wire (read-ahead bounds)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Open:
@@ -87,6 +91,23 @@ class SessionEntry:
 
     session_id: str  # empty for open / restore
     request: Request
+
+
+SMALL_MESSAGE_BYTES = 64  # what a message without an input or a snapshot counts as
+
+
+def request_bytes(request: Request) -> int:
+    """About how many bytes a request holds (read-ahead bounds)."""
+    if isinstance(request, Chunk):
+        return request.input.nbytes() + SMALL_MESSAGE_BYTES
+    if isinstance(request, Restore):
+        return len(request.snapshot) + SMALL_MESSAGE_BYTES
+    return SMALL_MESSAGE_BYTES
+
+
+def entries_bytes(entries: list[SessionEntry]) -> int:
+    """About how many bytes a multi-session message holds."""
+    return sum(request_bytes(e.request) for e in entries) + SMALL_MESSAGE_BYTES
 
 
 # -- replies --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from service.protocol.messages import (
     Resume,
     SessionEntry,
     Unset,
+    entries_bytes,
 )
 from service.protocol.session import (
     FINAL_MESSAGE_GRACE_S,
@@ -42,6 +43,7 @@ from service.protocol.session import (
 )
 
 RPC = "StreamMulti"
+PRUNE_FLOOR = 1024  # a stream remembers this many sessions before it forgets the gone ones
 
 
 class MultiConversation:
@@ -51,10 +53,11 @@ class MultiConversation:
         self.layer = layer
         self._requests = requests
         self._used: dict[str, Session] = {}  # live sessions this stream named, for drain
+        self._prune_at = PRUNE_FLOOR  # forget ended / expired ones once it grows past this
 
     async def replies(self) -> AsyncIterator[MultiReply]:
         layer = self.layer
-        inbox = layer.open_inbox(self._requests)
+        inbox = layer.open_inbox(self._requests, entries_bytes)
         try:
             while True:
                 entries = await inbox.next()
@@ -151,6 +154,9 @@ class MultiConversation:
                 self._used.pop(reply.session_id, None)
             else:
                 self._used[reply.session_id] = session
+        if len(self._used) > self._prune_at:  # amortised: each prune at least halves the work
+            self._used = {sid: s for sid, s in self._used.items() if not s.ended}
+            self._prune_at = max(PRUNE_FLOOR, 2 * len(self._used))
 
     async def _final_snapshots(self) -> MultiReply:
         """A draining server's last message: a final snapshot per live session."""

@@ -7,7 +7,7 @@ from (a bad chunk) is answered in-band.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,7 +15,7 @@ from service import metrics
 from service.engine.core import Engine
 from service.engine.sessions import Session
 from service.errors import Draining, InvalidInput, ProtocolError
-from service.protocol.inbox import Inbox
+from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
     Body,
     Chunk,
@@ -56,6 +56,8 @@ class Limits:
     max_multi_entries: int = 4096
     idle_timeout_s: float = 600.0
     max_request_row_steps: int = 1_048_576  # per StreamMulti message, summed over its chunks
+    read_ahead_bytes: int = 4 << 20  # read ahead of processing, per stream
+    read_ahead_total_bytes: int = 256 << 20  # read ahead of processing, all streams
 
 
 def draining_error() -> Draining:
@@ -72,6 +74,7 @@ class SessionLayer:
         self.engine = engine
         self.limits = limits
         self._inboxes: set[Inbox[Any]] = set()
+        self._read_ahead = ReadAhead(limits.read_ahead_bytes, limits.read_ahead_total_bytes)
 
     # -- attach and dispatch -------------------------------------------------------------------
 
@@ -122,8 +125,9 @@ class SessionLayer:
 
     # -- streams and the drain hand-over -------------------------------------------------------
 
-    def open_inbox(self, requests: AsyncIterator[R]) -> Inbox[R]:
-        inbox = Inbox(requests, self.engine.drain_started)
+    def open_inbox(self, requests: AsyncIterator[R], size: Callable[[R], int]) -> Inbox[R]:
+        """A stream's inbox; `size` says how many bytes a request holds (read-ahead bounds)."""
+        inbox = Inbox(requests, self.engine.drain_started, self._read_ahead, size)
         self._inboxes.add(inbox)
         return inbox
 

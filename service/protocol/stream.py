@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from service.engine.sessions import Session
 from service.protocol.inbox import DRAIN, EOF, Inbox
-from service.protocol.messages import Ended, Reply, Request
+from service.protocol.messages import Ended, Reply, Request, request_bytes
 from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error
 
 
@@ -28,7 +28,7 @@ class StreamConversation:
     async def replies(self) -> AsyncIterator[Reply]:
         """Every reply, in order; raises what ends the stream with a status."""
         layer = self.layer
-        inbox = layer.open_inbox(self._requests)
+        inbox = layer.open_inbox(self._requests, request_bytes)
         try:
             while True:
                 request = await self._next(inbox)

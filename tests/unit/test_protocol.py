@@ -38,6 +38,9 @@ class Tokens:
     def steps_hint(self) -> int:
         return len(self.ids)
 
+    def nbytes(self) -> int:
+        return 8 * len(self.ids)
+
 
 async def feed(items: Iterable[Any]) -> AsyncIterator[Any]:
     for item in items:
@@ -149,3 +152,22 @@ def test_drain_hands_over_a_final_snapshot_then_ends_the_stream(tiny_repo: Path)
     final = replies[-1].body
     assert isinstance(final, m.Snapshot) and final.final and final.last_seq == 1
     engine.close()
+
+
+def test_a_multi_stream_forgets_the_sessions_that_are_gone(
+    layer: SessionLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.protocol.multi as multi
+
+    monkeypatch.setattr(multi, "PRUNE_FLOOR", 4)
+
+    async def main() -> MultiConversation:
+        conversation = MultiConversation(layer, feed([]))
+        for _ in range(6):
+            reply = await conversation.answer([m.SessionEntry("", OPEN)])
+            session = reply.replies[0].body.session  # type: ignore[union-attr]
+            layer.engine.store.end(session)  # e.g. expired while the stream lives on
+        return conversation
+
+    conversation = asyncio.run(main())
+    assert len(conversation._used) <= 4  # not one entry per session ever named

@@ -120,3 +120,25 @@ def test_a_session_mid_chunk_is_not_expired(registry: ModelRegistry) -> None:
 
     assert asyncio.run(main()) == []
     assert store.evict_idle() == [session]
+
+
+def test_slab_shrinks_after_a_peak_keeping_live_rows() -> None:
+    slab = StateSlab(rows=1, hidden=2, capacity=4, max_capacity=4096)
+    rows = [slab.allocate() for _ in range(1024)]
+    assert slab.capacity == 1024
+    keep = rows[:10]  # the lowest rows: allocated first
+    slab.scatter(keep, np.arange(20, dtype=np.float32).reshape(10, 1, 2))
+    for row in rows[10:]:
+        slab.release(row)
+    assert slab.capacity <= 32 and slab.used == 10
+    np.testing.assert_array_equal(slab.gather(keep).ravel(), np.arange(20))
+    assert slab.allocated_bytes == slab.capacity * 1 * 2 * 4
+    assert slab.allocate() == 10  # the lowest free row again
+
+
+def test_a_high_live_row_keeps_the_slab_from_shrinking_below_it() -> None:
+    slab = StateSlab(rows=1, hidden=1, capacity=4, max_capacity=4096)
+    rows = [slab.allocate() for _ in range(256)]
+    for row in rows[:-1]:
+        slab.release(row)
+    assert slab.capacity == 256 and slab.used == 1  # row 255 still lives
