@@ -109,7 +109,6 @@ async def unread(proc: Process) -> dict[str, Any]:
         await asyncio.sleep(2)  # their runs are done (the model's arena has its working size)
         start = rss(proc)
         with RssSampler(proc) as sampler:
-
             written = [0]
 
             async def flood(call: Any) -> None:
