@@ -15,6 +15,7 @@ from typing import IO
 from service.config import ServerConfig, config_from_args
 from service.errors import ConfigError
 from service.logs import configure_logging
+from service.memory import pin_malloc_thresholds
 from service.server import LstmServer, create_server
 
 log = logging.getLogger("service.cli")
@@ -130,6 +131,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         print(f"lstm-serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_json, config.log_level)
+    pin_malloc_thresholds()
     try:
         return asyncio.run(serve(config))
     except ConfigError as exc:
