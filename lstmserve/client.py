@@ -1,4 +1,4 @@
-"""The Python client: list models, classify, and streaming sessions that survive broken streams.
+"""The Python client: list models, classify, and streaming sessions that survive their replica.
 
     async with LstmClient(["10.0.0.1:8001", "10.0.0.2:8001"]) as client:
         session = await client.open_session("langid-chars", top_k=3)
@@ -6,22 +6,28 @@
             result = await session.step(ch)          # or pipeline: send() ... receive()
         await session.end()
 
-Failover: unary calls go to the next address when one is UNAVAILABLE. A session whose stream
-breaks continues on the first address that can take it:
-  * after a draining server's final snapshot, by restoring that snapshot on the other addresses
-    (any replica started with the same --snapshot-key);
-  * otherwise by resuming its id, on the same address first, then the others (any replica, with
-    a shared --session-store redis://...; only the same server without one).
-Chunks sent but not yet answered are resent; the server answers those it had already applied
-with `duplicate=true` (no probabilities), so no step is lost or applied twice. If no address can
-take the session: SessionLost.
+Failover, given several addresses:
+  * unary calls, `open_session` and `restore_session` go to the next address when one is
+    UNAVAILABLE (unreachable, draining, still loading);
+  * `resume_session` also moves on past NOT_FOUND (without a shared store only the replica that
+    holds a session knows it);
+  * a session whose stream breaks (`StreamSession`, and every session of a `MultiStream`)
+    continues on the first address that takes it: after a draining server's final snapshot by
+    restoring the snapshot (any replica started with the same --snapshot-key), otherwise by
+    resuming its id (any replica with a shared --session-store redis://...; only the same server
+    without one). A dead or draining replica is tried last, the others in order after it;
+    while some address is UNAVAILABLE the round is repeated for up to `failover_s` seconds.
+Messages sent but not answered are resent; the server answers those it had already applied
+with `duplicate=true` (the resend of the last applied chunk with its original probabilities), so
+no step is lost or applied twice. A copy of the session older than what the client had seen
+applied is refused. If no address takes the session: SessionLost.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -43,6 +49,16 @@ Steps = str | Sequence[int] | np.ndarray | pb.SequenceInput
 
 
 CLOSE_GRACE_S = 1.0  # how long close() lets the server finish the stream before cancelling
+FAILOVER_S = 5.0  # how long a broken session keeps trying addresses that are UNAVAILABLE
+# A replica that comes back is noticed within 2 s (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+MAX_FAILOVERS_IN_A_ROW = 8  # reconnects with no reply in between before SessionLost
+MAX_REATTACH_ENTRIES = 1024  # sessions per message when a MultiStream reattaches them
+# A write on a call that has ended (or is ending) raises one of these.
+WRITE_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 async def _close_call(call: Any) -> None:
@@ -55,7 +71,7 @@ async def _close_call(call: Any) -> None:
                 await call.done_writing()
                 while await call.read() is not grpc.aio.EOF:
                     pass
-    except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+    except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
         pass  # broken or slow: cancelled below
     except asyncio.CancelledError:
         if not _stream_was_cancelled_under_us():
@@ -70,8 +86,130 @@ def _stream_was_cancelled_under_us() -> bool:
     return task is not None and task.cancelling() == 0
 
 
+async def _read_reply(call: Any, write_failed: bool) -> tuple[Any, bool]:
+    """(the next reply, False), or (None, elsewhere) when the stream broke in a way the session
+    continues from (`elsewhere`: UNAVAILABLE, try the other replicas first); raises otherwise.
+    INTERNAL after a failed write of ours is the transport's word for a stream the server had
+    already ended: continued like any broken stream."""
+    try:
+        reply = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() not in RETRYABLE and not write_failed:
+            raise
+        return None, exc.code() == grpc.StatusCode.UNAVAILABLE
+    except asyncio.CancelledError:
+        if not _stream_was_cancelled_under_us():
+            raise
+        return None, False
+    if reply is grpc.aio.EOF:
+        return None, False
+    return reply, False
+
+
+async def _first_reply(call: Any, request: Any, address: str) -> Any:
+    """Write a stream's first message and read its reply; _Refused / AioRpcError if it fails
+    (the call is then cancelled)."""
+    try:
+        await call.write(request)
+        reply = await call.read()
+    except grpc.aio.AioRpcError:
+        call.cancel()
+        raise
+    except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+        call.cancel()
+        raise _Refused(f"{address}: {exc!r}") from exc
+    if reply is grpc.aio.EOF:
+        call.cancel()
+        raise _Refused(f"{address} closed the stream before answering")
+    return reply
+
+
 class SessionLost(Exception):
-    """The session could not be resumed on any address."""
+    """The session could not be continued on any address (`gone`: every address that answered
+    said it does not know the session)."""
+
+    def __init__(self, message: str, gone: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+class _Refused(Exception):
+    """An address could not take a session now (`retry`: it may take it a moment later)."""
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+def _code(exc: BaseException) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+
+
+def _may_come_back(exc: BaseException) -> bool:
+    """Whether the address that failed this way may take the session if asked again."""
+    if isinstance(exc, _Refused):
+        return exc.retry
+    return _code(exc) in RETRYABLE
+
+
+class _AllFailed(Exception):
+    """Every address of a round failed, each with an error its caller moves on from."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+    def telling(self) -> BaseException:
+        """The error to show: an answer (NOT_FOUND, ...) over an unreachable address."""
+        answered = [e for e in self.errors if _code(e) not in (grpc.StatusCode.UNAVAILABLE, None)]
+        return (answered or self.errors)[0]
+
+    def gone(self) -> bool:
+        """Every address that answered (some did) said it does not know the session."""
+        answered = [e for e in self.errors if _code(e) not in (grpc.StatusCode.UNAVAILABLE, None)]
+        return bool(answered) and all(_code(e) == grpc.StatusCode.NOT_FOUND for e in answered)
+
+
+async def _one_round(
+    addresses: Sequence[str], attempt: Callable[[str], Awaitable[Any]],
+    moves_on: Callable[[BaseException], bool],
+) -> tuple[str, Any]:  # fmt: skip
+    """(address, result) of the first address `attempt` succeeds on; an error `moves_on`
+    rejects is raised at once; _AllFailed if every address fails."""
+    errors: list[BaseException] = []
+    for address in addresses:
+        try:
+            return address, await attempt(address)
+        except (grpc.aio.AioRpcError, _Refused) as exc:
+            if not moves_on(exc):
+                raise
+            errors.append(exc)
+    raise _AllFailed(errors)
+
+
+async def _fail_over(
+    client: LstmClient, current: str, elsewhere: bool, attempt: Callable[[str], Awaitable[Any]],
+    what: str,
+) -> str:  # fmt: skip
+    """Run `attempt` on the addresses in failover order, in rounds while some address may come
+    back (short pauses, `client.failover_s` at most); the address that took it, or SessionLost."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + client.failover_s
+    pause = 0.05
+    while True:
+        try:
+            address, _ = await _one_round(
+                client.failover_order(current, elsewhere), attempt, lambda _: True
+            )
+        except _AllFailed as failed:
+            if any(map(_may_come_back, failed.errors)) and loop.time() + pause < deadline:
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 0.5)
+                continue
+            message = f"{what} could not be continued on {client.addresses}: {failed.telling()}"
+            raise SessionLost(message, failed.gone()) from failed.telling()
+        client.moved_to(address)
+        return address
 
 
 def to_input(steps: Steps) -> pb.SequenceInput:
@@ -89,14 +227,28 @@ def to_input(steps: Steps) -> pb.SequenceInput:
     return pb.SequenceInput(tokens=pb.TokenIds(ids=[int(x) for x in array.ravel()]))
 
 
+def _unavailable(exc: BaseException) -> bool:
+    """Unary calls, open and restore move on to the next address past these."""
+    return isinstance(exc, _Refused) or _code(exc) == grpc.StatusCode.UNAVAILABLE
+
+
+def _unavailable_or_unknown(exc: BaseException) -> bool:
+    """A resume by id also moves on past NOT_FOUND: another replica may hold the session."""
+    return _unavailable(exc) or _code(exc) == grpc.StatusCode.NOT_FOUND
+
+
 class LstmClient:
     """Async client over one or more server addresses."""
 
-    def __init__(self, addresses: Sequence[str] | str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, addresses: Sequence[str] | str, timeout_s: float = 30.0,
+        failover_s: float = FAILOVER_S,
+    ) -> None:  # fmt: skip
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
             raise ValueError("give at least one address")
         self.timeout_s = timeout_s
+        self.failover_s = failover_s
         self._index = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -111,23 +263,48 @@ class LstmClient:
             await channel.close()
         self._channels.clear()
 
+    @property
+    def address(self) -> str:
+        """The current address: where new sessions and unary calls go first."""
+        return self.addresses[self._index]
+
     def stub(self, offset: int = 0) -> pb_grpc.LstmServeStub:
         """A stub on the current address (or `offset` addresses further on)."""
-        address = self.addresses[(self._index + offset) % len(self.addresses)]
+        return self.stub_at(self.addresses[(self._index + offset) % len(self.addresses)])
+
+    def stub_at(self, address: str) -> pb_grpc.LstmServeStub:
+        """A stub on `address` (one channel per address, made on first use)."""
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return pb_grpc.LstmServeStub(self._channels[address])
+
+    def failover_order(self, current: str, elsewhere: bool = False) -> list[str]:
+        """Every address once: `current` first (last when `elsewhere`), then those after it."""
+        start = self.addresses.index(current) if current in self.addresses else self._index
+        ring = self.addresses[start:] + self.addresses[:start]
+        return [*ring[1:], ring[0]] if elsewhere else ring
+
+    def moved_to(self, address: str) -> None:
+        """Make `address` the current one (it just took a session)."""
+        if address in self.addresses:
+            self._index = self.addresses.index(address)
+
+    def advance(self, offset: int) -> None:
+        """Make the address `offset` places on the current one (after a failover)."""
+        self._index = (self._index + offset) % len(self.addresses)
 
     async def _unary(self, method: str, request: Any) -> Any:
         """Call on the current address; on UNAVAILABLE move on to the next, once round."""
-        for attempt in range(len(self.addresses)):
-            try:
-                return await getattr(self.stub(), method)(request, timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == len(self.addresses) - 1:
-                    raise
-                self._index += 1
-        raise AssertionError("unreachable")
+
+        async def call(address: str) -> Any:
+            return await getattr(self.stub_at(address), method)(request, timeout=self.timeout_s)
+
+        try:
+            address, reply = await _one_round(self.failover_order(self.address), call, _unavailable)
+        except _AllFailed as failed:
+            raise failed.telling() from None
+        self.moved_to(address)
+        return reply
 
     async def list_models(self) -> list[pb.ModelInfo]:
         reply = await self._unary("ListModels", pb.ListModelsRequest())
@@ -153,46 +330,64 @@ class LstmClient:
     async def open_session(
         self, model: str, version: int = 0, every_step: bool = False, top_k: int = 1
     ) -> StreamSession:
+        """A new session on the first address that takes it (UNAVAILABLE: the next one)."""
         options = pb.StreamOptions(every_step=every_step, top_k=top_k)
         first = pb.StreamRequest(open=pb.OpenSession(model=model, version=version, options=options))
-        session = StreamSession(self)
-        await session.attach(first)
-        return session
+        return await self._attach(first, _unavailable)
 
     def multi_stream(self) -> MultiStream:
         """A StreamMulti call on the current address: many sessions over one stream."""
-        return MultiStream(self.stub().StreamMulti())
+        return MultiStream(self)
 
     async def resume_session(self, session_id: str) -> StreamSession:
-        session = StreamSession(self)
-        await session.attach(pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id)))
-        return session
+        """Reattach to a session by id, on the first address that has it (UNAVAILABLE or
+        NOT_FOUND: the next one); the most telling error if none has."""
+        first = pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))
+        return await self._attach(first, _unavailable_or_unknown)
 
     async def restore_session(
         self, snapshot: bytes, every_step: bool = False, top_k: int = 1
     ) -> StreamSession:
         """Continue a session from a snapshot (`StreamSession.snapshot()`), on any replica."""
         options = pb.StreamOptions(every_step=every_step, top_k=top_k)
-        session = StreamSession(self)
-        await session.attach(pb.StreamRequest(restore=_restore(snapshot, options)))
-        return session
+        first = pb.StreamRequest(restore=_restore(snapshot, options))
+        return await self._attach(first, _unavailable)
 
-    def advance(self, offset: int) -> None:
-        """Make the address `offset` places on the current one (after a failover)."""
-        self._index = (self._index + offset) % len(self.addresses)
+    async def _attach(
+        self, first: pb.StreamRequest, moves_on: Callable[[BaseException], bool]
+    ) -> StreamSession:
+        session = StreamSession(self)
+        try:
+            address, _ = await _one_round(
+                self.failover_order(self.address), lambda a: session.attach(first, a), moves_on
+            )
+        except _AllFailed as failed:
+            error = failed.telling()
+            if isinstance(error, _Refused):
+                raise SessionLost(str(error)) from error
+            raise error from None
+        self.moved_to(address)
+        return session
 
 
 class StreamSession:
-    """One streaming session: pipelined chunks, in-order replies, resume after a broken stream."""
+    """One streaming session: pipelined chunks, in-order replies, continued on another replica
+    when its stream breaks (module docstring)."""
 
     def __init__(self, client: LstmClient) -> None:
         self.client = client
         self.opened = pb.SessionOpened()
+        self.address = client.address  # the replica the session is attached to
         self._call: Any = None
         self._pending: deque[pb.StreamRequest] = deque()  # sent, not yet answered
         self._next_seq = 1
+        self._applied_seq = 0  # the highest seq answered as applied (or as already applied)
+        self._total_steps = 0  # as of the last reply
         self.final_snapshot: bytes | None = None  # from a draining server, until restored
         self._write_failed = False  # a write on the current call failed
+        self.failovers = 0  # times the session was continued on a new stream
+        self.resent = 0  # messages sent again after a failover
+        self._in_a_row = 0  # reconnects since the last reply
 
     @property
     def session_id(self) -> str:
@@ -202,15 +397,27 @@ class StreamSession:
     def labels(self) -> list[str]:
         return list(self.opened.labels)
 
-    async def attach(self, first: pb.StreamRequest, offset: int = 0) -> pb.SessionOpened:
-        """Start a stream with `first` (open or resume) and read the `opened` reply."""
-        self._call = self.client.stub(offset).Stream()
-        await self._call.write(first)
-        reply = await self._call.read()
-        if reply is grpc.aio.EOF:
-            raise SessionLost("the server closed the stream before opening the session")
-        self.opened = reply.opened
+    async def attach(self, first: pb.StreamRequest, address: str | None = None) -> pb.SessionOpened:
+        """Start a stream on `address` (default: the current one) with `first` (open, resume or
+        restore) and read the `opened` reply; _Refused if that copy is older than what this
+        client saw applied."""
+        address = address or self.client.address
+        call = self.client.stub_at(address).Stream()
+        reply = await _first_reply(call, first, address)
+        if reply.WhichOneof("kind") != "opened":
+            call.cancel()
+            raise _Refused(f"{address} answered {reply.WhichOneof('kind')} instead of opened")
+        if self.opened.session_id and reply.opened.last_applied_seq < self._applied_seq:
+            call.cancel()
+            raise _Refused(
+                f"{address} holds session {self.session_id} as of seq "
+                f"{reply.opened.last_applied_seq}, older than seq {self._applied_seq}",
+                retry=False,
+            )
+        self._call, self.address, self.opened = call, address, reply.opened
         self._next_seq = max(self._next_seq, self.opened.last_applied_seq + 1)
+        self._applied_seq = max(self._applied_seq, self.opened.last_applied_seq)
+        self._total_steps = self.opened.total_steps
         return self.opened
 
     async def send(self, steps: Steps) -> int:
@@ -221,32 +428,32 @@ class StreamSession:
         return seq
 
     async def receive(self) -> pb.StreamResponse:
-        """The reply to the oldest unanswered message (resuming the session if needed)."""
+        """The reply to the oldest unanswered message (continuing the session if needed)."""
         while True:
             if self._call is None:
                 await self.reconnect()
                 continue
-            try:
-                reply = await self._call.read()
-            except grpc.aio.AioRpcError as exc:
-                # INTERNAL after our own write failed is the transport's word for a stream the
-                # server had already ended: continue elsewhere like any broken stream.
-                if exc.code() not in RETRYABLE and not self._write_failed:
-                    raise
-                reply = None
-            except asyncio.CancelledError:
-                if not _stream_was_cancelled_under_us():
-                    raise
-                reply = None
-            if reply is None or reply is grpc.aio.EOF:
-                await self.reconnect()
+            reply, elsewhere = await _read_reply(self._call, self._write_failed)
+            if reply is None:
+                await self.reconnect(elsewhere)
                 continue
             if reply.WhichOneof("kind") == "snapshot" and reply.snapshot.final:
                 self.final_snapshot = reply.snapshot.data  # unasked: the server is draining
-                await self.reconnect()  # at once: the draining server waits for us to go
+                await self.reconnect(True)  # at once: the draining server waits for us to go
                 continue
-            self._pending.popleft()
+            self._in_a_row = 0
+            self._answered(self._pending.popleft(), reply)
             return reply
+
+    def _answered(self, request: pb.StreamRequest, reply: pb.StreamResponse) -> None:
+        """Note what the server has applied, from the reply to `request`."""
+        kind = reply.WhichOneof("kind")
+        if kind == "chunk" and not reply.chunk.HasField("error"):
+            self._applied_seq = max(self._applied_seq, reply.chunk.seq)
+            self._total_steps = reply.chunk.total_steps
+        elif kind == "reset":
+            self._applied_seq = max(self._applied_seq, reply.reset.seq)
+            self._total_steps = 0 if not reply.reset.duplicate else self._total_steps
 
     async def step(self, steps: Steps) -> pb.ChunkResult:
         """Send one chunk and wait for its result."""
@@ -265,8 +472,18 @@ class StreamSession:
         return (await self.receive()).snapshot
 
     async def end(self) -> pb.SessionEnded:
+        """Free the session. An `end` whose reply was lost with its replica, after which no
+        replica knows the session, did end it: answered from what the client last saw."""
         await self._write(pb.StreamRequest(end=pb.End()))
-        ended = (await self.receive()).ended
+        try:
+            ended = (await self.receive()).ended
+        except SessionLost as exc:
+            if not (exc.gone and len(self._pending) == 1):
+                raise
+            self._pending.clear()
+            ended = pb.SessionEnded(
+                total_steps=self._total_steps, last_applied_seq=self._applied_seq
+            )
         await self.close()
         return ended
 
@@ -283,52 +500,70 @@ class StreamSession:
             return
         try:
             await self._call.write(request)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        except WRITE_ERRORS:
             self._write_failed = True
             # The stream is broken, but replies may still be buffered on it (and a draining
             # server's final snapshot): receive() reads them first, then continues elsewhere
             # and resends what is still unanswered, this message included.
             return
 
-    async def reconnect(self) -> None:
-        """Continue the session elsewhere (module docstring), then resend unanswered messages."""
+    async def reconnect(self, elsewhere: bool = False) -> None:
+        """Continue the session on a new stream (module docstring), then resend what is
+        unanswered. `elsewhere`: the current replica is unavailable, try it last."""
         await self.close()
-        addresses = len(self.client.addresses)
+        _count_failover(self, f"session {self.session_id}")
         if self.final_snapshot is not None:  # the current server is draining: others first
             first = pb.StreamRequest(restore=_restore(self.final_snapshot, self.opened.options))
-            offsets = [*range(1, addresses), 0]
-        else:
-            first = pb.StreamRequest(resume=pb.ResumeSession(session_id=self.session_id))
-            offsets = list(range(addresses))
-        last_error: Exception | None = None
-        for offset in offsets:
+            elsewhere = True
+        else:  # the options too: a replica resuming from the shared store would not know them
+            resume = pb.ResumeSession(session_id=self.session_id, options=self.opened.options)
+            first = pb.StreamRequest(resume=resume)
+        await _fail_over(
+            self.client, self.address, elsewhere, lambda a: self.attach(first, a),
+            f"session {self.session_id}",
+        )  # fmt: skip
+        self.final_snapshot = None
+        self._write_failed = False
+        self.failovers += 1
+        for request in list(self._pending):
+            self.resent += 1
             try:
-                await self.attach(first, offset)
-            except (grpc.aio.AioRpcError, SessionLost) as exc:
-                last_error = exc
-                continue
-            self.client.advance(offset)
-            self.final_snapshot = None
-            self._write_failed = False
-            for request in self._pending:
                 await self._call.write(request)
-            return
-        raise SessionLost(f"session {self.session_id} could not be continued: {last_error}")
+            except WRITE_ERRORS:
+                self._write_failed = True  # broken again: receive() continues once more
+                return
 
 
-def _restore(snapshot: bytes, options: pb.StreamOptions) -> pb.RestoreSession:
+def _count_failover(stream: StreamSession | MultiStream, what: str) -> None:
+    """One more reconnect; SessionLost after MAX_FAILOVERS_IN_A_ROW with no reply between."""
+    stream._in_a_row += 1
+    if stream._in_a_row > MAX_FAILOVERS_IN_A_ROW:
+        raise SessionLost(f"{what}: {MAX_FAILOVERS_IN_A_ROW} failovers without a reply")
+
+
+def _restore(snapshot: bytes, options: pb.StreamOptions | None) -> pb.RestoreSession:
     return pb.RestoreSession(snapshot=snapshot, options=options)
+
+
+def _final_snapshots(results: Sequence[pb.SessionResult]) -> dict[str, bytes]:
+    """A draining server's last StreamMulti message (final snapshots), else {}."""
+    if results and all(r.WhichOneof("kind") == "snapshot" for r in results):
+        return {r.session_id: r.snapshot.data for r in results}
+    return {}
 
 
 class MultiStream:
     """One StreamMulti call (a gateway's many sessions over one stream): each message carries
     entries for any number of sessions and is answered by one result per entry, in order.
 
-    No automatic resume: the sessions outlive the stream, so after a broken stream open another
-    `MultiStream` and resend what was not answered; chunks already applied come back as
-    duplicates (by seq). A draining server's last message carries a final snapshot per live
-    session (`final_snapshots`): restore them on another replica with `MultiStream.restore`.
-    Build entries with the static helpers.
+    Failover: when the stream breaks, or a draining server sends its final snapshots, the
+    stream is reopened on the next address that takes it (module docstring); its first message
+    restores (from the final snapshots) or resumes every session this stream has named and not
+    ended, then every unanswered message is resent, so each entry is answered once, in order.
+    A session no replica knows any more is dropped (its entries are then answered NOT_FOUND, in
+    band). An `open` entry whose reply was lost is sent again (a second session: the first idles
+    out). SessionLost if no address takes the stream; `final_snapshots` keeps the snapshots not
+    restored yet. Build entries with the static helpers.
 
         multi = client.multi_stream()
         opened = await multi.exchange([MultiStream.open("langid-chars") for _ in range(100)])
@@ -336,24 +571,74 @@ class MultiStream:
         results = await multi.exchange([MultiStream.chunk(i, 1, "bonjour") for i in ids])
     """
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, client: LstmClient, address: str | None = None) -> None:
+        self.client = client
+        self.address = address or client.address
+        self._call: Any = client.stub_at(self.address).StreamMulti()
+        self._pending: deque[list[pb.SessionRequest]] = deque()  # sent, not yet answered
+        self._held: dict[str, pb.StreamOptions | None] = {}  # live sessions named, and options
         self.final_snapshots: dict[str, bytes] = {}  # session id -> snapshot, from a drain
+        self._write_failed = False
+        self.failovers = 0  # times the stream was reopened
+        self.resent = 0  # messages sent again after a failover
+        self._in_a_row = 0  # reconnects since the last reply
+
+    @property
+    def sessions(self) -> list[str]:
+        """The sessions this stream holds (named, not ended), which a failover carries over."""
+        return list(self._held)
 
     async def send(self, entries: Sequence[pb.SessionRequest]) -> None:
         """Send one message without waiting for its results (pipelining)."""
-        await self._call.write(pb.StreamMultiRequest(entries=entries))
+        message = list(entries)
+        self._pending.append(message)
+        if self._call is None:
+            await self.reconnect()  # resends every pending message, this one included
+            return
+        await self._write(message)
+
+    async def _write(self, message: list[pb.SessionRequest]) -> bool:
+        try:
+            await self._call.write(pb.StreamMultiRequest(entries=message))
+        except WRITE_ERRORS:
+            self._write_failed = True  # receive() reads what is buffered, then reconnects
+            return False
+        return True
 
     async def receive(self) -> list[pb.SessionResult]:
         """The results of the oldest unanswered message, one per entry, in entry order."""
-        reply = await self._call.read()
-        if reply is grpc.aio.EOF:
-            raise SessionLost("the server closed the StreamMulti stream")
-        results = list(reply.results)
-        if results and all(r.WhichOneof("kind") == "snapshot" for r in results):
-            self.final_snapshots = {r.session_id: r.snapshot.data for r in results}
-            raise SessionLost("the server is draining; restore from final_snapshots elsewhere")
-        return results
+        while True:
+            if self._call is None:
+                await self.reconnect()
+                continue
+            reply, elsewhere = await _read_reply(self._call, self._write_failed)
+            if reply is None:
+                await self.reconnect(elsewhere)
+                continue
+            results = list(reply.results)
+            finals = _final_snapshots(results)
+            if finals:  # unasked: the server is draining and waits for us to go
+                self.final_snapshots.update(finals)
+                await self.reconnect(True)
+                continue
+            self._in_a_row = 0
+            self._note(self._pending.popleft(), results)
+            return results
+
+    def _note(
+        self, entries: Sequence[pb.SessionRequest], results: Sequence[pb.SessionResult]
+    ) -> None:
+        """Track the sessions held from one message's results (opened, ended, unknown)."""
+        for entry, result in zip(entries, results, strict=False):
+            kind = result.WhichOneof("kind")
+            session_id = result.session_id or entry.session_id
+            if kind == "opened":
+                self._held[session_id] = result.opened.options
+            elif kind == "ended" or (kind == "error" and result.error.code == "NOT_FOUND"):
+                self._held.pop(session_id, None)
+                self.final_snapshots.pop(session_id, None)
+            elif session_id and kind != "error":
+                self._held.setdefault(session_id, None)
 
     async def exchange(self, entries: Sequence[pb.SessionRequest]) -> list[pb.SessionResult]:
         await self.send(entries)
@@ -361,7 +646,60 @@ class MultiStream:
 
     async def close(self) -> None:
         """Close the stream; its sessions stay on the server until `end` or the idle timeout."""
-        await _close_call(self._call)
+        call, self._call = self._call, None
+        if call is not None:
+            await _close_call(call)
+
+    async def reconnect(self, elsewhere: bool = False) -> None:
+        """Reopen the stream on the next address that takes it, reattach every session held
+        and resend what is unanswered. `elsewhere`: the current replica is unavailable."""
+        await self.close()
+        _count_failover(self, "StreamMulti")
+        elsewhere = elsewhere or bool(self.final_snapshots)
+        await _fail_over(self.client, self.address, elsewhere, self._reopen, "StreamMulti")
+        self._write_failed = False
+        self.failovers += 1
+        for message in list(self._pending):
+            self.resent += 1
+            if not await self._write(message):
+                return  # broken again: receive() continues once more
+
+    async def _reopen(self, address: str) -> None:
+        """A new stream on `address` with every held session reattached; _Refused if the
+        address is draining or loading (UNAVAILABLE in band)."""
+        call = self.client.stub_at(address).StreamMulti()
+        ids = list(self._held)
+        batches = [
+            ids[i : i + MAX_REATTACH_ENTRIES] for i in range(0, len(ids), MAX_REATTACH_ENTRIES)
+        ]
+        for batch in batches or [[]]:  # with no session held, an empty message probes the address
+            message = pb.StreamMultiRequest(entries=[self._reattach(i) for i in batch])
+            results = list((await _first_reply(call, message, address)).results)
+            finals = _final_snapshots(results)
+            refused = [r for r in results if r.error.code == "UNAVAILABLE"]
+            if finals or refused or len(results) != len(batch):
+                call.cancel()
+                self.final_snapshots.update(finals)
+                raise _Refused(f"{address} did not take the sessions: {refused[:1]}")
+            for session_id, result in zip(batch, results, strict=True):
+                self._reattached(session_id, result)
+        self._call, self.address = call, address
+
+    def _reattach(self, session_id: str) -> pb.SessionRequest:
+        options = self._held.get(session_id)
+        snapshot = self.final_snapshots.get(session_id)
+        if snapshot is not None:
+            return pb.SessionRequest(restore=_restore(snapshot, options))
+        return pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id, options=options))
+
+    def _reattached(self, session_id: str, result: pb.SessionResult) -> None:
+        """A session is carried over, or dropped when the new replica cannot take it (its
+        final snapshot, if any, stays in `final_snapshots`)."""
+        if result.WhichOneof("kind") == "opened":
+            self._held[session_id] = result.opened.options
+            self.final_snapshots.pop(session_id, None)
+        else:
+            self._held.pop(session_id, None)
 
     @staticmethod
     def open(

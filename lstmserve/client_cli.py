@@ -13,7 +13,7 @@ from typing import TextIO
 import grpc
 import numpy as np
 
-from lstmserve.client import LstmClient, StreamSession
+from lstmserve.client import LstmClient, SessionLost, StreamSession
 from lstmserve.v1 import lstm_serve_pb2 as pb
 
 
@@ -126,7 +126,10 @@ async def stream_steps(
     refused = 0
     for i in range(len(steps)):
         step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
+        address = session.address
         result = await session.step(step)
+        if session.address != address:
+            note_failover(session, address)
         consumed = steps[: i + 1] if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}"
         if result.HasField("error"):
             refused += 1
@@ -139,6 +142,11 @@ async def stream_steps(
     return refused
 
 
+def note_failover(session: StreamSession, was: str) -> None:
+    """Say on stderr that the session moved to another replica (its stream broke)."""
+    print(f"lstm-client: {was} failed; session continued on {session.address}", file=sys.stderr)
+
+
 async def start_stream(
     client: LstmClient, args: argparse.Namespace, steps: str | np.ndarray
 ) -> StreamSession:
@@ -146,7 +154,9 @@ async def start_stream(
     if not args.session:
         check_input(await client.get_model(args.model, args.version), steps, args.frames)
         return await client.open_session(args.model, version=args.version, top_k=args.top_k)
-    session = await client.resume_session(args.session)
+    session = await client.resume_session(args.session)  # on the first address that has it
+    if session.address != client.addresses[0]:
+        print(f"lstm-client: session resumed on {session.address}", file=sys.stderr)
     try:
         info = await client.get_model(session.opened.model, session.opened.version)
         check_input(info, steps, args.frames)
@@ -222,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run(args))
     except grpc.aio.AioRpcError as exc:
         print(f"lstm-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except SessionLost as exc:
+        print(f"lstm-client: session lost: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"lstm-client: {exc}", file=sys.stderr)

@@ -1,0 +1,38 @@
+"""The chaos soak, short: `python -m bench.chaos` for a minute (3 replicas + Redis as real
+processes, replicas SIGKILLed and SIGTERMed under 60 live sessions) must lose nothing, double
+nothing, and answer every chunk exactly as offline onnxruntime does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.conftest import ROOT
+
+SECONDS = 60
+SESSIONS = 60  # small enough for a 2-core machine next to other work
+THINK_MS = 300  # each session's mean pause: ~200 replies/s in all
+
+
+def test_a_minute_of_chaos_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "chaos"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", "--seconds", str(SECONDS), "--sessions",
+         str(SESSIONS), "--think-ms", str(THINK_MS), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    result = json.loads((out / "chaos.json").read_text())
+    steps, check = result["steps"], result["verify"]
+    assert steps["lost"] == 0 and steps["doubled"] == 0 and steps["sessions_failed"] == 0
+    assert steps["applied"] == steps["acknowledged"] == steps["sent"] > 0
+    assert check["replies"] == result["replies"] > 0
+    assert check["mismatched"] == 0 and check["wrong_totals"] == 0, check
+    assert check["final_mismatched"] == 0 and result["error_count"] == 0, result["errors"]
+    signals = {kill["signal"] for kill in result["kills"]}
+    assert signals == {"SIGKILL", "SIGTERM"} and len(result["kills"]) >= 5
+    assert result["failovers"] > 0 and result["multi_sessions"] > 0
+    assert all(any(v is not None for v in result["series"][f"replica{i}"]) for i in range(3))
+    assert (out / "chaos.png").stat().st_size > 0
