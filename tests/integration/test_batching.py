@@ -26,9 +26,11 @@ class RecordingRun:
         self.inner = runtime.run
         self.calls: list[list[int]] = []
 
-    def __call__(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
+    def __call__(
+        self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray, *more: Any
+    ) -> RunOutput:
         self.calls.append(lengths.tolist())
-        return self.inner(inputs, lengths, state)
+        return self.inner(inputs, lengths, state, *more)
 
 
 @pytest.fixture(scope="module")

@@ -31,10 +31,12 @@ class GatedRun:
         runtime = engine.registry.get("tiny-gru").runtime
         inner = runtime.run
 
-        def run(inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> RunOutput:
+        def run(
+            inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray, *more: Any
+        ) -> RunOutput:
             self.calls.append(lengths.tolist())
             self.gate.wait(30)
-            return inner(inputs, lengths, state)
+            return inner(inputs, lengths, state, *more)
 
         runtime.run = run  # type: ignore[method-assign]
         return engine
