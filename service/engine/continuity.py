@@ -80,6 +80,7 @@ class SessionContinuity:
             session_id=session.id, model=session.model.name, version=session.model.version,
             state=session.read_state(), total_steps=session.total_steps,
             last_seq=session.last_seq, created_at=time.time(),
+            every_step=session.options.every_step, top_k=session.options.top_k,
             **_last_result_fields(session.last_result),
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
@@ -117,7 +118,8 @@ class SessionContinuity:
         local = self.store.peek(snap.session_id)
         if local is not None and local.last_seq >= snap.last_seq and local.model is model:
             return local
-        session = self.store.adopt(model, options or StreamOptions(), snap.session_id)
+        kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes))
+        session = self.store.adopt(model, options or kept, snap.session_id)
         last = None
         if snap.last_steps and len(snap.last_probs) == desc.num_classes:
             probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)

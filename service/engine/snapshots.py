@@ -47,6 +47,9 @@ class SessionSnapshot:
     # The last applied chunk's probabilities after its last step, and its steps (0 = none).
     last_probs: tuple[float, ...] = ()
     last_steps: int = 0
+    # The session's reply options, so a session continued elsewhere answers as it did here.
+    every_step: bool = False
+    top_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "created_at": snap.created_at or time.time(),
             "last_probs": list(snap.last_probs),
             "last_steps": snap.last_steps,
+            "every_step": snap.every_step,
+            "top_k": snap.top_k,
         },
         separators=(",", ":"),
     ).encode()
@@ -184,6 +189,8 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             created_at=float(meta["created_at"]),
             last_probs=tuple(float(p) for p in meta.get("last_probs", ())),
             last_steps=int(meta.get("last_steps", 0)),
+            every_step=bool(meta.get("every_step", False)),
+            top_k=max(1, int(meta.get("top_k", 1))),
         )
     except (KeyError, TypeError, ValueError) as exc:  # signed but malformed: a bug, not an attack
         raise SnapshotInvalid(f"snapshot: malformed contents ({exc})") from exc

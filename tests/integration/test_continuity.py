@@ -306,3 +306,28 @@ def test_a_draining_server_hands_every_multi_session_over_by_final_snapshots(
     for (session_id, steps), word in zip(got.items(), words, strict=True):
         _assert_offline(reference, "tiny-gru", word[: len(steps)], steps)
         assert session_id
+
+
+def test_a_session_resumed_on_another_replica_keeps_its_reply_options(
+    shared: tuple[ServerThread, ServerThread],
+) -> None:
+    a, b = shared
+
+    async def scenario() -> pb.SessionOpened:
+        async with LstmClient(a.address) as client:
+            session = await client.open_session("tiny-gru", top_k=3, every_step=True)
+            await session.step([1, 2])
+            await session.close()
+        async with grpc.aio.insecure_channel(b.address) as channel:
+            from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+
+            call = pb_grpc.LstmServeStub(channel).Stream()
+            await call.write(
+                pb.StreamRequest(resume=pb.ResumeSession(session_id=session.session_id))
+            )
+            opened = (await call.read()).opened  # no options sent: the session's own
+            call.cancel()
+            return opened
+
+    opened = asyncio.run(scenario())
+    assert opened.options.top_k == 3 and opened.options.every_step
