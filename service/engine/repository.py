@@ -209,6 +209,7 @@ class ModelControl:
         """The version has no sessions left (or the server stops): free it."""
         if worker.lifecycle is ModelState.RETIRED:
             return
+        worker.on_drained = None  # its sessions are closed below: no second call from them
         reason = VersionRetired(
             f"model {worker.key} was unloaded: open a new session on a served version"
         )
