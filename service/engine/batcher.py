@@ -28,6 +28,7 @@ Which chunks form the next batch (length buckets, the size caps) is service/engi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from concurrent.futures import Executor
@@ -43,6 +44,8 @@ from service.engine.state import StateStore
 from service.engine.types import BatchPolicy, StepResult
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
+
+log = logging.getLogger(__name__)
 
 STAGES = ("queue", "compute", "total")
 # A run of at least this many B x Tmax steps gives its onnxruntime arena growth back afterwards
@@ -148,8 +151,16 @@ class SequenceBatcher:
     # -- forming batches ---------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Start every batch the dispatch rule allows now; arm a timer for the next one."""
+        """Start every batch the dispatch rule allows now; arm a timer for the next one. A bug
+        here fails the queued chunks (logged) rather than leaving them unanswered."""
         self._scheduled = False
+        try:
+            self._start_due()
+        except Exception:
+            log.exception("batch dispatch failed; failing the queued chunks")
+            self._queue.fail_all()
+
+    def _start_due(self) -> None:
         while self._queue and self._running < self.policy.max_concurrent:
             wait = self._wait_before_next()
             if wait > 0:

@@ -260,3 +260,23 @@ def test_results_own_their_arrays(tiny_repo: Path) -> None:
 
     asyncio.run(main())
     engine.close()
+
+
+def test_a_dispatch_bug_fails_the_queued_chunks_instead_of_hanging(tiny_repo: Path) -> None:
+    engine = make_engine(tiny_repo)
+
+    async def main() -> None:
+        session = await engine.open_session("tiny-gru", 0, StreamOptions())
+        batcher = session.model.batcher
+
+        def broken() -> list[Any]:
+            raise KeyError("a bug")
+
+        batcher._queue.take = broken  # type: ignore[method-assign]
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError):
+                await engine.apply_chunk(session, 1, tokens(1))
+        assert await engine.wait_idle(5)
+
+    asyncio.run(main())
+    engine.close()
