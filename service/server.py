@@ -9,8 +9,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import metrics
@@ -22,6 +21,7 @@ from service.engine.runtime import resolve_providers
 from service.engine.sessions import SessionStore
 from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
+from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
 from service.protocol.session import Limits, SessionLayer
 from service.servicer import LstmServeServicer, add_to_server
 
@@ -231,12 +231,8 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app = LstmServer(config, server, engine, layer)
     add_to_server(LstmServeServicer(layer, config), server)  # malformed bytes: INVALID_ARGUMENT
-    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )  # fmt: skip
+    add_health(app.health, server)  # health and reflection also parse leniently
+    add_reflection((SERVICE_NAME, HEALTH.full_name, REFLECTION.full_name), server)
     address = f"{config.host}:{config.grpc_port}"
     try:
         port = server.add_insecure_port(address)

@@ -432,3 +432,38 @@ def test_snapshot_errors_never_print_the_secret(
     printed = [details for _, details in statuses] + [r.getMessage() for r in caplog.records]
     printed += [str(getattr(r, "fields", "")) for r in caplog.records]
     assert not [text for text in printed for secret in secrets if secret in text]
+
+
+@pytest.mark.parametrize(
+    ("path", "streaming"),
+    [("/grpc.health.v1.Health/Check", False), ("/grpc.health.v1.Health/Watch", None),
+     ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", True)],
+)  # fmt: skip
+def test_malformed_bytes_to_health_and_reflection_are_invalid_argument_with_one_warning(
+    path: str, streaming: bool | None, server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def call() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                if streaming is None:  # unary request, streamed replies
+                    async for _ in channel.unary_stream(path)(GARBAGE):
+                        pass
+                elif streaming:
+                    stream = channel.stream_stream(path)()
+                    await stream.write(GARBAGE)
+                    await stream.done_writing()
+                    while True:
+                        await stream.read()
+                else:
+                    await channel.unary_unary(path)(GARBAGE)
+            return info.value
+
+    error = asyncio.run(call())
+    assert error.code() == INVALID and "is not a valid grpc." in (error.details() or "")
+    records = [r for r in caplog.records if r.name == "service.lenient"]
+    assert [(r.levelno, r.getMessage(), r.exc_info) for r in records] == [
+        (logging.WARNING, "malformed request", None)
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
