@@ -59,14 +59,16 @@ def lenient_parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]
 
 
 def decode_input(
-    msg: pb.SequenceInput, desc: ModelDescription, max_steps: int, field: str
-) -> np.ndarray:
-    """One SequenceInput -> (T,) int64 tokens or (T, F) float32 frames, validated."""
+    msg: pb.SequenceInput, desc: ModelDescription, max_steps: int, field: str,
+    whole: bool = True,
+) -> np.ndarray:  # fmt: skip
+    """One SequenceInput -> (T,) int64 tokens or (T, F) float32 frames, validated. `whole`: a
+    whole sequence (Classify), whose text must have some known character; a chunk need not."""
     kind = msg.WhichOneof("input")
     if kind == "tokens":
         return tokens_from_ids(desc, msg.tokens.ids, max_steps, f"{field}.tokens.ids")
     if kind == "text":
-        return tokens_from_text(desc, msg.text, max_steps, f"{field}.text")
+        return tokens_from_text(desc, msg.text, max_steps, f"{field}.text", require_known=whole)
     if kind == "frames":
         frames = msg.frames
         if len(frames.frames) and len(frames.values):
@@ -90,7 +92,7 @@ class PbInput:
         self.msg = msg
 
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
-        return decode_input(self.msg, desc, max_steps, field)
+        return decode_input(self.msg, desc, max_steps, field, whole=False)
 
     def nbytes(self) -> int:
         return self.msg.ByteSize()

@@ -55,8 +55,12 @@ def tokens_from_ids(
     return tokens
 
 
-def tokens_from_text(desc: ModelDescription, text: str, max_steps: int, field: str) -> np.ndarray:
-    """Text -> (T,) int64 with the model's own tokenizer; some character must be known."""
+def tokens_from_text(
+    desc: ModelDescription, text: str, max_steps: int, field: str, require_known: bool = True
+) -> np.ndarray:
+    """Text -> (T,) int64 with the model's own tokenizer; unknown characters map to the unknown
+    token. A whole text (`require_known`) must have some known character; a streamed chunk need
+    not (a chunk that is only a space is fed as Classify would feed that space)."""
     _need_kind(desc, "tokens", field)
     if desc.tokenizer is None:
         raise InvalidInput(f"{field}: model {desc.name} v{desc.version} has no tokenizer")
@@ -67,7 +71,7 @@ def tokens_from_text(desc: ModelDescription, text: str, max_steps: int, field: s
     normalized = desc.tokenizer.normalize(text)
     check_steps(len(normalized), max_steps, field)  # before a list of ids is built
     ids = desc.tokenizer.encode(normalized)  # normalising is idempotent
-    if len(desc.tokenizer.unknown_chars(text)) == len(ids):
+    if require_known and len(desc.tokenizer.unknown_chars(normalized)) == len(ids):
         raise InvalidInput(f"{field} = {quoted(text)} has no character in the model's vocabulary")
     return np.asarray(ids, dtype=np.int64)
 

@@ -220,3 +220,21 @@ def test_sessions_stay_pinned_to_their_version(server: ServerThread, reference: 
     ids = np.array([1, 2, 3], dtype=np.int64)
     np.testing.assert_allclose(v2.probabilities, reference.run("tiny-lstm", ids, 2)[0], atol=1e-5)
     np.testing.assert_allclose(v1.probabilities, reference.run("tiny-lstm", ids, 1)[0], atol=1e-5)
+
+
+def test_a_chunk_of_unknown_characters_is_fed_as_classify_feeds_them(server: ServerThread) -> None:
+    text = "ab? c?d"  # '?' and ' ' are outside the tiny models' vocabulary
+
+    async def main() -> tuple[list[float], list[float], int]:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("tiny-gru", version=1)
+            for piece in ("ab", "?", " ", "c", "?", "d"):  # two chunks of unknowns only
+                reply = await session.step(piece)
+                assert not reply.HasField("error"), reply.error.message
+            await session.end()
+            [whole] = (await client.classify("tiny-gru", [text], version=1)).results
+            return list(reply.probabilities), list(whole.probabilities), reply.total_steps
+
+    streamed, whole, steps = asyncio.run(main())
+    assert steps == len(text)
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
