@@ -92,8 +92,9 @@ class ModelControl:
         async with self._lock:
             found = await asyncio.to_thread(discover, self.repository, only)
             report = ScanReport()
+            held = {(w.name, w.version) for w in self.registry.all()}
             for key, path in found.items():
-                if self._needs_load(key, path):
+                if key not in held and self._retry_due(key, path):
                     await self._load(key, path, report, strict)
             for worker in self.registry.all():
                 gone = (worker.name, worker.version) not in found
@@ -163,10 +164,8 @@ class ModelControl:
 
     # -- one version ---------------------------------------------------------------------------
 
-    def _needs_load(self, key: tuple[str, int], path: Path) -> bool:
-        held = self.registry.all()
-        if any((w.name, w.version) == key and w.lifecycle is not ModelState.RETIRED for w in held):
-            return False
+    def _retry_due(self, key: tuple[str, int], path: Path) -> bool:
+        """Never tried, or its file changed since it failed."""
         attempted = self._attempts.get(key)
         return attempted is None or attempted != _fingerprint(path)
 
