@@ -17,17 +17,34 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-REQUESTS = Counter(
+# The front a request came through: the native lstmserve.v1 API, or the Open Inference
+# Protocol (KServe v2, Triton's extensions) over gRPC or HTTP/REST.
+PROTOCOL_NATIVE = "native"
+PROTOCOL_KSERVE_GRPC = "kserve-grpc"
+PROTOCOL_KSERVE_HTTP = "kserve-http"
+
+REQUESTS_COUNTER = Counter(
     "lstm_serve_requests_total",
-    "RPCs (and streamed chunks, rpc='Stream.chunk') by outcome status code.",
-    ["rpc", "model", "code"],
+    "RPCs (and streamed chunks, rpc='Stream.chunk') by outcome status code, per front protocol "
+    "(native, kserve-grpc, kserve-http).",
+    ["rpc", "model", "code", "protocol"],
 )
 
 
+class _RequestCounter:
+    """REQUESTS.labels(rpc, model, code[, protocol]): protocol defaults to the native API."""
+
+    def labels(self, rpc: str, model: str, code: str, protocol: str = PROTOCOL_NATIVE) -> Counter:
+        return REQUESTS_COUNTER.labels(rpc, model, code, protocol)
+
+
+REQUESTS = _RequestCounter()
+
+
 @lru_cache(maxsize=4096)
-def requests(rpc: str, model: str, code: str) -> Counter:
+def requests(rpc: str, model: str, code: str, protocol: str = PROTOCOL_NATIVE) -> Counter:
     """REQUESTS.labels(...), cached: the per-chunk path counts every chunk."""
-    return REQUESTS.labels(rpc, model, code)
+    return REQUESTS_COUNTER.labels(rpc, model, code, protocol)
 
 
 CHUNK_SECONDS = Histogram(
