@@ -55,6 +55,7 @@ class ServerConfig:
 
     model_repository: Path = Path("models")
     host: str = "0.0.0.0"
+    http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
     providers: tuple[str, ...] = ()
@@ -104,6 +105,8 @@ class ServerConfig:
     def _check_ports(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
             raise ConfigError(f"grpc_port {self.grpc_port} is not in 0..65535")
+        if not -1 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port {self.http_port} is not in -1..65535 (-1 = off)")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is not in -1..65535 (-1 = off)")
 
@@ -213,6 +216,11 @@ class ServerConfig:
 FLAGS: dict[str, tuple[str, Any]] = {
     "model_repository": ("model repository: NAME/VERSION/model.onnx", Path),
     "host": ("address the gRPC server binds", str),
+    "http_port": (
+        "HTTP/REST port of the Open Inference Protocol (KServe v2, /v2/...); 0 picks a free "
+        "port, -1 disables",
+        int,
+    ),
     "grpc_port": ("gRPC port; 0 picks a free port (logged)", int),
     "metrics_port": ("Prometheus /metrics HTTP port; 0 picks a free port, -1 disables", int),
     "providers": ("ordered execution providers, e.g. cuda,cpu (default: cuda if available)", str),
