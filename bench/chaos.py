@@ -231,7 +231,8 @@ class Replica:
 def replica_argv(repo: Path, port: int, store_url: str) -> list[str]:
     return [
         sys.executable, "-m", "service.cli", "--model-repository", str(repo), "--host", HOST,
-        "--grpc-port", str(port), "--metrics-port", "0", "--log-json", "--log-level", "WARNING",
+        "--grpc-port", str(port), "--metrics-port", "0", "--http-port", "-1", "--log-json",
+        "--log-level", "WARNING",
         "--snapshot-key", KEY, "--session-store", store_url, "--drain-grace-s", str(DRAIN_GRACE_S),
         "--compute-threads", "1", "--intra-op-threads", "1", "--inter-op-threads", "1",
     ]  # fmt: skip

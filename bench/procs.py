@@ -60,7 +60,7 @@ def start_lstm_serve(repo: Path, flags: list[str], timeout_s: float = 120.0) -> 
     argv = [
         sys.executable, "-m", "service.cli", "--model-repository", str(repo), "--host", HOST,
         "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--log-level", "WARNING",
-        "--drain-grace-s", "1", *flags,
+        "--drain-grace-s", "1", "--http-port", "-1", *flags,
     ]  # fmt: skip
     proc = Process(argv, port, metrics_port)
     deadline = time.monotonic() + timeout_s

@@ -34,7 +34,8 @@ async def serve(config: ServerConfig) -> int:
         await _abandon(app)
         raise
     log.info("listening", extra={"fields": {
-        "grpc_port": port, "metrics_port": app.metrics_port, "host": config.host,
+        "grpc_port": port, "metrics_port": app.metrics_port, "http_port": app.http_port,
+        "host": config.host,
         "model_repository": str(config.model_repository),
     }})  # fmt: skip
     loop = asyncio.get_running_loop()

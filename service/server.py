@@ -45,6 +45,7 @@ class LstmServer:
         self.layer = layer
         self.health = health.aio.HealthServicer()
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the Open Inference Protocol's HTTP/REST front
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()

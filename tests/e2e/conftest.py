@@ -26,7 +26,8 @@ class ServerProcess:
     def __init__(self, repo: Path, *extra: str) -> None:
         cmd = [
             sys.executable, "-m", "service.cli", "--log-json", "--host", "127.0.0.1",
-            "--grpc-port", "0", "--metrics-port", "0", "--model-repository", str(repo), *extra,
+            "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
+            "--model-repository", str(repo), *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
@@ -37,6 +38,7 @@ class ServerProcess:
         listening = self.wait_event("listening")
         self.port = int(listening["grpc_port"])
         self.metrics_port = int(listening["metrics_port"])
+        self.http_port = int(listening.get("http_port") or -1)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

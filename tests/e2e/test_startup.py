@@ -23,7 +23,7 @@ def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
     """`lstm-serve ARGS` (text logs, 127.0.0.1) until it exits; TimeoutExpired if it keeps on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LSTM_SERVE_", "GRPC_"))}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", *args],
+        [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--http-port", "0", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=EXIT_WITHIN_S, env=env,
     )  # fmt: skip
 

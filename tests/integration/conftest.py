@@ -64,8 +64,9 @@ class ServerThread:
 
 def make_config(repo: Path, **overrides: Any) -> ServerConfig:
     base = ServerConfig(
-        model_repository=repo, host="127.0.0.1", grpc_port=0, metrics_port=0, compute_threads=2
-    )
+        model_repository=repo, host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0,
+        compute_threads=2,
+    )  # fmt: skip
     return replace(base, **overrides)
 
 
