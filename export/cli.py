@@ -9,8 +9,11 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from export.recipes import train_recipe
+    from export.recipes import RECIPES, train_recipe
 
+    if args.model not in RECIPES:
+        print(f"unknown model {args.model!r}; choose from {sorted(RECIPES)}", file=sys.stderr)
+        return 2
     report = train_recipe(args.model, Path(args.out), version=args.version, epochs=args.epochs)
     print(
         json.dumps(
@@ -84,13 +87,65 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from export.recipes import RECIPES
+def _from_torch(args: argparse.Namespace) -> int:
+    from export.from_torch import MappingError, VerificationError, export_from_torch
 
+    try:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs[:64]!r}")
+        report = export_from_torch(
+            args.module, Path(args.weights), Path(args.labels), Path(args.out), kwargs,
+            tokenizer=args.tokenizer, input_kind=args.input,
+            command="lstm-export " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        )  # fmt: skip
+    except MappingError as exc:
+        print(f"lstm-export from-torch: unsupported module: {exc}", file=sys.stderr)
+        return 3
+    except VerificationError as exc:
+        print(f"lstm-export from-torch: verification FAILED: {exc}", file=sys.stderr)
+        return 4
+    except (ValueError, OSError) as exc:
+        print(f"lstm-export from-torch: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"status": "PASS", **report}, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from export.starter import starter_config_text
+
+    try:
+        print(starter_config_text(Path(args.path), name=args.name), end="")
+    except (ValueError, OSError) as exc:
+        print(f"lstm-export config: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_own_model_commands(sub: argparse._SubParsersAction) -> None:
+    """from-torch and config: a user's own model (these import no training dependency)."""
+    ft = sub.add_parser("from-torch", help="map and export your own nn.Module (LSTM/GRU/RNN)")
+    ft.add_argument("--module", required=True, help="FILE.py:CLASS of your nn.Module")
+    ft.add_argument("--weights", required=True, help="its state dict, saved with torch.save")
+    ft.add_argument("--labels", required=True, help="LABELS.txt, one class name per line")
+    ft.add_argument("--out", required=True, help="REPO/NAME/VERSION to write model.onnx into")
+    ft.add_argument("--kwargs", default="{}", help="JSON object of constructor arguments")
+    ft.add_argument("--tokenizer", default=None, help="chars:VOCAB.txt or tokenizer.json")
+    kinds = ["tokens", "features"]
+    ft.add_argument("--input", choices=kinds, help="default: tokens iff it has an nn.Embedding")
+    ft.set_defaults(func=_from_torch)
+    config = sub.add_parser("config", help="print a starter Triton config.pbtxt for any ONNX")
+    config.add_argument("path", help="MODEL.onnx")
+    config.add_argument("--name", default=None, help="model name (default: from the path)")
+    config.set_defaults(func=_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a shipped model and export it with its card")
-    train.add_argument("model", choices=sorted(RECIPES))
+    train.add_argument("model", help="speaker-vowels or langid-chars")
     train.add_argument("--out", default="models", help="model repository (default: models)")
     train.add_argument("--version", type=int, default=1)
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
@@ -113,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="write tiny random models of every architecture")
     tiny.add_argument("--out", required=True)
     tiny.set_defaults(func=_tiny)
+    _add_own_model_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.func(args))
 
 

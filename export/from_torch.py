@@ -1,0 +1,597 @@
+"""`lstm-export from-torch`: a user's own PyTorch module, mapped onto our exporter.
+
+The module is built from the user's file and state dict, and its parts are found by type under
+the user's own attribute names (walking `named_modules` in registration order): an optional
+`nn.Embedding`, one or more `nn.LSTM` / `nn.GRU` / `nn.RNN` (a stack), an `nn.Linear` head. The
+weights are copied into a `RecurrentClassifier` and written by the native-op exporter (v1
+contract). What the user's `forward` returns (the last step or every step; logits, probabilities
+or log-probabilities; batch- or time-major) is found by running it against the mapped model, and
+the written file is then verified against the user's module itself with onnxruntime, whole and
+streamed in chunks through the state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.arch import ArchConfig
+from export.model import RecurrentClassifier
+
+TOLERANCE = 1e-5
+GENERIC_PATH = (
+    "export it with torch.onnx.export and write a config.pbtxt instead "
+    "(docs/own-model-onnx.md; `lstm-export config MODEL.onnx` prints a starter)"
+)
+_CELLS: dict[type[nn.Module], str] = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}
+# Parameter-free modules that change nothing a classifier's mapping depends on (at eval).
+_PASSIVE: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Identity, nn.Softmax, nn.LogSoftmax)
+
+
+class MappingError(ValueError):
+    """The user's module has a part the native-op exporter cannot map."""
+
+
+class VerificationError(RuntimeError):
+    """The exported model does not compute what the user's module computes."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The user's mapped submodules, by their own attribute names."""
+
+    recurrent: list[tuple[str, nn.RNNBase]]
+    head: tuple[str, nn.Linear]
+    embedding: tuple[str, nn.Embedding] | None = None
+
+    def names(self) -> dict[str, str]:
+        """Our part -> the user's attribute (and type), for the card."""
+        out = {"embedding": _label(*self.embedding)} if self.embedding else {}
+        out["recurrent"] = ", ".join(_label(n, m) for n, m in self.recurrent)
+        out["head"] = _label(*self.head)
+        return out
+
+
+def _label(name: str, module: nn.Module) -> str:
+    return f"{name} ({type(module).__name__})"
+
+
+def _refuse(name: str, module: nn.Module, why: str) -> MappingError:
+    return MappingError(f"cannot map {name!r} ({type(module).__name__}): {why}; {GENERIC_PATH}")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_module_class(spec: str) -> type[nn.Module]:
+    """'path/to/file.py:ClassName' -> the class, imported from that file."""
+    path_text, sep, class_name = spec.rpartition(":")
+    path = Path(path_text)
+    if not sep or not class_name or path.suffix != ".py":
+        raise ValueError(f"--module must be FILE.py:CLASS, got {spec[:64]!r}")
+    if not path.is_file():
+        raise ValueError(f"--module file {path_text[:64]!r} does not exist")
+    module_name = f"_lstm_export_user_{path.stem}"
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    assert loader_spec is not None and loader_spec.loader is not None
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    loader_spec.loader.exec_module(module)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{path.name} has no nn.Module class named {class_name[:64]!r}")
+    return cls
+
+
+def build_user_module(spec: str, weights: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """The user's module built with `kwargs`, its state dict loaded (strict), in eval mode."""
+    cls = load_module_class(spec)
+    try:
+        module = cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{cls.__name__}(**{json.dumps(kwargs)[:64]}) failed: {exc}") from exc
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"--weights {weights.name!r} holds a {type(state).__name__}, not a state dict"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--weights do not fit {cls.__name__}: {exc}") from exc
+    return module.eval()
+
+
+# -- finding the parts -----------------------------------------------------------------------
+
+
+def _has_own_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.named_parameters(recurse=False)) or any(
+        True for _ in module.named_buffers(recurse=False)
+    )
+
+
+def _walk(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The mappable submodules in registration order; refuses anything else that computes."""
+    if _has_own_tensors(root):
+        names = [n for n, _ in root.named_parameters(recurse=False)]
+        names += [n for n, _ in root.named_buffers(recurse=False)]
+        raise _refuse(type(root).__name__, root, f"own parameters/buffers {names[:4]}")
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if not name or isinstance(module, _PASSIVE):
+            continue
+        if isinstance(module, (nn.Embedding, nn.Linear, *_CELLS)):
+            found.append((name, module))
+        elif _has_own_tensors(module) or not any(True for _ in module.children()):
+            raise _refuse(name, module, "not an Embedding, LSTM/GRU/RNN or Linear")
+    return found
+
+
+def find_parts(root: nn.Module) -> Parts:
+    """Embedding? -> recurrent module(s) -> one Linear head, or a MappingError naming the part."""
+    found = _walk(root)
+    rec = [(n, m) for n, m in found if isinstance(m, nn.RNNBase)]
+    lin = [(n, m) for n, m in found if isinstance(m, nn.Linear)]
+    emb = [(n, m) for n, m in found if isinstance(m, nn.Embedding)]
+    if not rec:
+        raise MappingError(f"no nn.LSTM, nn.GRU or nn.RNN in {type(root).__name__}; {GENERIC_PATH}")
+    order = [n for n, _ in found]
+    first, last = order.index(rec[0][0]), order.index(rec[-1][0])
+    for name, module in lin:
+        if first < order.index(name) < last:
+            raise _refuse(name, module, "a Linear between recurrent layers")
+    if len(lin) != 1:
+        what = ", ".join(_label(n, m) for n, m in lin) or "none"
+        raise MappingError(
+            f"the head must be exactly one nn.Linear after the recurrent layers, found {what}; "
+            f"{GENERIC_PATH}"
+        )
+    if len(emb) > 1:
+        raise _refuse(*emb[1], "a second Embedding")
+    if emb and order.index(emb[0][0]) > first:
+        raise _refuse(*emb[0], "an Embedding after a recurrent layer")
+    parts = Parts(recurrent=rec, head=lin[0], embedding=emb[0] if emb else None)
+    _check_recurrent(parts)
+    return parts
+
+
+def _check_recurrent(parts: Parts) -> None:
+    """One cell kind, hidden size and direction count; input sizes that chain; no projection."""
+    name0, rnn0 = parts.recurrent[0]
+    size = parts.embedding[1].embedding_dim if parts.embedding else rnn0.input_size
+    for name, rnn in parts.recurrent:
+        if type(rnn) is not type(rnn0):
+            raise _refuse(name, rnn, f"a different cell than {name0!r} ({type(rnn0).__name__})")
+        if getattr(rnn, "proj_size", 0):
+            raise _refuse(name, rnn, f"proj_size={rnn.proj_size} (LSTM projections)")
+        if isinstance(rnn, nn.RNN) and rnn.nonlinearity != "tanh":
+            raise _refuse(name, rnn, f"nonlinearity={rnn.nonlinearity!r} (only tanh)")
+        if rnn.hidden_size != rnn0.hidden_size or rnn.bidirectional != rnn0.bidirectional:
+            raise _refuse(name, rnn, f"hidden_size/bidirectional differ from {name0!r}")
+        if rnn.input_size != size:
+            raise _refuse(name, rnn, f"input_size={rnn.input_size}, its input is {size} wide")
+        size = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+    head_name, head = parts.head
+    if head.in_features != size:
+        raise _refuse(
+            head_name, head, f"in_features={head.in_features}, the last layer gives {size}"
+        )
+
+
+# -- mapping ---------------------------------------------------------------------------------
+
+
+def arch_of(parts: Parts, num_classes: int, input_kind: str | None = None) -> ArchConfig:
+    """The ArchConfig of the mapped model; `input_kind` (if given) must fit the parts."""
+    kind = "tokens" if parts.embedding else "features"
+    if input_kind not in (None, kind):
+        found = "an Embedding" if parts.embedding else "no Embedding"
+        raise ValueError(f"--input {input_kind}, but the module has {found} (so: {kind})")
+    head_name, head = parts.head
+    if head.out_features != num_classes:
+        raise ValueError(
+            f"--labels has {num_classes} labels, the head {head_name!r} gives {head.out_features}"
+        )
+    rnn0 = parts.recurrent[0][1]
+    emb = parts.embedding[1] if parts.embedding else None
+    return ArchConfig(
+        cell=_CELLS[type(rnn0)],  # type: ignore[arg-type]
+        hidden_size=rnn0.hidden_size,
+        num_classes=num_classes,
+        input_kind=kind,  # type: ignore[arg-type]
+        num_layers=sum(rnn.num_layers for _, rnn in parts.recurrent),
+        bidirectional=rnn0.bidirectional,
+        vocab_size=emb.num_embeddings if emb else 0,
+        embedding_dim=emb.embedding_dim if emb else 0,
+        feature_dim=0 if emb else rnn0.input_size,
+    )
+
+
+def mapped_model(parts: Parts, arch: ArchConfig) -> RecurrentClassifier:
+    """A RecurrentClassifier holding the user's weights (layer l of the k-th module -> one of
+    our single-layer `layers`; bias=False -> zero biases)."""
+    model = RecurrentClassifier(arch).eval()
+    ours = iter(model.layers)
+    with torch.no_grad():
+        if parts.embedding:
+            model.embedding.weight.copy_(parts.embedding[1].weight)
+        for _, rnn in parts.recurrent:
+            for layer in range(rnn.num_layers):
+                target = next(ours).rnn
+                for sfx in ("", "_reverse")[: arch.directions]:
+                    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        dst = getattr(target, f"{kind}_l0{sfx}")
+                        src = getattr(rnn, f"{kind}_l{layer}{sfx}", None)
+                        dst.copy_(src) if src is not None else dst.zero_()
+        model.head.weight.copy_(parts.head[1].weight)
+        model.head.bias.copy_(
+            parts.head[1].bias if parts.head[1].bias is not None else torch.zeros(arch.num_classes)
+        )
+    return model
+
+
+# -- what the user's forward returns ---------------------------------------------------------
+
+Layout = Literal["batch", "time"]
+Output = Literal["logits", "probs", "log_probs"]
+_OUTPUT_WORDS: dict[str, str] = {
+    "logits": "logits: served probs = softmax(logits)",
+    "probs": "probabilities: served as they are",
+    "log_probs": "log-probabilities: served probs = exp(log_probs)",
+}
+
+
+@dataclass(frozen=True)
+class Forward:
+    """How the user's forward takes its input and what it returns."""
+
+    input_layout: Layout  # x as (B, T[, F]) or (T, B[, F])
+    steps: Literal["last", "every"]  # (B, C) after the last step, or one row per step
+    output_layout: Layout  # for "every": (B, T, C) or (T, B, C)
+    output: Output  # served probs = softmax(logits) | probs | exp(log_probs)
+
+    def describe(self) -> str:
+        major = {"batch": "batch-major", "time": "time-major"}
+        steps = (
+            "the last step" if self.steps == "last" else f"every step, {major[self.output_layout]}"
+        )
+        how = _OUTPUT_WORDS[self.output]
+        return f"input {major[self.input_layout]}; output on {steps}; {how}"
+
+
+def random_batch(arch: ArchConfig, gen: torch.Generator, batch: int, steps: int) -> torch.Tensor:
+    """Random tokens (B, T) or features (B, T, F), batch-major."""
+    if arch.input_kind == "tokens":
+        return torch.randint(0, arch.vocab_size, (batch, steps), generator=gen)
+    return torch.randn(batch, steps, arch.feature_dim, generator=gen)
+
+
+def _first_tensor(out: object) -> torch.Tensor:
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise VerificationError(f"forward returned {type(out).__name__}, not a tensor (or tuple)")
+    return out
+
+
+def call_user(user: nn.Module, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The user's forward on batch-major `x`, fed in `layout`."""
+    with torch.no_grad():
+        return _first_tensor(user(x if layout == "batch" else x.transpose(0, 1).contiguous()))
+
+
+def served_probs(out: torch.Tensor, fwd: Forward) -> np.ndarray:
+    """The user's output as the probabilities the server answers, batch-major."""
+    if fwd.steps == "every" and fwd.output_layout == "time":
+        out = out.transpose(0, 1)
+    if fwd.output == "logits":
+        out = torch.softmax(out.double(), dim=-1)
+    elif fwd.output == "log_probs":
+        out = torch.exp(out.double())
+    return out.double().numpy()
+
+
+def _candidates(shape: tuple[int, ...], batch: int, steps: int, classes: int) -> list[tuple]:
+    if shape == (batch, classes):
+        return [("last", "batch")]
+    if shape == (batch, steps, classes):
+        return [("every", "batch")]
+    if shape == (steps, batch, classes):
+        return [("every", "time")]
+    return []
+
+
+def detect_forward(user: nn.Module, model: RecurrentClassifier, seed: int = 0) -> Forward:
+    """Run the user's forward and the mapped model on one random batch (B=3, T=7) and pick the
+    reading of the user's output that equals the mapped model's probabilities."""
+    arch = model.arch
+    gen = torch.Generator().manual_seed(seed)
+    batch, steps = 3, 7
+    x = random_batch(arch, gen, batch, steps)
+    with torch.no_grad():
+        step_probs, probs, _ = model.contract_forward(
+            x, torch.full((batch,), steps), model.zero_state(batch)
+        )
+    first = parts_batch_first(user)
+    tried: list[str] = []
+    best: tuple[float, str] = (float("inf"), "")
+    for layout in ("batch", "time") if first else ("time", "batch"):
+        try:
+            out = call_user(user, x, layout)  # type: ignore[arg-type]
+        except Exception as exc:  # the user's code: any failure means "not this layout"
+            tried.append(f"{layout}-major input: forward raised {type(exc).__name__}: {exc}"[:200])
+            continue
+        cands = _candidates(tuple(out.shape), batch, steps, arch.num_classes)
+        if not cands:
+            tried.append(f"{layout}-major input: output shape {tuple(out.shape)}")
+        for steps_kind, out_layout in cands:
+            ref = probs if steps_kind == "last" else step_probs
+            for output in ("probs", "log_probs", "logits"):  # softmax(log_probs) = probs too
+                fwd = Forward(layout, steps_kind, out_layout, output)  # type: ignore[arg-type]
+                diff = float(np.abs(served_probs(out, fwd) - ref.double().numpy()).max())
+                if diff <= TOLERANCE:
+                    return fwd
+                best = min(best, (diff, fwd.describe()))
+    if best[1]:
+        tried.append(f"closest reading: {best[1]}, max abs diff {best[0]:.3g}")
+    raise VerificationError(
+        f"{type(user).__name__}.forward does not compute the mapped model (B={batch}, T={steps}, "
+        f"C={arch.num_classes}); tried: "
+        + "; ".join(tried)
+        + ". The head must be applied to the last layer's output at the last step (or every "
+        "step), with nothing else in between; otherwise " + GENERIC_PATH
+    )
+
+
+def parts_batch_first(user: nn.Module) -> bool:
+    """Whether the user's first recurrent module is batch_first (the likely input layout)."""
+    for module in user.modules():
+        if isinstance(module, nn.RNNBase):
+            return bool(module.batch_first)
+    return True
+
+
+# -- verifying the written file against the user's module ------------------------------------
+
+
+@dataclass
+class UserParity:
+    """Max |user module - served model| on probabilities, whole and streamed."""
+
+    forward: str
+    whole: float = 0.0
+    streamed: float | None = None
+    cases: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "forward": self.forward,
+            "max_diff_user_module_vs_onnxruntime": self.whole,
+            "max_diff_user_module_vs_streamed_chunks": self.streamed,
+            "cases": self.cases,
+            "tolerance": TOLERANCE,
+            "passed": self.passed,
+            "failures": self.failures,
+        }
+
+
+class _Served:
+    """onnxruntime on the written file: one call, or chunks through the state."""
+
+    def __init__(self, path: Path) -> None:
+        from export.verify import open_session
+        from lstmserve.contract import read_description
+
+        self.sess = open_session(path)
+        self.desc = read_description(str(path))
+
+    def run(self, x: np.ndarray, state: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        batch, steps = x.shape[:2]
+        if state is None:
+            state = np.zeros((batch, self.desc.state_rows, self.desc.hidden_size), np.float32)
+        feeds = {
+            self.desc.input_name: x,
+            "lengths": np.full(batch, steps, np.int64),
+            "state": state,
+        }
+        return tuple(self.sess.run(None, feeds))
+
+    def stream(self, x: np.ndarray, chunks: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Step probs (B, T, C) of all chunks and the probs after each chunk."""
+        state, pos, steps, after = None, 0, [], []
+        for size in chunks:
+            step_probs, probs, state = self.run(x[:, pos : pos + size], state)
+            steps.append(step_probs)
+            after.append(probs)
+            pos += size
+        return np.concatenate(steps, axis=1), after
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+class _Checker:
+    """Compares one case and records a failure that says what, where and how far."""
+
+    def __init__(self, report: UserParity) -> None:
+        self.report = report
+
+    def check(self, what: str, user: np.ndarray, served: np.ndarray, streamed: bool) -> None:
+        diff = _diff(user, served)
+        self.report.cases += 1
+        if streamed:
+            self.report.streamed = max(self.report.streamed or 0.0, diff)
+        else:
+            self.report.whole = max(self.report.whole, diff)
+        if diff > TOLERANCE:
+            self.report.failures.append(f"{what}: max abs diff {diff:.3g} > {TOLERANCE}")
+
+
+def verify_against_user(
+    user: nn.Module, fwd: Forward, arch: ArchConfig, path: Path, seed: int = 0
+) -> UserParity:
+    """The written model vs the user's module on random inputs: batch 3, lengths 1, 2, 5, 16,
+    whole, and (streamable models) in chunks whose state is passed on, each chunk's answer
+    compared with the module run on the sequence so far."""
+    served = _Served(path)
+    report = UserParity(forward=fwd.describe())
+    check = _Checker(report).check
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    out_name = "probs" if fwd.steps == "last" else "step_probs"
+    for steps in (1, 2, 5, 16):
+        x = random_batch(arch, gen, 3, steps)
+        user_probs = served_probs(call_user(user, x, fwd.input_layout), fwd)
+        whole = served.run(x.numpy())
+        check(f"{out_name} at length {steps} (B=3, one call)", user_probs,
+              whole[1] if fwd.steps == "last" else whole[0], streamed=False)  # fmt: skip
+        if not arch.streamable or steps < 2:
+            continue
+        from export.verify import random_chunks
+
+        for chunks in ([1] * steps, random_chunks(rng, steps)):
+            step_probs, after = served.stream(x.numpy(), chunks)
+            where = f"at length {steps} streamed in chunks {chunks}"
+            if fwd.steps == "every":
+                check(f"step_probs {where}", user_probs, step_probs, streamed=True)
+                continue
+            pos = 0
+            for size, probs in zip(chunks, after, strict=True):
+                pos += size
+                prefix = served_probs(call_user(user, x[:, :pos], fwd.input_layout), fwd)
+                check(f"probs after {pos} steps {where}", prefix, probs, streamed=True)
+    return report
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def read_labels(path: Path) -> list[str]:
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    labels = [label for label in labels if label]
+    if len(labels) < 2:
+        raise ValueError(f"--labels {path.name!r} has {len(labels)} labels (one per line, >= 2)")
+    return labels
+
+
+def read_tokenizer(spec: str | None, vocab_size: int) -> dict[str, Any] | None:
+    """'chars:VOCAB.txt' (one entry per line, line i = id i, line 0 the unknown token) or a
+    tokenizer.json ({"type": "chars", "vocab": [...], ...}, as the description holds it)."""
+    if spec is None:
+        return None
+    from lstmserve.contract import Tokenizer
+
+    if spec.startswith("chars:"):
+        text = Path(spec[len("chars:") :]).read_text(encoding="utf-8")
+        data: dict[str, Any] = {"type": "chars", "vocab": text.rstrip("\n").split("\n")}
+    else:
+        data = json.loads(Path(spec).read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_dict(data).to_dict()
+    if len(tokenizer["vocab"]) > vocab_size:
+        raise ValueError(
+            f"--tokenizer has {len(tokenizer['vocab'])} entries, the Embedding only {vocab_size}"
+        )
+    return tokenizer
+
+
+def parse_out(out: Path) -> tuple[str, int]:
+    """REPO/NAME/VERSION -> (NAME, VERSION)."""
+    if not out.name.isdigit() or int(out.name) < 1:
+        raise ValueError(f"--out must end in NAME/VERSION (VERSION >= 1), got {str(out)[:64]!r}")
+    return out.parent.name, int(out.name)
+
+
+def model_card(name: str, version: int, report: dict[str, Any]) -> str:
+    """The README.md written beside model.onnx."""
+    mapping = "\n".join(f"| {ours} | `{theirs}` |" for ours, theirs in report["mapping"].items())
+    user = report["verify_user_module"]
+    streamed = user["max_diff_user_module_vs_streamed_chunks"]
+    streamed = "not streamable (bidirectional)" if streamed is None else f"{streamed:.2e}"
+    arch = report["architecture"]
+    dirs = "bidirectional (Classify only, not streamable)" if arch["bidirectional"] else "causal"
+    return f"""# {name}/{version}: `{report["module"]}` from PyTorch
+
+Mapped by `lstm-export from-torch` from the user's own module; the description the service
+reads is embedded in `model.onnx` (metadata key `lstm_serve.description`).
+
+## Model
+- {arch["num_layers"]} x {arch["cell"].upper()}, hidden {arch["hidden_size"]}, {dirs};
+  input: {arch["input_kind"]}; labels: {", ".join(report["labels"])}.
+- The module's forward: {user["forward"]}.
+
+| our part | the module's attribute |
+|---|---|
+{mapping}
+
+## Verification against the module itself (onnxruntime on this file), tolerance {TOLERANCE}
+- Max |module - served| on probabilities, one call (batch 3, lengths 1, 2, 5, 16):
+  {user["max_diff_user_module_vs_onnxruntime"]:.2e}.
+- Streamed in chunks through the state, each answer vs the module on the sequence so far:
+  {streamed}.
+- The v1 contract checks (`lstm-export verify`): passed = {report["verify_contract"]["passed"]}.
+
+## Reproduce
+```
+{report["command"]}
+```
+"""
+
+
+def export_from_torch(
+    module: str, weights: Path, labels_path: Path, out: Path, kwargs: dict[str, Any],
+    tokenizer: str | None = None, input_kind: str | None = None, command: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """Build, map, write and verify; model.onnx and README.md land in `out` only if the model
+    equals the user's module. Raises MappingError / VerificationError / ValueError."""
+    import shutil
+    import tempfile
+
+    from export.onnx_export import describe, export_model
+    from export.verify import verify_model
+
+    name, version = parse_out(out)
+    labels = read_labels(labels_path)
+    user = build_user_module(module, weights, kwargs)
+    parts = find_parts(user)
+    arch = arch_of(parts, len(labels), input_kind)
+    model = mapped_model(parts, arch)
+    fwd = detect_forward(user, model)
+    training = {"source": "lstm-export from-torch", "module": module, "command": command,
+                "forward": fwd.describe()}  # fmt: skip
+    tok = read_tokenizer(tokenizer, arch.vocab_size) if arch.input_kind == "tokens" else None
+    desc = describe(model, name, version, labels, tokenizer=tok, training=training)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model.onnx"
+        export_model(model, desc, str(staged))
+        parity = verify_against_user(user, fwd, arch, staged)
+        if not parity.passed:
+            raise VerificationError(
+                f"the exported model differs from {type(user).__name__}: "
+                + "; ".join(parity.failures[:6])
+            )
+        contract = verify_model(staged).to_dict()
+        report = {"model": f"{name}/{version}", "module": module, "labels": labels,
+                  "architecture": arch.to_dict(), "mapping": parts.names(),
+                  "verify_user_module": parity.to_dict(), "verify_contract": contract,
+                  "command": command}  # fmt: skip
+        if not contract["passed"]:
+            raise VerificationError(f"the v1 contract checks failed: {json.dumps(contract)}")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.move(staged, out / "model.onnx")
+    (out / "README.md").write_text(model_card(name, version, report), encoding="utf-8")
+    return report
