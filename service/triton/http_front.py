@@ -1,0 +1,325 @@
+"""The HTTP/REST front of the Open Inference Protocol (KServe v2) with Triton's extensions.
+
+aiohttp.web on the server's one asyncio loop (beside grpc.aio): each route parses its request
+(service/triton/http_codec.py), asks the Triton core, and encodes the answer. Errors are
+`{"error": "..."}` with the HTTP status of the error's code (service/triton/types.py). Bounded:
+a body larger than `max_body_bytes` is refused with 413 before it is read whole, and the JSON
+part of a request is bounded (http_codec.MAX_JSON_BYTES).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from service import metrics
+from service.engine.inputs import quoted
+from service.errors import ConfigError, LstmServeError
+from service.triton import http_codec
+from service.triton.types import ModelMetadata, ModelStats, http_status, invalid
+
+if TYPE_CHECKING:
+    from service.triton.core import TritonCore
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size
+MAX_ERROR_CHARS = 1024  # as the gRPC fronts cap status messages
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+INT64_TYPES = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
+               FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
+               FieldDescriptor.TYPE_SFIXED64)  # fmt: skip
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """The protocol's error body: {"error": "..."} (capped)."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
+    return web.json_response({"error": message}, status=status)
+
+
+def config_json(config: Message) -> dict[str, Any]:
+    """A ModelConfig as Triton's REST API shows it: proto field names, 64-bit integers as JSON
+    numbers (protobuf's JSON mapping would quote them)."""
+    doc = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    return _int64_as_numbers(config, doc)
+
+
+def _int64_as_numbers(message: Message, doc: dict[str, Any]) -> dict[str, Any]:
+    for field, value in message.ListFields():
+        key = field.name
+        if key not in doc:
+            continue
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                value_field = field.message_type.fields_by_name["value"]
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                    doc[key] = {k: _int64_as_numbers(value[k], doc[key][k]) for k in doc[key]}
+                continue
+            if field.label == FieldDescriptor.LABEL_REPEATED:
+                doc[key] = [_int64_as_numbers(m, d) for m, d in zip(value, doc[key], strict=True)]
+            else:
+                doc[key] = _int64_as_numbers(value, doc[key])
+        elif field.type in INT64_TYPES:
+            doc[key] = [int(v) for v in doc[key]] if isinstance(doc[key], list) else int(doc[key])
+    return doc
+
+
+def metadata_json(meta: ModelMetadata) -> dict[str, Any]:
+    def tensors(items: Any) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
+
+    return {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
+            "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)}  # fmt: skip
+
+
+def stats_json(stats: ModelStats) -> dict[str, Any]:
+    """One version's statistics in the statistics extension's JSON form."""
+
+    def duration(count: int = 0, ns: int = 0) -> dict[str, int]:
+        return {"count": count, "ns": ns}
+
+    return {
+        "name": stats.name, "version": stats.version, "last_inference": stats.last_inference,
+        "inference_count": stats.inference_count, "execution_count": stats.execution_count,
+        "inference_stats": {
+            "success": duration(stats.success.count, stats.success.ns),
+            "fail": duration(stats.fail.count, stats.fail.ns),
+            "queue": duration(), "compute_input": duration(), "compute_infer": duration(),
+            "compute_output": duration(), "cache_hit": duration(), "cache_miss": duration(),
+        },
+        "batch_stats": [],
+    }  # fmt: skip
+
+
+async def read_json_body(request: web.Request, what: str) -> Any:
+    """An optional JSON body (empty: None)."""
+    body = await request.read()
+    if not body.strip():
+        return None
+    return http_codec.parse_json(body, what)
+
+
+class HttpServer:
+    """The aiohttp application and its listening site on the running loop."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: any free port); a busy port is a ConfigError naming it."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ConfigError(
+                f"cannot serve HTTP on {address} (--http-port): {exc.strerror or exc}"
+            ) from exc
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening and close the connections (after the server's drain)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def json_response(doc: Any) -> web.Response:
+    return web.Response(
+        body=json.dumps(doc, separators=(",", ":")).encode(), content_type=http_codec.JSON_TYPE
+    )
+
+
+def version_of(request: web.Request) -> str:
+    """The {version} of a .../versions/{version}/... route ("" = the latest)."""
+    version = request.match_info.get("version", "")
+    if version and not version.isdigit():
+        raise invalid(f"model version {quoted(version)} is not a number")
+    return version
+
+
+class HttpFront:
+    """The KServe v2 REST routes over one Triton core."""
+
+    def __init__(self, core: TritonCore, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.core = core
+        self.max_body_bytes = max_body_bytes
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._answer])
+        self._rpc: dict[str, str] = {}
+        self._routes()
+        self.server = HttpServer(self.app)
+
+    def _routes(self) -> None:
+        model = "/v2/models/{name}"
+        versioned = "/v2/models/{name}/versions/{version}"
+        table: list[tuple[str, str, str, Handler]] = [
+            ("GET", "/v2", "ServerMetadata", self.server_metadata),
+            ("GET", "/v2/health/live", "ServerLive", self.live),
+            ("GET", "/v2/health/ready", "ServerReady", self.ready),
+            ("GET", "/v2/models/stats", "ModelStatistics", self.stats),
+            ("POST", "/v2/repository/index", "RepositoryIndex", self.index),
+            ("POST", "/v2/repository/models/{name}/load", "RepositoryModelLoad", self.load),
+            ("POST", "/v2/repository/models/{name}/unload", "RepositoryModelUnload", self.unload),
+        ]
+        for base in (model, versioned):
+            table += [
+                ("GET", base, "ModelMetadata", self.model_metadata),
+                ("GET", base + "/ready", "ModelReady", self.model_ready),
+                ("GET", base + "/config", "ModelConfig", self.model_config),
+                ("GET", base + "/stats", "ModelStatistics", self.stats),
+                ("POST", base + "/infer", "ModelInfer", self.infer),
+            ]
+        for i, (method, path, rpc, handler) in enumerate(table):
+            route = self.app.router.add_route(method, path, handler, name=f"r{i}")
+            self._rpc[route.name or ""] = rpc
+
+    # -- errors and metrics, in one place ------------------------------------------------------
+
+    @web.middleware
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.name
+        rpc = self._rpc.get(route or "", "unrouted")
+        try:
+            response = await handler(request)
+            code = "OK"
+        except web.HTTPException as exc:  # no such route or method, body too large
+            response, code = self._http_error(request, exc)
+        except LstmServeError as exc:
+            response, code = error_response(http_status(exc), str(exc)), exc.code
+        except Exception as exc:
+            log.exception("HTTP request failed", extra={"fields": {"rpc": rpc}})
+            response = error_response(500, f"internal error: {type(exc).__name__}")
+            code = "INTERNAL"
+        name = request.match_info.get("name")
+        metrics.requests(rpc, self._label(name), code, metrics.PROTOCOL_KSERVE_HTTP).inc()
+        return response
+
+    def _label(self, name: str | None) -> str:
+        if name is None:
+            return ""
+        return self.core.model_label(name)
+
+    def _http_error(self, request: web.Request, exc: web.HTTPException) -> tuple[web.Response, str]:
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):
+            message = (
+                f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"
+            )
+            return error_response(413, message), "RESOURCE_EXHAUSTED"
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            message = f"{request.method} is not allowed on {quoted(request.path)}"
+            return error_response(405, message), "UNIMPLEMENTED"
+        if isinstance(exc, web.HTTPNotFound):
+            message = f"no such endpoint: {request.method} {quoted(request.path)}"
+            return error_response(404, message), "NOT_FOUND"
+        return error_response(exc.status, exc.reason), "UNKNOWN"
+
+    # -- server and models -----------------------------------------------------------------
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        meta = self.core.server_metadata()
+        return json_response({"name": meta.name, "version": meta.version,
+                              "extensions": list(meta.extensions)})  # fmt: skip
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.core.live() else 503)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.core.ready() else 503)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], version_of(request)
+        if self.core.model_ready(name, version):
+            return web.Response(status=200)
+        self.core.model_metadata(name, version)  # an unknown model or version: 404 naming it
+        return web.Response(status=503)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        meta = self.core.model_metadata(request.match_info["name"], version_of(request))
+        return json_response(metadata_json(meta))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        config = self.core.model_config(request.match_info["name"], version_of(request))
+        return json_response(config_json(config))
+
+    async def stats(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("name", "")
+        found = self.core.statistics(name, version_of(request))
+        return json_response({"model_stats": [stats_json(s) for s in found]})
+
+    # -- repository ------------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        doc = await read_json_body(request, "the repository index request")
+        ready = False
+        if doc is not None:
+            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+                raise invalid('the repository index request must be {"ready": true|false}')
+            ready = doc.get("ready", False)
+        rows = []
+        for entry in self.core.repository_index(ready):
+            row = {"name": entry.name}
+            if entry.version:
+                row["version"] = entry.version
+            if entry.state:
+                row["state"] = entry.state
+            if entry.reason:
+                row["reason"] = entry.reason
+            rows.append(row)
+        return json_response(rows)
+
+    async def load(self, request: web.Request) -> web.Response:
+        doc = await read_json_body(request, "the load request")
+        params = http_codec.parameters(doc.get("parameters") if isinstance(doc, dict) else None,
+                                       "parameters")  # fmt: skip
+        if params:
+            shown = ", ".join(quoted(k) for k in list(params)[:4])
+            raise invalid(
+                f"load parameters ({shown}) are not supported: lstm-serve loads a model from "
+                "its repository folder only (no config or file overrides)"
+            )
+        await self.core.load(request.match_info["name"])
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await read_json_body(request, "the unload request")  # unload_dependents: nothing depends
+        await self.core.unload(request.match_info["name"])
+        return web.Response(status=200)
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        parsed, choice = http_codec.parse_infer_request(
+            request.match_info["name"], version_of(request), body,
+            request.headers.get(http_codec.HEADER_LENGTH),
+        )  # fmt: skip
+        reply = await self.core.infer(parsed)
+        data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
+        headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
+        response = web.Response(body=data, content_type=content_type, headers=headers)
+        if "Accept-Encoding" in request.headers:
+            response.enable_compression()
+        return response
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        return await self.server.start(host, port)
+
+    async def stop(self) -> None:
+        await self.server.stop()
