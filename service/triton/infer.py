@@ -1,0 +1,141 @@
+"""ModelInfer over the engine: whole-batch requests (Classify) and sequence requests (sessions).
+
+Without a sequence_id, a batch [N, ...] is N independent whole sequences, run on the Classify
+lane from zero states. With one, the request is one chunk [1, T, ...] of that sequence's
+session (service/triton/sequences.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.engine.core import Engine
+from service.engine.sessions import Session
+from service.engine.types import StreamOptions
+from service.engine.worker import ModelWorker
+from service.errors import SessionNotFound
+from service.triton.infer_io import (
+    decode_sequences,
+    encode_outputs,
+    step_probs_wanted,
+    wanted_outputs,
+)
+from service.triton.modelconfig import tensor_names
+from service.triton.sequences import Entry, SequenceParams, SequenceTable, gone, not_started
+from service.triton.types import InferRequest, InferResponse, TritonError, invalid
+
+
+@dataclass(frozen=True)
+class InferLimits:
+    max_batch_size: int  # sequences per non-sequence request
+    max_sequence_steps: int  # steps per whole sequence
+    max_chunk_steps: int  # steps per sequence request
+
+
+def parse_version(version: str) -> int:
+    """ "" is the latest READY version; else a positive integer."""
+    if version == "":
+        return 0
+    if not version.isdigit() or int(version) < 1:
+        raise invalid(f"model_version {version[:64]!r} is not a positive integer")
+    return int(version)
+
+
+class Inference:
+    """Runs infer requests on the engine; the sequences' table is its own."""
+
+    def __init__(self, engine: Engine, limits: InferLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.sequences = SequenceTable()
+
+    # -- whole sequences ---------------------------------------------------------------------
+
+    async def run_batch(self, request: InferRequest, worker: ModelWorker) -> InferResponse:
+        desc = worker.description
+        names = tensor_names(worker)
+        wanted = wanted_outputs(request, names, desc.num_classes)
+        arrays = decode_sequences(request, names, desc, self.limits.max_sequence_steps,
+                                  self.limits.max_batch_size, whole=True)  # fmt: skip
+        with_steps = step_probs_wanted(wanted)
+        if with_steps and len({len(a) for a in arrays}) > 1:
+            raise invalid("step_probs needs sequences of one length (the texts differ in length)")
+        results = await self.engine.classify(worker, arrays, with_steps)
+        outputs = encode_outputs(wanted, results, desc)
+        return InferResponse(worker.name, str(worker.version), request.id, outputs)
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    async def run_sequence(
+        self, request: InferRequest, params: SequenceParams, version: int
+    ) -> tuple[InferResponse, ModelWorker]:
+        """One chunk of a sequence, in the sequence's arrival order."""
+        assert params.key is not None
+        table = self.sequences
+        entry = table.enter(request.model, params.key)  # before any await: FIFO order
+        try:
+            async with entry.lock:
+                return await self._locked(request, params, version, entry)
+        finally:
+            table.leave(request.model, params.key, entry)
+
+    async def _locked(
+        self, request: InferRequest, params: SequenceParams, version: int, entry: Entry
+    ) -> tuple[InferResponse, ModelWorker]:
+        engine = self.engine
+        session = await self._current(entry, params, request.model)
+        if session is not None and version and session.model.version != version:
+            raise invalid(f"{params.name(request.model)} runs on version "
+                          f"{session.model.version}, not {version}")  # fmt: skip
+        worker = session.model if session is not None else engine.classify_model(
+            request.model, version)  # fmt: skip
+        desc = worker.description
+        names = tensor_names(worker)
+        wanted = wanted_outputs(request, names, desc.num_classes)
+        (steps,) = decode_sequences(request, names, desc, self.limits.max_chunk_steps, 1, False)
+        if params.start and not self._is_resend(session, params):
+            if session is not None:  # a restart: the old sequence ends here
+                await engine.end(session)
+                entry.session_id = None
+            session = await engine.open_session(request.model, version, StreamOptions())
+            entry.session_id = session.id
+            self.sequences.started(lambda sid: sid in engine.store)
+        if session is None:
+            raise not_started(params, request.model)
+        every = step_probs_wanted(wanted)
+        if session.options.every_step != every:
+            session.options = StreamOptions(every_step=every, top_k=session.options.top_k)
+        seq = params.seq if params.seq is not None else session.last_seq + 1
+        outcome = await engine.apply_chunk(session, seq, steps)
+        result = outcome.result
+        if result is None:
+            raise TritonError("ALREADY_EXISTS", (
+                f"lstm_serve_seq {seq} of {params.name(request.model)} was applied already "
+                f"(last applied: {session.last_seq}); only the last one's result is kept"
+            ))  # fmt: skip
+        outputs = encode_outputs(wanted, [result], desc)
+        reply = InferResponse(
+            worker.name, str(worker.version), request.id, outputs,
+            {"lstm_serve_seq": seq, "lstm_serve_total_steps": outcome.total_steps,
+             "lstm_serve_duplicate": outcome.duplicate},
+        )  # fmt: skip
+        if params.end:
+            await engine.end(session)
+            entry.session_id = None
+        return reply, worker
+
+    def _is_resend(self, session: Session | None, params: SequenceParams) -> bool:
+        """A START resent with an lstm_serve_seq already applied: not a restart."""
+        return session is not None and params.seq is not None and params.seq <= session.last_seq
+
+    async def _current(self, entry: Entry, params: SequenceParams, model: str) -> Session | None:
+        """The sequence's live session; None if it has none (START opens one)."""
+        if entry.session_id is None:
+            return None
+        try:
+            return await self.engine.find_session(entry.session_id, local_first=True)
+        except SessionNotFound as exc:
+            entry.session_id = None
+            if params.start:
+                return None
+            raise gone(params, model, exc) from exc

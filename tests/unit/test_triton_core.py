@@ -1,0 +1,209 @@
+"""The protocol-neutral Triton core over a real engine on the tiny models (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.config import ServerConfig
+from service.engine.core import Engine
+from service.errors import LstmServeError
+from service.protocol.session import Limits, SessionLayer
+from service.triton import tensors
+from service.triton.core import TritonCore
+from service.triton.types import InferInput, InferRequest, RequestedOutput, http_status
+from tests.unit.engines import load_engine
+
+
+@pytest.fixture(scope="module")
+def core(tiny_repo: Path) -> Iterator[TritonCore]:
+    engine: Engine = load_engine(tiny_repo)
+    config = ServerConfig(model_repository=tiny_repo, session_idle_timeout_s=60.0)
+    yield TritonCore(SessionLayer(engine, Limits()), config)
+    engine.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def tokens(ids: list[list[int]]) -> InferInput:
+    data = np.array(ids, dtype=np.int64)
+    return InferInput("tokens", "INT64", data.shape, data)
+
+
+def request(inp: InferInput, model: str = "tiny-lstm", outputs: tuple[RequestedOutput, ...] = (),
+            **params: Any) -> InferRequest:  # fmt: skip
+    return InferRequest(model=model, inputs=(inp,), outputs=outputs, parameters=params)
+
+
+def classify(core: TritonCore, model: str, seqs: list[np.ndarray]) -> np.ndarray:
+    async def go() -> np.ndarray:
+        worker = core.engine.classify_model(model, 0)
+        results = await core.engine.classify(worker, seqs, False)
+        return np.stack([r.probs for r in results])
+
+    return run(go())
+
+
+def output(reply: Any, name: str) -> np.ndarray:
+    return next(o.data for o in reply.outputs if o.name == name)
+
+
+def test_a_sequence_in_chunks_equals_classify_of_the_whole(core: TritonCore) -> None:
+    whole = [1, 2, 3, 4, 5, 6, 7]
+    chunks = [whole[:3], whole[3:5], whole[5:]]
+
+    async def go() -> np.ndarray:
+        reply = None
+        for i, chunk in enumerate(chunks):
+            flags = {"sequence_start": i == 0, "sequence_end": i == len(chunks) - 1}
+            reply = await core.infer(request(tokens([chunk]), sequence_id=7, **flags))
+        return output(reply, "probs")
+
+    probs = run(go())
+    want = classify(core, "tiny-lstm", [np.array(whole)])
+    np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
+    assert core.open_sequences == 0
+
+
+def test_a_batch_without_sequence_id_is_independent_whole_sequences(core: TritonCore) -> None:
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 1, 0]]
+    reply = run(core.infer(request(tokens(rows))))
+    assert {o.name for o in reply.outputs} == {"probs", "step_probs"}  # none named: all
+    assert output(reply, "step_probs").shape == (3, 4, 3)
+    want = classify(core, "tiny-lstm", [np.array(r) for r in rows])
+    np.testing.assert_allclose(output(reply, "probs"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_request_without_start_for_an_unknown_sequence_names_it(core: TritonCore) -> None:
+    with pytest.raises(LstmServeError, match="sequence 'nope' of model 'tiny-lstm'") as info:
+        run(core.infer(request(tokens([[1]]), sequence_id="nope")))
+    assert info.value.code == "INVALID_ARGUMENT" and http_status(info.value) == 400
+
+
+@pytest.mark.parametrize(
+    ("inp", "words"),
+    [
+        (InferInput("tokens", "INT32", (1, 2), np.zeros((1, 2), np.int32)), "'tokens': datatype"),
+        (InferInput("tokens", "INT64", (2,), np.zeros(2, np.int64)), r"'tokens': shape \[2\]"),
+        (InferInput("frames", "INT64", (1, 2), np.zeros((1, 2), np.int64)), "'frames' is not"),
+        (InferInput("tokens", "INT64", (1, 2), np.array([[1, 99]])), "out of range"),
+    ],
+)
+def test_wrong_inputs_are_invalid_argument_naming_the_tensor(
+    core: TritonCore, inp: InferInput, words: str
+) -> None:
+    with pytest.raises(LstmServeError, match=words) as info:
+        run(core.infer(request(inp)))
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_raw_bytes_of_the_wrong_size_name_the_tensor() -> None:
+    with pytest.raises(LstmServeError, match="'tokens': 12 bytes of raw data, expected 16"):
+        tensors.from_raw("tokens", "INT64", [1, 2], b"\0" * 12)
+    raw = tensors.serialize_bytes(np.array([b"ab", b"c"], dtype=object))
+    back = tensors.from_raw("text", "BYTES", [2], raw)
+    assert back.tolist() == [b"ab", b"c"]
+    with pytest.raises(LstmServeError, match="'text': BYTES element 1 claims"):
+        tensors.from_raw("text", "BYTES", [2], raw[:-1])
+
+
+def test_classification_returns_score_index_label(core: TritonCore) -> None:
+    wanted = (RequestedOutput("probs", {"classification": 2}),)
+    reply = run(core.infer(request(tokens([[1, 2, 3]]), outputs=wanted)))
+    (out,) = reply.outputs
+    assert out.datatype == "BYTES" and out.shape == (1, 2)
+    probs = classify(core, "tiny-lstm", [np.array([1, 2, 3])])[0]
+    best = int(probs.argmax())
+    score, index, label = out.data[0, 0].decode().split(":")
+    assert (int(index), label) == (best, f"class{best}")
+    assert float(score) == pytest.approx(float(probs[best]), abs=1e-5)
+
+
+def test_start_restarts_and_end_frees_the_session(core: TritonCore) -> None:
+    store = core.engine.store
+    before = len(store)
+
+    async def go() -> tuple[np.ndarray, np.ndarray]:
+        await core.infer(request(tokens([[5, 5, 5]]), sequence_id=9, sequence_start=True))
+        assert len(store) == before + 1
+        again = await core.infer(request(tokens([[1, 2]]), sequence_id=9, sequence_start=True))
+        assert len(store) == before + 1  # the restart replaced the session
+        last = await core.infer(request(tokens([[3]]), sequence_id=9, sequence_end=True))
+        return output(again, "probs"), output(last, "probs")
+
+    _, last = run(go())
+    assert len(store) == before
+    np.testing.assert_allclose(last, classify(core, "tiny-lstm", [np.array([1, 2, 3])]),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_lstm_serve_seq_makes_a_resend_not_apply_twice(core: TritonCore) -> None:
+    async def go() -> tuple[Any, Any]:
+        start = request(tokens([[1, 2]]), sequence_id=11, sequence_start=True, lstm_serve_seq=1)
+        first = await core.infer(start)
+        resent = await core.infer(start)  # the reply was lost: the same request again
+        nxt = request(tokens([[3]]), sequence_id=11, sequence_end=True, lstm_serve_seq=2)
+        return first, resent, await core.infer(nxt)
+
+    first, resent, last = run(go())
+    assert resent.parameters["lstm_serve_duplicate"] is True
+    np.testing.assert_array_equal(output(resent, "probs"), output(first, "probs"))
+    np.testing.assert_allclose(output(last, "probs"),
+                               classify(core, "tiny-lstm", [np.array([1, 2, 3])]),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_interleaved_sequences_in_one_loop_each_equal_their_classify(core: TritonCore) -> None:
+    seqs = {21: [1, 2, 3, 4], 22: [4, 3, 2, 1], "s": [7, 7, 8, 9]}
+
+    async def go() -> dict[Any, np.ndarray]:
+        replies: dict[Any, Any] = {}
+        for step in range(4):
+            calls = [
+                core.infer(request(tokens([[ids[step]]]), sequence_id=key,
+                                   sequence_start=step == 0, sequence_end=step == 3))
+                for key, ids in seqs.items()
+            ]  # fmt: skip
+            for key, reply in zip(seqs, await asyncio.gather(*calls), strict=True):
+                replies[key] = output(reply, "probs")
+        return replies
+
+    got = run(go())
+    for key, ids in seqs.items():
+        np.testing.assert_allclose(got[key], classify(core, "tiny-lstm", [np.array(ids)]),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_model_config_and_metadata_describe_the_tensors(core: TritonCore) -> None:
+    config = core.model_config("tiny-rnn-frames")
+    assert config.max_batch_size > 0
+    assert [(i.name, list(i.dims)) for i in config.input] == [("features", [-1, 5])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("probs", [4]), ("step_probs", [-1, 4]),
+    ]  # fmt: skip
+    assert config.sequence_batching.max_sequence_idle_microseconds == 60_000_000
+    meta = core.model_metadata("tiny-lstm")
+    assert meta.versions == ("1", "2")
+    first = meta.inputs[0]
+    assert (first.name, first.datatype, first.shape) == ("tokens", "INT64", (-1, -1))
+    assert core.model_ready("tiny-lstm") and not core.model_ready("nope")
+    bilstm = core.model_config("tiny-bilstm")
+    assert not bilstm.HasField("sequence_batching")
+
+
+def test_statistics_count_inferences_and_failures(core: TritonCore) -> None:
+    before = core.statistics("tiny-gru")[0]
+    run(core.infer(request(tokens([[1, 2], [3, 4]]), model="tiny-gru")))
+    with pytest.raises(LstmServeError):
+        run(core.infer(request(tokens([[1, 99]]), model="tiny-gru")))
+    after = core.statistics("tiny-gru")[0]
+    assert after.inference_count == before.inference_count + 2
+    assert after.success.count == before.success.count + 1
+    assert after.fail.count == before.fail.count + 1
