@@ -67,12 +67,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     LSTM_SERVE_MODEL_REPOSITORY=/app/models \
     LSTM_SERVE_HOST=0.0.0.0 \
+    LSTM_SERVE_HTTP_PORT=8000 \
     LSTM_SERVE_GRPC_PORT=8001 \
     LSTM_SERVE_METRICS_PORT=8002 \
     LSTM_SERVE_LOG_JSON=true
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8001 8002
+# Triton's ports: HTTP/REST (KServe v2), gRPC, metrics.
+EXPOSE 8000 8001 8002
 # Kubernetes probes gRPC health natively; this is for docker run / compose.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/app/healthcheck.py"]

@@ -114,7 +114,7 @@ def test_image_copies_only_what_the_context_holds() -> None:
 def test_image_runs_lstm_serve_non_root_on_the_default_ports() -> None:
     runtime = stage("runtime")
     defaults = ServerConfig()
-    assert f"EXPOSE {defaults.grpc_port} {defaults.metrics_port}" in runtime
+    assert f"EXPOSE {defaults.http_port} {defaults.grpc_port} {defaults.metrics_port}" in runtime
     assert 'ENTRYPOINT ["lstm-serve"]' in runtime
     assert f"USER {NON_ROOT_UID}:{NON_ROOT_UID}" in runtime
     assert any(ln.startswith("COPY models/ /app/models") for ln in runtime)

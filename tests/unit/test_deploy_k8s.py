@@ -108,17 +108,29 @@ def test_kustomizations_reference_existing_files() -> None:
     assert listed == on_disk, "base files and base resources differ"
 
 
-def test_probes_ask_grpc_health_on_the_grpc_port() -> None:
+def test_probes_ask_grpc_health_and_the_v2_ready_endpoint() -> None:
     main = container(base_objects()["Deployment/lstm-serve"])
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     config = config_from_args([], environ=base_objects()["ConfigMap/lstm-serve-config"]["data"])
-    assert ports == {"grpc": config.grpc_port, "metrics": config.metrics_port}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ports == {
+        "http": config.http_port, "grpc": config.grpc_port, "metrics": config.metrics_port
+    }  # fmt: skip
+    assert (config.http_port, config.grpc_port, config.metrics_port) == (8000, 8001, 8002)
+    for probe in ("startupProbe", "livenessProbe"):
         grpc_probe = main[probe]["grpc"]
         assert grpc_probe["port"] == config.grpc_port, probe
         # The server registers health for "" and the LstmServe service (service/server.py).
         assert grpc_probe.get("service", "") in ("", GRPC_SERVICE), probe
-    assert main["readinessProbe"]["grpc"]["service"] == GRPC_SERVICE
+    # Readiness: the Open Inference Protocol's endpoint (service/triton/http_front.py).
+    ready = main["readinessProbe"]["httpGet"]
+    assert ready["path"] == "/v2/health/ready"
+    assert ports[ready["port"]] == config.http_port
+
+
+def test_the_service_exposes_tritons_three_ports() -> None:
+    service = base_objects()["Service/lstm-serve"]
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+    assert ports == {"http": (8000, "http"), "grpc": (8001, "grpc"), "metrics": (8002, "metrics")}
 
 
 def test_termination_grace_covers_prestop_and_server_drain() -> None:
