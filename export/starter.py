@@ -1,0 +1,238 @@
+"""`lstm-export config MODEL.onnx`: a starter Triton config.pbtxt for any ONNX file.
+
+The graph's inputs and outputs become `input` / `output` entries (the batch axis left out and
+`max_batch_size` set when every tensor has a symbolic batch axis); input/output pairs of the same
+type and shape whose names look like a recurrent state (h0/hn, state/state_out, c_in/c_out, ...)
+become `sequence_batching { state [...] }` with zero initial states. Only fields the lstm-serve
+loader (service/engine/tritonconfig.py) serves are written. It is a guess for the user to edit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf import text_format
+from onnx import TensorProto
+from tritonclient.grpc import model_config_pb2 as mc
+
+DEFAULT_MAX_BATCH = 64
+IDLE_MICROSECONDS = 60_000_000
+LABELS_PLACEHOLDER = "labels.txt"
+
+TRITON_TYPES: dict[int, int] = {
+    TensorProto.BOOL: mc.TYPE_BOOL,
+    TensorProto.UINT8: mc.TYPE_UINT8,
+    TensorProto.UINT16: mc.TYPE_UINT16,
+    TensorProto.UINT32: mc.TYPE_UINT32,
+    TensorProto.UINT64: mc.TYPE_UINT64,
+    TensorProto.INT8: mc.TYPE_INT8,
+    TensorProto.INT16: mc.TYPE_INT16,
+    TensorProto.INT32: mc.TYPE_INT32,
+    TensorProto.INT64: mc.TYPE_INT64,
+    TensorProto.FLOAT16: mc.TYPE_FP16,
+    TensorProto.FLOAT: mc.TYPE_FP32,
+    TensorProto.DOUBLE: mc.TYPE_FP64,
+    TensorProto.STRING: mc.TYPE_STRING,
+    TensorProto.BFLOAT16: mc.TYPE_BF16,
+}
+_STATE_NAME = re.compile(r"(state|hidden|memory|carry|cell|^[hc]$|^[hc]x$|^[hc][_.]|[_.][hc]$)")
+_MARKS = {
+    "in": (("in", "input", "prev", "init", "initial"), re.compile(r"(.+?)[_.]?0")),
+    "out": (("out", "output", "next", "new", "final"),
+            re.compile(r"((?:.*[_.])?(?:[hc]|[hc]x|state|hidden|cell))[_.]?n")),
+}  # fmt: skip
+_LENGTH_NAME = re.compile(r"(length|lens$|seq_len|sequence_len)")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A graph input or output: name, ONNX element type, shape (None = symbolic)."""
+
+    name: str
+    elem_type: int
+    shape: tuple[int | None, ...]
+
+
+def _tensors(values: list[onnx.ValueInfoProto]) -> list[Tensor]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        out.append(Tensor(v.name, t.elem_type, dims))
+    return out
+
+
+def graph_tensors(proto: onnx.ModelProto) -> tuple[list[Tensor], list[Tensor]]:
+    """The graph's real inputs (initializers left out) and its outputs."""
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [t for t in _tensors(list(proto.graph.input)) if t.name not in inits]
+    return inputs, _tensors(list(proto.graph.output))
+
+
+def _stem(name: str, side: str) -> tuple[str, bool]:
+    """The name without its in/out marker ('state_in' -> 'state', 'h0' / 'hn' -> 'h'), and
+    whether it had one."""
+    low = name.lower()
+    words, numbered = _MARKS[side]
+    for word in words:
+        for sep in ("_", ".", "-", ""):
+            mark = sep + word
+            if low.endswith(mark) and len(low) > len(mark):
+                return low[: -len(mark)], True
+            if sep and low.startswith(word + sep) and len(low) > len(mark):
+                return low[len(mark) :], True
+    match = numbered.fullmatch(low)
+    return (match.group(1), True) if match else (low, False)
+
+
+def state_pairs(inputs: list[Tensor], outputs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Input/output pairs of one type and shape whose names say state (h0/hn, state/state_out)."""
+    pairs, taken = [], set()
+    for i in inputs:
+        if i.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            continue
+        stem_i, marked_i = _stem(i.name, "in")
+        for o in outputs:
+            if o.name in taken or (o.elem_type, len(o.shape)) != (i.elem_type, len(i.shape)):
+                continue
+            if any(a != b and None not in (a, b) for a, b in zip(i.shape, o.shape, strict=True)):
+                continue
+            stem_o, marked_o = _stem(o.name, "out")
+            if stem_i == stem_o and (marked_i or marked_o) and _STATE_NAME.search(stem_i):
+                pairs.append((i, o))
+                taken.add(o.name)
+                break
+    return pairs
+
+
+def batch_axis(t: Tensor) -> int | None:
+    """The one symbolic axis of a state tensor (its batch), if there is exactly one."""
+    symbolic = [k for k, d in enumerate(t.shape) if d is None]
+    return symbolic[0] if len(symbolic) == 1 else None
+
+
+def _dims(shape: tuple[int | None, ...], drop: int | None) -> list[int]:
+    return [-1 if d is None else d for k, d in enumerate(shape) if k != drop]
+
+
+def _vocab_size(proto: onnx.ModelProto, name: str) -> int | None:
+    """Rows of the embedding table a token input indexes (a Gather on an initializer)."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == name:
+            table = inits.get(node.input[0])
+            if table is not None and table.dims:
+                return int(table.dims[0])
+    return None
+
+
+def _add_tensor(entry: mc.ModelInput | mc.ModelOutput, t: Tensor, batched: bool) -> None:
+    entry.name = t.name
+    if t.elem_type not in TRITON_TYPES:
+        raise ValueError(f"{t.name!r} has ONNX element type {t.elem_type}, which Triton lacks")
+    entry.data_type = TRITON_TYPES[t.elem_type]  # type: ignore[assignment]
+    entry.dims.extend(_dims(t.shape, 0 if batched else None))
+
+
+def _add_states(
+    config: mc.ModelConfig, pairs: list[tuple[Tensor, Tensor]], batched: bool
+) -> int | None:
+    """sequence_batching with one zero-initialised state per pair; returns the states' batch
+    axis when it is not 0 (a torch LSTM's h0 is [layers, B, H]) and the model is batched."""
+    seq = config.sequence_batching
+    seq.max_sequence_idle_microseconds = IDLE_MICROSECONDS
+    axes = {batch_axis(i) for i, _ in pairs}
+    axis = axes.pop() if len(axes) == 1 else None
+    for i, o in pairs:
+        drop = axis if batched else None
+        state = seq.state.add(input_name=i.name, output_name=o.name)
+        state.data_type = TRITON_TYPES[i.elem_type]  # type: ignore[assignment]
+        state.dims.extend(_dims(i.shape, drop))
+        init = state.initial_state.add()
+        init.data_type = state.data_type
+        init.dims.extend(state.dims)
+        init.zero_data = True
+        init.name = f"{i.name}_zero"
+    return axis if batched and axis not in (None, 0) else None
+
+
+def _is_batched(tensors: list[Tensor], states: list[tuple[Tensor, Tensor]]) -> bool:
+    """Every non-state tensor has a symbolic axis 0 and every state one symbolic axis."""
+    state_names = {t.name for pair in states for t in pair}
+    rest = [t for t in tensors if t.name not in state_names]
+    return (
+        bool(rest)
+        and all(t.shape and t.shape[0] is None for t in rest)
+        and all(batch_axis(t) is not None for t in tensors if t.name in state_names)
+    )
+
+
+def _guess_parameters(
+    config: mc.ModelConfig, proto: onnx.ModelProto, inputs: list[Tensor], outputs: list[Tensor]
+) -> None:
+    """lengths_input, vocab_size and output_kind, where the graph suggests them."""
+    for t in inputs:
+        ints = t.elem_type in (TensorProto.INT64, TensorProto.INT32)
+        if ints and len(t.shape) == 1 and _LENGTH_NAME.search(t.name.lower()):
+            config.parameters["lengths_input"].string_value = t.name
+        elif ints and len(t.shape) == 2 and (vocab := _vocab_size(proto, t.name)):
+            config.parameters["vocab_size"].string_value = str(vocab)
+    probs = any("prob" in t.name.lower() for t in outputs)
+    config.parameters["output_kind"].string_value = "probs" if probs else "logits"
+
+
+def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, list[str]]:
+    """The starter ModelConfig for an ONNX model, and notes on what to check."""
+    inputs, outputs = graph_tensors(proto)
+    pairs = state_pairs(inputs, outputs)
+    batched = _is_batched(inputs + outputs, pairs)
+    config = mc.ModelConfig(name=name, backend="onnxruntime")
+    config.max_batch_size = DEFAULT_MAX_BATCH if batched else 0
+    state_names = {t.name for pair in pairs for t in pair}
+    for t in inputs:
+        if t.name not in state_names:
+            _add_tensor(config.input.add(), t, batched)
+    for t in outputs:
+        if t.name not in state_names:
+            entry = config.output.add()
+            _add_tensor(entry, t, batched)
+            if t.shape and t.shape[-1] is not None and t.elem_type != TensorProto.STRING:
+                entry.label_filename = LABELS_PLACEHOLDER
+    notes = []
+    if pairs:
+        axis = _add_states(config, pairs, batched)
+        if axis is not None:
+            config.parameters["state_batch_axis"].string_value = str(axis)
+    else:
+        notes.append("no input/output pair looks like a recurrent state: add sequence_batching "
+                     "{ state [...] } by hand")  # fmt: skip
+    _guess_parameters(config, proto, inputs, outputs)
+    config.instance_group.add(count=1)
+    return config, notes
+
+
+def model_name(path: Path) -> str:
+    """REPO/NAME/VERSION/model.onnx -> NAME; otherwise the file's stem."""
+    parent = path.resolve().parent
+    return parent.parent.name if parent.name.isdigit() else path.stem
+
+
+def starter_config_text(path: Path, name: str | None = None) -> str:
+    """The starter config as config.pbtxt text, with a header saying what to check."""
+    if not path.is_file():
+        raise ValueError(f"{str(path)[:64]!r} is not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and others, on a file that is not ONNX
+        raise ValueError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
+    config, notes = starter_config(proto, name or model_name(path))
+    header = [
+        f"# Starter config.pbtxt for {config.name}, written by `lstm-export config {path.name}`.",
+        "# Check every guess (state pairs, batch axis, output_kind, label_filename) and save it",
+        f"# as REPO/{config.name}/config.pbtxt beside REPO/{config.name}/VERSION/model.onnx.",
+        *(f"# TODO: {note}" for note in notes),
+    ]
+    return "\n".join(header) + "\n" + text_format.MessageToString(config, as_utf8=True)

@@ -1,0 +1,158 @@
+"""`lstm-export config`: a starter config.pbtxt guessed from any ONNX file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from google.protobuf import text_format
+from torch import nn
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.starter import starter_config_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _TorchLSTM(nn.Module):
+    """A user's LSTM as torch.onnx.export sees it: state (layers, B, H) in and out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(5, 8, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, (h, c) = self.lstm(x, (h0, c0))
+        return self.fc(y), h, c
+
+
+def _export_torch_lstm(path: Path) -> Path:
+    args = (torch.randn(2, 4, 5), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))
+    axes = {"x": {0: "B", 1: "T"}, "logits": {0: "B", 1: "T"}}
+    axes |= {name: {1: "B"} for name in ("h0", "c0", "hn", "cn")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _TorchLSTM().eval(), args, str(path), input_names=["x", "h0", "c0"],
+            output_names=["logits", "hn", "cn"], dynamic_axes=axes, dynamo=False,
+        )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def torch_lstm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """REPO/torch-lstm/1/model.onnx with the starter config and a labels file beside it."""
+    repo = tmp_path_factory.mktemp("starter")
+    version = repo / "torch-lstm" / "1"
+    version.mkdir(parents=True)
+    model = _export_torch_lstm(version / "model.onnx")
+    (repo / "torch-lstm" / "config.pbtxt").write_text(starter_config_text(model))
+    (repo / "torch-lstm" / "labels.txt").write_text("a\nb\nc\n")
+    return repo
+
+
+def _config(repo: Path) -> mc.ModelConfig:
+    text = (repo / "torch-lstm" / "config.pbtxt").read_text()
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def test_torch_exported_lstm_gets_its_state_pairs_and_batch_axis(torch_lstm_repo: Path) -> None:
+    config = _config(torch_lstm_repo)
+    assert config.name == "torch-lstm" and config.backend == "onnxruntime"
+    assert config.max_batch_size > 0
+    pairs = [(s.input_name, s.output_name) for s in config.sequence_batching.state]
+    assert pairs == [("h0", "hn"), ("c0", "cn")]
+    for state in config.sequence_batching.state:
+        assert list(state.dims) == [2, 8] and state.data_type == mc.TYPE_FP32
+        assert state.initial_state[0].zero_data and list(state.initial_state[0].dims) == [2, 8]
+    assert config.parameters["state_batch_axis"].string_value == "1"  # h0 is (layers, B, H)
+    assert [(i.name, list(i.dims)) for i in config.input] == [("x", [-1, 5])]
+    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [
+        ("logits", [-1, 3], "labels.txt")
+    ]
+    assert config.parameters["output_kind"].string_value == "logits"
+
+
+def test_starter_is_accepted_by_the_lstm_serve_loader(torch_lstm_repo: Path) -> None:
+    from service.engine.tritonconfig import load_triton_config
+
+    model = load_triton_config(torch_lstm_repo / "torch-lstm")
+    assert [(s.input_name, s.output_name) for s in model.states] == [("h0", "hn"), ("c0", "cn")]
+    assert model.labels(model.outputs[0], 3) == ("a", "b", "c")
+
+
+def test_batch_first_state_needs_no_batch_axis_and_lengths_and_vocab_are_found(
+    tmp_path: Path,
+) -> None:
+    from export.tiny import TINY_ARCHS, TINY_VOCAB, write_tiny_model
+
+    path = write_tiny_model(tmp_path, "tiny-lstm", TINY_ARCHS["tiny-lstm"])
+    config = text_format.Parse(starter_config_text(path), mc.ModelConfig())
+    assert config.name == "tiny-lstm" and config.max_batch_size > 0
+    assert [(s.input_name, s.output_name) for s in config.sequence_batching.state] == [
+        ("state", "state_out")
+    ]
+    assert list(config.sequence_batching.state[0].dims) == [4, 8]  # S = 2 layers x (h, c)
+    assert "state_batch_axis" not in config.parameters
+    assert config.parameters["lengths_input"].string_value == "lengths"
+    assert config.parameters["vocab_size"].string_value == str(len(TINY_VOCAB))
+    assert config.parameters["output_kind"].string_value == "probs"
+    assert {i.name: list(i.dims) for i in config.input} == {"tokens": [-1], "lengths": []}
+
+
+def test_a_model_without_a_state_pair_gets_a_todo(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Linear(4, 2).eval(), (torch.randn(1, 4),), str(path),
+                          input_names=["x"], output_names=["y"], dynamo=False)  # fmt: skip
+    text = starter_config_text(path, name="mlp")
+    assert "# TODO: no input/output pair looks like a recurrent state" in text
+    config = text_format.Parse(text, mc.ModelConfig())
+    assert config.name == "mlp" and not config.sequence_batching.state
+    assert config.max_batch_size == 0  # dim 0 fixed (1): no batch axis to leave out
+    assert list(config.input[0].dims) == [1, 4]
+
+
+def test_a_file_that_is_not_onnx_is_refused_by_name(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"\x00 not onnx")
+    with pytest.raises(ValueError, match=r"bogus\.onnx: not an ONNX model"):
+        starter_config_text(bogus)
+
+
+# Run first in a subprocess: the training stack cannot be imported (as in the [export]
+# environment, which lacks it); torch's own optional `import tqdm` then falls back as it does there.
+BLOCK_TRAINING_STACK = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('aeon', 'tqdm'):
+            raise ImportError('the [export] environment has no ' + name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_config_command_prints_it_without_the_training_stack(torch_lstm_repo: Path) -> None:
+    model = torch_lstm_repo / "torch-lstm" / "1" / "model.onnx"
+    code = BLOCK_TRAINING_STACK + (
+        "from export.cli import main\n"
+        f"rc = main(['config', {str(model)!r}])\n"
+        "import export.from_torch, export.verify\n"
+        "print('RC', rc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text, rc = done.stdout.rsplit("RC", 1)
+    assert rc.strip() == "0"
+    config = text_format.Parse(text, mc.ModelConfig())
+    assert len(config.sequence_batching.state) == 2
