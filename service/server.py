@@ -24,11 +24,14 @@ from service.errors import ConfigError
 from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
 from service.protocol.session import Limits, SessionLayer
 from service.servicer import LstmServeServicer, add_to_server
+from service.triton import grpc_front as triton_grpc
+from service.triton.core import TritonCore
+from service.triton.http_front import HttpFront
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, triton_grpc.SERVICE.full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -43,6 +46,9 @@ class LstmServer:
         self.grpc = server
         self.engine = engine
         self.layer = layer
+        # The Open Inference Protocol (KServe v2 + Triton's extensions): one core, two fronts.
+        self.triton = TritonCore(layer, config)
+        self.http = HttpFront(self.triton) if config.http_port >= 0 else None
         self.health = health.aio.HealthServicer()
         self.metrics_port: int | None = None
         self.http_port: int | None = None  # the Open Inference Protocol's HTTP/REST front
@@ -57,6 +63,8 @@ class LstmServer:
         """Listen (health NOT_SERVING), then load and warm the models in the background."""
         await self._set_health(False)
         await self.grpc.start()
+        if self.http is not None:
+            self.http_port = await self.http.start(self.config.host, self.config.http_port)
         if self.config.metrics_port >= 0:
             self._metrics_server, self.metrics_port = metrics.start_metrics_server(
                 self.config.metrics_port, self.config.host
@@ -162,6 +170,8 @@ class LstmServer:
         self.layer.begin_drain()
         drained = await self.engine.wait_idle(grace)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self.http is not None:
+            await self.http.stop()
         await self.engine.continuity.close()
         self._close()
         log.info("stopped", extra={"fields": {"drained": drained}})
@@ -232,8 +242,9 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app = LstmServer(config, server, engine, layer)
     add_to_server(LstmServeServicer(layer, config), server)  # malformed bytes: INVALID_ARGUMENT
+    triton_grpc.add_to_server(triton_grpc.TritonGrpcFront(app.triton), server)  # KServe v2
     add_health(app.health, server)  # health and reflection also parse leniently
-    add_reflection((SERVICE_NAME, HEALTH.full_name, REFLECTION.full_name), server)
+    add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
     address = f"{config.host}:{config.grpc_port}"
     try:
         port = server.add_insecure_port(address)

@@ -63,7 +63,7 @@ def _int64_as_numbers(message: Message, doc: dict[str, Any]) -> dict[str, Any]:
                 if value_field.type == FieldDescriptor.TYPE_MESSAGE:
                     doc[key] = {k: _int64_as_numbers(value[k], doc[key][k]) for k in doc[key]}
                 continue
-            if field.label == FieldDescriptor.LABEL_REPEATED:
+            if field.is_repeated:
                 doc[key] = [_int64_as_numbers(m, d) for m, d in zip(value, doc[key], strict=True)]
             else:
                 doc[key] = _int64_as_numbers(value, doc[key])

@@ -1,0 +1,401 @@
+"""The KServe v2 HTTP/REST front driven by the stock tritonclient.http and by plain urllib."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from service.errors import ConfigError
+from service.server import create_server
+from tests.integration.conftest import ServerThread, make_config, metric, scrape
+
+TOKENS = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], dtype=np.int64)
+CHUNKS = (3, 1, 4, 3)  # TOKENS in four requests
+
+
+@pytest.fixture(scope="module")
+def http_server(tiny_repo: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(make_config(tiny_repo, session_idle_timeout_s=30.0)).start()
+    yield srv
+    srv.stop()
+
+
+def url_of(srv: ServerThread) -> str:
+    assert srv.app is not None and srv.app.http_port
+    return f"127.0.0.1:{srv.app.http_port}"
+
+
+@pytest.fixture(scope="module")
+def client(http_server: ServerThread) -> Iterator[httpclient.InferenceServerClient]:
+    c = httpclient.InferenceServerClient(url_of(http_server))
+    yield c
+    c.close()
+
+
+def call(
+    srv: ServerThread, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """A plain urllib request -> (status, headers, body), errors included."""
+    request = urllib.request.Request(f"http://{url_of(srv)}{path}", data=body,
+                                     headers=headers or {})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def error_of(body: bytes) -> str:
+    doc = json.loads(body)
+    assert set(doc) == {"error"}
+    return str(doc["error"])
+
+
+def native_classify(srv: ServerThread, model: str, tokens: np.ndarray) -> pb.SequenceResult:
+    with grpc.insecure_channel(srv.address) as channel:
+        reply = pb_grpc.LstmServeStub(channel).Classify(
+            pb.ClassifyRequest(model=model, version=1, sequences=[
+                pb.SequenceInput(tokens=pb.TokenIds(ids=tokens.tolist()))
+            ], step_probabilities=True),
+            timeout=30,
+        )  # fmt: skip
+    return reply.results[0]
+
+
+def tokens_input(values: np.ndarray, binary: bool) -> httpclient.InferInput:
+    tensor = httpclient.InferInput("tokens", [1, len(values)], "INT64")
+    tensor.set_data_from_numpy(values[None], binary_data=binary)
+    return tensor
+
+
+def run_sequence(
+    client: httpclient.InferenceServerClient, seq_id: int | str, binary: bool
+) -> list[httpclient.InferResult]:
+    results, start = [], 0
+    for i, size in enumerate(CHUNKS):
+        part = TOKENS[start : start + size]
+        start += size
+        outputs = [httpclient.InferRequestedOutput("probs", binary_data=binary)]
+        results.append(client.infer(
+            "tiny-lstm", [tokens_input(part, binary)], model_version="1", outputs=outputs,
+            sequence_id=seq_id, sequence_start=i == 0, sequence_end=i == len(CHUNKS) - 1,
+        ))  # fmt: skip
+    return results
+
+
+# -- health and metadata ------------------------------------------------------------------------
+
+
+def test_health_live_and_ready_by_tritonclient_and_urllib(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny-lstm") and client.is_model_ready("tiny-lstm", "2")
+    assert not client.is_model_ready("no-such-model")
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/tiny-gru/ready"):
+        assert call(http_server, path)[0] == 200, path
+    status, _, body = call(http_server, "/v2/models/no-such-model/ready")
+    assert status == 404 and "no-such-model" in error_of(body)
+
+
+def test_server_metadata_names_the_extensions(client: httpclient.InferenceServerClient) -> None:
+    meta = client.get_server_metadata()
+    assert meta["name"] == "lstm-serve" and meta["version"]
+    assert {"sequence", "classification", "binary_tensor_data", "model_repository",
+            "statistics", "model_configuration"} <= set(meta["extensions"])  # fmt: skip
+
+
+def test_model_metadata_describes_the_contract_tensors(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    meta = client.get_model_metadata("tiny-lstm")
+    assert meta["name"] == "tiny-lstm" and meta["versions"] == ["1", "2"]
+    inputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]}
+    assert inputs["tokens"] == ("INT64", [-1, -1])
+    outputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]}
+    assert outputs == {"probs": ("FP32", [-1, 3]), "step_probs": ("FP32", [-1, -1, 3])}
+    frames = client.get_model_metadata("tiny-rnn-frames", "1")
+    assert frames["versions"] == ["1"]
+    assert frames["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, -1, 5]}]
+
+
+def test_config_json_has_sequence_batching_with_the_idle_timeout(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    config = client.get_model_config("tiny-lstm")
+    assert config["name"] == "tiny-lstm" and config["max_batch_size"] > 0
+    assert config["input"][0]["name"] == "tokens"
+    assert config["input"][0]["data_type"] == "TYPE_INT64" and config["input"][0]["dims"] == [-1]
+    assert [o["name"] for o in config["output"]] == ["probs", "step_probs"]
+    # 64-bit integers are JSON numbers, as Triton writes them (protobuf's JSON would quote them)
+    assert config["sequence_batching"]["max_sequence_idle_microseconds"] == 30_000_000
+    assert json.loads(config["parameters"]["labels"]["string_value"]) == [
+        "class0", "class1", "class2"
+    ]  # fmt: skip
+    status, headers, body = call(http_server, "/v2/models/tiny-lstm/versions/2/config")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body)["name"] == "tiny-lstm"
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("binary", "seq_id"), [(False, 101), (True, "http-binary-seq")])
+def test_a_sequence_over_several_requests_equals_native_classify(
+    http_server: ServerThread, client: httpclient.InferenceServerClient, binary: bool,
+    seq_id: int | str,
+) -> None:  # fmt: skip
+    results = run_sequence(client, seq_id, binary)
+    whole = native_classify(http_server, "tiny-lstm", TOKENS)
+    final = results[-1].as_numpy("probs")
+    assert final.shape == (1, 3) and final.dtype == np.float32
+    np.testing.assert_allclose(final[0], whole.probabilities, rtol=1e-5, atol=1e-6)
+    # every request's answer is the classification so far (the native per-step probabilities)
+    ends = np.cumsum(CHUNKS) - 1
+    for result, end in zip(results, ends, strict=True):
+        np.testing.assert_allclose(
+            result.as_numpy("probs")[0], whole.steps[end].values, rtol=1e-5, atol=1e-6
+        )
+    response = results[-1].get_response()
+    assert response["model_name"] == "tiny-lstm" and response["model_version"] == "1"
+    if binary:
+        assert "data" not in response["outputs"][0]
+    else:
+        assert "data" in response["outputs"][0]
+
+
+def test_sequence_ended_is_gone_and_unknown_sequence_is_named(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    run_sequence(client, 202, binary=True)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("tiny-lstm", [tokens_input(TOKENS[:2], True)], sequence_id=202)
+    assert info.value.status() == "400" and "202" in info.value.message()
+    assert "sequence_start" in info.value.message()
+
+
+def test_whole_batch_without_sequence_id_and_every_output(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    batch = np.stack([TOKENS, TOKENS[::-1].copy()])
+    tensor = httpclient.InferInput("tokens", list(batch.shape), "INT64")
+    tensor.set_data_from_numpy(batch)
+    result = client.infer("tiny-lstm", [tensor], model_version="1")  # no outputs named: all
+    probs, steps = result.as_numpy("probs"), result.as_numpy("step_probs")
+    assert probs.shape == (2, 3) and steps.shape == (2, len(TOKENS), 3)
+    for row, tokens in zip(probs, batch, strict=True):
+        whole = native_classify(http_server, "tiny-lstm", tokens)
+        np.testing.assert_allclose(row, whole.probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_classification_extension_answers_score_index_label(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    outputs = [httpclient.InferRequestedOutput("probs", class_count=2)]
+    result = client.infer("tiny-lstm", [tokens_input(TOKENS, False)], model_version="1",
+                          outputs=outputs)  # fmt: skip
+    top = result.as_numpy("probs")
+    assert top.shape == (1, 2)
+    whole = np.asarray(native_classify(http_server, "tiny-lstm", TOKENS).probabilities)
+    order = np.argsort(-whole)[:2]
+    for item, index in zip(top[0], order, strict=True):
+        score, idx, label = item.decode().split(":")
+        assert int(idx) == index and label == f"class{index}"
+        assert float(score) == pytest.approx(whole[index], abs=1e-5)
+
+
+def raw_infer(
+    srv: ServerThread, header: dict[str, Any], binary: bytes = b"", model: str = "tiny-lstm"
+) -> tuple[int, bytes]:
+    head = json.dumps(header).encode()
+    headers = {"Content-Type": "application/octet-stream"}
+    if binary:
+        headers["Inference-Header-Content-Length"] = str(len(head))
+    status, _, body = call(srv, f"/v2/models/{model}/infer", head + binary, headers)
+    return status, body
+
+
+def test_a_raw_binary_request_gets_binary_outputs(http_server: ServerThread) -> None:
+    tokens = TOKENS[:4]
+    header = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 4],
+                          "parameters": {"binary_data_size": tokens.nbytes}}],
+              "parameters": {"binary_data_output": True}}  # fmt: skip
+    request = urllib.request.Request(
+        f"http://{url_of(http_server)}/v2/models/tiny-lstm/versions/1/infer",
+        data=json.dumps(header).encode() + tokens.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(json.dumps(header)))},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        length = int(response.headers["Inference-Header-Content-Length"])
+        body = response.read()
+    doc = json.loads(body[:length])
+    (probs_meta, steps_meta) = doc["outputs"]
+    assert probs_meta["parameters"]["binary_data_size"] == 12
+    probs = np.frombuffer(body[length : length + 12], dtype="<f4")
+    whole = native_classify(http_server, "tiny-lstm", tokens)
+    np.testing.assert_allclose(probs, whole.probabilities, rtol=1e-5, atol=1e-6)
+    assert len(body) == length + 12 + steps_meta["parameters"]["binary_data_size"]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "binary", "needle"),
+    [
+        ({"name": "tokens", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}, b"",
+         "datatype"),
+        ({"name": "tokens", "datatype": "INT64", "shape": [2], "data": [1, 2]}, b"", "shape"),
+        ({"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [1, 2, 3]}, b"",
+         "3 values"),
+        ({"name": "tokens", "datatype": "INT64", "shape": [1, 2],
+          "parameters": {"binary_data_size": 12}}, struct.pack("<3i", 1, 2, 3), "12 bytes"),
+        ({"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [1.5, 2]}, b"",
+         "cannot take"),
+    ],
+    ids=["dtype", "shape", "count", "byte-size", "fraction"],
+)  # fmt: skip
+def test_wrong_dtype_shape_or_byte_size_is_400_naming_the_tensor(
+    http_server: ServerThread, tensor: dict[str, Any], binary: bytes, needle: str
+) -> None:
+    status, body = raw_infer(http_server, {"inputs": [tensor]}, binary)
+    message = error_of(body)
+    assert status == 400, message
+    assert "'tokens'" in message and needle in message
+
+
+def test_wrong_dtype_through_tritonclient_is_400(client: httpclient.InferenceServerClient) -> None:
+    tensor = httpclient.InferInput("tokens", [1, 3], "INT32")
+    tensor.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.int32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("tiny-lstm", [tensor])
+    assert info.value.status() == "400" and "tokens" in info.value.message()
+    assert "INT64" in info.value.message()
+
+
+def test_unknown_model_is_404(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    for call_it in (
+        lambda: client.get_model_metadata("no-such-model"),
+        lambda: client.get_model_config("no-such-model"),
+        lambda: client.infer("no-such-model", [tokens_input(TOKENS[:2], True)]),
+    ):
+        with pytest.raises(InferenceServerException) as info:
+            call_it()
+        assert info.value.status() == "404" and "no-such-model" in info.value.message()
+    status, _ = raw_infer(http_server, {"inputs": []}, model="no-such-model")
+    assert status in (400, 404)
+    assert call(http_server, "/v2/nowhere")[0] == 404
+
+
+def test_malformed_json_body_is_400_with_a_short_message(http_server: ServerThread) -> None:
+    for body in (b"{not json", b"[1, 2]", b'{"inputs": 5}', b"\xff\xfe", b"[" * 100_000):
+        status, _, reply = call(http_server, "/v2/models/tiny-lstm/infer", body)
+        message = error_of(reply)
+        assert status == 400, message
+        assert len(message) < 200, message
+
+
+def test_a_body_past_the_limit_is_413(http_server: ServerThread) -> None:
+    from service.triton.http_front import MAX_BODY_BYTES
+
+    status, _, reply = call(http_server, "/v2/models/tiny-lstm/infer", b" " * (MAX_BODY_BYTES + 1))
+    assert status == 413 and str(MAX_BODY_BYTES) in error_of(reply)
+    assert call(http_server, "/v2/health/ready")[0] == 200  # the server goes on
+
+
+def test_statistics_count_inferences_and_metrics_count_the_protocol(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    before = client.get_inference_statistics("tiny-gru", "1")["model_stats"][0]
+    scraped = scrape(http_server.metrics_url)
+    tensor = httpclient.InferInput("tokens", [1, 3], "INT64")
+    tensor.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.int64))
+    client.infer("tiny-gru", [tensor])
+    after = client.get_inference_statistics("tiny-gru", "1")["model_stats"][0]
+    assert after["inference_count"] == before["inference_count"] + 1
+    assert after["inference_stats"]["success"]["count"] == (
+        before["inference_stats"]["success"]["count"] + 1
+    )
+    labels = {"rpc": "ModelInfer", "model": "tiny-gru", "code": "OK", "protocol": "kserve-http"}
+    name = "lstm_serve_requests_total"
+    assert (
+        metric(scrape(http_server.metrics_url), name, **labels)
+        == metric(scraped, name, **labels) + 1
+    )
+
+
+# -- the repository -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explicit_server(tiny_repo: Path) -> Iterator[ServerThread]:
+    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-gru",))
+    srv = ServerThread(config).start()
+    yield srv
+    srv.stop()
+
+
+def test_repository_index_load_and_unload(explicit_server: ServerThread) -> None:
+    client = httpclient.InferenceServerClient(url_of(explicit_server))
+    try:
+        assert not client.is_model_ready("tiny-rnn-frames")
+        client.load_model("tiny-rnn-frames")
+        assert client.is_model_ready("tiny-rnn-frames")
+        index = {(r["name"], r.get("version")): r.get("state")
+                 for r in client.get_model_repository_index()}  # fmt: skip
+        assert index[("tiny-rnn-frames", "1")] == "READY" and index[("tiny-gru", "1")] == "READY"
+        client.unload_model("tiny-rnn-frames")
+        assert not client.is_model_ready("tiny-rnn-frames")
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("no-such-model")
+        assert info.value.status() == "404" and "no-such-model" in info.value.message()
+    finally:
+        client.close()
+    status, _, body = call(explicit_server, "/v2/repository/index", b'{"ready": true}')
+    assert status == 200 and {r["name"] for r in json.loads(body)} == {"tiny-gru"}
+
+
+def test_load_on_a_server_without_explicit_control_is_refused(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("tiny-gru")
+    assert info.value.status() == "400" and "explicit" in info.value.message()
+
+
+# -- start-up -----------------------------------------------------------------------------------
+
+
+def test_a_busy_http_port_fails_the_start_naming_it(tiny_repo: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        srv = ServerThread(make_config(tiny_repo, http_port=busy))
+        srv.thread.start()
+
+        async def start() -> None:
+            app, _ = create_server(srv.config)
+            try:
+                await app.start()
+            finally:
+                await app.grpc.stop(None)
+                app.engine.close()
+
+        with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{busy} \(--http-port\)"):
+            srv.call(start())
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(10)
