@@ -117,7 +117,7 @@ class SequenceBatcher:
         self.policy = policy
         self._executor = lanes.executor
         self._inflight = lanes.inflight
-        self._queue = PendingChunks(policy, lanes.inflight)
+        self._queue = PendingChunks(policy, lanes.inflight, runtime.equal_lengths)
         self._running = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None

@@ -1,6 +1,7 @@
 """The chunks waiting for a batch of one model version, in buckets by length.
 
-Chunks are queued in buckets by length (1, 2, 3-4, 5-8, ... steps). A batch takes the bucket of
+Chunks are queued in buckets by length (1, 2, 3-4, 5-8, ... steps; one bucket per exact length,
+and no filling with shorter chunks, for a model that takes no lengths). A batch takes the bucket of
 the oldest pending chunk and fills any room left with shorter chunks (never longer ones, which
 would raise Tmax and pad every row), up to max_batch_size chunks and max_batch_row_steps
 B x Tmax steps. A chunk whose waiter is gone or whose session was closed is answered (or
@@ -55,8 +56,12 @@ def bucket_of(steps: int) -> int:
 class PendingChunks:
     """The queue of one batcher: add, take the next batch, fail all."""
 
-    def __init__(self, policy: BatchPolicy, inflight: InflightCounter) -> None:
+    def __init__(self, policy: BatchPolicy, inflight: InflightCounter,
+                 equal_lengths: bool = False) -> None:  # fmt: skip
         self.policy = policy
+        # A model without a lengths input: one bucket per exact length, a batch from one bucket
+        # (padding a shorter chunk would run it into the model's state).
+        self.equal_lengths = equal_lengths
         self._inflight = inflight
         self._buckets: dict[int, deque[Pending]] = {}
         self._count = 0
@@ -65,7 +70,8 @@ class PendingChunks:
         return self._count
 
     def add(self, item: Pending) -> None:
-        self._buckets.setdefault(bucket_of(item.steps), deque()).append(item)
+        key = item.steps if self.equal_lengths else bucket_of(item.steps)
+        self._buckets.setdefault(key, deque()).append(item)
         self._count += 1
 
     def oldest(self) -> float:
@@ -77,7 +83,9 @@ class PendingChunks:
         always goes, however long)."""
         live = {k: q for k, q in self._buckets.items() if q}
         primary = min(live, key=lambda k: live[k][0].enqueued)
-        order = [primary, *sorted((k for k in live if k < primary), reverse=True)]
+        order = [primary]
+        if not self.equal_lengths:
+            order += sorted((k for k in live if k < primary), reverse=True)
         batch: list[Pending] = []
         seen: set[int] = set()
         longest = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from service import metrics
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import SessionStore
+from service.engine.tritonconfig import CONFIG_FILE
 from service.engine.types import ModelState, VersionStatus
 from service.engine.worker import ModelWorker, WorkerFactory
 from service.errors import ConfigError, ModelLoadFailed, ModelNotFound, VersionRetired
@@ -48,9 +49,17 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
-def _fingerprint(path: Path) -> tuple[int, int]:
+def _fingerprint(path: Path) -> tuple[int, ...]:
+    """The model file's mtime and size, and those of the files beside a config.pbtxt (the
+    config and its label files), so a fixed config is tried again."""
     stat = path.stat()
-    return stat.st_mtime_ns, stat.st_size
+    marks = [stat.st_mtime_ns, stat.st_size]
+    model_dir = path.parent.parent
+    if (model_dir / CONFIG_FILE).is_file():
+        for item in sorted(p for p in model_dir.iterdir() if p.is_file()):
+            item_stat = item.stat()
+            marks += [item_stat.st_mtime_ns, item_stat.st_size]
+    return tuple(marks)
 
 
 @dataclass
@@ -75,7 +84,7 @@ class ModelControl:
         self.store = store
         self.mode = mode
         self._lock = asyncio.Lock()
-        self._attempts: dict[tuple[str, int], tuple[int, int]] = {}  # failed file fingerprints
+        self._attempts: dict[tuple[str, int], tuple[int, ...]] = {}  # failed file fingerprints
         self._listeners: list[Callable[[], None]] = []
 
     def subscribe(self, listener: Callable[[], None]) -> None:

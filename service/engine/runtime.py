@@ -69,8 +69,25 @@ SHRINK = ort.RunOptions()
 SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
+def open_session(path: Path, providers: tuple[str, ...], intra_op_threads: int = 0,
+                 inter_op_threads: int = 0) -> ort.InferenceSession:  # fmt: skip
+    """The onnxruntime session of one model file, with the server's thread settings."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = inter_op_threads
+    # Idle intra-op workers sleep instead of spinning: the server shares its cores with the
+    # gRPC event loop, and spinning workers burned ~1.5 cores for one idle-ish session.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+
 class ModelRuntime:
     """An onnxruntime session for one model version, plus the provider it actually runs on."""
+
+    # Whether a batch must hold chunks of one length only (a model without a lengths input,
+    # whose state padding would corrupt): the batcher groups by exact length then.
+    equal_lengths = False
 
     def __init__(
         self,
@@ -79,14 +96,7 @@ class ModelRuntime:
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
     ) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = inter_op_threads
-        # Idle intra-op workers sleep instead of spinning: the server shares its cores with the
-        # gRPC event loop, and spinning workers burned ~1.5 cores for one idle-ish session.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        self.session = open_session(path, providers, intra_op_threads, inter_op_threads)
         metadata = self.session.get_modelmeta().custom_metadata_map
         try:
             self.description = ModelDescription.from_metadata(metadata)

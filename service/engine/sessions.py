@@ -236,12 +236,18 @@ class SessionStore:
             for session in self.evict_idle():
                 log.info("session expired", extra={"fields": {"model": session.model.key}})
 
+    def _timeout(self, session: Session) -> float:
+        """The model's own idle timeout (config.pbtxt's max_sequence_idle_microseconds), else
+        the server's."""
+        own = session.model.idle_timeout_s
+        return self.idle_timeout_s if own is None else own
+
     def _is_idle(self, session: Session, now: float) -> bool:
-        return not session.lock.locked() and now - session.last_used > self.idle_timeout_s
+        return not session.lock.locked() and now - session.last_used > self._timeout(session)
 
     def _expire(self, session: Session) -> None:
         reason = SessionExpired(
-            f"session {session.id} expired after {self.idle_timeout_s:g} s idle"
+            f"session {session.id} expired after {self._timeout(session):g} s idle"
         )
         if self._remove(session, reason):
             metrics.SESSION_EVENTS.labels(session.model.name, "expired").inc()

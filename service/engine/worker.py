@@ -11,17 +11,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from lstmserve.contract import ModelDescription
 from service import metrics
 from service.engine.batcher import ComputeLanes, SequenceBatcher
 from service.engine.classify import ClassifyLane
-from service.engine.runtime import ModelRuntime
+from service.engine.generic import GenericRuntime
+from service.engine.runtime import CPU, CUDA, ModelRuntime
 from service.engine.sessions import Session
 from service.engine.state import HostStateSlab, StateStore
+from service.engine.tritonconfig import CONFIG_FILE, TritonModel, load_triton_config
 from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
 from service.errors import ConfigError, Unavailable
 
@@ -43,6 +48,13 @@ class ModelWorker:
         self.lifecycle = ModelState.READY
         self.batcher = SequenceBatcher(name, runtime, state, policy, lanes)
         self._classify = classify
+        # The parsed config.pbtxt of a user's own model (None for ours): the Triton front
+        # answers ModelConfig from it.
+        self.triton_config: Any = None
+        self.idle_timeout_s: float | None = None  # the model's own, else the server's
+        if isinstance(runtime, GenericRuntime):
+            self.triton_config = runtime.triton.config
+            self.idle_timeout_s = runtime.triton.idle_timeout_s
         self.on_drained: Callable[[ModelWorker], None] | None = None
         self._version_label = str(version)
         self._update_gauges()
@@ -134,9 +146,18 @@ class WorkerFactory:
         name, version = path.parent.parent.name, int(path.parent.name)
         started = time.perf_counter()
         opts = self.options
+        triton = None
+        if (path.parent.parent / CONFIG_FILE).is_file():
+            triton = load_triton_config(path.parent.parent)
         try:
-            runtime = ModelRuntime(path, opts.providers, opts.intra_op_threads,
-                                   opts.inter_op_threads)  # fmt: skip
+            runtime: ModelRuntime
+            if triton is None:
+                runtime = ModelRuntime(path, opts.providers, opts.intra_op_threads,
+                                       opts.inter_op_threads)  # fmt: skip
+            else:
+                providers = triton_providers(triton, opts.providers)
+                runtime = GenericRuntime(path, triton, providers, opts.intra_op_threads,
+                                         opts.inter_op_threads)  # fmt: skip
             runtime.debug_delay_s = opts.debug_compute_delay_s
             runtime.warm_up()
         except ConfigError:
@@ -153,5 +174,33 @@ class WorkerFactory:
         state = HostStateSlab(desc.state_rows, desc.hidden_size, self.initial_capacity,
                               self.max_sessions)  # fmt: skip
         seconds = time.perf_counter() - started
-        return ModelWorker(name, version, runtime, path, seconds, state, self.policy, self.lanes,
+        policy = triton_policy(triton, self.policy) if triton else self.policy
+        return ModelWorker(name, version, runtime, path, seconds, state, policy, self.lanes,
                            self.classify)  # fmt: skip
+
+
+def triton_providers(triton: TritonModel, server: tuple[str, ...]) -> tuple[str, ...]:
+    """instance_group kind: KIND_CPU -> CPU, KIND_GPU -> CUDA (refused where there is none),
+    KIND_AUTO (or none given) -> the server's --providers."""
+    if triton.instance_kind == "KIND_CPU":
+        return (CPU,)
+    if triton.instance_kind == "KIND_GPU":
+        if CUDA not in ort.get_available_providers():
+            raise ConfigError(
+                f"{triton.path}: instance_group kind KIND_GPU: the CUDA execution provider "
+                "is not available here"
+            )
+        return (CUDA, CPU)
+    return server
+
+
+def triton_policy(triton: TritonModel, server: BatchPolicy) -> BatchPolicy:
+    """sequence_batching's max_queue_delay_microseconds and preferred_batch_size, and
+    max_batch_size, over the server's batch policy."""
+    policy = server
+    if triton.queue_delay_s is not None:
+        policy = replace(policy, max_queue_delay_s=triton.queue_delay_s)
+    size = triton.preferred_batch_size or policy.max_batch_size
+    if triton.max_batch_size > 0:
+        size = min(size, triton.max_batch_size)
+    return replace(policy, max_batch_size=size)

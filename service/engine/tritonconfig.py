@@ -1,0 +1,340 @@
+"""A Triton `config.pbtxt` beside a user's own recurrent ONNX model: parse, refuse, read.
+
+`REPO/NAME/config.pbtxt` (Triton's ModelConfig in protobuf text format, parsed into tritonclient's
+generated `model_config_pb2.ModelConfig`) describes `REPO/NAME/VERSION/model.onnx`. Only a subset
+of the message is served (SUPPORTED); every other field that is set is refused by name, so that
+nothing in a config is silently ignored. What the config says is checked against the ONNX graph
+in service/engine/generic.py; this module reads the config alone (and its label file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+CONFIG_FILE = "config.pbtxt"
+
+# The fields served, per message type; any other field set is refused by its path.
+SUPPORTED: dict[str, frozenset[str]] = {
+    "inference.ModelConfig": frozenset(
+        [
+            "name",
+            "platform",
+            "backend",
+            "max_batch_size",
+            "input",
+            "output",
+            "sequence_batching",
+            "instance_group",
+            "parameters",
+        ]
+    ),
+    "inference.ModelConfig.ParametersEntry": frozenset({"key", "value"}),
+    "inference.ModelParameter": frozenset({"string_value"}),
+    "inference.ModelInput": frozenset({"name", "data_type", "dims"}),
+    "inference.ModelOutput": frozenset({"name", "data_type", "dims", "label_filename"}),
+    "inference.ModelSequenceBatching": frozenset(
+        {"direct", "oldest", "max_sequence_idle_microseconds", "control_input", "state"}
+    ),
+    "inference.ModelSequenceBatching.StrategyDirect": frozenset({"max_queue_delay_microseconds"}),
+    "inference.ModelSequenceBatching.StrategyOldest": frozenset(
+        {"max_queue_delay_microseconds", "preferred_batch_size"}
+    ),
+    "inference.ModelSequenceBatching.State": frozenset(
+        {"input_name", "output_name", "data_type", "dims", "initial_state"}
+    ),
+    "inference.ModelSequenceBatching.InitialState": frozenset(
+        {"data_type", "dims", "zero_data", "name"}
+    ),
+    "inference.ModelSequenceBatching.ControlInput": frozenset({"name", "control"}),
+    "inference.ModelSequenceBatching.Control": frozenset(
+        {"kind", "int32_false_true", "fp32_false_true", "bool_false_true", "data_type"}
+    ),
+    "inference.ModelInstanceGroup": frozenset({"name", "kind", "count"}),
+}
+
+# parameters { key: ... } that lstm-serve reads (every other key is refused).
+PARAMETERS = {
+    "output_kind": "logits (softmax applied, the default) or probs",
+    "state_batch_axis": "the batch axis of every state tensor in the ONNX graph",
+    "lengths_input": "the ONNX input that takes each row's valid steps (int64)",
+    "vocab_size": "token ids accepted: 0 .. vocab_size - 1",
+}
+
+DTYPES: dict[str, np.dtype] = {
+    "TYPE_BOOL": np.dtype(np.bool_),
+    "TYPE_INT32": np.dtype(np.int32),
+    "TYPE_INT64": np.dtype(np.int64),
+    "TYPE_FP16": np.dtype(np.float16),
+    "TYPE_FP32": np.dtype(np.float32),
+}
+CONTROL_KINDS = {
+    "CONTROL_SEQUENCE_START": "START",
+    "CONTROL_SEQUENCE_END": "END",
+    "CONTROL_SEQUENCE_READY": "READY",
+}
+
+
+def unsupported_fields(message: Any, prefix: str = "") -> Iterator[str]:
+    """The path of every field set in `message` that SUPPORTED does not list (depth first)."""
+    allowed = SUPPORTED.get(message.DESCRIPTOR.full_name, frozenset())
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.name not in allowed:
+            yield path
+            continue
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            for key in value:
+                item = value[key]
+                if hasattr(item, "ListFields"):
+                    yield from unsupported_fields(item, f"{path}[{key!r}].")
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                yield from unsupported_fields(item, f"{path}[{index}].")
+        else:
+            yield from unsupported_fields(value, f"{path}.")
+
+
+def model_config_pb2() -> Any:
+    """tritonclient's generated model_config_pb2, imported when a config is read (the engine
+    imports no protobuf or grpc module by itself)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return mc
+
+
+def parse_config(text: str, where: str) -> mc.ModelConfig:
+    """config.pbtxt text -> ModelConfig; ConfigError naming the file and the parse error."""
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(text, model_config_pb2().ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{where}: not a Triton ModelConfig: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor: fed as `input_name`, read back from `output_name`."""
+
+    input_name: str
+    output_name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]  # as the config gives them (without the batch axis when batching)
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """A sequence control input (START / END / READY) and its false / true values."""
+
+    name: str
+    kind: str
+    dtype: np.dtype
+    false_true: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]
+    label_filename: str = ""
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """What lstm-serve reads from one config.pbtxt (before checking it against the ONNX file)."""
+
+    config: mc.ModelConfig
+    path: Path  # the config.pbtxt
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    states: tuple[StateSpec, ...]
+    controls: tuple[ControlSpec, ...]
+    parameters: dict[str, str]
+    idle_timeout_s: float | None
+    queue_delay_s: float | None
+    preferred_batch_size: int | None
+    instance_kind: str  # KIND_AUTO, KIND_CPU or KIND_GPU
+
+    @property
+    def output_kind(self) -> str:
+        return self.parameters.get("output_kind", "logits")
+
+    @property
+    def state_inputs(self) -> frozenset[str]:
+        return frozenset(s.input_name for s in self.states)
+
+    def labels(self, output: TensorSpec, classes: int) -> tuple[str, ...]:
+        """The output's labels (label_filename, one per line, beside config.pbtxt), or
+        class_0 .. class_{C-1}; a file with another count of lines than C is refused."""
+        if not output.label_filename:
+            return tuple(f"class_{c}" for c in range(classes))
+        file = self.path.parent / output.label_filename
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.path}: output {output.name!r} label_filename "
+                f"{output.label_filename!r}: cannot read {file}: {exc.strerror}"
+            ) from exc
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if len(lines) != classes:
+            raise ConfigError(
+                f"{file}: label_filename of output {output.name!r} has {len(lines)} lines, "
+                f"the output has {classes} classes"
+            )
+        return tuple(line.strip() for line in lines)
+
+
+def load_triton_config(model_dir: Path) -> TritonModel:
+    """Read `model_dir/config.pbtxt`; ConfigError naming the field for anything not served."""
+    path = model_dir / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    config = parse_config(text, str(path))
+    refused = list(unsupported_fields(config))
+    if refused:
+        raise ConfigError(
+            f"{path}: field {', '.join(refused[:8])} is not supported by lstm-serve "
+            f"(supported: docs/own-model-onnx.md)"
+        )
+    return _read(config, path, model_dir.name)
+
+
+def _read(config: mc.ModelConfig, path: Path, folder: str) -> TritonModel:
+    if config.name and config.name != folder:
+        raise ConfigError(f"{path}: name {config.name!r} is not the folder's name {folder!r}")
+    if config.platform not in ("", "onnxruntime_onnx"):
+        raise ConfigError(f"{path}: platform {config.platform!r} is not onnxruntime_onnx")
+    if config.backend not in ("", "onnxruntime"):
+        raise ConfigError(f"{path}: backend {config.backend!r} is not onnxruntime")
+    if config.max_batch_size < 0:
+        raise ConfigError(f"{path}: max_batch_size {config.max_batch_size} is negative")
+    params = {key: config.parameters[key].string_value for key in config.parameters}
+    for key in params:
+        if key not in PARAMETERS:
+            known = ", ".join(PARAMETERS)
+            raise ConfigError(f"{path}: parameters key {key!r} is not one of {known}")
+    if params.get("output_kind", "logits") not in ("logits", "probs"):
+        raise ConfigError(
+            f"{path}: parameters output_kind {params['output_kind']!r} is not logits or probs"
+        )
+    seq = config.sequence_batching
+    if not config.HasField("sequence_batching") or not seq.state:
+        raise ConfigError(
+            f"{path}: sequence_batching.state is missing: lstm-serve serves recurrent models "
+            "whose state is an input / output pair (sequence_batching { state [...] })"
+        )
+    delay, preferred = _strategy(seq, path)
+    idle = seq.max_sequence_idle_microseconds
+    return TritonModel(
+        config=config, path=path, max_batch_size=config.max_batch_size,
+        inputs=tuple(_tensor(t, path, "input") for t in config.input),
+        outputs=tuple(_tensor(t, path, "output") for t in config.output),
+        states=tuple(_state(s, i, path) for i, s in enumerate(seq.state)),
+        controls=tuple(_control(c, path) for c in seq.control_input),
+        parameters=params, idle_timeout_s=idle / 1e6 if idle else None,
+        queue_delay_s=delay, preferred_batch_size=preferred,
+        instance_kind=_instance_kind(config, path),
+    )  # fmt: skip
+
+
+def _dtype(code: int, path: Path, what: str) -> np.dtype:
+    types = model_config_pb2().DataType
+    name = types.Name(code) if code in types.values() else str(code)
+    if name not in DTYPES:
+        supported = ", ".join(DTYPES)
+        raise ConfigError(f"{path}: {what} data_type {name} is not one of {supported}")
+    return DTYPES[name]
+
+
+def _tensor(t: mc.ModelInput | mc.ModelOutput, path: Path, kind: str) -> TensorSpec:
+    label = getattr(t, "label_filename", "")
+    dims = tuple(int(d) for d in t.dims)
+    return TensorSpec(t.name, _dtype(t.data_type, path, f"{kind} {t.name!r}"), dims, label)
+
+
+def _state(s: mc.ModelSequenceBatching.State, index: int, path: Path) -> StateSpec:
+    what = f"sequence_batching.state[{index}] ({s.input_name!r} -> {s.output_name!r})"
+    if not s.input_name or not s.output_name:
+        raise ConfigError(f"{path}: {what} needs both input_name and output_name")
+    dtype = _dtype(s.data_type, path, what)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ConfigError(f"{path}: {what} data_type must be TYPE_FP32 or TYPE_FP16")
+    dims = tuple(int(d) for d in s.dims)
+    for init in s.initial_state:
+        if init.WhichOneof("state_data") != "zero_data" or not init.zero_data:
+            raise ConfigError(f"{path}: {what} initial_state must be zero_data: true")
+        if init.dims and tuple(init.dims) != dims:
+            raise ConfigError(f"{path}: {what} initial_state dims {list(init.dims)} != dims")
+    return StateSpec(s.input_name, s.output_name, dtype, dims)
+
+
+def _control(c: mc.ModelSequenceBatching.ControlInput, path: Path) -> ControlSpec:
+    what = f"sequence_batching.control_input {c.name!r}"
+    if len(c.control) != 1:
+        raise ConfigError(f"{path}: {what} needs exactly one control")
+    ctl = c.control[0]
+    kind = model_config_pb2().ModelSequenceBatching.Control.Kind.Name(ctl.kind)
+    if kind not in CONTROL_KINDS:
+        raise ConfigError(
+            f"{path}: {what} kind {kind} is not supported (START, END, READY are): the server "
+            "keeps each session's state itself, so a model needs no correlation id"
+        )
+    for field, dtype in (("int32_false_true", np.int32), ("fp32_false_true", np.float32),
+                         ("bool_false_true", np.bool_)):  # fmt: skip
+        values = list(getattr(ctl, field))
+        if values:
+            if len(values) != 2:
+                raise ConfigError(f"{path}: {what} {field} needs two values (false, true)")
+            return ControlSpec(c.name, CONTROL_KINDS[kind], np.dtype(dtype),
+                               (float(values[0]), float(values[1])))  # fmt: skip
+    raise ConfigError(f"{path}: {what} needs int32_false_true, fp32_false_true or bool_false_true")
+
+
+def _strategy(seq: mc.ModelSequenceBatching, path: Path) -> tuple[float | None, int | None]:
+    """(max queue delay in s, preferred batch size) from direct / oldest."""
+    which = seq.WhichOneof("strategy_choice")
+    if which is None:
+        return None, None
+    strategy = getattr(seq, which)
+    micros = strategy.max_queue_delay_microseconds
+    delay = micros / 1e6 if micros else None
+    preferred = None
+    if which == "oldest" and strategy.preferred_batch_size:
+        if min(strategy.preferred_batch_size) < 1:
+            raise ConfigError(f"{path}: sequence_batching.oldest.preferred_batch_size must be >= 1")
+        preferred = max(strategy.preferred_batch_size)
+    return delay, preferred
+
+
+def _instance_kind(config: mc.ModelConfig, path: Path) -> str:
+    kind_name = model_config_pb2().ModelInstanceGroup.Kind.Name
+    kinds = {kind_name(g.kind) for g in config.instance_group}
+    for group in config.instance_group:
+        if group.count > 1:
+            raise ConfigError(
+                f"{path}: instance_group count {group.count}: lstm-serve runs one instance per "
+                "model version (one batcher owns its state store); use count: 1"
+            )
+    if "KIND_MODEL" in kinds:
+        raise ConfigError(f"{path}: instance_group kind KIND_MODEL is not supported")
+    if len(kinds) > 1:
+        raise ConfigError(f"{path}: instance_group kinds {sorted(kinds)}: use one kind")
+    return kinds.pop() if kinds else "KIND_AUTO"

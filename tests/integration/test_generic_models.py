@@ -1,0 +1,330 @@
+"""A user's own recurrent ONNX model with a Triton config.pbtxt, served unchanged.
+
+The models are made here the way a Triton user makes them: a plain `torch.onnx.export` of
+embedding -> 2-layer nn.LSTM -> linear, with a batch-first state input / output pair (Triton's
+sequence_batching.state), or with PyTorch's own (h0, c0) layout (two states, batch on axis 1);
+a config.pbtxt and a label file beside them. No lstm_serve metadata anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lstmserve.client import LstmClient, MultiStream
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from service.engine.generic import GenericRuntime
+from tests.integration.conftest import ServerThread, make_config, wait_for
+
+KEY = "k1:" + base64.b64encode(b"shared-secret-for-all-replicas!!").decode()
+VOCAB, EMBED, HIDDEN, LAYERS = 30, 8, 16, 2
+LABELS = ["red", "green", "blue"]
+
+
+class BatchFirstLstm(nn.Module):
+    """tokens (B, T), state (B, 2 * layers, H): h of every layer, then c -> logits, state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, EMBED)
+        self.lstm = nn.LSTM(EMBED, HIDDEN, num_layers=LAYERS, batch_first=True)
+        self.head = nn.Linear(HIDDEN, len(LABELS))
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h0 = state[:, :LAYERS].transpose(0, 1).contiguous()  # (layers, B, H)
+        c0 = state[:, LAYERS:].transpose(0, 1).contiguous()
+        y, (h, c) = self.lstm(self.embedding(tokens), (h0, c0))
+        return self.head(y), torch.cat([h, c], 0).transpose(0, 1)  # (B, T, C), (B, 2L, H)
+
+
+class TorchLayoutLstm(BatchFirstLstm):
+    """tokens (B, T), h0 and c0 (layers, B, H) as nn.LSTM takes them -> logits, hn, cn."""
+
+    def forward(self, tokens: torch.Tensor, h0: torch.Tensor,  # type: ignore[override]
+                c0: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        y, (h, c) = self.lstm(self.embedding(tokens), (h0, c0))
+        return self.head(y), h, c
+
+
+BATCH_FIRST_CONFIG = """name: "{name}"
+backend: "onnxruntime"
+max_batch_size: 64
+input [ {{ name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] }} ]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, 3 ] label_filename: "labels.txt" }} ]
+sequence_batching {{
+  max_sequence_idle_microseconds: 30000000
+  oldest {{ max_queue_delay_microseconds: 500 preferred_batch_size: [ 8, 16 ] }}
+  state [ {{
+    input_name: "state_in" output_name: "state_out" data_type: TYPE_FP32 dims: [ {rows}, 16 ]
+    initial_state: {{ data_type: TYPE_FP32 dims: [ {rows}, 16 ] zero_data: true name: "zero" }}
+  }} ]
+}}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{extra}"""
+
+TORCH_LAYOUT_CONFIG = """name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 0
+input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] } ]
+output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, -1, 3 ] label_filename: "labels.txt" } ]
+sequence_batching {
+  state [
+    { input_name: "h0" output_name: "hn" data_type: TYPE_FP32 dims: [ 2, -1, 16 ] },
+    { input_name: "c0" output_name: "cn" data_type: TYPE_FP32 dims: [ 2, -1, 16 ] }
+  ]
+}
+"""
+
+
+def export_batch_first(folder: Path, seed: int = 0) -> BatchFirstLstm:
+    torch.manual_seed(seed)
+    model = BatchFirstLstm().eval()
+    (folder / "1").mkdir(parents=True)
+    args = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2 * LAYERS, HIDDEN))
+    torch.onnx.export(
+        model, args, str(folder / "1" / "model.onnx"), input_names=["tokens", "state_in"],
+        output_names=["logits", "state_out"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch", 1: "time"}, "state_in": {0: "batch"},
+                      "logits": {0: "batch", 1: "time"}, "state_out": {0: "batch"}},
+    )  # fmt: skip
+    return model
+
+
+def export_torch_layout(folder: Path, seed: int = 1) -> TorchLayoutLstm:
+    torch.manual_seed(seed)
+    model = TorchLayoutLstm().eval()
+    (folder / "1").mkdir(parents=True)
+    zeros = torch.zeros(LAYERS, 1, HIDDEN)
+    torch.onnx.export(
+        model, (torch.zeros(1, 3, dtype=torch.long), zeros, zeros),
+        str(folder / "1" / "model.onnx"), input_names=["tokens", "h0", "c0"],
+        output_names=["logits", "hn", "cn"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch", 1: "time"}, "h0": {1: "batch"}, "c0": {1: "batch"},
+                      "logits": {0: "batch", 1: "time"}, "hn": {1: "batch"}, "cn": {1: "batch"}},
+    )  # fmt: skip
+    return model
+
+
+def write_model(repo: Path, name: str, kind: str = "batch-first", extra: str = "",
+                rows: int = 2 * LAYERS, labels: list[str] = LABELS) -> nn.Module:  # fmt: skip
+    """A Triton model folder: NAME/config.pbtxt, NAME/labels.txt, NAME/1/model.onnx."""
+    folder = repo / name
+    if kind == "batch-first":
+        model: nn.Module = export_batch_first(folder)
+        config = BATCH_FIRST_CONFIG.format(name=name, rows=rows, extra=extra)
+    else:
+        model = export_torch_layout(folder)
+        config = TORCH_LAYOUT_CONFIG.replace("{name}", name)
+    (folder / "config.pbtxt").write_text(config, encoding="utf-8")
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), "utf-8")
+    return model
+
+
+def torch_step_probs(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
+    """(T, C) softmax probabilities after every step of one sequence from a zero state."""
+    x = torch.from_numpy(tokens[None].astype(np.int64))
+    with torch.no_grad():
+        if isinstance(model, TorchLayoutLstm):
+            zeros = torch.zeros(LAYERS, 1, HIDDEN)
+            logits = model(x, zeros, zeros)[0]
+        else:
+            logits = model(x, torch.zeros(1, 2 * LAYERS, HIDDEN))[0]
+    return torch.softmax(logits, -1)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, nn.Module]]:
+    """Two good models and three a Triton user could get wrong."""
+    repo = tmp_path_factory.mktemp("triton-repo")
+    models = {
+        "chars": write_model(repo, "chars"),
+        "chars-torch": write_model(repo, "chars-torch", kind="torch"),
+    }
+    write_model(repo, "bad-field", extra="version_policy { latest { num_versions: 2 } }\n")
+    write_model(repo, "bad-state", rows=3)
+    write_model(repo, "bad-labels", labels=["red", "green"])
+    return repo, models
+
+
+@pytest.fixture(scope="module")
+def triton_server(triton_repo: tuple[Path, dict[str, nn.Module]]) -> Iterator[ServerThread]:
+    config = make_config(triton_repo[0], model_control="poll", snapshot_key=KEY)
+    srv = ServerThread(config).start()
+    yield srv
+    srv.stop()
+
+
+WORD = np.array([3, 17, 5, 5, 29, 0, 11, 8, 21, 2, 14], dtype=np.int64)
+CHUNKS = [1, 3, 2, 1, 4]  # sums to len(WORD)
+
+
+def _pieces(tokens: np.ndarray, chunks: list[int]) -> list[list[int]]:
+    bounds = np.cumsum([0, *chunks])
+    return [tokens[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+
+
+def _steps(result: pb.ChunkResult) -> np.ndarray:
+    assert not result.HasField("error"), result.error
+    return np.array([list(p.values) for p in result.step_probabilities])
+
+
+def test_list_models_shows_the_label_file_and_the_state_layout(triton_server: ServerThread) -> None:
+    async def scenario() -> dict[str, pb.ModelInfo]:
+        async with LstmClient(triton_server.address) as client:
+            return {m.name: m for m in await client.list_models()}
+
+    models = asyncio.run(scenario())
+    assert list(models["chars"].labels) == LABELS and list(models["chars-torch"].labels) == LABELS
+    chars = models["chars"]
+    assert chars.input_kind == "tokens" and chars.vocab_size == VOCAB and chars.streamable
+    assert (chars.state_rows, chars.hidden_size) == (2 * LAYERS, HIDDEN)
+    torch_layout = models["chars-torch"]
+    assert list(torch_layout.state_row_names) == ["h0[0]", "h0[1]", "c0[0]", "c0[1]"]
+
+
+@pytest.mark.parametrize("name", ["chars", "chars-torch"])
+def test_streaming_chunk_by_chunk_equals_pytorch_with_the_state_carried(
+    triton_server: ServerThread, triton_repo: tuple[Path, dict[str, nn.Module]], name: str
+) -> None:
+    async def scenario() -> np.ndarray:
+        async with LstmClient(triton_server.address) as client:
+            session = await client.open_session(name, every_step=True)
+            got = [_steps(await session.step(piece)) for piece in _pieces(WORD, CHUNKS)]
+            await session.end()
+            return np.concatenate(got)
+
+    expected = torch_step_probs(triton_repo[1][name], WORD)
+    np.testing.assert_allclose(asyncio.run(scenario()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["chars", "chars-torch"])
+def test_snapshot_restore_and_resume_continue_exactly(
+    triton_server: ServerThread, triton_repo: tuple[Path, dict[str, nn.Module]], name: str
+) -> None:
+    async def scenario() -> np.ndarray:
+        async with LstmClient(triton_server.address) as client:
+            first = await client.open_session(name, every_step=True)
+            got = [_steps(await first.step(WORD[:4].tolist()))]
+            snap = await first.snapshot()
+            await first.end()
+            second = await client.restore_session(snap.data, every_step=True)
+            got.append(_steps(await second.step(WORD[4:7].tolist())))
+            await second.close()  # the stream breaks; the session stays
+            third = await client.resume_session(second.session_id)
+            assert third.opened.last_applied_seq == 2 and third.opened.total_steps == 7
+            got.append(_steps(await third.step(WORD[7:].tolist())))
+            await third.end()
+            return np.concatenate(got)
+
+    expected = torch_step_probs(triton_repo[1][name], WORD)
+    np.testing.assert_allclose(asyncio.run(scenario()), expected, atol=1e-5)
+
+
+def test_stream_multi_batches_sessions_of_both_layouts_and_lengths_exactly(
+    triton_server: ServerThread, triton_repo: tuple[Path, dict[str, nn.Module]]
+) -> None:
+    rng = np.random.default_rng(3)
+    names = ["chars", "chars-torch"] * 3
+    words = [rng.integers(0, VOCAB, size=9) for _ in names]
+    splits = [[1, 8], [4, 5], [2, 2, 5], [9], [3, 6], [5, 4]]
+
+    async def scenario() -> list[np.ndarray]:
+        async with LstmClient(triton_server.address) as client:
+            multi = client.multi_stream()
+            opened = await multi.exchange([MultiStream.open(n, every_step=True) for n in names])
+            ids = [r.session_id for r in opened]
+            got: list[list[np.ndarray]] = [[] for _ in ids]
+            pieces = [_pieces(w, s) for w, s in zip(words, splits, strict=True)]
+            for round_ in range(3):
+                entries, who = [], []
+                for i, sid in enumerate(ids):
+                    if round_ < len(pieces[i]):
+                        entries.append(MultiStream.chunk(sid, round_ + 1, pieces[i][round_]))
+                        who.append(i)
+                for i, result in zip(who, await multi.exchange(entries), strict=True):
+                    got[i].append(_steps(result.chunk))
+            await multi.exchange([MultiStream.end(sid) for sid in ids])
+            await multi.close()
+            return [np.concatenate(g) for g in got]
+
+    for name, word, probs in zip(names, words, asyncio.run(scenario()), strict=True):
+        np.testing.assert_allclose(probs, torch_step_probs(triton_repo[1][name], word), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["chars", "chars-torch"])
+def test_classify_of_mixed_lengths_equals_pytorch(
+    triton_server: ServerThread, triton_repo: tuple[Path, dict[str, nn.Module]], name: str
+) -> None:
+    words = [WORD, WORD[:3], WORD[2:9]]
+
+    async def scenario() -> pb.ClassifyResponse:
+        async with LstmClient(triton_server.address) as client:
+            return await client.classify(name, [w.tolist() for w in words])
+
+    reply = asyncio.run(scenario())
+    for word, result in zip(words, reply.results, strict=True):
+        expected = torch_step_probs(triton_repo[1][name], word)[-1]
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+
+
+def test_config_settings_reach_the_loaded_model(triton_server: ServerThread) -> None:
+    assert triton_server.app is not None
+    worker = triton_server.app.engine.registry.find("chars", 0)
+    assert isinstance(worker.runtime, GenericRuntime)
+    assert worker.triton_config is not None and worker.triton_config.name == "chars"
+    assert worker.idle_timeout_s == 30.0  # max_sequence_idle_microseconds
+    assert worker.batcher.policy.max_queue_delay_s == 0.0005
+    assert worker.batcher.policy.max_batch_size == 16  # the largest preferred_batch_size
+    assert worker.runtime.providers == ("CPUExecutionProvider",)  # KIND_CPU
+    assert worker.runtime.equal_lengths  # no lengths input: batches of one length
+
+
+async def _index(address: str) -> dict[str, pb.RepositoryModel]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await pb_grpc.LstmServeStub(channel).RepositoryIndex(pb.RepositoryIndexRequest())
+        return {m.name: m for m in reply.models}
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("bad-field", "field version_policy is not supported"),
+        ("bad-state", "sequence_batching.state 'state_in' is [?, 3, 16] in config.pbtxt but "
+                      "[?, 4, 16] in the ONNX file"),
+        ("bad-labels", "labels.txt: label_filename of output 'logits' has 2 lines, the output "
+                       "has 3 classes"),
+    ],
+)  # fmt: skip
+def test_a_config_the_model_does_not_fit_is_refused_naming_what(
+    triton_server: ServerThread, name: str, says: str
+) -> None:
+    row = asyncio.run(_index(triton_server.address))[name]
+    assert row.state == pb.MODEL_STATE_UNAVAILABLE
+    assert says in row.reason, row.reason
+    assert asyncio.run(_index(triton_server.address))["chars"].state == pb.MODEL_STATE_READY
+
+
+def test_a_fixed_config_is_loaded_on_the_next_scan(
+    triton_server: ServerThread, triton_repo: tuple[Path, dict[str, nn.Module]]
+) -> None:
+    repo = triton_repo[0]
+    shutil.copy(repo / "chars" / "labels.txt", repo / "bad-labels" / "labels.txt")
+    assert triton_server.app is not None
+    triton_server.call(triton_server.app.engine.control.scan())
+    wait_for(
+        lambda: (
+            asyncio.run(_index(triton_server.address))["bad-labels"].state == pb.MODEL_STATE_READY
+        ),
+        what="the fixed label file to load",
+    )
