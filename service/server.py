@@ -24,13 +24,14 @@ from service.errors import ConfigError
 from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
 from service.protocol.session import Limits, SessionLayer
 from service.servicer import LstmServeServicer, add_to_server
+from service.triton import grpc_front as triton_grpc
 from service.triton.core import TritonCore
 from service.triton.http_front import HttpFront
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, triton_grpc.SERVICE.full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -241,8 +242,9 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     app = LstmServer(config, server, engine, layer)
     add_to_server(LstmServeServicer(layer, config), server)  # malformed bytes: INVALID_ARGUMENT
+    triton_grpc.add_to_server(triton_grpc.TritonGrpcFront(app.triton), server)  # KServe v2
     add_health(app.health, server)  # health and reflection also parse leniently
-    add_reflection((SERVICE_NAME, HEALTH.full_name, REFLECTION.full_name), server)
+    add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
     address = f"{config.host}:{config.grpc_port}"
     try:
         port = server.add_insecure_port(address)
