@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--version", type=int, default=1)
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     train.set_defaults(func=_train)
-    verify = sub.add_parser("verify", help="check exported models against the v1 contract")
+    verify = sub.add_parser(
+        "verify",
+        help="check served models: streaming == whole sequence, a batch == each row alone "
+        "(and PyTorch parity for our own exports); a folder with a config.pbtxt is a model of "
+        "your own",
+    )
     verify.add_argument("paths", nargs="+", help="models/NAME/VERSION or a model.onnx")
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(func=_verify)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,3 +329,45 @@ def test_a_fixed_config_is_loaded_on_the_next_scan(
         ),
         what="the fixed label file to load",
     )
+
+
+class ForgetfulLstm(BatchFirstLstm):
+    """An export bug: the state input is taken and ignored (every call starts from zeros)."""
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(tokens, state * 0.0)
+
+
+@pytest.mark.parametrize("name", ["chars", "chars-torch"])
+def test_lstm_export_verify_passes_on_a_users_own_export(
+    triton_repo: tuple[Path, dict[str, nn.Module]], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.cli import main
+
+    assert main(["verify", str(triton_repo[0] / name / "1")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "PASS" and report["model"] == f"{name}/1"
+    assert report["max_diff_streaming_vs_whole"] <= 1e-5 and report["cases"] > 20
+
+
+def test_lstm_export_verify_fails_an_export_that_drops_its_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.cli import main
+
+    folder = tmp_path / "forgetful"
+    torch.manual_seed(0)
+    model = ForgetfulLstm().eval()
+    (folder / "1").mkdir(parents=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2 * LAYERS, HIDDEN)),
+        str(folder / "1" / "model.onnx"), input_names=["tokens", "state_in"],
+        output_names=["logits", "state_out"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch", 1: "time"}, "state_in": {0: "batch"},
+                      "logits": {0: "batch", 1: "time"}, "state_out": {0: "batch"}},
+    )  # fmt: skip
+    config = BATCH_FIRST_CONFIG.format(name="forgetful", rows=2 * LAYERS, extra="")
+    (folder / "config.pbtxt").write_text(config.replace(' label_filename: "labels.txt"', ""))
+    assert main(["verify", str(folder / "1")]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "FAIL" and report["max_diff_streaming_vs_whole"] > 1e-3
