@@ -176,17 +176,18 @@ def measure(
     protocol: str, proc: Process, http_port: int, load: Load, timing: tuple[float, float]
 ) -> dict[str, Any]:
     """One protocol's window: requests and steps per second, latency, server CPU."""
-    marks: dict[str, tuple[float, float]] = {}
+    marks: dict[str, tuple[float, float, float]] = {}
+    me = psutil.Process()
 
     async def on_window(edge: str) -> None:
-        marks[edge] = (time.perf_counter(), proc.cpu_seconds())
+        marks[edge] = (time.perf_counter(), proc.cpu_seconds(), sum(me.cpu_times()[:2]))
 
     if protocol == "native":
         work = drive(load, proc.address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
     else:
         work = drive_triton(protocol, proc, http_port, BENCH_MODEL, load, *timing, on_window)
     window = asyncio.run(work)
-    (t0, cpu0), (t1, cpu1) = marks["start"], marks["end"]
+    (t0, cpu0, me0), (t1, cpu1, me1) = marks["start"], marks["end"]
     elapsed = t1 - t0
     lat = np.array(window.latencies or [float("nan")]) * 1000
     requests = window.completed / elapsed
@@ -194,22 +195,24 @@ def measure(
         "protocol": protocol, "sequences": load.sessions, "steps": load.steps,
         "requests_per_s": requests, "steps_per_s": requests * load.steps,
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-        "server_cpu_pct": 100 * (cpu1 - cpu0) / elapsed, "seconds": elapsed,
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+        "client_cpu_pct": 100 * (me1 - me0) / elapsed, "seconds": elapsed,
     }  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     native = next((r["steps_per_s"] for r in rows if r["protocol"] == "native"), 0.0)
     lines = [
-        "| protocol | N | K | steps/s | requests/s | vs native | p50 / p99 ms | server CPU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| protocol | N | K | steps/s | requests/s | vs native | p50 / p99 ms | server CPU | "
+        "client CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = f"{100 * r['steps_per_s'] / native:.0f} %" if native else "-"
         lines.append(
             f"| {r['protocol']} | {r['sequences']} | {r['steps']} | {r['steps_per_s']:,.0f} | "
             f"{r['requests_per_s']:,.0f} | {share} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
-            f"{r['server_cpu_pct']:.0f} % |"
+            f"{r['server_cpu_pct']:.0f} % | {r['client_cpu_pct']:.0f} % |"
         )
     return "\n".join(lines)
 

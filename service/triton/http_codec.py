@@ -23,6 +23,7 @@ from service.triton.types import (
     InferResponse,
     ParamValue,
     RequestedOutput,
+    TritonError,
     invalid,
 )
 
@@ -132,6 +133,9 @@ def parse_input(
         raise invalid(f"{field}: datatype {shown} is not a KServe v2 datatype")
     shape = parse_shape(item.get("shape"), field)
     params = parameters(item.get("parameters"), f"{field} parameters")
+    if "shared_memory_region" in params:
+        raise TritonError("UNIMPLEMENTED", f"{field}: shared memory is not supported by "
+                          "lstm-serve: send the tensor in the body")  # fmt: skip
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in item:

@@ -23,7 +23,7 @@ from service import metrics
 from service.engine.inputs import quoted
 from service.errors import ConfigError, LstmServeError
 from service.triton import http_codec
-from service.triton.types import ModelMetadata, ModelStats, http_status, invalid
+from service.triton.types import ModelMetadata, ModelStats, TritonError, http_status, invalid
 
 if TYPE_CHECKING:
     from service.triton.core import TritonCore
@@ -145,6 +145,26 @@ def json_response(doc: Any) -> web.Response:
     )
 
 
+# Triton endpoints lstm-serve does not serve: 501 naming what is missing, not a bare 404.
+UNSUPPORTED = {
+    "/v2/systemsharedmemory{tail:.*}": "system shared memory: send tensors in the body",
+    "/v2/cudasharedmemory{tail:.*}": "CUDA shared memory: send tensors in the body",
+    "/v2/trace/setting": "trace settings: lstm-serve logs and exports Prometheus metrics",
+    "/v2/models/{name}/trace/setting": "trace settings: lstm-serve logs and exports metrics",
+    "/v2/logging": "log settings: use --log-level and --log-json",
+    "/v2/models/{name}/generate{tail:.*}": "the generate extension: use .../infer",
+    "/v2/models/{name}/versions/{version}/generate{tail:.*}": "the generate extension",
+}
+
+
+def unsupported(what: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        raise TritonError("UNIMPLEMENTED", f"{request.path[:64]} is not supported by "
+                          f"lstm-serve (no {what})")  # fmt: skip
+
+    return handler
+
+
 def version_of(request: web.Request) -> str:
     """The {version} of a .../versions/{version}/... route ("" = the latest)."""
     version = request.match_info.get("version", "")
@@ -184,6 +204,8 @@ class HttpFront:
                 ("GET", base + "/stats", "ModelStatistics", self.stats),
                 ("POST", base + "/infer", "ModelInfer", self.infer),
             ]
+        for path, what in UNSUPPORTED.items():
+            table.append(("*", path, "Unsupported", unsupported(what)))
         for i, (method, path, rpc, handler) in enumerate(table):
             route = self.app.router.add_route(method, path, handler, name=f"r{i}")
             self._rpc[route.name or ""] = rpc
@@ -288,10 +310,10 @@ class HttpFront:
                                        "parameters")  # fmt: skip
         if params:
             shown = ", ".join(quoted(k) for k in list(params)[:4])
-            raise invalid(
+            raise TritonError("UNIMPLEMENTED", (
                 f"load parameters ({shown}) are not supported: lstm-serve loads a model from "
                 "its repository folder only (no config or file overrides)"
-            )
+            ))  # fmt: skip
         await self.core.load(request.match_info["name"])
         return web.Response(status=200)
 

@@ -399,3 +399,22 @@ def test_a_busy_http_port_fails_the_start_naming_it(tiny_repo: Path) -> None:
             srv.call(start())
         srv.loop.call_soon_threadsafe(srv.loop.stop)
         srv.thread.join(10)
+
+
+def test_unsupported_triton_endpoints_are_501_naming_what_is_missing(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    for call_it, needle in (
+        (lambda: client.register_system_shared_memory("region", "/key", 64), "shared memory"),
+        (lambda: client.get_cuda_shared_memory_status(), "CUDA shared memory"),
+        (lambda: client.get_trace_settings(), "trace"),
+        (lambda: client.update_log_settings({"log_verbose_level": 1}), "--log-level"),
+        (lambda: client.load_model("tiny-gru", config="{}"), "config"),
+    ):
+        with pytest.raises(InferenceServerException) as info:
+            call_it()
+        assert info.value.status() == "501" and needle in info.value.message()
+    shm = {"shared_memory_region": "region", "shared_memory_byte_size": 16}
+    tensor = {"name": "tokens", "datatype": "INT64", "shape": [1, 2], "parameters": shm}
+    status, body = raw_infer(http_server, {"inputs": [tensor]})
+    assert status == 501 and "shared memory" in error_of(body)
