@@ -12,6 +12,7 @@ Shared memory, trace and log settings answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -169,8 +170,13 @@ class _InferStream:
         self.core = core
         self.requests = requests
         self.out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        self.slots = asyncio.Semaphore(MAX_STREAM_INFLIGHT)
         self.running: set[asyncio.Task[None]] = set()
+        # Requests read and not answered yet, bounded in count and bytes (one always fits):
+        # beyond, the stream stops reading and gRPC's flow control holds the client back.
+        self.max_bytes = core.config.read_ahead_bytes
+        self.inflight_bytes = 0
+        self.inflight = 0
+        self.room = asyncio.Condition()
 
     async def replies(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
         reader = asyncio.create_task(self._read(), name="triton-stream-read")
@@ -186,8 +192,12 @@ class _InferStream:
     async def _read(self) -> None:
         try:
             async for msg in self.requests:
-                await self.slots.acquire()
-                task = asyncio.create_task(self._one(msg))  # tasks start in arrival order
+                size = msg.size if isinstance(msg, codec.Malformed) else msg.ByteSize()
+                async with self.room:
+                    await self.room.wait_for(functools.partial(self._fits, size))
+                self.inflight_bytes += size
+                self.inflight += 1
+                task = asyncio.create_task(self._one(msg, size))  # they start in arrival order
                 self.running.add(task)
                 task.add_done_callback(self.running.discard)
             while self.running:
@@ -195,7 +205,19 @@ class _InferStream:
         finally:
             self.out.put_nowait(None)
 
-    async def _one(self, msg: Any) -> None:
+    def _fits(self, size: int) -> bool:
+        if self.inflight == 0:
+            return True
+        fits = self.inflight_bytes + size <= self.max_bytes
+        return fits and self.inflight < MAX_STREAM_INFLIGHT
+
+    async def _done(self, size: int) -> None:
+        self.inflight_bytes -= size
+        self.inflight -= 1
+        async with self.room:
+            self.room.notify_all()
+
+    async def _one(self, msg: Any, size: int) -> None:
         model = msg.model_name if isinstance(msg, pb.ModelInferRequest) else ""
         try:
             if isinstance(msg, codec.Malformed):
@@ -212,9 +234,8 @@ class _InferStream:
             if model:  # which request failed: its model and id, as Triton's clients read them
                 result.infer_response.model_name = model
                 result.infer_response.id = msg.id
-        finally:
-            self.slots.release()
         self.out.put_nowait(result)  # no await between the core's reply and here: in order
+        await self._done(size)
 
 
 def _count_failure(core: TritonCore, rpc: str, model: str, exc: BaseException) -> grpc.StatusCode:

@@ -57,10 +57,7 @@ class Inference:
         wanted = wanted_outputs(request, names, desc.num_classes)
         arrays = decode_sequences(request, names, desc, self.limits.max_sequence_steps,
                                   self.limits.max_batch_size, whole=True)  # fmt: skip
-        with_steps = step_probs_wanted(wanted)
-        if with_steps and len({len(a) for a in arrays}) > 1:
-            raise invalid("step_probs needs sequences of one length (the texts differ in length)")
-        results = await self.engine.classify(worker, arrays, with_steps)
+        results = await self.engine.classify(worker, arrays, step_probs_wanted(wanted))
         outputs = encode_outputs(wanted, results, desc)
         return InferResponse(worker.name, str(worker.version), request.id, outputs)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lstmserve.contract import OUTPUT_PROBS, OUTPUT_STEP_PROBS, ModelDescription
+from lstmserve.contract import INPUT_LENGTHS, OUTPUT_PROBS, OUTPUT_STEP_PROBS, ModelDescription
 from service.engine.inputs import (
     check_steps,
     frames_from_rows,
@@ -31,8 +31,6 @@ from service.triton.types import (
     invalid,
 )
 
-EXPECTED_DATATYPE = {"tokens": "INT64", "features": "FP32", INPUT_TEXT: "BYTES"}
-
 
 @dataclass(frozen=True)
 class WantedOutput:
@@ -43,31 +41,38 @@ class WantedOutput:
     classes: int  # 0: the tensor itself
 
 
-def _input(request: InferRequest, names: TensorNames) -> tuple[InferInput, str]:
-    """The request's one model input and which of ours it is."""
+def _inputs(request: InferRequest, names: TensorNames) -> tuple[InferInput, str, InferInput | None]:
+    """The request's data input, which of ours it is, and its lengths input (if the model
+    lists one); each checked against the model's names and datatypes."""
     if not request.inputs:
         raise invalid(f"the request has no input: model {request.model!r} takes {_expected(names)}")
-    if len(request.inputs) > 1:
-        given = [quoted(i.name) for i in request.inputs[:4]]
-        raise invalid(f"the request has {len(request.inputs)} inputs {given}: send exactly one "
-                      f"of {_expected(names)}")  # fmt: skip
-    tensor = request.inputs[0]
-    ours = names.inputs.get(tensor.name)
-    if ours is None:
-        raise invalid(
-            f"input {quoted(tensor.name)} is not an input of model {request.model!r} "
-            f"(it takes {_expected(names)})"
-        )
-    want = EXPECTED_DATATYPE[ours]
-    if tensor.datatype != want:
-        raise invalid(
-            f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)}, expected {want}"
-        )
-    return tensor, ours
+    data: list[tuple[InferInput, str]] = []
+    lengths = None
+    for tensor in request.inputs:
+        ours = names.inputs.get(tensor.name)
+        if ours is None:
+            raise invalid(
+                f"input {quoted(tensor.name)} is not an input of model {request.model!r} "
+                f"(it takes {_expected(names)})"
+            )
+        want = names.datatypes[tensor.name]
+        if tensor.datatype != want:
+            raise invalid(
+                f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)}, expected {want}"
+            )
+        if ours == INPUT_LENGTHS:
+            lengths = tensor
+        else:
+            data.append((tensor, ours))
+    if len(data) != 1:
+        given = [t.name for t, _ in data]
+        raise invalid(f"the request has data inputs {given}: send exactly one of "
+                      f"{_expected(names)}")  # fmt: skip
+    return data[0][0], data[0][1], lengths
 
 
 def _expected(names: TensorNames) -> str:
-    return " or ".join(repr(n) for n in names.inputs)
+    return " or ".join(repr(n) for n, ours in names.inputs.items() if ours != INPUT_LENGTHS)
 
 
 def decode_sequences(
@@ -75,7 +80,7 @@ def decode_sequences(
     max_batch: int, whole: bool,
 ) -> list[np.ndarray]:  # fmt: skip
     """The request's input as B sequences: (T,) int64 or (T, F) float32 each."""
-    tensor, ours = _input(request, names)
+    tensor, ours, lengths_input = _inputs(request, names)
     label = f"input {quoted(tensor.name)}"
     data, shape = tensor.data, tensor.shape
     if ours == INPUT_TEXT:
@@ -96,10 +101,30 @@ def decode_sequences(
     batch = shape[0]
     if batch < 1 or batch > max_batch:
         raise invalid(f"{label}: batch size {batch} is not in [1, {max_batch}]")
+    valid = _lengths(lengths_input, batch, shape, ours) if lengths_input is not None else None
     try:
-        return [_one(desc, ours, rows[b], max_steps, f"{label}[{b}]", whole) for b in range(batch)]
+        return [
+            _one(desc, ours, rows[b] if valid is None else rows[b][: valid[b]], max_steps,
+                 f"{label}[{b}]", whole)
+            for b in range(batch)
+        ]  # fmt: skip
     except InvalidInput as exc:  # the engine's checks already name the row
         raise invalid(str(exc)) from exc
+
+
+def _lengths(tensor: InferInput, batch: int, shape: tuple[int, ...], ours: str) -> list[int]:
+    """A lengths input: one count of valid steps per row, each in 1..T."""
+    label = f"input {quoted(tensor.name)}"
+    if ours == INPUT_TEXT:
+        raise invalid(f"{label}: a text input carries its own length")
+    values = np.asarray(tensor.data).reshape(-1)
+    if values.size != batch or tensor.shape not in ((batch,), (batch, 1)):
+        raise invalid(f"{label}: shape {list(tensor.shape)}, expected [{batch}] or [{batch}, 1]")
+    steps = shape[1]
+    for b, n in enumerate(values.tolist()):
+        if not 1 <= n <= steps:
+            raise invalid(f"{label}[{b}] = {n} is not in [1, {steps}]")
+    return [int(n) for n in values]
 
 
 def _one(desc: ModelDescription, ours: str, row: object, max_steps: int, field: str,
@@ -154,7 +179,7 @@ def step_probs_wanted(wanted: list[WantedOutput]) -> bool:
 def encode_outputs(
     wanted: list[WantedOutput], results: list[StepResult], desc: ModelDescription
 ) -> tuple[InferOutput, ...]:
-    """The results of B sequences as output tensors (step_probs needs equal lengths)."""
+    """The results of B sequences as output tensors (step_probs of shorter rows padded)."""
     outputs = []
     for w in wanted:
         if w.ours == OUTPUT_PROBS:
@@ -168,7 +193,10 @@ def encode_outputs(
         steps = [r.step_probs for r in results]
         if any(s is None for s in steps):
             continue  # a resend's kept result has no per-step probabilities
-        every = np.stack(steps).astype(np.float32)  # type: ignore[arg-type]  # (B, T, C)
+        longest = max(len(s) for s in steps)  # type: ignore[arg-type]
+        every = np.zeros((len(steps), longest, desc.num_classes), np.float32)  # (B, T, C)
+        for b, rows in enumerate(steps):  # a shorter row (lengths, texts) is padded with 0
+            every[b, : len(rows)] = rows  # type: ignore[arg-type]
         outputs.append(InferOutput(w.name, "FP32", every.shape, every))
     return tuple(outputs)
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from lstmserve.contract import INPUT_FEATURES, INPUT_TOKENS, OUTPUT_PROBS, OUTPUT_STEP_PROBS
+from lstmserve.contract import (
+    INPUT_FEATURES,
+    INPUT_LENGTHS,
+    INPUT_TOKENS,
+    OUTPUT_PROBS,
+    OUTPUT_STEP_PROBS,
+)
 from service.engine.worker import ModelWorker
 from service.triton.types import ModelMetadata, TensorMetadata
 
@@ -45,6 +51,7 @@ class TensorNames:
 
     inputs: dict[str, str]
     outputs: dict[str, str]
+    datatypes: dict[str, str]  # the client's input name -> the datatype it must send
 
     def output_name(self, ours: str) -> str:
         for theirs, name in self.outputs.items():
@@ -108,18 +115,27 @@ def tensor_names(worker: ModelWorker) -> TensorNames:
         if desc.tokenizer is not None:
             inputs[INPUT_TEXT] = INPUT_TEXT
         outputs = {OUTPUT_PROBS: OUTPUT_PROBS, OUTPUT_STEP_PROBS: OUTPUT_STEP_PROBS}
-        return TensorNames(inputs, outputs)
-    ins = {i.name: desc.input_name for i in own.input[:1]}
-    for extra in own.input[1:]:
-        if extra.data_type == mc.TYPE_STRING:
-            ins[extra.name] = INPUT_TEXT
+        types = {INPUT_TOKENS: "INT64", INPUT_FEATURES: "FP32", INPUT_TEXT: "BYTES"}
+        return TensorNames(inputs, outputs, {n: types[n] for n in inputs})
+    lengths = _lengths_input(own)
+    ins = {i.name: (INPUT_LENGTHS if i.name == lengths else desc.input_name) for i in own.input}
+    batch_axis = 1 if own.max_batch_size > 0 else 0  # config dims hold the batch when 0
     outs: dict[str, str] = {}
     for out in own.output:
         if out.name in (OUTPUT_PROBS, OUTPUT_STEP_PROBS):
             outs[out.name] = out.name
-        else:  # by rank: [C] is the final distribution, [-1, C] the per-step one
-            outs[out.name] = OUTPUT_PROBS if len(out.dims) == 1 else OUTPUT_STEP_PROBS
-    return TensorNames(ins, outs)
+        else:  # by rank: [B, C] is the final distribution, [B, T, C] the per-step one
+            rank = len(out.dims) + batch_axis
+            outs[out.name] = OUTPUT_PROBS if rank == 2 else OUTPUT_STEP_PROBS
+    types = {i.name: datatype_name(i.data_type) for i in own.input}
+    return TensorNames(ins, outs, types)
+
+
+def _lengths_input(config: mc.ModelConfig) -> str:
+    """The config's lengths input (parameters lengths_input, or an input named lengths)."""
+    if "lengths_input" in config.parameters:
+        return config.parameters["lengths_input"].string_value
+    return INPUT_LENGTHS if any(i.name == INPUT_LENGTHS for i in config.input) else ""
 
 
 def _metadata_tensors(
