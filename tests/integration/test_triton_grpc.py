@@ -310,3 +310,106 @@ def test_a_batch_without_sequence_id_equals_classify(
     close(result.as_numpy("probs"), classify(native, "tiny-lstm", list(rows)))
     stats = client.get_inference_statistics("tiny-lstm").model_stats
     assert sum(s.inference_count for s in stats) >= 4
+
+
+def test_typed_contents_and_text_are_accepted(
+    srv: ServerThread, native: pb_grpc.LstmServeStub
+) -> None:
+    ids = [4, 8, 15, 16, 23]
+    request = service_pb2.ModelInferRequest(model_name="tiny-lstm")
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, len(ids)])
+    request.inputs[0].contents.int64_contents.extend(ids)
+    request.outputs.add(name="probs")
+    text = service_pb2.ModelInferRequest(model_name="tiny-lstm")
+    text.inputs.add(name="text", datatype="BYTES", shape=[2])
+    text.inputs[0].contents.bytes_contents.extend([b"hello world", b"abc"])
+    text.outputs.add(name="probs")
+    with grpc.insecure_channel(srv.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        typed = stub.ModelInfer(request, timeout=10)
+        texts = stub.ModelInfer(text, timeout=10)
+    probs = np.frombuffer(typed.raw_output_contents[0], dtype=np.float32)
+    close(probs, classify(native, "tiny-lstm", [np.array(ids)])[0])
+    got = np.frombuffer(texts.raw_output_contents[0], dtype=np.float32).reshape(2, 3)
+    reply = native.Classify(pb.ClassifyRequest(model="tiny-lstm", sequences=[
+        pb.SequenceInput(text="hello world"), pb.SequenceInput(text="abc"),
+    ]))  # fmt: skip
+    close(got, np.array([r.probabilities for r in reply.results], dtype=np.float32))
+
+
+def test_lstm_serve_seq_answers_a_resend_without_applying_it_twice(
+    client: tc.InferenceServerClient, native: pb_grpc.LstmServeStub
+) -> None:
+    def send(ids: list[int], seq: int, **flags: bool) -> Any:
+        return client.infer("tiny-lstm", [token_input(ids)], sequence_id=31337,
+                            parameters={"lstm_serve_seq": seq}, **flags)  # fmt: skip
+
+    first = send([1, 2, 3], 1, sequence_start=True)
+    again = send([1, 2, 3], 1, sequence_start=True)  # its reply was lost: sent again
+    params = again.get_response().parameters
+    assert params["lstm_serve_duplicate"].bool_param and params["lstm_serve_seq"].int64_param == 1
+    close(again.as_numpy("probs"), first.as_numpy("probs"))
+    last = send([4, 5], 2, sequence_end=True)
+    close(last.as_numpy("probs"), classify(native, "tiny-lstm", [np.array([1, 2, 3, 4, 5])]))
+
+
+@pytest.fixture(scope="module")
+def slow(tiny_repo: Path) -> Iterator[ServerThread]:
+    """Every model run takes 20 ms more: chunks that arrive meanwhile wait and share a run."""
+    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-lstm",),
+                         debug_compute_delay_ms=20)  # fmt: skip
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+def test_requests_of_many_sequences_on_one_stream_share_batches(slow: ServerThread) -> None:
+    samples = lambda: scrape(slow.metrics_url)  # noqa: E731
+    name = "lstm_serve_batch_size"
+    before = samples()
+    runs0 = metric(before, f"{name}_count", model="tiny-lstm")
+    rows0 = metric(before, f"{name}_sum", model="tiny-lstm")
+    replies: queue.Queue[Any] = queue.Queue()
+    client = tc.InferenceServerClient(slow.address)
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    sequences = range(900, 932)
+    try:
+        for sid in sequences:
+            client.async_stream_infer("tiny-lstm", [token_input([1, 2, 3])], sequence_id=sid,
+                                      sequence_start=True, sequence_end=True)  # fmt: skip
+        for _ in sequences:
+            _, error = replies.get(timeout=20)
+            assert error is None, error
+    finally:
+        client.stop_stream()
+        client.close()
+    after = samples()
+    rows = metric(after, f"{name}_sum", model="tiny-lstm") - rows0
+    runs = metric(after, f"{name}_count", model="tiny-lstm") - runs0
+    assert rows == len(sequences) and runs < rows  # some runs carried several sequences
+
+
+@pytest.fixture(scope="module")
+def tight(tiny_repo: Path) -> Iterator[ServerThread]:
+    """Two sessions at most, idle after 0.5 s."""
+    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-lstm",),
+                         max_sessions=2, session_idle_timeout_s=0.5)  # fmt: skip
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+def test_an_idle_sequence_expires_and_the_session_limit_holds(tight: ServerThread) -> None:
+    with tc.InferenceServerClient(tight.address) as client:
+        config = client.get_model_config("tiny-lstm").config
+        assert config.sequence_batching.max_sequence_idle_microseconds == 500_000
+        client.infer("tiny-lstm", [token_input([1])], sequence_id=1, sequence_start=True)
+        client.infer("tiny-lstm", [token_input([1])], sequence_id=2, sequence_start=True)
+        with pytest.raises(InferenceServerException, match="maximum of 2 sessions") as info:
+            client.infer("tiny-lstm", [token_input([1])], sequence_id=3, sequence_start=True)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert tight.app is not None
+        wait_for(lambda: len(tight.app.engine.store) == 0, what="both sequences expired")
+        with pytest.raises(InferenceServerException, match="sequence 1 of model 'tiny-lstm'"):
+            client.infer("tiny-lstm", [token_input([2])], sequence_id=1)
+        client.infer("tiny-lstm", [token_input([1])], sequence_id=3, sequence_start=True)
