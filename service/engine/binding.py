@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lstmserve.contract import ModelDescription
-from service.engine.tritonconfig import ControlSpec, StateSpec, TensorSpec, TritonModel
+from lstmserve.contract import ModelDescription, Tokenizer
+from service.engine.tritonconfig import (
+    ControlSpec,
+    StateSpec,
+    TensorSpec,
+    TritonModel,
+    read_vocabulary,
+)
 from service.errors import ConfigError
 
 ORT_DTYPES = {
@@ -78,6 +84,7 @@ class Binding:
     states: tuple[BoundState, ...]
     controls: tuple[tuple[ControlSpec, tuple[int, ...]], ...]  # with the shape after B
     labels: tuple[str, ...]
+    tokenizer: Tokenizer | None = None
 
     def control_feeds(self, fresh: np.ndarray) -> dict[str, np.ndarray]:
         """START where a row's sequence starts (its state is the zero initial state), READY
@@ -102,7 +109,7 @@ class Binding:
                 "lengths_input": self.lengths.name if self.lengths else None,
                 "fixed_steps": self.window,
             },
-            vocab_size=self.vocab_size, feature_dim=self.feature_dim,
+            vocab_size=self.vocab_size, feature_dim=self.feature_dim, tokenizer=self.tokenizer,
         )  # fmt: skip
 
 
@@ -144,10 +151,11 @@ def bind(triton: TritonModel, session: ort.InferenceSession, model_path: Path) -
     step, final, classes = _bind_outputs(triton, graph_out, batched, path)
     labels = _labels(triton, [o for o in (step, final) if o is not None], classes)
     vocab = _vocab_size(triton, data, model_path) if kind == "tokens" else 0
+    tokenizer = _tokenizer(triton, vocab) if kind == "tokens" else None
     return Binding(
         data=data, input_kind=kind, feature_dim=feature_dim, vocab_size=vocab,
         window=shape[1], lengths=lengths, lengths_tail=lengths_tail, step_output=step,
-        final_output=final, states=states, controls=controls, labels=labels,
+        final_output=final, states=states, controls=controls, labels=labels, tokenizer=tokenizer,
     )  # fmt: skip
 
 
@@ -276,6 +284,20 @@ def _labels(triton: TritonModel, outputs: list[TensorSpec], classes: int) -> tup
     return triton.labels(outputs[0], classes)
 
 
+def _tokenizer(triton: TritonModel, vocab_size: int) -> Tokenizer | None:
+    """parameters vocab_filename: text in, one character per token id."""
+    found = read_vocabulary(triton)
+    if found is None:
+        return None
+    vocab, lowercase = found
+    if len(vocab) > vocab_size:
+        raise ConfigError(
+            f"{triton.path}: vocab_filename {triton.parameters['vocab_filename'][:64]!r} has "
+            f"{len(vocab)} characters, the model takes {vocab_size} token ids"
+        )
+    return Tokenizer(vocab=vocab, lowercase=lowercase, unknown_id=0)
+
+
 def _vocab_size(triton: TritonModel, data: TensorSpec, model_path: Path) -> int:
     """parameters vocab_size, else the rows of the embedding table the token input indexes
     (read with the onnx package when it is installed)."""
@@ -285,6 +307,8 @@ def _vocab_size(triton: TritonModel, data: TensorSpec, model_path: Path) -> int:
             raise ConfigError(f"{triton.path}: parameters vocab_size {raw[:64]!r} is not >= 1")
         return int(raw)
     found = _embedding_rows(model_path, data.name)
+    if found is None and (vocabulary := read_vocabulary(triton)) is not None:
+        found = len(vocabulary[0])  # without the onnx package: the characters listed
     if found is None:
         raise ConfigError(
             f"{triton.path}: the vocabulary size of input {data.name!r} is not known: set "

@@ -68,6 +68,9 @@ PARAMETERS = {
     "state_batch_axis": "the batch axis of every state tensor in the ONNX graph",
     "lengths_input": "the ONNX input that takes each row's valid steps (int64)",
     "vocab_size": "token ids accepted: 0 .. vocab_size - 1",
+    "vocab_filename": "a file beside config.pbtxt, one character per line (line i = token id "
+    "i, line 0 the unknown character): text in, as for the shipped models",
+    "lowercase": "true: text is lowercased before the vocab_filename lookup (default false)",
 }
 
 DTYPES: dict[str, np.dtype] = {
@@ -198,6 +201,35 @@ class TritonModel:
                 f"the output has {classes} classes"
             )
         return tuple(line.strip() for line in lines)
+
+
+def read_vocabulary(triton: TritonModel) -> tuple[tuple[str, ...], bool] | None:
+    """parameters vocab_filename: (one character per line, lowercase), or None."""
+    name = triton.parameters.get("vocab_filename")
+    if not name:
+        return None
+    file = triton.path.parent / name
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"{triton.path}: parameters vocab_filename {name[:64]!r}: cannot read {file}: "
+            f"{exc.strerror}"
+        ) from exc
+    vocab = tuple(text.split("\n"))
+    if vocab and vocab[-1] == "":
+        vocab = vocab[:-1]  # the last line's newline
+    bad = [i for i, ch in enumerate(vocab) if len(ch) != 1 and i != 0]
+    if bad or len(vocab) < 2:
+        raise ConfigError(
+            f"{file}: vocab_filename needs one character per line (line 1 may name the unknown "
+            f"token); line {bad[0] + 1 if bad else len(vocab)} is not one character"
+        )
+    lowercase = triton.parameters.get("lowercase", "false").strip().lower()
+    if lowercase not in ("true", "false"):
+        raise ConfigError(f"{triton.path}: parameters lowercase {lowercase[:64]!r} is not "
+                          "true or false")  # fmt: skip
+    return vocab, lowercase == "true"
 
 
 def load_triton_config(model_dir: Path) -> TritonModel:

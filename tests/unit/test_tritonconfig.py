@@ -427,3 +427,21 @@ def test_the_parsed_config_is_kept_as_tritonclients_message(tmp_path: Path) -> N
     triton: TritonModel = load_triton_config(write_config(tmp_path, GOOD))
     assert isinstance(triton.config, model_config_pb2.ModelConfig)
     assert triton.config.sequence_batching.state[0].input_name == "h_in"
+
+
+def test_a_vocab_file_gives_the_model_a_character_tokenizer(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_repo / "tiny-lstm" / "1", folder / "1")
+    params = (
+        'parameters { key: "vocab_filename" value: { string_value: "vocab.txt" } }\n'
+        'parameters { key: "lowercase" value: { string_value: "true" } }\n'
+    )
+    (folder / "config.pbtxt").write_text(V1_CONFIG + params)
+    (folder / "vocab.txt").write_text("<unk>\n" + "\n".join("abcdefghijklmnopqrstuvwxyz ") + "\n")
+    tokenizer = load_worker(folder / "1" / "model.onnx").description.tokenizer
+    assert tokenizer is not None and tokenizer.encode("Ab z?") == [1, 2, 27, 26, 0]
+    (folder / "vocab.txt").write_text("<unk>\nab\nc\n")
+    with pytest.raises(ConfigError, match="vocab_filename needs one character per line"):
+        load_worker(folder / "1" / "model.onnx")
