@@ -413,3 +413,42 @@ def test_an_idle_sequence_expires_and_the_session_limit_holds(tight: ServerThrea
         with pytest.raises(InferenceServerException, match="sequence 1 of model 'tiny-lstm'"):
             client.infer("tiny-lstm", [token_input([2])], sequence_id=1)
         client.infer("tiny-lstm", [token_input([1])], sequence_id=3, sequence_start=True)
+
+
+@pytest.fixture(scope="module")
+def own_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Any]]:
+    """A user's own ONNX models with their config.pbtxt (tests/integration/test_generic_models):
+    `chars` (max_batch_size 64, a batch-first state) and `chars-torch` (max_batch_size 0)."""
+    from tests.integration.test_generic_models import write_model
+
+    repo = tmp_path_factory.mktemp("triton-own")
+    models = {"chars": write_model(repo, "chars"),
+              "chars-torch": write_model(repo, "chars-torch", kind="torch")}  # fmt: skip
+    server = ServerThread(make_config(repo)).start()
+    yield server, models
+    server.stop()
+
+
+@pytest.mark.parametrize("name", ["chars", "chars-torch"])
+def test_a_config_pbtxt_model_is_served_with_its_own_config_and_names(
+    own_models: tuple[ServerThread, Any], name: str
+) -> None:
+    from tests.integration.test_generic_models import WORD, torch_step_probs
+
+    server, models = own_models
+    with tc.InferenceServerClient(server.address) as client:
+        config = client.get_model_config(name).config
+        assert config.name == name and [o.name for o in config.output] == ["logits"]
+        batched = config.max_batch_size > 0
+        meta = client.get_model_metadata(name)
+        assert [list(t.shape) for t in meta.outputs] == [[-1, -1, 3]]  # [B, T, C] either way
+        assert meta.inputs[0].name == "tokens" and batched == (name == "chars")
+        got = []
+        pieces = [WORD[:4], WORD[4:5], WORD[5:]]
+        for i, piece in enumerate(pieces):
+            result = client.infer(name, [token_input(piece)], sequence_id=f"{name}-1",
+                                  sequence_start=i == 0, sequence_end=i == len(pieces) - 1,
+                                  outputs=[tc.InferRequestedOutput("logits")])  # fmt: skip
+            got.append(result.as_numpy("logits")[0])
+    np.testing.assert_allclose(np.concatenate(got), torch_step_probs(models[name], WORD),
+                               atol=1e-5)  # fmt: skip
