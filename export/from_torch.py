@@ -84,7 +84,11 @@ def load_module_class(spec: str) -> type[nn.Module]:
     assert loader_spec is not None and loader_spec.loader is not None
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
-    loader_spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.resolve().parent))  # its own imports of files beside it
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: say where it failed, not our traceback
+        raise ValueError(f"importing {path.name} failed: {type(exc).__name__}: {exc}") from exc
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{path.name} has no nn.Module class named {class_name[:64]!r}")
@@ -98,7 +102,13 @@ def build_user_module(spec: str, weights: Path, kwargs: dict[str, Any]) -> nn.Mo
         module = cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"{cls.__name__}(**{json.dumps(kwargs)[:64]}) failed: {exc}") from exc
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickled whole module, a file that is not torch.save's
+        raise ValueError(
+            f"--weights {weights.name!r} is not a state dict saved with "
+            f"torch.save(model.state_dict(), ...): {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
     if not isinstance(state, dict):
         raise ValueError(
             f"--weights {weights.name!r} holds a {type(state).__name__}, not a state dict"
@@ -146,9 +156,10 @@ def find_parts(root: nn.Module) -> Parts:
         raise MappingError(f"no nn.LSTM, nn.GRU or nn.RNN in {type(root).__name__}; {GENERIC_PATH}")
     order = [n for n, _ in found]
     first, last = order.index(rec[0][0]), order.index(rec[-1][0])
-    for name, module in lin:
-        if first < order.index(name) < last:
-            raise _refuse(name, module, "a Linear between recurrent layers")
+    if len(lin) > 1:  # registration order tells which one sits between recurrent layers
+        for name, module in lin:
+            if first < order.index(name) < last:
+                raise _refuse(name, module, "a Linear between recurrent layers")
     if len(lin) != 1:
         what = ", ".join(_label(n, m) for n, m in lin) or "none"
         raise MappingError(
@@ -157,8 +168,8 @@ def find_parts(root: nn.Module) -> Parts:
         )
     if len(emb) > 1:
         raise _refuse(*emb[1], "a second Embedding")
-    if emb and order.index(emb[0][0]) > first:
-        raise _refuse(*emb[0], "an Embedding after a recurrent layer")
+    if emb and emb[0][1].max_norm is not None:
+        raise _refuse(*emb[0], f"max_norm={emb[0][1].max_norm} (it rewrites rows at lookup)")
     parts = Parts(recurrent=rec, head=lin[0], embedding=emb[0] if emb else None)
     _check_recurrent(parts)
     return parts

@@ -4,9 +4,11 @@ cannot map is refused naming the part."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,6 +122,21 @@ USER_MODULES = textwrap.dedent('''
         def forward(self, x):
             y, _ = self.gru(self.emb(x))
             return self.fc(torch.tanh(y[:, -1]) * 3)
+
+
+    class LongDiffers(nn.Module):
+        """Agrees with its parts up to 10 steps, then scales its logits."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(28, 4)
+            self.gru = nn.GRU(4, 6, batch_first=True)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            y, _ = self.gru(self.emb(x))
+            logits = self.fc(y[:, -1])
+            return logits * 2 if x.shape[1] > 10 else logits
 ''')
 VOCAB = ["<unk>", *"abcdefghijklmnopqrstuvwxyz", " "]
 TOLERANCE = 1e-5
@@ -133,7 +150,7 @@ def user_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     module = _import(work / "user_models.py")
     torch.manual_seed(0)
     for name in ("CharGRU", "FramesLSTM", "StackedBiLSTM", "WithConv", "LinearBetween",
-                 "MlpHead", "Projected", "Attention", "HiddenTanh"):  # fmt: skip
+                 "MlpHead", "Projected", "Attention", "HiddenTanh", "LongDiffers"):  # fmt: skip
         torch.save(getattr(module, name)().state_dict(), work / f"{name}.pt")
     for classes in (2, 3, 4):
         (work / f"labels{classes}.txt").write_text("".join(f"c{i}\n" for i in range(classes)))
@@ -322,3 +339,33 @@ def test_a_forward_that_differs_from_the_mapping_fails_loudly(
     assert "verification FAILED" in done.stderr and "max abs diff" in done.stderr, done.stderr
     assert "T=7" in done.stderr  # where: the length it was run at
     assert not out.exists()
+
+
+def test_a_difference_at_one_length_is_reported_with_the_length_and_chunks(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "repo" / "long" / "1"
+    done = from_torch(user_dir, "LongDiffers", out, classes=2)
+    assert done.returncode != 0
+    assert "verification FAILED" in done.stderr, done.stderr
+    assert "probs at length 16 (B=3, one call): max abs diff" in done.stderr
+    assert re.search(r"probs after 1[1-6] steps at length 16 streamed in chunks \[", done.stderr)
+    assert "at length 5" not in done.stderr  # the lengths that agree are not blamed
+    assert not out.exists()
+
+
+def test_weights_that_are_not_a_state_dict_are_refused_clearly(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    whole = tmp_path / "whole.pt"
+    # An object torch.load(weights_only=True) refuses, as it refuses a pickled whole module.
+    torch.save({"model": argparse.Namespace(layers=2)}, whole)
+    done = subprocess.run(
+        [sys.executable, "-m", "export.cli", "from-torch", "--weights", str(whole),
+         "--module", f"{user_dir / 'user_models.py'}:CharGRU",
+         "--labels", str(user_dir / "labels3.txt"), "--out", str(tmp_path / "r" / "m" / "1")],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--weights 'whole.pt' is not a state dict saved with torch.save" in done.stderr
+    assert "Traceback" not in done.stderr
