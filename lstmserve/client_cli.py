@@ -118,11 +118,11 @@ def check_input(info: pb.ModelInfo, steps: str | np.ndarray, frames: Path | None
 
 
 async def stream_steps(
-    session: StreamSession, steps: str | np.ndarray, delay_s: float, out: TextIO
+    session: StreamSession, steps: str | np.ndarray, delay_s: float, line: LiveLine
 ) -> int:
     """Send one character (or frame) per chunk, showing the top label as it changes; returns
-    how many chunks the server refused."""
-    line = LiveLine(out)
+    how many chunks the server refused. The server holds back a character that may still
+    combine with the next one (a letter an accent may follow): the line shows what it fed."""
     refused = 0
     for i in range(len(steps)):
         step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
@@ -130,15 +130,17 @@ async def stream_steps(
         result = await session.step(step)
         if session.address != address:
             note_failover(session, address)
-        consumed = steps[: i + 1] if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}"
+        if isinstance(steps, str):
+            consumed: str = steps[: i + 1 - result.held_characters]
+        else:
+            consumed = f"frame {i + 1}/{len(steps)}"
         if result.HasField("error"):
             refused += 1
             line.update(f"{consumed!r}  (refused: {result.error.code}: {result.error.message})")
-        else:
+        elif result.top:
             line.update(f"{consumed!r:<32} {format_top(result.top)}")
         if delay_s:
             await asyncio.sleep(delay_s)
-    line.done()
     return refused
 
 
@@ -170,12 +172,17 @@ async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
     steps = read_steps(args)
     session = await start_stream(client, args, steps)
     print(f"session {session.session_id} {session.opened.model} v{session.opened.version}")
-    refused = await stream_steps(session, steps, args.delay_ms / 1000, sys.stdout)
+    line = LiveLine(sys.stdout)
+    refused = await stream_steps(session, steps, args.delay_ms / 1000, line)
     if args.keep:
+        line.done()
         await session.close()
         print(f"kept session {session.session_id} (resume with --session)")
     else:
-        ended = await session.end()
+        ended = await session.end()  # feeds what was held back
+        if ended.flushed_steps and isinstance(steps, str):
+            line.update(f"{steps!r:<32} {format_top(ended.top)}")
+        line.done()
         print(f"ended after {ended.total_steps} steps")
     if refused:
         print(f"lstm-client: the server refused {refused} of {len(steps)} chunks", file=sys.stderr)

@@ -51,7 +51,12 @@ class Tokenizer:
         return text.lower() if self.lowercase else text
 
     def encode(self, text: str) -> list[int]:
-        return [self._index.get(ch, self.unknown_id) for ch in self.normalize(text)]
+        return self.encode_normalized(self.normalize(text))
+
+    def encode_normalized(self, normalized: str) -> list[int]:
+        """Ids of text already normalised (one per character)."""
+        index, unknown = self._index, self.unknown_id
+        return [index.get(ch, unknown) for ch in normalized]
 
     def unknown_chars(self, text: str) -> list[str]:
         return [ch for ch in self.normalize(text) if ch not in self._index]

@@ -94,6 +94,10 @@ class PbInput:
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
         return decode_input(self.msg, desc, max_steps, field, whole=False)
 
+    def text(self) -> str | None:
+        msg = self.msg
+        return msg.text if msg.WhichOneof("input") == "text" else None
+
     def nbytes(self) -> int:
         return self.msg.ByteSize()
 
@@ -139,19 +143,22 @@ def _steps(step_probs: np.ndarray | None) -> list[pb.Probabilities]:
 
 def encode_chunk_result(outcome: ChunkOutcome, session: Session) -> pb.ChunkResult:
     result = outcome.result
+    held = outcome.held_characters
     if result is None:
-        return pb.ChunkResult(
-            seq=outcome.seq, duplicate=outcome.duplicate, total_steps=outcome.total_steps
-        )
-    probs = result.probs  # (C,)
+        return pb.ChunkResult(seq=outcome.seq, duplicate=outcome.duplicate,
+                              total_steps=outcome.total_steps, held_characters=held)  # fmt: skip
+    probs = result.probs  # (C,); (0,) before a session's first step
     return pb.ChunkResult(
         seq=outcome.seq,
         steps=result.steps,
         probabilities=probs.tolist(),
-        top=top_labels(session.model.description, probs, session.options.top_k),
+        top=top_labels(session.model.description, probs, session.options.top_k)
+        if probs.size
+        else (),
         step_probabilities=_steps(result.step_probs),
         total_steps=outcome.total_steps,
         duplicate=outcome.duplicate,
+        held_characters=held,
     )
 
 
@@ -299,6 +306,16 @@ def _snapshot(snap: m.Snapshot) -> pb.SessionSnapshot:
                               total_steps=snap.total_steps, final=snap.final)  # fmt: skip
 
 
+def session_ended(body: m.Ended) -> pb.SessionEnded:
+    reply = pb.SessionEnded(total_steps=body.total_steps, last_applied_seq=body.last_seq,
+                            flushed_steps=body.flushed_steps)  # fmt: skip
+    final, session = body.final, body.session
+    if final is not None and final.probs.size and session is not None:
+        reply.probabilities.extend(final.probs.tolist())
+        reply.top.extend(top_labels(session.model.description, final.probs, session.options.top_k))
+    return reply
+
+
 def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
     """(oneof field name, message) of a reply body, shared by Stream and StreamMulti replies."""
     if isinstance(body, m.ChunkDone):
@@ -310,8 +327,7 @@ def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
     if isinstance(body, m.Snapshot):
         return "snapshot", _snapshot(body)
     if isinstance(body, m.Ended):
-        return "ended", pb.SessionEnded(total_steps=body.total_steps,
-                                        last_applied_seq=body.last_seq)  # fmt: skip
+        return "ended", session_ended(body)
     return "error", encode_error(body.error)
 
 

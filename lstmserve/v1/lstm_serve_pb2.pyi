@@ -225,7 +225,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., resumed: _Optional[bool] = ..., last_applied_seq: _Optional[int] = ..., total_steps: _Optional[int] = ..., options: _Optional[_Union[StreamOptions, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., idle_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ChunkResult(_message.Message):
-    __slots__ = ("seq", "steps", "probabilities", "top", "step_probabilities", "total_steps", "duplicate", "error")
+    __slots__ = ("seq", "steps", "probabilities", "top", "step_probabilities", "total_steps", "duplicate", "error", "held_characters")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ChunkResult(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    HELD_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     steps: int
     probabilities: _containers.RepeatedScalarFieldContainer[float]
@@ -242,7 +243,8 @@ class ChunkResult(_message.Message):
     total_steps: int
     duplicate: bool
     error: ErrorStatus
-    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., step_probabilities: _Optional[_Iterable[_Union[Probabilities, _Mapping]]] = ..., total_steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ...) -> None: ...
+    held_characters: int
+    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., step_probabilities: _Optional[_Iterable[_Union[Probabilities, _Mapping]]] = ..., total_steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., held_characters: _Optional[int] = ...) -> None: ...
 
 class ResetDone(_message.Message):
     __slots__ = ("seq", "duplicate")
@@ -253,12 +255,18 @@ class ResetDone(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SessionEnded(_message.Message):
-    __slots__ = ("total_steps", "last_applied_seq")
+    __slots__ = ("total_steps", "last_applied_seq", "flushed_steps", "probabilities", "top")
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAST_APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    FLUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
     total_steps: int
     last_applied_seq: int
-    def __init__(self, total_steps: _Optional[int] = ..., last_applied_seq: _Optional[int] = ...) -> None: ...
+    flushed_steps: int
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, total_steps: _Optional[int] = ..., last_applied_seq: _Optional[int] = ..., flushed_steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("session_id", "opened", "chunk", "reset", "ended", "snapshot")

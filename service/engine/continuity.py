@@ -24,6 +24,7 @@ from service.engine.snapshots import (
     decode_snapshot,
     encode_snapshot,
 )
+from service.engine.textstream import HeldText
 from service.engine.types import StepResult, StreamOptions
 from service.errors import (
     LstmServeError,
@@ -81,6 +82,7 @@ class SessionContinuity:
             state=session.read_state(), total_steps=session.total_steps,
             last_seq=session.last_seq, created_at=time.time(),
             every_step=session.options.every_step, top_k=session.options.top_k,
+            held_text=session.held.text, held_cased=session.held.cased,
             **_last_result_fields(session.last_result),
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
@@ -124,7 +126,8 @@ class SessionContinuity:
         if snap.last_steps and len(snap.last_probs) == desc.num_classes:
             probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
             last = StepResult(probs, None, snap.last_steps, snap.total_steps)
-        session.restore(snap.state, snap.last_seq, snap.total_steps, last)
+        held = HeldText(snap.held_text, snap.held_cased)
+        session.restore(snap.state, snap.last_seq, snap.total_steps, last, held)
         return session
 
     # -- the shared store --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from service.engine.multi import apply_together
 from service.engine.registry import ModelRegistry
 from service.engine.repository import ModelControl
 from service.engine.sessions import Session, SessionStore
+from service.engine.textstream import HeldChange
 from service.engine.types import (
     BatchPolicy,
     ChunkOutcome,
@@ -137,19 +138,30 @@ class Engine:
         metrics.SNAPSHOTS.labels(session.model.name, "final" if final else "taken").inc()
         return blob
 
-    async def apply_chunk(self, session: Session, seq: int, chunk: np.ndarray) -> ChunkOutcome:
-        """Apply a validated chunk once, in order; a resend (seq <= last applied) is skipped."""
+    async def apply_chunk(
+        self, session: Session, seq: int, chunk: np.ndarray, held: HeldChange | None = None
+    ) -> ChunkOutcome:
+        """Apply a validated chunk once, in order; a resend (seq <= last applied) is skipped.
+        A text chunk carries its change to the session's held text (`held`); all of it may be
+        held (`chunk` has no step): the seq advances without a model run."""
         if seq < 1:
             raise InvalidInput(f"chunk.seq = {seq}: sequence numbers start at 1")
         async with session.lock:
             session.check_live()
             if seq <= session.last_seq:
                 return session.duplicate(seq)
-            result = await session.model.submit(session, seq, chunk)
+            if held is not None:
+                session.check_held(held)
+            if len(chunk):
+                result = await session.model.submit(session, seq, chunk)
+                if held is not None:
+                    session.held = held.after
+            else:
+                result = session.hold(seq, held.after if held is not None else session.held)
             self.store.touch(session)
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
                 await self.continuity.persist(session)
-            return ChunkOutcome(seq, result, False, result.total_steps)
+            return ChunkOutcome(seq, result, False, result.total_steps, len(session.held.text))
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[ChunkOutcome | LstmServeError]:
         """Chunks of distinct sessions, submitted together so they share batches (one entry's
@@ -169,11 +181,17 @@ class Engine:
             await self.continuity.persist(session)
             return False
 
-    async def end(self, session: Session) -> None:
-        """Free the session once its chunk in progress (if any) is done."""
+    async def end(self, session: Session, flush: np.ndarray | None = None) -> StepResult | None:
+        """Free the session once its chunk in progress (if any) is done; `flush` (its held-back
+        text's ids) is fed first. Returns the final result, if there is one."""
         async with session.lock:
-            self.store.end(session)
-            await self.continuity.forget(session.id)
+            try:
+                if flush is not None and len(flush) and not session.ended:
+                    return await session.model.submit(session, session.last_seq, flush)
+                return session.last_result
+            finally:
+                self.store.end(session)
+                await self.continuity.forget(session.id)
 
     # -- classify ----------------------------------------------------------------------------
 

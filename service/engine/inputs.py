@@ -10,11 +10,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from lstmserve.contract import ModelDescription
+from service.engine.textstream import HeldText, TextCodec, text_codec
 from service.errors import InvalidInput
 
 QUOTE_CHARS = 64  # the most characters of a client's value an error message quotes
 # Normalisation (NFC) composes at most a few code points into one character (a base and its
-# marks, Hangul jamo): a text longer than this many code points per allowed step cannot fit.
+# marks, Hangul jamo), a subword token is a few characters: a text longer than this many code
+# points per allowed step is refused before it is tokenized.
 MAX_CHARS_PER_STEP = 8
 
 
@@ -55,12 +57,7 @@ def tokens_from_ids(
     return tokens
 
 
-def tokens_from_text(
-    desc: ModelDescription, text: str, max_steps: int, field: str, require_known: bool = True
-) -> np.ndarray:
-    """Text -> (T,) int64 with the model's own tokenizer; unknown characters map to the unknown
-    token. A whole text (`require_known`) must have some known character; a streamed chunk need
-    not (a chunk that is only a space is fed as Classify would feed that space)."""
+def _text_codec(desc: ModelDescription, text: str, max_steps: int, field: str) -> TextCodec:
     _need_kind(desc, "tokens", field)
     if desc.tokenizer is None:
         raise InvalidInput(f"{field}: model {desc.name} v{desc.version} has no tokenizer")
@@ -68,12 +65,45 @@ def tokens_from_text(
         raise InvalidInput(
             f"{field} has {len(text)} characters: more than the maximum {max_steps} steps"
         )
-    normalized = desc.tokenizer.normalize(text)
-    check_steps(len(normalized), max_steps, field)  # before a list of ids is built
-    ids = desc.tokenizer.encode(normalized)  # normalising is idempotent
-    if require_known and len(desc.tokenizer.unknown_chars(normalized)) == len(ids):
+    return text_codec(desc.tokenizer)
+
+
+def tokens_from_text(
+    desc: ModelDescription, text: str, max_steps: int, field: str, require_known: bool = True
+) -> np.ndarray:
+    """A whole text -> (T,) int64 with the model's own tokenizer; unknown characters map to the
+    unknown token, but (`require_known`) some token must be known. Streamed text goes through
+    tokens_from_stream instead, which holds back what may still change."""
+    codec = _text_codec(desc, text, max_steps, field)
+    if not text:
+        check_steps(0, max_steps, field)
+    ids = codec.encode(text)
+    check_steps(len(ids), max_steps, field)
+    if require_known and not codec.known(ids):
         raise InvalidInput(f"{field} = {quoted(text)} has no character in the model's vocabulary")
     return np.asarray(ids, dtype=np.int64)
+
+
+def tokens_from_stream(
+    desc: ModelDescription, held: HeldText, text: str, max_steps: int, field: str
+) -> tuple[np.ndarray, HeldText]:
+    """A streamed chunk of text -> the (T,) int64 ids that can no longer change (T may be 0:
+    all of it waits) and what is held back (service/engine/textstream.py). Unknown characters
+    are fed as the unknown token, as Classify feeds them inside a text."""
+    codec = _text_codec(desc, text, max_steps, field)
+    if not text:
+        check_steps(0, max_steps, field)
+    feed = codec.feed(held, text, final=False)
+    if len(feed.ids) > max_steps:
+        check_steps(len(feed.ids), max_steps, field)
+    return np.asarray(feed.ids, dtype=np.int64), feed.held
+
+
+def tokens_held(desc: ModelDescription, held: HeldText) -> np.ndarray:
+    """The ids of a session's held-back text, fed at its end."""
+    if not held.text or desc.tokenizer is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(text_codec(desc.tokenizer).feed(held, "", final=True).ids, dtype=np.int64)
 
 
 def _check_finite(frames: np.ndarray, field: str) -> None:

@@ -33,8 +33,11 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
     try:
         for i, item in enumerate(work):
             session = item.session
-            if item.seq < 1 or session.lock.locked():
-                busy[i] = asyncio.ensure_future(engine.apply_chunk(session, item.seq, item.chunk))
+            if item.seq < 1 or session.lock.locked() or not len(item.chunk):
+                # busy elsewhere, or text that all waits (no model run): on its own
+                busy[i] = asyncio.ensure_future(
+                    engine.apply_chunk(session, item.seq, item.chunk, item.held)
+                )
                 continue
             await session.lock.acquire()  # free: taken without suspending
             locked.append(session)
@@ -67,6 +70,11 @@ def _submit_locked(
         return exc
     if item.seq <= session.last_seq:
         return session.duplicate(item.seq)
+    if item.held is not None:
+        try:
+            session.check_held(item.held)
+        except LstmServeError as exc:
+            return exc
     waiting[index] = session.model.submit(session, item.seq, item.chunk)
     return None
 
@@ -85,7 +93,12 @@ def _collect(
             raise exc
         else:
             result = future.result()
-            outcomes[i] = ChunkOutcome(work[i].seq, result, False, result.total_steps)
+            session, held = work[i].session, work[i].held
+            if held is not None:
+                session.held = held.after
+            outcomes[i] = ChunkOutcome(
+                work[i].seq, result, False, result.total_steps, len(session.held.text)
+            )
             applied.append(i)
     return applied
 

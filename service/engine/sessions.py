@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import metrics
+from service.engine.textstream import NOTHING_HELD, HeldChange, HeldText
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions
 from service.errors import (
     LstmServeError,
     NotStreamable,
     Overloaded,
     SessionExpired,
+    SessionMoved,
     SessionNotFound,
     SessionReplaced,
 )
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["Session", "SessionStore", "StreamOptions"]
 
 log = logging.getLogger(__name__)
+
+NO_PROBS = np.zeros(0, dtype=np.float32)  # a session before its first step has none
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +63,8 @@ class Session:
     last_result: StepResult | None = None
     # Why the session is gone (ended, expired, replaced, retired); None while it lives.
     closed: LstmServeError | None = None
+    # Streamed text not fed yet: it may still combine with the next chunk (textstream.py).
+    held: HeldText = NOTHING_HELD
 
     @property
     def ended(self) -> bool:
@@ -82,7 +88,25 @@ class Session:
         """A resend (seq <= last applied): not applied again; the last applied chunk's resend
         gets its original result."""
         result = self.last_result if seq == self.last_seq else None
-        return ChunkOutcome(seq, result, True, self.total_steps)
+        return ChunkOutcome(seq, result, True, self.total_steps, len(self.held.text))
+
+    def check_held(self, change: HeldChange) -> None:
+        """A text chunk decoded against held text another stream has changed since cannot be
+        applied: the client resumes and resends it."""
+        if self.held is not change.before:
+            raise SessionMoved(
+                f"session {self.id} took another chunk of text while this one was decoded "
+                "(two streams on one session): resume it and resend"
+            )
+
+    def hold(self, seq: int, held: HeldText) -> StepResult:
+        """Message `seq` is text that all waits (it may still combine): no step, the reply
+        carries the probabilities as they were (none before the first step)."""
+        self.last_seq = seq
+        self.held = held
+        probs = self.last_result.probs if self.last_result is not None else NO_PROBS
+        self.last_result = StepResult(probs, None, 0, self.total_steps)
+        return StepResult(probs.copy(), None, 0, self.total_steps)
 
     def read_state(self) -> np.ndarray:
         """A copy of the state, (S, H)."""
@@ -109,12 +133,14 @@ class Session:
         self.total_steps = 0
         self.last_seq = seq
         self.last_result = None
+        self.held = NOTHING_HELD
 
     def restore(self, state: np.ndarray, last_seq: int, total_steps: int,
-                last_result: StepResult | None) -> None:  # fmt: skip
+                last_result: StepResult | None, held: HeldText = NOTHING_HELD) -> None:  # fmt: skip
         """Take a continued session's progress (a fresh session, before anyone uses it)."""
         self.model.state.write(self.row, state)
         self.last_seq, self.total_steps, self.last_result = last_seq, total_steps, last_result
+        self.held = held
 
     def close(self, reason: LstmServeError) -> bool:
         """Terminal: free the row; every later use (and a chunk in flight) gets `reason`."""

@@ -50,6 +50,10 @@ class SessionSnapshot:
     # The session's reply options, so a session continued elsewhere answers as it did here.
     every_step: bool = False
     top_k: int = 1
+    # Streamed text held back (it may still combine with the next chunk), and whether the text
+    # fed before it ended in a cased letter (service/engine/textstream.py).
+    held_text: str = ""
+    held_cased: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "last_steps": snap.last_steps,
             "every_step": snap.every_step,
             "top_k": snap.top_k,
+            "held_text": snap.held_text,
+            "held_cased": snap.held_cased,
         },
         separators=(",", ":"),
     ).encode()
@@ -191,6 +197,8 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             last_steps=int(meta.get("last_steps", 0)),
             every_step=bool(meta.get("every_step", False)),
             top_k=max(1, int(meta.get("top_k", 1))),
+            held_text=str(meta.get("held_text", "")),
+            held_cased=bool(meta.get("held_cased", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:  # signed but malformed: a bug, not an attack
         raise SnapshotInvalid(f"snapshot: malformed contents ({exc})") from exc

@@ -15,6 +15,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from service.engine.sessions import Session
+    from service.engine.textstream import HeldChange
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ChunkOutcome:
     result: StepResult | None
     duplicate: bool
     total_steps: int
+    held_characters: int = 0  # streamed text held back after it (service/engine/textstream.py)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class ChunkWork:
 
     session: Session
     seq: int
-    chunk: np.ndarray  # (T,) or (T, F)
+    chunk: np.ndarray  # (T,) or (T, F); (0,) when all of a text chunk is held back
+    held: HeldChange | None = None  # a text chunk's change to the held text
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ until the session (and so the model's description) is known: it is decoded once,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from lstmserve.contract import ModelDescription
 from service.engine.sessions import Session
-from service.engine.types import ChunkOutcome, StreamOptions
+from service.engine.types import ChunkOutcome, StepResult, StreamOptions
 from service.errors import LstmServeError
 
 
@@ -23,6 +23,11 @@ class InputSource(Protocol):
 
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
         """(T,) int64 tokens or (T, F) float32 frames; InvalidInput naming `field`."""
+        ...
+
+    def text(self) -> str | None:
+        """The chunk's text, if it is text (streamed text is held back where it may still
+        change: the layer tokenizes it against the session's held text)."""
         ...
 
     def steps_hint(self) -> int:
@@ -147,6 +152,11 @@ class Snapshot:
 class Ended:
     total_steps: int
     last_seq: int
+    # The classification at the end (after the held-back text was fed), if there was a step.
+    final: StepResult | None = None
+    flushed_steps: int = 0  # steps of held-back text fed at the end
+    # The session that ended (labels and options of `final`); not part of the reply's value.
+    session: Session | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,14 +133,13 @@ class MultiConversation:
     def _decode_chunk(
         self, session: Session, chunk: Chunk, i: int, work: list[tuple[int, ChunkWork]]
     ) -> Reply | None:
-        desc = session.model.description
         field = f"entries[{i}].chunk.input"
         try:
-            steps = chunk.input.decode(desc, self.layer.limits.max_chunk_steps, field)
+            steps, held = self.layer.decode(session, chunk.input, field)
         except InvalidInput as exc:
-            metrics.requests(f"{RPC}.chunk", desc.name, exc.code).inc()
+            metrics.requests(f"{RPC}.chunk", session.model.name, exc.code).inc()
             return Reply(session.id, ChunkDone(session, chunk.seq, None, exc))
-        work.append((i, ChunkWork(session, chunk.seq, steps)))
+        work.append((i, ChunkWork(session, chunk.seq, steps, held)))
         return None
 
     def _note_used(self, replies: Sequence[Reply]) -> None:

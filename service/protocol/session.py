@@ -11,9 +11,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from service import metrics
 from service.engine.core import Engine
+from service.engine.inputs import tokens_from_stream, tokens_held
 from service.engine.sessions import Session
+from service.engine.textstream import HeldChange
 from service.errors import Draining, InvalidInput, ProtocolError
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
@@ -22,6 +26,7 @@ from service.protocol.messages import (
     ChunkDone,
     End,
     Ended,
+    InputSource,
     Open,
     Opened,
     Request,
@@ -101,23 +106,40 @@ class SessionLayer:
         if isinstance(request, TakeSnapshot):
             return await self.snapshot(session, final=False)
         if isinstance(request, End):
-            await self.engine.end(session)
-            return Ended(session.total_steps, session.last_seq)
+            return await self.end(session)
         raise ProtocolError(
             f"a Stream already attached to a session cannot take {kind_name(request)}"
         )
 
     async def chunk(self, session: Session, chunk: Chunk, rpc: str, field: str) -> ChunkDone:
         """Apply one chunk; a bad chunk is answered in-band and leaves the session unchanged."""
-        desc = session.model.description
         try:
-            steps = chunk.input.decode(desc, self.limits.max_chunk_steps, field)
-            outcome = await self.engine.apply_chunk(session, chunk.seq, steps)
+            steps, held = self.decode(session, chunk.input, field)
+            outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held)
         except InvalidInput as exc:
             metrics.requests(f"{rpc}.chunk", session.model.name, exc.code).inc()
             return ChunkDone(session, chunk.seq, None, exc)
         metrics.requests(f"{rpc}.chunk", session.model.name, "OK").inc()
         return ChunkDone(session, chunk.seq, outcome)
+
+    def decode(
+        self, session: Session, source: InputSource, field: str
+    ) -> tuple[np.ndarray, HeldChange | None]:
+        """A chunk's steps; text is tokenized after the session's held text, and what may still
+        change with the next chunk is held back (the change is applied with the chunk)."""
+        desc, max_steps = session.model.description, self.limits.max_chunk_steps
+        text = source.text() if hasattr(source, "text") else None
+        if text is None:
+            return source.decode(desc, max_steps, field), None
+        before = session.held
+        ids, after = tokens_from_stream(desc, before, text, max_steps, f"{field}.text")
+        return ids, HeldChange(before, after)
+
+    async def end(self, session: Session) -> Ended:
+        """End the session, feeding its held-back text first."""
+        flush = tokens_held(session.model.description, session.held)
+        final = await self.engine.end(session, flush)
+        return Ended(session.total_steps, session.last_seq, final, len(flush), session)
 
     async def snapshot(self, session: Session, final: bool) -> Snapshot:
         blob = await self.engine.take_snapshot(session, final=final)

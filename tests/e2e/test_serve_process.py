@@ -51,7 +51,7 @@ async def drain_scenario(server: ServerProcess) -> dict[str, object]:
         call = stub.Stream()
         await call.write(pb.StreamRequest(open=pb.OpenSession(model="tiny-gru")))
         await call.read()
-        chunk = pb.Chunk(seq=1, input=pb.SequenceInput(text="hello"))
+        chunk = pb.Chunk(seq=1, input=pb.SequenceInput(text="hello "))  # all fed (ends in space)
         await call.write(pb.StreamRequest(chunk=chunk))
         await until(lambda: _true(inflight_runs(server.metrics_port) >= 1))
         server.terminate()
@@ -95,7 +95,7 @@ def test_serving_after_load_then_sigterm_drains_in_flight_chunk(
     assert seen["new_session"] == grpc.StatusCode.UNAVAILABLE
     reply = seen["inflight_reply"]
     assert isinstance(reply, pb.ChunkResult)
-    assert reply.steps == 5 and len(reply.probabilities) == 3 and not reply.HasField("error")
+    assert reply.steps == 6 and len(reply.probabilities) == 3 and not reply.HasField("error")
     assert seen["after_reply"] == grpc.StatusCode.UNAVAILABLE
     assert rc == 0
     server.wait_event("stopped", timeout=1)

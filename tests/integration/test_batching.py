@@ -168,12 +168,12 @@ def test_client_multi_stream_resume_and_end(
             multi = client.multi_stream()
             opened = await multi.exchange([MultiStream.open("tiny-gru") for _ in range(3)])
             ids = [r.session_id for r in opened]
-            await multi.exchange([MultiStream.chunk(s, 1, "ab") for s in ids])
+            await multi.exchange([MultiStream.chunk(s, 1, [1, 2]) for s in ids])  # "ab"
             await multi.close()
             again = client.multi_stream()  # the sessions outlived the first stream
             resumed = await again.exchange([MultiStream.resume(ids[0])])
             last = await again.exchange(
-                [MultiStream.chunk(s, 2, text) for s, text in zip(ids, "cde", strict=True)]
+                [MultiStream.chunk(s, 2, [i]) for s, i in zip(ids, [3, 4, 5], strict=True)]
                 + [MultiStream.end(s) for s in ids]
             )
             await again.close()

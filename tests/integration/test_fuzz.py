@@ -262,8 +262,13 @@ class Control:
 
 
 def _chunk_stream(channel: grpc.Channel, first: pb.StreamRequest, seq: int, text: str) -> list:
-    """A stream of an attach message and one chunk (no end: the session stays); its replies."""
-    chunk = pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(text=text)))
+    """A stream of an attach message and one chunk (no end: the session stays); its replies.
+    The chunk is sent as token ids, so all of it is fed at once (text would hold back its last
+    letter until the next chunk)."""
+    ids = CONTROL_IDS[[CONTROL_FIRST, CONTROL_SECOND].index(text) * 2 :][:2].tolist()
+    chunk = pb.StreamRequest(
+        chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
+    )
     requests = [first.SerializeToString(), chunk.SerializeToString()]
     replies = channel.stream_stream(method_path("Stream"))(iter(requests), timeout=CALL_TIMEOUT_S)
     return [pb.StreamResponse.FromString(r) for r in replies]
