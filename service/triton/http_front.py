@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size
 MAX_ERROR_CHARS = 1024  # as the gRPC fronts cap status messages
+# Replies smaller than this go uncompressed whatever Accept-Encoding says (aiohttp clients, such
+# as tritonclient.http.aio, always send one): compressing a few hundred bytes costs more than
+# it saves.
+COMPRESS_FROM_BYTES = 16 << 10
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 INT64_TYPES = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
@@ -334,8 +338,8 @@ class HttpFront:
         data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
         headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
         response = web.Response(body=data, content_type=content_type, headers=headers)
-        if "Accept-Encoding" in request.headers:
-            response.enable_compression()
+        if len(data) >= COMPRESS_FROM_BYTES and "Accept-Encoding" in request.headers:
+            response.enable_compression()  # gzip or deflate, as the client accepts
         return response
 
     # -- life ------------------------------------------------------------------------------

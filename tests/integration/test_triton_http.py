@@ -418,3 +418,30 @@ def test_unsupported_triton_endpoints_are_501_naming_what_is_missing(
     tensor = {"name": "tokens", "datatype": "INT64", "shape": [1, 2], "parameters": shm}
     status, body = raw_infer(http_server, {"inputs": [tensor]})
     assert status == 501 and "shared memory" in error_of(body)
+
+
+def test_large_replies_are_compressed_when_the_client_asks(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    batch = np.random.default_rng(0).integers(1, 27, size=(8, 200))
+    tensor = httpclient.InferInput("tokens", list(batch.shape), "INT64")
+    tensor.set_data_from_numpy(batch, binary_data=False)
+    outputs = [
+        httpclient.InferRequestedOutput(n, binary_data=False) for n in ("probs", "step_probs")
+    ]
+    plain = client.infer("tiny-gru", [tensor], outputs=outputs)
+    packed = client.infer("tiny-gru", [tensor], outputs=outputs,
+                          response_compression_algorithm="gzip")  # fmt: skip
+    np.testing.assert_array_equal(plain.as_numpy("step_probs"), packed.as_numpy("step_probs"))
+    body = json.dumps({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [8, 200],
+                                   "data": batch.ravel().tolist()}]}).encode()  # fmt: skip
+    for accept, encoding in (("gzip", "gzip"), ("identity", None)):
+        status, headers, _ = call(http_server, "/v2/models/tiny-gru/infer", body,
+                                  {"Accept-Encoding": accept})  # fmt: skip
+        assert status == 200 and headers.get("Content-Encoding") == encoding
+    small = json.dumps({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 2],
+                                    "data": [1, 2]}]}).encode()  # fmt: skip
+    _, headers, _ = call(
+        http_server, "/v2/models/tiny-gru/infer", small, {"Accept-Encoding": "gzip"}
+    )
+    assert "Content-Encoding" not in headers  # a few hundred bytes: not worth compressing
