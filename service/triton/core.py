@@ -154,8 +154,10 @@ class TritonCore:
         await self.engine.control.load(name)
 
     async def unload(self, name: str) -> None:
+        """Drain every version of NAME; a model not loaded is already unloaded (as Triton)."""
         self._check_explicit("unload")
-        await self.engine.control.unload(name)
+        if any(w.name == name for w in self.engine.registry.all()):
+            await self.engine.control.unload(name)
 
     def _check_explicit(self, what: str) -> None:
         mode = self.engine.control.mode

@@ -100,6 +100,9 @@ def decode_sequences(
         rows = data
     batch = shape[0]
     if batch < 1 or batch > max_batch:
+        if max_batch == 1 and batch > 1:  # as Triton's sequence batcher requires
+            raise invalid(f"{label}: shape {list(shape)}: a sequence request must have batch "
+                          "size 1 (one chunk of its sequence)")  # fmt: skip
         raise invalid(f"{label}: batch size {batch} is not in [1, {max_batch}]")
     valid = _lengths(lengths_input, batch, shape, ours) if lengths_input is not None else None
     try:

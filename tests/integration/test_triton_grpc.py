@@ -220,6 +220,11 @@ def test_a_request_without_start_for_an_unknown_id_names_the_sequence(
         client.infer("tiny-lstm", [token_input([1])], sequence_id="never-started")
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "sequence_start" in info.value.message()
+    two = tc.InferInput("tokens", [2, 1], "INT64")
+    two.set_data_from_numpy(np.array([[1], [2]], dtype=np.int64))
+    with pytest.raises(InferenceServerException, match="batch size 1") as info:
+        client.infer("tiny-lstm", [two], sequence_id=5, sequence_start=True)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 def test_classification_returns_score_index_label(
@@ -297,6 +302,7 @@ def test_repository_load_and_unload_drive_model_control(
     with pytest.raises(InferenceServerException, match="no-such") as info:
         client.load_model("no-such-model")
     assert info.value.status() == "StatusCode.NOT_FOUND"
+    client.unload_model("no-such-model")  # not loaded: already unloaded, as Triton answers
 
 
 def test_a_batch_without_sequence_id_equals_classify(
