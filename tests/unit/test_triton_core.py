@@ -207,3 +207,56 @@ def test_statistics_count_inferences_and_failures(core: TritonCore) -> None:
     assert after.inference_count == before.inference_count + 2
     assert after.success.count == before.success.count + 1
     assert after.fail.count == before.fail.count + 1
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"sequence_id": True}, "sequence_id = 'True' is not an integer or string"),
+        ({"sequence_id": -1}, "sequence_id = -1 is not a uint64"),
+        ({"sequence_id": "x" * 300}, "longer than 256"),
+        ({"sequence_id": 3, "sequence_start": 1}, "sequence_start = '1' is not a bool"),
+        ({"sequence_id": 3, "lstm_serve_seq": 0}, "lstm_serve_seq = '0' is not an integer >= 1"),
+        ({"sequence_start": True}, "need a sequence_id"),
+    ],
+)
+def test_bad_sequence_parameters_are_invalid_argument_naming_them(
+    core: TritonCore, params: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(LstmServeError, match=words) as info:
+        run(core.infer(request(tokens([[1]]), **params)))
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_typed_values_and_a_text_batch(core: TritonCore) -> None:
+    ids = tensors.from_values("tokens", "INT64", [1, 3], [1, 2, 3])
+    assert ids.dtype == np.int64 and ids.shape == (1, 3)
+    with pytest.raises(LstmServeError, match="'tokens': 2 values, expected 3"):
+        tensors.from_values("tokens", "INT64", [1, 3], [1, 2])
+    texts = tensors.from_values("text", "BYTES", [2], ["ab", b"abc d"])
+    reply = run(core.infer(request(InferInput("text", "BYTES", (2,), texts))))
+    assert output(reply, "step_probs").shape == (2, 5, 3)  # the shorter text padded
+    worker = core.engine.classify_model("tiny-lstm", 0)
+    tokenizer = worker.description.tokenizer
+    assert tokenizer is not None
+    want = classify(core, "tiny-lstm", [np.array(tokenizer.encode(t)) for t in ("ab", "abc d")])
+    np.testing.assert_allclose(output(reply, "probs"), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(output(reply, "step_probs")[0, 2:], 0)
+
+
+def test_unknown_outputs_and_classification_on_steps_are_refused(core: TritonCore) -> None:
+    for outputs, words in [
+        ((RequestedOutput("logits"),), "output 'logits' is not an output"),
+        ((RequestedOutput("step_probs", {"classification": 1}),), "per step"),
+        ((RequestedOutput("probs", {"classification": "two"}),), "not a count"),
+    ]:
+        with pytest.raises(LstmServeError, match=words):
+            run(core.infer(request(tokens([[1, 2]]), outputs=outputs)))
+
+
+def test_server_metadata_and_the_repository_index(core: TritonCore) -> None:
+    meta = core.server_metadata()
+    assert meta.name == "lstm-serve" and "sequence" in meta.extensions
+    rows = {(r.name, r.version): r.state for r in core.repository_index()}
+    assert rows[("tiny-lstm", "2")] == "READY"
+    assert core.live() and core.ready()
