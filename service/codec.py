@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import Message
 
-from lstmserve.contract import ModelDescription
+from lstmserve.contract import ModelDescription, Tokenizer
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service.engine.inputs import (
     check_steps,
@@ -231,14 +231,17 @@ def model_info(model: ModelWorker, latest: bool) -> pb.ModelInfo:
         state=STATE_ENUM[model.lifecycle.value],
         sessions=model.sessions,
     )
-    if desc.tokenizer is not None:
-        tok = desc.tokenizer
+    tok = desc.tokenizer
+    if isinstance(tok, Tokenizer):
         info.tokenizer.CopyFrom(
             pb.TokenizerInfo(
                 type="chars", vocab=list(tok.vocab), lowercase=tok.lowercase,
                 unknown_id=tok.unknown_id, normalization=tok.normalization,
             )
         )  # fmt: skip
+    elif tok is not None:  # a subword tokenizer.json: its vocabulary stays on the server
+        unknown = tok.to_dict().get("unknown_id")
+        info.tokenizer.CopyFrom(pb.TokenizerInfo(type="tokenizer.json", unknown_id=unknown or 0))
     return info
 
 

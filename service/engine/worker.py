@@ -26,6 +26,7 @@ from service.engine.generic import GenericRuntime
 from service.engine.runtime import CPU, CUDA, ModelRuntime
 from service.engine.sessions import Session
 from service.engine.state import HostStateSlab, StateStore
+from service.engine.subwords import with_tokenizer_file
 from service.engine.tritonconfig import CONFIG_FILE, TritonModel, load_triton_config
 from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
 from service.errors import ConfigError, Unavailable
@@ -165,7 +166,7 @@ class WorkerFactory:
         except Exception as exc:  # onnxruntime's own errors: a corrupt or unrunnable file
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"{path}: cannot load: {first_line[:300]}") from exc
-        desc = runtime.description
+        runtime.description = desc = with_tokenizer_file(runtime.description, path)
         if (desc.name, desc.version) != (name, version):
             log.warning("model description names another model than its folder", extra={"fields": {
                 "path": str(path), "folder": f"{name}/{version}",
