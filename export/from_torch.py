@@ -258,24 +258,59 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
-def read_tokenizer(spec: str | None, vocab_size: int) -> dict[str, Any] | None:
-    """'chars:VOCAB.txt' (one entry per line, line i = id i, line 0 the unknown token) or a
-    tokenizer.json ({"type": "chars", "vocab": [...], ...}, as the description holds it)."""
+@dataclass(frozen=True)
+class TokenizerChoice:
+    """--tokenizer: a character tokenizer embedded in the description, or a subword
+    tokenizer.json (Hugging Face `tokenizers`) copied beside model.onnx, where the server
+    reads it."""
+
+    def describe(self) -> str:
+        if self.chars:
+            return f"characters, {len(self.chars['vocab'])} entries (in the description)"
+        if self.subword_file:
+            return "subwords: tokenizer.json beside model.onnx"
+        return "none: clients send token ids (or frames)"
+
+    chars: dict[str, Any] | None = None
+    subword_file: Path | None = None
+
+
+def _subword_ids(data: dict[str, Any]) -> int:
+    """How many ids a tokenizer.json can produce (its largest id + 1), read from the JSON."""
+    vocab = data["model"].get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [int(t["id"]) for t in data.get("added_tokens") or []]
+    return max(ids) + 1 if ids else 0
+
+
+def read_tokenizer(spec: str | None, vocab_size: int) -> TokenizerChoice:
+    """'chars:VOCAB.txt' (one entry per line, line i = id i, line 0 the unknown token), our own
+    character tokenizer as JSON ({"type": "chars", "vocab": [...]}), or a subword tokenizer.json;
+    every id it gives must be a row of the Embedding."""
     if spec is None:
-        return None
+        return TokenizerChoice()
     from lstmserve.contract import Tokenizer
 
     if spec.startswith("chars:"):
         text = Path(spec[len("chars:") :]).read_text(encoding="utf-8")
         data: dict[str, Any] = {"type": "chars", "vocab": text.rstrip("\n").split("\n")}
     else:
-        data = json.loads(Path(spec).read_text(encoding="utf-8"))
+        try:
+            data = json.loads(Path(spec).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--tokenizer {Path(spec).name!r} is not JSON: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):  # a tokenizers file
+        ids = _subword_ids(data)
+        if ids > vocab_size:
+            raise ValueError(f"--tokenizer gives ids up to {ids - 1}, the Embedding has "
+                             f"{vocab_size} rows")  # fmt: skip
+        return TokenizerChoice(subword_file=Path(spec))
     tokenizer = Tokenizer.from_dict(data).to_dict()
     if len(tokenizer["vocab"]) > vocab_size:
         raise ValueError(
             f"--tokenizer has {len(tokenizer['vocab'])} entries, the Embedding only {vocab_size}"
         )
-    return tokenizer
+    return TokenizerChoice(chars=tokenizer)
 
 
 def parse_out(out: Path) -> tuple[str, int]:
@@ -301,6 +336,7 @@ reads is embedded in `model.onnx` (metadata key `lstm_serve.description`).
 ## Model
 - {arch["num_layers"]} x {arch["cell"].upper()}, hidden {arch["hidden_size"]}, {dirs};
   input: {arch["input_kind"]}; labels: {", ".join(report["labels"])}.
+- Tokenizer: {report["tokenizer"]}.
 - The module's forward: {user["forward"]}.
 
 | our part | the module's attribute |
@@ -342,8 +378,10 @@ def export_from_torch(
     fwd = detect_forward(user, model)
     training = {"source": "lstm-export from-torch", "module": module, "command": command,
                 "forward": fwd.describe()}  # fmt: skip
-    tok = read_tokenizer(tokenizer, arch.vocab_size) if arch.input_kind == "tokens" else None
-    desc = describe(model, name, version, labels, tokenizer=tok, training=training)
+    if tokenizer and arch.input_kind != "tokens":
+        raise ValueError("--tokenizer is for a token model (with an nn.Embedding)")
+    tok = read_tokenizer(tokenizer, arch.vocab_size)
+    desc = describe(model, name, version, labels, tokenizer=tok.chars, training=training)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
         export_model(model, desc, str(staged))
@@ -356,11 +394,14 @@ def export_from_torch(
         contract = verify_model(staged).to_dict()
         report = {"model": f"{name}/{version}", "module": module, "labels": labels,
                   "architecture": arch.to_dict(), "mapping": parts.names(),
+                  "tokenizer": tok.describe(),
                   "verify_user_module": parity.to_dict(), "verify_contract": contract,
                   "command": command}  # fmt: skip
         if not contract["passed"]:
             raise VerificationError(f"the v1 contract checks failed: {json.dumps(contract)}")
         out.mkdir(parents=True, exist_ok=True)
+        if tok.subword_file is not None:  # before the model, which a polling server may load
+            shutil.copyfile(tok.subword_file, out / "tokenizer.json")
         shutil.move(staged, out / "model.onnx")
     (out / "README.md").write_text(model_card(name, version, report), encoding="utf-8")
     return report

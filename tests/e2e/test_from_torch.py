@@ -369,3 +369,56 @@ def test_weights_that_are_not_a_state_dict_are_refused_clearly(
     assert done.returncode == 2
     assert "--weights 'whole.pt' is not a state dict saved with torch.save" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _word_tokenizer(path: Path) -> list[str]:
+    """A word-level tokenizer.json (Hugging Face tokenizers) of 8 words + [UNK]; its words."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[UNK]", "hello", "world", "stream", "the", "a", "model", "serve", "it"]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return words
+
+
+def test_a_subword_tokenizer_json_goes_beside_the_model_and_is_served(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    words = _word_tokenizer(tmp_path / "tokenizer.json")
+    out = tmp_path / "repo" / "chargru" / "3"
+    done = from_torch(user_dir, "CharGRU", out, "--tokenizer", str(tmp_path / "tokenizer.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["tokenizer"] == "subwords: tokenizer.json beside model.onnx"
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+
+    text = "the model serve it"
+    server = ServerProcess(tmp_path / "repo")
+    try:
+        server.wait_event("ready")
+        probs = asyncio.run(_classify_text(server.address, text))
+    finally:
+        server.stop()
+    ids = torch.tensor([[words.index(w) for w in text.split()]])
+    with torch.no_grad():
+        expected = torch.softmax(_user(user_dir, "CharGRU")(ids), dim=-1)[0].numpy()
+    np.testing.assert_allclose(probs, expected, atol=TOLERANCE)
+
+
+async def _classify_text(address: str, text: str) -> list[float]:
+    from lstmserve.client import LstmClient
+
+    async with LstmClient([address]) as client:
+        reply = await client.classify("chargru", [text])
+    return list(reply.results[0].probabilities)
+
+
+def test_a_tokenizer_with_more_ids_than_embedding_rows_is_refused(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    vocab = tmp_path / "big.txt"
+    vocab.write_text("\n".join(["<unk>", *(chr(0x4E00 + i) for i in range(40))]) + "\n")
+    done = from_torch(user_dir, "CharGRU", tmp_path / "r" / "m" / "1", "--tokenizer",
+                      f"chars:{vocab}")  # fmt: skip
+    assert done.returncode == 2
+    assert "--tokenizer has 41 entries, the Embedding only 28" in done.stderr
