@@ -1,4 +1,5 @@
-"""`lstm-export`: train the shipped models, verify exported ones, print a description."""
+"""`lstm-export`: train the shipped models, export your own (from-torch; config for any ONNX),
+verify exported ones, print a description."""
 
 from __future__ import annotations
 

@@ -81,11 +81,19 @@ def test_torch_exported_lstm_gets_its_state_pairs_and_batch_axis(torch_lstm_repo
 
 
 def test_starter_is_accepted_by_the_lstm_serve_loader(torch_lstm_repo: Path) -> None:
+    import onnxruntime as ort
+
+    from service.engine.binding import bind
     from service.engine.tritonconfig import load_triton_config
 
     model = load_triton_config(torch_lstm_repo / "torch-lstm")
     assert [(s.input_name, s.output_name) for s in model.states] == [("h0", "hn"), ("c0", "cn")]
     assert model.labels(model.outputs[0], 3) == ("a", "b", "c")
+    path = torch_lstm_repo / "torch-lstm" / "1" / "model.onnx"
+    binding = bind(model, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path)
+    assert binding.input_kind == "features" and binding.feature_dim == 5
+    assert [(s.shape, s.batch_axis) for s in binding.states] == [((2, 8), 1), ((2, 8), 1)]
+    assert binding.step_output is not None and binding.step_output.name == "logits"
 
 
 def test_batch_first_state_needs_no_batch_axis_and_lengths_and_vocab_are_found(
