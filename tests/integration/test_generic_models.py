@@ -88,13 +88,13 @@ sequence_batching {
 """
 
 
-def export_batch_first(folder: Path, seed: int = 0) -> BatchFirstLstm:
+def export_batch_first(folder: Path, seed: int = 0, version: int = 1) -> BatchFirstLstm:
     torch.manual_seed(seed)
     model = BatchFirstLstm().eval()
-    (folder / "1").mkdir(parents=True)
+    (folder / str(version)).mkdir(parents=True)
     args = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2 * LAYERS, HIDDEN))
     torch.onnx.export(
-        model, args, str(folder / "1" / "model.onnx"), input_names=["tokens", "state_in"],
+        model, args, str(folder / str(version) / "model.onnx"), input_names=["tokens", "state_in"],
         output_names=["logits", "state_out"], dynamo=False,
         dynamic_axes={"tokens": {0: "batch", 1: "time"}, "state_in": {0: "batch"},
                       "logits": {0: "batch", 1: "time"}, "state_out": {0: "batch"}},
@@ -371,3 +371,65 @@ def test_lstm_export_verify_fails_an_export_that_drops_its_state(
     assert main(["verify", str(folder / "1")]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "FAIL" and report["max_diff_streaming_vs_whole"] > 1e-3
+
+
+def test_with_the_redis_store_another_replica_resumes_a_generic_session_exactly(
+    triton_repo: tuple[Path, dict[str, nn.Module]], redis_url: str, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repo[0] / "chars-torch", repo / "chars-torch")
+    config = make_config(repo, snapshot_key=KEY, session_store=redis_url)
+    a, b = ServerThread(config).start(), ServerThread(config).start()
+
+    async def scenario() -> np.ndarray:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            first = await ca.open_session("chars-torch", every_step=True)
+            got = [_steps(await first.step(WORD[:5].tolist()))]
+            await first.close()  # the stream breaks; the session lives on in Redis
+            second = await cb.resume_session(first.session_id)
+            assert second.opened.last_applied_seq == 1 and second.opened.total_steps == 5
+            got.append(_steps(await second.step(WORD[5:].tolist())))
+            await second.end()
+            return np.concatenate(got)
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        a.stop()
+        b.stop()
+    expected = torch_step_probs(triton_repo[1]["chars-torch"], WORD)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_new_version_is_loaded_by_model_control_and_sessions_stay_pinned(
+    triton_repo: tuple[Path, dict[str, nn.Module]], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repo[0] / "chars", repo / "chars")
+    config = make_config(repo, model_control="explicit", load_models=("chars",))
+    server = ServerThread(config).start()
+    old = triton_repo[1]["chars"]
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, nn.Module]:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("chars", every_step=True)
+            got = [_steps(await session.step(WORD[:4].tolist()))]
+            new = export_batch_first(repo / "chars", seed=5, version=2)
+            assert server.app is not None
+            await server.app.engine.control.load("chars")  # LoadModel
+            latest = {m.version: m.latest for m in await client.list_models()}
+            assert latest == {1: False, 2: True}
+            got.append(_steps(await session.step(WORD[4:].tolist())))  # still on version 1
+            await session.end()
+            fresh = await client.open_session("chars", every_step=True)
+            assert fresh.opened.version == 2
+            on_new = _steps(await fresh.step(WORD.tolist()))
+            await fresh.end()
+            return np.concatenate(got), on_new, new
+
+    try:
+        pinned, on_new, new = server.call(scenario())
+    finally:
+        server.stop()
+    np.testing.assert_allclose(pinned, torch_step_probs(old, WORD), atol=1e-5)
+    np.testing.assert_allclose(on_new, torch_step_probs(new, WORD), atol=1e-5)
