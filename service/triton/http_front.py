@@ -50,30 +50,47 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 def config_json(config: Message) -> dict[str, Any]:
-    """A ModelConfig as Triton's REST API shows it: proto field names, 64-bit integers as JSON
-    numbers (protobuf's JSON mapping would quote them)."""
-    doc = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    """A ModelConfig as Triton's REST API shows it: proto field names, fields at their default
+    values included, 64-bit integers as JSON numbers (protobuf's JSON mapping quotes them)."""
+    doc = json_format.MessageToDict(
+        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return _int64_as_numbers(config, doc)
 
 
 def _int64_as_numbers(message: Message, doc: dict[str, Any]) -> dict[str, Any]:
-    for field, value in message.ListFields():
+    for field in message.DESCRIPTOR.fields:
         key = field.name
         if key not in doc:
             continue
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.message_type.GetOptions().map_entry:
-                value_field = field.message_type.fields_by_name["value"]
-                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-                    doc[key] = {k: _int64_as_numbers(value[k], doc[key][k]) for k in doc[key]}
-                continue
+        value = getattr(message, key)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            doc[key] = _map_values(field, value, doc[key])
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             if field.is_repeated:
                 doc[key] = [_int64_as_numbers(m, d) for m, d in zip(value, doc[key], strict=True)]
             else:
                 doc[key] = _int64_as_numbers(value, doc[key])
         elif field.type in INT64_TYPES:
-            doc[key] = [int(v) for v in doc[key]] if isinstance(doc[key], list) else int(doc[key])
+            doc[key] = [int(v) for v in doc[key]] if field.is_repeated else int(doc[key])
     return doc
+
+
+def _map_values(field: FieldDescriptor, value: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    """A map field's JSON object (keys stay strings, as JSON needs), its values fixed."""
+    key_field = field.message_type.fields_by_name["key"]
+    value_field = field.message_type.fields_by_name["value"]
+    numeric_key = key_field.type != FieldDescriptor.TYPE_STRING
+    out = {}
+    for k, v in doc.items():
+        item = value[int(k) if numeric_key else k]
+        if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+            out[k] = _int64_as_numbers(item, v)
+        elif value_field.type in INT64_TYPES:
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
 
 
 def metadata_json(meta: ModelMetadata) -> dict[str, Any]:
