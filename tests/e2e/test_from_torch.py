@@ -71,6 +71,19 @@ USER_MODULES = textwrap.dedent('''
             return self.fc(y[:, -1])
 
 
+    class ElmanNoBias(nn.Module):
+        """head registered first; a 3-layer tanh RNN without biases; log-probs at every step."""
+
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(6, 3, bias=False)
+            self.body = nn.RNN(5, 6, num_layers=3, bias=False, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.body(x)
+            return torch.log_softmax(self.head(y), dim=-1)
+
+
     class WithConv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -149,9 +162,11 @@ def user_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "user_models.py").write_text(USER_MODULES)
     module = _import(work / "user_models.py")
     torch.manual_seed(0)
-    for name in ("CharGRU", "FramesLSTM", "StackedBiLSTM", "WithConv", "LinearBetween",
-                 "MlpHead", "Projected", "Attention", "HiddenTanh", "LongDiffers"):  # fmt: skip
-        torch.save(getattr(module, name)().state_dict(), work / f"{name}.pt")
+    user_classes = [
+        c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__
+    ]
+    for cls in user_classes:
+        torch.save(cls().state_dict(), work / f"{cls.__name__}.pt")
     for classes in (2, 3, 4):
         (work / f"labels{classes}.txt").write_text("".join(f"c{i}\n" for i in range(classes)))
     (work / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
@@ -307,6 +322,24 @@ def test_stacked_bidirectional_modules_are_mapped_as_classify_only(
     from lstmserve.contract import read_description
 
     assert read_description(str(out / "model.onnx")).streamable is False
+
+
+def test_biasless_elman_rnn_with_its_head_registered_first(user_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo" / "elman" / "1"
+    done = from_torch(user_dir, "ElmanNoBias", out, "--input", "features")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["mapping"] == {"recurrent": "body (RNN)", "head": "head (Linear)"}
+    assert report["architecture"]["cell"] == "rnn" and report["architecture"]["num_layers"] == 3
+    assert report["verify_user_module"]["forward"].startswith(
+        "input batch-major; output on every step, batch-major; log-probabilities"
+    )
+    user = _user(user_dir, "ElmanNoBias")
+    x = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(4))
+    step_probs, _ = _stream(_session(out / "model.onnx"), "features", x.numpy(), [2, 2, 5])
+    with torch.no_grad():
+        expected = torch.exp(user(x)).numpy()
+    np.testing.assert_allclose(step_probs, expected, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize(
