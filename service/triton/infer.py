@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from service.engine.core import Engine
+from service.engine.inputs import tokens_from_stream, tokens_held
 from service.engine.sessions import Session
-from service.engine.types import StreamOptions
+from service.engine.textstream import NOTHING_HELD, HeldChange, HeldText
+from service.engine.types import StepResult, StreamOptions
 from service.engine.worker import ModelWorker
-from service.errors import SessionNotFound
+from service.errors import InvalidInput, SessionNotFound
 from service.triton.infer_io import (
+    decode_chunk,
     decode_sequences,
     encode_outputs,
     step_probs_wanted,
@@ -56,7 +61,7 @@ class Inference:
         names = tensor_names(worker)
         wanted = wanted_outputs(request, names, desc.num_classes)
         arrays = decode_sequences(request, names, desc, self.limits.max_sequence_steps,
-                                  self.limits.max_batch_size, whole=True)  # fmt: skip
+                                  self.limits.max_batch_size)  # fmt: skip
         results = await self.engine.classify(worker, arrays, step_probs_wanted(wanted))
         outputs = encode_outputs(wanted, results, desc)
         return InferResponse(worker.name, str(worker.version), request.id, outputs)
@@ -79,47 +84,79 @@ class Inference:
     async def _locked(
         self, request: InferRequest, params: SequenceParams, version: int, entry: Entry
     ) -> tuple[InferResponse, ModelWorker]:
-        engine = self.engine
-        session = await self._current(entry, params, request.model)
+        engine, model = self.engine, request.model
+        session = await self._current(entry, params, model)
         if session is not None and version and session.model.version != version:
-            raise invalid(f"{params.name(request.model)} runs on version "
+            raise invalid(f"{params.name(model)} runs on version "
                           f"{session.model.version}, not {version}")  # fmt: skip
-        worker = session.model if session is not None else engine.classify_model(
-            request.model, version)  # fmt: skip
-        desc = worker.description
+        restart = params.start and not self._is_resend(session, params)
+        if session is None and not restart:
+            raise not_started(params, model)
+        if restart:
+            worker = engine.classify_model(model, version)
+        else:
+            assert session is not None
+            worker = session.model
         names = tensor_names(worker)
-        wanted = wanted_outputs(request, names, desc.num_classes)
-        (steps,) = decode_sequences(request, names, desc, self.limits.max_chunk_steps, 1, False)
-        if params.start and not self._is_resend(session, params):
+        wanted = wanted_outputs(request, names, worker.description.num_classes)
+        chunk = decode_chunk(request, names, worker.description, self.limits.max_chunk_steps)
+        if restart:  # checked before the old sequence ends: a bad request changes nothing
+            self._steps(worker, chunk, NOTHING_HELD)
             if session is not None:  # a restart: the old sequence ends here
                 await engine.end(session)
                 entry.session_id = None
-            session = await engine.open_session(request.model, version, StreamOptions())
+            session = await engine.open_session(model, version, StreamOptions())
             entry.session_id = session.id
             self.sequences.started(lambda sid: sid in engine.store)
-        if session is None:
-            raise not_started(params, request.model)
+        assert session is not None
+        worker = session.model
         every = step_probs_wanted(wanted)
         if session.options.every_step != every:
             session.options = StreamOptions(every_step=every, top_k=session.options.top_k)
+        steps, held = self._steps(worker, chunk, session.held)
         seq = params.seq if params.seq is not None else session.last_seq + 1
-        outcome = await engine.apply_chunk(session, seq, steps)
+        outcome = await engine.apply_chunk(session, seq, steps, held)
         result = outcome.result
         if result is None:
             raise TritonError("ALREADY_EXISTS", (
-                f"lstm_serve_seq {seq} of {params.name(request.model)} was applied already "
+                f"lstm_serve_seq {seq} of {params.name(model)} was applied already "
                 f"(last applied: {session.last_seq}); only the last one's result is kept"
             ))  # fmt: skip
-        outputs = encode_outputs(wanted, [result], desc)
-        reply = InferResponse(
-            worker.name, str(worker.version), request.id, outputs,
-            {"lstm_serve_seq": seq, "lstm_serve_total_steps": outcome.total_steps,
-             "lstm_serve_duplicate": outcome.duplicate},
-        )  # fmt: skip
+        extra = {"lstm_serve_seq": seq, "lstm_serve_total_steps": outcome.total_steps,
+                 "lstm_serve_duplicate": outcome.duplicate,
+                 "lstm_serve_held_characters": outcome.held_characters}  # fmt: skip
         if params.end:
-            await engine.end(session)
+            result = await self._end(session, result)
+            extra["lstm_serve_total_steps"] = result.total_steps
+            extra["lstm_serve_held_characters"] = 0
             entry.session_id = None
+        outputs = encode_outputs(wanted, [result], worker.description)
+        reply = InferResponse(worker.name, str(worker.version), request.id, outputs, extra)
         return reply, worker
+
+    def _steps(
+        self, worker: ModelWorker, chunk: np.ndarray | str, before: HeldText
+    ) -> tuple[np.ndarray, HeldChange | None]:
+        """A chunk's steps; text after the text the sequence holds back (which may change)."""
+        if not isinstance(chunk, str):
+            return chunk, None
+        try:
+            desc, limit = worker.description, self.limits.max_chunk_steps
+            ids, after = tokens_from_stream(desc, before, chunk, limit, "input 'text'")
+        except InvalidInput as exc:
+            raise invalid(str(exc)) from exc
+        return ids, HeldChange(before, after)
+
+    async def _end(self, session: Session, result: StepResult) -> StepResult:
+        """END: the held-back text is fed, then the session is freed; the reply covers both."""
+        flush = tokens_held(session.model.description, session.held)
+        final = await self.engine.end(session, flush)
+        if not len(flush) or final is None:
+            return result
+        every = result.step_probs
+        if every is not None and final.step_probs is not None:
+            every = np.concatenate([every, final.step_probs])
+        return StepResult(final.probs, every, result.steps + final.steps, final.total_steps)
 
     def _is_resend(self, session: Session | None, params: SequenceParams) -> bool:
         """A START resent with an lstm_serve_seq already applied: not a restart."""

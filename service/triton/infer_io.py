@@ -77,9 +77,25 @@ def _expected(names: TensorNames) -> str:
 
 def decode_sequences(
     request: InferRequest, names: TensorNames, desc: ModelDescription, max_steps: int,
-    max_batch: int, whole: bool,
+    max_batch: int,
 ) -> list[np.ndarray]:  # fmt: skip
-    """The request's input as B sequences: (T,) int64 or (T, F) float32 each."""
+    """The request's input as B whole sequences: (T,) int64 or (T, F) float32 each."""
+    return _decode(request, names, desc, max_steps, max_batch, whole=True)  # type: ignore[return-value]
+
+
+def decode_chunk(
+    request: InferRequest, names: TensorNames, desc: ModelDescription, max_steps: int
+) -> np.ndarray | str:
+    """A sequence request's one chunk: its steps, or its text (tokenized against the text the
+    sequence holds back, service/engine/textstream.py)."""
+    (chunk,) = _decode(request, names, desc, max_steps, 1, whole=False)
+    return chunk
+
+
+def _decode(
+    request: InferRequest, names: TensorNames, desc: ModelDescription, max_steps: int,
+    max_batch: int, whole: bool,
+) -> list[np.ndarray | str]:  # fmt: skip
     tensor, ours, lengths_input = _inputs(request, names)
     label = f"input {quoted(tensor.name)}"
     data, shape = tensor.data, tensor.shape
@@ -131,14 +147,14 @@ def _lengths(tensor: InferInput, batch: int, shape: tuple[int, ...], ours: str) 
 
 
 def _one(desc: ModelDescription, ours: str, row: object, max_steps: int, field: str,
-         whole: bool) -> np.ndarray:  # fmt: skip
+         whole: bool) -> np.ndarray | str:  # fmt: skip
     if ours == INPUT_TEXT:
         raw = row if isinstance(row, bytes) else bytes(row)  # type: ignore[arg-type]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise invalid(f"{field} is not UTF-8: {exc.reason} at byte {exc.start}") from exc
-        return tokens_from_text(desc, text, max_steps, field, require_known=whole)
+        return tokens_from_text(desc, text, max_steps, field) if whole else text
     array = np.asarray(row)
     check_steps(len(array), max_steps, field)
     if ours == "tokens":
@@ -186,14 +202,18 @@ def encode_outputs(
     outputs = []
     for w in wanted:
         if w.ours == OUTPUT_PROBS:
-            probs = np.stack([r.probs for r in results]).astype(np.float32)  # (B, C)
+            probs = np.zeros((len(results), desc.num_classes), np.float32)  # (B, C)
+            for b, r in enumerate(results):  # none yet (all text held back so far): zeros
+                if r.probs.size:
+                    probs[b] = r.probs
             if w.classes:
                 labels = classification(probs, w.classes, desc.labels)  # (B, k)
                 outputs.append(InferOutput(w.name, "BYTES", labels.shape, labels))
             else:
                 outputs.append(InferOutput(w.name, "FP32", probs.shape, probs))
             continue
-        steps = [r.step_probs for r in results]
+        none = np.zeros((0, desc.num_classes), np.float32)  # a chunk all held back: no step
+        steps = [none if r.steps == 0 and r.step_probs is None else r.step_probs for r in results]
         if any(s is None for s in steps):
             continue  # a resend's kept result has no per-step probabilities
         longest = max(len(s) for s in steps)  # type: ignore[arg-type]

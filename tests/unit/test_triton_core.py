@@ -260,3 +260,35 @@ def test_server_metadata_and_the_repository_index(core: TritonCore) -> None:
     rows = {(r.name, r.version): r.state for r in core.repository_index()}
     assert rows[("tiny-lstm", "2")] == "READY"
     assert core.live() and core.ready()
+
+
+def text_input(text: str) -> InferInput:
+    data = tensors.from_values("text", "BYTES", [1, 1], [text])
+    return InferInput("text", "BYTES", (1, 1), data)
+
+
+def test_streamed_text_is_fed_as_classify_feeds_the_whole_text(core: TritonCore) -> None:
+    pieces = ["c", "afe", "\u0301 noi", "r"]  # a combining accent after the chunk boundary
+
+    async def go() -> list[Any]:
+        replies = []
+        for i, piece in enumerate(pieces):
+            flags = {"sequence_start": i == 0, "sequence_end": i == len(pieces) - 1}
+            replies.append(await core.infer(request(text_input(piece), sequence_id="t", **flags)))
+        return replies
+
+    replies = run(go())
+    first = replies[0]
+    assert first.parameters["lstm_serve_held_characters"] == 1  # "c" may still change
+    np.testing.assert_array_equal(output(first, "probs"), np.zeros((1, 3), np.float32))
+    assert output(first, "step_probs").shape == (1, 0, 3)
+    worker = core.engine.classify_model("tiny-lstm", 0)
+    tokenizer = worker.description.tokenizer
+    assert tokenizer is not None
+    ids = np.array(tokenizer.encode("cafe\u0301 noir"))
+    last = replies[-1]
+    assert last.parameters["lstm_serve_total_steps"] == len(ids) == 9
+    np.testing.assert_allclose(output(last, "probs"), classify(core, "tiny-lstm", [ids]),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    fed = sum(output(r, "step_probs").shape[1] for r in replies)
+    assert fed == len(ids)  # every step answered once, the held-back one with the END
