@@ -458,3 +458,27 @@ def test_a_config_pbtxt_model_is_served_with_its_own_config_and_names(
             got.append(result.as_numpy("logits")[0])
     np.testing.assert_allclose(np.concatenate(got), torch_step_probs(models[name], WORD),
                                atol=1e-5)  # fmt: skip
+
+
+def test_health_reflection_and_the_protocol_label_cover_the_service(
+    srv: ServerThread, client: tc.InferenceServerClient
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    name = "inference.GRPCInferenceService"
+    with grpc.insecure_channel(srv.address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=name)
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert name in database.get_services()
+        assert database.FindFileContainingSymbol(name).name.endswith(".proto")
+    count = lambda: metric(scrape(srv.metrics_url), "lstm_serve_requests_total",  # noqa: E731
+                           rpc="ModelInfer", protocol="kserve-grpc", code="OK")  # fmt: skip
+    before = count()
+    client.infer("tiny-lstm", [token_input([1, 2])])
+    assert count() == before + 1
