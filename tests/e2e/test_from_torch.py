@@ -273,9 +273,11 @@ async def _stream_text(address: str, chunks: list[str]) -> list[tuple[int, list[
 
 BLOCK_TRAINING_STACK = """
 import sys
+# What [train] adds to [export] (pip install --dry-run --report of each), the main ones.
+TRAINING_ONLY = ('aeon', 'tqdm', 'sklearn', 'scipy', 'pandas', 'numba')
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('aeon', 'tqdm'):
+        if name.split('.')[0] in TRAINING_ONLY:
             raise ImportError('the [export] environment has no ' + name)
 sys.meta_path.insert(0, _Block())
 from export.cli import main

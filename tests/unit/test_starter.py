@@ -140,9 +140,11 @@ def test_a_file_that_is_not_onnx_is_refused_by_name(tmp_path: Path) -> None:
 # environment, which lacks it); torch's own optional `import tqdm` then falls back as it does there.
 BLOCK_TRAINING_STACK = """
 import sys
+# What [train] adds to [export] (pip install --dry-run --report of each), the main ones.
+TRAINING_ONLY = ('aeon', 'tqdm', 'sklearn', 'scipy', 'pandas', 'numba')
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('aeon', 'tqdm'):
+        if name.split('.')[0] in TRAINING_ONLY:
             raise ImportError('the [export] environment has no ' + name)
 sys.meta_path.insert(0, _Block())
 """
