@@ -239,7 +239,12 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     )  # fmt: skip
     layer = SessionLayer(engine, limits)
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # A fixed receive window per stream (no BDP probing, which grows it to several MB): what an
+    # unread stream's transport holds stays bounded (docs/OPERATIONS.md, "Memory").
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", config.http2_stream_window_bytes),
+    ])  # fmt: skip
     app = LstmServer(config, server, engine, layer)
     add_to_server(LstmServeServicer(layer, config), server)  # malformed bytes: INVALID_ARGUMENT
     triton_grpc.add_to_server(triton_grpc.TritonGrpcFront(app.triton), server)  # KServe v2
