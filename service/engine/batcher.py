@@ -200,16 +200,17 @@ class SequenceBatcher:
         # while its batch runs can free its row at once.
         state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
+        ids = [item.session.id for item in batch]
         loop = asyncio.get_running_loop()
         if self._inline(batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
             try:
-                done.set_result(self._run(state, chunks))
+                done.set_result(self._run(state, chunks, ids))
             except Exception as exc:
                 done.set_exception(exc)
             self._finish(batch, done, dispatch=False)  # the caller's _dispatch loop goes on
             return
-        future = loop.run_in_executor(self._executor, self._run, state, chunks)
+        future = loop.run_in_executor(self._executor, self._run, state, chunks, ids)
         future.add_done_callback(lambda f: self._finish(batch, f))
 
     def _inline(self, batch: list[Pending]) -> bool:
@@ -219,12 +220,13 @@ class SequenceBatcher:
             return False
         return len(batch) * max(item.steps for item in batch) <= limit
 
-    def _run(self, state: np.ndarray, chunks: list[np.ndarray]) -> tuple[RunOutput, float]:
+    def _run(self, state: np.ndarray, chunks: list[np.ndarray],
+             ids: list[str]) -> tuple[RunOutput, float]:  # fmt: skip
         """On a worker thread: pad chunks, one model call; (out, seconds)."""
         started = time.perf_counter()
         inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
         shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
-        out = self.runtime.run(inputs, lengths, state, shrink)
+        out = self.runtime.run(inputs, lengths, state, shrink, ids)
         seconds = time.perf_counter() - started
         self._m_compute.observe(seconds)
         return out, seconds

@@ -30,6 +30,8 @@ ORT_DTYPES = {
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),
     "tensor(bool)": np.dtype(np.bool_),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(uint32)": np.dtype(np.uint32),
 }
 FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 INTS = (np.dtype(np.int64), np.dtype(np.int32))
@@ -86,13 +88,18 @@ class Binding:
     labels: tuple[str, ...]
     tokenizer: Tokenizer | None = None
 
-    def control_feeds(self, fresh: np.ndarray) -> dict[str, np.ndarray]:
+    def control_feeds(self, fresh: np.ndarray, corrid: np.ndarray) -> dict[str, np.ndarray]:
         """START where a row's sequence starts (its state is the zero initial state), READY
-        always, END never (a stream's end carries no chunk)."""
+        always, END never (a stream's end carries no chunk); CORRID the row's session's id."""
         feeds = {}
         for spec, tail in self.controls:
-            on = {"START": fresh, "READY": np.ones_like(fresh), "END": np.zeros_like(fresh)}
-            values = np.where(on[spec.kind], spec.false_true[1], spec.false_true[0])
+            if spec.kind == "CORRID":
+                bits = np.iinfo(spec.dtype).bits - (1 if np.iinfo(spec.dtype).min < 0 else 0)
+                mask = np.uint64((1 << bits) - 1)
+                values = (corrid & mask).astype(spec.dtype)
+            else:
+                on = {"START": fresh, "READY": np.ones_like(fresh), "END": np.zeros_like(fresh)}
+                values = np.where(on[spec.kind], spec.false_true[1], spec.false_true[0])
             feeds[spec.name] = values.astype(spec.dtype).reshape(-1, *tail)
         return feeds
 
@@ -242,8 +249,9 @@ def _bind_control(c: ControlSpec, graph: dict[str, ort.NodeArg],
     if c.name not in graph:
         raise ConfigError(f"{path}: control_input {c.name!r} is not a graph input of the ONNX file")
     dtype = ORT_DTYPES.get(graph[c.name].type)
-    if dtype is None:
-        raise ConfigError(f"{path}: control_input {c.name!r} has type {graph[c.name].type}")
+    if dtype is None or (c.kind == "CORRID" and dtype != c.dtype):
+        raise ConfigError(f"{path}: control_input {c.name!r} is {c.dtype} in config.pbtxt but "
+                          f"{graph[c.name].type} in the ONNX file")  # fmt: skip
     shape = onnx_shape(graph[c.name])
     if len(shape) not in (1, 2) or shape[1:] not in ((), (1,), (None,)):
         raise ConfigError(f"{path}: control_input {c.name!r} must be [B] or [B, 1]")

@@ -17,6 +17,8 @@ How a chunk is run:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,40 @@ class StateLayout:
         return flat.reshape(flat.shape[0], self.rows, self.hidden)
 
 
+@dataclass(frozen=True)
+class RowMarks:
+    """Per row of a run: whether its sequence starts here (its state is the zero initial
+    state: a new or reset session) and its correlation id (from its session id)."""
+
+    fresh: np.ndarray  # (B,) bool
+    corrid: np.ndarray  # (B,) uint64
+
+    @classmethod
+    def of(cls, state: np.ndarray, ids: Sequence[str] | None) -> RowMarks:
+        fresh = ~state.reshape(state.shape[0], -1).any(axis=1)
+        if ids is None:  # Classify: no sessions, the rows are numbered
+            corrid = np.arange(1, state.shape[0] + 1, dtype=np.uint64)
+        else:
+            corrid = np.array([correlation_id(i) for i in ids], dtype=np.uint64)
+        return cls(fresh, corrid)
+
+    def subset(self, rows: np.ndarray) -> RowMarks:
+        return RowMarks(self.fresh[rows], self.corrid[rows])
+
+    def going_on(self) -> RowMarks:
+        """The same rows in a later window of the chunk: no longer at their start."""
+        return RowMarks(np.zeros_like(self.fresh), self.corrid)
+
+
+def correlation_id(session_id: str) -> int:
+    """A session's CORRID: the first 63 bits of its (hex) id, the same on every replica and
+    after a resume; 1 + a hash for an id that is not hex."""
+    try:
+        return int(session_id[:16], 16) >> 1 or 1
+    except ValueError:
+        return 1 + (int.from_bytes(session_id.encode()[:8].ljust(8, b"\0"), "big") >> 2)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -93,34 +129,35 @@ class GenericRuntime(ModelRuntime):
         )
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray,
-            shrink: bool = False) -> RunOutput:  # fmt: skip
-        """inputs (B, T[, F]), lengths (B,), state (B, S, H) float32, as for our models."""
+            shrink: bool = False, ids: Sequence[str] | None = None) -> RunOutput:  # fmt: skip
+        """inputs (B, T[, F]), lengths (B,), state (B, S, H) float32, as for our models; `ids`
+        the rows' session ids (a CORRID control input gets a number from each)."""
         b = self.binding
+        marks = RowMarks.of(state, ids)
         if b.lengths is not None and b.step_output and b.window is None:
-            return self._one_run(inputs, lengths, state, shrink)
+            return self._one_run(inputs, lengths, state, marks, shrink)
         batch, longest = inputs.shape[:2]
         classes = self.description.num_classes
         step_probs = np.zeros((batch, longest, classes), np.float32)  # (B, T, C)
         probs = np.zeros((batch, classes), np.float32)  # (B, C)
         state_out = np.zeros_like(state)  # (B, S, H)
-        fresh = ~state.reshape(batch, -1).any(axis=1)  # (B,) rows at their sequence's start
         for length in np.unique(lengths):
             rows = np.flatnonzero(lengths == length)
             n = int(length)
-            steps, final, st = self._group(inputs[rows, :n], state[rows], fresh[rows], shrink)
+            steps, final, st = self._group(inputs[rows, :n], state[rows], marks.subset(rows),
+                                           shrink)  # fmt: skip
             step_probs[rows, :n], probs[rows], state_out[rows] = steps, final, st
         return RunOutput(step_probs=step_probs, probs=probs, state_out=state_out)
 
     def _one_run(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray,
-                 shrink: bool) -> RunOutput:  # fmt: skip
-        fresh = ~state.reshape(state.shape[0], -1).any(axis=1)
-        steps, final, state_out = self._call(inputs, lengths, state, fresh, shrink)
+                 marks: RowMarks, shrink: bool) -> RunOutput:  # fmt: skip
+        steps, final, state_out = self._call(inputs, lengths, state, marks, shrink)
         assert steps is not None
         if final is None:
             final = steps[np.arange(steps.shape[0]), lengths - 1]
         return RunOutput(step_probs=steps, probs=final, state_out=state_out)
 
-    def _group(self, inputs: np.ndarray, state: np.ndarray, fresh: np.ndarray,
+    def _group(self, inputs: np.ndarray, state: np.ndarray, marks: RowMarks,
                shrink: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """Rows of one length, run window by window, each carrying the state on."""
         length = inputs.shape[1]
@@ -133,9 +170,9 @@ class GenericRuntime(ModelRuntime):
         parts, final = [], None
         lengths = np.full(inputs.shape[0], window, np.int64)
         for start in range(0, length, window):
-            first = fresh if start == 0 else np.zeros_like(fresh)
+            now = marks if start == 0 else marks.going_on()
             steps, final, state = self._call(inputs[:, start : start + window], lengths, state,
-                                             first, shrink)  # fmt: skip
+                                             now, shrink)  # fmt: skip
             if steps is None:
                 assert final is not None
                 steps = final[:, None]  # (G, 1, C): a one-step window
@@ -145,7 +182,7 @@ class GenericRuntime(ModelRuntime):
         return np.concatenate(parts, axis=1), final, state
 
     def _call(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray,
-              fresh: np.ndarray, shrink: bool,
+              marks: RowMarks, shrink: bool,
               ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:  # fmt: skip
         """One onnxruntime run: (step probs (B, T, C) | None, probs (B, C) | None, state)."""
         b = self.binding
@@ -153,7 +190,7 @@ class GenericRuntime(ModelRuntime):
         if b.lengths is not None:
             feeds[b.lengths.name] = lengths.reshape(-1, *b.lengths_tail).astype(b.lengths.dtype)
         feeds.update(self.layout.unpack(state))
-        feeds.update(b.control_feeds(fresh))
+        feeds.update(b.control_feeds(marks.fresh, marks.corrid))
         names = [s.spec.output_name for s in b.states]
         heads = [o.name for o in (b.step_output, b.final_output) if o is not None]
         values = self.session.run(heads + names, feeds, SHRINK if shrink else None)

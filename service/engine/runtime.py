@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,16 @@ class ModelRuntime:
         return tuple(str(x) for x in self.description.cuda.get("cpu_fallback", []))
 
     def run(
-        self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray, shrink: bool = False
+        self,
+        inputs: np.ndarray,
+        lengths: np.ndarray,
+        state: np.ndarray,
+        shrink: bool = False,
+        ids: Sequence[str] | None = None,
     ) -> RunOutput:
         """One model call: inputs (B, T) int64 or (B, T, F) float32; state (B, S, H). With
-        `shrink`, the CPU arena gives back what the run grew it by (large runs)."""
+        `shrink`, the CPU arena gives back what the run grew it by (large runs). `ids`, the
+        rows' session ids, matter only to a model with a CORRID control input (generic.py)."""
         if self.debug_delay_s:
             time.sleep(self.debug_delay_s)
         feeds = {

@@ -77,6 +77,8 @@ DTYPES: dict[str, np.dtype] = {
     "TYPE_BOOL": np.dtype(np.bool_),
     "TYPE_INT32": np.dtype(np.int32),
     "TYPE_INT64": np.dtype(np.int64),
+    "TYPE_UINT32": np.dtype(np.uint32),
+    "TYPE_UINT64": np.dtype(np.uint64),
     "TYPE_FP16": np.dtype(np.float16),
     "TYPE_FP32": np.dtype(np.float32),
 }
@@ -84,6 +86,7 @@ CONTROL_KINDS = {
     "CONTROL_SEQUENCE_START": "START",
     "CONTROL_SEQUENCE_END": "END",
     "CONTROL_SEQUENCE_READY": "READY",
+    "CONTROL_SEQUENCE_CORRID": "CORRID",
 }
 
 
@@ -325,10 +328,13 @@ def _control(c: mc.ModelSequenceBatching.ControlInput, path: Path) -> ControlSpe
     ctl = c.control[0]
     kind = model_config_pb2().ModelSequenceBatching.Control.Kind.Name(ctl.kind)
     if kind not in CONTROL_KINDS:
-        raise ConfigError(
-            f"{path}: {what} kind {kind} is not supported (START, END, READY are): the server "
-            "keeps each session's state itself, so a model needs no correlation id"
-        )
+        raise ConfigError(f"{path}: {what} kind {kind} is not supported")
+    if kind == "CONTROL_SEQUENCE_CORRID":
+        dtype = _dtype(ctl.data_type, path, f"{what} (CORRID)")
+        if dtype not in (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.uint32),
+                         np.dtype(np.uint64)):  # fmt: skip
+            raise ConfigError(f"{path}: {what} CORRID data_type must be an integer type")
+        return ControlSpec(c.name, "CORRID", dtype, (0.0, 0.0))
     for field, dtype in (("int32_false_true", np.int32), ("fp32_false_true", np.float32),
                          ("bool_false_true", np.bool_)):  # fmt: skip
         values = list(getattr(ctl, field))

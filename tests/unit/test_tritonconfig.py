@@ -130,13 +130,19 @@ def test_a_model_without_a_state_pair_is_refused(tmp_path: Path) -> None:
     assert "sequence_batching.state is missing" in refusal(tmp_path, text)
 
 
-def test_a_correlation_id_control_is_refused_with_the_reason(tmp_path: Path) -> None:
+def test_a_correlation_id_control_needs_an_integer_type(tmp_path: Path) -> None:
     control = (
         '  control_input [ { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID '
-        "data_type: TYPE_UINT64 } ] } ]\n"
+        "data_type: TYPE_FP32 } ] } ]\n"
     )
     text = GOOD.replace("  direct", control + "  direct")
-    assert "kind CONTROL_SEQUENCE_CORRID is not supported" in refusal(tmp_path, text)
+    assert "CORRID data_type must be an integer type" in refusal(tmp_path, text)
+    triton = load_triton_config(
+        write_config(tmp_path, text.replace("TYPE_FP32 }", "TYPE_UINT64 }"))
+    )
+    assert [(c.name, c.kind, c.dtype) for c in triton.controls] == [
+        ("CORRID", "CORRID", np.dtype(np.uint64))
+    ]
 
 
 def test_a_file_that_is_not_a_model_config_names_the_file(tmp_path: Path) -> None:
@@ -445,3 +451,51 @@ def test_a_vocab_file_gives_the_model_a_character_tokenizer(
     (folder / "vocab.txt").write_text("<unk>\nab\nc\n")
     with pytest.raises(ConfigError, match="vocab_filename needs one character per line"):
         load_worker(folder / "1" / "model.onnx")
+
+
+class Correlated(nn.Module):
+    """tokens (B, T), a CORRID (B, 1) int64, state (B, 1, 4) -> logits that show CORRID % 7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.rnn = nn.GRU(4, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor, corrid: torch.Tensor,
+                state: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        y, h = self.rnn(self.embedding(tokens), state.transpose(0, 1))
+        return self.head(y) + torch.remainder(corrid, 7).float()[:, :, None], h.transpose(0, 1)
+
+
+CORRID_CONFIG = """
+max_batch_size: 8
+input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] } ]
+output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, 3 ] } ]
+sequence_batching {
+  control_input [ { name: "corrid" control [ { kind: CONTROL_SEQUENCE_CORRID
+                                               data_type: TYPE_INT64 } ] } ]
+  state [ { input_name: "s" output_name: "s_next" data_type: TYPE_FP32 dims: [ 1, 4 ] } ]
+}
+"""
+
+
+def test_a_corrid_control_gets_a_number_from_each_rows_session_id(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = Correlated()
+    folder = tmp_path / "corr"
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, 4))  # fmt: skip
+    path = export(model, folder, args, ["tokens", "corrid", "s"], ["logits", "s_next"],
+                  {"tokens": {0: "b", 1: "t"}, "corrid": {0: "b"}, "s": {0: "b"},
+                   "logits": {0: "b", 1: "t"}, "s_next": {0: "b"}})  # fmt: skip
+    (folder / "config.pbtxt").write_text(CORRID_CONFIG)
+    runtime = load_worker(path).runtime
+    ids = ["00000000000000ff" + "0" * 16, "0000000000000010" + "0" * 16]  # CORRID 127 and 8
+    tokens = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    out = runtime.run(tokens, np.array([3, 3]), np.zeros((2, 1, 4), np.float32), ids=ids)
+    for b, corrid in enumerate((127, 8)):
+        with torch.no_grad():
+            logits = model(torch.from_numpy(tokens[b : b + 1]), torch.tensor([[corrid]]),
+                           torch.zeros(1, 1, 4))[0]  # fmt: skip
+        np.testing.assert_allclose(out.step_probs[b], torch.softmax(logits, -1)[0], atol=1e-6)
