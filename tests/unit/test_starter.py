@@ -166,3 +166,39 @@ def test_config_command_prints_it_without_the_training_stack(torch_lstm_repo: Pa
     assert rc.strip() == "0"
     config = text_format.Parse(text, mc.ModelConfig())
     assert len(config.sequence_batching.state) == 2
+
+
+@pytest.mark.parametrize(
+    ("inp", "out", "paired"),
+    [
+        ("h0", "hn", True),
+        ("c_in", "c_out", True),
+        ("hidden", "hidden_out", True),
+        ("state_in", "state_out", True),
+        ("input_state", "output_state", True),
+        ("lstm.h.prev", "lstm.h.next", True),
+        ("x", "y", False),
+        ("input", "output", False),
+        ("features", "features_out", False),  # same shape, marked, but not a state's name
+    ],
+)
+def test_state_pairs_are_guessed_from_names(inp: str, out: str, paired: bool) -> None:
+    from onnx import TensorProto
+
+    from export.starter import Tensor, state_pairs
+
+    shape = (None, 2, 8)
+    found = state_pairs([Tensor(inp, TensorProto.FLOAT, shape)],
+                        [Tensor(out, TensorProto.FLOAT, shape)])  # fmt: skip
+    assert bool(found) == paired
+
+
+def test_a_state_pair_needs_one_type_and_shape() -> None:
+    from onnx import TensorProto
+
+    from export.starter import Tensor, state_pairs
+
+    h0 = Tensor("h0", TensorProto.FLOAT, (2, None, 8))
+    assert not state_pairs([h0], [Tensor("hn", TensorProto.FLOAT, (2, None, 9))])
+    assert not state_pairs([h0], [Tensor("hn", TensorProto.FLOAT16, (2, None, 8))])
+    assert state_pairs([h0], [Tensor("hn", TensorProto.FLOAT, (2, None, 8))])
