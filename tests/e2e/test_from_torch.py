@@ -1,6 +1,7 @@
 """`lstm-export from-torch` as a subprocess on users' own modules (their own attribute names):
 the written model streams like the module itself, a real server serves it, and a module it
-cannot map is refused naming the part."""
+cannot map is refused naming the part. And the generic path's first step, `lstm-export config`:
+its starter config.pbtxt, unedited, serves a torch.onnx.export'ed LSTM."""
 
 from __future__ import annotations
 
@@ -457,3 +458,72 @@ def test_a_tokenizer_with_more_ids_than_embedding_rows_is_refused(
                       f"chars:{vocab}")  # fmt: skip
     assert done.returncode == 2
     assert "--tokenizer has 41 entries, the Embedding only 28" in done.stderr
+
+
+class _ExportedLSTM(torch.nn.Module):
+    """What a user passes to torch.onnx.export: state (layers, B, H) in and out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(5, 8, num_layers=2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, (h, c) = self.lstm(x, (h0, c0))
+        return self.fc(y), h, c
+
+
+def test_config_starter_serves_a_torch_onnx_exported_lstm_unedited(tmp_path: Path) -> None:
+    import warnings
+
+    torch.manual_seed(1)
+    module = _ExportedLSTM().eval()
+    version = tmp_path / "repo" / "torch-lstm" / "1"
+    version.mkdir(parents=True)
+    axes = {"x": {0: "B", 1: "T"}, "logits": {0: "B", 1: "T"}}
+    axes |= {name: {1: "B"} for name in ("h0", "c0", "hn", "cn")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (torch.randn(2, 4, 5), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8)),
+            str(version / "model.onnx"), input_names=["x", "h0", "c0"],
+            output_names=["logits", "hn", "cn"], dynamic_axes=axes, dynamo=False,
+        )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "export.cli", "config", str(version / "model.onnx")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (version.parent / "config.pbtxt").write_text(done.stdout)
+    (version.parent / "labels.txt").write_text("a\nb\nc\n")
+
+    frames = np.random.default_rng(0).normal(size=(9, 5)).astype(np.float32)
+    server = ServerProcess(tmp_path / "repo")
+    try:
+        server.wait_event("ready")
+        replies = asyncio.run(_stream_frames(server.address, frames, [3, 1, 5]))
+    finally:
+        server.stop()
+    for end, probabilities in zip((3, 4, 9), replies, strict=True):
+        zeros = torch.zeros(2, 1, 8)
+        with torch.no_grad():
+            logits, _, _ = module(torch.from_numpy(frames[None, :end]), zeros, zeros)
+        expected = torch.softmax(logits[0, -1], dim=-1).numpy()
+        np.testing.assert_allclose(probabilities, expected, atol=TOLERANCE)
+
+
+async def _stream_frames(address: str, frames: np.ndarray, chunks: list[int]) -> list[list[float]]:
+    from lstmserve.client import LstmClient
+
+    async with LstmClient([address]) as client:
+        session = await client.open_session("torch-lstm")
+        replies, pos = [], 0
+        for size in chunks:
+            result = await session.step(frames[pos : pos + size])
+            assert not result.HasField("error"), result.error
+            replies.append(list(result.probabilities))
+            pos += size
+        await session.end()
+    return replies
