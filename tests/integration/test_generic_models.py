@@ -433,3 +433,59 @@ def test_a_new_version_is_loaded_by_model_control_and_sessions_stay_pinned(
         server.stop()
     np.testing.assert_allclose(pinned, torch_step_probs(old, WORD), atol=1e-5)
     np.testing.assert_allclose(on_new, torch_step_probs(new, WORD), atol=1e-5)
+
+
+class Controlled(BatchFirstLstm):
+    """BatchFirstLstm with START and CORRID control inputs that show in its logits."""
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor,  # type: ignore[override]
+                corrid: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        logits, state_out = super().forward(tokens, state)
+        shift = 2.0 * start + 0.05 * torch.remainder(corrid, 97).float()  # (B, 1)
+        return logits + shift[:, :, None] * torch.tensor([1.0, 0.0, 0.0]), state_out  # class 0
+
+
+CONTROLS = """  control_input [
+    { name: "start" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },
+    { name: "corrid" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_INT64 } ] }
+  ]
+"""
+
+
+def test_start_and_corrid_controls_reach_the_model_through_the_batcher(tmp_path: Path) -> None:
+    folder = tmp_path / "repo" / "controlled"
+    torch.manual_seed(7)
+    model = Controlled().eval()
+    (folder / "1").mkdir(parents=True)
+    args = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
+            torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2 * LAYERS, HIDDEN))  # fmt: skip
+    names = ["tokens", "start", "corrid", "state_in"]
+    torch.onnx.export(
+        model, args, str(folder / "1" / "model.onnx"), input_names=names,
+        output_names=["logits", "state_out"], dynamo=False,
+        dynamic_axes={**{n: {0: "batch"} for n in names}, "tokens": {0: "batch", 1: "time"},
+                      "logits": {0: "batch", 1: "time"}, "state_out": {0: "batch"}},
+    )  # fmt: skip
+    config = BATCH_FIRST_CONFIG.format(name="controlled", rows=2 * LAYERS, extra="")
+    config = config.replace("  state [", CONTROLS + "  state [")
+    (folder / "config.pbtxt").write_text(config.replace(' label_filename: "labels.txt"', ""))
+    server = ServerThread(make_config(tmp_path / "repo")).start()
+
+    async def scenario() -> tuple[str, list[np.ndarray]]:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("controlled", every_step=True)
+            got = [_steps(await session.step(piece)) for piece in _pieces(WORD, [3, 8])]
+            await session.end()
+            return session.session_id, got
+
+    try:
+        session_id, got = asyncio.run(scenario())
+    finally:
+        server.stop()
+    corrid = torch.tensor([[int(session_id[:16], 16) >> 1]])
+    state = torch.zeros(1, 2 * LAYERS, HIDDEN)
+    for piece, probs, start in zip(_pieces(WORD, [3, 8]), got, (1, 0), strict=True):
+        with torch.no_grad():
+            logits, state = model(torch.tensor([piece]), torch.tensor([[start]], dtype=torch.int32),
+                                  corrid, state)  # fmt: skip
+        np.testing.assert_allclose(probs, torch.softmax(logits, -1)[0].numpy(), atol=1e-5)

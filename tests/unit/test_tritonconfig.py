@@ -292,7 +292,8 @@ class FixedWindow(nn.Module):
     def forward(self, tokens: torch.Tensor, start: torch.Tensor,
                 state: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         y, h = self.rnn(self.embedding(tokens), state.transpose(0, 1))
-        logits = self.head(y) + 4.0 * start[:, :, None]  # START shows in the first window
+        # START shows in the first window, on class 0
+        logits = self.head(y) + 4.0 * start[:, :, None] * torch.tensor([1.0, 0.0, 0.0])
         return logits, h.transpose(0, 1)
 
 
@@ -465,7 +466,8 @@ class Correlated(nn.Module):
     def forward(self, tokens: torch.Tensor, corrid: torch.Tensor,
                 state: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         y, h = self.rnn(self.embedding(tokens), state.transpose(0, 1))
-        return self.head(y) + torch.remainder(corrid, 7).float()[:, :, None], h.transpose(0, 1)
+        shift = torch.remainder(corrid, 7).float()[:, :, None] * torch.tensor([1.0, 0.0, 0.0])
+        return self.head(y) + shift, h.transpose(0, 1)
 
 
 CORRID_CONFIG = """
