@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service.errors import ConfigError
 from service.server import create_server
-from tests.integration.conftest import ServerThread, make_config, metric, scrape
+from tests.integration.conftest import ServerThread, make_config, metric, scrape, wait_for
 
 TOKENS = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], dtype=np.int64)
 CHUNKS = (3, 1, 4, 3)  # TOKENS in four requests
@@ -445,3 +447,34 @@ def test_large_replies_are_compressed_when_the_client_asks(
         http_server, "/v2/models/tiny-gru/infer", small, {"Accept-Encoding": "gzip"}
     )
     assert "Content-Encoding" not in headers  # a few hundred bytes: not worth compressing
+
+
+def test_drain_turns_ready_503_finishes_inflight_requests_then_stops_listening(
+    tiny_repo: Path,
+) -> None:
+    config = make_config(tiny_repo, debug_compute_delay_ms=1000, model_control="explicit",
+                         load_models=("tiny-gru",))  # fmt: skip
+    srv = ServerThread(config).start()
+    port = url_of(srv)
+    answers: list[int] = []
+
+    def slow_request() -> None:
+        body = json.dumps({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 2],
+                                       "data": [1, 2]}]}).encode()  # fmt: skip
+        answers.append(call(srv, "/v2/models/tiny-gru/infer", body)[0])
+
+    worker = threading.Thread(target=slow_request)
+    try:
+        worker.start()
+        wait_for(lambda: srv.app is not None and srv.app.engine.inflight > 0, what="in flight")
+        assert srv.app is not None
+        stopping = asyncio.run_coroutine_threadsafe(srv.app.shutdown(grace_s=10), srv.loop)
+        wait_for(lambda: call(srv, "/v2/health/ready")[0] == 503, what="ready 503")
+        assert call(srv, "/v2/health/live")[0] == 200  # live until it stops
+        worker.join(20)
+        assert answers == [200]  # the request in flight was answered
+        stopping.result(20)
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://{port}/v2/health/live", timeout=5)
+    finally:
+        srv.stop()  # (a drained server's shutdown returns at once)
