@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -146,9 +147,8 @@ class HttpServer:
         except OSError as exc:
             await runner.cleanup()
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise ConfigError(
-                f"cannot serve HTTP on {address} (--http-port): {exc.strerror or exc}"
-            ) from exc
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"cannot serve HTTP on {address} (--http-port): {reason}") from exc
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         return self.port
