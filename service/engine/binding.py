@@ -179,6 +179,11 @@ def _bind_tensor(t: TensorSpec, graph: dict[str, ort.NodeArg], batched: bool, pa
                           f"{arg.type} in the ONNX file")  # fmt: skip
     dims = (-1, *t.dims) if batched else t.dims
     shape = check_shape(f"{kind} {t.name!r}", dims, onnx_shape(arg), path)
+    if shape and shape[0] is not None:
+        raise ConfigError(
+            f"{path}: {kind} {t.name!r} has a fixed batch dimension {shape[0]} in the ONNX file: "
+            "export it with a dynamic batch axis (the server batches sessions together)"
+        )
     return t, shape
 
 
@@ -216,6 +221,11 @@ def _bind_state(s: StateSpec, graph_in: dict[str, ort.NodeArg],
         raise ConfigError(f"{path}: {what} dims {fmt(s.dims)} do not fit the ONNX input "
                           f"{s.input_name!r} {fmt(gin)} with the batch on axis {axis}")  # fmt: skip
     merged = check_shape(what, tuple(dims), gin, path)
+    if merged[axis] is not None:
+        raise ConfigError(
+            f"{path}: {what} has a fixed batch dimension {merged[axis]} (axis {axis}) in the "
+            "ONNX file: export it with a dynamic batch axis (the server batches sessions)"
+        )
     check_shape(f"{what} (its output {s.output_name!r})", tuple(dims), gout, path)
     per_session = merged[:axis] + merged[axis + 1 :]
     if any(d is None for d in per_session):

@@ -501,3 +501,13 @@ def test_a_corrid_control_gets_a_number_from_each_rows_session_id(tmp_path: Path
             logits = model(torch.from_numpy(tokens[b : b + 1]), torch.tensor([[corrid]]),
                            torch.zeros(1, 1, 4))[0]  # fmt: skip
         np.testing.assert_allclose(out.step_probs[b], torch.softmax(logits, -1)[0], atol=1e-6)
+
+
+def test_an_export_with_a_fixed_batch_dimension_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    args = (torch.zeros(1, 2, 5), torch.zeros(1, 1, 6, dtype=torch.float16))
+    path = export(FramesGru(), folder, args, ["frames", "h"], ["probs", "h_next"],
+                  {"frames": {1: "t"}})  # fmt: skip
+    (folder / "config.pbtxt").write_text(FRAMES_CONFIG)
+    with pytest.raises(ConfigError, match="input 'frames' has a fixed batch dimension 1"):
+        load_worker(path)
