@@ -55,8 +55,9 @@ class StateLayout:
         feeds, start = {}, 0
         for s in self.states:
             part = rows[:, start : start + s.size].reshape(batch, *s.shape)
-            part = np.moveaxis(part, 0, s.batch_axis).astype(s.spec.dtype)
-            feeds[s.spec.input_name] = np.ascontiguousarray(part)
+            if s.batch_axis:
+                part = np.moveaxis(part, 0, s.batch_axis)
+            feeds[s.spec.input_name] = np.ascontiguousarray(part, dtype=s.spec.dtype)
             start += s.size
         return feeds
 
@@ -64,9 +65,11 @@ class StateLayout:
         """{output name: tensor} -> (B, S, H) float32."""
         parts = []
         for s in self.states:
-            value = np.moveaxis(outputs[s.spec.output_name], s.batch_axis, 0)
-            parts.append(value.reshape(value.shape[0], s.size).astype(np.float32))
-        flat = np.concatenate(parts, axis=1)  # (B, S * H)
+            value = outputs[s.spec.output_name]
+            if s.batch_axis:
+                value = np.moveaxis(value, s.batch_axis, 0)
+            parts.append(value.reshape(value.shape[0], s.size).astype(np.float32, copy=False))
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # (B, S * H)
         return flat.reshape(flat.shape[0], self.rows, self.hidden)
 
 
@@ -88,11 +91,14 @@ class RowMarks:
         return cls(fresh, corrid)
 
     def subset(self, rows: np.ndarray) -> RowMarks:
-        return RowMarks(self.fresh[rows], self.corrid[rows])
+        return self if not self.fresh.size else RowMarks(self.fresh[rows], self.corrid[rows])
 
     def going_on(self) -> RowMarks:
         """The same rows in a later window of the chunk: no longer at their start."""
-        return RowMarks(np.zeros_like(self.fresh), self.corrid)
+        return self if not self.fresh.size else RowMarks(np.zeros_like(self.fresh), self.corrid)
+
+
+NO_MARKS = RowMarks(np.zeros(0, bool), np.zeros(0, np.uint64))  # a model without controls
 
 
 def correlation_id(session_id: str) -> int:
@@ -133,7 +139,7 @@ class GenericRuntime(ModelRuntime):
         """inputs (B, T[, F]), lengths (B,), state (B, S, H) float32, as for our models; `ids`
         the rows' session ids (a CORRID control input gets a number from each)."""
         b = self.binding
-        marks = RowMarks.of(state, ids)
+        marks = RowMarks.of(state, ids) if b.controls else NO_MARKS
         if b.lengths is not None and b.step_output and b.window is None:
             return self._one_run(inputs, lengths, state, marks, shrink)
         batch, longest = inputs.shape[:2]
@@ -188,7 +194,9 @@ class GenericRuntime(ModelRuntime):
         b = self.binding
         feeds = {b.data.name: np.ascontiguousarray(inputs, dtype=b.data.dtype)}
         if b.lengths is not None:
-            feeds[b.lengths.name] = lengths.reshape(-1, *b.lengths_tail).astype(b.lengths.dtype)
+            feeds[b.lengths.name] = lengths.reshape(-1, *b.lengths_tail).astype(
+                b.lengths.dtype, copy=False
+            )
         feeds.update(self.layout.unpack(state))
         feeds.update(b.control_feeds(marks.fresh, marks.corrid))
         names = [s.spec.output_name for s in b.states]
@@ -201,7 +209,7 @@ class GenericRuntime(ModelRuntime):
         return steps, final, state_out
 
     def _probs(self, values: np.ndarray) -> np.ndarray:
-        values = values.astype(np.float32)
+        values = values.astype(np.float32, copy=False)
         return softmax(values) if self.triton.output_kind == "logits" else values
 
     def warm_up(self) -> None:
