@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lstmserve.contract import ModelDescription, Tokenizer
+from lstmserve.contract import DESCRIPTION_KEY, DescriptionError, ModelDescription, Tokenizer
 from service.engine.tritonconfig import (
     ControlSpec,
     StateSpec,
@@ -121,7 +121,9 @@ class Binding:
 
 
 def bind(triton: TritonModel, session: ort.InferenceSession, model_path: Path) -> Binding:
-    """Check the config against the graph; ConfigError naming the tensor otherwise."""
+    """Check the config against the graph; ConfigError naming the tensor otherwise. A file
+    that also carries our description (an lstm-export model with a config.pbtxt beside it)
+    gives the labels, vocabulary and tokenizer the config does not."""
     path = triton.path
     graph_in = {a.name: a for a in session.get_inputs()}
     graph_out = {a.name: a for a in session.get_outputs()}
@@ -156,9 +158,18 @@ def bind(triton: TritonModel, session: ort.InferenceSession, model_path: Path) -
                 "input_name nor a control_input of config.pbtxt"
             )
     step, final, classes = _bind_outputs(triton, graph_out, batched, path)
-    labels = _labels(triton, [o for o in (step, final) if o is not None], classes)
-    vocab = _vocab_size(triton, data, model_path) if kind == "tokens" else 0
-    tokenizer = _tokenizer(triton, vocab) if kind == "tokens" else None
+    own = _own_description(session)
+    outputs = [o for o in (step, final) if o is not None]
+    labels = _labels(triton, outputs, classes)
+    if own is not None and not any(o.label_filename for o in outputs):
+        labels = own.labels if own.num_classes == classes else labels
+    tokenizer = None
+    if kind == "tokens" and own is not None and "vocab_size" not in triton.parameters:
+        vocab = own.vocab_size
+    else:
+        vocab = _vocab_size(triton, data, model_path) if kind == "tokens" else 0
+    if kind == "tokens":
+        tokenizer = _tokenizer(triton, vocab) or (own.tokenizer if own is not None else None)
     return Binding(
         data=data, input_kind=kind, feature_dim=feature_dim, vocab_size=vocab,
         window=shape[1], lengths=lengths, lengths_tail=lengths_tail, step_output=step,
@@ -292,6 +303,17 @@ def _bind_outputs(triton: TritonModel, graph: dict[str, ort.NodeArg], batched: b
     if len(classes) > 1:
         raise ConfigError(f"{path}: the outputs disagree on the class count: {sorted(classes)}")
     return step, final, classes.pop()
+
+
+def _own_description(session: ort.InferenceSession) -> ModelDescription | None:
+    """Our description in the file's metadata, if it has one (never required here)."""
+    metadata = session.get_modelmeta().custom_metadata_map
+    if DESCRIPTION_KEY not in metadata:
+        return None
+    try:
+        return ModelDescription.from_metadata(metadata)
+    except DescriptionError:
+        return None
 
 
 def _labels(triton: TritonModel, outputs: list[TensorSpec], classes: int) -> tuple[str, ...]:
