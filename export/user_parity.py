@@ -8,6 +8,7 @@ log-probabilities; batch- or time-major) by running it beside the mapped Recurre
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ class Forward:
     steps: Literal["last", "every"]  # (B, C) after the last step, or one row per step
     output_layout: Layout  # for "every": (B, T, C) or (T, B, C)
     output: Output  # served probs = softmax(logits) | probs | exp(log_probs)
+    with_lengths: bool = False  # forward(x, lengths): each row's length as a second argument
 
     def describe(self) -> str:
         major = {"batch": "batch-major", "time": "time-major"}
@@ -56,7 +58,8 @@ class Forward:
             "the last step" if self.steps == "last" else f"every step, {major[self.output_layout]}"
         )
         how = _OUTPUT_WORDS[self.output]
-        return f"input {major[self.input_layout]}; output on {steps}; {how}"
+        call = "forward(x, lengths), " if self.with_lengths else ""
+        return f"{call}input {major[self.input_layout]}; output on {steps}; {how}"
 
 
 def random_batch(arch: ArchConfig, gen: torch.Generator, batch: int, steps: int) -> torch.Tensor:
@@ -74,10 +77,27 @@ def _first_tensor(out: object) -> torch.Tensor:
     return out
 
 
-def call_user(user: nn.Module, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The user's forward on batch-major `x`, fed in `layout`."""
+def takes_lengths(user: nn.Module) -> bool:
+    """Whether forward has a second required argument (taken to be each row's length, as
+    pack_padded_sequence wants them)."""
+    try:
+        params = inspect.signature(user.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is p.empty]
+    return len(required) >= 2
+
+
+def call_user(
+    user: nn.Module, x: torch.Tensor, layout: Layout, with_lengths: bool = False
+) -> torch.Tensor:
+    """The user's forward on batch-major `x`, fed in `layout` (and its lengths: all T)."""
+    args = [x if layout == "batch" else x.transpose(0, 1).contiguous()]
+    if with_lengths:
+        args.append(torch.full((x.shape[0],), x.shape[1], dtype=torch.int64))
     with torch.no_grad():
-        return _first_tensor(user(x if layout == "batch" else x.transpose(0, 1).contiguous()))
+        return _first_tensor(user(*args))
 
 
 def served_probs(out: torch.Tensor, fwd: Forward) -> np.ndarray:
@@ -113,11 +133,12 @@ def detect_forward(user: nn.Module, model: RecurrentClassifier, seed: int = 0) -
             x, torch.full((batch,), steps), model.zero_state(batch)
         )
     first = parts_batch_first(user)
+    lengths = takes_lengths(user)
     tried: list[str] = []
     best: tuple[float, str] = (float("inf"), "")
     for layout in ("batch", "time") if first else ("time", "batch"):
         try:
-            out = call_user(user, x, layout)  # type: ignore[arg-type]
+            out = call_user(user, x, layout, lengths)  # type: ignore[arg-type]
         except Exception as exc:  # the user's code: any failure means "not this layout"
             tried.append(f"{layout}-major input: forward raised {type(exc).__name__}: {exc}"[:200])
             continue
@@ -127,7 +148,7 @@ def detect_forward(user: nn.Module, model: RecurrentClassifier, seed: int = 0) -
         for steps_kind, out_layout in cands:
             ref = probs if steps_kind == "last" else step_probs
             for output in ("probs", "log_probs", "logits"):  # softmax(log_probs) = probs too
-                fwd = Forward(layout, steps_kind, out_layout, output)  # type: ignore[arg-type]
+                fwd = Forward(layout, steps_kind, out_layout, output, lengths)  # type: ignore[arg-type]
                 diff = float(np.abs(served_probs(out, fwd) - ref.double().numpy()).max())
                 if diff <= TOLERANCE:
                     return fwd
@@ -247,7 +268,7 @@ def verify_against_user(
     out_name = "probs" if fwd.steps == "last" else "step_probs"
     for steps in (1, 2, 5, 16):
         x = random_batch(arch, gen, 3, steps)
-        user_probs = served_probs(call_user(user, x, fwd.input_layout), fwd)
+        user_probs = served_probs(call_user(user, x, fwd.input_layout, fwd.with_lengths), fwd)
         whole = served.run(x.numpy())
         check(f"{out_name} at length {steps} (B=3, one call)", user_probs,
               whole[1] if fwd.steps == "last" else whole[0], streamed=False)  # fmt: skip
@@ -264,6 +285,7 @@ def verify_against_user(
             pos = 0
             for size, probs in zip(chunks, after, strict=True):
                 pos += size
-                prefix = served_probs(call_user(user, x[:, :pos], fwd.input_layout), fwd)
+                out = call_user(user, x[:, :pos], fwd.input_layout, fwd.with_lengths)
+                prefix = served_probs(out, fwd)
                 check(f"probs after {pos} steps {where}", prefix, probs, streamed=True)
     return report

@@ -85,6 +85,23 @@ USER_MODULES = textwrap.dedent('''
             return torch.log_softmax(self.head(y), dim=-1)
 
 
+    class PackedLSTM(nn.Module):
+        """forward(x, lengths) with pack_padded_sequence, the head on h_n of the top layer."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(28, 6)
+            self.lstm = nn.LSTM(6, 9, num_layers=2, batch_first=True)
+            self.fc = nn.Linear(9, 3)
+
+        def forward(self, x, lengths):
+            packed = nn.utils.rnn.pack_padded_sequence(
+                self.emb(x), lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            _, (h, _) = self.lstm(packed)
+            return self.fc(h[-1])
+
+
     class WithConv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -325,6 +342,24 @@ def test_stacked_bidirectional_modules_are_mapped_as_classify_only(
     from lstmserve.contract import read_description
 
     assert read_description(str(out / "model.onnx")).streamable is False
+
+
+def test_a_forward_taking_lengths_is_called_with_them(user_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo" / "packed" / "1"
+    done = from_torch(user_dir, "PackedLSTM", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads(done.stdout)["verify_user_module"]
+    assert parity["forward"].startswith(
+        "forward(x, lengths), input batch-major; output on the last"
+    )
+    assert parity["max_diff_user_module_vs_streamed_chunks"] <= TOLERANCE
+
+    user = _user(user_dir, "PackedLSTM")
+    x = torch.randint(0, 28, (2, 8), generator=torch.Generator().manual_seed(6))
+    _, after = _stream(_session(out / "model.onnx"), "tokens", x.numpy(), [5, 3])
+    with torch.no_grad():
+        expected = torch.softmax(user(x, torch.tensor([8, 8])), dim=-1).numpy()
+    np.testing.assert_allclose(after[-1], expected, atol=TOLERANCE)
 
 
 def test_biasless_elman_rnn_with_its_head_registered_first(user_dir: Path, tmp_path: Path) -> None:
