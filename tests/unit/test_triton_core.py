@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
 
 from service.config import ServerConfig
 from service.engine.core import Engine
 from service.errors import LstmServeError
 from service.protocol.session import Limits, SessionLayer
-from service.triton import tensors
+from service.triton import grpc_codec, tensors
 from service.triton.core import TritonCore
 from service.triton.types import InferInput, InferRequest, RequestedOutput, http_status
 from tests.unit.engines import load_engine
@@ -292,3 +295,79 @@ def test_streamed_text_is_fed_as_classify_feeds_the_whole_text(core: TritonCore)
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     fed = sum(output(r, "step_probs").shape[1] for r in replies)
     assert fed == len(ids)  # every step answered once, the held-back one with the END
+
+
+DATATYPES = ["INT64", "FP32", "BYTES", "INT32", "FP16", "BOOL", "NOPE", ""]
+SHAPES = [[1, 3], [2, 2], [1, 2, 5], [3, 4, 5], [1], [2], [1, 1], [0, 3], [1, 0]]
+COHERENT = [  # (model, input, datatype, shape) that a model takes
+    ("tiny-lstm", "tokens", "INT64", [1, 3]), ("tiny-lstm", "tokens", "INT64", [2, 2]),
+    ("tiny-lstm", "text", "BYTES", [1, 1]), ("tiny-rnn-frames", "features", "FP32", [1, 2, 5]),
+    ("tiny-rnn-frames", "features", "FP32", [2, 1, 5]), ("tiny-bilstm", "tokens", "INT64", [1, 4]),
+]  # fmt: skip
+RANDOM = st.tuples(
+    st.sampled_from(["tiny-lstm", "tiny-rnn-frames", "tiny-bilstm", "nope"]),
+    st.sampled_from(["tokens", "features", "text", "lengths", "x"]),
+    st.sampled_from(DATATYPES),
+    st.sampled_from(SHAPES) | st.lists(st.integers(-2, 6), max_size=4) | st.just([1 << 40] * 2),
+)
+SEQUENCES = [{}, {"sequence_id": 5, "sequence_start": True}, {"sequence_id": "q"},
+             {"sequence_id": "q", "sequence_start": True, "sequence_end": True}]  # fmt: skip
+ANY = settings(max_examples=200, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+
+
+def _request(target: tuple[str, str, str, list[int]], fit: bool, raw: bool, seed: int,
+             sequence: dict[str, Any]) -> service_pb2.ModelInferRequest:  # fmt: skip
+    model, name, datatype, shape = target
+    rng = np.random.default_rng(seed)
+    count = int(np.prod(shape)) if shape and all(0 <= d < 64 for d in shape) else 3
+    count = count if fit else int(rng.integers(0, 9))
+    msg = service_pb2.ModelInferRequest(model_name=model)
+    tensor = msg.inputs.add(name=name, datatype=datatype, shape=shape)
+    values = rng.integers(-2, 30, size=count)
+    if raw and datatype == "BYTES":
+        msg.raw_input_contents.append(tensors.serialize_bytes(np.array([b"ab c"] * count)))
+    elif raw:
+        dtype = {"FP32": np.float32, "FP16": np.float16, "INT32": np.int32}.get(datatype, np.int64)
+        msg.raw_input_contents.append(values.astype(dtype).tobytes())
+    elif datatype == "FP32":
+        tensor.contents.fp32_contents.extend(values.astype(float).tolist())
+    elif datatype == "BYTES":
+        tensor.contents.bytes_contents.extend([b"hello"] * count)
+    else:
+        tensor.contents.int64_contents.extend(values.tolist())
+    for key, value in sequence.items():
+        param = msg.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        else:
+            param.string_param = value
+    return msg
+
+
+@ANY
+@given(target=st.sampled_from(COHERENT) | RANDOM, fit=st.booleans(), raw=st.booleans(),
+       seed=st.integers(0, 1 << 30), sequence=st.sampled_from(SEQUENCES))  # fmt: skip
+def test_any_grpc_request_is_answered_or_refused_with_a_status(
+    core: TritonCore,
+    target: tuple[str, str, str, list[int]],
+    fit: bool,
+    raw: bool,
+    seed: int,
+    sequence: dict[str, Any],
+) -> None:
+    msg = _request(target, fit, raw, seed, sequence)
+
+    async def go() -> None:
+        try:
+            reply = await core.infer(grpc_codec.infer_request(msg))
+        except LstmServeError as exc:
+            assert exc.code in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"), exc
+            event(exc.code)
+            return
+        grpc_codec.infer_response(reply)
+        event("answered")
+
+    run(go())
