@@ -489,3 +489,66 @@ def test_start_and_corrid_controls_reach_the_model_through_the_batcher(tmp_path:
             logits, state = model(torch.tensor([piece]), torch.tensor([[start]], dtype=torch.int32),
                                   corrid, state)  # fmt: skip
         np.testing.assert_allclose(probs, torch.softmax(logits, -1)[0].numpy(), atol=1e-5)
+
+
+class FramesGru(nn.Module):
+    """features (B, T, 5), a float16 state (B, 1, 6) -> final probabilities (B, 3) only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(5, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, frames: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, h = self.gru(frames, state.float().transpose(0, 1))
+        return torch.softmax(self.head(y[:, -1]), -1), h.transpose(0, 1).half()
+
+
+FRAMES_CONFIG = """max_batch_size: 8
+input [ { name: "frames" data_type: TYPE_FP32 dims: [ -1, 5 ] } ]
+output [ { name: "probs" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
+sequence_batching { state [ { input_name: "h" output_name: "h_next" data_type: TYPE_FP16
+                              dims: [ 1, 6 ] } ] }
+parameters { key: "output_kind" value: { string_value: "probs" } }
+"""
+
+
+def test_a_frames_model_with_a_final_output_and_a_float16_state_streams_and_classifies(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "repo" / "frames"
+    torch.manual_seed(8)
+    model = FramesGru().eval()
+    (folder / "1").mkdir(parents=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, 2, 5), torch.zeros(1, 1, 6, dtype=torch.float16)),
+        str(folder / "1" / "model.onnx"), input_names=["frames", "h"],
+        output_names=["probs", "h_next"], dynamo=False,
+        dynamic_axes={"frames": {0: "b", 1: "t"}, "h": {0: "b"}, "probs": {0: "b"},
+                      "h_next": {0: "b"}},
+    )  # fmt: skip
+    (folder / "config.pbtxt").write_text(FRAMES_CONFIG)
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
+    frames = np.random.default_rng(9).normal(size=(7, 5)).astype(np.float32)
+    server = ServerThread(make_config(tmp_path / "repo")).start()
+
+    async def scenario() -> tuple[np.ndarray, pb.ClassifyResponse]:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("frames", every_step=True)
+            got = [_steps(await session.step(frames[a:b])) for a, b in ((0, 3), (3, 4), (4, 7))]
+            await session.end()
+            whole = await client.classify("frames", [frames, frames[:2]])
+            return np.concatenate(got), whole
+
+    try:
+        streamed, whole = asyncio.run(scenario())
+    finally:
+        server.stop()
+    with torch.no_grad():  # the answer after every prefix, from a zero state
+        zero = torch.zeros(1, 1, 6, dtype=torch.float16)
+        expected = np.stack([model(torch.from_numpy(frames[None, :t]), zero)[0][0].numpy()
+                             for t in range(1, 8)])  # fmt: skip
+    np.testing.assert_allclose(streamed, expected, atol=2e-3)  # float16 state between steps
+    np.testing.assert_allclose(whole.results[0].probabilities, expected[-1], atol=2e-3)
+    np.testing.assert_allclose(whole.results[1].probabilities, expected[1], atol=2e-3)
+    assert [t.label for t in whole.results[0].top] == [LABELS[int(expected[-1].argmax())]]
