@@ -482,3 +482,19 @@ def test_health_reflection_and_the_protocol_label_cover_the_service(
     before = count()
     client.infer("tiny-lstm", [token_input([1, 2])])
     assert count() == before + 1
+
+
+def test_malformed_bytes_on_the_stream_are_answered_in_band(srv: ServerThread) -> None:
+    good = service_pb2.ModelInferRequest(model_name="tiny-lstm", id="good")
+    good.inputs.add(name="tokens", datatype="INT64", shape=[1, 2])
+    good.raw_input_contents.append(np.array([1, 2], dtype=np.int64).tobytes())
+    with grpc.insecure_channel(srv.address) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        replies = list(call(iter([b"\xff\xff\xff", good.SerializeToString()]), timeout=20))
+    assert len(replies) == 2
+    errors = [r.error_message for r in replies if r.error_message]
+    assert len(errors) == 1 and "not a valid inference.ModelInferRequest" in errors[0]
+    assert [r.infer_response.id for r in replies if not r.error_message] == ["good"]
