@@ -17,6 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
@@ -478,3 +480,80 @@ def test_drain_turns_ready_503_finishes_inflight_requests_then_stops_listening(
             urllib.request.urlopen(f"http://{port}/v2/health/live", timeout=5)
     finally:
         srv.stop()  # (a drained server's shutdown returns at once)
+
+
+# -- fuzz ---------------------------------------------------------------------------------------
+
+FUZZ_MODELS = st.sampled_from(["tiny-lstm", "tiny-rnn-frames", "tiny-bilstm", "no-such-model"])
+DATATYPES = st.sampled_from(["INT64", "FP32", "BYTES", "INT32", "BOOL", "FP16", "UINT64", "X"])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=24,
+)
+HEADER_TEXT = st.text("0123456789+- xe", max_size=5)  # what urllib can send in a header
+SHAPES = st.lists(st.integers(-2, 40), max_size=4) | JSON_VALUES
+PARAMS = st.fixed_dictionaries({}, optional={
+    "sequence_id": st.integers(-1, 2**64) | st.text(max_size=300) | JSON_VALUES,
+    "sequence_start": st.booleans() | JSON_VALUES, "sequence_end": st.booleans(),
+    "lstm_serve_seq": st.integers(-2, 5) | JSON_VALUES,
+    "binary_data_output": st.booleans() | JSON_VALUES,
+})  # fmt: skip
+TENSORS = st.fixed_dictionaries(
+    {"name": st.sampled_from(["tokens", "features", "text", "x"]), "datatype": DATATYPES,
+     "shape": SHAPES},
+    optional={"data": JSON_VALUES | st.lists(st.integers(-3, 40), max_size=40),
+              "parameters": st.fixed_dictionaries({}, optional={
+                  "binary_data_size": st.integers(-1, 64) | JSON_VALUES,
+                  "shared_memory_region": st.text(max_size=4)})},
+)  # fmt: skip
+OUTPUTS = st.lists(st.fixed_dictionaries(
+    {"name": st.sampled_from(["probs", "step_probs", "x"])},
+    optional={"parameters": st.fixed_dictionaries({}, optional={
+        "classification": st.integers(-1, 5) | JSON_VALUES, "binary_data": st.booleans()})},
+), max_size=3)  # fmt: skip
+SEQUENCE_PARAMS = st.fixed_dictionaries({"sequence_id": st.integers(0, 3) | st.sampled_from(["s"])},
+                                        optional={"sequence_start": st.booleans(),
+                                                  "sequence_end": st.booleans(),
+                                                  "lstm_serve_seq": st.integers(1, 4)})  # fmt: skip
+
+
+@st.composite
+def nearly_valid(draw: st.DrawFn) -> dict[str, Any]:
+    """A tokens request for tiny-lstm that is right more often than not."""
+    batch, steps = draw(st.integers(1, 3)), draw(st.integers(0, 6))
+    data = draw(st.lists(st.integers(-1, 29), min_size=batch * steps, max_size=batch * steps))
+    doc: dict[str, Any] = {
+        "inputs": [{"name": "tokens", "datatype": "INT64", "shape": [batch, steps], "data": data}]
+    }
+    if draw(st.booleans()):
+        doc["parameters"] = draw(SEQUENCE_PARAMS)
+    if draw(st.booleans()):
+        doc["outputs"] = draw(OUTPUTS)
+    return doc
+
+
+REQUESTS = st.fixed_dictionaries(
+    {"inputs": st.lists(TENSORS, max_size=3)},
+    optional={"parameters": PARAMS, "outputs": OUTPUTS, "id": JSON_VALUES},
+)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(case=st.tuples(st.just("tiny-lstm"), nearly_valid(), st.just(b""), st.none())
+       | st.tuples(FUZZ_MODELS, REQUESTS | JSON_VALUES, st.binary(max_size=64),
+                   st.none() | st.integers(-5, 4000).map(str) | HEADER_TEXT))  # fmt: skip
+def test_fuzzed_infer_bodies_get_a_status_a_client_can_act_on(
+    http_server: ServerThread, case: tuple[str, object, bytes, str | None]
+) -> None:
+    model, doc, tail, header = case
+    body = json.dumps(doc).encode() + tail
+    headers = {} if header is None else {"Inference-Header-Content-Length": header}
+    status, _, reply = call(http_server, f"/v2/models/{model}/infer", body, headers)
+    assert status in (200, 400, 404, 409, 429, 501), reply[:300]
+    event(f"HTTP {status}")
+    if status != 200:
+        assert len(error_of(reply)) <= 1024
