@@ -3,10 +3,10 @@
 `GenericRuntime` presents the engine's interface (`run(inputs, lengths, state) -> RunOutput`, a
 ModelDescription) for any graph the config describes: one data input (tokens [B, T] or features
 [B, T, F]), an optional lengths input, any number of state tensors (each its own shape, float32
-or float16, the batch on any axis), START / END / READY controls, a per-step [B, T, C] and / or
-a final [B, C] output of probabilities or logits. The engine keeps one flat float32 row per
-session (the StateLayout packs and unpacks it), so snapshots, the Redis store, resume and
-StreamMulti work unchanged.
+or float16, the batch on any axis), START / END / READY / CORRID controls, a per-step
+[B, T, C] and / or a final [B, C] output of probabilities or logits. The engine keeps one flat
+float32 row per session (the StateLayout packs and unpacks it), so snapshots, the Redis store,
+resume and StreamMulti work unchanged.
 
 How a chunk is run:
   * a lengths input and a per-step output with a free time axis: one run, as for our models;
@@ -98,16 +98,17 @@ class RowMarks:
         return self if not self.fresh.size else RowMarks(np.zeros_like(self.fresh), self.corrid)
 
 
+HEX = frozenset("0123456789abcdefABCDEF")
 NO_MARKS = RowMarks(np.zeros(0, bool), np.zeros(0, np.uint64))  # a model without controls
 
 
 def correlation_id(session_id: str) -> int:
     """A session's CORRID: the first 63 bits of its (hex) id, the same on every replica and
     after a resume; 1 + a hash for an id that is not hex."""
-    try:
-        return int(session_id[:16], 16) >> 1 or 1
-    except ValueError:
-        return 1 + (int.from_bytes(session_id.encode()[:8].ljust(8, b"\0"), "big") >> 2)
+    head = session_id[:16]
+    if head and all(c in HEX for c in head):
+        return int(head, 16) >> 1 or 1
+    return 1 + (int.from_bytes(session_id.encode()[:8].ljust(8, b"\0"), "big") >> 2)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
