@@ -94,6 +94,11 @@ class Inference:
             raise not_started(params, model)
         if restart:
             worker = engine.classify_model(model, version)
+            if not worker.description.streamable:
+                raise TritonError("FAILED_PRECONDITION", (
+                    f"model {worker.key} is bidirectional: it has no sequence batching (see its "
+                    "ModelConfig); send each whole sequence without a sequence_id"
+                ))  # fmt: skip
         else:
             assert session is not None
             worker = session.model

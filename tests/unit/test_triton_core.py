@@ -199,6 +199,10 @@ def test_model_config_and_metadata_describe_the_tensors(core: TritonCore) -> Non
     assert core.model_ready("tiny-lstm") and not core.model_ready("nope")
     bilstm = core.model_config("tiny-bilstm")
     assert not bilstm.HasField("sequence_batching")
+    start = request(tokens([[1, 2]]), model="tiny-bilstm", sequence_id=1, sequence_start=True)
+    with pytest.raises(LstmServeError, match="without a sequence_id") as info:
+        run(core.infer(start))
+    assert info.value.code == "FAILED_PRECONDITION"
 
 
 def test_statistics_count_inferences_and_failures(core: TritonCore) -> None:
