@@ -557,3 +557,21 @@ def test_fuzzed_infer_bodies_get_a_status_a_client_can_act_on(
     event(f"HTTP {status}")
     if status != 200:
         assert len(error_of(reply)) <= 1024
+
+
+def test_compressed_request_bodies_are_read_and_bounded_after_decompression(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    import gzip
+
+    from service.triton.http_front import MAX_BODY_BYTES
+
+    plain = client.infer("tiny-gru", [tokens_input(TOKENS, True)]).as_numpy("probs")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer("tiny-gru", [tokens_input(TOKENS, True)],
+                              request_compression_algorithm=algorithm)  # fmt: skip
+        np.testing.assert_array_equal(packed.as_numpy("probs"), plain)
+    bomb = gzip.compress(b" " * (MAX_BODY_BYTES + 1), compresslevel=1)  # ~0.3 MB on the wire
+    status, _, reply = call(http_server, "/v2/models/tiny-gru/infer", bomb,
+                            {"Content-Encoding": "gzip"})  # fmt: skip
+    assert status == 413 and "limit" in error_of(reply)
