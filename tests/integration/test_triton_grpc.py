@@ -498,3 +498,27 @@ def test_malformed_bytes_on_the_stream_are_answered_in_band(srv: ServerThread) -
     errors = [r.error_message for r in replies if r.error_message]
     assert len(errors) == 1 and "not a valid inference.ModelInferRequest" in errors[0]
     assert [r.infer_response.id for r in replies if not r.error_message] == ["good"]
+
+
+def test_an_unloaded_model_finishes_its_open_sequences(client: tc.InferenceServerClient) -> None:
+    model = "tiny-peephole-frames"
+
+    def frames(n: int) -> tc.InferInput:
+        data = np.ones((1, n, 5), dtype=np.float32)
+        inp = tc.InferInput("features", list(data.shape), "FP32")
+        inp.set_data_from_numpy(data)
+        return inp
+
+    def state() -> str:
+        return next(r.state for r in client.get_model_repository_index().models if r.name == model)
+
+    client.load_model(model)
+    client.infer(model, [frames(2)], sequence_id=61, sequence_start=True)
+    client.unload_model(model)
+    assert state() == "UNLOADING" and not client.is_model_ready(model)
+    client.infer(model, [frames(1)], sequence_id=61)  # the open sequence goes on
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, [frames(1)], sequence_id=62, sequence_start=True)
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
+    client.infer(model, [frames(1)], sequence_id=61, sequence_end=True)
+    assert state() == "UNAVAILABLE"  # its last sequence ended: retired
