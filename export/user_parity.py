@@ -90,12 +90,15 @@ def takes_lengths(user: nn.Module) -> bool:
 
 
 def call_user(
-    user: nn.Module, x: torch.Tensor, layout: Layout, with_lengths: bool = False
-) -> torch.Tensor:
-    """The user's forward on batch-major `x`, fed in `layout` (and its lengths: all T)."""
+    user: nn.Module, x: torch.Tensor, layout: Layout, with_lengths: bool = False,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The user's forward on batch-major `x`, fed in `layout` (and its lengths: all T unless
+    given)."""
     args = [x if layout == "batch" else x.transpose(0, 1).contiguous()]
     if with_lengths:
-        args.append(torch.full((x.shape[0],), x.shape[1], dtype=torch.int64))
+        full = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+        args.append(full if lengths is None else lengths)
     with torch.no_grad():
         return _first_tensor(user(*args))
 
@@ -211,15 +214,15 @@ class _Served:
         self.sess = open_session(path)
         self.desc = read_description(str(path))
 
-    def run(self, x: np.ndarray, state: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    def run(
+        self, x: np.ndarray, state: np.ndarray | None = None, lengths: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
         batch, steps = x.shape[:2]
         if state is None:
             state = np.zeros((batch, self.desc.state_rows, self.desc.hidden_size), np.float32)
-        feeds = {
-            self.desc.input_name: x,
-            "lengths": np.full(batch, steps, np.int64),
-            "state": state,
-        }
+        if lengths is None:
+            lengths = np.full(batch, steps, np.int64)
+        feeds = {self.desc.input_name: x, "lengths": lengths, "state": state}
         return tuple(self.sess.run(None, feeds))
 
     def stream(self, x: np.ndarray, chunks: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -288,4 +291,24 @@ def verify_against_user(
                 out = call_user(user, x[:, :pos], fwd.input_layout, fwd.with_lengths)
                 prefix = served_probs(out, fwd)
                 check(f"probs after {pos} steps {where}", prefix, probs, streamed=True)
+    if fwd.with_lengths:
+        _check_mixed_lengths(user, fwd, arch, served, check, gen)
     return report
+
+
+def _check_mixed_lengths(
+    user: nn.Module, fwd: Forward, arch: ArchConfig, served: _Served, check: Any,
+    gen: torch.Generator,
+) -> None:  # fmt: skip
+    """forward(x, lengths) on a padded batch of mixed lengths vs the served model given the same
+    lengths (only each row's valid steps compared)."""
+    lengths = torch.tensor([16, 3, 9])
+    x = random_batch(arch, gen, 3, 16)
+    out = served_probs(call_user(user, x, fwd.input_layout, True, lengths), fwd)
+    whole = served.run(x.numpy(), lengths=lengths.numpy())
+    what = f"lengths {lengths.tolist()} in one padded batch (each row ends at its length)"
+    if fwd.steps == "last":
+        check(f"probs at {what}", out, whole[1], streamed=False)
+        return
+    valid = np.arange(16)[None, :] < lengths.numpy()[:, None]  # (B, T)
+    check(f"step_probs at {what}", out[valid], whole[0][valid], streamed=False)

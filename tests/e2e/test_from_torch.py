@@ -102,6 +102,14 @@ USER_MODULES = textwrap.dedent('''
             return self.fc(h[-1])
 
 
+    class IgnoresLengths(PackedLSTM):
+        """Takes lengths but runs the padding through: padded rows differ from served ones."""
+
+        def forward(self, x, lengths):
+            y, _ = self.lstm(self.emb(x))
+            return self.fc(y[:, -1])
+
+
     class WithConv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -360,6 +368,16 @@ def test_a_forward_taking_lengths_is_called_with_them(user_dir: Path, tmp_path: 
     with torch.no_grad():
         expected = torch.softmax(user(x, torch.tensor([8, 8])), dim=-1).numpy()
     np.testing.assert_allclose(after[-1], expected, atol=TOLERANCE)
+
+
+def test_a_forward_that_ignores_its_lengths_fails_on_the_padded_batch(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "repo" / "ignores" / "1"
+    done = from_torch(user_dir, "IgnoresLengths", out)
+    assert done.returncode == 4
+    assert "probs at lengths [16, 3, 9] in one padded batch" in done.stderr, done.stderr
+    assert not out.exists()
 
 
 def test_biasless_elman_rnn_with_its_head_registered_first(user_dir: Path, tmp_path: Path) -> None:
