@@ -10,6 +10,9 @@ requests of many sequences go to the engine together and share its batches.
 
 Each chunk is applied with a seq number: the request's `lstm_serve_seq` (exactly-once resends,
 as on the native API: a resend of an applied seq is not applied again), else the next one.
+Text (`text` BYTES) streams as on the native Stream: what may still change with the next chunk
+is held back (service/engine/textstream.py) and fed with it, or at END; a request whose text
+is all held answers zero probabilities (no step yet) with lstm_serve_held_characters > 0.
 """
 
 from __future__ import annotations
