@@ -129,7 +129,9 @@ class GenericRuntime(ModelRuntime):
         self.debug_delay_s = 0.0
         self.binding = bind(triton, self.session, path)
         self.layout = StateLayout(self.binding.states)
-        self.equal_lengths = self.binding.lengths is None
+        # Batches of one length: without a lengths input (padding would run into the state),
+        # or with a fixed time window (a chunk of a length it does not take fails alone).
+        self.equal_lengths = self.binding.lengths is None or self.binding.window is not None
         name, version = path.parent.parent.name, int(path.parent.name)
         self.description = self.binding.describe(
             name, version, self.layout.rows, self.layout.hidden, self.layout.row_names

@@ -552,3 +552,46 @@ def test_a_frames_model_with_a_final_output_and_a_float16_state_streams_and_clas
     np.testing.assert_allclose(whole.results[0].probabilities, expected[-1], atol=2e-3)
     np.testing.assert_allclose(whole.results[1].probabilities, expected[1], atol=2e-3)
     assert [t.label for t in whole.results[0].top] == [LABELS[int(expected[-1].argmax())]]
+
+
+class TwoSteps(BatchFirstLstm):
+    """BatchFirstLstm exported with a fixed time dimension of 2 steps."""
+
+
+def test_a_fixed_time_window_is_stepped_and_a_chunk_it_cannot_take_fails_in_band(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "repo" / "pairs"
+    torch.manual_seed(11)
+    model = TwoSteps().eval()
+    (folder / "1").mkdir(parents=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2 * LAYERS, HIDDEN)),
+        str(folder / "1" / "model.onnx"), input_names=["tokens", "state_in"],
+        output_names=["logits", "state_out"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch"}, "state_in": {0: "batch"}, "logits": {0: "batch"},
+                      "state_out": {0: "batch"}},
+    )  # fmt: skip
+    config = BATCH_FIRST_CONFIG.format(name="pairs", rows=2 * LAYERS, extra="")
+    config = config.replace("dims: [ -1 ] }", "dims: [ 2 ] }").replace("[ -1, 3 ]", "[ 2, 3 ]")
+    (folder / "config.pbtxt").write_text(config)
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
+    server = ServerThread(make_config(tmp_path / "repo")).start()
+    tokens = WORD[:8]
+
+    async def scenario() -> tuple[pb.ChunkResult, list[np.ndarray]]:
+        async with LstmClient(server.address) as client:
+            session = await client.open_session("pairs", every_step=True)
+            got = [_steps(await session.step(tokens[:4].tolist()))]
+            refused = await session.step(tokens[4:7].tolist())  # 3 steps: not a multiple of 2
+            got.append(_steps(await session.step(tokens[4:8].tolist())))  # the state as it was
+            await session.end()
+            return refused, got
+
+    try:
+        refused, got = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert refused.error.code == "INVALID_ARGUMENT"
+    assert "fixed time dimension of 2 steps: a chunk of 3 steps" in refused.error.message
+    np.testing.assert_allclose(np.concatenate(got), torch_step_probs(model, tokens), atol=1e-5)
