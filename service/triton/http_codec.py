@@ -170,11 +170,18 @@ def json_tensor(name: str, values: object, datatype: str, shape: tuple[int, ...]
             raise invalid(f"input {quoted(name)}: BYTES data must be strings")
         return from_values(name, datatype, shape, flat)
     kinds = JSON_KINDS[DTYPES[datatype].kind]
-    if not all(isinstance(v, bool | int | float) for v in flat) or (
+    if not all(_is_json_number(v, datatype) for v in flat) or (
         flat and np.asarray(flat).dtype.kind not in kinds
     ):
         raise invalid(f"input {quoted(name)}: 'data' holds values a {datatype} tensor cannot take")
     return from_values(name, datatype, shape, flat)
+
+
+def _is_json_number(value: object, datatype: str) -> bool:
+    """true / false for BOOL; numbers (not booleans) for the numeric types."""
+    if datatype == "BOOL":
+        return isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _flatten(values: object) -> list[object]:
