@@ -61,7 +61,8 @@ def _no_shared_memory(what: str, mapping: Any) -> None:
 
 def _tensor(msg: Any, raw: bytes | None) -> InferInput:
     name, datatype, shape = msg.name, msg.datatype, list(msg.shape)
-    _no_shared_memory(f"input {quoted(name)}", msg.parameters)
+    if len(msg.parameters):
+        _no_shared_memory(f"input {quoted(name)}", msg.parameters)
     if raw is not None:
         data = tensors.from_raw(name, datatype, shape, raw)
     else:
@@ -86,6 +87,9 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
     inputs = tuple(_tensor(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs))
     outputs = []
     for out in msg.outputs:
+        if not len(out.parameters):
+            outputs.append(RequestedOutput(out.name))
+            continue
         _no_shared_memory(f"output {quoted(out.name)}", out.parameters)
         outputs.append(RequestedOutput(out.name, params(out.parameters)))
     return InferRequest(

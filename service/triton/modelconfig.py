@@ -11,6 +11,7 @@ with its own config.pbtxt (`worker.triton_config`) keeps that config and its ten
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -106,8 +107,18 @@ def model_config(worker: ModelWorker, limits: ConfigLimits) -> mc.ModelConfig:
     return config
 
 
+_NAMES: weakref.WeakKeyDictionary[ModelWorker, TensorNames] = weakref.WeakKeyDictionary()
+
+
 def tensor_names(worker: ModelWorker) -> TensorNames:
-    """Which of the client's names is which of our tensors."""
+    """Which of the client's names is which of our tensors (worked out once per version)."""
+    names = _NAMES.get(worker)
+    if names is None:
+        names = _NAMES[worker] = _tensor_names(worker)
+    return names
+
+
+def _tensor_names(worker: ModelWorker) -> TensorNames:
     desc = worker.description
     own = custom_config(worker)
     if own is None:
