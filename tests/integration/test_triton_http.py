@@ -575,3 +575,42 @@ def test_compressed_request_bodies_are_read_and_bounded_after_decompression(
     status, _, reply = call(http_server, "/v2/models/tiny-gru/infer", bomb,
                             {"Content-Encoding": "gzip"})  # fmt: skip
     assert status == 413 and "limit" in error_of(reply)
+
+
+# -- a model that came with its own config.pbtxt ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Any]]:
+    """A user's ONNX model with its config.pbtxt (tests/integration/test_generic_models.py)."""
+    from tests.integration.test_generic_models import write_model
+
+    repo = tmp_path_factory.mktemp("http-own")
+    model = write_model(repo, "chars")
+    srv = ServerThread(make_config(repo)).start()
+    yield srv, model
+    srv.stop()
+
+
+def test_a_config_pbtxt_model_keeps_its_config_and_tensor_names_over_http(
+    own_model: tuple[ServerThread, Any],
+) -> None:
+    from tests.integration.test_generic_models import WORD, torch_step_probs
+
+    srv, model = own_model
+    client = httpclient.InferenceServerClient(url_of(srv))
+    try:
+        config = client.get_model_config("chars")
+        assert [o["name"] for o in config["output"]] == ["logits"]
+        assert config["max_batch_size"] == 64 and config["input"][0]["name"] == "tokens"
+        got, pieces = [], [WORD[:4], WORD[4:5], WORD[5:]]
+        for i, piece in enumerate(pieces):
+            tensor = httpclient.InferInput("tokens", [1, len(piece)], "INT64")
+            tensor.set_data_from_numpy(np.asarray(piece, dtype=np.int64)[None])
+            result = client.infer("chars", [tensor], sequence_id="own-1", sequence_start=i == 0,
+                                  sequence_end=i == len(pieces) - 1,
+                                  outputs=[httpclient.InferRequestedOutput("logits")])  # fmt: skip
+            got.append(result.as_numpy("logits")[0])
+    finally:
+        client.close()
+    np.testing.assert_allclose(np.concatenate(got), torch_step_probs(model, WORD), atol=1e-5)
