@@ -9,6 +9,7 @@ log-probabilities; batch- or time-major) by running it beside the mapped Recurre
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -297,8 +298,8 @@ def verify_against_user(
 
 
 def _check_mixed_lengths(
-    user: nn.Module, fwd: Forward, arch: ArchConfig, served: _Served, check: Any,
-    gen: torch.Generator,
+    user: nn.Module, fwd: Forward, arch: ArchConfig, served: _Served,
+    check: Callable[..., None], gen: torch.Generator,
 ) -> None:  # fmt: skip
     """forward(x, lengths) on a padded batch of mixed lengths vs the served model given the same
     lengths (only each row's valid steps compared)."""
