@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -132,8 +133,9 @@ async def read_json_body(request: web.Request, what: str) -> Any:
 class HttpServer:
     """The aiohttp application and its listening site on the running loop."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
+        self.ssl_context = ssl_context  # TLS (service/security/http.py), None = plaintext
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -141,7 +143,7 @@ class HttpServer:
         """Listen on host:port (0: any free port); a busy port is a ConfigError naming it."""
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=False)
+        site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -197,13 +199,19 @@ def version_of(request: web.Request) -> str:
 class HttpFront:
     """The KServe v2 REST routes over one Triton core."""
 
-    def __init__(self, core: TritonCore, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, core: TritonCore, max_body_bytes: int = MAX_BODY_BYTES, *,
+        middlewares: Sequence[Any] = (), ssl_context: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        """`middlewares` run before the front's own (authentication: service/security/http.py)."""
         self.core = core
         self.max_body_bytes = max_body_bytes
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._answer])
+        self.app = web.Application(
+            client_max_size=max_body_bytes, middlewares=[*middlewares, self._answer]
+        )
         self._rpc: dict[str, str] = {}
         self._routes()
-        self.server = HttpServer(self.app)
+        self.server = HttpServer(self.app, ssl_context)
 
     def _routes(self) -> None:
         model = "/v2/models/{name}"
