@@ -188,7 +188,7 @@ def _bind_tensor(t: TensorSpec, graph: dict[str, ort.NodeArg], batched: bool, pa
     if dtype != t.dtype:
         raise ConfigError(f"{path}: {kind} {t.name!r} is {t.dtype} in config.pbtxt but "
                           f"{arg.type} in the ONNX file")  # fmt: skip
-    dims = (-1, *t.dims) if batched else t.dims
+    dims = (-1, *t.graph_dims) if batched else t.graph_dims
     shape = check_shape(f"{kind} {t.name!r}", dims, onnx_shape(arg), path)
     if shape and shape[0] is not None:
         raise ConfigError(

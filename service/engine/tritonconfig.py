@@ -40,8 +40,9 @@ SUPPORTED: dict[str, frozenset[str]] = {
     ),
     "inference.ModelConfig.ParametersEntry": frozenset({"key", "value"}),
     "inference.ModelParameter": frozenset({"string_value"}),
-    "inference.ModelInput": frozenset({"name", "data_type", "dims"}),
-    "inference.ModelOutput": frozenset({"name", "data_type", "dims", "label_filename"}),
+    "inference.ModelInput": frozenset({"name", "data_type", "dims", "reshape"}),
+    "inference.ModelOutput": frozenset({"name", "data_type", "dims", "reshape", "label_filename"}),
+    "inference.ModelTensorReshape": frozenset({"shape"}),
     "inference.ModelSequenceBatching": frozenset(
         {"direct", "oldest", "max_sequence_idle_microseconds", "control_input", "state"}
     ),
@@ -154,8 +155,13 @@ class ControlSpec:
 class TensorSpec:
     name: str
     dtype: np.dtype
-    dims: tuple[int, ...]
+    dims: tuple[int, ...]  # as clients see it (Triton's dims)
     label_filename: str = ""
+    reshape: tuple[int, ...] | None = None  # as the graph takes it, when the config reshapes
+
+    @property
+    def graph_dims(self) -> tuple[int, ...]:
+        return self.dims if self.reshape is None else self.reshape
 
 
 @dataclass(frozen=True)
@@ -302,7 +308,9 @@ def _dtype(code: int, path: Path, what: str) -> np.dtype:
 def _tensor(t: mc.ModelInput | mc.ModelOutput, path: Path, kind: str) -> TensorSpec:
     label = getattr(t, "label_filename", "")
     dims = tuple(int(d) for d in t.dims)
-    return TensorSpec(t.name, _dtype(t.data_type, path, f"{kind} {t.name!r}"), dims, label)
+    reshape = tuple(int(d) for d in t.reshape.shape) if t.HasField("reshape") else None
+    dtype = _dtype(t.data_type, path, f"{kind} {t.name!r}")
+    return TensorSpec(t.name, dtype, dims, label, reshape)
 
 
 def _state(s: mc.ModelSequenceBatching.State, index: int, path: Path) -> StateSpec:

@@ -93,13 +93,13 @@ def test_an_unsupported_field_is_refused_by_its_path(
 
 def test_nested_unsupported_fields_are_named_with_their_path() -> None:
     config = parse_config(
-        GOOD.replace("dims: [ -1 ] }", "dims: [ -1 ] reshape { shape: [ 1 ] } }").replace(
+        GOOD.replace("dims: [ -1 ] }", "dims: [ -1 ] optional: true }").replace(
             "dims: [ 1, 4 ] }", "dims: [ 1, 4 ] use_same_buffer_for_input_output: true }"
         ),
         "x",
     )
     assert sorted(unsupported_fields(config)) == [
-        "input[0].reshape",
+        "input[0].optional",
         "sequence_batching.state[0].use_same_buffer_for_input_output",
     ]
 
@@ -514,3 +514,31 @@ def test_an_export_with_a_fixed_batch_dimension_is_refused(tmp_path: Path) -> No
     (folder / "config.pbtxt").write_text(FRAMES_CONFIG)
     with pytest.raises(ConfigError, match="input 'frames' has a fixed batch dimension 1"):
         load_worker(path)
+
+
+BATCHED_V1_CONFIG = """
+max_batch_size: 8
+input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] },
+        { name: "lengths" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } } ]
+output [ { name: "step_probs" data_type: TYPE_FP32 dims: [ -1, 3 ] },
+         { name: "probs" data_type: TYPE_FP32 dims: [ 3 ] } ]
+sequence_batching { state [ { input_name: "state" output_name: "state_out"
+                              data_type: TYPE_FP32 dims: [ 4, 8 ] } ] }
+parameters { key: "output_kind" value: { string_value: "probs" } }
+"""
+
+
+def test_triton_s_reshape_gives_a_batched_model_its_b_lengths_input(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """dims [1] + reshape { shape: [] }: how a Triton config with max_batch_size > 0 says [B]."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_repo / "tiny-lstm" / "1", folder / "1")
+    (folder / "config.pbtxt").write_text(BATCHED_V1_CONFIG)
+    generic = load_worker(folder / "1" / "model.onnx").runtime
+    native = ModelRuntime(folder / "1" / "model.onnx", CPU)
+    assert isinstance(generic, GenericRuntime) and generic.binding.lengths_tail == ()
+    x = np.random.default_rng(5).integers(0, 28, size=(3, 6))
+    lengths, state = np.array([6, 2, 4]), np.zeros((3, 4, 8), np.float32)
+    np.testing.assert_array_equal(generic.run(x, lengths, state).probs,
+                                  native.run(x, lengths, state).probs)  # fmt: skip
