@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service import principal
 from service.engine.core import Engine
 from service.engine.inputs import tokens_from_stream, tokens_held
 from service.engine.sessions import Session
@@ -74,12 +75,13 @@ class Inference:
         """One chunk of a sequence, in the sequence's arrival order."""
         assert params.key is not None
         table = self.sequences
-        entry = table.enter(request.model, params.key)  # before any await: FIFO order
+        key = (principal.current(), request.model, params.key)
+        entry = table.enter(key)  # before any await: FIFO order
         try:
             async with entry.lock:
                 return await self._locked(request, params, version, entry)
         finally:
-            table.leave(request.model, params.key, entry)
+            table.leave(key, entry)
 
     async def _locked(
         self, request: InferRequest, params: SequenceParams, version: int, entry: Entry

@@ -79,28 +79,32 @@ class Entry:
     users: int = 0  # requests holding or waiting for the lock
 
 
+Key = tuple[str, str, int | str]  # (principal, model, sequence_id)
+
+
 class SequenceTable:
-    """(model, sequence_id) -> Entry; loop thread only."""
+    """(principal, model, sequence_id) -> Entry; loop thread only. Scoped by the caller as
+    sessions are (service/principal.py): two callers' sequence 42 are two sequences."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, int | str], Entry] = {}
+        self._entries: dict[Key, Entry] = {}
         self._starts = 0
 
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.session_id is not None)
 
-    def enter(self, model: str, key: int | str) -> Entry:
+    def enter(self, key: Key) -> Entry:
         """The entry (created if new), counted as used until `leave`. Synchronous: a caller
         that then awaits its lock queues in arrival order."""
-        entry = self._entries.setdefault((model, key), Entry())
+        entry = self._entries.setdefault(key, Entry())
         entry.users += 1
         return entry
 
-    def leave(self, model: str, key: int | str, entry: Entry) -> None:
+    def leave(self, key: Key, entry: Entry) -> None:
         entry.users -= 1
         idle = entry.users == 0 and entry.session_id is None
-        if idle and self._entries.get((model, key)) is entry:
-            del self._entries[(model, key)]
+        if idle and self._entries.get(key) is entry:
+            del self._entries[key]
 
     def started(self, held: Callable[[str], bool]) -> None:
         """Count a START; every SWEEP_EVERY, forget idle entries whose session is no longer

@@ -375,3 +375,18 @@ def test_any_grpc_request_is_answered_or_refused_with_a_status(
         event("answered")
 
     run(go())
+
+
+def test_sequences_are_scoped_by_the_caller(core: TritonCore) -> None:
+    from service import principal
+
+    async def go() -> None:
+        principal.CALLER.set("alice")
+        await core.infer(request(tokens([[1, 2]]), sequence_id=42, sequence_start=True))
+        principal.CALLER.set("bob")
+        with pytest.raises(LstmServeError, match="sequence 42 of model 'tiny-lstm' is not open"):
+            await core.infer(request(tokens([[3]]), sequence_id=42))
+        principal.CALLER.set("alice")
+        await core.infer(request(tokens([[3]]), sequence_id=42, sequence_end=True))
+
+    run(go())
