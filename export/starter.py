@@ -3,7 +3,8 @@
 The graph's inputs and outputs become `input` / `output` entries (the batch axis left out and
 `max_batch_size` set when every tensor has a symbolic batch axis); input/output pairs of the same
 type and shape whose names look like a recurrent state (h0/hn, state/state_out, c_in/c_out, ...)
-become `sequence_batching { state [...] }` with zero initial states. Only fields the lstm-serve
+become `sequence_batching { state [...] }` with zero initial states, and inputs named like
+Triton's sequence controls (START, END, READY) its `control_input`. Only fields the lstm-serve
 loader (service/engine/tritonconfig.py) serves are written. It is a guess for the user to edit.
 """
 
@@ -45,6 +46,14 @@ _MARKS = {
             re.compile(r"((?:.*[_.])?(?:[hc]|[hc]x|state|hidden|cell))[_.]?n")),
 }  # fmt: skip
 _LENGTH_NAME = re.compile(r"(length|lens$|seq_len|sequence_len)")
+_CONTROL = mc.ModelSequenceBatching.Control
+# Triton's sequence control inputs, by name (START, sequence_start, seq_end, READY, ...).
+CONTROL_NAMES: dict[str, tuple[re.Pattern[str], int]] = {
+    kind: (re.compile(rf"(seq(uence)?[_.]?)?{kind.lower()}"), code)
+    for kind, code in (("START", _CONTROL.CONTROL_SEQUENCE_START),
+                       ("END", _CONTROL.CONTROL_SEQUENCE_END),
+                       ("READY", _CONTROL.CONTROL_SEQUENCE_READY))
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,32 @@ def state_pairs(inputs: list[Tensor], outputs: list[Tensor]) -> list[tuple[Tenso
     return pairs
 
 
+def control_inputs(inputs: list[Tensor]) -> list[tuple[Tensor, int]]:
+    """Inputs [B] or [B, 1] named like Triton's START / END / READY controls, with their kind."""
+    found = []
+    for t in inputs:
+        if len(t.shape) not in (1, 2) or t.shape[1:] not in ((), (1,), (None,)):
+            continue
+        for pattern, code in CONTROL_NAMES.values():
+            if pattern.fullmatch(t.name.lower()):
+                found.append((t, code))
+    return found
+
+
+def _add_controls(config: mc.ModelConfig, controls: list[tuple[Tensor, int]]) -> None:
+    """control_input entries: false/true as 0/1 in the input's own type."""
+    for t, code in controls:
+        control = config.sequence_batching.control_input.add(name=t.name).control.add(kind=code)
+        if t.elem_type == TensorProto.BOOL:
+            control.bool_false_true.extend([False, True])
+        elif t.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            control.fp32_false_true.extend([0.0, 1.0])
+        else:
+            control.int32_false_true.extend([0, 1])
+            if t.elem_type != TensorProto.INT32 and t.elem_type in TRITON_TYPES:
+                control.data_type = TRITON_TYPES[t.elem_type]  # type: ignore[assignment]
+
+
 def batch_axis(t: Tensor) -> int | None:
     """The one symbolic axis of a state tensor (its batch), if there is exactly one."""
     symbolic = [k for k, d in enumerate(t.shape) if d is None]
@@ -143,7 +178,6 @@ def _add_states(
     """sequence_batching with one zero-initialised state per pair; returns the states' batch
     axis when it is not 0 (a torch LSTM's h0 is [layers, B, H]) and the model is batched."""
     seq = config.sequence_batching
-    seq.max_sequence_idle_microseconds = IDLE_MICROSECONDS
     axes = {batch_axis(i) for i, _ in pairs}
     axis = axes.pop() if len(axes) == 1 else None
     for i, o in pairs:
@@ -188,12 +222,14 @@ def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, l
     """The starter ModelConfig for an ONNX model, and notes on what to check."""
     inputs, outputs = graph_tensors(proto)
     pairs = state_pairs(inputs, outputs)
+    controls = control_inputs(inputs)
     batched = _is_batched(inputs + outputs, pairs)
     config = mc.ModelConfig(name=name, backend="onnxruntime")
     config.max_batch_size = DEFAULT_MAX_BATCH if batched else 0
     state_names = {t.name for pair in pairs for t in pair}
+    taken = state_names | {t.name for t, _ in controls}
     for t in inputs:
-        if t.name not in state_names:
+        if t.name not in taken:
             _add_tensor(config.input.add(), t, batched)
     for t in outputs:
         if t.name not in state_names:
@@ -202,6 +238,9 @@ def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, l
             if t.shape and t.shape[-1] is not None and t.elem_type != TensorProto.STRING:
                 entry.label_filename = LABELS_PLACEHOLDER
     notes = []
+    if pairs or controls:
+        config.sequence_batching.max_sequence_idle_microseconds = IDLE_MICROSECONDS
+    _add_controls(config, controls)
     if pairs:
         axis = _add_states(config, pairs, batched)
         if axis is not None:

@@ -202,3 +202,61 @@ def test_a_state_pair_needs_one_type_and_shape() -> None:
     assert not state_pairs([h0], [Tensor("hn", TensorProto.FLOAT, (2, None, 9))])
     assert not state_pairs([h0], [Tensor("hn", TensorProto.FLOAT16, (2, None, 8))])
     assert state_pairs([h0], [Tensor("hn", TensorProto.FLOAT, (2, None, 8))])
+
+
+def _triton_style_graph(path: Path) -> Path:
+    """A Triton-style sequence model: INPUT, START [B, 1] int32, READY [B] bool, a state."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceSum", ["INPUT", "axis1"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "W"], ["OUTPUT"]),
+        helper.make_node("Identity", ["state_in"], ["state_out"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.ones((4, 3), np.float32), "W")]  # fmt: skip
+    inputs = [
+        helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["B", "T", 4]),
+        helper.make_tensor_value_info("START", TensorProto.INT32, ["B", 1]),
+        helper.make_tensor_value_info("READY", TensorProto.BOOL, ["B"]),
+        helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["B", 2, 8]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["B", 3]),
+        helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["B", 2, 8]),
+    ]
+    graph = helper.make_graph(nodes, "seq", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def test_triton_sequence_controls_become_control_inputs(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from service.engine.binding import bind
+    from service.engine.tritonconfig import load_triton_config
+
+    version = tmp_path / "seq" / "1"
+    version.mkdir(parents=True)
+    path = _triton_style_graph(version / "model.onnx")
+    text = starter_config_text(path)
+    config = text_format.Parse(text, mc.ModelConfig())
+    assert [i.name for i in config.input] == ["INPUT"]  # controls and states are not inputs
+    controls = {c.name: c.control[0] for c in config.sequence_batching.control_input}
+    kinds = mc.ModelSequenceBatching.Control
+    assert controls["START"].kind == kinds.CONTROL_SEQUENCE_START
+    assert list(controls["START"].int32_false_true) == [0, 1]
+    assert controls["READY"].kind == kinds.CONTROL_SEQUENCE_READY
+    assert list(controls["READY"].bool_false_true) == [False, True]
+
+    (version.parent / "config.pbtxt").write_text(text)
+    (version.parent / "labels.txt").write_text("a\nb\nc\n")
+    triton = load_triton_config(version.parent)
+    binding = bind(
+        triton, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
+    )
+    assert {c.name: c.kind for c, _ in binding.controls} == {"START": "START", "READY": "READY"}
