@@ -416,7 +416,9 @@ def test_an_idle_sequence_expires_and_the_session_limit_holds(tight: ServerThrea
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert tight.app is not None
         wait_for(lambda: len(tight.app.engine.store) == 0, what="both sequences expired")
-        with pytest.raises(InferenceServerException, match="sequence 1 of model 'tiny-lstm'"):
+        with pytest.raises(
+            InferenceServerException, match="sequence 1 of model 'tiny-lstm' expired"
+        ):
             client.infer("tiny-lstm", [token_input([2])], sequence_id=1)
         client.infer("tiny-lstm", [token_input([1])], sequence_id=3, sequence_start=True)
 
