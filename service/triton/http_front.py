@@ -9,11 +9,13 @@ part of a request is bounded (http_codec.MAX_JSON_BYTES).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -196,6 +198,29 @@ def version_of(request: web.Request) -> str:
     return version
 
 
+class BodyBudget:
+    """Request bytes held at once by all infer requests (--read-ahead-total-bytes, as the gRPC
+    streams' read-ahead): a request waits until its body fits; one request always fits."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.total)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + size <= self.total)
+            self.used += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= size
+                self._changed.notify_all()
+
+
 class HttpFront:
     """The KServe v2 REST routes over one Triton core."""
 
@@ -212,6 +237,7 @@ class HttpFront:
         self._rpc: dict[str, str] = {}
         self._routes()
         self.server = HttpServer(self.app, ssl_context)
+        self.budget = BodyBudget(core.config.read_ahead_total_bytes)
 
     def _routes(self) -> None:
         model = "/v2/models/{name}"
@@ -354,12 +380,14 @@ class HttpFront:
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        parsed, choice = http_codec.parse_infer_request(
-            request.match_info["name"], version_of(request), body,
-            request.headers.get(http_codec.HEADER_LENGTH),
-        )  # fmt: skip
-        reply = await self.core.infer(parsed)
+        async with self.budget.hold(self._body_bytes(request)):  # bounded bytes in flight
+            body = await request.read()
+            parsed, choice = http_codec.parse_infer_request(
+                request.match_info["name"], version_of(request), body,
+                request.headers.get(http_codec.HEADER_LENGTH),
+            )  # fmt: skip
+            del body
+            reply = await self.core.infer(parsed)
         data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
         headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
         response = web.Response(body=data, content_type=content_type, headers=headers)
@@ -368,6 +396,13 @@ class HttpFront:
         return response
 
     # -- life ------------------------------------------------------------------------------
+
+    def _body_bytes(self, request: web.Request) -> int:
+        """What an infer body will hold once read: its length, or the limit when compressed or
+        sent without a length."""
+        if request.content_length is None or "Content-Encoding" in request.headers:
+            return self.max_body_bytes
+        return request.content_length
 
     async def start(self, host: str, port: int) -> int:
         return await self.server.start(host, port)

@@ -614,3 +614,25 @@ def test_a_config_pbtxt_model_keeps_its_config_and_tensor_names_over_http(
     finally:
         client.close()
     np.testing.assert_allclose(np.concatenate(got), torch_step_probs(model, WORD), atol=1e-5)
+
+
+def test_requests_beyond_the_bytes_in_flight_budget_wait_their_turn(tiny_repo: Path) -> None:
+    config = make_config(tiny_repo, read_ahead_total_bytes=64, read_ahead_bytes=64,
+                         model_control="explicit", load_models=("tiny-gru",))  # fmt: skip
+    srv = ServerThread(config).start()
+    try:
+        tokens = {"name": "tokens", "datatype": "INT64", "shape": [1, 40], "data": [1] * 40}
+        body = json.dumps({"inputs": [tokens]}).encode()
+        assert len(body) > 64  # every request alone exceeds the budget: one at a time
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda: statuses.append(
+            call(srv, "/v2/models/tiny-gru/infer", body)[0])) for _ in range(8)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert statuses == [200] * 8
+        assert srv.app is not None and srv.app.http is not None
+        assert srv.app.http.budget.used == 0
+    finally:
+        srv.stop()
