@@ -19,6 +19,8 @@ from google.protobuf import text_format
 from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
+from lstmserve.contract import DESCRIPTION_KEY
+
 DEFAULT_MAX_BATCH = 64
 IDLE_MICROSECONDS = 60_000_000
 LABELS_PLACEHOLDER = "labels.txt"
@@ -169,7 +171,11 @@ def _add_tensor(entry: mc.ModelInput | mc.ModelOutput, t: Tensor, batched: bool)
     if t.elem_type not in TRITON_TYPES:
         raise ValueError(f"{t.name!r} has ONNX element type {t.elem_type}, which Triton lacks")
     entry.data_type = TRITON_TYPES[t.elem_type]  # type: ignore[assignment]
-    entry.dims.extend(_dims(t.shape, 0 if batched else None))
+    dims = _dims(t.shape, 0 if batched else None)
+    if batched and not dims:  # [B] in the graph: Triton's dims [1], reshaped to the graph's []
+        dims = [1]
+        entry.reshape.SetInParent()
+    entry.dims.extend(dims)
 
 
 def _add_states(
@@ -231,13 +237,20 @@ def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, l
     for t in inputs:
         if t.name not in taken:
             _add_tensor(config.input.add(), t, batched)
+    ours = any(p.key == DESCRIPTION_KEY for p in proto.metadata_props)
     for t in outputs:
         if t.name not in state_names:
             entry = config.output.add()
             _add_tensor(entry, t, batched)
-            if t.shape and t.shape[-1] is not None and t.elem_type != TensorProto.STRING:
+            has_classes = t.shape and t.shape[-1] is not None and t.elem_type != TensorProto.STRING
+            if has_classes and not ours:  # an lstm-export model keeps its own labels
                 entry.label_filename = LABELS_PLACEHOLDER
     notes = []
+    if ours:
+        notes.append(
+            "NOTE: this file carries an lstm-serve description (labels, tokenizer): "
+            "it is served without a config; one beside it overrides what it names"
+        )
     if pairs or controls:
         config.sequence_batching.max_sequence_idle_microseconds = IDLE_MICROSECONDS
     _add_controls(config, controls)
@@ -246,8 +259,8 @@ def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, l
         if axis is not None:
             config.parameters["state_batch_axis"].string_value = str(axis)
     else:
-        notes.append("no input/output pair looks like a recurrent state: add sequence_batching "
-                     "{ state [...] } by hand")  # fmt: skip
+        notes.append("TODO: no input/output pair looks like a recurrent state: add "
+                     "sequence_batching { state [...] } by hand")  # fmt: skip
     _guess_parameters(config, proto, inputs, outputs)
     config.instance_group.add(count=1)
     return config, notes
@@ -272,6 +285,6 @@ def starter_config_text(path: Path, name: str | None = None) -> str:
         f"# Starter config.pbtxt for {config.name}, written by `lstm-export config {path.name}`.",
         "# Check every guess (state pairs, batch axis, output_kind, label_filename) and save it",
         f"# as REPO/{config.name}/config.pbtxt beside REPO/{config.name}/VERSION/model.onnx.",
-        *(f"# TODO: {note}" for note in notes),
+        *(f"# {note}" for note in notes),
     ]
     return "\n".join(header) + "\n" + text_format.MessageToString(config, as_utf8=True)

@@ -112,7 +112,26 @@ def test_batch_first_state_needs_no_batch_axis_and_lengths_and_vocab_are_found(
     assert config.parameters["lengths_input"].string_value == "lengths"
     assert config.parameters["vocab_size"].string_value == str(len(TINY_VOCAB))
     assert config.parameters["output_kind"].string_value == "probs"
-    assert {i.name: list(i.dims) for i in config.input} == {"tokens": [-1], "lengths": []}
+    assert {i.name: list(i.dims) for i in config.input} == {"tokens": [-1], "lengths": [1]}
+    lengths = next(i for i in config.input if i.name == "lengths")
+    assert lengths.HasField("reshape") and list(lengths.reshape.shape) == []  # Triton's [B]
+
+    import onnxruntime as ort
+
+    from service.engine.binding import bind
+    from service.engine.tritonconfig import load_triton_config
+
+    text = starter_config_text(path)
+    assert "# NOTE: this file carries an lstm-serve description" in text
+    assert all(not o.label_filename for o in config.output)  # its own labels are kept
+    (path.parent.parent / "config.pbtxt").write_text(text)
+    triton = load_triton_config(path.parent.parent)
+    binding = bind(
+        triton, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
+    )
+    assert binding.lengths is not None and binding.lengths.name == "lengths"
+    assert binding.input_kind == "tokens" and binding.vocab_size == len(TINY_VOCAB)
+    assert binding.labels == ("class0", "class1", "class2")
 
 
 def test_a_model_without_a_state_pair_gets_a_todo(tmp_path: Path) -> None:
