@@ -78,6 +78,10 @@ def model_config(worker: ModelWorker, limits: ConfigLimits) -> mc.ModelConfig:
         config = mc.ModelConfig()
         config.CopyFrom(own)
         config.name = worker.name
+        batching = config.sequence_batching
+        if config.HasField("sequence_batching") and not batching.max_sequence_idle_microseconds:
+            # unset is not Triton's 1 s here: the server's idle timeout applies; say so
+            batching.max_sequence_idle_microseconds = int(limits.idle_timeout_s * 1_000_000)
         return config
     desc = worker.description
     config = mc.ModelConfig(
@@ -97,7 +101,8 @@ def model_config(worker: ModelWorker, limits: ConfigLimits) -> mc.ModelConfig:
     config.output.add(name=OUTPUT_STEP_PROBS, data_type=mc.TYPE_FP32, dims=[-1, classes])
     if desc.streamable:
         batching = config.sequence_batching
-        batching.max_sequence_idle_microseconds = int(limits.idle_timeout_s * 1_000_000)
+        idle = worker.idle_timeout_s if worker.idle_timeout_s is not None else limits.idle_timeout_s
+        batching.max_sequence_idle_microseconds = int(idle * 1_000_000)
         batching.oldest.max_candidate_sequences = limits.max_sequences
     else:
         config.dynamic_batching.SetInParent()

@@ -447,6 +447,8 @@ def test_a_config_pbtxt_model_is_served_with_its_own_config_and_names(
     with tc.InferenceServerClient(server.address) as client:
         config = client.get_model_config(name).config
         assert config.name == name and [o.name for o in config.output] == ["logits"]
+        idle = config.sequence_batching.max_sequence_idle_microseconds  # its own, else ours
+        assert idle == (30_000_000 if name == "chars" else 600_000_000)
         batched = config.max_batch_size > 0
         meta = client.get_model_metadata(name)
         assert [list(t.shape) for t in meta.outputs] == [[-1, -1, 3]]  # [B, T, C] either way
