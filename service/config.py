@@ -263,7 +263,11 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "reading and gRPC flow control holds the client back (one message always fits)",
         int,
     ),
-    "read_ahead_total_bytes": ("most request bytes read ahead over all streams", int),
+    "read_ahead_total_bytes": (
+        "most request bytes read ahead over all streams, and held by HTTP infer requests at "
+        "once (more wait their turn)",
+        int,
+    ),
     "http2_stream_window_bytes": (
         "HTTP/2 receive window of each gRPC stream, fixed (no BDP probing): what the transport "
         "takes in before the service reads it (2 unread 4 MB streams: +58-66 MiB RSS at 1 MiB, "
