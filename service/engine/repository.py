@@ -18,7 +18,7 @@ from pathlib import Path
 from service import metrics
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import SessionStore
-from service.engine.tritonconfig import CONFIG_FILE
+from service.engine.tritonconfig import CONFIG_FILE, served_versions
 from service.engine.types import ModelState, VersionStatus
 from service.engine.worker import ModelWorker, WorkerFactory
 from service.errors import ConfigError, ModelLoadFailed, ModelNotFound, VersionRetired
@@ -42,7 +42,18 @@ def discover(repository: Path, only: str | None = None) -> dict[tuple[str, int],
                         version_dir)  # fmt: skip
             continue
         found[(path.parent.parent.name, int(version_dir))] = path
-    return found
+    return _by_version_policy(repository, found)
+
+
+def _by_version_policy(repository: Path, found: dict[tuple[str, int], Path]
+                       ) -> dict[tuple[str, int], Path]:  # fmt: skip
+    """Only the versions each model's config.pbtxt version_policy serves (if it has one)."""
+    names = sorted({name for name, _ in found})
+    kept: set[tuple[str, int]] = set()
+    for name in names:
+        versions = [v for n, v in found if n == name]
+        kept.update((name, v) for v in served_versions(repository / name, versions))
+    return {key: path for key, path in found.items() if key in kept}
 
 
 def glob_escape(name: str) -> str:

@@ -36,8 +36,13 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "sequence_batching",
             "instance_group",
             "parameters",
+            "version_policy",
         ]
     ),
+    "inference.ModelVersionPolicy": frozenset({"latest", "all", "specific"}),
+    "inference.ModelVersionPolicy.Latest": frozenset({"num_versions"}),
+    "inference.ModelVersionPolicy.All": frozenset(),
+    "inference.ModelVersionPolicy.Specific": frozenset({"versions"}),
     "inference.ModelConfig.ParametersEntry": frozenset({"key", "value"}),
     "inference.ModelParameter": frozenset({"string_value"}),
     "inference.ModelInput": frozenset({"name", "data_type", "dims", "reshape"}),
@@ -239,6 +244,28 @@ def read_vocabulary(triton: TritonModel) -> tuple[tuple[str, ...], bool] | None:
         raise ConfigError(f"{triton.path}: parameters lowercase {lowercase[:64]!r} is not "
                           "true or false")  # fmt: skip
     return vocab, lowercase == "true"
+
+
+def served_versions(model_dir: Path, versions: list[int]) -> list[int]:
+    """The versions a config.pbtxt's version_policy serves (Triton's: latest N, all, or the
+    ones listed); all of them without a config or a policy. A config that does not parse
+    serves them all here: loading them reports the error."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return versions
+    try:
+        config = parse_config(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ConfigError):
+        return versions
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice") if config.HasField("version_policy") else None
+    if which == "latest":
+        count = max(1, policy.latest.num_versions)
+        return sorted(versions)[-count:]
+    if which == "specific":
+        listed = set(policy.specific.versions)
+        return [v for v in versions if v in listed]
+    return versions
 
 
 def load_triton_config(model_dir: Path) -> TritonModel:

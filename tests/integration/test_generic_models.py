@@ -152,7 +152,7 @@ def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
         "chars": write_model(repo, "chars"),
         "chars-torch": write_model(repo, "chars-torch", kind="torch"),
     }
-    write_model(repo, "bad-field", extra="version_policy { latest { num_versions: 2 } }\n")
+    write_model(repo, "bad-field", extra="optimization { priority: PRIORITY_MAX }\n")
     write_model(repo, "bad-state", rows=3)
     write_model(repo, "bad-labels", labels=["red", "green"])
     return repo, models
@@ -162,6 +162,14 @@ def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 def triton_server(triton_repo: tuple[Path, dict[str, nn.Module]]) -> Iterator[ServerThread]:
     config = make_config(triton_repo[0], model_control="poll", snapshot_key=KEY)
     srv = ServerThread(config).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def replica(triton_repo: tuple[Path, dict[str, nn.Module]]) -> Iterator[ServerThread]:
+    """A second server of the same repository that shares the snapshot key."""
+    srv = ServerThread(make_config(triton_repo[0], model_control="poll", snapshot_key=KEY)).start()
     yield srv
     srv.stop()
 
@@ -211,15 +219,16 @@ def test_streaming_chunk_by_chunk_equals_pytorch_with_the_state_carried(
 
 @pytest.mark.parametrize("name", ["chars", "chars-torch"])
 def test_snapshot_restore_and_resume_continue_exactly(
-    triton_server: ServerThread, triton_repo: tuple[Path, dict[str, nn.Module]], name: str
-) -> None:
+    triton_server: ServerThread, replica: ServerThread,
+    triton_repo: tuple[Path, dict[str, nn.Module]], name: str,
+) -> None:  # fmt: skip
     async def scenario() -> np.ndarray:
-        async with LstmClient(triton_server.address) as client:
-            first = await client.open_session(name, every_step=True)
+        async with LstmClient(triton_server.address) as here, LstmClient(replica.address) as client:
+            first = await here.open_session(name, every_step=True)
             got = [_steps(await first.step(WORD[:4].tolist()))]
             snap = await first.snapshot()
             await first.end()
-            second = await client.restore_session(snap.data, every_step=True)
+            second = await client.restore_session(snap.data, every_step=True)  # another replica
             got.append(_steps(await second.step(WORD[4:7].tolist())))
             await second.close()  # the stream breaks; the session stays
             third = await client.resume_session(second.session_id)
@@ -300,7 +309,7 @@ async def _index(address: str) -> dict[str, pb.RepositoryModel]:
 @pytest.mark.parametrize(
     ("name", "says"),
     [
-        ("bad-field", "field version_policy is not supported"),
+        ("bad-field", "field optimization is not supported"),
         ("bad-state", "sequence_batching.state 'state_in' is [?, 3, 16] in config.pbtxt but "
                       "[?, 4, 16] in the ONNX file"),
         ("bad-labels", "labels.txt: label_filename of output 'logits' has 2 lines, the output "
@@ -583,9 +592,11 @@ def test_a_fixed_time_window_is_stepped_and_a_chunk_it_cannot_take_fails_in_band
         async with LstmClient(server.address) as client:
             session = await client.open_session("pairs", every_step=True)
             got = [_steps(await session.step(tokens[:4].tolist()))]
-            refused = await session.step(tokens[4:7].tolist())  # 3 steps: not a multiple of 2
-            got.append(_steps(await session.step(tokens[4:8].tolist())))  # the state as it was
+            got.append(_steps(await session.step(tokens[4:8].tolist())))
             await session.end()
+            other = await client.open_session("pairs")
+            refused = await other.step(tokens[4:7].tolist())  # 3 steps: not a multiple of 2
+            await other.end()
             return refused, got
 
     try:

@@ -77,7 +77,7 @@ def test_a_good_config_maps_onto_the_servers_settings(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        ("version_policy { all { } }", "version_policy"),
+        ("response_cache { enable: true }", "response_cache"),
         ('default_model_filename: "other.onnx"', "default_model_filename"),
         ("optimization { priority: PRIORITY_MAX }", "optimization"),
         ('model_warmup [ { name: "w" batch_size: 1 } ]', "model_warmup"),
@@ -542,3 +542,24 @@ def test_triton_s_reshape_gives_a_batched_model_its_b_lengths_input(
     lengths, state = np.array([6, 2, 4]), np.zeros((3, 4, 8), np.float32)
     np.testing.assert_array_equal(generic.run(x, lengths, state).probs,
                                   native.run(x, lengths, state).probs)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("policy", "served"),
+    [
+        ("", [1, 2, 3]),
+        ("version_policy { all { } }", [1, 2, 3]),
+        ("version_policy { latest { num_versions: 2 } }", [2, 3]),
+        ("version_policy { specific { versions: [ 1, 3 ] } }", [1, 3]),
+    ],
+)
+def test_the_version_policy_chooses_the_versions_served(
+    tiny_repo: Path, tmp_path: Path, policy: str, served: list[int]
+) -> None:
+    from service.engine.repository import discover
+
+    for version in (1, 2, 3):
+        shutil.copytree(tiny_repo / "tiny-lstm" / "1", tmp_path / "tiny" / str(version))
+    (tmp_path / "tiny" / "config.pbtxt").write_text(V1_CONFIG + policy + "\n")
+    assert sorted(v for _, v in discover(tmp_path)) == served
+    assert not list(unsupported_fields(parse_config(V1_CONFIG + policy, "x")))
