@@ -526,3 +526,21 @@ def test_an_unloaded_model_finishes_its_open_sequences(client: tc.InferenceServe
     assert info.value.status() == "StatusCode.UNAVAILABLE"
     client.infer(model, [frames(1)], sequence_id=61, sequence_end=True)
     assert state() == "UNAVAILABLE"  # its last sequence ended: retired
+
+
+def test_a_uint64_sequence_id_above_the_int64_range(
+    srv: ServerThread, native: pb_grpc.LstmServeStub
+) -> None:
+    def request(ids: list[int], **flags: bool) -> Any:
+        msg = _raw_request("tokens", "INT64", [1, len(ids)], np.array(ids, np.int64).tobytes())
+        msg.parameters["sequence_id"].uint64_param = (1 << 64) - 1
+        for key, value in flags.items():
+            msg.parameters[key].bool_param = value
+        return msg
+
+    with grpc.insecure_channel(srv.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(request([1, 2], sequence_start=True), timeout=10)
+        last = stub.ModelInfer(request([3], sequence_end=True), timeout=10)
+    probs = np.frombuffer(last.raw_output_contents[0], dtype=np.float32)
+    close(probs, classify(native, "tiny-lstm", [np.array([1, 2, 3])])[0])
