@@ -15,6 +15,8 @@ exactly this API, on the server's event loop; neither holds state of its own:
     core.repository_index(ready_only=False) -> list[IndexEntry]   # POST /v2/repository/index
     await core.load(name) / await core.unload(name)               # .../load, .../unload
     await core.infer(InferRequest) -> InferResponse               # POST .../infer
+        (sequences are the caller's: call it in the request's context, after authentication
+        set service/principal.py; unload of a model not loaded succeeds, as Triton's)
 
 Requests and replies are the dataclasses of service/triton/types.py; input tensors hold numpy
 arrays built with service/triton/tensors.py (`from_raw` for binary data, `from_values` for
