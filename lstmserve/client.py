@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -227,6 +228,43 @@ def to_input(steps: Steps) -> pb.SequenceInput:
     return pb.SequenceInput(tokens=pb.TokenIds(ids=[int(x) for x in array.ravel()]))
 
 
+Pem = str | Path | bytes  # a PEM file's path, or its contents
+
+
+def _pem(value: Pem | None, what: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {str(value)!r}: {exc.strerror or exc}") from None
+
+
+def _channel_credentials(
+    tls: bool, ca: Pem | None, cert: Pem | None, key: Pem | None
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials when any TLS option is given (None: plaintext)."""
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key go together (a client certificate and its key)")
+    if not tls and ca is None and cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca, "the TLS CA file"),
+        private_key=_pem(key, "the TLS key file"),
+        certificate_chain=_pem(cert, "the TLS certificate file"),
+    )
+
+
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries `token` (None: no token)."""
+    if not token:
+        return None
+    token = token.strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the token must be one word (no spaces or newlines)")
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _unavailable(exc: BaseException) -> bool:
     """Unary calls, open and restore move on to the next address past these."""
     return isinstance(exc, _Refused) or _code(exc) == grpc.StatusCode.UNAVAILABLE
@@ -238,11 +276,16 @@ def _unavailable_or_unknown(exc: BaseException) -> bool:
 
 
 class LstmClient:
-    """Async client over one or more server addresses."""
+    """Async client over one or more server addresses.
+
+    TLS: `tls_ca` (PEM path or bytes) trusts the server's CA (None with `tls` = the system's);
+    `tls_cert` + `tls_key` present a client certificate (mTLS). `token` goes as
+    `authorization: Bearer TOKEN` on every call, streams and failover reconnects included."""
 
     def __init__(
         self, addresses: Sequence[str] | str, timeout_s: float = 30.0,
-        failover_s: float = FAILOVER_S,
+        failover_s: float = FAILOVER_S, *, tls: bool = False, tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None, tls_key: Pem | None = None, token: str | None = None,
     ) -> None:  # fmt: skip
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -251,6 +294,8 @@ class LstmClient:
         self.failover_s = failover_s
         self._index = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials = _channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        self.metadata = _bearer(token)
 
     async def __aenter__(self) -> LstmClient:
         return self
@@ -275,7 +320,11 @@ class LstmClient:
     def stub_at(self, address: str) -> pb_grpc.LstmServeStub:
         """A stub on `address` (one channel per address, made on first use)."""
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = (
+                grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                if self._credentials is None
+                else grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+            )
         return pb_grpc.LstmServeStub(self._channels[address])
 
     def failover_order(self, current: str, elsewhere: bool = False) -> list[str]:
@@ -297,7 +346,10 @@ class LstmClient:
         """Call on the current address; on UNAVAILABLE move on to the next, once round."""
 
         async def call(address: str) -> Any:
-            return await getattr(self.stub_at(address), method)(request, timeout=self.timeout_s)
+            stub = self.stub_at(address)
+            return await getattr(stub, method)(
+                request, timeout=self.timeout_s, metadata=self.metadata
+            )
 
         try:
             address, reply = await _one_round(self.failover_order(self.address), call, _unavailable)
@@ -402,7 +454,7 @@ class StreamSession:
         restore) and read the `opened` reply; _Refused if that copy is older than what this
         client saw applied."""
         address = address or self.client.address
-        call = self.client.stub_at(address).Stream()
+        call = self.client.stub_at(address).Stream(metadata=self.client.metadata)
         reply = await _first_reply(call, first, address)
         if reply.WhichOneof("kind") != "opened":
             call.cancel()
@@ -574,7 +626,7 @@ class MultiStream:
     def __init__(self, client: LstmClient, address: str | None = None) -> None:
         self.client = client
         self.address = address or client.address
-        self._call: Any = client.stub_at(self.address).StreamMulti()
+        self._call: Any = client.stub_at(self.address).StreamMulti(metadata=client.metadata)
         self._pending: deque[list[pb.SessionRequest]] = deque()  # sent, not yet answered
         self._held: dict[str, pb.StreamOptions | None] = {}  # live sessions named, and options
         self.final_snapshots: dict[str, bytes] = {}  # session id -> snapshot, from a drain
@@ -667,7 +719,7 @@ class MultiStream:
     async def _reopen(self, address: str) -> None:
         """A new stream on `address` with every held session reattached; _Refused if the
         address is draining or loading (UNAVAILABLE in band)."""
-        call = self.client.stub_at(address).StreamMulti()
+        call = self.client.stub_at(address).StreamMulti(metadata=self.client.metadata)
         ids = list(self._held)
         batches = [
             ids[i : i + MAX_REATTACH_ENTRIES] for i in range(0, len(ids), MAX_REATTACH_ENTRIES)

@@ -90,6 +90,14 @@ class ServerConfig:
     # signs. Secret: never printed (repr=False, hidden in --help).
     snapshot_key: str = field(default="", repr=False)
     session_store: str = "memory"
+    # Who may call (service/security/): TLS files, bearer tokens, the surface exposed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens: str = ""
+    principal_from_cert: bool = False
+    reflection: bool = True
+    metrics_host: str = ""
     log_json: bool = False
     log_level: str = "INFO"
     debug_compute_delay_ms: int = 0
@@ -100,6 +108,7 @@ class ServerConfig:
         object.__setattr__(self, "log_level", self.log_level.upper())
         self._check_ports()
         self._check_limits()
+        self._check_security()
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
 
@@ -110,6 +119,22 @@ class ServerConfig:
             raise ConfigError(f"http_port {self.http_port} is not in -1..65535 (-1 = off)")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is not in -1..65535 (-1 = off)")
+
+    def _check_security(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both PEM files")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS)")
+        if self.principal_from_cert and not self.tls_client_ca:
+            raise ConfigError(
+                "--principal-from-cert needs --tls-client-ca: only a verified client "
+                "certificate can name the caller"
+            )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether callers must authenticate (bearer tokens and/or client certificates)."""
+        return bool(self.auth_tokens) or self.principal_from_cert
 
     def _check_limits(self) -> None:
         positive = (
@@ -302,6 +327,28 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "through on every chunk, so any replica can resume any session by id)",
         str,
     ),
+    "tls_cert": (
+        "PEM certificate chain: serve TLS on the gRPC and HTTP ports (re-read when the file "
+        "changes; new connections get the new certificate)",
+        str,
+    ),
+    "tls_key": ("PEM private key of --tls-cert (unencrypted; re-read when it changes)", str),
+    "tls_client_ca": (
+        "PEM CA certificates: require client certificates signed by them (mTLS)",
+        str,
+    ),
+    "auth_tokens": (
+        "file of 'principal:token' lines: every call but health needs 'authorization: Bearer "
+        "TOKEN' (re-read when it changes; the tokens are never logged)",
+        str,
+    ),
+    "principal_from_cert": (
+        "with --tls-client-ca: a call without a bearer token is the principal named by its "
+        "verified client certificate's subject CN",
+        bool,
+    ),
+    "reflection": ("serve gRPC server reflection (off in the Kubernetes manifests)", bool),
+    "metrics_host": ("address the /metrics endpoint binds (default: --host)", str),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
     "debug_compute_delay_ms": ("FOR TESTS ONLY: sleep this long before each model run", int),

@@ -126,6 +126,18 @@ MODEL_LOAD_FAILURES = Counter(
     "Model versions that failed to load (the versions already served go on).",
     ["model"],
 )
+CALLER_REQUESTS = Counter(
+    "lstm_serve_caller_requests_total",
+    "Authenticated RPCs and HTTP requests by principal (from --auth-tokens, or a client "
+    "certificate's CN, capped) and front protocol; health is not counted.",
+    ["principal", "protocol"],
+)
+AUTH_FAILURES = Counter(
+    "lstm_serve_auth_failures_total",
+    "Requests refused as unauthenticated, by protocol and reason (missing, malformed, unknown, "
+    "no_certificate).",
+    ["protocol", "reason"],
+)
 READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")
 
 

@@ -23,6 +23,9 @@ from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
 from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
 from service.protocol.session import Limits, SessionLayer
+from service.security import http as security_http
+from service.security.auth import AuthInterceptor, build_authenticator
+from service.security.tls import CertificateFiles, certificate_files
 from service.servicer import LstmServeServicer, add_to_server
 from service.triton import grpc_front as triton_grpc
 from service.triton.core import TritonCore
@@ -40,15 +43,21 @@ class LstmServer:
     """A running lstm-serve: gRPC server, engine, health, metrics endpoint, background tasks."""
 
     def __init__(
-        self, config: ServerConfig, server: grpc.aio.Server, engine: Engine, layer: SessionLayer
-    ) -> None:
+        self, config: ServerConfig, server: grpc.aio.Server, engine: Engine, layer: SessionLayer,
+        tls: CertificateFiles | None = None, http_middlewares: tuple[Any, ...] = (),
+    ) -> None:  # fmt: skip
         self.config = config
         self.grpc = server
         self.engine = engine
         self.layer = layer
+        self.tls = tls  # the certificate files both ports serve (None: plaintext)
         # The Open Inference Protocol (KServe v2 + Triton's extensions): one core, two fronts.
         self.triton = TritonCore(layer, config)
-        self.http = HttpFront(self.triton) if config.http_port >= 0 else None
+        self.http = (
+            HttpFront(self.triton, middlewares=http_middlewares,
+                      ssl_context=security_http.ssl_context(tls))
+            if config.http_port >= 0 else None
+        )  # fmt: skip
         self.health = health.aio.HealthServicer()
         self.metrics_port: int | None = None
         self.http_port: int | None = None  # the Open Inference Protocol's HTTP/REST front
@@ -67,7 +76,7 @@ class LstmServer:
             self.http_port = await self.http.start(self.config.host, self.config.http_port)
         if self.config.metrics_port >= 0:
             self._metrics_server, self.metrics_port = metrics.start_metrics_server(
-                self.config.metrics_port, self.config.host
+                self.config.metrics_port, self.config.metrics_host or self.config.host
             )
         self._spawn(self._load_models(), "load-models")
         self._spawn(self.engine.store.run_evictor(self.config.eviction_interval_s), "evictor")
@@ -241,18 +250,25 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
     # A fixed receive window per stream (no BDP probing, which grows it to several MB): what an
     # unread stream's transport holds stays bounded (docs/OPERATIONS.md, "Memory").
+    tls = certificate_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+    auth = build_authenticator(config.auth_tokens, config.principal_from_cert)
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", config.http2_stream_window_bytes),
-    ])  # fmt: skip
-    app = LstmServer(config, server, engine, layer)
+    ], interceptors=[AuthInterceptor(auth)] if auth else None)  # fmt: skip
+    middlewares = (security_http.auth_middleware(auth),) if auth else ()
+    app = LstmServer(config, server, engine, layer, tls, middlewares)
     add_to_server(LstmServeServicer(layer, config), server)  # malformed bytes: INVALID_ARGUMENT
     triton_grpc.add_to_server(triton_grpc.TritonGrpcFront(app.triton), server)  # KServe v2
     add_health(app.health, server)  # health and reflection also parse leniently
-    add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
+    if config.reflection:
+        add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
     address = f"{config.host}:{config.grpc_port}"
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.grpc_credentials())
     except RuntimeError:  # grpc raises on a failed bind
         port = 0
     if port == 0:
