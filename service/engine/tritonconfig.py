@@ -53,7 +53,12 @@ SUPPORTED: dict[str, frozenset[str]] = {
     ),
     "inference.ModelSequenceBatching.StrategyDirect": frozenset({"max_queue_delay_microseconds"}),
     "inference.ModelSequenceBatching.StrategyOldest": frozenset(
-        {"max_queue_delay_microseconds", "preferred_batch_size"}
+        {
+            "max_queue_delay_microseconds",
+            "preferred_batch_size",
+            "max_candidate_sequences",
+            "preserve_ordering",
+        }
     ),
     "inference.ModelSequenceBatching.State": frozenset(
         {"input_name", "output_name", "data_type", "dims", "initial_state"}
@@ -183,7 +188,7 @@ class TritonModel:
     parameters: dict[str, str]
     idle_timeout_s: float | None
     queue_delay_s: float | None
-    preferred_batch_size: int | None
+    batch_cap: int | None  # oldest: the largest preferred_batch_size, max_candidate_sequences
     instance_kind: str  # KIND_AUTO, KIND_CPU or KIND_GPU
 
     @property
@@ -309,7 +314,7 @@ def _read(config: mc.ModelConfig, path: Path, folder: str) -> TritonModel:
             f"{path}: sequence_batching.state is missing: lstm-serve serves recurrent models "
             "whose state is an input / output pair (sequence_batching { state [...] })"
         )
-    delay, preferred = _strategy(seq, path)
+    delay, cap = _strategy(seq, path)
     idle = seq.max_sequence_idle_microseconds
     return TritonModel(
         config=config, path=path, max_batch_size=config.max_batch_size,
@@ -318,7 +323,7 @@ def _read(config: mc.ModelConfig, path: Path, folder: str) -> TritonModel:
         states=tuple(_state(s, i, path) for i, s in enumerate(seq.state)),
         controls=tuple(_control(c, path) for c in seq.control_input),
         parameters=params, idle_timeout_s=idle / 1e6 if idle else None,
-        queue_delay_s=delay, preferred_batch_size=preferred,
+        queue_delay_s=delay, batch_cap=cap,
         instance_kind=_instance_kind(config, path),
     )  # fmt: skip
 
@@ -382,19 +387,22 @@ def _control(c: mc.ModelSequenceBatching.ControlInput, path: Path) -> ControlSpe
 
 
 def _strategy(seq: mc.ModelSequenceBatching, path: Path) -> tuple[float | None, int | None]:
-    """(max queue delay in s, preferred batch size) from direct / oldest."""
+    """(max queue delay in s, most sessions in one batch) from direct / oldest. preserve_ordering
+    is what the server does anyway (each stream is answered in order)."""
     which = seq.WhichOneof("strategy_choice")
     if which is None:
         return None, None
     strategy = getattr(seq, which)
     micros = strategy.max_queue_delay_microseconds
     delay = micros / 1e6 if micros else None
-    preferred = None
+    caps = []
     if which == "oldest" and strategy.preferred_batch_size:
         if min(strategy.preferred_batch_size) < 1:
             raise ConfigError(f"{path}: sequence_batching.oldest.preferred_batch_size must be >= 1")
-        preferred = max(strategy.preferred_batch_size)
-    return delay, preferred
+        caps.append(max(strategy.preferred_batch_size))
+    if which == "oldest" and strategy.max_candidate_sequences:
+        caps.append(strategy.max_candidate_sequences)
+    return delay, min(caps) if caps else None
 
 
 def _instance_kind(config: mc.ModelConfig, path: Path) -> str:

@@ -196,12 +196,12 @@ def triton_providers(triton: TritonModel, server: tuple[str, ...]) -> tuple[str,
 
 
 def triton_policy(triton: TritonModel, server: BatchPolicy) -> BatchPolicy:
-    """sequence_batching's max_queue_delay_microseconds and preferred_batch_size, and
-    max_batch_size, over the server's batch policy."""
+    """sequence_batching's max_queue_delay_microseconds, oldest's preferred_batch_size and
+    max_candidate_sequences, and max_batch_size, over the server's batch policy."""
     policy = server
     if triton.queue_delay_s is not None:
         policy = replace(policy, max_queue_delay_s=triton.queue_delay_s)
-    size = triton.preferred_batch_size or policy.max_batch_size
+    size = triton.batch_cap or policy.max_batch_size
     if triton.max_batch_size > 0:
         size = min(size, triton.max_batch_size)
     return replace(policy, max_batch_size=size)

@@ -63,6 +63,14 @@ def refusal(tmp_path: Path, text: str, name: str = "m") -> str:
 # -- the config alone ---------------------------------------------------------------------------
 
 
+def test_oldest_caps_the_batch_at_its_candidates_and_preferred_sizes(tmp_path: Path) -> None:
+    oldest = "oldest { preferred_batch_size: [ 4, 32 ] max_candidate_sequences: 16 "
+    text = GOOD.replace("direct { max_queue_delay_microseconds: 300 }", oldest + "}")
+    assert load_triton_config(write_config(tmp_path, text)).batch_cap == 16
+    text = text.replace("max_candidate_sequences: 16", "preserve_ordering: true")
+    assert load_triton_config(write_config(tmp_path, text)).batch_cap == 32
+
+
 def test_a_good_config_maps_onto_the_servers_settings(tmp_path: Path) -> None:
     triton = load_triton_config(write_config(tmp_path, GOOD))
     assert triton.config.name == "m" and triton.max_batch_size == 8
