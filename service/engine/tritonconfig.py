@@ -190,6 +190,7 @@ class TritonModel:
     queue_delay_s: float | None
     batch_cap: int | None  # oldest: the largest preferred_batch_size, max_candidate_sequences
     instance_kind: str  # KIND_AUTO, KIND_CPU or KIND_GPU
+    instances: int  # instance_group counts summed: batches of this model run at once (0: unset)
 
     @property
     def output_kind(self) -> str:
@@ -325,6 +326,7 @@ def _read(config: mc.ModelConfig, path: Path, folder: str) -> TritonModel:
         parameters=params, idle_timeout_s=idle / 1e6 if idle else None,
         queue_delay_s=delay, batch_cap=cap,
         instance_kind=_instance_kind(config, path),
+        instances=sum(max(1, g.count) for g in config.instance_group),
     )  # fmt: skip
 
 
@@ -408,12 +410,6 @@ def _strategy(seq: mc.ModelSequenceBatching, path: Path) -> tuple[float | None, 
 def _instance_kind(config: mc.ModelConfig, path: Path) -> str:
     kind_name = model_config_pb2().ModelInstanceGroup.Kind.Name
     kinds = {kind_name(g.kind) for g in config.instance_group}
-    for group in config.instance_group:
-        if group.count > 1:
-            raise ConfigError(
-                f"{path}: instance_group count {group.count}: lstm-serve runs one instance per "
-                "model version (one batcher owns its state store); use count: 1"
-            )
     if "KIND_MODEL" in kinds:
         raise ConfigError(f"{path}: instance_group kind KIND_MODEL is not supported")
     if len(kinds) > 1:

@@ -197,8 +197,11 @@ def triton_providers(triton: TritonModel, server: tuple[str, ...]) -> tuple[str,
 
 def triton_policy(triton: TritonModel, server: BatchPolicy) -> BatchPolicy:
     """sequence_batching's max_queue_delay_microseconds, oldest's preferred_batch_size and
-    max_candidate_sequences, and max_batch_size, over the server's batch policy."""
+    max_candidate_sequences, max_batch_size, and instance_group count (the batches of this
+    model that run at once: one onnxruntime session serves them all), over the server's."""
     policy = server
+    if triton.instances:
+        policy = replace(policy, max_concurrent=triton.instances)
     if triton.queue_delay_s is not None:
         policy = replace(policy, max_queue_delay_s=triton.queue_delay_s)
     size = triton.batch_cap or policy.max_batch_size

@@ -71,6 +71,19 @@ def test_oldest_caps_the_batch_at_its_candidates_and_preferred_sizes(tmp_path: P
     assert load_triton_config(write_config(tmp_path, text)).batch_cap == 32
 
 
+def test_instance_count_is_the_batches_run_at_once(tmp_path: Path) -> None:
+    from service.engine.worker import triton_policy
+
+    text = GOOD.replace("kind: KIND_CPU }", "kind: KIND_CPU count: 3 }")
+    triton = load_triton_config(write_config(tmp_path, text))
+    policy = triton_policy(triton, BatchPolicy(max_concurrent=1, max_batch_size=256))
+    assert (policy.max_concurrent, policy.max_batch_size, policy.max_queue_delay_s) == (
+        3,
+        8,
+        0.0003,
+    )
+
+
 def test_a_good_config_maps_onto_the_servers_settings(tmp_path: Path) -> None:
     triton = load_triton_config(write_config(tmp_path, GOOD))
     assert triton.config.name == "m" and triton.max_batch_size == 8
@@ -120,7 +133,6 @@ def test_nested_unsupported_fields_are_named_with_their_path() -> None:
         ('key: "vocab_size"', 'key: "colour"', "parameters key 'colour' is not one of"),
         ("TYPE_FP32 dims: [ 1, 4 ]", "TYPE_INT32 dims: [ 1, 4 ]", "TYPE_FP32 or TYPE_FP16"),
         ("TYPE_INT64", "TYPE_STRING", "data_type TYPE_STRING is not one of"),
-        ("kind: KIND_CPU", "kind: KIND_CPU count: 2", "instance_group count 2"),
         ("dims: [ 1, 4 ] }", "dims: [ 1, 4 ] initial_state: { data_type: TYPE_FP32 dims: "
          '[ 1, 4 ] data_file: "h0.bin" name: "f" } }',
          "state[0].initial_state[0].data_file is not supported"),
