@@ -224,9 +224,76 @@ def _guess_parameters(
     config.parameters["output_kind"].string_value = "probs" if probs else "logits"
 
 
-def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, list[str]]:
-    """The starter ModelConfig for an ONNX model, and notes on what to check."""
+def observed_output_shapes(path: Path, inputs: list[Tensor]) -> dict[str, tuple[int | None, ...]]:
+    """Output shapes seen running the graph twice on zeros, every symbolic input dimension 2 then
+    3 (a lengths input filled with it): a dimension that follows is dynamic (None), whatever the
+    graph declares (torch's dynamo exporter declares the example's T). {} where it cannot run."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    shapes: list[dict[str, tuple[int, ...]]] = []
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        for k in (2, 3):
+            feeds = {}
+            for t in inputs:
+                dims = [k if d is None else d for d in t.shape]
+                fill = k if _LENGTH_NAME.search(t.name.lower()) and len(dims) <= 2 else 0
+                feeds[t.name] = np.full(dims, fill, dtype=onnx.helper.tensor_dtype_to_np_dtype(
+                    t.elem_type))  # fmt: skip
+            shapes.append(
+                {n: np.shape(v) for n, v in zip(names, sess.run(None, feeds), strict=True)}
+            )
+    except Exception:  # a graph that needs real inputs (or is not runnable here): as declared
+        return {}
+    return {
+        n: tuple(None if a != b else a for a, b in zip(shapes[0][n], shapes[1][n], strict=True))
+        for n in shapes[0]
+        if len(shapes[0][n]) == len(shapes[1][n])
+    }
+
+
+def _merge_observed(
+    outputs: list[Tensor], observed: dict[str, tuple[int | None, ...]]
+) -> tuple[list[Tensor], list[str]]:
+    """Declared output shapes corrected by what running the graph showed, and notes on each."""
+    merged, notes = [], []
+    for t in outputs:
+        seen = observed.get(t.name)
+        if seen is None or len(seen) != len(t.shape):
+            merged.append(t)
+            continue
+        shape = tuple(None if s is None else (d if d is not None else s)
+                      for d, s in zip(t.shape, seen, strict=True))  # fmt: skip
+        follows = [k for k, (d, s) in enumerate(zip(t.shape, seen, strict=True)) if d and s is None]
+        if follows:
+            notes.append(f"NOTE: output {t.name!r} is declared {_dims(t.shape, None)}, but its "
+                         f"axes {follows} follow the input's size: written as -1")  # fmt: skip
+        merged.append(Tensor(t.name, t.elem_type, shape))
+    return merged, notes
+
+
+def _add_outputs(config: mc.ModelConfig, outputs: list[Tensor], batched: bool, ours: bool) -> None:
+    """The non-state outputs; those with a fixed last axis (classes) get the label placeholder,
+    except in an lstm-export model, which keeps its own labels."""
+    for t in outputs:
+        entry = config.output.add()
+        _add_tensor(entry, t, batched)
+        has_classes = t.shape and t.shape[-1] is not None and t.elem_type != TensorProto.STRING
+        if has_classes and not ours:
+            entry.label_filename = LABELS_PLACEHOLDER
+
+
+def starter_config(
+    proto: onnx.ModelProto, name: str, observed: dict[str, tuple[int | None, ...]] | None = None
+) -> tuple[mc.ModelConfig, list[str]]:
+    """The starter ModelConfig for an ONNX model (its output shapes corrected by `observed`),
+    and notes on what to check."""
     inputs, outputs = graph_tensors(proto)
+    outputs, notes = _merge_observed(outputs, observed or {})
     pairs = state_pairs(inputs, outputs)
     controls = control_inputs(inputs)
     batched = _is_batched(inputs + outputs, pairs)
@@ -238,14 +305,7 @@ def starter_config(proto: onnx.ModelProto, name: str) -> tuple[mc.ModelConfig, l
         if t.name not in taken:
             _add_tensor(config.input.add(), t, batched)
     ours = any(p.key == DESCRIPTION_KEY for p in proto.metadata_props)
-    for t in outputs:
-        if t.name not in state_names:
-            entry = config.output.add()
-            _add_tensor(entry, t, batched)
-            has_classes = t.shape and t.shape[-1] is not None and t.elem_type != TensorProto.STRING
-            if has_classes and not ours:  # an lstm-export model keeps its own labels
-                entry.label_filename = LABELS_PLACEHOLDER
-    notes = []
+    _add_outputs(config, [t for t in outputs if t.name not in state_names], batched, ours)
     if ours:
         notes.append(
             "NOTE: this file carries an lstm-serve description (labels, tokenizer): "
@@ -280,7 +340,8 @@ def starter_config_text(path: Path, name: str | None = None) -> str:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and others, on a file that is not ONNX
         raise ValueError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
-    config, notes = starter_config(proto, name or model_name(path))
+    observed = observed_output_shapes(path, graph_tensors(proto)[0])
+    config, notes = starter_config(proto, name or model_name(path), observed)
     header = [
         f"# Starter config.pbtxt for {config.name}, written by `lstm-export config {path.name}`.",
         "# Check every guess (state pairs, batch axis, output_kind, label_filename) and save it",

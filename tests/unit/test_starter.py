@@ -279,3 +279,32 @@ def test_triton_sequence_controls_become_control_inputs(tmp_path: Path) -> None:
         triton, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
     )
     assert {c.name: c.kind for c, _ in binding.controls} == {"START": "START", "READY": "READY"}
+
+
+def test_an_output_declared_static_but_following_the_input_is_written_dynamic(
+    tmp_path: Path,
+) -> None:
+    """torch's dynamo exporter declares the example's T on outputs; running the graph shows."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["logits"]),
+         helper.make_node("Identity", ["h_in"], ["h_out"])],
+        "declared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", 2]),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["B", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 5, 2]),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["B", 4])],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "declared.onnx"
+    onnx.save_model(proto, str(path))
+    text = starter_config_text(path)
+    assert "output 'logits' is declared [-1, 5, 2], but its axes [1] follow" in text
+    config = text_format.Parse(text, mc.ModelConfig())
+    assert [list(o.dims) for o in config.output] == [[-1, 2]]
+    assert [(s.input_name, s.output_name) for s in config.sequence_batching.state] == [
+        ("h_in", "h_out")
+    ]
