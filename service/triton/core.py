@@ -84,7 +84,6 @@ class TritonCore:
         self.limits = ConfigLimits(
             max_batch_size=config.max_classify_sequences,
             idle_timeout_s=config.session_idle_timeout_s,
-            max_sequences=config.max_sessions,
         )
         self.inference = Inference(self.engine, InferLimits(
             config.max_classify_sequences, config.max_sequence_steps, config.max_chunk_steps,

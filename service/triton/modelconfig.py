@@ -43,7 +43,6 @@ class ConfigLimits:
 
     max_batch_size: int  # sequences per non-sequence request (--max-classify-sequences)
     idle_timeout_s: float  # a sequence's idle timeout (the session idle timeout)
-    max_sequences: int  # sequences held at once (--max-sessions)
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,9 @@ def model_config(worker: ModelWorker, limits: ConfigLimits) -> mc.ModelConfig:
         batching = config.sequence_batching
         idle = worker.idle_timeout_s if worker.idle_timeout_s is not None else limits.idle_timeout_s
         batching.max_sequence_idle_microseconds = int(idle * 1_000_000)
-        batching.oldest.max_candidate_sequences = limits.max_sequences
+        policy = worker.batcher.policy  # sequences batched together, as Triton's candidates
+        batching.oldest.max_candidate_sequences = policy.max_batch_size
+        batching.oldest.max_queue_delay_microseconds = int(policy.max_queue_delay_s * 1_000_000)
     else:
         config.dynamic_batching.SetInParent()
     config.parameters["labels"].string_value = json.dumps(list(desc.labels), ensure_ascii=False)

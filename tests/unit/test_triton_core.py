@@ -192,6 +192,8 @@ def test_model_config_and_metadata_describe_the_tensors(core: TritonCore) -> Non
         ("probs", [4]), ("step_probs", [-1, 4]),
     ]  # fmt: skip
     assert config.sequence_batching.max_sequence_idle_microseconds == 60_000_000
+    policy = core.engine.registry.get("tiny-rnn-frames").batcher.policy
+    assert config.sequence_batching.oldest.max_candidate_sequences == policy.max_batch_size
     meta = core.model_metadata("tiny-lstm")
     assert meta.versions == ("1", "2")
     first = meta.inputs[0]
