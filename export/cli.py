@@ -92,7 +92,10 @@ def _from_torch(args: argparse.Namespace) -> int:
     from export.from_torch import MappingError, VerificationError, export_from_torch
 
     try:
-        kwargs = json.loads(args.kwargs)
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--kwargs is not JSON ({exc}): {args.kwargs[:64]!r}") from exc
         if not isinstance(kwargs, dict):
             raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs[:64]!r}")
         report = export_from_torch(
