@@ -636,3 +636,28 @@ def test_requests_beyond_the_bytes_in_flight_budget_wait_their_turn(tiny_repo: P
         assert srv.app.http.budget.used == 0
     finally:
         srv.stop()
+
+
+def test_lstm_serve_seq_makes_resends_exactly_once_over_http(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    def send(seq: int, part: np.ndarray, start: bool = False) -> httpclient.InferResult:
+        return client.infer("tiny-lstm", [tokens_input(part, True)], model_version="1",
+                            sequence_id="resend-1",
+                            sequence_start=start, parameters={"lstm_serve_seq": seq},
+                            outputs=[httpclient.InferRequestedOutput("probs")])  # fmt: skip
+
+    send(1, TOKENS[:3], start=True)
+    second = send(2, TOKENS[3:5])
+    again = send(2, TOKENS[3:5])  # the reply was lost: the resend is not applied twice
+    assert again.get_response()["parameters"]["lstm_serve_duplicate"] is True
+    assert again.get_response()["parameters"]["lstm_serve_total_steps"] == 5
+    np.testing.assert_array_equal(again.as_numpy("probs"), second.as_numpy("probs"))
+    with pytest.raises(InferenceServerException) as info:
+        send(1, TOKENS[:3])  # older than the last applied: its result is gone
+    assert info.value.status() == "409" and "lstm_serve_seq 1" in info.value.message()
+    third = send(3, TOKENS[5:])
+    assert third.get_response()["parameters"]["lstm_serve_total_steps"] == len(TOKENS)
+    whole = native_classify(http_server, "tiny-lstm", TOKENS)  # nothing applied twice
+    np.testing.assert_allclose(third.as_numpy("probs")[0], whole.probabilities, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
