@@ -8,10 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+TRAIN_EXTRA = "needs the training extra (pip install -e '.[train]')"
+
 
 def _train(args: argparse.Namespace) -> int:
-    from export.recipes import RECIPES, train_recipe
-
+    try:
+        from export.recipes import RECIPES, train_recipe
+    except ImportError as exc:  # the [export] environment: no data loaders, no progress bars
+        print(f"lstm-export train {TRAIN_EXTRA}: {exc}", file=sys.stderr)
+        return 2
     if args.model not in RECIPES:
         print(f"unknown model {args.model!r}; choose from {sorted(RECIPES)}", file=sys.stderr)
         return 2
@@ -53,8 +58,12 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _crossval(args: argparse.Namespace) -> int:
-    from export.crossval import SPEAKER_CANDIDATES, cross_validate
-    from export.recipes import RECIPES
+    try:
+        from export.crossval import SPEAKER_CANDIDATES, cross_validate
+        from export.recipes import RECIPES
+    except ImportError as exc:
+        print(f"lstm-export crossval {TRAIN_EXTRA}: {exc}", file=sys.stderr)
+        return 2
 
     if args.model != "speaker-vowels":
         print(f"no candidate list for {args.model}; only speaker-vowels has one", file=sys.stderr)

@@ -308,3 +308,17 @@ def test_an_output_declared_static_but_following_the_input_is_written_dynamic(
     assert [(s.input_name, s.output_name) for s in config.sequence_batching.state] == [
         ("h_in", "h_out")
     ]
+
+
+def test_training_commands_say_which_extra_they_need_in_the_export_environment() -> None:
+    code = BLOCK_TRAINING_STACK + (
+        "from export.cli import main\n"
+        "print('RC', main(['train', 'speaker-vowels', '--out', 'unused']),"
+        " main(['crossval', 'speaker-vowels']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "RC 2 2", done.stderr[-2000:]
+    assert "lstm-export train needs the training extra (pip install -e '.[train]')" in done.stderr
+    assert "lstm-export crossval needs the training extra" in done.stderr
