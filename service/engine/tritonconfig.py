@@ -236,7 +236,7 @@ def read_vocabulary(triton: TritonModel) -> tuple[tuple[str, ...], bool] | None:
             f"{triton.path}: parameters vocab_filename {name[:64]!r}: cannot read {file}: "
             f"{exc.strerror}"
         ) from exc
-    vocab = tuple(text.split("\n"))
+    vocab = tuple(text.replace("\r\n", "\n").split("\n"))
     if vocab and vocab[-1] == "":
         vocab = vocab[:-1]  # the last line's newline
     bad = [i for i, ch in enumerate(vocab) if len(ch) != 1 and i != 0]
