@@ -606,3 +606,34 @@ def test_a_fixed_time_window_is_stepped_and_a_chunk_it_cannot_take_fails_in_band
     assert refused.error.code == "INVALID_ARGUMENT"
     assert "fixed time dimension of 2 steps: a chunk of 3 steps" in refused.error.message
     np.testing.assert_allclose(np.concatenate(got), torch_step_probs(model, tokens), atol=1e-5)
+
+
+class Crowded(BatchFirstLstm):
+    """An export bug: every row's logits see the batch's mean (rows are not independent)."""
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, state_out = super().forward(tokens, state)
+        return logits + logits.mean(0, keepdim=True), state_out
+
+
+def test_lstm_export_verify_fails_an_export_whose_batch_rows_interact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.cli import main
+
+    folder = tmp_path / "crowded"
+    torch.manual_seed(0)
+    (folder / "1").mkdir(parents=True)
+    torch.onnx.export(
+        Crowded().eval(), (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2 * LAYERS, HIDDEN)),
+        str(folder / "1" / "model.onnx"), input_names=["tokens", "state_in"],
+        output_names=["logits", "state_out"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch", 1: "time"}, "state_in": {0: "batch"},
+                      "logits": {0: "batch", 1: "time"}, "state_out": {0: "batch"}},
+    )  # fmt: skip
+    config = BATCH_FIRST_CONFIG.format(name="crowded", rows=2 * LAYERS, extra="")
+    (folder / "config.pbtxt").write_text(config.replace(' label_filename: "labels.txt"', ""))
+    assert main(["verify", str(folder / "1")]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "FAIL" and report["max_diff_padded_batch_vs_alone"] > 1e-3
+    assert report["max_diff_streaming_vs_whole"] <= 1e-5  # one row at a time is fine

@@ -583,3 +583,26 @@ def test_the_version_policy_chooses_the_versions_served(
     (tmp_path / "tiny" / "config.pbtxt").write_text(V1_CONFIG + policy + "\n")
     assert sorted(v for _, v in discover(tmp_path)) == served
     assert not list(unsupported_fields(parse_config(V1_CONFIG + policy, "x")))
+
+
+def test_random_state_layouts_round_trip_exactly() -> None:
+    rng = np.random.default_rng(12)
+    for _ in range(40):
+        states = []
+        for k in range(int(rng.integers(1, 4))):
+            shape = tuple(int(d) for d in rng.integers(1, 5, size=int(rng.integers(1, 4))))
+            dtype = np.dtype(np.float16 if rng.random() < 0.3 else np.float32)
+            axis = int(rng.integers(0, len(shape) + 1))
+            states.append(BoundState(StateSpec(f"s{k}", f"o{k}", dtype, ()), shape, axis))
+        layout = StateLayout(tuple(states))
+        batch = int(rng.integers(1, 4))
+        flat = rng.normal(size=(batch, layout.rows, layout.hidden)).astype(np.float16)
+        flat = flat.astype(np.float32)  # values every state's dtype holds exactly
+        feeds = layout.unpack(flat)
+        for s in states:
+            full = list(s.shape)
+            full.insert(s.batch_axis, batch)
+            assert feeds[s.spec.input_name].shape == tuple(full)
+            assert feeds[s.spec.input_name].dtype == s.spec.dtype
+        back = layout.pack({f"o{k}": feeds[f"s{k}"] for k in range(len(states))})
+        np.testing.assert_array_equal(back, flat)
