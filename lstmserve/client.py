@@ -503,6 +503,8 @@ class StreamSession:
         if kind == "chunk" and not reply.chunk.HasField("error"):
             self._applied_seq = max(self._applied_seq, reply.chunk.seq)
             self._total_steps = reply.chunk.total_steps
+        elif kind == "chunk":  # refused, not applied: the server takes this seq next again
+            self._next_seq = min(self._next_seq, max(reply.chunk.seq, self._applied_seq + 1))
         elif kind == "reset":
             self._applied_seq = max(self._applied_seq, reply.reset.seq)
             self._total_steps = 0 if not reply.reset.duplicate else self._total_steps

@@ -80,6 +80,9 @@ class ServerConfig:
     read_ahead_bytes: int = 4 << 20
     read_ahead_total_bytes: int = 256 << 20
     http2_stream_window_bytes: int = 1 << 20
+    max_sessions_per_principal: int = 0
+    session_opens_per_s: float = 0.0
+    snapshot_max_age_s: float = 86_400.0
     expired_ids_remembered: int = 10_000
     initial_slab_capacity: int = 64
     drain_grace_s: float = 10.0
@@ -165,7 +168,8 @@ class ServerConfig:
             )
         zero_ok = ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms",
                    "max_queue_delay_us", "inline_max_steps",
-                   "classify_slice_row_steps")  # fmt: skip
+                   "classify_slice_row_steps", "max_sessions_per_principal",
+                   "session_opens_per_s")  # fmt: skip
         for name in zero_ok:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -177,6 +181,8 @@ class ServerConfig:
             raise ConfigError(
                 f"model_control {self.model_control!r} is not one of {MODEL_CONTROL_MODES}"
             )
+        if self.snapshot_max_age_s <= 0:
+            raise ConfigError(f"snapshot_max_age_s must be > 0, got {self.snapshot_max_age_s}")
         if self.repository_poll_s <= 0:
             raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.drain_grace_s < 0:
@@ -292,6 +298,20 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "most request bytes read ahead over all streams, and held by HTTP infer requests at "
         "once (more wait their turn)",
         int,
+    ),
+    "max_sessions_per_principal": (
+        "most sessions one principal (caller) holds on this replica; more -> RESOURCE_EXHAUSTED "
+        "for that principal only; 0 = only --max-sessions (without auth, every caller is one "
+        "principal)",
+        int,
+    ),
+    "session_opens_per_s": (
+        "most session opens per second per principal (bursts of as many); 0 = no limit",
+        float,
+    ),
+    "snapshot_max_age_s": (
+        "a snapshot older than this is refused at restore (FAILED_PRECONDITION)",
+        float,
     ),
     "http2_stream_window_bytes": (
         "HTTP/2 receive window of each gRPC stream, fixed (no BDP probing): what the transport "

@@ -124,3 +124,23 @@ class BudgetExceeded(Overloaded):
     """A request asks for more work than one request may (--max-request-row-steps)."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class SequenceGap(LstmServeError):
+    """A chunk or reset whose seq is not the next one (last applied + 1): nothing is applied."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class AttachedElsewhere(LstmServeError):
+    """The session was taken over by another stream (a later resume or restore): this stream's
+    messages are not applied any more."""
+
+    code = "ABORTED"
+
+
+class SnapshotRefused(LstmServeError):
+    """A valid snapshot that may not be restored: older than a copy known here or in the shared
+    store, expired, or of a session that ended."""
+
+    code = "FAILED_PRECONDITION"

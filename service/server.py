@@ -16,6 +16,7 @@ from service import metrics
 from service.config import ServerConfig, redacted_url
 from service.engine.continuity import SessionContinuity
 from service.engine.core import Engine
+from service.engine.quotas import PrincipalQuota
 from service.engine.redis_backend import RedisSessionBackend
 from service.engine.runtime import resolve_providers
 from service.engine.sessions import SessionStore
@@ -211,7 +212,8 @@ def _continuity(config: ServerConfig, store: SessionStore) -> SessionContinuity:
     backend = None
     if config.session_store != "memory":
         backend = RedisSessionBackend(config.session_store, config.session_idle_timeout_s)
-    return SessionContinuity(store, keys=config.snapshot_keys, backend=backend)
+    return SessionContinuity(store, keys=config.snapshot_keys, backend=backend,
+                             max_age_s=config.snapshot_max_age_s)  # fmt: skip
 
 
 def build_engine(config: ServerConfig) -> Engine:
@@ -221,6 +223,7 @@ def build_engine(config: ServerConfig) -> Engine:
         idle_timeout_s=config.session_idle_timeout_s,
         expired_memory=config.expired_ids_remembered,
         initial_capacity=config.initial_slab_capacity,
+        quota=PrincipalQuota(config.max_sessions_per_principal, config.session_opens_per_s),
     )
     runtime = RuntimeOptions(
         providers=resolve_providers(config.providers),

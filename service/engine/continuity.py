@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from service import metrics
-from service.engine.redis_backend import RedisSessionBackend
+from service import metrics, principal
+from service.engine.redis_backend import ENDED, WRITTEN, Record, RedisSessionBackend
 from service.engine.registry import ModelRegistry
-from service.engine.sessions import Session, SessionStore
+from service.engine.sessions import Session, SessionStore, new_generation
 from service.engine.snapshots import (
     SessionSnapshot,
     SnapshotKeys,
@@ -33,6 +33,7 @@ from service.errors import (
     SessionNotFound,
     SnapshotInvalid,
     SnapshotMismatch,
+    SnapshotRefused,
     SnapshotsDisabled,
     Unavailable,
 )
@@ -54,12 +55,14 @@ class SessionContinuity:
         store: SessionStore,
         keys: SnapshotKeys | None = None,
         backend: RedisSessionBackend | None = None,
+        max_age_s: float = 86_400.0,
     ) -> None:
         if backend is not None and keys is None:
             raise ValueError("a shared session store needs snapshot keys")
         self.store = store
         self.keys = keys
         self.backend = backend
+        self.max_age_s = max_age_s
 
     @property
     def enabled(self) -> bool:
@@ -83,24 +86,38 @@ class SessionContinuity:
             last_seq=session.last_seq, created_at=time.time(),
             every_step=session.options.every_step, top_k=session.options.top_k,
             held_text=session.held.text, held_cased=session.held.cased,
+            owner=session.owner, generation=session.generation,
             **_last_result_fields(session.last_result),
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
 
-    def restore(self, registry: ModelRegistry, blob: bytes) -> Session:
-        """The session a snapshot describes, held here under its id (a newer local copy wins)."""
+    async def restore(self, registry: ModelRegistry, blob: bytes) -> tuple[Session, str | None]:
+        """The session a snapshot describes, held here under its id, and the incarnation it
+        takes over from (None: the copy held here is that snapshot's, nothing to take over).
+
+        Refused (SnapshotRefused, nothing changed) when the snapshot is expired, its session
+        ended, or a copy known here or in the shared store is newer or another incarnation of
+        the same point; another principal's snapshot reads as an unknown session."""
         try:
             snap = decode_snapshot(blob, self._keys())
         except SnapshotInvalid:
             metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
             raise
-        session = self._adopt(registry, snap, None)
+        try:
+            same = await check_restorable(self, snap)
+        except LstmServeError:
+            metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
+            raise
+        if same is not None:
+            return same, None
+        session = self._adopt(registry, snap, None, new_generation())
         metrics.SNAPSHOTS.labels(session.model.name, "restored").inc()
-        return session
+        return session, snap.generation
 
     def _adopt(
-        self, registry: ModelRegistry, snap: SessionSnapshot, options: StreamOptions | None
-    ) -> Session:
+        self, registry: ModelRegistry, snap: SessionSnapshot, options: StreamOptions | None,
+        generation: str,
+    ) -> Session:  # fmt: skip
         """A local copy at least as new as the snapshot, else a fresh session taking it over."""
         try:
             model = registry.find(snap.model, snap.version)
@@ -121,7 +138,7 @@ class SessionContinuity:
         if local is not None and local.last_seq >= snap.last_seq and local.model is model:
             return local
         kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes))
-        session = self.store.adopt(model, options or kept, snap.session_id)
+        session = self.store.adopt(model, options or kept, snap.session_id, snap.owner, generation)
         last = None
         if snap.last_steps and len(snap.last_probs) == desc.num_classes:
             probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
@@ -132,41 +149,41 @@ class SessionContinuity:
 
     # -- the shared store --------------------------------------------------------------------
 
-    async def persist(self, session: Session, force: bool = False) -> None:
+    async def persist(self, session: Session, takeover_from: str | None = None) -> None:
         """Write the session through to the shared store (no-op without one).
 
         Called right after a state change, before the reply leaves. A store failure is logged
         and counted, not sent to the client: the chunk was applied here and stays applied. If the
-        store holds a newer seq, this copy was stale: it is dropped and SessionMoved raised, so
-        the client resumes (and gets the current state) instead of a reply computed from it.
+        store holds a newer seq or another incarnation, this copy was stale: it is dropped and
+        SessionMoved raised, so the client resumes (and gets the current state) instead of a
+        reply computed from it. A restore (`takeover_from`: its snapshot's incarnation) that the
+        store refuses is dropped with SnapshotRefused.
         """
         if self.backend is None or session.ended:
             return
         blob = self.snapshot(session)  # synchronous: state and seq read together
         try:
-            saved = await self.backend.save(session.id, session.last_seq, blob, force=force)
+            saved = await self.backend.save(
+                session.id, session.last_seq, session.generation, blob, takeover_from
+            )
         except Exception as exc:  # any store failure is survivable here
             metrics.SESSION_STORE_OPS.labels("save", "error").inc()
             log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             return
-        if not saved:  # another replica wrote a newer seq: this copy was stale, drop it
-            metrics.SESSION_STORE_OPS.labels("save", "stale").inc()
+        if saved != WRITTEN:  # ended, or this copy was stale: drop it
+            refusal = _refusal(session, saved, takeover_from is not None)
+            metrics.SESSION_STORE_OPS.labels("save", "ended" if saved == ENDED else "stale").inc()
             log.warning("stale session copy dropped", extra={"fields": {"seq": session.last_seq}})
-            moved = SessionMoved(
-                f"session {session.id} was continued on another replica since this one last "
-                "held it; its chunk was not kept here: resume the session to get its current "
-                "state and resend"
-            )
-            self.store.end(session, moved)
-            raise moved
+            self.store.end(session, refusal)
+            raise refusal
         metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
 
     async def forget(self, session_id: str) -> None:
-        """The session ended: remove it from the shared store."""
+        """The session ended: its shared record becomes a tombstone (snapshots cannot revive it)."""
         if self.backend is None:
             return
         try:
-            await self.backend.delete(session_id)
+            await self.backend.end(session_id)
         except Exception as exc:
             metrics.SESSION_STORE_OPS.labels("delete", "error").inc()
             log.warning("session store delete failed", extra={"fields": {"error": repr(exc)}})
@@ -191,21 +208,23 @@ class SessionContinuity:
         if self.backend is None:
             assert local is not None
             return local
-        blob = await self._load(session_id)
-        if blob is None:  # the shared store is the truth: ended or expired elsewhere
+        record = await self.load_record(session_id)
+        if record is None or record.snapshot is None:  # the shared store is the truth
             gone: SessionNotFound = SessionNotFound(f"session {session_id[:64]!r} does not exist")
-            if await self.backend.was_issued(session_id):
+            if record is None and await self.backend.was_issued(session_id):
                 gone = SessionExpired(f"session {session_id} expired (idle timeout, shared store)")
             if local is not None:
                 self.store.end(local, gone)
             raise gone
-        snap = decode_snapshot(blob, self._keys())
-        if local is not None and local.last_seq >= snap.last_seq:
+        if local is not None and local.last_seq >= record.seq:
             return local
-        session = self._adopt(registry, snap, local.options if local else None)
-        return session
+        snap = decode_snapshot(record.snapshot, self._keys())
+        if snap.owner != principal.current():
+            raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
+        options = local.options if local else None
+        return self._adopt(registry, snap, options, snap.generation)  # the same incarnation
 
-    async def _load(self, session_id: str) -> bytes | None:
+    async def load_record(self, session_id: str) -> Record | None:
         assert self.backend is not None
         try:
             blob = await self.backend.load(session_id)
@@ -218,3 +237,60 @@ class SessionContinuity:
     async def close(self) -> None:
         if self.backend is not None:
             await self.backend.close()
+
+
+def _ended(session_id: str) -> SnapshotRefused:
+    return SnapshotRefused(
+        f"session {session_id} has ended: its snapshots cannot bring it back; open a new session"
+    )
+
+
+def _check_not_older(snap: SessionSnapshot, seq: int, generation: str, where: str) -> None:
+    """A snapshot behind a known copy, or of another incarnation at the same point: refused."""
+    if seq > snap.last_seq or (seq == snap.last_seq and generation != snap.generation):
+        other = " (another copy of it)" if seq == snap.last_seq else ""
+        raise SnapshotRefused(
+            f"stale snapshot: session {snap.session_id} is {where} as of seq {seq}, the "
+            f"snapshot is of seq {snap.last_seq}{other}; resume the session instead"
+        )
+
+
+async def check_restorable(c: SessionContinuity, snap: SessionSnapshot) -> Session | None:
+    """Raise why `snap` may not be restored; the copy held here if it is that snapshot."""
+    if snap.owner != principal.current():
+        raise SessionNotFound(f"session {snap.session_id[:64]!r} does not exist")
+    age = time.time() - snap.created_at
+    if age > c.max_age_s:
+        raise SnapshotRefused(
+            f"snapshot of session {snap.session_id} is {age:.0f} s old, older than "
+            f"--snapshot-max-age-s {c.max_age_s:g}: continue from a newer one"
+        )
+    if c.store.was_ended(snap.session_id):
+        raise _ended(snap.session_id)
+    local = c.store.peek(snap.session_id)
+    if local is not None:
+        _check_not_older(snap, local.last_seq, local.generation, "held here")
+        if local.last_seq == snap.last_seq:
+            return local  # the very copy (same point, same incarnation): nothing to restore
+    if c.backend is not None:
+        record = await c.load_record(snap.session_id)
+        if record is not None and record.ended:
+            raise _ended(snap.session_id)
+        if record is not None:
+            _check_not_older(snap, record.seq, record.generation, "in the shared store")
+    return None
+
+
+def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
+    """Why the shared store refused this copy's write."""
+    if saved == ENDED:
+        return _ended(session.id)
+    if takeover:
+        return SnapshotRefused(
+            f"stale snapshot: session {session.id} was continued past it elsewhere (the shared "
+            "store holds a newer copy); resume the session instead"
+        )
+    return SessionMoved(
+        f"session {session.id} was continued on another replica since this one last held it; "
+        "its chunk was not kept here: resume the session to get its current state and resend"
+    )

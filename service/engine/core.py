@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from service import metrics
+from service.engine.attach import SessionAttach
 from service.engine.batcher import ComputeLanes, InflightCounter
 from service.engine.classify import ClassifyLane
 from service.engine.continuity import SessionContinuity
@@ -24,13 +25,13 @@ from service.engine.repository import ModelControl
 from service.engine.sessions import Session, SessionStore
 from service.engine.textstream import HeldChange
 from service.engine.types import (
+    MAX_SEQ,
     BatchPolicy,
     ChunkOutcome,
     ChunkWork,
     ClassifyPolicy,
     RuntimeOptions,
     StepResult,
-    StreamOptions,
 )
 from service.engine.worker import ModelWorker, WorkerFactory
 from service.errors import Draining, InvalidInput, LstmServeError, Unavailable
@@ -38,7 +39,7 @@ from service.errors import Draining, InvalidInput, LstmServeError, Unavailable
 __all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]
 
 
-class Engine:
+class Engine(SessionAttach):
     """Model versions (their workers), sessions and the threads that run onnxruntime."""
 
     def __init__(
@@ -92,64 +93,29 @@ class Engine:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    async def open_session(self, name: str, version: int, options: StreamOptions) -> Session:
-        """A new session on a READY version, written to the shared store (if any) at once."""
-        self.check_accepting()
-        model = self.models().get(name, version)
-        session = self.store.open(model, _clamp(model, options))
-        async with session.lock:
-            await self.continuity.persist(session)  # resumable elsewhere from the start
-        return session
-
-    async def resume_session(self, session_id: str, options: StreamOptions | None) -> Session:
-        self.check_accepting()
-        session = await self.find_session(session_id)
-        if options is not None:
-            session.options = _clamp(session.model, options)
-        self.store.touch(session)
-        metrics.SESSION_EVENTS.labels(session.model.name, "resumed").inc()
-        return session
-
-    async def find_session(self, session_id: str, local_first: bool = False) -> Session:
-        """A session held here, or (with a shared store) continued from the store. With
-        `local_first`, a copy held here is used without asking the store (per-chunk lookups)."""
-        if local_first:
-            return await self.continuity.find_local_first(self.models(), session_id)
-        return await self.continuity.find(self.models(), session_id)
-
-    async def restore_session(self, blob: bytes, options: StreamOptions | None) -> Session:
-        """Continue a session from a snapshot made by any replica sharing the key; a copy held
-        here that is older is replaced (its chunk in flight is answered ABORTED)."""
-        self.check_accepting()
-        session = self.continuity.restore(self.models(), blob)
-        async with session.lock:
-            session.check_live()
-            if options is not None:
-                session.options = _clamp(session.model, options)
-            self.store.touch(session)
-            await self.continuity.persist(session, force=True)
-        return session
-
-    async def take_snapshot(self, session: Session, final: bool = False) -> bytes:
+    async def take_snapshot(
+        self, session: Session, final: bool = False, attached: object | None = None
+    ) -> bytes:
         """The session's signed snapshot, after every chunk already submitted for it."""
         async with session.lock:
             session.check_live()
+            session.check_attached(attached)
             blob = self.continuity.snapshot(session)
         metrics.SNAPSHOTS.labels(session.model.name, "final" if final else "taken").inc()
         return blob
 
     async def apply_chunk(
-        self, session: Session, seq: int, chunk: np.ndarray, held: HeldChange | None = None
-    ) -> ChunkOutcome:
-        """Apply a validated chunk once, in order; a resend (seq <= last applied) is skipped.
-        A text chunk carries its change to the session's held text (`held`); all of it may be
-        held (`chunk` has no step): the seq advances without a model run."""
-        if seq < 1:
-            raise InvalidInput(f"chunk.seq = {seq}: sequence numbers start at 1")
+        self, session: Session, seq: int, chunk: np.ndarray, held: HeldChange | None = None,
+        attached: object | None = None,
+    ) -> ChunkOutcome:  # fmt: skip
+        """Apply a validated chunk once, in order (seq = last applied + 1; a resend is skipped),
+        for the stream owning `attached` (None: a caller that does not attach). A text chunk
+        carries its change to the session's held text (`held`); all of it may be held (`chunk`
+        has no step): the seq advances without a model run."""
+        check_seq(seq, "chunk")
         async with session.lock:
-            session.check_live()
-            if seq <= session.last_seq:
-                return session.duplicate(seq)
+            if (resend := session.admit(seq, attached)) is not None:
+                return resend
             if held is not None:
                 session.check_held(held)
             if len(chunk):
@@ -168,23 +134,25 @@ class Engine:
         error is returned in its place; see service/engine/multi.py)."""
         return await apply_together(self, work)
 
-    async def reset(self, session: Session, seq: int) -> bool:
+    async def reset(self, session: Session, seq: int, attached: object | None = None) -> bool:
         """Zero the state; returns True if `seq` was a resend and nothing was done."""
-        if seq < 1:
-            raise InvalidInput(f"reset.seq = {seq}: sequence numbers start at 1")
+        check_seq(seq, "reset")
         async with session.lock:
-            session.check_live()
-            if seq <= session.last_seq:
+            if session.admit(seq, attached, "reset") is not None:
                 return True
             session.reset(seq)
             self.store.touch(session)
             await self.continuity.persist(session)
             return False
 
-    async def end(self, session: Session, flush: np.ndarray | None = None) -> StepResult | None:
+    async def end(
+        self, session: Session, flush: np.ndarray | None = None, attached: object | None = None
+    ) -> StepResult | None:
         """Free the session once its chunk in progress (if any) is done; `flush` (its held-back
         text's ids) is fed first. Returns the final result, if there is one."""
         async with session.lock:
+            if not session.ended:
+                session.check_attached(attached)
             try:
                 if flush is not None and len(flush) and not session.ended:
                     return await session.model.submit(session, session.last_seq, flush)
@@ -228,6 +196,6 @@ class Engine:
         self._classify_threads.shutdown(wait=False, cancel_futures=True)
 
 
-def _clamp(model: ModelWorker, options: StreamOptions) -> StreamOptions:
-    top_k = min(max(options.top_k, 1), model.description.num_classes)
-    return StreamOptions(every_step=options.every_step, top_k=top_k)
+def check_seq(seq: int, what: str) -> None:
+    if not 1 <= seq <= MAX_SEQ:
+        raise InvalidInput(f"{what}.seq = {seq}: sequence numbers run from 1 to 2^63")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from service.engine.types import ChunkOutcome, ChunkWork, StepResult
+from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork, StepResult
 from service.errors import LstmServeError
 
 if TYPE_CHECKING:
@@ -33,10 +33,10 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
     try:
         for i, item in enumerate(work):
             session = item.session
-            if item.seq < 1 or session.lock.locked() or not len(item.chunk):
+            if not 1 <= item.seq <= MAX_SEQ or session.lock.locked() or not len(item.chunk):
                 # busy elsewhere, or text that all waits (no model run): on its own
                 busy[i] = asyncio.ensure_future(
-                    engine.apply_chunk(session, item.seq, item.chunk, item.held)
+                    engine.apply_chunk(session, item.seq, item.chunk, item.held, item.attached)
                 )
                 continue
             await session.lock.acquire()  # free: taken without suspending
@@ -65,16 +65,12 @@ def _submit_locked(
     """Duplicate / dead-session checks, else submit; the session's lock is held."""
     session = item.session
     try:
-        session.check_live()
+        if (resend := session.admit(item.seq, item.attached)) is not None:
+            return resend
+        if item.held is not None:
+            session.check_held(item.held)
     except LstmServeError as exc:
         return exc
-    if item.seq <= session.last_seq:
-        return session.duplicate(item.seq)
-    if item.held is not None:
-        try:
-            session.check_held(item.held)
-        except LstmServeError as exc:
-            return exc
     waiting[index] = session.model.submit(session, item.seq, item.chunk)
     return None
 

@@ -20,18 +20,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service import metrics
+from service import metrics, principal
+from service.engine.quotas import PrincipalQuota
 from service.engine.textstream import NOTHING_HELD, HeldChange, HeldText
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions
 from service.errors import (
+    AttachedElsewhere,
     LstmServeError,
     NotStreamable,
     Overloaded,
+    SequenceGap,
     SessionExpired,
     SessionMoved,
     SessionNotFound,
     SessionReplaced,
 )
+from service.principal import ANONYMOUS
 
 if TYPE_CHECKING:
     from service.engine.worker import ModelWorker
@@ -41,6 +45,10 @@ __all__ = ["Session", "SessionStore", "StreamOptions"]
 log = logging.getLogger(__name__)
 
 NO_PROBS = np.zeros(0, dtype=np.float32)  # a session before its first step has none
+
+
+def new_generation() -> str:
+    return secrets.token_hex(8)
 
 
 @dataclass(eq=False, slots=True)
@@ -65,6 +73,13 @@ class Session:
     closed: LstmServeError | None = None
     # Streamed text not fed yet: it may still combine with the next chunk (textstream.py).
     held: HeldText = NOTHING_HELD
+    # The principal that opened it: only it can resume, restore or name it (service/principal.py).
+    owner: str = ANONYMOUS
+    # The stream it is attached to (a token the stream's conversation owns); None: none is.
+    attached: object | None = None
+    # Which incarnation this is: a new one at open and at every restore from a snapshot, so two
+    # copies restored from one snapshot on two replicas are told apart in the shared store.
+    generation: str = ""
 
     @property
     def ended(self) -> bool:
@@ -83,6 +98,39 @@ class Session:
         """A fresh copy of the close reason (each waiter raises its own)."""
         assert self.closed is not None
         return type(self.closed)(*self.closed.args)
+
+    def admit(self, seq: int, attached: object | None, what: str = "chunk") -> ChunkOutcome | None:
+        """Whether message `seq` of a stream (`attached`: its token; None for a caller that does
+        not attach, such as a unary Triton request) applies: None if it does; the duplicate's
+        outcome for a resend; AttachedElsewhere / SequenceGap otherwise. Under the lock."""
+        self.check_live()
+        self.check_attached(attached)
+        if seq <= self.last_seq:
+            return self.duplicate(seq)
+        if seq != self.last_seq + 1:
+            raise SequenceGap(
+                f"{what}.seq = {seq}: session {self.id} takes seq {self.last_seq + 1} next "
+                f"(the last applied is {self.last_seq}; seqs are consecutive): not applied"
+            )
+        return None
+
+    def check_attached(self, attached: object | None) -> None:
+        """AttachedElsewhere if the stream owning `attached` lost the session to another."""
+        if attached is not None and self.attached is not attached:
+            raise AttachedElsewhere(
+                f"session {self.id} is attached to another stream (resumed or restored there): "
+                "this stream's messages are not applied; resume it to take it back"
+            )
+
+    def attach(self, token: object | None) -> None:
+        """Take the session over for the stream owning `token` (a later attach wins)."""
+        if token is not None:
+            self.attached = token
+
+    def detach(self, token: object) -> None:
+        """The stream owning `token` closed: the session is free to attach."""
+        if self.attached is token:
+            self.attached = None
 
     def duplicate(self, seq: int) -> ChunkOutcome:
         """A resend (seq <= last applied): not applied again; the last applied chunk's resend
@@ -137,7 +185,8 @@ class Session:
 
     def restore(self, state: np.ndarray, last_seq: int, total_steps: int,
                 last_result: StepResult | None, held: HeldText = NOTHING_HELD) -> None:  # fmt: skip
-        """Take a continued session's progress (a fresh session, before anyone uses it)."""
+        """Take a continued session's progress (a fresh session, before anyone uses it; its
+        owner and generation were given when it was adopted)."""
         self.model.state.write(self.row, state)
         self.last_seq, self.total_steps, self.last_result = last_seq, total_steps, last_result
         self.held = held
@@ -162,14 +211,18 @@ class SessionStore:
         expired_memory: int = 10_000,
         initial_capacity: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        quota: PrincipalQuota | None = None,
     ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.expired_memory = expired_memory
         self.initial_capacity = initial_capacity
         self.clock = clock
+        self.quota = quota or PrincipalQuota()
         self._sessions: dict[str, Session] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
+        # Ended ids (when), for the idle timeout: their snapshots cannot revive them here.
+        self._ended: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -179,12 +232,18 @@ class SessionStore:
         return session_id in self._sessions
 
     def open(self, model: ModelWorker, options: StreamOptions) -> Session:
-        """A new session from a zero state; NotStreamable / Overloaded when it cannot be."""
-        session = self._new_session(model, options, secrets.token_hex(16))
+        """A new session from a zero state, owned by the caller; NotStreamable / Overloaded
+        (the server's or the caller's limit) when it cannot be."""
+        owner = principal.current()
+        self.quota.check_open(owner)
+        session = self._new_session(model, options, secrets.token_hex(16), owner, new_generation())
         metrics.SESSION_EVENTS.labels(model.name, "opened").inc()
         return session
 
-    def adopt(self, model: ModelWorker, options: StreamOptions, session_id: str) -> Session:
+    def adopt(
+        self, model: ModelWorker, options: StreamOptions, session_id: str, owner: str,
+        generation: str,
+    ) -> Session:  # fmt: skip
         """A fresh session under an id continued from elsewhere; a copy held here is replaced
         (its chunk in flight, if any, is answered ABORTED)."""
         existing = self._sessions.get(session_id)
@@ -194,11 +253,12 @@ class SessionStore:
                 "resume it to continue from that copy"
             ))  # fmt: skip
         self._expired.pop(session_id, None)
-        session = self._new_session(model, options, session_id)
+        session = self._new_session(model, options, session_id, owner, generation)
         metrics.SESSION_EVENTS.labels(model.name, "restored").inc()
         return session
 
-    def _new_session(self, model: ModelWorker, options: StreamOptions, session_id: str) -> Session:
+    def _new_session(self, model: ModelWorker, options: StreamOptions, session_id: str,
+                     owner: str, generation: str) -> Session:  # fmt: skip
         if not model.description.streamable:
             metrics.SESSION_EVENTS.labels(model.name, "rejected").inc()
             raise NotStreamable(
@@ -209,9 +269,10 @@ class SessionStore:
             raise Overloaded(f"the server holds its maximum of {self.max_sessions} sessions")
         session = Session(
             id=session_id, model=model, row=model.allocate_row(), options=options,
-            last_used=self.clock(),
+            last_used=self.clock(), owner=owner, generation=generation,
         )  # fmt: skip
         self._sessions[session.id] = session
+        self.quota.added(owner)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -239,6 +300,19 @@ class SessionStore:
         """Free the session now (the client ended it, or `reason`)."""
         if self._remove(session, reason or SessionNotFound(f"session {session.id} has ended")):
             metrics.SESSION_EVENTS.labels(session.model.name, "ended").inc()
+            if reason is None:  # the client ended it: a tombstone for the idle timeout
+                self._ended[session.id] = self.clock()
+                self._ended.move_to_end(session.id)
+                while len(self._ended) > self.expired_memory:
+                    self._ended.popitem(last=False)
+
+    def was_ended(self, session_id: str) -> bool:
+        """Whether the session ended here less than the idle timeout ago."""
+        when = self._ended.get(session_id)
+        if when is not None and self.clock() - when > self.idle_timeout_s:
+            del self._ended[session_id]
+            return False
+        return when is not None
 
     def close_all(self, model: ModelWorker, reason: LstmServeError) -> int:
         """Close every session of one model version (it is being retired); how many."""
@@ -285,4 +359,5 @@ class SessionStore:
         if self._sessions.get(session.id) is not session:
             return False
         del self._sessions[session.id]
+        self.quota.removed(session.owner)
         return session.close(reason)

@@ -54,6 +54,9 @@ class SessionSnapshot:
     # fed before it ended in a cased letter (service/engine/textstream.py).
     held_text: str = ""
     held_cased: bool = False
+    # Who owns the session (service/principal.py) and which incarnation this copy is.
+    owner: str = "anonymous"
+    generation: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "top_k": snap.top_k,
             "held_text": snap.held_text,
             "held_cased": snap.held_cased,
+            "owner": snap.owner,
+            "generation": snap.generation,
         },
         separators=(",", ":"),
     ).encode()
@@ -199,6 +204,8 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             top_k=max(1, int(meta.get("top_k", 1))),
             held_text=str(meta.get("held_text", "")),
             held_cased=bool(meta.get("held_cased", False)),
+            owner=str(meta.get("owner", "anonymous")),
+            generation=str(meta.get("generation", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:  # signed but malformed: a bug, not an attack
         raise SnapshotInvalid(f"snapshot: malformed contents ({exc})") from exc

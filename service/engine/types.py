@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from service.engine.textstream import HeldChange
 
 
+MAX_SEQ = 2**63  # the largest sequence number (uint64 on the wire)
+
+
 @dataclass(frozen=True)
 class StreamOptions:
     """Per-session reply options."""
@@ -55,6 +58,7 @@ class ChunkWork:
     seq: int
     chunk: np.ndarray  # (T,) or (T, F); (0,) when all of a text chunk is held back
     held: HeldChange | None = None  # a text chunk's change to the held text
+    attached: object | None = None  # the token of the stream sending it (Session.admit)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from service.errors import (
     InvalidInput,
     LstmServeError,
     ProtocolError,
+    SequenceGap,
     SessionNotFound,
 )
 from service.protocol.inbox import DRAIN, EOF
@@ -54,6 +55,8 @@ class MultiConversation:
         self._requests = requests
         self._used: dict[str, Session] = {}  # live sessions this stream named, for drain
         self._prune_at = PRUNE_FLOOR  # forget ended / expired ones once it grows past this
+        # What the sessions it opens, resumes or names are attached to (Session.attach).
+        self.token = object()
 
     async def replies(self) -> AsyncIterator[MultiReply]:
         layer = self.layer
@@ -71,6 +74,8 @@ class MultiConversation:
                 yield await self.answer(entries)  # type: ignore[arg-type]
         finally:
             layer.close_inbox(inbox)
+            for session in self._used.values():
+                session.detach(self.token)
 
     async def answer(self, entries: Sequence[SessionEntry]) -> MultiReply:
         """One reply per entry, in entry order."""
@@ -113,7 +118,7 @@ class MultiConversation:
         layer = self.layer
         try:
             if isinstance(request, Open | Resume | Restore):
-                opened = await layer.attach(request)
+                opened = await layer.attach(request, self.token)
                 return Reply(opened.session.id, opened)
             if isinstance(request, Unset):
                 raise ProtocolError(f"entries[{i}] is empty: set {request.expected}")
@@ -125,7 +130,9 @@ class MultiConversation:
             session = await layer.engine.find_session(session_id, local_first=chunk)
             if isinstance(request, Chunk):
                 return self._decode_chunk(session, request, i, work)
-            body = await layer.handle(session, request, RPC)
+            if session.attached is None:
+                session.attach(self.token)  # naming a free session attaches it
+            body = await layer.handle(session, request, RPC, self.token)
         except LstmServeError as exc:
             return Reply(session_id, Failed(exc))
         return Reply(session.id, body)
@@ -139,7 +146,9 @@ class MultiConversation:
         except InvalidInput as exc:
             metrics.requests(f"{RPC}.chunk", session.model.name, exc.code).inc()
             return Reply(session.id, ChunkDone(session, chunk.seq, None, exc))
-        work.append((i, ChunkWork(session, chunk.seq, steps, held)))
+        if session.attached is None:
+            session.attach(self.token)  # naming a free session attaches it
+        work.append((i, ChunkWork(session, chunk.seq, steps, held, self.token)))
         return None
 
     def _note_used(self, replies: Sequence[Reply]) -> None:
@@ -164,7 +173,7 @@ class MultiConversation:
             if session.ended:
                 continue
             try:
-                snap = await self.layer.snapshot(session, final=True)
+                snap = await self.layer.snapshot(session, True, self.token)
             except LstmServeError:
                 continue  # ended or expired meanwhile: nothing to hand over
             replies.append(Reply(session_id, snap))
@@ -195,7 +204,7 @@ def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> Rep
     """A chunk entry's reply: applied, duplicate, rejected in-band, or the session is gone."""
     session = item.session
     name = session.model.name
-    if isinstance(outcome, InvalidInput):
+    if isinstance(outcome, InvalidInput | SequenceGap):
         metrics.requests(f"{RPC}.chunk", name, outcome.code).inc()
         return Reply(session.id, ChunkDone(session, item.seq, None, outcome))
     if isinstance(outcome, LstmServeError):

@@ -18,7 +18,7 @@ from service.engine.core import Engine
 from service.engine.inputs import tokens_from_stream, tokens_held
 from service.engine.sessions import Session
 from service.engine.textstream import HeldChange
-from service.errors import Draining, InvalidInput, ProtocolError
+from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
     Body,
@@ -83,40 +83,50 @@ class SessionLayer:
 
     # -- attach and dispatch -------------------------------------------------------------------
 
-    async def attach(self, request: Request) -> Opened:
-        """Open, resume or restore a session (a stream's first message, or a multi entry)."""
+    async def attach(self, request: Request, token: object | None = None) -> Opened:
+        """Open, resume or restore a session (a stream's first message, or a multi entry),
+        attached to the stream owning `token` (a later attach elsewhere takes it over)."""
         engine = self.engine
         if isinstance(request, Open):
-            session = await engine.open_session(request.model, request.version, request.options)
+            session = await engine.open_session(
+                request.model, request.version, request.options, token
+            )
             return Opened(session, resumed=False)
         if isinstance(request, Resume):
-            return Opened(await engine.resume_session(request.session_id, request.options), True)
+            resumed = await engine.resume_session(request.session_id, request.options, token)
+            return Opened(resumed, True)
         if isinstance(request, Restore):
-            return Opened(await engine.restore_session(request.snapshot, request.options), True)
+            restored = await engine.restore_session(request.snapshot, request.options, token)
+            return Opened(restored, True)
         raise ProtocolError(
             f"the first Stream message must be open, resume or restore, not {kind_name(request)}"
         )
 
-    async def handle(self, session: Session, request: Request, rpc: str) -> Body:
-        """One message for an attached session."""
+    async def handle(
+        self, session: Session, request: Request, rpc: str, token: object | None = None
+    ) -> Body:
+        """One message for a session attached to the stream owning `token`."""
         if isinstance(request, Chunk):
-            return await self.chunk(session, request, rpc, "chunk.input")
+            return await self.chunk(session, request, rpc, "chunk.input", token)
         if isinstance(request, Reset):
-            return ResetDone(request.seq, await self.engine.reset(session, request.seq))
+            return ResetDone(request.seq, await self.engine.reset(session, request.seq, token))
         if isinstance(request, TakeSnapshot):
-            return await self.snapshot(session, final=False)
+            return await self.snapshot(session, False, token)
         if isinstance(request, End):
-            return await self.end(session)
+            return await self.end(session, token)
         raise ProtocolError(
             f"a Stream already attached to a session cannot take {kind_name(request)}"
         )
 
-    async def chunk(self, session: Session, chunk: Chunk, rpc: str, field: str) -> ChunkDone:
-        """Apply one chunk; a bad chunk is answered in-band and leaves the session unchanged."""
+    async def chunk(
+        self, session: Session, chunk: Chunk, rpc: str, field: str, token: object | None = None
+    ) -> ChunkDone:
+        """Apply one chunk; a bad chunk (bad input, a seq out of order) is answered in-band and
+        leaves the session unchanged."""
         try:
             steps, held = self.decode(session, chunk.input, field)
-            outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held)
-        except InvalidInput as exc:
+            outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held, token)
+        except (InvalidInput, SequenceGap) as exc:
             metrics.requests(f"{rpc}.chunk", session.model.name, exc.code).inc()
             return ChunkDone(session, chunk.seq, None, exc)
         metrics.requests(f"{rpc}.chunk", session.model.name, "OK").inc()
@@ -135,14 +145,16 @@ class SessionLayer:
         ids, after = tokens_from_stream(desc, before, text, max_steps, f"{field}.text")
         return ids, HeldChange(before, after)
 
-    async def end(self, session: Session) -> Ended:
+    async def end(self, session: Session, token: object | None = None) -> Ended:
         """End the session, feeding its held-back text first."""
         flush = tokens_held(session.model.description, session.held)
-        final = await self.engine.end(session, flush)
+        final = await self.engine.end(session, flush, token)
         return Ended(session.total_steps, session.last_seq, final, len(flush), session)
 
-    async def snapshot(self, session: Session, final: bool) -> Snapshot:
-        blob = await self.engine.take_snapshot(session, final=final)
+    async def snapshot(
+        self, session: Session, final: bool, token: object | None = None
+    ) -> Snapshot:
+        blob = await self.engine.take_snapshot(session, final, token)
         return Snapshot(blob, session.last_seq, session.total_steps, final)
 
     # -- streams and the drain hand-over -------------------------------------------------------

@@ -20,6 +20,7 @@ class StreamConversation:
         self.rpc = rpc
         self.session: Session | None = None
         self._requests = requests
+        self.token = object()  # what the session is attached to while this stream has it
 
     @property
     def model(self) -> str:
@@ -38,21 +39,29 @@ class StreamConversation:
                     continue  # read the first message and refuse it (see _next)
                 if request is DRAIN:
                     if self.session is not None and layer.hands_over:
-                        yield Reply(self.session.id, await layer.snapshot(self.session, True))
+                        final = await layer.snapshot(self.session, True, self.token)
+                        yield Reply(self.session.id, final)
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
                 assert not isinstance(request, BaseException)
                 if self.session is None:
-                    opened = await layer.attach(request)  # type: ignore[arg-type]
+                    opened = await layer.attach(request, self.token)  # type: ignore[arg-type]
                     self.session = opened.session
                     yield Reply(opened.session.id, opened)
                     continue
-                body = await layer.handle(self.session, request, self.rpc)  # type: ignore[arg-type]
+                body = await layer.handle(
+                    self.session,
+                    request,
+                    self.rpc,
+                    self.token,  # type: ignore[arg-type]
+                )
                 yield Reply(self.session.id, body)
                 if isinstance(body, Ended):
                     return
         finally:
             layer.close_inbox(inbox)
+            if self.session is not None:
+                self.session.detach(self.token)
 
     async def _next(self, inbox: Inbox[Request]) -> object:
         """The next message, EOF or DRAIN. A stream not attached yet when the drain starts has

@@ -111,7 +111,7 @@ def test_stream_multi_many_sessions_match_offline_with_in_band_errors(
             ids = [r.session_id for r in opened[:-1]]
             done = [0] * len(seqs)
             last: list[pb.ChunkResult | None] = [None] * len(seqs)
-            seq_no = 1
+            next_seq = [1] * len(seqs)  # each session's seqs are consecutive
             while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
                 entries, who = [], []
                 for i, s in enumerate(seqs):
@@ -119,22 +119,23 @@ def test_stream_multi_many_sessions_match_offline_with_in_band_errors(
                         if done[i] < len(s):
                             n = rng.randint(1, 5)
                             part = s[done[i] : done[i] + n].tolist()
-                            entries.append(entry(ids[i], chunk=chunk(seq_no, part)))
+                            entries.append(entry(ids[i], chunk=chunk(next_seq[i], part)))
                             who.append(i)
                             done[i] = min(len(s), done[i] + n)
-                            seq_no += 1
+                            next_seq[i] += 1
                 for i, result in zip(who, await exchange(call, entries), strict=True):
                     assert result.session_id == ids[i] and not result.chunk.HasField("error")
                     last[i] = result.chunk
             extra = await exchange(call, [
                 entry(ids[0], chunk=chunk(1, [1])),  # a resend: duplicate
-                entry(ids[1], chunk=chunk(seq_no, [99])),  # out of range: in-band chunk error
-                entry("0" * 32, chunk=chunk(seq_no, [1])),  # unknown session: entry error
-                entry(ids[2], reset=pb.Reset(seq=seq_no + 1)),
-                entry(ids[2], chunk=chunk(seq_no + 2, [1, 2])),  # after the reset, same message
+                entry(ids[1], chunk=chunk(next_seq[1], [99])),  # out of range: in-band error
+                entry("0" * 32, chunk=chunk(1, [1])),  # unknown session: entry error
+                entry(ids[2], reset=pb.Reset(seq=next_seq[2])),
+                entry(ids[2], chunk=chunk(next_seq[2] + 1, [1, 2])),  # after the reset
                 entry(ids[3], end=pb.End()),
-                entry(ids[3], chunk=chunk(seq_no + 3, [1])),  # after its end: entry error
+                entry(ids[3], chunk=chunk(next_seq[3], [1])),  # after its end: entry error
                 entry(ids[4]),  # empty entry
+                entry(ids[5], chunk=chunk(next_seq[5] + 1, [1])),  # a gap: refused in-band
             ])  # fmt: skip
             await call.done_writing()
             return {"opened": opened, "last": last, "extra": extra}
@@ -146,7 +147,7 @@ def test_stream_multi_many_sessions_match_offline_with_in_band_errors(
         np.testing.assert_allclose(
             result.probabilities, reference.run("tiny-lstm", s)[0], atol=1e-5
         )
-    dup, bad, unknown, reset, after, ended, gone, empty = got["extra"]
+    dup, bad, unknown, reset, after, ended, gone, empty, gap = got["extra"]
     assert dup.chunk.duplicate and dup.chunk.total_steps == len(seqs[0])
     assert bad.chunk.error.code == "INVALID_ARGUMENT" and "99" in bad.chunk.error.message
     assert bad.chunk.total_steps == len(seqs[1])
@@ -156,6 +157,8 @@ def test_stream_multi_many_sessions_match_offline_with_in_band_errors(
     np.testing.assert_allclose(after.chunk.probabilities, expected, atol=1e-5)
     assert ended.ended.total_steps == len(seqs[3]) and gone.error.code == "NOT_FOUND"
     assert empty.error.code == "FAILED_PRECONDITION"
+    assert gap.chunk.error.code == "FAILED_PRECONDITION" and "takes seq" in gap.chunk.error.message
+    assert gap.chunk.total_steps == len(seqs[5])
 
 
 def test_client_multi_stream_resume_and_end(

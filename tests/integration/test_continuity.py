@@ -69,24 +69,27 @@ def test_a_snapshot_continues_on_another_replica_exactly(
     _assert_offline(reference, "tiny-lstm", WORD, asyncio.run(scenario()), version=2)
 
 
-def test_restoring_an_older_snapshot_keeps_the_newer_session_held_here(
+def test_restoring_an_older_snapshot_is_refused_and_keeps_the_newer_session_held_here(
     keyed: tuple[ServerThread, ServerThread],
 ) -> None:
     a, _ = keyed
 
-    async def scenario() -> None:
+    async def scenario() -> tuple[grpc.StatusCode, str, pb.SessionOpened]:
         async with LstmClient(a.address) as client:
-            session = await client.open_session("tiny-gru")
+            session = await client.open_session("tiny-gru", top_k=2)
             await _steps(session, WORD[:2])
             old = (await session.snapshot()).data
             await _steps(session, WORD[2:4])
             await session.close()
-            again = await client.restore_session(old)
-            assert again.opened.last_applied_seq == 4, "the newer copy held here wins"
-            assert again.opened.total_steps == 4
+            code, details = await _restore_status(a.address, old)
+            again = await client.resume_session(session.session_id)
             await again.end()
+            return code, details, again.opened
 
-    asyncio.run(scenario())
+    code, details, opened = asyncio.run(scenario())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "stale snapshot" in details
+    assert opened.last_applied_seq == 4 and opened.total_steps == 4, "the live copy unchanged"
+    assert opened.options.top_k == 2, "and its options too"
 
 
 async def _restore_status(address: str, blob: bytes) -> tuple[grpc.StatusCode, str]:

@@ -170,11 +170,11 @@ def test_apply_chunks_answers_each_entry_in_place(tiny_repo: Path) -> None:
 
     async def main() -> list[ChunkOutcome | Exception]:
         a, b, c = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(3)]
-        await engine.apply_chunk(b, 5, tokens(1))
+        await engine.apply_chunk(b, 1, tokens(1))
         engine.store.end(c)
         work = [
             ChunkWork(a, 1, tokens(1, 2)),
-            ChunkWork(b, 5, tokens(1)),  # resend
+            ChunkWork(b, 1, tokens(1)),  # resend
             ChunkWork(c, 1, tokens(1)),  # ended
         ]
         first = await engine.apply_chunks(work)
@@ -231,8 +231,8 @@ def test_a_chunk_in_flight_on_a_replaced_session_is_answered_aborted(
         queued = asyncio.ensure_future(engine.apply_chunk(other, 1, tokens(3)))
         await asyncio.sleep(0.01)
         worker = old.model
-        newer = engine.store.adopt(worker, StreamOptions(), old.id)  # a newer copy restored
-        engine.store.adopt(worker, StreamOptions(), other.id)  # and one of the queued session
+        newer = engine.store.adopt(worker, StreamOptions(), old.id, "anonymous", "g2")  # restored
+        engine.store.adopt(worker, StreamOptions(), other.id, "anonymous", "g2")  # and queued one
         gated.gate.set()
         async with asyncio.timeout(5):
             for task in (running, queued):

@@ -34,6 +34,9 @@ MAPPING = {
     errors.MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.SnapshotMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SnapshotsDisabled: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SnapshotRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SequenceGap: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AttachedElsewhere: grpc.StatusCode.ABORTED,
     errors.LstmServeError: grpc.StatusCode.INTERNAL,
 }
 
