@@ -141,6 +141,9 @@ class GenericRuntime(ModelRuntime):
             shrink: bool = False, ids: Sequence[str] | None = None) -> RunOutput:  # fmt: skip
         """inputs (B, T[, F]), lengths (B,), state (B, S, H) float32, as for our models; `ids`
         the rows' session ids (a CORRID control input gets a number from each)."""
+        cap = self.triton.max_batch_size
+        if cap and inputs.shape[0] > cap:  # a Classify request of more rows than the model takes
+            return self._in_blocks(inputs, lengths, state, shrink, ids, cap)
         b = self.binding
         marks = RowMarks.of(state, ids) if b.controls else NO_MARKS
         if b.lengths is not None and b.step_output and b.window is None:
@@ -157,6 +160,20 @@ class GenericRuntime(ModelRuntime):
                                            shrink)  # fmt: skip
             step_probs[rows, :n], probs[rows], state_out[rows] = steps, final, st
         return RunOutput(step_probs=step_probs, probs=probs, state_out=state_out)
+
+    def _in_blocks(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray,
+                   shrink: bool, ids: Sequence[str] | None, cap: int) -> RunOutput:  # fmt: skip
+        """Rows in blocks of at most max_batch_size, one run() each."""
+        outs = [
+            self.run(inputs[r : r + cap], lengths[r : r + cap], state[r : r + cap], shrink,
+                     None if ids is None else ids[r : r + cap])
+            for r in range(0, inputs.shape[0], cap)
+        ]  # fmt: skip
+        return RunOutput(
+            step_probs=np.concatenate([o.step_probs for o in outs]),
+            probs=np.concatenate([o.probs for o in outs]),
+            state_out=np.concatenate([o.state_out for o in outs]),
+        )
 
     def _one_run(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray,
                  marks: RowMarks, shrink: bool) -> RunOutput:  # fmt: skip

@@ -562,6 +562,12 @@ def test_triton_s_reshape_gives_a_batched_model_its_b_lengths_input(
     lengths, state = np.array([6, 2, 4]), np.zeros((3, 4, 8), np.float32)
     np.testing.assert_array_equal(generic.run(x, lengths, state).probs,
                                   native.run(x, lengths, state).probs)  # fmt: skip
+    # More rows than max_batch_size (8), as a Classify request may bring: run in blocks.
+    x = np.random.default_rng(6).integers(0, 28, size=(19, 5))
+    lengths, state = np.random.default_rng(7).integers(1, 6, size=19), np.zeros((19, 4, 8), "f4")
+    got, want = generic.run(x, lengths, state), native.run(x, lengths, state)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+    np.testing.assert_allclose(got.state_out, want.state_out, atol=1e-6)
 
 
 @pytest.mark.parametrize(
