@@ -49,6 +49,11 @@ class Parts:
     head: tuple[str, nn.Linear]
     embedding: tuple[str, nn.Embedding] | None = None
 
+    @property
+    def binary(self) -> bool:
+        """A one-output head: a binary classifier read through a sigmoid."""
+        return self.head[1].out_features == 1
+
     def names(self) -> dict[str, str]:
         """Our part -> the user's attribute (and type), for the card."""
         out = {"embedding": _label(*self.embedding)} if self.embedding else {}
@@ -205,9 +210,11 @@ def arch_of(parts: Parts, num_classes: int, input_kind: str | None = None) -> Ar
         found = "an Embedding" if parts.embedding else "no Embedding"
         raise ValueError(f"--input {input_kind}, but the module has {found} (so: {kind})")
     head_name, head = parts.head
-    if head.out_features != num_classes:
+    if head.out_features != num_classes and not (parts.binary and num_classes == 2):
+        one = " (a one-output head takes 2 labels, the negative first)" if parts.binary else ""
         raise ValueError(
-            f"--labels has {num_classes} labels, the head {head_name!r} gives {head.out_features}"
+            f"--labels has {num_classes} labels, the head {head_name!r} gives "
+            f"{head.out_features}{one}"
         )
     rnn0 = parts.recurrent[0][1]
     emb = parts.embedding[1] if parts.embedding else None
@@ -240,10 +247,14 @@ def mapped_model(parts: Parts, arch: ArchConfig) -> RecurrentClassifier:
                         dst = getattr(target, f"{kind}_l0{sfx}")
                         src = getattr(rnn, f"{kind}_l{layer}{sfx}", None)
                         dst.copy_(src) if src is not None else dst.zero_()
-        model.head.weight.copy_(parts.head[1].weight)
-        model.head.bias.copy_(
-            parts.head[1].bias if parts.head[1].bias is not None else torch.zeros(arch.num_classes)
-        )
+        weight, bias = parts.head[1].weight, parts.head[1].bias
+        if bias is None:
+            bias = torch.zeros(weight.shape[0])
+        if parts.binary:  # softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]
+            weight = torch.cat([torch.zeros_like(weight), weight])
+            bias = torch.cat([torch.zeros_like(bias), bias])
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
     return model
 
 
@@ -375,7 +386,7 @@ def export_from_torch(
     parts = find_parts(user)
     arch = arch_of(parts, len(labels), input_kind)
     model = mapped_model(parts, arch)
-    fwd = detect_forward(user, model)
+    fwd = detect_forward(user, model, binary=parts.binary)
     training = {"source": "lstm-export from-torch", "module": module, "command": command,
                 "forward": fwd.describe()}  # fmt: skip
     if tokenizer and arch.input_kind != "tokens":

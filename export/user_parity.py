@@ -41,6 +41,11 @@ _OUTPUT_WORDS: dict[str, str] = {
     "probs": "probabilities: served as they are",
     "log_probs": "log-probabilities: served probs = exp(log_probs)",
 }
+_BINARY_WORDS: dict[str, str] = {
+    "logits": "one logit z: served probs = [1 - sigmoid(z), sigmoid(z)]",
+    "probs": "one probability p: served probs = [1 - p, p]",
+    "log_probs": "one log-probability q: served probs = [1 - exp(q), exp(q)]",
+}
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,14 @@ class Forward:
     output_layout: Layout  # for "every": (B, T, C) or (T, B, C)
     output: Output  # served probs = softmax(logits) | probs | exp(log_probs)
     with_lengths: bool = False  # forward(x, lengths): each row's length as a second argument
+    binary: bool = False  # a one-output head: C = 2, the output is the second class's
 
     def describe(self) -> str:
         major = {"batch": "batch-major", "time": "time-major"}
         steps = (
             "the last step" if self.steps == "last" else f"every step, {major[self.output_layout]}"
         )
-        how = _OUTPUT_WORDS[self.output]
+        how = (_BINARY_WORDS if self.binary else _OUTPUT_WORDS)[self.output]
         call = "forward(x, lengths), " if self.with_lengths else ""
         return f"{call}input {major[self.input_layout]}; output on {steps}; {how}"
 
@@ -108,6 +114,8 @@ def served_probs(out: torch.Tensor, fwd: Forward) -> np.ndarray:
     """The user's output as the probabilities the server answers, batch-major."""
     if fwd.steps == "every" and fwd.output_layout == "time":
         out = out.transpose(0, 1)
+    if fwd.binary:
+        return _binary_probs(out, fwd)
     if fwd.output == "logits":
         out = torch.softmax(out.double(), dim=-1)
     elif fwd.output == "log_probs":
@@ -115,7 +123,22 @@ def served_probs(out: torch.Tensor, fwd: Forward) -> np.ndarray:
     return out.double().numpy()
 
 
-def _candidates(shape: tuple[int, ...], batch: int, steps: int, classes: int) -> list[tuple]:
+def _binary_probs(out: torch.Tensor, fwd: Forward) -> np.ndarray:
+    """A one-output head's (B[, T][, 1]) output as the two classes' probabilities."""
+    z = out.double()
+    if z.shape[-1] == 1 and z.dim() == (2 if fwd.steps == "last" else 3):
+        z = z.squeeze(-1)
+    p = {"logits": torch.sigmoid, "probs": lambda v: v, "log_probs": torch.exp}[fwd.output](z)
+    return torch.stack([1.0 - p, p], dim=-1).numpy()
+
+
+def _candidates(
+    shape: tuple[int, ...], batch: int, steps: int, classes: int, binary: bool = False
+) -> list[tuple]:
+    if binary:
+        classes = 1
+        if shape[-1:] != (1,):
+            shape = (*shape, 1)  # (B,) or (B, T): the one output squeezed
     if shape == (batch, classes):
         return [("last", "batch")]
     if shape == (batch, steps, classes):
@@ -125,7 +148,9 @@ def _candidates(shape: tuple[int, ...], batch: int, steps: int, classes: int) ->
     return []
 
 
-def detect_forward(user: nn.Module, model: RecurrentClassifier, seed: int = 0) -> Forward:
+def detect_forward(
+    user: nn.Module, model: RecurrentClassifier, binary: bool = False, seed: int = 0
+) -> Forward:
     """Run the user's forward and the mapped model on one random batch (B=3, T=7) and pick the
     reading of the user's output that equals the mapped model's probabilities."""
     arch = model.arch
@@ -146,13 +171,13 @@ def detect_forward(user: nn.Module, model: RecurrentClassifier, seed: int = 0) -
         except Exception as exc:  # the user's code: any failure means "not this layout"
             tried.append(f"{layout}-major input: forward raised {type(exc).__name__}: {exc}"[:200])
             continue
-        cands = _candidates(tuple(out.shape), batch, steps, arch.num_classes)
+        cands = _candidates(tuple(out.shape), batch, steps, arch.num_classes, binary)
         if not cands:
             tried.append(f"{layout}-major input: output shape {tuple(out.shape)}")
         for steps_kind, out_layout in cands:
             ref = probs if steps_kind == "last" else step_probs
             for output in ("probs", "log_probs", "logits"):  # softmax(log_probs) = probs too
-                fwd = Forward(layout, steps_kind, out_layout, output, lengths)  # type: ignore[arg-type]
+                fwd = Forward(layout, steps_kind, out_layout, output, lengths, binary)  # type: ignore[arg-type]
                 diff = float(np.abs(served_probs(out, fwd) - ref.double().numpy()).max())
                 if diff <= TOLERANCE:
                     return fwd

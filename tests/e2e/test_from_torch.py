@@ -110,6 +110,20 @@ USER_MODULES = textwrap.dedent('''
             return self.fc(y[:, -1])
 
 
+    class BinaryGRU(nn.Module):
+        """A one-output head (trained with BCEWithLogitsLoss), returning (B,) logits."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(28, 5)
+            self.gru = nn.GRU(5, 7, batch_first=True)
+            self.score = nn.Linear(7, 1)
+
+        def forward(self, x):
+            y, _ = self.gru(self.emb(x))
+            return self.score(y[:, -1]).squeeze(-1)
+
+
     class WithConv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -378,6 +392,26 @@ def test_a_forward_that_ignores_its_lengths_fails_on_the_padded_batch(
     assert done.returncode == 4
     assert "probs at lengths [16, 3, 9] in one padded batch" in done.stderr, done.stderr
     assert not out.exists()
+
+
+def test_a_one_output_head_is_a_binary_classifier_through_a_sigmoid(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "repo" / "binary" / "1"
+    done = from_torch(user_dir, "BinaryGRU", out, classes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads(done.stdout)["verify_user_module"]
+    assert parity["forward"].endswith("one logit z: served probs = [1 - sigmoid(z), sigmoid(z)]")
+
+    user = _user(user_dir, "BinaryGRU")
+    x = torch.randint(0, 28, (3, 10), generator=torch.Generator().manual_seed(8))
+    _, after = _stream(_session(out / "model.onnx"), "tokens", x.numpy(), [4, 6])
+    with torch.no_grad():
+        p = torch.sigmoid(user(x)).numpy()
+    np.testing.assert_allclose(after[-1], np.stack([1 - p, p], axis=-1), atol=TOLERANCE)
+
+    three = from_torch(user_dir, "BinaryGRU", tmp_path / "r" / "b" / "1", classes=3)
+    assert three.returncode == 2 and "a one-output head takes 2 labels" in three.stderr
 
 
 def test_biasless_elman_rnn_with_its_head_registered_first(user_dir: Path, tmp_path: Path) -> None:
