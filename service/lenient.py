@@ -43,7 +43,11 @@ def _unary_stream(rpc: str, behaviour: Callable[..., Any]) -> Callable[..., Any]
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if isinstance(request, codec.Malformed):
             await _refuse(rpc, request, context)
-        async for reply in behaviour(request, context):
+        replies = behaviour(request, context)
+        if not hasattr(replies, "__aiter__"):  # health.aio's Watch writes with context.write
+            await replies
+            return
+        async for reply in replies:
             yield reply
 
     return handle

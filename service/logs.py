@@ -8,10 +8,26 @@ import sys
 import time
 from typing import Any
 
+from service import principal
+
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     return dict(fields) if isinstance(fields, dict) else {}
+
+
+class CallerFilter(logging.Filter):
+    """Adds the caller (principal) to the fields of every record logged while serving an
+    authenticated request; never a token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caller = principal.current()
+        if caller != principal.ANONYMOUS:
+            fields = getattr(record, "fields", None)
+            fields = dict(fields) if isinstance(fields, dict) else {}
+            fields.setdefault("principal", caller)
+            record.fields = fields
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,6 +63,7 @@ def configure_logging(json_lines: bool, level: str) -> None:
     """Send every log record to stderr, as JSON lines or text."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.addFilter(CallerFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

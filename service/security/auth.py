@@ -11,6 +11,8 @@ aiohttp middleware (service/security/http.py). Health needs no credentials (Kube
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import inspect
@@ -35,6 +37,7 @@ PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MAX_CERT_LABELS = 64  # principals from certificates counted by name; the rest as "<other>"
 OTHER = "<other>"
+FIRST_MESSAGE_WAIT_S = 1.0  # a refused stream waits this long for its first message
 
 
 class Unauthenticated(Exception):
@@ -245,10 +248,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return _wrapped(handler, self._admit(method))
 
-    def _admit(self, method: str) -> Callable[[grpc.aio.ServicerContext], Awaitable[None]]:
+    def _admit(self, method: str) -> Admit:
         protocol = _grpc_protocol(method)
 
-        async def admit(context: grpc.aio.ServicerContext) -> None:
+        async def admit(context: grpc.aio.ServicerContext, requests: Any) -> None:
             try:
                 caller = _grpc_caller(self.auth, context)
             except Unauthenticated as exc:
@@ -256,6 +259,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 log.warning("unauthenticated", extra={"fields": {
                     "method": method, "reason": exc.reason, "peer": context.peer(),
                 }})  # fmt: skip
+                if requests is not None:
+                    await _first_message(requests)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             metrics.CALLER_REQUESTS.labels(self.auth.label(caller), protocol).inc()
             principal.CALLER.set(caller)  # this RPC's task (and what it spawns) only
@@ -263,10 +268,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return admit
 
 
-def _wrapped(
-    handler: grpc.RpcMethodHandler, admit: Callable[[Any], Awaitable[None]]
-) -> grpc.RpcMethodHandler:
-    """The same handler with `admit(context)` run first, in the handler's task."""
+Admit = Callable[[grpc.aio.ServicerContext, Any], Awaitable[None]]
+
+
+async def _first_message(requests: Any) -> None:
+    """Let a streaming call's first message in (for at most FIRST_MESSAGE_WAIT_S) before the
+    refusal: grpc.aio clients that write it as the server ends the call would otherwise report
+    INTERNAL ("Internal error from Core", grpc/grpc#36066) instead of UNAUTHENTICATED."""
+    with contextlib.suppress(Exception, asyncio.TimeoutError, StopAsyncIteration):
+        await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+
+
+def _wrapped(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMethodHandler:
+    """The same handler with `admit(context, requests)` run first, in the handler's task."""
     if handler.request_streaming and handler.response_streaming:
         behaviour, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -276,19 +290,19 @@ def _wrapped(
     else:
         behaviour, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     return make(
-        _admitted(behaviour, admit, handler.response_streaming),
+        _admitted(behaviour, admit, handler.request_streaming, handler.response_streaming),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
 
 def _admitted(
-    behaviour: Callable[..., Any], admit: Callable[[Any], Awaitable[None]], streaming: bool
+    behaviour: Callable[..., Any], admit: Admit, request_streaming: bool, streaming: bool
 ) -> Callable[..., Any]:
     if streaming:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context)
+            await admit(context, request if request_streaming else None)
             result = behaviour(request, context)
             if not hasattr(result, "__aiter__"):  # a handler that writes with context.write
                 await result
@@ -300,7 +314,7 @@ def _admitted(
         return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await admit(context)
+        await admit(context, request if request_streaming else None)
         result = behaviour(request, context)
         return await result if inspect.isawaitable(result) else result
 
