@@ -27,10 +27,12 @@ from export.model import RecurrentClassifier
 from export.user_parity import (
     GENERIC_PATH,
     TOLERANCE,
+    Forward,
     VerificationError,
     detect_forward,
     verify_against_user,
 )
+from lstmserve.contract import ModelDescription
 
 _CELLS: dict[type[nn.Module], str] = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}
 # Parameter-free modules that change nothing a classifier's mapping depends on (at eval).
@@ -374,11 +376,7 @@ def export_from_torch(
 ) -> dict[str, Any]:  # fmt: skip
     """Build, map, write and verify; model.onnx and README.md land in `out` only if the model
     equals the user's module. Raises MappingError / VerificationError / ValueError."""
-    import shutil
-    import tempfile
-
-    from export.onnx_export import describe, export_model
-    from export.verify import verify_model
+    from export.onnx_export import describe
 
     name, version = parse_out(out)
     labels = read_labels(labels_path)
@@ -387,32 +385,46 @@ def export_from_torch(
     arch = arch_of(parts, len(labels), input_kind)
     model = mapped_model(parts, arch)
     fwd = detect_forward(user, model, binary=parts.binary)
-    training = {"source": "lstm-export from-torch", "module": module, "command": command,
-                "forward": fwd.describe()}  # fmt: skip
     if tokenizer and arch.input_kind != "tokens":
         raise ValueError("--tokenizer is for a token model (with an nn.Embedding)")
     tok = read_tokenizer(tokenizer, arch.vocab_size)
+    training = {"source": "lstm-export from-torch", "module": module, "command": command,
+                "forward": fwd.describe()}  # fmt: skip
     desc = describe(model, name, version, labels, tokenizer=tok.chars, training=training)
+    report = {"model": f"{name}/{version}", "module": module, "labels": labels,
+              "architecture": arch.to_dict(), "mapping": parts.names(),
+              "tokenizer": tok.describe(), "command": command}  # fmt: skip
+    report |= _write_verified(model, desc, user, fwd, out, tok)
+    (out / "README.md").write_text(model_card(name, version, report), encoding="utf-8")
+    return report
+
+
+def _write_verified(
+    model: RecurrentClassifier, desc: ModelDescription, user: nn.Module, fwd: Forward,
+    out: Path, tok: TokenizerChoice,
+) -> dict[str, Any]:  # fmt: skip
+    """Export to a temporary file, verify it against the user's module and the v1 contract,
+    then move it (and a subword tokenizer) into `out`; the two verification reports."""
+    import shutil
+    import tempfile
+
+    from export.onnx_export import export_model
+    from export.verify import verify_model
+
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
         export_model(model, desc, str(staged))
-        parity = verify_against_user(user, fwd, arch, staged)
+        parity = verify_against_user(user, fwd, model.arch, staged)
         if not parity.passed:
             raise VerificationError(
                 f"the exported model differs from {type(user).__name__}: "
                 + "; ".join(parity.failures[:6])
             )
         contract = verify_model(staged).to_dict()
-        report = {"model": f"{name}/{version}", "module": module, "labels": labels,
-                  "architecture": arch.to_dict(), "mapping": parts.names(),
-                  "tokenizer": tok.describe(),
-                  "verify_user_module": parity.to_dict(), "verify_contract": contract,
-                  "command": command}  # fmt: skip
         if not contract["passed"]:
             raise VerificationError(f"the v1 contract checks failed: {json.dumps(contract)}")
         out.mkdir(parents=True, exist_ok=True)
         if tok.subword_file is not None:  # before the model, which a polling server may load
             shutil.copyfile(tok.subword_file, out / "tokenizer.json")
         shutil.move(staged, out / "model.onnx")
-    (out / "README.md").write_text(model_card(name, version, report), encoding="utf-8")
-    return report
+    return {"verify_user_module": parity.to_dict(), "verify_contract": contract}
