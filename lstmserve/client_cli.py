@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server host:port; repeat for failover (default localhost:8001)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per unary call")
+    add_security_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the served models")
     classify = sub.add_parser("classify", help="classify one whole text or file of frames")
@@ -221,11 +223,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS and the bearer token (its value is never shown: no default in --help)."""
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS, trusting the system's CAs (implied by --tls-ca)"
+    )
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA certificate(s) to trust: TLS")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--token", default=None, help=f"bearer token sent on every call (default: ${TOKEN_ENV})"
+    )
+
+
+TOKEN_ENV = "LSTM_SERVE_TOKEN"
 COMMANDS = {"list": cmd_list, "classify": cmd_classify, "stream": cmd_stream}
 
 
 async def run(args: argparse.Namespace) -> int:
-    async with LstmClient(args.address or ["localhost:8001"], timeout_s=args.timeout) as client:
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    async with LstmClient(
+        args.address or ["localhost:8001"], timeout_s=args.timeout, tls=args.tls,
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
+    ) as client:  # fmt: skip
         return await COMMANDS[args.command](client, args)
 
 
