@@ -333,3 +333,114 @@ def test_principal_from_the_client_certificate_cn(cert_server: Any) -> None:
     after = metric(scrape(srv.metrics_url), "lstm_serve_caller_requests_total",
                    principal="svc-gateway")  # fmt: skip
     assert after == before + 2
+
+
+# -- the HTTP middleware on its own: the handler sees the principal ---------------------------
+
+
+def test_the_http_middleware_runs_the_handler_as_the_tokens_principal(token_file: Path) -> None:
+    from aiohttp import ClientSession, web
+
+    from service import principal
+    from service.security.auth import Authenticator, TokenFile
+    from service.security.http import auth_middleware
+
+    async def whoami(request: web.Request) -> web.Response:
+        await asyncio.sleep(0)  # still the request's task after a suspension
+        return web.Response(text=principal.current())
+
+    async def go() -> None:
+        app = web.Application(middlewares=[auth_middleware(Authenticator(TokenFile(token_file)))])
+        app.router.add_get("/whoami", whoami)
+        app.router.add_get("/v2/health/live", whoami)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with ClientSession() as http:
+                for token, expected in ((ALICE, "alice"), (BOB, "bob")):
+                    headers = {"Authorization": f"Bearer {token}"}
+                    async with http.get(base + "/whoami", headers=headers) as response:
+                        assert (response.status, await response.text()) == (200, expected)
+                async with http.get(base + "/whoami") as response:
+                    assert response.status == 401
+                    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert "error" in await response.json()
+                async with http.get(base + "/v2/health/live") as response:
+                    assert (response.status, await response.text()) == (200, "anonymous")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(go())
+    assert principal.current() == principal.ANONYMOUS
+
+
+# -- the surface: reflection, the metrics address, secrets ------------------------------------
+
+
+def test_no_reflection_removes_reflection(tiny_repo: Path) -> None:
+    srv = ServerThread(make_config(tiny_repo, reflection=False)).start()
+    path = f"/{REFLECTION.full_name}/ServerReflectionInfo"
+
+    async def code() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            call = channel.stream_stream(path)(timeout=5)  # no write: grpc/grpc#36066
+            return await call.code()
+
+    try:
+        assert asyncio.run(code()) == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        srv.stop()
+
+
+def test_metrics_host_binds_the_metrics_endpoint_there(tiny_repo: Path) -> None:
+    from service.config import config_from_args
+
+    assert config_from_args(["--metrics-host", "127.0.0.1"], environ={}).metrics_host == "127.0.0.1"
+    srv = ServerThread(make_config(tiny_repo, metrics_host="127.0.0.2")).start()
+    try:
+        assert srv.app is not None
+        port = srv.app.metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_no_secret_in_help_the_config_repr_or_the_logs(
+    tiny_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from service.config import build_parser, config_from_args
+    from service.errors import ConfigError
+    from service.security.auth import parse_tokens
+
+    ca = Authority()
+    issued = ca.issue("lstm-serve", server=True)
+    cert, key = issued.write(tmp_path, "server")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\n")
+    snapshot_key = "k1:" + "c2VjcmV0LXNuYXBzaG90LWtleS0wMTIzNDU2Nzg5YWI="
+    env = {"LSTM_SERVE_SNAPSHOT_KEY": snapshot_key, "LSTM_SERVE_AUTH_TOKENS": str(tokens)}
+    argv = ["--model-repository", str(tiny_repo), "--tls-cert", str(cert), "--tls-key", str(key)]
+    config = config_from_args(argv, environ=env)
+    key_body = issued.key.decode().splitlines()[1]
+    secrets = (ALICE, snapshot_key.partition(":")[2], key_body)
+    with pytest.raises(SystemExit):
+        build_parser(env).parse_args(["--help"])
+    shown = capsys.readouterr().out + repr(config)
+    assert "--auth-tokens" in shown and str(tokens) in repr(config)
+    with pytest.raises(ConfigError) as err:
+        parse_tokens(f"alice:{ALICE} trailing\n", "tokens")
+    shown += str(err.value)
+    with caplog.at_level(logging.DEBUG):
+        srv = ServerThread(make_config(tiny_repo, tls_cert=str(cert), tls_key=str(key),
+                                       auth_tokens=str(tokens))).start()  # fmt: skip
+        srv.stop()
+    shown += caplog.text
+    for secret in secrets:
+        assert secret not in shown
