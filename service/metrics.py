@@ -102,6 +102,17 @@ SESSION_STORE_OPS = Counter(
     "Operations on the shared session store (redis): save, load, delete; by outcome.",
     ["op", "outcome"],
 )
+STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SESSION_STORE_SECONDS = Histogram(
+    "lstm_serve_session_store_seconds",
+    "Latency of shared session store operations (save, load, end, ...), failures included.",
+    ["op"],
+    buckets=STORE_BUCKETS,
+)
+SESSION_STORE_UP = Gauge(
+    "lstm_serve_session_store_up",
+    "1 while the shared session store answers, 0 during an outage (strict: chunks refused).",
+)
 STATE_BYTES = Gauge(
     "lstm_serve_state_memory_bytes",
     "Recurrent state memory: allocated (slab) and used (live sessions).",
