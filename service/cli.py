@@ -37,6 +37,8 @@ async def serve(config: ServerConfig) -> int:
         "grpc_port": port, "metrics_port": app.metrics_port, "http_port": app.http_port,
         "host": config.host,
         "model_repository": str(config.model_repository),
+        "health_port": app.health_port, "tls": app.tls is not None,
+        "auth": config.auth_enabled, "reflection": config.reflection,
     }})  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -101,6 +101,7 @@ class ServerConfig:
     principal_from_cert: bool = False
     reflection: bool = True
     metrics_host: str = ""
+    health_port: int = -1
     log_json: bool = False
     log_level: str = "INFO"
     debug_compute_delay_ms: int = 0
@@ -122,6 +123,8 @@ class ServerConfig:
             raise ConfigError(f"http_port {self.http_port} is not in -1..65535 (-1 = off)")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is not in -1..65535 (-1 = off)")
+        if not -1 <= self.health_port <= 65535:
+            raise ConfigError(f"health_port {self.health_port} is not in -1..65535 (-1 = off)")
 
     def _check_security(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -369,6 +372,11 @@ FLAGS: dict[str, tuple[str, Any]] = {
     ),
     "reflection": ("serve gRPC server reflection (off in the Kubernetes manifests)", bool),
     "metrics_host": ("address the /metrics endpoint binds (default: --host)", str),
+    "health_port": (
+        "a plaintext port serving only gRPC health (grpc.health.v1, no token), for Kubernetes "
+        "probes when the gRPC port needs TLS or client certificates; -1 = off",
+        int,
+    ),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
     "debug_compute_delay_ms": ("FOR TESTS ONLY: sleep this long before each model run", int),

@@ -62,6 +62,9 @@ class LstmServer:
         self.health = health.aio.HealthServicer()
         self.metrics_port: int | None = None
         self.http_port: int | None = None  # the Open Inference Protocol's HTTP/REST front
+        # --health-port: grpc.health.v1 alone, in plaintext, for probes that cannot do TLS.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()
@@ -73,6 +76,8 @@ class LstmServer:
         """Listen (health NOT_SERVING), then load and warm the models in the background."""
         await self._set_health(False)
         await self.grpc.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.http is not None:
             self.http_port = await self.http.start(self.config.host, self.config.http_port)
         if self.config.metrics_port >= 0:
@@ -180,6 +185,8 @@ class LstmServer:
         self.layer.begin_drain()
         drained = await self.engine.wait_idle(grace)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.http is not None:
             await self.http.stop()
         await self.engine.continuity.close()
@@ -266,16 +273,31 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     add_health(app.health, server)  # health and reflection also parse leniently
     if config.reflection:
         add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
-    address = f"{config.host}:{config.grpc_port}"
-    try:
-        if tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, tls.grpc_credentials())
-    except RuntimeError:  # grpc raises on a failed bind
-        port = 0
-    if port == 0:
-        raise ConfigError(
-            f"cannot listen on {address} (--grpc-port): the address is in use or not available"
-        )
+    port = _bind(server, config.host, config.grpc_port, "--grpc-port",
+                 tls.grpc_credentials() if tls is not None else None)  # fmt: skip
+    if config.health_port >= 0:
+        app.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        add_health(app.health, app.health_server)  # the same statuses as on the gRPC port
+        app.health_port = _bind(app.health_server, config.host, config.health_port,
+                                "--health-port")  # fmt: skip
     return app, port
+
+
+def _bind(
+    server: grpc.aio.Server, host: str, port: int, flag: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:  # fmt: skip
+    """Add the listening port (TLS with `credentials`); a failed bind is a ConfigError."""
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises on a failed bind
+        bound = 0
+    if bound == 0:
+        raise ConfigError(
+            f"cannot listen on {address} ({flag}): the address is in use or not available"
+        )
+    return bound

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstmserve.client import LstmClient
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.errors import ConfigError
 from service.security.tls import certificate_files
+from service.server import SERVICE_NAME
 from tests.integration.conftest import ServerThread, make_config, wait_for
 from tests.integration.tls_certs import Authority, serial_of
 
@@ -52,7 +56,7 @@ def tls_server(tiny_repo: Path, pki: dict[str, Path]) -> Iterator[ServerThread]:
 @pytest.fixture(scope="module")
 def mtls_server(tiny_repo: Path, pki: dict[str, Path]) -> Iterator[ServerThread]:
     config = make_config(tiny_repo, tls_cert=str(pki["cert"]), tls_key=str(pki["key"]),
-                         tls_client_ca=str(pki["ca"]))  # fmt: skip
+                         tls_client_ca=str(pki["ca"]), health_port=0)  # fmt: skip
     srv = _start(config)
     yield srv
     srv.stop()
@@ -187,3 +191,23 @@ def test_a_mismatched_pair_is_refused_at_start_naming_the_flags(
         certificate_files(str(cert), str(other_key))
     with pytest.raises(ConfigError, match="--tls-cert and --tls-key go together"):
         certificate_files(str(cert), "")
+
+
+def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(
+    mtls_server: ServerThread,
+) -> None:
+    """Kubernetes' gRPC probes cannot present a client certificate: --health-port serves them."""
+    assert mtls_server.app is not None and mtls_server.app.health_port
+
+    async def go() -> None:
+        address = f"127.0.0.1:{mtls_server.app.health_port}"  # type: ignore[union-attr]
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", SERVICE_NAME):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.LstmServeStub(channel).ListModels(pb.ListModelsRequest())
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    asyncio.run(go())
