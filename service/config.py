@@ -13,6 +13,7 @@ from service.errors import ConfigError
 
 if TYPE_CHECKING:
     from service.engine.snapshots import SnapshotKeys
+    from service.engine.store_urls import StoreOptions
     from service.engine.types import BatchPolicy, ClassifyPolicy
 
 ENV_PREFIX = "LSTM_SERVE_"
@@ -29,7 +30,8 @@ PROVIDER_ALIASES = {
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-SECRET_FLAGS = frozenset({"snapshot_key"})
+SECRET_FLAGS = frozenset({"snapshot_key", "session_store_password"})
+STORE_MODES = ("strict", "best-effort")
 
 
 def redacted_url(url: str) -> str:
@@ -93,6 +95,15 @@ class ServerConfig:
     # signs. Secret: never printed (repr=False, hidden in --help).
     snapshot_key: str = field(default="", repr=False)
     session_store: str = "memory"
+    # How chunks wait for the store (strict: acknowledged only once stored), its deadline, and
+    # its credentials (a password file or LSTM_SERVE_SESSION_STORE_PASSWORD; never printed).
+    session_store_mode: str = "strict"
+    session_store_timeout_s: float = 1.0
+    session_store_password_file: str = ""
+    session_store_password: str = field(default="", repr=False)
+    session_store_tls_ca: str = ""
+    session_store_tls_cert: str = ""
+    session_store_tls_key: str = ""
     # Who may call (service/security/): TLS files, bearer tokens, the surface exposed.
     tls_cert: str = ""
     tls_key: str = ""
@@ -190,23 +201,7 @@ class ServerConfig:
             raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
-        self._check_session_store()
-
-    def _check_session_store(self) -> None:
-        if self.snapshot_key:
-            self.snapshot_keys  # noqa: B018 - parses and validates the keys
-        store = self.session_store
-        if store == "memory":
-            return
-        if not store.startswith(REDIS_SCHEMES):
-            raise ConfigError(
-                f"session_store {store!r} is neither 'memory' nor a redis URL ({REDIS_SCHEMES})"
-            )
-        if not self.snapshot_key:
-            raise ConfigError(
-                "--session-store redis://... needs --snapshot-key (LSTM_SERVE_SNAPSHOT_KEY): "
-                "replicas verify the session records they read with the shared key"
-            )
+        check_session_store(self)
 
     @property
     def snapshot_keys(self) -> SnapshotKeys | None:
@@ -246,6 +241,64 @@ class ServerConfig:
     def eviction_interval_s(self) -> float:
         """How often idle sessions are swept: a quarter of the idle timeout, within [0.05, 10] s."""
         return max(0.05, min(self.session_idle_timeout_s / 4, 10.0))
+
+
+def check_session_store(self: ServerConfig) -> None:
+    """The store flags agree: a known URL form, a mode, TLS files with a TLS URL, a key."""
+    if self.snapshot_key:
+        self.snapshot_keys  # noqa: B018 - parses and validates the keys
+    store = self.session_store
+    if self.session_store_mode not in STORE_MODES:
+        raise ConfigError(
+            f"session_store_mode {self.session_store_mode!r} is not one of {STORE_MODES}"
+        )
+    if not 0 < self.session_store_timeout_s <= 60:
+        raise ConfigError(
+            f"session_store_timeout_s must be in (0, 60], got {self.session_store_timeout_s}"
+        )
+    if store == "memory":
+        return
+    from service.engine.store_urls import parse_store_url
+
+    try:
+        target = parse_store_url(store)
+    except ValueError as exc:
+        raise ConfigError(
+            f"session_store {redacted_url(store)[:128]!r} is neither 'memory' nor a store "
+            f"URL (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://): {exc}"
+        ) from None
+    tls_files = (self.session_store_tls_ca, self.session_store_tls_cert)
+    if any(tls_files) and not target.tls:
+        raise ConfigError("--session-store-tls-* need a TLS store URL (rediss://...)")
+    if bool(self.session_store_tls_cert) != bool(self.session_store_tls_key):
+        raise ConfigError("--session-store-tls-cert and --session-store-tls-key go together")
+    if not self.snapshot_key:
+        raise ConfigError(
+            "--session-store redis://... needs --snapshot-key (LSTM_SERVE_SNAPSHOT_KEY): "
+            "replicas verify the session records they read with the shared key"
+        )
+
+
+def session_store_options(self: ServerConfig) -> StoreOptions:
+    """The store's deadline, password (the file's first line, else the variable / flag,
+    else the URL's) and TLS files."""
+    from service.engine.store_urls import StoreOptions
+
+    password = self.session_store_password or None
+    if self.session_store_password_file:
+        try:
+            text = Path(self.session_store_password_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"--session-store-password-file {self.session_store_password_file!r}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        password = text.splitlines()[0].strip() if text.strip() else None
+    return StoreOptions(
+        timeout_s=self.session_store_timeout_s, password=password,
+        tls_ca=self.session_store_tls_ca, tls_cert=self.session_store_tls_cert,
+        tls_key=self.session_store_tls_key,
+    )  # fmt: skip
 
 
 # flag name -> (help, type); the defaults come from ServerConfig, env overrides defaults.
@@ -346,10 +399,38 @@ FLAGS: dict[str, tuple[str, Any]] = {
         str,
     ),
     "session_store": (
-        "where session state lives: 'memory' (this process) or redis://HOST:PORT/DB (written "
-        "through on every chunk, so any replica can resume any session by id)",
+        "where session state lives: 'memory' (this process), or a Redis written through on "
+        "every chunk, so any replica can resume any session by id: redis://HOST:PORT/DB, "
+        "rediss:// (TLS), unix:///PATH, redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] "
+        "(follows failovers), redis+cluster://HOST:PORT[,HOST:PORT...] (docs/OPERATIONS.md)",
         str,
     ),
+    "session_store_mode": (
+        "strict (the default: a chunk is acknowledged only once its state is in the store; if "
+        "the store does not answer within --session-store-timeout-s the chunk is refused "
+        "in-band UNAVAILABLE, unchanged, and the client retries, so a pod kill never loses an "
+        "acknowledged chunk) or best-effort (a failed save is logged and the chunk still "
+        "acknowledged: a pod killed during a store outage loses its sessions' chunks since "
+        "their last stored one)",
+        str,
+    ),
+    "session_store_timeout_s": (
+        "deadline of one session store operation (connect, retries and reply); also the "
+        "longest a chunk waits for its save",
+        float,
+    ),
+    "session_store_password_file": (
+        "file whose first line is the session store's password (a Kubernetes Secret); beats "
+        "LSTM_SERVE_SESSION_STORE_PASSWORD and a password in the URL; never printed",
+        str,
+    ),
+    "session_store_password": (
+        "the session store's password (prefer the file or the variable); never printed",
+        str,
+    ),
+    "session_store_tls_ca": ("PEM CA file verifying a rediss:// store's certificate", str),
+    "session_store_tls_cert": ("PEM client certificate for a rediss:// store (mTLS)", str),
+    "session_store_tls_key": ("PEM key of --session-store-tls-cert", str),
     "tls_cert": (
         "PEM certificate chain: serve TLS on the gRPC and HTTP ports (re-read when the file "
         "changes; new connections get the new certificate)",

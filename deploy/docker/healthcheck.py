@@ -1,7 +1,8 @@
 """Docker HEALTHCHECK: exit 0 when lstm-serve answers grpc.health.v1 SERVING, else 1.
 
 Kubernetes does not need this (it probes gRPC health natively); `docker run` and compose do.
-The port comes from LSTM_SERVE_GRPC_PORT like the server's own flag (default 8001).
+The port comes from LSTM_SERVE_HEALTH_PORT (the plaintext health port, needed once the gRPC
+port serves TLS) if set, else LSTM_SERVE_GRPC_PORT, like the server's own flags (default 8001).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def check(address: str, service: str = "", timeout_s: float = 2.0) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    port = argv[1] if len(argv) > 1 else os.environ.get("LSTM_SERVE_GRPC_PORT", "8001")
+    health_port = os.environ.get("LSTM_SERVE_HEALTH_PORT", "-1")  # plaintext health (TLS on)
+    default = health_port if health_port.strip() not in ("", "-1") else None
+    port = argv[1] if len(argv) > 1 else default or os.environ.get("LSTM_SERVE_GRPC_PORT", "8001")
     return 0 if check(f"127.0.0.1:{port}") else 1
 
 

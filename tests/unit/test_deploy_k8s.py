@@ -113,18 +113,22 @@ def test_probes_ask_grpc_health_and_the_v2_ready_endpoint() -> None:
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     config = config_from_args([], environ=base_objects()["ConfigMap/lstm-serve-config"]["data"])
     assert ports == {
-        "http": config.http_port, "grpc": config.grpc_port, "metrics": config.metrics_port
+        "http": config.http_port, "grpc": config.grpc_port, "metrics": config.metrics_port,
+        "health": config.health_port,
     }  # fmt: skip
     assert (config.http_port, config.grpc_port, config.metrics_port) == (8000, 8001, 8002)
     for probe in ("startupProbe", "livenessProbe"):
         grpc_probe = main[probe]["grpc"]
-        assert grpc_probe["port"] == config.grpc_port, probe
+        # The plaintext health port: the gRPC port needs TLS (the kubelet's probes cannot).
+        assert grpc_probe["port"] == config.health_port, probe
         # The server registers health for "" and the LstmServe service (service/server.py).
         assert grpc_probe.get("service", "") in ("", GRPC_SERVICE), probe
-    # Readiness: the Open Inference Protocol's endpoint (service/triton/http_front.py).
+    # Readiness: the Open Inference Protocol's endpoint (service/triton/http_front.py), over
+    # HTTPS when the server serves TLS.
     ready = main["readinessProbe"]["httpGet"]
     assert ready["path"] == "/v2/health/ready"
     assert ports[ready["port"]] == config.http_port
+    assert ready.get("scheme", "HTTP") == ("HTTPS" if config.tls_cert else "HTTP")
 
 
 def test_the_service_exposes_tritons_three_ports() -> None:
