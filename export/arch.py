@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-CellKind = Literal["rnn", "gru", "lstm"]
+CellKind = Literal["rnn", "gru", "lstm", "jordan"]
 InputKind = Literal["tokens", "features"]
 
-CELLS: tuple[str, ...] = ("rnn", "gru", "lstm")
+CELLS: tuple[str, ...] = ("rnn", "gru", "lstm", "jordan")
 # Number of stacked gate blocks in the input / recurrent weight matrices of each cell.
-GATES: dict[str, int] = {"rnn": 1, "gru": 3, "lstm": 4}
+GATES: dict[str, int] = {"rnn": 1, "gru": 3, "lstm": 4, "jordan": 1}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class ArchConfig:
             raise ValueError(f"input_kind must be 'tokens' or 'features', got {self.input_kind!r}")
         if (self.peephole or self.cifg) and self.cell != "lstm":
             raise ValueError(f"peephole / cifg are LSTM options, not valid for cell={self.cell!r}")
+        if self.cell == "jordan" and (self.num_layers != 1 or self.bidirectional):
+            raise ValueError("a Jordan network (cell='jordan') has one forward layer")
         if self.hidden_size < 1 or self.num_layers < 1 or self.num_classes < 2:
             raise ValueError("hidden_size and num_layers must be >= 1 and num_classes >= 2")
         if self.input_kind == "tokens" and (self.vocab_size < 1 or self.embedding_dim < 1):
@@ -56,8 +58,16 @@ class ArchConfig:
 
     @property
     def state_kinds(self) -> tuple[str, ...]:
-        """The state vectors one layer-direction carries: h (and c for an LSTM)."""
+        """The state vectors one layer-direction carries: h (and c for an LSTM); a Jordan network
+        carries its previous output y (the class probabilities) instead of h."""
+        if self.cell == "jordan":
+            return ("y",)
         return ("h", "c") if self.cell == "lstm" else ("h",)
+
+    @property
+    def state_width(self) -> int:
+        """H of the served state [B, S, H]: hidden_size, or num_classes for a Jordan network."""
+        return self.num_classes if self.cell == "jordan" else self.hidden_size
 
     @property
     def state_rows(self) -> int:

@@ -20,7 +20,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.model not in RECIPES:
         print(f"unknown model {args.model!r}; choose from {sorted(RECIPES)}", file=sys.stderr)
         return 2
-    report = train_recipe(args.model, Path(args.out), version=args.version, epochs=args.epochs)
+    report = train_recipe(
+        args.model, Path(args.out), version=args.version, epochs=args.epochs, cell=args.cell
+    )
     print(
         json.dumps(
             {
@@ -162,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="models", help="model repository (default: models)")
     train.add_argument("--version", type=int, default=1)
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    train.add_argument(
+        "--cell", choices=["rnn", "gru", "lstm", "jordan"], default=None,
+        help="replace the recipe's cell, all else equal (the model is named NAME-CELL)",
+    )  # fmt: skip
     train.set_defaults(func=_train)
     verify = sub.add_parser(
         "verify",

@@ -224,7 +224,7 @@ def describe(
         feature_dim=arch.feature_dim,
         tokenizer=Tokenizer.from_dict(tokenizer) if tokenizer else None,
         state_rows=arch.state_rows,
-        hidden_size=arch.hidden_size,
+        hidden_size=arch.state_width,
         state_row_names=tuple(arch.state_row_names()),
         streamable=arch.streamable,
         architecture=architecture,
@@ -238,6 +238,11 @@ def export_model(
 ) -> onnx.ModelProto:
     """Write `model` with its description to `path` (model.onnx)."""
     model.eval()
-    proto = build_graph(model, description)
+    if model.arch.cell == "jordan":  # a Scan over time: no native ONNX node feeds back outputs
+        from export.jordan import build_jordan_graph
+
+        proto = build_jordan_graph(model, description)
+    else:
+        proto = build_graph(model, description)
     onnx.save_model(proto, path)
     return proto

@@ -3,6 +3,7 @@ that trains, evaluates, exports and documents a model version."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 from export import cards
 from export.arch import ArchConfig
 from export.data import Dataset, Example, load_japanese_vowels, load_word_languages
+from export.jordan import build_model
 from export.model import RecurrentClassifier
 from export.onnx_export import describe, export_model
 from export.train import TrainConfig, batches, collate, fit, predict, seed_everything
@@ -132,9 +134,14 @@ def _trained_parity(
     return worst
 
 
-def train_recipe(name: str, out_dir: Path, version: int = 1, epochs: int | None = None) -> dict:
-    """Train `name`, export it to out_dir/name/version/, write its card and report."""
+def train_recipe(
+    name: str, out_dir: Path, version: int = 1, epochs: int | None = None, cell: str | None = None
+) -> dict:
+    """Train `name`, export it to out_dir/name/version/, write its card and report. `cell`
+    (rnn, gru, lstm, jordan) replaces the recipe's cell, all else equal, and the model is then
+    named NAME-CELL (e.g. speaker-vowels-jordan)."""
     recipe = RECIPES[name]
+    recipe_name = name
     cfg = (
         recipe.train
         if epochs is None
@@ -143,7 +150,11 @@ def train_recipe(name: str, out_dir: Path, version: int = 1, epochs: int | None 
     seed_everything(cfg.seed)
     ds, tokenizer = recipe.load()
     arch = recipe.arch(ds, tokenizer)
-    model = RecurrentClassifier(arch)
+    flag = ""
+    if cell is not None and cell != arch.cell:
+        arch = dataclasses.replace(arch, cell=cell)  # type: ignore[arg-type]
+        name, flag = f"{name}-{cell}", f" --cell {cell}"
+    model = build_model(arch)
     if arch.input_kind == "features":
         frames = np.concatenate([e.x for e in ds.train])
         model.set_normalization(torch.from_numpy(frames.mean(0)), torch.from_numpy(frames.std(0)))
@@ -155,7 +166,7 @@ def train_recipe(name: str, out_dir: Path, version: int = 1, epochs: int | None 
         "splits": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
         "test_accuracy": figures["test_accuracy"],
         "best_epoch": history["best_epoch"],
-        "command": f"lstm-export train {name} --out {out_dir} --version {version}",
+        "command": f"lstm-export train {recipe_name}{flag} --out {out_dir} --version {version}",
     }
     desc = describe(model, name, version, ds.labels, tokenizer=tokenizer, training=training)
     target = out_dir / name / str(version)

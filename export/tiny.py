@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from export.arch import ArchConfig
+from export.jordan import JordanClassifier, build_model
 from export.model import RecurrentClassifier
 from export.onnx_export import describe, export_model
 
@@ -30,12 +31,17 @@ TINY_ARCHS: dict[str, ArchConfig] = {
                               input_kind="tokens", num_layers=2, vocab_size=len(TINY_VOCAB),
                               embedding_dim=6),
 }  # fmt: skip
+# Not in TINY_ARCHS (whose repository other suites count on): the Jordan network's tiny model.
+TINY_JORDAN = ArchConfig(cell="jordan", hidden_size=8, num_classes=3, input_kind="tokens",
+                         vocab_size=len(TINY_VOCAB), embedding_dim=6)  # fmt: skip
 
 
-def random_model(arch: ArchConfig, seed: int = 0, scale: float = 0.5) -> RecurrentClassifier:
+def random_model(
+    arch: ArchConfig, seed: int = 0, scale: float = 0.5
+) -> RecurrentClassifier | JordanClassifier:
     """A model with random weights large enough that every gate matters."""
     torch.manual_seed(seed)
-    model = RecurrentClassifier(arch).eval()
+    model = build_model(arch).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * scale)

@@ -43,6 +43,11 @@ def torch_from_onnx(path: str | Path) -> tuple[RecurrentClassifier, ModelDescrip
     inits = {
         t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer
     }
+    if arch.cell == "jordan":  # a Scan graph, not native recurrent nodes
+        from export.jordan import jordan_from_initializers
+
+        arrays = {k: v.numpy() for k, v in inits.items()}
+        return jordan_from_initializers(arch, arrays), desc  # type: ignore[return-value]
     model = RecurrentClassifier(arch).eval()
     hid = arch.hidden_size
     with torch.no_grad():
