@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from service import metrics, principal
-from service.engine.redis_backend import ENDED, WRITTEN, Record, RedisSessionBackend
+from service.engine.redis_backend import (
+    ENDED,
+    WRITTEN,
+    Record,
+    RedisSessionBackend,
+    StoreUnavailable,
+)
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import Session, SessionStore, new_generation
 from service.engine.snapshots import (
@@ -40,6 +47,25 @@ from service.errors import (
 
 log = logging.getLogger(__name__)
 
+STRICT, BEST_EFFORT = "strict", "best-effort"
+STORE_MODES = (STRICT, BEST_EFFORT)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A session as it was before a chunk (strict mode): what a refused save rolls back to."""
+
+    state: np.ndarray  # (S, H), a copy
+    last_seq: int
+    total_steps: int
+    held: HeldText
+    last_result: StepResult | None
+
+    @staticmethod
+    def of(session: Session) -> Checkpoint:
+        return Checkpoint(session.read_state(), session.last_seq, session.total_steps,
+                          session.held, session.last_result)  # fmt: skip
+
 
 def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
     if result is None:
@@ -56,6 +82,7 @@ class SessionContinuity:
         keys: SnapshotKeys | None = None,
         backend: RedisSessionBackend | None = None,
         max_age_s: float = 86_400.0,
+        mode: str = STRICT,
     ) -> None:
         if backend is not None and keys is None:
             raise ValueError("a shared session store needs snapshot keys")
@@ -63,6 +90,7 @@ class SessionContinuity:
         self.keys = keys
         self.backend = backend
         self.max_age_s = max_age_s
+        self.mode = mode
 
     @property
     def enabled(self) -> bool:
@@ -149,16 +177,20 @@ class SessionContinuity:
 
     # -- the shared store --------------------------------------------------------------------
 
-    async def persist(self, session: Session, takeover_from: str | None = None) -> None:
-        """Write the session through to the shared store (no-op without one).
+    def checkpoint(self, session: Session) -> Checkpoint | None:
+        """Strict mode: the session before a change (a row copy, four fields); else None."""
+        return Checkpoint.of(session) if self.backend is not None and self.mode == STRICT else None
 
-        Called right after a state change, before the reply leaves. A store failure is logged
-        and counted, not sent to the client: the chunk was applied here and stays applied. If the
-        store holds a newer seq or another incarnation, this copy was stale: it is dropped and
-        SessionMoved raised, so the client resumes (and gets the current state) instead of a
-        reply computed from it. A restore (`takeover_from`: its snapshot's incarnation) that the
-        store refuses is dropped with SnapshotRefused.
-        """
+    async def persist(
+        self, session: Session, takeover_from: str | None = None, before: Checkpoint | None = None
+    ) -> None:
+        """Write the session through to the shared store (no-op without one), right after a
+        state change, before the reply leaves, its lock held. A store that does not answer:
+        best-effort logs it (the chunk stays applied, lost if this pod dies before a later save);
+        strict rolls the session back to `before` (none: a session just opened or restored
+        here is dropped) and raises Unavailable (the client retries). A newer seq or another
+        incarnation in the store: this copy was stale, dropped with SessionMoved (the client
+        resumes); a refused restore (`takeover_from`) is dropped with SnapshotRefused."""
         if self.backend is None or session.ended:
             return
         blob = self.snapshot(session)  # synchronous: state and seq read together
@@ -166,9 +198,12 @@ class SessionContinuity:
             saved = await self.backend.save(
                 session.id, session.last_seq, session.generation, blob, takeover_from
             )
-        except Exception as exc:  # any store failure is survivable here
+        except Exception as exc:  # StoreUnavailable, or anything else redis-py raised
             metrics.SESSION_STORE_OPS.labels("save", "error").inc()
-            log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
+            if self.mode == STRICT:
+                raise _roll_back(self.store, session, before, exc) from exc
+            if not isinstance(exc, StoreUnavailable) or self.backend.guard.up:
+                log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             return
         if saved != WRITTEN:  # ended, or this copy was stale: drop it
             refusal = _refusal(session, saved, takeover_from is not None)
@@ -293,4 +328,22 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
     return SessionMoved(
         f"session {session.id} was continued on another replica since this one last held it; "
         "its chunk was not kept here: resume the session to get its current state and resend"
+    )
+
+
+def _roll_back(
+    store: SessionStore, session: Session, before: Checkpoint | None, exc: BaseException
+) -> Unavailable:
+    """Strict mode, the save failed: the session as it was before the change, and why."""
+    if session.ended:
+        pass
+    elif before is None:  # opened or restored here, never acknowledged: not kept
+        store.end(session, Unavailable(f"session {session.id} was not stored"))
+    else:
+        session.model.state.write(session.row, before.state)
+        session.last_seq, session.total_steps = before.last_seq, before.total_steps
+        session.held, session.last_result = before.held, before.last_result
+    return Unavailable(
+        f"the shared session store did not take the new state of session {session.id} "
+        f"(--session-store-mode strict): not applied, retry it ({str(exc)[:120]})"
     )

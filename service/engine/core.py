@@ -118,6 +118,7 @@ class Engine(SessionAttach):
                 return resend
             if held is not None:
                 session.check_held(held)
+            before = self.continuity.checkpoint(session)  # strict mode only, else None
             if len(chunk):
                 result = await session.model.submit(session, seq, chunk)
                 if held is not None:
@@ -126,7 +127,7 @@ class Engine(SessionAttach):
                 result = session.hold(seq, held.after if held is not None else session.held)
             self.store.touch(session)
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
-                await self.continuity.persist(session)
+                await self.continuity.persist(session, before=before)
             return ChunkOutcome(seq, result, False, result.total_steps, len(session.held.text))
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[ChunkOutcome | LstmServeError]:
@@ -140,9 +141,10 @@ class Engine(SessionAttach):
         async with session.lock:
             if session.admit(seq, attached, "reset") is not None:
                 return True
+            before = self.continuity.checkpoint(session)
             session.reset(seq)
             self.store.touch(session)
-            await self.continuity.persist(session)
+            await self.continuity.persist(session, before=before)
             return False
 
     async def end(

@@ -16,6 +16,7 @@ from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork, StepResult
 from service.errors import LstmServeError
 
 if TYPE_CHECKING:
+    from service.engine.continuity import Checkpoint
     from service.engine.core import Engine
     from service.engine.sessions import Session
 
@@ -29,6 +30,7 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
     outcomes: list[Outcome | None] = [None] * len(work)
     waiting: dict[int, asyncio.Future[StepResult]] = {}
     busy: dict[int, asyncio.Task[ChunkOutcome]] = {}
+    before: dict[int, Checkpoint | None] = {}  # strict mode: what a refused save rolls back to
     locked: list[Session] = []
     try:
         for i, item in enumerate(work):
@@ -41,11 +43,11 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
                 continue
             await session.lock.acquire()  # free: taken without suspending
             locked.append(session)
-            outcomes[i] = _submit_locked(item, waiting, i)
+            outcomes[i] = _submit_locked(item, waiting, i, engine, before)
         if waiting or busy:
             await asyncio.wait([*waiting.values(), *busy.values()])
         applied = _collect(work, waiting, outcomes)
-        await _persist(engine, work, applied, outcomes)
+        await _persist(engine, work, applied, outcomes, before)
     finally:
         for future in [*waiting.values(), *busy.values()]:
             future.cancel()  # no-op when done; a cancelled caller drops its chunks
@@ -60,8 +62,9 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
 
 
 def _submit_locked(
-    item: ChunkWork, waiting: dict[int, asyncio.Future[StepResult]], index: int
-) -> Outcome | None:
+    item: ChunkWork, waiting: dict[int, asyncio.Future[StepResult]], index: int, engine: Engine,
+    before: dict[int, Checkpoint | None],
+) -> Outcome | None:  # fmt: skip
     """Duplicate / dead-session checks, else submit; the session's lock is held."""
     session = item.session
     try:
@@ -71,6 +74,7 @@ def _submit_locked(
             session.check_held(item.held)
     except LstmServeError as exc:
         return exc
+    before[index] = engine.continuity.checkpoint(session)
     waiting[index] = session.model.submit(session, item.seq, item.chunk)
     return None
 
@@ -100,15 +104,17 @@ def _collect(
 
 
 async def _persist(
-    engine: Engine, work: list[ChunkWork], applied: list[int], outcomes: list[Outcome | None]
-) -> None:
+    engine: Engine, work: list[ChunkWork], applied: list[int], outcomes: list[Outcome | None],
+    before: dict[int, Checkpoint | None],
+) -> None:  # fmt: skip
     """Touch and write through the applied entries' sessions (their locks still held)."""
     for i in applied:
         engine.store.touch(work[i].session)
     if not applied or engine.continuity.backend is None:
         return
     saved = await asyncio.gather(
-        *(engine.continuity.persist(work[i].session) for i in applied), return_exceptions=True
+        *(engine.continuity.persist(work[i].session, before=before.get(i)) for i in applied),
+        return_exceptions=True,
     )
     for i, error in zip(applied, saved, strict=True):
         if isinstance(error, LstmServeError):

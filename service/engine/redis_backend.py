@@ -10,17 +10,46 @@ as the record (equal: the same incarnation). An ended session leaves a tombstone
 snapshot) for the idle timeout, so its snapshots cannot revive it. A marker
 `lstm-serve:issued:<id>` outlives the record, so an expired id can be told from one that never
 existed.
+
+Key names carry the session id as a hash tag, `lstm-serve:session:{<id>}` and
+`lstm-serve:issued:{<id>}`, so a session's keys share one Redis Cluster slot and the scripts run
+on a cluster too. Records under the older names (`lstm-serve:session:<id>`, before the tag) are
+still read, so a rolling upgrade keeps its sessions; the first save writes the new name.
+
+Every operation runs under a deadline through `StoreGuard` (store_urls.py builds the client: one
+Redis, Sentinel or Cluster, TLS): timed per op, and after a failure the store counts as down, so
+operations fail fast (StoreUnavailable) until a backoff (0.1 s doubling to 2 s) lets one probe
+through; the first success brings it back. Nothing is queued while it is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+from service import metrics
+from service.engine.store_urls import StoreOptions, connect, parse_store_url
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SESSION_PREFIX = "lstm-serve:session:"
 ISSUED_PREFIX = "lstm-serve:issued:"
+MIN_BACKOFF_S, MAX_BACKOFF_S = 0.1, 2.0
+
+
+def session_key(session_id: str) -> str:
+    return SESSION_PREFIX + "{" + session_id + "}"
+
+
+def issued_key(session_id: str) -> str:
+    return ISSUED_PREFIX + "{" + session_id + "}"
+
+
 ISSUED_TTL_S = 24 * 3600
 
 WRITTEN, STALE, ENDED = 1, 0, 2
@@ -60,6 +89,65 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
+# KEYS[1] record; ARGV: ttl ms. The record's fields, its idle timer refreshed.
+_LOAD = """
+local rec = redis.call('HMGET', KEYS[1], 'snap', 'seq', 'gen', 'ended')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return rec
+"""
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer in time, or is down (failing fast until its backoff)."""
+
+
+class StoreGuard:
+    """Runs store operations under a deadline, timed per op; tracks whether the store is up."""
+
+    def __init__(self, timeout_s: float, where: str) -> None:
+        self.timeout_s = timeout_s
+        self.where = where  # the redacted URL, for the log
+        self.up = True
+        self._retry_at = 0.0
+        self._backoff = MIN_BACKOFF_S
+        self._probing = False
+        metrics.SESSION_STORE_UP.set(1)
+
+    async def run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        if not self.up and (self._probing or time.monotonic() < self._retry_at):
+            raise StoreUnavailable(f"the session store is down (retried every {self._backoff} s)")
+        probe = not self.up
+        self._probing = self._probing or probe
+        start = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(call(), self.timeout_s)
+        except Exception as exc:
+            metrics.SESSION_STORE_SECONDS.labels(op).observe(time.perf_counter() - start)
+            self._failed(exc)
+            raise StoreUnavailable(f"the session store did not answer {op}: {exc!r}") from exc
+        finally:
+            if probe:
+                self._probing = False
+        metrics.SESSION_STORE_SECONDS.labels(op).observe(time.perf_counter() - start)
+        if not self.up:
+            self.up = True
+            self._backoff = MIN_BACKOFF_S
+            metrics.SESSION_STORE_UP.set(1)
+            log.warning("session store answers again", extra={"fields": {"store": self.where}})
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.up:
+            self.up = False
+            metrics.SESSION_STORE_UP.set(0)
+            log.error(
+                "session store unreachable",
+                extra={"fields": {"store": self.where, "error": repr(exc)}},
+            )
+        else:
+            self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
+        self._retry_at = time.monotonic() + self._backoff
+
 
 @dataclass(frozen=True)
 class Record:
@@ -73,17 +161,24 @@ class Record:
 
 
 class RedisSessionBackend:
-    """Write-through storage of session snapshots in one Redis database."""
+    """Write-through storage of session snapshots in Redis (one, Sentinel or Cluster)."""
 
-    def __init__(self, url: str, idle_timeout_s: float) -> None:
+    def __init__(
+        self, url: str, idle_timeout_s: float, options: StoreOptions | None = None,
+        where: str = "",
+    ) -> None:  # fmt: skip
         self.url = url
+        self.options = options or StoreOptions()
         self.ttl_ms = max(1, int(idle_timeout_s * 1000))
-        self._redis: Any = aioredis.from_url(url, decode_responses=False)
+        self.target = parse_store_url(url)
+        self.guard = StoreGuard(self.options.timeout_s, where or self.target.kind)
+        self._redis: Any = connect(self.target, self.options)
         self._save = self._redis.register_script(_SAVE)
         self._end = self._redis.register_script(_END)
+        self._load = self._redis.register_script(_LOAD)
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        await self.guard.run("ping", self._redis.ping)
 
     async def save(
         self, session_id: str, seq: int, generation: str, snapshot: bytes,
@@ -91,36 +186,52 @@ class RedisSessionBackend:
     ) -> int:  # fmt: skip
         """Advance the record (this incarnation, a newer seq), or with `takeover_from` (the
         restored snapshot's incarnation) take it over; WRITTEN, STALE or ENDED."""
-        keys = [SESSION_PREFIX + session_id, ISSUED_PREFIX + session_id]
+        keys = [session_key(session_id), issued_key(session_id)]
         mode = "advance" if takeover_from is None else "takeover"
         args = [seq, generation, snapshot, self.ttl_ms, ISSUED_TTL_S, mode, takeover_from or ""]
-        return int(await self._save(keys=keys, args=args))
+        return int(await self.guard.run("save", lambda: self._save(keys=keys, args=args)))
 
     async def load(self, session_id: str) -> Record | None:
-        """The stored record, refreshing its idle timer; None if absent."""
-        key = SESSION_PREFIX + session_id
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(key, "snap", "seq", "gen", "ended")
-            pipe.pexpire(key, self.ttl_ms)
-            (snap, seq, gen, ended), _ = await pipe.execute()
+        """The stored record, refreshing its idle timer; None if absent. A record under the
+        older key name is read when the new one is absent."""
+
+        async def both() -> list[Any]:
+            rec = await self._load(keys=[session_key(session_id)], args=[self.ttl_ms])
+            if rec[1] is None and rec[3] is None:
+                rec = await self._load(keys=[SESSION_PREFIX + session_id], args=[self.ttl_ms])
+            return list(rec)
+
+        snap, seq, gen, ended = await self.guard.run("load", both)
         if seq is None and ended is None:
             return None
         return Record(snap, int(seq or 0), (gen or b"").decode(), ended is not None)
 
     async def touch(self, session_id: str) -> None:
-        await self._redis.pexpire(SESSION_PREFIX + session_id, self.ttl_ms)
+        key = session_key(session_id)
+        await self.guard.run("touch", lambda: self._redis.pexpire(key, self.ttl_ms))
 
     async def end(self, session_id: str) -> None:
         """The session ended: its record becomes a tombstone for the idle timeout."""
-        await self._end(keys=[SESSION_PREFIX + session_id], args=[self.ttl_ms])
+        keys, args = [session_key(session_id)], [self.ttl_ms]
+        await self.guard.run("end", lambda: self._end(keys=keys, args=args))
 
     async def holds(self, session_id: str) -> bool:
         """Whether a live record exists, without refreshing its idle timer."""
-        key = SESSION_PREFIX + session_id
-        return bool(await self._redis.hexists(key, "snap"))
+
+        async def either() -> bool:
+            if await self._redis.exists(session_key(session_id)):
+                return bool(await self._redis.hexists(session_key(session_id), "snap"))
+            return bool(await self._redis.hexists(SESSION_PREFIX + session_id, "snap"))
+
+        return await self.guard.run("holds", either)
 
     async def was_issued(self, session_id: str) -> bool:
-        return bool(await self._redis.exists(ISSUED_PREFIX + session_id))
+        async def either() -> bool:
+            if await self._redis.exists(issued_key(session_id)):
+                return True
+            return bool(await self._redis.exists(ISSUED_PREFIX + session_id))
+
+        return await self.guard.run("issued", either)
 
     async def close(self) -> None:
         await self._redis.aclose()

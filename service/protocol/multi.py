@@ -20,6 +20,7 @@ from service.errors import (
     ProtocolError,
     SequenceGap,
     SessionNotFound,
+    Unavailable,
 )
 from service.protocol.inbox import DRAIN, EOF
 from service.protocol.messages import (
@@ -204,7 +205,7 @@ def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> Rep
     """A chunk entry's reply: applied, duplicate, rejected in-band, or the session is gone."""
     session = item.session
     name = session.model.name
-    if isinstance(outcome, InvalidInput | SequenceGap):
+    if isinstance(outcome, InvalidInput | SequenceGap | Unavailable):  # not applied: retry
         metrics.requests(f"{RPC}.chunk", name, outcome.code).inc()
         return Reply(session.id, ChunkDone(session, item.seq, None, outcome))
     if isinstance(outcome, LstmServeError):

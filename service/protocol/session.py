@@ -18,7 +18,7 @@ from service.engine.core import Engine
 from service.engine.inputs import tokens_from_stream, tokens_held
 from service.engine.sessions import Session
 from service.engine.textstream import HeldChange
-from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap
+from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap, Unavailable
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
     Body,
@@ -121,12 +121,13 @@ class SessionLayer:
     async def chunk(
         self, session: Session, chunk: Chunk, rpc: str, field: str, token: object | None = None
     ) -> ChunkDone:
-        """Apply one chunk; a bad chunk (bad input, a seq out of order) is answered in-band and
-        leaves the session unchanged."""
+        """Apply one chunk; a bad chunk (bad input, a seq out of order) or one the shared store
+        did not take (strict mode: UNAVAILABLE, retry it) is answered in-band and leaves the
+        session unchanged."""
         try:
             steps, held = self.decode(session, chunk.input, field)
             outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held, token)
-        except (InvalidInput, SequenceGap) as exc:
+        except (InvalidInput, SequenceGap, Unavailable) as exc:
             metrics.requests(f"{rpc}.chunk", session.model.name, exc.code).inc()
             return ChunkDone(session, chunk.seq, None, exc)
         metrics.requests(f"{rpc}.chunk", session.model.name, "OK").inc()
