@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from lstmserve.client_cli import TOKEN_ENV
 from service.config import ENV_PREFIX, FLAGS
 from tests.unit.deploy_reference import ROOT, load_reference
 
@@ -31,7 +32,7 @@ def test_every_metric_is_documented_with_type_and_labels() -> None:
 
 
 def test_settings_named_in_the_guide_exist() -> None:
-    known = {ENV_PREFIX + name.upper() for name in FLAGS}
+    known = {ENV_PREFIX + name.upper() for name in FLAGS} | {TOKEN_ENV}  # lstm-client's token
     named = set(re.findall(rf"\b{ENV_PREFIX}[A-Z0-9_]*[A-Z0-9]\b", guide()))
     assert named - {ENV_PREFIX}, "the guide names no setting"
     assert named <= known, f"unknown settings in the guide: {sorted(named - known)}"
