@@ -99,6 +99,7 @@ class ServerConfig:
     # its credentials (a password file or LSTM_SERVE_SESSION_STORE_PASSWORD; never printed).
     session_store_mode: str = "strict"
     session_store_timeout_s: float = 1.0
+    session_store_min_replicas: int = -1  # -1: 1 with Sentinel in strict mode, else 0
     session_store_password_file: str = ""
     session_store_password: str = field(default="", repr=False)
     session_store_tls_ca: str = ""
@@ -256,6 +257,10 @@ def check_session_store(self: ServerConfig) -> None:
         raise ConfigError(
             f"session_store_timeout_s must be in (0, 60], got {self.session_store_timeout_s}"
         )
+    if self.session_store_min_replicas < -1:
+        raise ConfigError(
+            f"session_store_min_replicas must be >= -1, got {self.session_store_min_replicas}"
+        )
     if store == "memory":
         return
     from service.engine.store_urls import parse_store_url
@@ -277,6 +282,14 @@ def check_session_store(self: ServerConfig) -> None:
             "--session-store redis://... needs --snapshot-key (LSTM_SERVE_SNAPSHOT_KEY): "
             "replicas verify the session records they read with the shared key"
         )
+
+
+def session_store_min_replicas(self: ServerConfig) -> int:
+    """How many replicas each save waits for (the -1 default resolved)."""
+    if self.session_store_min_replicas >= 0:
+        return self.session_store_min_replicas
+    sentinel = self.session_store.split("://")[0].endswith("+sentinel")
+    return 1 if sentinel and self.session_store_mode == "strict" else 0
 
 
 def session_store_options(self: ServerConfig) -> StoreOptions:
@@ -418,6 +431,12 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "deadline of one session store operation (connect, retries and reply); also the "
         "longest a chunk waits for its save",
         float,
+    ),
+    "session_store_min_replicas": (
+        "a save counts once this many Redis replicas have it too (WAIT), so a master failover "
+        "cannot lose an acknowledged chunk; -1 = 1 with redis+sentinel:// in strict mode, else "
+        "0 (not with redis+cluster://)",
+        int,
     ),
     "session_store_password_file": (
         "file whose first line is the session store's password (a Kubernetes Secret); beats "

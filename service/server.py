@@ -13,7 +13,12 @@ from grpc_health.v1 import health, health_pb2
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import metrics
-from service.config import ServerConfig, redacted_url, session_store_options
+from service.config import (
+    ServerConfig,
+    redacted_url,
+    session_store_min_replicas,
+    session_store_options,
+)
 from service.engine.continuity import SessionContinuity
 from service.engine.core import Engine
 from service.engine.quotas import PrincipalQuota
@@ -220,7 +225,7 @@ def _continuity(config: ServerConfig, store: SessionStore) -> SessionContinuity:
     if config.session_store != "memory":
         backend = RedisSessionBackend(
             config.session_store, config.session_idle_timeout_s, session_store_options(config),
-            redacted_url(config.session_store),
+            redacted_url(config.session_store), session_store_min_replicas(config),
         )  # fmt: skip
     return SessionContinuity(store, keys=config.snapshot_keys, backend=backend,
                              max_age_s=config.snapshot_max_age_s,

@@ -20,6 +20,10 @@ Every operation runs under a deadline through `StoreGuard` (store_urls.py builds
 Redis, Sentinel or Cluster, TLS): timed per op, and after a failure the store counts as down, so
 operations fail fast (StoreUnavailable) until a backoff (0.1 s doubling to 2 s) lets one probe
 through; the first success brings it back. Nothing is queued while it is down.
+
+With `min_replicas` (strict mode with Sentinel: 1), a save counts only once that many replicas
+have it (WAIT on the save's connection), so a master killed right after a reply cannot take an
+acknowledged chunk with it: the replica Sentinel promotes has it.
 """
 
 from __future__ import annotations
@@ -165,9 +169,10 @@ class RedisSessionBackend:
 
     def __init__(
         self, url: str, idle_timeout_s: float, options: StoreOptions | None = None,
-        where: str = "",
+        where: str = "", min_replicas: int = 0,
     ) -> None:  # fmt: skip
         self.url = url
+        self.min_replicas = min_replicas
         self.options = options or StoreOptions()
         self.ttl_ms = max(1, int(idle_timeout_s * 1000))
         self.target = parse_store_url(url)
@@ -189,7 +194,23 @@ class RedisSessionBackend:
         keys = [session_key(session_id), issued_key(session_id)]
         mode = "advance" if takeover_from is None else "takeover"
         args = [seq, generation, snapshot, self.ttl_ms, ISSUED_TTL_S, mode, takeover_from or ""]
-        return int(await self.guard.run("save", lambda: self._save(keys=keys, args=args)))
+        if self.min_replicas <= 0:
+            return int(await self.guard.run("save", lambda: self._save(keys=keys, args=args)))
+        return await self.guard.run("save", lambda: self._save_replicated(keys, args))
+
+    async def _save_replicated(self, keys: list[str], args: list[Any]) -> int:
+        """The save, then WAIT for `min_replicas` on the same connection (one pipeline)."""
+        wait_ms = max(1, int(self.options.timeout_s * 500))  # half the deadline
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._save(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+            saved, acked = await pipe.execute()
+        if int(saved) == WRITTEN and int(acked) < self.min_replicas:
+            raise StoreUnavailable(
+                f"saved on the master, but {acked} of the {self.min_replicas} replicas needed "
+                f"acknowledged it within {wait_ms} ms"
+            )
+        return int(saved)
 
     async def load(self, session_id: str) -> Record | None:
         """The stored record, refreshing its idle timer; None if absent. A record under the
