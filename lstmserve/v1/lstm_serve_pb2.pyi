@@ -332,6 +332,74 @@ class StreamMultiResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[SessionResult]
     def __init__(self, results: _Optional[_Iterable[_Union[SessionResult, _Mapping]]] = ...) -> None: ...
 
+class ColumnsRequest(_message.Message):
+    __slots__ = ("open", "resume", "handles", "seqs", "offsets", "tokens", "frames", "end")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    open: _containers.RepeatedCompositeFieldContainer[OpenSession]
+    resume: _containers.RepeatedScalarFieldContainer[str]
+    handles: bytes
+    seqs: bytes
+    offsets: bytes
+    tokens: bytes
+    frames: bytes
+    end: bytes
+    def __init__(self, open: _Optional[_Iterable[_Union[OpenSession, _Mapping]]] = ..., resume: _Optional[_Iterable[str]] = ..., handles: _Optional[bytes] = ..., seqs: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., tokens: _Optional[bytes] = ..., frames: _Optional[bytes] = ..., end: _Optional[bytes] = ...) -> None: ...
+
+class ColumnsError(_message.Message):
+    __slots__ = ("index", "code", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    code: int
+    message: str
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ColumnsResponse(_message.Message):
+    __slots__ = ("attached", "session_ids", "attach_errors", "model", "version", "labels", "num_classes", "status", "probabilities", "total_steps", "duplicate", "errors", "end_status", "end_total_steps", "end_errors", "snapshot_handles", "snapshots")
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    END_STATUS_FIELD_NUMBER: _ClassVar[int]
+    END_TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    END_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    attached: bytes
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    attach_errors: _containers.RepeatedCompositeFieldContainer[ColumnsError]
+    model: str
+    version: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    num_classes: int
+    status: bytes
+    probabilities: bytes
+    total_steps: bytes
+    duplicate: bytes
+    errors: _containers.RepeatedCompositeFieldContainer[ColumnsError]
+    end_status: bytes
+    end_total_steps: bytes
+    end_errors: _containers.RepeatedCompositeFieldContainer[ColumnsError]
+    snapshot_handles: bytes
+    snapshots: _containers.RepeatedCompositeFieldContainer[SessionSnapshot]
+    def __init__(self, attached: _Optional[bytes] = ..., session_ids: _Optional[_Iterable[str]] = ..., attach_errors: _Optional[_Iterable[_Union[ColumnsError, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., num_classes: _Optional[int] = ..., status: _Optional[bytes] = ..., probabilities: _Optional[bytes] = ..., total_steps: _Optional[bytes] = ..., duplicate: _Optional[bytes] = ..., errors: _Optional[_Iterable[_Union[ColumnsError, _Mapping]]] = ..., end_status: _Optional[bytes] = ..., end_total_steps: _Optional[bytes] = ..., end_errors: _Optional[_Iterable[_Union[ColumnsError, _Mapping]]] = ..., snapshot_handles: _Optional[bytes] = ..., snapshots: _Optional[_Iterable[_Union[SessionSnapshot, _Mapping]]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

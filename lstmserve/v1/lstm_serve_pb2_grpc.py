@@ -50,6 +50,11 @@ class LstmServeStub:
                 request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiRequest.SerializeToString,
                 response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiResponse.FromString,
                 _registered_method=True)
+        self.StreamColumns = channel.stream_stream(
+                '/lstmserve.v1.LstmServe/StreamColumns',
+                request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ColumnsRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ColumnsResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/lstmserve.v1.LstmServe/ListModels',
                 request_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ListModelsRequest.SerializeToString,
@@ -117,6 +122,23 @@ class LstmServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamColumns(self, request_iterator, context):
+        """Many sessions over one stream as packed arrays (a gateway's hot path: no protobuf object
+        per session on either side). Sessions are opened or resumed on the stream and named by
+        small per-stream handles the server issues; each `ColumnsRequest` carries one chunk for
+        each of any number of them as little-endian arrays and is answered by exactly one
+        `ColumnsResponse` with packed probabilities, step counts and per-entry status codes, in
+        the order sent (a client may pipeline). One model version per stream: the first session
+        opened or resumed fixes it. Chunk semantics are those of `Stream` (consecutive seqs,
+        resends answered `duplicate`, a bad entry answered in-band and not applied, the others
+        unaffected). A message whose arrays do not fit together ends the stream with
+        INVALID_ARGUMENT. The sessions are attached to the stream (a `resume` elsewhere takes one
+        over); closing the stream keeps them until `end` or the idle timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Every model version the server holds (READY or DRAINING), and the versions that failed to
         load (state UNAVAILABLE, with the reason).
@@ -176,6 +198,11 @@ def add_LstmServeServicer_to_server(servicer, server):
                     servicer.StreamMulti,
                     request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiRequest.FromString,
                     response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiResponse.SerializeToString,
+            ),
+            'StreamColumns': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamColumns,
+                    request_deserializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ColumnsRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstm__serve__pb2.ColumnsResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -285,6 +312,33 @@ class LstmServe:
             '/lstmserve.v1.LstmServe/StreamMulti',
             lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiRequest.SerializeToString,
             lstmserve_dot_v1_dot_lstm__serve__pb2.StreamMultiResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamColumns(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstmserve.v1.LstmServe/StreamColumns',
+            lstmserve_dot_v1_dot_lstm__serve__pb2.ColumnsRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstm__serve__pb2.ColumnsResponse.FromString,
             options,
             channel_credentials,
             insecure,
