@@ -444,3 +444,35 @@ def test_no_secret_in_help_the_config_repr_or_the_logs(
     shown += caplog.text
     for secret in secrets:
         assert secret not in shown
+
+
+def test_the_token_rides_on_failover_reconnects(
+    tiny_repo: Path, token_file: Path, redis_url: str
+) -> None:
+    """A session whose server dies continues on the next one as the same principal: the
+    reconnect (a resume through the shared store) carries the token too."""
+    import base64
+
+    key = "k1:" + base64.b64encode(b"auth-failover-key-0123456789abcd").decode()
+    config = make_config(tiny_repo, auth_tokens=str(token_file), snapshot_key=key,
+                         session_store=redis_url)  # fmt: skip
+    first, second = ServerThread(config).start(), ServerThread(config).start()
+
+    async def go() -> int:
+        async with LstmClient([first.address, second.address], timeout_s=5,
+                              token=ALICE) as client:  # fmt: skip
+            session = await client.open_session("tiny-lstm")
+            await session.step([1, 2])
+            assert first.app is not None
+            stop = asyncio.run_coroutine_threadsafe(first.app.grpc.stop(0), first.loop)
+            await asyncio.wrap_future(stop)
+            result = await session.step([3])
+            assert session.address == second.address and session.failovers == 1
+            await session.end()
+            return result.total_steps
+
+    try:
+        assert asyncio.run(go()) == 3
+    finally:
+        first.stop()
+        second.stop()
