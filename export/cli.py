@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True)
     tiny.set_defaults(func=_tiny)
     _add_own_model_commands(sub)
+    from export.inspect_trace_cli import add_inspect_trace_commands
+
+    add_inspect_trace_commands(sub)
     return parser
 
 
