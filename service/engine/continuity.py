@@ -21,7 +21,6 @@ from service.engine.redis_backend import (
     WRITTEN,
     Record,
     RedisSessionBackend,
-    StoreUnavailable,
 )
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import Session, SessionStore, new_generation
@@ -200,10 +199,10 @@ class SessionContinuity:
             )
         except Exception as exc:  # StoreUnavailable, or anything else redis-py raised
             metrics.SESSION_STORE_OPS.labels("save", "error").inc()
+            if self.backend.guard.up:  # not an outage (the guard logged that): this save only
+                log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             if self.mode == STRICT:
                 raise _roll_back(self.store, session, before, exc) from exc
-            if not isinstance(exc, StoreUnavailable) or self.backend.guard.up:
-                log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             return
         if saved != WRITTEN:  # ended, or this copy was stale: drop it
             refusal = _refusal(session, saved, takeover_from is not None)

@@ -18,8 +18,8 @@ still read, so a rolling upgrade keeps its sessions; the first save writes the n
 
 Every operation runs under a deadline through `StoreGuard` (store_urls.py builds the client: one
 Redis, Sentinel or Cluster, TLS): timed per op, and after a failure the store counts as down, so
-operations fail fast (StoreUnavailable) until a backoff (0.1 s doubling to 2 s) lets one probe
-through; the first success brings it back. Nothing is queued while it is down.
+operations fail fast (StoreUnavailable) while a background probe pings it (0.1 s doubling to
+2 s) until it answers. Nothing is queued while it is down.
 
 With `min_replicas` (strict mode with Sentinel: 1), a save counts only once that many replicas
 have it (WAIT on the save's connection), so a master killed right after a reply cannot take an
@@ -106,22 +106,23 @@ class StoreUnavailable(Exception):
 
 
 class StoreGuard:
-    """Runs store operations under a deadline, timed per op; tracks whether the store is up."""
+    """Runs store operations under a deadline, timed per op; tracks whether the store is up.
 
-    def __init__(self, timeout_s: float, where: str) -> None:
+    The first failure marks it down (a metric, one log line): operations then fail fast, and
+    one background probe pings it after 0.1 s, doubling to 2 s, until it answers (up again,
+    one log line). Nothing waits on a dead store but the operation that found it dead."""
+
+    def __init__(self, timeout_s: float, where: str, ping: Callable[[], Awaitable[Any]]) -> None:
         self.timeout_s = timeout_s
         self.where = where  # the redacted URL, for the log
         self.up = True
-        self._retry_at = 0.0
-        self._backoff = MIN_BACKOFF_S
-        self._probing = False
+        self._ping = ping
+        self._probe: asyncio.Task[None] | None = None
         metrics.SESSION_STORE_UP.set(1)
 
     async def run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        if not self.up and (self._probing or time.monotonic() < self._retry_at):
-            raise StoreUnavailable(f"the session store is down (retried every {self._backoff} s)")
-        probe = not self.up
-        self._probing = self._probing or probe
+        if not self.up:
+            raise StoreUnavailable("the session store is down (probed in the background)")
         start = time.perf_counter()
         try:
             result = await asyncio.wait_for(call(), self.timeout_s)
@@ -129,28 +130,36 @@ class StoreGuard:
             metrics.SESSION_STORE_SECONDS.labels(op).observe(time.perf_counter() - start)
             self._failed(exc)
             raise StoreUnavailable(f"the session store did not answer {op}: {exc!r}") from exc
-        finally:
-            if probe:
-                self._probing = False
         metrics.SESSION_STORE_SECONDS.labels(op).observe(time.perf_counter() - start)
-        if not self.up:
-            self.up = True
-            self._backoff = MIN_BACKOFF_S
-            metrics.SESSION_STORE_UP.set(1)
-            log.warning("session store answers again", extra={"fields": {"store": self.where}})
         return result
 
     def _failed(self, exc: BaseException) -> None:
-        if self.up:
-            self.up = False
-            metrics.SESSION_STORE_UP.set(0)
-            log.error(
-                "session store unreachable",
-                extra={"fields": {"store": self.where, "error": repr(exc)}},
-            )
-        else:
-            self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
-        self._retry_at = time.monotonic() + self._backoff
+        if not self.up:
+            return
+        self.up = False
+        metrics.SESSION_STORE_UP.set(0)
+        log.error(
+            "session store unreachable",
+            extra={"fields": {"store": self.where, "error": repr(exc)[:300]}},
+        )
+        self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    async def _probe_until_up(self) -> None:
+        backoff = MIN_BACKOFF_S
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                await asyncio.wait_for(self._ping(), self.timeout_s)
+                break
+            except Exception:
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+        self.up = True
+        metrics.SESSION_STORE_UP.set(1)
+        log.warning("session store answers again", extra={"fields": {"store": self.where}})
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
 
 
 @dataclass(frozen=True)
@@ -176,8 +185,8 @@ class RedisSessionBackend:
         self.options = options or StoreOptions()
         self.ttl_ms = max(1, int(idle_timeout_s * 1000))
         self.target = parse_store_url(url)
-        self.guard = StoreGuard(self.options.timeout_s, where or self.target.kind)
         self._redis: Any = connect(self.target, self.options)
+        self.guard = StoreGuard(self.options.timeout_s, where or self.target.kind, self._redis.ping)
         self._save = self._redis.register_script(_SAVE)
         self._end = self._redis.register_script(_END)
         self._load = self._redis.register_script(_LOAD)
@@ -196,21 +205,21 @@ class RedisSessionBackend:
         args = [seq, generation, snapshot, self.ttl_ms, ISSUED_TTL_S, mode, takeover_from or ""]
         if self.min_replicas <= 0:
             return int(await self.guard.run("save", lambda: self._save(keys=keys, args=args)))
-        return await self.guard.run("save", lambda: self._save_replicated(keys, args))
-
-    async def _save_replicated(self, keys: list[str], args: list[Any]) -> int:
-        """The save, then WAIT for `min_replicas` on the same connection (one pipeline)."""
         wait_ms = max(1, int(self.options.timeout_s * 500))  # half the deadline
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._save(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", self.min_replicas, wait_ms)
-            saved, acked = await pipe.execute()
-        if int(saved) == WRITTEN and int(acked) < self.min_replicas:
+        saved, acked = await self.guard.run("save", lambda: self._replicated(keys, args, wait_ms))
+        if int(saved) == WRITTEN and int(acked) < self.min_replicas:  # the master is up
             raise StoreUnavailable(
                 f"saved on the master, but {acked} of the {self.min_replicas} replicas needed "
                 f"acknowledged it within {wait_ms} ms"
             )
         return int(saved)
+
+    async def _replicated(self, keys: list[str], args: list[Any], wait_ms: int) -> list[Any]:
+        """The save, then WAIT for `min_replicas` on the same connection (one pipeline)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._save(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+            return list(await pipe.execute())
 
     async def load(self, session_id: str) -> Record | None:
         """The stored record, refreshing its idle timer; None if absent. A record under the
@@ -255,4 +264,5 @@ class RedisSessionBackend:
         return await self.guard.run("issued", either)
 
     async def close(self) -> None:
+        self.guard.close()
         await self._redis.aclose()
