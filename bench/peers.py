@@ -1,0 +1,531 @@
+"""lstm-serve beside TorchServe 0.12 and tritonserver 2.51: the same model, the same load, one run.
+
+    python -m bench.peers --setup                        # once: .venv-peers (TorchServe, Triton)
+    python -m bench.peers --seconds 5 --streams 1 16 64 --repeat 3
+
+Each system is started here as a subprocess on 127.0.0.1 (free ports), serves the bench model of
+bench/model.py (2-layer LSTM 256, tokens in, 4 classes, the same ONNX file for all three) and is
+stopped before the next one starts. The load is the same for all: S concurrent sequences, one
+step per message, each sending the next message only after the reply, for --seconds after a
+warm-up, through each system's own streaming client:
+
+  lstm-serve   lstmserve.v1 Stream (grpc.aio), one stream per sequence (bench/load.py)
+  tritonserver tritonclient.grpc.aio stream_infer, one stream per sequence (bench/triton.py),
+               Python backend, sequence batcher (direct), model.py on onnxruntime
+  torchserve   HTTP POST /predictions/MODEL with the ts_request_sequence_id header, a kept-alive
+               connection per sequence (aiohttp), sequenceBatching, the handler on onnxruntime
+
+A peer whose install is missing is skipped with what to install. Bounded: at most MAX_STREAMS
+sequences, MAX_SECONDS per window, MAX_MESSAGES messages per sequence, loopback only.
+Writes --out (JSON) and prints the table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench.load import Load, Window, drive
+from bench.model import BENCH_MODEL, ROOT, build_repository
+from bench.procs import HOST, free_port, start_lstm_serve
+from bench.run import BATCHED, VOCAB
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+PEER_HOME = ROOT / ".venv-peers"  # gitignored: the TorchServe venv and the unpacked pytriton wheel
+PYTRITON = PEER_HOME / "pytriton"
+SYSTEMS = ("lstm-serve", "tritonserver", "torchserve")
+MAX_STREAMS = 1024
+MAX_SECONDS = 600.0
+MAX_MESSAGES = 1_000_000  # per sequence, whatever the window
+MAX_BATCH = 256  # every system: at most 256 sequences in one model run (lstm-serve's flag)
+QUEUE_DELAY_US = 1000  # every system: wait at most 1 ms for a batch to fill (lstm-serve default)
+THREADS = 2  # onnxruntime intra-op threads everywhere (the machine has 2 cores)
+SETUP = [
+    "python3 -m venv .venv-peers",
+    ".venv-peers/bin/pip install 'torchserve==0.12.*' 'torch-model-archiver==0.12.*' "
+    "torch pyyaml numpy onnxruntime",
+    "apt-get update && apt-get install -y openjdk-17-jre-headless   # as root: Java for TorchServe",
+    "pip download nvidia-pytriton==0.7.0 --no-deps -d .venv-peers/wheels && "
+    "unzip -q .venv-peers/wheels/nvidia_pytriton-0.7.0-*.whl -d .venv-peers/pytriton",
+]
+
+
+# ---- configuration of the peers (pure) -------------------------------------------------------
+
+
+def triton_config(model: str, max_batch: int, delay_us: int, threads: int) -> str:
+    """config.pbtxt: Python backend, sequence batcher, direct strategy, START/END controls."""
+    return f"""name: "{model}"
+backend: "python"
+max_batch_size: {max_batch}
+input [ {{ name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] }} ]
+output [ {{ name: "probs" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+sequence_batching {{
+  max_sequence_idle_microseconds: 60000000
+  direct {{ max_queue_delay_microseconds: {delay_us} minimum_slot_utilization: 0.0 }}
+  control_input [
+    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END fp32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY fp32_false_true: [ 0, 1 ] }} ] }}
+  ]
+}}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+parameters [ {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }} ]
+"""
+
+
+def ts_model_config(batch: int, delay_ms: int, threads: int, max_sequences: int) -> str:
+    """model-config.yaml of the archive: one worker, sequence batching."""
+    return (
+        "minWorkers: 1\nmaxWorkers: 1\n"
+        f"batchSize: {batch}\nmaxBatchDelay: {delay_ms}\n"
+        "sequenceBatching: true\nsequenceMaxIdleMSec: 60000\n"
+        f"maxSequenceJobQueueSize: 4\nmaxNumSequence: {max_sequences}\n"
+        f"responseTimeout: 120\nhandler:\n  intra_op_threads: {threads}\n"
+    )
+
+
+TS_MODEL_CONFIG = ts_model_config(MAX_BATCH, QUEUE_DELAY_US // 1000, THREADS, MAX_STREAMS)
+
+
+def ts_properties(ports: dict[str, int], store: Path) -> str:
+    """config.properties: every listener on 127.0.0.1, no token auth, no config snapshots."""
+    return "\n".join([
+        f"inference_address=http://{HOST}:{ports['inference']}",
+        f"management_address=http://{HOST}:{ports['management']}",
+        f"metrics_address=http://{HOST}:{ports['metrics']}",
+        f"grpc_inference_address={HOST}",
+        f"grpc_management_address={HOST}",
+        f"grpc_inference_port={ports['grpc']}",
+        f"grpc_management_port={ports['grpc_management']}",
+        f"model_store={store}",
+        "disable_token_authorization=true",
+        "default_workers_per_model=1",
+        "install_py_dep_per_model=false",
+        "disable_system_metrics=true",
+        "vmargs=-Xmx1g -XX:+UseG1GC",
+        "",
+    ])  # fmt: skip
+
+
+def missing(system: str) -> str | None:
+    """What to install for `system`, or None when it is there."""
+    if system == "torchserve":
+        if not (PEER_HOME / "bin" / "torchserve").exists():
+            return "TorchServe: no .venv-peers/bin/torchserve; run python -m bench.peers --setup"
+        if shutil.which("java") is None:
+            return "TorchServe: no java; apt-get install -y openjdk-17-jre-headless (as root)"
+    if system == "tritonserver" and not triton_binary().exists():
+        return f"tritonserver: no {triton_binary()}; run python -m bench.peers --setup"
+    return None
+
+
+def triton_binary() -> Path:
+    return PYTRITON / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+class Tree:
+    """A server started here with its children (TorchServe: launcher -> java -> worker; Triton:
+    tritonserver -> Python backend stub): CPU of the whole tree, stopped as a whole."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.log = log
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.ps = psutil.Process(self.popen.pid)
+        self.known: dict[int, psutil.Process] = {self.popen.pid: self.ps}
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def members(self) -> list[psutil.Process]:
+        try:
+            for child in self.ps.children(recursive=True):
+                self.known.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+        return list(self.known.values())
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.members():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            text = self.log.read_text(errors="replace")
+            errors = [line for line in text.splitlines() if line.startswith(("E", "Traceback"))]
+            tail = "\n".join(errors[-10:]) + "\n" + text[-1500:]
+            raise RuntimeError(f"{self.popen.args[0]} exited with {self.popen.returncode}: {tail}")
+
+    def stop(self) -> None:
+        procs = self.members()
+        for proc in reversed(procs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+def wait_http(tree: Tree, url: str, ready: Callable[[bytes], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tree.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200 and ready(response.read()):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            tree.stop()
+            raise TimeoutError(f"{url} not ready in {timeout_s:.0f} s; log: {tree.log}")
+        time.sleep(0.3)
+
+
+def start_triton(work: Path, onnx: Path) -> Tree:
+    """tritonserver 2.51 from the pytriton wheel: the model repository and backend folder in
+    `work`, the Python backend stub of this Python version, the wheel's libraries."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    server = triton_binary().parent.parent
+    backends = work / "backends" / "python"
+    backends.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (backends / name).symlink_to(server / "backends" / "python" / name)
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    (backends / "triton_python_backend_stub").symlink_to(stub)
+    model_dir = work / "triton" / BENCH_MODEL
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(
+        triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, THREADS)
+    )
+    site = ":".join(p for p in sys.path if p.endswith("site-packages"))
+    (model_dir / "1" / "site_packages.txt").write_text(site)
+    shutil.copy(PEERS_DIR / "triton_model.py", model_dir / "1" / "model.py")
+    shutil.copy(PEERS_DIR / "lstm_states.py", model_dir / "1" / "lstm_states.py")
+    shutil.copy(onnx, model_dir / "1" / "model.onnx")
+    grpc_port, http_port = free_port(), free_port()
+    libs = [str(PYTRITON / "nvidia_pytriton.libs"), str(server / "lib")]
+    env = os.environ | {
+        "LD_LIBRARY_PATH": ":".join([*libs, os.environ.get("LD_LIBRARY_PATH", "")]),
+    }
+    argv = [
+        str(triton_binary()), "--model-repository", str(work / "triton"),
+        "--backend-directory", str(work / "backends"), "--grpc-address", HOST,
+        "--grpc-port", str(grpc_port), "--http-address", HOST, "--http-port", str(http_port),
+        "--allow-metrics", "false", "--allow-gpu-metrics", "false", "--log-verbose", "0",
+        "--exit-on-error", "true", "--strict-readiness", "true",
+    ]  # fmt: skip
+    tree = Tree(argv, grpc_port, work / "tritonserver.log", env)
+    url = f"http://{HOST}:{http_port}/v2/models/{BENCH_MODEL}/ready"
+    wait_http(tree, url, lambda _: True, 120)
+    return tree
+
+
+def start_torchserve(work: Path, onnx: Path) -> Tree:
+    """TorchServe 0.12 (the .venv-peers launcher, --foreground) with an archive built here."""
+    store = work / "store"
+    store.mkdir()
+    config = work / "model-config.yaml"
+    config.write_text(TS_MODEL_CONFIG)
+    shutil.copy(onnx, work / "model.onnx")
+    shutil.copy(PEERS_DIR / "lstm_states.py", work / "lstm_states.py")
+    archiver = [
+        str(PEER_HOME / "bin" / "torch-model-archiver"), "--model-name", BENCH_MODEL,
+        "--version", "1.0", "--handler", str(PEERS_DIR / "ts_handler.py"),
+        "--extra-files", f"{work / 'model.onnx'},{work / 'lstm_states.py'}",
+        "--config-file", str(config), "--export-path", str(store), "--archive-format", "no-archive",
+    ]  # fmt: skip
+    subprocess.run(archiver, check=True, capture_output=True, timeout=120)
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc")}
+    ports["grpc_management"] = free_port()
+    props = work / "config.properties"
+    props.write_text(ts_properties(ports, store))
+    tmp = work / "tmp"  # TorchServe keeps its pid file in the temp dir: ours alone
+    tmp.mkdir()
+    env = os.environ | {"TMPDIR": str(tmp), "TS_CONFIG_FILE": str(props), "LOG_LOCATION": str(work),
+                        "METRICS_LOCATION": str(work)}  # fmt: skip
+    env["PATH"] = f"{PEER_HOME / 'bin'}:{env.get('PATH', '')}"
+    argv = [
+        str(PEER_HOME / "bin" / "torchserve"), "--foreground", "--no-config-snapshots",
+        "--disable-token-auth", "--model-store", str(store), "--ts-config", str(props),
+        "--models", f"{BENCH_MODEL}={BENCH_MODEL}",
+    ]  # fmt: skip
+    tree = Tree(argv, ports["inference"], work / "torchserve.log", env)
+
+    def ready(body: bytes) -> bool:
+        workers = json.loads(body)[0].get("workers", [])
+        return any(w.get("status") == "READY" for w in workers)
+
+    wait_http(tree, f"http://{HOST}:{ports['management']}/models/{BENCH_MODEL}", ready, 180)
+    return tree
+
+
+# ---- load -------------------------------------------------------------------------------------
+
+
+async def drive_torchserve(
+    port: int, load: Load, warmup_s: float, seconds: float,
+    on_window: Callable[[str], Awaitable[None]],
+) -> Window:  # fmt: skip
+    """S sequences over HTTP, one kept-alive connection each, request after reply."""
+    import aiohttp
+
+    from bench.triton import sample
+
+    window = Window(start=float("inf"), end=float("inf"))
+    opened, count = asyncio.Event(), 0
+    url = f"http://{HOST}:{port}/predictions/{BENCH_MODEL}"
+    ids = np.random.default_rng(load.sessions).integers(1, VOCAB[BENCH_MODEL], size=load.steps)
+    body = ids.astype("<i8").tobytes()
+
+    async def ready() -> None:
+        nonlocal count
+        count += 1
+        if count == load.sessions:
+            now = time.perf_counter()
+            window.start, window.end = now + warmup_s, now + warmup_s + seconds
+            opened.set()
+        await opened.wait()
+
+    async def post(http: Any, headers: dict[str, str]) -> None:
+        async with http.post(url, data=body, headers=headers) as response:
+            text = await response.text()
+            if response.status != 200 or len(json.loads(text)) != 4:
+                raise RuntimeError(f"torchserve replied {response.status}: {text[:200]}")
+
+    async def sequence(index: int) -> None:
+        headers = {"ts_request_sequence_id": f"seq-{os.getpid()}-{load.sessions}-{index}",
+                   "Content-Type": "application/octet-stream"}  # fmt: skip
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await post(http, headers)
+            await ready()
+            for _ in range(MAX_MESSAGES):
+                if time.perf_counter() >= window.end:
+                    break
+                sent = time.perf_counter()
+                await post(http, headers)
+                window.record(sent, time.perf_counter())
+            await post(http, headers | {"ts_request_sequence_end": "true"})
+
+    sampler = asyncio.ensure_future(sample(window, opened, on_window))
+    try:
+        await asyncio.gather(*(sequence(i) for i in range(load.sessions)))
+        await sampler
+    finally:
+        sampler.cancel()
+    return window
+
+
+def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> dict[str, Any]:
+    """One system, one S: messages/s, latency percentiles, server (tree) CPU."""
+    from bench.triton import drive_triton
+
+    marks: dict[str, tuple[float, float]] = {}
+
+    async def on_window(edge: str) -> None:
+        marks[edge] = (time.perf_counter(), proc.cpu_seconds())
+
+    if system == "lstm-serve":
+        work = drive(load, proc.address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
+    elif system == "tritonserver":
+        work = drive_triton("triton-grpc", proc, -1, BENCH_MODEL, load, *timing, on_window)
+    else:
+        work = drive_torchserve(proc.port, load, *timing, on_window)
+    window = asyncio.run(work)
+    (t0, cpu0), (t1, cpu1) = marks["start"], marks["end"]
+    lat = np.array(window.latencies or [float("nan")]) * 1000
+    return {
+        "system": system, "streams": load.sessions, "steps": load.steps,
+        "messages_per_s": window.completed / (t1 - t0),
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0), "seconds": t1 - t0,
+    }  # fmt: skip
+
+
+# ---- results (pure) ---------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per S and system: median messages/s and latency over the repeats, the spread, and the
+    ratio of lstm-serve's median to each peer's (the ratio of each round's own figures too)."""
+    out = []
+    for s in sorted({r["streams"] for r in rows}):
+        at = [r for r in rows if r["streams"] == s]
+        ours = {r["round"]: r["messages_per_s"] for r in at if r["system"] == "lstm-serve"}
+        for system in SYSTEMS:
+            mine = [r for r in at if r["system"] == system]
+            if not mine:
+                continue
+            rates = [r["messages_per_s"] for r in mine]
+            row = {
+                "streams": s, "system": system, "runs": len(mine),
+                "messages_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+                "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+                "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+                "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in mine),
+            }  # fmt: skip
+            per_round = [ours[r["round"]] / r["messages_per_s"] for r in mine
+                         if r["round"] in ours and r["messages_per_s"] > 0]  # fmt: skip
+            if ours and system != "lstm-serve" and per_round:
+                row["x_lstm_serve"] = statistics.median(ours.values()) / row["messages_per_s"]
+                row["x_per_round"] = [round(x, 2) for x in per_round]
+            out.append(row)
+    return out
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| S | system | messages/s (median) | min - max | lstm-serve is | per round | "
+        "p50 / p99 ms | server CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        ratio = f"{r['x_lstm_serve']:.1f}x" if "x_lstm_serve" in r else "-"
+        rounds = ", ".join(f"{x:.1f}" for x in r.get("x_per_round", [])) or "-"
+        lines.append(
+            f"| {r['streams']} | {r['system']} | {r['messages_per_s']:,.0f} | "
+            f"{r['min']:,.0f} - {r['max']:,.0f} | {ratio} | {rounds} | "
+            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_pct']:.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def setup() -> int:
+    """Install the peers into .venv-peers (what SETUP lists, less Java)."""
+    home = PEER_HOME
+    if not (home / "bin" / "pip").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(home)], check=True)
+    pip = [str(home / "bin" / "pip"), "install", "-q"]
+    subprocess.run([*pip, "torchserve==0.12.*", "torch-model-archiver==0.12.*", "torch",
+                    "pyyaml", "numpy", "onnxruntime"], check=True)  # fmt: skip
+    if not triton_binary().exists():
+        wheels = home / "wheels"
+        subprocess.run([str(home / "bin" / "pip"), "download", "nvidia-pytriton==0.7.0",
+                        "--no-deps", "-d", str(wheels)], check=True)  # fmt: skip
+        import zipfile
+
+        with zipfile.ZipFile(next(wheels.glob("nvidia_pytriton-0.7.0-*.whl"))) as wheel:
+            wheel.extractall(PYTRITON)
+        for path in (PYTRITON / "pytriton" / "tritonserver").rglob("*"):
+            if path.is_file() and (path.parent.name == "bin" or path.name.endswith("_stub")):
+                path.chmod(0o755)
+    if shutil.which("java") is None:
+        print("still missing: Java 17: apt-get install -y openjdk-17-jre-headless (as root)")
+    return 0
+
+
+def bounded(kind: Any, low: float, high: float) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        value = kind(raw)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{raw} is not in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+STARTERS = {"lstm-serve": lambda work, onnx: start_lstm_serve(work.parent / "repo", BATCHED),
+            "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="install the peers, then exit")
+    parser.add_argument("--seconds", type=bounded(float, 0.5, MAX_SECONDS), default=5.0)
+    parser.add_argument("--warmup", type=bounded(float, 0.0, 60.0), default=1.0)
+    parser.add_argument("--streams", type=bounded(int, 1, MAX_STREAMS), nargs="+",
+                        default=[1, 16, 64])  # fmt: skip
+    parser.add_argument("--repeat", type=bounded(int, 1, 20), default=1)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/peers.json"))
+    args = parser.parse_args(argv)
+    if args.setup:
+        return setup()
+    started = time.perf_counter()
+    skipped = {s: why for s in args.systems if (why := missing(s))}
+    for why in skipped.values():
+        print(f"skipped: {why}", flush=True)
+    systems = [s for s in args.systems if s not in skipped]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="lstm-bench-peers-") as tmp:
+        repo = Path(tmp) / "repo"
+        onnx = build_repository(repo)[BENCH_MODEL]
+        for round_ in range(args.repeat):
+            for system in systems:  # one system up at a time, every S, the next system
+                work = Path(tmp) / f"{system}-{round_}"
+                work.mkdir()
+                proc = STARTERS[system](work, onnx)
+                try:
+                    for s in args.streams:
+                        load = Load("stream", s, 1, s)
+                        row = measure(system, proc, load, (args.warmup, args.seconds))
+                        rows.append(row | {"round": round_})
+                        print(f"round {round_} {system:>12} S={s:<4} "
+                              f"{row['messages_per_s']:>8,.0f} msg/s p50 {row['p50_ms']:.2f} ms "
+                              f"p99 {row['p99_ms']:.2f} ms cpu {row['server_cpu_pct']:.0f} %",
+                              flush=True)  # fmt: skip
+                finally:
+                    proc.stop()
+    summary = summarize(rows)
+    results = {
+        "command": "python -m bench.peers " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {
+            "cpus": psutil.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "model": BENCH_MODEL,
+        "lstm_serve_flags": BATCHED,
+        "skipped": skipped,
+        "tritonserver_config": triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, THREADS),
+        "torchserve_model_config": TS_MODEL_CONFIG,
+        "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
+        "rows": rows,
+        "summary": summary,
+        "total_seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

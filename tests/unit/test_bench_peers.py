@@ -1,0 +1,142 @@
+"""bench.peers' pure parts: the peers' configurations, the shared per-sequence model code (on a
+real exported LSTM and onnxruntime), and the summary with its ratios. Nothing here is timed and
+no peer server is started (the bench itself is `python -m bench.peers`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from bench import peers
+from export.arch import ArchConfig
+from export.onnx_export import describe, export_model
+from export.tiny import random_model
+
+
+def _shipped(name: str) -> Any:
+    """A file of bench/peers/ (shipped into the peers' model directories, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, peers.PEERS_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SequenceStates = _shipped("lstm_states").SequenceStates
+ARCH = ArchConfig(cell="lstm", hidden_size=8, num_classes=4, input_kind="tokens", num_layers=2,
+                  vocab_size=50, embedding_dim=6)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = random_model(ARCH, seed=3, scale=0.5)
+    path = tmp_path_factory.mktemp("peers") / "model.onnx"
+    export_model(model, describe(model, "m", 1, ["a", "b", "c", "d"]), str(path))
+    return path
+
+
+def test_triton_config_is_a_valid_sequence_batcher_config_with_direct_strategy() -> None:
+    config = text_format.Parse(peers.triton_config("bench-lstm", 64, 1000, 2), mc.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("bench-lstm", "python", 64)
+    batcher = config.sequence_batching
+    assert batcher.WhichOneof("strategy_choice") == "direct"
+    assert batcher.direct.max_queue_delay_microseconds == 1000
+    kinds = {c.name: c.control[0].kind for c in batcher.control_input}
+    kind = mc.ModelSequenceBatching.Control
+    assert kinds == {"START": kind.CONTROL_SEQUENCE_START, "END": kind.CONTROL_SEQUENCE_END,
+                     "READY": kind.CONTROL_SEQUENCE_READY}  # fmt: skip
+    assert [i.name for i in config.input] == ["tokens"]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("probs", [4])]
+    assert config.parameters["intra_op_threads"].string_value == "2"
+
+
+def test_torchserve_model_config_turns_on_sequence_batching_with_one_worker() -> None:
+    config = yaml.safe_load(peers.ts_model_config(256, 1, 2, 1024))
+    assert config["sequenceBatching"] is True
+    assert (config["minWorkers"], config["maxWorkers"]) == (1, 1)
+    assert (config["batchSize"], config["maxBatchDelay"], config["maxNumSequence"]) == (
+        256,
+        1,
+        1024,
+    )
+    assert config["handler"]["intra_op_threads"] == 2
+
+
+def test_torchserve_properties_listen_on_loopback_only() -> None:
+    ports = {"inference": 1, "management": 2, "metrics": 3, "grpc": 4, "grpc_management": 5}
+    props = dict(
+        line.split("=", 1) for line in peers.ts_properties(ports, Path("/s")).splitlines() if line
+    )
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "true"
+    assert props["model_store"] == "/s"
+
+
+def test_missing_peer_names_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "PEER_HOME", tmp_path / "none")
+    monkeypatch.setattr(peers, "PYTRITON", tmp_path / "none" / "pytriton")
+    assert "--setup" in (peers.missing("torchserve") or "")
+    assert "--setup" in (peers.missing("tritonserver") or "")
+    assert peers.missing("lstm-serve") is None
+
+
+def test_sequence_states_carry_state_per_sequence_and_batch_like_alone(onnx_path: Path) -> None:
+    alone, batched = SequenceStates(str(onnx_path), 1), SequenceStates(str(onnx_path), 1)
+    steps = [np.array([5]), np.array([7]), np.array([9])]
+    solo = {k: [alone.step([k], [t], [False], [False])[0] for t in steps] for k in ("x", "y")}
+    together = [batched.step(["x", "y"], [t, t], [False, False], [False, False]) for t in steps]
+    for i in range(3):
+        np.testing.assert_allclose(together[i][0], solo["x"][i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(together[i][1], solo["y"][i], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(solo["x"][0], solo["x"][2])  # the state moved on
+    fresh = alone.step(["x"], [steps[0]], [True], [False])[0]  # a start begins from zeros
+    np.testing.assert_allclose(fresh, solo["x"][0], rtol=1e-5, atol=1e-6)
+    alone.step(["y"], [steps[0]], [False], [True])
+    assert "y" not in alone.states  # an end drops the state
+
+
+def test_sequence_states_pad_chunks_of_different_lengths(onnx_path: Path) -> None:
+    states = SequenceStates(str(onnx_path), 1)
+    short, long = np.array([3]), np.array([3, 4, 5])
+    both = states.step(["a", "b"], [short, long], [True, True], [True, True])
+    one = SequenceStates(str(onnx_path), 1).step(["a"], [short], [True], [True])
+    three = SequenceStates(str(onnx_path), 1).step(["b"], [long], [True], [True])
+    np.testing.assert_allclose(both, np.concatenate([one, three]), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_states_drop_the_least_recently_used_past_the_cap(onnx_path: Path) -> None:
+    states = SequenceStates(str(onnx_path), 1, max_sequences=2)
+    for key in ("a", "b", "a", "c"):
+        states.step([key], [np.array([1])], [False], [False])
+    assert list(states.states) == ["a", "c"]
+
+
+def _row(system: str, s: int, rate: float, round_: int) -> dict[str, Any]:
+    return {"system": system, "streams": s, "round": round_, "messages_per_s": rate,
+            "p50_ms": 1000 / rate, "p99_ms": 2000 / rate, "server_cpu_pct": 100.0}  # fmt: skip
+
+
+def test_summary_takes_medians_and_ratios_per_round() -> None:
+    rows = [_row("lstm-serve", 64, r, i) for i, r in enumerate((6000, 7000, 5000))]
+    rows += [_row("torchserve", 64, r, i) for i, r in enumerate((1000, 1000, 2000))]
+    rows += [_row("tritonserver", 64, 3000, 0)]
+    summary = {r["system"]: r for r in peers.summarize(rows)}
+    ours, ts, tr = summary["lstm-serve"], summary["torchserve"], summary["tritonserver"]
+    assert (ours["messages_per_s"], ours["min"], ours["max"], ours["runs"]) == (6000, 5000, 7000, 3)
+    assert "x_lstm_serve" not in ours
+    assert ts["messages_per_s"] == 1000 and ts["x_lstm_serve"] == pytest.approx(6.0)
+    assert ts["x_per_round"] == [6.0, 7.0, 2.5]
+    assert tr["x_per_round"] == [2.0] and tr["x_lstm_serve"] == pytest.approx(2.0)
+    text = peers.table(peers.summarize(rows))
+    assert "| 64 | torchserve | 1,000 | 1,000 - 2,000 | 6.0x | 6.0, 7.0, 2.5 |" in text
