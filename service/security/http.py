@@ -74,8 +74,4 @@ def auth_middleware(auth: Authenticator) -> Middleware:
 def ssl_context(files: CertificateFiles | None) -> ssl.SSLContext | None:
     """The HTTP port's SSLContext (None: plaintext): HTTP/1.1, certificates that follow rotation,
     client certificates required when --tls-client-ca is set."""
-    if files is None:
-        return None
-    context = files.ssl_context()
-    context.set_alpn_protocols(["http/1.1"])
-    return context
+    return None if files is None else files.ssl_context()

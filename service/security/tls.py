@@ -77,6 +77,7 @@ def server_context(cert: Path, key: Path, client_ca: bytes = b"") -> ssl.SSLCont
             message = f"--tls-client-ca does not load as PEM certificates: {reason}"
             raise ConfigError(message) from None
         context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["http/1.1"])  # aiohttp speaks HTTP/1.1
     return context
 
 
