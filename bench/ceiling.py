@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 REPEATS = 3
+ROOT = Path(__file__).resolve().parents[1]
+# (float32, int8) model folders `python -m bench.ceiling int8` compares by default.
+SHIPPED_INT8 = [
+    ("models/langid-chars/1", "models/langid-chars-int8/1"),
+    ("models/speaker-vowels/1", "models/speaker-vowels-int8/1"),
+]
+# (batch, steps per call): one session stepping one at a time, and a batched chunk.
+RATIO_POINTS = ((1, 1), (1, 16), (64, 16))
 
 
 def compute_ceiling(
@@ -25,12 +37,16 @@ def compute_ceiling(
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    shape = session.get_inputs()[2].shape  # state (B, S, H)
+    first, _, state_in = session.get_inputs()
+    shape = state_in.shape  # state (B, S, H)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(1, 28, size=(batch, steps)).astype(np.int64)  # (B, T)
+    if first.name == "tokens":
+        x = rng.integers(1, 28, size=(batch, steps)).astype(np.int64)  # (B, T)
+    else:  # features (B, T, F)
+        x = rng.normal(size=(batch, steps, first.shape[2])).astype(np.float32)
     lengths = np.full(batch, steps, dtype=np.int64)  # (B,)
     state = np.zeros((batch, shape[1], shape[2]), dtype=np.float32)  # (B, S, H)
-    feeds = {"tokens": tokens, "lengths": lengths, "state": state}
+    feeds = {first.name: x, "lengths": lengths, "state": state}
     for _ in range(3):  # warm-up
         feeds["state"] = session.run(None, feeds)[2]
     best = 0.0
@@ -42,3 +58,81 @@ def compute_ceiling(
             runs += 1
         best = max(best, runs / (time.perf_counter() - started))
     return {"steps_per_s": best * batch * steps, "ms_per_run": 1000 / best}
+
+
+def model_file(path: Path) -> Path:
+    """A model folder (NAME/VERSION) or a model.onnx."""
+    return path / "model.onnx" if path.is_dir() else path
+
+
+def ceiling_ratio(
+    fp32: Path, int8: Path, seconds: float = 2.0,
+    points: tuple[tuple[int, int], ...] = RATIO_POINTS, threads: int = 1,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The single-thread compute ceiling of a float32 model and its int8 copy, measured
+    alternately at each (batch, steps) point: steps/s of each and int8 / float32."""
+    rows = []
+    for batch, steps in points:
+        a = compute_ceiling(model_file(fp32), batch, steps, threads, seconds)["steps_per_s"]
+        b = compute_ceiling(model_file(int8), batch, steps, threads, seconds)["steps_per_s"]
+        rows.append({
+            "batch": batch, "steps": steps, "threads": threads, "float32_steps_per_s": a,
+            "int8_steps_per_s": b, "ratio": b / a,
+        })  # fmt: skip
+    return rows
+
+
+def ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of bench.ceiling.ceiling_ratio's figures."""
+    table = [
+        "| batch | steps | threads | float32 steps/s | int8 steps/s | int8 / float32 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['batch']} | {r['steps']} | {r['threads']} | {r['float32_steps_per_s']:,.0f} "
+            f"| {r['int8_steps_per_s']:,.0f} | {r['ratio']:.2f}x |"
+        )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ceiling", description="raw onnxruntime steps/s of a model alone"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("model", help="the ceiling of one model folder")
+    one.add_argument("path", type=Path)
+    one.add_argument("--batch", type=int, default=1)
+    one.add_argument("--steps", type=int, default=1)
+    one.add_argument("--threads", type=int, default=1)
+    one.add_argument("--seconds", type=float, default=3.0)
+    ratio = sub.add_parser("int8", help="int8 / float32 ceiling of model pairs (default: shipped)")
+    ratio.add_argument("pairs", nargs="*", help="FP32_DIR:INT8_DIR (default: both shipped)")
+    ratio.add_argument("--seconds", type=float, default=3.0, help="per model and point")
+    ratio.add_argument("--json", action="store_true", help="print JSON, not a markdown table")
+    args = parser.parse_args(argv)
+    if args.command == "model":
+        figures = compute_ceiling(
+            model_file(args.path), args.batch, args.steps, args.threads, args.seconds
+        )
+        print(json.dumps({"model": str(args.path), **figures}))
+        return 0
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs] or SHIPPED_INT8
+    results = {}
+    for fp32, int8 in pairs:
+        fp32_path, int8_path = (
+            Path(p) if Path(p).is_absolute() else ROOT / p for p in (fp32, int8)
+        )
+        results[int8] = ceiling_ratio(fp32_path, int8_path, seconds=args.seconds)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for int8, rows in results.items():
+        print(f"### {int8}\n")
+        print("\n".join(ceiling_table(rows)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """`lstm-export`: train the shipped models, export your own (from-torch; config for any ONNX),
-verify exported ones, print a description."""
+verify exported ones, print a description, write an int8 copy (quantize)."""
 
 from __future__ import annotations
 
@@ -156,6 +156,35 @@ def _add_own_model_commands(sub: argparse._SubParsersAction) -> None:
     config.set_defaults(func=_config)
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from export.quantize import quantize_model
+
+    command = "lstm-export " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    try:
+        report = quantize_model(
+            Path(args.model_dir), Path(args.out), per_channel=args.per_channel,
+            bench_seconds=args.bench_seconds, command=command,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"lstm-export quantize: {exc}", file=sys.stderr)
+        return 2
+    status = "PASS" if report["verify"]["passed"] else "FAIL"
+    print(json.dumps({"status": status, **report}, indent=2, ensure_ascii=False))
+    return 0 if report["verify"]["passed"] else 1
+
+
+def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="write an int8 copy (onnxruntime dynamic quantization)")
+    q.add_argument("model_dir", help="models/NAME/VERSION (or its model.onnx)")
+    q.add_argument("--out", required=True, help="REPO/NAME/VERSION of the int8 copy")
+    q.add_argument("--per-channel", action="store_true", help="a weight scale per output row")
+    q.add_argument(
+        "--bench-seconds", type=float, default=0.0,
+        help="also measure the int8 / float32 compute ceiling, this long per model and point",
+    )  # fmt: skip
+    q.set_defaults(func=_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     from export.inspect_trace_cli import add_inspect_trace_commands
 
     add_inspect_trace_commands(sub)
+    _add_quantize_command(sub)
     return parser
 
 

@@ -40,9 +40,13 @@ def torch_from_onnx(path: str | Path) -> tuple[RecurrentClassifier, ModelDescrip
     meta = {p.key: p.value for p in proto.metadata_props}
     desc = ModelDescription.from_metadata(meta)
     arch = ArchConfig.from_dict(desc.architecture)
-    inits = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer
-    }
+    if desc.training.get("quantization"):  # an int8 copy: its weights, dequantized
+        from export.quantize import dequantized_initializers
+
+        arrays = dequantized_initializers(proto)
+    else:
+        arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    inits = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     if arch.cell == "jordan":  # a Scan graph, not native recurrent nodes
         from export.jordan import jordan_from_initializers
 
@@ -209,7 +213,7 @@ class VerifyReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     float32_floor: float = 0.0
-    tolerance: float = TOLERANCE  # looser for a model that keeps float16 states or outputs
+    tolerance: float = TOLERANCE  # looser for float16 states or outputs, and for int8 weights
 
     @property
     def parity_tolerance(self) -> float:
@@ -217,7 +221,7 @@ class VerifyReport:
         torch and onnxruntime round differently, each about as far from the exact result as
         the floor, so they may differ by twice it. An export bug (a gate out of order, a wrong
         state row) shows as ~1e-1."""
-        return max(TOLERANCE, FLOOR_FACTOR * self.float32_floor)
+        return max(self.tolerance, FLOOR_FACTOR * self.float32_floor)
 
     @property
     def passed(self) -> bool:
@@ -247,6 +251,10 @@ def verify_model(path: str | Path, seed: int = 0) -> VerifyReport:
     if (path.parent.parent / CONFIG_FILE).is_file():
         return verify_generic(path, seed)
     model, desc = torch_from_onnx(path)
+    if desc.training.get("quantization"):  # int8: its own checks, at its stated tolerance
+        from export.quantize import verify_quantized
+
+        return verify_quantized(path, model, desc, seed)
     sess = open_session(path)
     rng = np.random.default_rng(seed)
     report = VerifyReport(model=f"{desc.name}/{desc.version}")

@@ -1,0 +1,455 @@
+"""`lstm-export quantize`: an int8 copy of an exported model, by onnxruntime's dynamic quantization.
+
+`onnxruntime.quantization.quantize_dynamic` (IntegerOps mode) rewrites, of what our graphs hold:
+- `LSTM` -> `DynamicQuantizeLSTM` (com.microsoft): W and R int8, X and h quantized per call;
+- `MatMul` (the head) -> `DynamicQuantizeLinear` + `MatMulInteger`;
+- `Gather` (a token model's embedding) -> a uint8 table dequantized after the lookup.
+It has no quantizer for `GRU` or `RNN` (onnxruntime ships no integer kernel for them): their
+weights stay float32 and only the head (and a token model's embedding) is quantized.
+
+Dynamic quantization picks each activation's scale from the tensor it quantizes (the whole
+chunk of a call, every row of a batch), so an int8 model no longer gives bit-equal results for a
+sequence streamed in chunks vs whole, or a row batched vs alone: `verify` checks those, and
+PyTorch parity against the dequantized weights, at `INT8_TOLERANCE`, which the description
+carries (`training.quantization.tolerance`) so that `lstm-export verify` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.verify import VerifyReport
+from lstmserve.contract import DESCRIPTION_KEY, ModelDescription
+
+# What verify accepts of an int8 model, on probabilities (step_probs and probs): the worst case
+# and the mean over cases. Measured (`lstm-export verify`, seed 0): langid-chars-int8 max 0.11
+# (streaming, 30 random steps), worst mean 0.023; speaker-vowels-int8 max 0.008; tiny models
+# max 0.02. A wiring bug (the recurrent node ignoring its initial state) gives means of 0.13 to
+# 0.5 on the same models: tests/e2e/test_quantize.py checks that verify fails it.
+INT8_TOLERANCE = 0.25
+INT8_MEAN_TOLERANCE = 0.05
+OP_TYPES = ("LSTM", "MatMul", "Gather")  # what quantize_dynamic quantizes of our graphs
+NOT_QUANTIZED = {"GRU": "no integer kernel in onnxruntime", "RNN": "no integer kernel"}
+MODEL_FILE = "model.onnx"
+
+
+def quantization_of(desc: ModelDescription) -> dict[str, Any] | None:
+    """The description's quantization entry, None for a float32 model."""
+    entry = desc.training.get("quantization")
+    return entry if isinstance(entry, dict) else None
+
+
+def quantize_file(src: Path, dst: Path, per_channel: bool = False) -> dict[str, Any]:
+    """quantize_dynamic(src) -> dst; returns which op types were rewritten and which stayed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(src)).graph
+    before = [n.op_type for n in graph.node]
+    quantize_dynamic(
+        str(src), str(dst), op_types_to_quantize=list(OP_TYPES), per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    quantized = onnx.load(str(dst)).graph
+    after = [n.op_type for n in quantized.node]
+    int8 = {t.name[: -len("_quantized")] for t in quantized.initializer
+            if t.name.endswith("_quantized")}  # fmt: skip
+    rewritten = sorted({n.op_type for n in graph.node if int8.intersection(n.input)})
+    stayed = sorted({op for op in before if op in NOT_QUANTIZED})
+    return {
+        "method": "onnxruntime.quantization.quantize_dynamic (IntegerOps, weights int8)",
+        "per_channel": per_channel,
+        "quantized_ops": rewritten,
+        "int8_ops": sorted({op for op in after if op not in before}),
+        "float32_ops": {op: NOT_QUANTIZED[op] for op in stayed},
+    }
+
+
+def dequantized_initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The float32 initializers of a quantized graph under their original names: each
+    NAME_quantized with NAME_scale and NAME_zero_point becomes (q - zero_point) * scale, and the
+    recurrent W / R that DynamicQuantizeLSTM stores as [D, I, 4H] go back to [D, 4H, I]."""
+    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    lstm_weights = {
+        name
+        for n in proto.graph.node
+        if n.op_type == "DynamicQuantizeLSTM"
+        for name in n.input[1:3]
+    }
+    out = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in arrays.items()}
+    for name, q in arrays.items():
+        if not name.endswith("_quantized"):
+            continue
+        base = name[: -len("_quantized")]
+        scale = arrays[base + "_scale"].astype(np.float32)
+        zero = arrays[base + "_zero_point"].astype(np.float32)
+        values = q.astype(np.float32)
+        if name in lstm_weights:  # [D, I, 4H], scale per direction or per (direction, gate row)
+            d = q.shape[0]
+            shape = (d, 1, -1) if scale.size % d == 0 else (1, 1, -1)
+            w = (values - zero.reshape(shape)) * scale.reshape(shape)
+            out[base] = np.ascontiguousarray(w.transpose(0, 2, 1))
+        else:  # per tensor, or per output column of a MatMul weight
+            out[base] = (values - zero) * scale
+        for suffix in ("_quantized", "_scale", "_zero_point"):
+            out.pop(base + suffix, None)
+    return out
+
+
+def _describe_quantized(
+    desc: ModelDescription, name: str, version: int, entry: dict[str, Any]
+) -> ModelDescription:
+    training = dict(desc.training) | {"quantization": entry}
+    fallback = [f"{op}: onnxruntime's CPU int8 kernel" for op in entry["int8_ops"]]
+    cuda = {"wholly_on_cuda": False, "cpu_fallback": fallback} if fallback else dict(desc.cuda)
+    data = desc.to_dict() | {"name": name, "version": version, "training": training, "cuda": cuda}
+    return ModelDescription.from_dict(data)
+
+
+def _set_description(proto: onnx.ModelProto, desc: ModelDescription) -> None:
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != DESCRIPTION_KEY]
+    del proto.metadata_props[:]
+    for key, value in [*kept, (DESCRIPTION_KEY, desc.to_json())]:
+        proto.metadata_props.add(key=key, value=value)
+    proto.model_version = desc.version
+    proto.graph.name = desc.name
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Int8VerifyReport(VerifyReport):
+    """verify's report for an int8 model: the maxima are of probabilities (step_probs, probs),
+    gated at `tolerance`, their means over cases at `mean_tolerance`; the states' differences
+    (verify.state_diff) are reported, not gated: int8 noise walks h and c away over a long
+    sequence (0.2 to 1.5 after 30 random steps) while the answers stay close, and a state that
+    is wrong shows in the probabilities of the steps after it."""
+
+    mean_tolerance: float = INT8_MEAN_TOLERANCE
+    means: dict[str, list[float]] = field(default_factory=dict)
+    states: dict[str, float] = field(default_factory=dict)
+
+    def add(self, check: str, probs: float, state: float) -> None:
+        self.means.setdefault(check, []).append(probs)
+        self.states[check] = max(self.states.get(check, 0.0), state)
+        self.cases += 1
+
+    def mean(self, check: str) -> float:
+        return float(np.mean(self.means[check])) if self.means.get(check) else 0.0
+
+    @property
+    def passed(self) -> bool:
+        worst_mean = max((self.mean(k) for k in self.means), default=0.0)
+        worst = max(self.padding, self.streaming or 0.0, self.torch_parity)
+        return worst <= self.tolerance and worst_mean <= self.mean_tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {
+            "compared": "probabilities (step_probs, probs); states reported, not gated",
+            "parity_tolerance": self.tolerance, "mean_tolerance": self.mean_tolerance,
+            "mean_diff": {k: self.mean(k) for k in self.means},
+            "max_state_diff": dict(self.states), "passed": self.passed,
+        }  # fmt: skip
+
+
+def _diffs(
+    a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], mask: np.ndarray
+) -> tuple[float, float]:
+    """(max |diff| of valid step_probs and probs, state_diff of the states)."""
+    from export.verify import state_diff
+
+    probs = max(float(np.abs(a[0] - b[0])[mask].max()), float(np.abs(a[1] - b[1]).max()))
+    return probs, state_diff(a[2], b[2])
+
+
+def verify_quantized(
+    path: Path, model: Any, desc: ModelDescription, seed: int = 0
+) -> Int8VerifyReport:
+    """verify's three checks on an int8 model, on the same random cases: PyTorch with the
+    dequantized weights vs onnxruntime, a padded batch vs each row alone, streaming vs whole."""
+    import torch
+
+    from export.verify import open_session, random_chunks, random_inputs, run_onnx
+
+    sess, rng = open_session(path), np.random.default_rng(seed)
+    entry = quantization_of(desc) or {}
+    report = Int8VerifyReport(model=f"{desc.name}/{desc.version}")
+    report.tolerance = float(entry.get("tolerance", INT8_TOLERANCE))
+    report.mean_tolerance = float(entry.get("mean_tolerance", INT8_MEAN_TOLERANCE))
+    for batch in (1, 3, 8):
+        for t_max in (1, 5, 17):
+            x, lengths, state = random_inputs(desc, rng, batch, t_max)
+            with torch.no_grad():
+                ref = model.contract_forward(*(torch.from_numpy(a) for a in (x, lengths, state)))
+            out = run_onnx(sess, desc, x, lengths, state)
+            mask = np.arange(t_max)[None, :] < lengths[:, None]
+            probs, st = _diffs(tuple(r.numpy() for r in ref), out, mask)
+            report.torch_parity = max(report.torch_parity, probs)
+            report.add("torch_vs_onnxruntime", probs, st)
+            for b in range(batch):
+                n = int(lengths[b])
+                alone = run_onnx(sess, desc, x[b : b + 1, :n], lengths[b : b + 1], state[b : b + 1])
+                row = tuple(o[b : b + 1, :n] if i == 0 else o[b : b + 1] for i, o in enumerate(out))
+                probs, st = _diffs(alone, row, np.ones((1, n), dtype=bool))
+                report.padding = max(report.padding, probs)
+                report.add("padded_batch_vs_alone", probs, st)
+    if desc.streamable:
+        report.streaming = 0.0
+        for t_max in (1, 2, 9, 30):
+            x, _, state = random_inputs(desc, rng, 1, t_max)
+            whole = run_onnx(sess, desc, x, np.array([t_max]), state)
+            for chunks in ([1] * t_max, random_chunks(rng, t_max), random_chunks(rng, t_max)):
+                steps, st_in, pos = [], state, 0
+                for size in chunks:
+                    sp, probs_out, st_in = run_onnx(
+                        sess, desc, x[:, pos : pos + size], np.array([size]), st_in
+                    )
+                    steps.append(sp)
+                    pos += size
+                fed = (np.concatenate(steps, axis=1), probs_out, st_in)
+                probs, st = _diffs(fed, whole, np.ones((1, t_max), dtype=bool))
+                report.streaming = max(report.streaming, probs)
+                report.add("streaming_vs_whole", probs, st)
+    return report
+
+
+# -- accuracy on the real test set -------------------------------------------------------------
+
+
+def test_set_of(desc: ModelDescription) -> tuple[str, list[Any]] | None:
+    """(recipe, test examples) of a shipped model's recipe, None for any other model (a tiny
+    one, a user's own) or when the recipe's data cannot be read here."""
+    recipe_name = desc.name.removesuffix("-int8")
+    try:
+        from export.recipes import RECIPES
+    except ImportError:  # the [export] environment has no data loaders
+        return None
+    recipe = RECIPES.get(recipe_name)
+    if recipe is None or "lstm-export train" not in str(desc.training.get("command", "")):
+        return None
+    try:
+        ds, tokenizer = recipe.load()
+    except (OSError, ImportError):
+        return None
+    if tokenizer and desc.tokenizer and list(desc.tokenizer.vocab) != tokenizer["vocab"]:
+        return None  # the data no longer encodes as the model was trained
+    return recipe_name, ds.test
+
+
+def onnx_accuracy(path: Path, examples: list[Any], batch_size: int = 256) -> float:
+    """Top-1 accuracy of the last step's answer, zero state, through onnxruntime (rows batched
+    by similar length, padded; every call is independent)."""
+    from export.verify import open_session
+
+    sess = open_session(path)
+    desc = ModelDescription.from_metadata(sess.get_modelmeta().custom_metadata_map)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].x))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        rows = [examples[i] for i in order[start : start + batch_size]]
+        t_max = max(len(e.x) for e in rows)
+        first = np.asarray(rows[0].x)
+        x = np.zeros((len(rows), t_max, *first.shape[1:]), dtype=first.dtype)
+        for b, e in enumerate(rows):
+            x[b, : len(e.x)] = e.x
+        lengths = np.array([len(e.x) for e in rows], dtype=np.int64)
+        state = np.zeros((len(rows), desc.state_rows, desc.hidden_size), dtype=np.float32)
+        probs = sess.run(["probs"], {desc.input_name: x, "lengths": lengths, "state": state})[0]
+        correct += int((probs.argmax(axis=1) == np.array([e.label for e in rows])).sum())
+    return correct / len(examples)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def _target(out: Path) -> tuple[str, int]:
+    try:
+        return out.parent.name, int(out.name)
+    except ValueError:
+        raise ValueError(f"--out must be REPO/NAME/VERSION (VERSION an integer): {out}") from None
+
+
+def quantize_model(
+    source: Path, out: Path, *, per_channel: bool = False, bench_seconds: float = 0.0,
+    command: str = "", log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:  # fmt: skip
+    """Write an int8 copy of `source` (a model folder or its model.onnx) into out/model.onnx
+    with its card; returns the quantization report (also written as quantization_report.json)."""
+    from export.verify import open_session, verify_model
+
+    src = source / MODEL_FILE if source.is_dir() else source
+    if not src.is_file():
+        raise ValueError(f"no {MODEL_FILE} at {source}")
+    name, version = _target(out)
+    src_desc = ModelDescription.from_metadata(open_session(src).get_modelmeta().custom_metadata_map)
+    if quantization_of(src_desc):
+        raise ValueError(f"{src} is already quantized")
+    out.mkdir(parents=True, exist_ok=True)
+    dst = out / MODEL_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = quantize_file(src, Path(tmp) / MODEL_FILE, per_channel=per_channel)
+        entry |= {"source": f"{src_desc.name}/{src_desc.version}", "tolerance": INT8_TOLERANCE,
+                  "mean_tolerance": INT8_MEAN_TOLERANCE}  # fmt: skip
+        entry["command"] = command
+        proto = onnx.load(str(Path(tmp) / MODEL_FILE))
+    desc = _describe_quantized(src_desc, name, version, entry)
+    _set_description(proto, desc)
+    onnx.save_model(proto, str(dst))
+    report: dict[str, Any] = {"model": f"{name}/{version}", "quantization": entry}
+    report["bytes"] = {"float32": src.stat().st_size, "int8": dst.stat().st_size}
+    log(f"quantized {src} -> {dst}: {entry['quantized_ops']} to int8")
+    report["verify"] = verify_model(dst).to_dict()
+    report["accuracy"] = _accuracy(src, dst, desc, log)
+    if bench_seconds > 0:
+        from bench.ceiling import ceiling_ratio
+
+        log(f"measuring the compute ceiling, {bench_seconds:g} s per model")
+        report["ceiling"] = ceiling_ratio(src, dst, seconds=bench_seconds)
+    if "test_accuracy" in (acc := report["accuracy"]):  # the int8 model's own figure
+        desc.training["test_accuracy"] = acc["test_accuracy"]
+        desc.training["float32_test_accuracy"] = acc["float32_test_accuracy"]
+        _set_description(proto, desc)
+        onnx.save_model(proto, str(dst))
+    (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_training_report(src.parent, out, report)
+    copy_tokenizer(source, out)
+    write_card(out, desc, report, src_desc)
+    return report
+
+
+def _accuracy(
+    src: Path, dst: Path, desc: ModelDescription, log: Callable[[str], None]
+) -> dict[str, Any]:
+    test = test_set_of(desc)
+    if test is None:
+        return {"delta": "n/a", "why": "no test set (not a shipped recipe's model, or no data)"}
+    recipe, examples = test
+    log(f"accuracy on the {recipe} test split ({len(examples)} sequences), float32 and int8")
+    fp32, int8 = onnx_accuracy(src, examples), onnx_accuracy(dst, examples)
+    return {
+        "test_set": f"{recipe} test split", "test_examples": len(examples),
+        "float32_test_accuracy": round(fp32, 4), "test_accuracy": round(int8, 4),
+        "delta_points": round((int8 - fp32) * 100, 2),
+    }  # fmt: skip
+
+
+def _write_training_report(source_dir: Path, out: Path, report: dict[str, Any]) -> None:
+    """The source's training report beside the int8 copy, its test figures the int8 model's."""
+    path = source_dir / "training_report.json"
+    if not path.is_file():
+        return
+    training = json.loads(path.read_text())
+    acc = report["accuracy"]
+    if "test_accuracy" in acc:
+        training["float32_test_accuracy"] = training.get("test_accuracy")
+        training["test_accuracy"] = acc["test_accuracy"]
+        training.pop("per_class_accuracy", None)  # the float32 model's: not re-measured
+        training.pop("accuracy_by_steps_seen", None)
+    training["quantization"] = report["quantization"]
+    (out / "training_report.json").write_text(json.dumps(training, indent=2) + "\n")
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """A tokenizer.json beside the source goes beside the copy too."""
+    tok = (source if source.is_dir() else source.parent) / "tokenizer.json"
+    if tok.is_file():
+        shutil.copy2(tok, out / "tokenizer.json")
+
+
+# -- the card ------------------------------------------------------------------------------------
+
+
+def _sci(x: float | None) -> str:
+    return "n/a (not streamable)" if x is None else f"{x:.2e}"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f} %"
+
+
+def write_card(
+    out: Path, desc: ModelDescription, report: dict[str, Any], source: ModelDescription
+) -> None:
+    """README.md beside the int8 model: what was quantized, accuracy, tolerance, speed, size."""
+    q, acc, ver = report["quantization"], report["accuracy"], report["verify"]
+    size = report["bytes"]
+    lines = [
+        f"# {desc.name}/{desc.version}: int8 copy of {q['source']} (dynamic quantization)", "",
+        f"Written by `{q['command'] or 'lstm-export quantize'}` from "
+        f"`{q['source']}` ([its card](../../{q['source']}/README.md)); the description the "
+        f"service reads is embedded in `model.onnx` (metadata key `{DESCRIPTION_KEY}`), with "
+        "this entry under `training.quantization`.", "",
+        "## Quantization",
+        f"- {q['method']}, per-channel: {q['per_channel']}.",
+        f"- Rewritten to int8: {', '.join(q['quantized_ops']) or 'nothing'} "
+        f"(now {', '.join(q['int8_ops']) or '-'}).",
+    ]  # fmt: skip
+    for op, why in q["float32_ops"].items():
+        lines.append(
+            f"- **{op} stays float32**: quantize_dynamic has no quantizer for it ({why}); only "
+            "the head (and a token model's embedding) is int8: expect no speed-up from this copy."
+        )
+    lines += [
+        f"- Size: {size['int8']:,} bytes (float32: {size['float32']:,}, "
+        f"{size['int8'] / size['float32']:.2f}x).",
+        f"- Architecture unchanged: {source.architecture.get('cell')} hidden "
+        f"{source.hidden_size}, state S={desc.state_rows} x H={desc.hidden_size} float32, labels "
+        f"{', '.join(desc.labels)}; streamable: {desc.streamable}.",
+        f"- CUDA: wholly on the CUDA provider: {desc.cuda.get('wholly_on_cuda')} "
+        "(int8 kernels are onnxruntime CPU kernels).",
+        "", "## Accuracy (float32 vs int8, both through onnxruntime)",
+    ]  # fmt: skip
+    if "test_accuracy" in acc:
+        lines += [
+            f"**Top-1 test accuracy: {_pct(acc['test_accuracy'])}** (int8) vs "
+            f"{_pct(acc['float32_test_accuracy'])} (float32): "
+            f"**{acc['delta_points']:+.2f} points**, on the {acc['test_set']} "
+            f"({acc['test_examples']} sequences), label = the last step's answer.",
+        ]
+    else:
+        lines.append(f"Accuracy delta: n/a ({acc['why']}).")
+    lines += [
+        "", "## Verify (`lstm-export verify` reads the tolerances from the description)",
+        "Dynamic quantization scales each activation by the tensor it quantizes (the whole "
+        "chunk, every row of the batch), so streaming vs whole and batched vs alone are no "
+        f"longer bit-equal. verify gates the probabilities: max |diff| <= {q['tolerance']:g} and "
+        f"the mean over cases <= {q['mean_tolerance']:g} (float32 models: 1e-5 on all); the "
+        "states' differences are reported, not gated. Measured (seed 0):", "",
+        "| check | max diff, probs | mean diff, probs | max diff, states |", "|---|---:|---:|---:|",
+    ]  # fmt: skip
+    for check, worst in (
+        ("torch_vs_onnxruntime", ver["max_diff_torch_vs_onnxruntime"]),
+        ("padded_batch_vs_alone", ver["max_diff_padded_batch_vs_alone"]),
+        ("streaming_vs_whole", ver["max_diff_streaming_vs_whole"]),
+    ):
+        if check in ver["mean_diff"]:
+            lines.append(
+                f"| {check} | {_sci(worst)} | {ver['mean_diff'][check]:.2e} "
+                f"| {ver['max_state_diff'][check]:.2e} |"
+            )
+    lines += [
+        "",
+        f"PyTorch = the model rebuilt from the dequantized weights; passed: {ver['passed']}.",
+    ]
+    if "ceiling" in report:
+        lines += [
+            "", "## Compute ceiling (single thread, the model alone)",
+            "onnxruntime steps/s, states fed back, best of 3 windows, float32 and int8 measured "
+            "alternately on the same machine (2 shared cores: +-20 %); measured by this card's "
+            "command (`--bench-seconds`), re-measured by `python -m bench.ceiling int8`.", "",
+        ]  # fmt: skip
+        from bench.ceiling import ceiling_table
+
+        lines += ceiling_table(report["ceiling"])
+    (out / "README.md").write_text("\n".join(lines) + "\n")
