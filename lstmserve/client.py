@@ -784,3 +784,168 @@ class MultiStream:
     @staticmethod
     def end(session_id: str) -> pb.SessionRequest:
         return pb.SessionRequest(session_id=session_id, end=pb.End())
+
+
+# -- StreamColumns -------------------------------------------------------------------------------
+
+Columns = np.ndarray | Sequence[np.ndarray] | Sequence[Sequence[int]]
+
+
+class ColumnsRefused(Exception):
+    """Some `open` / `resume` / `end` entries of a ColumnStream message failed: {index: (code,
+    message)} (the others went through: see `handles`)."""
+
+    def __init__(self, what: str, errors: dict[int, tuple[int, str]], handles: list[int]) -> None:
+        first = next(iter(errors.items()))
+        super().__init__(f"{what}: {len(errors)} failed, e.g. entry {first[0]}: {first[1][1]}")
+        self.errors = errors
+        self.handles = handles
+
+
+class ColumnsResult:
+    """One chunk message's results, as arrays: `probs` (n, C) float32 (NaN rows where there is
+    none), `total_steps` (n,) uint64, `duplicate` (n,) bool, `status` (n,) gRPC codes (0 = OK)
+    and `errors` {entry index: (code, message)} for the failed entries only."""
+
+    __slots__ = ("duplicate", "errors", "probs", "status", "total_steps")
+
+    def __init__(self, reply: pb.ColumnsResponse) -> None:
+        n = len(reply.status) // 4
+        self.status = np.frombuffer(reply.status, dtype="<u4")
+        self.probs = np.frombuffer(reply.probabilities, dtype="<f4").reshape(n, -1)
+        self.total_steps = np.frombuffer(reply.total_steps, dtype="<u8")
+        self.duplicate = np.frombuffer(reply.duplicate, dtype=np.uint8).astype(bool)
+        self.errors = {e.index: (e.code, e.message) for e in reply.errors}
+
+
+def pack_steps(steps: Columns) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (n + 1,) uint32, flat steps): int64 token ids (N,) or float32 frames (N, F), from
+    a 2-D (n, T) / 3-D (n, T, F) array or a ragged sequence of per-session arrays."""
+    if isinstance(steps, np.ndarray) and steps.ndim >= 2:
+        n, t = steps.shape[:2]
+        offsets = np.arange(n + 1, dtype="<u4") * t
+        flat = steps.reshape(n * t, *steps.shape[2:])
+    else:
+        parts = [np.asarray(s) for s in steps]
+        lengths = [len(p) for p in parts]
+        offsets = np.zeros(len(parts) + 1, dtype="<u4")
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if np.issubdtype(flat.dtype, np.floating):
+        return offsets, flat.astype("<f4", copy=False)
+    return offsets, flat.astype("<i8", copy=False)
+
+
+def columns_request(
+    handles: Sequence[int] | np.ndarray, seqs: Sequence[int] | np.ndarray, steps: Columns
+) -> pb.ColumnsRequest:
+    """One StreamColumns chunk message: chunk i is for session `handles[i]`, seq `seqs[i]`."""
+    offsets, flat = pack_steps(steps)
+    request = pb.ColumnsRequest(
+        handles=np.asarray(handles, dtype="<u4").tobytes(),
+        seqs=np.asarray(seqs, dtype="<u8").tobytes(), offsets=offsets.tobytes(),
+    )  # fmt: skip
+    if flat.dtype.kind == "f":
+        request.frames = flat.tobytes()
+    else:
+        request.tokens = flat.tobytes()
+    return request
+
+
+class ColumnStream:
+    """One StreamColumns call: many sessions of one model version, their chunks as arrays.
+
+        columns = ColumnStream(client)
+        handles = await columns.open("langid-chars", 256)
+        result = await columns.step(handles, tokens)       # tokens (256, T) int, or ragged
+        result.probs                                       # (256, C) float32
+
+    `step` numbers each session's chunks itself (the next seq per handle, advanced for the
+    entries that went through); `send(columns_request(handles, seqs, steps))` + `receive()`
+    pipeline with explicit seqs. No failover: when the stream breaks the call's error is raised;
+    the sessions live on (resume them by `session_ids` on a new ColumnStream), and a draining
+    server's final snapshots are kept in `final_snapshots` {handle: snapshot} before its
+    UNAVAILABLE is raised."""
+
+    def __init__(self, client: LstmClient, address: str | None = None) -> None:
+        self.address = address or client.address
+        self._call: Any = client.stub_at(self.address).StreamColumns(metadata=client.metadata)
+        self.model = ""
+        self.version = 0
+        self.labels: list[str] = []
+        self.session_ids: dict[int, str] = {}  # handle -> session id
+        self.next_seq: dict[int, int] = {}  # handle -> the seq its next chunk takes
+        self.final_snapshots: dict[int, bytes] = {}
+
+    async def send(self, request: pb.ColumnsRequest) -> None:
+        """Send one message without waiting for its reply (pipelining)."""
+        await self._call.write(request)
+
+    async def receive(self) -> pb.ColumnsResponse:
+        """The reply to the oldest unanswered message."""
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            await self._call  # the status: raises what ended the stream
+            raise SessionLost("the StreamColumns stream ended without a reply")
+        if reply.snapshot_handles:  # a draining server's last message; its status follows
+            handles = np.frombuffer(reply.snapshot_handles, dtype="<u4").tolist()
+            snaps = [s.data for s in reply.snapshots]
+            self.final_snapshots.update(zip(handles, snaps, strict=True))
+            return await self.receive()
+        if reply.model:
+            self.model, self.version = reply.model, reply.version
+        if reply.labels:
+            self.labels = list(reply.labels)
+        return reply
+
+    async def exchange(self, request: pb.ColumnsRequest) -> pb.ColumnsResponse:
+        await self.send(request)
+        return await self.receive()
+
+    async def open(self, model: str, count: int = 1, version: int = 0, top_k: int = 1) -> list[int]:
+        """Open `count` sessions of `model`; their handles (ColumnsRefused if any failed)."""
+        options = pb.StreamOptions(top_k=top_k)
+        opens = [pb.OpenSession(model=model, version=version, options=options)] * count
+        return self._attached(await self.exchange(pb.ColumnsRequest(open=opens)), "open")
+
+    async def resume(self, session_ids: Sequence[str]) -> list[int]:
+        """Attach existing sessions by id to this stream; their handles."""
+        reply = await self.exchange(pb.ColumnsRequest(resume=list(session_ids)))
+        return self._attached(reply, "resume")
+
+    def _attached(self, reply: pb.ColumnsResponse, what: str) -> list[int]:
+        handles = np.frombuffer(reply.attached, dtype="<u4").tolist()
+        for handle, session_id in zip(handles, reply.session_ids, strict=True):
+            if handle:
+                self.session_ids[handle] = session_id
+                self.next_seq.setdefault(handle, 1)
+        errors = {e.index: (e.code, e.message) for e in reply.attach_errors}
+        if errors:
+            raise ColumnsRefused(what, errors, handles)
+        return handles
+
+    async def step(self, handles: Sequence[int] | np.ndarray, steps: Columns) -> ColumnsResult:
+        """One chunk per handle (2-D / 3-D array or ragged), each at its session's next seq."""
+        listed = np.asarray(handles, dtype=np.int64).tolist()
+        seqs = [self.next_seq.get(h, 1) for h in listed]
+        result = ColumnsResult(await self.exchange(columns_request(listed, seqs, steps)))
+        for i in np.flatnonzero(result.status == 0).tolist():
+            self.next_seq[listed[i]] = seqs[i] + 1
+        return result
+
+    async def end(self, handles: Sequence[int]) -> np.ndarray:
+        """End sessions; their total steps (ColumnsRefused if any failed)."""
+        listed = list(handles)
+        reply = await self.exchange(pb.ColumnsRequest(end=np.asarray(listed, "<u4").tobytes()))
+        errors = {e.index: (e.code, e.message) for e in reply.end_errors}
+        for i, handle in enumerate(listed):
+            if i not in errors:
+                self.session_ids.pop(handle, None)
+                self.next_seq.pop(handle, None)
+        if errors:
+            raise ColumnsRefused("end", errors, listed)
+        return np.frombuffer(reply.end_total_steps, dtype="<u8")
+
+    async def close(self) -> None:
+        """Close the stream (its sessions stay until they end or idle out)."""
+        await _close_call(self._call)

@@ -27,6 +27,7 @@ from service.engine.types import ChunkOutcome, StepResult, StreamOptions, Versio
 from service.engine.worker import ModelWorker
 from service.errors import InvalidInput, MalformedRequest
 from service.protocol import messages as m
+from service.protocol.columns import ColumnsMessage, ColumnsReply
 from service.status import numeric_code, status_code, status_message
 
 TOKEN_DTYPE = np.int64
@@ -348,3 +349,65 @@ def multi_response(reply: m.MultiReply, idle_timeout_s: float) -> pb.StreamMulti
         name, value = _body_field(r.body, idle_timeout_s)
         results.append(pb.SessionResult(session_id=r.session_id, **{name: value}))
     return pb.StreamMultiResponse(results=results)
+
+
+# -- StreamColumns: packed arrays <-> the session layer's columns messages ---------------------
+
+
+def columns_request(msg: pb.ColumnsRequest) -> ColumnsMessage:
+    """The request with its packed fields kept as bytes (decoded by service/protocol/columns.py)."""
+    opens = [m.Open(o.model, o.version, decode_options(o.options)) for o in msg.open]
+    return ColumnsMessage(opens, list(msg.resume), msg.handles, msg.seqs, msg.offsets,
+                          msg.tokens, msg.frames, msg.end)  # fmt: skip
+
+
+def _codes(count: int, failed: list[tuple[int, BaseException]]) -> tuple[bytes, list]:
+    """A uint32 LE status array (0 = OK) and a ColumnsError per failed index."""
+    codes = np.zeros(count, dtype="<u4")
+    errors = []
+    for i, exc in failed:
+        code = numeric_code(status_code(exc))
+        codes[i] = code
+        errors.append(pb.ColumnsError(index=i, code=code, message=status_message(exc)))
+    return codes.tobytes(), errors
+
+
+def columns_response(reply: ColumnsReply) -> pb.ColumnsResponse:
+    msg = pb.ColumnsResponse()
+    model = reply.model
+    if model is not None:
+        msg.model, msg.version = model.name, model.version
+        msg.num_classes = model.description.num_classes
+        if reply.fixed:
+            msg.labels.extend(model.description.labels)
+    if reply.attached:
+        handles = np.zeros(len(reply.attached), dtype="<u4")
+        failed: list[tuple[int, BaseException]] = []
+        for i, item in enumerate(reply.attached):
+            if isinstance(item, BaseException):
+                failed.append((i, item))
+                msg.session_ids.append("")
+            else:
+                handles[i] = item[0]
+                msg.session_ids.append(item[1].id)
+        msg.attached = handles.tobytes()
+        msg.attach_errors.extend(_codes(len(handles), failed)[1])
+    if reply.probs.shape[0]:
+        msg.status, errors = _codes(reply.probs.shape[0], reply.failed)  # type: ignore[arg-type]
+        msg.errors.extend(errors)
+        msg.probabilities = reply.probs.astype("<f4", copy=False).tobytes()
+        msg.total_steps = reply.total_steps.astype("<u8", copy=False).tobytes()
+        msg.duplicate = reply.duplicate.tobytes()
+    if reply.ended:
+        steps = np.zeros(len(reply.ended), dtype="<u8")
+        gone = [(i, e) for i, e in enumerate(reply.ended) if isinstance(e, BaseException)]
+        for i, e in enumerate(reply.ended):
+            if isinstance(e, m.Ended):
+                steps[i] = e.total_steps
+        msg.end_status, end_errors = _codes(len(reply.ended), gone)
+        msg.end_errors.extend(end_errors)
+        msg.end_total_steps = steps.tobytes()
+    if reply.snapshots:
+        msg.snapshot_handles = np.array([h for h, _ in reply.snapshots], dtype="<u4").tobytes()
+        msg.snapshots.extend(_snapshot(s) for _, s in reply.snapshots)
+    return msg

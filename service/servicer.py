@@ -29,6 +29,7 @@ from service.errors import (
     ModelNotFound,
     ProtocolError,
 )
+from service.protocol.columns import ColumnsConversation
 from service.protocol.multi import MultiConversation
 from service.protocol.session import SessionLayer
 from service.protocol.stream import StreamConversation
@@ -232,6 +233,23 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             await self._fail("StreamMulti", "", context, exc)
             return
         metrics.REQUESTS.labels("StreamMulti", metrics.UNKNOWN_MODEL, "OK").inc()
+
+    async def StreamColumns(
+        self, request_iterator: AsyncIterator[pb.ColumnsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ColumnsResponse]:
+        requests = _translated(request_iterator, codec.columns_request)
+        conversation = ColumnsConversation(self.layer, requests)
+        try:
+            async with aclosing(conversation.replies()) as replies:
+                async for reply in replies:
+                    yield codec.columns_response(reply)
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels("StreamColumns", metrics.UNKNOWN_MODEL, "CANCELLED").inc()
+            raise
+        except Exception as exc:
+            await self._fail("StreamColumns", "", context, exc)
+            return
+        metrics.REQUESTS.labels("StreamColumns", metrics.UNKNOWN_MODEL, "OK").inc()
 
 
 def _entries(request: pb.StreamMultiRequest) -> list:
