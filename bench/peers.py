@@ -50,7 +50,9 @@ from bench.run import BATCHED, VOCAB
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PEER_HOME = ROOT / ".venv-peers"  # gitignored: the TorchServe venv and the unpacked pytriton wheel
 PYTRITON = PEER_HOME / "pytriton"
-SYSTEMS = ("lstm-serve", "tritonserver", "torchserve")
+LOGS = Path(tempfile.gettempdir()) / "lstm-bench-peers-logs"  # server logs of failed points
+SYSTEMS = ("lstm-serve", "tritonserver", "torchserve", "torchserve-grpc")
+SERVER = {"torchserve-grpc": "torchserve"}  # the same TorchServe process, its gRPC front
 MAX_STREAMS = 1024
 MAX_SECONDS = 600.0
 MAX_MESSAGES = 1_000_000  # per sequence, whatever the window
@@ -127,7 +129,7 @@ def ts_properties(ports: dict[str, int], store: Path) -> str:
 
 def missing(system: str) -> str | None:
     """What to install for `system`, or None when it is there."""
-    if system == "torchserve":
+    if system in ("torchserve", "torchserve-grpc"):
         if not (PEER_HOME / "bin" / "torchserve").exists():
             return "TorchServe: no .venv-peers/bin/torchserve; run python -m bench.peers --setup"
         if shutil.which("java") is None:
@@ -150,6 +152,8 @@ class Tree:
 
     def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
         self.port = port
+        self.grpc_port = -1
+        self.stubs: Any = None  # TorchServe: its generated gRPC modules
         self.log = log
         with log.open("wb") as out:
             self.popen = subprocess.Popen(
@@ -284,6 +288,7 @@ def start_torchserve(work: Path, onnx: Path) -> Tree:
         "--models", f"{BENCH_MODEL}={BENCH_MODEL}",
     ]  # fmt: skip
     tree = Tree(argv, ports["inference"], work / "torchserve.log", env)
+    tree.grpc_port = ports["grpc"]
 
     def ready(body: bytes) -> bool:
         workers = json.loads(body)[0].get("workers", [])
@@ -350,30 +355,130 @@ async def drive_torchserve(
     return window
 
 
+def torchserve_stubs(work: Path) -> tuple[Any, Any]:
+    """inference_pb2 / inference_pb2_grpc generated here (grpcio-tools) from the inference.proto
+    that TorchServe's own model-server.jar carries."""
+    import importlib
+    import zipfile
+
+    from grpc_tools import protoc
+
+    jar = next((PEER_HOME / "lib").glob("python3*/site-packages/ts/frontend/model-server.jar"))
+    protos = work / "proto"
+    with zipfile.ZipFile(jar) as archive:
+        for name in ("inference.proto", "google/rpc/status.proto"):
+            (protos / name).parent.mkdir(parents=True, exist_ok=True)
+            (protos / name).write_bytes(archive.read(name))
+    include = Path(protoc.__file__).parent / "_proto"
+    out = work / "stubs"
+    out.mkdir(exist_ok=True)
+    argv = ["protoc", f"-I{protos}", f"-I{include}", f"--python_out={out}",
+            f"--grpc_python_out={out}", str(protos / "inference.proto"),
+            str(protos / "google/rpc/status.proto")]  # fmt: skip
+    if protoc.main(argv) != 0:
+        raise RuntimeError("protoc failed on TorchServe's inference.proto")
+    sys.path.insert(0, str(out))
+    return importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")
+
+
+async def drive_torchserve_grpc(
+    port: int, stubs: tuple[Any, Any], load: Load, warmup_s: float, seconds: float,
+    on_window: Callable[[str], Awaitable[None]],
+) -> Window:  # fmt: skip
+    """S sequences, each its own StreamPredictions2 bidi stream, request after reply."""
+    import grpc
+
+    from bench.triton import sample
+
+    pb2, pb2_grpc = stubs
+    window = Window(start=float("inf"), end=float("inf"))
+    opened, count = asyncio.Event(), 0
+    ids = np.random.default_rng(load.sessions).integers(1, VOCAB[BENCH_MODEL], size=load.steps)
+    body = ids.astype("<i8").tobytes()
+    channels = [grpc.aio.insecure_channel(f"{HOST}:{port}")
+                for _ in range(max(1, -(-load.sessions // 64)))]  # fmt: skip
+
+    async def ready() -> None:
+        nonlocal count
+        count += 1
+        if count == load.sessions:
+            now = time.perf_counter()
+            window.start, window.end = now + warmup_s, now + warmup_s + seconds
+            opened.set()
+        await opened.wait()
+
+    async def sequence(index: int) -> None:
+        stub = pb2_grpc.InferenceAPIsServiceStub(channels[index % len(channels)])
+        call = stub.StreamPredictions2()
+        request = pb2.PredictionsRequest(
+            model_name=BENCH_MODEL, input={"data": body},
+            sequence_id=f"g-{os.getpid()}-{load.sessions}-{index}",
+        )  # fmt: skip
+
+        async def one() -> None:
+            await call.write(request)
+            reply = await call.read()
+            if reply is grpc.aio.EOF or reply.status.code != 0 or not reply.prediction:
+                raise RuntimeError(f"StreamPredictions2 replied {reply}")
+
+        await one()
+        await ready()
+        for _ in range(MAX_MESSAGES):
+            if time.perf_counter() >= window.end:
+                break
+            sent = time.perf_counter()
+            await one()
+            window.record(sent, time.perf_counter())
+        await call.done_writing()  # the end of the stream ends the sequence
+
+    sampler = asyncio.ensure_future(sample(window, opened, on_window))
+    try:
+        await asyncio.gather(*(sequence(i) for i in range(load.sessions)))
+        await sampler
+    finally:
+        sampler.cancel()
+        for channel in channels:
+            await channel.close()
+    return window
+
+
 def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> dict[str, Any]:
     """One system, one S: messages/s, latency percentiles, server (tree) CPU."""
     from bench.triton import drive_triton
 
-    marks: dict[str, tuple[float, float]] = {}
+    marks: dict[str, tuple[float, float, float]] = {}
+    me = psutil.Process()
 
     async def on_window(edge: str) -> None:
-        marks[edge] = (time.perf_counter(), proc.cpu_seconds())
+        marks[edge] = (time.perf_counter(), proc.cpu_seconds(), sum(me.cpu_times()[:2]))
 
     if system == "lstm-serve":
         work = drive(load, proc.address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
     elif system == "tritonserver":
         work = drive_triton("triton-grpc", proc, -1, BENCH_MODEL, load, *timing, on_window)
+    elif system == "torchserve-grpc":
+        work = drive_torchserve_grpc(proc.grpc_port, proc.stubs, load, *timing, on_window)
     else:
         work = drive_torchserve(proc.port, load, *timing, on_window)
     window = asyncio.run(work)
-    (t0, cpu0), (t1, cpu1) = marks["start"], marks["end"]
+    (t0, cpu0, me0), (t1, cpu1, me1) = marks["start"], marks["end"]
     lat = np.array(window.latencies or [float("nan")]) * 1000
     return {
         "system": system, "streams": load.sessions, "steps": load.steps,
         "messages_per_s": window.completed / (t1 - t0),
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-        "server_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0), "seconds": t1 - t0,
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "client_cpu_pct": 100 * (me1 - me0) / (t1 - t0), "seconds": t1 - t0,
     }  # fmt: skip
+
+
+def idle_cpu(procs: dict[str, Any], seconds: float = 2.0) -> dict[str, float]:
+    """CPU % of each server while nobody sends anything (they are all up during every point)."""
+    before = {name: proc.cpu_seconds() for name, proc in procs.items()}
+    time.sleep(seconds)
+    return {
+        name: 100 * (proc.cpu_seconds() - before[name]) / seconds for name, proc in procs.items()
+    }
 
 
 # ---- results (pure) ---------------------------------------------------------------------------
@@ -383,6 +488,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per S and system: median messages/s and latency over the repeats, the spread, and the
     ratio of lstm-serve's median to each peer's (the ratio of each round's own figures too)."""
     out = []
+    rows = [r for r in rows if "error" not in r]
     for s in sorted({r["streams"] for r in rows}):
         at = [r for r in rows if r["streams"] == s]
         ours = {r["round"]: r["messages_per_s"] for r in at if r["system"] == "lstm-serve"}
@@ -397,6 +503,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p50_ms": statistics.median(r["p50_ms"] for r in mine),
                 "p99_ms": statistics.median(r["p99_ms"] for r in mine),
                 "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in mine),
+                "client_cpu_pct": statistics.median(r.get("client_cpu_pct", 0.0) for r in mine),
             }  # fmt: skip
             per_round = [ours[r["round"]] / r["messages_per_s"] for r in mine
                          if r["round"] in ours and r["messages_per_s"] > 0]  # fmt: skip
@@ -410,8 +517,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| S | system | messages/s (median) | min - max | lstm-serve is | per round | "
-        "p50 / p99 ms | server CPU |",
-        "|---|---|---|---|---|---|---|---|",
+        "p50 / p99 ms | server CPU | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         ratio = f"{r['x_lstm_serve']:.1f}x" if "x_lstm_serve" in r else "-"
@@ -419,7 +526,8 @@ def table(summary: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['streams']} | {r['system']} | {r['messages_per_s']:,.0f} | "
             f"{r['min']:,.0f} - {r['max']:,.0f} | {ratio} | {rounds} | "
-            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_pct']:.0f} % |"
+            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_pct']:.0f} % | "
+            f"{r['client_cpu_pct']:.0f} % |"
         )
     return "\n".join(lines)
 
@@ -465,6 +573,26 @@ STARTERS = {"lstm-serve": lambda work, onnx: start_lstm_serve(work.parent / "rep
             "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
 
 
+def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One measured point; a failure (a server that died, an error reply) is kept as a row with
+    the error and the server's log copied to LOGS, and that system is not measured again."""
+    try:
+        row = measure(system, proc, Load("stream", s, 1, s), (args.warmup, args.seconds))
+    except Exception as error:  # the run goes on with the other systems
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = getattr(proc, "log", None)
+        if log is not None and log.exists():
+            shutil.copy(log, LOGS / f"{system}-S{s}-round{round_}.log")
+        print(f"round {round_} {system:>12} S={s:<4} FAILED: {error!r:.300} (logs in {LOGS})")
+        return {"system": system, "streams": s, "steps": 1, "round": round_,
+                "error": f"{error!r:.500}"}  # fmt: skip
+    print(f"round {round_} {system:>12} S={s:<4} {row['messages_per_s']:>8,.0f} msg/s "
+          f"p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
+          f"cpu {row['server_cpu_pct']:.0f} % client {row['client_cpu_pct']:.0f} %",
+          flush=True)  # fmt: skip
+    return row | {"round": round_, "load_average": os.getloadavg()[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="install the peers, then exit")
@@ -487,22 +615,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lstm-bench-peers-") as tmp:
         repo = Path(tmp) / "repo"
         onnx = build_repository(repo)[BENCH_MODEL]
-        for round_ in range(args.repeat):
-            for system in systems:  # one system up at a time, every S, the next system
-                work = Path(tmp) / f"{system}-{round_}"
-                work.mkdir()
-                proc = STARTERS[system](work, onnx)
-                try:
-                    for s in args.streams:
-                        load = Load("stream", s, 1, s)
-                        row = measure(system, proc, load, (args.warmup, args.seconds))
-                        rows.append(row | {"round": round_})
-                        print(f"round {round_} {system:>12} S={s:<4} "
-                              f"{row['messages_per_s']:>8,.0f} msg/s p50 {row['p50_ms']:.2f} ms "
-                              f"p99 {row['p99_ms']:.2f} ms cpu {row['server_cpu_pct']:.0f} %",
-                              flush=True)  # fmt: skip
-                finally:
-                    proc.stop()
+        procs: dict[str, Any] = {}
+        idle: dict[str, float] = {}
+        failed: set[str] = set()
+        try:
+            for system in systems:  # all up at once: every point measures them back to back
+                server = SERVER.get(system, system)
+                if server not in procs:
+                    (Path(tmp) / server).mkdir()
+                    procs[server] = STARTERS[server](Path(tmp) / server, onnx)
+                if system == "torchserve-grpc":
+                    procs[server].stubs = torchserve_stubs(Path(tmp) / server)
+            idle = idle_cpu(procs)
+            for round_ in range(args.repeat):
+                for s in args.streams:
+                    for system in systems:
+                        if system in failed:
+                            continue
+                        row = point(system, procs[SERVER.get(system, system)], s, round_, args)
+                        rows.append(row)
+                        if "error" in row:
+                            failed.add(system)
+        finally:
+            for proc in procs.values():
+                proc.stop()
     summary = summarize(rows)
     results = {
         "command": "python -m bench.peers " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -517,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         "tritonserver_config": triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, THREADS),
         "torchserve_model_config": TS_MODEL_CONFIG,
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
+        "idle_cpu_pct": idle,
         "rows": rows,
         "summary": summary,
         "total_seconds": time.perf_counter() - started,
