@@ -40,6 +40,7 @@ class RedisNode:
         self.port = port or free_port()
         self.popen: subprocess.Popen[bytes] | None = None
         self.extra: list[str] = []
+        self.ssl_ca: str | None = None  # a TLS-only node: its CA file, for wait_ready
 
     def argv(self) -> list[str]:
         return [_binary(), "--port", str(self.port), "--bind", HOST, "--save", "",
@@ -55,7 +56,10 @@ class RedisNode:
         return self
 
     def client(self, timeout: float = 1.0) -> redis.Redis:
-        return redis.Redis(HOST, self.port, socket_timeout=timeout, socket_connect_timeout=timeout)
+        tls = {"ssl": True, "ssl_ca_certs": self.ssl_ca} if self.ssl_ca else {}
+        return redis.Redis(
+            HOST, self.port, socket_timeout=timeout, socket_connect_timeout=timeout, **tls
+        )
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -344,5 +344,6 @@ def _roll_back(
         session.held, session.last_result = before.held, before.last_result
     return Unavailable(
         f"the shared session store did not take the new state of session {session.id} "
-        f"(--session-store-mode strict): not applied, retry it ({str(exc)[:120]})"
+        f"(--session-store-mode strict): not acknowledged, retry it (a seq is never applied "
+        f"twice) ({str(exc)[:120]})"
     )
