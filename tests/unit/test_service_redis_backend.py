@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
+
+import pytest
 
 from service.engine.redis_backend import ENDED, STALE, WRITTEN, Record, RedisSessionBackend
 
@@ -73,3 +76,62 @@ def test_an_idle_record_expires_but_its_id_is_remembered(redis_url: str) -> None
         await backend.close()
 
     _run(scenario())
+
+
+def test_keys_are_hash_tagged_and_older_names_still_read(redis_url: str) -> None:
+    import redis
+
+    async def scenario() -> None:
+        backend = RedisSessionBackend(redis_url, idle_timeout_s=60)
+        sid, old = uuid.uuid4().hex, uuid.uuid4().hex
+        assert await backend.save(sid, 1, "g1", b"s") == WRITTEN
+        plain = redis.Redis.from_url(redis_url)
+        assert plain.exists(f"lstm-serve:session:{{{sid}}}", f"lstm-serve:issued:{{{sid}}}") == 2
+        plain.hset(f"lstm-serve:session:{old}", mapping={"seq": 7, "gen": "g0", "snap": b"v0"})
+        plain.set(f"lstm-serve:issued:{old}", 1)
+        assert await backend.load(old) == Record(b"v0", 7, "g0", False), "written by 894ff40"
+        assert await backend.holds(old) and await backend.was_issued(old)
+        assert await backend.save(old, 8, "g0", b"v1") == WRITTEN, "continues under the new name"
+        assert await backend.load(old) == Record(b"v1", 8, "g0", False)
+        plain.close()
+        await backend.close()
+
+    _run(scenario())
+
+
+def test_an_outage_fails_fast_and_a_probe_brings_the_store_back(tmp_path: Path) -> None:
+    from bench.redisfleet import RedisNode
+    from service import metrics
+    from service.engine.redis_backend import StoreUnavailable
+    from service.engine.store_urls import StoreOptions
+
+    node = RedisNode(tmp_path, "redis").start("--appendonly", "yes", "--appendfsync", "always")
+
+    async def scenario() -> None:
+        url = f"redis://127.0.0.1:{node.port}/0"
+        backend = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3))
+        sid = uuid.uuid4().hex
+        assert await backend.save(sid, 1, "g1", b"s1") == WRITTEN
+        node.kill()
+        with pytest.raises(StoreUnavailable, match="did not answer save"):
+            await backend.save(sid, 2, "g1", b"s2")
+        assert not backend.guard.up and metrics.SESSION_STORE_UP._value.get() == 0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for _ in range(100):  # while down: refused at once, nothing queued
+            with pytest.raises(StoreUnavailable, match="down"):
+                await backend.save(sid, 2, "g1", b"s2")
+        assert loop.time() - start < 0.5
+        node.start()
+        deadline = loop.time() + 10
+        while not backend.guard.up:
+            assert loop.time() < deadline, "the probe never saw the store again"
+            await asyncio.sleep(0.02)
+        assert await backend.save(sid, 2, "g1", b"s2") == WRITTEN
+        assert await backend.load(sid) == Record(b"s2", 2, "g1", False)
+        await backend.close()
+
+    try:
+        _run(scenario())
+    finally:
+        node.stop()
