@@ -18,9 +18,13 @@ def _arch_line(arch: dict[str, Any]) -> str:
         inp = f"token ids (vocab {arch['vocab_size']}) -> embedding {arch['embedding_dim']}"
     else:
         inp = f"{arch['feature_dim']} float features per frame, normalised inside the graph"
+    if cell.lower() == "jordan":  # no forget gate: the previous output is fed back instead
+        memory = "recurrent input: the previous step's class probabilities"
+    else:
+        memory = f"forget-gate bias init {arch['forget_bias']}"
     return (
         f"{arch['num_layers']} x {kind}, hidden {arch['hidden_size']}, {dirs}; input: {inp}; "
-        f"forget-gate bias init {arch['forget_bias']}; softmax head after every step"
+        f"{memory}; softmax head after every step"
     )
 
 
