@@ -221,6 +221,13 @@ def _jordan_report(values: dict[str, np.ndarray]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _other_recurrent_ops(proto: onnx.ModelProto) -> str:
+    """A hint naming recurrent-looking ops that are not the standard ones (quantized copies)."""
+    ops = sorted({n.op_type for n in proto.graph.node if n.op_type not in RECURRENT_OPS
+                  and any(k in n.op_type for k in RECURRENT_OPS)})  # fmt: skip
+    return f"; it has {', '.join(ops)} (not the standard operator, not read)" if ops else ""
+
+
 def inspect_model(path: Path) -> dict[str, Any]:
     """The whole report of one model (JSON-ready)."""
     model_file = resolve_model(path)
@@ -244,7 +251,8 @@ def inspect_model(path: Path) -> dict[str, Any]:
         initial = float(arch["forget_bias"]) if "forget_bias" in arch else None
         layers = [_node_report(node, initial) for node in recurrent_nodes(proto)]
     if not layers:
-        raise ValueError(f"{model_file}: no LSTM / GRU / RNN node (nor a Jordan Scan) to inspect")
+        raise ValueError(f"{model_file}: no LSTM / GRU / RNN node (nor a Jordan Scan) to inspect"
+                         + _other_recurrent_ops(proto))  # fmt: skip
     report["layers"] = layers
     report["recurrent_parameters"] = sum(layer["parameters"] for layer in layers)
     report["all_parameters"] = int(sum(v.size for v in values.values() if v.dtype.kind == "f"))

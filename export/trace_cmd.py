@@ -172,6 +172,16 @@ def trace_ours(
     """Our export: the whole graph in numpy, checked against onnxruntime's h and probs."""
     values = constants(proto)
     arch = desc.architecture
+    from export.inspect_cmd import _other_recurrent_ops
+
+    needed = ["head_weight_t", "head_bias"]
+    needed += ["embedding"] if desc.input_kind == "tokens" else ["feature_mean", "feature_inv_std"]
+    missing = [k for k in needed if k not in values]
+    if missing or (arch.get("cell") != "jordan" and not recurrent_nodes(proto)):
+        raise ValueError(
+            f"{desc.name}: not a float export of export/onnx_export.py (missing "
+            f"{missing or 'LSTM / GRU / RNN nodes'}){_other_recurrent_ops(proto)}"
+        )
     if desc.input_kind == "tokens":
         y = values["embedding"][x].astype(np.float64)  # (T, E)
     else:
