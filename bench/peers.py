@@ -72,7 +72,9 @@ SETUP = [
 # ---- configuration of the peers (pure) -------------------------------------------------------
 
 
-def triton_config(model: str, max_batch: int, delay_us: int, threads: int) -> str:
+def triton_config(
+    model: str, max_batch: int, delay_us: int, threads: int, instances: int = 1
+) -> str:
     """config.pbtxt: Python backend, sequence batcher, direct strategy, START/END controls."""
     return f"""name: "{model}"
 backend: "python"
@@ -88,15 +90,17 @@ sequence_batching {{
     {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY fp32_false_true: [ 0, 1 ] }} ] }}
   ]
 }}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 parameters [ {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }} ]
 """
 
 
-def ts_model_config(batch: int, delay_ms: int, threads: int, max_sequences: int) -> str:
-    """model-config.yaml of the archive: one worker, sequence batching."""
+def ts_model_config(
+    batch: int, delay_ms: int, threads: int, max_sequences: int, workers: int = 1
+) -> str:
+    """model-config.yaml of the archive: `workers` worker processes, sequence batching."""
     return (
-        "minWorkers: 1\nmaxWorkers: 1\n"
+        f"minWorkers: {workers}\nmaxWorkers: {workers}\n"
         f"batchSize: {batch}\nmaxBatchDelay: {delay_ms}\n"
         "sequenceBatching: true\nsequenceMaxIdleMSec: 60000\n"
         f"maxSequenceJobQueueSize: 4\nmaxNumSequence: {max_sequences}\n"
@@ -104,7 +108,16 @@ def ts_model_config(batch: int, delay_ms: int, threads: int, max_sequences: int)
     )
 
 
-TS_MODEL_CONFIG = ts_model_config(MAX_BATCH, QUEUE_DELAY_US // 1000, THREADS, MAX_STREAMS)
+def peer_configs(workers: int) -> dict[str, str]:
+    """The peers' configurations for `workers` model processes (TorchServe workers, Triton
+    instances), the 2 onnxruntime threads shared out among them."""
+    threads = max(1, THREADS // workers)
+    return {
+        "tritonserver": triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, threads, workers),
+        "torchserve": ts_model_config(
+            MAX_BATCH, QUEUE_DELAY_US // 1000, threads, MAX_STREAMS, workers
+        ),
+    }
 
 
 def ts_properties(ports: dict[str, int], store: Path) -> str:
@@ -219,7 +232,7 @@ def wait_http(tree: Tree, url: str, ready: Callable[[bytes], bool], timeout_s: f
         time.sleep(0.3)
 
 
-def start_triton(work: Path, onnx: Path) -> Tree:
+def start_triton(work: Path, onnx: Path, workers: int = 1) -> Tree:
     """tritonserver 2.51 from the pytriton wheel: the model repository and backend folder in
     `work`, the Python backend stub of this Python version, the wheel's libraries."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -232,9 +245,7 @@ def start_triton(work: Path, onnx: Path) -> Tree:
     (backends / "triton_python_backend_stub").symlink_to(stub)
     model_dir = work / "triton" / BENCH_MODEL
     (model_dir / "1").mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(
-        triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, THREADS)
-    )
+    (model_dir / "config.pbtxt").write_text(peer_configs(workers)["tritonserver"])
     site = ":".join(p for p in sys.path if p.endswith("site-packages"))
     (model_dir / "1" / "site_packages.txt").write_text(site)
     shutil.copy(PEERS_DIR / "triton_model.py", model_dir / "1" / "model.py")
@@ -258,12 +269,12 @@ def start_triton(work: Path, onnx: Path) -> Tree:
     return tree
 
 
-def start_torchserve(work: Path, onnx: Path) -> Tree:
+def start_torchserve(work: Path, onnx: Path, workers: int = 1) -> Tree:
     """TorchServe 0.12 (the .venv-peers launcher, --foreground) with an archive built here."""
     store = work / "store"
     store.mkdir()
     config = work / "model-config.yaml"
-    config.write_text(TS_MODEL_CONFIG)
+    config.write_text(peer_configs(workers)["torchserve"])
     shutil.copy(onnx, work / "model.onnx")
     shutil.copy(PEERS_DIR / "lstm_states.py", work / "lstm_states.py")
     archiver = [
@@ -569,7 +580,7 @@ def bounded(kind: Any, low: float, high: float) -> Callable[[str], Any]:
     return parse
 
 
-STARTERS = {"lstm-serve": lambda work, onnx: start_lstm_serve(work.parent / "repo", BATCHED),
+STARTERS = {"lstm-serve": lambda work, onnx, _: start_lstm_serve(work.parent / "repo", BATCHED),
             "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
 
 
@@ -602,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=[1, 16, 64])  # fmt: skip
     parser.add_argument("--repeat", type=bounded(int, 1, 20), default=1)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--peer-workers", type=bounded(int, 1, 2), default=1,
+                        help="TorchServe workers / Triton instances")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/peers.json"))
     args = parser.parse_args(argv)
     if args.setup:
@@ -623,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                 server = SERVER.get(system, system)
                 if server not in procs:
                     (Path(tmp) / server).mkdir()
-                    procs[server] = STARTERS[server](Path(tmp) / server, onnx)
+                    procs[server] = STARTERS[server](Path(tmp) / server, onnx, args.peer_workers)
                 if system == "torchserve-grpc":
                     procs[server].stubs = torchserve_stubs(Path(tmp) / server)
             idle = idle_cpu(procs)
@@ -650,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": BENCH_MODEL,
         "lstm_serve_flags": BATCHED,
         "skipped": skipped,
-        "tritonserver_config": triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, THREADS),
-        "torchserve_model_config": TS_MODEL_CONFIG,
+        "peer_workers": args.peer_workers,
+        "peer_configs": peer_configs(args.peer_workers),
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
         "idle_cpu_pct": idle,
         "rows": rows,

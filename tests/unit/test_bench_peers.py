@@ -55,6 +55,18 @@ def test_triton_config_is_a_valid_sequence_batcher_config_with_direct_strategy()
     assert [i.name for i in config.input] == ["tokens"]
     assert [(o.name, list(o.dims)) for o in config.output] == [("probs", [4])]
     assert config.parameters["intra_op_threads"].string_value == "2"
+    assert [(g.count, g.kind) for g in config.instance_group] == [
+        (1, mc.ModelInstanceGroup.KIND_CPU)
+    ]
+
+
+def test_two_peer_workers_share_the_two_threads() -> None:
+    configs = peers.peer_configs(2)
+    triton = text_format.Parse(configs["tritonserver"], mc.ModelConfig())
+    assert triton.instance_group[0].count == 2
+    assert triton.parameters["intra_op_threads"].string_value == "1"
+    ts = yaml.safe_load(configs["torchserve"])
+    assert (ts["minWorkers"], ts["maxWorkers"], ts["handler"]["intra_op_threads"]) == (2, 2, 1)
 
 
 def test_torchserve_model_config_turns_on_sequence_batching_with_one_worker() -> None:
