@@ -47,6 +47,7 @@ from service.errors import (
 log = logging.getLogger(__name__)
 
 STRICT, BEST_EFFORT = "strict", "best-effort"
+MAX_UNSURE = 100_000  # sessions remembered as unsure (strict refusals): the oldest forgotten
 STORE_MODES = (STRICT, BEST_EFFORT)
 
 
@@ -90,6 +91,7 @@ class SessionContinuity:
         self.backend = backend
         self.max_age_s = max_age_s
         self.mode = mode
+        self.unsure: dict[str, None] = {}  # strict: refused saves that may have landed (settle)
 
     @property
     def enabled(self) -> bool:
@@ -166,12 +168,7 @@ class SessionContinuity:
             return local
         kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes))
         session = self.store.adopt(model, options or kept, snap.session_id, snap.owner, generation)
-        last = None
-        if snap.last_steps and len(snap.last_probs) == desc.num_classes:
-            probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
-            last = StepResult(probs, None, snap.last_steps, snap.total_steps)
-        held = HeldText(snap.held_text, snap.held_cased)
-        session.restore(snap.state, snap.last_seq, snap.total_steps, last, held)
+        take_progress(session, snap)
         return session
 
     # -- the shared store --------------------------------------------------------------------
@@ -202,7 +199,7 @@ class SessionContinuity:
             if self.backend.guard.up:  # not an outage (the guard logged that): this save only
                 log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             if self.mode == STRICT:
-                raise _roll_back(self.store, session, before, exc) from exc
+                raise _roll_back(self, session, before, exc) from exc
             return
         if saved != WRITTEN:  # ended, or this copy was stale: drop it
             refusal = _refusal(session, saved, takeover_from is not None)
@@ -330,15 +327,42 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
     )
 
 
+def take_progress(session: Session, snap: SessionSnapshot) -> None:
+    """The snapshot's state and progress into `session` (its model's)."""
+    last = None
+    if snap.last_steps and len(snap.last_probs) == session.model.description.num_classes:
+        probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
+        last = StepResult(probs, None, snap.last_steps, snap.total_steps)
+    held = HeldText(snap.held_text, snap.held_cased)
+    session.restore(snap.state, snap.last_seq, snap.total_steps, last, held)
+
+
+async def settle(c: SessionContinuity, session: Session) -> None:
+    """Strict mode, under the session's lock, before its next change: a refused save of this
+    copy may have reached the store all the same (a timeout after the write, a master with too
+    few replicas); if the store holds this incarnation further on, take that, so the resent
+    chunk is answered as the duplicate it is (not refused as a stale copy). Unavailable while
+    the store does not answer (the chunk is refused again)."""
+    record = await c.load_record(session.id)
+    c.unsure.pop(session.id, None)
+    if record is None or record.snapshot is None or record.generation != session.generation:
+        return
+    if record.seq > session.last_seq and not session.ended:
+        take_progress(session, decode_snapshot(record.snapshot, c._keys()))
+
+
 def _roll_back(
-    store: SessionStore, session: Session, before: Checkpoint | None, exc: BaseException
+    c: SessionContinuity, session: Session, before: Checkpoint | None, exc: BaseException
 ) -> Unavailable:
     """Strict mode, the save failed: the session as it was before the change, and why."""
     if session.ended:
         pass
     elif before is None:  # opened or restored here, never acknowledged: not kept
-        store.end(session, Unavailable(f"session {session.id} was not stored"))
+        c.store.end(session, Unavailable(f"session {session.id} was not stored"))
     else:
+        c.unsure[session.id] = None
+        while len(c.unsure) > MAX_UNSURE:
+            c.unsure.pop(next(iter(c.unsure)))
         session.model.state.write(session.row, before.state)
         session.last_seq, session.total_steps = before.last_seq, before.total_steps
         session.held, session.last_result = before.held, before.last_result

@@ -18,7 +18,7 @@ from service import metrics
 from service.engine.attach import SessionAttach
 from service.engine.batcher import ComputeLanes, InflightCounter
 from service.engine.classify import ClassifyLane
-from service.engine.continuity import SessionContinuity
+from service.engine.continuity import SessionContinuity, settle
 from service.engine.multi import apply_together
 from service.engine.registry import ModelRegistry
 from service.engine.repository import ModelControl
@@ -114,6 +114,8 @@ class Engine(SessionAttach):
         has no step): the seq advances without a model run."""
         check_seq(seq, "chunk")
         async with session.lock:
+            if self.continuity.unsure and session.id in self.continuity.unsure:
+                await settle(self.continuity, session)  # strict: a refused save that landed
             if (resend := session.admit(seq, attached)) is not None:
                 return resend
             if held is not None:

@@ -35,8 +35,10 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
     try:
         for i, item in enumerate(work):
             session = item.session
-            if not 1 <= item.seq <= MAX_SEQ or session.lock.locked() or not len(item.chunk):
-                # busy elsewhere, or text that all waits (no model run): on its own
+            alone = session.lock.locked() or not len(item.chunk)
+            alone = alone or session.id in engine.continuity.unsure  # settled by apply_chunk
+            if not 1 <= item.seq <= MAX_SEQ or alone:
+                # busy elsewhere, text that all waits (no model run), or unsure: on its own
                 busy[i] = asyncio.ensure_future(
                     engine.apply_chunk(session, item.seq, item.chunk, item.held, item.attached)
                 )

@@ -140,7 +140,7 @@ def test_sentinel_master_killed_mid_stream_strict_loses_nothing(
         results = asyncio.run(scenario())
         assert fleet.failovers == 1
         assert refused, "strict: chunks were refused while no master answered"
-        assert all("--session-store-mode strict" in m for m in refused)
+        assert all("session store" in m for m in refused), refused[:3]
         reference = Reference(tiny_repo)
         for got in results:  # a refused chunk may have reached the master: its retry is then
             _check(reference, got)  # answered as a duplicate, with the very same result
