@@ -79,3 +79,15 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--tokens must be integers" in done.stderr
     done = _run("inspect", str(tmp_path / "nothing"))
     assert done.returncode == 2 and "no model.onnx" in done.stderr
+
+
+def test_train_with_another_cell_names_the_model_after_it(tmp_path: Path) -> None:
+    done = _run("train", "speaker-vowels", "--cell", "jordan", "--epochs", "2",
+                "--out", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    target = tmp_path / "speaker-vowels-jordan" / "1"
+    report = json.loads((target / "training_report.json").read_text())
+    assert report["architecture"]["cell"] == "jordan" and report["verify"]["passed"]
+    assert "--cell jordan" in (target / "README.md").read_text()
+    inspect = _run("inspect", str(target), "--json")
+    assert json.loads(inspect.stdout)["layers"][0]["op"] == "Jordan (Scan)"
