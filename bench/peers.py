@@ -50,6 +50,7 @@ from bench.run import BATCHED, VOCAB
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PEER_HOME = ROOT / ".venv-peers"  # gitignored: the TorchServe venv and the unpacked pytriton wheel
 PYTRITON = PEER_HOME / "pytriton"
+MAX_RESTARTS = 3  # per server and run, after it died under load
 LOGS = Path(tempfile.gettempdir()) / "lstm-bench-peers-logs"  # server logs of failed points
 SYSTEMS = ("lstm-serve", "tritonserver", "torchserve", "torchserve-grpc")
 SERVER = {"torchserve-grpc": "torchserve"}  # the same TorchServe process, its gRPC front
@@ -196,6 +197,9 @@ class Tree:
             except psutil.NoSuchProcess:
                 pass
         return total
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
@@ -631,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         procs: dict[str, Any] = {}
         idle: dict[str, float] = {}
         failed: set[str] = set()
+        crashes: dict[str, list[str]] = {}  # server -> the points where it died
         try:
             for system in systems:  # all up at once: every point measures them back to back
                 server = SERVER.get(system, system)
@@ -645,10 +650,23 @@ def main(argv: list[str] | None = None) -> int:
                     for system in systems:
                         if system in failed:
                             continue
-                        row = point(system, procs[SERVER.get(system, system)], s, round_, args)
+                        server = SERVER.get(system, system)
+                        row = point(system, procs[server], s, round_, args)
                         rows.append(row)
-                        if "error" in row:
+                        if "error" not in row:
+                            continue
+                        if not isinstance(procs[server], Tree) or procs[server].alive():
+                            failed.add(system)  # an error reply: not measured again
+                        elif len(crashes.setdefault(server, [])) >= MAX_RESTARTS:
                             failed.add(system)
+                        else:  # the server died (tritonserver 2.51: signal 11): a fresh one
+                            crashes[server].append(f"S={s} round {round_}")
+                            procs[server].stop()
+                            work = Path(tmp) / f"{server}-{len(crashes[server])}"
+                            work.mkdir()
+                            procs[server] = STARTERS[server](work, onnx, args.peer_workers)
+                            if "torchserve-grpc" in systems and server == "torchserve":
+                                procs[server].stubs = torchserve_stubs(work)
         finally:
             for proc in procs.values():
                 proc.stop()
@@ -667,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_configs": peer_configs(args.peer_workers),
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
         "idle_cpu_pct": idle,
+        "crashes": crashes,
         "rows": rows,
         "summary": summary,
         "total_seconds": time.perf_counter() - started,
@@ -674,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(summary))
+    for server, where in crashes.items():
+        print(f"{server} died and was restarted at: {', '.join(where)} (logs in {LOGS})")
     return 0
 
 
