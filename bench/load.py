@@ -1,7 +1,8 @@
 """The load generator: S concurrent sessions streaming k-step chunks ping-pong over asyncio gRPC.
 
 Modes: `stream` (one Stream call per session), `multi` (StreamMulti: G streams, each message one
-chunk for each of its S/G sessions) and `echo` (the bare echo server with the same message sizes).
+chunk for each of its S/G sessions), `columns` (StreamColumns: the same as packed arrays) and
+`echo` (the bare echo server with the same message sizes).
 Every loop is bounded by the measurement window's end and by `MAX_MESSAGES` per loop.
 """
 
@@ -44,7 +45,7 @@ class Window:
 class Load:
     """One point of the sweep."""
 
-    mode: str  # "stream", "multi" or "echo"
+    mode: str  # "stream", "multi", "columns" or "echo"
     sessions: int
     steps: int  # k: steps per chunk
     streams: int  # gRPC streams (= sessions, except for multi)
@@ -60,7 +61,20 @@ def chunk_request(seq: int, ids: list[int]) -> pb.Chunk:
     return pb.Chunk(seq=seq, input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
 
 
-def message_sizes(sessions_per_message: int, steps: int, labels: int = 4) -> tuple[int, int]:
+def columns_chunks(handles: list[int], seq: int, ids: np.ndarray, n: int) -> pb.ColumnsRequest:
+    """One StreamColumns message: the same k token ids for each of n sessions, all at `seq`."""
+    k = len(ids)
+    return pb.ColumnsRequest(
+        handles=np.asarray(handles, dtype="<u4").tobytes(),
+        seqs=np.full(n, seq, dtype="<u8").tobytes(),
+        offsets=(np.arange(n + 1, dtype="<u4") * k).tobytes(),
+        tokens=np.tile(np.asarray(ids, dtype="<i8"), n).tobytes(),
+    )
+
+
+def message_sizes(
+    sessions_per_message: int, steps: int, labels: int = 4, mode: str = "multi"
+) -> tuple[int, int]:
     """Serialized (request, reply) bytes of one lstm-serve message of this load."""
     ids = [999] * steps
     result = pb.ChunkResult(
@@ -71,6 +85,14 @@ def message_sizes(sessions_per_message: int, steps: int, labels: int = 4) -> tup
     if sessions_per_message == 1:
         request = pb.StreamRequest(chunk=chunk_request(100_000, ids))
         reply = pb.StreamResponse(session_id=sid, chunk=result)
+        return request.ByteSize(), reply.ByteSize()
+    if mode == "columns":
+        n = sessions_per_message
+        request = columns_chunks(list(range(1, n + 1)), 100_000, np.array(ids), n)
+        reply = pb.ColumnsResponse(
+            model="bench-lstm", version=1, num_classes=labels, status=bytes(4 * n),
+            probabilities=bytes(4 * n * labels), total_steps=bytes(8 * n), duplicate=bytes(n),
+        )  # fmt: skip
         return request.ByteSize(), reply.ByteSize()
     entry = pb.SessionRequest(session_id=sid, chunk=chunk_request(100_000, ids))
     multi = pb.StreamMultiRequest(entries=[entry] * sessions_per_message)
@@ -128,6 +150,30 @@ async def _multi_loop(
     await call.done_writing()
 
 
+async def _columns_loop(
+    stub: Any, model: str, ids: list[int], n: int, window: Window, ready: Any
+) -> None:
+    call = stub.StreamColumns()
+    await call.write(pb.ColumnsRequest(open=[pb.OpenSession(model=model)] * n))
+    handles = np.frombuffer((await call.read()).attached, dtype="<u4").tolist()
+    await ready()
+    tokens = np.asarray(ids, dtype=np.int64)
+    for seq in range(1, MAX_MESSAGES + 1):
+        if time.perf_counter() >= window.end:
+            break
+        request = columns_chunks(handles, seq, tokens, n)  # packing is part of the client's cost
+        sent = time.perf_counter()
+        await call.write(request)
+        reply = await call.read()
+        window.record(sent, time.perf_counter())
+        if reply is grpc.aio.EOF or reply.errors or len(reply.status) != 4 * n:
+            raise RuntimeError(f"columns stream failed: {reply}")
+        np.frombuffer(reply.probabilities, dtype="<f4").reshape(n, -1)  # what a gateway reads
+    await call.write(pb.ColumnsRequest(end=np.asarray(handles, dtype="<u4").tobytes()))
+    await call.read()
+    await call.done_writing()
+
+
 async def _echo_loop(channel: Any, sizes: tuple[int, int], window: Window, ready: Any) -> None:
     method = channel.stream_stream(ECHO_METHOD)
     call = method(metadata=(("reply-size", str(sizes[1])),))
@@ -176,6 +222,9 @@ async def drive(
         channel = channels[i % len(channels)]
         if load.mode == "echo":
             loops.append(_echo_loop(channel, load.echo_sizes, window, ready))
+        elif load.mode == "columns":
+            stub = pb_grpc.LstmServeStub(channel)
+            loops.append(_columns_loop(stub, model, ids, load.per_message, window, ready))
         elif load.mode == "multi":
             stub = pb_grpc.LstmServeStub(channel)
             loops.append(_multi_loop(stub, model, ids, load.per_message, window, ready))

@@ -2,6 +2,7 @@
 
     python -m bench.run --out bench/results           # the full run (about 5 minutes here)
     python -m bench.run --out /tmp/bench --quick      # a few seconds per point
+    python -m bench.run --out /tmp/cols --modes multi,columns --no-memory   # the multi-session RPCs
 
 Writes results.json, table.md and throughput.png under --out and prints the table. Every server
 is a subprocess on 127.0.0.1; the load generator is this process (asyncio gRPC).
@@ -80,6 +81,7 @@ def sweep_points(langid: bool) -> list[tuple[str, Load]]:
     """(model, load) of every point: S x k streams and multi for the bench model, a few langid."""
     points = [(BENCH_MODEL, Load("stream", s, k, s)) for s in SESSIONS for k in STEPS]
     points += [(BENCH_MODEL, Load("multi", MULTI_SESSIONS, k, MULTI_STREAMS)) for k in STEPS]
+    points += [(BENCH_MODEL, Load("columns", MULTI_SESSIONS, k, MULTI_STREAMS)) for k in STEPS]
     if langid:
         points += [("langid-chars", Load("stream", s, k, s)) for s in (1, 256) for k in STEPS]
     return points
@@ -103,7 +105,7 @@ def sweep(
                     continue
                 run_load = load
                 if label == "echo":
-                    sizes = message_sizes(load.per_message, load.steps)
+                    sizes = message_sizes(load.per_message, load.steps, mode=load.mode)
                     run_load = Load("echo", load.sessions, load.steps, load.streams, sizes)
                 row = measure(procs[label], run_load, model, vocab, *timing)
                 row |= {"server": label, "mode": load.mode}
@@ -182,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true", help="short points (~2 s each)")
     parser.add_argument("--memory-sessions", type=int, default=100_000)
+    parser.add_argument(
+        "--modes", default="", help="only these modes, comma-separated (e.g. multi,columns)"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the idle-session check")
     args = parser.parse_args(argv)
     timing = (0.3, 1.2) if args.quick else (0.8, 3.0)
     started = time.perf_counter()
@@ -190,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp)
         paths = build_repository(repo)
         points = sweep_points("langid-chars" in paths)
+        if args.modes:
+            points = [p for p in points if p[1].mode in args.modes.split(",")]
         rows, limits = sweep(repo, paths, points, timing)
         limits = best_ceilings(limits + remeasure(paths, limits, timing))[: len(limits)]
-        mem = memory(repo, args.memory_sessions)
+        mem = None if args.no_memory else memory(repo, args.memory_sessions)
     results = {
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version()},

@@ -298,6 +298,8 @@ def _entry_count(message: ColumnsMessage, limit: int) -> int:
         _array(message.handles, U32, "handles")  # raises
     if n > limit:
         raise InvalidInput(f"handles has {n} entries, more than the maximum {limit}")
+    if not n and (message.seqs or message.tokens or message.frames or message.offsets.strip(b"\0")):
+        raise InvalidInput("handles is empty but seqs, offsets, tokens or frames are set")
     return n
 
 

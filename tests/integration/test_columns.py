@@ -230,6 +230,7 @@ MALFORMED = [
     ({"seqs": b"\x01" * 16}, "seqs has 2 values"),
     ({"tokens": np.ones(3, "<i8").tobytes()}, "tokens has 3 ids, offsets[3] says 4"),
     ({"frames": np.ones(4, "<f4").tobytes()}, "frames is set"),
+    ({"handles": b""}, "handles is empty but seqs"),
 ]
 
 
