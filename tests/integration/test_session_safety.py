@@ -321,3 +321,55 @@ def test_a_session_belongs_to_the_principal_that_opened_it(tiny_repo: Path) -> N
         asyncio.run(main())
     finally:
         engine.close()
+
+
+def test_callers_through_a_server_with_tokens(tiny_repo: Path, tmp_path: Path) -> None:
+    """With --auth-tokens: alice's 4th open is refused while bob still opens; bob resuming,
+    restoring or naming (StreamMulti) alice's session gets NOT_FOUND, as for an unknown id."""
+    from lstmserve.client import LstmClient, MultiStream
+
+    alice_token, bob_token = "alice-" + "a" * 24, "bob-" + "b" * 24
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{alice_token}\nbob:{bob_token}\n")
+    config = make_config(tiny_repo, auth_tokens=str(tokens), snapshot_key=KEY,
+                         max_sessions_per_principal=3)  # fmt: skip
+    server = ServerThread(config).start()
+
+    async def main() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        async with (
+            LstmClient(server.address, token=alice_token, failover_s=0) as alice,
+            LstmClient(server.address, token=bob_token, failover_s=0) as bob,
+        ):
+            mine = [await alice.open_session(MODEL) for _ in range(3)]
+            await mine[0].step([1, 2])
+            snap = (await mine[0].snapshot()).data
+            with pytest.raises(grpc.aio.AioRpcError) as over:
+                await alice.open_session(MODEL)
+            seen["alice_4th"] = over.value.code()
+            theirs = await bob.open_session(MODEL)  # bob's limit is his own
+            for name, attempt in (
+                ("resume", lambda: bob.resume_session(mine[0].session_id)),
+                ("restore", lambda: bob.restore_session(snap)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await attempt()
+                seen[name] = (info.value.code(), info.value.details())
+            multi = bob.multi_stream()
+            [named] = await multi.exchange([MultiStream.chunk(mine[0].session_id, 2, [3])])
+            seen["multi"] = named.error.code
+            await multi.close()
+            await theirs.end()
+            for session in mine:
+                await session.end()
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        server.stop()
+    assert seen["alice_4th"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for name in ("resume", "restore"):
+        code, details = seen[name]  # type: ignore[misc]
+        assert code == grpc.StatusCode.NOT_FOUND and details.endswith("does not exist"), name
+    assert seen["multi"] == "NOT_FOUND"
