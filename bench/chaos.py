@@ -14,6 +14,14 @@ compared with offline onnxruntime on the same tokens: steps lost (acknowledged b
 the session's final state) and doubled (applied twice), replies whose probabilities or step
 count differ. RSS per replica is sampled all along (psutil). Writes chaos.json and chaos.png
 under --out; exits 1 if anything was lost, doubled, wrong or failed.
+
+    python -m bench.chaos --seconds 150 --store sentinel --kill-redis-every-s 20
+
+With `--store sentinel` the store is a Sentinel group (a master, a replica, three sentinels,
+bench/redisfleet.py) and with --kill-redis-every-s its master is SIGKILLed now and then: the
+sentinels promote the replica and the old master comes back as a replica. In strict mode
+(--store-mode, the default) a chunk the store did not take is refused in-band UNAVAILABLE and the
+drivers send it again (counted as `refused`); nothing acknowledged may be lost.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.model import BENCH_MODEL, LANGID, build_repository
 from bench.procs import HOST, free_port
+from bench.redisfleet import SentinelFleet
 from lstmserve.client import LstmClient, MultiStream, SessionLost, StreamSession
 from lstmserve.v1 import lstm_serve_pb2 as pb
 
@@ -49,6 +58,8 @@ KEY = "chaos:" + base64.b64encode(b"chaos-soak-key-shared-by-3-pods!").decode()
 ATOL = 1e-5  # per-step probabilities against offline onnxruntime
 START_TIMEOUT_S = 60.0
 DRAIN_GRACE_S = 3.0
+RETRY_PAUSE_S = 0.05  # before a chunk refused UNAVAILABLE (strict, store down) is sent again
+MAX_RETRIES = 1200  # a minute of refusals: the session fails
 MiB = 1024 * 1024
 
 
@@ -92,9 +103,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=["auto", "langid-chars", BENCH_MODEL], default="auto")
     parser.add_argument("--rss-every-s", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/chaos"))
+    parser.add_argument(
+        "--store", choices=["single", "sentinel"], default="single",
+        help="one redis-server, or a Sentinel group (master, replica, three sentinels)",
+    )  # fmt: skip
+    parser.add_argument("--store-mode", choices=["strict", "best-effort"], default="strict")
+    parser.add_argument(
+        "--kill-redis-every-s", type=float, default=0.0,
+        help="with --store sentinel: SIGKILL the Redis master this often (0 = never)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.think_ms <= 0 or args.sessions < 1 or args.replicas < 2:
         parser.error("--think-ms must be > 0, --sessions >= 1, --replicas >= 2")
+    if args.kill_redis_every_s and args.store != "sentinel":
+        parser.error("--kill-redis-every-s needs --store sentinel")
     args.duration_s = args.seconds if args.seconds is not None else 60 * (args.minutes or 10)
     return args
 
@@ -128,9 +150,68 @@ class Redis:
                     raise RuntimeError("redis-server did not start") from None
                 await asyncio.sleep(0.02)
 
+    def rss_mib(self) -> float:
+        return float(self.ps.memory_info().rss / MiB)
+
+    def cpu_s(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
     def stop(self) -> None:
         self.popen.terminate()
         self.popen.wait(10)
+
+
+class SentinelStore:
+    """The Sentinel group as the soak sees it: its URL, RSS and CPU of the live Redis nodes."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.fleet = SentinelFleet(workdir / "redis")
+        self.url = self.fleet.url
+
+    async def wait_ready(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.fleet.start)
+
+    def _procs(self) -> list[psutil.Process]:
+        procs = []
+        for node in self.fleet.nodes:
+            if node.alive():
+                assert node.popen is not None
+                with contextlib.suppress(psutil.Error):
+                    procs.append(psutil.Process(node.popen.pid))
+        return procs
+
+    def rss_mib(self) -> float:
+        return sum(p.memory_info().rss for p in self._procs()) / MiB
+
+    def cpu_s(self) -> float:  # the live nodes' (a killed node's seconds are not counted)
+        return sum(p.cpu_times().user + p.cpu_times().system for p in self._procs())
+
+    def stop(self) -> None:
+        self.fleet.stop()
+
+
+async def kill_masters(
+    store: SentinelStore, stop_at: float, every_s: float, kills: list[dict[str, Any]], t0: float
+) -> None:
+    """SIGKILL the Redis master every `every_s` s; after the failover, the old one comes back as
+    a replica (the next kill waits until it has caught up)."""
+    loop = asyncio.get_running_loop()
+    fleet = store.fleet
+    while True:
+        await asyncio.sleep(every_s)
+        if time.monotonic() >= stop_at - every_s / 2:
+            return
+        started = time.monotonic()
+        old = fleet.kill_master()
+        await loop.run_in_executor(None, fleet.wait_failover, old.port)
+        promoted = time.monotonic()
+        await loop.run_in_executor(None, fleet.restart_as_replica, old)
+        kills.append({
+            "t": round(started - t0, 3), "killed_port": old.port,
+            "failover_s": round(promoted - started, 3),
+            "replica_back_s": round(time.monotonic() - started, 3),
+        })  # fmt: skip
 
 
 @dataclass
@@ -228,13 +309,14 @@ class Replica:
                 self.popen.wait(5)
 
 
-def replica_argv(repo: Path, port: int, store_url: str) -> list[str]:
+def replica_argv(repo: Path, port: int, store_url: str, mode: str = "strict") -> list[str]:
     return [
         sys.executable, "-m", "service.cli", "--model-repository", str(repo), "--host", HOST,
         "--grpc-port", str(port), "--metrics-port", "0", "--http-port", "-1", "--log-json",
         "--log-level", "WARNING",
         "--snapshot-key", KEY, "--session-store", store_url, "--drain-grace-s", str(DRAIN_GRACE_S),
         "--compute-threads", "1", "--intra-op-threads", "1", "--inter-op-threads", "1",
+        "--session-store-mode", mode, "--session-store-timeout-s", "0.5",
     ]  # fmt: skip
 
 
@@ -259,17 +341,21 @@ class Record:
     def sent(self, chunk: list[int]) -> None:
         self.sent_steps += len(chunk)
 
-    def answered(self, chunk: list[int], result: pb.ChunkResult, classes: int) -> None:
-        """A chunk's reply; its tokens count as acknowledged once answered without error."""
+    def answered(self, chunk: list[int], result: pb.ChunkResult, classes: int) -> bool:
+        """A chunk's reply; its tokens count as acknowledged once answered without error. False:
+        refused UNAVAILABLE (strict mode, the store did not take it): send it again."""
         if result.HasField("error"):
+            if result.error.code == "UNAVAILABLE":
+                return False
             self.error = f"chunk refused: {result.error.code} {result.error.message}"
-            return
+            return True
         self.tokens.extend(chunk)
         self.ends.append(len(self.tokens))
         self.totals.append(result.total_steps)
         self.duplicates.append(int(result.duplicate))
         probs = list(result.probabilities) or [float("nan")] * classes  # older resends: none
         self.probs.extend(probs)
+        return True
 
 
 @dataclass
@@ -277,6 +363,8 @@ class Stats:
     """Live counters shared by the drivers (the event loop is single-threaded)."""
 
     answered: int = 0
+    refused: int = 0  # chunks answered UNAVAILABLE in-band (strict mode) and sent again
+    opens_refused: int = 0  # opens answered UNAVAILABLE (strict, the store down): opened again
     records: list[Record] = field(default_factory=list)
     streams: list[StreamSession | MultiStream] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -333,12 +421,28 @@ async def _one_stream_session(
     client: LstmClient, load: Load, stats: Stats, stop: asyncio.Event, rng: random.Random,
     record: Record,
 ) -> None:  # fmt: skip
-    session = await client.open_session(load.model)
+    for _ in range(MAX_RETRIES):
+        try:
+            session = await client.open_session(load.model)
+            break
+        except grpc.aio.AioRpcError as exc:  # strict: no replica could store it just now
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            stats.opens_refused += 1
+            await asyncio.sleep(RETRY_PAUSE_S)
+    else:
+        raise SessionLost(f"open refused UNAVAILABLE {MAX_RETRIES} times")
     stats.streams.append(session)
     for _ in range(load.length(rng)):
         chunk = load.chunk(rng)
         record.sent(chunk)
-        record.answered(chunk, await session.step(chunk), load.classes)
+        for _ in range(MAX_RETRIES):
+            if record.answered(chunk, await session.step(chunk), load.classes):
+                break
+            stats.refused += 1
+            await asyncio.sleep(RETRY_PAUSE_S)
+        else:
+            record.error = f"chunk refused UNAVAILABLE {MAX_RETRIES} times"
         stats.answered += 1
         if stop.is_set() or record.error:
             break
@@ -355,6 +459,7 @@ class Slot:
     left: int = 0  # chunks still to send
     seq: int = 0
     chunk: list[int] = field(default_factory=list)
+    retries: int = 0  # the chunk was refused UNAVAILABLE this many times: sent again
 
 
 async def drive_multi(
@@ -370,7 +475,11 @@ async def drive_multi(
         while not stop.is_set():
             await _multi_round(multi, slots, load, stats, rng, finishing=False)
             await load.pause(rng, stop)
-        await _multi_round(multi, slots, load, stats, rng, finishing=True)
+        for _ in range(MAX_RETRIES):  # end every session (a refused chunk is sent again first)
+            await _multi_round(multi, slots, load, stats, rng, finishing=True)
+            if all(slot.record is None for slot in slots):
+                break
+            await asyncio.sleep(RETRY_PAUSE_S)
     except (SessionLost, grpc.aio.AioRpcError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:500]
         stats.errors.append(error)
@@ -400,6 +509,8 @@ def _entry(slot: Slot, load: Load, rng: random.Random, finishing: bool) -> pb.Se
     """The entry this place sends now: open, a chunk, end, or (finishing, empty) nothing."""
     if slot.record is None:
         return None if finishing else MultiStream.open(load.model)
+    if slot.retries:  # refused UNAVAILABLE: the same chunk again (it may have been applied)
+        return MultiStream.chunk(slot.session_id, slot.seq, slot.chunk)
     if slot.left == 0 or finishing:
         return MultiStream.end(slot.session_id)
     slot.seq += 1
@@ -414,6 +525,9 @@ def _multi_result(
 ) -> None:  # fmt: skip
     kind = entry.WhichOneof("kind")
     if kind == "open":
+        if result.WhichOneof("kind") != "opened" and result.error.code == "UNAVAILABLE":
+            stats.opens_refused += 1  # strict, the store down: the place opens again next round
+            return
         if result.WhichOneof("kind") != "opened":
             stats.errors.append(f"multi open failed: {result.error.code} {result.error.message}")
             return
@@ -425,7 +539,13 @@ def _multi_result(
     if result.session_id != slot.session_id:
         slot.record.error = f"a result for {result.session_id} in the place of {slot.session_id}"
     elif kind == "chunk" and result.WhichOneof("kind") == "chunk":
-        slot.record.answered(slot.chunk, result.chunk, load.classes)
+        if not slot.record.answered(slot.chunk, result.chunk, load.classes):
+            stats.refused += 1
+            slot.retries += 1
+            if slot.retries < MAX_RETRIES:
+                return
+            slot.record.error = f"chunk refused UNAVAILABLE {MAX_RETRIES} times"
+        slot.retries = 0
         stats.answered += 1
         slot.left -= 1
         if slot.record.error is None:
@@ -468,8 +588,8 @@ async def chaos(
 
 
 async def sample(
-    replicas: list[Replica], redis: Redis, stats: Stats, every_s: float, stop: asyncio.Event,
-    series: dict[str, list[Any]], t0: float,
+    replicas: list[Replica], redis: Redis | SentinelStore, stats: Stats, every_s: float,
+    stop: asyncio.Event, series: dict[str, list[Any]], t0: float,
 ) -> None:  # fmt: skip
     """RSS per replica (MiB; None while down), Redis's and this client's, and replies/s."""
     me = psutil.Process()
@@ -481,7 +601,7 @@ async def sample(
         series["t"].append(round(now - t0, 2))
         for replica in replicas:
             series[f"replica{replica.slot}"].append(_round(replica.rss_mib()))
-        series["redis"].append(_round(redis.ps.memory_info().rss / MiB))
+        series["redis"].append(_round(redis.rss_mib()))
         series["client"].append(_round(me.memory_info().rss / MiB))
         series["replies_per_s"].append(round((stats.answered - last_answered) / (now - last_t), 1))
         series["failovers"].append(stats.failovers())
@@ -594,9 +714,10 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model, repo = model_repository(args.model, workdir)
     logs = workdir / "logs"
     logs.mkdir()
-    redis = Redis(workdir)
+    redis: Redis | SentinelStore = SentinelStore(workdir) if args.store == "sentinel" else (
+        Redis(workdir))  # fmt: skip
     await redis.wait_ready()
-    replicas = [Replica(i, port, replica_argv(repo, port, redis.url), logs)
+    replicas = [Replica(i, port, replica_argv(repo, port, redis.url, args.store_mode), logs)
                 for i, port in enumerate(free_port() for _ in range(args.replicas))]  # fmt: skip
     try:
         await asyncio.gather(*(r.start() for r in replicas))
@@ -617,13 +738,14 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 async def _run(
-    args: argparse.Namespace, replicas: list[Replica], redis: Redis, load: Load
+    args: argparse.Namespace, replicas: list[Replica], redis: Redis | SentinelStore, load: Load
 ) -> dict[str, Any]:
     rng = random.Random(args.seed)
     addresses = [r.address for r in replicas]
     clients = [LstmClient(addresses[i:] + addresses[:i], failover_s=10.0)
                for i in range(len(addresses))]  # fmt: skip
     stats, kills, stop = Stats(), [], asyncio.Event()
+    redis_kills: list[dict[str, Any]] = []
     series: dict[str, list[Any]] = {k: [] for k in ["t", "redis", "client", "replies_per_s",
                                                     "failovers"]}  # fmt: skip
     series.update({f"replica{r.slot}": [] for r in replicas})
@@ -647,10 +769,17 @@ async def _run(
     killer = asyncio.create_task(
         chaos(replicas, stop_at, args.kill_every_s, args.sigterm_share, rng, kills, t0)
     )
+    master_killer = None
+    if isinstance(redis, SentinelStore) and args.kill_redis_every_s:
+        master_killer = asyncio.create_task(
+            kill_masters(redis, stop_at, args.kill_redis_every_s, redis_kills, t0)
+        )
     while not killer.done():
         await asyncio.wait([killer], timeout=30)
         print(progress(stats, kills, t0), flush=True)
     killer.result()
+    if master_killer is not None:
+        await master_killer  # the last failover is over, its old master back as a replica
     stop.set()  # every driver ends its session, with every replica up
     done, late = await asyncio.wait(tasks, timeout=60)
     for task in late:
@@ -666,17 +795,20 @@ async def _run(
         "records": stats.records, "replies": stats.answered, "failovers": stats.failovers(),
         "resent": stats.resent(), "errors": stats.errors[:50], "error_count": len(stats.errors),
         "drivers_not_finished": len(late), "multi_sessions": n_multi,
+        "redis_kills": redis_kills, "refused": stats.refused, "store": args.store,
+        "opens_refused": stats.opens_refused,
+        "store_mode": args.store_mode,
         "duplicates": sum(sum(r.duplicates) for r in stats.records),
         "sessions": len(stats.records), "steps": step_counts(stats.records),
     }  # fmt: skip
 
 
-def cpu_seconds(replicas: list[Replica], redis: Redis) -> dict[str, float]:
+def cpu_seconds(replicas: list[Replica], redis: Redis | SentinelStore) -> dict[str, float]:
     """CPU seconds so far: every replica generation, Redis, this process (the client)."""
-    me, rd = psutil.Process().cpu_times(), redis.ps.cpu_times()
+    me = psutil.Process().cpu_times()
     return {
         "replicas": round(sum(r.cpu_now() for r in replicas), 1),
-        "redis": round(rd.user + rd.system, 1),
+        "redis": round(redis.cpu_s(), 1),
         "client": round(me.user + me.system, 1),
     }
 
@@ -713,6 +845,9 @@ def summary(result: dict[str, Any]) -> list[str]:
         f"steps sent {steps['sent']}, acknowledged {steps['acknowledged']}, applied "
         f"{steps['applied']}, lost {steps['lost']}, doubled {steps['doubled']}",
         f"sessions failed {steps['sessions_failed']}, client errors {result['error_count']}",
+        f"store {result['store']} ({result['store_mode']}): {len(result['redis_kills'])} master "
+        f"kills (failover {_span(result['redis_kills'], 'failover_s')} s), chunks refused "
+        f"UNAVAILABLE and sent again {result['refused']}, opens {result['opens_refused']}",
         "CPU seconds: " + ", ".join(f"{k} {v}" for k, v in result["cpu_s"].items())
         + f" ({sum(result['cpu_s'].values()) / max(1, result['replies']) * 1e3:.2f} ms per reply)",
         f"replies checked {check['replies']}: mismatched {check['mismatched']} (max |diff| "
@@ -722,6 +857,11 @@ def summary(result: dict[str, Any]) -> list[str]:
         "peak RSS MiB: " + ", ".join(f"{k} {_peak(v):.0f}" for k, v in result["series"].items()
                                       if k.startswith("replica") or k in ("redis", "client")),
     ]  # fmt: skip
+
+
+def _span(kills: list[dict[str, Any]], key: str) -> str:
+    values = [k[key] for k in kills] or [0.0]
+    return f"{np.mean(values):.2f} mean / {max(values):.2f} max"
 
 
 def _peak(values: list[float | None]) -> float:
