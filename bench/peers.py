@@ -109,12 +109,14 @@ def ts_model_config(
     )
 
 
-def peer_configs(workers: int) -> dict[str, str]:
+def peer_configs(workers: int, slots: int = MAX_BATCH) -> dict[str, str]:
     """The peers' configurations for `workers` model processes (TorchServe workers, Triton
-    instances), the 2 onnxruntime threads shared out among them."""
+    instances), the 2 onnxruntime threads shared out among them; `slots`: Triton's sequence
+    slots per instance (its max_batch_size; with 256 slots 2.51 died with signal 11 at S = 64
+    in 3 of 5 runs, so the bench gives it as many as the largest S needs)."""
     threads = max(1, THREADS // workers)
     return {
-        "tritonserver": triton_config(BENCH_MODEL, MAX_BATCH, QUEUE_DELAY_US, threads, workers),
+        "tritonserver": triton_config(BENCH_MODEL, slots, QUEUE_DELAY_US, threads, workers),
         "torchserve": ts_model_config(
             MAX_BATCH, QUEUE_DELAY_US // 1000, threads, MAX_STREAMS, workers
         ),
@@ -151,6 +153,11 @@ def missing(system: str) -> str | None:
     if system == "tritonserver" and not triton_binary().exists():
         return f"tritonserver: no {triton_binary()}; run python -m bench.peers --setup"
     return None
+
+
+def triton_slots(streams: list[int]) -> int:
+    """Triton sequence slots per instance: enough for the largest S, at most MAX_BATCH."""
+    return max(1, min(MAX_BATCH, max(streams)))
 
 
 def triton_binary() -> Path:
@@ -236,7 +243,7 @@ def wait_http(tree: Tree, url: str, ready: Callable[[bytes], bool], timeout_s: f
         time.sleep(0.3)
 
 
-def start_triton(work: Path, onnx: Path, workers: int = 1) -> Tree:
+def start_triton(work: Path, onnx: Path, args: argparse.Namespace) -> Tree:
     """tritonserver 2.51 from the pytriton wheel: the model repository and backend folder in
     `work`, the Python backend stub of this Python version, the wheel's libraries."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -249,7 +256,8 @@ def start_triton(work: Path, onnx: Path, workers: int = 1) -> Tree:
     (backends / "triton_python_backend_stub").symlink_to(stub)
     model_dir = work / "triton" / BENCH_MODEL
     (model_dir / "1").mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(peer_configs(workers)["tritonserver"])
+    config = peer_configs(args.peer_workers, triton_slots(args.streams))["tritonserver"]
+    (model_dir / "config.pbtxt").write_text(config)
     site = ":".join(p for p in sys.path if p.endswith("site-packages"))
     (model_dir / "1" / "site_packages.txt").write_text(site)
     shutil.copy(PEERS_DIR / "triton_model.py", model_dir / "1" / "model.py")
@@ -273,12 +281,12 @@ def start_triton(work: Path, onnx: Path, workers: int = 1) -> Tree:
     return tree
 
 
-def start_torchserve(work: Path, onnx: Path, workers: int = 1) -> Tree:
+def start_torchserve(work: Path, onnx: Path, args: argparse.Namespace) -> Tree:
     """TorchServe 0.12 (the .venv-peers launcher, --foreground) with an archive built here."""
     store = work / "store"
     store.mkdir()
     config = work / "model-config.yaml"
-    config.write_text(peer_configs(workers)["torchserve"])
+    config.write_text(peer_configs(args.peer_workers)["torchserve"])
     shutil.copy(onnx, work / "model.onnx")
     shutil.copy(PEERS_DIR / "lstm_states.py", work / "lstm_states.py")
     archiver = [
@@ -641,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                 server = SERVER.get(system, system)
                 if server not in procs:
                     (Path(tmp) / server).mkdir()
-                    procs[server] = STARTERS[server](Path(tmp) / server, onnx, args.peer_workers)
+                    procs[server] = STARTERS[server](Path(tmp) / server, onnx, args)
                 if system == "torchserve-grpc":
                     procs[server].stubs = torchserve_stubs(Path(tmp) / server)
             idle = idle_cpu(procs)
@@ -664,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                             procs[server].stop()
                             work = Path(tmp) / f"{server}-{len(crashes[server])}"
                             work.mkdir()
-                            procs[server] = STARTERS[server](work, onnx, args.peer_workers)
+                            procs[server] = STARTERS[server](work, onnx, args)
                             if "torchserve-grpc" in systems and server == "torchserve":
                                 procs[server].stubs = torchserve_stubs(work)
         finally:
@@ -682,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         "lstm_serve_flags": BATCHED,
         "skipped": skipped,
         "peer_workers": args.peer_workers,
-        "peer_configs": peer_configs(args.peer_workers),
+        "peer_configs": peer_configs(args.peer_workers, triton_slots(args.streams)),
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
         "idle_cpu_pct": idle,
         "crashes": crashes,

@@ -60,6 +60,14 @@ def test_triton_config_is_a_valid_sequence_batcher_config_with_direct_strategy()
     ]
 
 
+def test_triton_gets_as_many_slots_as_the_largest_s_up_to_256() -> None:
+    assert peers.triton_slots([1, 16, 64]) == 64
+    assert peers.triton_slots([1024]) == 256
+    triton = text_format.Parse(peers.peer_configs(1, 64)["tritonserver"], mc.ModelConfig())
+    assert triton.max_batch_size == 64
+    assert yaml.safe_load(peers.peer_configs(1, 64)["torchserve"])["batchSize"] == 256
+
+
 def test_two_peer_workers_share_the_two_threads() -> None:
     configs = peers.peer_configs(2)
     triton = text_format.Parse(configs["tritonserver"], mc.ModelConfig())
