@@ -87,20 +87,6 @@ def ceiling_ratio(
     return rows
 
 
-def ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows of bench.ceiling.ceiling_ratio's figures."""
-    table = [
-        "| batch | steps | threads | float32 steps/s | int8 steps/s | int8 / float32 |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['batch']} | {r['steps']} | {r['threads']} | {r['float32_steps_per_s']:,.0f} "
-            f"| {r['int8_steps_per_s']:,.0f} | {r['ratio']:.2f}x |"
-        )
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.ceiling", description="raw onnxruntime steps/s of a model alone"
@@ -133,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    from export.quantize import ceiling_table
+
     for int8, rows in results.items():
         print(f"### {int8}\n")
         print("\n".join(ceiling_table(rows)) + "\n")

@@ -49,6 +49,9 @@ def test_quantize_writes_an_int8_lstm_with_the_contract_and_a_card(int8_repo: Pa
     q = desc.training["quantization"]
     assert q["source"] == "tiny-lstm/1" and q["quantized_ops"] == ["Gather", "LSTM", "MatMul"]
     assert q["tolerance"] == INT8_TOLERANCE and desc.cuda["wholly_on_cuda"] is False
+    assert desc.cuda["cpu_fallback"] == [
+        "DynamicQuantizeLSTM: a CPU kernel only (onnxruntime contrib op)"
+    ]
     card = (target / "README.md").read_text()
     assert "Accuracy delta: n/a (no test set" in card  # a tiny random model has no test set
     assert f"max |diff| <= {INT8_TOLERANCE:g}" in card and "passed: True" in card
