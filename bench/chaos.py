@@ -552,6 +552,9 @@ def _multi_result(
             return
     elif kind == "end" and result.WhichOneof("kind") == "ended":
         slot.record.final_total = result.ended.total_steps
+    elif kind == "end" and result.error.code == "UNAVAILABLE":
+        stats.refused += 1  # strict, the store down: the end is sent again next round
+        return
     else:
         slot.record.error = f"{kind}: {result.error.code} {result.error.message}"
     if slot.record.error:
