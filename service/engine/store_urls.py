@@ -40,6 +40,10 @@ SCHEMES = {
     "rediss+cluster": (CLUSTER, True),
 }
 DEFAULT_PORTS = {SINGLE: 6379, SENTINEL: 26379, CLUSTER: 6379}
+# Connections per pod (per node with Cluster). redis-py's default pools hold 100 and fail at
+# once beyond it (MaxConnectionsError), which a pod taking over a killed one's sessions exceeds;
+# one Redis gets a pool that waits (within the operation's deadline) instead.
+MAX_CONNECTIONS = 512
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,15 @@ def connect(target: StoreTarget, options: StoreOptions) -> Any:
     contacted until the first command)."""
     kwargs = _common(target, options)
     if target.kind == SINGLE:
-        return aioredis.from_url(target.url, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            target.url, max_connections=MAX_CONNECTIONS, timeout=options.timeout_s, **kwargs
+        )
+        return aioredis.Redis(connection_pool=pool)
     if target.kind == CLUSTER:
         kwargs.pop("retry_on_error")
         kwargs.pop("health_check_interval")
         nodes = [ClusterNode(host, port) for host, port in target.nodes]
-        return RedisCluster(startup_nodes=nodes, **kwargs)
+        return RedisCluster(startup_nodes=nodes, max_connections=MAX_CONNECTIONS, **kwargs)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": options.timeout_s,
         "socket_connect_timeout": options.timeout_s,
@@ -172,4 +179,4 @@ def connect(target: StoreTarget, options: StoreOptions) -> Any:
         sentinel_kwargs.update({"ssl": True, **_tls(options)})
         kwargs["ssl"] = True
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs, **kwargs)
-    return sentinel.master_for(target.master, db=target.db)
+    return sentinel.master_for(target.master, db=target.db, max_connections=MAX_CONNECTIONS)
