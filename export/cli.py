@@ -82,10 +82,12 @@ def _crossval(args: argparse.Namespace) -> int:
 
 def _card(args: argparse.Namespace) -> int:
     from export.cards import refresh_card
+    from export.quantize import refresh_card as refresh_int8_card
 
     failed = 0
     for path in args.paths:
-        report = refresh_card(Path(path))
+        int8 = (Path(path) / "quantization_report.json").is_file()
+        report = (refresh_int8_card if int8 else refresh_card)(Path(path))
         print(json.dumps({"model": report["model"], "verify": report["verify"]}))
         failed += not report["verify"]["passed"]
     return 1 if failed else 0

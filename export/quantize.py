@@ -342,6 +342,26 @@ def quantize_model(
     return report
 
 
+def refresh_card(out: Path) -> dict[str, Any]:
+    """Re-verify an int8 copy and rewrite its card from quantization_report.json (the accuracy
+    and ceiling figures as measured; `lstm-export quantize` again re-measures them)."""
+    from export.verify import verify_model
+
+    report = json.loads((out / "quantization_report.json").read_text())
+    report["verify"] = verify_model(out).to_dict()
+    (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    desc = ModelDescription.from_metadata(
+        {p.key: p.value for p in onnx.load(str(out / MODEL_FILE)).metadata_props}
+    )
+    source_dir = out.parent.parent / report["quantization"]["source"]
+    source = desc
+    if (source_dir / MODEL_FILE).is_file():
+        meta = onnx.load(str(source_dir / MODEL_FILE)).metadata_props
+        source = ModelDescription.from_metadata({p.key: p.value for p in meta})
+    write_card(out, desc, report, source)
+    return report
+
+
 def _accuracy(
     src: Path, dst: Path, desc: ModelDescription, log: Callable[[str], None]
 ) -> dict[str, Any]:

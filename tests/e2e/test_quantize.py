@@ -122,3 +122,12 @@ def test_the_ceiling_command_reports_the_int8_ratio(tiny_repo: Path, int8_repo: 
     rows = next(iter(json.loads(done.stdout).values()))
     assert [(r["batch"], r["steps"]) for r in rows] == [(1, 1), (1, 16), (64, 16)]
     assert all(r["ratio"] == r["int8_steps_per_s"] / r["float32_steps_per_s"] > 0 for r in rows)
+
+
+def test_card_refreshes_an_int8_card_from_its_report(int8_repo: Path) -> None:
+    target = int8_repo / "tiny-gru-int8" / "1"
+    (target / "README.md").unlink()
+    done = _export("card", str(target))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["verify"]["passed"] is True
+    assert "**GRU stays float32**" in (target / "README.md").read_text()
