@@ -15,7 +15,7 @@ import pytest
 
 from lstmserve.client import ColumnsRefused, ColumnStream, LstmClient, MultiStream, columns_request
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from tests.integration.conftest import Reference, ServerThread, make_config
+from tests.integration.conftest import Reference, ServerThread, make_config, metric, scrape
 
 T = TypeVar("T")
 OK, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED, UNAVAILABLE = 0, 3, 5, 9, 10, 14
@@ -96,6 +96,46 @@ def test_frames_as_one_3d_array_match_offline_and_a_non_finite_frame_fails_alone
     np.testing.assert_allclose(
         again.probs[0], reference.run("tiny-rnn-frames", frames[2])[0], atol=1e-5
     )
+
+
+def test_one_message_s_chunks_share_batched_model_runs(server: ServerThread) -> None:
+    frames = np.random.default_rng(5).normal(size=(64, 3, 5)).astype(np.float32)
+
+    def counts() -> tuple[float, float]:
+        samples = scrape(server.metrics_url)
+        runs = metric(samples, "lstm_serve_batch_size_count", model="tiny-cifg-frames")
+        return runs, metric(samples, "lstm_serve_batch_size_sum", model="tiny-cifg-frames")
+
+    async def scenario(client: LstmClient) -> Any:
+        columns = ColumnStream(client)
+        handles = await columns.open("tiny-cifg-frames", 64, version=1)
+        before = counts()
+        result = await columns.step(handles, frames)
+        after = counts()
+        await columns.close()
+        return result, before, after
+
+    result, (runs0, chunks0), (runs1, chunks1) = run(server, scenario)
+    assert result.errors == {} and result.probs.shape == (64, 4)
+    assert chunks1 - chunks0 == 64
+    assert runs1 - runs0 <= 4, f"64 chunks of one message took {runs1 - runs0} model runs"
+
+
+def test_bytes_that_are_no_columns_request_end_the_stream_invalid_argument(
+    server: ServerThread,
+) -> None:
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            method = channel.stream_stream("/lstmserve.v1.LstmServe/StreamColumns")
+            call = method()
+            await call.write(b"\xff\xff\xff\xff")
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call.read()
+            return failed.value
+
+    error = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lstmserve.v1.ColumnsRequest" in (error.details() or "")
 
 
 def test_bad_entries_get_their_own_status_and_do_not_disturb_the_others(
