@@ -139,7 +139,7 @@ class StoreGuard:
         self.up = False
         metrics.SESSION_STORE_UP.set(0)
         log.error(
-            "session store unreachable",
+            "session store down",
             extra={"fields": {"store": self.where, "error": repr(exc)[:300]}},
         )
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
@@ -155,7 +155,7 @@ class StoreGuard:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
         self.up = True
         metrics.SESSION_STORE_UP.set(1)
-        log.warning("session store answers again", extra={"fields": {"store": self.where}})
+        log.warning("session store back", extra={"fields": {"store": self.where}})
 
     def close(self) -> None:
         if self._probe is not None:

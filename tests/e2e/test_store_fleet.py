@@ -192,8 +192,8 @@ def test_store_outage_strict_refuses_in_band_and_loses_nothing(
         results = asyncio.run(scenario())
         _check(Reference(tiny_repo), results)
         events = [e.get("event") for e in _events(first)]
-        assert events.count("session store unreachable") == 1, "one log line per outage"
-        assert "session store answers again" in events
+        assert events.count("session store down") == 1, "one log line per outage"
+        assert "session store back" in events
     finally:
         redis.stop()
 
