@@ -139,6 +139,21 @@ session_requests = st.one_of(
 
 
 multi_messages = st.builds(pb.StreamMultiRequest, entries=st.lists(session_requests, max_size=6))
+
+
+def _packed(dtype: str, values: st.SearchStrategy, max_size: int = 8) -> st.SearchStrategy[bytes]:
+    """A packed little-endian array field, sometimes cut mid-value."""
+    whole = st.lists(values, max_size=max_size).map(lambda v: np.array(v, dtype=dtype).tobytes())
+    return st.one_of(whole, whole.map(lambda b: b[:-1]), st.binary(max_size=24))
+
+
+columns_messages = st.builds(
+    pb.ColumnsRequest, open=st.lists(st.one_of(valid_opens, opens), max_size=3),
+    resume=st.lists(session_ids, max_size=2), handles=_packed("<u4", st.integers(0, 6)),
+    seqs=_packed("<u8", uint64), offsets=_packed("<u4", st.integers(0, 12)),
+    tokens=_packed("<i8", int64, 24), frames=_packed("<f4", floats32, 60),
+    end=_packed("<u4", st.integers(0, 6)),
+)  # fmt: skip
 classify_requests = st.one_of(
     st.builds(pb.ClassifyRequest, model=model_names, version=versions,
               sequences=st.lists(sequence_inputs, max_size=4),
@@ -151,6 +166,7 @@ MESSAGES: dict[str, st.SearchStrategy] = {  # one request message of each method
     "Classify": classify_requests,
     "Stream": stream_requests,
     "StreamMulti": multi_messages,
+    "StreamColumns": columns_messages,
     "ListModels": st.just(pb.ListModelsRequest()),
     "GetModel": st.builds(pb.GetModelRequest, name=model_names, version=versions),
     "RepositoryIndex": st.just(pb.RepositoryIndexRequest()),
@@ -168,7 +184,7 @@ def structured(method: str) -> st.SearchStrategy:
     """Serialized valid, boundary and hostile requests: a stream's first message, then 0..5."""
     if method not in STREAMING:
         return _serialized(MESSAGES[method])
-    first, rest = (stream_firsts, stream_rests) if method == "Stream" else (multi_messages,) * 2
+    first, rest = (stream_firsts, stream_rests) if method == "Stream" else (MESSAGES[method],) * 2
     pair = st.tuples(_serialized(first), st.lists(_serialized(rest), max_size=5))
     return pair.map(lambda p: [p[0], *p[1]])
 
@@ -221,6 +237,10 @@ def in_band_messages(method: str, replies: list[bytes]) -> list[str]:
     if method == "StreamMulti":
         results = [res for r in replies for res in pb.StreamMultiResponse.FromString(r).results]
         return [res.error.message or res.chunk.error.message for res in results]
+    if method == "StreamColumns":
+        parsed = [pb.ColumnsResponse.FromString(r) for r in replies]
+        failed = [e for r in parsed for e in (*r.attach_errors, *r.errors, *r.end_errors)]
+        return [e.message for e in failed]
     return []
 
 
