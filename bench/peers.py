@@ -465,10 +465,49 @@ async def drive_torchserve_grpc(
     return window
 
 
+_sequence_ids = iter(range(1, 2**62))  # Triton correlation ids, never reused within a run
+
+
+async def drive_tritonserver(
+    address: str, load: Load, warmup_s: float, seconds: float,
+    on_window: Callable[[str], Awaitable[None]],
+) -> Window:  # fmt: skip
+    """bench/triton.py's stream_infer loop per sequence, with correlation ids not reused across
+    points (bench/triton.py numbers each point's sequences from 1)."""
+    import tritonclient.grpc.aio as grpc_aio
+
+    from bench.triton import SEQUENCES_PER_CLIENT, grpc_sequence, sample
+
+    window = Window(start=float("inf"), end=float("inf"))
+    opened, count = asyncio.Event(), 0
+
+    async def ready() -> None:
+        nonlocal count
+        count += 1
+        if count == load.sessions:
+            now = time.perf_counter()
+            window.start, window.end = now + warmup_s, now + warmup_s + seconds
+            opened.set()
+        await opened.wait()
+
+    n = max(1, -(-load.sessions // SEQUENCES_PER_CLIENT))
+    clients = [grpc_aio.InferenceServerClient(address) for _ in range(n)]
+    ids = np.random.default_rng(load.sessions).integers(1, VOCAB[BENCH_MODEL], size=load.steps)
+    loops = [grpc_sequence(clients[i % n], BENCH_MODEL, ids, next(_sequence_ids), window, ready)
+             for i in range(load.sessions)]  # fmt: skip
+    sampler = asyncio.ensure_future(sample(window, opened, on_window))
+    try:
+        await asyncio.gather(*loops)
+        await sampler
+    finally:
+        sampler.cancel()
+        for client in clients:
+            await client.close()
+    return window
+
+
 def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> dict[str, Any]:
     """One system, one S: messages/s, latency percentiles, server (tree) CPU."""
-    from bench.triton import drive_triton
-
     marks: dict[str, tuple[float, float, float]] = {}
     me = psutil.Process()
 
@@ -478,7 +517,7 @@ def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> 
     if system == "lstm-serve":
         work = drive(load, proc.address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
     elif system == "tritonserver":
-        work = drive_triton("triton-grpc", proc, -1, BENCH_MODEL, load, *timing, on_window)
+        work = drive_tritonserver(proc.address, load, *timing, on_window)
     elif system == "torchserve-grpc":
         work = drive_torchserve_grpc(proc.grpc_port, proc.stubs, load, *timing, on_window)
     else:
