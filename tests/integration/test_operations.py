@@ -138,7 +138,8 @@ def test_metrics_move(server: ServerThread) -> None:
     )
     assert info == 1
     assert metric(after, "lstm_serve_model_load_seconds", model="tiny-gru") > 0
-    assert all("session" not in key.split("{")[-1] for key in after)  # never a session id label
+    labels = [key.partition("{")[2] for key in after]  # the label part of each series
+    assert all("session" not in part for part in labels)  # never a session id label
 
 
 def test_health_is_serving_once_loaded(server: ServerThread) -> None:
