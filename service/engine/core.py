@@ -9,6 +9,7 @@ while the session's lock is still held, so two saves of one session never cross.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +101,9 @@ class Engine(SessionAttach):
         async with session.lock:
             session.check_live()
             session.check_attached(attached)
+            if self.continuity.unsure and session.id in self.continuity.unsure:
+                with contextlib.suppress(Unavailable):  # a drain's snapshot: the store's if newer
+                    await settle(self.continuity, session)
             blob = self.continuity.snapshot(session)
         metrics.SNAPSHOTS.labels(session.model.name, "final" if final else "taken").inc()
         return blob
