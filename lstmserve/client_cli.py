@@ -138,7 +138,7 @@ async def stream_steps(
         if result.HasField("error"):
             refused += 1
             line.update(f"{consumed!r}  (refused: {result.error.code}: {result.error.message})")
-        elif result.top:
+        elif result.top and result.steps:  # a chunk that all waits changes nothing shown
             line.update(f"{consumed!r:<32} {format_top(result.top)}")
         if delay_s:
             await asyncio.sleep(delay_s)

@@ -35,6 +35,16 @@ def test_stream_prints_the_evolving_label_per_character(server_process: ServerPr
     assert lines[-1] == f"ended after {len(word)} steps"
 
 
+def test_stream_prints_each_prefix_once_when_a_letter_waits(server_process: ServerProcess) -> None:
+    """ "q" is fed at once (no mark composes with it), the "u" after it waits: the line for "q"
+    is not printed again while nothing new was fed."""
+    word = "quiz"
+    out = run_client("--address", server_process.address, "stream", "tiny-lstm", "--text", word)
+    assert out.returncode == 0, out.stderr
+    prefixes = [m["prefix"] for m in map(STEP_LINE.match, out.stdout.splitlines()) if m]
+    assert prefixes == ["q", "qu", "qui", "quiz"], prefixes
+
+
 def test_stream_keep_then_resume_by_id(server_process: ServerProcess) -> None:
     first = run_client(
         "--address", server_process.address, "stream", "tiny-gru", "--text", "ab", "--keep"
