@@ -112,8 +112,8 @@ def ts_model_config(
 def peer_configs(workers: int, slots: int = MAX_BATCH) -> dict[str, str]:
     """The peers' configurations for `workers` model processes (TorchServe workers, Triton
     instances), the 2 onnxruntime threads shared out among them; `slots`: Triton's sequence
-    slots per instance (its max_batch_size; with 256 slots 2.51 died with signal 11 at S = 64
-    in 3 of 5 runs, so the bench gives it as many as the largest S needs)."""
+    slots per instance (its max_batch_size): as many as the largest S needs, at most 256 (2.51
+    died with signal 11 at S = 64 with 256 slots and with 64 alike; see bench/README.md)."""
     threads = max(1, THREADS // workers)
     return {
         "tritonserver": triton_config(BENCH_MODEL, slots, QUEUE_DELAY_US, threads, workers),
