@@ -3,17 +3,18 @@
     python -m bench.peers --setup                        # once: .venv-peers (TorchServe, Triton)
     python -m bench.peers --seconds 5 --streams 1 16 64 --repeat 3
 
-Each system is started here as a subprocess on 127.0.0.1 (free ports), serves the bench model of
-bench/model.py (2-layer LSTM 256, tokens in, 4 classes, the same ONNX file for all three) and is
-stopped before the next one starts. The load is the same for all: S concurrent sequences, one
-step per message, each sending the next message only after the reply, for --seconds after a
-warm-up, through each system's own streaming client:
+Each system is started here as a subprocess on 127.0.0.1 (free ports) and serves the bench model
+of bench/model.py (2-layer LSTM 256, tokens in, 4 classes, the same ONNX file for all three);
+all are up for the whole run and every point measures them back to back. The load is the same
+for all: S concurrent sequences, one step per message, each sending the next message only after
+the reply, for --seconds after a warm-up, through each system's own streaming client:
 
-  lstm-serve   lstmserve.v1 Stream (grpc.aio), one stream per sequence (bench/load.py)
-  tritonserver tritonclient.grpc.aio stream_infer, one stream per sequence (bench/triton.py),
-               Python backend, sequence batcher (direct), model.py on onnxruntime
-  torchserve   HTTP POST /predictions/MODEL with the ts_request_sequence_id header, a kept-alive
-               connection per sequence (aiohttp), sequenceBatching, the handler on onnxruntime
+  lstm-serve       lstmserve.v1 Stream (grpc.aio), one stream per sequence (bench/load.py)
+  tritonserver     tritonclient.grpc.aio stream_infer, one stream per sequence (bench/triton.py's
+                   loop), Python backend, sequence batcher (direct), model.py on onnxruntime
+  torchserve       HTTP POST /predictions/MODEL with the ts_request_sequence_id header, a
+                   kept-alive connection per sequence (aiohttp), sequenceBatching, onnxruntime
+  torchserve-grpc  the same TorchServe through gRPC StreamPredictions2, a stream per sequence
 
 A peer whose install is missing is skipped with what to install. Bounded: at most MAX_STREAMS
 sequences, MAX_SECONDS per window, MAX_MESSAGES messages per sequence, loopback only.
