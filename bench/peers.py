@@ -64,7 +64,7 @@ THREADS = 2  # onnxruntime intra-op threads everywhere (the machine has 2 cores)
 SETUP = [
     "python3 -m venv .venv-peers",
     ".venv-peers/bin/pip install 'torchserve==0.12.*' 'torch-model-archiver==0.12.*' "
-    "torch pyyaml numpy onnxruntime",
+    "torch==2.13.0 pyyaml numpy onnxruntime",
     "apt-get update && apt-get install -y openjdk-17-jre-headless   # as root: Java for TorchServe",
     "pip download nvidia-pytriton==0.7.0 --no-deps -d .venv-peers/wheels && "
     "unzip -q .venv-peers/wheels/nvidia_pytriton-0.7.0-*.whl -d .venv-peers/pytriton",
@@ -604,7 +604,8 @@ def setup() -> int:
     if not (home / "bin" / "pip").exists():
         subprocess.run([sys.executable, "-m", "venv", str(home)], check=True)
     pip = [str(home / "bin" / "pip"), "install", "-q"]
-    subprocess.run([*pip, "torchserve==0.12.*", "torch-model-archiver==0.12.*", "torch",
+    # torch pinned: unpinned, pip may pick a CUDA build of several GB
+    subprocess.run([*pip, "torchserve==0.12.*", "torch-model-archiver==0.12.*", "torch==2.13.0",
                     "pyyaml", "numpy", "onnxruntime"], check=True)  # fmt: skip
     if not triton_binary().exists():
         wheels = home / "wheels"
