@@ -566,16 +566,26 @@ class StreamSession:
         unanswered. `elsewhere`: the current replica is unavailable, try it last."""
         await self.close()
         _count_failover(self, f"session {self.session_id}")
+        # The options too: a replica resuming from the shared store would not know them.
+        resume = pb.ResumeSession(session_id=self.session_id, options=self.opened.options)
+        by_id = pb.StreamRequest(resume=resume)
+        first = by_id
         if self.final_snapshot is not None:  # the current server is draining: others first
             first = pb.StreamRequest(restore=_restore(self.final_snapshot, self.opened.options))
             elsewhere = True
-        else:  # the options too: a replica resuming from the shared store would not know them
-            resume = pb.ResumeSession(session_id=self.session_id, options=self.opened.options)
-            first = pb.StreamRequest(resume=resume)
-        await _fail_over(
-            self.client, self.address, elsewhere, lambda a: self.attach(first, a),
-            f"session {self.session_id}",
-        )  # fmt: skip
+
+        async def attempt(address: str) -> pb.SessionOpened:
+            try:
+                return await self.attach(first, address)
+            except grpc.aio.AioRpcError as exc:
+                # The shared store holds a newer copy than the final snapshot: continue that.
+                stale = "stale snapshot" in (exc.details() or "")
+                if first is by_id or exc.code() != grpc.StatusCode.FAILED_PRECONDITION or not stale:
+                    raise
+                return await self.attach(by_id, address)
+
+        await _fail_over(self.client, self.address, elsewhere, attempt,
+                         f"session {self.session_id}")  # fmt: skip
         self.final_snapshot = None
         self._write_failed = False
         self.failovers += 1

@@ -282,3 +282,27 @@ def test_a_draining_server_hands_a_multi_stream_over_by_its_final_snapshots(
     restored = metric(scrape(keyed_survivor.metrics_url), "lstm_serve_snapshots_total",
                       event="restored")  # fmt: skip
     assert restored - before == len(WORDS), "carried over by the final snapshots, no store"
+
+
+def test_a_final_snapshot_the_store_has_moved_past_falls_back_to_resume_by_id(
+    survivor: ServerThread, reference: Reference
+) -> None:
+    """A restore refused as stale (the shared store holds a newer copy) continues the session
+    by id instead of losing it."""
+
+    async def main() -> tuple[pb.SessionOpened, pb.ChunkResult]:
+        async with LstmClient([survivor.address]) as client:
+            session = await client.open_session("tiny-gru")
+            await session.step([1, 2])
+            old = (await session.snapshot()).data
+            await session.step([3])  # the store now holds seq 2
+            session.final_snapshot = old  # as if a draining server had sent this one
+            await session.reconnect()
+            reply = await session.step([4])
+            await session.end()
+            return session.opened, reply
+
+    opened, reply = asyncio.run(main())
+    assert opened.last_applied_seq == 2 and opened.total_steps == 3
+    expected = reference.run("tiny-gru", np.array([1, 2, 3, 4]))[0]
+    np.testing.assert_allclose(reply.probabilities, expected, atol=1e-5)
