@@ -27,7 +27,7 @@ from torch import nn
 from export.arch import ArchConfig
 from export.model import RecurrentClassifier
 from lstmserve import contract
-from lstmserve.contract import DESCRIPTION_KEY, ModelDescription
+from lstmserve.contract import ModelDescription
 
 # Initializer names in the exported graph (inspect and trace read them).
 W_XH, W_YH, B_H = "jordan_W_xh_t", "jordan_W_yh_t", "jordan_b_h"
@@ -137,7 +137,7 @@ def _scan_body(hid: int, n_cls: int) -> onnx.GraphProto:
 
 def build_jordan_graph(model: JordanClassifier, description: ModelDescription) -> onnx.ModelProto:
     """The v1 graph of a Jordan network: input projection, Scan over time, outputs."""
-    from export.onnx_export import IR_VERSION, OPSET, _GraphBuilder, _input_block
+    from export.onnx_export import _GraphBuilder, _input_block, finish_model
 
     arch = model.arch
     hid, n_cls = arch.hidden_size, arch.num_classes
@@ -181,19 +181,7 @@ def build_jordan_graph(model: JordanClassifier, description: ModelDescription) -
         helper.make_tensor_value_info(contract.OUTPUT_PROBS, f, ["B", n_cls]),
         helper.make_tensor_value_info(contract.OUTPUT_STATE, f, ["B", 1, n_cls]),
     ]
-    graph = helper.make_graph(g.nodes, description.name, inputs, outputs, g.inits)
-    proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="lstm-serve export",
-        producer_version="1",
-        model_version=description.version,
-        doc_string=f"{description.name} v{description.version}: Jordan sequence classifier",
-    )
-    proto.ir_version = IR_VERSION
-    helper.set_model_props(proto, {DESCRIPTION_KEY: description.to_json()})
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
+    return finish_model(g.nodes, g.inits, inputs, outputs, description, "Jordan")
 
 
 def jordan_from_initializers(arch: ArchConfig, inits: dict[str, np.ndarray]) -> JordanClassifier:

@@ -186,14 +186,23 @@ def build_graph(model: RecurrentClassifier, description: ModelDescription) -> on
         helper.make_tensor_value_info(contract.OUTPUT_PROBS, TensorProto.FLOAT, ["B", c]),
         helper.make_tensor_value_info(contract.OUTPUT_STATE, TensorProto.FLOAT, ["B", s, h]),
     ]
-    graph = helper.make_graph(g.nodes, description.name, inputs, outputs, g.inits)
+    return finish_model(g.nodes, g.inits, inputs, outputs, description, arch.cell)
+
+
+def finish_model(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+    inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
+    description: ModelDescription, cell: str,
+) -> onnx.ModelProto:  # fmt: skip
+    """The graph as a checked model with its description in the metadata (the v1 contract)."""
+    graph = helper.make_graph(nodes, description.name, inputs, outputs, inits)
     proto = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="lstm-serve export",
         producer_version="1",
         model_version=description.version,
-        doc_string=f"{description.name} v{description.version}: {arch.cell} sequence classifier",
+        doc_string=f"{description.name} v{description.version}: {cell} sequence classifier",
     )
     proto.ir_version = IR_VERSION
     helper.set_model_props(proto, {DESCRIPTION_KEY: description.to_json()})
