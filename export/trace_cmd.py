@@ -254,7 +254,7 @@ def trace_generic(
     sess = _exposed_session(proto, exposed)
     triton = None
     if folder is not None:
-        from service.engine.tritonconfig import load_triton_config
+        from service.tritonconfig import load_triton_config
 
         triton = load_triton_config(folder)
     seq_name = triton.inputs[0].name if triton else sess.get_inputs()[0].name
@@ -313,7 +313,8 @@ def sequence_for(
         return np.array(desc.tokenizer.encode_normalized(normalized), np.int64), list(normalized)
     folder = config_dir(model_file)
     if folder is not None:
-        from service.engine.tritonconfig import load_triton_config, read_vocabulary
+        from service.engine.tritonconfig import read_vocabulary
+        from service.tritonconfig import load_triton_config
 
         vocab = read_vocabulary(load_triton_config(folder))
         if vocab is not None:

@@ -287,7 +287,7 @@ def verify_generic(path: Path, seed: int = 0) -> VerifyReport:
     row alone (mixed lengths with a lengths input, equal lengths without one). There is no
     PyTorch twin to compare with: the user's own export is checked against itself."""
     from service.engine.generic import GenericRuntime
-    from service.engine.tritonconfig import load_triton_config
+    from service.tritonconfig import load_triton_config
 
     runtime = GenericRuntime(
         path, load_triton_config(path.parent.parent), ("CPUExecutionProvider",)

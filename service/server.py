@@ -36,6 +36,7 @@ from service.servicer import LstmServeServicer, add_to_server
 from service.triton import grpc_front as triton_grpc
 from service.triton.core import TritonCore
 from service.triton.http_front import HttpFront
+from service.tritonconfig import TritonConfigReader
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ def build_engine(config: ServerConfig) -> Engine:
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
         debug_compute_delay_s=config.debug_compute_delay_ms / 1000,
+        model_configs=TritonConfigReader(),
     )
     return Engine(
         store, compute_threads=config.compute_threads, policy=config.batch_policy,

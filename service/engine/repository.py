@@ -18,7 +18,7 @@ from pathlib import Path
 from service import metrics
 from service.engine.registry import ModelRegistry
 from service.engine.sessions import SessionStore
-from service.engine.tritonconfig import CONFIG_FILE, served_versions
+from service.engine.tritonconfig import CONFIG_FILE, ConfigReader
 from service.engine.types import ModelState, VersionStatus
 from service.engine.worker import ModelWorker, WorkerFactory
 from service.errors import ConfigError, ModelLoadFailed, ModelNotFound, VersionRetired
@@ -29,7 +29,9 @@ MODEL_FILE = "model.onnx"
 MODES = ("none", "poll", "explicit")
 
 
-def discover(repository: Path, only: str | None = None) -> dict[tuple[str, int], Path]:
+def discover(
+    repository: Path, only: str | None = None, configs: ConfigReader | None = None
+) -> dict[tuple[str, int], Path]:
     """Every NAME/VERSION/model.onnx (VERSION a positive integer), or only NAME's."""
     if not repository.is_dir():
         raise ConfigError(f"model repository {str(repository)!r} is not a directory")
@@ -42,17 +44,17 @@ def discover(repository: Path, only: str | None = None) -> dict[tuple[str, int],
                         version_dir)  # fmt: skip
             continue
         found[(path.parent.parent.name, int(version_dir))] = path
-    return _by_version_policy(repository, found)
+    return found if configs is None else _by_version_policy(repository, found, configs)
 
 
-def _by_version_policy(repository: Path, found: dict[tuple[str, int], Path]
-                       ) -> dict[tuple[str, int], Path]:  # fmt: skip
+def _by_version_policy(repository: Path, found: dict[tuple[str, int], Path],
+                       configs: ConfigReader) -> dict[tuple[str, int], Path]:  # fmt: skip
     """Only the versions each model's config.pbtxt version_policy serves (if it has one)."""
     names = sorted({name for name, _ in found})
     kept: set[tuple[str, int]] = set()
     for name in names:
         versions = [v for n, v in found if n == name]
-        kept.update((name, v) for v in served_versions(repository / name, versions))
+        kept.update((name, v) for v in configs.served_versions(repository / name, versions))
     return {key: path for key, path in found.items() if key in kept}
 
 
@@ -92,6 +94,7 @@ class ModelControl:
         self.repository = repository
         self.registry = registry
         self.factory = factory
+        self._configs = factory.options.model_configs
         self.store = store
         self.mode = mode
         self._lock = asyncio.Lock()
@@ -110,7 +113,7 @@ class ModelControl:
         """Bring the registry in line with the repository (or NAME's folder only). `strict`:
         the first failure raises ConfigError (start-up with --model-control none)."""
         async with self._lock:
-            found = await asyncio.to_thread(discover, self.repository, only)
+            found = await asyncio.to_thread(discover, self.repository, only, self._configs)
             report = ScanReport()
             held = {(w.name, w.version) for w in self.registry.all()}
             for key, path in found.items():
@@ -156,7 +159,7 @@ class ModelControl:
         """Every version in the repository or still held, with its state (RepositoryIndex)."""
         rows: dict[tuple[str, int], VersionStatus] = {}
         try:
-            found = discover(self.repository)
+            found = discover(self.repository, configs=self._configs)
         except ConfigError:
             found = {}
         for (name, version), path in found.items():

@@ -16,6 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from service.engine.sessions import Session
     from service.engine.textstream import HeldChange
+    from service.engine.tritonconfig import ConfigReader
 
 
 MAX_SEQ = 2**63  # the largest sequence number (uint64 on the wire)
@@ -89,6 +90,9 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     debug_compute_delay_s: float = 0.0
+    # How a model folder's config.pbtxt is read (service/tritonconfig.py, given by the
+    # composition root); None: a model with a config.pbtxt cannot be loaded.
+    model_configs: ConfigReader | None = None
 
 
 class ModelState(StrEnum):

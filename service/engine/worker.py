@@ -27,7 +27,7 @@ from service.engine.runtime import CPU, CUDA, ModelRuntime
 from service.engine.sessions import Session
 from service.engine.state import HostStateSlab, StateStore
 from service.engine.subwords import with_tokenizer_file
-from service.engine.tritonconfig import CONFIG_FILE, TritonModel, load_triton_config
+from service.engine.tritonconfig import CONFIG_FILE, ConfigReader, TritonModel
 from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
 from service.errors import ConfigError, Unavailable
 
@@ -139,6 +139,12 @@ class WorkerFactory:
         self.initial_capacity = initial_capacity
         self.max_sessions = max_sessions
 
+    def _configs(self) -> ConfigReader:
+        if self.options.model_configs is None:
+            raise ConfigError("a model with a config.pbtxt needs a config reader (this engine "
+                              "was built without one: RuntimeOptions.model_configs)")  # fmt: skip
+        return self.options.model_configs
+
     def load(self, path: Path) -> ModelWorker:
         """Load, check and warm `NAME/VERSION/model.onnx` (blocking: call off the loop).
 
@@ -149,7 +155,7 @@ class WorkerFactory:
         opts = self.options
         triton = None
         if (path.parent.parent / CONFIG_FILE).is_file():
-            triton = load_triton_config(path.parent.parent)
+            triton = self._configs().load(path.parent.parent)
         try:
             runtime: ModelRuntime
             if triton is None:

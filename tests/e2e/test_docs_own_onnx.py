@@ -37,7 +37,7 @@ def test_the_own_onnx_tutorial_runs_as_written(tmp_path: Path) -> None:
 
 def test_the_pytorch_layout_example_is_a_config_lstm_serve_accepts(tmp_path: Path) -> None:
     """The illustration of PyTorch's (h0, c0) layout parses and passes the field check."""
-    from service.engine.tritonconfig import load_triton_config
+    from service.tritonconfig import load_triton_config
 
     illustration = [body for lang, info, body in doc_blocks(DOC) if lang == "protobuf" and not info]
     assert len(illustration) == 1

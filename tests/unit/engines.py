@@ -15,8 +15,9 @@ from service.engine.core import Engine
 from service.engine.sessions import SessionStore
 from service.engine.types import BatchPolicy, ClassifyPolicy, RuntimeOptions
 from service.engine.worker import ModelWorker, WorkerFactory
+from service.tritonconfig import TritonConfigReader
 
-CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",))
+CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",), model_configs=TritonConfigReader())
 
 
 def load_engine(

@@ -80,13 +80,34 @@ def test_no_class_is_over_200_lines() -> None:
     assert not big, big
 
 
+WIRE = ("grpc", "google.protobuf", "lstmserve.v1", "tritonclient")  # the wire's modules
+
+
 @pytest.mark.parametrize("package", ["service.engine", "service.protocol"])
 def test_engine_and_session_layer_import_no_grpc_or_protobuf(package: str) -> None:
     modules = [m for m in sources() if m.startswith(package)]
     code = (
         f"import sys, {', '.join(modules)}\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or "
-        "m.startswith(('google.protobuf', 'lstmserve.v1')))\n"
+        f"bad = sorted(m for m in sys.modules if m.startswith({WIRE!r}))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize("package", ["service.engine", "service.protocol"])
+def test_engine_and_session_layer_name_no_wire_module_even_lazily(package: str) -> None:
+    """No import of gRPC, protobuf or their generated messages anywhere in these modules, in a
+    function body or under TYPE_CHECKING included (a lazy import is still an import)."""
+    found = []
+    for name, path in sources().items():
+        if not name.startswith(package):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                named = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                named = [node.module]
+            else:
+                continue
+            found += [f"{name}: {n}" for n in named if n.startswith(WIRE)]
+    assert not found, found

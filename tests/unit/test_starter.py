@@ -84,7 +84,7 @@ def test_starter_is_accepted_by_the_lstm_serve_loader(torch_lstm_repo: Path) -> 
     import onnxruntime as ort
 
     from service.engine.binding import bind
-    from service.engine.tritonconfig import load_triton_config
+    from service.tritonconfig import load_triton_config
 
     model = load_triton_config(torch_lstm_repo / "torch-lstm")
     assert [(s.input_name, s.output_name) for s in model.states] == [("h0", "hn"), ("c0", "cn")]
@@ -119,7 +119,7 @@ def test_batch_first_state_needs_no_batch_axis_and_lengths_and_vocab_are_found(
     import onnxruntime as ort
 
     from service.engine.binding import bind
-    from service.engine.tritonconfig import load_triton_config
+    from service.tritonconfig import load_triton_config
 
     text = starter_config_text(path)
     assert "# NOTE: this file carries an lstm-serve description" in text
@@ -257,7 +257,7 @@ def test_triton_sequence_controls_become_control_inputs(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     from service.engine.binding import bind
-    from service.engine.tritonconfig import load_triton_config
+    from service.tritonconfig import load_triton_config
 
     version = tmp_path / "seq" / "1"
     version.mkdir(parents=True)

@@ -19,15 +19,15 @@ from service.engine.binding import BoundState
 from service.engine.generic import GenericRuntime, StateLayout
 from service.engine.pending import Pending, PendingChunks
 from service.engine.runtime import ModelRuntime
-from service.engine.tritonconfig import (
-    StateSpec,
-    TritonModel,
+from service.engine.tritonconfig import StateSpec, TritonModel
+from service.engine.types import BatchPolicy
+from service.errors import ConfigError, InvalidInput
+from service.tritonconfig import (
+    TritonConfigReader,
     load_triton_config,
     parse_config,
     unsupported_fields,
 )
-from service.engine.types import BatchPolicy
-from service.errors import ConfigError, InvalidInput
 from tests.unit.engines import load_worker
 
 CPU = ("CPUExecutionProvider",)
@@ -587,7 +587,7 @@ def test_the_version_policy_chooses_the_versions_served(
     for version in (1, 2, 3):
         shutil.copytree(tiny_repo / "tiny-lstm" / "1", tmp_path / "tiny" / str(version))
     (tmp_path / "tiny" / "config.pbtxt").write_text(V1_CONFIG + policy + "\n")
-    assert sorted(v for _, v in discover(tmp_path)) == served
+    assert sorted(v for _, v in discover(tmp_path, configs=TritonConfigReader())) == served
     assert not list(unsupported_fields(parse_config(V1_CONFIG + policy, "x")))
 
 
