@@ -384,8 +384,9 @@ FLAGS: dict[str, tuple[str, Any]] = {
     ),
     "http2_stream_window_bytes": (
         "HTTP/2 receive window of each gRPC stream, fixed (no BDP probing): what the transport "
-        "takes in before the service reads it (2 unread 4 MB streams: +58-66 MiB RSS at 1 MiB, "
-        "+74-153 MiB with gRPC's growing window); larger helps big messages over long RTTs",
+        "takes in before the service reads it (2 unread streams of 4 MB messages: +49-66 MiB RSS "
+        "at 1 MiB, +73-390 MiB with gRPC's growing window; docs/OPERATIONS.md); larger helps "
+        "big messages over long round trips",
         int,
     ),
     "classify_threads": ("threads of the Classify lane (streaming never waits behind it)", int),

@@ -157,7 +157,7 @@ class CharTextCodec:
         for tries, i in enumerate(self._boundaries(full)):
             if tries >= MAX_TRIES:
                 break
-            fed = self._norm(held.cased, full[:i])
+            fed = whole if i == len(full) else self._norm(held.cased, full[:i])
             if not (whole.startswith(fed) and probe.startswith(fed)):
                 continue
             cased = self._cased_after(held.cased, full[:i])

@@ -139,7 +139,7 @@ class SessionLayer:
         """A chunk's steps; text is tokenized after the session's held text, and what may still
         change with the next chunk is held back (the change is applied with the chunk)."""
         desc, max_steps = session.model.description, self.limits.max_chunk_steps
-        text = source.text() if hasattr(source, "text") else None
+        text = source.text()
         if text is None:
             return source.decode(desc, max_steps, field), None
         before = session.held

@@ -12,5 +12,5 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_readme_recipe_path_trains_verifies_and_serves(tmp_path: Path) -> None:
     verify, listed = run_doc(ROOT / "README.md", tmp_path, only="own-recipe")
     assert (tmp_path / "my-models" / "speaker-vowels" / "1" / "model.onnx").is_file()
-    assert '"passed": true' in verify or '"status": "PASS"' in verify, verify[-2000:]
+    assert '"status": "PASS"' in verify and '"model": "speaker-vowels/1"' in verify, verify[-2000:]
     assert listed.startswith("speaker-vowels v1 (latest)  features F=12"), listed

@@ -35,6 +35,9 @@ class Tokens:
 
         return tokens_from_ids(desc, list(self.ids), max_steps, field)
 
+    def text(self) -> str | None:
+        return None
+
     def steps_hint(self) -> int:
         return len(self.ids)
 
