@@ -205,17 +205,8 @@ async def drive(
         for _ in range(max(1, min(8, load.streams // SESSIONS_PER_CHANNEL)))
     ]
     ids = np.random.default_rng(load.sessions).integers(1, vocab, size=load.steps).tolist()
-    opened = asyncio.Event()
-    count = 0
 
-    async def ready() -> None:
-        nonlocal count
-        count += 1
-        if count == load.streams:
-            now = time.perf_counter()
-            window.start, window.end = now + warmup_s, now + warmup_s + seconds
-            opened.set()
-        await opened.wait()
+    ready, opened = window_barrier(window, load.streams, warmup_s, seconds)
 
     loops = []
     for i in range(load.streams):
@@ -230,7 +221,7 @@ async def drive(
             loops.append(_multi_loop(stub, model, ids, load.per_message, window, ready))
         else:
             loops.append(_stream_loop(pb_grpc.LstmServeStub(channel), model, ids, window, ready))
-    sampler = asyncio.ensure_future(_sample(window, opened, on_window))
+    sampler = asyncio.ensure_future(sample(window, opened, on_window))
     try:
         await asyncio.gather(*loops)
         await sampler
@@ -241,9 +232,30 @@ async def drive(
     return window
 
 
-async def _sample(
+def window_barrier(
+    window: Window, count: int, warmup_s: float, seconds: float
+) -> tuple[Callable[[], Awaitable[None]], asyncio.Event]:
+    """`ready()` for each of `count` loops to await once attached: the last to arrive sets the
+    window (warm-up, then `seconds`) and lets them all go; `opened` is set then."""
+    opened = asyncio.Event()
+    arrived = 0
+
+    async def ready() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == count:
+            now = time.perf_counter()
+            window.start, window.end = now + warmup_s, now + warmup_s + seconds
+            opened.set()
+        await opened.wait()
+
+    return ready, opened
+
+
+async def sample(
     window: Window, opened: asyncio.Event, on_window: Callable[[str], Awaitable[None]]
 ) -> None:
+    """Call `on_window("start")` and `on_window("end")` at the window's edges."""
     await opened.wait()
     await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
     await on_window("start")

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.load import Load, Window, drive
+from bench.load import Load, Window, drive, sample, window_barrier
 from bench.model import BENCH_MODEL, ROOT, build_repository
 from bench.procs import HOST, free_port, start_lstm_serve
 from bench.run import BATCHED, VOCAB
@@ -332,22 +332,12 @@ async def drive_torchserve(
     """S sequences over HTTP, one kept-alive connection each, request after reply."""
     import aiohttp
 
-    from bench.triton import sample
-
     window = Window(start=float("inf"), end=float("inf"))
-    opened, count = asyncio.Event(), 0
     url = f"http://{HOST}:{port}/predictions/{BENCH_MODEL}"
     ids = np.random.default_rng(load.sessions).integers(1, VOCAB[BENCH_MODEL], size=load.steps)
     body = ids.astype("<i8").tobytes()
 
-    async def ready() -> None:
-        nonlocal count
-        count += 1
-        if count == load.sessions:
-            now = time.perf_counter()
-            window.start, window.end = now + warmup_s, now + warmup_s + seconds
-            opened.set()
-        await opened.wait()
+    ready, opened = window_barrier(window, load.sessions, warmup_s, seconds)
 
     async def post(http: Any, headers: dict[str, str]) -> None:
         async with http.post(url, data=body, headers=headers) as response:
@@ -412,24 +402,14 @@ async def drive_torchserve_grpc(
     """S sequences, each its own StreamPredictions2 bidi stream, request after reply."""
     import grpc
 
-    from bench.triton import sample
-
     pb2, pb2_grpc = stubs
     window = Window(start=float("inf"), end=float("inf"))
-    opened, count = asyncio.Event(), 0
     ids = np.random.default_rng(load.sessions).integers(1, VOCAB[BENCH_MODEL], size=load.steps)
     body = ids.astype("<i8").tobytes()
     channels = [grpc.aio.insecure_channel(f"{HOST}:{port}")
                 for _ in range(max(1, -(-load.sessions // 64)))]  # fmt: skip
 
-    async def ready() -> None:
-        nonlocal count
-        count += 1
-        if count == load.sessions:
-            now = time.perf_counter()
-            window.start, window.end = now + warmup_s, now + warmup_s + seconds
-            opened.set()
-        await opened.wait()
+    ready, opened = window_barrier(window, load.sessions, warmup_s, seconds)
 
     async def sequence(index: int) -> None:
         stub = pb2_grpc.InferenceAPIsServiceStub(channels[index % len(channels)])
@@ -477,19 +457,11 @@ async def drive_tritonserver(
     points (bench/triton.py numbers each point's sequences from 1)."""
     import tritonclient.grpc.aio as grpc_aio
 
-    from bench.triton import SEQUENCES_PER_CLIENT, grpc_sequence, sample
+    from bench.triton import SEQUENCES_PER_CLIENT, grpc_sequence
 
     window = Window(start=float("inf"), end=float("inf"))
-    opened, count = asyncio.Event(), 0
 
-    async def ready() -> None:
-        nonlocal count
-        count += 1
-        if count == load.sessions:
-            now = time.perf_counter()
-            window.start, window.end = now + warmup_s, now + warmup_s + seconds
-            opened.set()
-        await opened.wait()
+    ready, opened = window_barrier(window, load.sessions, warmup_s, seconds)
 
     n = max(1, -(-load.sessions // SEQUENCES_PER_CLIENT))
     clients = [grpc_aio.InferenceServerClient(address) for _ in range(n)]

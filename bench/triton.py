@@ -39,7 +39,7 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as http_aio
 
-from bench.load import Load, Window, drive
+from bench.load import Load, Window, drive, sample, window_barrier
 from bench.model import BENCH_MODEL, build_repository
 from bench.procs import HOST, Process, free_port, start_lstm_serve
 from bench.run import BATCHED, VOCAB
@@ -126,16 +126,8 @@ async def drive_triton(
 ) -> Window:  # fmt: skip
     """N sequences of one Triton protocol: start each, warm up, measure `seconds`."""
     window = Window(start=float("inf"), end=float("inf"))
-    opened, count = asyncio.Event(), 0
 
-    async def ready() -> None:
-        nonlocal count
-        count += 1
-        if count == load.sessions:
-            now = time.perf_counter()
-            window.start, window.end = now + warmup_s, now + warmup_s + seconds
-            opened.set()
-        await opened.wait()
+    ready, opened = window_barrier(window, load.sessions, warmup_s, seconds)
 
     n_clients = max(1, -(-load.sessions // SEQUENCES_PER_CLIENT))
     ids = np.random.default_rng(load.sessions).integers(1, VOCAB[model], size=load.steps)
@@ -160,16 +152,6 @@ async def drive_triton(
         for client in clients:
             await client.close()
     return window
-
-
-async def sample(
-    window: Window, opened: asyncio.Event, on_window: Callable[[str], Awaitable[None]]
-) -> None:
-    await opened.wait()
-    await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-    await on_window("start")
-    await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
-    await on_window("end")
 
 
 def measure(
