@@ -29,7 +29,6 @@ PROVIDER_ALIASES = {
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_FLAGS = frozenset({"snapshot_key", "session_store_password"})
 STORE_MODES = ("strict", "best-effort")
 
