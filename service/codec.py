@@ -143,24 +143,35 @@ def _steps(step_probs: np.ndarray | None) -> list[pb.Probabilities]:
 
 
 def encode_chunk_result(outcome: ChunkOutcome, session: Session) -> pb.ChunkResult:
+    out = pb.ChunkResult()
+    fill_chunk_result(out, outcome, session)
+    return out
+
+
+def fill_chunk_result(out: pb.ChunkResult, outcome: ChunkOutcome, session: Session) -> None:
+    """Set a chunk's reply fields in place, in the message that is sent (no nested copies)."""
+    out.seq = outcome.seq
+    out.total_steps = outcome.total_steps
+    if outcome.duplicate:
+        out.duplicate = True
+    if outcome.held_characters:
+        out.held_characters = outcome.held_characters
     result = outcome.result
-    held = outcome.held_characters
     if result is None:
-        return pb.ChunkResult(seq=outcome.seq, duplicate=outcome.duplicate,
-                              total_steps=outcome.total_steps, held_characters=held)  # fmt: skip
+        return
+    out.steps = result.steps
     probs = result.probs  # (C,); (0,) before a session's first step
-    return pb.ChunkResult(
-        seq=outcome.seq,
-        steps=result.steps,
-        probabilities=probs.tolist(),
-        top=top_labels(session.model.description, probs, session.options.top_k)
-        if probs.size
-        else (),
-        step_probabilities=_steps(result.step_probs),
-        total_steps=outcome.total_steps,
-        duplicate=outcome.duplicate,
-        held_characters=held,
-    )
+    if probs.size:
+        out.probabilities.extend(probs.tolist())
+        desc, k = session.model.description, session.options.top_k
+        if k <= 1:  # the common case: argmax (the first of ties, as the stable sort)
+            i = int(probs.argmax())
+            top = out.top.add()
+            top.label, top.index, top.probability = desc.labels[i], i, float(probs[i])
+        else:
+            out.top.extend(top_labels(desc, probs, k))
+    if result.step_probs is not None:
+        out.step_probabilities.extend(_steps(result.step_probs))
 
 
 def encode_chunk_error(seq: int, exc: BaseException, session: Session) -> pb.ChunkResult:
@@ -305,6 +316,14 @@ def chunk_result(done: m.ChunkDone) -> pb.ChunkResult:
     return encode_chunk_result(done.outcome, done.session)
 
 
+def _fill_chunk(out: pb.ChunkResult, done: m.ChunkDone) -> None:
+    if done.error is not None:
+        out.CopyFrom(encode_chunk_error(done.seq, done.error, done.session))
+        return
+    assert done.outcome is not None
+    fill_chunk_result(out, done.outcome, done.session)
+
+
 def _snapshot(snap: m.Snapshot) -> pb.SessionSnapshot:
     return pb.SessionSnapshot(data=snap.data, last_applied_seq=snap.last_seq,
                               total_steps=snap.total_steps, final=snap.final)  # fmt: skip
@@ -337,8 +356,10 @@ def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
 
 def stream_response(reply: m.Reply, idle_timeout_s: float) -> pb.StreamResponse:
     body = reply.body
-    if isinstance(body, m.ChunkDone):  # the per-chunk path: no detour
-        return pb.StreamResponse(session_id=reply.session_id, chunk=chunk_result(body))
+    if isinstance(body, m.ChunkDone):  # the per-chunk path: built in place, once
+        response = pb.StreamResponse(session_id=reply.session_id)
+        _fill_chunk(response.chunk, body)
+        return response
     name, value = _body_field(body, idle_timeout_s)
     return pb.StreamResponse(session_id=reply.session_id, **{name: value})
 

@@ -5,9 +5,16 @@ Never a session id. Requests naming an unknown model are counted under model="<u
 
 from __future__ import annotations
 
+import bisect
+import threading
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import numpy as np
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from service.errors import ConfigError
 
@@ -47,7 +54,91 @@ def requests(rpc: str, model: str, code: str, protocol: str = PROTOCOL_NATIVE) -
     return REQUESTS_COUNTER.labels(rpc, model, code, protocol)
 
 
-CHUNK_SECONDS = Histogram(
+@lru_cache(maxsize=4096)
+def chunk_requests(rpc: str, model: str, code: str) -> Counter:
+    """The counter of one RPC's streamed chunks (rpc="<rpc>.chunk"), named once, not per chunk."""
+    return REQUESTS_COUNTER.labels(f"{rpc}.chunk", model, code, PROTOCOL_NATIVE)
+
+
+class HistogramSeries:
+    """One label set of a BulkHistogram: counts per bucket and the sum, under a lock."""
+
+    __slots__ = ("_bounds", "_counts", "_lock", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last: above every bound
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self._bounds, value)  # the first bound >= value (le semantics)
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += value
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Every value of a (N,) array at once: one bucket search and one lock, not N."""
+        if not values.size:
+            return
+        found = np.searchsorted(self._bounds, values, side="left")
+        counts = np.bincount(found, minlength=len(self._bounds) + 1)
+        total = float(values.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def read(self) -> tuple[list[int], float]:
+        """(cumulative counts per bound then +Inf, sum)."""
+        with self._lock:
+            counts, total = self._counts.copy(), self._sum
+        return np.cumsum(counts).tolist(), total
+
+
+class BulkHistogram:
+    """A labelled Prometheus histogram that the per-chunk path feeds a batch at a time.
+
+    Exposed exactly as prometheus_client's Histogram of the same name, labels and buckets
+    (`_bucket{le=...}`, `_count`, `_sum`), through a collector: a batch of B chunks costs one
+    bucket search over an array, not B observe() calls with a lock each.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float],
+                 registry: CollectorRegistry | None = REGISTRY) -> None:  # fmt: skip
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        series = self._series.get(values)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(values, HistogramSeries(self.bounds))
+        return series
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        with self._lock:
+            series = list(self._series.items())
+        for values, one in series:
+            cumulative, total = one.read()
+            family.add_metric(list(values), list(zip(les, cumulative, strict=True)), total)
+        yield family
+
+
+CHUNK_SECONDS = BulkHistogram(
     "lstm_serve_chunk_seconds",
     "Latency by stage: queue (per chunk or Classify request: waiting for its model run), "
     "compute (per model run), total (per chunk or request).",

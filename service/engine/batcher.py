@@ -191,26 +191,26 @@ class SequenceBatcher:
     def _start(self, batch: list[Pending]) -> None:
         self._running += 1
         started = time.perf_counter()
-        queue = self._m_chunk["queue"]
-        for item in batch:
-            queue.observe(started - item.enqueued)
-        self._m_queue.observe(started - min(item.enqueued for item in batch))  # the oldest
+        waited = started - np.fromiter((item.enqueued for item in batch), np.float64, len(batch))
+        self._m_chunk["queue"].observe_many(waited)  # one bucket search for the whole batch
+        self._m_queue.observe(float(waited.max()))  # the oldest
         self._m_size.observe(len(batch))
         # Gathered here, on the loop thread: the run holds its own copy, so a session closed
         # while its batch runs can free its row at once.
         state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
+        steps = any(item.session.options.every_step for item in batch)  # fetched if asked for
         loop = asyncio.get_running_loop()
         if self._inline(batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
             try:
-                done.set_result(self._run(state, chunks, ids))
+                done.set_result(self._run(state, chunks, ids, steps))
             except Exception as exc:
                 done.set_exception(exc)
             self._finish(batch, done, dispatch=False)  # the caller's _dispatch loop goes on
             return
-        future = loop.run_in_executor(self._executor, self._run, state, chunks, ids)
+        future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps)
         future.add_done_callback(lambda f: self._finish(batch, f))
 
     def _inline(self, batch: list[Pending]) -> bool:
@@ -220,13 +220,13 @@ class SequenceBatcher:
             return False
         return len(batch) * max(item.steps for item in batch) <= limit
 
-    def _run(self, state: np.ndarray, chunks: list[np.ndarray],
-             ids: list[str]) -> tuple[RunOutput, float]:  # fmt: skip
+    def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str],
+             steps: bool) -> tuple[RunOutput, float]:  # fmt: skip
         """On a worker thread: pad chunks, one model call; (out, seconds)."""
         started = time.perf_counter()
         inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
         shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
-        out = self.runtime.run(inputs, lengths, state, shrink, ids)
+        out = self.runtime.run(inputs, lengths, state, shrink, ids, steps)
         seconds = time.perf_counter() - started
         self._m_compute.observe(seconds)
         return out, seconds
@@ -257,19 +257,24 @@ class SequenceBatcher:
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         """Scatter the kept rows' states, then advance each kept session; answer the rest."""
         keep = [b for b, item in enumerate(batch) if self._wanted(item)]
-        if keep:
-            rows = [batch[b].session.row for b in keep]
-            self.state.scatter(rows, out.state_out[keep])  # (B', S, H)
-        now = time.perf_counter()
-        total = self._m_chunk["total"]
+        if not keep:
+            self._m_chunk["compute"].observe(seconds)
+            return
+        rows = [batch[b].session.row for b in keep]
+        every_row = len(keep) == len(batch)
+        self.state.scatter(rows, out.state_out if every_row else out.state_out[keep])  # (B', S, H)
+        probs, step_probs = out.probs, out.step_probs
         steps = 0
-        for b in keep:
+        enqueued = np.empty(len(keep), dtype=np.float64)
+        for n, b in enumerate(keep):
             item = batch[b]
             session = item.session
-            every = out.step_probs[b, : item.steps] if session.options.every_step else None
-            item.future.set_result(session.commit(item.seq, item.steps, out.probs[b], every))
+            wanted = session.options.every_step and step_probs is not None
+            every = step_probs[b, : item.steps] if wanted else None
+            item.future.set_result(session.commit(item.seq, item.steps, probs[b], every))
             steps += item.steps
-            total.observe(now - item.enqueued)
+            enqueued[n] = item.enqueued
+        self._m_chunk["total"].observe_many(time.perf_counter() - enqueued)
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
 

@@ -138,9 +138,11 @@ class GenericRuntime(ModelRuntime):
         )
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray, state: np.ndarray,
-            shrink: bool = False, ids: Sequence[str] | None = None) -> RunOutput:  # fmt: skip
+            shrink: bool = False, ids: Sequence[str] | None = None,
+            steps: bool = True) -> RunOutput:  # fmt: skip
         """inputs (B, T[, F]), lengths (B,), state (B, S, H) float32, as for our models; `ids`
-        the rows' session ids (a CORRID control input gets a number from each)."""
+        the rows' session ids (a CORRID control input gets a number from each). The per-step
+        probabilities come whatever `steps` says (a windowed model computes them anyway)."""
         cap = self.triton.max_batch_size
         if cap and inputs.shape[0] > cap:  # a Classify request of more rows than the model takes
             return self._in_blocks(inputs, lengths, state, shrink, ids, cap)

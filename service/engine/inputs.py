@@ -18,6 +18,7 @@ QUOTE_CHARS = 64  # the most characters of a client's value an error message quo
 # marks, Hangul jamo), a subword token is a few characters: a text longer than this many code
 # points per allowed step is refused before it is tokenized.
 MAX_CHARS_PER_STEP = 8
+SMALL_CHUNK = 32  # up to this many token ids, the range check runs in Python
 
 
 def quoted(value: str, limit: int = QUOTE_CHARS) -> str:
@@ -49,7 +50,11 @@ def tokens_from_ids(
     _need_kind(desc, "tokens", field)
     check_steps(len(ids), max_steps, field)
     tokens = np.array(ids, dtype=np.int64)  # (T,)
-    if tokens.min() < 0 or tokens.max() >= desc.vocab_size:  # rare: find the first bad id
+    if len(ids) <= SMALL_CHUNK:  # a few ids: Python's min/max cost less than numpy's
+        low, high = min(ids), max(ids)
+    else:
+        low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= desc.vocab_size:  # rare: find the first bad id
         i = int(np.flatnonzero((tokens < 0) | (tokens >= desc.vocab_size))[0])
         raise InvalidInput(
             f"{field}[{i}] = {int(tokens[i])} is out of range [0, {desc.vocab_size})"

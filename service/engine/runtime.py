@@ -32,7 +32,7 @@ CUDA = "CUDAExecutionProvider"
 class RunOutput:
     """What one run returns, for a batch of B rows padded to T steps."""
 
-    step_probs: np.ndarray  # (B, T, C)
+    step_probs: np.ndarray | None  # (B, T, C); None when the run was asked not to fetch them
     probs: np.ndarray  # (B, C)
     state_out: np.ndarray  # (B, S, H)
 
@@ -64,6 +64,9 @@ def resolve_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
         log.warning("execution provider %s is not available here (have %s)", missing, available)
     return usable
 
+
+ALL_OUTPUTS = [OUTPUT_STEP_PROBS, OUTPUT_PROBS, OUTPUT_STATE]
+FINAL_OUTPUTS = [OUTPUT_PROBS, OUTPUT_STATE]
 
 # Run option: shrink the CPU memory arena back after the run (large runs only).
 SHRINK = ort.RunOptions()
@@ -121,10 +124,12 @@ class ModelRuntime:
         state: np.ndarray,
         shrink: bool = False,
         ids: Sequence[str] | None = None,
+        steps: bool = True,
     ) -> RunOutput:
         """One model call: inputs (B, T) int64 or (B, T, F) float32; state (B, S, H). With
         `shrink`, the CPU arena gives back what the run grew it by (large runs). `ids`, the
-        rows' session ids, matter only to a model with a CORRID control input (generic.py)."""
+        rows' session ids, matter only to a model with a CORRID control input (generic.py).
+        Without `steps`, the per-step probabilities are not fetched (no row asked for them)."""
         if self.debug_delay_s:
             time.sleep(self.debug_delay_s)
         feeds = {
@@ -132,9 +137,11 @@ class ModelRuntime:
             INPUT_LENGTHS: lengths,
             INPUT_STATE: state,
         }
-        step_probs, probs, state_out = self.session.run(
-            [OUTPUT_STEP_PROBS, OUTPUT_PROBS, OUTPUT_STATE], feeds, SHRINK if shrink else None
-        )
+        options = SHRINK if shrink else None
+        if not steps:
+            probs, state_out = self.session.run(FINAL_OUTPUTS, feeds, options)
+            return RunOutput(step_probs=None, probs=probs, state_out=state_out)
+        step_probs, probs, state_out = self.session.run(ALL_OUTPUTS, feeds, options)
         return RunOutput(step_probs=step_probs, probs=probs, state_out=state_out)
 
     def warm_up(self) -> None:

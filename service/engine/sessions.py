@@ -171,9 +171,10 @@ class Session:
         self.total_steps += steps
         self.last_seq = seq
         final = probs.copy()  # (C,)
-        self.last_result = StepResult(final, None, steps, self.total_steps)
-        every = step_probs.copy() if step_probs is not None else None  # (T, C)
-        return StepResult(final, every, steps, self.total_steps)
+        self.last_result = kept = StepResult(final, None, steps, self.total_steps)
+        if step_probs is None:
+            return kept  # the reply and the resend record are the same values
+        return StepResult(final, step_probs.copy(), steps, self.total_steps)  # (T, C) copied
 
     def reset(self, seq: int) -> None:
         """Zero the state and the step count, as message `seq`."""

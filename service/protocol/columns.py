@@ -227,8 +227,8 @@ class ColumnsConversation:
             if known is not None and not reply.total_steps[i]:
                 reply.total_steps[i] = known.total_steps
         for _, exc in reply.failed:
-            metrics.requests(f"{RPC}.chunk", self.model.name, exc.code).inc()
-        metrics.requests(f"{RPC}.chunk", self.model.name, "OK").inc(n - len(reply.failed))
+            metrics.chunk_requests(RPC, self.model.name, exc.code).inc()
+        metrics.chunk_requests(RPC, self.model.name, "OK").inc(n - len(reply.failed))
 
     # -- end, drain -----------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ class MultiConversation:
         try:
             steps, held = self.layer.decode(session, chunk.input, field)
         except InvalidInput as exc:
-            metrics.requests(f"{RPC}.chunk", session.model.name, exc.code).inc()
+            metrics.chunk_requests(RPC, session.model.name, exc.code).inc()
             return Reply(session.id, ChunkDone(session, chunk.seq, None, exc))
         if session.attached is None:
             session.attach(self.token)  # naming a free session attaches it
@@ -206,9 +206,9 @@ def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> Rep
     session = item.session
     name = session.model.name
     if isinstance(outcome, InvalidInput | SequenceGap | Unavailable):  # not applied: retry
-        metrics.requests(f"{RPC}.chunk", name, outcome.code).inc()
+        metrics.chunk_requests(RPC, name, outcome.code).inc()
         return Reply(session.id, ChunkDone(session, item.seq, None, outcome))
     if isinstance(outcome, LstmServeError):
         return Reply(session.id, Failed(outcome))
-    metrics.requests(f"{RPC}.chunk", name, "OK").inc()
+    metrics.chunk_requests(RPC, name, "OK").inc()
     return Reply(session.id, ChunkDone(session, item.seq, outcome))

@@ -128,9 +128,9 @@ class SessionLayer:
             steps, held = self.decode(session, chunk.input, field)
             outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held, token)
         except (InvalidInput, SequenceGap, Unavailable) as exc:
-            metrics.requests(f"{rpc}.chunk", session.model.name, exc.code).inc()
+            metrics.chunk_requests(rpc, session.model.name, exc.code).inc()
             return ChunkDone(session, chunk.seq, None, exc)
-        metrics.requests(f"{rpc}.chunk", session.model.name, "OK").inc()
+        metrics.chunk_requests(rpc, session.model.name, "OK").inc()
         return ChunkDone(session, chunk.seq, outcome)
 
     def decode(
