@@ -1,0 +1,113 @@
+"""The per-chunk path's batch-at-a-time pieces: BulkHistogram exposes what prometheus_client's
+Histogram would, runs without per-step outputs give the same answer, one barrier for many
+futures."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from service.engine.multi import all_done
+from service.metrics import LATENCY_BUCKETS, BulkHistogram
+from tests.unit.engines import load_worker
+
+
+def _samples(registry: CollectorRegistry) -> list[str]:
+    """The exposition lines of `registry` but _created (prometheus_client's own timestamp)."""
+    text = generate_latest(registry).decode()
+    return [line for line in text.splitlines() if line and "_created" not in line]
+
+
+values = st.lists(
+    st.floats(min_value=0.0, max_value=20.0, allow_nan=False) | st.sampled_from(LATENCY_BUCKETS),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(values, max_size=5), singles=values)
+def test_bulk_histogram_exposes_what_a_histogram_would(
+    batches: list[list[float]], singles: list[float]
+) -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram("t_seconds", "doc", ["model", "stage"], LATENCY_BUCKETS, ours)
+    reference = Histogram("t_seconds", "doc", ["model", "stage"], buckets=LATENCY_BUCKETS,
+                          registry=theirs)  # fmt: skip
+    for batch in batches:
+        bulk.labels("m", "queue").observe_many(np.array(batch, dtype=np.float64))
+        series = reference.labels("m", "queue")  # a series exists once labelled, as ours
+        for v in batch:
+            series.observe(v)
+    for v in singles:  # a bound itself counts in its own bucket (le), as prometheus does
+        bulk.labels("m", "total").observe(v)
+        reference.labels("m", "total").observe(v)
+    ours_lines, their_lines = _samples(ours), _samples(theirs)
+    assert [ln for ln in ours_lines if ln.startswith("#")] == [
+        ln for ln in their_lines if ln.startswith("#")
+    ]  # HELP and TYPE
+    ours_lines = [ln for ln in ours_lines if not ln.startswith("#")]
+    their_lines = [ln for ln in their_lines if not ln.startswith("#")]
+    assert [ln.rsplit(" ", 1)[0] for ln in ours_lines] == [
+        ln.rsplit(" ", 1)[0] for ln in their_lines
+    ]  # the same series, in the same order
+    for a, b in zip(ours_lines, their_lines, strict=True):
+        assert float(a.rsplit(" ", 1)[1]) == pytest.approx(float(b.rsplit(" ", 1)[1]))
+
+
+def test_bulk_histogram_wants_every_label() -> None:
+    bulk = BulkHistogram("u_seconds", "doc", ["model", "stage"], (1.0,), CollectorRegistry())
+    with pytest.raises(ValueError, match="takes labels"):
+        bulk.labels("only-one")
+
+
+def test_a_run_without_step_outputs_gives_the_same_answer(tiny_repo: Path) -> None:
+    model = load_worker(tiny_repo / "tiny-gru" / "1" / "model.onnx")
+    desc, runtime = model.description, model.runtime
+    rng = np.random.default_rng(3)
+    inputs = rng.integers(0, desc.vocab_size, size=(3, 5)).astype(np.int64)
+    lengths = np.array([5, 2, 4], dtype=np.int64)
+    state = rng.standard_normal((3, desc.state_rows, desc.hidden_size)).astype(np.float32)
+    full = runtime.run(inputs, lengths, state)
+    final = runtime.run(inputs, lengths, state, steps=False)
+    assert final.step_probs is None and full.step_probs is not None
+    np.testing.assert_array_equal(final.probs, full.probs)
+    np.testing.assert_array_equal(final.state_out, full.state_out)
+
+
+def test_all_done_waits_for_every_future_and_keeps_their_errors() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(4)]
+        futures[0].set_result(0)  # done before: nothing to wait for
+        waiter = asyncio.ensure_future(all_done(futures))
+        loop.call_soon(futures[1].set_result, 1)
+        loop.call_soon(futures[2].set_exception, RuntimeError("row failed"))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # futures[3] still pending
+        futures[3].set_result(3)
+        await asyncio.wait_for(waiter, 1)
+        assert isinstance(futures[2].exception(), RuntimeError)
+        assert [f.result() for f in (futures[0], futures[1], futures[3])] == [0, 1, 3]
+
+    asyncio.run(scenario())
+
+
+def test_all_done_cancelled_leaves_no_callbacks_behind() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+        waiter = asyncio.ensure_future(all_done(futures))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        for f in futures:
+            assert not f._callbacks  # type: ignore[attr-defined]  # our callback was removed
+
+    asyncio.run(scenario())
