@@ -1,4 +1,5 @@
-"""Server processes for the benchmark (lstm-serve, echo), their CPU time and their metrics."""
+"""Server processes for the benchmark (lstm-serve, echo, the protocol floor), their CPU time and
+their metrics."""
 
 from __future__ import annotations
 
@@ -80,9 +81,12 @@ def start_lstm_serve(repo: Path, flags: list[str], timeout_s: float = 120.0) -> 
             time.sleep(0.1)
 
 
-def start_echo(timeout_s: float = 30.0) -> Process:
+def start_echo(protocol: bool = False, timeout_s: float = 30.0) -> Process:
+    """The echo server (bench.echo), or with `protocol` the protocol floor; returns once it
+    accepts connections."""
     port = free_port()
-    proc = Process([sys.executable, "-m", "bench.echo", "--port", str(port)], port)
+    argv = [sys.executable, "-m", "bench.echo", "--port", str(port)]
+    proc = Process([*argv, "--protocol"] if protocol else argv, port)
     deadline = time.monotonic() + timeout_s
     while True:
         proc.check_alive()
@@ -91,7 +95,7 @@ def start_echo(timeout_s: float = 30.0) -> Process:
                 return proc
         if time.monotonic() > deadline:
             proc.stop()
-            raise TimeoutError("echo server did not start")
+            raise TimeoutError(f"{'floor' if protocol else 'echo'} server did not start")
         time.sleep(0.05)
 
 

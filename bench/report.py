@@ -39,7 +39,7 @@ def _keys(rows: list[Row], model: str) -> list[tuple[str, int, int]]:
     keys = {
         (r["mode"], r["sessions"], r["steps"])
         for r in rows
-        if r["model"] == model and r["server"] != "echo"
+        if r["model"] == model and r["server"] not in ("echo", "floor")
     }
     return sorted(keys, key=lambda k: (k[0] != "stream", k[2], k[1]))
 
@@ -48,14 +48,15 @@ def table(results: dict[str, Any], model: str) -> str:
     rows = results["points"]
     head = (
         "| mode | S | k | batched steps/s | naive steps/s | x naive | echo msg/s | batched msg/s "
-        "| % echo | ceiling steps/s (batch) | % ceiling | % 1-thread ceiling | p50 / p99 ms "
-        "| echo p50 ms | mean batch | server CPU |\n|" + "---|" * 16
+        "| % echo | floor msg/s | % floor | ceiling steps/s (batch) | % ceiling | % 1-thread "
+        "ceiling | p50 / p99 ms | echo p50 ms | mean batch | server CPU |\n|" + "---|" * 18
     )
     lines = [head]
     for mode, s, k in _keys(rows, model):
         b = _find(rows, "batched", mode, s, k, model)
         n = _find(rows, "naive", mode, s, k, model)
         e = _find(rows, "echo", mode, s, k, model) if model == BENCH_MODEL else None
+        f = _find(rows, "floor", mode, s, k, model) if model == BENCH_MODEL else None
         c = _ceiling(results, mode, s, k, model)
         if b is None:
             continue
@@ -66,6 +67,8 @@ def table(results: dict[str, Any], model: str) -> str:
             f"{e['messages_per_s']:,.0f}" if e else "-",
             f"{b['messages_per_s']:,.0f}",
             f"{100 * b['messages_per_s'] / e['messages_per_s']:.0f} %" if e else "-",
+            f"{f['messages_per_s']:,.0f}" if f else "-",
+            f"{100 * b['messages_per_s'] / f['messages_per_s']:.0f} %" if f else "-",
             f"{c['steps_per_s']:,.0f} ({c['batch']})" if c else "-",
             f"{100 * b['steps_per_s'] / c['steps_per_s']:.0f} %" if c else "-",
             f"{100 * b['steps_per_s'] / c['steps_per_s_1_thread']:.0f} %" if c else "-",
@@ -93,10 +96,16 @@ def targets(results: dict[str, Any]) -> str:
              f"S=1 k=1 p50 {b['p50_ms']:.3f} ms (<= 1 ms), {gap:+.3f} ms vs echo p50 "
              f"{e['p50_ms']:.3f} ms (<= 0.5 ms)")  # fmt: skip
     b, e = _find(rows, "batched", "stream", 256, 1, m), _find(rows, "echo", "stream", 256, 1, m)
+    f = _find(rows, "floor", "stream", 256, 1, m)
     if b and e:
         pct = 100 * b["messages_per_s"] / e["messages_per_s"]
+        floor = ""
+        if f:
+            of_echo = 100 * f["messages_per_s"] / e["messages_per_s"]
+            floor = (f" (the protocol floor reaches {of_echo:.0f} % of echo: "
+                     f"{f['messages_per_s']:,.0f} msg/s)")  # fmt: skip
         line(pct >= 80, f"S=256 k=1 {b['messages_per_s']:,.0f} msg/s = {pct:.0f} % of echo "
-             f"{e['messages_per_s']:,.0f} (>= 80 %)")  # fmt: skip
+             f"{e['messages_per_s']:,.0f} (>= 80 %){floor}")  # fmt: skip
     b, n = _find(rows, "batched", "stream", 256, 16, m), _find(rows, "naive", "stream", 256, 16, m)
     c = _ceiling(results, "stream", 256, 16, m)
     if b and n and c:
@@ -146,7 +155,8 @@ def _series(rows: list[Row], server: str, k: int, key: str) -> tuple[list[int], 
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-STYLES = (("batched", "o-"), ("naive", "s--"), ("echo", "^:"))
+STYLES = (("batched", "o-"), ("naive", "s--"), ("echo", "^:"), ("floor", "v-."))
+LABELS = {"echo": "echo ceiling (msg/s x k)", "floor": "protocol floor"}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -160,8 +170,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for ax, k in zip(axes[:2], (1, 16), strict=True):
         for server, style in STYLES:
             key = "messages_per_s" if server == "echo" else "steps_per_s"
-            label = "echo ceiling (msg/s x k)" if server == "echo" else server
-            ax.plot(*_series(rows, server, k, key), style, label=label)
+            ax.plot(*_series(rows, server, k, key), style, label=LABELS.get(server, server))
         ceil = sorted(
             (c["sessions"], c["steps_per_s"]) for c in results["ceilings"]
             if c["mode"] == "stream" and c["steps"] == k and c["model"] == BENCH_MODEL

@@ -1,4 +1,4 @@
-"""The benchmark sweep: batched vs batching-off lstm-serve, echo and compute ceilings, memory.
+"""The benchmark sweep: batched/batching-off lstm-serve, echo, protocol floor, ceilings, memory.
 
     python -m bench.run --out bench/results           # the full run (about 5 minutes here)
     python -m bench.run --out /tmp/bench --quick      # a few seconds per point
@@ -40,6 +40,7 @@ BATCHED = ["--intra-op-threads", str(INTRA_OP_THREADS), "--inter-op-threads", "1
            "--compute-threads", "2", "--max-concurrent-batches", "1", "--max-batch-size", "256",
            "--max-sessions", "20000"]  # fmt: skip
 NAIVE = [*BATCHED, "--no-batching"]  # the same server, one chunk per model run
+SERVERS = ("batched", "naive", "echo", "floor")  # measured in this order at every point
 
 
 def measure(
@@ -90,18 +91,20 @@ def sweep_points(langid: bool) -> list[tuple[str, Load]]:
 def sweep(
     repo: Path, paths: dict[str, Path], points: list[tuple[str, Load]], timing: tuple[float, float]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every point on the batched server, the batching-off server and the echo server back to
-    back (all three up at once, so slow drifts in the machine's load hit all three alike), then
-    its compute ceiling."""
+    """Every point on the batched server, the batching-off server, the echo server and (stream
+    points) the protocol floor back to back (all four up at once, so slow drifts in the
+    machine's load hit them alike), then its compute ceiling."""
     procs = {"batched": start_lstm_serve(repo, BATCHED), "naive": start_lstm_serve(repo, NAIVE)}
     procs["echo"] = start_echo()
+    procs["floor"] = start_echo(protocol=True)
     rows: list[dict[str, Any]] = []
     limits: list[dict[str, Any]] = []
     try:
         for model, load in points:
             vocab = VOCAB[model]
-            for label in ("batched", "naive", "echo"):
-                if label == "echo" and model != BENCH_MODEL:
+            batched: dict[str, Any] = {}
+            for label in SERVERS:
+                if not _serves(label, model, load):
                     continue
                 run_load = load
                 if label == "echo":
@@ -111,11 +114,22 @@ def sweep(
                 row |= {"server": label, "mode": load.mode}
                 print(_progress(row), flush=True)
                 rows.append(row)
-            limits.append(ceiling(paths[model], rows[-3 if model == BENCH_MODEL else -2], timing))
+                batched = row if label == "batched" else batched
+            limits.append(ceiling(paths[model], batched, timing))
     finally:
         for proc in procs.values():
             proc.stop()
     return rows, limits
+
+
+def _serves(label: str, model: str, load: Load) -> bool:
+    """Echo runs every point of the bench model; the floor (lstmserve.v1 Stream only) its stream
+    points; lstm-serve every point."""
+    if label == "echo":
+        return model == BENCH_MODEL
+    if label == "floor":
+        return model == BENCH_MODEL and load.mode == "stream"
+    return True
 
 
 def ceiling(path: Path, row: dict[str, Any], timing: tuple[float, float]) -> dict[str, Any]:
