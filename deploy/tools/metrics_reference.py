@@ -57,6 +57,11 @@ def exported_metrics() -> list[MetricSpec]:
         MetricSpec(m._name, m._type, tuple(m._labelnames), " ".join(m._documentation.split()))
         for m in found
     ]
+    bulk = [v for v in vars(metrics).values() if isinstance(v, metrics.BulkHistogram)]
+    specs += [
+        MetricSpec(m.name, "histogram", m.labelnames, " ".join(m.documentation.split()))
+        for m in bulk
+    ]  # the histograms the per-chunk path feeds a batch at a time (same exposition)
     return sorted(specs, key=lambda s: s.name)
 
 
