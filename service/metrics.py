@@ -60,6 +60,9 @@ def chunk_requests(rpc: str, model: str, code: str) -> Counter:
     return REQUESTS_COUNTER.labels(f"{rpc}.chunk", model, code, PROTOCOL_NATIVE)
 
 
+FEW_VALUES = 16  # observe_many below this many values: bisect each, no numpy
+
+
 class HistogramSeries:
     """One label set of a BulkHistogram: counts per bucket and the sum, under a lock."""
 
@@ -67,7 +70,7 @@ class HistogramSeries:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
-        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last: above every bound
+        self._counts = [0] * (len(bounds) + 1)  # the last: above every bound
         self._sum = 0.0
         self._lock = threading.Lock()
 
@@ -77,22 +80,37 @@ class HistogramSeries:
             self._counts[i] += 1
             self._sum += value
 
-    def observe_many(self, values: np.ndarray) -> None:
-        """Every value of a (N,) array at once: one bucket search and one lock, not N."""
-        if not values.size:
+    def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
+        """Many values at once: one lock, and for many values one bucket search over an array
+        (for a few, numpy's call overhead costs more than bisect)."""
+        n = len(values)
+        if n <= FEW_VALUES:
+            bounds = self._bounds
+            found = values.tolist() if isinstance(values, np.ndarray) else values
+            with self._lock:
+                for v in found:
+                    self._counts[bisect.bisect_left(bounds, v)] += 1
+                self._sum += sum(found)
             return
-        found = np.searchsorted(self._bounds, values, side="left")
-        counts = np.bincount(found, minlength=len(self._bounds) + 1)
-        total = float(values.sum())
+        array = np.asarray(values, dtype=np.float64)
+        counts = np.bincount(np.searchsorted(self._bounds, array, side="left"),
+                             minlength=len(self._bounds) + 1).tolist()  # fmt: skip
+        total = float(array.sum())
         with self._lock:
-            self._counts += counts
+            mine = self._counts
+            for i, c in enumerate(counts):
+                mine[i] += c
             self._sum += total
 
     def read(self) -> tuple[list[int], float]:
         """(cumulative counts per bound then +Inf, sum)."""
         with self._lock:
-            counts, total = self._counts.copy(), self._sum
-        return np.cumsum(counts).tolist(), total
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for c in counts:
+            running += c
+            cumulative.append(running)
+        return cumulative, total
 
 
 class BulkHistogram:
@@ -149,19 +167,19 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUEUE_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
-BATCH_SIZE = Histogram(
+BATCH_SIZE = BulkHistogram(
     "lstm_serve_batch_size",
     "Streamed chunks (one per session) per batched model run.",
     ["model"],
     buckets=BATCH_SIZE_BUCKETS,
 )
-BATCH_QUEUE_SECONDS = Histogram(
+BATCH_QUEUE_SECONDS = BulkHistogram(
     "lstm_serve_batch_queue_seconds",
     "Per batch: seconds its oldest chunk waited between submission and the batch's start.",
     ["model"],
     buckets=QUEUE_BUCKETS,
 )
-BATCH_COMPUTE_SECONDS = Histogram(
+BATCH_COMPUTE_SECONDS = BulkHistogram(
     "lstm_serve_batch_compute_seconds",
     "Per batch: seconds of gather, padding and the model run (on the worker thread).",
     ["model"],

@@ -93,9 +93,12 @@ class ComputeLanes:
 
 def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Chunks of (T_b,) or (T_b, F) -> zero-padded (B, Tmax[, F]) and lengths (B,) int64."""
-    lengths = np.fromiter((c.shape[0] for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
     first = chunks[0]
-    batch = np.zeros((len(chunks), int(lengths.max()), *first.shape[1:]), dtype=first.dtype)
+    if len(chunks) == 1:  # a lone chunk: a (1, T[, F]) view, nothing to pad
+        return first[np.newaxis], np.array([first.shape[0]], dtype=np.int64)
+    lengths = np.fromiter((c.shape[0] for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
+    longest = max(c.shape[0] for c in chunks)
+    batch = np.zeros((len(chunks), longest, *first.shape[1:]), dtype=first.dtype)
     for b, chunk in enumerate(chunks):
         batch[b, : chunk.shape[0]] = chunk  # (B, Tmax) or (B, Tmax, F)
     return batch, lengths
@@ -191,9 +194,9 @@ class SequenceBatcher:
     def _start(self, batch: list[Pending]) -> None:
         self._running += 1
         started = time.perf_counter()
-        waited = started - np.fromiter((item.enqueued for item in batch), np.float64, len(batch))
-        self._m_chunk["queue"].observe_many(waited)  # one bucket search for the whole batch
-        self._m_queue.observe(float(waited.max()))  # the oldest
+        waited = [started - item.enqueued for item in batch]
+        self._m_chunk["queue"].observe_many(waited)  # one lock for the whole batch
+        self._m_queue.observe(max(waited))  # the oldest
         self._m_size.observe(len(batch))
         # Gathered here, on the loop thread: the run holds its own copy, so a session closed
         # while its batch runs can free its row at once.
@@ -265,16 +268,15 @@ class SequenceBatcher:
         self.state.scatter(rows, out.state_out if every_row else out.state_out[keep])  # (B', S, H)
         probs, step_probs = out.probs, out.step_probs
         steps = 0
-        enqueued = np.empty(len(keep), dtype=np.float64)
-        for n, b in enumerate(keep):
+        for b in keep:
             item = batch[b]
             session = item.session
             wanted = session.options.every_step and step_probs is not None
             every = step_probs[b, : item.steps] if wanted else None
             item.future.set_result(session.commit(item.seq, item.steps, probs[b], every))
             steps += item.steps
-            enqueued[n] = item.enqueued
-        self._m_chunk["total"].observe_many(time.perf_counter() - enqueued)
+        now = time.perf_counter()
+        self._m_chunk["total"].observe_many([now - batch[b].enqueued for b in keep])
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
 

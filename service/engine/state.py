@@ -101,10 +101,15 @@ class HostStateSlab:
 
     def gather(self, rows: Sequence[int]) -> np.ndarray:
         """A copy of the rows' states, (B, S, H)."""
+        if len(rows) == 1:  # a lone row: a slice copy, no index array
+            return self.states[rows[0] : rows[0] + 1].copy()
         return self.states[np.asarray(rows, dtype=np.intp)]
 
     def scatter(self, rows: Sequence[int], states: np.ndarray) -> None:
         """Write (B, S, H) states back into the rows."""
+        if len(rows) == 1:
+            self.states[rows[0]] = states[0]
+            return
         self.states[np.asarray(rows, dtype=np.intp)] = states
 
     def close(self) -> None:

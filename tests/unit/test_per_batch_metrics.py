@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from service.engine.batcher import pad_chunks
 from service.engine.multi import all_done
+from service.engine.state import HostStateSlab
 from service.metrics import LATENCY_BUCKETS, BulkHistogram
 from tests.unit.engines import load_worker
 
@@ -111,3 +113,19 @@ def test_all_done_cancelled_leaves_no_callbacks_behind() -> None:
             assert not f._callbacks  # type: ignore[attr-defined]  # our callback was removed
 
     asyncio.run(scenario())
+
+
+def test_a_lone_chunk_and_row_take_the_short_way_with_the_same_result() -> None:
+    chunk = np.frombuffer(np.array([4, 1, 7], dtype=np.int64).tobytes(), dtype=np.int64)
+    alone, lengths = pad_chunks([chunk])  # read-only, as StreamColumns decodes it
+    padded, both = pad_chunks([chunk, chunk[:1]])
+    np.testing.assert_array_equal(alone, padded[:1])
+    assert lengths.tolist() == [3] and both.tolist() == [3, 1]
+    slab = HostStateSlab(rows=2, hidden=3, capacity=4, max_capacity=4)
+    slab.states[:] = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    one = slab.gather([2])
+    np.testing.assert_array_equal(one, slab.gather([2, 0])[:1])
+    one[0] += 100  # a copy: the slab is unchanged until scattered
+    assert slab.states[2, 0, 0] == 12
+    slab.scatter([2], one)
+    np.testing.assert_array_equal(slab.states[2], one[0])
