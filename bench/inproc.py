@@ -2,9 +2,14 @@
 StreamMulti, each message parsed from bytes, answered by the session layer and serialized.
 
     python -m bench.inproc                     # 256 sessions, 1 step each, 100 messages per round
+    python -m bench.inproc --lone              # one Stream session of the bench model, ping-pong
+    python -m bench.inproc --lone --intra-op-threads 1
 
 The model is tiny-lstm (hidden 8), whose batch-256 run costs next to nothing, so the figure is
-what the front, the session layer and the engine cost per entry.
+what the front, the session layer and the engine cost per entry. `--lone` is the lone client's
+path instead: one session of the bench model (bench/model.py) on a `StreamConversation`, each
+1-step message parsed, answered (the model run included) and its reply serialized; it prints
+the p50 and mean microseconds per message, and the model call alone for comparison.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from bench.model import BENCH_MODEL
 from lstmserve.client import columns_request
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import codec
 from service.config import ServerConfig
 from service.protocol.columns import ColumnsConversation
 from service.protocol.multi import MultiConversation
+from service.protocol.stream import StreamConversation
 from service.server import create_server
 
 MODEL = "tiny-lstm"
@@ -90,12 +97,74 @@ async def measure(repo: Path, n: int, messages: int, rounds: int) -> dict[str, A
             "multi_over_columns": per_entry["multi"] / per_entry["columns"]}  # fmt: skip
 
 
+async def _lone_stream(layer: Any, messages: int) -> list[float]:
+    """Seconds per message of one session's Stream, each message sent after the last reply."""
+    inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[Any]:
+        while (data := await inbox.get()) is not None:
+            yield codec.stream_request(pb.StreamRequest.FromString(data))
+
+    replies = StreamConversation(layer, requests(), "Stream").replies()
+    inbox.put_nowait(pb.StreamRequest(open=pb.OpenSession(model=BENCH_MODEL)).SerializeToString())
+    await anext(replies)
+    request = pb.StreamRequest(chunk=pb.Chunk(input=pb.SequenceInput(tokens=pb.TokenIds(ids=[7]))))
+    times = []
+    for seq in range(1, messages + 1):
+        request.chunk.seq = seq
+        started = time.perf_counter()
+        inbox.put_nowait(request.SerializeToString())
+        codec.stream_response(await anext(replies), 600.0).SerializeToString()
+        times.append(time.perf_counter() - started)
+    inbox.put_nowait(None)
+    await replies.aclose()
+    return times
+
+
+async def measure_lone(repo: Path, messages: int, intra_op_threads: int) -> dict[str, Any]:
+    """The lone client's in-process path, p50 and mean per message (the first 10 % dropped as
+    warm-up), beside one model call of the same shape."""
+    config = ServerConfig(model_repository=repo, host="127.0.0.1", grpc_port=0, metrics_port=0,
+                          http_port=0, compute_threads=2, intra_op_threads=intra_op_threads,
+                          inter_op_threads=1)  # fmt: skip
+    app, _ = create_server(config)
+    await app.start()
+    await app.wait_until_loaded(60)
+    try:
+        times = await _lone_stream(app.layer, messages)
+        runtime = app.engine.registry.get(BENCH_MODEL).runtime
+        desc = runtime.description
+        one = (np.ones((1, 1), np.int64), np.ones(1, np.int64),
+               np.zeros((1, desc.state_rows, desc.hidden_size), np.float32))  # fmt: skip
+        runs = []
+        for _ in range(messages // 2):
+            started = time.perf_counter()
+            runtime.run(*one, steps=False)
+            runs.append(time.perf_counter() - started)
+    finally:
+        await app.shutdown(grace_s=0)
+    kept = np.array(times[messages // 10 :]) * 1e6
+    return {"model": BENCH_MODEL, "intra_op_threads": intra_op_threads, "messages": messages,
+            "p50_us": float(np.percentile(kept, 50)), "mean_us": float(kept.mean()),
+            "model_run_p50_us": float(np.percentile(np.array(runs) * 1e6, 50))}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
     parser.add_argument("--sessions", type=int, default=256)
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lone", action="store_true", help="the lone client's Stream path")
+    parser.add_argument("--intra-op-threads", type=int, default=2, help="with --lone")
     args = parser.parse_args(argv)
+    if args.lone:
+        from bench.model import build_repository
+
+        with tempfile.TemporaryDirectory(prefix="lstm-inproc-") as tmp:
+            build_repository(Path(tmp))
+            lone = measure_lone(Path(tmp), max(args.messages, 3000), args.intra_op_threads)
+            print(json.dumps(asyncio.run(lone)))
+        return 0
     from export.tiny import write_tiny_repository
 
     with tempfile.TemporaryDirectory(prefix="lstm-inproc-") as tmp:
