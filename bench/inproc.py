@@ -97,7 +97,7 @@ async def measure(repo: Path, n: int, messages: int, rounds: int) -> dict[str, A
             "multi_over_columns": per_entry["multi"] / per_entry["columns"]}  # fmt: skip
 
 
-async def _lone_stream(layer: Any, messages: int) -> list[float]:
+async def lone_stream(layer: Any, messages: int, model: str = BENCH_MODEL) -> list[float]:
     """Seconds per message of one session's Stream, each message sent after the last reply."""
     inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -106,7 +106,7 @@ async def _lone_stream(layer: Any, messages: int) -> list[float]:
             yield codec.stream_request(pb.StreamRequest.FromString(data))
 
     replies = StreamConversation(layer, requests(), "Stream").replies()
-    inbox.put_nowait(pb.StreamRequest(open=pb.OpenSession(model=BENCH_MODEL)).SerializeToString())
+    inbox.put_nowait(pb.StreamRequest(open=pb.OpenSession(model=model)).SerializeToString())
     await anext(replies)
     request = pb.StreamRequest(chunk=pb.Chunk(input=pb.SequenceInput(tokens=pb.TokenIds(ids=[7]))))
     times = []
@@ -131,7 +131,7 @@ async def measure_lone(repo: Path, messages: int, intra_op_threads: int) -> dict
     await app.start()
     await app.wait_until_loaded(60)
     try:
-        times = await _lone_stream(app.layer, messages)
+        times = await lone_stream(app.layer, messages)
         runtime = app.engine.registry.get(BENCH_MODEL).runtime
         desc = runtime.description
         one = (np.ones((1, 1), np.int64), np.ones(1, np.int64),
