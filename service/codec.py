@@ -365,11 +365,20 @@ def stream_response(reply: m.Reply, idle_timeout_s: float) -> pb.StreamResponse:
 
 
 def multi_response(reply: m.MultiReply, idle_timeout_s: float) -> pb.StreamMultiResponse:
-    results = []
+    """Every entry's result built in place in the message that is sent (a chunk's fields set
+    directly, other bodies copied in once)."""
+    response = pb.StreamMultiResponse()
+    results = response.results
     for r in reply.replies:
-        name, value = _body_field(r.body, idle_timeout_s)
-        results.append(pb.SessionResult(session_id=r.session_id, **{name: value}))
-    return pb.StreamMultiResponse(results=results)
+        out = results.add()
+        out.session_id = r.session_id
+        body = r.body
+        if isinstance(body, m.ChunkDone):
+            _fill_chunk(out.chunk, body)
+            continue
+        name, value = _body_field(body, idle_timeout_s)
+        getattr(out, name).CopyFrom(value)
+    return response
 
 
 # -- StreamColumns: packed arrays <-> the session layer's columns messages ---------------------
