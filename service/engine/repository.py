@@ -21,7 +21,13 @@ from service.engine.sessions import SessionStore
 from service.engine.tritonconfig import CONFIG_FILE, ConfigReader
 from service.engine.types import ModelState, VersionStatus
 from service.engine.worker import ModelWorker, WorkerFactory
-from service.errors import ConfigError, ModelLoadFailed, ModelNotFound, VersionRetired
+from service.errors import (
+    ConfigError,
+    ModelLoadFailed,
+    ModelNotFound,
+    Unavailable,
+    VersionRetired,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class ScanReport:
     loaded: list[str] = field(default_factory=list)
     draining: list[str] = field(default_factory=list)
     failed: list[VersionStatus] = field(default_factory=list)
+    serving_again: list[str] = field(default_factory=list)  # draining versions found again
 
 
 class ModelControl:
@@ -99,6 +106,7 @@ class ModelControl:
         self.mode = mode
         self._lock = asyncio.Lock()
         self._attempts: dict[tuple[str, int], tuple[int, ...]] = {}  # failed file fingerprints
+        self._loaded: dict[tuple[str, int], tuple[int, ...]] = {}  # what held versions run
         self._listeners: list[Callable[[], None]] = []
 
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -117,7 +125,9 @@ class ModelControl:
             report = ScanReport()
             held = {(w.name, w.version) for w in self.registry.all()}
             for key, path in found.items():
-                if key not in held and self._retry_due(key, path):
+                if key in held:
+                    self._serve_again(key, path, report)
+                elif self._retry_due(key, path):
                     await self._load(key, path, report, strict)
             for worker in self.registry.all():
                 gone = (worker.name, worker.version) not in found
@@ -127,7 +137,7 @@ class ModelControl:
                 if (status.name, status.version) not in found and only in (None, status.name):
                     self.registry.record_failure(status.name, status.version, None)
                     self._attempts.pop((status.name, status.version), None)
-            if report.loaded or report.draining:
+            if report.loaded or report.draining or report.serving_again:
                 self._changed()
             return report
 
@@ -140,6 +150,14 @@ class ModelControl:
             reasons = "; ".join(f"v{s.version}: {s.reason}" for s in report.failed)
             raise ModelLoadFailed(f"model {name!r} failed to load: {reasons}"[:1000])
         if not any(w.name == name for w in self.registry.ready()):
+            waiting = [w for w in self.registry.all() if w.name == name]
+            if waiting:  # draining, and its file changed since: it loads once they end
+                raise Unavailable(
+                    f"model {name!r} is draining ({', '.join(w.key for w in waiting)}, "
+                    f"{sum(w.sessions for w in waiting)} sessions left) and its {MODEL_FILE} "
+                    "changed since it was loaded: the new file loads once those sessions end "
+                    "(LoadModel again then)"
+                )
             raise ModelNotFound(f"model {name!r} has no version folder with a {MODEL_FILE}")
         return report
 
@@ -213,10 +231,26 @@ class ModelControl:
             )
             return
         self._attempts.pop(key, None)
+        self._loaded[key] = fingerprint
         worker.on_drained = self._retire
         self.registry.install(worker)
         report.loaded.append(worker.key)
         _record_loaded(worker, self.registry.is_latest(worker))
+
+    def _serve_again(self, key: tuple[str, int], path: Path, report: ScanReport) -> None:
+        """A draining version found again serves again, if its file is still the one it runs
+        (a changed file loads as usual once the version has retired)."""
+        worker = self.registry.find(*key)
+        if worker.lifecycle is not ModelState.DRAINING:
+            return
+        try:
+            if self._loaded.get(key) != _fingerprint(path):
+                return
+        except OSError:  # gone again since it was found
+            return
+        worker.serve_again()
+        report.serving_again.append(worker.key)
+        _record_state(worker, "model version serving again", sessions=worker.sessions)
 
     def _drain(self, worker: ModelWorker, report: ScanReport) -> None:
         if worker.lifecycle is not ModelState.READY:
@@ -238,6 +272,7 @@ class ModelControl:
         closed = self.store.close_all(worker, reason)
         worker.retire()
         self.registry.remove(worker)
+        self._loaded.pop((worker.name, worker.version), None)
         _record_state(worker, "model version retired", sessions_closed=closed)
 
 

@@ -102,6 +102,12 @@ class ModelWorker:
         if self.lifecycle is ModelState.READY:
             self.lifecycle = ModelState.DRAINING
 
+    def serve_again(self) -> None:
+        """A draining version asked for again (its folder is back, or LoadModel): new sessions
+        and Classify again; the sessions it held went on all along."""
+        if self.lifecycle is ModelState.DRAINING:
+            self.lifecycle = ModelState.READY
+
     def retire(self) -> None:
         """Free everything (every session of this version must be closed already)."""
         if self.lifecycle is ModelState.RETIRED:

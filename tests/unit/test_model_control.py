@@ -129,3 +129,68 @@ def test_the_folder_names_the_model(repo: Path, tiny_repo: Path) -> None:
     assert (worker.name, worker.version) == ("renamed", 7)
     assert worker.description.name == "tiny-lstm"  # informational only
     engine.close()
+
+
+def test_loading_a_draining_model_again_serves_it_again_with_its_sessions(repo: Path) -> None:
+    engine = load_engine(repo, model_control="explicit")
+
+    async def main() -> None:
+        await engine.control.load("tiny-gru")
+        session = await engine.open_session("tiny-gru", 0, StreamOptions())
+        await engine.apply_chunk(session, 1, TOKENS[:2])
+        assert await engine.control.unload("tiny-gru") == ["tiny-gru@1"]
+        with pytest.raises(Unavailable, match="draining"):
+            await engine.open_session("tiny-gru", 1, StreamOptions())
+        report = await engine.control.load("tiny-gru")  # Triton's load after unload
+        assert report.serving_again == ["tiny-gru@1"] and report.loaded == []
+        assert [s.state for s in engine.control.index()] == [ModelState.READY]
+        again = await engine.open_session("tiny-gru", 0, StreamOptions())
+        assert again.model is session.model  # the same version, not a second copy
+        outcome = await engine.apply_chunk(session, 2, TOKENS[2:])  # its session went on
+        assert outcome.total_steps == 3
+        await engine.end(session)
+        assert again.model.lifecycle is ModelState.READY  # no retirement on its last session
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_a_version_folder_put_back_while_draining_serves_again(repo: Path, tmp_path: Path) -> None:
+    add_version(repo, 2)
+    engine = load_engine(repo, model_control="poll")
+    aside = tmp_path.parent / f"{tmp_path.name}-aside"
+
+    async def main() -> None:
+        session = await engine.open_session("tiny-gru", 2, StreamOptions())
+        shutil.copytree(repo / "tiny-gru" / "2", aside)  # copy2: the same mtime and size
+        shutil.rmtree(repo / "tiny-gru" / "2")
+        assert (await engine.control.scan()).draining == ["tiny-gru@2"]
+        shutil.move(aside, repo / "tiny-gru" / "2")
+        report = await engine.control.scan()
+        assert report.serving_again == ["tiny-gru@2"]
+        assert session.model.lifecycle is ModelState.READY
+        assert engine.registry.is_latest(session.model)
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_a_draining_version_whose_file_changed_waits_for_its_sessions(repo: Path) -> None:
+    engine = load_engine(repo, model_control="explicit")
+    model_file = repo / "tiny-gru" / "1" / "model.onnx"
+
+    async def main() -> None:
+        await engine.control.load("tiny-gru")
+        session = await engine.open_session("tiny-gru", 0, StreamOptions())
+        await engine.control.unload("tiny-gru")
+        model_file.write_bytes(model_file.read_bytes())  # a new file: another mtime
+        with pytest.raises(Unavailable, match=r"draining \(tiny-gru@1, 1 sessions left\)"):
+            await engine.control.load("tiny-gru")
+        await engine.end(session)  # the last session: the old version retires
+        report = await engine.control.load("tiny-gru")
+        assert report.loaded == ["tiny-gru@1"]
+        fresh = await engine.open_session("tiny-gru", 0, StreamOptions())
+        assert fresh.model is not session.model
+
+    asyncio.run(main())
+    engine.close()
