@@ -210,14 +210,16 @@ class SessionContinuity:
         metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
 
     async def forget(self, session_id: str) -> None:
-        """The session ended: its shared record becomes a tombstone (snapshots cannot revive it)."""
+        """The session ended: its shared record becomes a tombstone (snapshots cannot revive it).
+        A store that does not answer gets it once it is back (the backend keeps it until then)."""
         if self.backend is None:
             return
         try:
             await self.backend.end(session_id)
         except Exception as exc:
             metrics.SESSION_STORE_OPS.labels("delete", "error").inc()
-            log.warning("session store delete failed", extra={"fields": {"error": repr(exc)}})
+            log.warning("session store delete failed; written when the store is back",
+                        extra={"fields": {"error": repr(exc)}})  # fmt: skip
             return
         metrics.SESSION_STORE_OPS.labels("delete", "ok").inc()
 

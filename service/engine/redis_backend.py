@@ -44,6 +44,7 @@ T = TypeVar("T")
 SESSION_PREFIX = "lstm-serve:session:"
 ISSUED_PREFIX = "lstm-serve:issued:"
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.1, 2.0
+MAX_PENDING_ENDS = 100_000  # ends held back by an outage, written when the store is back
 
 
 def session_key(session_id: str) -> str:
@@ -112,11 +113,13 @@ class StoreGuard:
     one background probe pings it after 0.1 s, doubling to 2 s, until it answers (up again,
     one log line). Nothing waits on a dead store but the operation that found it dead."""
 
-    def __init__(self, timeout_s: float, where: str, ping: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, timeout_s: float, where: str, ping: Callable[[], Awaitable[Any]],
+                 on_up: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self.timeout_s = timeout_s
         self.where = where  # the redacted URL, for the log
         self.up = True
         self._ping = ping
+        self._on_up = on_up  # run by the probe once the store answers again
         self._probe: asyncio.Task[None] | None = None
         metrics.SESSION_STORE_UP.set(1)
 
@@ -156,6 +159,8 @@ class StoreGuard:
         self.up = True
         metrics.SESSION_STORE_UP.set(1)
         log.warning("session store back", extra={"fields": {"store": self.where}})
+        if self._on_up is not None:
+            await self._on_up()
 
     def close(self) -> None:
         if self._probe is not None:
@@ -186,7 +191,11 @@ class RedisSessionBackend:
         self.ttl_ms = max(1, int(idle_timeout_s * 1000))
         self.target = parse_store_url(url)
         self._redis: Any = connect(self.target, self.options)
-        self.guard = StoreGuard(self.options.timeout_s, where or self.target.kind, self._redis.ping)
+        self.guard = StoreGuard(self.options.timeout_s, where or self.target.kind, self._redis.ping,
+                                self._write_pending_ends)  # fmt: skip
+        # Ends the store did not take (an outage): written once it answers again, so another
+        # replica cannot resume an ended session from its last live record. Bounded.
+        self._pending_ends: dict[str, None] = {}
         self._save = self._redis.register_script(_SAVE)
         self._end = self._redis.register_script(_END)
         self._load = self._redis.register_script(_LOAD)
@@ -241,9 +250,39 @@ class RedisSessionBackend:
         await self.guard.run("touch", lambda: self._redis.pexpire(key, self.ttl_ms))
 
     async def end(self, session_id: str) -> None:
-        """The session ended: its record becomes a tombstone for the idle timeout."""
+        """The session ended: its record becomes a tombstone for the idle timeout. If the store
+        does not take it, it is kept and written when the store answers again (then raised)."""
         keys, args = [session_key(session_id)], [self.ttl_ms]
-        await self.guard.run("end", lambda: self._end(keys=keys, args=args))
+        try:
+            await self.guard.run("end", lambda: self._end(keys=keys, args=args))
+        except StoreUnavailable:
+            self._remember_end(session_id)
+            raise
+
+    def _remember_end(self, session_id: str) -> None:
+        pending = self._pending_ends
+        pending[session_id] = None
+        if len(pending) > MAX_PENDING_ENDS:  # the oldest goes: its record expires on its own
+            del pending[next(iter(pending))]
+            metrics.SESSION_STORE_OPS.labels("delete", "dropped").inc()
+
+    @property
+    def pending_ends(self) -> int:
+        """Ends waiting for the store to answer again."""
+        return len(self._pending_ends)
+
+    async def _write_pending_ends(self) -> None:
+        """Write the tombstones an outage held back, oldest first; stop at the first failure
+        (the guard is down again and its probe will call this once more)."""
+        while self._pending_ends:
+            session_id = next(iter(self._pending_ends))
+            keys, args = [session_key(session_id)], [self.ttl_ms]
+            try:
+                await self.guard.run("end", lambda k=keys, a=args: self._end(keys=k, args=a))
+            except StoreUnavailable:
+                return
+            self._pending_ends.pop(session_id, None)
+            metrics.SESSION_STORE_OPS.labels("delete", "ok").inc()
 
     async def holds(self, session_id: str) -> bool:
         """Whether a live record exists, without refreshing its idle timer."""

@@ -135,3 +135,38 @@ def test_an_outage_fails_fast_and_a_probe_brings_the_store_back(tmp_path: Path) 
         _run(scenario())
     finally:
         node.stop()
+
+
+def test_an_end_during_an_outage_is_written_when_the_store_is_back(tmp_path: Path) -> None:
+    from bench.redisfleet import RedisNode
+    from service.engine.redis_backend import StoreUnavailable
+    from service.engine.store_urls import StoreOptions
+
+    node = RedisNode(tmp_path, "redis").start("--appendonly", "yes", "--appendfsync", "always")
+
+    async def scenario() -> None:
+        url = f"redis://127.0.0.1:{node.port}/0"
+        backend = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3))
+        other = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3))  # another replica
+        sid = uuid.uuid4().hex
+        assert await backend.save(sid, 3, "g1", b"s3") == WRITTEN
+        node.kill()
+        with pytest.raises(StoreUnavailable):
+            await backend.end(sid)
+        assert backend.pending_ends == 1
+        node.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while backend.pending_ends:
+            assert loop.time() < deadline, "the held-back end was never written"
+            await asyncio.sleep(0.02)
+        assert backend.guard.up
+        ended = await other.load(sid)
+        assert ended == Record(None, 3, "g1", True), "a tombstone, not a live record"
+        await backend.close()
+        await other.close()
+
+    try:
+        _run(scenario())
+    finally:
+        node.stop()
