@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
@@ -123,29 +124,30 @@ def encode_options(options: StreamOptions) -> pb.StreamOptions:
     return pb.StreamOptions(every_step=options.every_step, top_k=options.top_k)
 
 
-def top_labels(desc: ModelDescription, probs: np.ndarray, k: int) -> list[pb.LabelScore]:
-    """The k most probable labels of a (C,) distribution, most probable first."""
+def add_top_labels(top: Any, desc: ModelDescription, probs: np.ndarray, k: int) -> None:
+    """Add the k most probable labels of a (C,) distribution to `top` (a repeated LabelScore
+    field), most probable first, in place."""
     k = min(max(k, 1), desc.num_classes)
     if k == 1:  # the common case: argmax (the first of ties, as the stable sort) is cheaper
-        i = int(probs.argmax())
-        return [pb.LabelScore(label=desc.labels[i], index=i, probability=float(probs[i]))]
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [
-        pb.LabelScore(label=desc.labels[i], index=int(i), probability=float(probs[i]))
-        for i in order
-    ]
+        order: list[int] = [int(probs.argmax())]
+    else:
+        order = np.argsort(-probs, kind="stable")[:k].tolist()
+    for i in order:
+        label = top.add()
+        label.label, label.index, label.probability = desc.labels[i], i, float(probs[i])
+
+
+def top_labels(desc: ModelDescription, probs: np.ndarray, k: int) -> list[pb.LabelScore]:
+    """The k most probable labels of a (C,) distribution, most probable first."""
+    holder = pb.SequenceResult()
+    add_top_labels(holder.top, desc, probs, k)
+    return list(holder.top)
 
 
 def _steps(step_probs: np.ndarray | None) -> list[pb.Probabilities]:
     if step_probs is None:
         return []
     return [pb.Probabilities(values=row.tolist()) for row in step_probs]
-
-
-def encode_chunk_result(outcome: ChunkOutcome, session: Session) -> pb.ChunkResult:
-    out = pb.ChunkResult()
-    fill_chunk_result(out, outcome, session)
-    return out
 
 
 def fill_chunk_result(out: pb.ChunkResult, outcome: ChunkOutcome, session: Session) -> None:
@@ -163,13 +165,7 @@ def fill_chunk_result(out: pb.ChunkResult, outcome: ChunkOutcome, session: Sessi
     probs = result.probs  # (C,); (0,) before a session's first step
     if probs.size:
         out.probabilities.extend(probs.tolist())
-        desc, k = session.model.description, session.options.top_k
-        if k <= 1:  # the common case: argmax (the first of ties, as the stable sort)
-            i = int(probs.argmax())
-            top = out.top.add()
-            top.label, top.index, top.probability = desc.labels[i], i, float(probs[i])
-        else:
-            out.top.extend(top_labels(desc, probs, k))
+        add_top_labels(out.top, session.model.description, probs, session.options.top_k)
     if result.step_probs is not None:
         out.step_probabilities.extend(_steps(result.step_probs))
 
@@ -189,12 +185,11 @@ def encode_error(exc: BaseException) -> pb.ErrorStatus:
 def encode_sequence_result(
     result: StepResult, desc: ModelDescription, top_k: int
 ) -> pb.SequenceResult:
-    return pb.SequenceResult(
-        probabilities=result.probs.tolist(),
-        top=top_labels(desc, result.probs, top_k),
-        steps=_steps(result.step_probs),
-        length=result.steps,
+    out = pb.SequenceResult(
+        probabilities=result.probs.tolist(), steps=_steps(result.step_probs), length=result.steps
     )
+    add_top_labels(out.top, desc, result.probs, top_k)
+    return out
 
 
 def session_opened(session: Session, resumed: bool, idle_timeout_s: float) -> pb.SessionOpened:
@@ -309,13 +304,6 @@ def session_entry(msg: pb.SessionRequest) -> m.SessionEntry:
     return m.SessionEntry(session_id, _request(kind, msg, "open, resume, chunk, reset or end"))
 
 
-def chunk_result(done: m.ChunkDone) -> pb.ChunkResult:
-    if done.error is not None:
-        return encode_chunk_error(done.seq, done.error, done.session)
-    assert done.outcome is not None
-    return encode_chunk_result(done.outcome, done.session)
-
-
 def _fill_chunk(out: pb.ChunkResult, done: m.ChunkDone) -> None:
     if done.error is not None:
         out.CopyFrom(encode_chunk_error(done.seq, done.error, done.session))
@@ -335,14 +323,12 @@ def session_ended(body: m.Ended) -> pb.SessionEnded:
     final, session = body.final, body.session
     if final is not None and final.probs.size and session is not None:
         reply.probabilities.extend(final.probs.tolist())
-        reply.top.extend(top_labels(session.model.description, final.probs, session.options.top_k))
+        add_top_labels(reply.top, session.model.description, final.probs, session.options.top_k)
     return reply
 
 
 def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
-    """(oneof field name, message) of a reply body, shared by Stream and StreamMulti replies."""
-    if isinstance(body, m.ChunkDone):
-        return "chunk", chunk_result(body)
+    """(oneof field name, message) of a reply body other than a chunk's (`_fill_body`)."""
     if isinstance(body, m.Opened):
         return "opened", session_opened(body.session, body.resumed, idle_timeout_s)
     if isinstance(body, m.ResetDone):
@@ -354,30 +340,29 @@ def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
     return "error", encode_error(body.error)
 
 
-def stream_response(reply: m.Reply, idle_timeout_s: float) -> pb.StreamResponse:
-    body = reply.body
-    if isinstance(body, m.ChunkDone):  # the per-chunk path: built in place, once
-        response = pb.StreamResponse(session_id=reply.session_id)
-        _fill_chunk(response.chunk, body)
-        return response
+def _fill_body(out: pb.StreamResponse | pb.SessionResult, body: m.Body,
+               idle_timeout_s: float) -> None:  # fmt: skip
+    """Set a reply's body in the message that is sent (Stream's and StreamMulti's replies share
+    the oneof): a chunk's fields directly, built once; any other body copied in once."""
+    if isinstance(body, m.ChunkDone):  # the per-chunk path
+        _fill_chunk(out.chunk, body)
+        return
     name, value = _body_field(body, idle_timeout_s)
-    return pb.StreamResponse(session_id=reply.session_id, **{name: value})
+    getattr(out, name).CopyFrom(value)
+
+
+def stream_response(reply: m.Reply, idle_timeout_s: float) -> pb.StreamResponse:
+    response = pb.StreamResponse(session_id=reply.session_id)
+    _fill_body(response, reply.body, idle_timeout_s)
+    return response
 
 
 def multi_response(reply: m.MultiReply, idle_timeout_s: float) -> pb.StreamMultiResponse:
-    """Every entry's result built in place in the message that is sent (a chunk's fields set
-    directly, other bodies copied in once)."""
     response = pb.StreamMultiResponse()
-    results = response.results
     for r in reply.replies:
-        out = results.add()
+        out = response.results.add()
         out.session_id = r.session_id
-        body = r.body
-        if isinstance(body, m.ChunkDone):
-            _fill_chunk(out.chunk, body)
-            continue
-        name, value = _body_field(body, idle_timeout_s)
-        getattr(out, name).CopyFrom(value)
+        _fill_body(out, r.body, idle_timeout_s)
     return response
 
 

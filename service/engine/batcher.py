@@ -96,12 +96,11 @@ def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     first = chunks[0]
     if len(chunks) == 1:  # a lone chunk: a (1, T[, F]) view, nothing to pad
         return first[np.newaxis], np.array([first.shape[0]], dtype=np.int64)
-    lengths = np.fromiter((c.shape[0] for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
-    longest = max(c.shape[0] for c in chunks)
-    batch = np.zeros((len(chunks), longest, *first.shape[1:]), dtype=first.dtype)
+    steps = [c.shape[0] for c in chunks]
+    batch = np.zeros((len(chunks), max(steps), *first.shape[1:]), dtype=first.dtype)
     for b, chunk in enumerate(chunks):
         batch[b, : chunk.shape[0]] = chunk  # (B, Tmax) or (B, Tmax, F)
-    return batch, lengths
+    return batch, np.array(steps, dtype=np.int64)  # lengths (B,)
 
 
 class SequenceBatcher:
@@ -260,12 +259,10 @@ class SequenceBatcher:
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         """Scatter the kept rows' states, then advance each kept session; answer the rest."""
         keep = [b for b, item in enumerate(batch) if self._wanted(item)]
-        if not keep:
-            self._m_chunk["compute"].observe(seconds)
-            return
-        rows = [batch[b].session.row for b in keep]
-        every_row = len(keep) == len(batch)
-        self.state.scatter(rows, out.state_out if every_row else out.state_out[keep])  # (B', S, H)
+        if keep:
+            rows = [batch[b].session.row for b in keep]
+            every_row = len(keep) == len(batch)  # then no copy of the kept rows
+            self.state.scatter(rows, out.state_out if every_row else out.state_out[keep])
         probs, step_probs = out.probs, out.step_probs
         steps = 0
         for b in keep:

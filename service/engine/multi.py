@@ -10,7 +10,7 @@ shared store before the locks are released.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork, StepResult
 from service.errors import LstmServeError
@@ -47,7 +47,7 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
             locked.append(session)
             outcomes[i] = _submit_locked(item, waiting, i, engine, before)
         if waiting or busy:
-            await all_done([*waiting.values(), *busy.values()])
+            await asyncio.wait([*waiting.values(), *busy.values()])
         applied = _collect(work, waiting, outcomes)
         await _persist(engine, work, applied, outcomes, before)
     finally:
@@ -61,31 +61,6 @@ async def apply_together(engine: Engine, work: list[ChunkWork]) -> list[Outcome]
             raise exc
         outcomes[i] = exc if isinstance(exc, LstmServeError) else task.result()
     return [o for o in outcomes if o is not None]
-
-
-async def all_done(futures: list[asyncio.Future[Any]]) -> None:
-    """Wait until every future is done (results and errors stay in them): asyncio.wait without
-    its per-future set work, and nothing at all for the futures already done."""
-    left = [f for f in futures if not f.done()]
-    if not left:
-        return
-    barrier = asyncio.get_running_loop().create_future()
-    count = len(left)
-
-    def one_done(_: asyncio.Future[Any]) -> None:
-        nonlocal count
-        count -= 1
-        if count == 0 and not barrier.done():
-            barrier.set_result(None)
-
-    for future in left:
-        future.add_done_callback(one_done)
-    try:
-        await barrier
-    finally:
-        if count:  # cancelled while some were pending: no callbacks into this frame later
-            for future in left:
-                future.remove_done_callback(one_done)
 
 
 def _submit_locked(

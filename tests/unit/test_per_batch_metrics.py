@@ -1,10 +1,9 @@
 """The per-chunk path's batch-at-a-time pieces: BulkHistogram exposes what prometheus_client's
-Histogram would, runs without per-step outputs give the same answer, one barrier for many
-futures."""
+Histogram would, runs without per-step outputs give the same answer, a lone chunk and state row
+take the short way."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from service.engine.batcher import pad_chunks
-from service.engine.multi import all_done
 from service.engine.state import HostStateSlab
 from service.metrics import LATENCY_BUCKETS, BulkHistogram
 from tests.unit.engines import load_worker
@@ -80,39 +78,6 @@ def test_a_run_without_step_outputs_gives_the_same_answer(tiny_repo: Path) -> No
     assert final.step_probs is None and full.step_probs is not None
     np.testing.assert_array_equal(final.probs, full.probs)
     np.testing.assert_array_equal(final.state_out, full.state_out)
-
-
-def test_all_done_waits_for_every_future_and_keeps_their_errors() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in range(4)]
-        futures[0].set_result(0)  # done before: nothing to wait for
-        waiter = asyncio.ensure_future(all_done(futures))
-        loop.call_soon(futures[1].set_result, 1)
-        loop.call_soon(futures[2].set_exception, RuntimeError("row failed"))
-        await asyncio.sleep(0.01)
-        assert not waiter.done()  # futures[3] still pending
-        futures[3].set_result(3)
-        await asyncio.wait_for(waiter, 1)
-        assert isinstance(futures[2].exception(), RuntimeError)
-        assert [f.result() for f in (futures[0], futures[1], futures[3])] == [0, 1, 3]
-
-    asyncio.run(scenario())
-
-
-def test_all_done_cancelled_leaves_no_callbacks_behind() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in range(3)]
-        waiter = asyncio.ensure_future(all_done(futures))
-        await asyncio.sleep(0)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        for f in futures:
-            assert not f._callbacks  # type: ignore[attr-defined]  # our callback was removed
-
-    asyncio.run(scenario())
 
 
 def test_a_lone_chunk_and_row_take_the_short_way_with_the_same_result() -> None:
