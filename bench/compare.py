@@ -19,26 +19,19 @@ Row = dict[str, Any]
 Key = tuple[str, str, int, int]
 
 
-def _batched(results: dict[str, Any]) -> dict[Key, Row]:
+def _rows(results: dict[str, Any], server: str) -> dict[Key, Row]:
+    """One server's points, by (model, mode, S, k)."""
     return {
         (r["model"], r["mode"], r["sessions"], r["steps"]): r
         for r in results["points"]
-        if r["server"] == "batched"
-    }
-
-
-def _echo(results: dict[str, Any]) -> dict[Key, Row]:
-    return {
-        (r["model"], r["mode"], r["sessions"], r["steps"]): r
-        for r in results["points"]
-        if r["server"] == "echo"
+        if r["server"] == server
     }
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
     """The markdown table of every point both runs measured."""
-    old, new = _batched(before), _batched(after)
-    old_echo, new_echo = _echo(before), _echo(after)
+    old, new = _rows(before, "batched"), _rows(after, "batched")
+    old_echo, new_echo = _rows(before, "echo"), _rows(after, "echo")
     lines = [
         "| model | mode | S | k | steps/s before | steps/s after | after / before "
         "| % echo before | % echo after | p50 ms before | p50 ms after |",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -77,20 +78,27 @@ async def _multi_round(layer: Any, n: int, messages: int) -> float:
     return time.perf_counter() - started
 
 
-async def measure(repo: Path, n: int, messages: int, rounds: int) -> dict[str, Any]:
-    """The best round of each (other processes on the machine only ever slow a round down)."""
+@contextlib.asynccontextmanager
+async def served(repo: Path, **settings: Any) -> AsyncIterator[Any]:
+    """The server's objects on `repo`, loaded, with no port serving traffic; shut down after."""
     config = ServerConfig(model_repository=repo, host="127.0.0.1", grpc_port=0, metrics_port=0,
-                          http_port=0, compute_threads=2, max_sessions=100_000)  # fmt: skip
+                          http_port=0, compute_threads=2, **settings)  # fmt: skip
     app, _ = create_server(config)
     await app.start()
     await app.wait_until_loaded(60)
-    best = {"columns": float("inf"), "multi": float("inf")}
     try:
+        yield app
+    finally:
+        await app.shutdown(grace_s=0)
+
+
+async def measure(repo: Path, n: int, messages: int, rounds: int) -> dict[str, Any]:
+    """The best round of each (other processes on the machine only ever slow a round down)."""
+    best = {"columns": float("inf"), "multi": float("inf")}
+    async with served(repo, max_sessions=100_000) as app:
         for _ in range(rounds):
             best["columns"] = min(best["columns"], await _columns_round(app.layer, n, messages))
             best["multi"] = min(best["multi"], await _multi_round(app.layer, n, messages))
-    finally:
-        await app.shutdown(grace_s=0)
     per_entry = {k: 1e6 * v / (n * messages) for k, v in best.items()}
     return {"sessions_per_message": n, "messages": messages, "rounds": rounds,
             "us_per_entry": per_entry,
@@ -124,13 +132,7 @@ async def lone_stream(layer: Any, messages: int, model: str = BENCH_MODEL) -> li
 async def measure_lone(repo: Path, messages: int, intra_op_threads: int) -> dict[str, Any]:
     """The lone client's in-process path, p50 and mean per message (the first 10 % dropped as
     warm-up), beside one model call of the same shape."""
-    config = ServerConfig(model_repository=repo, host="127.0.0.1", grpc_port=0, metrics_port=0,
-                          http_port=0, compute_threads=2, intra_op_threads=intra_op_threads,
-                          inter_op_threads=1)  # fmt: skip
-    app, _ = create_server(config)
-    await app.start()
-    await app.wait_until_loaded(60)
-    try:
+    async with served(repo, intra_op_threads=intra_op_threads, inter_op_threads=1) as app:
         times = await lone_stream(app.layer, messages)
         runtime = app.engine.registry.get(BENCH_MODEL).runtime
         desc = runtime.description
@@ -141,8 +143,6 @@ async def measure_lone(repo: Path, messages: int, intra_op_threads: int) -> dict
             started = time.perf_counter()
             runtime.run(*one, steps=False)
             runs.append(time.perf_counter() - started)
-    finally:
-        await app.shutdown(grace_s=0)
     kept = np.array(times[messages // 10 :]) * 1e6
     return {"model": BENCH_MODEL, "intra_op_threads": intra_op_threads, "messages": messages,
             "p50_us": float(np.percentile(kept, 50)), "mean_us": float(kept.mean()),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,14 +221,23 @@ async def drive(
             loops.append(_multi_loop(stub, model, ids, load.per_message, window, ready))
         else:
             loops.append(_stream_loop(pb_grpc.LstmServeStub(channel), model, ids, window, ready))
+    return await run_window(loops, window, opened, on_window, channels)
+
+
+async def run_window(
+    loops: Iterable[Awaitable[None]], window: Window, opened: asyncio.Event,
+    on_window: Callable[[str], Awaitable[None]], closing: Iterable[Any] = (),
+) -> Window:  # fmt: skip
+    """Run every loop with `on_window` called at the window's edges; close each of `closing`
+    (channels, clients) after, whatever happened."""
     sampler = asyncio.ensure_future(sample(window, opened, on_window))
     try:
         await asyncio.gather(*loops)
         await sampler
     finally:
         sampler.cancel()
-        for channel in channels:
-            await channel.close()
+        for item in closing:
+            await item.close()
     return window
 
 

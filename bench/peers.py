@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.load import Load, Window, drive, sample, window_barrier
+from bench.load import Load, Window, drive, run_window, window_barrier
 from bench.model import BENCH_MODEL, ROOT, build_repository
 from bench.procs import HOST, free_port, start_lstm_serve
 from bench.run import BATCHED, VOCAB
@@ -360,13 +360,7 @@ async def drive_torchserve(
                 window.record(sent, time.perf_counter())
             await post(http, headers | {"ts_request_sequence_end": "true"})
 
-    sampler = asyncio.ensure_future(sample(window, opened, on_window))
-    try:
-        await asyncio.gather(*(sequence(i) for i in range(load.sessions)))
-        await sampler
-    finally:
-        sampler.cancel()
-    return window
+    return await run_window((sequence(i) for i in range(load.sessions)), window, opened, on_window)
 
 
 def torchserve_stubs(work: Path) -> tuple[Any, Any]:
@@ -435,15 +429,8 @@ async def drive_torchserve_grpc(
             window.record(sent, time.perf_counter())
         await call.done_writing()  # the end of the stream ends the sequence
 
-    sampler = asyncio.ensure_future(sample(window, opened, on_window))
-    try:
-        await asyncio.gather(*(sequence(i) for i in range(load.sessions)))
-        await sampler
-    finally:
-        sampler.cancel()
-        for channel in channels:
-            await channel.close()
-    return window
+    loops = (sequence(i) for i in range(load.sessions))
+    return await run_window(loops, window, opened, on_window, channels)
 
 
 _sequence_ids = iter(range(1, 2**62))  # Triton correlation ids, never reused within a run
@@ -468,15 +455,7 @@ async def drive_tritonserver(
     ids = np.random.default_rng(load.sessions).integers(1, VOCAB[BENCH_MODEL], size=load.steps)
     loops = [grpc_sequence(clients[i % n], BENCH_MODEL, ids, next(_sequence_ids), window, ready)
              for i in range(load.sessions)]  # fmt: skip
-    sampler = asyncio.ensure_future(sample(window, opened, on_window))
-    try:
-        await asyncio.gather(*loops)
-        await sampler
-    finally:
-        sampler.cancel()
-        for client in clients:
-            await client.close()
-    return window
+    return await run_window(loops, window, opened, on_window, clients)
 
 
 def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> dict[str, Any]:

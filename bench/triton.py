@@ -39,7 +39,7 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as http_aio
 
-from bench.load import Load, Window, drive, sample, window_barrier
+from bench.load import Load, Window, drive, run_window, window_barrier
 from bench.model import BENCH_MODEL, build_repository
 from bench.procs import HOST, Process, free_port, start_lstm_serve
 from bench.run import BATCHED, VOCAB
@@ -143,15 +143,7 @@ async def drive_triton(
         run = http_sequence
     loops = [run(clients[i % n_clients], model, ids, 1 + i, window, ready)
              for i in range(load.sessions)]  # fmt: skip
-    sampler = asyncio.ensure_future(sample(window, opened, on_window))
-    try:
-        await asyncio.gather(*loops)
-        await sampler
-    finally:
-        sampler.cancel()
-        for client in clients:
-            await client.close()
-    return window
+    return await run_window(loops, window, opened, on_window, clients)
 
 
 def measure(
