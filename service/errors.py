@@ -144,3 +144,9 @@ class SnapshotRefused(LstmServeError):
     store, expired, or of a session that ended."""
 
     code = "FAILED_PRECONDITION"
+
+
+class AlreadyApplied(LstmServeError):
+    """A resend of a message older than the last applied one: its result is not kept."""
+
+    code = "ALREADY_EXISTS"

@@ -28,6 +28,7 @@ from service.engine.sessions import SessionStore
 from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
 from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
+from service.protocol.sequences import SequenceIds, Sequences
 from service.protocol.session import Limits, SessionLayer
 from service.security import http as security_http
 from service.security.auth import AuthInterceptor, build_authenticator
@@ -59,7 +60,7 @@ class LstmServer:
         self.layer = layer
         self.tls = tls  # the certificate files both ports serve (None: plaintext)
         # The Open Inference Protocol (KServe v2 + Triton's extensions): one core, two fronts.
-        self.triton = TritonCore(layer, config)
+        self.triton = TritonCore(Sequences(layer, SequenceIds(engine.continuity.keys)), config)
         self.http = (
             HttpFront(self.triton, middlewares=http_middlewares,
                       ssl_context=security_http.ssl_context(tls))
@@ -262,7 +263,6 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     engine = build_engine(config)
     limits = Limits(
         max_chunk_steps=config.max_chunk_steps, max_multi_entries=config.max_multi_entries,
-        idle_timeout_s=config.session_idle_timeout_s,
         max_request_row_steps=config.max_request_row_steps,
         read_ahead_bytes=config.read_ahead_bytes,
         read_ahead_total_bytes=config.read_ahead_total_bytes,

@@ -35,16 +35,20 @@ class SessionAttach:
         raise NotImplementedError
 
     async def open_session(
-        self, name: str, version: int, options: StreamOptions, attach: object | None = None
-    ) -> Session:
+        self, name: str, version: int, options: StreamOptions, attach: object | None = None,
+        session_id: str | None = None,
+    ) -> Session:  # fmt: skip
         """A new session of the caller on a READY version, attached to the stream owning
-        `attach` and written to the shared store (if any) at once."""
+        `attach` and written to the shared store (if any) at once. With `session_id` (an id
+        its caller derives, service/protocol/sequences.py), a new incarnation under that id:
+        a copy held here is replaced, and the shared record (live or ended) is written over,
+        so no replica continues an older copy."""
         self.check_accepting()
         model = self.models().get(name, version)
-        session = self.store.open(model, _clamp(model, options))
+        session = self.store.open(model, _clamp(model, options), session_id)
         session.attach(attach)
-        async with session.lock:
-            await self.continuity.persist(session)  # resumable elsewhere from the start
+        async with session.lock:  # resumable elsewhere from the start
+            await self.continuity.persist(session, restart=session_id is not None)
         return session
 
     async def resume_session(

@@ -164,7 +164,8 @@ class SessionContinuity:
                 f"({desc.state_rows}, {desc.hidden_size})"
             )
         local = self.store.peek(snap.session_id)
-        if local is not None and local.last_seq >= snap.last_seq and local.model is model:
+        if (local is not None and local.last_seq >= snap.last_seq and local.model is model
+                and local.generation == generation):  # fmt: skip
             return local
         kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes))
         session = self.store.adopt(model, options or kept, snap.session_id, snap.owner, generation)
@@ -178,21 +179,23 @@ class SessionContinuity:
         return Checkpoint.of(session) if self.backend is not None and self.mode == STRICT else None
 
     async def persist(
-        self, session: Session, takeover_from: str | None = None, before: Checkpoint | None = None
-    ) -> None:
+        self, session: Session, takeover_from: str | None = None, before: Checkpoint | None = None,
+        restart: bool = False,
+    ) -> None:  # fmt: skip
         """Write the session through to the shared store (no-op without one), right after a
         state change, before the reply leaves, its lock held. A store that does not answer:
         best-effort logs it (the chunk stays applied, lost if this pod dies before a later save);
         strict rolls the session back to `before` (none: a session just opened or restored
         here is dropped) and raises Unavailable (the client retries). A newer seq or another
         incarnation in the store: this copy was stale, dropped with SessionMoved (the client
-        resumes); a refused restore (`takeover_from`) is dropped with SnapshotRefused."""
+        resumes); a refused restore (`takeover_from`) is dropped with SnapshotRefused. A
+        `restart` (a new incarnation under a known id) writes over any record, ended or not."""
         if self.backend is None or session.ended:
             return
         blob = self.snapshot(session)  # synchronous: state and seq read together
         try:
             saved = await self.backend.save(
-                session.id, session.last_seq, session.generation, blob, takeover_from
+                session.id, session.last_seq, session.generation, blob, takeover_from, restart
             )
         except Exception as exc:  # StoreUnavailable, or anything else redis-py raised
             metrics.SESSION_STORE_OPS.labels("save", "error").inc()
@@ -249,8 +252,15 @@ class SessionContinuity:
             if local is not None:
                 self.store.end(local, gone)
             raise gone
-        if local is not None and local.last_seq >= record.seq:
-            return local
+        if local is not None and local.generation == record.generation:
+            if local.last_seq >= record.seq:
+                return local  # this copy (a best-effort save that failed may have left it ahead)
+        elif local is not None:  # another incarnation in the store (restarted elsewhere)
+            self.store.end(local, SessionMoved(
+                f"session {session_id} was started again on another replica: this copy is not "
+                "continued"
+            ))  # fmt: skip
+            local = None
         snap = decode_snapshot(record.snapshot, self._keys())
         if snap.owner != principal.current():
             raise SessionNotFound(f"session {session_id[:64]!r} does not exist")

@@ -60,13 +60,19 @@ ISSUED_TTL_S = 24 * 3600
 WRITTEN, STALE, ENDED = 1, 0, 2
 
 # KEYS[1] record, KEYS[2] issued marker; ARGV: seq, gen, snapshot, ttl ms, issued ttl s, mode
-# ("advance" or "takeover"), the snapshot's own gen (takeover). Returns WRITTEN, STALE or ENDED.
+# ("advance", "takeover" or "restart": a new incarnation under a known id, written over any
+# record, an ended one included), the snapshot's own gen (takeover). Returns WRITTEN, STALE or
+# ENDED.
 _SAVE = """
 local rec = redis.call('HMGET', KEYS[1], 'seq', 'gen', 'ended')
-if rec[3] then
+local restart = ARGV[6] == 'restart'
+if rec[3] and not restart then
   return 2
 end
-local ok = not rec[1]
+local ok = restart or not rec[1]
+if rec[3] then
+  redis.call('HDEL', KEYS[1], 'ended')
+end
 if not ok then
   local stored, mine = tonumber(rec[1]), tonumber(ARGV[1])
   local gen = rec[2] or ''
@@ -205,12 +211,13 @@ class RedisSessionBackend:
 
     async def save(
         self, session_id: str, seq: int, generation: str, snapshot: bytes,
-        takeover_from: str | None = None,
+        takeover_from: str | None = None, restart: bool = False,
     ) -> int:  # fmt: skip
         """Advance the record (this incarnation, a newer seq), or with `takeover_from` (the
-        restored snapshot's incarnation) take it over; WRITTEN, STALE or ENDED."""
+        restored snapshot's incarnation) take it over, or with `restart` write over it (a new
+        incarnation under a known id); WRITTEN, STALE or ENDED."""
         keys = [session_key(session_id), issued_key(session_id)]
-        mode = "advance" if takeover_from is None else "takeover"
+        mode = "restart" if restart else "advance" if takeover_from is None else "takeover"
         args = [seq, generation, snapshot, self.ttl_ms, ISSUED_TTL_S, mode, takeover_from or ""]
         if self.min_replicas <= 0:
             return int(await self.guard.run("save", lambda: self._save(keys=keys, args=args)))

@@ -232,12 +232,27 @@ class SessionStore:
         """Whether the id is held now (without touching or expiring it)."""
         return session_id in self._sessions
 
-    def open(self, model: ModelWorker, options: StreamOptions) -> Session:
+    def open(
+        self, model: ModelWorker, options: StreamOptions, session_id: str | None = None
+    ) -> Session:
         """A new session from a zero state, owned by the caller; NotStreamable / Overloaded
-        (the server's or the caller's limit) when it cannot be."""
+        (the server's or the caller's limit) when it cannot be. Under a given id (a restart
+        of a derived id), a copy held here is replaced (its chunk in flight answered ABORTED)
+        and the id's expiry and end are forgotten."""
         owner = principal.current()
-        self.quota.check_open(owner)
-        session = self._new_session(model, options, secrets.token_hex(16), owner, new_generation())
+        existing = self._sessions.get(session_id) if session_id is not None else None
+        if existing is None or existing.owner != owner:
+            self.quota.check_open(owner)
+        if existing is not None:
+            self._remove(existing, SessionReplaced(
+                f"session {existing.id} was started again: this copy is not continued"
+            ))  # fmt: skip
+        if session_id is None:
+            session_id = secrets.token_hex(16)
+        else:
+            self._expired.pop(session_id, None)
+            self._ended.pop(session_id, None)
+        session = self._new_session(model, options, session_id, owner, new_generation())
         metrics.SESSION_EVENTS.labels(model.name, "opened").inc()
         return session
 

@@ -17,7 +17,8 @@ from service import metrics
 from service.engine.core import Engine
 from service.engine.inputs import tokens_from_stream, tokens_held
 from service.engine.sessions import Session
-from service.engine.textstream import HeldChange
+from service.engine.textstream import HeldChange, HeldText
+from service.engine.worker import ModelWorker
 from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap, Unavailable
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
@@ -59,7 +60,6 @@ class Limits:
 
     max_chunk_steps: int = 4096
     max_multi_entries: int = 4096
-    idle_timeout_s: float = 600.0
     max_request_row_steps: int = 1_048_576  # per StreamMulti message, summed over its chunks
     read_ahead_bytes: int = 4 << 20  # read ahead of processing, per stream
     read_ahead_total_bytes: int = 256 << 20  # read ahead of processing, all streams
@@ -134,16 +134,24 @@ class SessionLayer:
         return ChunkDone(session, chunk.seq, outcome)
 
     def decode(
-        self, session: Session, source: InputSource, field: str
+        self, session: Session, source: InputSource, field: str, text_field: str | None = None
     ) -> tuple[np.ndarray, HeldChange | None]:
         """A chunk's steps; text is tokenized after the session's held text, and what may still
         change with the next chunk is held back (the change is applied with the chunk)."""
-        desc, max_steps = session.model.description, self.limits.max_chunk_steps
+        return self.decode_for(session.model, session.held, source, field, text_field)
+
+    def decode_for(
+        self, model: ModelWorker, before: HeldText, source: InputSource, field: str,
+        text_field: str | None = None,
+    ) -> tuple[np.ndarray, HeldChange | None]:  # fmt: skip
+        """`decode` for a chunk of `model` after the text `before` (a session about to open:
+        nothing held). Errors name `field`, and text errors `text_field` (field.text)."""
+        desc, max_steps = model.description, self.limits.max_chunk_steps
         text = source.text()
         if text is None:
             return source.decode(desc, max_steps, field), None
-        before = session.held
-        ids, after = tokens_from_stream(desc, before, text, max_steps, f"{field}.text")
+        label = text_field or f"{field}.text"
+        ids, after = tokens_from_stream(desc, before, text, max_steps, label)
         return ids, HeldChange(before, after)
 
     async def end(self, session: Session, token: object | None = None) -> Ended:

@@ -3,7 +3,7 @@
 The gRPC front (service/triton/grpc_front.py) and the HTTP/REST front (http_front.py) call
 exactly this API, on the server's event loop; neither holds state of its own:
 
-    core = TritonCore(layer, config)          # built once in service/server.py
+    core = TritonCore(sequences, config)      # built once in service/server.py
     core.live() -> bool                       # GET /v2/health/live
     core.ready() -> bool                      # GET /v2/health/ready
     core.server_metadata() -> ServerMetadata  # GET /v2
@@ -42,7 +42,7 @@ from service.config import ServerConfig
 from service.engine.types import ModelState, VersionStatus
 from service.engine.worker import ModelWorker
 from service.errors import LstmServeError, ProtocolError
-from service.protocol.session import SessionLayer
+from service.protocol.sequences import Sequences
 from service.triton.infer import Inference, InferLimits, parse_version
 from service.triton.modelconfig import ConfigLimits, model_config, model_metadata
 from service.triton.sequences import sequence_params
@@ -77,15 +77,14 @@ def _server_version() -> str:
 class TritonCore:
     """The KServe v2 / Triton operations over the session layer and its engine."""
 
-    def __init__(self, layer: SessionLayer, config: ServerConfig) -> None:
-        self.layer = layer
-        self.engine = layer.engine
+    def __init__(self, sequences: Sequences, config: ServerConfig) -> None:
+        self.engine = sequences.engine
         self.config = config
         self.limits = ConfigLimits(
             max_batch_size=config.max_classify_sequences,
             idle_timeout_s=config.session_idle_timeout_s,
         )
-        self.inference = Inference(self.engine, InferLimits(
+        self.inference = Inference(self.engine, sequences, InferLimits(
             config.max_classify_sequences, config.max_sequence_steps, config.max_chunk_steps,
         ))  # fmt: skip
         self.stats = InferStatistics()
@@ -195,11 +194,6 @@ class TritonCore:
             except LstmServeError:
                 return  # not a served model: nothing to count it under
         self.stats.failure(worker.name, worker.version, started)
-
-    @property
-    def open_sequences(self) -> int:
-        """Sequences open now (each holds one session)."""
-        return len(self.inference.sequences)
 
     def model_label(self, name: str) -> str:
         """The metric label for a model name (served, or the fixed placeholder)."""

@@ -83,13 +83,33 @@ def decode_sequences(
     return _decode(request, names, desc, max_steps, max_batch, whole=True)  # type: ignore[return-value]
 
 
-def decode_chunk(
-    request: InferRequest, names: TensorNames, desc: ModelDescription, max_steps: int
-) -> np.ndarray | str:
-    """A sequence request's one chunk: its steps, or its text (tokenized against the text the
-    sequence holds back, service/engine/textstream.py)."""
-    (chunk,) = _decode(request, names, desc, max_steps, 1, whole=False)
-    return chunk
+class SequenceChunk:
+    """A sequence request's one chunk for one model version, as the session layer decodes
+    inputs (service/protocol/messages.py InputSource): its steps, or its text (tokenized by the
+    layer against the text the sequence holds back). Checked when built."""
+
+    def __init__(self, request: InferRequest, names: TensorNames, desc: ModelDescription,
+                 max_steps: int, every_step: bool) -> None:  # fmt: skip
+        (self._chunk,) = _decode(request, names, desc, max_steps, 1, whole=False)
+        self.every_step = every_step
+        tensor, _, _ = _inputs(request, names)
+        self.label = f"input {quoted(tensor.name)}"
+
+    def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
+        assert not isinstance(self._chunk, str)
+        return self._chunk
+
+    def text(self) -> str | None:
+        return self._chunk if isinstance(self._chunk, str) else None
+
+    def steps_hint(self) -> int:
+        return len(self._chunk)
+
+    def nbytes(self) -> int:
+        chunk = self._chunk
+        if isinstance(chunk, str):
+            return len(chunk.encode("utf-8", "surrogatepass"))
+        return chunk.nbytes
 
 
 def _decode(

@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2
 from service.config import ServerConfig
 from service.engine.core import Engine
 from service.errors import LstmServeError
+from service.protocol.sequences import SequenceIds, Sequences
 from service.protocol.session import Limits, SessionLayer
 from service.triton import grpc_codec, tensors
 from service.triton.core import TritonCore
@@ -27,7 +28,7 @@ from tests.unit.engines import load_engine
 def core(tiny_repo: Path) -> Iterator[TritonCore]:
     engine: Engine = load_engine(tiny_repo)
     config = ServerConfig(model_repository=tiny_repo, session_idle_timeout_s=60.0)
-    yield TritonCore(SessionLayer(engine, Limits()), config)
+    yield TritonCore(Sequences(SessionLayer(engine, Limits()), SequenceIds(None)), config)
     engine.close()
 
 
@@ -72,7 +73,7 @@ def test_a_sequence_in_chunks_equals_classify_of_the_whole(core: TritonCore) -> 
     probs = run(go())
     want = classify(core, "tiny-lstm", [np.array(whole)])
     np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
-    assert core.open_sequences == 0
+    assert len(core.engine.store) == 0  # END freed the sequence's session
 
 
 def test_a_batch_without_sequence_id_is_independent_whole_sequences(core: TritonCore) -> None:
