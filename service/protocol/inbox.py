@@ -4,7 +4,9 @@ stream that is waiting for its next message (to send its final snapshots and clo
 Read-ahead is bounded in messages and in bytes, per stream and across all streams
 (`ReadAhead`): beyond the bounds a stream simply stops reading, and gRPC's flow control holds
 the client back; a stream with nothing buffered may always read one message, so every stream
-makes progress.
+makes progress. The same server-wide total also bounds what whole requests hold while they run
+(HTTP bodies: `ReadAhead.hold`; requests of a stream that run concurrently: `Inbox.take`, whose
+bytes count until `release`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ class ReadAhead:
     def take(self, size: int) -> None:
         self.used += size
 
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        """Hold `size` bytes of the total for a request read whole (an HTTP body): it waits
+        until they fit beside everything else held or read ahead; one request always fits."""
+        size = min(size, self.total)
+        if self.used + size > self.total:
+            async with self._freed:
+                await self._freed.wait_for(lambda: self.used + size <= self.total)
+        self.take(size)
+        try:
+            yield
+        finally:
+            self.give_back(size)
+
     def give_back(self, size: int) -> None:
         self.used -= size
         if self._freed._waiters:  # type: ignore[attr-defined]  # no loop hop when none wait
@@ -61,7 +77,8 @@ class Inbox(Generic[R]):
         self._draining = draining
         self._budget = read_ahead
         self._size = size
-        self._bytes = 0  # read ahead and not yet taken by next()
+        self._bytes = 0  # read ahead and not yet taken by next() (or released after take())
+        self._closed = False
         self._queue: asyncio.Queue[tuple[object, int]] = asyncio.Queue(maxsize=READ_AHEAD)
         self._reader = asyncio.create_task(self._read(requests))
 
@@ -115,13 +132,31 @@ class Inbox(Generic[R]):
         except TimeoutError:
             return
 
+    async def take(self) -> tuple[object, int]:
+        """The next request (or EOF / DRAIN) and its bytes, which keep counting against the
+        bounds until `release` (a request that runs while the stream reads on)."""
+        if self._draining.is_set():
+            return DRAIN, 0
+        item, size = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.release(size)
+            raise item
+        return item, size
+
+    def release(self, size: int) -> None:
+        """A request `take` gave is done: its bytes are given back (nothing once closed)."""
+        if size and not self._closed:
+            self._bytes -= size
+            self._budget.give_back(size)
+
     def wake(self) -> None:
         """Wake a stream waiting for its next message (a busy one checks between messages)."""
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait((DRAIN, 0))
 
     def close(self) -> None:
-        """Stop reading; what was read ahead and not taken is given back."""
+        """Stop reading; what was read ahead and not given back yet is given back."""
+        self._closed = True
         self._reader.cancel()
         if self._bytes:
             self._budget.give_back(self._bytes)

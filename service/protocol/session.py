@@ -79,7 +79,7 @@ class SessionLayer:
         self.engine = engine
         self.limits = limits
         self._inboxes: set[Inbox[Any]] = set()
-        self._read_ahead = ReadAhead(limits.read_ahead_bytes, limits.read_ahead_total_bytes)
+        self.read_ahead = ReadAhead(limits.read_ahead_bytes, limits.read_ahead_total_bytes)
 
     # -- attach and dispatch -------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class SessionLayer:
 
     def open_inbox(self, requests: AsyncIterator[R], size: Callable[[R], int]) -> Inbox[R]:
         """A stream's inbox; `size` says how many bytes a request holds (read-ahead bounds)."""
-        inbox = Inbox(requests, self.engine.drain_started, self._read_ahead, size)
+        inbox = Inbox(requests, self.engine.drain_started, self.read_ahead, size)
         self._inboxes.add(inbox)
         return inbox
 

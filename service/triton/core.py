@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -42,6 +44,8 @@ from service.config import ServerConfig
 from service.engine.types import ModelState, VersionStatus
 from service.engine.worker import ModelWorker
 from service.errors import LstmServeError, ProtocolError
+from service.protocol.concurrent import ConcurrentStream
+from service.protocol.inbox import ReadAhead
 from service.protocol.sequences import Sequences
 from service.triton.infer import Inference, InferLimits, parse_version
 from service.triton.modelconfig import ConfigLimits, model_config, model_metadata
@@ -56,6 +60,8 @@ from service.triton.types import (
     ServerMetadata,
 )
 
+R = TypeVar("R")
+T = TypeVar("T")
 SERVER_NAME = "lstm-serve"
 EXTENSIONS = (
     "classification", "sequence", "model_repository", "model_configuration", "statistics",
@@ -78,6 +84,7 @@ class TritonCore:
     """The KServe v2 / Triton operations over the session layer and its engine."""
 
     def __init__(self, sequences: Sequences, config: ServerConfig) -> None:
+        self.sequences = sequences
         self.engine = sequences.engine
         self.config = config
         self.limits = ConfigLimits(
@@ -194,6 +201,19 @@ class TritonCore:
             except LstmServeError:
                 return  # not a served model: nothing to count it under
         self.stats.failure(worker.name, worker.version, started)
+
+    def stream(
+        self, requests: AsyncIterator[R], size: Callable[[R], int],
+        handle: Callable[[R], Awaitable[T]], max_running: int,
+    ) -> ConcurrentStream[R, T]:  # fmt: skip
+        """A stream of infer requests run concurrently (ModelStreamInfer), read through the
+        session layer: one byte budget with every stream and HTTP body, ended on drain."""
+        return ConcurrentStream(self.sequences.layer, requests, size, handle, max_running)
+
+    @property
+    def read_ahead(self) -> ReadAhead:
+        """The server's one budget of request bytes held (HTTP bodies hold theirs in it)."""
+        return self.sequences.layer.read_ahead
 
     def model_label(self, name: str) -> str:
         """The metric label for a model name (served, or the fixed placeholder)."""

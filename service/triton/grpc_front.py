@@ -12,7 +12,6 @@ Shared memory, trace and log settings answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -159,65 +158,25 @@ class TritonGrpcFront(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[Any], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         stream = _InferStream(self.core, request_iterator)
-        async for reply in stream.replies():
-            yield reply
+        try:
+            async for reply in stream.replies():
+                yield reply
+        except LstmServeError as exc:  # the server drains: UNAVAILABLE, continue elsewhere
+            await context.abort(status_code(exc), status_message(exc))
 
 
 class _InferStream:
-    """One ModelStreamInfer: requests run as they arrive, replies leave as they are done."""
+    """One ModelStreamInfer: requests run as they arrive, replies leave as they are done; read,
+    bounded and drained by the session layer (service/protocol/concurrent.py)."""
 
     def __init__(self, core: TritonCore, requests: AsyncIterator[Any]) -> None:
         self.core = core
-        self.requests = requests
-        self.out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        self.running: set[asyncio.Task[None]] = set()
-        # Requests read and not answered yet, bounded in count and bytes (one always fits):
-        # beyond, the stream stops reading and gRPC's flow control holds the client back.
-        self.max_bytes = core.config.read_ahead_bytes
-        self.inflight_bytes = 0
-        self.inflight = 0
-        self.room = asyncio.Condition()
+        self.stream = core.stream(requests, _message_bytes, self._one, MAX_STREAM_INFLIGHT)
 
-    async def replies(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        reader = asyncio.create_task(self._read(), name="triton-stream-read")
-        try:
-            while (reply := await self.out.get()) is not None:
-                yield reply
-            await reader  # a broken request stream ends the call with its error
-        finally:
-            reader.cancel()
-            for task in list(self.running):
-                task.cancel()
+    def replies(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        return self.stream.replies()
 
-    async def _read(self) -> None:
-        try:
-            async for msg in self.requests:
-                size = msg.size if isinstance(msg, codec.Malformed) else msg.ByteSize()
-                async with self.room:
-                    await self.room.wait_for(functools.partial(self._fits, size))
-                self.inflight_bytes += size
-                self.inflight += 1
-                task = asyncio.create_task(self._one(msg, size))  # they start in arrival order
-                self.running.add(task)
-                task.add_done_callback(self.running.discard)
-            while self.running:
-                await asyncio.wait(list(self.running))
-        finally:
-            self.out.put_nowait(None)
-
-    def _fits(self, size: int) -> bool:
-        if self.inflight == 0:
-            return True
-        fits = self.inflight_bytes + size <= self.max_bytes
-        return fits and self.inflight < MAX_STREAM_INFLIGHT
-
-    async def _done(self, size: int) -> None:
-        self.inflight_bytes -= size
-        self.inflight -= 1
-        async with self.room:
-            self.room.notify_all()
-
-    async def _one(self, msg: Any, size: int) -> None:
+    async def _one(self, msg: Any) -> pb.ModelStreamInferResponse:
         model = msg.model_name if isinstance(msg, pb.ModelInferRequest) else ""
         try:
             if isinstance(msg, codec.Malformed):
@@ -234,8 +193,11 @@ class _InferStream:
             if model:  # which request failed: its model and id, as Triton's clients read them
                 result.infer_response.model_name = model
                 result.infer_response.id = msg.id
-        self.out.put_nowait(result)  # no await between the core's reply and here: in order
-        await self._done(size)
+        return result
+
+
+def _message_bytes(msg: Any) -> int:
+    return msg.size if isinstance(msg, codec.Malformed) else msg.ByteSize()
 
 
 def _count_failure(core: TritonCore, rpc: str, model: str, exc: BaseException) -> grpc.StatusCode:

@@ -9,13 +9,11 @@ part of a request is bounded (http_codec.MAX_JSON_BYTES).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -198,29 +196,6 @@ def version_of(request: web.Request) -> str:
     return version
 
 
-class BodyBudget:
-    """Request bytes held at once by all infer requests (--read-ahead-total-bytes, as the gRPC
-    streams' read-ahead): a request waits until its body fits; one request always fits."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.used = 0
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, size: int) -> AsyncIterator[None]:
-        size = min(size, self.total)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used + size <= self.total)
-            self.used += size
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= size
-                self._changed.notify_all()
-
-
 class HttpFront:
     """The KServe v2 REST routes over one Triton core."""
 
@@ -237,7 +212,6 @@ class HttpFront:
         self._rpc: dict[str, str] = {}
         self._routes()
         self.server = HttpServer(self.app, ssl_context)
-        self.budget = BodyBudget(core.config.read_ahead_total_bytes)
 
     def _routes(self) -> None:
         model = "/v2/models/{name}"
@@ -380,7 +354,8 @@ class HttpFront:
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        async with self.budget.hold(self._body_bytes(request)):  # bounded bytes in flight
+        # Bounded bytes in flight: one budget with every stream's read-ahead (the layer's).
+        async with self.core.read_ahead.hold(self._body_bytes(request)):
             body = await request.read()
             parsed, choice = http_codec.parse_infer_request(
                 request.match_info["name"], version_of(request), body,

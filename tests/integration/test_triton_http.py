@@ -632,8 +632,8 @@ def test_requests_beyond_the_bytes_in_flight_budget_wait_their_turn(tiny_repo: P
         for t in threads:
             t.join(30)
         assert statuses == [200] * 8
-        assert srv.app is not None and srv.app.http is not None
-        assert srv.app.http.budget.used == 0
+        assert srv.app is not None
+        assert srv.app.triton.read_ahead.used == 0
     finally:
         srv.stop()
 

@@ -1,4 +1,5 @@
-"""service/triton/http_front.py without a network: the bytes-in-flight budget, the config JSON."""
+"""Without a network: the bytes-in-flight budget HTTP bodies hold (the layer's one ReadAhead),
+service/triton/http_front.py's config JSON."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import asyncio
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service.triton.http_front import BodyBudget, config_json
+from service.protocol.inbox import ReadAhead
+from service.triton.http_front import config_json
 
 
 def test_requests_wait_until_their_bytes_fit_and_one_always_fits() -> None:
     async def scenario() -> list[str]:
-        budget, order = BodyBudget(10), []
+        budget, order = ReadAhead(total=10), []
         first_in, release_first = asyncio.Event(), asyncio.Event()
 
         async def request(name: str, size: int, hold: asyncio.Event | None = None) -> None:
@@ -41,7 +43,7 @@ def test_requests_wait_until_their_bytes_fit_and_one_always_fits() -> None:
 
 def test_a_cancelled_waiter_takes_nothing() -> None:
     async def scenario() -> int:
-        budget = BodyBudget(4)
+        budget = ReadAhead(total=4)
         async with budget.hold(4):
             waiter = asyncio.create_task(budget.hold(4).__aenter__())
             await asyncio.sleep(0.01)
