@@ -544,3 +544,55 @@ def test_a_uint64_sequence_id_above_the_int64_range(
         last = stub.ModelInfer(request([3], sequence_end=True), timeout=10)
     probs = np.frombuffer(last.raw_output_contents[0], dtype=np.float32)
     close(probs, classify(native, "tiny-lstm", [np.array([1, 2, 3])])[0])
+
+
+def test_errors_of_a_sequence_name_it_never_its_session_id(
+    client: tc.InferenceServerClient,
+) -> None:
+    client.infer("tiny-lstm", [token_input([1])], sequence_id=4242, sequence_start=True,
+                 parameters={"lstm_serve_seq": 1})  # fmt: skip
+    with pytest.raises(InferenceServerException) as info:  # a gap: seq 3 after 1
+        client.infer("tiny-lstm", [token_input([2])], sequence_id=4242,
+                     parameters={"lstm_serve_seq": 3})  # fmt: skip
+    assert info.value.status() == "StatusCode.FAILED_PRECONDITION"
+    text = info.value.message()
+    assert "sequence 4242 of model 'tiny-lstm'" in text and "takes seq 2 next" in text
+    assert not re.search(r"[0-9a-f]{16}", text), text  # no internal id
+    client.infer("tiny-lstm", [token_input([2])], sequence_id=4242, sequence_end=True)
+
+
+def test_a_restart_continues_the_new_sequence_and_a_bad_start_changes_nothing(
+    client: tc.InferenceServerClient, native: pb_grpc.LstmServeStub
+) -> None:
+    client.infer("tiny-gru", [token_input([1, 2, 3])], sequence_id=31, sequence_start=True)
+    bad = tc.InferInput("tokens", [1, 1], "FP32")
+    bad.set_data_from_numpy(np.array([[1.0]], dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="datatype"):
+        client.infer("tiny-gru", [bad], sequence_id=31, sequence_start=True)
+    kept = client.infer("tiny-gru", [token_input([4])], sequence_id=31)
+    close(kept.as_numpy("probs")[0], classify(native, "tiny-gru", [np.array([1, 2, 3, 4])])[0])
+    client.infer("tiny-gru", [token_input([9, 9])], sequence_id=31, sequence_start=True)
+    last = client.infer("tiny-gru", [token_input([5])], sequence_id=31, sequence_end=True)
+    close(last.as_numpy("probs")[0], classify(native, "tiny-gru", [np.array([9, 9, 5])])[0])
+
+
+def test_a_draining_server_ends_model_stream_infer_with_unavailable(tiny_repo: Path) -> None:
+    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-gru",))
+    server = ServerThread(config).start()
+    replies: queue.Queue[Any] = queue.Queue()
+    client = tc.InferenceServerClient(server.address)
+    try:
+        client.start_stream(callback=lambda result, error: replies.put((result, error)))
+        client.async_stream_infer("tiny-gru", [token_input([1, 2])], sequence_id=8,
+                                  sequence_start=True)  # fmt: skip
+        result, error = replies.get(timeout=20)
+        assert error is None and result.as_numpy("probs").shape == (1, 3)
+        assert server.app is not None
+        server.call(server.app.shutdown(5.0))
+        _, error = replies.get(timeout=20)  # the stream ends: UNAVAILABLE, continue elsewhere
+        assert error is not None and "StatusCode.UNAVAILABLE" in str(error.status()), error
+        assert "draining" in str(error)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        server.stop()
