@@ -15,8 +15,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
+from service.errors import Draining
 from service.protocol.inbox import DRAIN, EOF, Inbox
-from service.protocol.session import SessionLayer, draining_error
+from service.protocol.session import SessionLayer
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -53,7 +54,10 @@ class ConcurrentStream(Generic[R, T]):
                 task.cancel()
             self.layer.close_inbox(inbox)
         if self._drained:
-            raise draining_error()
+            raise Draining(
+                "the server is draining (shutting down): send this stream's next requests to "
+                "another replica; with a shared session store it continues their sequences"
+            )
 
     async def _read(self, inbox: Inbox[R]) -> None:
         try:
