@@ -246,7 +246,6 @@ def build_engine(config: ServerConfig) -> Engine:
         providers=resolve_providers(config.providers),
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
-        debug_compute_delay_s=config.debug_compute_delay_ms / 1000,
         model_configs=TritonConfigReader(),
     )
     return Engine(

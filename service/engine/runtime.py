@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +107,6 @@ class ModelRuntime:
             raise ConfigError(f"{path}: {exc}") from exc
         self.providers: tuple[str, ...] = tuple(self.session.get_providers())
         self.provider: str = self.providers[0]
-        self.debug_delay_s = 0.0
 
     @property
     def cpu_fallback(self) -> tuple[str, ...]:
@@ -130,8 +128,6 @@ class ModelRuntime:
         `shrink`, the CPU arena gives back what the run grew it by (large runs). `ids`, the
         rows' session ids, matter only to a model with a CORRID control input (generic.py).
         Without `steps`, the per-step probabilities are not fetched (no row asked for them)."""
-        if self.debug_delay_s:
-            time.sleep(self.debug_delay_s)
         feeds = {
             self.description.input_name: inputs,
             INPUT_LENGTHS: lengths,

@@ -47,7 +47,7 @@ def test_config_is_frozen() -> None:
         {"max_chunk_steps": 0},
         {"session_idle_timeout_s": 0},
         {"log_level": "LOUD"},
-        {"debug_compute_delay_ms": -1},
+        {"inline_max_steps": -1},
     ],
 )
 def test_invalid_values_are_rejected(bad: dict[str, object]) -> None:
