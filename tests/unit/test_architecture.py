@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,17 +125,6 @@ def test_no_class_is_over_200_lines() -> None:
 
 
 WIRE = ("grpc", "google.protobuf", "lstmserve.v1", "tritonclient")  # the wire's modules
-
-
-@pytest.mark.parametrize("package", ["service.engine", "service.protocol"])
-def test_engine_and_session_layer_import_no_grpc_or_protobuf(package: str) -> None:
-    modules = [m for m in sources() if m.startswith(package)]
-    code = (
-        f"import sys, {', '.join(modules)}\n"
-        f"bad = sorted(m for m in sys.modules if m.startswith({WIRE!r}))\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
 @pytest.mark.parametrize("package", ["service.engine", "service.protocol"])
