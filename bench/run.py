@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.ceiling import compute_ceiling
 from bench.load import Load, drive, message_sizes
 from bench.model import BENCH_MODEL, build_repository
 from bench.procs import Process, scrape_batches, start_echo, start_lstm_serve
 from bench.report import write_report
+from export.ceiling import compute_ceiling
 
 SESSIONS = (1, 16, 64, 256, 1024)
 STEPS = (1, 16)

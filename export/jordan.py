@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from export.arch import ArchConfig
+from export.graph import GraphBuilder, as_float32, finish_model, input_block
 from export.model import RecurrentClassifier
 from lstmserve import contract
 from lstmserve.contract import ModelDescription
@@ -106,10 +107,6 @@ def build_model(arch: ArchConfig) -> RecurrentClassifier | JordanClassifier:
     return JordanClassifier(arch) if arch.cell == "jordan" else RecurrentClassifier(arch)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
 def _scan_body(hid: int, n_cls: int) -> onnx.GraphProto:
     """One step: (y_prev (B, C); u_t (B, H), valid_t (B, 1)) -> (y (B, C); p_t, h_t)."""
     nodes = [
@@ -137,17 +134,15 @@ def _scan_body(hid: int, n_cls: int) -> onnx.GraphProto:
 
 def build_jordan_graph(model: JordanClassifier, description: ModelDescription) -> onnx.ModelProto:
     """The v1 graph of a Jordan network: input projection, Scan over time, outputs."""
-    from export.onnx_export import _GraphBuilder, _input_block, finish_model
-
     arch = model.arch
     hid, n_cls = arch.hidden_size, arch.num_classes
-    g = _GraphBuilder()
-    x = _input_block(g, model)  # (T, B, I)
-    w_xh = g.init(W_XH, _np(model.w_xh).T.copy())
-    g.init(W_YH, _np(model.w_yh).T.copy())
-    g.init(HEAD_W, _np(model.head.weight).T.copy())
-    g.init(HEAD_B, _np(model.head.bias))
-    u = g.one("Add", [g.one("MatMul", [x, w_xh], "u_mm"), g.init(B_H, _np(model.b_h))], "u")
+    g = GraphBuilder()
+    x = input_block(g, model)  # (T, B, I)
+    w_xh = g.init(W_XH, as_float32(model.w_xh).T.copy())
+    g.init(W_YH, as_float32(model.w_yh).T.copy())
+    g.init(HEAD_W, as_float32(model.head.weight).T.copy())
+    g.init(HEAD_B, as_float32(model.head.bias))
+    u = g.one("Add", [g.one("MatMul", [x, w_xh], "u_mm"), g.init(B_H, as_float32(model.b_h))], "u")
     # valid (T, B, 1) = t < lengths
     shape_x = g.one("Shape", [x], "x_shape")
     t_len = g.one("Gather", [shape_x, g.init("zero_i64", np.array(0, np.int64))], "t_len")

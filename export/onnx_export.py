@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from export.graph import GraphBuilder, as_float32, finish_model, input_block
+from export.jordan import build_jordan_graph
 from export.model import RecurrentClassifier
 from lstmserve import contract
-from lstmserve.contract import DESCRIPTION_KEY, ModelDescription
-
-OPSET = 17
-IR_VERSION = 8
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
+from lstmserve.contract import ModelDescription
 
 # ONNX gate block k is PyTorch gate block ONNX_FROM_TORCH[cell][k].
 ONNX_FROM_TORCH: dict[str, tuple[int, ...]] = {
@@ -52,13 +45,13 @@ def recurrent_initializers(model: RecurrentClassifier, layer_index: int) -> dict
     ws, rs, bs, ps = [], [], [], []
     for d in range(arch.directions):
         p = layer.direction_params(d)
-        ws.append(reorder_gates(_np(p["w_ih"]), arch.cell, hid))
-        rs.append(reorder_gates(_np(p["w_hh"]), arch.cell, hid))
-        b_ih = reorder_gates(_np(p["b_ih"]), arch.cell, hid)
-        b_hh = reorder_gates(_np(p["b_hh"]), arch.cell, hid)
+        ws.append(reorder_gates(as_float32(p["w_ih"]), arch.cell, hid))
+        rs.append(reorder_gates(as_float32(p["w_hh"]), arch.cell, hid))
+        b_ih = reorder_gates(as_float32(p["b_ih"]), arch.cell, hid)
+        b_hh = reorder_gates(as_float32(p["b_hh"]), arch.cell, hid)
         bs.append(np.concatenate([b_ih, b_hh]))
         if arch.peephole:
-            p_i, p_f, p_o = np.split(_np(p["peephole"]), 3)
+            p_i, p_f, p_o = np.split(as_float32(p["peephole"]), 3)
             ps.append(np.concatenate([p_i, p_o, p_f]))
     out = {"W": np.stack(ws), "R": np.stack(rs), "B": np.stack(bs)}
     if arch.peephole:
@@ -66,43 +59,8 @@ def recurrent_initializers(model: RecurrentClassifier, layer_index: int) -> dict
     return out
 
 
-class _GraphBuilder:
-    """Accumulates nodes and initializers with unique names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def init(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(value, name))
-        return name
-
-    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: object) -> list[str]:
-        self.nodes.append(
-            helper.make_node(op, inputs, outputs, name=outputs[0] + "_" + op, **attrs)
-        )
-        return outputs
-
-    def one(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
-        return self.node(op, inputs, [output], **attrs)[0]
-
-
-def _input_block(g: _GraphBuilder, model: RecurrentClassifier) -> str:
-    """Graph input -> time-major float input (T, B, I)."""
-    arch = model.arch
-    if arch.input_kind == "tokens":
-        emb = g.init("embedding", _np(model.embedding.weight))
-        x = g.one("Gather", [emb, contract.INPUT_TOKENS], "embedded", axis=0)  # (B, T, E)
-    else:
-        mean = g.init("feature_mean", _np(model.feature_mean))
-        inv_std = g.init("feature_inv_std", 1.0 / _np(model.feature_std))
-        centred = g.one("Sub", [contract.INPUT_FEATURES, mean], "centred")
-        x = g.one("Mul", [centred, inv_std], "normalized")  # (B, T, F)
-    return g.one("Transpose", [x], "x_tbi", perm=[1, 0, 2])  # (T, B, I)
-
-
 def _recurrent_block(
-    g: _GraphBuilder, model: RecurrentClassifier, x: str, seq_lens: str, state: str
+    g: GraphBuilder, model: RecurrentClassifier, x: str, seq_lens: str, state: str
 ) -> tuple[str, list[str]]:
     """Stacked recurrent nodes; returns the last layer's (T, B, D*H) output and the state rows."""
     arch = model.arch
@@ -139,11 +97,11 @@ def _recurrent_block(
     return x, rows
 
 
-def _head_block(g: _GraphBuilder, model: RecurrentClassifier, y: str) -> None:
+def _head_block(g: GraphBuilder, model: RecurrentClassifier, y: str) -> None:
     """(T, B, D*H) -> step_probs (B, T, C) and probs (B, C) at each row's last valid step."""
     y_btd = g.one("Transpose", [y], "y_btd", perm=[1, 0, 2])  # (B, T, D*H)
-    w = g.init("head_weight_t", _np(model.head.weight).T.copy())  # (D*H, C)
-    b = g.init("head_bias", _np(model.head.bias))
+    w = g.init("head_weight_t", as_float32(model.head.weight).T.copy())  # (D*H, C)
+    b = g.init("head_bias", as_float32(model.head.bias))
     logits = g.one("Add", [g.one("MatMul", [y_btd, w], "head_mm"), b], "logits")  # (B, T, C)
     step_probs = g.one("Softmax", [logits], contract.OUTPUT_STEP_PROBS, axis=-1)
     one = g.init("one_i64", np.array(1, dtype=np.int64))
@@ -160,8 +118,8 @@ def _head_block(g: _GraphBuilder, model: RecurrentClassifier, y: str) -> None:
 def build_graph(model: RecurrentClassifier, description: ModelDescription) -> onnx.ModelProto:
     """The whole v1 graph for `model`, with `description` embedded in the metadata."""
     arch = model.arch
-    g = _GraphBuilder()
-    x = _input_block(g, model)
+    g = GraphBuilder()
+    x = input_block(g, model)
     seq_lens = g.one("Cast", [contract.INPUT_LENGTHS], "seq_lens", to=TensorProto.INT32)
     state = g.one("Transpose", [contract.INPUT_STATE], "state_sbh", perm=[1, 0, 2])  # (S, B, H)
     y, rows = _recurrent_block(g, model, x, seq_lens, state)
@@ -187,27 +145,6 @@ def build_graph(model: RecurrentClassifier, description: ModelDescription) -> on
         helper.make_tensor_value_info(contract.OUTPUT_STATE, TensorProto.FLOAT, ["B", s, h]),
     ]
     return finish_model(g.nodes, g.inits, inputs, outputs, description, arch.cell)
-
-
-def finish_model(
-    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
-    inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
-    description: ModelDescription, cell: str,
-) -> onnx.ModelProto:  # fmt: skip
-    """The graph as a checked model with its description in the metadata (the v1 contract)."""
-    graph = helper.make_graph(nodes, description.name, inputs, outputs, inits)
-    proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="lstm-serve export",
-        producer_version="1",
-        model_version=description.version,
-        doc_string=f"{description.name} v{description.version}: {cell} sequence classifier",
-    )
-    proto.ir_version = IR_VERSION
-    helper.set_model_props(proto, {DESCRIPTION_KEY: description.to_json()})
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
 
 
 def describe(
@@ -248,8 +185,6 @@ def export_model(
     """Write `model` with its description to `path` (model.onnx)."""
     model.eval()
     if model.arch.cell == "jordan":  # a Scan over time: no native ONNX node feeds back outputs
-        from export.jordan import build_jordan_graph
-
         proto = build_jordan_graph(model, description)
     else:
         proto = build_graph(model, description)

@@ -22,34 +22,21 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from export.verify import VerifyReport
+from export.ceiling import ceiling_ratio, ceiling_table
+from export.int8 import quantization_of
+from export.verify import INT8_MEAN_TOLERANCE, INT8_TOLERANCE, open_session, verify_model
 from lstmserve.contract import DESCRIPTION_KEY, ModelDescription
 
-# What verify accepts of an int8 model, on probabilities (step_probs and probs): the worst case
-# and the mean over cases. Measured (`lstm-export verify`, seed 0): langid-chars-int8 max 0.11
-# (streaming, 30 random steps), worst mean 0.023; speaker-vowels-int8 max 0.008; tiny models
-# max 0.02. A wiring bug (the recurrent node ignoring its initial state) gives means of 0.13 to
-# 0.5 on the same models: tests/e2e/test_quantize.py checks that verify fails it.
-INT8_TOLERANCE = 0.25
-INT8_MEAN_TOLERANCE = 0.05
 OP_TYPES = ("LSTM", "MatMul", "Gather")  # what quantize_dynamic quantizes of our graphs
 NOT_QUANTIZED = {"GRU": "no integer kernel in onnxruntime", "RNN": "no integer kernel"}
 MODEL_FILE = "model.onnx"
 CPU_ONLY = {"DynamicQuantizeLSTM": "a CPU kernel only (onnxruntime contrib op)"}
-
-
-def quantization_of(desc: ModelDescription) -> dict[str, Any] | None:
-    """The description's quantization entry, None for a float32 model."""
-    entry = desc.training.get("quantization")
-    return entry if isinstance(entry, dict) else None
 
 
 def quantize_file(src: Path, dst: Path, per_channel: bool = False) -> dict[str, Any]:
@@ -77,37 +64,6 @@ def quantize_file(src: Path, dst: Path, per_channel: bool = False) -> dict[str, 
     }
 
 
-def dequantized_initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The float32 initializers of a quantized graph under their original names: each
-    NAME_quantized with NAME_scale and NAME_zero_point becomes (q - zero_point) * scale, and the
-    recurrent W / R that DynamicQuantizeLSTM stores as [D, I, 4H] go back to [D, 4H, I]."""
-    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    lstm_weights = {
-        name
-        for n in proto.graph.node
-        if n.op_type == "DynamicQuantizeLSTM"
-        for name in n.input[1:3]
-    }
-    out = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in arrays.items()}
-    for name, q in arrays.items():
-        if not name.endswith("_quantized"):
-            continue
-        base = name[: -len("_quantized")]
-        scale = arrays[base + "_scale"].astype(np.float32)
-        zero = arrays[base + "_zero_point"].astype(np.float32)
-        values = q.astype(np.float32)
-        if name in lstm_weights:  # [D, I, 4H], scale per direction or per (direction, gate row)
-            d = q.shape[0]
-            shape = (d, 1, -1) if scale.size % d == 0 else (1, 1, -1)
-            w = (values - zero.reshape(shape)) * scale.reshape(shape)
-            out[base] = np.ascontiguousarray(w.transpose(0, 2, 1))
-        else:  # per tensor, or per output column of a MatMul weight
-            out[base] = (values - zero) * scale
-        for suffix in ("_quantized", "_scale", "_zero_point"):
-            out.pop(base + suffix, None)
-    return out
-
-
 def _describe_quantized(
     desc: ModelDescription, name: str, version: int, entry: dict[str, Any]
 ) -> ModelDescription:
@@ -129,105 +85,6 @@ def _set_description(proto: onnx.ModelProto, desc: ModelDescription) -> None:
         proto.metadata_props.add(key=key, value=value)
     proto.model_version = desc.version
     proto.graph.name = desc.name
-
-
-# -- verify ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Int8VerifyReport(VerifyReport):
-    """verify's report for an int8 model: the maxima are of probabilities (step_probs, probs),
-    gated at `tolerance`, their means over cases at `mean_tolerance`; the states' differences
-    (verify.state_diff) are reported, not gated: int8 noise walks h and c away over a long
-    sequence (0.2 to 1.5 after 30 random steps) while the answers stay close, and a state that
-    is wrong shows in the probabilities of the steps after it."""
-
-    mean_tolerance: float = INT8_MEAN_TOLERANCE
-    means: dict[str, list[float]] = field(default_factory=dict)
-    states: dict[str, float] = field(default_factory=dict)
-
-    def add(self, check: str, probs: float, state: float) -> None:
-        self.means.setdefault(check, []).append(probs)
-        self.states[check] = max(self.states.get(check, 0.0), state)
-        self.cases += 1
-
-    def mean(self, check: str) -> float:
-        return float(np.mean(self.means[check])) if self.means.get(check) else 0.0
-
-    @property
-    def passed(self) -> bool:
-        worst_mean = max((self.mean(k) for k in self.means), default=0.0)
-        worst = max(self.padding, self.streaming or 0.0, self.torch_parity)
-        return worst <= self.tolerance and worst_mean <= self.mean_tolerance
-
-    def to_dict(self) -> dict[str, Any]:
-        return super().to_dict() | {
-            "compared": "probabilities (step_probs, probs); states reported, not gated",
-            "parity_tolerance": self.tolerance, "mean_tolerance": self.mean_tolerance,
-            "mean_diff": {k: self.mean(k) for k in self.means},
-            "max_state_diff": dict(self.states), "passed": self.passed,
-        }  # fmt: skip
-
-
-def _diffs(
-    a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], mask: np.ndarray
-) -> tuple[float, float]:
-    """(max |diff| of valid step_probs and probs, state_diff of the states)."""
-    from export.verify import state_diff
-
-    probs = max(float(np.abs(a[0] - b[0])[mask].max()), float(np.abs(a[1] - b[1]).max()))
-    return probs, state_diff(a[2], b[2])
-
-
-def verify_quantized(
-    path: Path, model: Any, desc: ModelDescription, seed: int = 0
-) -> Int8VerifyReport:
-    """verify's three checks on an int8 model, on the same random cases: PyTorch with the
-    dequantized weights vs onnxruntime, a padded batch vs each row alone, streaming vs whole."""
-    import torch
-
-    from export.verify import open_session, random_chunks, random_inputs, run_onnx
-
-    sess, rng = open_session(path), np.random.default_rng(seed)
-    entry = quantization_of(desc) or {}
-    report = Int8VerifyReport(model=f"{desc.name}/{desc.version}")
-    report.tolerance = float(entry.get("tolerance", INT8_TOLERANCE))
-    report.mean_tolerance = float(entry.get("mean_tolerance", INT8_MEAN_TOLERANCE))
-    for batch in (1, 3, 8):
-        for t_max in (1, 5, 17):
-            x, lengths, state = random_inputs(desc, rng, batch, t_max)
-            with torch.no_grad():
-                ref = model.contract_forward(*(torch.from_numpy(a) for a in (x, lengths, state)))
-            out = run_onnx(sess, desc, x, lengths, state)
-            mask = np.arange(t_max)[None, :] < lengths[:, None]
-            probs, st = _diffs(tuple(r.numpy() for r in ref), out, mask)
-            report.torch_parity = max(report.torch_parity, probs)
-            report.add("torch_vs_onnxruntime", probs, st)
-            for b in range(batch):
-                n = int(lengths[b])
-                alone = run_onnx(sess, desc, x[b : b + 1, :n], lengths[b : b + 1], state[b : b + 1])
-                row = tuple(o[b : b + 1, :n] if i == 0 else o[b : b + 1] for i, o in enumerate(out))
-                probs, st = _diffs(alone, row, np.ones((1, n), dtype=bool))
-                report.padding = max(report.padding, probs)
-                report.add("padded_batch_vs_alone", probs, st)
-    if desc.streamable:
-        report.streaming = 0.0
-        for t_max in (1, 2, 9, 30):
-            x, _, state = random_inputs(desc, rng, 1, t_max)
-            whole = run_onnx(sess, desc, x, np.array([t_max]), state)
-            for chunks in ([1] * t_max, random_chunks(rng, t_max), random_chunks(rng, t_max)):
-                steps, st_in, pos = [], state, 0
-                for size in chunks:
-                    sp, probs_out, st_in = run_onnx(
-                        sess, desc, x[:, pos : pos + size], np.array([size]), st_in
-                    )
-                    steps.append(sp)
-                    pos += size
-                fed = (np.concatenate(steps, axis=1), probs_out, st_in)
-                probs, st = _diffs(fed, whole, np.ones((1, t_max), dtype=bool))
-                report.streaming = max(report.streaming, probs)
-                report.add("streaming_vs_whole", probs, st)
-    return report
 
 
 # -- accuracy on the real test set -------------------------------------------------------------
@@ -256,8 +113,6 @@ def test_set_of(desc: ModelDescription) -> tuple[str, list[Any]] | None:
 def onnx_accuracy(path: Path, examples: list[Any], batch_size: int = 256) -> float:
     """Top-1 accuracy of the last step's answer, zero state, through onnxruntime (rows batched
     by similar length, padded; every call is independent)."""
-    from export.verify import open_session
-
     sess = open_session(path)
     desc = ModelDescription.from_metadata(sess.get_modelmeta().custom_metadata_map)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].x))
@@ -292,16 +147,6 @@ def quantize_model(
 ) -> dict[str, Any]:  # fmt: skip
     """Write an int8 copy of `source` (a model folder or its model.onnx) into out/model.onnx
     with its card; returns the quantization report (also written as quantization_report.json)."""
-    from export.verify import open_session, verify_model
-
-    if bench_seconds > 0:  # before writing anything
-        try:
-            from bench.ceiling import ceiling_ratio
-        except ImportError as exc:  # bench/ is part of the checkout, not of the package
-            raise ValueError(
-                f"--bench-seconds needs the repository's bench/ (python -m export.cli from the "
-                f"checkout's root): {exc}"
-            ) from exc
     src = source / MODEL_FILE if source.is_dir() else source
     if not src.is_file():
         raise ValueError(f"no {MODEL_FILE} at {source}")
@@ -346,8 +191,6 @@ def quantize_model(
 def refresh_card(out: Path) -> dict[str, Any]:
     """Re-verify an int8 copy and rewrite its card from quantization_report.json (the accuracy
     and ceiling figures as measured; `lstm-export quantize` again re-measures them)."""
-    from export.verify import verify_model
-
     report = json.loads((out / "quantization_report.json").read_text())
     report["verify"] = verify_model(out).to_dict()
     (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -489,17 +332,3 @@ def write_card(
         ]  # fmt: skip
         lines += ceiling_table(report["ceiling"])
     (out / "README.md").write_text("\n".join(lines) + "\n")
-
-
-def ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows of bench.ceiling.ceiling_ratio's figures."""
-    table = [
-        "| batch | steps | threads | float32 steps/s | int8 steps/s | int8 / float32 |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['batch']} | {r['steps']} | {r['threads']} | {r['float32_steps_per_s']:,.0f} "
-            f"| {r['int8_steps_per_s']:,.0f} | {r['ratio']:.2f}x |"
-        )
-    return table

@@ -58,9 +58,6 @@ class Tokenizer:
         index, unknown = self._index, self.unknown_id
         return [index.get(ch, unknown) for ch in normalized]
 
-    def unknown_chars(self, text: str) -> list[str]:
-        return [ch for ch in self.normalize(text) if ch not in self._index]
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": "chars",

@@ -115,7 +115,6 @@ class ServerConfig:
     health_port: int = -1
     log_json: bool = False
     log_level: str = "INFO"
-    debug_compute_delay_ms: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
@@ -180,7 +179,7 @@ class ServerConfig:
                 f"max_concurrent_batches {self.max_concurrent_batches} exceeds compute_threads "
                 f"{self.compute_threads}"
             )
-        zero_ok = ("intra_op_threads", "inter_op_threads", "debug_compute_delay_ms",
+        zero_ok = ("intra_op_threads", "inter_op_threads",
                    "max_queue_delay_us", "inline_max_steps",
                    "classify_slice_row_steps", "max_sessions_per_principal",
                    "session_opens_per_s")  # fmt: skip
@@ -479,7 +478,6 @@ FLAGS: dict[str, tuple[str, Any]] = {
     ),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
-    "debug_compute_delay_ms": ("FOR TESTS ONLY: sleep this long before each model run", int),
 }
 
 

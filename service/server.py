@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import metrics
 from service.config import (
+    PROVIDER_ALIASES,
     ServerConfig,
     redacted_url,
     session_store_min_replicas,
@@ -244,10 +245,9 @@ def build_engine(config: ServerConfig) -> Engine:
         quota=PrincipalQuota(config.max_sessions_per_principal, config.session_opens_per_s),
     )
     runtime = RuntimeOptions(
-        providers=resolve_providers(config.providers),
+        providers=resolve_providers(config.providers, PROVIDER_ALIASES),
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
-        debug_compute_delay_s=config.debug_compute_delay_ms / 1000,
         model_configs=TritonConfigReader(),
     )
     return Engine(

@@ -218,7 +218,7 @@ class SequenceBatcher:
     def _inline(self, batch: list[Pending]) -> bool:
         """Run on the loop thread: a tiny batch on an idle model costs less than two thread hops."""
         limit = self.policy.inline_max_steps
-        if limit <= 0 or self._running != 1 or self.runtime.debug_delay_s:
+        if limit <= 0 or self._running != 1:
             return False
         return len(batch) * max(item.steps for item in batch) <= limit
 

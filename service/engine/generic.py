@@ -126,7 +126,6 @@ class GenericRuntime(ModelRuntime):
         self.triton = triton
         self.providers = tuple(self.session.get_providers())
         self.provider = self.providers[0]
-        self.debug_delay_s = 0.0
         self.binding = bind(triton, self.session, path)
         self.layout = StateLayout(self.binding.states)
         # Batches of one length: without a lengths input (padding would run into the state),

@@ -13,8 +13,7 @@ existed.
 
 Key names carry the session id as a hash tag, `lstm-serve:session:{<id>}` and
 `lstm-serve:issued:{<id>}`, so a session's keys share one Redis Cluster slot and the scripts run
-on a cluster too. Records under the older names (`lstm-serve:session:<id>`, before the tag) are
-still read, so a rolling upgrade keeps its sessions; the first save writes the new name.
+on a cluster too.
 
 Every operation runs under a deadline through `StoreGuard` (store_urls.py builds the client: one
 Redis, Sentinel or Cluster, TLS): timed per op, and after a failure the store counts as down, so
@@ -238,23 +237,13 @@ class RedisSessionBackend:
             return list(await pipe.execute())
 
     async def load(self, session_id: str) -> Record | None:
-        """The stored record, refreshing its idle timer; None if absent. A record under the
-        older key name is read when the new one is absent."""
-
-        async def both() -> list[Any]:
-            rec = await self._load(keys=[session_key(session_id)], args=[self.ttl_ms])
-            if rec[1] is None and rec[3] is None:
-                rec = await self._load(keys=[SESSION_PREFIX + session_id], args=[self.ttl_ms])
-            return list(rec)
-
-        snap, seq, gen, ended = await self.guard.run("load", both)
+        """The stored record, refreshing its idle timer; None if absent."""
+        keys, args = [session_key(session_id)], [self.ttl_ms]
+        rec = await self.guard.run("load", lambda: self._load(keys=keys, args=args))
+        snap, seq, gen, ended = rec
         if seq is None and ended is None:
             return None
         return Record(snap, int(seq or 0), (gen or b"").decode(), ended is not None)
-
-    async def touch(self, session_id: str) -> None:
-        key = session_key(session_id)
-        await self.guard.run("touch", lambda: self._redis.pexpire(key, self.ttl_ms))
 
     async def end(self, session_id: str) -> None:
         """The session ended: its record becomes a tombstone for the idle timeout. If the store
@@ -293,21 +282,12 @@ class RedisSessionBackend:
 
     async def holds(self, session_id: str) -> bool:
         """Whether a live record exists, without refreshing its idle timer."""
-
-        async def either() -> bool:
-            if await self._redis.exists(session_key(session_id)):
-                return bool(await self._redis.hexists(session_key(session_id), "snap"))
-            return bool(await self._redis.hexists(SESSION_PREFIX + session_id, "snap"))
-
-        return await self.guard.run("holds", either)
+        key = session_key(session_id)
+        return bool(await self.guard.run("holds", lambda: self._redis.hexists(key, "snap")))
 
     async def was_issued(self, session_id: str) -> bool:
-        async def either() -> bool:
-            if await self._redis.exists(issued_key(session_id)):
-                return True
-            return bool(await self._redis.exists(ISSUED_PREFIX + session_id))
-
-        return await self.guard.run("issued", either)
+        key = issued_key(session_id)
+        return bool(await self.guard.run("issued", lambda: self._redis.exists(key)))
 
     async def close(self) -> None:
         self.guard.close()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import onnxruntime as ort
@@ -43,22 +43,23 @@ def default_providers() -> tuple[str, ...]:
     return (CUDA, CPU) if CUDA in available else (CPU,)
 
 
-def resolve_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
+def resolve_providers(
+    requested: tuple[str, ...], aliases: Mapping[str, str] = MappingProxyType({})
+) -> tuple[str, ...]:
     """The requested providers this onnxruntime has, in order (the default if none is asked); if
-    none of them is here, a ConfigError listing the accepted short names and those available."""
+    none of them is here, a ConfigError listing the accepted short names (`aliases`: short name
+    -> onnxruntime name, as --providers takes them) and those available."""
     if not requested:
         return default_providers()
     available = ort.get_available_providers()
     usable = tuple(p for p in requested if p in available)
     if not usable:
-        from service.config import PROVIDER_ALIASES
-
-        short = {full: alias for alias, full in PROVIDER_ALIASES.items()}
+        short = {full: alias for alias, full in aliases.items()}
         here = ", ".join(f"{p} ({short[p]})" if p in short else p for p in available)
+        accepted = f"accepted short names: {', '.join(aliases)} (or full onnxruntime names); "
         raise ConfigError(
             f"--providers {','.join(requested)}: none of these providers is available here; "
-            f"accepted short names: {', '.join(PROVIDER_ALIASES)} (or full onnxruntime names); "
-            f"available here: {here}"
+            f"{accepted if aliases else ''}available here: {here}"
         )
     for missing in (p for p in requested if p not in available):
         log.warning("execution provider %s is not available here (have %s)", missing, available)
@@ -108,7 +109,6 @@ class ModelRuntime:
             raise ConfigError(f"{path}: {exc}") from exc
         self.providers: tuple[str, ...] = tuple(self.session.get_providers())
         self.provider: str = self.providers[0]
-        self.debug_delay_s = 0.0
 
     @property
     def cpu_fallback(self) -> tuple[str, ...]:
@@ -130,8 +130,6 @@ class ModelRuntime:
         `shrink`, the CPU arena gives back what the run grew it by (large runs). `ids`, the
         rows' session ids, matter only to a model with a CORRID control input (generic.py).
         Without `steps`, the per-step probabilities are not fetched (no row asked for them)."""
-        if self.debug_delay_s:
-            time.sleep(self.debug_delay_s)
         feeds = {
             self.description.input_name: inputs,
             INPUT_LENGTHS: lengths,

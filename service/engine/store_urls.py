@@ -71,10 +71,6 @@ class StoreOptions:
     tls_key: str = ""
 
 
-def is_store_url(url: str) -> bool:
-    return urlsplit(url).scheme in SCHEMES and "://" in url
-
-
 def parse_store_url(url: str) -> StoreTarget:
     """The store a URL names; ValueError (naming the part) if it is not one of the forms."""
     parts = urlsplit(url)

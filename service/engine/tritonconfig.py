@@ -115,10 +115,6 @@ class TritonModel:
     def output_kind(self) -> str:
         return self.parameters.get("output_kind", "logits")
 
-    @property
-    def state_inputs(self) -> frozenset[str]:
-        return frozenset(s.input_name for s in self.states)
-
     def labels(self, output: TensorSpec, classes: int) -> tuple[str, ...]:
         """The output's labels (label_filename, one per line, beside config.pbtxt), or
         class_0 .. class_{C-1}; a file with another count of lines than C is refused."""

@@ -89,7 +89,6 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    debug_compute_delay_s: float = 0.0
     # How a model folder's config.pbtxt is read (service/tritonconfig.py, given by the
     # composition root); None: a model with a config.pbtxt cannot be loaded.
     model_configs: ConfigReader | None = None

@@ -171,7 +171,6 @@ class WorkerFactory:
                 providers = triton_providers(triton, opts.providers)
                 runtime = GenericRuntime(path, triton, providers, opts.intra_op_threads,
                                          opts.inter_op_threads)  # fmt: skip
-            runtime.debug_delay_s = opts.debug_compute_delay_s
             runtime.warm_up()
         except ConfigError:
             raise

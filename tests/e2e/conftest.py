@@ -21,11 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    """`python -m service.cli` with --log-json on 127.0.0.1, free ports."""
+    """`python -m service.cli` with --log-json on 127.0.0.1, free ports. With `run_delay_ms`,
+    every model run takes that much longer (tests/e2e/slow_serve.py)."""
 
-    def __init__(self, repo: Path, *extra: str) -> None:
+    def __init__(self, repo: Path, *extra: str, run_delay_ms: int = 0) -> None:
+        main = ["tests.e2e.slow_serve", str(run_delay_ms)] if run_delay_ms else ["service.cli"]
         cmd = [
-            sys.executable, "-m", "service.cli", "--log-json", "--host", "127.0.0.1",
+            sys.executable, "-m", *main, "--log-json", "--host", "127.0.0.1",
             "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
             "--model-repository", str(repo), *extra,
         ]  # fmt: skip

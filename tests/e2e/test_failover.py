@@ -24,7 +24,7 @@ from tests.integration.conftest import Reference, metric, scrape
 KEY = "fleet:" + base64.b64encode(b"the-whole-fleet-shares-this-key!").decode()
 WORD = np.array([3, 15, 14, 20, 9, 14, 21, 9, 20, 25, 19, 20, 1, 20, 5], np.int64)  # 15 steps
 STOP_AFTER = 6  # chunks answered by the first replica before it is stopped
-SLOW = ("--debug-compute-delay-ms", "300")  # the first replica: a chunk is in flight when stopped
+SLOW_MS = 300  # the first replica's model runs: a chunk is in flight when it is stopped
 
 
 def _samples(server: ServerProcess) -> dict[str, float]:
@@ -45,7 +45,7 @@ async def _until_in_flight(server: ServerProcess, timeout: float = 10.0) -> None
 @contextlib.contextmanager
 def _pair(repo: Path, *flags: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """(slow first replica, second replica), both with `flags`, both ready; stopped after."""
-    first = ServerProcess(repo, *flags, *SLOW)
+    first = ServerProcess(repo, *flags, run_delay_ms=SLOW_MS)
     second = ServerProcess(repo, *flags)
     try:
         first.wait_event("ready")

@@ -12,8 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.quantize import INT8_MEAN_TOLERANCE, INT8_TOLERANCE
-from export.verify import verify_model
+from export.verify import INT8_MEAN_TOLERANCE, INT8_TOLERANCE, verify_model
 from lstmserve.contract import read_description
 from tests.e2e.conftest import ROOT, ServerProcess, run_client
 from tests.e2e.test_client_cli import STEP_LINE

@@ -18,7 +18,7 @@ from tests.e2e.conftest import ServerProcess
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-DELAY_MS = 1500  # test-only knob: every model run (warm-up included) takes this long
+DELAY_MS = 1500  # every model run (warm-up included) takes this long (tests/e2e/slow_serve.py)
 
 
 def inflight_runs(metrics_port: int) -> float:
@@ -84,7 +84,7 @@ def test_serving_after_load_then_sigterm_drains_in_flight_chunk(
 ) -> None:
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny-gru", repo / "tiny-gru")
-    server = ServerProcess(repo, "--debug-compute-delay-ms", str(DELAY_MS), "--drain-grace-s", "20")
+    server = ServerProcess(repo, "--drain-grace-s", "20", run_delay_ms=DELAY_MS)
     try:
         seen = asyncio.run(drain_scenario(server))
         rc = server.proc.wait(20)

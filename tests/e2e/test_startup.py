@@ -1,4 +1,5 @@
-"""lstm-serve start-up failures as a real process: a non-zero exit within seconds, one line."""
+"""lstm-serve start-up as a real process: --help names every flag; a failure is a non-zero exit
+within seconds, one line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from service.config import FLAGS
 from tests.e2e.conftest import ROOT
 
 EXIT_WITHIN_S = 15  # start-up failures exit long before this (python and onnxruntime import)
@@ -31,6 +33,14 @@ def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
 def problem_lines(stderr: str) -> list[str]:
     """The stderr lines that are not progress logs (INFO, DEBUG)."""
     return [ln for ln in stderr.splitlines() if ln.strip() and not PROGRESS.match(ln)]
+
+
+def test_help_documents_every_flag() -> None:
+    out = run_serve("--help")
+    assert out.returncode == 0, out.stderr
+    for name in FLAGS:
+        assert "--" + name.replace("_", "-") in out.stdout
+    assert "LSTM_SERVE_" in out.stdout
 
 
 @pytest.fixture

@@ -18,15 +18,19 @@ import pytest
 
 from service.config import ServerConfig
 from service.server import LstmServer, create_server
+from tests.slow_runs import slow_loads
 
 T = TypeVar("T")
 
 
 class ServerThread:
-    """An lstm-serve server on its own event loop in a background thread."""
+    """An lstm-serve server on its own event loop in a background thread. With `run_delay_s`,
+    every model run of this server takes that much longer (tests/slow_runs.py) and no batch
+    runs inline."""
 
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
+    def __init__(self, config: ServerConfig, run_delay_s: float = 0.0) -> None:
+        self.run_delay_s = run_delay_s
+        self.config = replace(config, inline_max_steps=0) if run_delay_s else config
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.app: LstmServer | None = None
@@ -43,6 +47,8 @@ class ServerThread:
 
     async def _start(self) -> None:
         self.app, self.port = create_server(self.config)
+        if self.run_delay_s:
+            slow_loads(self.app.engine.control.factory, self.run_delay_s)
         await self.app.start()
         await self.app.wait_until_loaded(30)
 

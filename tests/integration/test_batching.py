@@ -38,9 +38,8 @@ def batching_server(tiny_repo: Path) -> Iterator[ServerThread]:
     """Batching on; each run takes >= 3 ms so concurrent sessions' chunks pile up and batch."""
     config = make_config(
         tiny_repo, max_batch_size=16, max_queue_delay_us=500, max_concurrent_batches=2,
-        debug_compute_delay_ms=3,
     )  # fmt: skip
-    srv = ServerThread(config).start()
+    srv = ServerThread(config, run_delay_s=0.003).start()
     yield srv
     srv.stop()
 

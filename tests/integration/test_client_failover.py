@@ -55,10 +55,8 @@ def survivor(tiny_repo: Path, redis_url: str) -> Iterator[ServerThread]:
 @pytest.fixture
 def doomed(tiny_repo: Path, redis_url: str) -> Iterator[ServerThread]:
     """A slow server sharing the survivor's Redis, stopped hard by the test."""
-    config = make_config(
-        tiny_repo, snapshot_key=KEY, session_store=redis_url, debug_compute_delay_ms=SLOW_MS
-    )
-    srv = ServerThread(config).start()
+    config = make_config(tiny_repo, snapshot_key=KEY, session_store=redis_url)
+    srv = ServerThread(config, run_delay_s=SLOW_MS / 1000).start()
     yield srv
     srv.stop()
 
@@ -254,7 +252,7 @@ def test_a_draining_server_hands_a_multi_stream_over_by_its_final_snapshots(
     tiny_repo: Path, keyed_survivor: ServerThread, reference: Reference
 ) -> None:
     draining = ServerThread(
-        make_config(tiny_repo, snapshot_key=KEY, debug_compute_delay_ms=SLOW_MS)
+        make_config(tiny_repo, snapshot_key=KEY), run_delay_s=SLOW_MS / 1000
     ).start()
 
     stopping: list[asyncio.Future[None]] = []

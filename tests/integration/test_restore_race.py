@@ -1,7 +1,7 @@
 """Failing over twice: a newer snapshot restored beside an older copy with a chunk in flight.
 
 Replica B restores an older snapshot of a session, a chunk goes in flight on it (B's model runs
-are slowed by --debug-compute-delay-ms), then a newer snapshot of the same session is restored
+are slowed: ServerThread's run_delay_s), then a newer snapshot of the same session is restored
 on B. The chunk in flight must be answered at once (ABORTED: replaced by a newer copy), on
 Stream and on StreamMulti, and the newer copy goes on exactly.
 """
@@ -34,7 +34,7 @@ def replicas(
     repo = tmp_path_factory.mktemp("race-models")
     shutil.copytree(tiny_repo / "tiny-gru", repo / "tiny-gru")  # one model: one slow warm-up
     a = ServerThread(make_config(repo, snapshot_key=KEY)).start()
-    b = ServerThread(make_config(repo, snapshot_key=KEY, debug_compute_delay_ms=DELAY_MS)).start()
+    b = ServerThread(make_config(repo, snapshot_key=KEY), run_delay_s=DELAY_MS / 1000).start()
     yield a, b
     a.stop()
     b.stop()

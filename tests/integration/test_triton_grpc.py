@@ -362,9 +362,8 @@ def test_lstm_serve_seq_answers_a_resend_without_applying_it_twice(
 @pytest.fixture(scope="module")
 def slow(tiny_repo: Path) -> Iterator[ServerThread]:
     """Every model run takes 20 ms more: chunks that arrive meanwhile wait and share a run."""
-    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-lstm",),
-                         debug_compute_delay_ms=20)  # fmt: skip
-    server = ServerThread(config).start()
+    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-lstm",))
+    server = ServerThread(config, run_delay_s=0.02).start()
     yield server
     server.stop()
 

@@ -454,9 +454,8 @@ def test_large_replies_are_compressed_when_the_client_asks(
 def test_drain_turns_ready_503_finishes_inflight_requests_then_stops_listening(
     tiny_repo: Path,
 ) -> None:
-    config = make_config(tiny_repo, debug_compute_delay_ms=1000, model_control="explicit",
-                         load_models=("tiny-gru",))  # fmt: skip
-    srv = ServerThread(config).start()
+    config = make_config(tiny_repo, model_control="explicit", load_models=("tiny-gru",))
+    srv = ServerThread(config, run_delay_s=1.0).start()
     port = url_of(srv)
     answers: list[int] = []
 

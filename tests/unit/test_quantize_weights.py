@@ -1,5 +1,5 @@
-"""export/quantize.py: the int8 weights read back as the float32 ones (per tensor and per
-channel, both directions of a bidirectional LSTM), and what quantize_dynamic leaves float32."""
+"""The int8 weights read back as the float32 ones (export/int8.py: per tensor and per channel,
+both directions of a bidirectional LSTM), and what quantize_dynamic leaves float32."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.quantize import dequantized_initializers, quantize_file
+from export.int8 import dequantized_initializers
+from export.quantize import quantize_file
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from service.config import ServerConfig
+from service.config import PROVIDER_ALIASES, ServerConfig
 from service.engine.runtime import CPU, CUDA, default_providers, resolve_providers
 from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
@@ -30,7 +30,7 @@ def test_unavailable_providers_are_dropped_in_order() -> None:
 
 def test_no_usable_provider_lists_the_accepted_short_names_and_those_here() -> None:
     with pytest.raises(ConfigError) as raised:
-        resolve_providers(ServerConfig(providers=("gpu",)).providers)
+        resolve_providers(ServerConfig(providers=("gpu",)).providers, PROVIDER_ALIASES)
     message = str(raised.value)
     assert message.startswith("--providers gpu: none of these providers is available here")
     assert "accepted short names: cuda, cpu, tensorrt, rocm, coreml" in message

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -33,7 +31,7 @@ class _TorchLSTM(nn.Module):
         return self.fc(y), h, c
 
 
-def _export_torch_lstm(path: Path) -> Path:
+def export_torch_lstm(path: Path) -> Path:
     args = (torch.randn(2, 4, 5), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))
     axes = {"x": {0: "B", 1: "T"}, "logits": {0: "B", 1: "T"}}
     axes |= {name: {1: "B"} for name in ("h0", "c0", "hn", "cn")}
@@ -52,7 +50,7 @@ def torch_lstm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("starter")
     version = repo / "torch-lstm" / "1"
     version.mkdir(parents=True)
-    model = _export_torch_lstm(version / "model.onnx")
+    model = export_torch_lstm(version / "model.onnx")
     (repo / "torch-lstm" / "config.pbtxt").write_text(starter_config_text(model))
     (repo / "torch-lstm" / "labels.txt").write_text("a\nb\nc\n")
     return repo
@@ -153,38 +151,6 @@ def test_a_file_that_is_not_onnx_is_refused_by_name(tmp_path: Path) -> None:
     bogus.write_bytes(b"\x00 not onnx")
     with pytest.raises(ValueError, match=r"bogus\.onnx: not an ONNX model"):
         starter_config_text(bogus)
-
-
-# Run first in a subprocess: the training stack cannot be imported (as in the [export]
-# environment, which lacks it); torch's own optional `import tqdm` then falls back as it does there.
-BLOCK_TRAINING_STACK = """
-import sys
-# What [train] adds to [export] (pip install --dry-run --report of each), the main ones.
-TRAINING_ONLY = ('aeon', 'tqdm', 'sklearn', 'scipy', 'pandas', 'numba')
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in TRAINING_ONLY:
-            raise ImportError('the [export] environment has no ' + name)
-sys.meta_path.insert(0, _Block())
-"""
-
-
-def test_config_command_prints_it_without_the_training_stack(torch_lstm_repo: Path) -> None:
-    model = torch_lstm_repo / "torch-lstm" / "1" / "model.onnx"
-    code = BLOCK_TRAINING_STACK + (
-        "from export.cli import main\n"
-        f"rc = main(['config', {str(model)!r}])\n"
-        "import export.from_torch, export.verify\n"
-        "print('RC', rc)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    text, rc = done.stdout.rsplit("RC", 1)
-    assert rc.strip() == "0"
-    config = text_format.Parse(text, mc.ModelConfig())
-    assert len(config.sequence_batching.state) == 2
 
 
 @pytest.mark.parametrize(
@@ -308,17 +274,3 @@ def test_an_output_declared_static_but_following_the_input_is_written_dynamic(
     assert [(s.input_name, s.output_name) for s in config.sequence_batching.state] == [
         ("h_in", "h_out")
     ]
-
-
-def test_training_commands_say_which_extra_they_need_in_the_export_environment() -> None:
-    code = BLOCK_TRAINING_STACK + (
-        "from export.cli import main\n"
-        "print('RC', main(['train', 'speaker-vowels', '--out', 'unused']),"
-        " main(['crossval', 'speaker-vowels']))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.stdout.strip() == "RC 2 2", done.stderr[-2000:]
-    assert "lstm-export train needs the training extra (pip install -e '.[train]')" in done.stderr
-    assert "lstm-export crossval needs the training extra" in done.stderr
