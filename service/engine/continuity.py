@@ -252,15 +252,8 @@ class SessionContinuity:
             if local is not None:
                 self.store.end(local, gone)
             raise gone
-        if local is not None and local.generation == record.generation:
-            if local.last_seq >= record.seq:
-                return local  # this copy (a best-effort save that failed may have left it ahead)
-        elif local is not None:  # another incarnation in the store (restarted elsewhere)
-            self.store.end(local, SessionMoved(
-                f"session {session_id} was started again on another replica: this copy is not "
-                "continued"
-            ))  # fmt: skip
-            local = None
+        if local is not None and _still_current(self.store, local, record):
+            return local
         snap = decode_snapshot(record.snapshot, self._keys())
         if snap.owner != principal.current():
             raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
@@ -280,6 +273,18 @@ class SessionContinuity:
     async def close(self) -> None:
         if self.backend is not None:
             await self.backend.close()
+
+
+def _still_current(store: SessionStore, local: Session, record: Record) -> bool:
+    """Whether the copy held here is the one to continue: the store's incarnation, at least as
+    far on (a best-effort save that failed may have left it ahead). A copy of another
+    incarnation (the sequence was started again on another replica) is dropped."""
+    if local.generation == record.generation:
+        return local.last_seq >= record.seq
+    store.end(local, SessionMoved(
+        f"session {local.id} was started again on another replica: this copy is not continued"
+    ))  # fmt: skip
+    return False
 
 
 def _ended(session_id: str) -> SnapshotRefused:

@@ -37,6 +37,7 @@ MAPPING = {
     errors.SnapshotRefused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SequenceGap: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AttachedElsewhere: grpc.StatusCode.ABORTED,
+    errors.AlreadyApplied: grpc.StatusCode.ALREADY_EXISTS,
     errors.LstmServeError: grpc.StatusCode.INTERNAL,
 }
 
