@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,20 +27,9 @@ from service.errors import InvalidInput, LstmServeError
 if TYPE_CHECKING:
     from service.engine.continuity import SessionContinuity
     from service.engine.sessions import Checkpoint, Session, SessionStore
-    from service.engine.textstream import HeldChange, HeldText
+    from service.engine.textstream import HeldChange
 
 Outcome = ChunkOutcome | LstmServeError
-
-
-@dataclass(slots=True)  # per chunk: slots, not frozen (3x the cost)
-class Admitted:
-    """A chunk admitted under its session's lock (`ChunkApply._prepare`), ready to submit."""
-
-    session: Session
-    seq: int
-    chunk: np.ndarray  # (T,) or (T, F); (0,) when all of a text chunk is held back
-    held: HeldText | None  # the held text after it (a text chunk's); None: not text
-    before: Checkpoint | None  # strict mode: what a refused save rolls back to
 
 
 class ChunkApply:
@@ -62,12 +50,13 @@ class ChunkApply:
         async with session.lock:
             if self.continuity.unsure and session.id in self.continuity.unsure:
                 await settle(self.continuity, session)  # strict: a refused save that landed
-            ready = self._prepare(session, seq, chunk, held, attached)
-            if isinstance(ready, ChunkOutcome):
-                return ready
-            outcome = self._finish(ready, await self._submit(ready))
+            work = ChunkWork(session, seq, chunk, held, attached)
+            if (resend := self._prepare(work)) is not None:
+                return resend
+            before = self.continuity.checkpoint(session)  # strict mode only, else None
+            outcome = self._finish(work, await self._submit(work))
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
-                await self._write_through(ready)
+                await self._write_through(work, before)
             return outcome
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[Outcome]:
@@ -81,8 +70,8 @@ class ChunkApply:
         if len({id(w.session) for w in work}) != len(work):
             raise ValueError("apply_chunks takes at most one chunk per session")
         outcomes: list[Outcome | None] = [None] * len(work)
-        ready: dict[int, Admitted] = {}
         waiting: dict[int, asyncio.Future[StepResult]] = {}
+        before: dict[int, Checkpoint | None] = {}  # strict mode: what a refused save restores
         alone: dict[int, asyncio.Future[ChunkOutcome]] = {}
         locked: list[Session] = []
         unsure = self.continuity.unsure
@@ -97,17 +86,15 @@ class ChunkApply:
                 await session.lock.acquire()  # free: taken without suspending
                 locked.append(session)
                 try:
-                    admitted = self._prepare(session, w.seq, w.chunk, w.held, w.attached)
+                    outcomes[i] = self._prepare(w)  # a resend's outcome, or None
                 except LstmServeError as exc:
                     outcomes[i] = exc
-                    continue
-                if isinstance(admitted, ChunkOutcome):
-                    outcomes[i] = admitted  # a resend
-                    continue
-                ready[i], waiting[i] = admitted, self._submit(admitted)
+                if outcomes[i] is None:
+                    before[i] = self.continuity.checkpoint(session)
+                    waiting[i] = self._submit(w)
             if waiting or alone:
                 await asyncio.wait([*waiting.values(), *alone.values()])
-            await self._finish_all(ready, waiting, outcomes)
+            await self._finish_all(work, waiting, before, outcomes)
         finally:
             for future in [*waiting.values(), *alone.values()]:
                 future.cancel()  # no-op when done; a cancelled caller drops its chunks
@@ -120,47 +107,47 @@ class ChunkApply:
             outcomes[i] = exc if isinstance(exc, LstmServeError) else task.result()
         return [o for o in outcomes if o is not None]
 
-    # -- the steps ------------------------------------------------------------------------
-
-    def _prepare(
-        self, session: Session, seq: int, chunk: np.ndarray, held: HeldChange | None,
-        attached: object | None,
-    ) -> ChunkOutcome | Admitted:  # fmt: skip
-        """Under the session's lock: a resend's outcome, else the chunk admitted (with its
-        checkpoint in strict mode); the close reason, AttachedElsewhere, SequenceGap or (text
-        decoded against held text that changed since) SessionMoved otherwise."""
-        if (resend := session.admit(seq, attached)) is not None:
-            return resend
-        if held is not None:
-            session.check_held(held)
-        after = held.after if held is not None else None
-        return Admitted(session, seq, chunk, after, self.continuity.checkpoint(session))
+    # -- the steps: prepare (then the checkpoint), submit, finish (then write through) -------
 
     @staticmethod
-    def _submit(item: Admitted) -> asyncio.Future[StepResult]:
-        """The chunk to its version's batcher, which applies it (`Session.apply`) after the run;
-        text that all waits is applied at once (no step, no model run)."""
-        session = item.session
-        if len(item.chunk):
-            return session.model.submit(session, item.seq, item.chunk, item.held)
+    def _prepare(work: ChunkWork) -> ChunkOutcome | None:
+        """Under the session's lock: a resend's outcome, or None: the chunk may be applied;
+        the close reason, AttachedElsewhere, SequenceGap or (text decoded against held text
+        that changed since) SessionMoved otherwise."""
+        session = work.session
+        if (resend := session.admit(work.seq, work.attached)) is not None:
+            return resend
+        if work.held is not None:
+            session.check_held(work.held)
+        return None
+
+    @staticmethod
+    def _submit(work: ChunkWork) -> asyncio.Future[StepResult]:
+        """The chunk to its version's batcher, which applies it (`Session.apply`: state row,
+        seq, steps, result and held text together) after the run; text that all waits is
+        applied at once (no step, no model run)."""
+        session, held = work.session, work.held
+        after = held.after if held is not None else None
+        if len(work.chunk):
+            return session.model.submit(session, work.seq, work.chunk, after)
         done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        done.set_result(session.apply(item.seq, item.held))
+        done.set_result(session.apply(work.seq, after))
         return done
 
-    def _finish(self, item: Admitted, result: StepResult) -> ChunkOutcome:
+    def _finish(self, work: ChunkWork, result: StepResult) -> ChunkOutcome:
         """An applied chunk's outcome; its session is touched (idle expiry)."""
-        session = item.session
+        session = work.session
         self.store.touch(session)
-        return ChunkOutcome(item.seq, result, False, result.total_steps, len(session.held.text))
+        return ChunkOutcome(work.seq, result, False, result.total_steps, len(session.held.text))
 
-    def _write_through(self, item: Admitted) -> Awaitable[None]:
-        """Save the applied chunk's session to the shared store (strict mode: rolled back to
-        its checkpoint and Unavailable if the store did not take it)."""
-        return self.continuity.persist(item.session, before=item.before)
+    def _write_through(self, work: ChunkWork, before: Checkpoint | None) -> Awaitable[None]:
+        """Save the applied chunk's session to the shared store (strict mode: restored to
+        `before` and Unavailable if the store did not take it)."""
+        return self.continuity.persist(work.session, before=before)
 
     async def _finish_all(
-        self, ready: dict[int, Admitted], waiting: dict[int, asyncio.Future[StepResult]],
-        outcomes: list[Outcome | None],
+        self, work: list[ChunkWork], waiting: dict[int, asyncio.Future[StepResult]],
+        before: dict[int, Checkpoint | None], outcomes: list[Outcome | None],
     ) -> None:  # fmt: skip
         """Each submitted entry finished and written through (locks held); a closed
         session's error or a refused save in its place."""
@@ -172,12 +159,12 @@ class ChunkApply:
             elif exc is not None:
                 raise exc
             else:
-                outcomes[i] = self._finish(ready[i], future.result())
+                outcomes[i] = self._finish(work[i], future.result())
                 applied.append(i)
         if not applied or self.continuity.backend is None:
             return
         saved = await asyncio.gather(
-            *(self._write_through(ready[i]) for i in applied), return_exceptions=True
+            *(self._write_through(work[i], before[i]) for i in applied), return_exceptions=True
         )
         for i, error in zip(applied, saved, strict=True):
             if isinstance(error, LstmServeError):
