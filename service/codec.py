@@ -7,7 +7,7 @@ float32 (T, F); probabilities float32 (C,) / (T, C) -> repeated float.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from service.engine.inputs import (
     tokens_from_ids,
     tokens_from_text,
 )
-from service.engine.sessions import Session
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions, VersionStatus
 from service.engine.worker import ModelWorker
 from service.errors import InvalidInput, MalformedRequest
@@ -124,23 +123,23 @@ def encode_options(options: StreamOptions) -> pb.StreamOptions:
     return pb.StreamOptions(every_step=options.every_step, top_k=options.top_k)
 
 
-def add_top_labels(top: Any, desc: ModelDescription, probs: np.ndarray, k: int) -> None:
-    """Add the k most probable labels of a (C,) distribution to `top` (a repeated LabelScore
-    field), most probable first, in place."""
-    k = min(max(k, 1), desc.num_classes)
+def add_top_labels(top: Any, labels: Sequence[str], probs: np.ndarray, k: int) -> None:
+    """Add the k most probable of a (C,) distribution's `labels` to `top` (a repeated
+    LabelScore field), most probable first, in place."""
+    k = min(max(k, 1), len(labels))
     if k == 1:  # the common case: argmax (the first of ties, as the stable sort) is cheaper
         order: list[int] = [int(probs.argmax())]
     else:
         order = np.argsort(-probs, kind="stable")[:k].tolist()
     for i in order:
         label = top.add()
-        label.label, label.index, label.probability = desc.labels[i], i, float(probs[i])
+        label.label, label.index, label.probability = labels[i], i, float(probs[i])
 
 
 def top_labels(desc: ModelDescription, probs: np.ndarray, k: int) -> list[pb.LabelScore]:
     """The k most probable labels of a (C,) distribution, most probable first."""
     holder = pb.SequenceResult()
-    add_top_labels(holder.top, desc, probs, k)
+    add_top_labels(holder.top, desc.labels, probs, k)
     return list(holder.top)
 
 
@@ -150,7 +149,9 @@ def _steps(step_probs: np.ndarray | None) -> list[pb.Probabilities]:
     return [pb.Probabilities(values=row.tolist()) for row in step_probs]
 
 
-def fill_chunk_result(out: pb.ChunkResult, outcome: ChunkOutcome, session: Session) -> None:
+def fill_chunk_result(
+    out: pb.ChunkResult, outcome: ChunkOutcome, labels: Sequence[str], top_k: int
+) -> None:
     """Set a chunk's reply fields in place, in the message that is sent (no nested copies)."""
     out.seq = outcome.seq
     out.total_steps = outcome.total_steps
@@ -165,14 +166,14 @@ def fill_chunk_result(out: pb.ChunkResult, outcome: ChunkOutcome, session: Sessi
     probs = result.probs  # (C,); (0,) before a session's first step
     if probs.size:
         out.probabilities.extend(probs.tolist())
-        add_top_labels(out.top, session.model.description, probs, session.options.top_k)
+        add_top_labels(out.top, labels, probs, top_k)
     if result.step_probs is not None:
         out.step_probabilities.extend(_steps(result.step_probs))
 
 
-def encode_chunk_error(seq: int, exc: BaseException, session: Session) -> pb.ChunkResult:
-    """A rejected chunk's in-band reply: the session is unchanged."""
-    return pb.ChunkResult(seq=seq, total_steps=session.total_steps, error=encode_error(exc))
+def encode_chunk_error(seq: int, exc: BaseException, total_steps: int) -> pb.ChunkResult:
+    """A rejected chunk's in-band reply: the session is unchanged (`total_steps`, its own)."""
+    return pb.ChunkResult(seq=seq, total_steps=total_steps, error=encode_error(exc))
 
 
 def encode_error(exc: BaseException) -> pb.ErrorStatus:
@@ -188,21 +189,20 @@ def encode_sequence_result(
     out = pb.SequenceResult(
         probabilities=result.probs.tolist(), steps=_steps(result.step_probs), length=result.steps
     )
-    add_top_labels(out.top, desc, result.probs, top_k)
+    add_top_labels(out.top, desc.labels, result.probs, top_k)
     return out
 
 
-def session_opened(session: Session, resumed: bool, idle_timeout_s: float) -> pb.SessionOpened:
-    desc = session.model.description
+def session_opened(opened: m.Opened, idle_timeout_s: float) -> pb.SessionOpened:
     return pb.SessionOpened(
-        session_id=session.id,
-        model=session.model.name,
-        version=session.model.version,
-        resumed=resumed,
-        last_applied_seq=session.last_seq,
-        total_steps=session.total_steps,
-        options=encode_options(session.options),
-        labels=list(desc.labels),
+        session_id=opened.session_id,
+        model=opened.model,
+        version=opened.version,
+        resumed=opened.resumed,
+        last_applied_seq=opened.last_seq,
+        total_steps=opened.total_steps,
+        options=encode_options(opened.options),
+        labels=list(opened.labels),
         idle_timeout_seconds=idle_timeout_s,
     )
 
@@ -306,10 +306,10 @@ def session_entry(msg: pb.SessionRequest) -> m.SessionEntry:
 
 def _fill_chunk(out: pb.ChunkResult, done: m.ChunkDone) -> None:
     if done.error is not None:
-        out.CopyFrom(encode_chunk_error(done.seq, done.error, done.session))
+        out.CopyFrom(encode_chunk_error(done.seq, done.error, done.total_steps))
         return
     assert done.outcome is not None
-    fill_chunk_result(out, done.outcome, done.session)
+    fill_chunk_result(out, done.outcome, done.labels, done.top_k)
 
 
 def _snapshot(snap: m.Snapshot) -> pb.SessionSnapshot:
@@ -320,17 +320,17 @@ def _snapshot(snap: m.Snapshot) -> pb.SessionSnapshot:
 def session_ended(body: m.Ended) -> pb.SessionEnded:
     reply = pb.SessionEnded(total_steps=body.total_steps, last_applied_seq=body.last_seq,
                             flushed_steps=body.flushed_steps)  # fmt: skip
-    final, session = body.final, body.session
-    if final is not None and final.probs.size and session is not None:
+    final = body.final
+    if final is not None and final.probs.size and body.labels:
         reply.probabilities.extend(final.probs.tolist())
-        add_top_labels(reply.top, session.model.description, final.probs, session.options.top_k)
+        add_top_labels(reply.top, body.labels, final.probs, body.top_k)
     return reply
 
 
 def _body_field(body: m.Body, idle_timeout_s: float) -> tuple[str, object]:
     """(oneof field name, message) of a reply body other than a chunk's (`_fill_body`)."""
     if isinstance(body, m.Opened):
-        return "opened", session_opened(body.session, body.resumed, idle_timeout_s)
+        return "opened", session_opened(body, idle_timeout_s)
     if isinstance(body, m.ResetDone):
         return "reset", pb.ResetDone(seq=body.seq, duplicate=body.duplicate)
     if isinstance(body, m.Snapshot):
@@ -404,7 +404,7 @@ def columns_response(reply: ColumnsReply) -> pb.ColumnsResponse:
                 msg.session_ids.append("")
             else:
                 handles[i] = item[0]
-                msg.session_ids.append(item[1].id)
+                msg.session_ids.append(item[1])
         msg.attached = handles.tobytes()
         msg.attach_errors.extend(_codes(len(handles), failed)[1])
     if reply.probs.shape[0]:

@@ -5,10 +5,11 @@ One `SequenceBatcher` per model version (its ModelWorker's). Sessions submit one
 session and each session's chunks run in its own order). A batch gathers the sessions' states
 from the version's state store into (B, S, H) on the event loop thread, pads the chunks to
 (B, Tmax) with `lengths`, runs once, and scatters the new states back on the loop thread, where
-each row is committed (state, seq, total steps) atomically or not at all. Every pending chunk is
-resolved: a chunk whose waiter was cancelled is dropped (its session untouched); a chunk whose
-session was closed meanwhile (replaced by a newer copy, expired, its version retired) is answered
-with the close reason and not committed; a failed run fails its chunks.
+each session's chunk is applied (state row, seq, steps, result, held text: `Session.apply`)
+atomically or not at all. Every pending chunk is resolved: a chunk whose waiter was cancelled is
+dropped (its session untouched); a chunk whose session was closed meanwhile (replaced by a newer
+copy, expired, its version retired) is answered with the close reason and not applied; a failed
+run fails its chunks.
 
 A batch of at most `inline_max_steps` B x Tmax steps on an otherwise idle model runs inline on the
 event loop thread (two thread hand-offs cost more than one small step); larger ones run on the
@@ -41,6 +42,7 @@ from service.engine.pending import Pending, PendingChunks, bucket_of
 from service.engine.runtime import ModelRuntime, RunOutput
 from service.engine.sessions import Session
 from service.engine.state import StateStore
+from service.engine.textstream import HeldText
 from service.engine.types import BatchPolicy, StepResult
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
@@ -133,12 +135,15 @@ class SequenceBatcher:
     def pending(self) -> int:
         return len(self._queue)
 
-    def submit(self, session: Session, seq: int, chunk: np.ndarray) -> asyncio.Future[StepResult]:
-        """Queue one validated chunk (>= 1 step) of a session that has no other chunk pending."""
+    def submit(
+        self, session: Session, seq: int, chunk: np.ndarray, held: HeldText | None = None
+    ) -> asyncio.Future[StepResult]:
+        """Queue one validated chunk (>= 1 step) of a session that has no other chunk pending;
+        `held`: the held text after it, applied with its result (None: not text)."""
         if chunk.shape[0] < 1:
             raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
         loop = asyncio.get_running_loop()
-        item = Pending(session, seq, chunk, loop.create_future())
+        item = Pending(session, seq, chunk, loop.create_future(), held)
         self._queue.add(item)
         self._inflight.enter()
         if not self._scheduled:
@@ -257,7 +262,8 @@ class SequenceBatcher:
                 self._dispatch()
 
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
-        """Scatter the kept rows' states, then advance each kept session; answer the rest."""
+        """Scatter the kept rows' states, then apply each kept session's chunk (Session.apply:
+        seq, steps, result and held text at once); answer the rest."""
         keep = [b for b, item in enumerate(batch) if self._wanted(item)]
         if keep:
             rows = [batch[b].session.row for b in keep]
@@ -270,7 +276,7 @@ class SequenceBatcher:
             session = item.session
             wanted = session.options.every_step and step_probs is not None
             every = step_probs[b, : item.steps] if wanted else None
-            item.future.set_result(session.commit(item.seq, item.steps, probs[b], every))
+            item.future.set_result(session.apply(item.seq, item.held, item.steps, probs[b], every))
             steps += item.steps
         now = time.perf_counter()
         self._m_chunk["total"].observe_many([now - batch[b].enqueued for b in keep])
@@ -279,6 +285,6 @@ class SequenceBatcher:
 
     @staticmethod
     def _wanted(item: Pending) -> bool:
-        """Commit the row only if its waiter is still there and its session still lives (a
+        """Apply the chunk only if its waiter is still there and its session still lives (a
         closed session's chunk is answered with the close reason here)."""
         return not item.future.done() and not item.resolve_closed()

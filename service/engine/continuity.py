@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from service.engine.redis_backend import (
     RedisSessionBackend,
 )
 from service.engine.registry import ModelRegistry
-from service.engine.sessions import Session, SessionStore, new_generation
+from service.engine.sessions import Checkpoint, Session, SessionStore, new_generation
 from service.engine.snapshots import (
     SessionSnapshot,
     SnapshotKeys,
@@ -49,22 +48,6 @@ log = logging.getLogger(__name__)
 STRICT, BEST_EFFORT = "strict", "best-effort"
 MAX_UNSURE = 100_000  # sessions remembered as unsure (strict refusals): the oldest forgotten
 STORE_MODES = (STRICT, BEST_EFFORT)
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A session as it was before a chunk (strict mode): what a refused save rolls back to."""
-
-    state: np.ndarray  # (S, H), a copy
-    last_seq: int
-    total_steps: int
-    held: HeldText
-    last_result: StepResult | None
-
-    @staticmethod
-    def of(session: Session) -> Checkpoint:
-        return Checkpoint(session.read_state(), session.last_seq, session.total_steps,
-                          session.held, session.last_result)  # fmt: skip
 
 
 def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
@@ -176,7 +159,7 @@ class SessionContinuity:
 
     def checkpoint(self, session: Session) -> Checkpoint | None:
         """Strict mode: the session before a change (a row copy, four fields); else None."""
-        return Checkpoint.of(session) if self.backend is not None and self.mode == STRICT else None
+        return session.checkpoint() if self.backend is not None and self.mode == STRICT else None
 
     async def persist(
         self, session: Session, takeover_from: str | None = None, before: Checkpoint | None = None,
@@ -351,7 +334,7 @@ def take_progress(session: Session, snap: SessionSnapshot) -> None:
         probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
         last = StepResult(probs, None, snap.last_steps, snap.total_steps)
     held = HeldText(snap.held_text, snap.held_cased)
-    session.restore(snap.state, snap.last_seq, snap.total_steps, last, held)
+    session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last))
 
 
 async def settle(c: SessionContinuity, session: Session) -> None:
@@ -380,9 +363,7 @@ def _roll_back(
         c.unsure[session.id] = None
         while len(c.unsure) > MAX_UNSURE:
             c.unsure.pop(next(iter(c.unsure)))
-        session.model.state.write(session.row, before.state)
-        session.last_seq, session.total_steps = before.last_seq, before.total_steps
-        session.held, session.last_result = before.held, before.last_result
+        session.restore(before)
     return Unavailable(
         f"the shared session store did not take the new state of session {session.id} "
         f"(--session-store-mode strict): not acknowledged, retry it (a seq is never applied "

@@ -1,9 +1,10 @@
 """The engine: sessions in order, their chunks batched by their model version's worker; no gRPC.
 
-A session's chunks go one at a time (its lock) to its ModelWorker, whose batcher runs the chunks
-of many sessions as one batch and commits each session's new state only after the run succeeded
-(service/engine/batcher.py). Every state change is written through to the shared store (if any)
-while the session's lock is still held, so two saves of one session never cross.
+A session's chunks go one at a time (its lock) to its ModelWorker (service/engine/chunks.py),
+whose batcher runs the chunks of many sessions as one batch and applies each session's chunk
+only after the run succeeded (service/engine/batcher.py). Every state change is written through
+to the shared store (if any) while the session's lock is still held, so two saves of one
+session never cross.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ import numpy as np
 from service import metrics
 from service.engine.attach import SessionAttach
 from service.engine.batcher import ComputeLanes, InflightCounter
+from service.engine.chunks import ChunkApply, check_seq
 from service.engine.classify import ClassifyLane
 from service.engine.continuity import SessionContinuity, settle
-from service.engine.multi import apply_together
 from service.engine.registry import ModelRegistry
 from service.engine.repository import ModelControl
 from service.engine.sessions import Session, SessionStore
-from service.engine.textstream import HeldChange
 from service.engine.types import (
-    MAX_SEQ,
     BatchPolicy,
     ChunkOutcome,
     ChunkWork,
@@ -35,12 +34,12 @@ from service.engine.types import (
     StepResult,
 )
 from service.engine.worker import ModelWorker, WorkerFactory
-from service.errors import Draining, InvalidInput, LstmServeError, Unavailable
+from service.errors import Draining, Unavailable
 
 __all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]
 
 
-class Engine(SessionAttach):
+class Engine(SessionAttach, ChunkApply):
     """Model versions (their workers), sessions and the threads that run onnxruntime."""
 
     def __init__(
@@ -108,39 +107,6 @@ class Engine(SessionAttach):
         metrics.SNAPSHOTS.labels(session.model.name, "final" if final else "taken").inc()
         return blob
 
-    async def apply_chunk(
-        self, session: Session, seq: int, chunk: np.ndarray, held: HeldChange | None = None,
-        attached: object | None = None,
-    ) -> ChunkOutcome:  # fmt: skip
-        """Apply a validated chunk once, in order (seq = last applied + 1; a resend is skipped),
-        for the stream owning `attached` (None: a caller that does not attach). A text chunk
-        carries its change to the session's held text (`held`); all of it may be held (`chunk`
-        has no step): the seq advances without a model run."""
-        check_seq(seq, "chunk")
-        async with session.lock:
-            if self.continuity.unsure and session.id in self.continuity.unsure:
-                await settle(self.continuity, session)  # strict: a refused save that landed
-            if (resend := session.admit(seq, attached)) is not None:
-                return resend
-            if held is not None:
-                session.check_held(held)
-            before = self.continuity.checkpoint(session)  # strict mode only, else None
-            if len(chunk):
-                result = await session.model.submit(session, seq, chunk)
-                if held is not None:
-                    session.held = held.after
-            else:
-                result = session.hold(seq, held.after if held is not None else session.held)
-            self.store.touch(session)
-            if self.continuity.backend is not None:  # no coroutine on the hot path without one
-                await self.continuity.persist(session, before=before)
-            return ChunkOutcome(seq, result, False, result.total_steps, len(session.held.text))
-
-    async def apply_chunks(self, work: list[ChunkWork]) -> list[ChunkOutcome | LstmServeError]:
-        """Chunks of distinct sessions, submitted together so they share batches (one entry's
-        error is returned in its place; see service/engine/multi.py)."""
-        return await apply_together(self, work)
-
     async def reset(self, session: Session, seq: int, attached: object | None = None) -> bool:
         """Zero the state; returns True if `seq` was a resend and nothing was done."""
         check_seq(seq, "reset")
@@ -202,8 +168,3 @@ class Engine(SessionAttach):
         self.control.retire_all()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._classify_threads.shutdown(wait=False, cancel_futures=True)
-
-
-def check_seq(seq: int, what: str) -> None:
-    if not 1 <= seq <= MAX_SEQ:
-        raise InvalidInput(f"{what}.seq = {seq}: sequence numbers run from 1 to 2^63")

@@ -22,19 +22,22 @@ from service.engine.types import BatchPolicy, StepResult
 if TYPE_CHECKING:
     from service.engine.batcher import InflightCounter
     from service.engine.sessions import Session
+    from service.engine.textstream import HeldText
 
 
 class Pending:
     """One submitted chunk waiting for (or inside) a batch."""
 
-    __slots__ = ("chunk", "enqueued", "future", "seq", "session", "steps")
+    __slots__ = ("chunk", "enqueued", "future", "held", "seq", "session", "steps")
 
     def __init__(
-        self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult]
-    ) -> None:
+        self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult],
+        held: HeldText | None = None,
+    ) -> None:  # fmt: skip
         self.session = session
         self.seq = seq
         self.chunk = chunk  # (T,) or (T, F)
+        self.held = held  # the held text after it (a text chunk's); None: not text
         self.steps = int(chunk.shape[0])
         self.future = future
         self.enqueued = time.perf_counter()

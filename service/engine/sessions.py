@@ -1,10 +1,12 @@
 """Streaming sessions: a Session owns its transitions; the SessionStore indexes them by id.
 
-A session's writes (commit, reset, restore, close) are its own methods. Commit and reset run
-while the session's lock is held (its caller holds it while its one chunk is pending); `close`
-is terminal and may come from outside the lock (a newer copy restored beside it, idle expiry,
-a retired version): the batcher then answers the chunk in flight with the close reason instead
-of committing it, so no pending chunk is ever left unanswered.
+A session's progress (state row, seq, steps, last result, held text) is written by its own
+methods alone: `apply` (a chunk's result, or a message of text that all waits), `restore` (back
+to a checkpoint: a strict-mode rollback, a snapshot's progress, a reset) and `close`. Apply and
+restore run while the session's lock is held (its caller holds it while its one chunk is
+pending); `close` is terminal and may come from outside the lock (a newer copy restored beside
+it, idle expiry, a retired version): the batcher then answers the chunk in flight with the close
+reason instead of applying it, so no pending chunk is ever left unanswered.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from service.principal import ANONYMOUS
 if TYPE_CHECKING:
     from service.engine.worker import ModelWorker
 
-__all__ = ["Session", "SessionStore", "StreamOptions"]
+__all__ = ["Checkpoint", "Session", "SessionStore", "StreamOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,17 @@ NO_PROBS = np.zeros(0, dtype=np.float32)  # a session before its first step has 
 
 def new_generation() -> str:
     return secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A session's progress at one point: what `Session.restore` sets it to."""
+
+    state: np.ndarray  # (S, H), a copy
+    last_seq: int
+    total_steps: int
+    held: HeldText
+    last_result: StepResult | None
 
 
 @dataclass(eq=False, slots=True)
@@ -147,50 +160,51 @@ class Session:
                 "(two streams on one session): resume it and resend"
             )
 
-    def hold(self, seq: int, held: HeldText) -> StepResult:
-        """Message `seq` is text that all waits (it may still combine): no step, the reply
-        carries the probabilities as they were (none before the first step)."""
-        self.last_seq = seq
-        self.held = held
-        probs = self.last_result.probs if self.last_result is not None else NO_PROBS
-        self.last_result = StepResult(probs, None, 0, self.total_steps)
-        return StepResult(probs.copy(), None, 0, self.total_steps)
-
     def read_state(self) -> np.ndarray:
         """A copy of the state, (S, H)."""
         return self.model.state.read(self.row)
 
-    def commit(
-        self, seq: int, steps: int, probs: np.ndarray, step_probs: np.ndarray | None
-    ) -> StepResult:
-        """A chunk's new state is in the store: advance; the reply owns copies of its rows.
-
-        Only the final probabilities are kept for a resend of this chunk (as the contract says:
-        a resend carries no per-step probabilities), so a session keeps (C,) floats, not the
-        (T, C) of its last chunk."""
+    def apply(
+        self, seq: int, held: HeldText | None, steps: int = 0, probs: np.ndarray | None = None,
+        step_probs: np.ndarray | None = None,
+    ) -> StepResult:  # fmt: skip
+        """Message `seq` is applied: `steps` steps ending in `probs` (C,), their per-step
+        `step_probs` (T, C) if asked for, and the held text after it (`held`; None: not text,
+        the held text stays). With no step (text that all waits) the reply carries the
+        probabilities as they were (none before the first step). A chunk's new state is
+        already in its row (the batcher scatters a batch's rows in one write, then applies
+        each session). The reply owns copies of its rows; only the final probabilities are
+        kept for a resend (as the contract says: a resend carries no per-step probabilities),
+        so a session keeps (C,) floats, not the (T, C) of its last chunk."""
+        if probs is not None:
+            final = probs.copy()  # (C,)
+        else:
+            final = self.last_result.probs if self.last_result is not None else NO_PROBS
         self.total_steps += steps
         self.last_seq = seq
-        final = probs.copy()  # (C,)
+        if held is not None:
+            self.held = held
         self.last_result = kept = StepResult(final, None, steps, self.total_steps)
         if step_probs is None:
             return kept  # the reply and the resend record are the same values
         return StepResult(final, step_probs.copy(), steps, self.total_steps)  # (T, C) copied
 
+    def checkpoint(self) -> Checkpoint:
+        """The session as it is now (a copy of its row): what `restore` brings it back to."""
+        return Checkpoint(self.read_state(), self.last_seq, self.total_steps, self.held,
+                          self.last_result)  # fmt: skip
+
+    def restore(self, point: Checkpoint) -> None:
+        """The session as of `point`: back to its checkpoint (a save the shared store refused,
+        strict mode), or a continued session's progress (a snapshot, the store's newer copy)."""
+        self.model.state.write(self.row, point.state)
+        self.last_seq, self.total_steps = point.last_seq, point.total_steps
+        self.held, self.last_result = point.held, point.last_result
+
     def reset(self, seq: int) -> None:
         """Zero the state and the step count, as message `seq`."""
-        self.model.state.write(self.row, np.zeros_like(self.model.state.read(self.row)))
-        self.total_steps = 0
-        self.last_seq = seq
-        self.last_result = None
-        self.held = NOTHING_HELD
-
-    def restore(self, state: np.ndarray, last_seq: int, total_steps: int,
-                last_result: StepResult | None, held: HeldText = NOTHING_HELD) -> None:  # fmt: skip
-        """Take a continued session's progress (a fresh session, before anyone uses it; its
-        owner and generation were given when it was adopted)."""
-        self.model.state.write(self.row, state)
-        self.last_seq, self.total_steps, self.last_result = last_seq, total_steps, last_result
-        self.held = held
+        zeros = np.zeros_like(self.model.state.read(self.row))  # (S, H)
+        self.restore(Checkpoint(zeros, seq, 0, NOTHING_HELD, None))
 
     def close(self, reason: LstmServeError) -> bool:
         """Terminal: free the row; every later use (and a chunk in flight) gets `reason`."""

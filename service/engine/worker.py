@@ -27,6 +27,7 @@ from service.engine.runtime import CPU, CUDA, ModelRuntime
 from service.engine.sessions import Session
 from service.engine.state import HostStateSlab, StateStore
 from service.engine.subwords import with_tokenizer_file
+from service.engine.textstream import HeldText
 from service.engine.tritonconfig import CONFIG_FILE, ConfigReader, TritonModel
 from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
 from service.errors import ConfigError, Unavailable
@@ -91,9 +92,12 @@ class ModelWorker:
         if self.lifecycle is ModelState.DRAINING and self.sessions == 0 and self.on_drained:
             self.on_drained(self)
 
-    def submit(self, session: Session, seq: int, chunk: np.ndarray) -> asyncio.Future[StepResult]:
-        """Queue one chunk of a session of this version (its lock held by the caller)."""
-        return self.batcher.submit(session, seq, chunk)
+    def submit(
+        self, session: Session, seq: int, chunk: np.ndarray, held: HeldText | None = None
+    ) -> asyncio.Future[StepResult]:
+        """Queue one chunk of a session of this version (its lock held by the caller); `held`:
+        the held text after it, applied with its result (None: not text)."""
+        return self.batcher.submit(session, seq, chunk, held)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

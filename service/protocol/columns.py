@@ -65,7 +65,7 @@ class ColumnsReply:
 
     model: ModelWorker | None  # the stream's model version, once it has one
     fixed: bool = False  # this message fixed the stream's model (its labels go with it)
-    attached: list[tuple[int, Session] | LstmServeError] = field(default_factory=list)
+    attached: list[tuple[int, str] | LstmServeError] = field(default_factory=list)  # handle, id
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (n, C)
     total_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # (n,)
     duplicate: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # (n,)
@@ -123,7 +123,7 @@ class ColumnsConversation:
         ends = _array(message.ends, U32, "end").tolist()  # checked before anything is applied
         # With the model known, the whole message is checked before anything is applied.
         columns = unpack(message, n, self.model) if n and self.model is not None else None
-        attached: list[tuple[int, Session] | LstmServeError] = []
+        attached: list[tuple[int, str] | LstmServeError] = []
         for i, request in enumerate(message.opens):
             attached.append(await self._attach(request, i))
         for j, session_id in enumerate(message.resumes):
@@ -142,23 +142,22 @@ class ColumnsConversation:
 
     # -- attach ---------------------------------------------------------------------------
 
-    async def _attach(self, request: Open | Resume, i: int) -> tuple[int, Session] | LstmServeError:
+    async def _attach(self, request: Open | Resume, i: int) -> tuple[int, str] | LstmServeError:
         try:
             if isinstance(request, Open):
                 request = self._on_stream_model(request, i)
             else:
                 session = await self.layer.engine.find_session(request.session_id)
                 self._check_model(session.model, f"resume[{i}] (session {session.id})")
-            opened = await self.layer.attach(request, self.token)
+            session, _ = await self.layer.attach(request, self.token)
         except LstmServeError as exc:
             return exc
-        session = opened.session
         if self.model is None:
             self.model = session.model
         handle = self._handle_of.get(session.id)
         if handle is None or self._sessions.get(handle) is not session:
             handle = self._issue(session)
-        return handle, session
+        return handle, session.id
 
     def _on_stream_model(self, request: Open, i: int) -> Open:
         """The open on the stream's version (version 0 = the stream's, once it has one)."""

@@ -1,21 +1,24 @@
 """Plain messages between a protocol front and the session layer.
 
-Requests are what a client asked for; replies carry engine objects (the Session, ChunkOutcome)
-for the front to encode. A chunk's input stays in the front's own form behind `InputSource`
+Requests are what a client asked for; replies carry values for the front to encode (the
+ChunkOutcome, the session's id, labels, options and counts as they were when the reply was
+made), never a live Session. A chunk's input stays in the front's own form behind `InputSource`
 until the session (and so the model's description) is known: it is decoded once, by the layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from lstmserve.contract import ModelDescription
-from service.engine.sessions import Session
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions
 from service.errors import LstmServeError
+
+if TYPE_CHECKING:
+    from service.engine.sessions import Session
 
 
 class InputSource(Protocol):
@@ -120,18 +123,41 @@ def entries_bytes(entries: list[SessionEntry]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    session: Session
+    """A session attached (opened, resumed or restored), as it was then."""
+
+    session_id: str
+    model: str
+    version: int
     resumed: bool
+    last_seq: int
+    total_steps: int
+    options: StreamOptions
+    labels: tuple[str, ...]
+
+    @staticmethod
+    def of(session: Session, resumed: bool) -> Opened:
+        model = session.model
+        return Opened(session.id, model.name, model.version, resumed, session.last_seq,
+                      session.total_steps, session.options, model.description.labels)  # fmt: skip
 
 
 @dataclass(slots=True)  # per chunk: not frozen (3x the cost)
 class ChunkDone:
-    """A chunk's reply: applied or duplicate (`outcome`), or rejected in-band (`error`)."""
+    """A chunk's reply: applied or duplicate (`outcome`), or rejected in-band (`error`; the
+    session's `total_steps`, unchanged). `labels` and `top_k` name its top labels."""
 
-    session: Session
     seq: int
     outcome: ChunkOutcome | None
-    error: LstmServeError | None = None
+    error: LstmServeError | None
+    total_steps: int
+    labels: tuple[str, ...]
+    top_k: int
+
+    @staticmethod
+    def of(session: Session, seq: int, outcome: ChunkOutcome | None,
+           error: LstmServeError | None = None) -> ChunkDone:  # fmt: skip
+        labels = session.model.description.labels
+        return ChunkDone(seq, outcome, error, session.total_steps, labels, session.options.top_k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +181,9 @@ class Ended:
     # The classification at the end (after the held-back text was fed), if there was a step.
     final: StepResult | None = None
     flushed_steps: int = 0  # steps of held-back text fed at the end
-    # The session that ended (labels and options of `final`); not part of the reply's value.
-    session: Session | None = field(default=None, compare=False)
+    # How `final`'s top labels are named (the model's labels, the session's top_k).
+    labels: tuple[str, ...] = field(default=(), compare=False)
+    top_k: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,8 +119,8 @@ class MultiConversation:
         layer = self.layer
         try:
             if isinstance(request, Open | Resume | Restore):
-                opened = await layer.attach(request, self.token)
-                return Reply(opened.session.id, opened)
+                _, opened = await layer.attach(request, self.token)
+                return Reply(opened.session_id, opened)
             if isinstance(request, Unset):
                 raise ProtocolError(f"entries[{i}] is empty: set {request.expected}")
             if not session_id:
@@ -146,7 +146,7 @@ class MultiConversation:
             steps, held = self.layer.decode(session, chunk.input, field)
         except InvalidInput as exc:
             metrics.chunk_requests(RPC, session.model.name, exc.code).inc()
-            return Reply(session.id, ChunkDone(session, chunk.seq, None, exc))
+            return Reply(session.id, ChunkDone.of(session, chunk.seq, None, exc))
         if session.attached is None:
             session.attach(self.token)  # naming a free session attaches it
         work.append((i, ChunkWork(session, chunk.seq, steps, held, self.token)))
@@ -207,8 +207,8 @@ def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> Rep
     name = session.model.name
     if isinstance(outcome, InvalidInput | SequenceGap | Unavailable):  # not applied: retry
         metrics.chunk_requests(RPC, name, outcome.code).inc()
-        return Reply(session.id, ChunkDone(session, item.seq, None, outcome))
+        return Reply(session.id, ChunkDone.of(session, item.seq, None, outcome))
     if isinstance(outcome, LstmServeError):
         return Reply(session.id, Failed(outcome))
     metrics.chunk_requests(RPC, name, "OK").inc()
-    return Reply(session.id, ChunkDone(session, item.seq, outcome))
+    return Reply(session.id, ChunkDone.of(session, item.seq, outcome))

@@ -83,21 +83,22 @@ class SessionLayer:
 
     # -- attach and dispatch -------------------------------------------------------------------
 
-    async def attach(self, request: Request, token: object | None = None) -> Opened:
+    async def attach(self, request: Request, token: object | None = None) -> tuple[Session, Opened]:
         """Open, resume or restore a session (a stream's first message, or a multi entry),
-        attached to the stream owning `token` (a later attach elsewhere takes it over)."""
+        attached to the stream owning `token` (a later attach elsewhere takes it over); the
+        session, and the reply."""
         engine = self.engine
         if isinstance(request, Open):
             session = await engine.open_session(
                 request.model, request.version, request.options, token
             )
-            return Opened(session, resumed=False)
+            return session, Opened.of(session, resumed=False)
         if isinstance(request, Resume):
             resumed = await engine.resume_session(request.session_id, request.options, token)
-            return Opened(resumed, True)
+            return resumed, Opened.of(resumed, True)
         if isinstance(request, Restore):
             restored = await engine.restore_session(request.snapshot, request.options, token)
-            return Opened(restored, True)
+            return restored, Opened.of(restored, True)
         raise ProtocolError(
             f"the first Stream message must be open, resume or restore, not {kind_name(request)}"
         )
@@ -129,9 +130,9 @@ class SessionLayer:
             outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held, token)
         except (InvalidInput, SequenceGap, Unavailable) as exc:
             metrics.chunk_requests(rpc, session.model.name, exc.code).inc()
-            return ChunkDone(session, chunk.seq, None, exc)
+            return ChunkDone.of(session, chunk.seq, None, exc)
         metrics.chunk_requests(rpc, session.model.name, "OK").inc()
-        return ChunkDone(session, chunk.seq, outcome)
+        return ChunkDone.of(session, chunk.seq, outcome)
 
     def decode(
         self, session: Session, source: InputSource, field: str, text_field: str | None = None
@@ -158,7 +159,8 @@ class SessionLayer:
         """End the session, feeding its held-back text first."""
         flush = tokens_held(session.model.description, session.held)
         final = await self.engine.end(session, flush, token)
-        return Ended(session.total_steps, session.last_seq, final, len(flush), session)
+        labels, top_k = session.model.description.labels, session.options.top_k
+        return Ended(session.total_steps, session.last_seq, final, len(flush), labels, top_k)
 
     async def snapshot(
         self, session: Session, final: bool, token: object | None = None

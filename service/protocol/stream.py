@@ -45,9 +45,9 @@ class StreamConversation:
                     raise draining_error()
                 assert not isinstance(request, BaseException)
                 if self.session is None:
-                    opened = await layer.attach(request, self.token)  # type: ignore[arg-type]
-                    self.session = opened.session
-                    yield Reply(opened.session.id, opened)
+                    attached = await layer.attach(request, self.token)  # type: ignore[arg-type]
+                    self.session, opened = attached
+                    yield Reply(opened.session_id, opened)
                     continue
                 body = await layer.handle(
                     self.session,

@@ -14,6 +14,7 @@ import pytest
 
 from lstmserve.contract import ModelDescription
 from service.engine.continuity import SessionContinuity
+from service.engine.sessions import Session
 from service.engine.snapshots import SnapshotKeys
 from service.engine.types import StreamOptions
 from service.errors import Draining, ProtocolError, SessionNotFound
@@ -73,8 +74,25 @@ def test_stream_attaches_answers_in_order_and_flags_resends(layer: SessionLayer)
     assert isinstance(resend, m.ChunkDone) and resend.outcome and resend.outcome.duplicate
     assert resend.outcome.result is not None  # the last applied chunk's resend: its result
     assert reset == m.ResetDone(2, False) and ended == m.Ended(0, 2)
-    assert {r.session_id for r in replies} == {opened.session.id}
-    assert opened.session.id not in layer.engine.store  # ended
+    assert {r.session_id for r in replies} == {opened.session_id}
+    assert opened.session_id not in layer.engine.store  # ended
+
+
+def test_replies_carry_values_not_live_sessions(layer: SessionLayer) -> None:
+    """What the codec reads is copied into the reply when it is made: a later change to the
+    session (here its end) does not change a reply already made."""
+    requests = [OPEN, m.Chunk(1, Tokens(1, 2)), m.Chunk(3, Tokens(1)), m.End()]
+    replies = asyncio.run(collect(StreamConversation(layer, feed(requests), "Stream").replies()))
+    opened, chunk, gap, ended = (r.body for r in replies)
+    for body in (opened, chunk, gap, ended):
+        values = [getattr(body, f) for f in body.__slots__]  # type: ignore[union-attr]
+        assert not [v for v in values if isinstance(v, Session)], body
+    labels = layer.engine.registry.get("tiny-gru", 1).description.labels
+    assert isinstance(opened, m.Opened) and (opened.model, opened.labels) == ("tiny-gru", labels)
+    assert (opened.last_seq, opened.total_steps) == (0, 0)  # as it was when it attached
+    assert isinstance(chunk, m.ChunkDone) and (chunk.labels, chunk.top_k) == (labels, 1)
+    assert isinstance(gap, m.ChunkDone) and gap.error is not None and gap.total_steps == 2
+    assert isinstance(ended, m.Ended) and ended.labels == labels and ended.total_steps == 2
 
 
 def test_a_bad_chunk_is_answered_in_band_and_the_stream_goes_on(layer: SessionLayer) -> None:
@@ -168,7 +186,7 @@ def test_a_multi_stream_forgets_the_sessions_that_are_gone(
         conversation = MultiConversation(layer, feed([]))
         for _ in range(6):
             reply = await conversation.answer([m.SessionEntry("", OPEN)])
-            session = reply.replies[0].body.session  # type: ignore[union-attr]
+            session = layer.engine.store.get(reply.replies[0].session_id)
             layer.engine.store.end(session)  # e.g. expired while the stream lives on
         return conversation
 
