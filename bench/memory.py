@@ -25,7 +25,7 @@ def open_sessions(repo: Path, count: int, sample: int) -> dict[str, Any]:
     import asyncio
 
     from service.engine.core import Engine
-    from service.engine.sessions import SessionStore
+    from service.engine.session.sessions import SessionStore
     from service.engine.types import RuntimeOptions, StreamOptions
 
     store = SessionStore(max_sessions=count + sample + 1, idle_timeout_s=3600)

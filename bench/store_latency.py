@@ -27,7 +27,7 @@ from bench.chaos import KEY, model_repository
 from bench.procs import HOST, free_port
 from bench.redisfleet import RedisNode, SentinelFleet
 from lstmserve.client import LstmClient
-from service.engine.redis_backend import RedisSessionBackend
+from service.engine.continuity.redis_backend import RedisSessionBackend
 
 
 def _pcts(samples: list[float]) -> dict[str, float]:

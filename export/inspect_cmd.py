@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from service.engine.tritonconfig import CONFIG_FILE
+from service.engine.byo.tritonconfig import CONFIG_FILE
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 # The ONNX operators' gate blocks, in order, with the names the lecture notes use.

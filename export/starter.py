@@ -5,7 +5,7 @@ The graph's inputs and outputs become `input` / `output` entries (the batch axis
 type and shape whose names look like a recurrent state (h0/hn, state/state_out, c_in/c_out, ...)
 become `sequence_batching { state [...] }` with zero initial states, and inputs named like
 Triton's sequence controls (START, END, READY) its `control_input`. Only fields the lstm-serve
-loader (service/engine/tritonconfig.py) serves are written. It is a guess for the user to edit.
+loader (service/engine/byo/tritonconfig.py) serves are written. It is a guess for the user to edit.
 """
 
 from __future__ import annotations

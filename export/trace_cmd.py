@@ -313,7 +313,7 @@ def sequence_for(
         return np.array(desc.tokenizer.encode_normalized(normalized), np.int64), list(normalized)
     folder = config_dir(model_file)
     if folder is not None:
-        from service.engine.tritonconfig import read_vocabulary
+        from service.engine.byo.tritonconfig import read_vocabulary
         from service.tritonconfig import load_triton_config
 
         vocab = read_vocabulary(load_triton_config(folder))

@@ -25,7 +25,7 @@ from export.int8 import dequantized_initializers, quantization_of
 from export.model import RecurrentClassifier
 from export.onnx_export import reorder_gates
 from lstmserve.contract import ModelDescription
-from service.engine.tritonconfig import CONFIG_FILE
+from service.engine.byo.tritonconfig import CONFIG_FILE
 
 TOLERANCE = 1e-5
 FLOOR_FACTOR = 4.0
@@ -289,10 +289,10 @@ FLOAT16_TOLERANCE = 2e-3
 
 def verify_generic(path: Path, seed: int = 0) -> VerifyReport:
     """The streaming and batching checks on a config.pbtxt model, through the adapter the server
-    runs it with (service/engine/generic.py): streaming == whole sequence, and a batch == each
+    runs it with (service/engine/byo/generic.py): streaming == whole sequence, and a batch == each
     row alone (mixed lengths with a lengths input, equal lengths without one). There is no
     PyTorch twin to compare with: the user's own export is checked against itself."""
-    from service.engine.generic import GenericRuntime
+    from service.engine.byo.generic import GenericRuntime
     from service.tritonconfig import load_triton_config
 
     runtime = GenericRuntime(

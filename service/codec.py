@@ -16,7 +16,8 @@ from google.protobuf.message import Message
 
 from lstmserve.contract import ModelDescription, Tokenizer
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service.engine.inputs import (
+from service.engine.model.worker import ModelWorker
+from service.engine.text.inputs import (
     check_steps,
     frames_from_flat,
     frames_from_rows,
@@ -24,7 +25,6 @@ from service.engine.inputs import (
     tokens_from_text,
 )
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions, VersionStatus
-from service.engine.worker import ModelWorker
 from service.errors import InvalidInput, MalformedRequest
 from service.protocol import messages as m
 from service.protocol.columns import ColumnsMessage, ColumnsReply

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from service.errors import ConfigError
 
 if TYPE_CHECKING:
-    from service.engine.snapshots import SnapshotKeys
-    from service.engine.store_urls import StoreOptions
+    from service.engine.continuity.snapshots import SnapshotKeys
+    from service.engine.continuity.store_urls import StoreOptions
     from service.engine.types import BatchPolicy, ClassifyPolicy
 
 ENV_PREFIX = "LSTM_SERVE_"
@@ -205,7 +205,7 @@ class ServerConfig:
     @property
     def snapshot_keys(self) -> SnapshotKeys | None:
         """The parsed snapshot keys, or None when snapshots are not configured."""
-        from service.engine.snapshots import SnapshotKeys
+        from service.engine.continuity.snapshots import SnapshotKeys
 
         return SnapshotKeys.parse(self.snapshot_key) if self.snapshot_key else None
 
@@ -261,7 +261,7 @@ def check_session_store(self: ServerConfig) -> None:
         )
     if store == "memory":
         return
-    from service.engine.store_urls import parse_store_url
+    from service.engine.continuity.store_urls import parse_store_url
 
     try:
         target = parse_store_url(store)
@@ -293,7 +293,7 @@ def session_store_min_replicas(self: ServerConfig) -> int:
 def session_store_options(self: ServerConfig) -> StoreOptions:
     """The store's deadline, password (the file's first line, else the variable / flag,
     else the URL's) and TLS files."""
-    from service.engine.store_urls import StoreOptions
+    from service.engine.continuity.store_urls import StoreOptions
 
     password = self.session_store_password or None
     if self.session_store_password_file:

@@ -20,12 +20,12 @@ from service.config import (
     session_store_min_replicas,
     session_store_options,
 )
-from service.engine.continuity import SessionContinuity
+from service.engine.compute.runtime import resolve_providers
+from service.engine.continuity.continuity import SessionContinuity
+from service.engine.continuity.redis_backend import RedisSessionBackend
 from service.engine.core import Engine
-from service.engine.quotas import PrincipalQuota
-from service.engine.redis_backend import RedisSessionBackend
-from service.engine.runtime import resolve_providers
-from service.engine.sessions import SessionStore
+from service.engine.session.quotas import PrincipalQuota
+from service.engine.session.sessions import SessionStore
 from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
 from service.lenient import HEALTH, REFLECTION, add_health, add_reflection

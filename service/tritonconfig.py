@@ -1,5 +1,5 @@
 """Parse a Triton `config.pbtxt` (tritonclient's generated `model_config_pb2.ModelConfig`, in
-protobuf text format) into the engine's plain `TritonModel` (service/engine/tritonconfig.py).
+protobuf text format) into the engine's plain `TritonModel` (service/engine/byo/tritonconfig.py).
 
 Only a subset of the message is served (SUPPORTED); every other field that is set is refused by
 name, so that nothing in a config is silently ignored. `TritonConfigReader` is what the
@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service.engine.tritonconfig import (
+from service.engine.byo.tritonconfig import (
     CONFIG_FILE,
     CONTROL_KINDS,
     DTYPES,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.engine.worker import ModelWorker, WorkerFactory
+from service.engine.model.worker import ModelWorker, WorkerFactory
 
 
 def slowed(run: Callable[..., Any], delay_s: float) -> Callable[..., Any]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service import metrics, principal
-from service.engine.sessions import Session
+from service.engine.session.sessions import Session
 from service.engine.types import StreamOptions
 from service.errors import SessionNotFound
 
 if TYPE_CHECKING:
-    from service.engine.continuity import SessionContinuity
-    from service.engine.registry import ModelRegistry
-    from service.engine.sessions import SessionStore
-    from service.engine.worker import ModelWorker
+    from service.engine.continuity.continuity import SessionContinuity
+    from service.engine.model.registry import ModelRegistry
+    from service.engine.model.worker import ModelWorker
+    from service.engine.session.sessions import SessionStore
 
 
 class SessionAttach:

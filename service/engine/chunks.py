@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.engine.continuity import settle
+from service.engine.continuity.continuity import settle
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork, StepResult
 from service.errors import InvalidInput, LstmServeError
 
 if TYPE_CHECKING:
-    from service.engine.continuity import SessionContinuity
-    from service.engine.sessions import Checkpoint, Session, SessionStore
-    from service.engine.textstream import HeldChange
+    from service.engine.continuity.continuity import SessionContinuity
+    from service.engine.session.sessions import Checkpoint, Session, SessionStore
+    from service.engine.text.textstream import HeldChange
 
 Outcome = ChunkOutcome | LstmServeError
 

@@ -2,9 +2,9 @@
 
 A session's chunks go one at a time (its lock) to its ModelWorker (service/engine/chunks.py),
 whose batcher runs the chunks of many sessions as one batch and applies each session's chunk
-only after the run succeeded (service/engine/batcher.py). Every state change is written through
-to the shared store (if any) while the session's lock is still held, so two saves of one
-session never cross.
+only after the run succeeded (service/engine/schedule/batcher.py). Every state change is
+written through to the shared store (if any) while the session's lock is still held, so two
+saves of one session never cross.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import numpy as np
 
 from service import metrics
 from service.engine.attach import SessionAttach
-from service.engine.batcher import ComputeLanes, InflightCounter
 from service.engine.chunks import ChunkApply, check_seq
-from service.engine.classify import ClassifyLane
-from service.engine.continuity import SessionContinuity, settle
-from service.engine.registry import ModelRegistry
-from service.engine.repository import ModelControl
-from service.engine.sessions import Session, SessionStore
+from service.engine.continuity.continuity import SessionContinuity, settle
+from service.engine.model.registry import ModelRegistry
+from service.engine.model.repository import ModelControl
+from service.engine.model.worker import ModelWorker, WorkerFactory
+from service.engine.schedule.batcher import ComputeLanes, InflightCounter
+from service.engine.schedule.classify import ClassifyLane
+from service.engine.session.sessions import Session, SessionStore
 from service.engine.types import (
     BatchPolicy,
     ChunkOutcome,
@@ -33,7 +34,6 @@ from service.engine.types import (
     RuntimeOptions,
     StepResult,
 )
-from service.engine.worker import ModelWorker, WorkerFactory
 from service.errors import Draining, Unavailable
 
 __all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from service.engine.sessions import Session
-    from service.engine.textstream import HeldChange
-    from service.engine.tritonconfig import ConfigReader
+    from service.engine.byo.tritonconfig import ConfigReader
+    from service.engine.session.sessions import Session
+    from service.engine.text.textstream import HeldChange
 
 
 MAX_SEQ = 2**63  # the largest sequence number (uint64 on the wire)
@@ -48,7 +48,7 @@ class ChunkOutcome:
     result: StepResult | None
     duplicate: bool
     total_steps: int
-    held_characters: int = 0  # streamed text held back after it (service/engine/textstream.py)
+    held_characters: int = 0  # streamed text held back after it (service/engine/text/textstream.py)
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
-from service.engine.sessions import Session
+from service.engine.model.worker import ModelWorker
+from service.engine.session.sessions import Session
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork
-from service.engine.worker import ModelWorker
 from service.errors import (
     BudgetExceeded,
     InvalidInput,

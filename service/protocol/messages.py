@@ -18,7 +18,7 @@ from service.engine.types import ChunkOutcome, StepResult, StreamOptions
 from service.errors import LstmServeError
 
 if TYPE_CHECKING:
-    from service.engine.sessions import Session
+    from service.engine.session.sessions import Session
 
 
 class InputSource(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from service import metrics
-from service.engine.sessions import Session
+from service.engine.session.sessions import Session
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import (
     BudgetExceeded,

@@ -36,12 +36,12 @@ from typing import Protocol
 
 import numpy as np
 
-from service.engine.inputs import quoted
-from service.engine.sessions import Session
-from service.engine.snapshots import SnapshotKeys
-from service.engine.textstream import NOTHING_HELD
+from service.engine.continuity.snapshots import SnapshotKeys
+from service.engine.model.worker import ModelWorker
+from service.engine.session.sessions import Session
+from service.engine.text.inputs import quoted
+from service.engine.text.textstream import NOTHING_HELD
 from service.engine.types import StepResult, StreamOptions
-from service.engine.worker import ModelWorker
 from service.errors import (
     AlreadyApplied,
     Draining,

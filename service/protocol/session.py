@@ -15,10 +15,10 @@ import numpy as np
 
 from service import metrics
 from service.engine.core import Engine
-from service.engine.inputs import tokens_from_stream, tokens_held
-from service.engine.sessions import Session
-from service.engine.textstream import HeldChange, HeldText
-from service.engine.worker import ModelWorker
+from service.engine.model.worker import ModelWorker
+from service.engine.session.sessions import Session
+from service.engine.text.inputs import tokens_from_stream, tokens_held
+from service.engine.text.textstream import HeldChange, HeldText
 from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap, Unavailable
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from service.engine.sessions import Session
+from service.engine.session.sessions import Session
 from service.protocol.inbox import DRAIN, EOF, Inbox
 from service.protocol.messages import Ended, Reply, Request, request_bytes
 from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error

@@ -41,8 +41,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from service import metrics
 from service.config import ServerConfig
+from service.engine.model.worker import ModelWorker
 from service.engine.types import ModelState, VersionStatus
-from service.engine.worker import ModelWorker
 from service.errors import LstmServeError, ProtocolError
 from service.protocol.concurrent import ConcurrentStream
 from service.protocol.inbox import ReadAhead

@@ -10,7 +10,7 @@ from typing import Any
 
 from tritonclient.grpc import service_pb2 as pb
 
-from service.engine.inputs import quoted
+from service.engine.text.inputs import quoted
 from service.triton import tensors
 from service.triton.types import (
     InferInput,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.inputs import quoted
+from service.engine.text.inputs import quoted
 from service.triton.tensors import DTYPES, from_raw, from_values, to_raw
 from service.triton.types import (
     InferInput,

@@ -22,7 +22,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from service import metrics
-from service.engine.inputs import quoted
+from service.engine.text.inputs import quoted
 from service.errors import ConfigError, LstmServeError
 from service.triton import http_codec
 from service.triton.types import ModelMetadata, ModelStats, TritonError, http_status, invalid

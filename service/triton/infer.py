@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from service import principal
 from service.engine.core import Engine
-from service.engine.worker import ModelWorker
+from service.engine.model.worker import ModelWorker
 from service.protocol.sequences import SequenceRequest, Sequences
 from service.triton.infer_io import (
     SequenceChunk,

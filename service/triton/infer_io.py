@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lstmserve.contract import INPUT_LENGTHS, OUTPUT_PROBS, OUTPUT_STEP_PROBS, ModelDescription
-from service.engine.inputs import (
+from service.engine.text.inputs import (
     check_steps,
     frames_from_rows,
     quoted,

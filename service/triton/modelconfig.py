@@ -23,7 +23,7 @@ from lstmserve.contract import (
     OUTPUT_PROBS,
     OUTPUT_STEP_PROBS,
 )
-from service.engine.worker import ModelWorker
+from service.engine.model.worker import ModelWorker
 from service.triton.types import ModelMetadata, TensorMetadata
 
 INPUT_TEXT = "text"  # our extension: BYTES [1] per sequence, tokenized by the model's tokenizer

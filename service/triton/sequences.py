@@ -4,7 +4,7 @@ lstm_serve_seq (exactly-once resends, as on the native API).
 What a sequence is lives in the session layer (service/protocol/sequences.py): a session whose
 id is derived from (caller, model, sequence_id), so any replica sharing the store continues it.
 Text (`text` BYTES) streams as on the native Stream: what may still change with the next chunk
-is held back (service/engine/textstream.py) and fed with it, or at END; a request whose text
+is held back (service/engine/text/textstream.py) and fed with it, or at END; a request whose text
 is all held answers zero probabilities (no step yet) with lstm_serve_held_characters > 0.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.engine.inputs import quoted
+from service.engine.text.inputs import quoted
 from service.triton.types import ParamValue, invalid
 
 MAX_STRING_ID = 256  # characters of a string sequence_id

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.inputs import quoted
+from service.engine.text.inputs import quoted
 from service.triton.types import invalid
 
 # Datatype name -> numpy dtype (BYTES is an object array of bytes).

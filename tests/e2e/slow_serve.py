@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from service.cli import serve_main
-from service.engine.generic import GenericRuntime
-from service.engine.runtime import ModelRuntime
+from service.engine.byo.generic import GenericRuntime
+from service.engine.compute.runtime import ModelRuntime
 from tests.slow_runs import slowed
 
 

@@ -251,7 +251,7 @@ def test_the_principal_is_a_metric_label_never_the_token(auth_server: ServerThre
 
 def test_sessions_belong_to_their_principal(auth_server: ServerThread) -> None:
     """A session alice opened reads as missing to bob (the session layer records the owner)."""
-    pytest.importorskip("service.engine.quotas", reason="sessions owned by their principal")
+    pytest.importorskip("service.engine.session.quotas", reason="sessions owned by their principal")
 
     async def go() -> None:
         async with (

@@ -14,7 +14,7 @@ import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from service.engine.runtime import RunOutput
+from service.engine.compute.runtime import RunOutput
 from tests.integration.conftest import Reference, ServerThread, make_config, metric, scrape
 from tests.integration.test_stream import STREAMABLE, random_sequence, stream_one
 

@@ -25,7 +25,7 @@ from torch import nn
 from lstmserve.client import LstmClient, MultiStream
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from service.engine.generic import GenericRuntime
+from service.engine.byo.generic import GenericRuntime
 from tests.integration.conftest import ServerThread, make_config, wait_for
 
 KEY = "k1:" + base64.b64encode(b"shared-secret-for-all-replicas!!").decode()

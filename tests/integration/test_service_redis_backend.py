@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.redis_backend import ENDED, STALE, WRITTEN, Record, RedisSessionBackend
+from service.engine.continuity.redis_backend import (
+    ENDED,
+    STALE,
+    WRITTEN,
+    Record,
+    RedisSessionBackend,
+)
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
@@ -97,8 +103,8 @@ def test_keys_are_hash_tagged(redis_url: str) -> None:
 def test_an_outage_fails_fast_and_a_probe_brings_the_store_back(tmp_path: Path) -> None:
     from bench.redisfleet import RedisNode
     from service import metrics
-    from service.engine.redis_backend import StoreUnavailable
-    from service.engine.store_urls import StoreOptions
+    from service.engine.continuity.redis_backend import StoreUnavailable
+    from service.engine.continuity.store_urls import StoreOptions
 
     node = RedisNode(tmp_path, "redis").start("--appendonly", "yes", "--appendfsync", "always")
 
@@ -134,8 +140,8 @@ def test_an_outage_fails_fast_and_a_probe_brings_the_store_back(tmp_path: Path) 
 
 def test_an_end_during_an_outage_is_written_when_the_store_is_back(tmp_path: Path) -> None:
     from bench.redisfleet import RedisNode
-    from service.engine.redis_backend import StoreUnavailable
-    from service.engine.store_urls import StoreOptions
+    from service.engine.continuity.redis_backend import StoreUnavailable
+    from service.engine.continuity.store_urls import StoreOptions
 
     node = RedisNode(tmp_path, "redis").start("--appendonly", "yes", "--appendfsync", "always")
 

@@ -20,7 +20,7 @@ import pytest
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from service import principal
-from service.engine.snapshots import decode_snapshot, encode_snapshot
+from service.engine.continuity.snapshots import decode_snapshot, encode_snapshot
 from tests.integration.conftest import Reference, ServerThread, make_config
 from tests.unit.engines import load_engine
 
@@ -286,7 +286,7 @@ def test_max_sessions_per_principal_refuses_only_beyond_it(tiny_repo: Path) -> N
 def test_a_session_belongs_to_the_principal_that_opened_it(tiny_repo: Path) -> None:
     """The engine under two callers: bob cannot find, resume or restore alice's session (it
     reads as unknown), alice can; alice's limit does not stop bob."""
-    from service.engine.snapshots import SnapshotKeys
+    from service.engine.continuity.snapshots import SnapshotKeys
     from service.engine.types import StreamOptions
     from service.errors import Overloaded, SessionNotFound
 

@@ -3,7 +3,7 @@
 Normalisation and lowercasing look at neighbouring characters (a combining mark composes with
 the letter before it, Hangul jamo compose, a final capital sigma lowercases to "ς"), so the
 server holds back what may still change until the next chunk or the end
-(service/engine/textstream.py). These tests cut texts at random places, stream the pieces and
+(service/engine/text/textstream.py). These tests cut texts at random places, stream the pieces and
 compare the session's final answer (SessionEnded) with Classify of the whole text.
 """
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lstmserve.client import LstmClient, MultiStream
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from service.engine.textstream import MAX_HELD_CHARS
+from service.engine.text.textstream import MAX_HELD_CHARS
 from tests.integration.conftest import ServerThread, make_config
 
 MODEL = "tiny-lstm"  # vocabulary: a-z and space; everything else is the unknown token

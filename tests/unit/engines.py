@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from service.engine.batcher import ComputeLanes, InflightCounter
-from service.engine.classify import ClassifyLane
 from service.engine.core import Engine
-from service.engine.sessions import SessionStore
+from service.engine.model.worker import ModelWorker, WorkerFactory
+from service.engine.schedule.batcher import ComputeLanes, InflightCounter
+from service.engine.schedule.classify import ClassifyLane
+from service.engine.session.sessions import SessionStore
 from service.engine.types import BatchPolicy, ClassifyPolicy, RuntimeOptions
-from service.engine.worker import ModelWorker, WorkerFactory
 from service.tritonconfig import TritonConfigReader
 
 CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",), model_configs=TritonConfigReader())

@@ -144,3 +144,47 @@ def test_engine_and_session_layer_name_no_wire_module_even_lazily(package: str) 
                 continue
             found += [f"{name}: {n}" for n in named if n.startswith(WIRE)]
     assert not found, found
+
+
+# The engine's parts, lowest first (docs/ARCHITECTURE.md, "The engine's parts"): a part imports
+# its own modules and the parts below it, never one above. `types` (the values that cross the
+# engine's edge) is below every part; core, attach and chunks (the Engine) sit above them all.
+ENGINE_PARTS = ("text", "compute", "byo", "session", "schedule", "model", "continuity")
+
+
+def _engine_part(module: str) -> int | None:
+    """The rank of the engine part `module` belongs to; None outside the parts."""
+    parts = module.split(".")
+    if parts[:2] != ["service", "engine"] or len(parts) < 4:
+        return None
+    return ENGINE_PARTS.index(parts[2]) if parts[2] in ENGINE_PARTS else None
+
+
+def test_the_engine_parts_import_only_downwards() -> None:
+    """At run time (TYPE_CHECKING imports are annotations only): no part imports a part above
+    it or the Engine itself."""
+    modules = sources()
+    wrong = []
+    for name, path in modules.items():
+        rank = _engine_part(name)
+        if rank is None:
+            continue
+        for line, target in all_imports(path, runtime_only=True):
+            if not target.startswith("service.engine.") or target not in modules:
+                continue
+            if target == "service.engine.types":
+                continue
+            other = _engine_part(target)
+            if other is None or other > rank:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} ({ENGINE_PARTS[rank]}) imports "
+                             f"{target}")  # fmt: skip
+    assert not wrong, "an engine part imports upwards:\n  " + "\n  ".join(wrong)
+
+
+def test_every_engine_module_is_in_a_part_or_is_the_engine() -> None:
+    engine = {"service.engine", "service.engine.types", "service.engine.core",
+              "service.engine.attach", "service.engine.chunks"}  # fmt: skip
+    parts = {f"service.engine.{part}" for part in ENGINE_PARTS}  # the packages themselves
+    loose = [name for name in sources() if name.startswith("service.engine")
+             and name not in engine | parts and _engine_part(name) is None]  # fmt: skip
+    assert not loose, f"engine modules outside the parts: {loose}"

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.batcher import InflightCounter
 from service.engine.core import Engine
-from service.engine.pending import Pending, PendingChunks
+from service.engine.schedule.batcher import InflightCounter
+from service.engine.schedule.pending import Pending, PendingChunks
 from service.engine.types import BatchPolicy, ClassifyPolicy, StreamOptions
 from service.errors import BudgetExceeded, InvalidInput
 from service.protocol.inbox import EOF, Inbox, ReadAhead
@@ -147,7 +147,7 @@ def test_a_session_keeps_only_final_probabilities_for_a_resend(tiny_repo: Path) 
 
 
 def test_a_huge_text_is_refused_before_it_is_copied(tiny_repo: Path) -> None:
-    from service.engine.inputs import tokens_from_text
+    from service.engine.text.inputs import tokens_from_text
 
     desc = load_engine(tiny_repo).registry.get("tiny-gru").description
     with pytest.raises(InvalidInput, match=r"4000000 characters: more than the maximum 4096"):

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from service.engine.batcher import pad_chunks
-from service.engine.state import HostStateSlab
+from service.engine.compute.state import HostStateSlab
+from service.engine.schedule.batcher import pad_chunks
 from service.metrics import LATENCY_BUCKETS, BulkHistogram
 from tests.unit.engines import load_worker
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from lstmserve.contract import ModelDescription
-from service.engine.continuity import SessionContinuity
-from service.engine.sessions import Session
-from service.engine.snapshots import SnapshotKeys
+from service.engine.continuity.continuity import SessionContinuity
+from service.engine.continuity.snapshots import SnapshotKeys
+from service.engine.session.sessions import Session
 from service.engine.types import StreamOptions
 from service.errors import Draining, ProtocolError, SessionNotFound
 from service.protocol import messages as m
@@ -32,7 +32,7 @@ class Tokens:
         self.ids = ids
 
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
-        from service.engine.inputs import tokens_from_ids
+        from service.engine.text.inputs import tokens_from_ids
 
         return tokens_from_ids(desc, list(self.ids), max_steps, field)
 

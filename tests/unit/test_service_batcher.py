@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.batcher import bucket_of, pad_chunks
+from service.engine.compute.runtime import RunOutput
 from service.engine.core import ChunkOutcome, ChunkWork, Engine
-from service.engine.runtime import RunOutput
+from service.engine.schedule.batcher import bucket_of, pad_chunks
 from service.engine.types import BatchPolicy, StreamOptions
 from service.errors import InvalidInput, SessionNotFound, SessionReplaced
 from tests.unit.engines import load_engine

@@ -10,7 +10,7 @@ import pytest
 from lstmserve.client import to_input
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from service import codec
-from service.engine.registry import ModelRegistry
+from service.engine.model.registry import ModelRegistry
 from service.errors import InvalidInput, MalformedRequest
 from tests.unit.engines import load_engine
 

@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.engine.core import Engine
-from service.engine.inputs import (
+from service.engine.model.registry import ModelRegistry
+from service.engine.session.sessions import SessionStore
+from service.engine.text.inputs import (
     QUOTE_CHARS,
     frames_from_flat,
     quoted,
     tokens_from_ids,
     tokens_from_text,
 )
-from service.engine.registry import ModelRegistry
-from service.engine.sessions import SessionStore
 from service.engine.types import StreamOptions
 from service.errors import Draining, InvalidInput, ModelNotFound, Unavailable
 from tests.unit.engines import load_engine

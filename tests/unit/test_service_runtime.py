@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from service.config import PROVIDER_ALIASES, ServerConfig
-from service.engine.runtime import CPU, CUDA, default_providers, resolve_providers
+from service.engine.compute.runtime import CPU, CUDA, default_providers, resolve_providers
 from service.engine.types import RuntimeOptions
 from service.errors import ConfigError
 from tests.unit.engines import load_worker

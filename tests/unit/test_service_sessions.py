@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.registry import ModelRegistry
-from service.engine.sessions import SessionStore
-from service.engine.state import HostStateSlab as StateSlab
+from service.engine.compute.state import HostStateSlab as StateSlab
+from service.engine.model.registry import ModelRegistry
+from service.engine.model.worker import ModelWorker
+from service.engine.session.sessions import SessionStore
 from service.engine.types import StreamOptions
-from service.engine.worker import ModelWorker
 from service.errors import NotStreamable, Overloaded, SessionExpired, SessionNotFound
 from tests.unit.engines import load_engine
 

@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from service.engine.snapshots import (
+from service.engine.continuity.snapshots import (
     SessionSnapshot,
     SnapshotKeys,
     decode_snapshot,

@@ -13,7 +13,7 @@ from service.config import (
     session_store_min_replicas,
     session_store_options,
 )
-from service.engine.store_urls import CLUSTER, SENTINEL, SINGLE, parse_store_url
+from service.engine.continuity.store_urls import CLUSTER, SENTINEL, SINGLE, parse_store_url
 from service.errors import ConfigError
 
 KEY = ("--snapshot-key", "k1:" + "A" * 44)

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.continuity import STRICT, SessionContinuity
+from service.engine.continuity.continuity import STRICT, SessionContinuity
+from service.engine.continuity.redis_backend import WRITTEN
+from service.engine.continuity.snapshots import SnapshotKeys
 from service.engine.core import Engine
-from service.engine.inputs import tokens_from_stream
-from service.engine.redis_backend import WRITTEN
-from service.engine.sessions import Checkpoint, Session
-from service.engine.snapshots import SnapshotKeys
-from service.engine.textstream import HeldChange
+from service.engine.session.sessions import Checkpoint, Session
+from service.engine.text.inputs import tokens_from_stream
+from service.engine.text.textstream import HeldChange
 from service.engine.types import ChunkOutcome, ChunkWork, StreamOptions
 from service.errors import LstmServeError, SequenceGap, SessionMoved, Unavailable
 from tests.unit.engines import load_engine

@@ -81,7 +81,7 @@ def test_torch_exported_lstm_gets_its_state_pairs_and_batch_axis(torch_lstm_repo
 def test_starter_is_accepted_by_the_lstm_serve_loader(torch_lstm_repo: Path) -> None:
     import onnxruntime as ort
 
-    from service.engine.binding import bind
+    from service.engine.byo.binding import bind
     from service.tritonconfig import load_triton_config
 
     model = load_triton_config(torch_lstm_repo / "torch-lstm")
@@ -116,7 +116,7 @@ def test_batch_first_state_needs_no_batch_axis_and_lengths_and_vocab_are_found(
 
     import onnxruntime as ort
 
-    from service.engine.binding import bind
+    from service.engine.byo.binding import bind
     from service.tritonconfig import load_triton_config
 
     text = starter_config_text(path)
@@ -222,7 +222,7 @@ def _triton_style_graph(path: Path) -> Path:
 def test_triton_sequence_controls_become_control_inputs(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from service.engine.binding import bind
+    from service.engine.byo.binding import bind
     from service.tritonconfig import load_triton_config
 
     version = tmp_path / "seq" / "1"

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from service.engine.batcher import InflightCounter
-from service.engine.binding import BoundState
-from service.engine.generic import GenericRuntime, StateLayout
-from service.engine.pending import Pending, PendingChunks
-from service.engine.runtime import ModelRuntime
-from service.engine.tritonconfig import StateSpec, TritonModel
+from service.engine.byo.binding import BoundState
+from service.engine.byo.generic import GenericRuntime, StateLayout
+from service.engine.byo.tritonconfig import StateSpec, TritonModel
+from service.engine.compute.runtime import ModelRuntime
+from service.engine.schedule.batcher import InflightCounter
+from service.engine.schedule.pending import Pending, PendingChunks
 from service.engine.types import BatchPolicy
 from service.errors import ConfigError, InvalidInput
 from service.tritonconfig import (
@@ -72,7 +72,7 @@ def test_oldest_caps_the_batch_at_its_candidates_and_preferred_sizes(tmp_path: P
 
 
 def test_instance_count_is_the_batches_run_at_once(tmp_path: Path) -> None:
-    from service.engine.worker import triton_policy
+    from service.engine.model.worker import triton_policy
 
     text = GOOD.replace("kind: KIND_CPU }", "kind: KIND_CPU count: 3 }")
     triton = load_triton_config(write_config(tmp_path, text))
@@ -582,7 +582,7 @@ def test_triton_s_reshape_gives_a_batched_model_its_b_lengths_input(
 def test_the_version_policy_chooses_the_versions_served(
     tiny_repo: Path, tmp_path: Path, policy: str, served: list[int]
 ) -> None:
-    from service.engine.repository import discover
+    from service.engine.model.repository import discover
 
     for version in (1, 2, 3):
         shutil.copytree(tiny_repo / "tiny-lstm" / "1", tmp_path / "tiny" / str(version))

@@ -15,21 +15,21 @@ from typing import Any
 import numpy as np
 
 from service import metrics, principal
-from service.engine.redis_backend import (
+from service.engine.continuity.redis_backend import (
     ENDED,
     WRITTEN,
     Record,
     RedisSessionBackend,
 )
-from service.engine.registry import ModelRegistry
-from service.engine.sessions import Checkpoint, Session, SessionStore, new_generation
-from service.engine.snapshots import (
+from service.engine.continuity.snapshots import (
     SessionSnapshot,
     SnapshotKeys,
     decode_snapshot,
     encode_snapshot,
 )
-from service.engine.textstream import HeldText
+from service.engine.model.registry import ModelRegistry
+from service.engine.session.sessions import Checkpoint, Session, SessionStore, new_generation
+from service.engine.text.textstream import HeldText
 from service.engine.types import StepResult, StreamOptions
 from service.errors import (
     LstmServeError,

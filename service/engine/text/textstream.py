@@ -10,7 +10,7 @@ punctuation mark) until the next chunk or the end of the session, and feeds the 
 fed, chunk after chunk, is then the token sequence of the whole text.
 
 A subword tokenizer (`tokenizer.json`) is held back to the last word boundary the same way
-(service/engine/subwords.py). Both give a `TextFeed` for `feed(held, chunk, final)`.
+(service/engine/text/subwords.py). Both give a `TextFeed` for `feed(held, chunk, final)`.
 
 The held text is part of the session (snapshots and the shared store carry it), bounded by
 MAX_HELD_CHARS: beyond that, everything is fed (a run of that many combining marks on one

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lstmserve.contract import ModelDescription
-from service.engine.textstream import HeldText, TextCodec, text_codec
+from service.engine.text.textstream import HeldText, TextCodec, text_codec
 from service.errors import InvalidInput
 
 QUOTE_CHARS = 64  # the most characters of a client's value an error message quotes
@@ -93,7 +93,7 @@ def tokens_from_stream(
     desc: ModelDescription, held: HeldText, text: str, max_steps: int, field: str
 ) -> tuple[np.ndarray, HeldText]:
     """A streamed chunk of text -> the (T,) int64 ids that can no longer change (T may be 0:
-    all of it waits) and what is held back (service/engine/textstream.py). Unknown characters
+    all of it waits) and what is held back (service/engine/text/textstream.py). Unknown characters
     are fed as the unknown token, as Classify feeds them inside a text."""
     codec = _text_codec(desc, text, max_steps, field)
     if not text:

@@ -51,7 +51,7 @@ class SessionSnapshot:
     every_step: bool = False
     top_k: int = 1
     # Streamed text held back (it may still combine with the next chunk), and whether the text
-    # fed before it ended in a cased letter (service/engine/textstream.py).
+    # fed before it ended in a cased letter (service/engine/text/textstream.py).
     held_text: str = ""
     held_cased: bool = False
     # Who owns the session (service/principal.py) and which incarnation this copy is.

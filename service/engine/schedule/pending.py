@@ -20,9 +20,9 @@ import numpy as np
 from service.engine.types import BatchPolicy, StepResult
 
 if TYPE_CHECKING:
-    from service.engine.batcher import InflightCounter
-    from service.engine.sessions import Session
-    from service.engine.textstream import HeldText
+    from service.engine.schedule.batcher import InflightCounter
+    from service.engine.session.sessions import Session
+    from service.engine.text.textstream import HeldText
 
 
 class Pending:

@@ -4,7 +4,7 @@ dataclasses (`TritonModel`), and the seam the engine reads configs through (`Con
 The config is Triton's ModelConfig in protobuf text format; the engine imports no protobuf, so
 the parsing lives in service/tritonconfig.py (given to the engine by the composition root as
 `RuntimeOptions.model_configs`). What the config says is checked against the ONNX graph in
-service/engine/binding.py.
+service/engine/byo/binding.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ When a batch starts (the dispatch rule):
   * when a batch finishes, the next one starts at once with what piled up meanwhile, so under load
     batches fill by themselves.
 
-Which chunks form the next batch (length buckets, the size caps) is service/engine/pending.py.
+Which chunks form the next batch (length buckets, the size caps) is
+service/engine/schedule/pending.py.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import metrics
-from service.engine.pending import Pending, PendingChunks, bucket_of
-from service.engine.runtime import ModelRuntime, RunOutput
-from service.engine.sessions import Session
-from service.engine.state import StateStore
-from service.engine.textstream import HeldText
+from service.engine.compute.runtime import ModelRuntime, RunOutput
+from service.engine.compute.state import StateStore
+from service.engine.schedule.pending import Pending, PendingChunks, bucket_of
+from service.engine.session.sessions import Session
+from service.engine.text.textstream import HeldText
 from service.engine.types import BatchPolicy, StepResult
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmserve.contract import ModelDescription
-from service.engine.textstream import NOTHING_HELD, HeldText, TextFeed
+from service.engine.text.textstream import NOTHING_HELD, HeldText, TextFeed
 from service.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -24,7 +24,7 @@ MAX_TRIES = 8  # word boundaries tried from the end
 
 
 class SubwordCodec:
-    """A tokenizer.json, as a TextCodec (service/engine/textstream.py)."""
+    """A tokenizer.json, as a TextCodec (service/engine/text/textstream.py)."""
 
     def __init__(self, path: Path) -> None:
         try:

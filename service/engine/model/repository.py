@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service import metrics
-from service.engine.registry import ModelRegistry
-from service.engine.sessions import SessionStore
-from service.engine.tritonconfig import CONFIG_FILE, ConfigReader
+from service.engine.byo.tritonconfig import CONFIG_FILE, ConfigReader
+from service.engine.model.registry import ModelRegistry
+from service.engine.model.worker import ModelWorker, WorkerFactory
+from service.engine.session.sessions import SessionStore
 from service.engine.types import ModelState, VersionStatus
-from service.engine.worker import ModelWorker, WorkerFactory
 from service.errors import (
     ConfigError,
     ModelLoadFailed,

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lstmserve.contract import DESCRIPTION_KEY, DescriptionError, ModelDescription, Tokenizer
-from service.engine.tritonconfig import (
+from service.engine.byo.tritonconfig import (
     ControlSpec,
     StateSpec,
     TensorSpec,

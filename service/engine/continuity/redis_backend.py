@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from service import metrics
-from service.engine.store_urls import StoreOptions, connect, parse_store_url
+from service.engine.continuity.store_urls import StoreOptions, connect, parse_store_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

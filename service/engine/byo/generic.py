@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine.binding import BoundState, bind
-from service.engine.runtime import SHRINK, ModelRuntime, RunOutput, open_session
-from service.engine.tritonconfig import TritonModel
+from service.engine.byo.binding import BoundState, bind
+from service.engine.byo.tritonconfig import TritonModel
+from service.engine.compute.runtime import SHRINK, ModelRuntime, RunOutput, open_session
 from service.errors import InvalidInput
 
 

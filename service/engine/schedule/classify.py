@@ -17,8 +17,8 @@ from concurrent.futures import Executor
 import numpy as np
 
 from service import metrics
-from service.engine.batcher import InflightCounter
-from service.engine.runtime import ModelRuntime, RunOutput
+from service.engine.compute.runtime import ModelRuntime, RunOutput
+from service.engine.schedule.batcher import InflightCounter
 from service.engine.types import ClassifyPolicy, StepResult
 from service.errors import BudgetExceeded
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from service.engine.model.worker import ModelWorker
 from service.engine.types import ModelState, VersionStatus
-from service.engine.worker import ModelWorker
 from service.errors import ModelNotFound, Unavailable
 
 Versions = MappingProxyType[int, ModelWorker]

@@ -20,15 +20,15 @@ import onnxruntime as ort
 
 from lstmserve.contract import ModelDescription
 from service import metrics
-from service.engine.batcher import ComputeLanes, SequenceBatcher
-from service.engine.classify import ClassifyLane
-from service.engine.generic import GenericRuntime
-from service.engine.runtime import CPU, CUDA, ModelRuntime
-from service.engine.sessions import Session
-from service.engine.state import HostStateSlab, StateStore
-from service.engine.subwords import with_tokenizer_file
-from service.engine.textstream import HeldText
-from service.engine.tritonconfig import CONFIG_FILE, ConfigReader, TritonModel
+from service.engine.byo.generic import GenericRuntime
+from service.engine.byo.tritonconfig import CONFIG_FILE, ConfigReader, TritonModel
+from service.engine.compute.runtime import CPU, CUDA, ModelRuntime
+from service.engine.compute.state import HostStateSlab, StateStore
+from service.engine.schedule.batcher import ComputeLanes, SequenceBatcher
+from service.engine.schedule.classify import ClassifyLane
+from service.engine.session.sessions import Session
+from service.engine.text.subwords import with_tokenizer_file
+from service.engine.text.textstream import HeldText
 from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
 from service.errors import ConfigError, Unavailable
 
@@ -132,7 +132,8 @@ class ModelWorker:
     # -- the Classify lane ---------------------------------------------------------------------
 
     async def classify(self, sequences: list[np.ndarray], with_steps: bool) -> list[StepResult]:
-        """Whole sequences from zero states, on the Classify lane (service/engine/classify.py)."""
+        """Whole sequences from zero states, on the Classify lane
+        (service/engine/schedule/classify.py)."""
         return await self._classify.run(self.runtime, self.name, sequences, with_steps)
 
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import metrics, principal
-from service.engine.quotas import PrincipalQuota
-from service.engine.textstream import NOTHING_HELD, HeldChange, HeldText
+from service.engine.session.quotas import PrincipalQuota
+from service.engine.text.textstream import NOTHING_HELD, HeldChange, HeldText
 from service.engine.types import ChunkOutcome, StepResult, StreamOptions
 from service.errors import (
     AttachedElsewhere,
@@ -40,7 +40,7 @@ from service.errors import (
 from service.principal import ANONYMOUS
 
 if TYPE_CHECKING:
-    from service.engine.worker import ModelWorker
+    from service.engine.model.worker import ModelWorker
 
 __all__ = ["Checkpoint", "Session", "SessionStore", "StreamOptions"]
 

@@ -1,0 +1,1 @@
+"""Continuity: signed snapshots, the shared session store (Redis) and its URLs."""

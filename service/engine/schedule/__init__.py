@@ -1,0 +1,1 @@
+"""Scheduling: the cross-session batcher, its pending chunks, the Classify lane."""
