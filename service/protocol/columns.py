@@ -119,7 +119,14 @@ class ColumnsConversation:
     async def answer(self, message: ColumnsMessage) -> ColumnsReply:
         """Opens, resumes, the chunks (one engine call), then ends; errors per entry."""
         fixed_before = self.model is not None
-        n = _entry_count(message, self.layer.limits.max_multi_entries)
+        limit = self.layer.limits.max_multi_entries
+        n = _entry_count(message, limit)
+        attaches = len(message.opens) + len(message.resumes)
+        if attaches > limit:  # checked before anything is opened
+            raise InvalidInput(
+                f"opens and resumes name {attaches} sessions, more than the maximum {limit} per "
+                "message: nothing in it was applied"
+            )
         ends = _array(message.ends, U32, "end").tolist()  # checked before anything is applied
         # With the model known, the whole message is checked before anything is applied.
         columns = unpack(message, n, self.model) if n and self.model is not None else None
@@ -134,7 +141,13 @@ class ColumnsConversation:
                 raise InvalidInput(
                     "handles: chunks before the stream has a model: open or resume a session first"
                 )
-            await self._chunks(columns or unpack(message, n, self.model), reply)
+            if columns is None:  # the first message: its arrays are checked once its model is
+                try:
+                    columns = unpack(message, n, self.model)
+                except LstmServeError:
+                    await self._unopen(attached[: len(message.opens)])
+                    raise
+            await self._chunks(columns, reply)
         for k, handle in enumerate(ends):
             reply.ended.append(await self._end(handle, k))
         self._prune()
@@ -158,6 +171,18 @@ class ColumnsConversation:
         if handle is None or self._sessions.get(handle) is not session:
             handle = self._issue(session)
         return handle, session.id
+
+    async def _unopen(self, opened: list[tuple[int, str] | LstmServeError]) -> None:
+        """A refused message's opens are undone: their ids were never sent to the client."""
+        for entry in opened:
+            if isinstance(entry, LstmServeError):
+                continue
+            session = self._sessions.get(entry[0])
+            if session is not None:
+                await self.layer.engine.end(session, None, self.token)
+                self._forget(entry[0])
+        if not self._sessions:
+            self.model = None
 
     def _on_stream_model(self, request: Open, i: int) -> Open:
         """The open on the stream's version (version 0 = the stream's, once it has one)."""

@@ -346,3 +346,49 @@ def test_a_draining_server_sends_final_snapshots_then_unavailable(
     for r in done:
         expected = reference.run("tiny-gru", word)[0]
         np.testing.assert_allclose(np.array(r.chunk.probabilities), expected, atol=1e-5)
+
+
+def test_a_refused_first_message_leaves_no_session_behind(server: ServerThread) -> None:
+    assert server.app is not None
+    store = server.app.engine.store
+    before = len(store)
+
+    async def scenario(client: LstmClient) -> grpc.aio.AioRpcError:
+        columns = ColumnStream(client)
+        options = pb.StreamOptions(top_k=1)
+        request = columns_request([1, 2], [1, 1], [[1, 2], [3]])
+        request.open.extend([pb.OpenSession(model="tiny-lstm", version=1, options=options)] * 20)
+        request.tokens = request.tokens[:8]  # the arrays do not fit: offsets say 3 ids
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await columns.exchange(request)
+        await columns.close()
+        return failed.value
+
+    error = run(server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens" in (error.details() or "")
+    assert len(store) == before  # the 20 opens of the refused message were undone
+
+
+def test_one_message_opens_at_most_the_entry_limit_and_a_bigger_one_opens_nothing(
+    tiny_repo: Path,
+) -> None:
+    small = ServerThread(make_config(tiny_repo, max_multi_entries=8)).start()
+    try:
+        assert small.app is not None
+        store = small.app.engine.store
+
+        async def scenario(client: LstmClient) -> tuple[int, grpc.aio.AioRpcError]:
+            columns = ColumnStream(client)
+            opened = len(await columns.open("tiny-lstm", 8, version=1))
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await columns.open("tiny-lstm", 9, version=1)
+            await columns.close()
+            return opened, failed.value
+
+        opened, error = run(small, scenario)
+        assert opened == 8
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than the maximum 8" in (error.details() or "")
+        assert len(store) == 8  # only the first message's sessions (until they idle out)
+    finally:
+        small.stop()
