@@ -188,3 +188,26 @@ def test_client_multi_stream_resume_and_end(
         expected = reference.run("tiny-gru", ids)[0]
         np.testing.assert_allclose(result.chunk.probabilities, expected, atol=1e-5)
     assert [r.ended.total_steps for r in last[3:]] == [3, 3, 3]
+
+
+def test_a_rejected_multi_entry_reports_the_session_as_of_that_entry(
+    batching_server: ServerThread,
+) -> None:
+    async def main() -> list[pb.SessionResult]:
+        async with grpc.aio.insecure_channel(batching_server.address) as channel:
+            call = pb_grpc.LstmServeStub(channel).StreamMulti()
+            (opened,) = await exchange(call, [entry(open=pb.OpenSession(model="tiny-lstm"))])
+            sid = opened.session_id
+            results = await exchange(call, [
+                entry(sid, chunk=chunk(1, [1, 2])),  # applied: 2 steps
+                entry(sid, chunk=chunk(3, [1])),  # a gap: refused with the session at 2
+                entry(sid, chunk=chunk(2, [3, 4])),  # applied: 4 steps
+                entry(sid, chunk=chunk(3, [99])),  # out of range: refused at 4
+            ])  # fmt: skip
+            await call.done_writing()
+            return results
+
+    first, gap, second, bad = asyncio.run(main())
+    assert first.chunk.total_steps == 2 and second.chunk.total_steps == 4
+    assert gap.chunk.error.code == "FAILED_PRECONDITION" and gap.chunk.total_steps == 2
+    assert bad.chunk.error.code == "INVALID_ARGUMENT" and bad.chunk.total_steps == 4
