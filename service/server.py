@@ -223,17 +223,18 @@ def _is_store_error(exc: BaseException) -> bool:
 
 
 def _continuity(config: ServerConfig, store: SessionStore,
-                metrics: EngineMetrics) -> SessionContinuity:  # fmt: skip
+                recorded: EngineMetrics) -> SessionContinuity:  # fmt: skip
     """Snapshots when a key is configured; write-through to Redis when the store says so."""
     backend = None
     if config.session_store != "memory":
         backend = RedisSessionBackend(
             config.session_store, config.session_idle_timeout_s, session_store_options(config),
-            redacted_url(config.session_store), session_store_min_replicas(config), metrics,
+            redacted_url(config.session_store), session_store_min_replicas(config),
+            metrics=recorded,
         )  # fmt: skip
     return SessionContinuity(store, keys=config.snapshot_keys, backend=backend,
                              max_age_s=config.snapshot_max_age_s,
-                             mode=config.session_store_mode, metrics=metrics)  # fmt: skip
+                             mode=config.session_store_mode, metrics=recorded)  # fmt: skip
 
 
 def build_engine(config: ServerConfig) -> Engine:

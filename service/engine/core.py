@@ -43,8 +43,8 @@ __all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]
 class Engine(SessionAttach, ChunkApply):
     """Model versions (their workers), sessions and the threads that run onnxruntime.
 
-    `metrics`: what every piece the engine builds records into (the store and a given
-    continuity were built with their own, the same ones in service/server.py)."""
+    `metrics`: what the engine and every piece it builds record into; the store and a given
+    continuity took theirs when they were built (service/server.py gives all the same ones)."""
 
     def __init__(
         self,
