@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
@@ -16,9 +17,9 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from service.engine.types import UNKNOWN_MODEL as UNKNOWN_MODEL  # defined once, engine side
+from service.engine.types import Counts, EngineMetrics
 from service.errors import ConfigError
-
-UNKNOWN_MODEL = "<unknown>"
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -259,6 +260,35 @@ AUTH_FAILURES = Counter(
     ["protocol", "reason"],
 )
 READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")
+
+
+class InflightRuns:
+    """lstm_serve_inflight_runs: the sum of every live engine's InflightCounter, read when
+    scraped, so the per-chunk path does no metric work for it."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._counters: weakref.WeakSet[Counts] = weakref.WeakSet()
+        gauge.set_function(lambda: sum(c.count for c in list(self._counters)))
+
+    def track(self, counter: Counts, /) -> None:
+        self._counters.add(counter)
+
+
+_INFLIGHT = InflightRuns(INFLIGHT_RUNS)
+
+
+def engine_metrics() -> EngineMetrics:
+    """The instruments above that the engine records into (the composition root gives them to
+    each engine piece it builds)."""
+    return EngineMetrics(
+        session_events=SESSION_EVENTS, snapshots=SNAPSHOTS, store_ops=SESSION_STORE_OPS,
+        store_seconds=SESSION_STORE_SECONDS, store_up=SESSION_STORE_UP, state_bytes=STATE_BYTES,
+        active_sessions=ACTIVE_SESSIONS, model_load_seconds=MODEL_LOAD_SECONDS,
+        model_info=MODEL_INFO, model_state=MODEL_STATE, model_load_failures=MODEL_LOAD_FAILURES,
+        steps=STEPS, chunk_seconds=CHUNK_SECONDS, batch_size=BATCH_SIZE,
+        batch_queue_seconds=BATCH_QUEUE_SECONDS, batch_compute_seconds=BATCH_COMPUTE_SECONDS,
+        inflight=_INFLIGHT,
+    )  # fmt: skip
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> tuple[object, int]:

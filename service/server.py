@@ -26,7 +26,7 @@ from service.engine.continuity.redis_backend import RedisSessionBackend
 from service.engine.core import Engine
 from service.engine.session.quotas import PrincipalQuota
 from service.engine.session.sessions import SessionStore
-from service.engine.types import RuntimeOptions
+from service.engine.types import EngineMetrics, RuntimeOptions
 from service.errors import ConfigError
 from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
 from service.protocol.sequences import SequenceIds, Sequences
@@ -222,27 +222,32 @@ def _is_store_error(exc: BaseException) -> bool:
     return isinstance(exc, SessionStoreUnreachable)
 
 
-def _continuity(config: ServerConfig, store: SessionStore) -> SessionContinuity:
+def _continuity(config: ServerConfig, store: SessionStore,
+                recorded: EngineMetrics) -> SessionContinuity:  # fmt: skip
     """Snapshots when a key is configured; write-through to Redis when the store says so."""
     backend = None
     if config.session_store != "memory":
         backend = RedisSessionBackend(
             config.session_store, config.session_idle_timeout_s, session_store_options(config),
             redacted_url(config.session_store), session_store_min_replicas(config),
+            metrics=recorded,
         )  # fmt: skip
     return SessionContinuity(store, keys=config.snapshot_keys, backend=backend,
                              max_age_s=config.snapshot_max_age_s,
-                             mode=config.session_store_mode)  # fmt: skip
+                             mode=config.session_store_mode, metrics=recorded)  # fmt: skip
 
 
 def build_engine(config: ServerConfig) -> Engine:
-    """The engine a configuration describes (models not loaded yet)."""
+    """The engine a configuration describes (models not loaded yet), recording into the
+    process's Prometheus instruments."""
+    recorded = metrics.engine_metrics()  # every engine piece gets these
     store = SessionStore(
         max_sessions=config.max_sessions,
         idle_timeout_s=config.session_idle_timeout_s,
         expired_memory=config.expired_ids_remembered,
         initial_capacity=config.initial_slab_capacity,
         quota=PrincipalQuota(config.max_sessions_per_principal, config.session_opens_per_s),
+        metrics=recorded,
     )
     runtime = RuntimeOptions(
         providers=resolve_providers(config.providers, PROVIDER_ALIASES),
@@ -252,9 +257,9 @@ def build_engine(config: ServerConfig) -> Engine:
     )
     return Engine(
         store, compute_threads=config.compute_threads, policy=config.batch_policy,
-        continuity=_continuity(config, store), runtime=runtime,
+        continuity=_continuity(config, store, recorded), runtime=runtime,
         repository=config.model_repository, model_control=config.model_control,
-        classify_policy=config.classify_policy,
+        classify_policy=config.classify_policy, metrics=recorded,
     )  # fmt: skip
 
 

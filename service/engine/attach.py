@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service import metrics, principal
+from service import principal
 from service.engine.session.sessions import Session
-from service.engine.types import StreamOptions
+from service.engine.types import EngineMetrics, StreamOptions
 from service.errors import SessionNotFound
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ class SessionAttach:
 
     store: SessionStore
     continuity: SessionContinuity
+    metrics: EngineMetrics
 
     def check_accepting(self) -> None:
         raise NotImplementedError
@@ -62,7 +63,7 @@ class SessionAttach:
             session.options = _clamp(session.model, options)
         session.attach(attach)
         self.store.touch(session)
-        metrics.SESSION_EVENTS.labels(session.model.name, "resumed").inc()
+        self.metrics.session_events.labels(session.model.name, "resumed").inc()
         return session
 
     async def find_session(self, session_id: str, local_first: bool = False) -> Session:

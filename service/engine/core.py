@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from service import metrics
 from service.engine.attach import SessionAttach
 from service.engine.chunks import ChunkApply, check_seq
 from service.engine.continuity.continuity import SessionContinuity, settle
@@ -27,10 +26,12 @@ from service.engine.schedule.batcher import ComputeLanes, InflightCounter
 from service.engine.schedule.classify import ClassifyLane
 from service.engine.session.sessions import Session, SessionStore
 from service.engine.types import (
+    NO_METRICS,
     BatchPolicy,
     ChunkOutcome,
     ChunkWork,
     ClassifyPolicy,
+    EngineMetrics,
     RuntimeOptions,
     StepResult,
 )
@@ -40,7 +41,10 @@ __all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]
 
 
 class Engine(SessionAttach, ChunkApply):
-    """Model versions (their workers), sessions and the threads that run onnxruntime."""
+    """Model versions (their workers), sessions and the threads that run onnxruntime.
+
+    `metrics`: what the engine and every piece it builds record into; the store and a given
+    continuity took theirs when they were built (service/server.py gives all the same ones)."""
 
     def __init__(
         self,
@@ -52,24 +56,27 @@ class Engine(SessionAttach, ChunkApply):
         repository: Path = Path("models"),
         model_control: str = "none",
         classify_policy: ClassifyPolicy | None = None,
+        metrics: EngineMetrics = NO_METRICS,
     ) -> None:
         self.store = store
-        self.continuity = continuity or SessionContinuity(store)
+        self.metrics = metrics
+        self.continuity = continuity or SessionContinuity(store, metrics=metrics)
         self.drain_started = asyncio.Event()
         self.draining = False
         self.loaded = False
         self.registry = ModelRegistry()
         self._executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="lstm-run")
-        self._inflight = InflightCounter()
+        self._inflight = InflightCounter(metrics)
         lane = classify_policy or ClassifyPolicy()
         self._classify_threads = ThreadPoolExecutor(lane.threads, "lstm-classify")
         factory = WorkerFactory(
             runtime or RuntimeOptions(), policy or BatchPolicy(),
             ComputeLanes(self._executor, self._inflight),
-            ClassifyLane(self._classify_threads, self._inflight, lane),
-            store.initial_capacity, store.max_sessions,
+            ClassifyLane(self._classify_threads, self._inflight, lane, metrics),
+            store.initial_capacity, store.max_sessions, metrics,
         )  # fmt: skip
-        self.control = ModelControl(repository, self.registry, factory, store, model_control)
+        self.control = ModelControl(repository, self.registry, factory, store, model_control,
+                                    metrics)  # fmt: skip
 
     async def load_models(self, strict: bool = True) -> None:
         """The start-up scan (explicit mode loads nothing here); then the engine takes work."""
@@ -104,7 +111,7 @@ class Engine(SessionAttach, ChunkApply):
                 with contextlib.suppress(Unavailable):  # a drain's snapshot: the store's if newer
                     await settle(self.continuity, session)
             blob = self.continuity.snapshot(session)
-        metrics.SNAPSHOTS.labels(session.model.name, "final" if final else "taken").inc()
+        self.metrics.snapshots.labels(session.model.name, "final" if final else "taken").inc()
         return blob
 
     async def reset(self, session: Session, seq: int, attached: object | None = None) -> bool:

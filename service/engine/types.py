@@ -1,4 +1,6 @@
-"""What crosses the engine's edge: options, results and lifecycle states. No gRPC here.
+"""What crosses the engine's edge: options, results, lifecycle states and the metrics it is
+given (`EngineMetrics`). No gRPC here, and no Prometheus: the composition root builds the real
+instruments (service/metrics.py `engine_metrics()`).
 
 Results own their arrays (copies, never views into a batch's outputs), so a session that keeps
 its last result keeps only its own rows alive.
@@ -6,10 +8,11 @@ its last result keeps only its own rows alive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
 
 
 MAX_SEQ = 2**63  # the largest sequence number (uint64 on the wire)
+UNKNOWN_MODEL = "<unknown>"  # the model label of what names no served model
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,106 @@ class VersionStatus:
     state: ModelState
     reason: str = ""
     path: Path | None = None
+
+
+# -- the metrics the engine records into ----------------------------------------------------
+
+S_co = TypeVar("S_co", covariant=True)
+
+
+class Counted(Protocol):
+    """A counter (one label set): prometheus_client's Counter."""
+
+    def inc(self, amount: float = 1, /) -> None: ...
+
+
+class Gauged(Protocol):
+    """A gauge (one label set): prometheus_client's Gauge."""
+
+    def set(self, value: float, /) -> None: ...
+
+
+class Observed(Protocol):
+    """A histogram (one label set): prometheus_client's Histogram."""
+
+    def observe(self, value: float, /) -> None: ...
+
+
+class BulkObserved(Observed, Protocol):
+    """A histogram fed a batch at a time (service/metrics.py BulkHistogram)."""
+
+    def observe_many(self, values: Sequence[float] | np.ndarray, /) -> None: ...
+
+
+class Labelled(Protocol[S_co]):
+    """A labelled family: `.labels(*values)` names one series; bind it once, not per chunk."""
+
+    def labels(self, *values: str) -> S_co: ...
+
+
+class Counts(Protocol):
+    """Work in progress that a gauge reads when scraped (schedule/batcher.py InflightCounter)."""
+
+    @property
+    def count(self) -> int: ...
+
+
+class Tracker(Protocol):
+    """Sums the `count` of every live counter it tracks (lstm_serve_inflight_runs)."""
+
+    def track(self, counter: Counts, /) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """The instruments the engine records into, given to each piece at construction (labels in
+    the comments). `NO_METRICS`: an engine that records nothing (tests, tools)."""
+
+    session_events: Labelled[Counted]  # model, event
+    snapshots: Labelled[Counted]  # model, event
+    store_ops: Labelled[Counted]  # op, outcome
+    store_seconds: Labelled[Observed]  # op
+    store_up: Gauged
+    state_bytes: Labelled[Gauged]  # model, version, kind
+    active_sessions: Labelled[Gauged]  # model, version
+    model_load_seconds: Labelled[Gauged]  # model, version
+    model_info: Labelled[Gauged]  # model, version, provider, cpu_fallback
+    model_state: Labelled[Gauged]  # model, version
+    model_load_failures: Labelled[Counted]  # model
+    steps: Labelled[Counted]  # model, rpc
+    chunk_seconds: Labelled[BulkObserved]  # model, stage
+    batch_size: Labelled[BulkObserved]  # model
+    batch_queue_seconds: Labelled[Observed]  # model
+    batch_compute_seconds: Labelled[Observed]  # model
+    inflight: Tracker
+
+
+class _Nothing:
+    """Every instrument at once, recording nothing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<no metric>"
+
+    def labels(self, *values: str) -> _Nothing:
+        return self
+
+    def inc(self, amount: float = 1, /) -> None:
+        pass
+
+    def set(self, value: float, /) -> None:
+        pass
+
+    def observe(self, value: float, /) -> None:
+        pass
+
+    def observe_many(self, values: Sequence[float] | np.ndarray, /) -> None:
+        pass
+
+    def track(self, counter: Counts, /) -> None:
+        pass
+
+
+_NOTHING = _Nothing()
+NO_METRICS = EngineMetrics(**{f.name: _NOTHING for f in fields(EngineMetrics)})

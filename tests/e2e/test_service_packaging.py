@@ -48,3 +48,16 @@ def test_engine_and_session_layer_load_no_grpc_or_protobuf(package: str) -> None
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_engine_loads_no_prometheus_client() -> None:
+    """The engine records into the EngineMetrics it is given (service/metrics.py builds the
+    real ones): every engine module imported loads neither service.metrics nor prometheus."""
+    modules = [m for m in sources() if m.startswith("service.engine")]
+    code = (
+        f"import sys, {', '.join(modules)}\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('prometheus_client', "
+        "'service.metrics', 'service.config')))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

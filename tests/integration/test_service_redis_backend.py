@@ -110,7 +110,8 @@ def test_an_outage_fails_fast_and_a_probe_brings_the_store_back(tmp_path: Path) 
 
     async def scenario() -> None:
         url = f"redis://127.0.0.1:{node.port}/0"
-        backend = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3))
+        backend = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3),
+                                      metrics=metrics.engine_metrics())  # fmt: skip
         sid = uuid.uuid4().hex
         assert await backend.save(sid, 1, "g1", b"s1") == WRITTEN
         node.kill()

@@ -14,7 +14,8 @@ from service.engine.model.worker import ModelWorker, WorkerFactory
 from service.engine.schedule.batcher import ComputeLanes, InflightCounter
 from service.engine.schedule.classify import ClassifyLane
 from service.engine.session.sessions import SessionStore
-from service.engine.types import BatchPolicy, ClassifyPolicy, RuntimeOptions
+from service.engine.types import BatchPolicy, ClassifyPolicy, EngineMetrics, RuntimeOptions
+from service.metrics import engine_metrics
 from service.tritonconfig import TritonConfigReader
 
 CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",), model_configs=TritonConfigReader())
@@ -22,19 +23,24 @@ CPU_ONLY = RuntimeOptions(providers=("CPUExecutionProvider",), model_configs=Tri
 
 def load_engine(
     repo: Path, max_sessions: int = 100, idle_timeout_s: float = 60.0,
-    clock: Callable[[], float] = time.monotonic, **kwargs: Any,
+    clock: Callable[[], float] = time.monotonic, metrics: EngineMetrics | None = None,
+    **kwargs: Any,
 ) -> Engine:  # fmt: skip
-    """An engine that has loaded and warmed every version of `repo`."""
-    store = SessionStore(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, clock=clock)
+    """An engine that has loaded and warmed every version of `repo`, recording into `metrics`
+    (default: the process's Prometheus instruments, as the server's does)."""
+    recorded = engine_metrics() if metrics is None else metrics
+    store = SessionStore(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, clock=clock,
+                         metrics=recorded)  # fmt: skip
     kwargs.setdefault("compute_threads", 1)
-    engine = Engine(store, runtime=CPU_ONLY, repository=repo, **kwargs)
+    engine = Engine(store, runtime=CPU_ONLY, repository=repo, metrics=recorded, **kwargs)
     asyncio.run(engine.load_models())
     return engine
 
 
 def load_worker(path: Path, options: RuntimeOptions = CPU_ONLY) -> ModelWorker:
     """One model version loaded and warmed on its own (no engine around it)."""
-    inflight = InflightCounter()
+    recorded = engine_metrics()
+    inflight = InflightCounter(recorded)
     lanes = ComputeLanes(ThreadPoolExecutor(1), inflight)
-    classify = ClassifyLane(ThreadPoolExecutor(1), inflight, ClassifyPolicy())
-    return WorkerFactory(options, BatchPolicy(), lanes, classify, 1, 10).load(path)
+    classify = ClassifyLane(ThreadPoolExecutor(1), inflight, ClassifyPolicy(), recorded)
+    return WorkerFactory(options, BatchPolicy(), lanes, classify, 1, 10, recorded).load(path)

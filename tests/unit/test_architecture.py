@@ -95,6 +95,7 @@ FORBIDDEN = [
     ("export", ("bench",), "export never imports bench (bench imports export)"),
     ("service", ("export", "torch"), "the serving path never imports torch or export"),
     ("service.engine", ("service.config",), "the engine is given its settings, not the config"),
+    ("service.engine", ("service.metrics",), "the engine is given its metrics (EngineMetrics)"),
     *((package, ("tests",), "nothing imports the tests") for package in PACKAGES),
 ]
 

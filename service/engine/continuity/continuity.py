@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service import metrics, principal
+from service import principal
 from service.engine.continuity.redis_backend import (
     ENDED,
     WRITTEN,
@@ -30,7 +30,13 @@ from service.engine.continuity.snapshots import (
 from service.engine.model.registry import ModelRegistry
 from service.engine.session.sessions import Checkpoint, Session, SessionStore, new_generation
 from service.engine.text.textstream import HeldText
-from service.engine.types import StepResult, StreamOptions
+from service.engine.types import (
+    NO_METRICS,
+    UNKNOWN_MODEL,
+    EngineMetrics,
+    StepResult,
+    StreamOptions,
+)
 from service.errors import (
     LstmServeError,
     SessionExpired,
@@ -59,14 +65,9 @@ def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
 class SessionContinuity:
     """Snapshots (with a key) and the shared session store (with a backend)."""
 
-    def __init__(
-        self,
-        store: SessionStore,
-        keys: SnapshotKeys | None = None,
-        backend: RedisSessionBackend | None = None,
-        max_age_s: float = 86_400.0,
-        mode: str = STRICT,
-    ) -> None:
+    def __init__(self, store: SessionStore, keys: SnapshotKeys | None = None,
+                 backend: RedisSessionBackend | None = None, max_age_s: float = 86_400.0,
+                 mode: str = STRICT, metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
         if backend is not None and keys is None:
             raise ValueError("a shared session store needs snapshot keys")
         self.store = store
@@ -74,6 +75,8 @@ class SessionContinuity:
         self.backend = backend
         self.max_age_s = max_age_s
         self.mode = mode
+        self._snapshots = metrics.snapshots  # (model, event)
+        self._store_ops = metrics.store_ops  # (op, outcome)
         self.unsure: dict[str, None] = {}  # strict: refused saves that may have landed (settle)
 
     @property
@@ -113,17 +116,17 @@ class SessionContinuity:
         try:
             snap = decode_snapshot(blob, self._keys())
         except SnapshotInvalid:
-            metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
+            self._snapshots.labels(UNKNOWN_MODEL, "refused").inc()
             raise
         try:
             same = await check_restorable(self, snap)
         except LstmServeError:
-            metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
+            self._snapshots.labels(UNKNOWN_MODEL, "refused").inc()
             raise
         if same is not None:
             return same, None
         session = self._adopt(registry, snap, None, new_generation())
-        metrics.SNAPSHOTS.labels(session.model.name, "restored").inc()
+        self._snapshots.labels(session.model.name, "restored").inc()
         return session, snap.generation
 
     def _adopt(
@@ -134,7 +137,7 @@ class SessionContinuity:
         try:
             model = registry.find(snap.model, snap.version)
         except LstmServeError as exc:
-            metrics.SNAPSHOTS.labels(metrics.UNKNOWN_MODEL, "refused").inc()
+            self._snapshots.labels(UNKNOWN_MODEL, "refused").inc()
             served = sorted(m.key for m in registry.all())
             raise SnapshotMismatch(
                 f"snapshot is for model {snap.model[:128]!r} version {snap.version}, which this "
@@ -181,7 +184,7 @@ class SessionContinuity:
                 session.id, session.last_seq, session.generation, blob, takeover_from, restart
             )
         except Exception as exc:  # StoreUnavailable, or anything else redis-py raised
-            metrics.SESSION_STORE_OPS.labels("save", "error").inc()
+            self._store_ops.labels("save", "error").inc()
             if self.backend.guard.up:  # not an outage (the guard logged that): this save only
                 log.warning("session store save failed", extra={"fields": {"error": repr(exc)}})
             if self.mode == STRICT:
@@ -189,11 +192,11 @@ class SessionContinuity:
             return
         if saved != WRITTEN:  # ended, or this copy was stale: drop it
             refusal = _refusal(session, saved, takeover_from is not None)
-            metrics.SESSION_STORE_OPS.labels("save", "ended" if saved == ENDED else "stale").inc()
+            self._store_ops.labels("save", "ended" if saved == ENDED else "stale").inc()
             log.warning("stale session copy dropped", extra={"fields": {"seq": session.last_seq}})
             self.store.end(session, refusal)
             raise refusal
-        metrics.SESSION_STORE_OPS.labels("save", "ok").inc()
+        self._store_ops.labels("save", "ok").inc()
 
     async def forget(self, session_id: str) -> None:
         """The session ended: its shared record becomes a tombstone (snapshots cannot revive it).
@@ -203,11 +206,11 @@ class SessionContinuity:
         try:
             await self.backend.end(session_id)
         except Exception as exc:
-            metrics.SESSION_STORE_OPS.labels("delete", "error").inc()
+            self._store_ops.labels("delete", "error").inc()
             log.warning("session store delete failed; written when the store is back",
                         extra={"fields": {"error": repr(exc)}})  # fmt: skip
             return
-        metrics.SESSION_STORE_OPS.labels("delete", "ok").inc()
+        self._store_ops.labels("delete", "ok").inc()
 
     async def find_local_first(self, registry: ModelRegistry, session_id: str) -> Session:
         """The copy held here if any (a stale one is caught by `persist`), else `find`."""
@@ -248,9 +251,9 @@ class SessionContinuity:
         try:
             blob = await self.backend.load(session_id)
         except Exception as exc:
-            metrics.SESSION_STORE_OPS.labels("load", "error").inc()
+            self._store_ops.labels("load", "error").inc()
             raise Unavailable(f"the shared session store is unreachable: {exc!r}") from exc
-        metrics.SESSION_STORE_OPS.labels("load", "ok").inc()
+        self._store_ops.labels("load", "ok").inc()
         return blob
 
     async def close(self) -> None:

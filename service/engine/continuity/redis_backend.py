@@ -34,8 +34,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from service import metrics
 from service.engine.continuity.store_urls import StoreOptions, connect, parse_store_url
+from service.engine.types import NO_METRICS, EngineMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,14 +119,17 @@ class StoreGuard:
     one log line). Nothing waits on a dead store but the operation that found it dead."""
 
     def __init__(self, timeout_s: float, where: str, ping: Callable[[], Awaitable[Any]],
-                 on_up: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
+                 on_up: Callable[[], Awaitable[None]] | None = None,
+                 metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
         self.timeout_s = timeout_s
         self.where = where  # the redacted URL, for the log
         self.up = True
         self._ping = ping
         self._on_up = on_up  # run by the probe once the store answers again
         self._probe: asyncio.Task[None] | None = None
-        metrics.SESSION_STORE_UP.set(1)
+        self._m_up = metrics.store_up
+        self._m_seconds = metrics.store_seconds  # (op)
+        self._m_up.set(1)
 
     async def run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.up:
@@ -135,17 +138,17 @@ class StoreGuard:
         try:
             result = await asyncio.wait_for(call(), self.timeout_s)
         except Exception as exc:
-            metrics.SESSION_STORE_SECONDS.labels(op).observe(time.perf_counter() - start)
+            self._m_seconds.labels(op).observe(time.perf_counter() - start)
             self._failed(exc)
             raise StoreUnavailable(f"the session store did not answer {op}: {exc!r}") from exc
-        metrics.SESSION_STORE_SECONDS.labels(op).observe(time.perf_counter() - start)
+        self._m_seconds.labels(op).observe(time.perf_counter() - start)
         return result
 
     def _failed(self, exc: BaseException) -> None:
         if not self.up:
             return
         self.up = False
-        metrics.SESSION_STORE_UP.set(0)
+        self._m_up.set(0)
         log.error(
             "session store down",
             extra={"fields": {"store": self.where, "error": repr(exc)[:300]}},
@@ -162,7 +165,7 @@ class StoreGuard:
             except Exception:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
         self.up = True
-        metrics.SESSION_STORE_UP.set(1)
+        self._m_up.set(1)
         log.warning("session store back", extra={"fields": {"store": self.where}})
         if self._on_up is not None:
             await self._on_up()
@@ -188,7 +191,7 @@ class RedisSessionBackend:
 
     def __init__(
         self, url: str, idle_timeout_s: float, options: StoreOptions | None = None,
-        where: str = "", min_replicas: int = 0,
+        where: str = "", min_replicas: int = 0, metrics: EngineMetrics = NO_METRICS,
     ) -> None:  # fmt: skip
         self.url = url
         self.min_replicas = min_replicas
@@ -197,7 +200,8 @@ class RedisSessionBackend:
         self.target = parse_store_url(url)
         self._redis: Any = connect(self.target, self.options)
         self.guard = StoreGuard(self.options.timeout_s, where or self.target.kind, self._redis.ping,
-                                self._write_pending_ends)  # fmt: skip
+                                self._write_pending_ends, metrics)  # fmt: skip
+        self._store_ops = metrics.store_ops  # (op, outcome)
         # Ends the store did not take (an outage): written once it answers again, so another
         # replica cannot resume an ended session from its last live record. Bounded.
         self._pending_ends: dict[str, None] = {}
@@ -260,7 +264,7 @@ class RedisSessionBackend:
         pending[session_id] = None
         if len(pending) > MAX_PENDING_ENDS:  # the oldest goes: its record expires on its own
             del pending[next(iter(pending))]
-            metrics.SESSION_STORE_OPS.labels("delete", "dropped").inc()
+            self._store_ops.labels("delete", "dropped").inc()
 
     @property
     def pending_ends(self) -> int:
@@ -278,7 +282,7 @@ class RedisSessionBackend:
             except StoreUnavailable:
                 return
             self._pending_ends.pop(session_id, None)
-            metrics.SESSION_STORE_OPS.labels("delete", "ok").inc()
+            self._store_ops.labels("delete", "ok").inc()
 
     async def holds(self, session_id: str) -> bool:
         """Whether a live record exists, without refreshing its idle timer."""

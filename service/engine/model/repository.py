@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service import metrics
 from service.engine.byo.tritonconfig import CONFIG_FILE, ConfigReader
 from service.engine.model.registry import ModelRegistry
 from service.engine.model.worker import ModelWorker, WorkerFactory
 from service.engine.session.sessions import SessionStore
-from service.engine.types import ModelState, VersionStatus
+from service.engine.types import NO_METRICS, EngineMetrics, ModelState, VersionStatus
 from service.errors import (
     ConfigError,
     ModelLoadFailed,
@@ -95,7 +94,8 @@ class ModelControl:
     """Loads, drains and retires model versions; the only writer of the registry."""
 
     def __init__(self, repository: Path, registry: ModelRegistry, factory: WorkerFactory,
-                 store: SessionStore, mode: str = "none") -> None:  # fmt: skip
+                 store: SessionStore, mode: str = "none",
+                 metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
         if mode not in MODES:
             raise ConfigError(f"model_control {mode!r} is not one of {MODES}")
         self.repository = repository
@@ -104,6 +104,7 @@ class ModelControl:
         self._configs = factory.options.model_configs
         self.store = store
         self.mode = mode
+        self.metrics = metrics
         self._lock = asyncio.Lock()
         self._attempts: dict[tuple[str, int], tuple[int, ...]] = {}  # failed file fingerprints
         self._loaded: dict[tuple[str, int], tuple[int, ...]] = {}  # what held versions run
@@ -224,7 +225,7 @@ class ModelControl:
             status = VersionStatus(name, version, ModelState.UNAVAILABLE, reason, path)
             self.registry.record_failure(name, version, status)
             report.failed.append(status)
-            metrics.MODEL_LOAD_FAILURES.labels(name).inc()
+            self.metrics.model_load_failures.labels(name).inc()
             log.error(
                 "model version failed to load",
                 extra={"fields": {"model": name, "version": version, "error": reason}},
@@ -235,7 +236,7 @@ class ModelControl:
         worker.on_drained = self._retire
         self.registry.install(worker)
         report.loaded.append(worker.key)
-        _record_loaded(worker, self.registry.is_latest(worker))
+        _record_loaded(self.metrics, worker, self.registry.is_latest(worker))
 
     def _serve_again(self, key: tuple[str, int], path: Path, report: ScanReport) -> None:
         """A draining version found again serves again, if its file is still the one it runs
@@ -250,14 +251,14 @@ class ModelControl:
             return
         worker.serve_again()
         report.serving_again.append(worker.key)
-        _record_state(worker, "model version serving again", sessions=worker.sessions)
+        _record_state(self.metrics, worker, "model version serving again", sessions=worker.sessions)
 
     def _drain(self, worker: ModelWorker, report: ScanReport) -> None:
         if worker.lifecycle is not ModelState.READY:
             return
         worker.drain()
         report.draining.append(worker.key)
-        _record_state(worker, "model version draining", sessions=worker.sessions)
+        _record_state(self.metrics, worker, "model version draining", sessions=worker.sessions)
         if worker.sessions == 0:
             self._retire(worker)
 
@@ -273,27 +274,28 @@ class ModelControl:
         worker.retire()
         self.registry.remove(worker)
         self._loaded.pop((worker.name, worker.version), None)
-        _record_state(worker, "model version retired", sessions_closed=closed)
+        _record_state(self.metrics, worker, "model version retired", sessions_closed=closed)
 
 
 # lstm_serve_model_state's values: one gauge per version, its lifecycle as a number.
 _STATE_CODE = {"LOADING": 0, "READY": 1, "DRAINING": 2, "RETIRED": 3, "UNAVAILABLE": 4}
 
 
-def _record_state(worker: ModelWorker, event: str, **fields: object) -> None:
+def _record_state(metrics: EngineMetrics, worker: ModelWorker, event: str,
+                  **fields: object) -> None:  # fmt: skip
     """The version's state gauge and a log line saying what happened to it."""
     code = _STATE_CODE[worker.lifecycle.value]
-    metrics.MODEL_STATE.labels(worker.name, str(worker.version)).set(code)
+    metrics.model_state.labels(worker.name, str(worker.version)).set(code)
     log.info(event, extra={"fields": {"model": worker.name, "version": worker.version, **fields}})
 
 
-def _record_loaded(worker: ModelWorker, latest: bool) -> None:
+def _record_loaded(metrics: EngineMetrics, worker: ModelWorker, latest: bool) -> None:
     version = str(worker.version)
     runtime = worker.runtime
     fallback = "true" if runtime.cpu_fallback else "false"
-    metrics.MODEL_LOAD_SECONDS.labels(worker.name, version).set(worker.load_seconds)
-    metrics.MODEL_INFO.labels(worker.name, version, runtime.provider, fallback).set(1)
-    metrics.MODEL_STATE.labels(worker.name, version).set(_STATE_CODE["READY"])
+    metrics.model_load_seconds.labels(worker.name, version).set(worker.load_seconds)
+    metrics.model_info.labels(worker.name, version, runtime.provider, fallback).set(1)
+    metrics.model_state.labels(worker.name, version).set(_STATE_CODE["READY"])
     log.info("model loaded", extra={"fields": {
         "model": worker.name, "version": worker.version, "provider": runtime.provider,
         "providers": list(runtime.providers), "cpu_fallback": list(runtime.cpu_fallback),

@@ -19,7 +19,6 @@ import numpy as np
 import onnxruntime as ort
 
 from lstmserve.contract import ModelDescription
-from service import metrics
 from service.engine.byo.generic import GenericRuntime
 from service.engine.byo.tritonconfig import CONFIG_FILE, ConfigReader, TritonModel
 from service.engine.compute.runtime import CPU, CUDA, ModelRuntime
@@ -29,7 +28,14 @@ from service.engine.schedule.classify import ClassifyLane
 from service.engine.session.sessions import Session
 from service.engine.text.subwords import with_tokenizer_file
 from service.engine.text.textstream import HeldText
-from service.engine.types import BatchPolicy, ModelState, RuntimeOptions, StepResult
+from service.engine.types import (
+    NO_METRICS,
+    BatchPolicy,
+    EngineMetrics,
+    ModelState,
+    RuntimeOptions,
+    StepResult,
+)
 from service.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,8 @@ class ModelWorker:
 
     def __init__(self, name: str, version: int, runtime: ModelRuntime, path: Path,
                  load_seconds: float, state: StateStore, policy: BatchPolicy,
-                 lanes: ComputeLanes, classify: ClassifyLane) -> None:  # fmt: skip
+                 lanes: ComputeLanes, classify: ClassifyLane,
+                 metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
         self.name = name
         self.version = version
         self.runtime = runtime
@@ -48,7 +55,7 @@ class ModelWorker:
         self.load_seconds = load_seconds
         self.state = state
         self.lifecycle = ModelState.READY
-        self.batcher = SequenceBatcher(name, runtime, state, policy, lanes)
+        self.batcher = SequenceBatcher(name, runtime, state, policy, lanes, metrics)
         self._classify = classify
         # The parsed config.pbtxt of a user's own model (None for ours): the Triton front
         # answers ModelConfig from it.
@@ -58,7 +65,10 @@ class ModelWorker:
             self.triton_config = runtime.triton.config
             self.idle_timeout_s = runtime.triton.idle_timeout_s
         self.on_drained: Callable[[ModelWorker], None] | None = None
-        self._version_label = str(version)
+        label = str(version)
+        self._m_sessions = metrics.active_sessions.labels(name, label)
+        self._m_allocated = metrics.state_bytes.labels(name, label, "allocated")
+        self._m_used = metrics.state_bytes.labels(name, label, "used")
         self._update_gauges()
 
     @property
@@ -119,15 +129,13 @@ class ModelWorker:
         self.batcher.fail_queued()
         self.lifecycle = ModelState.RETIRED
         self.state.close()
-        for kind in ("allocated", "used"):
-            metrics.STATE_BYTES.labels(self.name, self._version_label, kind).set(0)
-        metrics.ACTIVE_SESSIONS.labels(self.name, self._version_label).set(0)
+        for gauge in (self._m_sessions, self._m_allocated, self._m_used):
+            gauge.set(0)
 
     def _update_gauges(self) -> None:
-        version = self._version_label
-        metrics.ACTIVE_SESSIONS.labels(self.name, version).set(self.state.used)
-        metrics.STATE_BYTES.labels(self.name, version, "allocated").set(self.state.allocated_bytes)
-        metrics.STATE_BYTES.labels(self.name, version, "used").set(self.state.used_bytes)
+        self._m_sessions.set(self.state.used)
+        self._m_allocated.set(self.state.allocated_bytes)
+        self._m_used.set(self.state.used_bytes)
 
     # -- the Classify lane ---------------------------------------------------------------------
 
@@ -141,14 +149,15 @@ class WorkerFactory:
     """Builds ModelWorkers from model files: the settings every version shares."""
 
     def __init__(self, options: RuntimeOptions, policy: BatchPolicy, lanes: ComputeLanes,
-                 classify: ClassifyLane, initial_capacity: int,
-                 max_sessions: int) -> None:  # fmt: skip
+                 classify: ClassifyLane, initial_capacity: int, max_sessions: int,
+                 metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
         self.options = options
         self.policy = policy
         self.lanes = lanes
         self.classify = classify
         self.initial_capacity = initial_capacity
         self.max_sessions = max_sessions
+        self.metrics = metrics
 
     def _configs(self) -> ConfigReader:
         if self.options.model_configs is None:
@@ -193,7 +202,7 @@ class WorkerFactory:
         seconds = time.perf_counter() - started
         policy = triton_policy(triton, self.policy) if triton else self.policy
         return ModelWorker(name, version, runtime, path, seconds, state, policy, self.lanes,
-                           self.classify)  # fmt: skip
+                           self.classify, self.metrics)  # fmt: skip
 
 
 def triton_providers(triton: TritonModel, server: tuple[str, ...]) -> tuple[str, ...]:

@@ -32,19 +32,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
-from service import metrics
 from service.engine.compute.runtime import ModelRuntime, RunOutput
 from service.engine.compute.state import StateStore
 from service.engine.schedule.pending import Pending, PendingChunks, bucket_of
 from service.engine.session.sessions import Session
 from service.engine.text.textstream import HeldText
-from service.engine.types import BatchPolicy, StepResult
+from service.engine.types import NO_METRICS, BatchPolicy, EngineMetrics, StepResult
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
 
@@ -59,15 +57,15 @@ SHRINK_ROW_STEPS = 8192  # per-chunk latency stages, as for Classify
 class InflightCounter:
     """Work accepted and not finished (queued chunks, running batches, Classify runs).
 
-    The `lstm_serve_inflight_runs` gauge reads every live counter when scraped, so the per-chunk
-    path does no metric work for it.
+    The `lstm_serve_inflight_runs` gauge reads every live counter when scraped (the metrics'
+    tracker holds it), so the per-chunk path does no metric work for it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: EngineMetrics = NO_METRICS) -> None:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        _COUNTERS.add(self)
+        metrics.inflight.track(self)
 
     def enter(self, n: int = 1) -> None:
         self.count += n
@@ -80,10 +78,6 @@ class InflightCounter:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
-
-
-_COUNTERS: weakref.WeakSet[InflightCounter] = weakref.WeakSet()
-metrics.INFLIGHT_RUNS.set_function(lambda: sum(c.count for c in list(_COUNTERS)))
 
 
 @dataclass(frozen=True)
@@ -116,6 +110,7 @@ class SequenceBatcher:
         state: StateStore,
         policy: BatchPolicy,
         lanes: ComputeLanes,
+        metrics: EngineMetrics = NO_METRICS,
     ) -> None:
         self.runtime = runtime
         self.state = state
@@ -126,11 +121,11 @@ class SequenceBatcher:
         self._running = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        self._m_size = metrics.BATCH_SIZE.labels(name)
-        self._m_queue = metrics.BATCH_QUEUE_SECONDS.labels(name)
-        self._m_compute = metrics.BATCH_COMPUTE_SECONDS.labels(name)
-        self._m_steps = metrics.STEPS.labels(name, "Stream")
-        self._m_chunk = {s: metrics.CHUNK_SECONDS.labels(name, s) for s in STAGES}
+        self._m_size = metrics.batch_size.labels(name)
+        self._m_queue = metrics.batch_queue_seconds.labels(name)
+        self._m_compute = metrics.batch_compute_seconds.labels(name)
+        self._m_steps = metrics.steps.labels(name, "Stream")
+        self._m_chunk = {s: metrics.chunk_seconds.labels(name, s) for s in STAGES}
 
     @property
     def pending(self) -> int:

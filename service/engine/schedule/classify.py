@@ -16,21 +16,22 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from service import metrics
 from service.engine.compute.runtime import ModelRuntime, RunOutput
 from service.engine.schedule.batcher import InflightCounter
-from service.engine.types import ClassifyPolicy, StepResult
+from service.engine.types import NO_METRICS, ClassifyPolicy, EngineMetrics, StepResult
 from service.errors import BudgetExceeded
 
 
 class ClassifyLane:
     """Runs Classify requests of every model version, slice by slice."""
 
-    def __init__(self, executor: Executor, inflight: InflightCounter,
-                 policy: ClassifyPolicy) -> None:  # fmt: skip
+    def __init__(self, executor: Executor, inflight: InflightCounter, policy: ClassifyPolicy,
+                 metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
         self.executor = executor
         self.inflight = inflight
         self.policy = policy
+        self._m_chunk = metrics.chunk_seconds
+        self._m_steps = metrics.steps
 
     def check_budget(self, lengths: np.ndarray) -> None:
         """BudgetExceeded when the request's steps exceed --max-request-row-steps."""
@@ -87,13 +88,13 @@ class ClassifyLane:
         future.add_done_callback(lambda _: self.inflight.leave())
         return await future
 
-    @staticmethod
-    def _observe(name: str, queued: float, computing: float, steps: int) -> None:
+    def _observe(self, name: str, queued: float, computing: float, steps: int) -> None:
         total = time.perf_counter() - queued
-        metrics.CHUNK_SECONDS.labels(name, "queue").observe(max(0.0, total - computing))
-        metrics.CHUNK_SECONDS.labels(name, "compute").observe(computing)
-        metrics.CHUNK_SECONDS.labels(name, "total").observe(total)
-        metrics.STEPS.labels(name, "Classify").inc(steps)
+        chunk = self._m_chunk
+        chunk.labels(name, "queue").observe(max(0.0, total - computing))
+        chunk.labels(name, "compute").observe(computing)
+        chunk.labels(name, "total").observe(total)
+        self._m_steps.labels(name, "Classify").inc(steps)
 
 
 def _padded(sequences: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:

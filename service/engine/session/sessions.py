@@ -22,10 +22,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service import metrics, principal
+from service import principal
 from service.engine.session.quotas import PrincipalQuota
 from service.engine.text.textstream import NOTHING_HELD, HeldChange, HeldText
-from service.engine.types import ChunkOutcome, StepResult, StreamOptions
+from service.engine.types import (
+    NO_METRICS,
+    ChunkOutcome,
+    EngineMetrics,
+    StepResult,
+    StreamOptions,
+)
 from service.errors import (
     AttachedElsewhere,
     LstmServeError,
@@ -227,6 +233,7 @@ class SessionStore:
         initial_capacity: int = 64,
         clock: Callable[[], float] = time.monotonic,
         quota: PrincipalQuota | None = None,
+        metrics: EngineMetrics = NO_METRICS,
     ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
@@ -234,6 +241,7 @@ class SessionStore:
         self.initial_capacity = initial_capacity
         self.clock = clock
         self.quota = quota or PrincipalQuota()
+        self._events = metrics.session_events  # (model, event)
         self._sessions: dict[str, Session] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
         # Ended ids (when), for the idle timeout: their snapshots cannot revive them here.
@@ -267,7 +275,7 @@ class SessionStore:
             self._expired.pop(session_id, None)
             self._ended.pop(session_id, None)
         session = self._new_session(model, options, session_id, owner, new_generation())
-        metrics.SESSION_EVENTS.labels(model.name, "opened").inc()
+        self._events.labels(model.name, "opened").inc()
         return session
 
     def adopt(
@@ -284,18 +292,18 @@ class SessionStore:
             ))  # fmt: skip
         self._expired.pop(session_id, None)
         session = self._new_session(model, options, session_id, owner, generation)
-        metrics.SESSION_EVENTS.labels(model.name, "restored").inc()
+        self._events.labels(model.name, "restored").inc()
         return session
 
     def _new_session(self, model: ModelWorker, options: StreamOptions, session_id: str,
                      owner: str, generation: str) -> Session:  # fmt: skip
         if not model.description.streamable:
-            metrics.SESSION_EVENTS.labels(model.name, "rejected").inc()
+            self._events.labels(model.name, "rejected").inc()
             raise NotStreamable(
                 f"model {model.key} is bidirectional (streamable=false): use Classify"
             )
         if len(self._sessions) >= self.max_sessions:
-            metrics.SESSION_EVENTS.labels(model.name, "rejected").inc()
+            self._events.labels(model.name, "rejected").inc()
             raise Overloaded(f"the server holds its maximum of {self.max_sessions} sessions")
         session = Session(
             id=session_id, model=model, row=model.allocate_row(), options=options,
@@ -329,7 +337,7 @@ class SessionStore:
     def end(self, session: Session, reason: LstmServeError | None = None) -> None:
         """Free the session now (the client ended it, or `reason`)."""
         if self._remove(session, reason or SessionNotFound(f"session {session.id} has ended")):
-            metrics.SESSION_EVENTS.labels(session.model.name, "ended").inc()
+            self._events.labels(session.model.name, "ended").inc()
             if reason is None:  # the client ended it: a tombstone for the idle timeout
                 self._ended[session.id] = self.clock()
                 self._ended.move_to_end(session.id)
@@ -380,7 +388,7 @@ class SessionStore:
             f"session {session.id} expired after {self._timeout(session):g} s idle"
         )
         if self._remove(session, reason):
-            metrics.SESSION_EVENTS.labels(session.model.name, "expired").inc()
+            self._events.labels(session.model.name, "expired").inc()
             self._expired[session.id] = None
             while len(self._expired) > self.expired_memory:
                 self._expired.popitem(last=False)
