@@ -121,12 +121,7 @@ class ColumnsConversation:
         fixed_before = self.model is not None
         limit = self.layer.limits.max_multi_entries
         n = _entry_count(message, limit)
-        attaches = len(message.opens) + len(message.resumes)
-        if attaches > limit:  # checked before anything is opened
-            raise InvalidInput(
-                f"opens and resumes name {attaches} sessions, more than the maximum {limit} per "
-                "message: nothing in it was applied"
-            )
+        _check_attaches(message, limit)  # before anything is opened
         ends = _array(message.ends, U32, "end").tolist()  # checked before anything is applied
         # With the model known, the whole message is checked before anything is applied.
         columns = unpack(message, n, self.model) if n and self.model is not None else None
@@ -158,7 +153,7 @@ class ColumnsConversation:
     async def _attach(self, request: Open | Resume, i: int) -> tuple[int, str] | LstmServeError:
         try:
             if isinstance(request, Open):
-                request = self._on_stream_model(request, i)
+                request = _on_stream_model(self.model, request, i)
             else:
                 session = await self.layer.engine.find_session(request.session_id)
                 self._check_model(session.model, f"resume[{i}] (session {session.id})")
@@ -175,27 +170,12 @@ class ColumnsConversation:
     async def _unopen(self, opened: list[tuple[int, str] | LstmServeError]) -> None:
         """A refused message's opens are undone: their ids were never sent to the client."""
         for entry in opened:
-            if isinstance(entry, LstmServeError):
-                continue
-            session = self._sessions.get(entry[0])
+            session = None if isinstance(entry, LstmServeError) else self._sessions.get(entry[0])
             if session is not None:
                 await self.layer.engine.end(session, None, self.token)
                 self._forget(entry[0])
         if not self._sessions:
             self.model = None
-
-    def _on_stream_model(self, request: Open, i: int) -> Open:
-        """The open on the stream's version (version 0 = the stream's, once it has one)."""
-        model = self.model
-        if model is None:
-            return request
-        if request.model != model.name or request.version not in (0, model.version):
-            raise ProtocolError(
-                f"open[{i}] asks for model {request.model[:64]!r} version {request.version}: "
-                f"this stream serves {model.name} v{model.version} (one model version per "
-                "stream; open other models on another stream)"
-            )
-        return Open(model.name, model.version, request.options)
 
     def _check_model(self, model: ModelWorker, what: str) -> None:
         mine = self.model
@@ -314,6 +294,28 @@ def _array(data: bytes, dtype: np.dtype, name: str, count: int | None = None) ->
             f"{count if name != 'offsets' else count - 1} entries)"
         )
     return values
+
+
+def _on_stream_model(model: ModelWorker | None, request: Open, i: int) -> Open:
+    """The open on the stream's version (version 0 = the stream's, once it has one)."""
+    if model is None:
+        return request
+    if request.model != model.name or request.version not in (0, model.version):
+        raise ProtocolError(
+            f"open[{i}] asks for model {request.model[:64]!r} version {request.version}: "
+            f"this stream serves {model.name} v{model.version} (one model version per "
+            "stream; open other models on another stream)"
+        )
+    return Open(model.name, model.version, request.options)
+
+
+def _check_attaches(message: ColumnsMessage, limit: int) -> None:
+    attaches = len(message.opens) + len(message.resumes)
+    if attaches > limit:
+        raise InvalidInput(
+            f"opens and resumes name {attaches} sessions, more than the maximum {limit} per "
+            "message: nothing in it was applied"
+        )
 
 
 def _entry_count(message: ColumnsMessage, limit: int) -> int:
