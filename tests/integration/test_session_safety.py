@@ -373,3 +373,114 @@ def test_callers_through_a_server_with_tokens(tiny_repo: Path, tmp_path: Path) -
         code, details = seen[name]  # type: ignore[misc]
         assert code == grpc.StatusCode.NOT_FOUND and details.endswith("does not exist"), name
     assert seen["multi"] == "NOT_FOUND"
+
+
+# -- the per-principal quota on every way a session comes to be held here -------------------------
+
+
+def test_restoring_expired_sessions_counts_against_the_quota(tiny_repo: Path) -> None:
+    """Two sessions idle out, two new ones open: their snapshots cannot bring the total to 4."""
+    from service.engine.continuity.snapshots import SnapshotKeys
+    from service.engine.types import StreamOptions
+    from service.errors import Overloaded
+
+    engine = load_engine(tiny_repo)
+    engine.store.quota.max_sessions = 2
+    engine.continuity.keys = SnapshotKeys.parse(KEY)
+
+    async def main() -> None:
+        old = [await engine.open_session(MODEL, 0, StreamOptions()) for _ in range(2)]
+        blobs = [await engine.take_snapshot(s) for s in old]
+        engine.store.idle_timeout_s = 0.0
+        time.sleep(0.01)
+        assert len(engine.store.evict_idle()) == 2
+        engine.store.idle_timeout_s = 60.0
+        for _ in range(2):
+            await engine.open_session(MODEL, 0, StreamOptions())
+        with pytest.raises(Overloaded, match="--max-sessions-per-principal"):
+            await engine.restore_session(blobs[0], None)
+        assert len(engine.store) == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def fleet_of_two(tiny_repo: Path, redis_url: str) -> Iterator[tuple[ServerThread, ServerThread]]:
+    config = make_config(tiny_repo, snapshot_key=KEY, session_store=redis_url,
+                         max_sessions_per_principal=1)  # fmt: skip
+    a, b = ServerThread(config).start(), ServerThread(config).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_continuing_another_replica_s_sessions_counts_against_the_quota(
+    fleet_of_two: tuple[ServerThread, ServerThread],
+) -> None:
+    """A resume from the shared store, a Triton START and a Triton request of a sequence started
+    elsewhere bring a session to this replica: a principal at its limit here is refused each."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    a, b = fleet_of_two
+    on_a, on_b = tc.InferenceServerClient(a.address), tc.InferenceServerClient(b.address)
+
+    def tokens(ids: list[int]) -> tc.InferInput:
+        inp = tc.InferInput("tokens", [1, len(ids)], "INT64")
+        inp.set_data_from_numpy(np.array([ids], dtype=np.int64))
+        return inp
+
+    def refused(client: tc.InferenceServerClient, **flags: bool) -> str:
+        with pytest.raises(InferenceServerException, match="max-sessions-per-principal") as info:
+            client.infer(MODEL, [tokens([3])], sequence_id=70, **flags)
+        return str(info.value.status())
+
+    async def main() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        async with (grpc.aio.insecure_channel(a.address) as chan_a,
+                    grpc.aio.insecure_channel(b.address) as chan_b):  # fmt: skip
+            first, sid = await opened(chan_a, open_request())  # A: 1 of 1
+            on_b_stream, _ = await opened(chan_b, open_request())  # B: 1 of 1
+            await first.send(chunk(1, 1, 2))
+            seen["resume"] = await Stream(chan_b).status(resume_request(sid))
+            seen["start"] = refused(on_a, sequence_start=True)  # A is full
+            await first.send(pb.StreamRequest(end=pb.End()))  # A: 0 of 1
+            on_a.infer(MODEL, [tokens([1, 2])], sequence_id=70, sequence_start=True)  # A: 1
+            seen["continue"] = refused(on_b)  # B still holds its native session
+            await on_b_stream.send(pb.StreamRequest(end=pb.End()))  # B: 0 of 1
+            seen["after"] = on_b.infer(MODEL, [tokens([3])], sequence_id=70).as_numpy("probs")
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        on_a.close()
+        on_b.close()
+    code, details = seen["resume"]  # type: ignore[misc]
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-sessions-per-principal" in details
+    assert seen["start"] == seen["continue"] == "StatusCode.RESOURCE_EXHAUSTED"
+    assert seen["after"].shape == (1, 3)  # type: ignore[union-attr]
+
+
+def test_stream_columns_opens_count_against_the_quota(tiny_repo: Path) -> None:
+    from lstmserve.client import ColumnsRefused, ColumnStream, LstmClient
+
+    server = ServerThread(make_config(tiny_repo, max_sessions_per_principal=3)).start()
+
+    async def main() -> str:
+        async with LstmClient(server.address, failover_s=0) as client:
+            columns = ColumnStream(client)
+            with pytest.raises(ColumnsRefused) as refused:
+                await columns.open(MODEL, 5)
+            await columns.close()
+            return str(refused.value)
+
+    try:
+        message = asyncio.run(main())
+        assert server.app is not None and len(server.app.engine.store) == 3
+    finally:
+        server.stop()
+    assert "--max-sessions-per-principal" in message

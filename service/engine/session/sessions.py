@@ -282,9 +282,12 @@ class SessionStore:
         self, model: ModelWorker, options: StreamOptions, session_id: str, owner: str,
         generation: str,
     ) -> Session:  # fmt: skip
-        """A fresh session under an id continued from elsewhere; a copy held here is replaced
-        (its chunk in flight, if any, is answered ABORTED)."""
+        """A fresh session under an id continued from elsewhere (a snapshot, the shared store);
+        a copy held here is replaced (its chunk in flight, if any, is answered ABORTED). A
+        session new to this replica counts as an open: the owner's quota and open rate."""
         existing = self._sessions.get(session_id)
+        if existing is None or existing.owner != owner:
+            self.quota.check_open(owner)
         if existing is not None:
             self._remove(existing, SessionReplaced(
                 f"session {session_id} was replaced by a newer copy (restored on this server); "
