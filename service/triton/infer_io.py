@@ -92,7 +92,8 @@ class SequenceChunk:
                  max_steps: int, every_step: bool) -> None:  # fmt: skip
         (self._chunk,) = _decode(request, names, desc, max_steps, 1, whole=False)
         self.every_step = every_step
-        tensor, _, _ = _inputs(request, names)
+        # One input: the data input (_decode checked it); else find it among the inputs.
+        tensor = request.inputs[0] if len(request.inputs) == 1 else _inputs(request, names)[0]
         self.label = f"input {quoted(tensor.name)}"
 
     def decode(self, desc: ModelDescription, max_steps: int, field: str) -> np.ndarray:
