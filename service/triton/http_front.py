@@ -2,19 +2,26 @@
 
 aiohttp.web on the server's one asyncio loop (beside grpc.aio): each route parses its request
 (service/triton/http_codec.py), asks the Triton core, and encodes the answer. Errors are
-`{"error": "..."}` with the HTTP status of the error's code (service/triton/types.py). Bounded:
-a body larger than `max_body_bytes` is refused with 413 before it is read whole, and the JSON
-part of a request is bounded (http_codec.MAX_JSON_BYTES).
+`{"error": "..."}` with the HTTP status of the error's code (service/triton/types.py); a
+client's mistake is one WARNING line, never a traceback.
+
+Nothing unbounded on the loop: a body is read within its limits of size, time and memory and
+inflated in slices (service/triton/http_body.py); an infer request's JSON header is read first
+and judged by what it declares (shapes, binary sizes, BYTES elements) before the binary part is
+read; parsing and decoding whose cost grows with the request run on a small thread pool.
+Connections without a complete request's headers for `--http-idle-timeout-s` are closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -25,15 +32,29 @@ from service import metrics
 from service.engine.inputs import quoted
 from service.errors import ConfigError, LstmServeError
 from service.triton import http_codec
-from service.triton.types import ModelMetadata, ModelStats, TritonError, http_status, invalid
+from service.triton.http_body import BodyLimits, BodyReader, ClientGone
+from service.triton.tensors import element_count
+from service.triton.types import (
+    InferRequest,
+    ModelMetadata,
+    ModelStats,
+    TritonError,
+    http_status,
+    invalid,
+)
 
 if TYPE_CHECKING:
     from service.triton.core import TritonCore
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size
+MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size (--http-max-body-bytes)
 MAX_ERROR_CHARS = 1024  # as the gRPC fronts cap status messages
+MAX_SMALL_JSON_BYTES = 1 << 20  # the body of a repository request (load, unload, index)
+INLINE_BYTES = 64 << 10  # bodies up to this size are parsed and decoded on the loop
+DECODE_THREADS = 2  # the pool parsing and decoding larger bodies
+LINGER_S = 2.0  # after a reply to a request whose body was not read whole: discard, then close
+T = TypeVar("T")
 # Replies smaller than this go uncompressed whatever Accept-Encoding says (aiohttp clients, such
 # as tritonclient.http.aio, always send one): compressing a few hundred bytes costs more than
 # it saves.
@@ -122,26 +143,26 @@ def stats_json(stats: ModelStats) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def read_json_body(request: web.Request, what: str) -> Any:
-    """An optional JSON body (empty: None)."""
-    body = await request.read()
-    if not body.strip():
-        return None
-    return http_codec.parse_json(body, what)
-
-
 class HttpServer:
     """The aiohttp application and its listening site on the running loop."""
 
-    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None,
+                 idle_timeout_s: float = 15.0) -> None:  # fmt: skip
         self.app = app
         self.ssl_context = ssl_context  # TLS (service/security/http.py), None = plaintext
+        self.idle_timeout_s = idle_timeout_s
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); a busy port is a ConfigError naming it."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's keep-alive timer runs from a connection's opening and from each reply until
+        # a request's headers are complete: the idle limit and the header timeout in one.
+        # Bodies are inflated by the front in slices, not by aiohttp whole on the loop.
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, auto_decompress=False,
+            keepalive_timeout=self.idle_timeout_s, lingering_time=LINGER_S,
+        )  # fmt: skip
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=self.ssl_context)
         try:
@@ -200,18 +221,24 @@ class HttpFront:
     """The KServe v2 REST routes over one Triton core."""
 
     def __init__(
-        self, core: TritonCore, max_body_bytes: int = MAX_BODY_BYTES, *,
+        self, core: TritonCore, max_body_bytes: int | None = None, *,
         middlewares: Sequence[Any] = (), ssl_context: ssl.SSLContext | None = None,
     ) -> None:  # fmt: skip
-        """`middlewares` run before the front's own (authentication: service/security/http.py)."""
+        """`middlewares` run before the front's own (authentication: service/security/http.py).
+        The bounds are the core's config's (--http-* flags, --max-bytes-elements)."""
         self.core = core
-        self.max_body_bytes = max_body_bytes
+        config = core.config
+        self.max_body_bytes = max_body_bytes or config.http_max_body_bytes
+        self.body_limits = BodyLimits(self.max_body_bytes, config.http_max_inflate_ratio,
+                                      config.http_body_timeout_s)  # fmt: skip
+        self.max_bytes_elements = config.max_bytes_elements
         self.app = web.Application(
-            client_max_size=max_body_bytes, middlewares=[*middlewares, self._answer]
+            client_max_size=self.max_body_bytes, middlewares=[*middlewares, self._answer]
         )
         self._rpc: dict[str, str] = {}
         self._routes()
-        self.server = HttpServer(self.app, ssl_context)
+        self.server = HttpServer(self.app, ssl_context, config.http_idle_timeout_s)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _routes(self) -> None:
         model = "/v2/models/{name}"
@@ -252,12 +279,15 @@ class HttpFront:
             response, code = self._http_error(request, exc)
         except LstmServeError as exc:
             response, code = error_response(http_status(exc), str(exc)), exc.code
+            _log_refusal(request, rpc, exc, response.status)
         except Exception as exc:
             log.exception("HTTP request failed", extra={"fields": {"rpc": rpc}})
             response = error_response(500, f"internal error: {type(exc).__name__}")
             code = "INTERNAL"
         name = request.match_info.get("name")
         metrics.requests(rpc, self._label(name), code, metrics.PROTOCOL_KSERVE_HTTP).inc()
+        if response.status in UNREAD_BODY:
+            response.force_close()  # the body was not read whole: close after the reply
         return response
 
     def _label(self, name: str | None) -> str:
@@ -314,8 +344,16 @@ class HttpFront:
 
     # -- repository ------------------------------------------------------------------------
 
+    async def read_json_body(self, request: web.Request, what: str) -> Any:
+        """An optional small JSON body (empty: None)."""
+        async with self._body(request) as body:
+            data = await body.read_all(MAX_SMALL_JSON_BYTES, what)
+        if not data.strip():
+            return None
+        return await self._maybe_offload(len(data), http_codec.parse_json, data, what)
+
     async def index(self, request: web.Request) -> web.Response:
-        doc = await read_json_body(request, "the repository index request")
+        doc = await self.read_json_body(request, "the repository index request")
         ready = False
         if doc is not None:
             if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
@@ -334,7 +372,7 @@ class HttpFront:
         return json_response(rows)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = await read_json_body(request, "the load request")
+        doc = await self.read_json_body(request, "the load request")
         params = http_codec.parameters(doc.get("parameters") if isinstance(doc, dict) else None,
                                        "parameters")  # fmt: skip
         if params:
@@ -347,22 +385,18 @@ class HttpFront:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await read_json_body(request, "the unload request")  # unload_dependents: nothing depends
+        await self.read_json_body(request, "the unload request")  # unload_dependents: none
         await self.core.unload(request.match_info["name"])
         return web.Response(status=200)
 
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        # Bounded bytes in flight: one budget with every stream's read-ahead (the layer's).
-        async with self.core.read_ahead.hold(self._body_bytes(request)):
-            body = await request.read()
-            parsed, choice = http_codec.parse_infer_request(
-                request.match_info["name"], version_of(request), body,
-                request.headers.get(http_codec.HEADER_LENGTH),
-            )  # fmt: skip
-            del body
-            reply = await self.core.infer(parsed)
+        # Bounded bytes in flight: one budget with every stream's read-ahead (the layer's),
+        # held as the body arrives (service/triton/http_body.py).
+        async with self._body(request) as body:
+            parsed, choice = await self._read_infer(request, body)
+        reply = await self.core.infer(parsed)
         data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
         headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
         response = web.Response(body=data, content_type=content_type, headers=headers)
@@ -370,17 +404,70 @@ class HttpFront:
             response.enable_compression()  # gzip or deflate, as the client accepts
         return response
 
+    async def _read_infer(
+        self, request: web.Request, body: BodyReader
+    ) -> tuple[InferRequest, http_codec.OutputChoice]:
+        """The JSON header first, judged by what it declares; then the binary part, exactly
+        the size the header says; then the tensors (off the loop when large)."""
+        what = "the inference request"
+        header_length = http_codec.header_length_of(request.headers.get(http_codec.HEADER_LENGTH))
+        if header_length is None:
+            header = await body.read_all(http_codec.MAX_JSON_BYTES, f"{what} (JSON)")
+        elif header_length > http_codec.MAX_JSON_BYTES:
+            raise invalid(f"{http_codec.HEADER_LENGTH} {header_length} is more than the JSON "
+                          f"limit of {http_codec.MAX_JSON_BYTES} bytes")  # fmt: skip
+        else:
+            header = await body.read_exactly(header_length, http_codec.HEADER_LENGTH)
+        doc = await self._maybe_offload(len(header), http_codec.parse_json, header, what)
+        del header
+        model, version = request.match_info["name"], version_of(request)
+        plan = http_codec.parse_infer_header(model, version, doc, None, self.max_bytes_elements)
+        del doc
+        binary: bytes | bytearray = b""
+        if header_length is not None:
+            binary = await body.read_rest(plan.binary_bytes, "the inputs' binary_data_size")
+        cost = len(binary) + _json_values(plan)
+        parsed = await self._maybe_offload(cost, plan.decode, memoryview(binary))
+        return parsed, plan.choice
+
     # -- life ------------------------------------------------------------------------------
 
-    def _body_bytes(self, request: web.Request) -> int:
-        """What an infer body will hold once read: its length, or the limit when compressed or
-        sent without a length."""
-        if request.content_length is None or "Content-Encoding" in request.headers:
-            return self.max_body_bytes
-        return request.content_length
+    def _body(self, request: web.Request) -> BodyReader:
+        return BodyReader(request, self.body_limits, self.core.read_ahead)
+
+    async def _maybe_offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` on the loop when `size` is small, else on the decode pool (whose two
+        threads bound the CPU that parsing takes from the loop)."""
+        if size <= INLINE_BYTES:
+            return work(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="http-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
 
     async def start(self, host: str, port: int) -> int:
         return await self.server.start(host, port)
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+UNREAD_BODY = (408, 413, 415, 499)  # refused before the body was read whole
+
+
+def _json_values(plan: http_codec.InferHeader) -> int:
+    """What decoding a request's JSON data costs, roughly: its inputs' element counts."""
+    return sum(element_count(p.shape) for p in plan.inputs if p.binary_size is None)
+
+
+def _log_refusal(request: web.Request, rpc: str, exc: LstmServeError, status: int) -> None:
+    """One line, no traceback, for a client's mistake (a malformed, too large or too slow
+    request) or a client gone; other refusals (unknown model, ...) are not logged."""
+    if isinstance(exc, ClientGone):
+        log.info("client went away", extra={"fields": {"rpc": rpc, "peer": request.remote}})
+    elif status in (400, 408, 413, 415):
+        log.warning("bad request", extra={"fields": {
+            "rpc": rpc, "status": status, "error": str(exc)[:200], "peer": request.remote,
+        }})  # fmt: skip
