@@ -81,7 +81,6 @@ class ServerConfig:
     read_ahead_bytes: int = 4 << 20
     read_ahead_total_bytes: int = 256 << 20
     http2_stream_window_bytes: int = 1 << 20
-    # KServe v2 / Triton requests judged by what they declare (service/triton/http_body.py).
     max_bytes_elements: int = 65_536
     http_max_body_bytes: int = 64 << 20
     http_max_inflate_ratio: int = 200
@@ -206,14 +205,12 @@ class ServerConfig:
             )
         if self.snapshot_max_age_s <= 0:
             raise ConfigError(f"snapshot_max_age_s must be > 0, got {self.snapshot_max_age_s}")
-        for name in ("http_body_timeout_s", "http_idle_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.repository_poll_s <= 0:
             raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         check_session_store(self)
+        check_http_timeouts(self)
 
     @property
     def snapshot_keys(self) -> SnapshotKeys | None:
@@ -253,6 +250,12 @@ class ServerConfig:
     def eviction_interval_s(self) -> float:
         """How often idle sessions are swept: a quarter of the idle timeout, within [0.05, 10] s."""
         return max(0.05, min(self.session_idle_timeout_s / 4, 10.0))
+
+
+def check_http_timeouts(self: ServerConfig) -> None:
+    for name in ("http_body_timeout_s", "http_idle_timeout_s"):
+        if getattr(self, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def check_session_store(self: ServerConfig) -> None:

@@ -14,14 +14,12 @@ Connections without a complete request's headers for `--http-idle-timeout-s` are
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -32,16 +30,9 @@ from service import metrics
 from service.engine.inputs import quoted
 from service.errors import ConfigError, LstmServeError
 from service.triton import http_codec
-from service.triton.http_body import BodyLimits, BodyReader, ClientGone
-from service.triton.tensors import element_count
-from service.triton.types import (
-    InferRequest,
-    ModelMetadata,
-    ModelStats,
-    TritonError,
-    http_status,
-    invalid,
-)
+from service.triton.http_body import BodyLimits, ClientGone
+from service.triton.http_requests import RequestReader
+from service.triton.types import ModelMetadata, ModelStats, TritonError, http_status, invalid
 
 if TYPE_CHECKING:
     from service.triton.core import TritonCore
@@ -50,11 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size (--http-max-body-bytes)
 MAX_ERROR_CHARS = 1024  # as the gRPC fronts cap status messages
-MAX_SMALL_JSON_BYTES = 1 << 20  # the body of a repository request (load, unload, index)
-INLINE_BYTES = 64 << 10  # bodies up to this size are parsed and decoded on the loop
-DECODE_THREADS = 2  # the pool parsing and decoding larger bodies
 LINGER_S = 2.0  # after a reply to a request whose body was not read whole: discard, then close
-T = TypeVar("T")
 # Replies smaller than this go uncompressed whatever Accept-Encoding says (aiohttp clients, such
 # as tritonclient.http.aio, always send one): compressing a few hundred bytes costs more than
 # it saves.
@@ -229,16 +216,15 @@ class HttpFront:
         self.core = core
         config = core.config
         self.max_body_bytes = max_body_bytes or config.http_max_body_bytes
-        self.body_limits = BodyLimits(self.max_body_bytes, config.http_max_inflate_ratio,
-                                      config.http_body_timeout_s)  # fmt: skip
-        self.max_bytes_elements = config.max_bytes_elements
+        limits = BodyLimits(self.max_body_bytes, config.http_max_inflate_ratio,
+                            config.http_body_timeout_s)  # fmt: skip
+        self.reader = RequestReader(limits, core.read_ahead, config.max_bytes_elements)
         self.app = web.Application(
             client_max_size=self.max_body_bytes, middlewares=[*middlewares, self._answer]
         )
         self._rpc: dict[str, str] = {}
         self._routes()
         self.server = HttpServer(self.app, ssl_context, config.http_idle_timeout_s)
-        self._pool: ThreadPoolExecutor | None = None
 
     def _routes(self) -> None:
         model = "/v2/models/{name}"
@@ -344,16 +330,8 @@ class HttpFront:
 
     # -- repository ------------------------------------------------------------------------
 
-    async def read_json_body(self, request: web.Request, what: str) -> Any:
-        """An optional small JSON body (empty: None)."""
-        async with self._body(request) as body:
-            data = await body.read_all(MAX_SMALL_JSON_BYTES, what)
-        if not data.strip():
-            return None
-        return await self._maybe_offload(len(data), http_codec.parse_json, data, what)
-
     async def index(self, request: web.Request) -> web.Response:
-        doc = await self.read_json_body(request, "the repository index request")
+        doc = await self.reader.json(request, "the repository index request")
         ready = False
         if doc is not None:
             if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
@@ -372,7 +350,7 @@ class HttpFront:
         return json_response(rows)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = await self.read_json_body(request, "the load request")
+        doc = await self.reader.json(request, "the load request")
         params = http_codec.parameters(doc.get("parameters") if isinstance(doc, dict) else None,
                                        "parameters")  # fmt: skip
         if params:
@@ -385,7 +363,7 @@ class HttpFront:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await self.read_json_body(request, "the unload request")  # unload_dependents: none
+        await self.reader.json(request, "the unload request")  # unload_dependents: none
         await self.core.unload(request.match_info["name"])
         return web.Response(status=200)
 
@@ -394,9 +372,8 @@ class HttpFront:
     async def infer(self, request: web.Request) -> web.Response:
         # Bounded bytes in flight: one budget with every stream's read-ahead (the layer's),
         # held as the body arrives (service/triton/http_body.py).
-        async with self._body(request) as body:
-            parsed, choice = await self._read_infer(request, body)
-        reply = await self.core.infer(parsed)
+        name, version = request.match_info["name"], version_of(request)
+        reply, choice = await self.reader.infer(request, name, version, self.core.infer)
         data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
         headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
         response = web.Response(body=data, content_type=content_type, headers=headers)
@@ -404,62 +381,17 @@ class HttpFront:
             response.enable_compression()  # gzip or deflate, as the client accepts
         return response
 
-    async def _read_infer(
-        self, request: web.Request, body: BodyReader
-    ) -> tuple[InferRequest, http_codec.OutputChoice]:
-        """The JSON header first, judged by what it declares; then the binary part, exactly
-        the size the header says; then the tensors (off the loop when large)."""
-        what = "the inference request"
-        header_length = http_codec.header_length_of(request.headers.get(http_codec.HEADER_LENGTH))
-        if header_length is None:
-            header = await body.read_all(http_codec.MAX_JSON_BYTES, f"{what} (JSON)")
-        elif header_length > http_codec.MAX_JSON_BYTES:
-            raise invalid(f"{http_codec.HEADER_LENGTH} {header_length} is more than the JSON "
-                          f"limit of {http_codec.MAX_JSON_BYTES} bytes")  # fmt: skip
-        else:
-            header = await body.read_exactly(header_length, http_codec.HEADER_LENGTH)
-        doc = await self._maybe_offload(len(header), http_codec.parse_json, header, what)
-        del header
-        model, version = request.match_info["name"], version_of(request)
-        plan = http_codec.parse_infer_header(model, version, doc, None, self.max_bytes_elements)
-        del doc
-        binary: bytes | bytearray = b""
-        if header_length is not None:
-            binary = await body.read_rest(plan.binary_bytes, "the inputs' binary_data_size")
-        cost = len(binary) + _json_values(plan)
-        parsed = await self._maybe_offload(cost, plan.decode, memoryview(binary))
-        return parsed, plan.choice
-
     # -- life ------------------------------------------------------------------------------
-
-    def _body(self, request: web.Request) -> BodyReader:
-        return BodyReader(request, self.body_limits, self.core.read_ahead)
-
-    async def _maybe_offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
-        """`work(*args)` on the loop when `size` is small, else on the decode pool (whose two
-        threads bound the CPU that parsing takes from the loop)."""
-        if size <= INLINE_BYTES:
-            return work(*args)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="http-decode")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
 
     async def start(self, host: str, port: int) -> int:
         return await self.server.start(host, port)
 
     async def stop(self) -> None:
         await self.server.stop()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self.reader.close()
 
 
 UNREAD_BODY = (408, 413, 415, 499)  # refused before the body was read whole
-
-
-def _json_values(plan: http_codec.InferHeader) -> int:
-    """What decoding a request's JSON data costs, roughly: its inputs' element counts."""
-    return sum(element_count(p.shape) for p in plan.inputs if p.binary_size is None)
 
 
 def _log_refusal(request: web.Request, rpc: str, exc: LstmServeError, status: int) -> None:
