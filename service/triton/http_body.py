@@ -68,6 +68,7 @@ class BodyReader:
         self._buffer = bytearray()  # read (and inflated), not yet taken
         self._taken = 0  # bytes of the body handed out
         self._raw = 0  # bytes received (compressed)
+        self._compressed_tail = b""  # received, not inflated yet
         self._eof = False
         self._deadline = asyncio.get_running_loop().time() + limits.timeout_s
         self.length = request.content_length  # declared (None: chunked)
@@ -105,6 +106,8 @@ class BodyReader:
     async def read_rest(self, expected: int, what: str) -> bytearray:
         """The rest of the body, which must be exactly `expected` bytes: refused as soon as it
         is known to differ (at once when the headers declare the body's length)."""
+        if self._taken + expected > self.limits.max_bytes:
+            raise self._too_large(f"{what} add up to {expected}")
         if self.declared is not None and self.declared - self._taken != expected:
             raise invalid(f"the body has {self.declared - self._taken} bytes after the JSON "
                           f"header but {what} add up to {expected}")  # fmt: skip
@@ -132,8 +135,12 @@ class BodyReader:
     # -- reading ----------------------------------------------------------------------------
 
     async def _fill(self, size: int) -> None:
-        """Read until `size` bytes are buffered or the body ends."""
+        """Read (and inflate, a slice at a time) until `size` bytes are buffered or the body
+        ends: what is not needed yet stays compressed."""
         while len(self._buffer) < size and not self._eof:
+            if self._compressed_tail:
+                await self._inflate_slice()
+                continue
             chunk = await self._receive()
             if not chunk:
                 self._finish()
@@ -143,7 +150,7 @@ class BodyReader:
                 await self._hold(self._retained() + len(chunk))
                 self._buffer += chunk
             else:
-                await self._inflate(chunk)
+                self._compressed_tail = chunk
 
     async def _receive(self) -> bytes:
         """The next bytes the client sent (b"" at the end), within the body's deadline."""
@@ -158,26 +165,25 @@ class BodyReader:
         except CLIENT_GONE as exc:
             raise ClientGone(f"the client went away while sending its body: {exc}") from None
 
-    async def _inflate(self, chunk: bytes) -> None:
-        """Inflate a compressed chunk in slices, checking the bounds after each."""
+    async def _inflate_slice(self) -> None:
+        """Inflate at most INFLATE_SLICE bytes of the compressed tail, checking the bounds,
+        with a turn of the event loop before the next slice."""
         inflater = self._inflater
         assert inflater is not None
-        data = chunk
-        while data:
-            if inflater.eof:
-                raise invalid("the request body has data after the end of its compressed stream")
-            await self._hold(self._retained() + min(INFLATE_SLICE, self.limits.max_bytes))
-            try:
-                out = inflater.decompress(data, INFLATE_SLICE)
-            except zlib.error as exc:
-                raise invalid(f"the request body is not valid compressed data: {exc}") from None
-            self._buffer += out
-            self._check_inflated()
-            data = inflater.unconsumed_tail
-            if inflater.eof and inflater.unused_data:
-                raise invalid("the request body has data after the end of its compressed stream")
-            if data:
-                await asyncio.sleep(0)  # a turn of the loop between slices
+        if inflater.eof:
+            raise invalid("the request body has data after the end of its compressed stream")
+        await self._hold(self._retained() + min(INFLATE_SLICE, self.limits.max_bytes))
+        try:
+            out = inflater.decompress(self._compressed_tail, INFLATE_SLICE)
+        except zlib.error as exc:
+            raise invalid(f"the request body is not valid compressed data: {exc}") from None
+        self._buffer += out
+        self._check_inflated()
+        self._compressed_tail = inflater.unconsumed_tail
+        if inflater.eof and inflater.unused_data:
+            raise invalid("the request body has data after the end of its compressed stream")
+        if self._compressed_tail:
+            await asyncio.sleep(0)
 
     def _finish(self) -> None:
         self._eof = True

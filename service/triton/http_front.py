@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -130,6 +132,22 @@ def stats_json(stats: ModelStats) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's connection logger, where a malformed HTTP message (request line, headers, chunk
+    framing) is a client's mistake: one WARNING line, no traceback; anything else as before."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if not isinstance(exc, HttpProcessingError):
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+            return
+        peer = args[0] if args else None
+        reason = " ".join(str(exc.message).split())[:200]
+        self.logger.warning("bad request", extra={"fields": {
+            "status": exc.code, "error": f"malformed HTTP: {reason}", "peer": peer,
+        }})  # fmt: skip
+
+
 class HttpServer:
     """The aiohttp application and its listening site on the running loop."""
 
@@ -149,6 +167,7 @@ class HttpServer:
         runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, auto_decompress=False,
             keepalive_timeout=self.idle_timeout_s, lingering_time=LINGER_S,
+            logger=ConnectionLog(logging.getLogger("aiohttp.server"), {}),
         )  # fmt: skip
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=self.ssl_context)
