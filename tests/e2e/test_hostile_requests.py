@@ -395,3 +395,11 @@ def _one_warning(server: ServerProcess, since: int) -> None:
     assert_no_error_logged(server, since)
     warnings = [ln for ln in server.lines[since:] if '"WARNING"' in ln]
     assert len(warnings) == 1, warnings
+
+
+def test_an_8_mib_json_body_of_4_m_numbers_is_parsed_off_the_loop(server: ServerProcess) -> None:
+    n = (8 * MiB - 200) // 2
+    body = b'{"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, %d], "data": [' % n
+    body += b"0," * (n - 1) + b"0]}]}"
+    code, error = measured(server, "json_8mib_numbers", lambda: post(server, {}, body))
+    assert code == 400 and "steps" in error, error  # decoded, then refused by the model's limit
