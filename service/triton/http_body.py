@@ -121,12 +121,13 @@ class BodyReader:
         return rest
 
     async def read_all(self, at_most: int, what: str) -> bytes:
-        """The whole (rest of the) body, refused (400) past `at_most` bytes."""
+        """The whole (rest of the) body, refused (413) past `at_most` bytes."""
         if self.declared is not None and self.declared - self._taken > at_most:
-            raise invalid(f"{what} is {self.declared} bytes, more than {at_most}")
+            raise too_large(f"{what} is {self.declared} bytes, more than the server's limit of "
+                            f"{at_most}")  # fmt: skip
         await self._fill(at_most + 1)
         if len(self._buffer) > at_most:
-            raise invalid(f"{what} is more than {at_most} bytes")
+            raise too_large(f"{what} is more than the server's limit of {at_most} bytes")
         data = bytes(self._buffer)
         self._taken += len(data)
         self._buffer = bytearray()

@@ -72,7 +72,8 @@ class RequestReader:
         what = "the inference request"
         header_length = http_codec.header_length_of(request.headers.get(http_codec.HEADER_LENGTH))
         if header_length is None:
-            header = await body.read_all(http_codec.MAX_JSON_BYTES, f"{what} (JSON)")
+            header = await body.read_all(http_codec.MAX_JSON_BYTES, f"{what} (JSON: send large "
+                                         "tensors as binary data)")  # fmt: skip
         elif header_length > http_codec.MAX_JSON_BYTES:
             raise invalid(f"{http_codec.HEADER_LENGTH} {header_length} is more than the JSON "
                           f"limit of {http_codec.MAX_JSON_BYTES} bytes")  # fmt: skip
