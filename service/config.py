@@ -81,6 +81,11 @@ class ServerConfig:
     read_ahead_bytes: int = 4 << 20
     read_ahead_total_bytes: int = 256 << 20
     http2_stream_window_bytes: int = 1 << 20
+    max_bytes_elements: int = 65_536
+    http_max_body_bytes: int = 64 << 20
+    http_max_inflate_ratio: int = 200
+    http_body_timeout_s: float = 60.0
+    http_idle_timeout_s: float = 15.0
     max_sessions_per_principal: int = 0
     session_opens_per_s: float = 0.0
     snapshot_max_age_s: float = 86_400.0
@@ -168,6 +173,9 @@ class ServerConfig:
             "read_ahead_bytes",
             "read_ahead_total_bytes",
             "http2_stream_window_bytes",
+            "max_bytes_elements",
+            "http_max_body_bytes",
+            "http_max_inflate_ratio",
             "expired_ids_remembered",
             "initial_slab_capacity",
         )
@@ -201,6 +209,7 @@ class ServerConfig:
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         check_session_store(self)
+        check_http_timeouts(self)
 
     @property
     def snapshot_keys(self) -> SnapshotKeys | None:
@@ -240,6 +249,12 @@ class ServerConfig:
     def eviction_interval_s(self) -> float:
         """How often idle sessions are swept: a quarter of the idle timeout, within [0.05, 10] s."""
         return max(0.05, min(self.session_idle_timeout_s / 4, 10.0))
+
+
+def check_http_timeouts(self: ServerConfig) -> None:
+    for name in ("http_body_timeout_s", "http_idle_timeout_s"):
+        if getattr(self, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def check_session_store(self: ServerConfig) -> None:
@@ -386,6 +401,33 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "at 1 MiB, +73-390 MiB with gRPC's growing window; docs/OPERATIONS.md); larger helps "
         "big messages over long round trips",
         int,
+    ),
+    "max_bytes_elements": (
+        "most BYTES (string) elements in one KServe v2 / Triton infer request, all its inputs "
+        "together, HTTP and gRPC; judged from the shapes before any element is read (more -> "
+        "400 / INVALID_ARGUMENT)",
+        int,
+    ),
+    "http_max_body_bytes": (
+        "largest HTTP request body, counted after decompression (Triton's "
+        "--http-max-input-size); a larger Content-Length is refused with 413 before reading",
+        int,
+    ),
+    "http_max_inflate_ratio": (
+        "a gzip / deflate HTTP body may inflate to at most this many times its compressed "
+        "bytes (plus 1 MiB); more -> 413 as soon as it does",
+        int,
+    ),
+    "http_body_timeout_s": (
+        "seconds an HTTP request body may take to arrive after its headers; later -> 408 and "
+        "the partial body is dropped",
+        float,
+    ),
+    "http_idle_timeout_s": (
+        "seconds an HTTP connection may go without a complete request's headers (from its "
+        "opening or its last reply) before it is closed: idle keep-alive connections and "
+        "headers sent byte by byte alike",
+        float,
     ),
     "classify_threads": ("threads of the Classify lane (streaming never waits behind it)", int),
     "classify_slice_row_steps": (

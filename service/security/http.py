@@ -49,7 +49,9 @@ def auth_middleware(auth: Authenticator) -> Middleware:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        # The path as sent: an encoded one (/v2/health%2Flive) is no health route, and is
+        # answered 401 like any other route without credentials, not 404.
+        if request.rel_url.raw_path in OPEN_PATHS:
             return await handler(request)
         try:
             caller = auth.authenticate(

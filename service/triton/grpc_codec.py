@@ -2,6 +2,11 @@
 
 Inputs come as raw_input_contents (what tritonclient sends: one entry per input, in order) or
 as typed `contents`; replies carry raw_output_contents, one entry per output, as Triton does.
+A request is judged by what it declares before any tensor is decoded: each input's rank and
+element count, its raw byte size or typed value count against its shape, and the BYTES
+elements of all its inputs together (`max_bytes_elements`, --max-bytes-elements). gRPC itself
+bounds a message at 4 MiB, compressed ones once inflated (RESOURCE_EXHAUSTED "Decompressed
+message larger than max", measured: a 1 GiB gzip message costs the server nothing more).
 """
 
 from __future__ import annotations
@@ -59,12 +64,12 @@ def _no_shared_memory(what: str, mapping: Any) -> None:
             )
 
 
-def _tensor(msg: Any, raw: bytes | None) -> InferInput:
-    name, datatype, shape = msg.name, msg.datatype, list(msg.shape)
+def _tensor(msg: Any, raw: bytes | None, max_bytes_elements: int) -> InferInput:
+    name, datatype, shape = msg.name, msg.datatype, tensors.check_shape(msg.name, msg.shape)
     if len(msg.parameters):
         _no_shared_memory(f"input {quoted(name)}", msg.parameters)
     if raw is not None:
-        data = tensors.from_raw(name, datatype, shape, raw)
+        data = tensors.from_raw(name, datatype, shape, raw, max_bytes_elements)
     else:
         field = CONTENTS_FIELD.get(datatype)
         if field is None:
@@ -72,19 +77,36 @@ def _tensor(msg: Any, raw: bytes | None) -> InferInput:
                 f"input {quoted(name)}: datatype {quoted(datatype)} has no typed contents: "
                 "send it in raw_input_contents"
             )
-        data = tensors.from_values(name, datatype, shape, list(getattr(msg.contents, field)))
+        # the repeated field as it is: its length is checked before a value is copied
+        values = getattr(msg.contents, field)
+        data = tensors.from_values(name, datatype, shape, values, max_bytes_elements)
     return InferInput(name, datatype, tuple(data.shape), data)
 
 
-def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+def _bytes_elements(msg: pb.ModelInferRequest, limit: int) -> int:
+    """The BYTES elements all inputs declare, refused past `limit` before any is read."""
+    total = 0
+    for t in msg.inputs:
+        if t.datatype == "BYTES":
+            shape = tensors.check_shape(t.name, t.shape)
+            total = tensors.check_bytes_elements(t.name, tensors.element_count(shape), total,
+                                                 limit)  # fmt: skip
+    return total
+
+
+def infer_request(
+    msg: pb.ModelInferRequest, max_bytes_elements: int = tensors.MAX_BYTES_ELEMENTS
+) -> InferRequest:
     """A ModelInferRequest as the core's request (tensor errors name the tensor)."""
-    raw = list(msg.raw_input_contents)
-    if raw and len(raw) != len(msg.inputs):
+    raw = msg.raw_input_contents
+    if len(raw) and len(raw) != len(msg.inputs):
         raise invalid(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs: send one "
             "per input, or use contents for every input"
         )
-    inputs = tuple(_tensor(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs))
+    _bytes_elements(msg, max_bytes_elements)
+    inputs = tuple(_tensor(t, raw[i] if len(raw) else None, max_bytes_elements)
+                   for i, t in enumerate(msg.inputs))  # fmt: skip
     outputs = []
     for out in msg.outputs:
         if not len(out.parameters):

@@ -149,7 +149,9 @@ class TritonGrpcFront(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         async def work() -> pb.ModelInferResponse:
-            reply = await self.core.infer(grpc_codec.infer_request(request))
+            reply = await self.core.infer(
+                grpc_codec.infer_request(request, self.core.config.max_bytes_elements)
+            )
             return grpc_codec.infer_response(reply)
 
         return await self._unary("ModelInfer", request.model_name, context, work)
@@ -181,7 +183,9 @@ class _InferStream:
         try:
             if isinstance(msg, codec.Malformed):
                 raise msg.error()
-            reply = await self.core.infer(grpc_codec.infer_request(msg))
+            reply = await self.core.infer(
+                grpc_codec.infer_request(msg, self.core.config.max_bytes_elements)
+            )
             result = pb.ModelStreamInferResponse(infer_response=grpc_codec.infer_response(reply))
             metrics.requests("ModelStreamInfer", self.core.model_label(model), "OK",
                              PROTOCOL).inc()  # fmt: skip

@@ -10,13 +10,26 @@ lives here: what a tensor must look like for a model is the core's business.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from service.engine.text.inputs import quoted
-from service.triton.tensors import DTYPES, from_raw, from_values, to_raw
+from service.triton.tensors import (
+    DTYPES,
+    MAX_BYTES_ELEMENTS,
+    VALUES_SLICE,
+    check_bytes_elements,
+    check_raw_size,
+    check_shape,
+    element_count,
+    from_raw,
+    from_values,
+    to_raw,
+)
 from service.triton.types import (
     InferInput,
     InferRequest,
@@ -33,6 +46,27 @@ BINARY_TYPE = "application/octet-stream"
 # The JSON part of a request: large tensors belong in the binary part. Bounds what json.loads
 # turns into Python objects (about 30 bytes of memory per number).
 MAX_JSON_BYTES = 8 << 20
+# Arrays and objects in one JSON document (counted before parsing, brackets inside strings
+# included): each costs json.loads ~0.4 us holding the GIL, 2.8 M of them in 8 MiB took 1.2 s.
+MAX_JSON_CONTAINERS = 1 << 17
+# From this size on, numbers go through Python functions: the thread parsing the JSON then lets
+# the event loop's thread run between them (an 8 MiB array of floats held the GIL for 0.45 s
+# in one json.loads call, 0.13 s at most this way; parsing takes twice as long, off the loop).
+YIELDING_FROM_BYTES = 64 << 10
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+NUMBER_CALLBACKS: dict[str, Any] = {"parse_int": _int, "parse_float": _float}
+# A backslash escape of a UTF-16 surrogate: only then can a string hold a lone one.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 BYTES = "BYTES"
 # Which JSON values a datatype takes: numpy kinds of np.asarray(values).
@@ -40,69 +74,170 @@ JSON_KINDS = {"b": "b", "u": "bui", "i": "bui", "f": "buif"}
 
 
 def parse_json(body: bytes, what: str) -> Any:
-    """A JSON document of at most MAX_JSON_BYTES; a short InvalidInput for anything else."""
+    """A JSON document of at most MAX_JSON_BYTES and MAX_JSON_CONTAINERS arrays and objects,
+    valid Unicode; a short InvalidInput for anything else. Costs up to ~0.3 s at the limit:
+    callers run large ones off the event loop."""
     if len(body) > MAX_JSON_BYTES:
         raise invalid(
             f"{what}: the JSON is {len(body)} bytes, more than {MAX_JSON_BYTES}; send large "
             "tensors as binary data (binary_data_size)"
         )
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_CONTAINERS:
+        raise invalid(f"{what}: more than {MAX_JSON_CONTAINERS} JSON arrays and objects; "
+                      "send tensors flat")  # fmt: skip
     try:
-        return json.loads(body)
+        doc = json.loads(body, **(NUMBER_CALLBACKS if len(body) > YIELDING_FROM_BYTES else {}))
     except UnicodeDecodeError as exc:
         raise invalid(f"{what} is not UTF-8 JSON: byte {exc.start} is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise invalid(f"{what} is not valid JSON: {exc.msg} at character {exc.pos}") from None
     except RecursionError:
         raise invalid(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise invalid(f"{what} is not valid JSON here: {str(exc)[:120]}") from None
+    if SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(doc):
+        raise invalid(f"{what} is not valid Unicode: a string holds a lone surrogate (\\ud800)")
+    return doc
+
+
+def _has_lone_surrogate(doc: object) -> bool:
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+    return False
+
+
+def header_length_of(raw: str | None) -> int | None:
+    """The Inference-Header-Content-Length header as a size (None: the body is all JSON)."""
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.strip().isdigit() or len(raw.strip()) > 20:
+        raise invalid(f"{HEADER_LENGTH} {quoted(raw)} is not an integer")
+    return int(raw)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """(JSON header, binary rest) of an infer body; no header length: all of it is JSON."""
-    if header_length is None:
+    size = header_length_of(header_length)
+    if size is None:
         return body, memoryview(b"")
-    try:
-        size = int(header_length)
-    except ValueError:
-        raise invalid(f"{HEADER_LENGTH} {quoted(header_length)} is not an integer") from None
     if not 0 <= size <= len(body):
         raise invalid(f"{HEADER_LENGTH} {size} is not within the body's {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:size]), view[size:]
 
 
+@dataclass
+class InputPlan:
+    """One input as its JSON header declares it: its binary part's size, or its JSON data
+    (dropped once decoded, so that a large one is freed by the thread that decodes it)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    binary_size: int | None  # None: the values are `data`
+    data: object = None
+
+
+@dataclass(frozen=True)
+class InferHeader:
+    """An infer request's JSON header, checked against what it declares (shapes, datatypes,
+    binary sizes, BYTES elements) before any tensor data is read or decoded."""
+
+    model: str
+    version: str
+    id: str
+    inputs: tuple[InputPlan, ...]
+    outputs: tuple[RequestedOutput, ...]
+    parameters: dict[str, ParamValue]
+    choice: OutputChoice
+    binary_bytes: int  # what the inputs' binary_data_size add up to
+    max_bytes_elements: int
+
+    def decode(self, binary: memoryview) -> InferRequest:
+        """The request with its tensors (cost grows with the data: large ones off the loop)."""
+        if len(binary) != self.binary_bytes:
+            raise invalid(
+                f"the body holds {len(binary)} bytes of binary tensor data but the inputs' "
+                f"binary_data_size add up to {self.binary_bytes}"
+            )
+        decoded, offset = [], 0
+        for plan in self.inputs:
+            if plan.binary_size is None:
+                values, plan.data = plan.data, None
+                data = json_tensor(plan.name, values, plan.datatype, plan.shape,
+                                   self.max_bytes_elements)  # fmt: skip
+                del values
+            else:
+                raw = bytes(binary[offset : offset + plan.binary_size])
+                offset += plan.binary_size
+                data = from_raw(plan.name, plan.datatype, plan.shape, raw,
+                                self.max_bytes_elements)  # fmt: skip
+            decoded.append(InferInput(plan.name, plan.datatype, plan.shape, data))
+        return InferRequest(
+            model=self.model, version=self.version, id=self.id, inputs=tuple(decoded),
+            outputs=self.outputs, parameters=self.parameters,
+        )  # fmt: skip
+
+
 def parse_infer_request(
-    model: str, version: str, body: bytes, header_length: str | None
-) -> tuple[InferRequest, OutputChoice]:
-    """An infer body -> the neutral request and how each output is to be sent back."""
+    model: str, version: str, body: bytes, header_length: str | None,
+    max_bytes_elements: int = MAX_BYTES_ELEMENTS,
+) -> tuple[InferRequest, OutputChoice]:  # fmt: skip
+    """A whole infer body -> the neutral request and how each output is to be sent back."""
     header, binary = split_body(body, header_length)
     doc = parse_json(header, "the inference request")
+    plan = parse_infer_header(model, version, doc, len(binary), max_bytes_elements)
+    return plan.decode(binary), plan.choice
+
+
+def parse_infer_header(
+    model: str, version: str, doc: object, binary_bytes: int | None,
+    max_bytes_elements: int = MAX_BYTES_ELEMENTS,
+) -> InferHeader:  # fmt: skip
+    """The parsed JSON header -> its checked plan. `binary_bytes`: the binary part's size when
+    known (None: not yet read), to name an input that goes past its end."""
     if not isinstance(doc, dict):
         raise invalid("the inference request must be a JSON object")
     params = parameters(doc.get("parameters"), "parameters")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise invalid("the inference request needs 'inputs': a non-empty list of tensors")
-    decoded, used = [], 0
+    plans, used, strings = [], 0, 0
     for i, item in enumerate(inputs):
-        tensor, used = parse_input(item, i, binary, used)
-        decoded.append(tensor)
-    if used != len(binary):
-        raise invalid(
-            f"the body holds {len(binary)} bytes of binary tensor data but the inputs' "
-            f"binary_data_size add up to {used}"
-        )
+        plan = parse_input(item, i)
+        if plan.datatype == BYTES:
+            strings = check_bytes_elements(plan.name, element_count(plan.shape), strings,
+                                           max_bytes_elements)  # fmt: skip
+        if plan.binary_size is not None:
+            if binary_bytes is not None and used + plan.binary_size > binary_bytes:
+                raise invalid(
+                    f"input {quoted(plan.name)}: binary_data_size {plan.binary_size} goes past "
+                    f"the end of the body's binary data ({binary_bytes - used} bytes left)"
+                )
+            used += plan.binary_size
+        plans.append(plan)
     outputs = parse_outputs(doc.get("outputs"))
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
-        raise invalid(f"'id' must be a string, got {quoted(json.dumps(request_id))}")
-    request = InferRequest(
-        model=model, version=version, id=request_id, inputs=tuple(decoded),
-        outputs=tuple(o for o, _ in outputs), parameters=params,
-    )  # fmt: skip
+        raise invalid("'id' must be a string")
     default = params.get("binary_data_output", False)
     if not isinstance(default, bool):
         raise invalid("parameter 'binary_data_output' must be true or false")
-    return request, OutputChoice(default, {o.name: b for o, b in outputs if b is not None})
+    choice = OutputChoice(default, {o.name: b for o, b in outputs if b is not None})
+    return InferHeader(
+        model=model, version=version, id=request_id, inputs=tuple(plans),
+        outputs=tuple(o for o, _ in outputs), parameters=params, choice=choice,
+        binary_bytes=used, max_bytes_elements=max_bytes_elements,
+    )  # fmt: skip
 
 
 def parameters(raw: object, field: str) -> dict[str, ParamValue]:
@@ -117,10 +252,9 @@ def parameters(raw: object, field: str) -> dict[str, ParamValue]:
     return dict(raw)
 
 
-def parse_input(
-    item: object, index: int, binary: memoryview, offset: int
-) -> tuple[InferInput, int]:
-    """One request input -> (tensor, the binary offset after it)."""
+def parse_input(item: object, index: int) -> InputPlan:
+    """One request input as declared: its name, datatype, shape and where its values are;
+    a binary part's size is checked against the datatype and shape."""
     if not isinstance(item, dict):
         raise invalid(f"inputs[{index}] must be a JSON object")
     name = item.get("name")
@@ -129,9 +263,9 @@ def parse_input(
     field = f"input {quoted(name)}"
     datatype = item.get("datatype")
     if not isinstance(datatype, str) or datatype not in DTYPES:
-        shown = quoted(str(datatype))
+        shown = quoted(datatype) if isinstance(datatype, str) else "(not a string)"
         raise invalid(f"{field}: datatype {shown} is not a KServe v2 datatype")
-    shape = parse_shape(item.get("shape"), field)
+    shape = check_shape(name, parse_shape(item.get("shape"), field))
     params = parameters(item.get("parameters"), f"{field} parameters")
     if "shared_memory_region" in params:
         raise TritonError("UNIMPLEMENTED", f"{field}: shared memory is not supported by "
@@ -140,41 +274,54 @@ def parse_input(
     if size is None:
         if "data" not in item:
             raise invalid(f"{field} has neither 'data' nor a binary_data_size parameter")
-        data = json_tensor(name, item["data"], datatype, shape)
-        return InferInput(name, datatype, shape, data), offset
+        return InputPlan(name, datatype, shape, None, item["data"])
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise invalid(f"{field}: binary_data_size must be a non-negative integer")
-    if offset + size > len(binary):
-        raise invalid(
-            f"{field}: binary_data_size {size} goes past the end of the body's binary data "
-            f"({len(binary) - offset} bytes left)"
-        )
-    data = from_raw(name, datatype, shape, bytes(binary[offset : offset + size]))
-    return InferInput(name, datatype, shape, data), offset + size
+    check_raw_size(name, datatype, shape, size)
+    return InputPlan(name, datatype, shape, size)
 
 
-def parse_shape(raw: object, field: str) -> tuple[int, ...]:
+def parse_shape(raw: object, field: str) -> list[int]:
     if not isinstance(raw, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
     ):
         raise invalid(f"{field}: 'shape' must be a list of non-negative integers")
-    return tuple(raw)
+    return raw
 
 
-def json_tensor(name: str, values: object, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+def json_tensor(
+    name: str, values: object, datatype: str, shape: tuple[int, ...],
+    max_bytes_elements: int = MAX_BYTES_ELEMENTS,
+) -> np.ndarray:  # fmt: skip
     """JSON 'data' (flat or nested, row-major) -> an array of `shape`; numbers only for
     numeric types (no strings, no fractions for integers), strings for BYTES."""
-    flat = _flatten(values)
+    flat = _flatten(values, element_count(shape))
     if datatype == BYTES:
         if not all(isinstance(v, str) for v in flat):
             raise invalid(f"input {quoted(name)}: BYTES data must be strings")
-        return from_values(name, datatype, shape, flat)
+        return from_values(name, datatype, shape, flat, max_bytes_elements)
     kinds = JSON_KINDS[DTYPES[datatype].kind]
     if not all(_is_json_number(v, datatype) for v in flat) or (
-        flat and np.asarray(flat).dtype.kind not in kinds
+        flat and _json_kind(flat) not in kinds
     ):
         raise invalid(f"input {quoted(name)}: 'data' holds values a {datatype} tensor cannot take")
     return from_values(name, datatype, shape, flat)
+
+
+def _json_kind(flat: list[object]) -> str:
+    """The numpy kind of JSON numbers: b (all bool), i, u or f (any float); an integer beyond
+    64 bits is "O" (no datatype takes it). In slices: no C call holds the GIL for long."""
+    if isinstance(flat[0], bool):
+        return "b"
+    low, high = 0, 0
+    for start in range(0, len(flat), VALUES_SLICE):
+        part = flat[start : start + VALUES_SLICE]
+        if any(isinstance(v, float) for v in part):
+            return "f"
+        low, high = min(low, *part), max(high, *part)  # type: ignore[call-overload]
+    if low >= -(1 << 63) and high < 1 << 63:
+        return "i"
+    return "u" if low >= 0 and high < 1 << 64 else "O"
 
 
 def _is_json_number(value: object, datatype: str) -> bool:
@@ -184,8 +331,9 @@ def _is_json_number(value: object, datatype: str) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _flatten(values: object) -> list[object]:
-    """Nested lists -> their leaves in row-major order (a scalar is one value)."""
+def _flatten(values: object, expected: int) -> list[object]:
+    """Nested lists -> their leaves in row-major order (a scalar is one value); stops once
+    past `expected` leaves (the count is wrong then: no need to read on)."""
     out: list[object] = []
     stack = [values]
     while stack:
@@ -194,6 +342,8 @@ def _flatten(values: object) -> list[object]:
             stack.extend(reversed(item))
         else:
             out.append(item)
+            if len(out) > expected:
+                break
     return out
 
 

@@ -2,9 +2,14 @@
 
 aiohttp.web on the server's one asyncio loop (beside grpc.aio): each route parses its request
 (service/triton/http_codec.py), asks the Triton core, and encodes the answer. Errors are
-`{"error": "..."}` with the HTTP status of the error's code (service/triton/types.py). Bounded:
-a body larger than `max_body_bytes` is refused with 413 before it is read whole, and the JSON
-part of a request is bounded (http_codec.MAX_JSON_BYTES).
+`{"error": "..."}` with the HTTP status of the error's code (service/triton/types.py); a
+client's mistake is one WARNING line, never a traceback.
+
+Nothing unbounded on the loop: a body is read within its limits of size, time and memory and
+inflated in slices (service/triton/http_body.py); an infer request's JSON header is read first
+and judged by what it declares (shapes, binary sizes, BYTES elements) before the binary part is
+read; parsing and decoding whose cost grows with the request run on a small thread pool.
+Connections without a complete request's headers for `--http-idle-timeout-s` are closed.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import json
 import logging
 import os
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -25,6 +32,8 @@ from service import metrics
 from service.engine.text.inputs import quoted
 from service.errors import ConfigError, LstmServeError
 from service.triton import http_codec
+from service.triton.http_body import BodyLimits, ClientGone
+from service.triton.http_requests import RequestReader
 from service.triton.types import ModelMetadata, ModelStats, TritonError, http_status, invalid
 
 if TYPE_CHECKING:
@@ -32,8 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size
+MAX_BODY_BYTES = 64 << 20  # as Triton's default --http-max-input-size (--http-max-body-bytes)
 MAX_ERROR_CHARS = 1024  # as the gRPC fronts cap status messages
+LINGER_S = 2.0  # after a reply to a request whose body was not read whole: discard, then close
 # Replies smaller than this go uncompressed whatever Accept-Encoding says (aiohttp clients, such
 # as tritonclient.http.aio, always send one): compressing a few hundred bytes costs more than
 # it saves.
@@ -122,26 +132,43 @@ def stats_json(stats: ModelStats) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def read_json_body(request: web.Request, what: str) -> Any:
-    """An optional JSON body (empty: None)."""
-    body = await request.read()
-    if not body.strip():
-        return None
-    return http_codec.parse_json(body, what)
+class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's connection logger, where a malformed HTTP message (request line, headers, chunk
+    framing) is a client's mistake: one WARNING line, no traceback; anything else as before."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if not isinstance(exc, HttpProcessingError):
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+            return
+        peer = args[0] if args else None
+        reason = " ".join(str(exc.message).split())[:200]
+        self.logger.warning("bad request", extra={"fields": {
+            "status": exc.code, "error": f"malformed HTTP: {reason}", "peer": peer,
+        }})  # fmt: skip
 
 
 class HttpServer:
     """The aiohttp application and its listening site on the running loop."""
 
-    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None,
+                 idle_timeout_s: float = 15.0) -> None:  # fmt: skip
         self.app = app
         self.ssl_context = ssl_context  # TLS (service/security/http.py), None = plaintext
+        self.idle_timeout_s = idle_timeout_s
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); a busy port is a ConfigError naming it."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's keep-alive timer runs from a connection's opening and from each reply until
+        # a request's headers are complete: the idle limit and the header timeout in one.
+        # Bodies are inflated by the front in slices, not by aiohttp whole on the loop.
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, auto_decompress=False,
+            keepalive_timeout=self.idle_timeout_s, lingering_time=LINGER_S,
+            logger=ConnectionLog(logging.getLogger("aiohttp.server"), {}),
+        )  # fmt: skip
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=self.ssl_context)
         try:
@@ -200,18 +227,23 @@ class HttpFront:
     """The KServe v2 REST routes over one Triton core."""
 
     def __init__(
-        self, core: TritonCore, max_body_bytes: int = MAX_BODY_BYTES, *,
+        self, core: TritonCore, max_body_bytes: int | None = None, *,
         middlewares: Sequence[Any] = (), ssl_context: ssl.SSLContext | None = None,
     ) -> None:  # fmt: skip
-        """`middlewares` run before the front's own (authentication: service/security/http.py)."""
+        """`middlewares` run before the front's own (authentication: service/security/http.py).
+        The bounds are the core's config's (--http-* flags, --max-bytes-elements)."""
         self.core = core
-        self.max_body_bytes = max_body_bytes
+        config = core.config
+        self.max_body_bytes = max_body_bytes or config.http_max_body_bytes
+        limits = BodyLimits(self.max_body_bytes, config.http_max_inflate_ratio,
+                            config.http_body_timeout_s)  # fmt: skip
+        self.reader = RequestReader(limits, core.read_ahead, config.max_bytes_elements)
         self.app = web.Application(
-            client_max_size=max_body_bytes, middlewares=[*middlewares, self._answer]
+            client_max_size=self.max_body_bytes, middlewares=[*middlewares, self._answer]
         )
         self._rpc: dict[str, str] = {}
         self._routes()
-        self.server = HttpServer(self.app, ssl_context)
+        self.server = HttpServer(self.app, ssl_context, config.http_idle_timeout_s)
 
     def _routes(self) -> None:
         model = "/v2/models/{name}"
@@ -252,12 +284,15 @@ class HttpFront:
             response, code = self._http_error(request, exc)
         except LstmServeError as exc:
             response, code = error_response(http_status(exc), str(exc)), exc.code
+            _log_refusal(request, rpc, exc, response.status)
         except Exception as exc:
             log.exception("HTTP request failed", extra={"fields": {"rpc": rpc}})
             response = error_response(500, f"internal error: {type(exc).__name__}")
             code = "INTERNAL"
         name = request.match_info.get("name")
         metrics.requests(rpc, self._label(name), code, metrics.PROTOCOL_KSERVE_HTTP).inc()
+        if response.status in UNREAD_BODY:
+            response.force_close()  # the body was not read whole: close after the reply
         return response
 
     def _label(self, name: str | None) -> str:
@@ -315,7 +350,7 @@ class HttpFront:
     # -- repository ------------------------------------------------------------------------
 
     async def index(self, request: web.Request) -> web.Response:
-        doc = await read_json_body(request, "the repository index request")
+        doc = await self.reader.json(request, "the repository index request")
         ready = False
         if doc is not None:
             if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
@@ -334,7 +369,7 @@ class HttpFront:
         return json_response(rows)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = await read_json_body(request, "the load request")
+        doc = await self.reader.json(request, "the load request")
         params = http_codec.parameters(doc.get("parameters") if isinstance(doc, dict) else None,
                                        "parameters")  # fmt: skip
         if params:
@@ -347,22 +382,17 @@ class HttpFront:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await read_json_body(request, "the unload request")  # unload_dependents: nothing depends
+        await self.reader.json(request, "the unload request")  # unload_dependents: none
         await self.core.unload(request.match_info["name"])
         return web.Response(status=200)
 
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        # Bounded bytes in flight: one budget with every stream's read-ahead (the layer's).
-        async with self.core.read_ahead.hold(self._body_bytes(request)):
-            body = await request.read()
-            parsed, choice = http_codec.parse_infer_request(
-                request.match_info["name"], version_of(request), body,
-                request.headers.get(http_codec.HEADER_LENGTH),
-            )  # fmt: skip
-            del body
-            reply = await self.core.infer(parsed)
+        # Bounded bytes in flight: one budget with every stream's read-ahead (the layer's),
+        # held as the body arrives (service/triton/http_body.py).
+        name, version = request.match_info["name"], version_of(request)
+        reply, choice = await self.reader.infer(request, name, version, self.core.infer)
         data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
         headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
         response = web.Response(body=data, content_type=content_type, headers=headers)
@@ -372,15 +402,23 @@ class HttpFront:
 
     # -- life ------------------------------------------------------------------------------
 
-    def _body_bytes(self, request: web.Request) -> int:
-        """What an infer body will hold once read: its length, or the limit when compressed or
-        sent without a length."""
-        if request.content_length is None or "Content-Encoding" in request.headers:
-            return self.max_body_bytes
-        return request.content_length
-
     async def start(self, host: str, port: int) -> int:
         return await self.server.start(host, port)
 
     async def stop(self) -> None:
         await self.server.stop()
+        self.reader.close()
+
+
+UNREAD_BODY = (408, 413, 415, 499)  # refused before the body was read whole
+
+
+def _log_refusal(request: web.Request, rpc: str, exc: LstmServeError, status: int) -> None:
+    """One line, no traceback, for a client's mistake (a malformed, too large or too slow
+    request) or a client gone; other refusals (unknown model, ...) are not logged."""
+    if isinstance(exc, ClientGone):
+        log.info("client went away", extra={"fields": {"rpc": rpc, "peer": request.remote}})
+    elif status in (400, 408, 413, 415):
+        log.warning("bad request", extra={"fields": {
+            "rpc": rpc, "status": status, "error": str(exc)[:200], "peer": request.remote,
+        }})  # fmt: skip

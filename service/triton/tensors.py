@@ -3,6 +3,10 @@
 Raw bytes (gRPC raw_input_contents, the binary tensor data extension) are little-endian, row
 major; a BYTES tensor's raw form is each element as a 4-byte little-endian length and its
 bytes. Typed values (gRPC `contents`, HTTP JSON `data`) are a flat list in row-major order.
+
+Bounded by what a request declares, before any copy: a shape's rank and element count, the
+raw byte size its datatype and shape call for, and the BYTES elements of one request
+(`max_bytes_elements`, --max-bytes-elements), so that refusing a hostile tensor costs O(1).
 """
 
 from __future__ import annotations
@@ -27,19 +31,65 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(object),
 }  # fmt: skip
 MAX_ELEMENTS = 1 << 28  # a shape asking for more elements than this is refused before any copy
+MAX_RANK = 16  # dimensions of one tensor (numpy's own limit is 64)
+MAX_BYTES_ELEMENTS = 65_536  # BYTES elements of one request (--max-bytes-elements)
+LENGTH_PREFIX = 4  # bytes before each element of a BYTES tensor's raw form
+VALUES_SLICE = 1 << 16  # typed values converted per numpy call (bounded time holding the GIL)
 
 
 def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape as a tuple; every dimension >= 0 and the element count bounded."""
+    """The shape as a tuple: at most MAX_RANK dimensions, each >= 0, and every dimension and
+    the element count at most MAX_ELEMENTS (a 0 elsewhere does not excuse a huge one)."""
+    if len(shape) > MAX_RANK:
+        raise invalid(f"input {quoted(name)}: shape has {len(shape)} dimensions, at most "
+                      f"{MAX_RANK}")  # fmt: skip
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
-        raise invalid(f"input {quoted(name)}: shape {list(dims)} has a negative dimension")
+        raise invalid(f"input {quoted(name)}: shape {_shown(dims)} has a negative dimension")
     count = 1
     for d in dims:
         count *= d
-        if count > MAX_ELEMENTS:
-            raise invalid(f"input {quoted(name)}: shape {list(dims)[:8]} is too large")
+        if d > MAX_ELEMENTS or count > MAX_ELEMENTS:
+            raise invalid(f"input {quoted(name)}: shape {_shown(dims)} is too large (more than "
+                          f"{MAX_ELEMENTS} elements)")  # fmt: skip
     return dims
+
+
+def _shown(dims: tuple[int, ...]) -> str:
+    """A shape for an error message: at most 8 dimensions, none of thousands of digits."""
+    parts = [str(d) if d.bit_length() <= 64 else "(huge)" for d in dims[:8]]
+    return "[" + ", ".join(parts) + (", ...]" if len(dims) > 8 else "]")
+
+
+def check_bytes_elements(name: str, count: int, before: int, limit: int) -> int:
+    """The BYTES elements of a request so far plus `count` (this input's), refused beyond
+    `limit` before any element is read."""
+    total = before + count
+    if total > limit:
+        raise invalid(
+            f"input {quoted(name)}: {count} BYTES elements, the request would hold {total}; "
+            f"at most {limit} per request (--max-bytes-elements)"
+        )
+    return total
+
+
+def check_raw_size(name: str, datatype: str, dims: tuple[int, ...], size: int) -> None:
+    """The raw byte size a tensor declares fits its datatype and shape (BYTES: at least a
+    length prefix per element), checked before the bytes are read or copied."""
+    count = element_count(dims)
+    if datatype == "BYTES":
+        if size < LENGTH_PREFIX * count:
+            raise invalid(
+                f"input {quoted(name)}: {size} bytes of raw data cannot hold {count} BYTES "
+                f"elements (each needs a {LENGTH_PREFIX}-byte length)"
+            )
+        return
+    expected = count * _dtype(name, datatype).itemsize
+    if size != expected:
+        raise invalid(
+            f"input {quoted(name)}: {size} bytes of raw data, expected {expected} for shape "
+            f"{_shown(dims)} {datatype}"
+        )
 
 
 def element_count(shape: Sequence[int]) -> int:
@@ -56,44 +106,62 @@ def _dtype(name: str, datatype: str) -> np.dtype[Any]:
     return dtype
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def from_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes,
+    max_bytes_elements: int = MAX_BYTES_ELEMENTS,
+) -> np.ndarray:  # fmt: skip
     """Raw bytes -> an array of `shape`; INVALID_ARGUMENT naming the tensor if the byte size
-    does not match the shape and datatype."""
+    does not match the shape and datatype, or a BYTES tensor has more than
+    `max_bytes_elements` elements (both judged before any element is read)."""
     dims = check_shape(name, shape)
-    dtype = _dtype(name, datatype)
-    count = element_count(dims)
+    _dtype(name, datatype)
+    check_raw_size(name, datatype, dims, len(raw))
     if datatype == "BYTES":
+        count = check_bytes_elements(name, element_count(dims), 0, max_bytes_elements)
         return deserialize_bytes(name, raw, count).reshape(dims)
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise invalid(
-            f"input {quoted(name)}: {len(raw)} bytes of raw data, expected {expected} for shape "
-            f"{list(dims)} {datatype}"
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+    return np.frombuffer(raw, dtype=DTYPES[datatype]).reshape(dims)
 
 
 def from_values(
-    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any]
-) -> np.ndarray:
-    """A flat list of typed values (bytes or str for BYTES) -> an array of `shape`."""
+    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any],
+    max_bytes_elements: int = MAX_BYTES_ELEMENTS,
+) -> np.ndarray:  # fmt: skip
+    """A flat list of typed values (bytes or str for BYTES) -> an array of `shape`, converted
+    in slices of VALUES_SLICE."""
     dims = check_shape(name, shape)
     dtype = _dtype(name, datatype)
     count = element_count(dims)
+    if datatype == "BYTES":
+        check_bytes_elements(name, count, 0, max_bytes_elements)
     if len(values) != count:
         raise invalid(
-            f"input {quoted(name)}: {len(values)} values, expected {count} for shape {list(dims)}"
+            f"input {quoted(name)}: {len(values)} values, expected {count} for shape {_shown(dims)}"
         )
     if datatype == "BYTES":
-        items = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
         out = np.empty(count, dtype=object)
-        out[:] = items
+        out[:] = [_utf8(name, v) for v in values]
         return out.reshape(dims)
+    array = np.empty(count, dtype=dtype)
     try:
-        array = np.asarray(values, dtype=dtype)
+        for start in range(0, count, VALUES_SLICE):
+            array[start : start + VALUES_SLICE] = np.asarray(
+                values[start : start + VALUES_SLICE], dtype=dtype
+            )
     except (TypeError, ValueError, OverflowError) as exc:
         raise invalid(f"input {quoted(name)}: values are not {datatype}: {exc}") from exc
     return array.reshape(dims)
+
+
+def _utf8(name: str, value: Any) -> bytes:
+    if not isinstance(value, str):
+        return bytes(value)
+    try:
+        return value.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON)
+        raise invalid(
+            f"input {quoted(name)}: a string is not valid Unicode "
+            f"({exc.reason} at character {exc.start})"
+        ) from None
 
 
 def deserialize_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
@@ -112,7 +180,7 @@ def deserialize_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
             )
         items.append(raw[offset : offset + length])
         offset += length
-        if len(items) > count:
+        if len(items) > count:  # more than the shape says: stop here, O(count) at most
             break
     if len(items) != count:
         raise invalid(f"input {quoted(name)}: {len(items)} BYTES elements, expected {count}")

@@ -34,15 +34,19 @@ HTTP_STATUS = {
 
 
 class TritonError(LstmServeError):
-    """An error of the Triton layer with its own status code (a gRPC status name)."""
+    """An error of the Triton layer with its own status code (a gRPC status name) and, where
+    HTTP has a more precise one than the code's (413, 408, 415), that HTTP status."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, http: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.http = http
 
 
 def http_status(exc: BaseException) -> int:
     """The HTTP status for any exception the core raises (500 for anything unexpected)."""
+    if isinstance(exc, TritonError) and exc.http is not None:
+        return exc.http
     if isinstance(exc, LstmServeError):
         return HTTP_STATUS.get(exc.code, 500)
     return 500
@@ -50,6 +54,16 @@ def http_status(exc: BaseException) -> int:
 
 def invalid(message: str) -> TritonError:
     return TritonError("INVALID_ARGUMENT", message)
+
+
+def too_large(message: str) -> TritonError:
+    """A request larger than a limit of the server: HTTP 413, gRPC RESOURCE_EXHAUSTED."""
+    return TritonError("RESOURCE_EXHAUSTED", message, http=413)
+
+
+def too_slow(message: str) -> TritonError:
+    """A request body that did not arrive in time: HTTP 408."""
+    return TritonError("DEADLINE_EXCEEDED", message, http=408)
 
 
 @dataclass(frozen=True, slots=True)

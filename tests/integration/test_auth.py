@@ -197,6 +197,20 @@ def test_http_without_a_valid_token_is_401_except_health(auth_server: ServerThre
     assert status == 200 and json.loads(data)["outputs"]
 
 
+def test_odd_spellings_of_the_health_routes_are_401_without_a_token(
+    auth_server: ServerThread,
+) -> None:
+    assert auth_server.app is not None
+    base = f"http://127.0.0.1:{auth_server.app.http_port}"
+    for path in ("/v2/health%2Flive", "/v2/health%2fready", "/v2/%68ealth/live",
+                 "/v2/health/live/", "//v2/health/live", "/v2/health/live%00"):  # fmt: skip
+        status, headers, data = _http(base + path)
+        assert status == 401, path
+        assert headers.get("WWW-Authenticate", "").startswith("Bearer")
+        assert "error" in json.loads(data)
+    assert _http(base + "/v2/health/live?probe=1")[0] == 200
+
+
 def test_the_tritonclient_http_works_with_the_token_header(auth_server: ServerThread) -> None:
     assert auth_server.app is not None
     client = httpclient.InferenceServerClient(f"127.0.0.1:{auth_server.app.http_port}")

@@ -58,6 +58,8 @@ def test_nested_json_data_is_row_major() -> None:
 
 BINARY_HEAD = (b'{"inputs": [{"name": "t", "datatype": "INT64", "shape": [1], '
                b'"parameters": {"binary_data_size": %d}}]}')  # fmt: skip
+PAIR_HEAD = (b'{"inputs": [{"name": "t", "datatype": "INT64", "shape": [2], '
+             b'"parameters": {"binary_data_size": 16}}]}')  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -73,7 +75,7 @@ BINARY_HEAD = (b'{"inputs": [{"name": "t", "datatype": "INT64", "shape": [1], '
         (b'{"inputs": [{"name": "t", "datatype": "INT64", "shape": [-1], "data": [1]}]}', None,
          "non-negative"),
         (BINARY_HEAD % 8 + b"\x00" * 9, str(len(BINARY_HEAD % 8)), "binary_data_size"),
-        (BINARY_HEAD % 16 + b"\x00" * 8, str(len(BINARY_HEAD % 16)), "past the end"),
+        (PAIR_HEAD + b"\x00" * 8, str(len(PAIR_HEAD)), "past the end"),
         (BINARY_HEAD % 4 + b"\x00" * 4, str(len(BINARY_HEAD % 4)), "4 bytes of raw data"),
         (b"{}", "x", "not an integer"),
         (b"{}", "99", "not within"),
