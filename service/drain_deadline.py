@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 EXIT_MARGIN_S = 4.0  # after the drain grace: the stop's own steps, then the interpreter's exit
 EXIT_STATUS = 3  # the deadline passed: work was abandoned (0: drained, 1: load failed, 2: config)
 LOG_WAIT_S = 1.0  # the abandoned-work line may take this long to write, then the process exits
-POLL_S = 0.1
+POLL_S = 0.25  # how often the thread looks at the deadline (its precision)
 MAX_LABELS = 12  # task kinds named in the log line (the rest counted as "<other>")
 
 
