@@ -1,8 +1,8 @@
 """A drain always ends: replicas as real processes get SIGTERM at random moments (during start-up,
-while the store ping waits, under streams and store writes, during a store outage, with an HTTP
-body half sent, twice) and none may be alive 30 s later; each ends by its own drain, not by the
-deadline. And a stop that never ends is cut at --drain-grace-s + the margin (exit status 3),
-with what it abandoned in one log line (service/drain_deadline.py)."""
+while the store ping waits, under streams and store writes, during a store outage (killed or
+frozen), with an HTTP body half sent, twice) and none may be alive 30 s later; each ends by its
+own drain, not by the deadline. And a stop that never ends is cut at --drain-grace-s + the
+margin (exit status 3), with what it abandoned in one log line (service/drain_deadline.py)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,11 @@ class RedisServer:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(10)
+
+    def freeze(self, frozen: bool) -> None:
+        """SIGSTOP / SIGCONT: a store that takes connections and bytes but never answers."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
 
 
 @pytest.fixture
@@ -254,24 +259,30 @@ async def under_load(
     return moments
 
 
-async def store_outage(repo: Path, rng: random.Random, store: RedisServer) -> list[Moment]:
-    """Streams live, then redis-server is stopped, then SIGTERM (store writes failing)."""
-    replicas = [_slow(repo, store.url) for _ in range(3)]
+async def store_outage(
+    repo: Path, rng: random.Random, store: RedisServer, frozen: bool
+) -> list[Moment]:
+    """Streams live, then redis-server is killed (or frozen: SIGSTOP, its sockets still take
+    bytes), then SIGTERM while store writes fail or hang."""
+    replicas = [_slow(repo, store.url) for _ in range(3 if not frozen else 2)]
     for replica in replicas:
         await replica.until("ready")
     stop = asyncio.Event()
     drivers = [asyncio.create_task(drive(r.grpc_address, stop)) for r in replicas for _ in range(3)]
     moments = []
+    what = "store frozen" if frozen else "store outage"
     try:
         await asyncio.sleep(0.5)
-        store.stop()
+        store.freeze(True) if frozen else store.stop()
         for replica in replicas:
             await asyncio.sleep(rng.uniform(0.1, 0.8))
             replica.sigterm()
-            moments.append(Moment("store outage", replica))
+            moments.append(Moment(what, replica))
+        if frozen:  # thawed once they are gone
+            await asyncio.gather(*(m.replica.exit_code() for m in moments))
     finally:
         await stop_driving(stop, drivers)
-        store.start()
+        store.freeze(False) if frozen else store.start()
     return moments
 
 
@@ -286,7 +297,8 @@ async def sigterm_soak(repo: Path, store: RedisServer, blackhole: str) -> list[M
     held: list[socket.socket] = []
     moments = await during_startup(repo, rng, blackhole)
     moments += await under_load(repo, rng, store, held)
-    moments += await store_outage(repo, rng, store)
+    moments += await store_outage(repo, rng, store, frozen=False)
+    moments += await store_outage(repo, rng, store, frozen=True)
     try:
         codes = await asyncio.gather(*(m.replica.exit_code() for m in moments))
     finally:
@@ -301,7 +313,7 @@ def test_no_replica_outlives_its_sigterm_at_any_moment(
     gru_repo: Path, redis_server: RedisServer, blackhole: str
 ) -> None:
     moments = asyncio.run(sigterm_soak(gru_repo, redis_server, blackhole))
-    assert len(moments) >= 13
+    assert len(moments) >= 15
     alive = [m for m in moments if m.code is None]
     assert not alive, "alive 30 s after SIGTERM: " + "; ".join(
         f"{m.what}:\n{m.replica.tail()}" for m in alive
