@@ -300,7 +300,9 @@ Admit = Callable[[grpc.aio.ServicerContext, Any], Awaitable[None]]
 
 
 async def _unimplemented(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-    """An unknown method, for an authenticated caller: what grpc answers without a handler."""
+    """An unknown method, for an authenticated caller: what grpc answers without a handler
+    (after the first message, as a refusal does: grpc/grpc#36066)."""
+    await _first_message(requests)
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
     yield  # an async generator (never reached): any kind of call, raw bytes in and out
 
