@@ -58,6 +58,7 @@ KEY = "chaos:" + base64.b64encode(b"chaos-soak-key-shared-by-3-pods!").decode()
 ATOL = 1e-5  # per-step probabilities against offline onnxruntime
 START_TIMEOUT_S = 60.0
 DRAIN_GRACE_S = 3.0
+OVERRUN_S = 20.0  # a SIGTERMed replica still alive this long after its drain grace fails the run
 RETRY_PAUSE_S = 0.05  # before a chunk refused UNAVAILABLE (strict, store down) is sent again
 MAX_RETRIES = 1200  # a minute of refusals: the session fails
 MiB = 1024 * 1024
@@ -275,17 +276,20 @@ class Replica:
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"replica {self.slot} not SERVING after {START_TIMEOUT_S} s")
 
-    async def kill(self, sig: signal.Signals) -> int:
-        """Send `sig` and wait for the process to exit (SIGKILL after DRAIN_GRACE_S + 10 s)."""
+    async def kill(self, sig: signal.Signals) -> tuple[int, bool]:
+        """Send `sig` and wait for the process to exit -> (exit status, overran): a SIGTERMed one
+        still alive OVERRUN_S after its drain grace has overrun and is SIGKILLed."""
         assert self.popen is not None
         self.cpu_s = self.cpu_now()  # read before it dies
         self.popen.send_signal(sig)
-        deadline = time.monotonic() + DRAIN_GRACE_S + 10
+        deadline = time.monotonic() + DRAIN_GRACE_S + OVERRUN_S
+        overran = False
         while self.popen.poll() is None:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and not overran:
+                overran = True
                 self.popen.kill()
             await asyncio.sleep(0.02)
-        return int(self.popen.returncode)
+        return int(self.popen.returncode), overran
 
     def rss_mib(self) -> float | None:
         """RSS of the current process; None while down (or exiting: 0 then)."""
@@ -298,15 +302,32 @@ class Replica:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def stop(self) -> None:
-        if self.alive():
-            assert self.popen is not None
-            self.popen.terminate()
-            try:
-                self.popen.wait(DRAIN_GRACE_S + 10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+    def log_tail(self, generation: int, lines: int = 3) -> list[str]:
+        """The last lines a generation logged (the drain deadline's abandoned-work line)."""
+        path = self.logs / f"replica{self.slot}.{generation}.log"
+        return path.read_text(errors="replace").splitlines()[-lines:]
+
+    def stop(self) -> dict[str, Any] | None:
+        """SIGTERM at the end of the run -> a kill-log entry if its drain failed (it overran
+        or exited non-zero), else None."""
+        if not self.alive():
+            return None
+        assert self.popen is not None
+        started = time.monotonic()
+        self.popen.terminate()
+        overran = False
+        try:
+            code = self.popen.wait(DRAIN_GRACE_S + OVERRUN_S)
+        except subprocess.TimeoutExpired:
+            overran = True
+            self.popen.kill()
+            code = self.popen.wait(5)
+        if code == 0 and not overran:
+            return None
+        return {"replica": self.slot, "generation": self.generation, "signal": "SIGTERM",
+                "exit_code": code, "overran": overran, "at_the_end": True,
+                "exit_s": round(time.monotonic() - started, 3),
+                "log_tail": self.log_tail(self.generation)}  # fmt: skip
 
 
 def replica_argv(repo: Path, port: int, store_url: str, mode: str = "strict") -> list[str]:
@@ -579,14 +600,18 @@ async def chaos(
         replica = rng.choice(replicas)
         sig = signal.SIGTERM if rng.random() < sigterm_share else signal.SIGKILL
         started = time.monotonic()
-        code = await replica.kill(sig)
+        generation = replica.generation
+        code, overran = await replica.kill(sig)
         exited = time.monotonic()
         await replica.start()
-        kills.append({
+        kill = {
             "t": round(started - t0, 3), "replica": replica.slot, "signal": sig.name,
-            "exit_code": code, "exit_s": round(exited - started, 3),
-            "down_s": round(time.monotonic() - started, 3), "generation": replica.generation,
-        })  # fmt: skip
+            "exit_code": code, "exit_s": round(exited - started, 3), "overran": overran,
+            "down_s": round(time.monotonic() - started, 3), "generation": generation,
+        }  # fmt: skip
+        if sig == signal.SIGTERM and (overran or code != 0):
+            kill["log_tail"] = replica.log_tail(generation)
+        kills.append(kill)
         next_kill = max(started + every_s, time.monotonic())
 
 
@@ -730,9 +755,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result = await _run(args, replicas, redis, load)
         result["cpu_s"] = cpu_seconds(replicas, redis)
     finally:
-        for replica in replicas:
-            replica.stop()
+        final_stops = [replica.stop() for replica in replicas]
         redis.stop()
+    result["final_stop_failures"] = [stop for stop in final_stops if stop is not None]
     result["server_warnings"] = server_warnings(logs)
     result["model"] = model
     result["verify"] = verify(result.pop("records"), repo / model / "1" / "model.onnx",
@@ -838,11 +863,16 @@ def summary(result: dict[str, Any]) -> list[str]:
     kills = result["kills"]
     by_signal = {s: sum(1 for k in kills if k["signal"] == s) for s in ("SIGKILL", "SIGTERM")}
     down = [k["down_s"] for k in kills] or [0.0]
+    drains = [k for k in kills if k["signal"] == "SIGTERM"]
     return [
         f"chaos soak: {result['duration_s']} s, model {result['model']}, {result['sessions']} "
         f"sessions ({result['multi_sessions']} places over StreamMulti)",
         f"kills: {by_signal['SIGKILL']} SIGKILL + {by_signal['SIGTERM']} SIGTERM, down "
         f"{np.mean(down):.2f} s mean / {max(down):.2f} s max (restart until SERVING)",
+        f"SIGTERM exits: {sum(1 for k in drains if k['exit_code'] == 0)} of {len(drains)} "
+        f"exited 0, {_span(drains, 'exit_s')} s after the signal; drains failed "
+        f"{len(drain_failures(result))} (outlived the {DRAIN_GRACE_S:.0f} s grace by "
+        f"{OVERRUN_S:.0f} s, or exited non-zero)",
         f"replies {result['replies']}, failovers {result['failovers']}, messages resent "
         f"{result['resent']}, answered as duplicates {result['duplicates']}",
         f"steps sent {steps['sent']}, acknowledged {steps['acknowledged']}, applied "
@@ -871,11 +901,28 @@ def _peak(values: list[float | None]) -> float:
     return max((v for v in values if v is not None), default=0.0)
 
 
+def drain_failures(result: dict[str, Any]) -> list[str]:
+    """One line per SIGTERMed replica that outlived its grace by OVERRUN_S or exited non-zero
+    (3: its drain deadline ended it, service/drain_deadline.py)."""
+    lines = []
+    for kill in [*result["kills"], *result["final_stop_failures"]]:
+        if kill["signal"] != "SIGTERM" or not (kill["overran"] or kill["exit_code"]):
+            continue
+        who = f"replica {kill['replica']} (generation {kill['generation']})"
+        when = "at the end of the run" if kill.get("at_the_end") else f"at t={kill['t']} s"
+        what = (f"still alive {OVERRUN_S:.0f} s after its {DRAIN_GRACE_S:.0f} s drain grace: "
+                "SIGKILLed" if kill["overran"] else f"exited {kill['exit_code']}")  # fmt: skip
+        lines.append(f"DRAIN FAILED: {who} SIGTERMed {when}, {what}; log: "
+                     + " | ".join(kill.get("log_tail", []))[-600:])  # fmt: skip
+    return lines
+
+
 def passed(result: dict[str, Any]) -> bool:
     steps, check = result["steps"], result["verify"]
     return not (steps["lost"] or steps["doubled"] or steps["sessions_failed"]
                 or check["mismatched"] or check["wrong_totals"] or check["final_mismatched"]
-                or result["error_count"] or result["drivers_not_finished"])  # fmt: skip
+                or result["error_count"] or result["drivers_not_finished"]
+                or drain_failures(result))  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -925,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     result["passed"] = passed(result)
     (args.out / "chaos.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "chaos.png")
-    lines = summary(result)
+    lines = summary(result) + drain_failures(result)
     print("\n".join(lines))
     print(("PASSED" if result["passed"] else "FAILED") + f": {args.out / 'chaos.json'}")
     return 0 if result["passed"] else 1

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
-from types import TracebackType
+from collections.abc import Callable, Sequence
+from types import FrameType, TracebackType
 from typing import IO
 
 from service.config import ServerConfig, config_from_args
+from service.drain_deadline import DrainDeadline, pending_work
 from service.errors import ConfigError
 from service.logs import configure_logging
 from service.memory import pin_malloc_thresholds
@@ -26,8 +28,11 @@ GRPC_BIND_LOG = b"add_port.cc"
 
 
 async def serve(config: ServerConfig) -> int:
-    """Run the server until SIGTERM/SIGINT has drained it; 1 if the models failed to load."""
+    """Run the server until SIGTERM/SIGINT has drained it; 1 if the models failed to load. Once
+    told to stop, the process ends by the drain deadline whatever is pending (drain_deadline.py)."""
     app, port = create_server_quietly(config)
+    loop = asyncio.get_running_loop()
+    deadline = DrainDeadline(config.drain_grace_s, lambda: pending_work(app, loop)).start()
     try:
         await app.start()
     except BaseException:  # e.g. a busy --metrics-port: the gRPC server had already started
@@ -40,13 +45,14 @@ async def serve(config: ServerConfig) -> int:
         "health_port": app.health_port, "tls": app.tls is not None,
         "auth": config.auth_enabled, "reflection": config.reflection,
     }})  # fmt: skip
-    loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: _on_signal(app, s))
+        signal.signal(sig, _handler(app, deadline, loop, stopping))
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app.rescan()))  # re-scan
     try:
         await app.wait_until_loaded()
     except Exception:
+        deadline.arm(0.0)
         await app.shutdown(grace_s=0)
         return 1
     await app.wait_for_termination()
@@ -59,9 +65,29 @@ async def _abandon(app: LstmServer) -> None:
     app.engine.close()
 
 
-def _on_signal(app: LstmServer, sig: signal.Signals) -> None:
+Handler = Callable[[int, FrameType | None], None]
+
+
+def _handler(
+    app: LstmServer, deadline: DrainDeadline, loop: asyncio.AbstractEventLoop,
+    stopping: set[asyncio.Task[None]],
+) -> Handler:  # fmt: skip
+    """SIGTERM / SIGINT: arm the drain deadline at once, then drain on the loop. A plain signal
+    handler, not loop.add_signal_handler: the deadline must start even if the loop is stuck."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        deadline.arm()  # an attribute write: safe wherever the signal lands
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the deadline ends us
+            loop.call_soon_threadsafe(_drain, app, signal.Signals(signum), stopping)
+
+    return on_signal
+
+
+def _drain(app: LstmServer, sig: signal.Signals, stopping: set[asyncio.Task[None]]) -> None:
     log.info("signal", extra={"fields": {"signal": sig.name}})
-    asyncio.get_running_loop().create_task(app.shutdown())
+    task = asyncio.get_running_loop().create_task(app.shutdown())
+    stopping.add(task)
+    task.add_done_callback(stopping.discard)
 
 
 def create_server_quietly(config: ServerConfig) -> tuple[LstmServer, int]:

@@ -256,7 +256,7 @@ CALLER_REQUESTS = Counter(
 AUTH_FAILURES = Counter(
     "lstm_serve_auth_failures_total",
     "Requests refused as unauthenticated, by protocol and reason (missing, malformed, unknown, "
-    "no_certificate).",
+    "no_certificate, bad_certificate_name).",
     ["protocol", "reason"],
 )
 READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import grpc
@@ -46,6 +46,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME, triton_grpc.SERVICE.full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STOP_STEP_S = 2.0  # each step of the stop after the grace (gRPC: the rest of the grace + this)
 
 
 class LstmServer:
@@ -79,6 +80,7 @@ class LstmServer:
         self._stopped = asyncio.Event()
         self._serving: bool | None = None
         self.load_error: BaseException | None = None
+        self.shutdown_stage = ""  # the stop's step in progress (drain_deadline.py reports it)
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING), then load and warm the models in the background."""
@@ -178,37 +180,62 @@ class LstmServer:
             raise self.load_error
 
     async def shutdown(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING first, then refuse new work, then final snapshots, then stop."""
-        if self.engine.draining:
+        """Drain: NOT_SERVING first, then refuse new work, then final snapshots, then stop. Each
+        step after the grace is bounded (STOP_STEP_S) and one that fails does not stop the rest."""
+        if self.shutdown_stage or self.engine.draining:  # a second signal: the first one stops
             await self._stopped.wait()
             return
+        self.shutdown_stage = "draining"
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         log.info("draining", extra={"fields": {"inflight": self.engine.inflight, "grace_s": grace}})
-        self._serving = False
-        metrics.READY.set(0)
-        await self.health.enter_graceful_shutdown()
-        self.engine.draining = True
-        self.engine.drain_started.set()
-        self.layer.begin_drain()
-        drained = await self.engine.wait_idle(grace)
-        await self.grpc.stop(max(0.0, deadline - time.monotonic()))
-        if self.health_server is not None:
-            await self.health_server.stop(0)
-        if self.http is not None:
-            await self.http.stop()
-        await self.engine.continuity.close()
-        self._close()
-        log.info("stopped", extra={"fields": {"drained": drained}})
-        self._stopped.set()
+        drained = False
+        try:
+            self._serving = False
+            metrics.READY.set(0)
+            await self.health.enter_graceful_shutdown()
+            self.engine.draining = True
+            self.engine.drain_started.set()
+            self.layer.begin_drain()
+            drained = await self.engine.wait_idle(grace)
+            left = max(0.0, deadline - time.monotonic())
+            await self._stop_step("grpc stop", self.grpc.stop(left), left + STOP_STEP_S)
+            if self.health_server is not None:
+                await self._stop_step("health port stop", self.health_server.stop(0))
+            if self.http is not None:  # aiohttp would wait 60 s for a request still being read
+                await self._stop_step("http stop", self.http.stop())
+            await self._stop_step("session store close", self.engine.continuity.close())
+        finally:
+            self.shutdown_stage = "closing"
+            self._close()
+            self._loaded.set()  # a load the drain cut short: nobody waits for it any more
+            log.info("stopped", extra={"fields": {"drained": drained}})
+            self.shutdown_stage = "stopped"
+            self._stopped.set()
+
+    async def _stop_step(self, stage: str, step: Awaitable[None], limit_s: float = 0.0) -> None:
+        """One step of the stop, given at most `limit_s` (STOP_STEP_S if 0); one that overruns
+        or fails is logged and left behind."""
+        self.shutdown_stage = stage
+        try:
+            await asyncio.wait_for(step, limit_s or STOP_STEP_S)
+        except Exception as exc:  # TimeoutError included
+            log.warning("stop step abandoned", extra={"fields": {
+                "stage": stage, "error": repr(exc)[:300],
+            }})  # fmt: skip
 
     def _close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-        self.engine.close()
+        try:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            self.engine.close()
+        except Exception as exc:  # the stop goes on: nothing is left to serve
+            log.warning("stop step abandoned", extra={"fields": {
+                "stage": "closing", "error": repr(exc)[:300],
+            }})  # fmt: skip
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()

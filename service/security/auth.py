@@ -33,11 +33,13 @@ from service.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # tokens' and certificates'
+PRINCIPAL_CHAR_RE = re.compile(r"[A-Za-z0-9._@+-]")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MAX_CERT_LABELS = 64  # principals from certificates counted by name; the rest as "<other>"
 OTHER = "<other>"
 FIRST_MESSAGE_WAIT_S = 1.0  # a refused stream waits this long for its first message
+MAX_METHOD_LOGGED = 128  # an unknown method's name, as logged
 
 
 class Unauthenticated(Exception):
@@ -179,7 +181,7 @@ class Authenticator:
             return found
         if self.principal_from_cert:
             if cert_cn:
-                return cert_cn
+                return certificate_principal(cert_cn)
             raise NO_CERT if self.tokens is None else MISSING
         if authorization is not None:
             raise MALFORMED
@@ -190,6 +192,29 @@ class Authenticator:
         if self.tokens is not None and name in self.tokens.principals():
             return name
         return _cert_label(name)
+
+
+def certificate_principal(cn: str) -> str:
+    """A client certificate's CN as a principal: the rules of token principals (1-64 of
+    A-Z a-z 0-9 . _ @ + -, starting with a letter or digit), else Unauthenticated saying why,
+    without the CN itself (it may hold newlines or bidi controls)."""
+    if PRINCIPAL_RE.fullmatch(cn):
+        return cn
+    raise Unauthenticated(
+        "bad_certificate_name",
+        f"the client certificate's CN is not a valid principal: {_why_not(cn)}; a CN must be "
+        "1-64 of A-Z a-z 0-9 . _ @ + - (starting with a letter or digit), or send a bearer token",
+    )
+
+
+def _why_not(cn: str) -> str:
+    """What breaks the principal rules, naming characters by code point (U+000A), never as is."""
+    if len(cn) > 64:
+        return f"{len(cn)} characters (at most 64)"
+    if not PRINCIPAL_RE.fullmatch(cn[0]):
+        return f"it starts with U+{ord(cn[0]):04X}"
+    where, bad = next((i, c) for i, c in enumerate(cn) if not PRINCIPAL_CHAR_RE.fullmatch(c))
+    return f"U+{ord(bad):04X} at position {where + 1}"
 
 
 _CERT_LABELS: set[str] = set()
@@ -244,8 +269,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
+        if method.startswith(HEALTH_PREFIX):
             return handler
+        if handler is None:  # the caller first: an unknown method's name cannot be probed
+            return _wrapped(UNKNOWN_METHOD, self._admit(method[:MAX_METHOD_LOGGED]))
         return _wrapped(handler, self._admit(method))
 
     def _admit(self, method: str) -> Admit:
@@ -258,6 +285,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 metrics.AUTH_FAILURES.labels(protocol, exc.reason).inc()
                 log.warning("unauthenticated", extra={"fields": {
                     "method": method, "reason": exc.reason, "peer": context.peer(),
+                    "detail": str(exc),
                 }})  # fmt: skip
                 if requests is not None:
                     await _first_message(requests)
@@ -269,6 +297,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 Admit = Callable[[grpc.aio.ServicerContext, Any], Awaitable[None]]
+
+
+async def _unimplemented(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    """An unknown method, for an authenticated caller: what grpc answers without a handler
+    (after the first message, as a refusal does: grpc/grpc#36066)."""
+    await _first_message(requests)
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+    yield  # an async generator (never reached): any kind of call, raw bytes in and out
+
+
+UNKNOWN_METHOD = grpc.stream_stream_rpc_method_handler(_unimplemented)
 
 
 async def _first_message(requests: Any) -> None:

@@ -2,7 +2,8 @@
 
 `auth_middleware(authenticator)`: every route but the health endpoints needs a bearer token
 (`Authorization: Bearer TOKEN`) or, with --principal-from-cert, a verified client certificate;
-otherwise 401 `{"error": ...}` with `WWW-Authenticate: Bearer`. The handler runs with
+otherwise 401 `{"error": ...}` with `WWW-Authenticate: Bearer`, unknown routes and methods too
+(what exists is not told before authentication). The handler runs with
 principal.CALLER set (the middleware runs in the request's task). `ssl_context(files)`: the
 SSLContext the HTTP port listens with, following certificate rotation (service/security/tls.py).
 """
@@ -37,6 +38,17 @@ def peer_common_name(request: web.Request) -> str | None:
     return None
 
 
+def is_open(request: web.Request) -> bool:
+    """Whether the router matched an open health route. Decided on the route, not the decoded
+    path: `/v2/health%2Flive` decodes to an open path but matches no route, and must answer 401
+    (as every unknown route does before authentication), not 404."""
+    info = request.match_info
+    if info.http_exception is not None:  # 404 or 405: no route of this path and method
+        return False
+    resource = info.route.resource
+    return resource is not None and resource.canonical in OPEN_PATHS
+
+
 def unauthorized(message: str) -> web.Response:
     """401 in the protocol's error form, with the challenge RFC 6750 asks for."""
     return web.json_response(
@@ -49,9 +61,9 @@ def auth_middleware(auth: Authenticator) -> Middleware:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # The path as sent: an encoded one (/v2/health%2Flive) is no health route, and is
-        # answered 401 like any other route without credentials, not 404.
-        if request.rel_url.raw_path in OPEN_PATHS:
+        # Open only as sent and as routed: an encoded path (/v2/health%2Flive) or another method
+        # is no health route, and is answered 401 like any route without credentials.
+        if request.rel_url.raw_path in OPEN_PATHS and is_open(request):
             return await handler(request)
         try:
             caller = auth.authenticate(
@@ -60,7 +72,8 @@ def auth_middleware(auth: Authenticator) -> Middleware:
         except Unauthenticated as exc:
             metrics.AUTH_FAILURES.labels(metrics.PROTOCOL_KSERVE_HTTP, exc.reason).inc()
             log.warning("unauthenticated", extra={"fields": {
-                "path": request.path[:64], "reason": exc.reason, "peer": request.remote,
+                "path": request.rel_url.raw_path[:64], "reason": exc.reason,
+                "peer": request.remote, "detail": str(exc),
             }})  # fmt: skip
             return unauthorized(str(exc))
         metrics.CALLER_REQUESTS.labels(auth.label(caller), metrics.PROTOCOL_KSERVE_HTTP).inc()
