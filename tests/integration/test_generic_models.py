@@ -132,16 +132,19 @@ def write_model(repo: Path, name: str, kind: str = "batch-first", extra: str = "
     return model
 
 
-def torch_step_probs(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
-    """(T, C) softmax probabilities after every step of one sequence from a zero state."""
+def torch_step_logits(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
+    """(T, C) logits after every step of one sequence from a zero state (what Triton returns)."""
     x = torch.from_numpy(tokens[None].astype(np.int64))
     with torch.no_grad():
         if isinstance(model, TorchLayoutLstm):
             zeros = torch.zeros(LAYERS, 1, HIDDEN)
-            logits = model(x, zeros, zeros)[0]
-        else:
-            logits = model(x, torch.zeros(1, 2 * LAYERS, HIDDEN))[0]
-    return torch.softmax(logits, -1)[0].numpy()
+            return model(x, zeros, zeros)[0][0].numpy()
+        return model(x, torch.zeros(1, 2 * LAYERS, HIDDEN))[0][0].numpy()
+
+
+def torch_step_probs(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
+    """(T, C) softmax probabilities after every step of one sequence from a zero state."""
+    return torch.softmax(torch.from_numpy(torch_step_logits(model, tokens)), -1).numpy()
 
 
 @pytest.fixture(scope="module")
