@@ -329,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stream" and not (args.model or args.session):
         print("lstm-client stream: give a model or --session", file=sys.stderr)
         return 2
+    if args.server_name and not (args.tls or args.tls_ca or args.tls_cert):
+        print("lstm-client: --server-name names the server's TLS certificate: give --tls or "
+              "--tls-ca too", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         return asyncio.run(run(args))
     except grpc.aio.AioRpcError as exc:
