@@ -227,3 +227,21 @@ def test_an_unknown_output_kind_is_refused_by_name(tmp_path: Path) -> None:
     path = export_repo(tmp_path, KIND_PROBS, odds)
     with pytest.raises(ConfigError, match="output_kind 'odds' is not one of probs, log_probs"):
         load_triton_config(path.parent.parent)
+
+
+def test_a_graph_that_cannot_be_read_is_never_guessed_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config must then say both facts; with them, the model loads."""
+    import service.engine.byo.binding as binding
+
+    def unreadable(path: Path) -> None:
+        raise OnnxFormatError("wire type 7 (field 3) at byte 12")
+
+    monkeypatch.setattr(binding, "read_graph", unreadable)
+    with pytest.raises(ConfigError, match=r"could not be read \(wire type 7.*set parameters"):
+        description(export_repo(tmp_path / "a", KIND_PROBS))
+    params = ('parameters { key: "output_kind" value: { string_value: "probs" } }\n'
+              'parameters { key: "vocab_size" value: { string_value: "23" } }\n')  # fmt: skip
+    desc = description(export_repo(tmp_path / "b", KIND_PROBS, params))
+    assert (desc.output_kind, desc.vocab_size) == (KIND_PROBS, V)

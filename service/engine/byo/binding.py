@@ -15,14 +15,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from lstmserve.contract import (
-    DESCRIPTION_KEY,
-    KIND_LOGITS,
-    DescriptionError,
-    ModelDescription,
-    Tokenizer,
-)
-from service.engine.byo.inferred import MEANING, configured_kind, embedding_rows, output_kind
+from lstmserve.contract import DESCRIPTION_KEY, DescriptionError, ModelDescription, Tokenizer
+from service.engine.byo.inferred import configured_kind, embedding_rows, output_kind
 from service.engine.byo.onnxgraph import OnnxFormatError, OnnxGraph, read_graph
 from service.engine.byo.tritonconfig import (
     ControlSpec,
@@ -221,8 +215,8 @@ def _output_kind(triton: TritonModel, graph: OnnxGraph | None, unread: str,
         return configured_kind(triton.output_kind)
     if own is not None:
         return own.output_kind, f"the lstm-serve description in the file: {own.output_kind_rule}"
-    if graph is None:
-        return KIND_LOGITS, f"{unread}: {MEANING[KIND_LOGITS]}"
+    if graph is None:  # never a guess: the config must say
+        raise ConfigError(f"{triton.path}: {unread}: set parameters output_kind")
     batched = 1 if triton.max_batch_size > 0 else 0
     found = [output_kind(graph, o.name, len(o.graph_dims) + batched) for o in outputs]
     if len({kind for kind, _ in found}) > 1:
