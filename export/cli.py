@@ -51,10 +51,23 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
+    """The description the server serves the model with: the one embedded by lstm-export, or
+    for a model with a config.pbtxt what the server reads from the config and the graph (its
+    output_kind and vocabulary size among them, each with the rule that gave it)."""
+    from export.inspect_cmd import resolve_model
     from lstmserve.contract import read_description
+    from service.engine.byo.tritonconfig import CONFIG_FILE
 
-    path = Path(args.path)
-    desc = read_description(str(path / "model.onnx" if path.is_dir() else path))
+    path = resolve_model(Path(args.path))
+    if (path.parent.parent / CONFIG_FILE).is_file():
+        from service.engine.byo.generic import GenericRuntime
+        from service.engine.compute.runtime import CPU
+        from service.tritonconfig import load_triton_config
+
+        triton = load_triton_config(path.parent.parent)
+        desc = GenericRuntime(path, triton, (CPU,)).description
+    else:
+        desc = read_description(str(path))
     print(json.dumps(desc.to_dict(), indent=2, ensure_ascii=False))
     return 0
 
@@ -209,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("paths", nargs="+", help="models/NAME/VERSION or a model.onnx")
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(func=_verify)
-    describe = sub.add_parser("describe", help="print a model's embedded description")
+    describe = sub.add_parser(
+        "describe", help="print the description a model is served with (config.pbtxt models too)"
+    )
     describe.add_argument("path")
     describe.set_defaults(func=_describe)
     crossval = sub.add_parser("crossval", help="k-fold CV of candidate settings (train split)")

@@ -20,6 +20,8 @@ from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
 from lstmserve.contract import DESCRIPTION_KEY
+from service.engine.byo.inferred import embedding_rows, output_kind
+from service.engine.byo.onnxgraph import parse_model
 
 DEFAULT_MAX_BATCH = 64
 IDLE_MICROSECONDS = 60_000_000
@@ -155,17 +157,6 @@ def _dims(shape: tuple[int | None, ...], drop: int | None) -> list[int]:
     return [-1 if d is None else d for k, d in enumerate(shape) if k != drop]
 
 
-def _vocab_size(proto: onnx.ModelProto, name: str) -> int | None:
-    """Rows of the embedding table a token input indexes (a Gather on an initializer)."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == name:
-            table = inits.get(node.input[0])
-            if table is not None and table.dims:
-                return int(table.dims[0])
-    return None
-
-
 def _add_tensor(entry: mc.ModelInput | mc.ModelOutput, t: Tensor, batched: bool) -> None:
     entry.name = t.name
     if t.elem_type not in TRITON_TYPES:
@@ -210,18 +201,31 @@ def _is_batched(tensors: list[Tensor], states: list[tuple[Tensor, Tensor]]) -> b
     )
 
 
-def _guess_parameters(
-    config: mc.ModelConfig, proto: onnx.ModelProto, inputs: list[Tensor], outputs: list[Tensor]
-) -> None:
-    """lengths_input, vocab_size and output_kind, where the graph suggests them."""
+def _guess_parameters(config: mc.ModelConfig, inputs: list[Tensor]) -> None:
+    """lengths_input, where an input's name and shape suggest one."""
     for t in inputs:
         ints = t.elem_type in (TensorProto.INT64, TensorProto.INT32)
         if ints and len(t.shape) == 1 and _LENGTH_NAME.search(t.name.lower()):
             config.parameters["lengths_input"].string_value = t.name
-        elif ints and len(t.shape) == 2 and (vocab := _vocab_size(proto, t.name)):
-            config.parameters["vocab_size"].string_value = str(vocab)
-    probs = any("prob" in t.name.lower() for t in outputs)
-    config.parameters["output_kind"].string_value = "probs" if probs else "logits"
+
+
+def _inferred_notes(proto: onnx.ModelProto, config: mc.ModelConfig,
+                    outputs: list[Tensor]) -> list[str]:  # fmt: skip
+    """What the server will read from the graph without a parameter (the output kind, the
+    vocabulary size: service/engine/byo/inferred.py), said so that it can be checked."""
+    graph = parse_model(proto.SerializeToString())
+    notes = []
+    for out in config.output:
+        rank = next(len(t.shape) for t in outputs if t.name == out.name)
+        kind, rule = output_kind(graph, out.name, rank)
+        notes.append(f"NOTE: output_kind {kind}: {rule} (parameters output_kind overrides)")
+    for t in config.input:
+        ints = t.data_type in (mc.TYPE_INT64, mc.TYPE_INT32)
+        found = embedding_rows(graph, t.name) if ints else None
+        if found is not None:
+            notes.append(f"NOTE: vocab_size {found[0]}: {found[1]} (parameters vocab_size "
+                         "overrides)")  # fmt: skip
+    return notes
 
 
 def observed_output_shapes(path: Path, inputs: list[Tensor]) -> dict[str, tuple[int | None, ...]]:
@@ -321,7 +325,9 @@ def starter_config(
     else:
         notes.append("TODO: no input/output pair looks like a recurrent state: add "
                      "sequence_batching { state [...] } by hand")  # fmt: skip
-    _guess_parameters(config, proto, inputs, outputs)
+    _guess_parameters(config, inputs)
+    if not ours:
+        notes += _inferred_notes(proto, config, outputs)
     config.instance_group.add(count=1)
     return config, notes
 
@@ -344,7 +350,7 @@ def starter_config_text(path: Path, name: str | None = None) -> str:
     config, notes = starter_config(proto, name or model_name(path), observed)
     header = [
         f"# Starter config.pbtxt for {config.name}, written by `lstm-export config {path.name}`.",
-        "# Check every guess (state pairs, batch axis, output_kind, label_filename) and save it",
+        "# Check every guess (state pairs, batch axis, label_filename, the NOTEs) and save it",
         f"# as REPO/{config.name}/config.pbtxt beside REPO/{config.name}/VERSION/model.onnx.",
         *(f"# {note}" for note in notes),
     ]

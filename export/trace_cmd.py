@@ -27,6 +27,8 @@ import onnxruntime as ort
 
 from export.inspect_cmd import RecurrentNode, config_dir, constants, recurrent_nodes, resolve_model
 from lstmserve.contract import DESCRIPTION_KEY, ModelDescription
+from service.engine.byo.inferred import output_kind
+from service.engine.byo.onnxgraph import parse_model
 
 TOLERANCE = 1e-5
 
@@ -262,7 +264,9 @@ def trace_generic(
     ort_out = dict(zip([o.name for o in sess.get_outputs()],
                        sess.run(None, _generic_feeds(sess, seq_name, x)), strict=True))  # fmt: skip
     raw = np.asarray(ort_out[out_name], np.float64).reshape(len(x), -1)  # batch of one: (T, C)
-    kind = triton.output_kind if triton else "logits"
+    kind = (triton.output_kind if triton else None) or output_kind(
+        parse_model(proto.SerializeToString()), out_name, np.ndim(ort_out[out_name])
+    )[0]  # as the server takes the outputs (service/engine/byo/inferred.py)
     probs = {"logits": softmax, "probs": lambda v: v, "log_probs": np.exp}.get(kind, softmax)(raw)
     labels = triton.labels(triton.outputs[0], raw.shape[1]) if triton else None
     labels = list(labels or [f"class_{c}" for c in range(raw.shape[1])])

@@ -24,6 +24,7 @@ from export.arch import ArchConfig
 from export.int8 import dequantized_initializers, quantization_of
 from export.model import RecurrentClassifier
 from export.onnx_export import reorder_gates
+from export.outputs import output_kind_problem
 from lstmserve.contract import ModelDescription
 from service.engine.byo.tritonconfig import CONFIG_FILE
 
@@ -222,6 +223,7 @@ class VerifyReport:
 
     float32_floor: float = 0.0
     tolerance: float = TOLERANCE  # looser for float16 states or outputs, and for int8 weights
+    problem: str = ""  # a check that is not a difference (a config.pbtxt model's output kind)
 
     @property
     def parity_tolerance(self) -> float:
@@ -234,7 +236,7 @@ class VerifyReport:
     @property
     def passed(self) -> bool:
         exact = max(self.padding, self.streaming or 0.0) <= self.tolerance
-        return exact and self.torch_parity <= self.parity_tolerance
+        return exact and self.torch_parity <= self.parity_tolerance and not self.problem
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -247,6 +249,7 @@ class VerifyReport:
             "cases": self.cases,
             "tolerance": self.tolerance,
             "passed": self.passed,
+            **({"problem": self.problem} if self.problem else {}),
             **self.extra,
         }
 
@@ -290,8 +293,9 @@ FLOAT16_TOLERANCE = 2e-3
 def verify_generic(path: Path, seed: int = 0) -> VerifyReport:
     """The streaming and batching checks on a config.pbtxt model, through the adapter the server
     runs it with (service/engine/byo/generic.py): streaming == whole sequence, and a batch == each
-    row alone (mixed lengths with a lengths input, equal lengths without one). There is no
-    PyTorch twin to compare with: the user's own export is checked against itself."""
+    row alone (mixed lengths with a lengths input, equal lengths without one); and the outputs
+    fit the kind the server takes them to be (export/outputs.py). There is no PyTorch twin to
+    compare with: the user's own export is checked against itself."""
     from service.engine.byo.generic import GenericRuntime
     from service.tritonconfig import load_triton_config
 
@@ -308,6 +312,8 @@ def verify_generic(path: Path, seed: int = 0) -> VerifyReport:
     report.tolerance = FLOAT16_TOLERANCE if half else TOLERANCE
     report.extra = {
         "config": str(path.parent.parent / CONFIG_FILE),
+        "output_kind": desc.output_kind,  # what the server takes the outputs to be, and why
+        "output_kind_rule": desc.output_kind_rule,
         "batch_check": "mixed lengths" if binding.lengths else "equal lengths (no lengths input)",
         "max_diff_torch_vs_onnxruntime": None,  # not checked: no PyTorch twin of a user's model
     }
@@ -323,6 +329,12 @@ def verify_generic(path: Path, seed: int = 0) -> VerifyReport:
             diff = _runtime_streaming_diff(runtime, x[0], state[0], sizes)
             report.streaming = max(report.streaming, diff)
             report.cases += 1
+    x, lengths, state = random_inputs(desc, rng, 8, 5 * window)
+    if binding.lengths is None:
+        lengths[:] = 5 * window
+    out = runtime.run(x, lengths, state)  # the outputs as the model computes them
+    valid = [out.step_probs[b, : int(n)] for b, n in enumerate(lengths)]
+    report.problem = output_kind_problem(desc.output_kind, [out.probs, *valid], half)
     return report
 
 

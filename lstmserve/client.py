@@ -255,6 +255,17 @@ def _channel_credentials(
     )
 
 
+def _name_override(
+    server_name: str | None, credentials: grpc.ChannelCredentials | None
+) -> tuple[tuple[str, str], ...]:
+    """The channel options that make `server_name` the TLS authority (hostname check, SNI)."""
+    if not server_name:
+        return ()
+    if credentials is None:
+        raise ValueError("server_name names the server's TLS certificate: it needs TLS")
+    return (("grpc.ssl_target_name_override", server_name),)
+
+
 def _bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """The call metadata that carries `token` (None: no token)."""
     if not token:
@@ -279,13 +290,17 @@ class LstmClient:
     """Async client over one or more server addresses.
 
     TLS: `tls_ca` (PEM path or bytes) trusts the server's CA (None with `tls` = the system's);
-    `tls_cert` + `tls_key` present a client certificate (mTLS). `token` goes as
-    `authorization: Bearer TOKEN` on every call, streams and failover reconnects included."""
+    `tls_cert` + `tls_key` present a client certificate (mTLS); `server_name` is the name the
+    server's certificate is checked against (and sent as SNI) instead of the address's host:
+    through a port-forward (`localhost:8001`) to a server whose certificate names its service.
+    `token` goes as `authorization: Bearer TOKEN` on every call, streams and failover
+    reconnects included."""
 
     def __init__(
         self, addresses: Sequence[str] | str, timeout_s: float = 30.0,
         failover_s: float = FAILOVER_S, *, tls: bool = False, tls_ca: Pem | None = None,
         tls_cert: Pem | None = None, tls_key: Pem | None = None, token: str | None = None,
+        server_name: str | None = None,
     ) -> None:  # fmt: skip
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -295,6 +310,7 @@ class LstmClient:
         self._index = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._credentials = _channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        self._options = CHANNEL_OPTIONS + _name_override(server_name, self._credentials)
         self.metadata = _bearer(token)
 
     async def __aenter__(self) -> LstmClient:
@@ -321,9 +337,9 @@ class LstmClient:
         """A stub on `address` (one channel per address, made on first use)."""
         if address not in self._channels:
             self._channels[address] = (
-                grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                grpc.aio.insecure_channel(address, options=self._options)
                 if self._credentials is None
-                else grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+                else grpc.aio.secure_channel(address, self._credentials, options=self._options)
             )
         return pb_grpc.LstmServeStub(self._channels[address])
 

@@ -1,4 +1,4 @@
-"""lstm-client: list models, classify text or frames, stream live, resume a session."""
+"""lstm-client: list models, classify text, token ids or frames, stream live, resume a session."""
 
 from __future__ import annotations
 
@@ -34,6 +34,32 @@ def load_frames(path: Path) -> np.ndarray:
     return frames
 
 
+def parse_tokens(text: str, where: str) -> np.ndarray:
+    """Token ids separated by spaces, commas or newlines -> (T,) int64, each checked."""
+    words = text.replace(",", " ").split()
+    if not words:
+        raise ValueError(f"{where}: no token ids")
+    ids = []
+    for i, word in enumerate(words):
+        if not (word.isascii() and word.isdigit()) or len(word) > 18:
+            raise ValueError(
+                f"{where}: token {i + 1} is {word[:32]!r}, not a token id (an integer >= 0)"
+            )
+        ids.append(int(word))
+    return np.array(ids, dtype=np.int64)
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    """--tokens-file: ids separated by spaces, commas or newlines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--tokens-file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--tokens-file {path}: not text ({exc.reason})") from exc
+    return parse_tokens(text, f"--tokens-file {path}")
+
+
 def format_top(top: Sequence[pb.LabelScore]) -> str:
     return "  ".join(f"{t.label} {t.probability:.3f}" for t in top)
 
@@ -65,10 +91,12 @@ async def cmd_list(client: LstmClient, args: argparse.Namespace) -> int:
         shape = f"S×H={m.state_rows}×{m.hidden_size}"
         width = f"vocab={m.vocab_size}" if m.input_kind == "tokens" else f"F={m.feature_dim}"
         fallback = f" cpu_fallback={len(m.cpu_fallback)}" if m.cpu_fallback else ""
+        # a model whose outputs are not probabilities says so (the answers are converted)
+        kind = f"  outputs={m.output_kind}" if m.output_kind not in ("", "probs") else ""
         print(
             f"{m.name} v{m.version}{' (latest)' if m.latest else ''}  {m.input_kind} {width}  "
             f"{shape}  streamable={str(m.streamable).lower()}  {m.provider}{fallback}  "
-            f"labels={','.join(m.labels)}"
+            f"labels={','.join(m.labels)}{kind}"
         )
     return 0
 
@@ -86,7 +114,12 @@ async def cmd_classify(client: LstmClient, args: argparse.Namespace) -> int:
 
 
 def read_steps(args: argparse.Namespace) -> str | np.ndarray:
-    """The --text, or the --frames file read and checked: before anything is sent."""
+    """The --text, the --tokens, or the --frames / --tokens-file read and checked: before
+    anything is sent. Token ids are (T,) int64, frames (T, F) float32."""
+    if args.tokens is not None:
+        return parse_tokens(args.tokens, "--tokens")
+    if args.tokens_file is not None:
+        return load_tokens(args.tokens_file)
     if args.text is None:
         return load_frames(args.frames)
     if not args.text:
@@ -104,7 +137,23 @@ def check_input(info: pb.ModelInfo, steps: str | np.ndarray, frames: Path | None
                 "give --frames FILE instead of --text"
             )
         if not info.HasField("tokenizer"):
-            raise ValueError(f"{name} has no tokenizer: it takes token ids, not --text")
+            raise ValueError(
+                f"{name} has no tokenizer: it takes token ids, not --text: give --tokens "
+                '"ID ID ..." or --tokens-file FILE'
+            )
+        return
+    if steps.ndim == 1:  # token ids
+        if info.input_kind != "tokens":
+            raise ValueError(
+                f"{name} takes frames ({info.feature_dim} features each), not token ids: "
+                "give --frames FILE"
+            )
+        if info.vocab_size and int(steps.max()) >= info.vocab_size:
+            bad = int(np.flatnonzero(steps >= info.vocab_size)[0])
+            raise ValueError(
+                f"token {bad + 1} is id {int(steps[bad])}: {name} takes ids 0 .. "
+                f"{info.vocab_size - 1}"
+            )
         return
     if info.input_kind != "features":
         raise ValueError(
@@ -118,12 +167,23 @@ def check_input(info: pb.ModelInfo, steps: str | np.ndarray, frames: Path | None
         )
 
 
+RESUMED = "…"  # stands for the text a resumed session was fed before this run
+
+
+def shown_text(steps: str, fed: int, resumed: bool) -> str:
+    """The text fed so far: the first `fed` characters of this run's, after what a resumed
+    session held back from before (the server feeds that first; this run does not know it)."""
+    return (RESUMED if resumed else "") + steps[: max(0, fed)]
+
+
 async def stream_steps(
-    session: StreamSession, steps: str | np.ndarray, delay_s: float, line: LiveLine
-) -> int:
-    """Send one character (or frame) per chunk, showing the top label as it changes; returns
-    how many chunks the server refused. The server holds back a character that may still
-    combine with the next one (a letter an accent may follow): the line shows what it fed."""
+    session: StreamSession, steps: str | np.ndarray, delay_s: float, line: LiveLine,
+    resumed: bool = False,
+) -> int:  # fmt: skip
+    """Send one character (token id, or frame) per chunk, showing the top label as it changes;
+    returns how many chunks the server refused. The server holds back a character that may
+    still combine with the next one (a letter an accent may follow): the line shows what it
+    fed, after "…" for a resumed session's text from before."""
     refused = 0
     for i in range(len(steps)):
         step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
@@ -132,7 +192,9 @@ async def stream_steps(
         if session.address != address:
             note_failover(session, address)
         if isinstance(steps, str):
-            consumed: str = steps[: i + 1 - result.held_characters]
+            consumed = shown_text(steps, i + 1 - result.held_characters, resumed)
+        elif steps.ndim == 1:
+            consumed = f"token {i + 1}/{len(steps)} ({int(steps[i])})"
         else:
             consumed = f"frame {i + 1}/{len(steps)}"
         if result.HasField("error"):
@@ -174,7 +236,8 @@ async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
     session = await start_stream(client, args, steps)
     print(f"session {session.session_id} {session.opened.model} v{session.opened.version}")
     line = LiveLine(sys.stdout)
-    refused = await stream_steps(session, steps, args.delay_ms / 1000, line)
+    resumed = bool(args.session)
+    refused = await stream_steps(session, steps, args.delay_ms / 1000, line, resumed)
     if args.keep:
         line.done()
         await session.close()
@@ -182,7 +245,8 @@ async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
     else:
         ended = await session.end()  # feeds what was held back
         if ended.flushed_steps and isinstance(steps, str):
-            line.update(f"{steps!r:<32} {format_top(ended.top)}")
+            text = shown_text(steps, len(steps), resumed)
+            line.update(f"{text!r:<32} {format_top(ended.top)}")
         line.done()
         print(f"ended after {ended.total_steps} steps")
     if refused:
@@ -205,15 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the served models")
     classify = sub.add_parser("classify", help="classify one whole text or file of frames")
     classify.add_argument("model")
-    source = classify.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="text for a token model")
-    source.add_argument("--frames", type=Path, help=".npy or .csv (T, F) frames")
+    add_input_flags(classify.add_mutually_exclusive_group(required=True), "")
     classify.add_argument("--json", action="store_true", help="print JSON")
-    stream = sub.add_parser("stream", help="stream text (or frames) one step at a time, live")
+    stream = sub.add_parser("stream", help="stream text, token ids or frames one step at a time")
     stream.add_argument("model", nargs="?", default="", help="model (not with --session)")
-    steps = stream.add_mutually_exclusive_group(required=True)
-    steps.add_argument("--text", help="text for a token model, one character per chunk")
-    steps.add_argument("--frames", type=Path, help=".npy or .csv frames, one frame per chunk")
+    add_input_flags(stream.add_mutually_exclusive_group(required=True), ", one per chunk")
     stream.add_argument("--session", help="resume this session id instead of opening one")
     stream.add_argument("--keep", action="store_true", help="keep the session open at the end")
     stream.add_argument("--delay-ms", type=float, default=0.0, help="pause between characters")
@@ -221,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--version", type=int, default=0, help="model version (0 = latest)")
         p.add_argument("--top-k", type=int, default=1, help="labels to show")
     return parser
+
+
+def add_input_flags(group: argparse._MutuallyExclusiveGroup, each: str) -> None:
+    """What a request carries: text (a model with a tokenizer), token ids, or frames."""
+    group.add_argument("--text", help=f"text for a token model with a tokenizer{each}")
+    group.add_argument("--tokens", help=f'token ids, e.g. "3 17 5" (or 3,17,5){each}')
+    group.add_argument("--tokens-file", type=Path, help=f"a file of token ids{each}")
+    group.add_argument("--frames", type=Path, help=f".npy or .csv (T, F) frames{each}")
 
 
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +299,11 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, help="PEM CA certificate(s) to trust: TLS")
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--server-name",
+        help="the name the server's certificate is checked against (and SNI), instead of the "
+        "address's host: e.g. the Service's name through kubectl port-forward to localhost",
+    )
     parser.add_argument(
         "--token", default=None, help=f"bearer token sent on every call (default: ${TOKEN_ENV})"
     )
@@ -245,6 +318,7 @@ async def run(args: argparse.Namespace) -> int:
     async with LstmClient(
         args.address or ["localhost:8001"], timeout_s=args.timeout, tls=args.tls,
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
+        server_name=args.server_name,
     ) as client:  # fmt: skip
         return await COMMANDS[args.command](client, args)
 
@@ -254,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stream" and not (args.model or args.session):
         print("lstm-client stream: give a model or --session", file=sys.stderr)
+        return 2
+    if args.server_name and not (args.tls or args.tls_ca or args.tls_cert):
+        print("lstm-client: --server-name names the server's TLS certificate: give --tls or "
+              "--tls-ca too", file=sys.stderr)  # fmt: skip
         return 2
     try:
         return asyncio.run(run(args))

@@ -26,6 +26,12 @@ OUTPUT_STEP_PROBS = "step_probs"  # float32 [B, T, C]
 OUTPUT_PROBS = "probs"  # float32 [B, C], after each row's last valid step
 OUTPUT_STATE = "state_out"  # float32 [B, S, H], after each row's last valid step
 
+# What a model's class outputs are (ModelDescription.output_kind): probabilities as they are,
+# log-probabilities (exp gives the probabilities) or logits (softmax gives them).
+KIND_PROBS, KIND_LOG_PROBS, KIND_LOGITS = "probs", "log_probs", "logits"
+OUTPUT_KINDS = (KIND_PROBS, KIND_LOG_PROBS, KIND_LOGITS)
+CONTRACT_OUTPUT_RULE = "lstm-serve contract v1: probs and step_probs are probabilities"
+
 
 class DescriptionError(ValueError):
     """A model description is missing, malformed or inconsistent."""
@@ -98,6 +104,10 @@ class ModelDescription:
     cuda: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     contract: str = CONTRACT_VERSION
+    # What the class outputs are, and the rule that says so (a config.pbtxt model's is
+    # inferred from its graph or set in its config: service/engine/byo/inferred.py).
+    output_kind: str = KIND_PROBS
+    output_kind_rule: str = CONTRACT_OUTPUT_RULE
 
     def __post_init__(self) -> None:
         if self.contract != CONTRACT_VERSION:
@@ -114,6 +124,10 @@ class ModelDescription:
             )
         if len(self.labels) < 2:
             raise DescriptionError("a classifier needs at least two labels")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise DescriptionError(
+                f"output_kind {self.output_kind!r} is not one of {', '.join(OUTPUT_KINDS)}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -145,6 +159,8 @@ class ModelDescription:
             "architecture": self.architecture,
             "cuda": self.cuda,
             "training": self.training,
+            "output_kind": self.output_kind,
+            "output_kind_rule": self.output_kind_rule,
         }
 
     def to_json(self) -> str:
@@ -170,6 +186,8 @@ class ModelDescription:
                 architecture=dict(data["architecture"]),
                 cuda=dict(data.get("cuda") or {}),
                 training=dict(data.get("training") or {}),
+                output_kind=str(data.get("output_kind") or KIND_PROBS),
+                output_kind_rule=str(data.get("output_kind_rule") or CONTRACT_OUTPUT_RULE),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):

@@ -237,6 +237,8 @@ def model_info(model: ModelWorker, latest: bool) -> pb.ModelInfo:
         load_seconds=model.load_seconds,
         state=STATE_ENUM[model.lifecycle.value],
         sessions=model.sessions,
+        output_kind=desc.output_kind,
+        output_kind_rule=desc.output_kind_rule,
     )
     tok = desc.tokenizer
     if isinstance(tok, Tokenizer):

@@ -16,6 +16,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from lstmserve.contract import KIND_LOGITS, OUTPUT_KINDS
 from service.engine.byo.tritonconfig import (
     CONFIG_FILE,
     CONTROL_KINDS,
@@ -65,8 +66,18 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "preserve_ordering",
         }
     ),
+    # use_same_buffer_for_input_output and use_growable_memory tune Triton's own state buffers
+    # (its implicit-state docs show them); the server keeps states in its own slab: no effect.
     "inference.ModelSequenceBatching.State": frozenset(
-        {"input_name", "output_name", "data_type", "dims", "initial_state"}
+        {
+            "input_name",
+            "output_name",
+            "data_type",
+            "dims",
+            "initial_state",
+            "use_same_buffer_for_input_output",
+            "use_growable_memory",
+        }
     ),
     "inference.ModelSequenceBatching.InitialState": frozenset(
         {"data_type", "dims", "zero_data", "name"}
@@ -162,9 +173,10 @@ def _read(config: mc.ModelConfig, path: Path, folder: str) -> TritonModel:
         if key not in PARAMETERS:
             known = ", ".join(PARAMETERS)
             raise ConfigError(f"{path}: parameters key {key!r} is not one of {known}")
-    if params.get("output_kind", "logits") not in ("logits", "probs"):
+    if params.get("output_kind", KIND_LOGITS) not in OUTPUT_KINDS:
         raise ConfigError(
-            f"{path}: parameters output_kind {params['output_kind']!r} is not logits or probs"
+            f"{path}: parameters output_kind {params['output_kind'][:64]!r} is not one of "
+            f"{', '.join(OUTPUT_KINDS)}"
         )
     seq = config.sequence_batching
     if not config.HasField("sequence_batching") or not seq.state:

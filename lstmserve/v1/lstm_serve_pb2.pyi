@@ -433,7 +433,7 @@ class TokenizerInfo(_message.Message):
     def __init__(self, type: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., lowercase: _Optional[bool] = ..., unknown_id: _Optional[int] = ..., normalization: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "latest", "labels", "input_kind", "vocab_size", "feature_dim", "tokenizer", "streamable", "state_rows", "hidden_size", "state_row_names", "provider", "providers", "cpu_fallback", "architecture_json", "training_json", "load_seconds", "state", "reason", "sessions")
+    __slots__ = ("name", "version", "latest", "labels", "input_kind", "vocab_size", "feature_dim", "tokenizer", "streamable", "state_rows", "hidden_size", "state_row_names", "provider", "providers", "cpu_fallback", "architecture_json", "training_json", "load_seconds", "state", "reason", "sessions", "output_kind", "output_kind_rule")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +455,8 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_KIND_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_KIND_RULE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     latest: bool
@@ -476,7 +478,9 @@ class ModelInfo(_message.Message):
     state: ModelState
     reason: str
     sessions: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., streamable: _Optional[bool] = ..., state_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., state_row_names: _Optional[_Iterable[str]] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., cpu_fallback: _Optional[_Iterable[str]] = ..., architecture_json: _Optional[str] = ..., training_json: _Optional[str] = ..., load_seconds: _Optional[float] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., sessions: _Optional[int] = ...) -> None: ...
+    output_kind: str
+    output_kind_rule: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., streamable: _Optional[bool] = ..., state_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., state_row_names: _Optional[_Iterable[str]] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., cpu_fallback: _Optional[_Iterable[str]] = ..., architecture_json: _Optional[str] = ..., training_json: _Optional[str] = ..., load_seconds: _Optional[float] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., sessions: _Optional[int] = ..., output_kind: _Optional[str] = ..., output_kind_rule: _Optional[str] = ...) -> None: ...
 
 class RepositoryIndexRequest(_message.Message):
     __slots__ = ()

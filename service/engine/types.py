@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
+from lstmserve.contract import KIND_LOG_PROBS, KIND_PROBS
+
 if TYPE_CHECKING:
     from service.engine.byo.tritonconfig import ConfigReader
     from service.engine.session.sessions import Session
@@ -34,14 +36,43 @@ class StreamOptions:
     top_k: int = 1
 
 
+def probabilities(values: np.ndarray, kind: str) -> np.ndarray:
+    """A model's class outputs (..., C) of `kind` (lstmserve.contract OUTPUT_KINDS) as
+    probabilities: the same array for probabilities, exp of log-probabilities, softmax of
+    logits."""
+    if kind == KIND_PROBS or not values.size:
+        return values
+    if kind == KIND_LOG_PROBS:
+        return np.exp(values, dtype=np.float32)
+    z = values - values.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32, copy=False)
+
+
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)
 class StepResult:
-    """The outcome of one chunk (or one whole Classify sequence); owns its arrays."""
+    """The outcome of one chunk (or one whole Classify sequence); owns its arrays.
 
-    probs: np.ndarray  # (C,) after the last step
-    step_probs: np.ndarray | None  # (T, C) after every step, if asked for
+    `values` are the model's class outputs as it computed them (what the Triton protocol
+    returns), `kind` what they are; `probs` the probabilities (what the native protocol
+    returns: the same array for a model whose outputs are probabilities)."""
+
+    values: np.ndarray  # (C,) after the last step
+    step_values: np.ndarray | None  # (T, C) after every step, if asked for
     steps: int  # T
     total_steps: int  # steps since open / reset, after this chunk
+    kind: str = KIND_PROBS
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(C,) probabilities after the last step ((0,) before a session's first step)."""
+        return probabilities(self.values, self.kind)
+
+    @property
+    def step_probs(self) -> np.ndarray | None:
+        """(T, C) probabilities after every step, if asked for."""
+        steps = self.step_values
+        return None if steps is None else probabilities(steps, self.kind)
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)

@@ -224,10 +224,11 @@ class Sequences:
         if not ended.flushed_steps or final is None:
             return SequenceReply(reply.model, result, reply.seq, result.total_steps,
                                  reply.duplicate, 0)  # fmt: skip
-        every = result.step_probs
-        if every is not None and final.step_probs is not None:
-            every = np.concatenate([every, final.step_probs])
-        merged = StepResult(final.probs, every, result.steps + final.steps, final.total_steps)
+        every = result.step_values
+        if every is not None and final.step_values is not None:
+            every = np.concatenate([every, final.step_values])
+        merged = StepResult(final.values, every, result.steps + final.steps, final.total_steps,
+                            final.kind)  # fmt: skip
         return SequenceReply(reply.model, merged, reply.seq, final.total_steps, reply.duplicate, 0)
 
 

@@ -219,22 +219,25 @@ def step_probs_wanted(wanted: list[WantedOutput]) -> bool:
 def encode_outputs(
     wanted: list[WantedOutput], results: list[StepResult], desc: ModelDescription
 ) -> tuple[InferOutput, ...]:
-    """The results of B sequences as output tensors (step_probs of shorter rows padded)."""
+    """The results of B sequences as output tensors, each output as the model computed it
+    (what Triton returns: a config.pbtxt model's logits stay logits); per-step outputs of
+    shorter rows padded with 0."""
     outputs = []
     for w in wanted:
         if w.ours == OUTPUT_PROBS:
-            probs = np.zeros((len(results), desc.num_classes), np.float32)  # (B, C)
+            values = np.zeros((len(results), desc.num_classes), np.float32)  # (B, C)
             for b, r in enumerate(results):  # none yet (all text held back so far): zeros
-                if r.probs.size:
-                    probs[b] = r.probs
+                if r.values.size:
+                    values[b] = r.values
             if w.classes:
-                labels = classification(probs, w.classes, desc.labels)  # (B, k)
+                labels = classification(values, w.classes, desc.labels)  # (B, k)
                 outputs.append(InferOutput(w.name, "BYTES", labels.shape, labels))
             else:
-                outputs.append(InferOutput(w.name, "FP32", probs.shape, probs))
+                outputs.append(InferOutput(w.name, "FP32", values.shape, values))
             continue
         none = np.zeros((0, desc.num_classes), np.float32)  # a chunk all held back: no step
-        steps = [none if r.steps == 0 and r.step_probs is None else r.step_probs for r in results]
+        steps = [none if r.steps == 0 and r.step_values is None else r.step_values
+                 for r in results]  # fmt: skip
         if any(s is None for s in steps):
             continue  # a resend's kept result has no per-step probabilities
         longest = max(len(s) for s in steps)  # type: ignore[arg-type]

@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class ServerProcess:
     """`python -m service.cli` with --log-json on 127.0.0.1, free ports. With `run_delay_ms`,
-    every model run takes that much longer (tests/e2e/slow_serve.py)."""
+    every model run takes that much longer (tests/e2e/slow_serve.py); `module` runs another
+    launcher of the same flags (tests/e2e/without_onnx.py)."""
 
-    def __init__(self, repo: Path, *extra: str, run_delay_ms: int = 0) -> None:
-        main = ["tests.e2e.slow_serve", str(run_delay_ms)] if run_delay_ms else ["service.cli"]
+    def __init__(self, repo: Path, *extra: str, run_delay_ms: int = 0,
+                 module: str = "service.cli") -> None:  # fmt: skip
+        main = ["tests.e2e.slow_serve", str(run_delay_ms)] if run_delay_ms else [module]
         cmd = [
             sys.executable, "-m", *main, "--log-json", "--host", "127.0.0.1",
             "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",

@@ -56,6 +56,10 @@ def test_stream_keep_then_resume_by_id(server_process: ServerProcess) -> None:
     )
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines()[-1] == "ended after 4 steps"
+    # "b" was held back when the first run kept the session: the resumed run feeds it first,
+    # shown as "…" (text from before), never as a blank prefix
+    prefixes = [m["prefix"] for m in map(STEP_LINE.match, second.stdout.splitlines()) if m]
+    assert prefixes == ["…", "…c", "…cd"], second.stdout
 
 
 def test_failover_to_the_second_address(server_process: ServerProcess) -> None:

@@ -132,16 +132,19 @@ def write_model(repo: Path, name: str, kind: str = "batch-first", extra: str = "
     return model
 
 
-def torch_step_probs(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
-    """(T, C) softmax probabilities after every step of one sequence from a zero state."""
+def torch_step_logits(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
+    """(T, C) logits after every step of one sequence from a zero state (what Triton returns)."""
     x = torch.from_numpy(tokens[None].astype(np.int64))
     with torch.no_grad():
         if isinstance(model, TorchLayoutLstm):
             zeros = torch.zeros(LAYERS, 1, HIDDEN)
-            logits = model(x, zeros, zeros)[0]
-        else:
-            logits = model(x, torch.zeros(1, 2 * LAYERS, HIDDEN))[0]
-    return torch.softmax(logits, -1)[0].numpy()
+            return model(x, zeros, zeros)[0][0].numpy()
+        return model(x, torch.zeros(1, 2 * LAYERS, HIDDEN))[0][0].numpy()
+
+
+def torch_step_probs(model: nn.Module, tokens: np.ndarray) -> np.ndarray:
+    """(T, C) softmax probabilities after every step of one sequence from a zero state."""
+    return torch.softmax(torch.from_numpy(torch_step_logits(model, tokens)), -1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +203,13 @@ def test_list_models_shows_the_label_file_and_the_state_layout(triton_server: Se
     assert (chars.state_rows, chars.hidden_size) == (2 * LAYERS, HIDDEN)
     torch_layout = models["chars-torch"]
     assert list(torch_layout.state_row_names) == ["h0[0]", "h0[1]", "c0[0]", "c0[1]"]
+    # what the outputs were taken to be, and why (the head is a MatMul + Add: logits)
+    assert chars.output_kind == "logits"
+    assert chars.output_kind_rule.startswith("'logits' ends in a ")
+    assert "(no Softmax or LogSoftmax): logits (the native API's probabilities are their " in (
+        chars.output_kind_rule
+    )  # fmt: skip
+    assert "a Gather" in json.loads(chars.architecture_json)["vocab_size_from"]
 
 
 @pytest.mark.parametrize("name", ["chars", "chars-torch"])
@@ -357,6 +367,72 @@ def test_lstm_export_verify_passes_on_a_users_own_export(
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "PASS" and report["model"] == f"{name}/1"
     assert report["max_diff_streaming_vs_whole"] <= 1e-5 and report["cases"] > 20
+    assert report["output_kind"] == "logits" and "no Softmax" in report["output_kind_rule"]
+
+
+class SoftmaxLstm(BatchFirstLstm):
+    """The same LSTM whose per-step output already is probabilities (softmax in the graph)."""
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, state_out = super().forward(tokens, state)
+        return torch.softmax(logits, -1), state_out
+
+
+def export_softmax(folder: Path, extra: str) -> None:
+    torch.manual_seed(0)
+    (folder / "1").mkdir(parents=True)
+    torch.onnx.export(
+        SoftmaxLstm().eval(), (torch.zeros(1, 3, dtype=torch.long),
+                               torch.zeros(1, 2 * LAYERS, HIDDEN)),
+        str(folder / "1" / "model.onnx"), input_names=["tokens", "state_in"],
+        output_names=["logits", "state_out"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch", 1: "time"}, "state_in": {0: "batch"},
+                      "logits": {0: "batch", 1: "time"}, "state_out": {0: "batch"}},
+    )  # fmt: skip
+    config = BATCH_FIRST_CONFIG.format(name=folder.name, rows=2 * LAYERS, extra=extra)
+    (folder / "config.pbtxt").write_text(config.replace(' label_filename: "labels.txt"', ""))
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "says"),
+    [
+        ("", "PASS", ""),  # inferred from the Softmax: probs
+        ("logits", "FAIL", "output_kind logits, but every output seen is already a "
+                           "distribution (probs): a softmax of it would flatten the answer"),
+        ("log_probs", "FAIL", "output_kind log_probs, but the outputs are not log-probabilities"),
+    ],
+)  # fmt: skip
+def test_lstm_export_verify_fails_outputs_that_contradict_their_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, status: str, says: str
+) -> None:
+    """A model whose outputs already are probabilities, told they are logits, would be answered
+    with a second softmax: verify says so instead of PASS."""
+    from export.cli import main
+
+    param = f'parameters {{ key: "output_kind" value: {{ string_value: "{kind}" }} }}'
+    extra = param if kind else ""
+    export_softmax(tmp_path / "already-probs", extra)
+    assert main(["verify", str(tmp_path / "already-probs" / "1")]) == (status == "FAIL")
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == status and report["output_kind"] == (kind or "probs")
+    assert report.get("problem", "").startswith(says), report
+    assert report["max_diff_streaming_vs_whole"] <= 1e-5  # the other checks pass
+
+
+def test_lstm_export_describe_prints_what_the_server_reads_from_the_config_and_graph(
+    triton_repo: tuple[Path, dict[str, nn.Module]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.cli import main
+
+    assert main(["describe", str(triton_repo[0] / "chars")]) == 0  # the model folder: latest
+    desc = json.loads(capsys.readouterr().out)
+    assert (desc["name"], desc["version"], desc["labels"]) == ("chars", 1, LABELS)
+    assert desc["output_kind"] == "logits" and "no Softmax" in desc["output_kind_rule"]
+    assert desc["vocab_size"] == VOCAB
+    assert desc["architecture"]["vocab_size_from"] == (
+        "the rows of the table 'embedding.weight' that input 'tokens' indexes (a Gather: an "
+        "embedding)"
+    )
 
 
 def test_lstm_export_verify_fails_an_export_that_drops_its_state(

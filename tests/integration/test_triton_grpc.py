@@ -440,7 +440,7 @@ def own_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
 def test_a_config_pbtxt_model_is_served_with_its_own_config_and_names(
     own_models: tuple[ServerThread, Any], name: str
 ) -> None:
-    from tests.integration.test_generic_models import WORD, torch_step_probs
+    from tests.integration.test_generic_models import WORD, torch_step_logits
 
     server, models = own_models
     with tc.InferenceServerClient(server.address) as client:
@@ -459,7 +459,8 @@ def test_a_config_pbtxt_model_is_served_with_its_own_config_and_names(
                                   sequence_start=i == 0, sequence_end=i == len(pieces) - 1,
                                   outputs=[tc.InferRequestedOutput("logits")])  # fmt: skip
             got.append(result.as_numpy("logits")[0])
-    np.testing.assert_allclose(np.concatenate(got), torch_step_probs(models[name], WORD),
+    # the model's logits as it computes them (what Triton returns), not their softmax
+    np.testing.assert_allclose(np.concatenate(got), torch_step_logits(models[name], WORD),
                                atol=1e-5)  # fmt: skip
 
 

@@ -594,7 +594,7 @@ def own_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server
 def test_a_config_pbtxt_model_keeps_its_config_and_tensor_names_over_http(
     own_model: tuple[ServerThread, Any],
 ) -> None:
-    from tests.integration.test_generic_models import WORD, torch_step_probs
+    from tests.integration.test_generic_models import WORD, torch_step_logits
 
     srv, model = own_model
     client = httpclient.InferenceServerClient(url_of(srv))
@@ -612,7 +612,8 @@ def test_a_config_pbtxt_model_keeps_its_config_and_tensor_names_over_http(
             got.append(result.as_numpy("logits")[0])
     finally:
         client.close()
-    np.testing.assert_allclose(np.concatenate(got), torch_step_probs(model, WORD), atol=1e-5)
+    # the model's logits as it computes them (what Triton returns), not their softmax
+    np.testing.assert_allclose(np.concatenate(got), torch_step_logits(model, WORD), atol=1e-5)
 
 
 def test_requests_beyond_the_bytes_in_flight_budget_wait_their_turn(tiny_repo: Path) -> None:

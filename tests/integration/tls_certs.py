@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,10 @@ class Authority:
         path.write_bytes(self.pem)
         return path
 
-    def issue(self, common_name: str, server: bool) -> Issued:
-        """A leaf certificate: for 127.0.0.1 / localhost (server) or a client named CN."""
+    def issue(self, common_name: str, server: bool,
+              dns_names: Sequence[str] | None = None) -> Issued:  # fmt: skip
+        """A leaf certificate: for 127.0.0.1 / localhost (server; or for `dns_names` alone, a
+        server known by its service name) or a client named CN."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -80,7 +83,10 @@ class Authority:
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
         if server:
-            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            names: list[x509.GeneralName] = (
+                [x509.DNSName(n) for n in dns_names] if dns_names else
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            )  # fmt: skip
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         key_pem = key.private_bytes(

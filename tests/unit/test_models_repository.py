@@ -47,3 +47,25 @@ def test_langid_reports_accuracy_per_language_and_by_characters_seen() -> None:
     assert (
         desc.tokenizer is not None and desc.tokenizer.encode("été")[0] != desc.tokenizer.unknown_id
     )
+
+
+def _readme_model_rows() -> dict[str, str]:
+    """The README's "The shipped models" table: {NAME/VERSION: the row}."""
+    readme = (MODELS.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The shipped models", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {row.split("`")[1]: row for row in rows}
+
+
+def test_the_readme_table_lists_every_shipped_model_with_its_card() -> None:
+    """What `lstm-client list` shows against models/ is what the README's table lists, each
+    version with its card; the int8 copies with their caveat."""
+    rows = _readme_model_rows()
+    assert sorted(rows) == sorted(f"{p.parent.name}/{p.name}" for p in VERSIONS)
+    for name, row in rows.items():
+        assert f"[card](models/{name}/README.md)" in row, row
+        if read_description(str(MODELS / name / "model.onnx")).training.get("quantization"):
+            assert "**Approximate and batch-dependent**" in row, row
+    readme = (MODELS.parent / "README.md").read_text(encoding="utf-8")
+    count = {3: "three", 4: "four", 5: "five", 6: "six"}[len(VERSIONS)]
+    assert f"(`lstm-client list` shows all {count})" in readme

@@ -34,6 +34,21 @@ def test_round_trip_keeps_every_field_and_the_exact_state() -> None:
     assert back.state.dtype == np.float32 and back.created_at > 0
 
 
+def test_a_logits_models_last_outputs_travel_beside_their_probabilities() -> None:
+    """A resend answered by another replica gets the model's outputs as computed (the Triton
+    API's) and their probabilities (the native API's); a snapshot of a model whose outputs are
+    probabilities carries them once, as before."""
+    from dataclasses import replace
+
+    keys = SnapshotKeys.parse(f"k1:{SECRET_A}")
+    snap = replace(_snap(), last_probs=(0.25, 0.75), last_values=(-1.0, 0.0986), last_steps=3)
+    back = decode_snapshot(encode_snapshot(snap, keys), keys)
+    assert back.last_values == pytest.approx((-1.0, 0.0986)) and back.last_steps == 3
+    assert back.last_probs == (0.25, 0.75)
+    plain = encode_snapshot(replace(snap, last_values=()), keys)
+    assert b"last_values" not in plain and decode_snapshot(plain, keys).last_values == ()
+
+
 @pytest.mark.parametrize("offset", [10, 40, -40, -1])
 def test_a_flipped_byte_anywhere_is_refused(offset: int) -> None:
     keys = SnapshotKeys.parse(f"k1:{SECRET_A}")

@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from lstmserve.contract import DESCRIPTION_KEY, DescriptionError, ModelDescription, Tokenizer
+from service.engine.byo.inferred import configured_kind, embedding_rows, output_kind
+from service.engine.byo.onnxgraph import OnnxFormatError, OnnxGraph, read_graph
 from service.engine.byo.tritonconfig import (
     ControlSpec,
     StateSpec,
@@ -86,7 +89,10 @@ class Binding:
     states: tuple[BoundState, ...]
     controls: tuple[tuple[ControlSpec, tuple[int, ...]], ...]  # with the shape after B
     labels: tuple[str, ...]
-    tokenizer: Tokenizer | None = None
+    tokenizer: Tokenizer | None
+    output_kind: str  # lstmserve.contract OUTPUT_KINDS
+    output_kind_rule: str  # why (service/engine/byo/inferred.py)
+    vocab_rule: str  # where vocab_size came from ("" for features)
 
     def control_feeds(self, fresh: np.ndarray, corrid: np.ndarray) -> dict[str, np.ndarray]:
         """START where a row's sequence starts (its state is the zero initial state), READY
@@ -115,8 +121,10 @@ class Binding:
                 "outputs": outputs,
                 "lengths_input": self.lengths.name if self.lengths else None,
                 "fixed_steps": self.window,
+                **({"vocab_size_from": self.vocab_rule} if self.vocab_rule else {}),
             },
             vocab_size=self.vocab_size, feature_dim=self.feature_dim, tokenizer=self.tokenizer,
+            output_kind=self.output_kind, output_kind_rule=self.output_kind_rule,
         )  # fmt: skip
 
 
@@ -158,23 +166,65 @@ def bind(triton: TritonModel, session: ort.InferenceSession, model_path: Path) -
                 "input_name nor a control_input of config.pbtxt"
             )
     step, final, classes = _bind_outputs(triton, graph_out, batched, path)
+    meaning = _meaning(triton, session, model_path, data if kind == "tokens" else None,
+                       [o for o in (step, final) if o is not None], classes)  # fmt: skip
+    return Binding(
+        data=data, input_kind=kind, feature_dim=feature_dim, window=shape[1], lengths=lengths,
+        lengths_tail=lengths_tail, step_output=step, final_output=final, states=states,
+        controls=controls, **meaning,
+    )  # fmt: skip
+
+
+def _meaning(triton: TritonModel, session: ort.InferenceSession, model_path: Path,
+             tokens: TensorSpec | None, outputs: list[TensorSpec],
+             classes: int) -> dict[str, Any]:  # fmt: skip
+    """Labels, vocabulary size, tokenizer and output kind: from config.pbtxt, else our own
+    description in the file (an lstm-export model), else the graph (service/engine/byo/
+    inferred.py), each with the rule that gave it."""
     own = _own_description(session)
-    outputs = [o for o in (step, final) if o is not None]
+    graph, unread = _graph(model_path)
     labels = _labels(triton, outputs, classes)
     if own is not None and not any(o.label_filename for o in outputs):
         labels = own.labels if own.num_classes == classes else labels
-    tokenizer = None
-    if kind == "tokens" and own is not None and "vocab_size" not in triton.parameters:
-        vocab = own.vocab_size
-    else:
-        vocab = _vocab_size(triton, data, model_path) if kind == "tokens" else 0
-    if kind == "tokens":
+    vocab, vocab_rule, tokenizer = 0, "", None
+    if tokens is not None and own is not None and "vocab_size" not in triton.parameters:
+        vocab, vocab_rule = own.vocab_size, "the lstm-serve description in the file"
+    elif tokens is not None:
+        vocab, vocab_rule = _vocab_size(triton, tokens, graph, unread)
+    if tokens is not None:
         tokenizer = _tokenizer(triton, vocab) or (own.tokenizer if own is not None else None)
-    return Binding(
-        data=data, input_kind=kind, feature_dim=feature_dim, vocab_size=vocab,
-        window=shape[1], lengths=lengths, lengths_tail=lengths_tail, step_output=step,
-        final_output=final, states=states, controls=controls, labels=labels, tokenizer=tokenizer,
-    )  # fmt: skip
+    kind, kind_rule = _output_kind(triton, graph, unread, outputs, own)
+    return {"labels": labels, "vocab_size": vocab, "vocab_rule": vocab_rule,
+            "tokenizer": tokenizer, "output_kind": kind, "output_kind_rule": kind_rule}  # fmt: skip
+
+
+def _graph(model_path: Path) -> tuple[OnnxGraph | None, str]:
+    """The file's graph, or None and why it could not be read."""
+    try:
+        return read_graph(model_path), ""
+    except (OSError, OnnxFormatError) as exc:
+        return None, f"the graph of {model_path.name} could not be read ({exc})"
+
+
+def _output_kind(triton: TritonModel, graph: OnnxGraph | None, unread: str,
+                 outputs: list[TensorSpec],
+                 own: ModelDescription | None) -> tuple[str, str]:  # fmt: skip
+    """parameters output_kind, else our own description's, else what the graph's tails say;
+    class outputs whose tails disagree need the parameter."""
+    if triton.output_kind is not None:
+        return configured_kind(triton.output_kind)
+    if own is not None:
+        return own.output_kind, f"the lstm-serve description in the file: {own.output_kind_rule}"
+    if graph is None:  # never a guess: the config must say
+        raise ConfigError(f"{triton.path}: {unread}: set parameters output_kind")
+    batched = 1 if triton.max_batch_size > 0 else 0
+    found = [output_kind(graph, o.name, len(o.graph_dims) + batched) for o in outputs]
+    if len({kind for kind, _ in found}) > 1:
+        raise ConfigError(
+            f"{triton.path}: the class outputs are of different kinds: "
+            f"{'; '.join(rule for _, rule in found)}: set parameters output_kind"
+        )
+    return found[0][0], "; ".join(rule for _, rule in found)
 
 
 def _bind_tensor(t: TensorSpec, graph: dict[str, ort.NodeArg], batched: bool, path: Path,
@@ -338,36 +388,22 @@ def _tokenizer(triton: TritonModel, vocab_size: int) -> Tokenizer | None:
     return Tokenizer(vocab=vocab, lowercase=lowercase, unknown_id=0)
 
 
-def _vocab_size(triton: TritonModel, data: TensorSpec, model_path: Path) -> int:
-    """parameters vocab_size, else the rows of the embedding table the token input indexes
-    (read with the onnx package when it is installed)."""
+def _vocab_size(triton: TritonModel, data: TensorSpec, graph: OnnxGraph | None,
+                unread: str) -> tuple[int, str]:  # fmt: skip
+    """(size, rule): parameters vocab_size, else the rows of the embedding table the token input
+    indexes, else the characters of vocab_filename."""
     raw = triton.parameters.get("vocab_size")
     if raw is not None:
         if not raw.strip().isdigit() or int(raw) < 1:
             raise ConfigError(f"{triton.path}: parameters vocab_size {raw[:64]!r} is not >= 1")
-        return int(raw)
-    found = _embedding_rows(model_path, data.name)
-    if found is None and (vocabulary := read_vocabulary(triton)) is not None:
-        found = len(vocabulary[0])  # without the onnx package: the characters listed
-    if found is None:
-        raise ConfigError(
-            f"{triton.path}: the vocabulary size of input {data.name!r} is not known: set "
-            'parameters { key: "vocab_size" value: { string_value: "N" } }'
-        )
-    return found
-
-
-def _embedding_rows(model_path: Path, input_name: str) -> int | None:
-    try:
-        import onnx
-    except ImportError:
-        return None
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    inits = {t.name: t for t in graph.initializer}
-    names = {input_name}
-    for node in graph.node:  # follow Casts of the token input to the Gather of a table
-        if node.op_type == "Cast" and node.input[0] in names:
-            names.add(node.output[0])
-        if node.op_type == "Gather" and node.input[1] in names and node.input[0] in inits:
-            return int(inits[node.input[0]].dims[0])
-    return None
+        return int(raw), "parameters vocab_size in config.pbtxt"
+    found = embedding_rows(graph, data.name) if graph is not None else None
+    if found is not None:
+        return found
+    if (vocabulary := read_vocabulary(triton)) is not None:
+        return len(vocabulary[0]), "the characters listed in vocab_filename"
+    why = unread or f"no Gather of {data.name!r} indexes a table in the graph"
+    raise ConfigError(
+        f"{triton.path}: the vocabulary size of input {data.name!r} is not known ({why}): set "
+        'parameters { key: "vocab_size" value: { string_value: "N" } }'
+    )

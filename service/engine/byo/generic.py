@@ -4,7 +4,9 @@
 ModelDescription) for any graph the config describes: one data input (tokens [B, T] or features
 [B, T, F]), an optional lengths input, any number of state tensors (each its own shape, float32
 or float16, the batch on any axis), START / END / READY / CORRID controls, a per-step
-[B, T, C] and / or a final [B, C] output of probabilities or logits. The engine keeps one flat
+[B, T, C] and / or a final [B, C] output of probabilities, log-probabilities or logits, returned
+as the model computed them (the description's `output_kind` says which: StepResult.probs
+converts for the native API, the Triton API returns them as they are). The engine keeps one flat
 float32 row per session (the StateLayout packs and unpacks it), so snapshots, the Redis store,
 resume and StreamMulti work unchanged.
 
@@ -111,10 +113,9 @@ def correlation_id(session_id: str) -> int:
     return 1 + (int.from_bytes(session_id.encode()[:8].ljust(8, b"\0"), "big") >> 2)
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+def _floats(values: np.ndarray) -> np.ndarray:
+    """A class output as the model computed it, as float32 (a float16 output widened)."""
+    return values.astype(np.float32, copy=False)
 
 
 class GenericRuntime(ModelRuntime):
@@ -225,13 +226,9 @@ class GenericRuntime(ModelRuntime):
         values = self.session.run(heads + names, feeds, SHRINK if shrink else None)
         results = dict(zip(heads + names, values, strict=True))
         state_out = self.layout.pack(results)
-        steps = self._probs(results[b.step_output.name]) if b.step_output else None
-        final = self._probs(results[b.final_output.name]) if b.final_output else None
+        steps = _floats(results[b.step_output.name]) if b.step_output else None
+        final = _floats(results[b.final_output.name]) if b.final_output else None
         return steps, final, state_out
-
-    def _probs(self, values: np.ndarray) -> np.ndarray:
-        values = values.astype(np.float32, copy=False)
-        return softmax(values) if self.triton.output_kind == "logits" else values
 
     def warm_up(self) -> None:
         desc = self.description
@@ -244,4 +241,4 @@ class GenericRuntime(ModelRuntime):
         self.run(inputs, np.full(1, steps, dtype=np.int64), state)
 
 
-__all__ = ["GenericRuntime", "StateLayout", "softmax"]
+__all__ = ["GenericRuntime", "StateLayout"]

@@ -34,7 +34,8 @@ class ConfigReader(Protocol):
 
 # parameters { key: ... } that lstm-serve reads (every other key is refused).
 PARAMETERS = {
-    "output_kind": "logits (softmax applied, the default) or probs",
+    "output_kind": "probs, log_probs or logits: what the class outputs are (default: inferred "
+    "from the graph, service/engine/byo/inferred.py)",
     "state_batch_axis": "the batch axis of every state tensor in the ONNX graph",
     "lengths_input": "the ONNX input that takes each row's valid steps (int64)",
     "vocab_size": "token ids accepted: 0 .. vocab_size - 1",
@@ -112,8 +113,9 @@ class TritonModel:
     instances: int  # instance_group counts summed: batches of this model run at once (0: unset)
 
     @property
-    def output_kind(self) -> str:
-        return self.parameters.get("output_kind", "logits")
+    def output_kind(self) -> str | None:
+        """parameters output_kind, or None: the graph says (service/engine/byo/inferred.py)."""
+        return self.parameters.get("output_kind")
 
     def labels(self, output: TensorSpec, classes: int) -> tuple[str, ...]:
         """The output's labels (label_filename, one per line, beside config.pbtxt), or

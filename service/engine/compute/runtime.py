@@ -30,7 +30,9 @@ CUDA = "CUDAExecutionProvider"
 
 @dataclass(frozen=True)
 class RunOutput:
-    """What one run returns, for a batch of B rows padded to T steps."""
+    """What one run returns, for a batch of B rows padded to T steps. `probs` and `step_probs`
+    are the class outputs as the model computed them: probabilities for our models, what the
+    description's `output_kind` says for a config.pbtxt model (StepResult.probs converts)."""
 
     step_probs: np.ndarray | None  # (B, T, C); None when the run was asked not to fetch them
     probs: np.ndarray  # (B, C)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lstmserve.contract import KIND_PROBS
 from service import principal
 from service.engine.continuity.redis_backend import (
     ENDED,
@@ -57,9 +58,14 @@ STORE_MODES = (STRICT, BEST_EFFORT)
 
 
 def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
+    """The last result's probabilities, and the model's outputs as computed where those are
+    not the probabilities (logits: a Triton resend gets them back, not their softmax)."""
     if result is None:
         return {}
-    return {"last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps}
+    fields = {"last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps}
+    if result.kind != KIND_PROBS:
+        fields["last_values"] = tuple(float(v) for v in result.values)
+    return fields
 
 
 class SessionContinuity:
@@ -333,7 +339,11 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
 def take_progress(session: Session, snap: SessionSnapshot) -> None:
     """The snapshot's state and progress into `session` (its model's)."""
     last = None
-    if snap.last_steps and len(snap.last_probs) == session.model.description.num_classes:
+    desc = session.model.description
+    if snap.last_steps and len(snap.last_values) == desc.num_classes:
+        values = np.array(snap.last_values, dtype=np.float32)  # (C,) as the model computed them
+        last = StepResult(values, None, snap.last_steps, snap.total_steps, desc.output_kind)
+    elif snap.last_steps and len(snap.last_probs) == desc.num_classes:
         probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
         last = StepResult(probs, None, snap.last_steps, snap.total_steps)
     held = HeldText(snap.held_text, snap.held_cased)

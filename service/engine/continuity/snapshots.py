@@ -47,6 +47,8 @@ class SessionSnapshot:
     # The last applied chunk's probabilities after its last step, and its steps (0 = none).
     last_probs: tuple[float, ...] = ()
     last_steps: int = 0
+    # The same outputs as the model computed them, where they are not probabilities (logits).
+    last_values: tuple[float, ...] = ()
     # The session's reply options, so a session continued elsewhere answers as it did here.
     every_step: bool = False
     top_k: int = 1
@@ -139,6 +141,7 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "created_at": snap.created_at or time.time(),
             "last_probs": list(snap.last_probs),
             "last_steps": snap.last_steps,
+            **({"last_values": list(snap.last_values)} if snap.last_values else {}),
             "every_step": snap.every_step,
             "top_k": snap.top_k,
             "held_text": snap.held_text,
@@ -200,6 +203,7 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             created_at=float(meta["created_at"]),
             last_probs=tuple(float(p) for p in meta.get("last_probs", ())),
             last_steps=int(meta.get("last_steps", 0)),
+            last_values=tuple(float(v) for v in meta.get("last_values", ())),
             every_step=bool(meta.get("every_step", False)),
             top_k=max(1, int(meta.get("top_k", 1))),
             held_text=str(meta.get("held_text", "")),

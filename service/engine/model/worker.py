@@ -192,6 +192,8 @@ class WorkerFactory:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"{path}: cannot load: {first_line[:300]}") from exc
         runtime.description = desc = with_tokenizer_file(runtime.description, path)
+        if triton is not None:
+            _log_inferred(desc)
         if (desc.name, desc.version) != (name, version):
             log.warning("model description names another model than its folder", extra={"fields": {
                 "path": str(path), "folder": f"{name}/{version}",
@@ -203,6 +205,18 @@ class WorkerFactory:
         policy = triton_policy(triton, self.policy) if triton else self.policy
         return ModelWorker(name, version, runtime, path, seconds, state, policy, self.lanes,
                            self.classify, self.metrics)  # fmt: skip
+
+
+def _log_inferred(desc: ModelDescription) -> None:
+    """What a config.pbtxt model's outputs (and token ids) were taken to be, and why."""
+    fields: dict[str, object] = {
+        "model": desc.name, "version": desc.version, "output_kind": desc.output_kind,
+        "rule": desc.output_kind_rule,
+    }  # fmt: skip
+    if desc.input_kind == "tokens":
+        fields["vocab_size"] = desc.vocab_size
+        fields["vocab_size_from"] = desc.architecture.get("vocab_size_from", "")
+    log.info("model outputs read as %s", desc.output_kind, extra={"fields": fields})
 
 
 def triton_providers(triton: TritonModel, server: tuple[str, ...]) -> tuple[str, ...]:

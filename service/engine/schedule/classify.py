@@ -72,7 +72,8 @@ class ClassifyLane:
                 steps[active, start:stop] = out.step_probs
             start = stop
         self._observe(name, queued, computing, int(lengths.sum()))
-        return [_result(probs, steps, b, int(lengths[b])) for b in range(batch_size)]
+        kind = desc.output_kind  # probs and steps hold the model's outputs as computed
+        return [_result(probs, steps, b, int(lengths[b]), kind) for b in range(batch_size)]
 
     def _slice_steps(self, rows: int, longest: int) -> int:
         limit = self.policy.slice_row_steps
@@ -105,9 +106,10 @@ def _padded(sequences: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
     return inputs
 
 
-def _result(probs: np.ndarray, steps: np.ndarray | None, row: int, length: int) -> StepResult:
+def _result(values: np.ndarray, steps: np.ndarray | None, row: int, length: int,
+            kind: str) -> StepResult:  # fmt: skip
     every = steps[row, :length].copy() if steps is not None else None  # (T, C)
-    return StepResult(probs[row].copy(), every, length, length)
+    return StepResult(values[row].copy(), every, length, length, kind)
 
 
 def _timed(runtime: ModelRuntime, inputs: np.ndarray, lengths: np.ndarray,

@@ -52,7 +52,7 @@ __all__ = ["Checkpoint", "Session", "SessionStore", "StreamOptions"]
 
 log = logging.getLogger(__name__)
 
-NO_PROBS = np.zeros(0, dtype=np.float32)  # a session before its first step has none
+NO_VALUES = np.zeros(0, dtype=np.float32)  # a session before its first step has none
 
 
 def new_generation() -> str:
@@ -171,29 +171,30 @@ class Session:
         return self.model.state.read(self.row)
 
     def apply(
-        self, seq: int, held: HeldText | None, steps: int = 0, probs: np.ndarray | None = None,
-        step_probs: np.ndarray | None = None,
+        self, seq: int, held: HeldText | None, steps: int = 0, values: np.ndarray | None = None,
+        step_values: np.ndarray | None = None,
     ) -> StepResult:  # fmt: skip
-        """Message `seq` is applied: `steps` steps ending in `probs` (C,), their per-step
-        `step_probs` (T, C) if asked for, and the held text after it (`held`; None: not text,
-        the held text stays). With no step (text that all waits) the reply carries the
-        probabilities as they were (none before the first step). A chunk's new state is
+        """Message `seq` is applied: `steps` steps ending in the model's outputs `values` (C,),
+        their per-step `step_values` (T, C) if asked for, and the held text after it (`held`;
+        None: not text, the held text stays). With no step (text that all waits) the reply
+        carries the outputs as they were (none before the first step). A chunk's new state is
         already in its row (the batcher scatters a batch's rows in one write, then applies
-        each session). The reply owns copies of its rows; only the final probabilities are
-        kept for a resend (as the contract says: a resend carries no per-step probabilities),
-        so a session keeps (C,) floats, not the (T, C) of its last chunk."""
-        if probs is not None:
-            final = probs.copy()  # (C,)
+        each session). The reply owns copies of its rows; only the final outputs are kept for
+        a resend (as the contract says: a resend carries no per-step probabilities), so a
+        session keeps (C,) floats, not the (T, C) of its last chunk."""
+        kind = self.model.description.output_kind  # what the model's outputs are
+        if values is not None:
+            final = values.copy()  # (C,)
         else:
-            final = self.last_result.probs if self.last_result is not None else NO_PROBS
+            final = self.last_result.values if self.last_result is not None else NO_VALUES
         self.total_steps += steps
         self.last_seq = seq
         if held is not None:
             self.held = held
-        self.last_result = kept = StepResult(final, None, steps, self.total_steps)
-        if step_probs is None:
+        self.last_result = kept = StepResult(final, None, steps, self.total_steps, kind)
+        if step_values is None:
             return kept  # the reply and the resend record are the same values
-        return StepResult(final, step_probs.copy(), steps, self.total_steps)  # (T, C) copied
+        return StepResult(final, step_values.copy(), steps, self.total_steps, kind)  # (T, C)
 
     def checkpoint(self) -> Checkpoint:
         """The session as it is now (a copy of its row): what `restore` brings it back to."""
