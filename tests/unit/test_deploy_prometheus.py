@@ -161,3 +161,15 @@ def test_prometheus_adapter_serves_the_metric_the_hpa_asks_for() -> None:
     metrics = next(op["value"] for op in operations if op["path"] == "/spec/metrics")
     pods = [m["pods"] for m in metrics if m["type"] == "Pods"]
     assert [p["metric"]["name"] for p in pods] == [rule["name"]["as"]]
+
+
+def test_the_guide_lists_every_alert_and_recording_rule() -> None:
+    text = (ROOT / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    section = text[text.index("## Alerts and recording rules") :]
+    section = section[: section.index("\n## ", 1)]
+    listed = set(re.findall(r"^\| `(LstmServe\w+)` \|", section, flags=re.MULTILINE))
+    assert listed == ALERTS == set(alerts())
+    for rule in rules():
+        if "record" in rule:
+            assert f"`{rule['record']}`" in section, rule["record"]
+    assert "tests/e2e/test_prometheus_real.py" in section
