@@ -10,6 +10,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
@@ -17,6 +18,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from service.engine.session.quotas import PrincipalQuota
 from service.engine.types import UNKNOWN_MODEL as UNKNOWN_MODEL  # defined once, engine side
 from service.engine.types import Counts, EngineMetrics
 from service.errors import ConfigError
@@ -221,7 +223,9 @@ SESSION_STORE_SECONDS = Histogram(
 )
 SESSION_STORE_UP = Gauge(
     "lstm_serve_session_store_up",
-    "1 while the shared session store answers, 0 during an outage (strict: chunks refused).",
+    "1 while the shared session store answers, 0 during an outage (strict: chunks refused); "
+    "absent without a shared store.",
+    registry=None,  # registered by the first set(): see ExportedOnceSet
 )
 STATE_BYTES = Gauge(
     "lstm_serve_state_memory_bytes",
@@ -260,6 +264,67 @@ AUTH_FAILURES = Counter(
     ["protocol", "reason"],
 )
 READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")
+MAX_SESSIONS = Gauge(
+    "lstm_serve_max_sessions",
+    "The sessions this replica may hold at once (--max-sessions).",
+)
+MAX_SESSIONS_PER_PRINCIPAL = Gauge(
+    "lstm_serve_max_sessions_per_principal",
+    "The sessions one principal may hold on this replica (--max-sessions-per-principal; 0 = "
+    "no limit).",
+)
+TOP_PRINCIPAL_SESSIONS = Gauge(
+    "lstm_serve_top_principal_sessions",
+    "Sessions held on this replica by the principal that holds the most (which one: "
+    "lstm_serve_caller_requests_total and the logs).",
+)
+
+
+class ExportedOnceSet:
+    """A gauge scraped only once something sets it: lstm_serve_session_store_up is absent on
+    a server without a shared store, not a 0 that an alert would read as an outage."""
+
+    def __init__(self, gauge: Gauge, registry: CollectorRegistry = REGISTRY) -> None:
+        self._gauge = gauge
+        self._registry = registry
+        self._registered = False
+        self._lock = threading.Lock()
+
+    def set(self, value: float, /) -> None:
+        if not self._registered:
+            with self._lock:
+                if not self._registered:
+                    self._registry.register(self._gauge)
+                    self._registered = True
+        self._gauge.set(value)
+
+
+_STORE_UP = ExportedOnceSet(SESSION_STORE_UP)
+
+
+class SessionLimits(Protocol):
+    """What the limit gauges read from the session store (service.engine's SessionStore)."""
+
+    max_sessions: int
+    quota: PrincipalQuota
+
+
+def track_session_limits(store: SessionLimits) -> None:
+    """Export the store's limits and its fullest principal's sessions (read when scraped; the
+    last store tracked wins, as there is one per process outside tests)."""
+    MAX_SESSIONS.set(store.max_sessions)
+    MAX_SESSIONS_PER_PRINCIPAL.set(store.quota.max_sessions)
+    quota = weakref.ref(store.quota)
+    TOP_PRINCIPAL_SESSIONS.set_function(lambda: _most_held(quota()))
+
+
+def _most_held(quota: PrincipalQuota | None) -> float:
+    """The most sessions one principal holds; 0 for none (or a store gone). Read from the
+    scrape thread: PrincipalQuota has no public view of its counts, and list() copies them
+    under the GIL in one step."""
+    if quota is None:
+        return 0.0
+    return float(max(list(quota._held.values()), default=0))
 
 
 class InflightRuns:
@@ -282,7 +347,7 @@ def engine_metrics() -> EngineMetrics:
     each engine piece it builds)."""
     return EngineMetrics(
         session_events=SESSION_EVENTS, snapshots=SNAPSHOTS, store_ops=SESSION_STORE_OPS,
-        store_seconds=SESSION_STORE_SECONDS, store_up=SESSION_STORE_UP, state_bytes=STATE_BYTES,
+        store_seconds=SESSION_STORE_SECONDS, store_up=_STORE_UP, state_bytes=STATE_BYTES,
         active_sessions=ACTIVE_SESSIONS, model_load_seconds=MODEL_LOAD_SECONDS,
         model_info=MODEL_INFO, model_state=MODEL_STATE, model_load_failures=MODEL_LOAD_FAILURES,
         steps=STEPS, chunk_seconds=CHUNK_SECONDS, batch_size=BATCH_SIZE,

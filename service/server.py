@@ -276,6 +276,7 @@ def build_engine(config: ServerConfig) -> Engine:
         quota=PrincipalQuota(config.max_sessions_per_principal, config.session_opens_per_s),
         metrics=recorded,
     )
+    metrics.track_session_limits(store)  # the limits, for alerts on how near they are
     runtime = RuntimeOptions(
         providers=resolve_providers(config.providers, PROVIDER_ALIASES),
         intra_op_threads=config.intra_op_threads,
