@@ -14,7 +14,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import ServerProcess
+from tests.e2e.command_server import PORT_FLAGS, CommandServer
 from tests.e2e.test_docs_triton import blocks, same_text_close_numbers
 
 IMAGE = os.environ.get("LSTM_SERVE_IMAGE", "")
@@ -62,27 +61,15 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-class ImageServer(ServerProcess):
-    """`lstm-serve` in a container of the image (free ports, JSON logs on stderr, as
-    ServerProcess reads them). SIGTERM goes to the server process itself, as a container
-    runtime delivers it: `buildah run` does not forward it."""
+class ImageServer(CommandServer):
+    """`lstm-serve` in a container of the image. SIGTERM goes to the server process itself, as
+    a container runtime delivers it: `buildah run` does not forward it."""
 
     def __init__(self, container: str) -> None:
-        cmd = [
+        super().__init__([
             "buildah", "run", "--isolation", "chroot", "--network", "host", "--user", USER,
-            container, "--", "lstm-serve", "--host", "127.0.0.1", "--grpc-port", "0",
-            "--http-port", "0", "--metrics-port", "0",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-        )
-        self.events: queue.Queue[dict[str, object]] = queue.Queue()
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        listening = self.wait_event("listening", 90)
-        self.port = int(listening["grpc_port"])  # type: ignore[call-overload]
-        self.metrics_port = int(listening["metrics_port"])  # type: ignore[call-overload]
-        self.http_port = int(listening["http_port"])  # type: ignore[call-overload]
+            container, "--", "lstm-serve", *PORT_FLAGS,
+        ])  # fmt: skip
 
     def server_pid(self) -> int:
         for pid in descendants(self.proc.pid):
