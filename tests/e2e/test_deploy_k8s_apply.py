@@ -123,6 +123,14 @@ def test_apply_k_creates_every_object_of_the_overlay(kubectl: list[str], overlay
     assert set(created) == wanted and len(created) == len(wanted)
     assert created[0] == "namespace/lstm-serve created (dry run)", "the namespace first"
     assert not [line for line in created if line.startswith("secret/")]
+    assert not [line for line in created if ".monitoring.coreos.com/" in line], (
+        "a cluster without the Prometheus Operator's CRDs would refuse it"
+    )
+
+
+def test_the_servicemonitor_applies_beside_an_overlay(kubectl: list[str]) -> None:
+    created = apply(kubectl, "-n", "lstm-serve", "-f", "deploy/k8s/monitoring/servicemonitor.yaml")
+    assert created == ["servicemonitor.monitoring.coreos.com/lstm-serve created (dry run)"]
 
 
 def test_the_stand_in_knows_only_the_kinds_the_manifests_use() -> None:
