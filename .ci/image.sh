@@ -30,11 +30,10 @@ debian_mirror() {
 debian_base() {
   local name="$1" root ctr mnt
   root="$(mktemp -d /var/tmp/lstm-serve-base.XXXXXX)"
-  trap 'rm -rf "$root"' RETURN
+  trap 'rm -rf "$root" "$root.log"; trap - RETURN' RETURN
   debootstrap --variant=minbase \
     --include=python3.11,python3.11-venv,python3-distutils,python3-lib2to3,ca-certificates \
     bookworm "$root" "$(debian_mirror)" >"$root.log" 2>&1 || { tail -20 "$root.log"; return 1; }
-  rm -f "$root.log"
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/* \
     "$root"/usr/share/doc "$root"/usr/share/man "$root"/usr/share/locale
   cp "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" "$root/etc/ssl/certs/ca-certificates.crt"
@@ -49,6 +48,8 @@ debian_base() {
 
 start=$(date +%s)
 base="$official"
+# The base made here is removed however the build ends (the image keeps its layers).
+trap '[ "$base" = "$official" ] || buildah rmi "$base" >/dev/null 2>&1 || true' EXIT
 if ! timeout 300 buildah pull -q "$official" >/dev/null 2>&1; then
   base="localhost/lstm-serve-base:${image##*:}"
   echo "image.sh: $official cannot be pulled; base from Debian packages: $base"
@@ -59,6 +60,5 @@ echo "image.sh: base ready in $(( $(date +%s) - start )) s"
 # --format docker keeps HEALTHCHECK (the OCI format has none).
 buildah bud --isolation chroot --network host --format docker --quiet \
   --build-arg BASE_IMAGE="$base" -t "$image" . >/dev/null
-if [ "$base" != "$official" ]; then buildah rmi "$base" >/dev/null; fi
 size="$(buildah images --format '{{.Size}}' "$image")"
 echo "image.sh: built $image ($size) in $(( $(date +%s) - start )) s"
