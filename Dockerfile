@@ -1,38 +1,23 @@
 # syntax=docker/dockerfile:1
 # lstm-serve serving image: onnxruntime + numpy + gRPC, never torch (docs/OPERATIONS.md).
 #   CPU (default): docker build -t lstm-serve:cpu .
-#   GPU:           docker build --build-arg TARGET=gpu -t lstm-serve:gpu .
-# The package install is deploy/docker/install.sh, which tests/unit/test_deploy_docker.py also
-# runs in a fresh venv: the image installs exactly pyproject.toml's base dependencies (CPU), or
-# those with onnxruntime swapped for the `gpu` extra (GPU). No `train` extra, so no torch.
-# Pin the bases by digest for reproducible releases (NAME:TAG@sha256:...).
+#   GPU:           docker build -f deploy/docker/gpu-base.Dockerfile -t lstm-serve-base:gpu deploy/docker
+#                  docker build --build-arg TARGET=gpu --build-arg BASE_IMAGE=lstm-serve-base:gpu \
+#                    -t lstm-serve:gpu .
+# Any builder: both stages start FROM the BASE_IMAGE argument, never from a stage whose name is
+# built from an argument (BuildKit resolves `FROM base-${TARGET}`, buildah 1.28 does not). CI
+# builds this file with buildah on a Debian base (.ci/image.sh, tests/e2e/test_image.py).
+# The package install is deploy/docker/install.sh, which tests/e2e/test_deploy_docker_scripts.py
+# also runs in a fresh venv: the image installs exactly pyproject.toml's base dependencies (CPU),
+# or those with onnxruntime swapped for the `gpu` extra (GPU). No other extra, so no torch.
+# Pin the base by digest for reproducible releases (NAME:TAG@sha256:...).
 
 ARG TARGET=cpu
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# onnxruntime-gpu 1.31 wheels on PyPI link CUDA 13 (libcudart.so.13, libcublas.so.13) and
-# cuDNN 9: keep this tag's CUDA major equal to the onnxruntime-gpu build's (driver >= 580).
-ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
-
-# ---- bases: one per TARGET; BuildKit builds only the one `base-${TARGET}` names -------------
-FROM ${PYTHON_IMAGE} AS base-cpu
-
-FROM ${PYTHON_IMAGE} AS python-dist
-
-# The CUDA images carry no Python 3.11 (Ubuntu 24.04 ships 3.12), so the GPU base takes the
-# same CPython as the CPU image from the official python image's /usr/local (built on Debian
-# 12, glibc 2.36; Ubuntu 24.04 has glibc 2.39) plus the shared libraries its modules link.
-FROM ${CUDA_IMAGE} AS base-gpu
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libbz2-1.0 libexpat1 libffi8 \
-       liblzma5 libncursesw6 libreadline8t64 libsqlite3-0 libssl3t64 libuuid1 zlib1g \
-    && rm -rf /var/lib/apt/lists/*
-COPY --from=python-dist /usr/local/ /usr/local/
-RUN ldconfig && python3.11 --version
+# Any image with python3.11 (and its venv module) on PATH, useradd and groupadd.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: a venv with the service installed (wheels only, no compiler needed) -------------
-# hadolint ignore=DL3006
-FROM base-${TARGET} AS build
+FROM ${BASE_IMAGE} AS build
 ARG TARGET
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -46,8 +31,7 @@ RUN python3.11 -m venv /opt/venv \
     && ! python -c "import torch" 2>/dev/null
 
 # ---- runtime: the venv, the models, a non-root user ----------------------------------------
-# hadolint ignore=DL3006
-FROM base-${TARGET} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ARG TARGET
 LABEL org.opencontainers.image.title="lstm-serve" \
       org.opencontainers.image.description="gRPC server for recurrent sequence classifiers (ONNX)" \

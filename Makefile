@@ -1,11 +1,17 @@
 # Two commands do all the set-up on a fresh clone:
 #   make serve   serve the shipped models (gRPC 8001, metrics 8002)
 #   make test    lint, format check and the whole test suite
+# CI (.ci/run) also builds each documented environment alone and the image, which the suite then
+# tests; by hand, one at a time:
+#   make test-environments   .venv, [export], [train], [tokenizers] each alone (.venv-envs/)
+#   make test-image          the CPU image built with buildah (root; Debian's buildah)
 PYTHON ?= python3
 SERVE_VENV := .venv
 TEST_VENV := .venv-test
+ENVS_DIR := .venv-envs
+DEV_IMAGE := localhost/lstm-serve:dev
 
-.PHONY: serve test train-speaker train-langid verify proto clean
+.PHONY: serve test test-environments test-image train-speaker train-langid verify proto clean
 
 # First run only (and after pyproject.toml changes): pip shows each package as it installs.
 $(SERVE_VENV)/.installed: pyproject.toml
@@ -32,6 +38,14 @@ test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff format --check .
 	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+test-environments: $(TEST_VENV)/.installed
+	bash .ci/environments.sh $(ENVS_DIR)
+	LSTM_SERVE_ENVIRONMENTS=$(ENVS_DIR) $(TEST_VENV)/bin/python -m pytest tests/e2e/test_environments.py
+
+test-image: $(TEST_VENV)/.installed
+	bash .ci/image.sh $(DEV_IMAGE)
+	LSTM_SERVE_IMAGE=$(DEV_IMAGE) $(TEST_VENV)/bin/python -m pytest tests/e2e/test_image.py
+
 train-speaker: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/lstm-export train speaker-vowels --out models
 
@@ -45,4 +59,4 @@ proto: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python tools/codegen.py
 
 clean:
-	rm -rf $(SERVE_VENV) $(TEST_VENV)
+	rm -rf $(SERVE_VENV) $(TEST_VENV) $(ENVS_DIR)

@@ -9,6 +9,13 @@ import sys
 from pathlib import Path
 
 TRAIN_EXTRA = "needs the training extra (pip install -e '.[train]')"
+# A command run where its extra is not installed (`lstm-export` is in every environment): the
+# missing top-level module -> the extra that brings it, named in one line instead of a traceback.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "onnx", "onnxscript", "matplotlib"), "export"),
+    **dict.fromkeys(("aeon", "tqdm", "sklearn", "scipy", "pandas", "numba"), "train"),
+    "tokenizers": "tokenizers",
+}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -249,7 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"lstm-export {args.command} needs the {extra} extra "
+              f"(pip install -e '.[{extra}]'): {exc}", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

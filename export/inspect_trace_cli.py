@@ -22,6 +22,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
+    import matplotlib  # noqa: F401  (trace.png: a missing extra is named before any work)
+
     from export.trace_cmd import TraceMismatch, trace_model, write_trace
 
     try:

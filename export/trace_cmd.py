@@ -263,7 +263,8 @@ def trace_generic(
     out_name = triton.outputs[0].name if triton else sess.get_outputs()[0].name
     ort_out = dict(zip([o.name for o in sess.get_outputs()],
                        sess.run(None, _generic_feeds(sess, seq_name, x)), strict=True))  # fmt: skip
-    raw = np.asarray(ort_out[out_name], np.float64).reshape(len(x), -1)  # batch of one: (T, C)
+    out = np.asarray(ort_out[out_name], np.float64)  # batch of one: per step or final only
+    raw = _per_step_output(sess, seq_name, x, out, out_name)  # (T, C)
     kind = (triton.output_kind if triton else None) or output_kind(
         parse_model(proto.SerializeToString()), out_name, np.ndim(ort_out[out_name])
     )[0]  # as the server takes the outputs (service/engine/byo/inferred.py)
@@ -285,6 +286,22 @@ def trace_generic(
             trace.gates[f"layer{node.index}.{('fwd', 'bwd')[d]}"] = gates
             _record(trace, "h", _diff(gates["h"], ort_out[node.outputs[0]][:, d, 0]))
     return trace
+
+
+def _per_step_output(
+    sess: ort.InferenceSession, seq_name: str, x: np.ndarray, out: np.ndarray, out_name: str
+) -> np.ndarray:
+    """The output at every step (T, C): as computed when it has a time axis; for a final-only
+    output (one row of C for the whole sequence), the graph's answer on each prefix x[:t]."""
+    n_cls = out.shape[-1]
+    if out.size == len(x) * n_cls:
+        return out.reshape(len(x), n_cls)
+    if out.size != n_cls:
+        raise ValueError(f"output {out_name!r} of shape {out.shape} is neither one row per "
+                         f"step nor one row for the sequence (T={len(x)})")  # fmt: skip
+    prefixes = [sess.run([out_name], _generic_feeds(sess, seq_name, x[:t]))[0]
+                for t in range(1, len(x))]  # fmt: skip
+    return np.stack([np.asarray(r, np.float64).reshape(n_cls) for r in [*prefixes, out]])
 
 
 def read_frames(path: Path) -> np.ndarray:

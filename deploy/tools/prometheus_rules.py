@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 PROMETHEUS_RULE = ROOT / "deploy" / "prometheus" / "prometheusrule.yaml"
-SERVICE_MONITOR = ROOT / "deploy" / "k8s" / "base" / "servicemonitor.yaml"
+SERVICE_MONITOR = ROOT / "deploy" / "k8s" / "monitoring" / "servicemonitor.yaml"
 HEADER = (
     "# GENERATED from deploy/prometheus/rules.yml by deploy/tools/prometheus_rules.py --write:\n"
     "# edit that file, not this one. The Prometheus Operator's twin of the plain rule file;\n"

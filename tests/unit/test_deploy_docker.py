@@ -1,6 +1,7 @@
-"""The Dockerfile read as text: its stages copy only what the build context holds and run
-lstm-serve non-root on the default ports (linted, its scripts run and its install done in a fresh
-venv: tests/e2e/test_deploy_docker_scripts.py)."""
+"""The Dockerfile read as text: any builder resolves its stages (BuildKit and buildah), they copy
+only what the build context holds and run lstm-serve non-root on the default ports (linted, its
+scripts run and its install done in a fresh venv: tests/e2e/test_deploy_docker_scripts.py; the
+image built with buildah and run: tests/e2e/test_image.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from service.config import ServerConfig
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKER = ROOT / "deploy" / "docker"
+GPU_BASE_DOCKERFILE = DOCKER / "gpu-base.Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 NON_ROOT_UID = 10001  # the image's USER; deploy/k8s/base/deployment.yaml runs as the same
 
@@ -69,3 +71,29 @@ def test_image_runs_lstm_serve_non_root_on_the_default_ports() -> None:
     assert 'ENTRYPOINT ["lstm-serve"]' in runtime
     assert f"USER {NON_ROOT_UID}:{NON_ROOT_UID}" in runtime
     assert any(ln.startswith("COPY models/ /app/models") for ln in runtime)
+
+
+def from_lines(dockerfile: Path) -> list[tuple[str, str | None]]:
+    """(image, stage name or None) of every FROM."""
+    found = []
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        if match := re.match(r"FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?\s*$", line, re.I):
+            found.append((match[1], match[2]))
+    return found
+
+
+def test_every_builder_resolves_the_stages() -> None:
+    """No FROM names a stage built from an argument (`FROM base-${TARGET}`): BuildKit resolves
+    that, buildah 1.28 does not. Each stage starts FROM the BASE_IMAGE argument or a stage."""
+    for dockerfile in (DOCKERFILE, GPU_BASE_DOCKERFILE):
+        stages: set[str] = set()
+        for image, name in from_lines(dockerfile):
+            if "$" in image:
+                assert re.fullmatch(r"\$\{?[A-Z_]+\}?", image), f"{dockerfile.name}: FROM {image}"
+            else:
+                assert image in stages or ":" in image, f"{dockerfile.name}: FROM {image}"
+            if name:
+                stages.add(name)
+    assert [image for image, _ in from_lines(DOCKERFILE)] == ["${BASE_IMAGE}"] * 2
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text, "the official image by default"

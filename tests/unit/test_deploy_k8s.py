@@ -181,7 +181,8 @@ def test_services_select_the_pods_and_the_monitor_scrapes_one_service() -> None:
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
     headless = objects["Service/lstm-serve-headless"]["spec"]
     assert headless["clusterIP"] == "None"
-    monitor = objects["ServiceMonitor/lstm-serve"]["spec"]
+    (monitor_doc,) = documents(K8S / "monitoring" / "servicemonitor.yaml")
+    monitor = monitor_doc["spec"]
     wanted = monitor["selector"]["matchLabels"].items()
     scraped = [s for s in services if wanted <= s["metadata"]["labels"].items()]
     assert [s["metadata"]["name"] for s in scraped] == ["lstm-serve"], "scrape pods once"

@@ -79,7 +79,7 @@ def test_the_prometheus_rule_and_pod_monitor_are_valid_for_their_crds() -> None:
 
 def test_the_operator_selects_the_rules_as_it_selects_the_service_monitor() -> None:
     rule = load(PROMETHEUS / "prometheusrule.yaml")
-    monitor = load(ROOT / "deploy" / "k8s" / "base" / "servicemonitor.yaml")
+    monitor = load(ROOT / "deploy" / "k8s" / "monitoring" / "servicemonitor.yaml")
     assert rule["metadata"]["labels"]["release"] == monitor["metadata"]["labels"]["release"]
     kustomization = load(PROMETHEUS / "kustomization.yaml")
     assert kustomization["resources"] == ["prometheusrule.yaml"]

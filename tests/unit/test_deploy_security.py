@@ -1,18 +1,15 @@
-"""deploy/k8s exposes lstm-serve safely: TLS and tokens from mounted Secrets, placeholders that
-never start a server, no reflection, probes on the plaintext health port only."""
+"""deploy/k8s exposes lstm-serve safely: TLS and tokens from mounted Secrets that no overlay
+renders (deploy/k8s/create-secrets.sh makes them: tests/e2e/test_deploy_k8s_secrets.py), no
+reflection, probes on the plaintext health port only."""
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
 import yaml
 
 from service.config import config_from_args
-from service.errors import ConfigError
-from service.security.auth import parse_tokens
-from service.security.tls import certificate_files
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s" / "base"
@@ -38,34 +35,36 @@ def test_the_manifests_turn_on_tls_tokens_and_turn_off_reflection() -> None:
     assert config.health_port not in (-1, config.grpc_port, config.http_port)
 
 
+# The file each setting names, in which Secret (deploy/k8s/create-secrets.sh creates them).
+SECRET_FILES = {
+    "LSTM_SERVE_TLS_CERT": ("lstm-serve-tls", "tls.crt"),
+    "LSTM_SERVE_TLS_KEY": ("lstm-serve-tls", "tls.key"),
+    "LSTM_SERVE_AUTH_TOKENS": ("lstm-serve-auth", "tokens"),
+}
+
+
 def test_tls_and_tokens_are_whole_secret_mounts_so_rotation_reaches_the_pod() -> None:
     spec = pod()
     (main,) = spec["containers"]
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    for setting in ("LSTM_SERVE_TLS_CERT", "LSTM_SERVE_TLS_KEY", "LSTM_SERVE_AUTH_TOKENS"):
+    for setting, (secret, key) in SECRET_FILES.items():
         path = PurePosixPath(settings()[setting])
         mount = mounts[str(path.parent)]
         assert "subPath" not in mount, f"{setting}: a subPath mount is never updated"
         assert mount["readOnly"] is True
-        secret_name = volumes[mount["name"]]["secret"]["secretName"]
-        secrets = {load(f)["metadata"]["name"]: load(f) for f in ("secret-tls.yaml",
-                                                                   "secret-auth.yaml")}  # fmt: skip
-        assert path.name in secrets[secret_name]["stringData"], setting
+        assert volumes[mount["name"]]["secret"]["secretName"] == secret, setting
+        assert path.name == key, setting
     assert not {e["name"] for e in main.get("env", [])} & {"LSTM_SERVE_AUTH_TOKENS"}
 
 
-def test_the_placeholders_never_start_a_server(tmp_path: Path) -> None:
-    tls = load("secret-tls.yaml")["stringData"]
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert.write_text(tls["tls.crt"])
-    key.write_text(tls["tls.key"])
-    assert "BEGIN" not in tls["tls.key"]
-    with pytest.raises(ConfigError, match="--tls-cert"):
-        certificate_files(str(cert), str(key))
-    tokens = load("secret-auth.yaml")["stringData"]["tokens"]
-    with pytest.raises(ConfigError, match="line"):
-        parse_tokens(tokens, "tokens")
+def test_no_secret_is_committed_or_rendered() -> None:
+    """A rendered placeholder would overwrite the real Secret on every apply."""
+    for path in (ROOT / "deploy" / "k8s").rglob("*.yaml"):
+        kinds = {d.get("kind") for d in yaml.safe_load_all(path.read_text()) if d}
+        assert "Secret" not in kinds, f"{path.relative_to(ROOT)}: a Secret in the manifests"
+    listed = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert "secretGenerator" not in listed
 
 
 def test_probes_use_the_health_port_which_no_service_exposes() -> None:
