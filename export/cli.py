@@ -61,7 +61,7 @@ def _describe(args: argparse.Namespace) -> int:
     """The description the server serves the model with: the one embedded by lstm-export, or
     for a model with a config.pbtxt what the server reads from the config and the graph (its
     output_kind and vocabulary size among them, each with the rule that gave it)."""
-    from export.inspect_cmd import resolve_model
+    from export.model_paths import resolve_model
     from lstmserve.contract import read_description
     from service.engine.byo.tritonconfig import CONFIG_FILE
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from export.model_paths import resolve_model
 from service.engine.byo.tritonconfig import CONFIG_FILE
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -34,20 +35,6 @@ GATE_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "RNN": (("h", "hidden"),),
 }
 PEEPHOLE_ORDER = ("i", "o", "f")
-
-
-def resolve_model(path: Path) -> Path:
-    """A model.onnx, a version folder holding one, or a model folder (its highest version)."""
-    if path.is_file():
-        return path
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
-    versions = sorted(
-        (int(p.name), p) for p in path.glob("*") if p.name.isdigit() and (p / "model.onnx").exists()
-    )
-    if not versions:
-        raise FileNotFoundError(f"no model.onnx in {path} or in a numbered folder under it")
-    return versions[-1][1] / "model.onnx"
 
 
 def config_dir(model_file: Path) -> Path | None:
