@@ -163,6 +163,8 @@ def fill_chunk_result(
     if result is None:
         return
     out.steps = result.steps
+    if result.rewound_steps:
+        out.rewound_steps = result.rewound_steps
     probs = result.probs  # (C,); (0,) before a session's first step
     if probs.size:
         out.probabilities.extend(probs.tolist())

@@ -225,7 +225,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., resumed: _Optional[bool] = ..., last_applied_seq: _Optional[int] = ..., total_steps: _Optional[int] = ..., options: _Optional[_Union[StreamOptions, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., idle_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ChunkResult(_message.Message):
-    __slots__ = ("seq", "steps", "probabilities", "top", "step_probabilities", "total_steps", "duplicate", "error", "held_characters")
+    __slots__ = ("seq", "steps", "probabilities", "top", "step_probabilities", "total_steps", "duplicate", "error", "held_characters", "rewound_steps")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class ChunkResult(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     HELD_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    REWOUND_STEPS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     steps: int
     probabilities: _containers.RepeatedScalarFieldContainer[float]
@@ -244,7 +245,8 @@ class ChunkResult(_message.Message):
     duplicate: bool
     error: ErrorStatus
     held_characters: int
-    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., step_probabilities: _Optional[_Iterable[_Union[Probabilities, _Mapping]]] = ..., total_steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., held_characters: _Optional[int] = ...) -> None: ...
+    rewound_steps: int
+    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., step_probabilities: _Optional[_Iterable[_Union[Probabilities, _Mapping]]] = ..., total_steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., held_characters: _Optional[int] = ..., rewound_steps: _Optional[int] = ...) -> None: ...
 
 class ResetDone(_message.Message):
     __slots__ = ("seq", "duplicate")

@@ -5,7 +5,8 @@ Prepare, under the session's lock: a resend gets the duplicate's outcome (the la
 replayed), a gap, another stream's attachment or text decoded against held text that changed
 since is refused, and (strict mode) a checkpoint is taken. Submit: the chunk goes to its
 version's batcher, which applies it to the session after the run (`Session.apply`: state row,
-seq, steps, result and held text together); text that all waits is applied at once. Finish:
+seq, steps, result and held text together; streamed text's held tail runs after the settled
+steps as a probe whose state is not kept, so the reply answers all the text sent). Finish:
 the session is touched and written through to the shared store before its lock is released
 (strict mode: a refused save rolls it back to its checkpoint).
 
@@ -123,15 +124,15 @@ class ChunkApply:
 
     @staticmethod
     def _submit(work: ChunkWork) -> asyncio.Future[StepResult]:
-        """The chunk to its version's batcher, which applies it (`Session.apply`: state row,
-        seq, steps, result and held text together) after the run; text that all waits is
-        applied at once (no step, no model run)."""
-        session, held = work.session, work.held
-        after = held.after if held is not None else None
-        if len(work.chunk):
-            return session.model.submit(session, work.seq, work.chunk, after)
+        """The chunk to its version's batcher, which runs its settled steps and (streamed text)
+        the held text's tail after them as a probe, then applies it (`Session.apply`: state
+        row, seq, steps, result and held text together); nothing to run (no step settled,
+        nothing held) is applied at once."""
+        session, change = work.session, work.held
+        if len(work.chunk) or (change is not None and change.after.tail):
+            return session.model.submit(session, work.seq, work.chunk, change)
         done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        done.set_result(session.apply(work.seq, after))
+        done.set_result(session.apply(work.seq, change))
         return done
 
     def _finish(self, work: ChunkWork, result: StepResult) -> ChunkOutcome:

@@ -40,8 +40,11 @@ class StepResult:
 
     probs: np.ndarray  # (C,) after the last step
     step_probs: np.ndarray | None  # (T, C) after every step, if asked for
-    steps: int  # T
-    total_steps: int  # steps since open / reset, after this chunk
+    steps: int  # T: steps beyond what the previous reply covered (and kept)
+    total_steps: int  # steps since open / reset, after this chunk (what the reply covers)
+    # Steps of the previous reply taken back: streamed text whose held tail this chunk changed
+    # (service/engine/text/textstream.py); the reply covers total_steps - steps + this of them.
+    rewound_steps: int = 0
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)
@@ -61,8 +64,8 @@ class ChunkWork:
 
     session: Session
     seq: int
-    chunk: np.ndarray  # (T,) or (T, F); (0,) when all of a text chunk is held back
-    held: HeldChange | None = None  # a text chunk's change to the held text
+    chunk: np.ndarray  # (T,) or (T, F): the steps it settles; (0,) when all of a text chunk is held
+    held: HeldChange | None = None  # a text chunk's change to the held text (and its tail)
     attached: object | None = None  # the token of the stream sending it (Session.admit)
 
 

@@ -172,7 +172,7 @@ class ColumnsConversation:
         for entry in opened:
             session = None if isinstance(entry, LstmServeError) else self._sessions.get(entry[0])
             if session is not None:
-                await self.layer.engine.end(session, None, self.token)
+                await self.layer.engine.end(session, self.token)
                 self._forget(entry[0])
         if not self._sessions:
             self.model = None

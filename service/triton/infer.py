@@ -85,6 +85,7 @@ class Inference:
         worker = reply.model
         extra = {"lstm_serve_seq": reply.seq, "lstm_serve_total_steps": reply.total_steps,
                  "lstm_serve_duplicate": reply.duplicate,
-                 "lstm_serve_held_characters": reply.held_characters}  # fmt: skip
+                 "lstm_serve_held_characters": reply.held_characters,
+                 "lstm_serve_rewound_steps": reply.result.rewound_steps}  # fmt: skip
         outputs = encode_outputs(wanted, [reply.result], worker.description)
         return InferResponse(worker.name, str(worker.version), request.id, outputs, extra), worker

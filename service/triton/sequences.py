@@ -3,9 +3,10 @@ lstm_serve_seq (exactly-once resends, as on the native API).
 
 What a sequence is lives in the session layer (service/protocol/sequences.py): a session whose
 id is derived from (caller, model, sequence_id), so any replica sharing the store continues it.
-Text (`text` BYTES) streams as on the native Stream: what may still change with the next chunk
-is held back (service/engine/text/textstream.py) and fed with it, or at END; a request whose text
-is all held answers zero probabilities (no step yet) with lstm_serve_held_characters > 0.
+Text (`text` BYTES) streams as on the native Stream: every reply is Classify of the sequence's
+text so far; what may still change with the next chunk is held (service/engine/text/textstream.py)
+and run as if final without being kept (lstm_serve_held_characters), and the steps a later chunk
+takes back are lstm_serve_rewound_steps.
 """
 
 from __future__ import annotations

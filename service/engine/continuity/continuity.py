@@ -29,7 +29,7 @@ from service.engine.continuity.snapshots import (
 )
 from service.engine.model.registry import ModelRegistry
 from service.engine.session.sessions import Checkpoint, Session, SessionStore, new_generation
-from service.engine.text.textstream import HeldText
+from service.engine.text.inputs import held_text
 from service.engine.types import (
     NO_METRICS,
     UNKNOWN_MODEL,
@@ -59,7 +59,10 @@ STORE_MODES = (STRICT, BEST_EFFORT)
 def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
     if result is None:
         return {}
-    return {"last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps}
+    return {
+        "last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps,
+        "last_total_steps": result.total_steps, "last_rewound": result.rewound_steps,
+    }  # fmt: skip
 
 
 class SessionContinuity:
@@ -97,10 +100,11 @@ class SessionContinuity:
         """The session as of its last applied message, signed. Call with its lock held."""
         snap = SessionSnapshot(
             session_id=session.id, model=session.model.name, version=session.model.version,
-            state=session.read_state(), total_steps=session.total_steps,
+            state=session.read_state(), total_steps=session.settled_steps,
             last_seq=session.last_seq, created_at=time.time(),
             every_step=session.options.every_step, top_k=session.options.top_k,
             held_text=session.held.text, held_cased=session.held.cased,
+            held_known=session.held.known,
             owner=session.owner, generation=session.generation,
             **_last_result_fields(session.last_result),
         )  # fmt: skip
@@ -332,11 +336,13 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
 
 def take_progress(session: Session, snap: SessionSnapshot) -> None:
     """The snapshot's state and progress into `session` (its model's)."""
+    desc = session.model.description
     last = None
-    if snap.last_steps and len(snap.last_probs) == session.model.description.num_classes:
+    if len(snap.last_probs) == desc.num_classes:
         probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
-        last = StepResult(probs, None, snap.last_steps, snap.total_steps)
-    held = HeldText(snap.held_text, snap.held_cased)
+        covered = snap.last_total_steps if snap.last_total_steps >= 0 else snap.total_steps
+        last = StepResult(probs, None, snap.last_steps, covered, snap.last_rewound)
+    held = held_text(desc, snap.held_text, snap.held_cased, snap.held_known)  # with its tail
     session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last))
 
 

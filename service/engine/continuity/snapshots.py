@@ -44,16 +44,22 @@ class SessionSnapshot:
     total_steps: int
     last_seq: int
     created_at: float = 0.0
-    # The last applied chunk's probabilities after its last step, and its steps (0 = none).
+    # The last applied chunk's reply: probabilities after its last step (none: no reply yet),
+    # its steps, the steps it covered (-1: not recorded, a server whose replies did not run the
+    # held text's tail) and the steps it took back.
     last_probs: tuple[float, ...] = ()
     last_steps: int = 0
+    last_total_steps: int = -1
+    last_rewound: int = 0
     # The session's reply options, so a session continued elsewhere answers as it did here.
     every_step: bool = False
     top_k: int = 1
     # Streamed text held back (it may still combine with the next chunk), and whether the text
-    # fed before it ended in a cased letter (service/engine/text/textstream.py).
+    # settled before it ended in a cased letter (service/engine/text/textstream.py).
+    # `total_steps` counts the settled steps (those in `state`), not the held text's tail.
     held_text: str = ""
     held_cased: bool = False
+    held_known: bool = False  # the settled text has a known token (older: any step settled)
     # Who owns the session (service/principal.py) and which incarnation this copy is.
     owner: str = "anonymous"
     generation: str = ""
@@ -139,10 +145,13 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "created_at": snap.created_at or time.time(),
             "last_probs": list(snap.last_probs),
             "last_steps": snap.last_steps,
+            "last_total_steps": snap.last_total_steps,
+            "last_rewound": snap.last_rewound,
             "every_step": snap.every_step,
             "top_k": snap.top_k,
             "held_text": snap.held_text,
             "held_cased": snap.held_cased,
+            "held_known": snap.held_known,
             "owner": snap.owner,
             "generation": snap.generation,
         },
@@ -200,10 +209,13 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             created_at=float(meta["created_at"]),
             last_probs=tuple(float(p) for p in meta.get("last_probs", ())),
             last_steps=int(meta.get("last_steps", 0)),
+            last_total_steps=int(meta.get("last_total_steps", -1)),
+            last_rewound=int(meta.get("last_rewound", 0)),
             every_step=bool(meta.get("every_step", False)),
             top_k=max(1, int(meta.get("top_k", 1))),
             held_text=str(meta.get("held_text", "")),
             held_cased=bool(meta.get("held_cased", False)),
+            held_known=bool(meta.get("held_known", int(meta["total_steps"]) > 0)),
             owner=str(meta.get("owner", "anonymous")),
             generation=str(meta.get("generation", "")),
         )

@@ -1,6 +1,6 @@
 """Streaming sessions: a Session owns its transitions; the SessionStore indexes them by id.
 
-A session's progress (state row, seq, steps, last result, held text) is written by its own
+A session's progress (state row, seq, settled steps, last result, held text) is written by its own
 methods alone: `apply` (a chunk's result, or a message of text that all waits), `restore` (back
 to a checkpoint: a strict-mode rollback, a snapshot's progress, a reset) and `close`. Apply and
 restore run while the session's lock is held (its caller holds it while its one chunk is
@@ -63,9 +63,9 @@ def new_generation() -> str:
 class Checkpoint:
     """A session's progress at one point: what `Session.restore` sets it to."""
 
-    state: np.ndarray  # (S, H), a copy
+    state: np.ndarray  # (S, H), a copy: the state at the settled point
     last_seq: int
-    total_steps: int
+    settled_steps: int
     held: HeldText
     last_result: StepResult | None
 
@@ -83,14 +83,16 @@ class Session:
     options: StreamOptions
     last_used: float
     last_seq: int = 0
-    total_steps: int = 0
+    # Steps in the state row: everything fed but the held text's tail, which each reply runs
+    # after it as a probe (service/engine/text/textstream.py); `total_steps` counts both.
+    settled_steps: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The reply to the last applied chunk, so a resend of it (a reply lost with a broken
     # connection) can be answered with the original probabilities.
     last_result: StepResult | None = None
     # Why the session is gone (ended, expired, replaced, retired); None while it lives.
     closed: LstmServeError | None = None
-    # Streamed text not fed yet: it may still combine with the next chunk (textstream.py).
+    # Streamed text not settled: it may still combine with the next chunk (textstream.py).
     held: HeldText = NOTHING_HELD
     # The principal that opened it: only it can resume, restore or name it (service/principal.py).
     owner: str = ANONYMOUS
@@ -99,6 +101,11 @@ class Session:
     # Which incarnation this is: a new one at open and at every restore from a snapshot, so two
     # copies restored from one snapshot on two replicas are told apart in the shared store.
     generation: str = ""
+
+    @property
+    def total_steps(self) -> int:
+        """Steps the last reply covered: the settled ones and the held text's tail."""
+        return self.settled_steps + len(self.held.tail)
 
     @property
     def ended(self) -> bool:
@@ -171,40 +178,44 @@ class Session:
         return self.model.state.read(self.row)
 
     def apply(
-        self, seq: int, held: HeldText | None, steps: int = 0, probs: np.ndarray | None = None,
-        step_probs: np.ndarray | None = None,
+        self, seq: int, change: HeldChange | None, steps: int = 0,
+        probs: np.ndarray | None = None, step_probs: np.ndarray | None = None,
     ) -> StepResult:  # fmt: skip
-        """Message `seq` is applied: `steps` steps ending in `probs` (C,), their per-step
-        `step_probs` (T, C) if asked for, and the held text after it (`held`; None: not text,
-        the held text stays). With no step (text that all waits) the reply carries the
-        probabilities as they were (none before the first step). A chunk's new state is
-        already in its row (the batcher scatters a batch's rows in one write, then applies
-        each session). The reply owns copies of its rows; only the final probabilities are
-        kept for a resend (as the contract says: a resend carries no per-step probabilities),
-        so a session keeps (C,) floats, not the (T, C) of its last chunk."""
+        """Message `seq` is applied: `steps` settled steps (their new state is already in the
+        row: the batcher scatters a batch's rows in one write, then applies each session), the
+        held text after it (`change`; None: not text, nothing held changes), and the reply's
+        `probs` (C,) (after the held text's tail, if any) with its per-step `step_probs` if
+        asked for (one row per step the reply adds). With no probabilities (nothing run) the
+        reply carries them as they were (none before the first step). The reply owns copies of
+        its rows; only the final probabilities are kept for a resend (as the contract says: a
+        resend carries no per-step probabilities), so a session keeps (C,) floats."""
         if probs is not None:
             final = probs.copy()  # (C,)
         else:
             final = self.last_result.probs if self.last_result is not None else NO_PROBS
-        self.total_steps += steps
+        before = self.total_steps
+        rewound = 0
+        self.settled_steps += steps
         self.last_seq = seq
-        if held is not None:
-            self.held = held
-        self.last_result = kept = StepResult(final, None, steps, self.total_steps)
+        if change is not None:
+            self.held, rewound = change.after, change.rewound
+        total = self.total_steps
+        added = total - before + rewound
+        self.last_result = kept = StepResult(final, None, added, total, rewound)
         if step_probs is None:
             return kept  # the reply and the resend record are the same values
-        return StepResult(final, step_probs.copy(), steps, self.total_steps)  # (T, C) copied
+        return StepResult(final, step_probs.copy(), added, total, rewound)  # (T, C) copied
 
     def checkpoint(self) -> Checkpoint:
         """The session as it is now (a copy of its row): what `restore` brings it back to."""
-        return Checkpoint(self.read_state(), self.last_seq, self.total_steps, self.held,
+        return Checkpoint(self.read_state(), self.last_seq, self.settled_steps, self.held,
                           self.last_result)  # fmt: skip
 
     def restore(self, point: Checkpoint) -> None:
         """The session as of `point`: back to its checkpoint (a save the shared store refused,
         strict mode), or a continued session's progress (a snapshot, the store's newer copy)."""
         self.model.state.write(self.row, point.state)
-        self.last_seq, self.total_steps = point.last_seq, point.total_steps
+        self.last_seq, self.settled_steps = point.last_seq, point.settled_steps
         self.held, self.last_result = point.held, point.last_result
 
     def reset(self, seq: int) -> None:
