@@ -108,6 +108,8 @@ def run_with_probes(
     which then holds the settled states; then the probe rows' tails from those states (their
     states dropped). Per row: the probabilities after its last step (its probe's, if any), its
     settled steps' then its probe's per-step probabilities (B, Tmax, C), its settled state."""
+    if len(chunks) == 1:
+        return _run_one_with_probe(runtime, state, chunks[0], tails[0], ids, steps)
     settled = [b for b, chunk in enumerate(chunks) if chunk.shape[0]]
     probed = [b for b, tail in enumerate(tails) if tail is not None]
     runs = []
@@ -137,6 +139,27 @@ def run_with_probes(
             n = parts[b].shape[0]  # type: ignore[union-attr]
             every[b, start : start + n] = out.step_probs[i, :n]
     return RunOutput(every, probs, state)
+
+
+def _run_one_with_probe(
+    runtime: ModelRuntime, state: np.ndarray, chunk: np.ndarray, tail: np.ndarray | None,
+    ids: list[str], steps: bool,
+) -> RunOutput:  # fmt: skip
+    """`run_with_probes` for a batch of one row (a lone client's): no index lists."""
+    first = None
+    if n := chunk.shape[0]:
+        lengths = np.array([n], dtype=np.int64)
+        first = runtime.run(chunk[np.newaxis], lengths, state, n >= SHRINK_ROW_STEPS, ids, steps)
+        state = first.state_out  # (1, S, H)
+    if tail is None:
+        assert first is not None
+        return first
+    lengths = np.array([tail.shape[0]], dtype=np.int64)
+    probe = runtime.run(tail[np.newaxis], lengths, state, False, ids, steps)
+    every = probe.step_probs
+    if first is not None and every is not None and first.step_probs is not None:
+        every = np.concatenate([first.step_probs, every], axis=1)  # (1, S + T', C)
+    return RunOutput(every, probe.probs, state)
 
 
 class SequenceBatcher:
