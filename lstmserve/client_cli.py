@@ -14,7 +14,7 @@ from typing import TextIO
 import grpc
 import numpy as np
 
-from lstmserve.client import LstmClient, SessionLost, StreamSession
+from lstmserve.client import LstmClient, SessionLost, StreamSession, decision_rule
 from lstmserve.v1 import lstm_serve_pb2 as pb
 
 
@@ -121,9 +121,9 @@ def check_input(info: pb.ModelInfo, steps: str | np.ndarray, frames: Path | None
 async def stream_steps(
     session: StreamSession, steps: str | np.ndarray, delay_s: float, line: LiveLine
 ) -> int:
-    """Send one character (or frame) per chunk, showing the top label as it changes; returns
-    how many chunks the server refused. The server holds back a character that may still
-    combine with the next one (a letter an accent may follow): the line shows what it fed."""
+    """Send one character (or frame) per chunk, showing the top label as it changes (every
+    reply answers all the text sent so far); returns how many chunks the server refused. A
+    session with a decision rule shows where it held, and stops there if the server ended it."""
     refused = 0
     for i in range(len(steps)):
         step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
@@ -131,15 +131,19 @@ async def stream_steps(
         result = await session.step(step)
         if session.address != address:
             note_failover(session, address)
-        if isinstance(steps, str):
-            consumed: str = steps[: i + 1 - result.held_characters]
-        else:
-            consumed = f"frame {i + 1}/{len(steps)}"
+        consumed = repr(steps[: i + 1]) if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}"
         if result.HasField("error"):
             refused += 1
-            line.update(f"{consumed!r}  (refused: {result.error.code}: {result.error.message})")
-        elif result.top and result.steps:  # a chunk that all waits changes nothing shown
-            line.update(f"{consumed!r:<32} {format_top(result.top)}")
+            line.update(f"{consumed}  (refused: {result.error.code}: {result.error.message})")
+        elif result.top:
+            line.update(f"{consumed:<32} {format_top(result.top)}")
+        if result.HasField("decision"):
+            line.done()
+            d = result.decision
+            print(f"decided: {d.label} at step {d.step} (p={d.probability:.3f})"
+                  f"{'; the server ended the session' if d.ended else ''}")  # fmt: skip
+            if d.ended:
+                break
         if delay_s:
             await asyncio.sleep(delay_s)
     return refused
@@ -156,7 +160,10 @@ async def start_stream(
     """Open (or resume) the session once its model is known to take `steps`."""
     if not args.session:
         check_input(await client.get_model(args.model, args.version), steps, args.frames)
-        return await client.open_session(args.model, version=args.version, top_k=args.top_k)
+        decide = decision_rule(args.decide_at, args.end_when_decided) if args.decide_at else None
+        return await client.open_session(
+            args.model, version=args.version, top_k=args.top_k, decide=decide
+        )
     session = await client.resume_session(args.session)  # on the first address that has it
     if session.address != client.addresses[0]:
         print(f"lstm-client: session resumed on {session.address}", file=sys.stderr)
@@ -175,7 +182,10 @@ async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
     print(f"session {session.session_id} {session.opened.model} v{session.opened.version}")
     line = LiveLine(sys.stdout)
     refused = await stream_steps(session, steps, args.delay_ms / 1000, line)
-    if args.keep:
+    if session.ended_by_decision:
+        await session.close()
+        print(f"ended by its decision after {session.decided.total_steps} steps")  # type: ignore[union-attr]
+    elif args.keep:
         line.done()
         await session.close()
         print(f"kept session {session.session_id} (resume with --session)")
@@ -217,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--session", help="resume this session id instead of opening one")
     stream.add_argument("--keep", action="store_true", help="keep the session open at the end")
     stream.add_argument("--delay-ms", type=float, default=0.0, help="pause between characters")
+    stream.add_argument(
+        "--decide-at", metavar="P[,N]",
+        help="early decision: top label probability >= P for N steps in a row (margin:M[,N]: "
+        "beats the second label by M)",
+    )  # fmt: skip
+    stream.add_argument(
+        "--end-when-decided", action="store_true", help="with --decide-at: end the session there"
+    )
     for p in (classify, stream):
         p.add_argument("--version", type=int, default=0, help="model version (0 = latest)")
         p.add_argument("--top-k", type=int, default=1, help="labels to show")
@@ -254,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stream" and not (args.model or args.session):
         print("lstm-client stream: give a model or --session", file=sys.stderr)
+        return 2
+    if args.command == "stream" and args.end_when_decided and not args.decide_at:
+        print("lstm-client stream: --end-when-decided needs --decide-at", file=sys.stderr)
         return 2
     try:
         return asyncio.run(run(args))

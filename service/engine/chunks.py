@@ -58,6 +58,8 @@ class ChunkApply:
             outcome = self._finish(work, await self._submit(work))
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
                 await self._write_through(work, before)
+            if outcome.result.decision is not None:  # type: ignore[union-attr]
+                await self._end_if_decided(session, outcome)
             return outcome
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[Outcome]:
@@ -162,16 +164,30 @@ class ChunkApply:
             else:
                 outcomes[i] = self._finish(work[i], future.result())
                 applied.append(i)
-        if not applied or self.continuity.backend is None:
+        if applied and self.continuity.backend is not None:
+            saved = await asyncio.gather(
+                *(self._write_through(work[i], before[i]) for i in applied),
+                return_exceptions=True,
+            )
+            for i, error in zip(applied, saved, strict=True):
+                if isinstance(error, LstmServeError):
+                    outcomes[i] = error  # a stale copy (this entry's session moved), Unavailable
+                elif isinstance(error, BaseException):
+                    raise error
+        for i in applied:
+            outcome = outcomes[i]
+            if isinstance(outcome, ChunkOutcome) and outcome.result.decision is not None:  # type: ignore[union-attr]
+                await self._end_if_decided(work[i].session, outcome)
+
+    async def _end_if_decided(self, session: Session, outcome: ChunkOutcome) -> None:
+        """A session whose rule says end when decided is ended with the reply that decided it
+        (its lock held): freed here and in the shared store."""
+        rule = session.options.decide
+        if rule is None or not rule.end_when_decided or session.ended:
             return
-        saved = await asyncio.gather(
-            *(self._write_through(work[i], before[i]) for i in applied), return_exceptions=True
-        )
-        for i, error in zip(applied, saved, strict=True):
-            if isinstance(error, LstmServeError):
-                outcomes[i] = error  # a stale copy (this entry's session moved), or Unavailable
-            elif isinstance(error, BaseException):
-                raise error
+        self.store.end(session)
+        await self.continuity.forget(session.id)
+        outcome.ended = True
 
 
 def check_seq(seq: int, what: str) -> None:

@@ -27,11 +27,55 @@ UNKNOWN_MODEL = "<unknown>"  # the model label of what names no served model
 
 
 @dataclass(frozen=True)
+class DecisionRule:
+    """When a session's answer is decided early (opt-in, per session): at the first step where
+    the top label's probability is at least `probability` and beats the second label's by at
+    least `margin` (0: that condition is off), for `steps` consecutive steps with the same top
+    label. `end_when_decided`: the session ends there (service/engine/session/decisions.py)."""
+
+    probability: float = 0.0
+    margin: float = 0.0
+    steps: int = 1
+    end_when_decided: bool = False
+
+    def problem(self) -> str | None:
+        """What makes the rule unusable (a sentence naming the field), or None."""
+        for name in ("probability", "margin"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:  # NaN fails too
+                return f"{name} = {value} is not in [0, 1]"
+        if self.probability <= 0.0 and self.margin <= 0.0:
+            return "set probability or margin (both are 0: the rule would hold at once)"
+        if not 1 <= self.steps <= MAX_DECISION_STEPS:
+            return f"steps = {self.steps} is not in [1, {MAX_DECISION_STEPS}]"
+        return None
+
+
+MAX_DECISION_STEPS = 1_000_000
+
+
+@dataclass(frozen=True)
 class StreamOptions:
     """Per-session reply options."""
 
     every_step: bool = False
     top_k: int = 1
+    decide: DecisionRule | None = None  # an early decision rule, if the session has one
+
+    @property
+    def step_rows(self) -> bool:
+        """Whether a chunk's per-step probabilities are needed (replies or the rule)."""
+        return self.every_step or self.decide is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a session's decision rule first held: the top label (index), its probability
+    and the step (counted as total_steps counts)."""
+
+    label: int
+    probability: float
+    step: int
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)
@@ -45,6 +89,7 @@ class StepResult:
     # Steps of the previous reply taken back: streamed text whose held tail this chunk changed
     # (service/engine/text/textstream.py); the reply covers total_steps - steps + this of them.
     rewound_steps: int = 0
+    decision: Decision | None = None  # the session's rule first held in this reply
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)
@@ -56,6 +101,7 @@ class ChunkOutcome:
     duplicate: bool
     total_steps: int
     held_characters: int = 0  # streamed text held back after it (service/engine/text/textstream.py)
+    ended: bool = False  # its decision ended the session (DecisionRule.end_when_decided)
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)

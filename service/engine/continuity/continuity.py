@@ -33,6 +33,8 @@ from service.engine.text.inputs import held_text
 from service.engine.types import (
     NO_METRICS,
     UNKNOWN_MODEL,
+    Decision,
+    DecisionRule,
     EngineMetrics,
     StepResult,
     StreamOptions,
@@ -62,7 +64,26 @@ def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
     return {
         "last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps,
         "last_total_steps": result.total_steps, "last_rewound": result.rewound_steps,
+        "last_decided": result.decision is not None,
     }  # fmt: skip
+
+
+def _decision_fields(session: Session) -> dict[str, Any]:
+    """The session's decision rule, its run and its decision, as a snapshot records them."""
+    rule, decision = session.options.decide, session.decision
+    fields: dict[str, Any] = {"run": session.run}
+    if rule is not None:
+        fields["decide"] = (rule.probability, rule.margin, rule.steps, rule.end_when_decided)
+    if decision is not None:
+        fields["decided"] = (decision.label, decision.probability, decision.step)
+    return fields
+
+
+def _snapshot_rule(snap: SessionSnapshot) -> DecisionRule | None:
+    probability, margin, steps, end = snap.decide
+    if probability <= 0 and margin <= 0:
+        return None
+    return DecisionRule(probability, margin, steps, end)
 
 
 class SessionContinuity:
@@ -106,7 +127,7 @@ class SessionContinuity:
             held_text=session.held.text, held_cased=session.held.cased,
             held_known=session.held.known,
             owner=session.owner, generation=session.generation,
-            **_last_result_fields(session.last_result),
+            **_last_result_fields(session.last_result), **_decision_fields(session),
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
 
@@ -157,7 +178,8 @@ class SessionContinuity:
         if (local is not None and local.last_seq >= snap.last_seq and local.model is model
                 and local.generation == generation):  # fmt: skip
             return local
-        kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes))
+        kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes),
+                             decide=_snapshot_rule(snap))  # fmt: skip
         session = self.store.adopt(model, options or kept, snap.session_id, snap.owner, generation)
         take_progress(session, snap)
         return session
@@ -337,13 +359,17 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
 def take_progress(session: Session, snap: SessionSnapshot) -> None:
     """The snapshot's state and progress into `session` (its model's)."""
     desc = session.model.description
+    label, probability, step = snap.decided
+    decision = Decision(label, probability, step) if 0 <= label < desc.num_classes else None
     last = None
     if len(snap.last_probs) == desc.num_classes:
         probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
         covered = snap.last_total_steps if snap.last_total_steps >= 0 else snap.total_steps
-        last = StepResult(probs, None, snap.last_steps, covered, snap.last_rewound)
+        decided = decision if snap.last_decided else None
+        last = StepResult(probs, None, snap.last_steps, covered, snap.last_rewound, decided)
     held = held_text(desc, snap.held_text, snap.held_cased, snap.held_known)  # with its tail
-    session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last))
+    session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last,
+                               snap.run, decision))  # fmt: skip
 
 
 async def settle(c: SessionContinuity, session: Session) -> None:

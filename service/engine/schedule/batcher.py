@@ -266,7 +266,7 @@ class SequenceBatcher:
         state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
-        steps = any(item.session.options.every_step for item in batch)  # fetched if asked for
+        steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
         tails = [item.tail for item in batch] if any(i.tail is not None for i in batch) else None
         loop = asyncio.get_running_loop()
         if self._inline(batch):
@@ -338,11 +338,9 @@ class SequenceBatcher:
         for b in keep:
             item = batch[b]
             session = item.session
-            wanted = session.options.every_step and step_probs is not None
-            change = item.change
-            skip = change.kept if change is not None else 0  # rows the last reply had
-            every = step_probs[b, skip : item.steps] if wanted else None
-            result = session.apply(item.seq, change, item.settled, probs[b], every)
+            wanted = step_probs is not None and session.options.step_rows
+            rows = step_probs[b, : item.steps] if wanted else None  # type: ignore[index]
+            result = session.apply(item.seq, item.change, item.settled, probs[b], rows)
             item.future.set_result(result)
             steps += item.steps
         now = time.perf_counter()

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import principal
+from service.engine.session.decisions import NO_RUN, Run, judge
 from service.engine.session.quotas import PrincipalQuota
 from service.engine.text.textstream import NOTHING_HELD, HeldChange, HeldText
 from service.engine.types import (
     NO_METRICS,
     ChunkOutcome,
+    Decision,
     EngineMetrics,
     StepResult,
     StreamOptions,
@@ -68,6 +70,8 @@ class Checkpoint:
     settled_steps: int
     held: HeldText
     last_result: StepResult | None
+    run: Run = NO_RUN  # the decision rule's run at the settled point (decisions.py)
+    decision: Decision | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -101,6 +105,9 @@ class Session:
     # Which incarnation this is: a new one at open and at every restore from a snapshot, so two
     # copies restored from one snapshot on two replicas are told apart in the shared store.
     generation: str = ""
+    # Its decision rule's run at the settled point, and its decision once taken (decisions.py).
+    run: Run = NO_RUN
+    decision: Decision | None = None
 
     @property
     def total_steps(self) -> int:
@@ -179,21 +186,22 @@ class Session:
 
     def apply(
         self, seq: int, change: HeldChange | None, steps: int = 0,
-        probs: np.ndarray | None = None, step_probs: np.ndarray | None = None,
+        probs: np.ndarray | None = None, rows: np.ndarray | None = None,
     ) -> StepResult:  # fmt: skip
         """Message `seq` is applied: `steps` settled steps (their new state is already in the
         row: the batcher scatters a batch's rows in one write, then applies each session), the
-        held text after it (`change`; None: not text, nothing held changes), and the reply's
-        `probs` (C,) (after the held text's tail, if any) with its per-step `step_probs` if
-        asked for (one row per step the reply adds). With no probabilities (nothing run) the
-        reply carries them as they were (none before the first step). The reply owns copies of
-        its rows; only the final probabilities are kept for a resend (as the contract says: a
-        resend carries no per-step probabilities), so a session keeps (C,) floats."""
+        held text after it (`change`; None: not text, nothing held changes), the reply's `probs`
+        (C,) (after the held text's tail, if any) and, if fetched, `rows`: the probabilities
+        after every step run, settled then tail (T, C), for the decision rule and the reply's
+        per-step probabilities (one per step the reply adds). With no probabilities (nothing
+        run) the reply carries them as they were (none before the first step). The reply owns
+        copies of its rows; only the final probabilities are kept for a resend (as the contract
+        says: a resend carries no per-step probabilities), so a session keeps (C,) floats."""
         if probs is not None:
             final = probs.copy()  # (C,)
         else:
             final = self.last_result.probs if self.last_result is not None else NO_PROBS
-        before = self.total_steps
+        before, base = self.total_steps, self.settled_steps
         rewound = 0
         self.settled_steps += steps
         self.last_seq = seq
@@ -201,15 +209,21 @@ class Session:
             self.held, rewound = change.after, change.rewound
         total = self.total_steps
         added = total - before + rewound
-        self.last_result = kept = StepResult(final, None, added, total, rewound)
-        if step_probs is None:
+        decision = None
+        rule = self.options.decide
+        if rule is not None and rows is not None and self.decision is None:
+            self.run, decision = judge(rule, self.run, rows, steps, base)
+            self.decision = decision
+        self.last_result = kept = StepResult(final, None, added, total, rewound, decision)
+        if rows is None or not self.options.every_step:
             return kept  # the reply and the resend record are the same values
-        return StepResult(final, step_probs.copy(), added, total, rewound)  # (T, C) copied
+        every = rows[len(rows) - added :].copy()  # (added, C): the steps the reply adds
+        return StepResult(final, every, added, total, rewound, decision)
 
     def checkpoint(self) -> Checkpoint:
         """The session as it is now (a copy of its row): what `restore` brings it back to."""
         return Checkpoint(self.read_state(), self.last_seq, self.settled_steps, self.held,
-                          self.last_result)  # fmt: skip
+                          self.last_result, self.run, self.decision)  # fmt: skip
 
     def restore(self, point: Checkpoint) -> None:
         """The session as of `point`: back to its checkpoint (a save the shared store refused,
@@ -217,6 +231,7 @@ class Session:
         self.model.state.write(self.row, point.state)
         self.last_seq, self.settled_steps = point.last_seq, point.settled_steps
         self.held, self.last_result = point.held, point.last_result
+        self.run, self.decision = point.run, point.decision
 
     def reset(self, seq: int) -> None:
         """Zero the state and the step count, as message `seq`."""
