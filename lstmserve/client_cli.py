@@ -131,7 +131,7 @@ async def stream_steps(
         result = await session.step(step)
         if session.address != address:
             note_failover(session, address)
-        consumed = repr(steps[: i + 1]) if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}"
+        consumed = repr(steps[: i + 1] if isinstance(steps, str) else f"frame {i + 1}/{len(steps)}")
         if result.HasField("error"):
             refused += 1
             line.update(f"{consumed}  (refused: {result.error.code}: {result.error.message})")
