@@ -174,7 +174,7 @@ class ChunkApply:
                     outcomes[i] = error  # a stale copy (this entry's session moved), Unavailable
                 elif isinstance(error, BaseException):
                     raise error
-        for i in applied:
+        for i in [i for i in applied if work[i].session.decision is not None]:
             outcome = outcomes[i]
             if isinstance(outcome, ChunkOutcome) and outcome.result.decision is not None:  # type: ignore[union-attr]
                 await self._end_if_decided(work[i].session, outcome)

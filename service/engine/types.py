@@ -9,7 +9,7 @@ its last result keeps only its own rows alive.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -61,11 +61,12 @@ class StreamOptions:
     every_step: bool = False
     top_k: int = 1
     decide: DecisionRule | None = None  # an early decision rule, if the session has one
+    # Whether a chunk's per-step probabilities are needed (replies or the rule): read per
+    # chunk, so set once here.
+    step_rows: bool = field(init=False, repr=False, compare=False, default=False)
 
-    @property
-    def step_rows(self) -> bool:
-        """Whether a chunk's per-step probabilities are needed (replies or the rule)."""
-        return self.every_step or self.decide is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_rows", self.every_step or self.decide is not None)
 
 
 @dataclass(frozen=True, slots=True)

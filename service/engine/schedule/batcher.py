@@ -267,7 +267,8 @@ class SequenceBatcher:
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
         steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
-        tails = [item.tail for item in batch] if any(i.tail is not None for i in batch) else None
+        held = any(item.tail is not None for item in batch)  # streamed text held: probes
+        tails = [item.tail for item in batch] if held else None
         loop = asyncio.get_running_loop()
         if self._inline(batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()

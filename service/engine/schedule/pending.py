@@ -41,10 +41,11 @@ class Pending:
         self.seq = seq
         self.chunk = chunk  # (T,) or (T, F)
         self.change = change  # a text chunk's change to the held text; None: not text
-        self.settled = int(chunk.shape[0])
-        tail = change.after.tail if change is not None else ()
-        self.tail = np.asarray(tail, dtype=np.int64) if tail else None  # (T',)
-        self.steps = self.settled + len(tail)
+        self.settled = self.steps = int(chunk.shape[0])
+        self.tail = None
+        if change is not None and (tail := change.after.tail):
+            self.tail = np.asarray(tail, dtype=np.int64)  # (T',)
+            self.steps += len(tail)
         self.future = future
         self.enqueued = time.perf_counter()
 

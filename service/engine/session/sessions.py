@@ -201,17 +201,19 @@ class Session:
             final = probs.copy()  # (C,)
         else:
             final = self.last_result.probs if self.last_result is not None else NO_PROBS
-        before, base = self.total_steps, self.settled_steps
-        rewound = 0
-        self.settled_steps += steps
+        base = self.settled_steps
+        self.settled_steps = total = base + steps
         self.last_seq = seq
-        if change is not None:
-            self.held, rewound = change.after, change.rewound
-        total = self.total_steps
-        added = total - before + rewound
+        if change is None:  # tokens or frames: nothing held (or held text left as it was)
+            added, rewound = steps, 0
+            total += len(self.held.tail)
+        else:  # the previous reply's tail is taken back but for what this chunk repeats
+            self.held, tail = change.after, len(change.after.tail)
+            rewound = len(change.before.tail) - change.kept
+            total += tail
+            added = steps + tail - change.kept
         decision = None
-        rule = self.options.decide
-        if rule is not None and rows is not None and self.decision is None:
+        if rows is not None and self.decision is None and (rule := self.options.decide):
             self.run, decision = judge(rule, self.run, rows, steps, base)
             self.decision = decision
         self.last_result = kept = StepResult(final, None, added, total, rewound, decision)
