@@ -276,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stream" and args.end_when_decided and not args.decide_at:
         print("lstm-client stream: --end-when-decided needs --decide-at", file=sys.stderr)
         return 2
+    if args.command == "stream" and args.decide_at and args.session:
+        print("lstm-client stream: --decide-at is for a new session (a resumed one keeps "
+              "its rule)", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         return asyncio.run(run(args))
     except grpc.aio.AioRpcError as exc:

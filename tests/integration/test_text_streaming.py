@@ -168,3 +168,11 @@ def test_stream_multi_answers_held_text_per_session(server: ServerThread) -> Non
         np.testing.assert_array_equal(
             np.float32(reply.chunk.probabilities), np.float32(w.probabilities)
         )
+
+
+def test_a_resend_replays_the_reply_with_the_held_letter_in_it(stub: pb_grpc.LstmServeStub) -> None:
+    chunk = pb.StreamRequest(chunk=pb.Chunk(seq=1, input=text_input("cafe")))
+    requests = [pb.StreamRequest(open=pb.OpenSession(model=MODEL)), chunk, chunk]
+    first, again = (r.chunk for r in list(stub.Stream(iter(requests), timeout=30))[1:])
+    assert again.duplicate and (again.total_steps, again.held_characters) == (4, 1)
+    assert list(again.probabilities) == list(first.probabilities)  # "cafe", the "e" included
