@@ -43,6 +43,42 @@ def _schedule(hist: dict[str, Any]) -> str:
     return f"Fixed {hist['epochs_run']} epochs on the whole training split{avg}"
 
 
+def decisions_markdown(found: dict[str, Any], unit: str) -> str:
+    """The card's table: rule (as `--decide-at` writes it), accuracy, steps used."""
+    full = found["full"]
+    lines = [
+        f"| rule (`--decide-at`) | accuracy | mean {unit} used | of all {unit} | decided early |",
+        "|---|---:|---:|---:|---:|",
+        f"| none (whole sequence) | {full['accuracy'] * 100:.2f} % | {full['mean_steps']:.1f} "
+        "| 100 % | - |",
+    ]
+    for row in found["rules"]:
+        lines.append(
+            f"| `{row['rule']}` | {row['accuracy'] * 100:.2f} % | {row['mean_steps']:.1f} | "
+            f"{row['steps_fraction'] * 100:.0f} % | {row['decided_early'] * 100:.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+def _decisions_section(report: dict[str, Any], unit: str) -> str:
+    """The early decisions table (python -m export.decisions), if it was measured."""
+    found = report.get("early_decisions")
+    if not found:
+        return ""
+    figure = "\n![early decisions](early_decisions.png)\n" if found.get("plot") else ""
+    return f"""
+## Early decisions (held-out test split, {found["examples"]} sequences)
+A session can stop when its answer is clear (`StreamOptions.decide`, `lstm-client stream
+--decide-at P[,N]`): the rule holds when the top label's probability is at least P (or, with
+`margin:M`, beats the second label's by M) for N steps in a row. The answer is then the label
+it held for; a sequence where it never holds is answered after its last step.
+
+{decisions_markdown(found, unit)}
+{figure}
+Measured by `{found.get("command", "python -m export.decisions")}`.
+"""
+
+
 TORCH_KEY = "max_diff_torch_vs_onnxruntime"
 
 
@@ -87,7 +123,7 @@ embedded in `model.onnx` (metadata key `lstm_serve.description`).
 Accuracy of the answer so far, by number of {unit} seen (sequences at least that long):
 
 {_steps_table(report["accuracy_by_steps_seen"], unit)}
-
+{_decisions_section(report, unit)}
 ## Parity (onnxruntime vs PyTorch), tolerance {verify["tolerance"]}
 Max absolute difference on probabilities; on states the same within [-1, 1] and relative
 beyond (an LSTM's cell state c is unbounded; float32 spacing alone is ~1e-6 at |c| = 10).

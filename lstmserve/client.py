@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from lstmserve.decisions import parse_decide_at
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 
@@ -396,10 +397,12 @@ class LstmClient:
         return await self._unary("Classify", request)
 
     async def open_session(
-        self, model: str, version: int = 0, every_step: bool = False, top_k: int = 1
-    ) -> StreamSession:
-        """A new session on the first address that takes it (UNAVAILABLE: the next one)."""
-        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        self, model: str, version: int = 0, every_step: bool = False, top_k: int = 1,
+        decide: pb.DecisionRule | None = None,
+    ) -> StreamSession:  # fmt: skip
+        """A new session on the first address that takes it (UNAVAILABLE: the next one);
+        `decide`: an early decision rule (`decision_rule`)."""
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k, decide=decide)
         first = pb.StreamRequest(open=pb.OpenSession(model=model, version=version, options=options))
         return await self._attach(first, _unavailable)
 
@@ -438,6 +441,14 @@ class LstmClient:
         return session
 
 
+def decision_rule(spec: str, end_when_decided: bool = False) -> pb.DecisionRule:
+    """A DecisionRule from its written form (lstmserve/decisions.py: "P[,N]" or
+    "margin:M[,N]"); ValueError if the form is wrong."""
+    probability, margin, steps = parse_decide_at(spec)
+    return pb.DecisionRule(probability=probability, margin=margin, steps=steps,
+                           end_when_decided=end_when_decided)  # fmt: skip
+
+
 class StreamSession:
     """One streaming session: pipelined chunks, in-order replies, continued on another replica
     when its stream breaks (module docstring)."""
@@ -456,6 +467,8 @@ class StreamSession:
         self.failovers = 0  # times the session was continued on a new stream
         self.resent = 0  # messages sent again after a failover
         self._in_a_row = 0  # reconnects since the last reply
+        # The reply in which the session's decision rule held (ChunkResult.decision), if any.
+        self.decided: pb.ChunkResult | None = None
 
     @property
     def session_id(self) -> str:
@@ -519,6 +532,8 @@ class StreamSession:
         if kind == "chunk" and not reply.chunk.HasField("error"):
             self._applied_seq = max(self._applied_seq, reply.chunk.seq)
             self._total_steps = reply.chunk.total_steps
+            if reply.chunk.HasField("decision") and self.decided is None:
+                self.decided = reply.chunk
         elif kind == "chunk":  # refused, not applied: the server takes this seq next again
             self._next_seq = min(self._next_seq, max(reply.chunk.seq, self._applied_seq + 1))
         elif kind == "reset":
@@ -541,9 +556,23 @@ class StreamSession:
         await self._write(pb.StreamRequest(snapshot=pb.TakeSnapshot()))
         return (await self.receive()).snapshot
 
+    @property
+    def ended_by_decision(self) -> bool:
+        """Whether the server ended the session when its decision rule held."""
+        return self.decided is not None and self.decided.decision.ended
+
     async def end(self) -> pb.SessionEnded:
         """Free the session. An `end` whose reply was lost with its replica, after which no
-        replica knows the session, did end it: answered from what the client last saw."""
+        replica knows the session, did end it: answered from what the client last saw; so is
+        the end of a session its decision ended (nothing is sent)."""
+        if self.ended_by_decision:
+            decided = self.decided
+            assert decided is not None
+            await self.close()
+            return pb.SessionEnded(
+                total_steps=self._total_steps, last_applied_seq=self._applied_seq,
+                probabilities=decided.probabilities, top=decided.top,
+            )  # fmt: skip
         await self._write(pb.StreamRequest(end=pb.End()))
         try:
             ended = (await self.receive()).ended
@@ -564,6 +593,8 @@ class StreamSession:
             await _close_call(call)
 
     async def _write(self, request: pb.StreamRequest) -> None:
+        if self.ended_by_decision:
+            raise SessionLost(f"session {self.session_id} ended when its decision rule held")
         self._pending.append(request)
         if self._call is None:
             await self.reconnect()  # resends every pending message, this one included
@@ -783,9 +814,10 @@ class MultiStream:
 
     @staticmethod
     def open(
-        model: str, version: int = 0, every_step: bool = False, top_k: int = 1
-    ) -> pb.SessionRequest:
-        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        model: str, version: int = 0, every_step: bool = False, top_k: int = 1,
+        decide: pb.DecisionRule | None = None,
+    ) -> pb.SessionRequest:  # fmt: skip
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k, decide=decide)
         return pb.SessionRequest(open=pb.OpenSession(model=model, version=version, options=options))
 
     @staticmethod

@@ -14,7 +14,7 @@ from typing import TextIO
 import grpc
 import numpy as np
 
-from lstmserve.client import LstmClient, SessionLost, StreamSession
+from lstmserve.client import LstmClient, SessionLost, StreamSession, decision_rule
 from lstmserve.v1 import lstm_serve_pb2 as pb
 
 
@@ -180,10 +180,10 @@ async def stream_steps(
     session: StreamSession, steps: str | np.ndarray, delay_s: float, line: LiveLine,
     resumed: bool = False,
 ) -> int:  # fmt: skip
-    """Send one character (token id, or frame) per chunk, showing the top label as it changes;
-    returns how many chunks the server refused. The server holds back a character that may
-    still combine with the next one (a letter an accent may follow): the line shows what it
-    fed, after "…" for a resumed session's text from before."""
+    """Send one character (token id, or frame) per chunk, showing the top label as it changes
+    (every reply answers all the text sent so far, after "…" for a resumed session's text from
+    before); returns how many chunks the server refused. A session with a decision rule shows
+    where it held, and stops there if the server ended it."""
     refused = 0
     for i in range(len(steps)):
         step = steps[i] if isinstance(steps, str) else steps[i : i + 1]
@@ -192,16 +192,23 @@ async def stream_steps(
         if session.address != address:
             note_failover(session, address)
         if isinstance(steps, str):
-            consumed = shown_text(steps, i + 1 - result.held_characters, resumed)
+            consumed = repr(shown_text(steps, i + 1, resumed))
         elif steps.ndim == 1:
-            consumed = f"token {i + 1}/{len(steps)} ({int(steps[i])})"
+            consumed = repr(f"token {i + 1}/{len(steps)} ({int(steps[i])})")
         else:
-            consumed = f"frame {i + 1}/{len(steps)}"
+            consumed = repr(f"frame {i + 1}/{len(steps)}")
         if result.HasField("error"):
             refused += 1
-            line.update(f"{consumed!r}  (refused: {result.error.code}: {result.error.message})")
-        elif result.top and result.steps:  # a chunk that all waits changes nothing shown
-            line.update(f"{consumed!r:<32} {format_top(result.top)}")
+            line.update(f"{consumed}  (refused: {result.error.code}: {result.error.message})")
+        elif result.top:
+            line.update(f"{consumed:<32} {format_top(result.top)}")
+        if result.HasField("decision"):
+            line.done()
+            d = result.decision
+            print(f"decided: {d.label} at step {d.step} (p={d.probability:.3f})"
+                  f"{'; the server ended the session' if d.ended else ''}")  # fmt: skip
+            if d.ended:
+                break
         if delay_s:
             await asyncio.sleep(delay_s)
     return refused
@@ -218,7 +225,10 @@ async def start_stream(
     """Open (or resume) the session once its model is known to take `steps`."""
     if not args.session:
         check_input(await client.get_model(args.model, args.version), steps, args.frames)
-        return await client.open_session(args.model, version=args.version, top_k=args.top_k)
+        decide = decision_rule(args.decide_at, args.end_when_decided) if args.decide_at else None
+        return await client.open_session(
+            args.model, version=args.version, top_k=args.top_k, decide=decide
+        )
     session = await client.resume_session(args.session)  # on the first address that has it
     if session.address != client.addresses[0]:
         print(f"lstm-client: session resumed on {session.address}", file=sys.stderr)
@@ -238,7 +248,10 @@ async def cmd_stream(client: LstmClient, args: argparse.Namespace) -> int:
     line = LiveLine(sys.stdout)
     resumed = bool(args.session)
     refused = await stream_steps(session, steps, args.delay_ms / 1000, line, resumed)
-    if args.keep:
+    if session.ended_by_decision:
+        await session.close()
+        print(f"ended by its decision after {session.decided.total_steps} steps")  # type: ignore[union-attr]
+    elif args.keep:
         line.done()
         await session.close()
         print(f"kept session {session.session_id} (resume with --session)")
@@ -277,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--session", help="resume this session id instead of opening one")
     stream.add_argument("--keep", action="store_true", help="keep the session open at the end")
     stream.add_argument("--delay-ms", type=float, default=0.0, help="pause between characters")
+    stream.add_argument(
+        "--decide-at", metavar="P[,N]",
+        help="early decision: top label probability >= P for N steps in a row (margin:M[,N]: "
+        "beats the second label by M)",
+    )  # fmt: skip
+    stream.add_argument(
+        "--end-when-decided", action="store_true", help="with --decide-at: end the session there"
+    )
     for p in (classify, stream):
         p.add_argument("--version", type=int, default=0, help="model version (0 = latest)")
         p.add_argument("--top-k", type=int, default=1, help="labels to show")
@@ -332,6 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.server_name and not (args.tls or args.tls_ca or args.tls_cert):
         print("lstm-client: --server-name names the server's TLS certificate: give --tls or "
               "--tls-ca too", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.command == "stream" and args.end_when_decided and not args.decide_at:
+        print("lstm-client stream: --end-when-decided needs --decide-at", file=sys.stderr)
+        return 2
+    if args.command == "stream" and args.decide_at and args.session:
+        print("lstm-client stream: --decide-at is for a new session (a resumed one keeps "
+              "its rule)", file=sys.stderr)  # fmt: skip
         return 2
     try:
         return asyncio.run(run(args))

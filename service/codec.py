@@ -24,7 +24,13 @@ from service.engine.text.inputs import (
     tokens_from_ids,
     tokens_from_text,
 )
-from service.engine.types import ChunkOutcome, StepResult, StreamOptions, VersionStatus
+from service.engine.types import (
+    ChunkOutcome,
+    DecisionRule,
+    StepResult,
+    StreamOptions,
+    VersionStatus,
+)
 from service.errors import InvalidInput, MalformedRequest
 from service.protocol import messages as m
 from service.protocol.columns import ColumnsMessage, ColumnsReply
@@ -116,11 +122,22 @@ class PbInput:
 
 
 def decode_options(msg: pb.StreamOptions) -> StreamOptions:
-    return StreamOptions(every_step=msg.every_step, top_k=max(1, msg.top_k))
+    """The options as sent (a decision rule is checked when a session takes it)."""
+    decide = None
+    if msg.HasField("decide"):
+        d = msg.decide
+        decide = DecisionRule(d.probability, d.margin, max(1, d.steps), d.end_when_decided)
+    return StreamOptions(every_step=msg.every_step, top_k=max(1, msg.top_k), decide=decide)
 
 
 def encode_options(options: StreamOptions) -> pb.StreamOptions:
-    return pb.StreamOptions(every_step=options.every_step, top_k=options.top_k)
+    out = pb.StreamOptions(every_step=options.every_step, top_k=options.top_k)
+    d = options.decide
+    if d is not None:
+        rule = out.decide
+        rule.probability, rule.margin, rule.steps = d.probability, d.margin, d.steps
+        rule.end_when_decided = d.end_when_decided
+    return out
 
 
 def add_top_labels(top: Any, labels: Sequence[str], probs: np.ndarray, k: int) -> None:
@@ -163,12 +180,23 @@ def fill_chunk_result(
     if result is None:
         return
     out.steps = result.steps
+    if result.rewound_steps:
+        out.rewound_steps = result.rewound_steps
     probs = result.probs  # (C,); (0,) before a session's first step
     if probs.size:
         out.probabilities.extend(probs.tolist())
         add_top_labels(out.top, labels, probs, top_k)
     if result.step_probs is not None:
         out.step_probabilities.extend(_steps(result.step_probs))
+    decision = result.decision
+    if decision is not None:
+        d = out.decision
+        d.label, d.index, d.probability = (
+            labels[decision.label],
+            decision.label,
+            decision.probability,
+        )
+        d.step, d.ended = decision.step, outcome.ended
 
 
 def encode_chunk_error(seq: int, exc: BaseException, total_steps: int) -> pb.ChunkResult:

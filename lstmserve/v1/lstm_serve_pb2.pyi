@@ -117,12 +117,40 @@ class ClassifyResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
-    __slots__ = ("every_step", "top_k")
+    __slots__ = ("every_step", "top_k", "decide")
     EVERY_STEP_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DECIDE_FIELD_NUMBER: _ClassVar[int]
     every_step: bool
     top_k: int
-    def __init__(self, every_step: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+    decide: DecisionRule
+    def __init__(self, every_step: _Optional[bool] = ..., top_k: _Optional[int] = ..., decide: _Optional[_Union[DecisionRule, _Mapping]] = ...) -> None: ...
+
+class DecisionRule(_message.Message):
+    __slots__ = ("probability", "margin", "steps", "end_when_decided")
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    END_WHEN_DECIDED_FIELD_NUMBER: _ClassVar[int]
+    probability: float
+    margin: float
+    steps: int
+    end_when_decided: bool
+    def __init__(self, probability: _Optional[float] = ..., margin: _Optional[float] = ..., steps: _Optional[int] = ..., end_when_decided: _Optional[bool] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("label", "index", "probability", "step", "ended")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    index: int
+    probability: float
+    step: int
+    ended: bool
+    def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., probability: _Optional[float] = ..., step: _Optional[int] = ..., ended: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("model", "version", "options")
@@ -225,7 +253,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., resumed: _Optional[bool] = ..., last_applied_seq: _Optional[int] = ..., total_steps: _Optional[int] = ..., options: _Optional[_Union[StreamOptions, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., idle_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ChunkResult(_message.Message):
-    __slots__ = ("seq", "steps", "probabilities", "top", "step_probabilities", "total_steps", "duplicate", "error", "held_characters")
+    __slots__ = ("seq", "steps", "probabilities", "top", "step_probabilities", "total_steps", "duplicate", "error", "held_characters", "rewound_steps", "decision")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +263,8 @@ class ChunkResult(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     HELD_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    REWOUND_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     steps: int
     probabilities: _containers.RepeatedScalarFieldContainer[float]
@@ -244,7 +274,9 @@ class ChunkResult(_message.Message):
     duplicate: bool
     error: ErrorStatus
     held_characters: int
-    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., step_probabilities: _Optional[_Iterable[_Union[Probabilities, _Mapping]]] = ..., total_steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., held_characters: _Optional[int] = ...) -> None: ...
+    rewound_steps: int
+    decision: Decision
+    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., step_probabilities: _Optional[_Iterable[_Union[Probabilities, _Mapping]]] = ..., total_steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., held_characters: _Optional[int] = ..., rewound_steps: _Optional[int] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
 
 class ResetDone(_message.Message):
     __slots__ = ("seq", "duplicate")

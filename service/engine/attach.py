@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from service import principal
 from service.engine.session.sessions import Session
 from service.engine.types import EngineMetrics, StreamOptions
-from service.errors import SessionNotFound
+from service.errors import InvalidInput, SessionNotFound
 
 if TYPE_CHECKING:
     from service.engine.continuity.continuity import SessionContinuity
@@ -98,5 +98,8 @@ class SessionAttach:
 
 
 def _clamp(model: ModelWorker, options: StreamOptions) -> StreamOptions:
+    """The options a session of `model` takes: top_k capped; a decision rule checked."""
     top_k = min(max(options.top_k, 1), model.description.num_classes)
-    return StreamOptions(every_step=options.every_step, top_k=top_k)
+    if options.decide is not None and (problem := options.decide.problem()) is not None:
+        raise InvalidInput(f"options.decide: {problem}")
+    return StreamOptions(every_step=options.every_step, top_k=top_k, decide=options.decide)

@@ -5,7 +5,8 @@ Prepare, under the session's lock: a resend gets the duplicate's outcome (the la
 replayed), a gap, another stream's attachment or text decoded against held text that changed
 since is refused, and (strict mode) a checkpoint is taken. Submit: the chunk goes to its
 version's batcher, which applies it to the session after the run (`Session.apply`: state row,
-seq, steps, result and held text together); text that all waits is applied at once. Finish:
+seq, steps, result and held text together; streamed text's held tail runs after the settled
+steps as a probe whose state is not kept, so the reply answers all the text sent). Finish:
 the session is touched and written through to the shared store before its lock is released
 (strict mode: a refused save rolls it back to its checkpoint).
 
@@ -57,6 +58,8 @@ class ChunkApply:
             outcome = self._finish(work, await self._submit(work))
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
                 await self._write_through(work, before)
+            if outcome.result.decision is not None:  # type: ignore[union-attr]
+                await self._end_if_decided(session, outcome)
             return outcome
 
     async def apply_chunks(self, work: list[ChunkWork]) -> list[Outcome]:
@@ -123,15 +126,15 @@ class ChunkApply:
 
     @staticmethod
     def _submit(work: ChunkWork) -> asyncio.Future[StepResult]:
-        """The chunk to its version's batcher, which applies it (`Session.apply`: state row,
-        seq, steps, result and held text together) after the run; text that all waits is
-        applied at once (no step, no model run)."""
-        session, held = work.session, work.held
-        after = held.after if held is not None else None
-        if len(work.chunk):
-            return session.model.submit(session, work.seq, work.chunk, after)
+        """The chunk to its version's batcher, which runs its settled steps and (streamed text)
+        the held text's tail after them as a probe, then applies it (`Session.apply`: state
+        row, seq, steps, result and held text together); nothing to run (no step settled,
+        nothing held) is applied at once."""
+        session, change = work.session, work.held
+        if len(work.chunk) or (change is not None and change.after.tail):
+            return session.model.submit(session, work.seq, work.chunk, change)
         done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        done.set_result(session.apply(work.seq, after))
+        done.set_result(session.apply(work.seq, change))
         return done
 
     def _finish(self, work: ChunkWork, result: StepResult) -> ChunkOutcome:
@@ -161,16 +164,30 @@ class ChunkApply:
             else:
                 outcomes[i] = self._finish(work[i], future.result())
                 applied.append(i)
-        if not applied or self.continuity.backend is None:
+        if applied and self.continuity.backend is not None:
+            saved = await asyncio.gather(
+                *(self._write_through(work[i], before[i]) for i in applied),
+                return_exceptions=True,
+            )
+            for i, error in zip(applied, saved, strict=True):
+                if isinstance(error, LstmServeError):
+                    outcomes[i] = error  # a stale copy (this entry's session moved), Unavailable
+                elif isinstance(error, BaseException):
+                    raise error
+        for i in [i for i in applied if work[i].session.decision is not None]:
+            outcome = outcomes[i]
+            if isinstance(outcome, ChunkOutcome) and outcome.result.decision is not None:  # type: ignore[union-attr]
+                await self._end_if_decided(work[i].session, outcome)
+
+    async def _end_if_decided(self, session: Session, outcome: ChunkOutcome) -> None:
+        """A session whose rule says end when decided is ended with the reply that decided it
+        (its lock held): freed here and in the shared store."""
+        rule = session.options.decide
+        if rule is None or not rule.end_when_decided or session.ended:
             return
-        saved = await asyncio.gather(
-            *(self._write_through(work[i], before[i]) for i in applied), return_exceptions=True
-        )
-        for i, error in zip(applied, saved, strict=True):
-            if isinstance(error, LstmServeError):
-                outcomes[i] = error  # a stale copy (this entry's session moved), or Unavailable
-            elif isinstance(error, BaseException):
-                raise error
+        self.store.end(session)
+        await self.continuity.forget(session.id)
+        outcome.ended = True
 
 
 def check_seq(seq: int, what: str) -> None:

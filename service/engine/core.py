@@ -25,6 +25,7 @@ from service.engine.model.worker import ModelWorker, WorkerFactory
 from service.engine.schedule.batcher import ComputeLanes, InflightCounter
 from service.engine.schedule.classify import ClassifyLane
 from service.engine.session.sessions import Session, SessionStore
+from service.engine.text.textstream import NOTHING_HELD, HeldChange
 from service.engine.types import (
     NO_METRICS,
     BatchPolicy,
@@ -38,6 +39,14 @@ from service.engine.types import (
 from service.errors import Draining, Unavailable
 
 __all__ = ["BatchPolicy", "ChunkOutcome", "ChunkWork", "Engine", "StepResult"]
+
+
+def unanswered_tail(session: Session) -> np.ndarray | None:
+    """The held text's tail, (T,) int64, if the session's last reply did not run it."""
+    tail, last = session.held.tail, session.last_result
+    if session.ended or not tail or (last is not None and last.total_steps == session.total_steps):
+        return None
+    return np.asarray(tail, dtype=np.int64)
 
 
 class Engine(SessionAttach, ChunkApply):
@@ -127,17 +136,22 @@ class Engine(SessionAttach, ChunkApply):
             return False
 
     async def end(
-        self, session: Session, flush: np.ndarray | None = None, attached: object | None = None
-    ) -> StepResult | None:
-        """Free the session once its chunk in progress (if any) is done; `flush` (its held-back
-        text's ids) is fed first. Returns the final result, if there is one."""
+        self, session: Session, attached: object | None = None
+    ) -> tuple[StepResult | None, int]:
+        """Free the session once its chunk in progress (if any) is done. Its last reply answered
+        all its text (the held tail ran as a probe), so nothing runs; only a session whose last
+        reply did not (continued from an older server's snapshot) runs its held tail first.
+        Returns the final result, if there is one, and the steps run for it."""
         async with session.lock:
             if not session.ended:
                 session.check_attached(attached)
             try:
-                if flush is not None and len(flush) and not session.ended:
-                    return await session.model.submit(session, session.last_seq, flush)
-                return session.last_result
+                tail = unanswered_tail(session)
+                if tail is None:
+                    return session.last_result, 0
+                change = HeldChange(session.held, NOTHING_HELD, len(tail))
+                final = await session.model.submit(session, session.last_seq, tail, change)
+                return final, len(tail)
             finally:
                 self.store.end(session)
                 await self.continuity.forget(session.id)

@@ -9,7 +9,7 @@ its last result keeps only its own rows alive.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -29,11 +29,56 @@ UNKNOWN_MODEL = "<unknown>"  # the model label of what names no served model
 
 
 @dataclass(frozen=True)
+class DecisionRule:
+    """When a session's answer is decided early (opt-in, per session): at the first step where
+    the top label's probability is at least `probability` and beats the second label's by at
+    least `margin` (0: that condition is off), for `steps` consecutive steps with the same top
+    label. `end_when_decided`: the session ends there (service/engine/session/decisions.py)."""
+
+    probability: float = 0.0
+    margin: float = 0.0
+    steps: int = 1
+    end_when_decided: bool = False
+
+    def problem(self) -> str | None:
+        """What makes the rule unusable (a sentence naming the field), or None."""
+        for name in ("probability", "margin"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:  # NaN fails too
+                return f"{name} = {value} is not in [0, 1]"
+        if self.probability <= 0.0 and self.margin <= 0.0:
+            return "set probability or margin (both are 0: the rule would hold at once)"
+        if not 1 <= self.steps <= MAX_DECISION_STEPS:
+            return f"steps = {self.steps} is not in [1, {MAX_DECISION_STEPS}]"
+        return None
+
+
+MAX_DECISION_STEPS = 1_000_000
+
+
+@dataclass(frozen=True)
 class StreamOptions:
     """Per-session reply options."""
 
     every_step: bool = False
     top_k: int = 1
+    decide: DecisionRule | None = None  # an early decision rule, if the session has one
+    # Whether a chunk's per-step probabilities are needed (replies or the rule): read per
+    # chunk, so set once here.
+    step_rows: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_rows", self.every_step or self.decide is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a session's decision rule first held: the top label (index), its probability
+    and the step (counted as total_steps counts)."""
+
+    label: int
+    probability: float
+    step: int
 
 
 def probabilities(values: np.ndarray, kind: str) -> np.ndarray:
@@ -59,9 +104,13 @@ class StepResult:
 
     values: np.ndarray  # (C,) after the last step
     step_values: np.ndarray | None  # (T, C) after every step, if asked for
-    steps: int  # T
-    total_steps: int  # steps since open / reset, after this chunk
+    steps: int  # T: steps beyond what the previous reply covered (and kept)
+    total_steps: int  # steps since open / reset, after this chunk (what the reply covers)
     kind: str = KIND_PROBS
+    # Steps of the previous reply taken back: streamed text whose held tail this chunk changed
+    # (service/engine/text/textstream.py); the reply covers total_steps - steps + this of them.
+    rewound_steps: int = 0
+    decision: Decision | None = None  # the session's rule first held in this reply
 
     @property
     def probs(self) -> np.ndarray:
@@ -84,6 +133,7 @@ class ChunkOutcome:
     duplicate: bool
     total_steps: int
     held_characters: int = 0  # streamed text held back after it (service/engine/text/textstream.py)
+    ended: bool = False  # its decision ended the session (DecisionRule.end_when_decided)
 
 
 @dataclass(slots=True)  # built per chunk: slots, not frozen (3x the cost)
@@ -92,8 +142,8 @@ class ChunkWork:
 
     session: Session
     seq: int
-    chunk: np.ndarray  # (T,) or (T, F); (0,) when all of a text chunk is held back
-    held: HeldChange | None = None  # a text chunk's change to the held text
+    chunk: np.ndarray  # (T,) or (T, F): the steps it settles; (0,) when all of a text chunk is held
+    held: HeldChange | None = None  # a text chunk's change to the held text (and its tail)
     attached: object | None = None  # the token of the stream sending it (Session.admit)
 
 

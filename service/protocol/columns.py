@@ -153,10 +153,12 @@ class ColumnsConversation:
     async def _attach(self, request: Open | Resume, i: int) -> tuple[int, str] | LstmServeError:
         try:
             if isinstance(request, Open):
+                _no_decisions(request.options.decide, f"open[{i}].options")
                 request = _on_stream_model(self.model, request, i)
             else:
                 session = await self.layer.engine.find_session(request.session_id)
                 self._check_model(session.model, f"resume[{i}] (session {session.id})")
+                _no_decisions(session.options.decide, f"resume[{i}] (session {session.id})")
             session, _ = await self.layer.attach(request, self.token)
         except LstmServeError as exc:
             return exc
@@ -172,7 +174,7 @@ class ColumnsConversation:
         for entry in opened:
             session = None if isinstance(entry, LstmServeError) else self._sessions.get(entry[0])
             if session is not None:
-                await self.layer.engine.end(session, None, self.token)
+                await self.layer.engine.end(session, self.token)
                 self._forget(entry[0])
         if not self._sessions:
             self.model = None
@@ -294,6 +296,15 @@ def _array(data: bytes, dtype: np.dtype, name: str, count: int | None = None) ->
             f"{count if name != 'offsets' else count - 1} entries)"
         )
     return values
+
+
+def _no_decisions(rule: object, what: str) -> None:
+    """StreamColumns has no field to report a decision in: a session with a rule is refused."""
+    if rule is not None:
+        raise InvalidInput(
+            f"{what}: a session with a decision rule (decide) cannot be on StreamColumns, which "
+            "does not report decisions; use Stream or StreamMulti"
+        )
 
 
 def _on_stream_model(model: ModelWorker | None, request: Open, i: int) -> Open:

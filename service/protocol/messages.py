@@ -157,7 +157,8 @@ class ChunkDone:
     def of(session: Session, seq: int, outcome: ChunkOutcome | None,
            error: LstmServeError | None = None) -> ChunkDone:  # fmt: skip
         labels = session.model.description.labels
-        return ChunkDone(seq, outcome, error, session.total_steps, labels, session.options.top_k)
+        total = outcome.total_steps if outcome is not None else session.total_steps
+        return ChunkDone(seq, outcome, error, total, labels, session.options.top_k)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ The rules, each applied through the session layer and the engine as for a native
   older copy sees that it is stale and continues the new one.
 - A request without START continues the sequence from wherever it is (looked up in the shared
   store on every request, as a unary request has no stream that would hold it).
-- END feeds the held-back text, answers, and ends the session everywhere (a tombstone).
+- END answers (the reply already covers all the text sent) and ends the session everywhere (a
+  tombstone); so does a decision whose rule says end when decided (lstm_serve_end_when_decided).
 - `seq` (lstm_serve_seq) resends are duplicates, answered with the kept result.
 - While the server drains, a request is refused with UNAVAILABLE and changes nothing: with a
   shared store, the client sends it to another replica, which continues the sequence.
@@ -41,7 +42,7 @@ from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
 from service.engine.text.inputs import quoted
 from service.engine.text.textstream import NOTHING_HELD
-from service.engine.types import StepResult, StreamOptions
+from service.engine.types import DecisionRule, StepResult, StreamOptions
 from service.errors import (
     AlreadyApplied,
     Draining,
@@ -70,6 +71,7 @@ class SequenceRequest:
     start: bool = False
     end: bool = False
     seq: int | None = None  # the client's exactly-once number; None: the next one
+    decide: DecisionRule | None = None  # an early decision rule (kept from the START on)
 
     @property
     def name(self) -> str:
@@ -95,6 +97,7 @@ class SequenceReply:
     total_steps: int
     duplicate: bool
     held_characters: int
+    ended: bool = False  # the session's decision ended it (end_when_decided)
 
 
 class _Lane:
@@ -182,7 +185,7 @@ class Sequences:
             # Decoded before anything changes: a bad START leaves the sequence as it was.
             chunk = source(worker)
             steps, held = layer.decode_for(worker, NOTHING_HELD, chunk, chunk.label, chunk.label)
-            options = StreamOptions(chunk.every_step)
+            options = StreamOptions(chunk.every_step, decide=request.decide)
             session = await engine.open_session(
                 request.model, worker.version, options, session_id=session_id
             )
@@ -190,8 +193,9 @@ class Sequences:
             assert session is not None
             chunk = source(session.model)
             steps, held = layer.decode(session, chunk, chunk.label, chunk.label)
-            if session.options.every_step != chunk.every_step:
-                session.options = StreamOptions(chunk.every_step, session.options.top_k)
+            decide = request.decide or session.options.decide
+            if (session.options.every_step, session.options.decide) != (chunk.every_step, decide):
+                session.options = StreamOptions(chunk.every_step, session.options.top_k, decide)
         seq = request.seq if request.seq is not None else session.last_seq + 1
         outcome = await engine.apply_chunk(session, seq, steps, held)
         if outcome.result is None:
@@ -200,8 +204,9 @@ class Sequences:
                 f"{session.last_seq}); only the last one's result is kept"
             )
         reply = SequenceReply(session.model, outcome.result, seq, outcome.total_steps,
-                              outcome.duplicate, outcome.held_characters)  # fmt: skip
-        return await self._end(session, reply) if request.end else reply
+                              outcome.duplicate, outcome.held_characters,
+                              outcome.ended)  # fmt: skip
+        return await self._end(session, reply) if request.end and not outcome.ended else reply
 
     async def _current(self, request: SequenceRequest, session_id: str) -> Session | None:
         """The sequence's session wherever it is; None if it has none and this is a START."""

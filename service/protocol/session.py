@@ -17,8 +17,8 @@ from service import metrics
 from service.engine.core import Engine
 from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
-from service.engine.text.inputs import tokens_from_stream, tokens_held
-from service.engine.text.textstream import HeldChange, HeldText
+from service.engine.text.inputs import tokens_from_stream
+from service.engine.text.textstream import HeldChange, HeldText, held_change
 from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap, Unavailable
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
@@ -137,8 +137,9 @@ class SessionLayer:
     def decode(
         self, session: Session, source: InputSource, field: str, text_field: str | None = None
     ) -> tuple[np.ndarray, HeldChange | None]:
-        """A chunk's steps; text is tokenized after the session's held text, and what may still
-        change with the next chunk is held back (the change is applied with the chunk)."""
+        """A chunk's steps; text is tokenized after the session's held text: what can no longer
+        change is settled, the rest held (its tail run as a probe, so the reply answers all the
+        text sent), the change applied with the chunk."""
         return self.decode_for(session.model, session.held, source, field, text_field)
 
     def decode_for(
@@ -146,21 +147,28 @@ class SessionLayer:
         text_field: str | None = None,
     ) -> tuple[np.ndarray, HeldChange | None]:  # fmt: skip
         """`decode` for a chunk of `model` after the text `before` (a session about to open:
-        nothing held). Errors name `field`, and text errors `text_field` (field.text)."""
+        nothing). Errors name `field`, and text errors `text_field` (field.text). Token ids,
+        after held text, settle it first (nothing may combine with it any more), and count as
+        known (text after them is not refused)."""
         desc, max_steps = model.description, self.limits.max_chunk_steps
         text = source.text()
         if text is None:
-            return source.decode(desc, max_steps, field), None
+            steps = source.decode(desc, max_steps, field)
+            if desc.tokenizer is None or (before.known and not before.tail):
+                return steps, None  # frames, or nothing held changes
+            tail = np.asarray(before.tail, dtype=steps.dtype)
+            change = HeldChange(before, HeldText(known=True), len(tail))
+            return (np.concatenate([tail, steps]) if len(tail) else steps), change
         label = text_field or f"{field}.text"
         ids, after = tokens_from_stream(desc, before, text, max_steps, label)
-        return ids, HeldChange(before, after)
+        return ids, held_change(before, ids, after)
 
     async def end(self, session: Session, token: object | None = None) -> Ended:
-        """End the session, feeding its held-back text first."""
-        flush = tokens_held(session.model.description, session.held)
-        final = await self.engine.end(session, flush, token)
+        """End the session: its last reply already answered all the text sent (nothing runs,
+        unless that reply did not: Engine.end)."""
+        final, flushed = await self.engine.end(session, token)
         labels, top_k = session.model.description.labels, session.options.top_k
-        return Ended(session.total_steps, session.last_seq, final, len(flush), labels, top_k)
+        return Ended(session.total_steps, session.last_seq, final, flushed, labels, top_k)
 
     async def snapshot(
         self, session: Session, final: bool, token: object | None = None

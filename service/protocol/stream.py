@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from service.engine.session.sessions import Session
 from service.protocol.inbox import DRAIN, EOF, Inbox
-from service.protocol.messages import Ended, Reply, Request, request_bytes
+from service.protocol.messages import ChunkDone, Ended, Reply, Request, request_bytes
 from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error
 
 
@@ -56,8 +56,10 @@ class StreamConversation:
                     self.token,  # type: ignore[arg-type]
                 )
                 yield Reply(self.session.id, body)
-                if isinstance(body, Ended):
-                    return
+                if isinstance(body, Ended) or (
+                    isinstance(body, ChunkDone) and body.outcome is not None and body.outcome.ended
+                ):
+                    return  # ended: by `end`, or by its decision (end_when_decided)
         finally:
             layer.close_inbox(inbox)
             if self.session is not None:

@@ -23,7 +23,7 @@ from service.triton.infer_io import (
 )
 from service.triton.modelconfig import tensor_names
 from service.triton.sequences import SequenceParams
-from service.triton.types import InferRequest, InferResponse, invalid
+from service.triton.types import InferRequest, InferResponse, ParamValue, invalid
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,22 @@ class Inference:
 
         reply = await self.sequences.run(SequenceRequest(
             principal.current(), request.model, version, params.key, params.start, params.end,
-            params.seq,
+            params.seq, params.decide,
         ), source)  # fmt: skip
         worker = reply.model
-        extra = {"lstm_serve_seq": reply.seq, "lstm_serve_total_steps": reply.total_steps,
-                 "lstm_serve_duplicate": reply.duplicate,
-                 "lstm_serve_held_characters": reply.held_characters}  # fmt: skip
+        extra: dict[str, ParamValue] = {
+            "lstm_serve_seq": reply.seq, "lstm_serve_total_steps": reply.total_steps,
+            "lstm_serve_duplicate": reply.duplicate,
+            "lstm_serve_held_characters": reply.held_characters,
+            "lstm_serve_rewound_steps": reply.result.rewound_steps,
+        }  # fmt: skip
+        decision = reply.result.decision
+        if decision is not None:  # the reply in which the sequence's rule first held
+            extra |= {
+                "lstm_serve_decided_label": worker.description.labels[decision.label],
+                "lstm_serve_decided_step": decision.step,
+                "lstm_serve_decided_probability": decision.probability,
+                "lstm_serve_sequence_ended": reply.ended,
+            }  # fmt: skip
         outputs = encode_outputs(wanted, [reply.result], worker.description)
         return InferResponse(worker.name, str(worker.version), request.id, outputs, extra), worker

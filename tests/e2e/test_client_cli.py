@@ -45,6 +45,23 @@ def test_stream_prints_each_prefix_once_when_a_letter_waits(server_process: Serv
     assert prefixes == ["q", "qu", "qui", "quiz"], prefixes
 
 
+def test_stream_decide_at_shows_the_decision_and_stops_when_it_ends_the_session(
+    server_process: ServerProcess,
+) -> None:
+    out = run_client("--address", server_process.address, "stream", "tiny-lstm", "--text",
+                     "streaming", "--decide-at", "0.01,2", "--end-when-decided")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert re.search(
+        r"^decided: class\d at step 2 \(p=0\.\d{3}\); the server ended", out.stdout, re.M
+    )
+    assert [m["prefix"] for m in map(STEP_LINE.match, lines) if m] == ["s", "st"]
+    assert lines[-1] == "ended by its decision after 2 steps"
+    bad = run_client("--address", server_process.address, "stream", "tiny-lstm", "--text", "a",
+                     "--decide-at", "2")  # fmt: skip
+    assert bad.returncode == 2 and "not in (0, 1]" in bad.stderr
+
+
 def test_stream_keep_then_resume_by_id(server_process: ServerProcess) -> None:
     first = run_client(
         "--address", server_process.address, "stream", "tiny-gru", "--text", "ab", "--keep"
@@ -56,10 +73,10 @@ def test_stream_keep_then_resume_by_id(server_process: ServerProcess) -> None:
     )
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines()[-1] == "ended after 4 steps"
-    # "b" was held back when the first run kept the session: the resumed run feeds it first,
-    # shown as "…" (text from before), never as a blank prefix
+    # every reply answers all the text sent so far: the resumed run's lines show the text from
+    # before as "…" (never as a blank prefix), then what this run sent
     prefixes = [m["prefix"] for m in map(STEP_LINE.match, second.stdout.splitlines()) if m]
-    assert prefixes == ["…", "…c", "…cd"], second.stdout
+    assert prefixes == ["…c", "…cd"], second.stdout
 
 
 def test_failover_to_the_second_address(server_process: ServerProcess) -> None:

@@ -198,9 +198,9 @@ def test_lstm_client_resumes_a_kept_session_on_the_second_address_after_sigkill(
     _, step_probs = Reference(tiny_repo).run("tiny-gru", np.array([8, 5, 12, 12, 15]))
     expected = [(f"class{p.argmax()}", f"{p.max():.3f}") for p in step_probs]
     printed = _printed_steps(first.stdout) + _printed_steps(second.stdout)
-    # A letter is held back until the next one (an accent may follow it): each line shows what
-    # was fed; the kept session held "l" over to the second run, which feeds it with its "l".
-    assert [p for p, _, _ in printed] == ["h", "he", "…", "…l", "…lo"]
+    # Each line answers all the text sent so far; the kept session held "l" (an accent may
+    # follow it) over to the second run, which settles it with its own "l".
+    assert [p for p, _, _ in printed] == ["h", "he", "hel", "…l", "…lo"]
     assert [(label, prob) for _, label, prob in printed] == expected
 
 

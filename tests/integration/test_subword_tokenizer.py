@@ -98,16 +98,24 @@ def test_classify_uses_the_tokenizer_json(stub: pb_grpc.LstmServeStub) -> None:
     assert classify(stub, "tiny-bpe", "hello world").length < len("hello world")
 
 
-def test_a_partial_word_waits_for_the_next_chunk(stub: pb_grpc.LstmServeStub) -> None:
-    replies = stream(stub, "tiny-words", ["hel", "lo wor", "ld"])
+def test_a_partial_word_is_held_answered_and_taken_back(stub: pb_grpc.LstmServeStub) -> None:
+    replies = stream(stub, "tiny-words", ["the hel", "lo wor", "ld"])
     first, second, third = (r.chunk for r in replies[1:4])
-    assert (first.steps, first.held_characters) == (0, 3)  # "hel" may be the start of "hello"
-    assert (second.steps, second.held_characters) == (1, 4)  # "hello" fed, " wor" waits
-    assert (third.steps, third.held_characters) == (0, 6)  # " world" may go on
+    # "the" settled, " hel" held and answered as the unknown word it is so far
+    assert (first.steps, first.held_characters, first.total_steps) == (2, 4, 2)
+    # "hel" became "hello" (taken back), " wor" held
+    assert (second.rewound_steps, second.steps, second.held_characters) == (1, 2, 4)
+    # " wor" became " world", still held (it may go on)
+    assert (third.rewound_steps, third.steps, third.held_characters) == (1, 1, 6)
+    for reply, text in zip((first, second, third), ("the hel", "the hello wor", "the hello world"),
+                           strict=True):  # fmt: skip
+        whole = classify(stub, "tiny-words", text)
+        assert reply.total_steps == whole.length
+        np.testing.assert_array_equal(
+            np.float32(reply.probabilities), np.float32(whole.probabilities)
+        )
     ended = replies[-1].ended
-    assert ended.flushed_steps == 1 and ended.total_steps == 2
-    whole = classify(stub, "tiny-words", "hello world")
-    np.testing.assert_array_equal(np.float32(ended.probabilities), np.float32(whole.probabilities))
+    assert ended.flushed_steps == 0 and ended.total_steps == 3
 
 
 TEXTS = st.lists(
@@ -125,16 +133,30 @@ TEXTS = st.lists(
 def test_streamed_text_ends_exactly_as_classify(
     stub: pb_grpc.LstmServeStub, kind: str, text: str, cuts: list[int]
 ) -> None:
+    """After every chunk, the reply is Classify of the text so far (a chunk whose text so far
+    Classify refuses is refused, and the next piece takes its seq)."""
     model = f"tiny-{kind}"
-    try:
-        whole = classify(stub, model, text)
-    except grpc.RpcError as exc:  # nothing known, or no token at all ("   ")
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        return
     points = sorted({c for c in cuts if 0 < c < len(text)})
     pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
-    replies = stream(stub, model, pieces)
-    assert all(not r.chunk.HasField("error") for r in replies[1:-1])
-    ended = replies[-1].ended
-    assert ended.total_steps == whole.length
-    np.testing.assert_array_equal(np.float32(ended.probabilities), np.float32(whole.probabilities))
+    requests = [pb.StreamRequest(open=pb.OpenSession(model=model))]
+    expected: list[pb.SequenceResult | None] = []
+    sent, seq = "", 1
+    for piece in pieces:
+        try:
+            expected.append(classify(stub, model, sent + piece))
+        except grpc.RpcError as exc:  # nothing known, or no token at all ("   ")
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            expected.append(None)
+        chunk = pb.Chunk(seq=seq, input=pb.SequenceInput(text=piece))
+        requests.append(pb.StreamRequest(chunk=chunk))
+        if expected[-1] is not None:
+            sent, seq = sent + piece, seq + 1
+    replies = [r.chunk for r in stub.Stream(iter(requests), timeout=30)][1:]
+    for reply, whole in zip(replies, expected, strict=True):
+        if whole is None:
+            assert reply.error.code == "INVALID_ARGUMENT"
+            continue
+        assert not reply.HasField("error") and reply.total_steps == whole.length
+        np.testing.assert_array_equal(
+            np.float32(reply.probabilities), np.float32(whole.probabilities)
+        )

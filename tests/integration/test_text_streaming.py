@@ -1,10 +1,10 @@
-"""Streaming text == Classify of the whole text, for every way of cutting it, through a server.
+"""Streamed text, case by case: what is held, answered and taken back.
 
 Normalisation and lowercasing look at neighbouring characters (a combining mark composes with
 the letter before it, Hangul jamo compose, a final capital sigma lowercases to "ς"), so the
-server holds back what may still change until the next chunk or the end
-(service/engine/text/textstream.py). These tests cut texts at random places, stream the pieces and
-compare the session's final answer (SessionEnded) with Classify of the whole text.
+server holds what may still change, runs it as if final for the reply and takes it back when
+the next chunk changes it (service/engine/text/textstream.py). The property over random texts
+and cuts, on every path, is tests/integration/test_live_text.py.
 """
 
 from __future__ import annotations
@@ -15,35 +15,13 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
 from lstmserve.client import LstmClient, MultiStream
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from service.engine.text.textstream import MAX_HELD_CHARS
 from tests.integration.conftest import ServerThread, make_config
 
 MODEL = "tiny-lstm"  # vocabulary: a-z and space; everything else is the unknown token
-# Characters whose tokens depend on their neighbours, and plain ones around them.
-TRICKY = (
-    "aeouxq AEΣσςΑ'.?-"  # letters, a capital sigma, case-ignorable and unknown characters
-    "\u0301\u0300\u0308\u0323\u0327\u0316"  # combining marks of several classes
-    "ᄀ\u1161\u11a8가"  # Hangul jamo and a syllable
-    "éǖİﬁ\u0f73"  # precomposed letters, a ligature, a mark that decomposes to two
-)
-TEXTS = st.one_of(
-    st.text(st.sampled_from(TRICKY), min_size=1, max_size=24),
-    st.text(min_size=1, max_size=16),
-)
-PROFILE = settings(
-    max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
-)
-
-
-def pieces(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c for c in cuts if 0 < c < len(text)})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
 
 
 def text_input(text: str) -> pb.SequenceInput:
@@ -82,62 +60,61 @@ def stream(stub: pb_grpc.LstmServeStub, chunks: list[str]) -> list[pb.StreamResp
     return list(stub.Stream(iter(requests), timeout=30))
 
 
-@PROFILE
-@given(text=TEXTS, cuts=st.lists(st.integers(1, 23), max_size=8))
-def test_streamed_text_ends_exactly_as_classify_of_the_whole_text(
-    stub: pb_grpc.LstmServeStub, text: str, cuts: list[int]
-) -> None:
-    whole = classify(stub, text)
-    assume(whole is not None)
-    assert whole is not None
-    replies = stream(stub, pieces(text, cuts))
-    chunks, ended = [r.chunk for r in replies[1:-1]], replies[-1].ended
-    assert all(not c.HasField("error") for c in chunks), [c.error.message for c in chunks]
-    assert all(c.held_characters <= MAX_HELD_CHARS + len(text) for c in chunks)
-    assert ended.total_steps == whole.length
-    assert ended.total_steps == sum(c.steps for c in chunks) + ended.flushed_steps
-    np.testing.assert_array_equal(np.float32(ended.probabilities), np.float32(whole.probabilities))
-
-
-@PROFILE
-@given(text=st.text(st.sampled_from(TRICKY), min_size=2, max_size=24), cut=st.integers(1, 23))
-def test_every_reply_is_classify_of_what_was_fed(
-    stub: pb_grpc.LstmServeStub, text: str, cut: int
-) -> None:
-    """A reply's probabilities are Classify's after the same steps: what was held is not in it."""
-    first, rest = text[: min(cut, len(text) - 1)], text[min(cut, len(text) - 1) :]
-    replies = stream(stub, [first, rest])
-    reply = replies[1].chunk
-    assume(reply.steps > 0)
-    whole = classify(stub, text, steps=True)
-    assume(whole is not None)
-    assert whole is not None
-    after = whole.steps[reply.total_steps - 1].values
-    np.testing.assert_array_equal(np.float32(reply.probabilities), np.float32(after))
-
-
 def test_a_combining_mark_in_the_next_chunk_composes_with_the_held_letter(
     stub: pb_grpc.LstmServeStub,
 ) -> None:
-    """ "e" then U+0301: one unknown token ("é"), as Classify("é") — not "e" and a mark."""
+    """ "e" then U+0301: one unknown token ("é"), as Classify("é") — not "e" and a mark. The
+    first reply ran the held "e" as if final; the second takes that step back."""
     replies = stream(stub, ["cafe", "\u0301 ok"])
     first, second, ended = replies[1].chunk, replies[2].chunk, replies[3].ended
-    assert first.steps == 3 and first.held_characters == 1  # "caf" fed, "e" waits
-    assert second.steps == 3 and second.held_characters == 1  # "é o" fed, "k" waits
-    whole = classify(stub, "cafe\u0301 ok")
-    assert whole is not None and ended.total_steps == whole.length == 7
-    np.testing.assert_array_equal(np.float32(ended.probabilities), np.float32(whole.probabilities))
+    assert (first.steps, first.held_characters, first.total_steps) == (4, 1, 4)  # "e" held
+    assert (second.rewound_steps, second.steps, second.total_steps) == (1, 4, 7)  # "é ok"
+    assert second.held_characters == 1  # "k"
+    for reply, text in ((first, "cafe"), (second, "cafe\u0301 ok")):
+        whole = classify(stub, text)
+        assert whole is not None and reply.total_steps == whole.length
+        np.testing.assert_array_equal(
+            np.float32(reply.probabilities), np.float32(whole.probabilities)
+        )
+    assert ended.total_steps == 7 and ended.flushed_steps == 0
+    np.testing.assert_array_equal(np.float32(ended.probabilities), np.float32(second.probabilities))
 
 
-def test_a_chunk_that_all_waits_feeds_no_step_and_keeps_the_probabilities(
+def test_a_held_letter_is_answered_at_once_and_not_taken_back_when_it_settles(
     stub: pb_grpc.LstmServeStub,
 ) -> None:
     replies = stream(stub, ["a", "b", "c "])
     first, second, third = (r.chunk for r in replies[1:4])
-    assert (first.steps, first.held_characters, len(first.probabilities)) == (0, 1, 0)
-    assert (second.steps, second.held_characters) == (1, 1)  # "a" fed, "b" waits
-    assert (third.steps, third.held_characters, third.total_steps) == (3, 0, 4)
+    assert (first.steps, first.held_characters, first.total_steps) == (1, 1, 1)
+    assert len(first.probabilities) == 3  # "a" answered although it may still change
+    assert (second.steps, second.rewound_steps, second.held_characters) == (1, 0, 1)
+    assert (third.steps, third.rewound_steps, third.held_characters, third.total_steps) == (
+        2,
+        0,
+        0,
+        4,
+    )
     assert replies[-1].ended.flushed_steps == 0
+
+
+def test_text_with_no_known_character_is_refused_until_the_session_has_one(
+    stub: pb_grpc.LstmServeStub,
+) -> None:
+    """As Classify refuses it: in-band, naming the field, not applied (its seq is used next);
+    after known text, a chunk of unknowns is taken (Classify takes "ab☃")."""
+    requests = [pb.StreamRequest(open=pb.OpenSession(model=MODEL))]
+    for seq, piece in ((1, "☃"), (1, "שלום"), (1, "ab"), (2, "☃")):
+        requests.append(pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=text_input(piece))))
+    replies = [r.chunk for r in stub.Stream(iter(requests), timeout=30)][1:]
+    for refused in replies[:2]:
+        assert refused.error.code == "INVALID_ARGUMENT" and refused.total_steps == 0
+        assert "chunk.input.text" in refused.error.message and "vocabulary" in refused.error.message
+    assert not replies[2].HasField("error") and not replies[3].HasField("error")
+    whole = classify(stub, "ab☃")
+    assert whole is not None and replies[3].total_steps == whole.length == 3
+    np.testing.assert_array_equal(
+        np.float32(replies[3].probabilities), np.float32(whole.probabilities)
+    )
 
 
 def test_held_text_survives_a_snapshot_restored_elsewhere(tiny_repo: object) -> None:
@@ -167,23 +144,35 @@ def test_held_text_survives_a_snapshot_restored_elsewhere(tiny_repo: object) -> 
     np.testing.assert_array_equal(np.float32(ended.probabilities), np.float32(whole.probabilities))
 
 
-def test_stream_multi_holds_back_text_per_session(server: ServerThread) -> None:
-    async def main() -> tuple[list[pb.SessionResult], list[pb.SequenceResult]]:
+def test_stream_multi_answers_held_text_per_session(server: ServerThread) -> None:
+    async def main() -> tuple[
+        list[pb.SessionResult], list[pb.SessionResult], list[pb.SequenceResult]
+    ]:
         async with LstmClient(server.address) as client:
             multi = client.multi_stream()
             ids = [r.session_id for r in await multi.exchange([MultiStream.open(MODEL)] * 2)]
             first = await multi.exchange(
                 [MultiStream.chunk(s, 1, c) for s, c in zip(ids, "eq", strict=True)]
             )
-            assert [r.chunk.steps for r in first] == [0, 1]  # "e" waits; "q" composes with nothing
-            await multi.exchange([MultiStream.chunk(s, 2, "\u0301t") for s in ids])
-            ended = await multi.exchange([MultiStream.end(s) for s in ids])
+            second = await multi.exchange([MultiStream.chunk(s, 2, "\u0301t") for s in ids])
+            await multi.exchange([MultiStream.end(s) for s in ids])
             await multi.close()
-            whole = (await client.classify(MODEL, ["e\u0301t", "q\u0301t"])).results
-            return ended, list(whole)
+            whole = (await client.classify(MODEL, ["e", "q", "e\u0301t", "q\u0301t"])).results
+            return first, second, list(whole)
 
-    results, whole = asyncio.run(main())
-    ended = [r.ended for r in results]
-    for e, w in zip(ended, whole, strict=True):
-        assert e.total_steps == w.length
-        np.testing.assert_array_equal(np.float32(e.probabilities), np.float32(w.probabilities))
+    first, second, whole = asyncio.run(main())
+    assert [r.chunk.held_characters for r in first] == [1, 0]  # "e" held; "q" composes with nothing
+    assert [r.chunk.rewound_steps for r in second] == [1, 0]  # "e" became "é"
+    for reply, w in zip([*first, *second], whole, strict=True):
+        assert reply.chunk.total_steps == w.length
+        np.testing.assert_array_equal(
+            np.float32(reply.chunk.probabilities), np.float32(w.probabilities)
+        )
+
+
+def test_a_resend_replays_the_reply_with_the_held_letter_in_it(stub: pb_grpc.LstmServeStub) -> None:
+    chunk = pb.StreamRequest(chunk=pb.Chunk(seq=1, input=text_input("cafe")))
+    requests = [pb.StreamRequest(open=pb.OpenSession(model=MODEL)), chunk, chunk]
+    first, again = (r.chunk for r in list(stub.Stream(iter(requests), timeout=30))[1:])
+    assert again.duplicate and (again.total_steps, again.held_characters) == (4, 1)
+    assert list(again.probabilities) == list(first.probabilities)  # "cafe", the "e" included

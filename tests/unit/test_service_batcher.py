@@ -280,3 +280,71 @@ def test_a_dispatch_bug_fails_the_queued_chunks_instead_of_hanging(tiny_repo: Pa
 
     asyncio.run(main())
     engine.close()
+
+
+def test_text_chunks_share_a_settled_run_then_a_probe_run(tiny_repo: Path) -> None:
+    """Streamed text of many sessions in one batch: one run of every settled part, then one
+    run of every held tail from those states (not kept); each reply, every step of it too, is
+    Classify of that session's text so far, and each state row holds only the settled steps."""
+    from service.engine.text.inputs import tokens_from_stream
+    from service.engine.text.textstream import held_change
+
+    engine = make_engine(tiny_repo)
+    runtime = engine.registry.get("tiny-lstm").runtime
+    calls: list[list[int]] = []
+    inner = runtime.run
+
+    def run(inputs: np.ndarray, lengths: np.ndarray, *more: Any) -> RunOutput:
+        calls.append(lengths.tolist())
+        return inner(inputs, lengths, *more)
+
+    runtime.run = run  # type: ignore[method-assign]
+    texts = ["hello wor", "abc", "ab ", "e"]  # longest first: one batch (pending.py)
+
+    async def main() -> None:
+        options = StreamOptions(every_step=True)
+        sessions = [await engine.open_session("tiny-lstm", 0, options) for _ in texts]
+        work = []
+        for session, text in zip(sessions, texts, strict=True):
+            desc = session.model.description
+            ids, after = tokens_from_stream(desc, session.held, text, 64, "text")
+            work.append(ChunkWork(session, 1, ids, held_change(session.held, ids, after)))
+        calls.clear()
+        outcomes = await engine.apply_chunks(work)
+        assert calls == [[8, 2, 3], [1, 1, 1]]  # the settled parts, then the held tails
+        tokenizer = sessions[0].model.description.tokenizer
+        assert tokenizer is not None
+        wholes = await engine.classify(
+            sessions[0].model, [np.array(tokenizer.encode(t)) for t in texts], True
+        )
+        for session, outcome, whole in zip(sessions, outcomes, wholes, strict=True):
+            assert isinstance(outcome, ChunkOutcome) and outcome.result is not None
+            np.testing.assert_allclose(outcome.result.probs, whole.probs, atol=1e-6)
+            np.testing.assert_allclose(outcome.result.step_probs, whole.step_probs, atol=1e-6)
+            assert session.settled_steps == len(whole.step_probs) - len(session.held.tail)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def test_a_model_without_lengths_batches_text_chunks_of_equal_settled_and_held_steps() -> None:
+    """Both runs of a batch must have one length each: chunks of 2 settled + 1 held steps do
+    not share a batch with chunks of 1 + 2 or 3 + 0, however old."""
+    from types import SimpleNamespace
+
+    from service.engine.schedule.batcher import InflightCounter
+    from service.engine.schedule.pending import Pending, PendingChunks
+    from service.engine.text.textstream import NOTHING_HELD, HeldChange, HeldText
+
+    async def main() -> list[list[tuple[int, int]]]:
+        queue = PendingChunks(BatchPolicy(), InflightCounter(), equal_lengths=True)
+        loop = asyncio.get_running_loop()
+        for settled, held in ((2, 1), (1, 2), (2, 1), (3, 0), (2, 1)):
+            change = HeldChange(NOTHING_HELD, HeldText("x", tail=(1,) * held)) if held else None
+            session = SimpleNamespace(closed=None)
+            queue.add(Pending(session, 1, tokens(*[1] * settled), loop.create_future(), change))  # type: ignore[arg-type]
+        return [[item.key for item in queue.take()] for _ in range(3)]
+
+    assert asyncio.run(main()) == [[(2, 1)] * 3, [(1, 2)], [(3, 0)]]

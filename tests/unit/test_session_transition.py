@@ -19,7 +19,7 @@ from service.engine.continuity.snapshots import SnapshotKeys
 from service.engine.core import Engine
 from service.engine.session.sessions import Checkpoint, Session
 from service.engine.text.inputs import tokens_from_stream
-from service.engine.text.textstream import HeldChange
+from service.engine.text.textstream import HeldChange, HeldText, held_change
 from service.engine.types import ChunkOutcome, ChunkWork, StreamOptions
 from service.errors import LstmServeError, SequenceGap, SessionMoved, Unavailable
 from tests.unit.engines import load_engine
@@ -43,7 +43,7 @@ def text(session: Session, piece: str) -> tuple[np.ndarray, HeldChange]:
     """A text chunk decoded against the session's held text, as the session layer does."""
     before = session.held
     ids, after = tokens_from_stream(session.model.description, before, piece, 64, "text")
-    return ids, HeldChange(before, after)
+    return ids, held_change(before, ids, after)
 
 
 async def open_session(engine: Engine) -> Session:
@@ -81,7 +81,7 @@ def test_the_batcher_applies_the_held_text_with_the_result(engine: Engine) -> No
         session = await open_session(engine)
         ids, change = text(session, "abc")
         assert len(ids) and change.after != session.held
-        future = session.model.submit(session, 1, ids, change.after)
+        future = session.model.submit(session, 1, ids, change)
         seen: list[Any] = []
         future.add_done_callback(lambda _: seen.append((session.last_seq, session.held)))
         await future
@@ -90,19 +90,28 @@ def test_the_batcher_applies_the_held_text_with_the_result(engine: Engine) -> No
     asyncio.run(main())
 
 
-def test_text_that_all_waits_advances_the_seq_without_a_step(engine: Engine) -> None:
+def test_held_text_is_answered_by_a_probe_whose_state_is_not_kept(engine: Engine) -> None:
     async def main() -> None:
         session = await open_session(engine)
-        first = await engine.apply_chunk(session, 1, tokens(1, 2))
+        await engine.apply_chunk(
+            session, 1, tokens(1, 2), HeldChange(session.held, HeldText(known=True))
+        )
         state = session.read_state()
-        ids, change = text(session, "e")  # may still take a combining mark: held back
-        assert not len(ids)
-        waits = await engine.apply_chunk(session, 2, ids, change)
-        assert (waits.seq, waits.total_steps, waits.held_characters) == (2, 2, 1)
-        assert waits.result is not None and waits.result.steps == 0
-        np.testing.assert_array_equal(waits.result.probs, first.result.probs)  # type: ignore[union-attr]
-        np.testing.assert_array_equal(session.read_state(), state)
+        ids, change = text(session, "e")  # may still take a combining mark: held
+        assert not len(ids) and change.after.tail
+        held = await engine.apply_chunk(session, 2, ids, change)
+        assert (held.seq, held.total_steps, held.held_characters) == (2, 3, 1)
+        assert held.result is not None and held.result.steps == 1
+        [whole] = await engine.classify(session.model, [tokens(1, 2, *change.after.tail)], True)
+        np.testing.assert_array_equal(held.result.probs, whole.probs)
+        np.testing.assert_array_equal(held.result.step_probs, whole.step_probs[-1:])  # type: ignore[index]
+        np.testing.assert_array_equal(session.read_state(), state)  # still the settled state
         assert session.held == change.after and session.last_seq == 2
+        assert session.settled_steps == 2 and session.total_steps == 3
+        ids, change = text(session, "\u0301")  # "é": the probe's step is taken back
+        again = await engine.apply_chunk(session, 3, ids, change)
+        assert again.result is not None
+        assert (again.result.rewound_steps, again.result.steps, again.total_steps) == (1, 1, 3)
 
     asyncio.run(main())
 
@@ -207,7 +216,7 @@ def test_apply_chunks_gives_the_outcomes_apply_chunk_gives(tiny_repo: Path) -> N
     assert alone == together
     assert alone[1][1] and alone[1][4] is not None  # the resend of the last: its result
     assert alone[2] == SequenceGap.__name__
-    assert alone[4][3] == 1 and alone[4][4][1] == 0  # "e" waits: no step
+    assert alone[4][3] == 1 and alone[4][4][1] == 1  # "e" held, answered by a probe
     assert alone[6][1] and alone[6][4] is None  # an older resend: no result
 
 
@@ -232,9 +241,11 @@ def test_text_decoded_against_changed_held_text_is_refused_both_ways(engine: Eng
 
 
 def test_only_the_session_writes_its_progress() -> None:
-    """Nobody outside Session assigns last_seq, total_steps, held or last_result (the codec,
+    """Nobody outside Session assigns last_seq, settled_steps, held or last_result (the codec,
     which sets protobuf fields of the same names, aside)."""
-    assign = re.compile(r"\b(?!self\b)\w+\.(last_seq|total_steps|held|last_result)\s*(=|\+=)[^=]")
+    assign = re.compile(
+        r"\b(?!self\b)\w+\.(last_seq|total_steps|settled_steps|held|last_result)\s*(=|\+=)[^=]"
+    )
     found = []
     for path in SERVICE.rglob("*.py"):
         if path.name == "codec.py":

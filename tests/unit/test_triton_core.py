@@ -290,18 +290,21 @@ def test_streamed_text_is_fed_as_classify_feeds_the_whole_text(core: TritonCore)
     replies = run(go())
     first = replies[0]
     assert first.parameters["lstm_serve_held_characters"] == 1  # "c" may still change
-    np.testing.assert_array_equal(output(first, "probs"), np.zeros((1, 3), np.float32))
-    assert output(first, "step_probs").shape == (1, 0, 3)
     worker = core.engine.classify_model("tiny-lstm", 0)
     tokenizer = worker.description.tokenizer
     assert tokenizer is not None
+    held_c = classify(core, "tiny-lstm", [np.array(tokenizer.encode("c"))])
+    np.testing.assert_allclose(output(first, "probs"), held_c, rtol=1e-5, atol=1e-6)
+    assert output(first, "step_probs").shape == (1, 1, 3)
+    rewound = [r.parameters["lstm_serve_rewound_steps"] for r in replies]
+    assert rewound == [0, 0, 1, 0]  # "e" became "é"
     ids = np.array(tokenizer.encode("cafe\u0301 noir"))
     last = replies[-1]
     assert last.parameters["lstm_serve_total_steps"] == len(ids) == 9
     np.testing.assert_allclose(output(last, "probs"), classify(core, "tiny-lstm", [ids]),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     fed = sum(output(r, "step_probs").shape[1] for r in replies)
-    assert fed == len(ids)  # every step answered once, the held-back one with the END
+    assert fed == len(ids) + sum(rewound)  # every step answered, the rewound one twice
 
 
 DATATYPES = ["INT64", "FP32", "BYTES", "INT32", "FP16", "BOOL", "NOPE", ""]

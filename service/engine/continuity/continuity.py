@@ -30,10 +30,12 @@ from service.engine.continuity.snapshots import (
 )
 from service.engine.model.registry import ModelRegistry
 from service.engine.session.sessions import Checkpoint, Session, SessionStore, new_generation
-from service.engine.text.textstream import HeldText
+from service.engine.text.inputs import held_text
 from service.engine.types import (
     NO_METRICS,
     UNKNOWN_MODEL,
+    Decision,
+    DecisionRule,
     EngineMetrics,
     StepResult,
     StreamOptions,
@@ -62,10 +64,32 @@ def _last_result_fields(result: StepResult | None) -> dict[str, Any]:
     not the probabilities (logits: a Triton resend gets them back, not their softmax)."""
     if result is None:
         return {}
-    fields = {"last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps}
+    fields = {
+        "last_probs": tuple(float(p) for p in result.probs), "last_steps": result.steps,
+        "last_total_steps": result.total_steps, "last_rewound": result.rewound_steps,
+        "last_decided": result.decision is not None,
+    }  # fmt: skip
     if result.kind != KIND_PROBS:
         fields["last_values"] = tuple(float(v) for v in result.values)
     return fields
+
+
+def _decision_fields(session: Session) -> dict[str, Any]:
+    """The session's decision rule, its run and its decision, as a snapshot records them."""
+    rule, decision = session.options.decide, session.decision
+    fields: dict[str, Any] = {"run": session.run}
+    if rule is not None:
+        fields["decide"] = (rule.probability, rule.margin, rule.steps, rule.end_when_decided)
+    if decision is not None:
+        fields["decided"] = (decision.label, decision.probability, decision.step)
+    return fields
+
+
+def _snapshot_rule(snap: SessionSnapshot) -> DecisionRule | None:
+    probability, margin, steps, end = snap.decide
+    if probability <= 0 and margin <= 0:
+        return None
+    return DecisionRule(probability, margin, steps, end)
 
 
 class SessionContinuity:
@@ -103,12 +127,13 @@ class SessionContinuity:
         """The session as of its last applied message, signed. Call with its lock held."""
         snap = SessionSnapshot(
             session_id=session.id, model=session.model.name, version=session.model.version,
-            state=session.read_state(), total_steps=session.total_steps,
+            state=session.read_state(), total_steps=session.settled_steps,
             last_seq=session.last_seq, created_at=time.time(),
             every_step=session.options.every_step, top_k=session.options.top_k,
             held_text=session.held.text, held_cased=session.held.cased,
+            held_known=session.held.known,
             owner=session.owner, generation=session.generation,
-            **_last_result_fields(session.last_result),
+            **_last_result_fields(session.last_result), **_decision_fields(session),
         )  # fmt: skip
         return encode_snapshot(snap, self._keys())
 
@@ -159,7 +184,8 @@ class SessionContinuity:
         if (local is not None and local.last_seq >= snap.last_seq and local.model is model
                 and local.generation == generation):  # fmt: skip
             return local
-        kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes))
+        kept = StreamOptions(every_step=snap.every_step, top_k=min(snap.top_k, desc.num_classes),
+                             decide=_snapshot_rule(snap))  # fmt: skip
         session = self.store.adopt(model, options or kept, snap.session_id, snap.owner, generation)
         take_progress(session, snap)
         return session
@@ -338,16 +364,24 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
 
 def take_progress(session: Session, snap: SessionSnapshot) -> None:
     """The snapshot's state and progress into `session` (its model's)."""
-    last = None
     desc = session.model.description
-    if snap.last_steps and len(snap.last_values) == desc.num_classes:
+    label, probability, step = snap.decided
+    decision = Decision(label, probability, step) if 0 <= label < desc.num_classes else None
+    last = None
+    if len(snap.last_values) == desc.num_classes:
         values = np.array(snap.last_values, dtype=np.float32)  # (C,) as the model computed them
-        last = StepResult(values, None, snap.last_steps, snap.total_steps, desc.output_kind)
-    elif snap.last_steps and len(snap.last_probs) == desc.num_classes:
-        probs = np.array(snap.last_probs, dtype=np.float32)  # (C,)
-        last = StepResult(probs, None, snap.last_steps, snap.total_steps)
-    held = HeldText(snap.held_text, snap.held_cased)
-    session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last))
+    elif len(snap.last_probs) == desc.num_classes:
+        values = np.array(snap.last_probs, dtype=np.float32)  # (C,): probabilities
+    else:
+        values = None
+    if values is not None:
+        kind = desc.output_kind if len(snap.last_values) == desc.num_classes else KIND_PROBS
+        covered = snap.last_total_steps if snap.last_total_steps >= 0 else snap.total_steps
+        decided = decision if snap.last_decided else None
+        last = StepResult(values, None, snap.last_steps, covered, kind, snap.last_rewound, decided)
+    held = held_text(desc, snap.held_text, snap.held_cased, snap.held_known)  # with its tail
+    session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last,
+                               snap.run, decision))  # fmt: skip
 
 
 async def settle(c: SessionContinuity, session: Session) -> None:

@@ -44,18 +44,30 @@ class SessionSnapshot:
     total_steps: int
     last_seq: int
     created_at: float = 0.0
-    # The last applied chunk's probabilities after its last step, and its steps (0 = none).
+    # The last applied chunk's reply: probabilities after its last step (none: no reply yet),
+    # its steps, the steps it covered (-1: not recorded, a server whose replies did not run the
+    # held text's tail) and the steps it took back.
     last_probs: tuple[float, ...] = ()
     last_steps: int = 0
     # The same outputs as the model computed them, where they are not probabilities (logits).
     last_values: tuple[float, ...] = ()
+    last_total_steps: int = -1
+    last_rewound: int = 0
+    last_decided: bool = False  # the last reply took the session's decision
     # The session's reply options, so a session continued elsewhere answers as it did here.
     every_step: bool = False
     top_k: int = 1
     # Streamed text held back (it may still combine with the next chunk), and whether the text
-    # fed before it ended in a cased letter (service/engine/text/textstream.py).
+    # settled before it ended in a cased letter (service/engine/text/textstream.py).
+    # `total_steps` counts the settled steps (those in `state`), not the held text's tail.
     held_text: str = ""
     held_cased: bool = False
+    held_known: bool = False  # the settled text has a known token (older: any step settled)
+    # Its decision rule (DecisionRule's fields; probability and margin 0: none), the rule's run
+    # at the settled point and the decision once taken (-1: none).
+    decide: tuple[float, float, int, bool] = (0.0, 0.0, 1, False)
+    run: tuple[int, int] = (-1, 0)
+    decided: tuple[int, float, int] = (-1, 0.0, 0)  # label, probability, step
     # Who owns the session (service/principal.py) and which incarnation this copy is.
     owner: str = "anonymous"
     generation: str = ""
@@ -142,10 +154,17 @@ def encode_snapshot(snap: SessionSnapshot, keys: SnapshotKeys) -> bytes:
             "last_probs": list(snap.last_probs),
             "last_steps": snap.last_steps,
             **({"last_values": list(snap.last_values)} if snap.last_values else {}),
+            "last_total_steps": snap.last_total_steps,
+            "last_rewound": snap.last_rewound,
+            "last_decided": snap.last_decided,
             "every_step": snap.every_step,
             "top_k": snap.top_k,
             "held_text": snap.held_text,
             "held_cased": snap.held_cased,
+            "held_known": snap.held_known,
+            "decide": list(snap.decide),
+            "run": list(snap.run),
+            "decided": list(snap.decided),
             "owner": snap.owner,
             "generation": snap.generation,
         },
@@ -173,6 +192,16 @@ def _split(blob: bytes) -> tuple[str, bytes, bytes, bytes]:
     if len(header) != header_len:
         raise SnapshotInvalid("snapshot: truncated header")
     return key_id, header, body[pos + 4 + header_len :], body + mac
+
+
+def _decide(value: list) -> tuple[float, float, int, bool]:
+    probability, margin, steps, end = value
+    return float(probability), float(margin), int(steps), bool(end)
+
+
+def _decided(value: list) -> tuple[int, float, int]:
+    label, probability, step = value
+    return int(label), float(probability), int(step)
 
 
 def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
@@ -204,10 +233,17 @@ def decode_snapshot(blob: bytes, keys: SnapshotKeys) -> SessionSnapshot:
             last_probs=tuple(float(p) for p in meta.get("last_probs", ())),
             last_steps=int(meta.get("last_steps", 0)),
             last_values=tuple(float(v) for v in meta.get("last_values", ())),
+            last_total_steps=int(meta.get("last_total_steps", -1)),
+            last_rewound=int(meta.get("last_rewound", 0)),
+            last_decided=bool(meta.get("last_decided", False)),
             every_step=bool(meta.get("every_step", False)),
             top_k=max(1, int(meta.get("top_k", 1))),
             held_text=str(meta.get("held_text", "")),
             held_cased=bool(meta.get("held_cased", False)),
+            held_known=bool(meta.get("held_known", int(meta["total_steps"]) > 0)),
+            decide=_decide(meta.get("decide", (0.0, 0.0, 1, False))),
+            run=(int(meta.get("run", (-1, 0))[0]), int(meta.get("run", (-1, 0))[1])),
+            decided=_decided(meta.get("decided", (-1, 0.0, 0))),
             owner=str(meta.get("owner", "anonymous")),
             generation=str(meta.get("generation", "")),
         )

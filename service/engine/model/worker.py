@@ -27,7 +27,7 @@ from service.engine.schedule.batcher import ComputeLanes, SequenceBatcher
 from service.engine.schedule.classify import ClassifyLane
 from service.engine.session.sessions import Session
 from service.engine.text.subwords import with_tokenizer_file
-from service.engine.text.textstream import HeldText
+from service.engine.text.textstream import HeldChange
 from service.engine.types import (
     NO_METRICS,
     BatchPolicy,
@@ -103,11 +103,11 @@ class ModelWorker:
             self.on_drained(self)
 
     def submit(
-        self, session: Session, seq: int, chunk: np.ndarray, held: HeldText | None = None
+        self, session: Session, seq: int, chunk: np.ndarray, change: HeldChange | None = None
     ) -> asyncio.Future[StepResult]:
-        """Queue one chunk of a session of this version (its lock held by the caller); `held`:
-        the held text after it, applied with its result (None: not text)."""
-        return self.batcher.submit(session, seq, chunk, held)
+        """Queue one chunk of a session of this version (its lock held by the caller); `change`:
+        streamed text's change to the held text, applied with its result (None: not text)."""
+        return self.batcher.submit(session, seq, chunk, change)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

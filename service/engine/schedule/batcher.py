@@ -41,7 +41,7 @@ from service.engine.compute.runtime import ModelRuntime, RunOutput
 from service.engine.compute.state import StateStore
 from service.engine.schedule.pending import Pending, PendingChunks, bucket_of
 from service.engine.session.sessions import Session
-from service.engine.text.textstream import HeldText
+from service.engine.text.textstream import HeldChange
 from service.engine.types import NO_METRICS, BatchPolicy, EngineMetrics, StepResult
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
@@ -100,6 +100,68 @@ def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return batch, np.array(steps, dtype=np.int64)  # lengths (B,)
 
 
+def run_with_probes(
+    runtime: ModelRuntime, state: np.ndarray, chunks: list[np.ndarray],
+    tails: list[np.ndarray | None], ids: list[str], steps: bool,
+) -> RunOutput:  # fmt: skip
+    """Two model calls: each row's settled steps from its state (B, S, H), this run's own copy,
+    which then holds the settled states; then the probe rows' tails from those states (their
+    states dropped). Per row: the probabilities after its last step (its probe's, if any), its
+    settled steps' then its probe's per-step probabilities (B, Tmax, C), its settled state."""
+    if len(chunks) == 1:
+        return _run_one_with_probe(runtime, state, chunks[0], tails[0], ids, steps)
+    settled = [b for b, chunk in enumerate(chunks) if chunk.shape[0]]
+    probed = [b for b, tail in enumerate(tails) if tail is not None]
+    runs = []
+    for rows, parts in ((settled, chunks), (probed, tails)):
+        if not rows:
+            continue
+        inputs, lengths = pad_chunks([parts[b] for b in rows])  # type: ignore[misc]
+        whole = len(rows) == len(chunks)
+        out = runtime.run(inputs, lengths, state if whole else state[rows],
+                          inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS,
+                          [ids[b] for b in rows], steps)  # fmt: skip
+        if parts is chunks:
+            state[rows] = out.state_out  # the settled states, for the probes and the commit
+        runs.append((rows, parts, out))
+    probs = np.empty((len(chunks), runs[0][2].probs.shape[1]), dtype=np.float32)  # (B, C)
+    for rows, _, out in runs:
+        probs[rows] = out.probs  # the probe's after the settled run's
+    if not steps:
+        return RunOutput(None, probs, state)
+    pairs = zip(chunks, tails, strict=True)
+    width = max(c.shape[0] + (0 if t is None else len(t)) for c, t in pairs)
+    every = np.zeros((len(chunks), width, probs.shape[1]), dtype=np.float32)  # (B, Tmax, C)
+    for rows, parts, out in runs:
+        assert out.step_probs is not None
+        for i, b in enumerate(rows):
+            start = 0 if parts is chunks else chunks[b].shape[0]
+            n = parts[b].shape[0]  # type: ignore[union-attr]
+            every[b, start : start + n] = out.step_probs[i, :n]
+    return RunOutput(every, probs, state)
+
+
+def _run_one_with_probe(
+    runtime: ModelRuntime, state: np.ndarray, chunk: np.ndarray, tail: np.ndarray | None,
+    ids: list[str], steps: bool,
+) -> RunOutput:  # fmt: skip
+    """`run_with_probes` for a batch of one row (a lone client's): no index lists."""
+    first = None
+    if n := chunk.shape[0]:
+        lengths = np.array([n], dtype=np.int64)
+        first = runtime.run(chunk[np.newaxis], lengths, state, n >= SHRINK_ROW_STEPS, ids, steps)
+        state = first.state_out  # (1, S, H)
+    if tail is None:
+        assert first is not None
+        return first
+    lengths = np.array([tail.shape[0]], dtype=np.int64)
+    probe = runtime.run(tail[np.newaxis], lengths, state, False, ids, steps)
+    every = probe.step_probs
+    if first is not None and every is not None and first.step_probs is not None:
+        every = np.concatenate([first.step_probs, every], axis=1)  # (1, S + T', C)
+    return RunOutput(every, probe.probs, state)
+
+
 class SequenceBatcher:
     """Pending chunks of one model version's sessions -> batched runs on the executor."""
 
@@ -132,14 +194,15 @@ class SequenceBatcher:
         return len(self._queue)
 
     def submit(
-        self, session: Session, seq: int, chunk: np.ndarray, held: HeldText | None = None
+        self, session: Session, seq: int, chunk: np.ndarray, change: HeldChange | None = None
     ) -> asyncio.Future[StepResult]:
-        """Queue one validated chunk (>= 1 step) of a session that has no other chunk pending;
-        `held`: the held text after it, applied with its result (None: not text)."""
-        if chunk.shape[0] < 1:
-            raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
+        """Queue one validated chunk of a session that has no other chunk pending: the steps
+        it settles and (`change`: streamed text's change to the held text, applied with its
+        result; None: not text) the held text's tail, run after them as a probe; >= 1 step."""
         loop = asyncio.get_running_loop()
-        item = Pending(session, seq, chunk, loop.create_future(), held)
+        item = Pending(session, seq, chunk, loop.create_future(), change)
+        if item.steps < 1:
+            raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
         self._queue.add(item)
         self._inflight.enter()
         if not self._scheduled:
@@ -203,17 +266,20 @@ class SequenceBatcher:
         state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
-        steps = any(item.session.options.every_step for item in batch)  # fetched if asked for
+        steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
+        held = any(item.tail is not None for item in batch)  # streamed text held: probes
+        tails = [item.tail for item in batch] if held else None
         loop = asyncio.get_running_loop()
         if self._inline(batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
             try:
-                done.set_result(self._run(state, chunks, ids, steps))
+                done.set_result(self._run(state, chunks, ids, steps, tails))
             except Exception as exc:
                 done.set_exception(exc)
             self._finish(batch, done, dispatch=False)  # the caller's _dispatch loop goes on
             return
-        future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps)
+        future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps,
+                                      tails)  # fmt: skip
         future.add_done_callback(lambda f: self._finish(batch, f))
 
     def _inline(self, batch: list[Pending]) -> bool:
@@ -223,13 +289,16 @@ class SequenceBatcher:
             return False
         return len(batch) * max(item.steps for item in batch) <= limit
 
-    def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str],
-             steps: bool) -> tuple[RunOutput, float]:  # fmt: skip
-        """On a worker thread: pad chunks, one model call; (out, seconds)."""
+    def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str], steps: bool,
+             tails: list[np.ndarray | None] | None = None) -> tuple[RunOutput, float]:  # fmt: skip
+        """On a worker thread: pad chunks, one model call (two with probes); (out, seconds)."""
         started = time.perf_counter()
-        inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
-        shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
-        out = self.runtime.run(inputs, lengths, state, shrink, ids, steps)
+        if tails is not None:
+            out = run_with_probes(self.runtime, state, chunks, tails, ids, steps)
+        else:
+            inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
+            shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
+            out = self.runtime.run(inputs, lengths, state, shrink, ids, steps)
         seconds = time.perf_counter() - started
         self._m_compute.observe(seconds)
         return out, seconds
@@ -270,9 +339,10 @@ class SequenceBatcher:
         for b in keep:
             item = batch[b]
             session = item.session
-            wanted = session.options.every_step and step_probs is not None
-            every = step_probs[b, : item.steps] if wanted else None
-            item.future.set_result(session.apply(item.seq, item.held, item.steps, probs[b], every))
+            wanted = step_probs is not None and session.options.step_rows
+            rows = step_probs[b, : item.steps] if wanted else None  # type: ignore[index]
+            result = session.apply(item.seq, item.change, item.settled, probs[b], rows)
+            item.future.set_result(result)
             steps += item.steps
         now = time.perf_counter()
         self._m_chunk["total"].observe_many([now - batch[b].enqueued for b in keep])

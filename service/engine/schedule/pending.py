@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,25 +22,37 @@ from service.engine.types import BatchPolicy, StepResult
 if TYPE_CHECKING:
     from service.engine.schedule.batcher import InflightCounter
     from service.engine.session.sessions import Session
-    from service.engine.text.textstream import HeldText
+    from service.engine.text.textstream import HeldChange
 
 
 class Pending:
-    """One submitted chunk waiting for (or inside) a batch."""
+    """One submitted chunk waiting for (or inside) a batch: the steps it settles (`chunk`,
+    kept in the session's state row) and, for streamed text, the held text's tail run after
+    them as a probe (its state not kept): `steps` counts both."""
 
-    __slots__ = ("chunk", "enqueued", "future", "held", "seq", "session", "steps")
+    __slots__ = ("change", "chunk", "enqueued", "future", "seq", "session", "settled", "steps",
+                 "tail")  # fmt: skip
 
     def __init__(
         self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult],
-        held: HeldText | None = None,
+        change: HeldChange | None = None,
     ) -> None:  # fmt: skip
         self.session = session
         self.seq = seq
         self.chunk = chunk  # (T,) or (T, F)
-        self.held = held  # the held text after it (a text chunk's); None: not text
-        self.steps = int(chunk.shape[0])
+        self.change = change  # a text chunk's change to the held text; None: not text
+        self.settled = self.steps = int(chunk.shape[0])
+        self.tail = None
+        if change is not None and (tail := change.after.tail):
+            self.tail = np.asarray(tail, dtype=np.int64)  # (T',)
+            self.steps += len(tail)
         self.future = future
         self.enqueued = time.perf_counter()
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Its settled and probe steps: a model that takes no lengths batches equal keys."""
+        return self.settled, self.steps - self.settled
 
     def resolve_closed(self) -> bool:
         """Answer the chunk with its session's close reason if the session is gone."""
@@ -66,14 +78,14 @@ class PendingChunks:
         # (padding a shorter chunk would run it into the model's state).
         self.equal_lengths = equal_lengths
         self._inflight = inflight
-        self._buckets: dict[int, deque[Pending]] = {}
+        self._buckets: dict[Any, deque[Pending]] = {}  # by bucket_of, or by key
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, item: Pending) -> None:
-        key = item.steps if self.equal_lengths else bucket_of(item.steps)
+        key = item.key if self.equal_lengths else bucket_of(item.steps)
         self._buckets.setdefault(key, deque()).append(item)
         self._count += 1
 

@@ -1,6 +1,6 @@
 """Streaming sessions: a Session owns its transitions; the SessionStore indexes them by id.
 
-A session's progress (state row, seq, steps, last result, held text) is written by its own
+A session's progress (state row, seq, settled steps, last result, held text) is written by its own
 methods alone: `apply` (a chunk's result, or a message of text that all waits), `restore` (back
 to a checkpoint: a strict-mode rollback, a snapshot's progress, a reset) and `close`. Apply and
 restore run while the session's lock is held (its caller holds it while its one chunk is
@@ -23,14 +23,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import principal
+from service.engine.session.decisions import NO_RUN, Run, judge
 from service.engine.session.quotas import PrincipalQuota
 from service.engine.text.textstream import NOTHING_HELD, HeldChange, HeldText
 from service.engine.types import (
     NO_METRICS,
     ChunkOutcome,
+    Decision,
     EngineMetrics,
     StepResult,
     StreamOptions,
+    probabilities,
 )
 from service.errors import (
     AttachedElsewhere,
@@ -63,11 +66,13 @@ def new_generation() -> str:
 class Checkpoint:
     """A session's progress at one point: what `Session.restore` sets it to."""
 
-    state: np.ndarray  # (S, H), a copy
+    state: np.ndarray  # (S, H), a copy: the state at the settled point
     last_seq: int
-    total_steps: int
+    settled_steps: int
     held: HeldText
     last_result: StepResult | None
+    run: Run = NO_RUN  # the decision rule's run at the settled point (decisions.py)
+    decision: Decision | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -83,14 +88,16 @@ class Session:
     options: StreamOptions
     last_used: float
     last_seq: int = 0
-    total_steps: int = 0
+    # Steps in the state row: everything fed but the held text's tail, which each reply runs
+    # after it as a probe (service/engine/text/textstream.py); `total_steps` counts both.
+    settled_steps: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The reply to the last applied chunk, so a resend of it (a reply lost with a broken
     # connection) can be answered with the original probabilities.
     last_result: StepResult | None = None
     # Why the session is gone (ended, expired, replaced, retired); None while it lives.
     closed: LstmServeError | None = None
-    # Streamed text not fed yet: it may still combine with the next chunk (textstream.py).
+    # Streamed text not settled: it may still combine with the next chunk (textstream.py).
     held: HeldText = NOTHING_HELD
     # The principal that opened it: only it can resume, restore or name it (service/principal.py).
     owner: str = ANONYMOUS
@@ -99,6 +106,14 @@ class Session:
     # Which incarnation this is: a new one at open and at every restore from a snapshot, so two
     # copies restored from one snapshot on two replicas are told apart in the shared store.
     generation: str = ""
+    # Its decision rule's run at the settled point, and its decision once taken (decisions.py).
+    run: Run = NO_RUN
+    decision: Decision | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """Steps the last reply covered: the settled ones and the held text's tail."""
+        return self.settled_steps + len(self.held.tail)
 
     @property
     def ended(self) -> bool:
@@ -171,42 +186,57 @@ class Session:
         return self.model.state.read(self.row)
 
     def apply(
-        self, seq: int, held: HeldText | None, steps: int = 0, values: np.ndarray | None = None,
-        step_values: np.ndarray | None = None,
+        self, seq: int, change: HeldChange | None, steps: int = 0,
+        values: np.ndarray | None = None, rows: np.ndarray | None = None,
     ) -> StepResult:  # fmt: skip
-        """Message `seq` is applied: `steps` steps ending in the model's outputs `values` (C,),
-        their per-step `step_values` (T, C) if asked for, and the held text after it (`held`;
-        None: not text, the held text stays). With no step (text that all waits) the reply
-        carries the outputs as they were (none before the first step). A chunk's new state is
-        already in its row (the batcher scatters a batch's rows in one write, then applies
-        each session). The reply owns copies of its rows; only the final outputs are kept for
-        a resend (as the contract says: a resend carries no per-step probabilities), so a
-        session keeps (C,) floats, not the (T, C) of its last chunk."""
+        """Message `seq` is applied: `steps` settled steps (their new state is already in the
+        row: the batcher scatters a batch's rows in one write, then applies each session), the
+        held text after it (`change`; None: not text, nothing held changes), the reply's
+        `values` (C,), the model's outputs as computed (after the held text's tail, if any)
+        and, if fetched, `rows`: the outputs after every step run, settled then tail (T, C),
+        for the decision rule and the reply's per-step outputs (one per step the reply adds).
+        With no outputs (nothing run) the reply carries them as they were (none before the
+        first step). The reply owns copies of its rows; only the final outputs are kept for a
+        resend (as the contract says: a resend carries no per-step probabilities), so a
+        session keeps (C,) floats."""
         kind = self.model.description.output_kind  # what the model's outputs are
         if values is not None:
             final = values.copy()  # (C,)
         else:
             final = self.last_result.values if self.last_result is not None else NO_VALUES
-        self.total_steps += steps
+        base = self.settled_steps
+        self.settled_steps = total = base + steps
         self.last_seq = seq
-        if held is not None:
-            self.held = held
-        self.last_result = kept = StepResult(final, None, steps, self.total_steps, kind)
-        if step_values is None:
+        if change is None:  # tokens or frames: nothing held (or held text left as it was)
+            added, rewound = steps, 0
+            total += len(self.held.tail)
+        else:  # the previous reply's tail is taken back but for what this chunk repeats
+            self.held, tail = change.after, len(change.after.tail)
+            rewound = len(change.before.tail) - change.kept
+            total += tail
+            added = steps + tail - change.kept
+        decision = None
+        if rows is not None and self.decision is None and (rule := self.options.decide):
+            self.run, decision = judge(rule, self.run, probabilities(rows, kind), steps, base)
+            self.decision = decision
+        self.last_result = kept = StepResult(final, None, added, total, kind, rewound, decision)
+        if rows is None or not self.options.every_step:
             return kept  # the reply and the resend record are the same values
-        return StepResult(final, step_values.copy(), steps, self.total_steps, kind)  # (T, C)
+        every = rows[len(rows) - added :].copy()  # (added, C): the steps the reply adds
+        return StepResult(final, every, added, total, kind, rewound, decision)
 
     def checkpoint(self) -> Checkpoint:
         """The session as it is now (a copy of its row): what `restore` brings it back to."""
-        return Checkpoint(self.read_state(), self.last_seq, self.total_steps, self.held,
-                          self.last_result)  # fmt: skip
+        return Checkpoint(self.read_state(), self.last_seq, self.settled_steps, self.held,
+                          self.last_result, self.run, self.decision)  # fmt: skip
 
     def restore(self, point: Checkpoint) -> None:
         """The session as of `point`: back to its checkpoint (a save the shared store refused,
         strict mode), or a continued session's progress (a snapshot, the store's newer copy)."""
         self.model.state.write(self.row, point.state)
-        self.last_seq, self.total_steps = point.last_seq, point.total_steps
+        self.last_seq, self.settled_steps = point.last_seq, point.settled_steps
         self.held, self.last_result = point.held, point.last_result
+        self.run, self.decision = point.run, point.decision
 
     def reset(self, seq: int) -> None:
         """Zero the state and the step count, as message `seq`."""

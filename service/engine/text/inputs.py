@@ -5,12 +5,13 @@ Protocol-neutral: the gRPC codec (and any later protocol) calls these with plain
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
 from lstmserve.contract import ModelDescription
-from service.engine.text.textstream import HeldText, TextCodec, text_codec
+from service.engine.text.textstream import HeldText, TextCodec, text_codec, with_tail
 from service.errors import InvalidInput
 
 QUOTE_CHARS = 64  # the most characters of a client's value an error message quotes
@@ -92,23 +93,43 @@ def tokens_from_text(
 def tokens_from_stream(
     desc: ModelDescription, held: HeldText, text: str, max_steps: int, field: str
 ) -> tuple[np.ndarray, HeldText]:
-    """A streamed chunk of text -> the (T,) int64 ids that can no longer change (T may be 0:
-    all of it waits) and what is held back (service/engine/text/textstream.py). Unknown characters
-    are fed as the unknown token, as Classify feeds them inside a text."""
+    """A streamed chunk of text -> the (T,) int64 ids it settles (T may be 0: all of it is
+    held) and what is held back, with the ids a reply runs for it (its tail,
+    service/engine/text/textstream.py). Unknown characters are fed as the unknown token, as
+    Classify feeds them inside a text; but a chunk after which the text sent has no known
+    character (settled or held) is refused, as Classify refuses such a text."""
     codec = _text_codec(desc, text, max_steps, field)
     if not text:
         check_steps(0, max_steps, field)
     feed = codec.feed(held, text, final=False)
     if len(feed.ids) > max_steps:
         check_steps(len(feed.ids), max_steps, field)
-    return np.asarray(feed.ids, dtype=np.int64), feed.held
+    after = feed.held
+    if not after.known:
+        if codec.known(feed.ids):
+            after = dataclasses.replace(after, known=True)  # once per session
+        elif not codec.known(list(after.tail)):
+            raise InvalidInput(
+                f"{field} = {quoted(text)}: the text sent so far has no character in the "
+                "model's vocabulary (refused, as Classify refuses such a text)"
+            )
+    return np.asarray(feed.ids, dtype=np.int64), after
 
 
 def tokens_held(desc: ModelDescription, held: HeldText) -> np.ndarray:
-    """The ids of a session's held-back text, fed at its end."""
+    """The ids of a session's held-back text, run at its end (its tail)."""
     if not held.text or desc.tokenizer is None:
         return np.zeros(0, dtype=np.int64)
+    if held.tail:
+        return np.asarray(held.tail, dtype=np.int64)
     return np.asarray(text_codec(desc.tokenizer).feed(held, "", final=True).ids, dtype=np.int64)
+
+
+def held_text(desc: ModelDescription, text: str, cased: bool, known: bool) -> HeldText:
+    """Held text as a snapshot records it, with its tail (the model's tokenizer)."""
+    if not text or desc.tokenizer is None:
+        return HeldText(text, cased, (), known)
+    return with_tail(text_codec(desc.tokenizer), text, cased, known)
 
 
 def _check_finite(frames: np.ndarray, field: str) -> None:

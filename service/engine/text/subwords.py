@@ -1,11 +1,12 @@
 """A subword tokenizer beside a model (`tokenizer.json`, the Hugging Face `tokenizers` format).
 
 Text is encoded without special tokens (a stream has no known end to put a [SEP] at, and
-Classify must equal streaming). Streamed text is fed up to the last word boundary: the words
-before the last whitespace run whose ids no longer change, checked by encoding (the prefix's
-ids must start the ids of everything received, and the rest must encode to the remainder); the
-partial word waits for the next chunk or the end. The `tokenizers` library is optional: it is
-imported only when a model folder has a tokenizer.json (`pip install 'lstm-serve[tokenizers]'`).
+Classify must equal streaming). Streamed text is settled up to the last word boundary: the
+words before the last whitespace run whose ids no longer change, checked by encoding (the
+prefix's ids must start the ids of everything received, and the rest must encode to the
+remainder); the partial word is held, and run as a probe (its tail) after the settled state.
+The `tokenizers` library is optional: it is imported only when a model folder has a
+tokenizer.json (`pip install 'lstm-serve[tokenizers]'`).
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ class SubwordCodec:
         for i in _word_starts(full)[:MAX_TRIES]:
             fed = self.encode(full[:i])
             if whole[: len(fed)] == fed and fed + self.encode(full[i:]) == whole:
-                return TextFeed(fed, HeldText(full[i:]))
+                tail = tuple(whole[len(fed) :])
+                return TextFeed(fed, HeldText(full[i:], tail=tail, known=held.known))
         if len(full) > MAX_HELD_WORD_CHARS:
-            return TextFeed(whole, NOTHING_HELD)
-        return TextFeed([], HeldText(full))
+            return TextFeed(whole, HeldText(known=held.known))
+        return TextFeed([], HeldText(full, tail=tuple(whole), known=held.known))
 
     # -- what a client is told -----------------------------------------------------------------
 

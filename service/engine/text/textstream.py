@@ -1,4 +1,5 @@
-"""Streamed text fed exactly as Classify feeds the whole text: what may still change waits.
+"""Streamed text fed exactly as Classify feeds the whole text: what may still change is run
+speculatively, never kept.
 
 A character tokenizer normalises (NFC) and lowercases before it maps characters to ids, and
 both look at neighbours: a combining mark composes with the letter before it ("e" + U+0301 ->
@@ -6,8 +7,12 @@ both look at neighbours: a combining mark composes with the letter before it ("e
 `lower()` turns a capital sigma into the final "ς" only when no cased letter follows. A chunk
 boundary can fall inside any of these. So a stream keeps back the text whose tokens could still
 change with what comes next (usually the last character; nothing after a space or a
-punctuation mark) until the next chunk or the end of the session, and feeds the rest. What is
-fed, chunk after chunk, is then the token sequence of the whole text.
+punctuation mark) and settles the rest: what is settled, chunk after chunk, is the token
+sequence of the whole text, and the session's state is kept at that settled point. Each reply
+also runs the held text's tokens as if the text ended there (its `tail`) from the settled state,
+without keeping that state (a probe), so every reply is Classify of the text sent so far; when
+the next chunk changes how the held text tokenizes, the probe's steps are taken back (rewound)
+and the new tail is run instead.
 
 A subword tokenizer (`tokenizer.json`) is held back to the last word boundary the same way
 (service/engine/text/subwords.py). Both give a `TextFeed` for `feed(held, chunk, final)`.
@@ -20,7 +25,9 @@ letter is not text anyone streams).
 from __future__ import annotations
 
 import functools
+import itertools
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,10 +45,13 @@ SIGMA, FINAL_SIGMA = "Σ", "ς"
 
 @dataclass(frozen=True, slots=True)
 class HeldText:
-    """A session's text not fed yet, and the one fact about the fed text it depends on."""
+    """A session's text not settled yet, the one fact about the settled text it depends on, and
+    its ids were the text to end here (`tail`: what a reply runs after the settled state)."""
 
     text: str = ""
-    cased: bool = False  # the fed text ends (case-ignorable characters aside) in a cased letter
+    cased: bool = False  # the settled text ends (case-ignorables aside) in a cased letter
+    tail: tuple[int, ...] = ()
+    known: bool = False  # the settled text has a known token (service/engine/text/inputs.py)
 
 
 NOTHING_HELD = HeldText()
@@ -50,18 +60,36 @@ NOTHING_HELD = HeldText()
 @dataclass(frozen=True, slots=True)
 class HeldChange:
     """What a text chunk does to its session's held text: decoded against `before` (outside
-    the session's lock), it may only be applied if the session still holds `before`."""
+    the session's lock), it may only be applied if the session still holds `before`. `kept`:
+    how many leading steps of what the chunk runs (its settled ids, then `after.tail`) repeat
+    the end of the previous reply (`before.tail`); the rest of `before.tail` is rewound."""
 
     before: HeldText
     after: HeldText
+    kept: int = 0
+
+    @property
+    def rewound(self) -> int:
+        """Steps of the previous reply taken back: its tail, beyond what this chunk repeats."""
+        return len(self.before.tail) - self.kept
 
 
 @dataclass(frozen=True, slots=True)
 class TextFeed:
-    """The token ids to feed now, and what is held back for the next chunk."""
+    """The token ids settled now, and what is held back for the next chunk (with its tail)."""
 
     ids: list[int]
     held: HeldText
+
+
+def held_change(before: HeldText, settled: Sequence[int], after: HeldText) -> HeldChange:
+    """A text chunk's change: from `before`, settling `settled` ids, holding `after`."""
+    kept = 0
+    for a, b in zip(before.tail, itertools.chain(settled, after.tail), strict=False):
+        if a != b:
+            break
+        kept += 1
+    return HeldChange(before, after, kept)
 
 
 class TextCodec(Protocol):
@@ -72,7 +100,8 @@ class TextCodec(Protocol):
         ...
 
     def feed(self, held: HeldText, chunk: str, final: bool) -> TextFeed:
-        """The ids of `held.text + chunk` that can no longer change; all of them if `final`."""
+        """The ids of `held.text + chunk` that can no longer change (all of them if `final`),
+        and the rest held back with its tail."""
         ...
 
     def known(self, ids: list[int]) -> bool:
@@ -94,9 +123,14 @@ def _forward_composers() -> frozenset[str]:
 
 
 def _hangul_open(ch: str) -> bool:
-    """A leading jamo, or an LV syllable: a following vowel / trailing jamo composes with it."""
+    """A leading jamo, a vowel jamo (it may have composed with a leading one before it) or an
+    LV syllable: a following vowel / trailing jamo composes with it."""
     cp = ord(ch)
-    return 0x1100 <= cp <= 0x1112 or (0xAC00 <= cp <= 0xD7A3 and (cp - 0xAC00) % 28 == 0)
+    return (
+        0x1100 <= cp <= 0x1112
+        or 0x1161 <= cp <= 0x1175
+        or (0xAC00 <= cp <= 0xD7A3 and (cp - 0xAC00) % 28 == 0)
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,10 +197,12 @@ class CharTextCodec:
             cased = self._cased_after(held.cased, full[:i])
             if fed + self._norm(cased, full[i:]) != whole:
                 continue
-            return TextFeed(self._ids(fed), HeldText(full[i:], cased))
+            tail = tuple(self._ids(whole[len(fed) :]))  # the rest of the whole text's ids
+            return TextFeed(self._ids(fed), HeldText(full[i:], cased, tail, held.known))
         if len(full) > MAX_HELD_CHARS:  # no stable boundary in a long run: feed it all
-            return TextFeed(self._ids(whole), HeldText("", self._cased_after(held.cased, full)))
-        return TextFeed([], HeldText(full, held.cased))
+            cased = self._cased_after(held.cased, full)
+            return TextFeed(self._ids(whole), HeldText("", cased, (), held.known))
+        return TextFeed([], HeldText(full, held.cased, tuple(self._ids(whole)), held.known))
 
     @staticmethod
     def _boundaries(full: str) -> list[int]:
@@ -187,6 +223,14 @@ class CharTextCodec:
 @functools.lru_cache(maxsize=256)
 def char_codec(tokenizer: Tokenizer) -> CharTextCodec:
     return CharTextCodec(tokenizer)
+
+
+def with_tail(codec: TextCodec, text: str, cased: bool, known: bool = False) -> HeldText:
+    """Held text as a snapshot or the shared store records it, with its tail."""
+    if not text:
+        return HeldText("", cased, (), known)
+    tail = tuple(codec.feed(HeldText(text, cased), "", final=True).ids)
+    return HeldText(text, cased, tail, known)
 
 
 def text_codec(tokenizer: object) -> TextCodec:
