@@ -214,3 +214,15 @@ def test_the_python_client_stops_at_a_decision_that_ended_the_session(
 
     steps, ended = asyncio.run(main())
     assert steps == want.step == ended.total_steps and len(ended.probabilities) == 3
+
+
+def test_stream_columns_refuses_a_session_with_a_rule_it_cannot_report(
+    stub: pb_grpc.LstmServeStub,
+) -> None:
+    rule = pb.DecisionRule(probability=0.9)
+    opens = [pb.OpenSession(model=MODEL, options=pb.StreamOptions(decide=rule)),
+             pb.OpenSession(model=MODEL)]  # fmt: skip
+    reply = next(stub.StreamColumns(iter([pb.ColumnsRequest(open=opens)]), timeout=30))
+    [error] = reply.attach_errors
+    assert (error.index, error.code) == (0, grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert "does not report decisions" in error.message and reply.session_ids[1]
