@@ -116,15 +116,6 @@ def tokens_from_stream(
     return np.asarray(feed.ids, dtype=np.int64), after
 
 
-def tokens_held(desc: ModelDescription, held: HeldText) -> np.ndarray:
-    """The ids of a session's held-back text, run at its end (its tail)."""
-    if not held.text or desc.tokenizer is None:
-        return np.zeros(0, dtype=np.int64)
-    if held.tail:
-        return np.asarray(held.tail, dtype=np.int64)
-    return np.asarray(text_codec(desc.tokenizer).feed(held, "", final=True).ids, dtype=np.int64)
-
-
 def held_text(desc: ModelDescription, text: str, cased: bool, known: bool) -> HeldText:
     """Held text as a snapshot records it, with its tail (the model's tokenizer)."""
     if not text or desc.tokenizer is None:
