@@ -108,7 +108,8 @@ def tokens_from_stream(
     if not after.known:
         if codec.known(feed.ids):
             after = dataclasses.replace(after, known=True)  # once per session
-        elif not codec.known(list(after.tail)):
+        elif (feed.ids or after.tail) and not codec.known(list(after.tail)):  # a word-level
+            # tokenizer gives no id for a partial word: nothing to feed yet, held, not refused
             raise InvalidInput(
                 f"{field} = {quoted(text)}: the text sent so far has no character in the "
                 "model's vocabulary (refused, as Classify refuses such a text)"
