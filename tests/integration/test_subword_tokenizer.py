@@ -133,8 +133,10 @@ TEXTS = st.lists(
 def test_streamed_text_ends_exactly_as_classify(
     stub: pb_grpc.LstmServeStub, kind: str, text: str, cuts: list[int]
 ) -> None:
-    """After every chunk, the reply is Classify of the text so far (a chunk whose text so far
-    Classify refuses is refused, and the next piece takes its seq)."""
+    """After every chunk, the reply is Classify of the text so far. A text so far that Classify
+    refuses (nothing known yet) is held, not refused: a word or subword tokenizer may map a
+    partial word to its unknown token and the whole word to a known one, so a client typing
+    one character per chunk must be able to go on; such a reply is not compared."""
     model = f"tiny-{kind}"
     points = sorted({c for c in cuts if 0 < c < len(text)})
     pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
@@ -149,12 +151,11 @@ def test_streamed_text_ends_exactly_as_classify(
             expected.append(None)
         chunk = pb.Chunk(seq=seq, input=pb.SequenceInput(text=piece))
         requests.append(pb.StreamRequest(chunk=chunk))
-        if expected[-1] is not None:
-            sent, seq = sent + piece, seq + 1
+        sent, seq = sent + piece, seq + 1
     replies = [r.chunk for r in stub.Stream(iter(requests), timeout=30)][1:]
     for reply, whole in zip(replies, expected, strict=True):
+        assert not reply.HasField("error"), reply.error
         if whole is None:
-            assert reply.error.code == "INVALID_ARGUMENT"
             continue
         assert not reply.HasField("error") and reply.total_steps == whole.length
         np.testing.assert_array_equal(

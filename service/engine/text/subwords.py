@@ -48,6 +48,8 @@ class SubwordCodec:
 
     # -- TextCodec -----------------------------------------------------------------------------
 
+    unknowns_are_final = False  # a partial word's unknown token may become a known word
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
