@@ -99,17 +99,24 @@ def start_echo(protocol: bool = False, timeout_s: float = 30.0) -> Process:
         time.sleep(0.05)
 
 
-def scrape_batches(metrics_port: int, model: str) -> tuple[float, float]:
-    """(batched runs, chunks in them) so far, from lstm_serve_batch_size."""
+def model_samples(metrics_port: int, model: str) -> list[str]:
+    """The exposition lines of one model's series on a server's metrics port."""
     url = f"http://{HOST}:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    runs = chunks = 0.0
-    for line in text.splitlines():
-        if f'model="{model}"' not in line:
-            continue
-        if line.startswith("lstm_serve_batch_size_count"):
-            runs = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("lstm_serve_batch_size_sum"):
-            chunks = float(line.rsplit(" ", 1)[1])
-    return runs, chunks
+    return [line for line in text.splitlines() if f'model="{model}"' in line]
+
+
+def sample_value(lines: list[str], name: str, *labels: str) -> float:
+    """The value of the first line of series `name` carrying every one of `labels` (0: none)."""
+    for line in lines:
+        if line.startswith(name) and all(label in line for label in labels):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def scrape_batches(metrics_port: int, model: str) -> tuple[float, float]:
+    """(batched runs, chunks in them) so far, from lstm_serve_batch_size."""
+    lines = model_samples(metrics_port, model)
+    return (sample_value(lines, "lstm_serve_batch_size_count"),
+            sample_value(lines, "lstm_serve_batch_size_sum"))  # fmt: skip

@@ -19,7 +19,6 @@ import asyncio
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from bench.load import Window, run_window, window_barrier
 from bench.model import LANGID
-from bench.procs import HOST, Process, free_port
+from bench.procs import HOST, Process, free_port, model_samples, sample_value
 from bench.run import BATCHED
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
@@ -77,18 +76,9 @@ def _ready(proc: Process) -> bool:
 
 def _scrape(proc: Process) -> tuple[float, float]:
     """(model steps, model runs) of langid-chars so far."""
-    url = f"http://{HOST}:{proc.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    steps = runs = 0.0
-    for line in text.splitlines():
-        if f'model="{MODEL}"' not in line:
-            continue
-        if line.startswith("lstm_serve_steps_total") and 'rpc="Stream"' in line:
-            steps = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("lstm_serve_batch_compute_seconds_count"):
-            runs = float(line.rsplit(" ", 1)[1])
-    return steps, runs
+    lines = model_samples(proc.metrics_port, MODEL)
+    return (sample_value(lines, "lstm_serve_steps_total", 'rpc="Stream"'),
+            sample_value(lines, "lstm_serve_batch_compute_seconds_count"))  # fmt: skip
 
 
 async def _session(stub: Any, k: int, offset: int, window: Window, ready: Any) -> None:

@@ -105,10 +105,9 @@ def tokens_from_stream(
     if len(feed.ids) > max_steps:
         check_steps(len(feed.ids), max_steps, field)
     after = feed.held
-    # A word or subword tokenizer may map a partial word to its unknown token and the whole
-    # word to a known one: only a character tokenizer's unknowns are final, so only there is
-    # text with nothing known refused as it streams (Classify still refuses such a whole text).
-    if not after.known and getattr(codec, "unknowns_are_final", True):
+    # Only where unknowns are final (a character tokenizer) is text with nothing known refused
+    # as it streams; a partial word may still become a known word (Classify refuses either).
+    if not after.known and codec.unknowns_are_final:
         if codec.known(feed.ids):
             after = dataclasses.replace(after, known=True)  # once per session
         elif (feed.ids or after.tail) and not codec.known(list(after.tail)):  # a word-level

@@ -104,6 +104,11 @@ class TextCodec(Protocol):
         and the rest held back with its tail."""
         ...
 
+    # Whether an unknown token stays unknown as the text grows (a character's does; a word or
+    # subword tokenizer's partial word may become a known word): only then is streamed text
+    # with nothing known refused chunk by chunk (service/engine/text/inputs.py).
+    unknowns_are_final: bool
+
     def known(self, ids: list[int]) -> bool:
         """Whether any id is a known token (a whole text of unknowns is refused)."""
         ...
@@ -155,6 +160,8 @@ def starter(ch: str) -> bool:
 
 class CharTextCodec:
     """The character tokenizer of lstmserve.contract, streamed."""
+
+    unknowns_are_final = True  # a character unknown now stays unknown whatever follows
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
