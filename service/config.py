@@ -120,6 +120,10 @@ class ServerConfig:
     health_port: int = -1
     log_json: bool = False
     log_level: str = "INFO"
+    # OpenTelemetry tracing (the `tracing` extra): off while no endpoint is set.
+    trace_otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    trace_service_name: str = "lstm-serve"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
@@ -127,7 +131,8 @@ class ServerConfig:
         object.__setattr__(self, "log_level", self.log_level.upper())
         self._check_ports()
         self._check_limits()
-        self._check_security()
+        check_security(self)
+        check_tracing(self)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
 
@@ -140,17 +145,6 @@ class ServerConfig:
             raise ConfigError(f"metrics_port {self.metrics_port} is not in -1..65535 (-1 = off)")
         if not -1 <= self.health_port <= 65535:
             raise ConfigError(f"health_port {self.health_port} is not in -1..65535 (-1 = off)")
-
-    def _check_security(self) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("--tls-cert and --tls-key go together: give both PEM files")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS)")
-        if self.principal_from_cert and not self.tls_client_ca:
-            raise ConfigError(
-                "--principal-from-cert needs --tls-client-ca: only a verified client "
-                "certificate can name the caller"
-            )
 
     @property
     def auth_enabled(self) -> bool:
@@ -249,6 +243,35 @@ class ServerConfig:
     def eviction_interval_s(self) -> float:
         """How often idle sessions are swept: a quarter of the idle timeout, within [0.05, 10] s."""
         return max(0.05, min(self.session_idle_timeout_s / 4, 10.0))
+
+
+def check_security(self: ServerConfig) -> None:
+    """The TLS and caller flags agree."""
+    if bool(self.tls_cert) != bool(self.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both PEM files")
+    if self.tls_client_ca and not self.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS)")
+    if self.principal_from_cert and not self.tls_client_ca:
+        raise ConfigError(
+            "--principal-from-cert needs --tls-client-ca: only a verified client "
+            "certificate can name the caller"
+        )
+
+
+def check_tracing(self: ServerConfig) -> None:
+    """The tracing flags: a ratio in [0, 1]; an endpoint URL with its scheme (plaintext or
+    TLS is never guessed)."""
+    ratio = self.trace_sample_ratio
+    if not 0.0 <= ratio <= 1.0:  # NaN fails too
+        raise ConfigError(f"--trace-sample-ratio {ratio} is not in [0, 1]")
+    endpoint = self.trace_otlp_endpoint
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--trace-otlp-endpoint {endpoint[:128]!r} needs its scheme: http://HOST:4317 "
+            "(plaintext) or https://HOST:4317 (TLS)"
+        )
+    if endpoint and not self.trace_service_name.strip():
+        raise ConfigError("--trace-service-name is empty: name the service in its traces")
 
 
 def check_http_timeouts(self: ServerConfig) -> None:
@@ -518,6 +541,18 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "probes when the gRPC port needs TLS or client certificates; -1 = off",
         int,
     ),
+    "trace_otlp_endpoint": (
+        "send OpenTelemetry traces to this OTLP/gRPC endpoint, http://HOST:4317 (plaintext) or "
+        "https://HOST:4317 (TLS); empty = tracing off. Needs the tracing extra: pip install "
+        "'lstm-serve[tracing]' (docs/OPERATIONS.md, \"Tracing\")",
+        str,
+    ),
+    "trace_sample_ratio": (
+        "share of requests traced when the caller sends no sampled traceparent (0..1); a "
+        "caller's traceparent decides for its own requests (parent-based)",
+        float,
+    ),
+    "trace_service_name": ("service.name of the traces (OTEL_RESOURCE_ATTRIBUTES adds more)", str),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
 }

@@ -35,6 +35,7 @@ from service.security import http as security_http
 from service.security.auth import AuthInterceptor, build_authenticator
 from service.security.tls import CertificateFiles, certificate_files
 from service.servicer import LstmServeServicer, add_to_server
+from service.tracing import NO_TRACING, Tracing, build_tracing
 from service.triton import grpc_front as triton_grpc
 from service.triton.core import TritonCore
 from service.triton.http_front import HttpFront
@@ -205,6 +206,7 @@ class LstmServer:
             if self.http is not None:  # aiohttp would wait 60 s for a request still being read
                 await self._stop_step("http stop", self.http.stop())
             await self._stop_step("session store close", self.engine.continuity.close())
+            await self._stop_step("trace export", asyncio.to_thread(self.layer.tracing.shutdown))
         finally:
             self.shutdown_stage = "closing"
             self._close()
@@ -264,9 +266,9 @@ def _continuity(config: ServerConfig, store: SessionStore,
                              mode=config.session_store_mode, metrics=recorded)  # fmt: skip
 
 
-def build_engine(config: ServerConfig) -> Engine:
+def build_engine(config: ServerConfig, tracing: Tracing = NO_TRACING) -> Engine:
     """The engine a configuration describes (models not loaded yet), recording into the
-    process's Prometheus instruments."""
+    process's Prometheus instruments and tracing with `tracing`."""
     recorded = metrics.engine_metrics()  # every engine piece gets these
     store = SessionStore(
         max_sessions=config.max_sessions,
@@ -287,20 +289,21 @@ def build_engine(config: ServerConfig) -> Engine:
         store, compute_threads=config.compute_threads, policy=config.batch_policy,
         continuity=_continuity(config, store, recorded), runtime=runtime,
         repository=config.model_repository, model_control=config.model_control,
-        classify_policy=config.classify_policy, metrics=recorded,
+        classify_policy=config.classify_policy, metrics=recorded, tracer=tracing,
     )  # fmt: skip
 
 
 def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     """Build (not start) the server and bind its gRPC port; call inside a running event loop."""
-    engine = build_engine(config)
+    tracing = build_tracing(config)  # NO_TRACING unless --trace-otlp-endpoint
+    engine = build_engine(config, tracing)
     limits = Limits(
         max_chunk_steps=config.max_chunk_steps, max_multi_entries=config.max_multi_entries,
         max_request_row_steps=config.max_request_row_steps,
         read_ahead_bytes=config.read_ahead_bytes,
         read_ahead_total_bytes=config.read_ahead_total_bytes,
     )  # fmt: skip
-    layer = SessionLayer(engine, limits)
+    layer = SessionLayer(engine, limits, tracing)
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its connections.
     # A fixed receive window per stream (no BDP probing, which grows it to several MB): what an
     # unread stream's transport holds stays bounded (docs/OPERATIONS.md, "Memory").

@@ -34,6 +34,7 @@ from service.protocol.multi import MultiConversation
 from service.protocol.session import SessionLayer
 from service.protocol.stream import StreamConversation
 from service.status import status_code, status_message
+from service.tracing import LSTM_SERVE_SERVICE, grpc_parent, grpc_span
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,15 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
     async def _unary(
         self, rpc: str, model: str, context: grpc.aio.ServicerContext, work: Awaitable[T]
     ) -> T:
+        span = grpc_span(self.layer.tracing, LSTM_SERVE_SERVICE, rpc, context)
         try:
-            reply = await work
+            with span.active():
+                reply = await work
         except Exception as exc:
+            span.fail(exc)
             await self._fail(rpc, model, context, exc)
             raise  # not reached: abort raises
+        span.finish()
         metrics.REQUESTS.labels(rpc, self._label(model), "OK").inc()
         return reply
 
@@ -188,11 +193,9 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             for i, seq in enumerate(request.sequences)
         ]
         results = await self.engine.classify(model, arrays, request.step_probabilities)
-        return pb.ClassifyResponse(
-            model=model.name,
-            version=model.version,
-            results=[codec.encode_sequence_result(r, desc, request.top_k) for r in results],
-        )
+        with self.layer.tracing.span("reply"):
+            encoded = [codec.encode_sequence_result(r, desc, request.top_k) for r in results]
+            return pb.ClassifyResponse(model=model.name, version=model.version, results=encoded)
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -200,7 +203,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         requests = _translated(request_iterator, codec.stream_request)
-        conversation = StreamConversation(self.layer, requests, "Stream")
+        parent = grpc_parent(self.layer.tracing, context)  # each message's span is its child
+        conversation = StreamConversation(self.layer, requests, "Stream", parent)
         idle = self.config.session_idle_timeout_s
         try:
             async with aclosing(conversation.replies()) as replies:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from service.engine.model.registry import ModelRegistry
     from service.engine.model.worker import ModelWorker
     from service.engine.session.sessions import SessionStore
+    from service.engine.types import EngineTracer
 
 
 class SessionAttach:
@@ -28,6 +29,7 @@ class SessionAttach:
     store: SessionStore
     continuity: SessionContinuity
     metrics: EngineMetrics
+    tracer: EngineTracer
 
     def check_accepting(self) -> None:
         raise NotImplementedError
@@ -44,12 +46,17 @@ class SessionAttach:
         its caller derives, service/protocol/sequences.py), a new incarnation under that id:
         a copy held here is replaced, and the shared record (live or ended) is written over,
         so no replica continues an older copy."""
-        self.check_accepting()
-        model = self.models().get(name, version)
-        session = self.store.open(model, _clamp(model, options), session_id)
+        with self.tracer.span("admission", {"lstmserve.admission": "open"}):
+            self.check_accepting()  # then the session limits, the caller's quota and rate
+            model = self.models().get(name, version)
+            session = self.store.open(model, _clamp(model, options), session_id)
         session.attach(attach)
         async with session.lock:  # resumable elsewhere from the start
-            await self.continuity.persist(session, restart=session_id is not None)
+            if self.continuity.backend is None:
+                await self.continuity.persist(session, restart=session_id is not None)
+            else:
+                with self.tracer.span("store save", {"lstmserve.store.sessions": 1}):
+                    await self.continuity.persist(session, restart=session_id is not None)
         return session
 
     async def resume_session(

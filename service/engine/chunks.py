@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from service.engine.continuity.continuity import SessionContinuity
     from service.engine.session.sessions import Checkpoint, Session, SessionStore
     from service.engine.text.textstream import HeldChange
+    from service.engine.types import EngineTracer
 
 Outcome = ChunkOutcome | LstmServeError
 
@@ -38,6 +39,7 @@ class ChunkApply:
 
     store: SessionStore
     continuity: SessionContinuity
+    tracer: EngineTracer
 
     async def apply_chunk(
         self, session: Session, seq: int, chunk: np.ndarray, held: HeldChange | None = None,
@@ -52,12 +54,18 @@ class ChunkApply:
             if self.continuity.unsure and session.id in self.continuity.unsure:
                 await settle(self.continuity, session)  # strict: a refused save that landed
             work = ChunkWork(session, seq, chunk, held, attached)
-            if (resend := self._prepare(work)) is not None:
+            if self.tracer.enabled:
+                with self.tracer.span("admission", {"lstmserve.admission": "chunk"}):
+                    resend = self._prepare(work)
+            else:
+                resend = self._prepare(work)
+            if resend is not None:
                 return resend
             before = self.continuity.checkpoint(session)  # strict mode only, else None
             outcome = self._finish(work, await self._submit(work))
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
-                await self._write_through(work, before)
+                with self.tracer.span("store save", {"lstmserve.store.sessions": 1}):
+                    await self._write_through(work, before)
             if outcome.result.decision is not None:  # type: ignore[union-attr]
                 await self._end_if_decided(session, outcome)
             return outcome
@@ -165,10 +173,11 @@ class ChunkApply:
                 outcomes[i] = self._finish(work[i], future.result())
                 applied.append(i)
         if applied and self.continuity.backend is not None:
-            saved = await asyncio.gather(
-                *(self._write_through(work[i], before[i]) for i in applied),
-                return_exceptions=True,
-            )
+            with self.tracer.span("store save", {"lstmserve.store.sessions": len(applied)}):
+                saved = await asyncio.gather(
+                    *(self._write_through(work[i], before[i]) for i in applied),
+                    return_exceptions=True,
+                )
             for i, error in zip(applied, saved, strict=True):
                 if isinstance(error, LstmServeError):
                     outcomes[i] = error  # a stale copy (this entry's session moved), Unavailable

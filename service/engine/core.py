@@ -28,11 +28,13 @@ from service.engine.session.sessions import Session, SessionStore
 from service.engine.text.textstream import NOTHING_HELD, HeldChange
 from service.engine.types import (
     NO_METRICS,
+    NO_TRACER,
     BatchPolicy,
     ChunkOutcome,
     ChunkWork,
     ClassifyPolicy,
     EngineMetrics,
+    EngineTracer,
     RuntimeOptions,
     StepResult,
 )
@@ -53,7 +55,8 @@ class Engine(SessionAttach, ChunkApply):
     """Model versions (their workers), sessions and the threads that run onnxruntime.
 
     `metrics`: what the engine and every piece it builds record into; the store and a given
-    continuity took theirs when they were built (service/server.py gives all the same ones)."""
+    continuity took theirs when they were built (service/server.py gives all the same ones).
+    `tracer`: the spans of admission, queue waits, batches and store saves (NO_TRACER: off)."""
 
     def __init__(
         self,
@@ -66,9 +69,11 @@ class Engine(SessionAttach, ChunkApply):
         model_control: str = "none",
         classify_policy: ClassifyPolicy | None = None,
         metrics: EngineMetrics = NO_METRICS,
+        tracer: EngineTracer = NO_TRACER,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.tracer = tracer
         self.continuity = continuity or SessionContinuity(store, metrics=metrics)
         self.drain_started = asyncio.Event()
         self.draining = False
@@ -78,10 +83,11 @@ class Engine(SessionAttach, ChunkApply):
         self._inflight = InflightCounter(metrics)
         lane = classify_policy or ClassifyPolicy()
         self._classify_threads = ThreadPoolExecutor(lane.threads, "lstm-classify")
+        self._classify_lane = ClassifyLane(self._classify_threads, self._inflight, lane, metrics,
+                                           tracer)  # fmt: skip
         factory = WorkerFactory(
             runtime or RuntimeOptions(), policy or BatchPolicy(),
-            ComputeLanes(self._executor, self._inflight),
-            ClassifyLane(self._classify_threads, self._inflight, lane, metrics),
+            ComputeLanes(self._executor, self._inflight, tracer), self._classify_lane,
             store.initial_capacity, store.max_sessions, metrics,
         )  # fmt: skip
         self.control = ModelControl(repository, self.registry, factory, store, model_control,
@@ -167,7 +173,12 @@ class Engine(SessionAttach, ChunkApply):
         self, model: ModelWorker, sequences: list[np.ndarray], with_steps: bool
     ) -> list[StepResult]:
         """Classify whole sequences from zero states in one padded batch."""
-        self.check_accepting()
+        if self.tracer.enabled:
+            with self.tracer.span("admission", {"lstmserve.admission": "classify"}):
+                self.check_accepting()
+                self._classify_lane.check_budget(np.array([len(s) for s in sequences]))
+        else:
+            self.check_accepting()
         return await model.classify(sequences, with_steps)
 
     # -- work in progress --------------------------------------------------------------------

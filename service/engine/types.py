@@ -1,6 +1,7 @@
-"""What crosses the engine's edge: options, results, lifecycle states and the metrics it is
-given (`EngineMetrics`). No gRPC here, and no Prometheus: the composition root builds the real
-instruments (service/metrics.py `engine_metrics()`).
+"""What crosses the engine's edge: options, results, lifecycle states, the metrics it is given
+(`EngineMetrics`) and the tracer (`EngineTracer`). No gRPC here, no Prometheus and no
+OpenTelemetry: the composition root builds the real instruments (service/metrics.py
+`engine_metrics()`) and, with --trace-otlp-endpoint, the real tracer (service/tracing_otel.py).
 
 Results own their arrays (copies, never views into a batch's outputs), so a session that keeps
 its last result keeps only its own rows alive.
@@ -8,7 +9,8 @@ its last result keeps only its own rows alive.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -301,3 +303,64 @@ class _Nothing:
 
 _NOTHING = _Nothing()
 NO_METRICS = EngineMetrics(**{f.name: _NOTHING for f in fields(EngineMetrics)})
+
+
+# -- the tracer the engine opens spans with ----------------------------------------------------
+
+TraceAttributes = Mapping[str, str | int | float | bool]
+
+
+class TraceSpan(Protocol):
+    """A span the engine ends itself (a batch's: it starts and ends in two loop callbacks)."""
+
+    def end(self, error: BaseException | None = None) -> None: ...
+
+
+class EngineTracer(Protocol):
+    """The spans the engine opens (docs/OPERATIONS.md, "Tracing"), given to each piece at
+    construction like EngineMetrics. `NO_TRACER`: tracing off; the engine checks `enabled`
+    (one attribute) before any tracing work on the per-chunk path.
+
+    `current()` is the span of the request being served (the caller's task, on the loop
+    thread) if it is sampled, else None: a chunk carries it into its batch explicitly
+    (`Pending.trace`), never through a context variable across threads."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def current(self) -> object | None: ...
+
+    def span(self, name: str, attributes: TraceAttributes | None = None,
+             ) -> AbstractContextManager[object]: ...  # fmt: skip
+
+    def batch(self, attributes: TraceAttributes, chunks: Sequence[tuple[object, float]],
+              ) -> TraceSpan: ...  # fmt: skip
+
+
+class NoTracer:
+    """Tracing off: nothing is recorded and nothing is allocated per call."""
+
+    __slots__ = ()
+    enabled = False
+
+    def __repr__(self) -> str:
+        return "<no tracer>"
+
+    def current(self) -> None:
+        return None
+
+    def span(self, name: str, attributes: TraceAttributes | None = None,
+             ) -> AbstractContextManager[object]:  # fmt: skip
+        return _NO_SPAN_CONTEXT
+
+    def batch(self, attributes: TraceAttributes, chunks: Sequence[tuple[object, float]],
+              ) -> TraceSpan:  # fmt: skip
+        return _NO_SPAN
+
+    def end(self, error: BaseException | None = None) -> None:
+        pass
+
+
+_NO_SPAN_CONTEXT: AbstractContextManager[object] = nullcontext()
+NO_TRACER = NoTracer()
+_NO_SPAN: TraceSpan = NO_TRACER

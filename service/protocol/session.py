@@ -38,6 +38,7 @@ from service.protocol.messages import (
     Snapshot,
     TakeSnapshot,
 )
+from service.tracing import NO_TRACING, Tracing
 
 R = TypeVar("R")
 
@@ -73,11 +74,13 @@ def draining_error() -> Draining:
 
 
 class SessionLayer:
-    """The protocol-neutral session operations over one engine."""
+    """The protocol-neutral session operations over one engine; `tracing` is the fronts' (and
+    the engine's) tracer (NO_TRACING: off)."""
 
-    def __init__(self, engine: Engine, limits: Limits) -> None:
+    def __init__(self, engine: Engine, limits: Limits, tracing: Tracing = NO_TRACING) -> None:
         self.engine = engine
         self.limits = limits
+        self.tracing = tracing
         self._inboxes: set[Inbox[Any]] = set()
         self.read_ahead = ReadAhead(limits.read_ahead_bytes, limits.read_ahead_total_bytes)
 

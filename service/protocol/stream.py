@@ -1,5 +1,7 @@
 """One single-session stream: attach on the first message, then one reply per message, in
-order; on drain, a final snapshot and the stream ends (UNAVAILABLE)."""
+order; on drain, a final snapshot and the stream ends (UNAVAILABLE). Traced (the layer's
+tracing on): one span per message, under the caller's trace context of the stream's call (a
+stream may live for hours: a span per stream would never end)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,25 @@ from collections.abc import AsyncIterator
 from service.engine.session.sessions import Session
 from service.protocol.inbox import DRAIN, EOF, Inbox
 from service.protocol.messages import ChunkDone, Ended, Reply, Request, request_bytes
-from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error
+from service.protocol.session import (
+    FINAL_MESSAGE_GRACE_S,
+    SessionLayer,
+    draining_error,
+    kind_name,
+)
+from service.tracing import LSTM_SERVE_SERVICE, RequestSpan
 
 
 class StreamConversation:
     """Drives one stream; `model` names its session's model once attached (for metrics)."""
 
-    def __init__(self, layer: SessionLayer, requests: AsyncIterator[Request], rpc: str) -> None:
+    def __init__(self, layer: SessionLayer, requests: AsyncIterator[Request], rpc: str,
+                 parent: object = None) -> None:  # fmt: skip
+        """`parent`: the caller's trace context (Tracing.extract), when traced."""
         self.layer = layer
         self.rpc = rpc
+        self.parent = parent
+        self._ended = False
         self.session: Session | None = None
         self._requests = requests
         self.token = object()  # what the session is attached to while this stream has it
@@ -44,26 +56,42 @@ class StreamConversation:
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
                 assert not isinstance(request, BaseException)
-                if self.session is None:
-                    attached = await layer.attach(request, self.token)  # type: ignore[arg-type]
-                    self.session, opened = attached
-                    yield Reply(opened.session_id, opened)
-                    continue
-                body = await layer.handle(
-                    self.session,
-                    request,
-                    self.rpc,
-                    self.token,  # type: ignore[arg-type]
-                )
-                yield Reply(self.session.id, body)
-                if isinstance(body, Ended) or (
-                    isinstance(body, ChunkDone) and body.outcome is not None and body.outcome.ended
-                ):
-                    return  # ended: by `end`, or by its decision (end_when_decided)
+                if not layer.tracing.enabled:
+                    yield await self._answer(request)  # type: ignore[arg-type]
+                else:  # in the message's span; its reply span around the hand-over
+                    span = self._span(request)  # type: ignore[arg-type]
+                    try:
+                        with span.active():
+                            reply = await self._answer(request)  # type: ignore[arg-type]
+                        with span.reply():
+                            yield reply
+                    except BaseException as exc:
+                        span.fail(exc)
+                        raise
+                    _finish(span, reply)
+                if self._ended:
+                    return
         finally:
             layer.close_inbox(inbox)
             if self.session is not None:
                 self.session.detach(self.token)
+
+    async def _answer(self, request: Request) -> Reply:
+        """One message's reply: attach (the first message) or the layer's handling."""
+        if self.session is None:
+            self.session, opened = await self.layer.attach(request, self.token)
+            return Reply(opened.session_id, opened)
+        body = await self.layer.handle(self.session, request, self.rpc, self.token)
+        if isinstance(body, Ended) or (
+            isinstance(body, ChunkDone) and body.outcome is not None and body.outcome.ended
+        ):
+            self._ended = True  # ended: by `end`, or by its decision (end_when_decided)
+        return Reply(self.session.id, body)
+
+    def _span(self, request: Request) -> RequestSpan:
+        return self.layer.tracing.rpc(
+            LSTM_SERVE_SERVICE, self.rpc, self.parent, {"lstmserve.message": kind_name(request)}
+        )
 
     async def _next(self, inbox: Inbox[Request]) -> object:
         """The next message, EOF or DRAIN. A stream not attached yet when the drain starts has
@@ -76,3 +104,12 @@ class StreamConversation:
                 return await inbox.next(drain=False)
         except TimeoutError:
             raise draining_error() from None
+
+
+def _finish(span: RequestSpan, reply: Reply) -> None:
+    """End a message's span: OK, or the code of a chunk refused in-band."""
+    error = getattr(reply.body, "error", None)
+    if error is None:
+        span.finish()
+    else:
+        span.finish(error.code, str(error))

@@ -87,6 +87,7 @@ class TritonCore:
         self.sequences = sequences
         self.engine = sequences.engine
         self.config = config
+        self.tracing = sequences.layer.tracing
         self.limits = ConfigLimits(
             max_batch_size=config.max_classify_sequences,
             idle_timeout_s=config.session_idle_timeout_s,

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from service import codec, metrics
 from service.errors import LstmServeError, MalformedRequest
 from service.status import status_code, status_message
+from service.tracing import NO_REQUEST_SPAN, TRITON_SERVICE, grpc_parent, grpc_span
 from service.triton import grpc_codec
 from service.triton.core import TritonCore
 from service.triton.types import TritonError
@@ -50,15 +51,20 @@ class TritonGrpcFront(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, core: TritonCore) -> None:
         self.core = core
+        self.tracing = core.tracing
 
     async def _unary(self, rpc: str, model: str, context: Context, work: Callable[[], T]) -> T:
+        span = grpc_span(self.tracing, TRITON_SERVICE, rpc, context)
         try:
-            reply = work()
-            if isinstance(reply, Awaitable):
-                reply = await reply
+            with span.active():
+                reply = work()
+                if isinstance(reply, Awaitable):
+                    reply = await reply
         except Exception as exc:
+            span.fail(exc)
             await self._fail(rpc, model, context, exc)
             raise  # not reached: abort raises
+        span.finish()
         metrics.requests(rpc, self.core.model_label(model), "OK", PROTOCOL).inc()
         return reply  # type: ignore[return-value]
 
@@ -152,14 +158,16 @@ class TritonGrpcFront(pb_grpc.GRPCInferenceServiceServicer):
             reply = await self.core.infer(
                 grpc_codec.infer_request(request, self.core.config.max_bytes_elements)
             )
-            return grpc_codec.infer_response(reply)
+            with self.tracing.span("reply"):
+                return grpc_codec.infer_response(reply)
 
         return await self._unary("ModelInfer", request.model_name, context, work)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        stream = _InferStream(self.core, request_iterator)
+        parent = grpc_parent(self.tracing, context)  # each request's span is its child
+        stream = _InferStream(self, request_iterator, parent)
         try:
             async for reply in stream.replies():
                 yield reply
@@ -171,32 +179,46 @@ class _InferStream:
     """One ModelStreamInfer: requests run as they arrive, replies leave as they are done; read,
     bounded and drained by the session layer (service/protocol/concurrent.py)."""
 
-    def __init__(self, core: TritonCore, requests: AsyncIterator[Any]) -> None:
-        self.core = core
+    def __init__(self, front: TritonGrpcFront, requests: AsyncIterator[Any],
+                 parent: object = None) -> None:  # fmt: skip
+        self.core = core = front.core
+        self.front = front
+        self.parent = parent  # the call's trace context, when traced
         self.stream = core.stream(requests, _message_bytes, self._one, MAX_STREAM_INFLIGHT)
 
     def replies(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
         return self.stream.replies()
 
     async def _one(self, msg: Any) -> pb.ModelStreamInferResponse:
+        """One request, in its own span when traced (an in-band error ends it with its code)."""
+        span = NO_REQUEST_SPAN
+        if self.front.tracing.enabled:
+            span = self.front.tracing.rpc(TRITON_SERVICE, "ModelStreamInfer", self.parent)
         model = msg.model_name if isinstance(msg, pb.ModelInferRequest) else ""
         try:
             if isinstance(msg, codec.Malformed):
                 raise msg.error()
-            reply = await self.core.infer(
-                grpc_codec.infer_request(msg, self.core.config.max_bytes_elements)
-            )
-            result = pb.ModelStreamInferResponse(infer_response=grpc_codec.infer_response(reply))
+            with span.active():
+                reply = await self.core.infer(
+                    grpc_codec.infer_request(msg, self.core.config.max_bytes_elements)
+                )
+                with self.front.tracing.span("reply"):
+                    encoded = grpc_codec.infer_response(reply)
+            result = pb.ModelStreamInferResponse(infer_response=encoded)
             metrics.requests("ModelStreamInfer", self.core.model_label(model), "OK",
                              PROTOCOL).inc()  # fmt: skip
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            span.fail(exc)
             raise
         except Exception as exc:
+            span.fail(exc)
             _count_failure(self.core, "ModelStreamInfer", model, exc)
             result = pb.ModelStreamInferResponse(error_message=status_message(exc))
             if model:  # which request failed: its model and id, as Triton's clients read them
                 result.infer_response.model_name = model
                 result.infer_response.id = msg.id
+            return result
+        span.finish()
         return result
 
 

@@ -31,6 +31,7 @@ from google.protobuf.message import Message
 from service import metrics
 from service.engine.text.inputs import quoted
 from service.errors import ConfigError, LstmServeError
+from service.tracing import NO_REQUEST_SPAN
 from service.triton import http_codec
 from service.triton.http_body import BodyLimits, ClientGone
 from service.triton.http_requests import RequestReader
@@ -233,6 +234,7 @@ class HttpFront:
         """`middlewares` run before the front's own (authentication: service/security/http.py).
         The bounds are the core's config's (--http-* flags, --max-bytes-elements)."""
         self.core = core
+        self.tracing = core.tracing
         config = core.config
         self.max_body_bytes = max_body_bytes or config.http_max_body_bytes
         limits = BodyLimits(self.max_body_bytes, config.http_max_inflate_ratio,
@@ -277,8 +279,16 @@ class HttpFront:
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name
         rpc = self._rpc.get(route or "", "unrouted")
+        span = NO_REQUEST_SPAN
+        if self.tracing.enabled:  # the request's span, under the caller's traceparent
+            template = request.match_info.route.resource
+            span = self.tracing.http(
+                request.method, template.canonical if template else "unrouted", request.path,
+                self.tracing.extract(request.headers.items()),
+            )  # fmt: skip
         try:
-            response = await handler(request)
+            with span.active():
+                response = await handler(request)
             code = "OK"
         except web.HTTPException as exc:  # no such route or method, body too large
             response, code = self._http_error(request, exc)
@@ -289,6 +299,10 @@ class HttpFront:
             log.exception("HTTP request failed", extra={"fields": {"rpc": rpc}})
             response = error_response(500, f"internal error: {type(exc).__name__}")
             code = "INTERNAL"
+        except BaseException as exc:  # cancelled: the client went away
+            span.fail(exc)
+            raise
+        span.finish_http(response.status)
         name = request.match_info.get("name")
         metrics.requests(rpc, self._label(name), code, metrics.PROTOCOL_KSERVE_HTTP).inc()
         if response.status in UNREAD_BODY:
@@ -393,7 +407,8 @@ class HttpFront:
         # held as the body arrives (service/triton/http_body.py).
         name, version = request.match_info["name"], version_of(request)
         reply, choice = await self.reader.infer(request, name, version, self.core.infer)
-        data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
+        with self.tracing.span("reply"):
+            data, content_type, header_length = http_codec.encode_infer_response(reply, choice)
         headers = {http_codec.HEADER_LENGTH: str(header_length)} if header_length >= 0 else None
         response = web.Response(body=data, content_type=content_type, headers=headers)
         if len(data) >= COMPRESS_FROM_BYTES and "Accept-Encoding" in request.headers:

@@ -147,6 +147,18 @@ def test_engine_and_session_layer_name_no_wire_module_even_lazily(package: str) 
     assert not found, found
 
 
+def test_only_the_tracing_module_names_opentelemetry() -> None:
+    """OpenTelemetry is the `tracing` extra: one module imports it, loaded only with
+    --trace-otlp-endpoint (service/tracing.py `build_tracing`)."""
+    found = []
+    for name, path in sources().items():
+        if name == "service.tracing_otel":
+            continue
+        named = [(line, m) for line, m in all_imports(path) if m.startswith("opentelemetry")]
+        found += [f"{path.relative_to(ROOT)}:{line} imports {module}" for line, module in named]
+    assert not found, found
+
+
 # The engine's parts, lowest first (docs/ARCHITECTURE.md, "The engine's parts"): a part imports
 # its own modules and the parts below it, never one above. `types` (the values that cross the
 # engine's edge) is below every part; core, attach and chunks (the Engine) sit above them all.

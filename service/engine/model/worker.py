@@ -55,7 +55,7 @@ class ModelWorker:
         self.load_seconds = load_seconds
         self.state = state
         self.lifecycle = ModelState.READY
-        self.batcher = SequenceBatcher(name, runtime, state, policy, lanes, metrics)
+        self.batcher = SequenceBatcher(name, runtime, state, policy, lanes, metrics, version)
         self._classify = classify
         # The parsed config.pbtxt of a user's own model (None for ours): the Triton front
         # answers ModelConfig from it.
@@ -142,7 +142,8 @@ class ModelWorker:
     async def classify(self, sequences: list[np.ndarray], with_steps: bool) -> list[StepResult]:
         """Whole sequences from zero states, on the Classify lane
         (service/engine/schedule/classify.py)."""
-        return await self._classify.run(self.runtime, self.name, sequences, with_steps)
+        return await self._classify.run(self.runtime, self.name, sequences, with_steps,
+                                        self.version)  # fmt: skip
 
 
 class WorkerFactory:

@@ -34,6 +34,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,15 @@ from service.engine.compute.state import StateStore
 from service.engine.schedule.pending import Pending, PendingChunks, bucket_of
 from service.engine.session.sessions import Session
 from service.engine.text.textstream import HeldChange
-from service.engine.types import NO_METRICS, BatchPolicy, EngineMetrics, StepResult
+from service.engine.types import (
+    NO_METRICS,
+    NO_TRACER,
+    BatchPolicy,
+    EngineMetrics,
+    EngineTracer,
+    StepResult,
+    TraceSpan,
+)
 
 __all__ = ["ComputeLanes", "InflightCounter", "SequenceBatcher", "bucket_of", "pad_chunks"]
 
@@ -82,10 +91,12 @@ class InflightCounter:
 
 @dataclass(frozen=True)
 class ComputeLanes:
-    """Where model runs happen: the worker threads and the count of work in progress."""
+    """Where model runs happen: the worker threads and the count of work in progress; the
+    tracer their batches report to."""
 
     executor: Executor
     inflight: InflightCounter
+    tracer: EngineTracer = NO_TRACER
 
 
 def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +173,20 @@ def _run_one_with_probe(
     return RunOutput(every, probe.probs, state)
 
 
+def trace_batch(tracer: EngineTracer, named: dict[str, Any],
+                batch: list[Pending]) -> TraceSpan | None:  # fmt: skip
+    """A batch's span, linked to the sampled requests it serves (each gets its queue wait
+    span); None when none of its chunks is traced."""
+    traced = [(item.trace, item.enqueued) for item in batch if item.trace is not None]
+    if not traced:
+        return None
+    return tracer.batch(named | {
+        "lstmserve.batch.size": len(batch),
+        "lstmserve.batch.steps": sum(item.steps for item in batch),
+        "lstmserve.batch.max_steps": max(item.steps for item in batch),
+    }, traced)  # fmt: skip
+
+
 class SequenceBatcher:
     """Pending chunks of one model version's sessions -> batched runs on the executor."""
 
@@ -173,6 +198,7 @@ class SequenceBatcher:
         policy: BatchPolicy,
         lanes: ComputeLanes,
         metrics: EngineMetrics = NO_METRICS,
+        version: int = 0,
     ) -> None:
         self.runtime = runtime
         self.state = state
@@ -188,6 +214,8 @@ class SequenceBatcher:
         self._m_compute = metrics.batch_compute_seconds.labels(name)
         self._m_steps = metrics.steps.labels(name, "Stream")
         self._m_chunk = {s: metrics.chunk_seconds.labels(name, s) for s in STAGES}
+        self._tracer = lanes.tracer
+        self._traced = {"lstmserve.model.name": name, "lstmserve.model.version": version}
 
     @property
     def pending(self) -> int:
@@ -203,6 +231,8 @@ class SequenceBatcher:
         item = Pending(session, seq, chunk, loop.create_future(), change)
         if item.steps < 1:
             raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
+        if self._tracer.enabled:  # the request's span, carried into the batch by the chunk
+            item.trace = self._tracer.current()
         self._queue.add(item)
         self._inflight.enter()
         if not self._scheduled:
@@ -269,6 +299,7 @@ class SequenceBatcher:
         steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
         held = any(item.tail is not None for item in batch)  # streamed text held: probes
         tails = [item.tail for item in batch] if held else None
+        span = trace_batch(self._tracer, self._traced, batch) if self._tracer.enabled else None
         loop = asyncio.get_running_loop()
         if self._inline(batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
@@ -276,11 +307,11 @@ class SequenceBatcher:
                 done.set_result(self._run(state, chunks, ids, steps, tails))
             except Exception as exc:
                 done.set_exception(exc)
-            self._finish(batch, done, dispatch=False)  # the caller's _dispatch loop goes on
+            self._finish(batch, done, False, span)  # the caller's _dispatch loop goes on
             return
         future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps,
                                       tails)  # fmt: skip
-        future.add_done_callback(lambda f: self._finish(batch, f))
+        future.add_done_callback(lambda f: self._finish(batch, f, span=span))
 
     def _inline(self, batch: list[Pending]) -> bool:
         """Run on the loop thread: a tiny batch on an idle model costs less than two thread hops."""
@@ -307,8 +338,8 @@ class SequenceBatcher:
         self,
         batch: list[Pending],
         future: asyncio.Future[tuple[RunOutput, float]],
-        dispatch: bool = True,
-    ) -> None:
+        dispatch: bool = True, span: TraceSpan | None = None,
+    ) -> None:  # fmt: skip
         """On the loop thread: commit every row whose waiter still wants it, wake the waiters."""
         self._running -= 1
         try:
@@ -322,6 +353,8 @@ class SequenceBatcher:
         else:
             self._commit(batch, out, seconds)
         finally:
+            if span is not None:
+                span.end(None if future.cancelled() else future.exception())
             self._inflight.leave(len(batch))
             if dispatch:
                 self._dispatch()

@@ -18,7 +18,14 @@ import numpy as np
 
 from service.engine.compute.runtime import ModelRuntime, RunOutput
 from service.engine.schedule.batcher import InflightCounter
-from service.engine.types import NO_METRICS, ClassifyPolicy, EngineMetrics, StepResult
+from service.engine.types import (
+    NO_METRICS,
+    NO_TRACER,
+    ClassifyPolicy,
+    EngineMetrics,
+    EngineTracer,
+    StepResult,
+)
 from service.errors import BudgetExceeded
 
 
@@ -26,8 +33,10 @@ class ClassifyLane:
     """Runs Classify requests of every model version, slice by slice."""
 
     def __init__(self, executor: Executor, inflight: InflightCounter, policy: ClassifyPolicy,
-                 metrics: EngineMetrics = NO_METRICS) -> None:  # fmt: skip
+                 metrics: EngineMetrics = NO_METRICS,
+                 tracer: EngineTracer = NO_TRACER) -> None:  # fmt: skip
         self.executor = executor
+        self.tracer = tracer
         self.inflight = inflight
         self.policy = policy
         self._m_chunk = metrics.chunk_seconds
@@ -43,10 +52,23 @@ class ClassifyLane:
             )
 
     async def run(self, runtime: ModelRuntime, name: str, sequences: list[np.ndarray],
-                  with_steps: bool) -> list[StepResult]:  # fmt: skip
-        """Every sequence from a zero state; results own their arrays."""
+                  with_steps: bool, version: int = 0) -> list[StepResult]:  # fmt: skip
+        """Every sequence from a zero state; results own their arrays. Traced: one batch span
+        (the request's own batch: its child), slices included."""
         lengths = np.array([s.shape[0] for s in sequences], dtype=np.int64)  # (B,)
         self.check_budget(lengths)
+        if not self.tracer.enabled:
+            return await self._run_all(runtime, name, sequences, lengths, with_steps)
+        attributes = {
+            "lstmserve.model.name": name, "lstmserve.model.version": version,
+            "lstmserve.batch.size": len(sequences), "lstmserve.batch.steps": int(lengths.sum()),
+            "lstmserve.batch.max_steps": int(lengths.max()),
+        }  # fmt: skip
+        with self.tracer.span("batch", attributes):
+            return await self._run_all(runtime, name, sequences, lengths, with_steps)
+
+    async def _run_all(self, runtime: ModelRuntime, name: str, sequences: list[np.ndarray],
+                       lengths: np.ndarray, with_steps: bool) -> list[StepResult]:  # fmt: skip
         desc = runtime.description
         inputs = _padded(sequences, lengths)  # (B, T) or (B, T, F)
         batch_size, longest = inputs.shape[:2]

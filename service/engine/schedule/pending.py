@@ -31,7 +31,7 @@ class Pending:
     them as a probe (its state not kept): `steps` counts both."""
 
     __slots__ = ("change", "chunk", "enqueued", "future", "seq", "session", "settled", "steps",
-                 "tail")  # fmt: skip
+                 "tail", "trace")  # fmt: skip
 
     def __init__(
         self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult],
@@ -48,6 +48,7 @@ class Pending:
             self.steps += len(tail)
         self.future = future
         self.enqueued = time.perf_counter()
+        self.trace: object | None = None  # its request's span (EngineTracer.current), if traced
 
     @property
     def key(self) -> tuple[int, int]:

@@ -1,0 +1,214 @@
+"""OpenTelemetry tracing (the `tracing` extra): the only module that imports opentelemetry,
+loaded by service/tracing.py `build_tracing` when --trace-otlp-endpoint is set.
+
+One tracer for the fronts (request and reply spans, the caller's W3C trace context taken from
+gRPC metadata and HTTP headers) and the engine (admission, queue wait, batch, store save: an
+`EngineTracer`). Spans go to the OTLP/gRPC endpoint through the SDK's batch processor (its
+OTEL_BSP_* and OTEL_EXPORTER_OTLP_* variables apply); sampling is parent-based: a caller's
+sampled flag is followed, a request without one is sampled with --trace-sample-ratio, and a
+batch is sampled when it serves a sampled request (the spans it links to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+from service.errors import LstmServeError
+
+if TYPE_CHECKING:
+    from opentelemetry.util.types import Attributes
+
+    from service.config import ServerConfig
+    from service.engine.types import TraceAttributes
+    from service.tracing import RequestSpan
+
+SCOPE = "lstm-serve"
+MAX_DESCRIPTION = 256  # characters of a status message kept in a span's status
+# The gRPC status codes by name (rpc.grpc.status_code is the number): grpc's StatusCode order.
+GRPC_CODES = {name: number for number, name in enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+))}  # fmt: skip
+_NOTHING: AbstractContextManager[object] = nullcontext()
+
+
+class LinkedOrRatio(Sampler):
+    """For a span without a parent: sampled when it links to a sampled span (a batch that
+    serves a sampled request), else with probability `ratio` (by trace id)."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = TraceIdRatioBased(ratio)
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[Link] | None = None, trace_state: object = None,
+                      ) -> SamplingResult:  # fmt: skip
+        if links and any(link.context.trace_flags.sampled for link in links):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self.ratio.should_sample(parent_context, trace_id, name, kind, attributes, links,
+                                        trace_state)  # type: ignore[arg-type]  # fmt: skip
+
+    def get_description(self) -> str:
+        return f"LinkedOrRatio{{{self.ratio.rate}}}"
+
+
+class OtelTracing:
+    """The fronts' `Tracing` and the engine's `EngineTracer` over one TracerProvider."""
+
+    enabled = True
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer(SCOPE)
+
+    @classmethod
+    def start(cls, config: ServerConfig) -> OtelTracing:
+        """Export to the configured endpoint (plaintext for http://, TLS for https://)."""
+        resource = Resource.create({"service.name": config.trace_service_name})
+        sampler = ParentBased(LinkedOrRatio(config.trace_sample_ratio))
+        provider = TracerProvider(resource=resource, sampler=sampler)
+        endpoint = config.trace_otlp_endpoint
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        return cls(provider)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()  # exports what is buffered first
+
+    # -- the fronts ------------------------------------------------------------------------
+
+    def extract(self, carrier: Iterable[tuple[str, str | bytes]]) -> object:
+        headers = {k.lower(): v for k, v in carrier if isinstance(v, str)}
+        return propagate.extract(headers, context=Context())
+
+    def rpc(self, service: str, method: str, parent: object,
+            attributes: dict[str, str | int] | None = None) -> RequestSpan:  # fmt: skip
+        named = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        return _Request(self.tracer, self.tracer.start_span(
+            f"{service}/{method}", _parent(parent), SpanKind.SERVER,
+            named | attributes if attributes else named,
+        ))  # fmt: skip
+
+    def http(self, method: str, route: str, path: str, parent: object) -> RequestSpan:
+        return _Request(self.tracer, self.tracer.start_span(
+            f"{method} {route}", _parent(parent), SpanKind.SERVER,
+            {"http.request.method": method, "http.route": route, "url.path": path},
+        ))  # fmt: skip
+
+    # -- the engine ------------------------------------------------------------------------
+
+    def current(self) -> object | None:
+        span = trace.get_current_span()
+        return span if span.is_recording() else None
+
+    def span(self, name: str, attributes: TraceAttributes | None = None,
+             ) -> AbstractContextManager[object]:  # fmt: skip
+        """A child of the current request's span; nothing outside a sampled request."""
+        if not trace.get_current_span().is_recording():
+            return _NOTHING
+        return self.tracer.start_as_current_span(name, attributes=attributes)
+
+    def batch(self, attributes: TraceAttributes, chunks: Sequence[tuple[object, float]],
+              ) -> _Batch:  # fmt: skip
+        """A batch's span (a root: it serves many requests), linked to each traced chunk's
+        request span; each chunk's `queue wait` span (from its enqueue, perf_counter seconds,
+        to now) under its request, linked to the batch."""
+        spans: list[Span] = [span for span, _ in chunks]  # type: ignore[misc]
+        links = [Link(span.get_span_context()) for span in spans]
+        now_ns, now = time.time_ns(), time.perf_counter()
+        batch = self.tracer.start_span("batch", Context(), SpanKind.INTERNAL, attributes,
+                                       links, start_time=now_ns)  # fmt: skip
+        to_batch = [Link(batch.get_span_context())]
+        for span, (_, enqueued) in zip(spans, chunks, strict=True):
+            since = now_ns - int((now - enqueued) * 1e9)
+            queued = self.tracer.start_span("queue wait", trace.set_span_in_context(span),
+                                            links=to_batch, start_time=since)  # fmt: skip
+            queued.end(end_time=now_ns)
+        return _Batch(batch)
+
+
+def _parent(parent: object) -> Context:
+    """The caller's context (from `extract`), or a new root: never the loop's current one."""
+    return parent if isinstance(parent, Context) else Context()
+
+
+def _describe(span: Span, code: str, message: str) -> None:
+    if code != "OK":
+        span.set_status(Status(StatusCode.ERROR, message[:MAX_DESCRIPTION] or code))
+
+
+class _Batch:
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def end(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            span = self.span
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: "
+                                   f"{str(error)[:MAX_DESCRIPTION]}"))  # fmt: skip
+        self.span.end()
+
+
+class _Request:
+    """One request's server span; ended by its front once the reply is handed over."""
+
+    __slots__ = ("span", "tracer")
+
+    def __init__(self, tracer: trace.Tracer, span: Span) -> None:
+        self.tracer = tracer
+        self.span = span
+
+    def active(self) -> AbstractContextManager[object]:
+        return trace.use_span(self.span, record_exception=False, set_status_on_exception=False)
+
+    @contextmanager
+    def reply(self) -> Iterator[None]:
+        """Not made current: a stream's reply span stays open across the conversation's
+        yield, and no context variable may."""
+        span = self.tracer.start_span("reply", trace.set_span_in_context(self.span))
+        try:
+            yield
+        finally:
+            span.end()
+
+    def finish(self, code: str = "OK", message: str = "") -> None:
+        span = self.span
+        span.set_attribute("rpc.grpc.status_code", GRPC_CODES.get(code, 2))
+        _describe(span, code, message)
+        span.end()
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, LstmServeError):
+            self.finish(exc.code, str(exc))
+        elif isinstance(exc, GeneratorExit | asyncio.CancelledError):
+            self.finish("CANCELLED", "the client went away")
+        else:
+            self.finish("INTERNAL", f"internal error: {type(exc).__name__}")
+
+    def finish_http(self, status: int) -> None:
+        span = self.span
+        span.set_attribute("http.response.status_code", status)
+        _describe(span, "OK" if status < 400 else str(status), f"HTTP {status}")
+        span.end()
