@@ -68,7 +68,7 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) 
 
 def recorded(ratio: float = 1.0) -> tuple[OtelTracing, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(LinkedOrRatio(ratio)), resource=Resource.create({}))
+    provider = TracerProvider(sampler=ParentBased(LinkedOrRatio(ratio)), resource=Resource({}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return OtelTracing(provider), exporter
 
