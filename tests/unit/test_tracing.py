@@ -101,16 +101,15 @@ def test_one_batch_links_every_traced_request_it_serves(tiny_repo: Path) -> None
     spans = exporter.get_finished_spans()
     (batch,) = named(spans, "batch")
     requests = named(spans, "svc/Stream")
-    assert {link.context.span_id for link in batch.links} == {
-        r.context.span_id for r in requests  # type: ignore[union-attr]
-    }
+    served = {r.context.span_id for r in requests}  # type: ignore[union-attr]
+    assert {link.context.span_id for link in batch.links} == served
     assert batch.parent is None and batch.attributes is not None
     assert batch.attributes["lstmserve.batch.size"] == 3  # the untraced chunk rode along
     assert batch.attributes["lstmserve.model.name"] == "tiny-gru"
     queued = named(spans, "queue wait")
     assert len(queued) == 2 and all(q.links[0].context.span_id == batch.context.span_id  # type: ignore[union-attr]
                                     for q in queued)  # fmt: skip
-    assert {q.parent.span_id for q in queued} == {r.context.span_id for r in requests}  # type: ignore[union-attr]
+    assert {q.parent.span_id for q in queued} == served  # type: ignore[union-attr]
     assert len(named(spans, "admission")) == 2  # the traced requests' (opens were outside)
 
 
