@@ -4,12 +4,17 @@ StreamMulti, each message parsed from bytes, answered by the session layer and s
     python -m bench.inproc                     # 256 sessions, 1 step each, 100 messages per round
     python -m bench.inproc --lone              # one Stream session of the bench model, ping-pong
     python -m bench.inproc --lone --intra-op-threads 1
+    python -m bench.inproc --lone --trace      # every message traced and exported
+    python -m bench.inproc --lone --trace 0    # tracing on, nothing sampled
 
 The model is tiny-lstm (hidden 8), whose batch-256 run costs next to nothing, so the figure is
 what the front, the session layer and the engine cost per entry. `--lone` is the lone client's
 path instead: one session of the bench model (bench/model.py) on a `StreamConversation`, each
 1-step message parsed, answered (the model run included) and its reply serialized; it prints
-the p50 and mean microseconds per message, and the model call alone for comparison.
+the p50 and mean microseconds per message, and the model call alone for comparison. `--trace`
+runs the server with --trace-otlp-endpoint (a sink in another process, so the server pays its
+whole export path and nothing of the receiving end) and --trace-sample-ratio RATIO (default 1:
+every message traced); the spans exported are counted.
 """
 
 from __future__ import annotations
@@ -129,10 +134,12 @@ async def lone_stream(layer: Any, messages: int, model: str = BENCH_MODEL) -> li
     return times
 
 
-async def measure_lone(repo: Path, messages: int, intra_op_threads: int) -> dict[str, Any]:
+async def measure_lone(repo: Path, messages: int, intra_op_threads: int,
+                       **settings: Any) -> dict[str, Any]:  # fmt: skip
     """The lone client's in-process path, p50 and mean per message (the first 10 % dropped as
     warm-up), beside one model call of the same shape."""
-    async with served(repo, intra_op_threads=intra_op_threads, inter_op_threads=1) as app:
+    async with served(repo, intra_op_threads=intra_op_threads, inter_op_threads=1,
+                      **settings) as app:  # fmt: skip
         times = await lone_stream(app.layer, messages)
         runtime = app.engine.registry.get(BENCH_MODEL).runtime
         desc = runtime.description
@@ -156,14 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lone", action="store_true", help="the lone client's Stream path")
     parser.add_argument("--intra-op-threads", type=int, default=2, help="with --lone")
+    parser.add_argument(
+        "--trace",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="RATIO",
+        help="with --lone: tracing on, this share of messages sampled (default 1: every one) "
+        "and exported (the tracing extra)",
+    )
     args = parser.parse_args(argv)
     if args.lone:
-        from bench.model import build_repository
-
         with tempfile.TemporaryDirectory(prefix="lstm-inproc-") as tmp:
-            build_repository(Path(tmp))
-            lone = measure_lone(Path(tmp), max(args.messages, 3000), args.intra_op_threads)
-            print(json.dumps(asyncio.run(lone)))
+            print(json.dumps(_lone(Path(tmp), args)))
         return 0
     from export.tiny import write_tiny_repository
 
@@ -172,6 +184,22 @@ def main(argv: list[str] | None = None) -> int:
         figures = asyncio.run(measure(Path(tmp), args.sessions, args.messages, args.rounds))
     print(json.dumps(figures))
     return 0
+
+
+def _lone(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.model import build_repository
+
+    build_repository(tmp)
+    messages = max(args.messages, 3000)
+    if args.trace is None:
+        return asyncio.run(measure_lone(tmp, messages, args.intra_op_threads)) | {"trace": None}
+    from bench.otlp_sink import Sink
+
+    with Sink() as sink:
+        figures = asyncio.run(measure_lone(tmp, messages, args.intra_op_threads,
+                                           trace_otlp_endpoint=sink.endpoint,
+                                           trace_sample_ratio=args.trace))  # fmt: skip
+    return figures | {"trace": args.trace, "spans_exported": sink.spans}
 
 
 if __name__ == "__main__":
