@@ -8,8 +8,9 @@
 # built from an argument (BuildKit resolves `FROM base-${TARGET}`, buildah 1.28 does not). CI
 # builds this file with buildah on a Debian base (.ci/image.sh, tests/e2e/test_image.py).
 # The package install is deploy/docker/install.sh, which tests/e2e/test_deploy_docker_scripts.py
-# also runs in a fresh venv: the image installs exactly pyproject.toml's base dependencies (CPU),
-# or those with onnxruntime swapped for the `gpu` extra (GPU). No other extra, so no torch.
+# also runs in a fresh venv: the image installs exactly pyproject.toml's base dependencies and the
+# `tracing` extra (CPU), or those with onnxruntime swapped for the `gpu` extra (GPU). No other
+# extra, so no torch.
 # Pin the base by digest for reproducible releases (NAME:TAG@sha256:...).
 
 ARG TARGET=cpu

@@ -3,8 +3,9 @@
 #   usage: deploy/docker/install.sh cpu|gpu [SOURCE_DIR]   (SOURCE_DIR defaults to .)
 # The Dockerfile's build stage runs this, and so does tests/unit/test_deploy_docker.py in a fresh
 # venv, so the image's install cannot drift from pyproject.toml unnoticed.
-#   cpu: the base dependencies only (onnxruntime, numpy, grpc, prometheus-client); no extras,
-#        so never torch (the `train` extra).
+#   cpu: the base dependencies (onnxruntime, numpy, grpc, prometheus-client, ...) and the
+#        `tracing` extra (OpenTelemetry, off unless --trace-otlp-endpoint); no other extra, so
+#        never torch (the `train` extra).
 #   gpu: the same list with onnxruntime swapped for the `gpu` extra (onnxruntime-gpu), resolved
 #        in one pip call: the two wheels share the `onnxruntime` package directory, and
 #        "install both, uninstall onnxruntime" would delete files onnxruntime-gpu needs.

@@ -1,9 +1,11 @@
 """Print the serving image's requirements, read from pyproject.toml, one per line.
 
-cpu: the base dependencies exactly. gpu: the same with plain `onnxruntime` replaced by the
-`gpu` extra (`onnxruntime-gpu`). Both wheels install into the same `onnxruntime` package, so
-installing both and uninstalling one afterwards deletes files the other needs; resolving the
-right list once avoids that. Never any other extra: torch lives in `train` and stays out.
+cpu: the base dependencies and the `tracing` extra (OpenTelemetry: pure Python, a few MB; a
+pod turns tracing on with LSTM_SERVE_TRACE_OTLP_ENDPOINT, no other image). gpu: the same with
+plain `onnxruntime` replaced by the `gpu` extra (`onnxruntime-gpu`). Both wheels install into the
+same `onnxruntime` package, so installing both and uninstalling one afterwards deletes files the
+other needs; resolving the right list once avoids that. Never any other extra: torch lives in
+`train` and stays out.
 Standard library only: it runs in the image's build stage before anything is installed.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 TARGETS = ("cpu", "gpu")
 CPU_RUNTIME = "onnxruntime"
+IMAGE_EXTRAS = ("tracing",)  # every image has these
 
 
 def distribution_name(requirement: str) -> str:
@@ -31,10 +34,13 @@ def requirements(pyproject: Path, target: str) -> list[str]:
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not one of {TARGETS}")
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
     base: list[str] = list(project["dependencies"])
+    for extra in IMAGE_EXTRAS:
+        base += extras[extra]
     if target == "cpu":
         return base
-    gpu: list[str] = list(project["optional-dependencies"]["gpu"])
+    gpu: list[str] = list(extras["gpu"])
     return [r for r in base if distribution_name(r) != CPU_RUNTIME] + gpu
 
 

@@ -48,10 +48,12 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_cpu_requirements_are_exactly_the_base_dependencies() -> None:
+def test_cpu_requirements_are_exactly_the_base_dependencies_and_tracing() -> None:
     result = run_script(DOCKER / "requirements.py", "cpu", str(ROOT / "pyproject.toml"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:-1] == PYPROJECT["project"]["dependencies"]
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    expected = PYPROJECT["project"]["dependencies"] + extras["tracing"]  # tracing: every image
+    assert result.stdout.split("\n")[:-1] == expected
 
 
 def test_gpu_requirements_swap_onnxruntime_for_the_gpu_extra() -> None:
@@ -61,6 +63,7 @@ def test_gpu_requirements_swap_onnxruntime_for_the_gpu_extra() -> None:
     names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in wanted}
     assert "onnxruntime" not in names and "onnxruntime-gpu" in names
     assert set(PYPROJECT["project"]["optional-dependencies"]["gpu"]) <= set(wanted)
+    assert set(PYPROJECT["project"]["optional-dependencies"]["tracing"]) <= set(wanted)
     assert not {"torch", "onnx", "aeon"} & names, "the serving image never gets the train extra"
 
 
@@ -125,7 +128,7 @@ def test_image_install_steps_in_a_fresh_venv(tmp_path: Path) -> None:
         )
 
     code = (
-        "import importlib.util, service, service.server; "
+        "import importlib.util, service, service.server, service.tracing_otel; "
         "assert importlib.util.find_spec('torch') is None, 'torch is installed'; "
         "print(service.__file__)"
     )
