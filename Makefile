@@ -3,7 +3,7 @@
 #   make test    lint, format check and the whole test suite
 # CI (.ci/run) also builds each documented environment alone and the image, which the suite then
 # tests; by hand, one at a time:
-#   make test-environments   .venv, [export], [train], [tokenizers] each alone (.venv-envs/)
+#   make test-environments   .venv, [export], [train], [tokenizers], [tracing] each alone (.venv-envs/)
 #   make test-image          the CPU image built with buildah (root; Debian's buildah)
 PYTHON ?= python3
 SERVE_VENV := .venv

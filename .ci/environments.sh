@@ -5,16 +5,17 @@
 #   DIR/export       pip install -e '.[export]'
 #   DIR/train        pip install -e '.[train]'
 #   DIR/tokenizers   pip install -e '.[tokenizers]'
+#   DIR/tracing      pip install -e '.[tracing]'
 # Each NAME/src is a copy of this checkout (tracked and unignored files) and NAME/venv its own
-# venv, so the four builds run in parallel without sharing an egg-info. pip's cache is shared;
+# venv, so the five builds run in parallel without sharing an egg-info. pip's cache is shared;
 # torch==2.13.0 comes from wherever this machine's pip finds it (never an unpinned torch).
-#   usage: .ci/environments.sh DIR [NAME...]     (default: all four)
+#   usage: .ci/environments.sh DIR [NAME...]     (default: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:?usage: .ci/environments.sh DIR [NAME...]}"
 shift
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(serve export train tokenizers)
+[ ${#names[@]} -gt 0 ] || names=(serve export train tokenizers tracing)
 python="${PYTHON:-python3}"
 
 build() {

@@ -11,7 +11,9 @@ The model is tiny-lstm (hidden 8), whose batch-256 run costs next to nothing, so
 what the front, the session layer and the engine cost per entry. `--lone` is the lone client's
 path instead: one session of the bench model (bench/model.py) on a `StreamConversation`, each
 1-step message parsed, answered (the model run included) and its reply serialized; it prints
-the p50 and mean microseconds per message, and the model call alone for comparison. `--trace`
+the p50 and mean microseconds per message, the event loop thread's CPU per message (all of the
+work with --intra-op-threads 1, and what other processes' load barely changes), and the model
+call alone for comparison. `--trace`
 runs the server with --trace-otlp-endpoint (a sink in another process, so the server pays its
 whole export path and nothing of the receiving end) and --trace-sample-ratio RATIO (default 1:
 every message traced); the spans exported are counted.
@@ -140,7 +142,9 @@ async def measure_lone(repo: Path, messages: int, intra_op_threads: int,
     warm-up), beside one model call of the same shape."""
     async with served(repo, intra_op_threads=intra_op_threads, inter_op_threads=1,
                       **settings) as app:  # fmt: skip
+        cpu = time.thread_time()
         times = await lone_stream(app.layer, messages)
+        cpu = time.thread_time() - cpu  # the loop thread's: all of it with 1 intra-op thread
         runtime = app.engine.registry.get(BENCH_MODEL).runtime
         desc = runtime.description
         one = (np.ones((1, 1), np.int64), np.ones(1, np.int64),
@@ -153,6 +157,7 @@ async def measure_lone(repo: Path, messages: int, intra_op_threads: int,
     kept = np.array(times[messages // 10 :]) * 1e6
     return {"model": BENCH_MODEL, "intra_op_threads": intra_op_threads, "messages": messages,
             "p50_us": float(np.percentile(kept, 50)), "mean_us": float(kept.mean()),
+            "loop_cpu_us": 1e6 * cpu / messages,
             "model_run_p50_us": float(np.percentile(np.array(runs) * 1e6, 50))}  # fmt: skip
 
 

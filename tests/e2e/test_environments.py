@@ -7,7 +7,9 @@ faults: here each environment has only what its install line gives it.
   export      `pip install -e '.[export]'`: docs/own-model-from-torch.md, docs/own-model-onnx.md,
               lstm-export config / verify / describe / tiny / inspect / trace (with its PNG)
   train       `pip install -e '.[train]'`: the README's recipe path, train, crossval, trace
-  tokenizers  `pip install -e '.[tokenizers]'`: a model with a tokenizer.json, served"""
+  tokenizers  `pip install -e '.[tokenizers]'`: a model with a tokenizer.json, served
+  tracing     `pip install -e '.[tracing]'`: docs/OPERATIONS.md's `lstm-serve
+              --trace-otlp-endpoint ...`, its spans received"""
 
 from __future__ import annotations
 
@@ -182,6 +184,16 @@ def test_serve_names_the_tokenizers_extra_for_a_tokenizer_json(tokenizer_repo: P
     assert "pip install 'lstm-serve[tokenizers]'" in done.stderr
 
 
+def test_serve_names_the_tracing_extra_for_the_flag() -> None:
+    env = environment("serve")
+    assert env.has("opentelemetry") == []
+    done = env.run("lstm-serve --model-repository models --grpc-port 0 --http-port -1 "
+                   "--metrics-port -1 --trace-otlp-endpoint http://127.0.0.1:4317")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "pip install 'lstm-serve[tracing]'" in done.stderr
+
+
 # ---- export ----------------------------------------------------------------------------------
 
 
@@ -352,3 +364,33 @@ def test_tokenizers_serves_a_model_with_a_tokenizer_json(tokenizer_repo: Path) -
         assert "ended after 2 steps" in streamed, streamed
     finally:
         server.stop()
+
+
+# ---- tracing -------------------------------------------------------------------------------
+
+
+def test_tracing_serves_the_documented_command_and_exports_its_spans() -> None:
+    """docs/OPERATIONS.md's install line and `lstm-serve --trace-otlp-endpoint ...`, alone."""
+    from tests.e2e.test_tracing import Receiver, Traceparent
+
+    env = environment("tracing")
+    assert env.has("opentelemetry", "grpc") == ["opentelemetry", "grpc"]
+    assert env.has("torch", "tokenizers") == []
+    receiver = Receiver()
+    client = Traceparent()
+    server = env.serve("--trace-otlp-endpoint", receiver.endpoint, "--trace-sample-ratio", "0.01")
+    try:
+        server.wait_event("ready", 90)
+        check = (
+            "import grpc; from lstmserve.v1 import lstm_serve_pb2 as pb, lstm_serve_pb2_grpc as g; "
+            f"c = grpc.insecure_channel('127.0.0.1:{server.port}'); "
+            "r = g.LstmServeStub(c).Classify(pb.ClassifyRequest(model='langid-chars', "
+            "sequences=[pb.SequenceInput(text='bonjour')]), "
+            f"metadata=(('traceparent', '{client.header}'),)); print(r.results[0].top[0].label)"
+        )
+        assert env.ok(f"python -c {shlex.quote(check)}").strip() == "french"
+    finally:
+        assert server.stop() == 0  # the stop exports what is buffered
+        receiver.server.stop(0)
+    names = {span.name for span in receiver.of_trace(client.trace_id)}
+    assert {"lstmserve.v1.LstmServe/Classify", "admission", "batch", "reply"} <= names, names
