@@ -149,7 +149,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         return await self._unary("LoadModel", request.name, context, self._load(request.name))
 
     async def _load(self, name: str) -> pb.LoadModelResponse:
-        self._check_explicit("LoadModel")
+        _check_explicit(self.engine, "LoadModel")
         await self.engine.control.load(name)
         registry = self.engine.registry
         held = [w for w in registry.all() if w.name == name]
@@ -163,15 +163,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         return await self._unary("UnloadModel", request.name, context, self._unload(request.name))
 
     async def _unload(self, name: str) -> pb.UnloadModelResponse:
-        self._check_explicit("UnloadModel")
+        _check_explicit(self.engine, "UnloadModel")
         return pb.UnloadModelResponse(draining=await self.engine.control.unload(name))
-
-    def _check_explicit(self, rpc: str) -> None:
-        mode = self.engine.control.mode
-        if mode != "explicit":
-            raise ProtocolError(
-                f"{rpc} needs --model-control explicit (this server runs --model-control {mode})"
-            )
 
     # -- classify ----------------------------------------------------------------------------
 
@@ -224,7 +217,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamMultiResponse]:
         requests = _translated(request_iterator, _entries)
-        conversation = MultiConversation(self.layer, requests)
+        parent = grpc_parent(self.layer.tracing, context)  # each message's span is its child
+        conversation = MultiConversation(self.layer, requests, parent)
         idle = self.config.session_idle_timeout_s
         try:
             async with aclosing(conversation.replies()) as replies:
@@ -242,7 +236,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
         self, request_iterator: AsyncIterator[pb.ColumnsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ColumnsResponse]:
         requests = _translated(request_iterator, codec.columns_request)
-        conversation = ColumnsConversation(self.layer, requests)
+        parent = grpc_parent(self.layer.tracing, context)  # each message's span is its child
+        conversation = ColumnsConversation(self.layer, requests, parent)
         try:
             async with aclosing(conversation.replies()) as replies:
                 async for reply in replies:
@@ -254,6 +249,14 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):
             await self._fail("StreamColumns", "", context, exc)
             return
         metrics.REQUESTS.labels("StreamColumns", metrics.UNKNOWN_MODEL, "OK").inc()
+
+
+def _check_explicit(engine: Engine, rpc: str) -> None:
+    mode = engine.control.mode
+    if mode != "explicit":
+        raise ProtocolError(
+            f"{rpc} needs --model-control explicit (this server runs --model-control {mode})"
+        )
 
 
 def _entries(request: pb.StreamMultiRequest) -> list:

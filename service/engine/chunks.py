@@ -54,12 +54,7 @@ class ChunkApply:
             if self.continuity.unsure and session.id in self.continuity.unsure:
                 await settle(self.continuity, session)  # strict: a refused save that landed
             work = ChunkWork(session, seq, chunk, held, attached)
-            if self.tracer.enabled:
-                with self.tracer.span("admission", {"lstmserve.admission": "chunk"}):
-                    resend = self._prepare(work)
-            else:
-                resend = self._prepare(work)
-            if resend is not None:
+            if (resend := self._admit(work)) is not None:
                 return resend
             before = self.continuity.checkpoint(session)  # strict mode only, else None
             outcome = self._finish(work, await self._submit(work))
@@ -97,7 +92,7 @@ class ChunkApply:
                 await session.lock.acquire()  # free: taken without suspending
                 locked.append(session)
                 try:
-                    outcomes[i] = self._prepare(w)  # a resend's outcome, or None
+                    outcomes[i] = self._admit(w)  # a resend's outcome, or None
                 except LstmServeError as exc:
                     outcomes[i] = exc
                 if outcomes[i] is None:
@@ -119,6 +114,13 @@ class ChunkApply:
         return [o for o in outcomes if o is not None]
 
     # -- the steps: prepare (then the checkpoint), submit, finish (then write through) -------
+
+    def _admit(self, work: ChunkWork) -> ChunkOutcome | None:
+        """`_prepare`, in an admission span when traced."""
+        if not self.tracer.enabled:
+            return self._prepare(work)
+        with self.tracer.span("admission", {"lstmserve.admission": "chunk"}):
+            return self._prepare(work)
 
     @staticmethod
     def _prepare(work: ChunkWork) -> ChunkOutcome | None:

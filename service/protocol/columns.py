@@ -14,6 +14,7 @@ live sessions in a last message, then the stream ends (UNAVAILABLE), as StreamMu
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,10 +33,15 @@ from service.errors import (
 )
 from service.protocol.inbox import DRAIN, EOF
 from service.protocol.messages import SMALL_MESSAGE_BYTES, Ended, Open, Resume, Snapshot
-from service.protocol.session import FINAL_MESSAGE_GRACE_S, SessionLayer, draining_error
+from service.protocol.session import (
+    FINAL_MESSAGE_GRACE_S,
+    SessionLayer,
+    draining_error,
+    traced_message,
+)
 
-RPC = "StreamColumns"
 MAX_HANDLE = 2**32 - 1  # handles are uint32 on the wire; 0 means "none"
+RPC = "StreamColumns"
 PRUNE_FLOOR = 1024  # the handle table forgets ended / expired sessions once past this size
 U32, U64, I64, F32 = np.dtype("<u4"), np.dtype("<u8"), np.dtype("<i8"), np.dtype("<f4")
 
@@ -87,14 +93,15 @@ class Columns:
 class ColumnsConversation:
     """Drives one columnar stream: its handle table, its model, its sessions' attachment."""
 
-    def __init__(self, layer: SessionLayer, requests: AsyncIterator[ColumnsMessage]) -> None:
+    def __init__(self, layer: SessionLayer, requests: AsyncIterator[ColumnsMessage],
+                 parent: object = None) -> None:  # fmt: skip
         self.layer = layer
+        self.parent = parent  # the call's trace context (Tracing.extract), when traced
         self._requests = requests
         self.model: ModelWorker | None = None
         self._sessions: dict[int, Session] = {}  # handle -> session
         self._handle_of: dict[str, int] = {}  # session id -> handle
-        self._next_handle = 1
-        self._prune_at = PRUNE_FLOOR
+        self._next_handle, self._prune_at = 1, PRUNE_FLOOR  # the next handle, when to prune
         self.token = object()  # what this stream's sessions are attached to (Session.attach)
 
     async def replies(self) -> AsyncIterator[ColumnsReply]:
@@ -110,7 +117,13 @@ class ColumnsConversation:
                         yield await self._final_snapshots()
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
-                yield await self.answer(message)  # type: ignore[arg-type]
+                answer = self.answer(message)  # type: ignore[arg-type]
+                if not layer.tracing.enabled:
+                    yield await answer
+                    continue
+                async with aclosing(traced_message(layer, RPC, self.parent, answer)) as traced:
+                    async for reply in traced:
+                        yield reply
         finally:
             layer.close_inbox(inbox)
             for session in self._sessions.values():

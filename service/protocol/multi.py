@@ -9,6 +9,7 @@ stream has named, then the stream ends (UNAVAILABLE).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from service import metrics
 from service.engine.session.sessions import Session
@@ -42,6 +43,7 @@ from service.protocol.session import (
     SessionLayer,
     draining_error,
     kind_name,
+    traced_message,
 )
 
 RPC = "StreamMulti"
@@ -51,8 +53,10 @@ PRUNE_FLOOR = 1024  # a stream remembers this many sessions before it forgets th
 class MultiConversation:
     """Drives one multi-session stream."""
 
-    def __init__(self, layer: SessionLayer, requests: AsyncIterator[list[SessionEntry]]) -> None:
+    def __init__(self, layer: SessionLayer, requests: AsyncIterator[list[SessionEntry]],
+                 parent: object = None) -> None:  # fmt: skip
         self.layer = layer
+        self.parent = parent  # the call's trace context (Tracing.extract), when traced
         self._requests = requests
         self._used: dict[str, Session] = {}  # live sessions this stream named, for drain
         self._prune_at = PRUNE_FLOOR  # forget ended / expired ones once it grows past this
@@ -72,7 +76,13 @@ class MultiConversation:
                         yield await self._final_snapshots()
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
-                yield await self.answer(entries)  # type: ignore[arg-type]
+                answer = self.answer(entries)  # type: ignore[arg-type]
+                if not layer.tracing.enabled:
+                    yield await answer
+                    continue
+                async with aclosing(traced_message(layer, RPC, self.parent, answer)) as traced:
+                    async for reply in traced:
+                        yield reply
         finally:
             layer.close_inbox(inbox)
             for session in self._used.values():

@@ -7,7 +7,7 @@ from (a bad chunk) is answered in-band.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,7 +19,14 @@ from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
 from service.engine.text.inputs import tokens_from_stream
 from service.engine.text.textstream import HeldChange, HeldText, held_change
-from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap, Unavailable
+from service.errors import (
+    Draining,
+    InvalidInput,
+    LstmServeError,
+    ProtocolError,
+    SequenceGap,
+    Unavailable,
+)
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
     Body,
@@ -38,7 +45,7 @@ from service.protocol.messages import (
     Snapshot,
     TakeSnapshot,
 )
-from service.tracing import NO_TRACING, Tracing
+from service.tracing import LSTM_SERVE_SERVICE, NO_TRACING, Tracing
 
 R = TypeVar("R")
 
@@ -200,3 +207,31 @@ class SessionLayer:
     def hands_over(self) -> bool:
         """Whether a draining server sends final snapshots (snapshots are configured)."""
         return self.engine.continuity.enabled
+
+
+def _accepted(reply: object) -> LstmServeError | None:
+    return None
+
+
+async def traced_message(
+    layer: SessionLayer, rpc: str, parent: object, answer: Awaitable[R],
+    attributes: dict[str, str | int] | None = None,
+    refusal: Callable[[R], LstmServeError | None] = _accepted,
+) -> AsyncIterator[R]:  # fmt: skip
+    """One message of a stream in its own span under the call's trace context (`parent`):
+    `answer` runs with the span current, the reply is handed over in its `reply` span, and
+    the span ends OK or with the code of an in-band `refusal`. Run it under `aclosing`."""
+    span = layer.tracing.rpc(LSTM_SERVE_SERVICE, rpc, parent, attributes)
+    try:
+        with span.active():
+            reply = await answer
+        with span.reply():
+            yield reply
+    except BaseException as exc:
+        span.fail(exc)
+        raise
+    error = refusal(reply)
+    if error is None:
+        span.finish()
+    else:
+        span.finish(error.code, str(error))

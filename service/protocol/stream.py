@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from service.engine.session.sessions import Session
+from service.errors import LstmServeError
 from service.protocol.inbox import DRAIN, EOF, Inbox
 from service.protocol.messages import ChunkDone, Ended, Reply, Request, request_bytes
 from service.protocol.session import (
@@ -16,8 +18,8 @@ from service.protocol.session import (
     SessionLayer,
     draining_error,
     kind_name,
+    traced_message,
 )
-from service.tracing import LSTM_SERVE_SERVICE, RequestSpan
 
 
 class StreamConversation:
@@ -58,17 +60,13 @@ class StreamConversation:
                 assert not isinstance(request, BaseException)
                 if not layer.tracing.enabled:
                     yield await self._answer(request)  # type: ignore[arg-type]
-                else:  # in the message's span; its reply span around the hand-over
-                    span = self._span(request)  # type: ignore[arg-type]
-                    try:
-                        with span.active():
-                            reply = await self._answer(request)  # type: ignore[arg-type]
-                        with span.reply():
+                else:
+                    kind = {"lstmserve.message": kind_name(request)}
+                    answer = self._answer(request)  # type: ignore[arg-type]
+                    async with aclosing(traced_message(layer, self.rpc, self.parent, answer, kind,
+                                                       _refused)) as traced:  # fmt: skip
+                        async for reply in traced:
                             yield reply
-                    except BaseException as exc:
-                        span.fail(exc)
-                        raise
-                    _finish(span, reply)
                 if self._ended:
                     return
         finally:
@@ -88,11 +86,6 @@ class StreamConversation:
             self._ended = True  # ended: by `end`, or by its decision (end_when_decided)
         return Reply(self.session.id, body)
 
-    def _span(self, request: Request) -> RequestSpan:
-        return self.layer.tracing.rpc(
-            LSTM_SERVE_SERVICE, self.rpc, self.parent, {"lstmserve.message": kind_name(request)}
-        )
-
     async def _next(self, inbox: Inbox[Request]) -> object:
         """The next message, EOF or DRAIN. A stream not attached yet when the drain starts has
         its first message read (up to FINAL_MESSAGE_GRACE_S) and refused by attach, instead of
@@ -106,10 +99,6 @@ class StreamConversation:
             raise draining_error() from None
 
 
-def _finish(span: RequestSpan, reply: Reply) -> None:
-    """End a message's span: OK, or the code of a chunk refused in-band."""
-    error = getattr(reply.body, "error", None)
-    if error is None:
-        span.finish()
-    else:
-        span.finish(error.code, str(error))
+def _refused(reply: Reply) -> LstmServeError | None:
+    """A chunk refused in-band: its message's span ends with that code."""
+    return getattr(reply.body, "error", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import queue
 import secrets
 import shutil
 import subprocess
@@ -238,6 +239,31 @@ def test_a_streamed_chunk_has_a_complete_trace(traced: ServerProcess, receiver: 
     opened = request_span(spans, client, name, "open")  # the open: its admission, its save
     assert {"admission", "store save"} <= set(children(spans, opened))
     request_span(spans, client, name, "end")
+
+
+def test_each_stream_multi_message_is_a_span_its_batch_links_to(
+    traced: ServerProcess, receiver: Receiver
+) -> None:
+    """StreamMulti: one span per message (its entries share it), linked from their batch."""
+    client = Traceparent()
+    outbox: queue.Queue[Any] = queue.Queue()
+    outbox.put(pb.StreamMultiRequest(entries=[pb.SessionRequest(open=pb.OpenSession(model=MODEL))]))
+    with grpc.insecure_channel(traced.address) as channel:
+        stub = pb_grpc.LstmServeStub(channel)
+        replies = stub.StreamMulti(iter(outbox.get, None),
+                                   metadata=(("traceparent", client.header),))  # fmt: skip
+        session_id = next(replies).results[0].session_id
+        chunk = pb.Chunk(seq=1, input=pb.SequenceInput(text="ciao"))
+        outbox.put(pb.StreamMultiRequest(entries=[pb.SessionRequest(session_id=session_id,
+                                                                    chunk=chunk)]))  # fmt: skip
+        assert next(replies).results[0].HasField("chunk")
+        outbox.put(None)
+        list(replies)
+    name = "lstmserve.v1.LstmServe/StreamMulti"
+    spans = receiver.wait(lambda: len(s := receiver.of_trace(client.trace_id)) >= 7 and s)
+    messages = [s for s in spans if s.name == name and s.parent_span_id == client.span_id]
+    assert len(messages) == 2, [s.name for s in spans]
+    check_queued_batch(receiver, spans, max(messages, key=lambda s: s.start_time_unix_nano))
 
 
 def test_a_classify_has_its_batch_as_a_child(traced: ServerProcess, receiver: Receiver) -> None:
