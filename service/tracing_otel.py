@@ -130,18 +130,22 @@ class OtelTracing:
 
     def batch(self, attributes: TraceAttributes, chunks: Sequence[tuple[object, float]],
               ) -> _Batch:  # fmt: skip
-        """A batch's span (a root: it serves many requests), linked to each traced chunk's
-        request span; each chunk's `queue wait` span (from its enqueue, perf_counter seconds,
-        to now) under its request, linked to the batch."""
-        spans: list[Span] = [span for span, _ in chunks]  # type: ignore[misc]
-        links = [Link(span.get_span_context()) for span in spans]
+        """A batch's span (a root: it serves many requests), linked to each traced request
+        span once; under each request a `queue wait` span from its first chunk's submission
+        (perf_counter seconds) to now, linked to the batch."""
+        requests: dict[int, tuple[Span, float, int]] = {}  # a StreamMulti's chunks share one
+        for span, enqueued in chunks:
+            _, first, n = requests.get(id(span), (span, enqueued, 0))
+            requests[id(span)] = (span, min(first, enqueued), n + 1)  # type: ignore[assignment]
+        links = [Link(span.get_span_context()) for span, _, _ in requests.values()]
         now_ns, now = time.time_ns(), time.perf_counter()
         batch = self.tracer.start_span("batch", Context(), SpanKind.INTERNAL, attributes,
                                        links, start_time=now_ns)  # fmt: skip
         to_batch = [Link(batch.get_span_context())]
-        for span, (_, enqueued) in zip(spans, chunks, strict=True):
+        for span, enqueued, n in requests.values():
             since = now_ns - int((now - enqueued) * 1e9)
             queued = self.tracer.start_span("queue wait", trace.set_span_in_context(span),
+                                            attributes={"lstmserve.chunks": n},
                                             links=to_batch, start_time=since)  # fmt: skip
             queued.end(end_time=now_ns)
         return _Batch(batch)

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBased
 
 from service.config import ServerConfig, config_from_args
-from service.engine.types import NO_TRACER, StreamOptions
+from service.engine.types import NO_TRACER, ChunkWork, StreamOptions
 from service.errors import ConfigError
 from service.tracing import EXTRA_MISSING, NO_REQUEST_SPAN, NO_TRACING, build_tracing
 from service.tracing_otel import LinkedOrRatio, OtelTracing
@@ -111,6 +111,28 @@ def test_one_batch_links_every_traced_request_it_serves(tiny_repo: Path) -> None
                                     for q in queued)  # fmt: skip
     assert {q.parent.span_id for q in queued} == served  # type: ignore[union-attr]
     assert len(named(spans, "admission")) == 2  # the traced requests' (opens were outside)
+
+
+def test_a_request_with_many_chunks_in_one_batch_is_linked_once(tiny_repo: Path) -> None:
+    """A StreamMulti message: its chunks share its span, one link and one queue wait."""
+    tracing, exporter = recorded()
+    engine = load_engine(tiny_repo, tracer=tracing)
+
+    async def main() -> None:
+        sessions = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(3)]
+        span = tracing.rpc("svc", "StreamMulti", None)
+        with span.active():
+            await engine.apply_chunks([ChunkWork(s, 1, np.array([1, 2])) for s in sessions])
+        span.finish()
+
+    asyncio.run(main())
+    engine.close()
+    spans = exporter.get_finished_spans()
+    (batch,) = named(spans, "batch")
+    (queued,) = named(spans, "queue wait")
+    assert len(batch.links) == 1 and batch.attributes["lstmserve.batch.size"] == 3  # type: ignore[index]
+    assert queued.attributes == {"lstmserve.chunks": 3}
+    assert len(named(spans, "admission")) == 3  # one per entry
 
 
 def test_no_span_outside_a_sampled_request(tiny_repo: Path) -> None:
