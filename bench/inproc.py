@@ -6,6 +6,7 @@ StreamMulti, each message parsed from bytes, answered by the session layer and s
     python -m bench.inproc --lone --intra-op-threads 1
     python -m bench.inproc --lone --trace      # every message traced and exported
     python -m bench.inproc --lone --trace 0    # tracing on, nothing sampled
+    python -m bench.inproc --lone --streams 64 # 64 such streams at once (their chunks batched)
 
 The model is tiny-lstm (hidden 8), whose batch-256 run costs next to nothing, so the figure is
 what the front, the session layer and the engine cost per entry. `--lone` is the lone client's
@@ -136,15 +137,17 @@ async def lone_stream(layer: Any, messages: int, model: str = BENCH_MODEL) -> li
     return times
 
 
-async def measure_lone(repo: Path, messages: int, intra_op_threads: int,
+async def measure_lone(repo: Path, messages: int, intra_op_threads: int, streams: int = 1,
                        **settings: Any) -> dict[str, Any]:  # fmt: skip
-    """The lone client's in-process path, p50 and mean per message (the first 10 % dropped as
-    warm-up), beside one model call of the same shape."""
+    """The lone client's in-process path (or `streams` of them at once, so that their chunks
+    share batches), p50 and mean per message (the first 10 % dropped as warm-up), the CPU per
+    message of the loop thread and of the whole process (the trace exporter's thread
+    included), beside one model call of the same shape."""
     async with served(repo, intra_op_threads=intra_op_threads, inter_op_threads=1,
                       **settings) as app:  # fmt: skip
-        cpu = time.thread_time()
-        times = await lone_stream(app.layer, messages)
-        cpu = time.thread_time() - cpu  # the loop thread's: all of it with 1 intra-op thread
+        cpu, process = time.thread_time(), time.process_time()
+        each = await asyncio.gather(*(lone_stream(app.layer, messages) for _ in range(streams)))
+        cpu, process = time.thread_time() - cpu, time.process_time() - process
         runtime = app.engine.registry.get(BENCH_MODEL).runtime
         desc = runtime.description
         one = (np.ones((1, 1), np.int64), np.ones(1, np.int64),
@@ -154,10 +157,12 @@ async def measure_lone(repo: Path, messages: int, intra_op_threads: int,
             started = time.perf_counter()
             runtime.run(*one, steps=False)
             runs.append(time.perf_counter() - started)
-    kept = np.array(times[messages // 10 :]) * 1e6
-    return {"model": BENCH_MODEL, "intra_op_threads": intra_op_threads, "messages": messages,
-            "p50_us": float(np.percentile(kept, 50)), "mean_us": float(kept.mean()),
-            "loop_cpu_us": 1e6 * cpu / messages,
+    kept = np.array([t for times in each for t in times[messages // 10 :]]) * 1e6
+    total = messages * streams
+    return {"model": BENCH_MODEL, "intra_op_threads": intra_op_threads, "streams": streams,
+            "messages": messages, "p50_us": float(np.percentile(kept, 50)),
+            "mean_us": float(kept.mean()), "loop_cpu_us": 1e6 * cpu / total,
+            "process_cpu_us": 1e6 * process / total,
             "model_run_p50_us": float(np.percentile(np.array(runs) * 1e6, 50))}  # fmt: skip
 
 
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lone", action="store_true", help="the lone client's Stream path")
     parser.add_argument("--intra-op-threads", type=int, default=2, help="with --lone")
+    parser.add_argument(
+        "--streams", type=int, default=1, help="with --lone: this many streams at once"
+    )
     parser.add_argument(
         "--trace",
         type=float,
@@ -195,13 +203,14 @@ def _lone(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from bench.model import build_repository
 
     build_repository(tmp)
-    messages = max(args.messages, 3000)
+    messages = max(args.messages, 3000 // args.streams)
+    threads, streams = args.intra_op_threads, args.streams
     if args.trace is None:
-        return asyncio.run(measure_lone(tmp, messages, args.intra_op_threads)) | {"trace": None}
+        return asyncio.run(measure_lone(tmp, messages, threads, streams)) | {"trace": None}
     from bench.otlp_sink import Sink
 
     with Sink() as sink:
-        figures = asyncio.run(measure_lone(tmp, messages, args.intra_op_threads,
+        figures = asyncio.run(measure_lone(tmp, messages, threads, streams,
                                            trace_otlp_endpoint=sink.endpoint,
                                            trace_sample_ratio=args.trace))  # fmt: skip
     return figures | {"trace": args.trace, "spans_exported": sink.spans}
