@@ -35,7 +35,7 @@ from service.security import http as security_http
 from service.security.auth import AuthInterceptor, build_authenticator
 from service.security.tls import CertificateFiles, certificate_files
 from service.servicer import LstmServeServicer, add_to_server
-from service.tracing import NO_TRACING, Tracing, build_tracing
+from service.tracing import EXTRA_MISSING, NO_TRACING, Tracing
 from service.triton import grpc_front as triton_grpc
 from service.triton.core import TritonCore
 from service.triton.http_front import HttpFront
@@ -264,6 +264,20 @@ def _continuity(config: ServerConfig, store: SessionStore,
     return SessionContinuity(store, keys=config.snapshot_keys, backend=backend,
                              max_age_s=config.snapshot_max_age_s,
                              mode=config.session_store_mode, metrics=recorded)  # fmt: skip
+
+
+def build_tracing(config: ServerConfig) -> Tracing:
+    """NO_TRACING without --trace-otlp-endpoint; else the OpenTelemetry tracing (ConfigError,
+    one line naming the extra, when it is not installed)."""
+    if not config.trace_otlp_endpoint:
+        return NO_TRACING
+    try:
+        from service import tracing_otel
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("opentelemetry"):
+            raise
+        raise ConfigError(EXTRA_MISSING) from None
+    return tracing_otel.OtelTracing.start(config)
 
 
 def build_engine(config: ServerConfig, tracing: Tracing = NO_TRACING) -> Engine:

@@ -2,23 +2,20 @@
 
 Off by default: `NO_TRACING` does nothing and allocates nothing, and the fronts check
 `enabled` (one attribute) before any tracing work on the per-chunk path. With
---trace-otlp-endpoint the composition root loads the OpenTelemetry implementation
-(service/tracing_otel.py, the only module that imports opentelemetry; the `tracing` extra), which
-is also the engine's tracer (service/engine/types.py `EngineTracer`). Spans, attributes and
-links: docs/OPERATIONS.md, "Tracing".
+--trace-otlp-endpoint the composition root (service/server.py `build_tracing`) loads the
+OpenTelemetry implementation (service/tracing_otel.py, the only module that imports
+opentelemetry; the `tracing` extra), which is also the engine's tracer
+(service/engine/types.py `EngineTracer`). Spans, attributes and links: docs/OPERATIONS.md,
+"Tracing".
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from service.engine.types import EngineTracer, NoTracer
-from service.errors import ConfigError
-
-if TYPE_CHECKING:
-    from service.config import ServerConfig
 
 EXTRA_MISSING = (
     "--trace-otlp-endpoint needs OpenTelemetry, which this environment lacks: "
@@ -130,17 +127,3 @@ def grpc_span(tracing: Tracing, service: str, method: str, context: Any) -> Requ
     if not tracing.enabled:
         return NO_REQUEST_SPAN
     return tracing.rpc(service, method, grpc_parent(tracing, context))
-
-
-def build_tracing(config: ServerConfig) -> Tracing:
-    """NO_TRACING without --trace-otlp-endpoint; else the OpenTelemetry tracing (ConfigError,
-    one line naming the extra, when it is not installed)."""
-    if not config.trace_otlp_endpoint:
-        return NO_TRACING
-    try:
-        from service import tracing_otel
-    except ImportError as exc:
-        if exc.name is None or not exc.name.startswith("opentelemetry"):
-            raise
-        raise ConfigError(EXTRA_MISSING) from None
-    return tracing_otel.OtelTracing.start(config)

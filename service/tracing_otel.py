@@ -1,5 +1,5 @@
 """OpenTelemetry tracing (the `tracing` extra): the only module that imports opentelemetry,
-loaded by service/tracing.py `build_tracing` when --trace-otlp-endpoint is set.
+loaded by service/server.py `build_tracing` when --trace-otlp-endpoint is set.
 
 One tracer for the fronts (request and reply spans, the caller's W3C trace context taken from
 gRPC metadata and HTTP headers) and the engine (admission, queue wait, batch, store save: an
@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from opentelemetry import propagate, trace
@@ -33,6 +34,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from service.errors import LstmServeError
+from service.tracing import NO_REQUEST_SPAN
 
 if TYPE_CHECKING:
     from opentelemetry.util.types import Attributes
@@ -103,17 +105,20 @@ class OtelTracing:
 
     def rpc(self, service: str, method: str, parent: object,
             attributes: dict[str, str | int] | None = None) -> RequestSpan:  # fmt: skip
+        """The request's span; NO_REQUEST_SPAN when it is not sampled (nothing below it is,
+        and an unsampled request then costs the sampling decision only)."""
         named = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        return _Request(self.tracer, self.tracer.start_span(
-            f"{service}/{method}", _parent(parent), SpanKind.SERVER,
-            named | attributes if attributes else named,
-        ))  # fmt: skip
+        return self._request(f"{service}/{method}", parent,
+                             named | attributes if attributes else named)  # fmt: skip
 
     def http(self, method: str, route: str, path: str, parent: object) -> RequestSpan:
-        return _Request(self.tracer, self.tracer.start_span(
-            f"{method} {route}", _parent(parent), SpanKind.SERVER,
-            {"http.request.method": method, "http.route": route, "url.path": path},
-        ))  # fmt: skip
+        return self._request(f"{method} {route}", parent, {
+            "http.request.method": method, "http.route": route, "url.path": path,
+        })  # fmt: skip
+
+    def _request(self, name: str, parent: object, attributes: dict[str, str | int]) -> RequestSpan:
+        span = self.tracer.start_span(name, _parent(parent), SpanKind.SERVER, attributes)
+        return _Request(self.tracer, span) if span.is_recording() else NO_REQUEST_SPAN
 
     # -- the engine ------------------------------------------------------------------------
 
@@ -126,7 +131,7 @@ class OtelTracing:
         """A child of the current request's span; nothing outside a sampled request."""
         if not trace.get_current_span().is_recording():
             return _NOTHING
-        return self.tracer.start_as_current_span(name, attributes=attributes)
+        return _Child(self.tracer.start_span(name, attributes=attributes))
 
     def batch(self, attributes: TraceAttributes, chunks: Sequence[tuple[object, float]],
               ) -> _Batch:  # fmt: skip
@@ -161,6 +166,30 @@ def _describe(span: Span, code: str, message: str) -> None:
         span.set_status(Status(StatusCode.ERROR, message[:MAX_DESCRIPTION] or code))
 
 
+class _Child:
+    """A span under the current one, ended when the block ends (not made current: nothing
+    nests under admission, a store save or a reply)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> Span:
+        return self.span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        if exc is not None:
+            _failed(self.span, exc)
+        self.span.end()
+
+
+def _failed(span: Span, error: BaseException) -> None:
+    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: "
+                           f"{str(error)[:MAX_DESCRIPTION]}"))  # fmt: skip
+
+
 class _Batch:
     __slots__ = ("span",)
 
@@ -169,9 +198,7 @@ class _Batch:
 
     def end(self, error: BaseException | None = None) -> None:
         if error is not None:
-            span = self.span
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: "
-                                   f"{str(error)[:MAX_DESCRIPTION]}"))  # fmt: skip
+            _failed(self.span, error)
         self.span.end()
 
 

@@ -39,6 +39,7 @@ from service.protocol.session import (
     draining_error,
     traced_message,
 )
+from service.tracing import LSTM_SERVE_SERVICE, NO_REQUEST_SPAN
 
 MAX_HANDLE = 2**32 - 1  # handles are uint32 on the wire; 0 means "none"
 RPC = "StreamColumns"
@@ -117,11 +118,11 @@ class ColumnsConversation:
                         yield await self._final_snapshots()
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
-                answer = self.answer(message)  # type: ignore[arg-type]
-                if not layer.tracing.enabled:
-                    yield await answer
+                span = layer.tracing.rpc(LSTM_SERVE_SERVICE, RPC, self.parent)
+                if span is NO_REQUEST_SPAN:  # off, or this message is not sampled
+                    yield await self.answer(message)  # type: ignore[arg-type]
                     continue
-                async with aclosing(traced_message(layer, RPC, self.parent, answer)) as traced:
+                async with aclosing(traced_message(span, self.answer(message))) as traced:  # type: ignore[arg-type]
                     async for reply in traced:
                         yield reply
         finally:

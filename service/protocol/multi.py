@@ -45,6 +45,7 @@ from service.protocol.session import (
     kind_name,
     traced_message,
 )
+from service.tracing import LSTM_SERVE_SERVICE, NO_REQUEST_SPAN
 
 RPC = "StreamMulti"
 PRUNE_FLOOR = 1024  # a stream remembers this many sessions before it forgets the gone ones
@@ -76,11 +77,11 @@ class MultiConversation:
                         yield await self._final_snapshots()
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
-                answer = self.answer(entries)  # type: ignore[arg-type]
-                if not layer.tracing.enabled:
-                    yield await answer
+                span = layer.tracing.rpc(LSTM_SERVE_SERVICE, RPC, self.parent)
+                if span is NO_REQUEST_SPAN:  # off, or this message is not sampled
+                    yield await self.answer(entries)  # type: ignore[arg-type]
                     continue
-                async with aclosing(traced_message(layer, RPC, self.parent, answer)) as traced:
+                async with aclosing(traced_message(span, self.answer(entries))) as traced:  # type: ignore[arg-type]
                     async for reply in traced:
                         yield reply
         finally:

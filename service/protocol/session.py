@@ -45,7 +45,7 @@ from service.protocol.messages import (
     Snapshot,
     TakeSnapshot,
 )
-from service.tracing import LSTM_SERVE_SERVICE, NO_TRACING, Tracing
+from service.tracing import NO_TRACING, RequestSpan, Tracing
 
 R = TypeVar("R")
 
@@ -214,14 +214,13 @@ def _accepted(reply: object) -> LstmServeError | None:
 
 
 async def traced_message(
-    layer: SessionLayer, rpc: str, parent: object, answer: Awaitable[R],
-    attributes: dict[str, str | int] | None = None,
+    span: RequestSpan, answer: Awaitable[R],
     refusal: Callable[[R], LstmServeError | None] = _accepted,
 ) -> AsyncIterator[R]:  # fmt: skip
-    """One message of a stream in its own span under the call's trace context (`parent`):
-    `answer` runs with the span current, the reply is handed over in its `reply` span, and
-    the span ends OK or with the code of an in-band `refusal`. Run it under `aclosing`."""
-    span = layer.tracing.rpc(LSTM_SERVE_SERVICE, rpc, parent, attributes)
+    """One message of a stream in its sampled `span` (Tracing.rpc; an unsampled message gets
+    NO_REQUEST_SPAN and is answered as if tracing were off): `answer` runs with the span
+    current, the reply is handed over in its `reply` span, and the span ends OK or with the
+    code of an in-band `refusal`. Run it under `aclosing`."""
     try:
         with span.active():
             reply = await answer

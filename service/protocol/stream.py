@@ -20,6 +20,7 @@ from service.protocol.session import (
     kind_name,
     traced_message,
 )
+from service.tracing import LSTM_SERVE_SERVICE, NO_REQUEST_SPAN, RequestSpan
 
 
 class StreamConversation:
@@ -58,13 +59,12 @@ class StreamConversation:
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
                 assert not isinstance(request, BaseException)
-                if not layer.tracing.enabled:
+                span = self._span(request) if layer.tracing.enabled else NO_REQUEST_SPAN
+                if span is NO_REQUEST_SPAN:  # off, or this message is not sampled
                     yield await self._answer(request)  # type: ignore[arg-type]
                 else:
-                    kind = {"lstmserve.message": kind_name(request)}
                     answer = self._answer(request)  # type: ignore[arg-type]
-                    async with aclosing(traced_message(layer, self.rpc, self.parent, answer, kind,
-                                                       _refused)) as traced:  # fmt: skip
+                    async with aclosing(traced_message(span, answer, _refused)) as traced:
                         async for reply in traced:
                             yield reply
                 if self._ended:
@@ -85,6 +85,10 @@ class StreamConversation:
         ):
             self._ended = True  # ended: by `end`, or by its decision (end_when_decided)
         return Reply(self.session.id, body)
+
+    def _span(self, request: object) -> RequestSpan:
+        kind = {"lstmserve.message": kind_name(request)}
+        return self.layer.tracing.rpc(LSTM_SERVE_SERVICE, self.rpc, self.parent, kind)
 
     async def _next(self, inbox: Inbox[Request]) -> object:
         """The next message, EOF or DRAIN. A stream not attached yet when the drain starts has

@@ -149,7 +149,7 @@ def test_engine_and_session_layer_name_no_wire_module_even_lazily(package: str) 
 
 def test_only_the_tracing_module_names_opentelemetry() -> None:
     """OpenTelemetry is the `tracing` extra: one module of the service imports it, loaded only
-    with --trace-otlp-endpoint (service/tracing.py `build_tracing`); lstmserve (the client)
+    with --trace-otlp-endpoint (service/server.py `build_tracing`); lstmserve (the client)
     and export never do (bench's OTLP sink may: bench/otlp_sink.py)."""
     found = []
     for name, path in sources().items():

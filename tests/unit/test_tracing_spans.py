@@ -20,7 +20,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased
 from service.config import ServerConfig, config_from_args
 from service.engine.types import NO_TRACER, ChunkWork, StreamOptions
 from service.errors import ConfigError
-from service.tracing import EXTRA_MISSING, NO_REQUEST_SPAN, NO_TRACING, build_tracing
+from service.server import build_tracing
+from service.tracing import EXTRA_MISSING, NO_REQUEST_SPAN, NO_TRACING
 from service.tracing_otel import LinkedOrRatio, OtelTracing
 from tests.unit.engines import load_engine
 
@@ -143,6 +144,7 @@ def test_no_span_outside_a_sampled_request(tiny_repo: Path) -> None:
     async def main() -> None:
         session = await engine.open_session("tiny-gru", 0, StreamOptions())
         span = tracing.rpc("svc", "Stream", None)  # a root at ratio 0: not sampled
+        assert span is NO_REQUEST_SPAN  # nothing more is done for it
         with span.active():
             assert tracing.current() is None
             await engine.apply_chunk(session, 1, np.array([1, 2]))
