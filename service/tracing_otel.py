@@ -5,13 +5,14 @@ One tracer for the fronts (request and reply spans, the caller's W3C trace conte
 gRPC metadata and HTTP headers) and the engine (admission, queue wait, batch, store save: an
 `EngineTracer`). Spans go to the OTLP/gRPC endpoint through the SDK's batch processor (its
 OTEL_BSP_* and OTEL_EXPORTER_OTLP_* variables apply); sampling is parent-based: a caller's
-sampled flag is followed, a request without one is sampled with --trace-sample-ratio, and a
-batch is sampled when it serves a sampled request (the spans it links to).
+sampled flag is followed, a request without a trace context is sampled with
+--trace-sample-ratio, and a batch span exists (sampled) only when it serves a sampled request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -24,21 +25,13 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from service.errors import LstmServeError
 from service.tracing import NO_REQUEST_SPAN
 
 if TYPE_CHECKING:
-    from opentelemetry.util.types import Attributes
-
     from service.config import ServerConfig
     from service.engine.types import TraceAttributes
     from service.tracing import RequestSpan
@@ -54,45 +47,28 @@ GRPC_CODES = {name: number for number, name in enumerate((
 _NOTHING: AbstractContextManager[object] = nullcontext()
 
 
-class LinkedOrRatio(Sampler):
-    """For a span without a parent: sampled when it links to a sampled span (a batch that
-    serves a sampled request), else with probability `ratio` (by trace id)."""
-
-    def __init__(self, ratio: float) -> None:
-        self.ratio = TraceIdRatioBased(ratio)
-
-    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
-                      kind: SpanKind | None = None, attributes: Attributes = None,
-                      links: Sequence[Link] | None = None, trace_state: object = None,
-                      ) -> SamplingResult:  # fmt: skip
-        if links and any(link.context.trace_flags.sampled for link in links):
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self.ratio.should_sample(parent_context, trace_id, name, kind, attributes, links,
-                                        trace_state)  # type: ignore[arg-type]  # fmt: skip
-
-    def get_description(self) -> str:
-        return f"LinkedOrRatio{{{self.ratio.rate}}}"
-
-
 class OtelTracing:
     """The fronts' `Tracing` and the engine's `EngineTracer` over one TracerProvider."""
 
     enabled = True
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, ratio: float = 1.0) -> None:
+        """`provider` samples what its parent samples and every root (ParentBased(ALWAYS_ON));
+        a request without a parent is sampled here, with probability `ratio`, before any span
+        is made, and a batch is made only for sampled requests."""
         self.provider = provider
         self.tracer = provider.get_tracer(SCOPE)
+        self.ratio = ratio
 
     @classmethod
     def start(cls, config: ServerConfig) -> OtelTracing:
         """Export to the configured endpoint (plaintext for http://, TLS for https://)."""
         resource = Resource.create({"service.name": config.trace_service_name})
-        sampler = ParentBased(LinkedOrRatio(config.trace_sample_ratio))
-        provider = TracerProvider(resource=resource, sampler=sampler)
+        provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
         endpoint = config.trace_otlp_endpoint
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
         provider.add_span_processor(BatchSpanProcessor(exporter))
-        return cls(provider)
+        return cls(provider, config.trace_sample_ratio)
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # exports what is buffered first
@@ -117,7 +93,10 @@ class OtelTracing:
         })  # fmt: skip
 
     def _request(self, name: str, parent: object, attributes: dict[str, str | int]) -> RequestSpan:
-        span = self.tracer.start_span(name, _parent(parent), SpanKind.SERVER, attributes)
+        context = _parent(parent)
+        if self.ratio < 1.0 and random.random() >= self.ratio and not _has_parent(context):
+            return NO_REQUEST_SPAN  # a root not sampled: no span made at all
+        span = self.tracer.start_span(name, context, SpanKind.SERVER, attributes)
         return _Request(self.tracer, span) if span.is_recording() else NO_REQUEST_SPAN
 
     # -- the engine ------------------------------------------------------------------------
@@ -159,6 +138,10 @@ class OtelTracing:
 def _parent(parent: object) -> Context:
     """The caller's context (from `extract`), or a new root: never the loop's current one."""
     return parent if isinstance(parent, Context) else Context()
+
+
+def _has_parent(context: Context) -> bool:
+    return trace.get_current_span(context).get_span_context().is_valid
 
 
 def _describe(span: Span, code: str, message: str) -> None:

@@ -15,14 +15,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from service.config import ServerConfig, config_from_args
 from service.engine.types import NO_TRACER, ChunkWork, StreamOptions
 from service.errors import ConfigError
 from service.server import build_tracing
 from service.tracing import EXTRA_MISSING, NO_REQUEST_SPAN, NO_TRACING
-from service.tracing_otel import LinkedOrRatio, OtelTracing
+from service.tracing_otel import OtelTracing
 from tests.unit.engines import load_engine
 
 ENDPOINT = "http://127.0.0.1:4317"
@@ -69,9 +69,9 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) 
 
 def recorded(ratio: float = 1.0) -> tuple[OtelTracing, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(LinkedOrRatio(ratio)), resource=Resource({}))
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=Resource({}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return OtelTracing(provider), exporter
+    return OtelTracing(provider, ratio), exporter
 
 
 def named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
@@ -155,6 +155,13 @@ def test_no_span_outside_a_sampled_request(tiny_repo: Path) -> None:
     engine.close()
     assert exporter.get_finished_spans() == ()
     assert not trace.get_current_span().is_recording()
+
+
+def test_the_ratio_samples_that_share_of_requests_without_a_parent() -> None:
+    tracing, exporter = recorded(ratio=0.25)
+    for _ in range(2000):
+        tracing.rpc("svc", "Classify", None).finish()
+    assert 400 <= len(exporter.get_finished_spans()) <= 600  # 500 expected, sd 19
 
 
 def test_a_caller_traceparent_is_the_parent_and_tracestate_kept() -> None:
