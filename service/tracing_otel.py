@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,8 @@ GRPC_CODES = {name: number for number, name in enumerate((
     "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 ))}  # fmt: skip
 _NOTHING: AbstractContextManager[object] = nullcontext()
+# The sampled request span being served (set by its front around the work; read by the engine).
+_ACTIVE: ContextVar[Span | None] = ContextVar("lstm_serve_request_span", default=None)
 
 
 class OtelTracing:
@@ -76,41 +79,48 @@ class OtelTracing:
     # -- the fronts ------------------------------------------------------------------------
 
     def extract(self, carrier: Iterable[tuple[str, str | bytes]]) -> object:
+        """The caller's context when it names a parent span (a valid traceparent), else None."""
         headers = {k.lower(): v for k, v in carrier if isinstance(v, str)}
-        return propagate.extract(headers, context=Context())
+        context = propagate.extract(headers, context=Context())
+        return context if trace.get_current_span(context).get_span_context().is_valid else None
 
     def rpc(self, service: str, method: str, parent: object,
             attributes: dict[str, str | int] | None = None) -> RequestSpan:  # fmt: skip
         """The request's span; NO_REQUEST_SPAN when it is not sampled (nothing below it is,
-        and an unsampled request then costs the sampling decision only)."""
+        and a request without a parent costs a random number then)."""
+        if parent is None and self.ratio < 1.0 and random.random() >= self.ratio:
+            return NO_REQUEST_SPAN  # a root not sampled: no span made at all
         named = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
         return self._request(f"{service}/{method}", parent,
                              named | attributes if attributes else named)  # fmt: skip
 
     def http(self, method: str, route: str, path: str, parent: object) -> RequestSpan:
+        if parent is None and self.ratio < 1.0 and random.random() >= self.ratio:
+            return NO_REQUEST_SPAN
         return self._request(f"{method} {route}", parent, {
             "http.request.method": method, "http.route": route, "url.path": path,
         })  # fmt: skip
 
     def _request(self, name: str, parent: object, attributes: dict[str, str | int]) -> RequestSpan:
-        context = _parent(parent)
-        if self.ratio < 1.0 and random.random() >= self.ratio and not _has_parent(context):
-            return NO_REQUEST_SPAN  # a root not sampled: no span made at all
+        """A server span under the caller's context (a root without one: never the loop's
+        current context); the caller's unsampled flag gives NO_REQUEST_SPAN."""
+        context = parent if isinstance(parent, Context) else Context()
         span = self.tracer.start_span(name, context, SpanKind.SERVER, attributes)
         return _Request(self.tracer, span) if span.is_recording() else NO_REQUEST_SPAN
 
     # -- the engine ------------------------------------------------------------------------
 
     def current(self) -> object | None:
-        span = trace.get_current_span()
-        return span if span.is_recording() else None
+        return _ACTIVE.get()
 
     def span(self, name: str, attributes: TraceAttributes | None = None,
              ) -> AbstractContextManager[object]:  # fmt: skip
-        """A child of the current request's span; nothing outside a sampled request."""
-        if not trace.get_current_span().is_recording():
+        """A child of the sampled request being served; nothing outside one."""
+        parent = _ACTIVE.get()
+        if parent is None:
             return _NOTHING
-        return _Child(self.tracer.start_span(name, attributes=attributes))
+        return _Child(self.tracer.start_span(name, trace.set_span_in_context(parent),
+                                             attributes=attributes))  # fmt: skip
 
     def batch(self, attributes: TraceAttributes, chunks: Sequence[tuple[object, float]],
               ) -> _Batch:  # fmt: skip
@@ -135,18 +145,27 @@ class OtelTracing:
         return _Batch(batch)
 
 
-def _parent(parent: object) -> Context:
-    """The caller's context (from `extract`), or a new root: never the loop's current one."""
-    return parent if isinstance(parent, Context) else Context()
-
-
-def _has_parent(context: Context) -> bool:
-    return trace.get_current_span(context).get_span_context().is_valid
-
-
 def _describe(span: Span, code: str, message: str) -> None:
     if code != "OK":
         span.set_status(Status(StatusCode.ERROR, message[:MAX_DESCRIPTION] or code))
+
+
+class _Active:
+    """The sampled request being served, for the engine's spans (this module's own context
+    variable: one lookup per chunk, not OpenTelemetry's context chain)."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> Span:
+        self.token = _ACTIVE.set(self.span)
+        return self.span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        _ACTIVE.reset(self.token)
 
 
 class _Child:
@@ -195,7 +214,7 @@ class _Request:
         self.span = span
 
     def active(self) -> AbstractContextManager[object]:
-        return trace.use_span(self.span, record_exception=False, set_status_on_exception=False)
+        return _Active(self.span)
 
     @contextmanager
     def reply(self) -> Iterator[None]:
