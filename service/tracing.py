@@ -36,8 +36,9 @@ class RequestSpan(Protocol):
         """A `reply` child span around encoding and handing over the answer."""
         ...
 
-    def finish(self, code: str = "OK", message: str = "") -> None:
-        """End it with a gRPC status code name (an in-band error's for a stream's message)."""
+    def finish(self, code: str = "OK", kind: str = "") -> None:
+        """End it with a gRPC status code name (an in-band error's for a stream's message) and
+        the error's kind (its class name: never its message, which may name a session id)."""
         ...
 
     def fail(self, exc: BaseException) -> None:
@@ -80,7 +81,7 @@ class _NoRequestSpan:
     def reply(self) -> AbstractContextManager[object]:
         return _NOTHING
 
-    def finish(self, code: str = "OK", message: str = "") -> None:
+    def finish(self, code: str = "OK", kind: str = "") -> None:
         pass
 
     def fail(self, exc: BaseException) -> None:

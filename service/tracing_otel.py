@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from service.tracing import RequestSpan
 
 SCOPE = "lstm-serve"
-MAX_DESCRIPTION = 256  # characters of a status message kept in a span's status
+MAX_DESCRIPTION = 256  # characters of an error kind kept in a span's status
 # The gRPC status codes by name (rpc.grpc.status_code is the number): grpc's StatusCode order.
 GRPC_CODES = {name: number for number, name in enumerate((
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -145,9 +145,10 @@ class OtelTracing:
         return _Batch(batch)
 
 
-def _describe(span: Span, code: str, message: str) -> None:
+def _describe(span: Span, code: str, kind: str) -> None:
+    """ERROR with the error's kind, never its message (a message may name a session id)."""
     if code != "OK":
-        span.set_status(Status(StatusCode.ERROR, message[:MAX_DESCRIPTION] or code))
+        span.set_status(Status(StatusCode.ERROR, kind[:MAX_DESCRIPTION] or code))
 
 
 class _Active:
@@ -188,8 +189,8 @@ class _Child:
 
 
 def _failed(span: Span, error: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: "
-                           f"{str(error)[:MAX_DESCRIPTION]}"))  # fmt: skip
+    """ERROR with the error's kind (never its message: it may name a session id)."""
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
 
 class _Batch:
@@ -226,19 +227,19 @@ class _Request:
         finally:
             span.end()
 
-    def finish(self, code: str = "OK", message: str = "") -> None:
+    def finish(self, code: str = "OK", kind: str = "") -> None:
         span = self.span
         span.set_attribute("rpc.grpc.status_code", GRPC_CODES.get(code, 2))
-        _describe(span, code, message)
+        _describe(span, code, kind)
         span.end()
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, LstmServeError):
-            self.finish(exc.code, str(exc))
+            self.finish(exc.code, type(exc).__name__)
         elif isinstance(exc, GeneratorExit | asyncio.CancelledError):
             self.finish("CANCELLED", "the client went away")
         else:
-            self.finish("INTERNAL", f"internal error: {type(exc).__name__}")
+            self.finish("INTERNAL", type(exc).__name__)
 
     def finish_http(self, status: int) -> None:
         span = self.span

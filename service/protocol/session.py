@@ -233,4 +233,4 @@ async def traced_message(
     if error is None:
         span.finish()
     else:
-        span.finish(error.code, str(error))
+        span.finish(error.code, type(error).__name__)

@@ -241,6 +241,32 @@ def test_a_streamed_chunk_has_a_complete_trace(traced: ServerProcess, receiver: 
     request_span(spans, client, name, "end")
 
 
+def test_a_chunk_refused_in_band_ends_its_span_with_the_code(
+    traced: ServerProcess, receiver: Receiver
+) -> None:
+    """A gap in seq: answered in-band FAILED_PRECONDITION, the stream goes on; the chunk's span
+    says so (ERROR, rpc.grpc.status_code 9, the error's kind, never the session id its message
+    names), the stream's next one is OK."""
+    client = Traceparent()
+    requests = [pb.StreamRequest(open=pb.OpenSession(model=MODEL)),
+                pb.StreamRequest(chunk=pb.Chunk(seq=5, input=pb.SequenceInput(text="hallo"))),
+                pb.StreamRequest(end=pb.End())]  # fmt: skip
+    with grpc.insecure_channel(traced.address) as channel:
+        replies = list(pb_grpc.LstmServeStub(channel).Stream(
+            iter(requests), metadata=(("traceparent", client.header),)))  # fmt: skip
+    assert replies[1].chunk.error.numeric_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    session_id = replies[0].opened.session_id
+    spans = receiver.wait(lambda: len(s := receiver.of_trace(client.trace_id)) >= 3 and s)
+    (refused,) = [s for s in spans if attributes(s).get("lstmserve.message") == "chunk"]
+    assert attributes(refused)["rpc.grpc.status_code"] == 9
+    assert refused.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert refused.status.message == "SequenceGap"  # the kind: the message names the session
+    assert session_id and not [s for s in spans if session_id in str(s)]
+    (admission,) = children(spans, refused)["admission"]  # where it was refused
+    assert admission.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    request_span(spans, client, "lstmserve.v1.LstmServe/Stream", "end")
+
+
 def test_each_stream_multi_message_is_a_span_its_batch_links_to(
     traced: ServerProcess, receiver: Receiver
 ) -> None:

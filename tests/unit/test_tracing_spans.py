@@ -172,12 +172,12 @@ def test_a_caller_traceparent_is_the_parent_and_tracestate_kept() -> None:
         ("grpc-trace-bin", b"\x00"),
     ])  # fmt: skip
     span = tracing.rpc("lstmserve.v1.LstmServe", "Classify", parent)
-    span.finish("INVALID_ARGUMENT", "sequences is empty: send at least one sequence")
+    span.finish("INVALID_ARGUMENT", "InvalidInput")
     (done,) = exporter.get_finished_spans()
     assert done.context is not None and done.parent is not None
     assert f"{done.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
     assert f"{done.parent.span_id:016x}" == "b7ad6b7169203331"
     assert done.context.trace_state.get("vendor") == "opaque"
     assert done.attributes is not None and done.attributes["rpc.grpc.status_code"] == 3
-    assert done.status.description == "sequences is empty: send at least one sequence"
+    assert done.status.description == "InvalidInput"
     assert "secret" not in str(dict(done.attributes))
