@@ -23,6 +23,8 @@ EXTRA_MISSING = (
 )
 LSTM_SERVE_SERVICE = "lstmserve.v1.LstmServe"
 TRITON_SERVICE = "inference.GRPCInferenceService"
+# Probes, not requests: a Kubernetes probe every few seconds would be a trace every few seconds.
+UNTRACED = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 
 class RequestSpan(Protocol):
@@ -124,7 +126,8 @@ def grpc_parent(tracing: Tracing, context: Any) -> object:
 
 
 def grpc_span(tracing: Tracing, service: str, method: str, context: Any) -> RequestSpan:
-    """A unary call's span under its caller's traceparent (NO_REQUEST_SPAN when off)."""
-    if not tracing.enabled:
+    """A unary call's span under its caller's traceparent (NO_REQUEST_SPAN when off, and for
+    the health probes)."""
+    if not tracing.enabled or method in UNTRACED:
         return NO_REQUEST_SPAN
     return tracing.rpc(service, method, grpc_parent(tracing, context))

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from service import metrics
 from service.engine.text.inputs import quoted
 from service.errors import ConfigError, LstmServeError
-from service.tracing import NO_REQUEST_SPAN
+from service.tracing import NO_REQUEST_SPAN, UNTRACED
 from service.triton import http_codec
 from service.triton.http_body import BodyLimits, ClientGone
 from service.triton.http_requests import RequestReader
@@ -280,7 +280,7 @@ class HttpFront:
         route = request.match_info.route.name
         rpc = self._rpc.get(route or "", "unrouted")
         span = NO_REQUEST_SPAN
-        if self.tracing.enabled:  # the request's span, under the caller's traceparent
+        if self.tracing.enabled and rpc not in UNTRACED:  # under the caller's traceparent
             template = request.match_info.route.resource
             span = self.tracing.http(
                 request.method, template.canonical if template else "unrouted", request.path,

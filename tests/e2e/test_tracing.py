@@ -313,6 +313,8 @@ def test_a_triton_sequence_request_hangs_under_its_traceparent(
     if protocol == "http":
         module, url = httpclient, f"127.0.0.1:{traced.http_port}"
     client = module.InferenceServerClient(url)
+    probe = Traceparent()  # health probes are not traced
+    assert client.is_server_ready(headers={"traceparent": probe.header})
     sent = []
     for i, text in enumerate(["schm", "etterling"]):
         parent = Traceparent()
@@ -332,6 +334,7 @@ def test_a_triton_sequence_request_hangs_under_its_traceparent(
             assert facts["http.response.status_code"] == 200
             assert facts["http.request.method"] == "POST"
         check_queued_batch(receiver, spans, span)
+    assert receiver.of_trace(probe.trace_id) == []
 
 
 def test_sampling_zero_exports_only_what_a_caller_samples(
