@@ -88,6 +88,13 @@ class ComputeLanes:
     inflight: InflightCounter
 
 
+def _fail(batch: list[Pending], exc: BaseException) -> None:
+    """Answer every chunk of `batch` not answered yet with `exc`."""
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
 def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Chunks of (T_b,) or (T_b, F) -> zero-padded (B, Tmax[, F]) and lengths (B,) int64."""
     first = chunks[0]
@@ -234,7 +241,7 @@ class SequenceBatcher:
                 return
             batch = self._queue.take()
             if batch:
-                self._start(batch)
+                self._start_or_fail(batch)
 
     def _wait_before_next(self) -> float:
         """Seconds until the next batch may start (0 = now)."""
@@ -253,6 +260,18 @@ class SequenceBatcher:
         self._dispatch()
 
     # -- running -----------------------------------------------------------------------------
+
+    def _start_or_fail(self, batch: list[Pending]) -> None:
+        """Start a batch taken from the queue; if starting it raises (a bug), its chunks are
+        answered with the error (logged) instead of waiting forever, and it counts no more."""
+        running = self._running
+        try:
+            self._start(batch)
+        except Exception as exc:
+            log.exception("starting a batch of %d chunks failed; failing them", len(batch))
+            self._running = running
+            self._inflight.leave(len(batch))
+            _fail(batch, exc)
 
     def _start(self, batch: list[Pending]) -> None:
         self._running += 1
@@ -316,11 +335,13 @@ class SequenceBatcher:
                 raise RuntimeError("the batch run was cancelled (server shutting down)")
             out, seconds = future.result()
         except BaseException as exc:  # a failed run fails its chunks, never the batcher
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            _fail(batch, exc)
         else:
-            self._commit(batch, out, seconds)
+            try:
+                self._commit(batch, out, seconds)
+            except Exception as exc:  # a bug: the chunks not answered yet get the error
+                log.exception("committing a batch of %d chunks failed", len(batch))
+                _fail(batch, exc)
         finally:
             self._inflight.leave(len(batch))
             if dispatch:
