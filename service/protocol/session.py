@@ -19,7 +19,14 @@ from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
 from service.engine.text.inputs import tokens_from_stream
 from service.engine.text.textstream import HeldChange, HeldText, held_change
-from service.errors import Draining, InvalidInput, ProtocolError, SequenceGap, Unavailable
+from service.errors import (
+    Draining,
+    InvalidInput,
+    LstmServeError,
+    ProtocolError,
+    SequenceGap,
+    Unavailable,
+)
 from service.protocol.inbox import Inbox, ReadAhead
 from service.protocol.messages import (
     Body,
@@ -169,6 +176,15 @@ class SessionLayer:
         final, flushed = await self.engine.end(session, token)
         labels, top_k = session.model.description.labels, session.options.top_k
         return Ended(session.total_steps, session.last_seq, final, flushed, labels, top_k)
+
+    async def end_again(self, session_id: str, gone: LstmServeError) -> Ended:
+        """A resent `end` of the caller's session that ended already (its reply lost with a
+        replica): answered as it was, marked duplicate; `gone` if it did not end."""
+        ended = await self.engine.ended_session(session_id)
+        if ended is None:
+            raise gone
+        return Ended(ended.total_steps, ended.last_seq, ended.last, 0, ended.labels, ended.top_k,
+                     duplicate=True)  # fmt: skip
 
     async def snapshot(
         self, session: Session, final: bool, token: object | None = None
