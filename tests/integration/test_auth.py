@@ -285,6 +285,33 @@ def test_sessions_belong_to_their_principal(auth_server: ServerThread) -> None:
     asyncio.run(go())
 
 
+def test_an_ended_session_answers_a_resent_end_only_to_its_principal(
+    auth_server: ServerThread,
+) -> None:
+    """A resent `end` is answered from the ended session (duplicate) for alice; for bob the
+    session does not exist, ended or not."""
+
+    async def go() -> tuple[pb.SessionResult, pb.SessionResult]:
+        async with (
+            LstmClient(auth_server.address, timeout_s=5, failover_s=0, token=ALICE) as alice,
+            LstmClient(auth_server.address, timeout_s=5, failover_s=0, token=BOB) as bob,
+        ):
+            session = await alice.open_session("tiny-lstm")
+            await session.step([1, 2])
+            await session.end()
+            replies = []
+            for client in (alice, bob):
+                multi = client.multi_stream()
+                replies.append((await multi.exchange([MultiStream.end(session.session_id)]))[0])
+                await multi.close()
+            return replies[0], replies[1]
+
+    mine, theirs = asyncio.run(go())
+    assert mine.WhichOneof("kind") == "ended" and mine.ended.duplicate
+    assert mine.ended.total_steps == 2
+    assert theirs.WhichOneof("kind") == "error" and theirs.error.code == "NOT_FOUND"
+
+
 def test_token_file_reload_adds_and_removes_a_token_without_restart(
     tiny_repo: Path, tmp_path: Path
 ) -> None:
