@@ -21,6 +21,7 @@ import numpy as np
 from service import metrics
 from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
+from service.engine.text.textstream import ids_after_held
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork
 from service.errors import (
     BudgetExceeded,
@@ -213,6 +214,7 @@ class ColumnsConversation:
         handles, seqs = columns.handles.tolist(), columns.seqs.tolist()
         offsets, steps = columns.offsets.tolist(), columns.steps
         table, token = self._sessions, self.token
+        text = self.model.description.tokenizer is not None  # ids settle held text first
         work: list[ChunkWork] = []
         where: list[int] = []
         for i in range(n):
@@ -222,9 +224,10 @@ class ColumnsConversation:
             if session is None:
                 bad[i] = SessionNotFound(f"handles[{i}] = {handles[i]} is not open on this stream")
                 continue
-            work.append(
-                ChunkWork(session, seqs[i], steps[offsets[i] : offsets[i + 1]], None, token)
-            )
+            ids, held = steps[offsets[i] : offsets[i + 1]], None
+            if text:
+                ids, held = ids_after_held(session.held, ids)
+            work.append(ChunkWork(session, seqs[i], ids, held, token))
             where.append(i)
         outcomes = await self.layer.engine.apply_chunks(work) if work else []
         _fill(reply, n, self.model.description.num_classes, where, work, outcomes, bad)

@@ -18,7 +18,7 @@ from service.engine.core import Engine
 from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
 from service.engine.text.inputs import tokens_from_stream
-from service.engine.text.textstream import HeldChange, HeldText, held_change
+from service.engine.text.textstream import HeldChange, HeldText, held_change, ids_after_held
 from service.errors import (
     Draining,
     InvalidInput,
@@ -161,11 +161,9 @@ class SessionLayer:
         text = source.text()
         if text is None:
             steps = source.decode(desc, max_steps, field)
-            if desc.tokenizer is None or (before.known and not before.tail):
-                return steps, None  # frames, or nothing held changes
-            tail = np.asarray(before.tail, dtype=steps.dtype)
-            change = HeldChange(before, HeldText(known=True), len(tail))
-            return (np.concatenate([tail, steps]) if len(tail) else steps), change
+            if desc.tokenizer is None:
+                return steps, None  # frames, or a model without text
+            return ids_after_held(before, steps)
         label = text_field or f"{field}.text"
         ids, after = tokens_from_stream(desc, before, text, max_steps, label)
         return ids, held_change(before, ids, after)

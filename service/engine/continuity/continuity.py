@@ -237,34 +237,19 @@ class SessionContinuity:
         self._store_ops.labels("save", "ok").inc()
 
     async def end(self, session: Session) -> None:
-        """The client ended the session (its lock held): freed here, remembered as it ended;
-        its shared record becomes a tombstone holding its snapshot as it ended (snapshots cannot
-        revive it, a resent `end` is answered from it). A store that does not answer gets it
-        once it is back (the backend keeps it until then)."""
+        """The client ended the session (its lock held): freed here, its shared record a
+        tombstone holding its final snapshot (which cannot revive it; a resent `end` is answered
+        from it), written once the store is back if it does not answer."""
         final = self.snapshot(session) if self.backend is not None and not session.ended else b""
         self.store.end(session)
-        if self.backend is None:
-            return
         try:
-            await self.backend.end(session.id, final)
+            if self.backend is not None:
+                await self.backend.end(session.id, final)
+                self._store_ops.labels("delete", "ok").inc()
         except Exception as exc:
             self._store_ops.labels("delete", "error").inc()
             log.warning("session store delete failed; written when the store is back",
                         extra={"fields": {"error": repr(exc)}})  # fmt: skip
-            return
-        self._store_ops.labels("delete", "ok").inc()
-
-    async def ended(self, registry: ModelRegistry, session_id: str) -> EndedSession | None:
-        """The caller's session as it ended, while its tombstone lives (here, or in the shared
-        store); None if it did not end (or is another principal's)."""
-        ended = self.store.ended(session_id)
-        if ended is None and self.backend is not None:
-            record = await self.load_record(session_id)
-            if record is not None and record.ended and record.final:
-                ended = _ended_from(registry, decode_snapshot(record.final, self._keys()))
-        if ended is None or ended.owner != principal.current():
-            return None
-        return ended
 
     async def find_local_first(self, registry: ModelRegistry, session_id: str) -> Session:
         """The copy held here if any (a stale one is caught by `persist`), else `find`."""
@@ -412,6 +397,21 @@ def _last_result(
     covered = snap.last_total_steps if snap.last_total_steps >= 0 else snap.total_steps
     decided = decision if snap.last_decided else None
     return StepResult(values, None, snap.last_steps, covered, kind, snap.last_rewound, decided)
+
+
+async def find_ended(
+    c: SessionContinuity, registry: ModelRegistry, session_id: str
+) -> EndedSession | None:
+    """The caller's session as it ended, while its tombstone lives (here, or in the shared
+    store); None if it did not end (or is another principal's)."""
+    ended = c.store.ended(session_id)
+    if ended is None and c.backend is not None:
+        record = await c.load_record(session_id)
+        if record is not None and record.ended and record.final:
+            ended = _ended_from(registry, decode_snapshot(record.final, c._keys()))
+    if ended is None or ended.owner != principal.current():
+        return None
+    return ended
 
 
 def _ended_from(registry: ModelRegistry, snap: SessionSnapshot) -> EndedSession:

@@ -262,13 +262,12 @@ class SequenceBatcher:
     # -- running -----------------------------------------------------------------------------
 
     def _start_or_fail(self, batch: list[Pending]) -> None:
-        """Start a batch taken from the queue; if starting it raises (a bug), its chunks are
-        answered with the error (logged) instead of waiting forever, and it counts no more."""
+        """Start a batch taken from the queue; a bug starting it fails its chunks (logged)."""
         running = self._running
         try:
             self._start(batch)
         except Exception as exc:
-            log.exception("starting a batch of %d chunks failed; failing them", len(batch))
+            log.exception("starting a batch of %d chunks failed", len(batch))
             self._running = running
             self._inflight.leave(len(batch))
             _fail(batch, exc)
@@ -350,7 +349,7 @@ class SequenceBatcher:
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         """Scatter the kept rows' states, then apply each kept session's chunk (Session.apply:
         seq, steps, result and held text at once); answer the rest."""
-        keep = [b for b, item in enumerate(batch) if self._wanted(item)]
+        keep = [b for b, item in enumerate(batch) if _wanted(item)]
         if keep:
             rows = [batch[b].session.row for b in keep]
             every_row = len(keep) == len(batch)  # then no copy of the kept rows
@@ -370,8 +369,8 @@ class SequenceBatcher:
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
 
-    @staticmethod
-    def _wanted(item: Pending) -> bool:
-        """Apply the chunk only if its waiter is still there and its session still lives (a
-        closed session's chunk is answered with the close reason here)."""
-        return not item.future.done() and not item.resolve_closed()
+
+def _wanted(item: Pending) -> bool:
+    """Apply the chunk only if its waiter is still there and its session still lives (a
+    closed session's chunk is answered with the close reason here)."""
+    return not item.future.done() and not item.resolve_closed()
