@@ -26,7 +26,7 @@ from service.errors import LstmServeError, MalformedRequest
 from service.status import status_code, status_message
 from service.triton import grpc_codec
 from service.triton.core import TritonCore
-from service.triton.types import TritonError
+from service.triton.types import InferRequest, TritonError
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,7 @@ class TritonGrpcFront(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         async def work() -> pb.ModelInferResponse:
-            reply = await self.core.infer(
-                grpc_codec.infer_request(request, self.core.config.max_bytes_elements)
-            )
+            reply = await self.core.infer(await _decoded(self.core, request))
             return grpc_codec.infer_response(reply)
 
         return await self._unary("ModelInfer", request.model_name, context, work)
@@ -183,9 +181,7 @@ class _InferStream:
         try:
             if isinstance(msg, codec.Malformed):
                 raise msg.error()
-            reply = await self.core.infer(
-                grpc_codec.infer_request(msg, self.core.config.max_bytes_elements)
-            )
+            reply = await self.core.infer(await _decoded(self.core, msg))
             result = pb.ModelStreamInferResponse(infer_response=grpc_codec.infer_response(reply))
             metrics.requests("ModelStreamInfer", self.core.model_label(model), "OK",
                              PROTOCOL).inc()  # fmt: skip
@@ -198,6 +194,12 @@ class _InferStream:
                 result.infer_response.model_name = model
                 result.infer_response.id = msg.id
         return result
+
+
+async def _decoded(core: TritonCore, msg: pb.ModelInferRequest) -> InferRequest:
+    """The request's tensors decoded: on the loop when small, else on the decode pool."""
+    limit = core.config.max_bytes_elements
+    return await core.decode.run(msg.ByteSize(), grpc_codec.infer_request, msg, limit)
 
 
 def _message_bytes(msg: Any) -> int:
