@@ -424,7 +424,7 @@ def _ended_from(registry: ModelRegistry, snap: SessionSnapshot) -> EndedSession:
         classes, kind, labels = len(snap.last_probs), KIND_PROBS, ()
     last = _last_result(snap, classes, kind, _decision_of(snap, classes))
     total = last.total_steps if last is not None else snap.total_steps  # held text's tail too
-    return EndedSession(snap.owner, total, snap.last_seq, last, snap.top_k, labels)
+    return EndedSession(snap.owner, snap.version, total, snap.last_seq, last, snap.top_k, labels)
 
 
 async def settle(c: SessionContinuity, session: Session) -> None:

@@ -259,6 +259,7 @@ class EndedSession:
     (its reply lost with a replica) is answered from it, not refused as an unknown session."""
 
     owner: str
+    version: int  # its model's version (the model is named by whoever asks)
     total_steps: int
     last_seq: int
     last: StepResult | None  # the classification at the end (none: it never took a step)
@@ -268,8 +269,9 @@ class EndedSession:
 
     @classmethod
     def of(cls, session: Session, when: float = 0.0) -> EndedSession:
-        return cls(session.owner, session.total_steps, session.last_seq, session.last_result,
-                   session.options.top_k, session.model.description.labels, when)  # fmt: skip
+        return cls(session.owner, session.model.version, session.total_steps, session.last_seq,
+                   session.last_result, session.options.top_k, session.model.description.labels,
+                   when)  # fmt: skip
 
 
 class SessionStore:
