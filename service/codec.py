@@ -349,7 +349,7 @@ def _snapshot(snap: m.Snapshot) -> pb.SessionSnapshot:
 
 def session_ended(body: m.Ended) -> pb.SessionEnded:
     reply = pb.SessionEnded(total_steps=body.total_steps, last_applied_seq=body.last_seq,
-                            flushed_steps=body.flushed_steps)  # fmt: skip
+                            flushed_steps=body.flushed_steps, duplicate=body.duplicate)  # fmt: skip
     final = body.final
     if final is not None and final.probs.size and body.labels:
         reply.probabilities.extend(final.probs.tolist())

@@ -233,6 +233,7 @@ class LstmServer:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
+            self.triton.decode.close()
             self.engine.close()
         except Exception as exc:  # the stop goes on: nothing is left to serve
             log.warning("stop step abandoned", extra={"fields": {

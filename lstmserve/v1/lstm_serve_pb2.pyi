@@ -287,18 +287,20 @@ class ResetDone(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SessionEnded(_message.Message):
-    __slots__ = ("total_steps", "last_applied_seq", "flushed_steps", "probabilities", "top")
+    __slots__ = ("total_steps", "last_applied_seq", "flushed_steps", "probabilities", "top", "duplicate")
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAST_APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
     FLUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     total_steps: int
     last_applied_seq: int
     flushed_steps: int
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
-    def __init__(self, total_steps: _Optional[int] = ..., last_applied_seq: _Optional[int] = ..., flushed_steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, total_steps: _Optional[int] = ..., last_applied_seq: _Optional[int] = ..., flushed_steps: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("session_id", "opened", "chunk", "reset", "ended", "snapshot")

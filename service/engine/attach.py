@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service import principal
-from service.engine.session.sessions import Session
+from service.engine.continuity.continuity import find_ended
+from service.engine.session.sessions import EndedSession, Session
 from service.engine.types import EngineMetrics, StreamOptions
 from service.errors import InvalidInput, SessionNotFound
 
@@ -84,6 +85,11 @@ class SessionAttach:
         if session.owner != principal.current():
             raise SessionNotFound(f"session {session_id[:64]!r} does not exist")
         return session
+
+    async def ended_session(self, session_id: str) -> EndedSession | None:
+        """The caller's session as it ended, while its tombstone lives (here or in the shared
+        store): a resent `end` is answered from it. None otherwise."""
+        return await find_ended(self.continuity, self.models(), session_id)
 
     async def restore_session(
         self, blob: bytes, options: StreamOptions | None, attach: object | None = None

@@ -196,8 +196,7 @@ class ChunkApply:
         rule = session.options.decide
         if rule is None or not rule.end_when_decided or session.ended:
             return
-        self.store.end(session)
-        await self.continuity.forget(session.id)
+        await self.continuity.end(session)
         outcome.ended = True
 
 

@@ -159,8 +159,7 @@ class Engine(SessionAttach, ChunkApply):
                 final = await session.model.submit(session, session.last_seq, tail, change)
                 return final, len(tail)
             finally:
-                self.store.end(session)
-                await self.continuity.forget(session.id)
+                await self.continuity.end(session)
 
     # -- classify ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import numpy as np
 from service import metrics
 from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
+from service.engine.text.textstream import ids_after_held
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork
 from service.errors import (
     BudgetExceeded,
@@ -171,7 +172,7 @@ class ColumnsConversation:
                 request = _on_stream_model(self.model, request, i)
             else:
                 session = await self.layer.engine.find_session(request.session_id)
-                self._check_model(session.model, f"resume[{i}] (session {session.id})")
+                _check_model(self.model, session.model, f"resume[{i}] (session {session.id})")
                 _no_decisions(session.options.decide, f"resume[{i}] (session {session.id})")
             session, _ = await self.layer.attach(request, self.token)
         except LstmServeError as exc:
@@ -192,14 +193,6 @@ class ColumnsConversation:
                 self._forget(entry[0])
         if not self._sessions:
             self.model = None
-
-    def _check_model(self, model: ModelWorker, what: str) -> None:
-        mine = self.model
-        if mine is not None and model is not mine:
-            raise ProtocolError(
-                f"{what} is on {model.name} v{model.version}: this stream serves {mine.name} "
-                f"v{mine.version} (one model version per stream)"
-            )
 
     def _issue(self, session: Session) -> int:
         handle = self._next_handle
@@ -227,6 +220,7 @@ class ColumnsConversation:
         handles, seqs = columns.handles.tolist(), columns.seqs.tolist()
         offsets, steps = columns.offsets.tolist(), columns.steps
         table, token = self._sessions, self.token
+        text = self.model.description.tokenizer is not None  # ids settle held text first
         work: list[ChunkWork] = []
         where: list[int] = []
         for i in range(n):
@@ -236,9 +230,10 @@ class ColumnsConversation:
             if session is None:
                 bad[i] = SessionNotFound(f"handles[{i}] = {handles[i]} is not open on this stream")
                 continue
-            work.append(
-                ChunkWork(session, seqs[i], steps[offsets[i] : offsets[i + 1]], None, token)
-            )
+            ids, held = steps[offsets[i] : offsets[i + 1]], None
+            if text:
+                ids, held = ids_after_held(session.held, ids)
+            work.append(ChunkWork(session, seqs[i], ids, held, token))
             where.append(i)
         outcomes = await self.layer.engine.apply_chunks(work) if work else []
         _fill(reply, n, self.model.description.num_classes, where, work, outcomes, bad)
@@ -291,6 +286,15 @@ class ColumnsConversation:
                 continue  # ended, expired or taken over meanwhile: nothing to hand over
             reply.snapshots.append((handle, snap))
         return reply
+
+
+def _check_model(mine: ModelWorker | None, model: ModelWorker, what: str) -> None:
+    """A session of another version than the stream's (`mine`) is refused."""
+    if mine is not None and model is not mine:
+        raise ProtocolError(
+            f"{what} is on {model.name} v{model.version}: this stream serves {mine.name} "
+            f"v{mine.version} (one model version per stream)"
+        )
 
 
 # -- decoding and checks (vectorised; protocol-neutral) ---------------------------------------

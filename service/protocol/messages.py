@@ -185,6 +185,7 @@ class Ended:
     # How `final`'s top labels are named (the model's labels, the session's top_k).
     labels: tuple[str, ...] = field(default=(), compare=False)
     top_k: int = field(default=1, compare=False)
+    duplicate: bool = False  # the session had already ended: a resent `end`, answered again
 
 
 @dataclass(frozen=True, slots=True)

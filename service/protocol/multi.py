@@ -27,6 +27,7 @@ from service.protocol.inbox import DRAIN, EOF
 from service.protocol.messages import (
     Chunk,
     ChunkDone,
+    End,
     Ended,
     Failed,
     MultiReply,
@@ -139,7 +140,12 @@ class MultiConversation:
                     f"entries[{i}].session_id is empty ({kind_name(request)} needs a session)"
                 )
             chunk = isinstance(request, Chunk)
-            session = await layer.engine.find_session(session_id, local_first=chunk)
+            try:
+                session = await layer.engine.find_session(session_id, local_first=chunk)
+            except SessionNotFound as gone:
+                if not isinstance(request, End):
+                    raise
+                return Reply(session_id, await layer.end_again(session_id, gone))
             if isinstance(request, Chunk):
                 return self._decode_chunk(session, request, i, work)
             if session.attached is None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from service.engine.continuity.snapshots import SnapshotKeys
 from service.engine.model.worker import ModelWorker
-from service.engine.session.sessions import Session
+from service.engine.session.sessions import EndedSession, Session
 from service.engine.text.inputs import quoted
 from service.engine.text.textstream import NOTHING_HELD
 from service.engine.types import DecisionRule, StepResult, StreamOptions
@@ -168,6 +168,8 @@ class Sequences:
                 "to another replica, which continues it from the shared session store"
             )
         session = await self._current(request, session_id)
+        if isinstance(session, EndedSession):
+            return self._end_again(request, session, source)
         if session is not None and request.version and session.model.version != request.version:
             raise InvalidInput(f"{request.name} runs on version {session.model.version}, "
                                f"not {request.version}")  # fmt: skip
@@ -208,19 +210,42 @@ class Sequences:
                               outcome.ended)  # fmt: skip
         return await self._end(session, reply) if request.end and not outcome.ended else reply
 
-    async def _current(self, request: SequenceRequest, session_id: str) -> Session | None:
-        """The sequence's session wherever it is; None if it has none and this is a START."""
+    async def _current(
+        self, request: SequenceRequest, session_id: str
+    ) -> Session | EndedSession | None:
+        """The sequence's session wherever it is; None if it has none and this is a START; as
+        it ended, for a resent END (its `seq` the last applied: its reply was lost)."""
         try:
             return await self.engine.find_session(session_id)
         except SessionNotFound as exc:
             if request.start:
                 return None
+            if request.end and request.seq is not None:
+                ended = await self.engine.ended_session(session_id)
+                if ended is not None and ended.last is not None and request.seq <= ended.last_seq:
+                    return ended
             if isinstance(exc, SessionExpired):
                 raise InvalidInput(
                     f"{request.name} expired after its idle timeout: start it again with "
                     "sequence_start=true"
                 ) from exc
             raise _not_open(request) from exc
+
+    def _end_again(
+        self, request: SequenceRequest, ended: EndedSession,
+        source: Callable[[ModelWorker], SequenceInput],
+    ) -> SequenceReply:  # fmt: skip
+        """A resent END of a sequence that ended: the kept result again, as a duplicate (its
+        input read as a first request's would be, not run)."""
+        if request.seq != ended.last_seq:
+            raise AlreadyApplied(
+                f"lstm_serve_seq {request.seq} of {request.name} was applied already (last "
+                f"applied: {ended.last_seq}, when it ended); only the last one's result is kept"
+            )
+        assert ended.last is not None
+        worker = self.engine.models().find(request.model, ended.version)
+        source(worker)
+        return SequenceReply(worker, ended.last, ended.last_seq, ended.total_steps, True, 0)
 
     async def _end(self, session: Session, reply: SequenceReply) -> SequenceReply:
         """END: the held-back text is fed, the session ends everywhere; the reply covers both."""

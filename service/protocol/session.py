@@ -18,7 +18,7 @@ from service.engine.core import Engine
 from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
 from service.engine.text.inputs import tokens_from_stream
-from service.engine.text.textstream import HeldChange, HeldText, held_change
+from service.engine.text.textstream import HeldChange, HeldText, held_change, ids_after_held
 from service.errors import (
     Draining,
     InvalidInput,
@@ -164,11 +164,9 @@ class SessionLayer:
         text = source.text()
         if text is None:
             steps = source.decode(desc, max_steps, field)
-            if desc.tokenizer is None or (before.known and not before.tail):
-                return steps, None  # frames, or nothing held changes
-            tail = np.asarray(before.tail, dtype=steps.dtype)
-            change = HeldChange(before, HeldText(known=True), len(tail))
-            return (np.concatenate([tail, steps]) if len(tail) else steps), change
+            if desc.tokenizer is None:
+                return steps, None  # frames, or a model without text
+            return ids_after_held(before, steps)
         label = text_field or f"{field}.text"
         ids, after = tokens_from_stream(desc, before, text, max_steps, label)
         return ids, held_change(before, ids, after)
@@ -179,6 +177,15 @@ class SessionLayer:
         final, flushed = await self.engine.end(session, token)
         labels, top_k = session.model.description.labels, session.options.top_k
         return Ended(session.total_steps, session.last_seq, final, flushed, labels, top_k)
+
+    async def end_again(self, session_id: str, gone: LstmServeError) -> Ended:
+        """A resent `end` of the caller's session that ended already (its reply lost with a
+        replica): answered as it was, marked duplicate; `gone` if it did not end."""
+        ended = await self.engine.ended_session(session_id)
+        if ended is None:
+            raise gone
+        return Ended(ended.total_steps, ended.last_seq, ended.last, 0, ended.labels, ended.top_k,
+                     duplicate=True)  # fmt: skip
 
     async def snapshot(
         self, session: Session, final: bool, token: object | None = None

@@ -49,6 +49,7 @@ from service.protocol.inbox import ReadAhead
 from service.protocol.sequences import Sequences
 from service.triton.infer import Inference, InferLimits, parse_version
 from service.triton.modelconfig import ConfigLimits, model_config, model_metadata
+from service.triton.offload import DecodePool
 from service.triton.sequences import sequence_params
 from service.triton.stats import InferStatistics
 from service.triton.types import (
@@ -97,6 +98,7 @@ class TritonCore:
         ))  # fmt: skip
         self.stats = InferStatistics()
         self.version = _server_version()
+        self.decode = DecodePool()  # large requests' decodes, off the loop (both fronts)
 
     # -- health and metadata -----------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from service.status import status_code, status_message
 from service.tracing import NO_REQUEST_SPAN, TRITON_SERVICE, grpc_parent, grpc_span
 from service.triton import grpc_codec
 from service.triton.core import TritonCore
-from service.triton.types import TritonError
+from service.triton.types import InferRequest, TritonError
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ class TritonGrpcFront(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         async def work() -> pb.ModelInferResponse:
-            reply = await self.core.infer(
-                grpc_codec.infer_request(request, self.core.config.max_bytes_elements)
-            )
+            reply = await self.core.infer(await _decoded(self.core, request))
             with self.tracing.span("reply"):
                 return grpc_codec.infer_response(reply)
 
@@ -199,9 +197,7 @@ class _InferStream:
             if isinstance(msg, codec.Malformed):
                 raise msg.error()
             with span.active():
-                reply = await self.core.infer(
-                    grpc_codec.infer_request(msg, self.core.config.max_bytes_elements)
-                )
+                reply = await self.core.infer(await _decoded(self.core, msg))
                 with self.front.tracing.span("reply"):
                     encoded = grpc_codec.infer_response(reply)
             result = pb.ModelStreamInferResponse(infer_response=encoded)
@@ -220,6 +216,12 @@ class _InferStream:
             return result
         span.finish()
         return result
+
+
+async def _decoded(core: TritonCore, msg: pb.ModelInferRequest) -> InferRequest:
+    """The request's tensors decoded: on the loop when small, else on the decode pool."""
+    limit = core.config.max_bytes_elements
+    return await core.decode.run(msg.ByteSize(), grpc_codec.infer_request, msg, limit)
 
 
 def _message_bytes(msg: Any) -> int:

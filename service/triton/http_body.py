@@ -155,9 +155,15 @@ class BodyReader:
 
     async def _receive(self) -> bytes:
         """The next bytes the client sent (b"" at the end), within the body's deadline."""
+        content = self._content
         try:
+            if content.at_eof():
+                return b""
+            arrived = content.read_nowait()  # already here (a small body): no timer to arm
+            if arrived:
+                return arrived
             async with asyncio.timeout_at(self._deadline):
-                return await self._content.readany()
+                return await content.readany()
         except TimeoutError:
             raise too_slow(
                 f"the request body did not arrive within {self.limits.timeout_s:g} s "

@@ -239,7 +239,8 @@ class HttpFront:
         self.max_body_bytes = max_body_bytes or config.http_max_body_bytes
         limits = BodyLimits(self.max_body_bytes, config.http_max_inflate_ratio,
                             config.http_body_timeout_s)  # fmt: skip
-        self.reader = RequestReader(limits, core.read_ahead, config.max_bytes_elements)
+        self.reader = RequestReader(limits, core.read_ahead, core.decode,
+                                    config.max_bytes_elements)  # fmt: skip
         self.app = web.Application(
             client_max_size=self.max_body_bytes, middlewares=[*middlewares, self._answer]
         )
@@ -422,7 +423,6 @@ class HttpFront:
 
     async def stop(self) -> None:
         await self.server.stop()
-        self.reader.close()
 
 
 UNREAD_BODY = (408, 413, 415, 499)  # refused before the body was read whole

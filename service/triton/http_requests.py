@@ -4,15 +4,13 @@ An infer body's JSON header is read first and judged by what it declares (shapes
 binary sizes, BYTES elements: service/triton/http_codec.py) before its binary part is read,
 which must then be exactly the size the header declares; the body itself is read within its
 limits of size, time and memory (service/triton/http_body.py). Parsing and decoding whose cost
-grows with the request (JSON of more than INLINE_BYTES, tensors) run on a pool of
-DECODE_THREADS threads, so the loop only waits for them.
+grows with the request (JSON, tensors) run on the Triton fronts' decode pool when large
+(service/triton/offload.py), so the loop only waits for them.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,25 +18,23 @@ from aiohttp import web
 from service.protocol.inbox import ReadAhead
 from service.triton import http_codec
 from service.triton.http_body import BodyLimits, BodyReader
+from service.triton.offload import DecodePool
 from service.triton.tensors import MAX_BYTES_ELEMENTS, element_count
 from service.triton.types import InferRequest, invalid
 
 MAX_SMALL_JSON_BYTES = 1 << 20  # the body of a repository request (load, unload, index)
-INLINE_BYTES = 64 << 10  # bodies up to this size are parsed and decoded on the loop
-DECODE_THREADS = 2  # the pool parsing and decoding larger bodies
-T = TypeVar("T")
 R = TypeVar("R")
 
 
 class RequestReader:
     """Reads and decodes the bodies of one HTTP front's requests."""
 
-    def __init__(self, limits: BodyLimits, budget: ReadAhead,
+    def __init__(self, limits: BodyLimits, budget: ReadAhead, decode: DecodePool,
                  max_bytes_elements: int = MAX_BYTES_ELEMENTS) -> None:  # fmt: skip
         self.limits = limits
         self.budget = budget  # the session layer's one ReadAhead
+        self.offload = decode.run  # the Triton fronts' one decode pool
         self.max_bytes_elements = max_bytes_elements
-        self._pool: ThreadPoolExecutor | None = None
 
     def body(self, request: web.Request) -> BodyReader:
         return BodyReader(request, self.limits, self.budget)
@@ -85,19 +81,6 @@ class RequestReader:
         if header_length is None:
             return plan, b""
         return plan, await body.read_rest(plan.binary_bytes, "the inputs' binary_data_size")
-
-    async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
-        """`work(*args)` on the loop when `size` is small, else on the decode pool."""
-        if size <= INLINE_BYTES:
-            return work(*args)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="http-decode")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
 
 def _json_values(plan: http_codec.InferHeader) -> int:

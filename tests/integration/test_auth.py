@@ -8,7 +8,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,15 +263,22 @@ def test_the_principal_is_a_metric_label_never_the_token(auth_server: ServerThre
         assert secret not in page
 
 
+@contextlib.asynccontextmanager
+async def alice_and_bob(address: str) -> AsyncIterator[tuple[LstmClient, LstmClient]]:
+    """A client with alice's token and one with bob's."""
+    async with (
+        LstmClient(address, timeout_s=5, failover_s=0, token=ALICE) as alice,
+        LstmClient(address, timeout_s=5, failover_s=0, token=BOB) as bob,
+    ):
+        yield alice, bob
+
+
 def test_sessions_belong_to_their_principal(auth_server: ServerThread) -> None:
     """A session alice opened reads as missing to bob (the session layer records the owner)."""
     pytest.importorskip("service.engine.session.quotas", reason="sessions owned by their principal")
 
     async def go() -> None:
-        async with (
-            LstmClient(auth_server.address, timeout_s=5, failover_s=0, token=ALICE) as alice,
-            LstmClient(auth_server.address, timeout_s=5, failover_s=0, token=BOB) as bob,
-        ):
+        async with alice_and_bob(auth_server.address) as (alice, bob):
             session = await alice.open_session("tiny-lstm")
             await session.step([1, 2])
             await session.close()
@@ -283,6 +290,30 @@ def test_sessions_belong_to_their_principal(auth_server: ServerThread) -> None:
             await again.end()
 
     asyncio.run(go())
+
+
+def test_an_ended_session_answers_a_resent_end_only_to_its_principal(
+    auth_server: ServerThread,
+) -> None:
+    """A resent `end` is answered from the ended session (duplicate) for alice; for bob the
+    session does not exist, ended or not."""
+
+    async def go() -> tuple[pb.SessionResult, pb.SessionResult]:
+        async with alice_and_bob(auth_server.address) as (alice, bob):
+            session = await alice.open_session("tiny-lstm")
+            await session.step([1, 2])
+            await session.end()
+            replies = []
+            for client in (alice, bob):
+                multi = client.multi_stream()
+                replies.append((await multi.exchange([MultiStream.end(session.session_id)]))[0])
+                await multi.close()
+            return replies[0], replies[1]
+
+    mine, theirs = asyncio.run(go())
+    assert mine.WhichOneof("kind") == "ended" and mine.ended.duplicate
+    assert mine.ended.total_steps == 2
+    assert theirs.WhichOneof("kind") == "error" and theirs.error.code == "NOT_FOUND"
 
 
 def test_token_file_reload_adds_and_removes_a_token_without_restart(

@@ -392,3 +392,29 @@ def test_one_message_opens_at_most_the_entry_limit_and_a_bigger_one_opens_nothin
         assert len(store) == 8  # only the first message's sessions (until they idle out)
     finally:
         small.stop()
+
+
+def test_token_ids_after_held_text_run_after_it(server: ServerThread) -> None:
+    """A text session holding a letter (a combining mark may still follow it) resumed on
+    StreamColumns: the ids sent settle the held letter first, so the reply is Classify of the
+    text and the ids together (before: the ids ran ahead of the held letter)."""
+
+    async def scenario(client: LstmClient) -> tuple[Any, Any, Any]:
+        session = await client.open_session("tiny-lstm")
+        typed = await session.step("cafe")
+        await session.close()
+        columns = ColumnStream(client)
+        handles = await columns.resume([session.session_id])
+        columns.next_seq[handles[0]] = 2
+        result = await columns.step(handles, [[1]])  # "a"
+        await columns.close()
+        whole = await client.stub().Classify(pb.ClassifyRequest(
+            model="tiny-lstm", sequences=[pb.SequenceInput(tokens=pb.TokenIds(ids=[3, 1, 6, 5, 1]))]
+        ))  # fmt: skip
+        return typed, result, whole.results[0]
+
+    typed, result, whole = run(server, scenario)
+    assert typed.total_steps == 4
+    assert result.status.tolist() == [OK], result.errors
+    assert int(result.total_steps[0]) == 5 == whole.length
+    np.testing.assert_allclose(result.probs[0], whole.probabilities, rtol=0, atol=1e-6)

@@ -334,3 +334,57 @@ def test_a_session_resumed_on_another_replica_keeps_its_reply_options(
 
     opened = asyncio.run(scenario())
     assert opened.options.top_k == 3 and opened.options.every_step
+
+
+async def _end_twice(first: str, second: str) -> tuple[pb.SessionResult, pb.SessionResult]:
+    """A multi session on `first`: three chunks, `end`; then `end` again on `second` (its
+    reply lost with `first`); both results."""
+    async with LstmClient(first) as c1, LstmClient(second) as c2:
+        m1, m2 = c1.multi_stream(), c2.multi_stream()
+        sid = (await m1.exchange([MultiStream.open("tiny-gru", top_k=2)]))[0].session_id
+        for seq in (1, 2, 3):
+            await m1.exchange([MultiStream.chunk(sid, seq, WORD[seq - 1 : seq])])
+        ended = (await m1.exchange([MultiStream.end(sid)]))[0]
+        again = (await m2.exchange([MultiStream.end(sid)]))[0]
+        chunk = (await m2.exchange([MultiStream.chunk(sid, 4, WORD[3:4])]))[0]
+        assert chunk.error.code == "NOT_FOUND", "an ended session takes no chunk"
+        await m1.close()
+        await m2.close()
+        return ended, again
+
+
+def _assert_answered_again(ended: pb.SessionResult, again: pb.SessionResult) -> None:
+    assert ended.WhichOneof("kind") == "ended" and not ended.ended.duplicate
+    assert again.WhichOneof("kind") == "ended", again
+    assert again.session_id == ended.session_id and again.ended.duplicate
+    assert again.ended.total_steps == ended.ended.total_steps == 3
+    assert again.ended.last_applied_seq == 3 and again.ended.flushed_steps == 0
+    assert list(again.ended.probabilities) == list(ended.ended.probabilities)
+    assert len(ended.ended.probabilities) > 0
+    assert [t.label for t in again.ended.top] == [t.label for t in ended.ended.top]
+    assert len(again.ended.top) == 2
+
+
+def test_an_end_resent_on_another_replica_is_answered_as_it_ended(
+    shared: tuple[ServerThread, ServerThread],
+) -> None:
+    """The end applied on A, its reply lost with A: B answers the resend from the tombstone
+    (the session as it ended), marked duplicate, instead of NOT_FOUND."""
+    a, b = shared
+    _assert_answered_again(*asyncio.run(_end_twice(a.address, b.address)))
+
+
+def test_an_end_resent_to_the_same_server_is_answered_as_it_ended(server: ServerThread) -> None:
+    """Without a shared store: the server that ended the session answers a resend of its end."""
+    _assert_answered_again(*asyncio.run(_end_twice(server.address, server.address)))
+
+
+def test_an_end_for_a_session_that_never_existed_is_still_not_found(server: ServerThread) -> None:
+    async def scenario() -> pb.SessionResult:
+        async with LstmClient(server.address) as client:
+            multi = client.multi_stream()
+            result = (await multi.exchange([MultiStream.end("0" * 32)]))[0]
+            await multi.close()
+            return result
+
+    assert asyncio.run(scenario()).error.code == "NOT_FOUND"

@@ -29,8 +29,8 @@ def test_save_load_and_end_leaves_a_tombstone(redis_url: str) -> None:
         assert await backend.save(sid, 1, "g1", b"snap-1") == WRITTEN
         assert await backend.load(sid) == Record(b"snap-1", 1, "g1", False)
         assert await backend.was_issued(sid)
-        await backend.end(sid)
-        assert await backend.load(sid) == Record(None, 1, "g1", True)
+        await backend.end(sid, b"final-1")
+        assert await backend.load(sid) == Record(None, 1, "g1", True, b"final-1")
         assert await backend.save(sid, 2, "g1", b"snap-2") == ENDED, "an ended session stays so"
         assert await backend.save(sid, 9, "g2", b"x", takeover_from="g1") == ENDED
         await backend.close()
@@ -139,23 +139,31 @@ def test_an_outage_fails_fast_and_a_probe_brings_the_store_back(tmp_path: Path) 
         node.stop()
 
 
-def test_an_end_during_an_outage_is_written_when_the_store_is_back(tmp_path: Path) -> None:
+def test_an_end_during_an_outage_is_written_when_the_store_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its final snapshot, within the bytes held for them (past it: a bare tombstone)."""
     from bench.redisfleet import RedisNode
+    from service.engine.continuity import redis_backend
     from service.engine.continuity.redis_backend import StoreUnavailable
     from service.engine.continuity.store_urls import StoreOptions
 
+    monkeypatch.setattr(redis_backend, "MAX_PENDING_FINAL_BYTES", 12)
     node = RedisNode(tmp_path, "redis").start("--appendonly", "yes", "--appendfsync", "always")
 
     async def scenario() -> None:
         url = f"redis://127.0.0.1:{node.port}/0"
         backend = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3))
         other = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.3))  # another replica
-        sid = uuid.uuid4().hex
+        sid, late = uuid.uuid4().hex, uuid.uuid4().hex
         assert await backend.save(sid, 3, "g1", b"s3") == WRITTEN
+        assert await backend.save(late, 1, "g1", b"s1") == WRITTEN
         node.kill()
         with pytest.raises(StoreUnavailable):
-            await backend.end(sid)
-        assert backend.pending_ends == 1
+            await backend.end(sid, b"final-3")  # 7 bytes: held
+        with pytest.raises(StoreUnavailable):
+            await backend.end(late, b"final-1")  # 14 bytes in all: over 12, not held
+        assert backend.pending_ends == 2
         node.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
@@ -164,7 +172,8 @@ def test_an_end_during_an_outage_is_written_when_the_store_is_back(tmp_path: Pat
             await asyncio.sleep(0.02)
         assert backend.guard.up
         ended = await other.load(sid)
-        assert ended == Record(None, 3, "g1", True), "a tombstone, not a live record"
+        assert ended == Record(None, 3, "g1", True, b"final-3"), "a tombstone, not a live record"
+        assert await other.load(late) == Record(None, 1, "g1", True, None)
         await backend.close()
         await other.close()
 

@@ -638,6 +638,35 @@ def test_requests_beyond_the_bytes_in_flight_budget_wait_their_turn(tiny_repo: P
         srv.stop()
 
 
+def test_a_resent_end_is_answered_again_after_the_sequence_ended(
+    http_server: ServerThread, client: httpclient.InferenceServerClient
+) -> None:
+    """END's reply lost: the END sent again (same lstm_serve_seq) gets the kept result as a
+    duplicate, not "not open"; an older seq is 409; without lstm_serve_seq it is a new request
+    (not open)."""
+
+    def send(seq: int | None, part: np.ndarray, start: bool = False,
+             end: bool = False) -> httpclient.InferResult:  # fmt: skip
+        params = {} if seq is None else {"lstm_serve_seq": seq}
+        return client.infer("tiny-lstm", [tokens_input(part, True)], model_version="1",
+                            sequence_id="resent-end", sequence_start=start, sequence_end=end,
+                            parameters=params,
+                            outputs=[httpclient.InferRequestedOutput("probs")])  # fmt: skip
+
+    send(1, TOKENS[:3], start=True)
+    ended = send(2, TOKENS[3:], end=True)
+    again = send(2, TOKENS[3:], end=True)
+    assert again.get_response()["parameters"]["lstm_serve_duplicate"] is True
+    assert again.get_response()["parameters"]["lstm_serve_total_steps"] == len(TOKENS)
+    np.testing.assert_array_equal(again.as_numpy("probs"), ended.as_numpy("probs"))
+    with pytest.raises(InferenceServerException) as older:
+        send(1, TOKENS[:3], end=True)
+    assert older.value.status() == "409" and "when it ended" in older.value.message()
+    with pytest.raises(InferenceServerException) as unnumbered:
+        send(None, TOKENS[3:], end=True)
+    assert unnumbered.value.status() == "400" and "not open" in unnumbered.value.message()
+
+
 def test_lstm_serve_seq_makes_resends_exactly_once_over_http(
     http_server: ServerThread, client: httpclient.InferenceServerClient
 ) -> None:

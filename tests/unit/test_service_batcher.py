@@ -282,6 +282,43 @@ def test_a_dispatch_bug_fails_the_queued_chunks_instead_of_hanging(tiny_repo: Pa
     engine.close()
 
 
+def _broken(*args: Any) -> Any:
+    raise KeyError("a bug")
+
+
+@pytest.mark.parametrize("where", ["starting a taken batch", "committing a run"])
+def test_a_bug_in_a_batch_answers_its_chunks_and_the_batcher_goes_on(
+    tiny_repo: Path, where: str
+) -> None:
+    """Both chunks of the batch get the error (none waits forever) and nothing is applied; the
+    same seqs then apply once the bug is gone."""
+    engine = make_engine(tiny_repo)
+
+    async def main() -> None:
+        a = await engine.open_session("tiny-gru", 0, StreamOptions())
+        b = await engine.open_session("tiny-gru", 0, StreamOptions())
+        batcher = a.model.batcher
+        owner, name = (batcher.state, "gather") if where.startswith("starting") else (
+            batcher, "_commit")  # fmt: skip
+        setattr(owner, name, _broken)
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(
+                engine.apply_chunk(a, 1, tokens(1)), engine.apply_chunk(b, 1, tokens(2)),
+                return_exceptions=True,
+            )  # fmt: skip
+        assert all(isinstance(o, KeyError) for o in outcomes), outcomes
+        assert await engine.wait_idle(5)
+        delattr(owner, name)  # the class's method again
+        async with asyncio.timeout(5):
+            done = await asyncio.gather(
+                engine.apply_chunk(a, 1, tokens(1)), engine.apply_chunk(b, 1, tokens(2))
+            )
+        assert [d.total_steps for d in done] == [1, 1]
+
+    asyncio.run(main())
+    engine.close()
+
+
 def test_text_chunks_share_a_settled_run_then_a_probe_run(tiny_repo: Path) -> None:
     """Streamed text of many sessions in one batch: one run of every settled part, then one
     run of every held tail from those states (not kept); each reply, every step of it too, is

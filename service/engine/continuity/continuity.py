@@ -29,7 +29,13 @@ from service.engine.continuity.snapshots import (
     encode_snapshot,
 )
 from service.engine.model.registry import ModelRegistry
-from service.engine.session.sessions import Checkpoint, Session, SessionStore, new_generation
+from service.engine.session.sessions import (
+    Checkpoint,
+    EndedSession,
+    Session,
+    SessionStore,
+    new_generation,
+)
 from service.engine.text.inputs import held_text
 from service.engine.types import (
     NO_METRICS,
@@ -230,19 +236,20 @@ class SessionContinuity:
             raise refusal
         self._store_ops.labels("save", "ok").inc()
 
-    async def forget(self, session_id: str) -> None:
-        """The session ended: its shared record becomes a tombstone (snapshots cannot revive it).
-        A store that does not answer gets it once it is back (the backend keeps it until then)."""
-        if self.backend is None:
-            return
+    async def end(self, session: Session) -> None:
+        """The client ended the session (its lock held): freed here, its shared record a
+        tombstone holding its final snapshot (which cannot revive it; a resent `end` is answered
+        from it), written once the store is back if it does not answer."""
+        final = self.snapshot(session) if self.backend is not None and not session.ended else b""
+        self.store.end(session)
         try:
-            await self.backend.end(session_id)
+            if self.backend is not None:
+                await self.backend.end(session.id, final)
+                self._store_ops.labels("delete", "ok").inc()
         except Exception as exc:
             self._store_ops.labels("delete", "error").inc()
             log.warning("session store delete failed; written when the store is back",
                         extra={"fields": {"error": repr(exc)}})  # fmt: skip
-            return
-        self._store_ops.labels("delete", "ok").inc()
 
     async def find_local_first(self, registry: ModelRegistry, session_id: str) -> Session:
         """The copy held here if any (a stale one is caught by `persist`), else `find`."""
@@ -365,23 +372,59 @@ def _refusal(session: Session, saved: int, takeover: bool) -> LstmServeError:
 def take_progress(session: Session, snap: SessionSnapshot) -> None:
     """The snapshot's state and progress into `session` (its model's)."""
     desc = session.model.description
-    label, probability, step = snap.decided
-    decision = Decision(label, probability, step) if 0 <= label < desc.num_classes else None
-    last = None
-    if len(snap.last_values) == desc.num_classes:
-        values = np.array(snap.last_values, dtype=np.float32)  # (C,) as the model computed them
-    elif len(snap.last_probs) == desc.num_classes:
-        values = np.array(snap.last_probs, dtype=np.float32)  # (C,): probabilities
-    else:
-        values = None
-    if values is not None:
-        kind = desc.output_kind if len(snap.last_values) == desc.num_classes else KIND_PROBS
-        covered = snap.last_total_steps if snap.last_total_steps >= 0 else snap.total_steps
-        decided = decision if snap.last_decided else None
-        last = StepResult(values, None, snap.last_steps, covered, kind, snap.last_rewound, decided)
+    decision = _decision_of(snap, desc.num_classes)
+    last = _last_result(snap, desc.num_classes, desc.output_kind, decision)
     held = held_text(desc, snap.held_text, snap.held_cased, snap.held_known)  # with its tail
     session.restore(Checkpoint(snap.state, snap.last_seq, snap.total_steps, held, last,
                                snap.run, decision))  # fmt: skip
+
+
+def _decision_of(snap: SessionSnapshot, classes: int) -> Decision | None:
+    label, probability, step = snap.decided
+    return Decision(label, probability, step) if 0 <= label < classes else None
+
+
+def _last_result(
+    snap: SessionSnapshot, classes: int, kind: str, decision: Decision | None
+) -> StepResult | None:
+    """The snapshot's last reply (answered again to a resend), as its model computed it."""
+    if len(snap.last_values) == classes:
+        values = np.array(snap.last_values, dtype=np.float32)  # (C,) as the model computed them
+    elif len(snap.last_probs) == classes:
+        values, kind = np.array(snap.last_probs, dtype=np.float32), KIND_PROBS  # (C,)
+    else:
+        return None
+    covered = snap.last_total_steps if snap.last_total_steps >= 0 else snap.total_steps
+    decided = decision if snap.last_decided else None
+    return StepResult(values, None, snap.last_steps, covered, kind, snap.last_rewound, decided)
+
+
+async def find_ended(
+    c: SessionContinuity, registry: ModelRegistry, session_id: str
+) -> EndedSession | None:
+    """The caller's session as it ended, while its tombstone lives (here, or in the shared
+    store); None if it did not end (or is another principal's)."""
+    ended = c.store.ended(session_id)
+    if ended is None and c.backend is not None:
+        record = await c.load_record(session_id)
+        if record is not None and record.ended and record.final:
+            ended = _ended_from(registry, decode_snapshot(record.final, c._keys()))
+    if ended is None or ended.owner != principal.current():
+        return None
+    return ended
+
+
+def _ended_from(registry: ModelRegistry, snap: SessionSnapshot) -> EndedSession:
+    """A session as its final snapshot says it ended; its top labels named by its model when
+    this server serves that version (else by index)."""
+    try:
+        desc = registry.find(snap.model, snap.version).description
+        classes, kind, labels = desc.num_classes, desc.output_kind, desc.labels
+    except LstmServeError:
+        classes, kind, labels = len(snap.last_probs), KIND_PROBS, ()
+    last = _last_result(snap, classes, kind, _decision_of(snap, classes))
+    total = last.total_steps if last is not None else snap.total_steps  # held text's tail too
+    return EndedSession(snap.owner, snap.version, total, snap.last_seq, last, snap.top_k, labels)
 
 
 async def settle(c: SessionContinuity, session: Session) -> None:

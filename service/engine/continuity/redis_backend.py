@@ -44,6 +44,9 @@ SESSION_PREFIX = "lstm-serve:session:"
 ISSUED_PREFIX = "lstm-serve:issued:"
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.1, 2.0
 MAX_PENDING_ENDS = 100_000  # ends held back by an outage, written when the store is back
+# Their final snapshots held meanwhile, all together; past it an end's tombstone is written
+# without one (a resent `end` of that session is then answered NOT_FOUND).
+MAX_PENDING_FINAL_BYTES = 16 << 20
 
 
 def session_key(session_id: str) -> str:
@@ -91,17 +94,22 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 0
 """
 
-# KEYS[1] record; ARGV: ttl ms. The session ended: a tombstone for the idle timeout.
+# KEYS[1] record; ARGV: ttl ms, the final snapshot (empty: none). The session ended: a
+# tombstone for the idle timeout, holding the session as it ended (a resent `end` is answered
+# from it; a snapshot of it cannot revive the session: the tombstone is what `save` checks).
 _END = """
 redis.call('HDEL', KEYS[1], 'snap')
 redis.call('HSET', KEYS[1], 'ended', '1')
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'final', ARGV[2])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
 # KEYS[1] record; ARGV: ttl ms. The record's fields, its idle timer refreshed.
 _LOAD = """
-local rec = redis.call('HMGET', KEYS[1], 'snap', 'seq', 'gen', 'ended')
+local rec = redis.call('HMGET', KEYS[1], 'snap', 'seq', 'gen', 'ended', 'final')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return rec
 """
@@ -177,13 +185,14 @@ class StoreGuard:
 
 @dataclass(frozen=True)
 class Record:
-    """A session's record: its snapshot (None once ended), seq, incarnation, and whether it
-    ended."""
+    """A session's record: its snapshot (None once ended), seq, incarnation, whether it
+    ended, and (ended) its snapshot as it ended."""
 
     snapshot: bytes | None
     seq: int
     generation: str
     ended: bool
+    final: bytes | None = None
 
 
 class RedisSessionBackend:
@@ -204,7 +213,8 @@ class RedisSessionBackend:
         self._store_ops = metrics.store_ops  # (op, outcome)
         # Ends the store did not take (an outage): written once it answers again, so another
         # replica cannot resume an ended session from its last live record. Bounded.
-        self._pending_ends: dict[str, None] = {}
+        self._pending_ends: dict[str, bytes] = {}  # session id -> final snapshot
+        self._pending_final_bytes = 0
         self._save = self._redis.register_script(_SAVE)
         self._end = self._redis.register_script(_END)
         self._load = self._redis.register_script(_LOAD)
@@ -244,26 +254,30 @@ class RedisSessionBackend:
         """The stored record, refreshing its idle timer; None if absent."""
         keys, args = [session_key(session_id)], [self.ttl_ms]
         rec = await self.guard.run("load", lambda: self._load(keys=keys, args=args))
-        snap, seq, gen, ended = rec
+        snap, seq, gen, ended, final = rec
         if seq is None and ended is None:
             return None
-        return Record(snap, int(seq or 0), (gen or b"").decode(), ended is not None)
+        return Record(snap, int(seq or 0), (gen or b"").decode(), ended is not None, final)
 
-    async def end(self, session_id: str) -> None:
-        """The session ended: its record becomes a tombstone for the idle timeout. If the store
-        does not take it, it is kept and written when the store answers again (then raised)."""
-        keys, args = [session_key(session_id)], [self.ttl_ms]
+    async def end(self, session_id: str, final: bytes = b"") -> None:
+        """The session ended: its record becomes a tombstone for the idle timeout, holding
+        `final` (its snapshot as it ended). If the store does not take it, it is kept and
+        written when the store answers again (then raised)."""
+        keys, args = [session_key(session_id)], [self.ttl_ms, final]
         try:
             await self.guard.run("end", lambda: self._end(keys=keys, args=args))
         except StoreUnavailable:
-            self._remember_end(session_id)
+            self._remember_end(session_id, final)
             raise
 
-    def _remember_end(self, session_id: str) -> None:
+    def _remember_end(self, session_id: str, final: bytes) -> None:
         pending = self._pending_ends
-        pending[session_id] = None
+        if self._pending_final_bytes + len(final) > MAX_PENDING_FINAL_BYTES:
+            final = b""
+        self._pending_final_bytes += len(final) - len(pending.get(session_id, b""))
+        pending[session_id] = final
         if len(pending) > MAX_PENDING_ENDS:  # the oldest goes: its record expires on its own
-            del pending[next(iter(pending))]
+            self._pending_final_bytes -= len(pending.pop(next(iter(pending))))
             self._store_ops.labels("delete", "dropped").inc()
 
     @property
@@ -275,13 +289,13 @@ class RedisSessionBackend:
         """Write the tombstones an outage held back, oldest first; stop at the first failure
         (the guard is down again and its probe will call this once more)."""
         while self._pending_ends:
-            session_id = next(iter(self._pending_ends))
-            keys, args = [session_key(session_id)], [self.ttl_ms]
+            session_id, final = next(iter(self._pending_ends.items()))
+            keys, args = [session_key(session_id)], [self.ttl_ms, final]
             try:
                 await self.guard.run("end", lambda k=keys, a=args: self._end(keys=k, args=a))
             except StoreUnavailable:
                 return
-            self._pending_ends.pop(session_id, None)
+            self._pending_final_bytes -= len(self._pending_ends.pop(session_id, b""))
             self._store_ops.labels("delete", "ok").inc()
 
     async def holds(self, session_id: str) -> bool:

@@ -99,6 +99,13 @@ class ComputeLanes:
     tracer: EngineTracer = NO_TRACER
 
 
+def _fail(batch: list[Pending], exc: BaseException) -> None:
+    """Answer every chunk of `batch` not answered yet with `exc`."""
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
 def pad_chunks(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Chunks of (T_b,) or (T_b, F) -> zero-padded (B, Tmax[, F]) and lengths (B,) int64."""
     first = chunks[0]
@@ -171,6 +178,15 @@ def _run_one_with_probe(
     if first is not None and every is not None and first.step_probs is not None:
         every = np.concatenate([first.step_probs, every], axis=1)  # (1, S + T', C)
     return RunOutput(every, probe.probs, state)
+
+
+def runs_inline(policy: BatchPolicy, running: int, batch: list[Pending]) -> bool:
+    """Run on the loop thread (the batch being the one running): a tiny batch on an idle model
+    costs less than two thread hops."""
+    limit = policy.inline_max_steps
+    if limit <= 0 or running != 1:
+        return False
+    return len(batch) * max(item.steps for item in batch) <= limit
 
 
 def trace_batch(tracer: EngineTracer, named: dict[str, Any],
@@ -264,7 +280,7 @@ class SequenceBatcher:
                 return
             batch = self._queue.take()
             if batch:
-                self._start(batch)
+                self._start_or_fail(batch)
 
     def _wait_before_next(self) -> float:
         """Seconds until the next batch may start (0 = now)."""
@@ -284,6 +300,17 @@ class SequenceBatcher:
 
     # -- running -----------------------------------------------------------------------------
 
+    def _start_or_fail(self, batch: list[Pending]) -> None:
+        """Start a batch taken from the queue; a bug starting it fails its chunks (logged)."""
+        running = self._running
+        try:
+            self._start(batch)
+        except Exception as exc:
+            log.exception("starting a batch of %d chunks failed", len(batch))
+            self._running = running
+            self._inflight.leave(len(batch))
+            _fail(batch, exc)
+
     def _start(self, batch: list[Pending]) -> None:
         self._running += 1
         started = time.perf_counter()
@@ -301,7 +328,7 @@ class SequenceBatcher:
         tails = [item.tail for item in batch] if held else None
         span = trace_batch(self._tracer, self._traced, batch) if self._tracer.enabled else None
         loop = asyncio.get_running_loop()
-        if self._inline(batch):
+        if runs_inline(self.policy, self._running, batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
             try:
                 done.set_result(self._run(state, chunks, ids, steps, tails))
@@ -312,13 +339,6 @@ class SequenceBatcher:
         future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps,
                                       tails)  # fmt: skip
         future.add_done_callback(lambda f: self._finish(batch, f, span=span))
-
-    def _inline(self, batch: list[Pending]) -> bool:
-        """Run on the loop thread: a tiny batch on an idle model costs less than two thread hops."""
-        limit = self.policy.inline_max_steps
-        if limit <= 0 or self._running != 1:
-            return False
-        return len(batch) * max(item.steps for item in batch) <= limit
 
     def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str], steps: bool,
              tails: list[np.ndarray | None] | None = None) -> tuple[RunOutput, float]:  # fmt: skip
@@ -347,11 +367,13 @@ class SequenceBatcher:
                 raise RuntimeError("the batch run was cancelled (server shutting down)")
             out, seconds = future.result()
         except BaseException as exc:  # a failed run fails its chunks, never the batcher
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            _fail(batch, exc)
         else:
-            self._commit(batch, out, seconds)
+            try:
+                self._commit(batch, out, seconds)
+            except Exception as exc:  # a bug: the chunks not answered yet get the error
+                log.exception("committing a batch of %d chunks failed", len(batch))
+                _fail(batch, exc)
         finally:
             if span is not None:
                 span.end(None if future.cancelled() else future.exception())
@@ -362,7 +384,7 @@ class SequenceBatcher:
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         """Scatter the kept rows' states, then apply each kept session's chunk (Session.apply:
         seq, steps, result and held text at once); answer the rest."""
-        keep = [b for b, item in enumerate(batch) if self._wanted(item)]
+        keep = [b for b, item in enumerate(batch) if _wanted(item)]
         if keep:
             rows = [batch[b].session.row for b in keep]
             every_row = len(keep) == len(batch)  # then no copy of the kept rows
@@ -382,8 +404,8 @@ class SequenceBatcher:
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
 
-    @staticmethod
-    def _wanted(item: Pending) -> bool:
-        """Apply the chunk only if its waiter is still there and its session still lives (a
-        closed session's chunk is answered with the close reason here)."""
-        return not item.future.done() and not item.resolve_closed()
+
+def _wanted(item: Pending) -> bool:
+    """Apply the chunk only if its waiter is still there and its session still lives (a
+    closed session's chunk is answered with the close reason here)."""
+    return not item.future.done() and not item.resolve_closed()

@@ -253,6 +253,27 @@ class Session:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class EndedSession:
+    """What a session answered when it ended, kept while its tombstone lives: a resent `end`
+    (its reply lost with a replica) is answered from it, not refused as an unknown session."""
+
+    owner: str
+    version: int  # its model's version (the model is named by whoever asks)
+    total_steps: int
+    last_seq: int
+    last: StepResult | None  # the classification at the end (none: it never took a step)
+    top_k: int
+    labels: tuple[str, ...]  # the model's, to name the top labels
+    when: float = 0.0  # SessionStore.clock() at the end
+
+    @classmethod
+    def of(cls, session: Session, when: float = 0.0) -> EndedSession:
+        return cls(session.owner, session.model.version, session.total_steps, session.last_seq,
+                   session.last_result, session.options.top_k, session.model.description.labels,
+                   when)  # fmt: skip
+
+
 class SessionStore:
     """Every live session, by id; ids, idle expiry and the session limit. Loop thread only."""
 
@@ -275,8 +296,9 @@ class SessionStore:
         self._events = metrics.session_events  # (model, event)
         self._sessions: dict[str, Session] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
-        # Ended ids (when), for the idle timeout: their snapshots cannot revive them here.
-        self._ended: OrderedDict[str, float] = OrderedDict()
+        # Ended sessions, for the idle timeout: their snapshots cannot revive them here, and a
+        # resent `end` is answered from what they answered.
+        self._ended: OrderedDict[str, EndedSession] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -370,21 +392,26 @@ class SessionStore:
 
     def end(self, session: Session, reason: LstmServeError | None = None) -> None:
         """Free the session now (the client ended it, or `reason`)."""
+        ended = EndedSession.of(session, self.clock()) if reason is None else None
         if self._remove(session, reason or SessionNotFound(f"session {session.id} has ended")):
             self._events.labels(session.model.name, "ended").inc()
-            if reason is None:  # the client ended it: a tombstone for the idle timeout
-                self._ended[session.id] = self.clock()
+            if ended is not None:  # the client ended it: a tombstone for the idle timeout
+                self._ended[session.id] = ended
                 self._ended.move_to_end(session.id)
                 while len(self._ended) > self.expired_memory:
                     self._ended.popitem(last=False)
 
     def was_ended(self, session_id: str) -> bool:
         """Whether the session ended here less than the idle timeout ago."""
-        when = self._ended.get(session_id)
-        if when is not None and self.clock() - when > self.idle_timeout_s:
+        return self.ended(session_id) is not None
+
+    def ended(self, session_id: str) -> EndedSession | None:
+        """The session as it ended here, less than the idle timeout ago; None otherwise."""
+        ended = self._ended.get(session_id)
+        if ended is not None and self.clock() - ended.when > self.idle_timeout_s:
             del self._ended[session_id]
-            return False
-        return when is not None
+            return None
+        return ended
 
     def close_all(self, model: ModelWorker, reason: LstmServeError) -> int:
         """Close every session of one model version (it is being retired); how many."""

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from lstmserve.contract import Tokenizer
 
 MAX_HELD_CHARS = 64
@@ -90,6 +92,17 @@ def held_change(before: HeldText, settled: Sequence[int], after: HeldText) -> He
             break
         kept += 1
     return HeldChange(before, after, kept)
+
+
+def ids_after_held(before: HeldText, ids: np.ndarray) -> tuple[np.ndarray, HeldChange | None]:
+    """Token ids sent to a text session: they settle its held text first (nothing may combine
+    with it any more; its tail's ids run before them, as the previous reply's probe did) and
+    count as known. (ids, None) when nothing held changes."""
+    if before.known and not before.tail:
+        return ids, None
+    tail = np.asarray(before.tail, dtype=ids.dtype)
+    change = HeldChange(before, HeldText(known=True), len(tail))
+    return (np.concatenate([tail, ids]) if len(tail) else ids), change
 
 
 class TextCodec(Protocol):
