@@ -118,6 +118,7 @@ class ServerConfig:
     reflection: bool = True
     metrics_host: str = ""
     health_port: int = -1
+    native_front_dir: str = ""
     log_json: bool = False
     log_level: str = "INFO"
 
@@ -517,6 +518,11 @@ FLAGS: dict[str, tuple[str, Any]] = {
         "a plaintext port serving only gRPC health (grpc.health.v1, no token), for Kubernetes "
         "probes when the gRPC port needs TLS or client certificates; -1 = off",
         int,
+    ),
+    "native_front_dir": (
+        "also serve on Unix sockets in this directory (made private) for the native front "
+        "(native/, `make native`), which then owns the public gRPC port; empty = off",
+        str,
     ),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),

@@ -1,0 +1,56 @@
+from lstmserve.v1 import lstm_serve_pb2 as _lstm_serve_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TickEntry(_message.Message):
+    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    HAS_AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    stream: int
+    request: _lstm_serve_pb2.StreamRequest
+    first: bool
+    authorization: str
+    has_authorization: bool
+    malformed: bool
+    size: int
+    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
+
+class Tick(_message.Message):
+    __slots__ = ("entries", "closed", "closed_ok")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_OK_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[TickEntry]
+    closed: _containers.RepeatedScalarFieldContainer[int]
+    closed_ok: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class TickOutcome(_message.Message):
+    __slots__ = ("reply", "has_reply", "code", "message", "finish")
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    HAS_REPLY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
+    reply: _lstm_serve_pb2.StreamResponse
+    has_reply: bool
+    code: int
+    message: str
+    finish: bool
+    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., has_reply: _Optional[bool] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ...) -> None: ...
+
+class TickReply(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[TickOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,128 @@
+"""The Python side of the native front (native/): its internal link, on a Unix socket only.
+
+With --native-front-dir DIR the server also listens on DIR/grpc.sock (every public RPC, as on
+the gRPC port, authentication included: the native front passes through what it does not serve
+itself) and serves `NativeFront.Ticks` on DIR/ticks.sock, a server of its own that the public
+port never reaches. DIR is made private (0700): whoever can connect to ticks.sock is trusted
+to report the callers' credentials. A tick's messages are translated by the same codec as the
+Python front's (service/codec.py), answered by `NativeStreams` (service/protocol/native.py)
+and encoded by the same codec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from lstmserve.v1 import native_front_pb2 as npb
+from lstmserve.v1 import native_front_pb2_grpc as npb_grpc
+from service import codec, metrics
+from service.errors import ConfigError
+from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams
+from service.protocol.session import SessionLayer
+from service.security.auth import Authenticator, Unauthenticated
+from service.status import numeric_code, status_code, status_message
+
+log = logging.getLogger(__name__)
+
+PUBLIC_SOCKET = "grpc.sock"
+TICKS_SOCKET = "ticks.sock"
+MAX_TICK_BYTES = 256 << 20  # a tick carries many streams' messages (each within 4 MiB)
+
+
+def private_dir(path: str) -> Path:
+    """The sockets' directory, made if missing, readable by this user only; stale sockets
+    removed."""
+    folder = Path(path)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        for name in (PUBLIC_SOCKET, TICKS_SOCKET):
+            (folder / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--native-front-dir {path!r}: {exc.strerror or exc}") from None
+    return folder
+
+
+class NativeFrontServicer(npb_grpc.NativeFrontServicer):
+    """Answers the native front's ticks: one reply per tick, one outcome per message."""
+
+    def __init__(self, layer: SessionLayer, idle_timeout_s: float,
+                 auth: Authenticator | None) -> None:  # fmt: skip
+        self.layer = layer
+        self.idle_timeout_s = idle_timeout_s
+        self.auth = auth
+
+    async def Ticks(
+        self, request_iterator: AsyncIterator[npb.Tick], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[npb.TickReply]:
+        streams = NativeStreams(self.layer)
+        log.info("native front connected")
+        try:
+            async for tick in request_iterator:
+                entries = [self._entry(e) for e in tick.entries]
+                closed = list(zip(tick.closed, tick.closed_ok, strict=False))
+                outcomes = await streams.answer(entries, closed)
+                yield self._reply(outcomes)
+        finally:
+            streams.forget_all()
+            log.info("native front disconnected")
+
+    def _entry(self, entry: npb.TickEntry) -> NativeEntry:
+        if entry.malformed:
+            error = codec.Malformed("lstmserve.v1.StreamRequest", entry.size).error()
+            return NativeEntry(entry.stream, error)
+        request = codec.stream_request(entry.request)
+        if not entry.first:
+            return NativeEntry(entry.stream, request)
+        if self.auth is None:
+            return NativeEntry(entry.stream, request)
+        authorization = entry.authorization if entry.has_authorization else None
+        try:
+            caller = self.auth.authenticate(authorization, None)
+        except Unauthenticated as exc:
+            metrics.AUTH_FAILURES.labels(metrics.PROTOCOL_NATIVE, exc.reason).inc()
+            return NativeEntry(entry.stream, request, refused=exc)
+        metrics.CALLER_REQUESTS.labels(self.auth.label(caller), metrics.PROTOCOL_NATIVE).inc()
+        return NativeEntry(entry.stream, request, caller)
+
+    def _reply(self, outcomes: list[NativeOutcome]) -> npb.TickReply:
+        reply = npb.TickReply()
+        idle = self.idle_timeout_s
+        for outcome in outcomes:
+            out = reply.outcomes.add()
+            if outcome.reply is not None:
+                out.has_reply = True
+                codec.fill_stream_response(out.reply, outcome.reply, idle)
+            if outcome.error is not None:
+                out.code, out.message = _status(outcome.error)
+            elif outcome.finish:
+                out.finish = True
+        return reply
+
+
+def _status(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, Unauthenticated):
+        return numeric_code(grpc.StatusCode.UNAUTHENTICATED), str(exc)
+    return numeric_code(status_code(exc)), status_message(exc)
+
+
+def build_ticks_server(
+    layer: SessionLayer, idle_timeout_s: float, auth: Authenticator | None, folder: Path
+) -> grpc.aio.Server:
+    """The internal server of the native front's ticks, bound to folder/ticks.sock only."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_TICK_BYTES),
+        ("grpc.max_send_message_length", MAX_TICK_BYTES),
+    ])  # fmt: skip
+    npb_grpc.add_NativeFrontServicer_to_server(
+        NativeFrontServicer(layer, idle_timeout_s, auth), server
+    )
+    address = f"unix:{folder / TICKS_SOCKET}"
+    if server.add_insecure_port(address) == 0:
+        raise ConfigError(f"cannot listen on {address} (--native-front-dir)")
+    return server
