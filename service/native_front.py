@@ -96,7 +96,7 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
         for outcome in outcomes:
             out = reply.outcomes.add()
             if outcome.reply is not None:
-                out.has_reply = True
+                out.reply.SetInParent()
                 codec.fill_stream_response(out.reply, outcome.reply, idle)
             if outcome.error is not None:
                 out.code, out.message = _status(outcome.error)

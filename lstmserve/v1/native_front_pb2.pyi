@@ -36,18 +36,16 @@ class Tick(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
-    __slots__ = ("reply", "has_reply", "code", "message", "finish")
+    __slots__ = ("reply", "code", "message", "finish")
     REPLY_FIELD_NUMBER: _ClassVar[int]
-    HAS_REPLY_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     reply: _lstm_serve_pb2.StreamResponse
-    has_reply: bool
     code: int
     message: str
     finish: bool
-    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., has_reply: _Optional[bool] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ...) -> None: ...
+    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ...) -> None: ...
 
 class TickReply(_message.Message):
     __slots__ = ("outcomes",)

@@ -1,0 +1,158 @@
+// NativeStream: one client's Stream call.
+#include <string>
+
+#include "front.h"
+
+namespace front {
+
+namespace {
+
+// The message's bytes, whole (a ByteBuffer may hold several slices).
+std::string Bytes(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string data;
+  if (!buffer.Dump(&slices).ok()) return data;
+  data.reserve(buffer.Length());
+  for (const auto& s : slices) data.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return data;
+}
+
+grpc::ByteBuffer Encode(const lstmserve::v1::StreamResponse& reply) {
+  std::string data;
+  reply.SerializeToString(&data);
+  grpc::Slice slice(std::move(data));
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+}  // namespace
+
+NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* ticker, uint64_t id)
+    : ctx_(ctx), ticker_(ticker), id_(id) {
+  const auto& metadata = ctx->client_metadata();
+  auto found = metadata.find("authorization");
+  if (found != metadata.end()) {
+    authorization_.assign(found->second.data(), found->second.size());
+    has_authorization_ = true;
+  }
+}
+
+void NativeStream::Begin(std::shared_ptr<NativeStream> self) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  self_ = std::move(self);
+  reading_ = true;
+  StartRead(&in_);
+}
+
+void NativeStream::OnReadDone(bool ok) {
+  TickEntry entry;
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    reading_ = false;
+    if (!ok) {  // half-closed (or cancelled: OnDone follows)
+      eof_ = true;
+      if (unanswered_ == 0 && !ended_) EndLocked(grpc::Status::OK);
+      PumpLocked();
+      return;
+    }
+    if (ended_) return;
+    entry.set_stream(id_);
+    std::string data = Bytes(in_);
+    if (!entry.mutable_request()->ParseFromString(data)) {
+      entry.clear_request();
+      entry.set_malformed(true);
+      entry.set_size(static_cast<uint32_t>(data.size()));
+    }
+    if (!sent_) {
+      entry.set_first(true);
+      if (has_authorization_) {
+        entry.set_has_authorization(true);
+        entry.set_authorization(authorization_);
+      }
+    }
+    sent_ = true;
+    ++unanswered_;
+  }
+  ticker_->Submit(self_, std::move(entry));
+}
+
+bool NativeStream::Taken() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (ended_ || done_) {
+    --unanswered_;
+    return false;
+  }
+  if (!eof_ && !reading_) {  // one message read ahead of the answers
+    reading_ = true;
+    StartRead(&in_);
+  }
+  return true;
+}
+
+bool NativeStream::Known() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return sent_ && !ended_ && !done_;
+}
+
+void NativeStream::Answer(const TickOutcome& outcome) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  --unanswered_;
+  if (ended_ || done_) return;
+  if (outcome.has_reply()) out_.push_back(Encode(outcome.reply()));
+  if (outcome.code() != 0) {
+    EndLocked(grpc::Status(static_cast<grpc::StatusCode>(outcome.code()), outcome.message()));
+  } else if (outcome.finish() || (eof_ && unanswered_ == 0)) {
+    EndLocked(grpc::Status::OK);
+  }
+  PumpLocked();
+}
+
+void NativeStream::Fail(const grpc::Status& status) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (ended_ || done_) return;
+  EndLocked(status);
+  PumpLocked();
+}
+
+void NativeStream::EndLocked(const grpc::Status& status) {
+  ended_ = true;
+  status_ = status;
+}
+
+// Starts the next write, or finishes once every reply is written and the status decided.
+void NativeStream::PumpLocked() {
+  if (writing_ || done_ || finished_) return;
+  if (!out_.empty()) {
+    writing_ = true;
+    StartWrite(&out_.front());
+    return;
+  }
+  if (ended_) {
+    finished_ = true;
+    Finish(status_);
+  }
+}
+
+void NativeStream::OnWriteDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  writing_ = false;
+  out_.pop_front();
+  if (!ok) {  // the client is gone
+    out_.clear();
+    if (!ended_) EndLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+  }
+  PumpLocked();
+}
+
+void NativeStream::OnDone() {
+  bool clean;
+  std::shared_ptr<NativeStream> keep;
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    done_ = true;
+    clean = finished_ && status_.ok() && !ctx_->IsCancelled();
+    keep = std::move(self_);
+  }
+  ticker_->Closed(id_, clean);
+}  // `keep` may delete this here: nothing runs after it
+
+}  // namespace front
