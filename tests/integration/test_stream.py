@@ -217,7 +217,9 @@ def test_bidirectional_model_cannot_stream_but_classifies(
         assert result.length == len(text)
 
 
-def test_sessions_stay_pinned_to_their_version(stream_server: ServerThread, reference: Reference) -> None:
+def test_sessions_stay_pinned_to_their_version(
+    stream_server: ServerThread, reference: Reference
+) -> None:
     async def main() -> tuple[pb.ChunkResult, pb.ChunkResult]:
         async with LstmClient(stream_server.address) as client:
             latest = await client.open_session("tiny-lstm")
@@ -231,7 +233,9 @@ def test_sessions_stay_pinned_to_their_version(stream_server: ServerThread, refe
     np.testing.assert_allclose(v1.probabilities, reference.run("tiny-lstm", ids, 1)[0], atol=1e-5)
 
 
-def test_a_chunk_of_unknown_characters_is_fed_as_classify_feeds_them(stream_server: ServerThread) -> None:
+def test_a_chunk_of_unknown_characters_is_fed_as_classify_feeds_them(
+    stream_server: ServerThread,
+) -> None:
     text = "ab? c?d"  # '?' and ' ' are outside the tiny models' vocabulary
 
     async def main() -> tuple[list[float], list[float], int]:

@@ -1,0 +1,196 @@
+"""The native front (native/) in front of the real lstm-serve process: every Stream reply is the
+Python front's, byte for byte, and every other RPC passes through on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from tests.e2e.conftest import ROOT, ServerProcess
+from tests.native_front import NativeFront, binary
+
+TOKEN = "native-front-test-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, ServerProcess]]:
+    """(the Python front's address, the native front's), one lstm-serve process behind both."""
+    binary()
+    folder = tmp_path_factory.mktemp("native")
+    tokens = folder / "tokens"
+    tokens.write_text(f"alice:{TOKEN}\n")
+    server = ServerProcess(
+        ROOT / "models", "--native-front-dir", str(folder / "sockets"),
+        "--auth-tokens", str(tokens), "--snapshot-key", "k1:" + "A" * 44,
+    )  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(folder / "sockets")
+    yield server.address, front.address, server
+    front.stop()
+    server.stop()
+
+
+def _text(seq: int, text: str) -> pb.StreamRequest:
+    return pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(text=text)))
+
+
+def _ids(seq: int, ids: list[int]) -> pb.StreamRequest:
+    chunk = pb.Chunk(seq=seq, input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
+    return pb.StreamRequest(chunk=chunk)
+
+
+def _frames(seq: int, values: np.ndarray) -> pb.StreamRequest:
+    frames = pb.Frames(values=values.ravel().tolist())
+    return pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(frames=frames)))
+
+
+def text_conversation() -> list[pb.StreamRequest]:
+    """Text, token ids, held characters, duplicates, gaps, bad ids, a reset, a snapshot, end."""
+    opened = pb.OpenSession(model="langid-chars", options=pb.StreamOptions(top_k=3))
+    return [
+        pb.StreamRequest(open=opened), _text(1, "hello wor"), _text(2, "ld, cafe\u0301 e"),
+        _text(2, "again"), _text(5, "gap"), _ids(3, [1, 2, 3]), _ids(4, [1, 10**9]),
+        _ids(4, []), _text(4, ""), pb.StreamRequest(reset=pb.Reset(seq=4)), _text(5, "bonjour"),
+        pb.StreamRequest(snapshot=pb.TakeSnapshot()), pb.StreamRequest(end=pb.End()),
+    ]  # fmt: skip
+
+
+def frames_conversation(seed: int) -> list[pb.StreamRequest]:
+    """Frames, every_step, a non-finite value, a width that does not divide, end."""
+    rng = np.random.default_rng(seed)
+    options = pb.StreamOptions(every_step=True, top_k=2)
+    requests = [pb.StreamRequest(open=pb.OpenSession(model="speaker-vowels", options=options))]
+    for seq in range(1, 6):
+        requests.append(_frames(seq, rng.normal(size=(seq, 12)).astype(np.float32)))
+    bad = rng.normal(size=(2, 12)).astype(np.float32)
+    bad[1, 3] = np.nan
+    requests += [_frames(6, bad), _frames(6, np.zeros(13, np.float32)), _frames(6, bad[:1])]
+    return [*requests, pb.StreamRequest(end=pb.End())]
+
+
+async def converse(address: str, requests: list[pb.StreamRequest],
+                   metadata: tuple = AUTH) -> list[object]:  # fmt: skip
+    """Every reply (ids and snapshot bytes blanked: random per session), then the status."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.LstmServeStub(channel).Stream(iter(requests), metadata=metadata)
+        replies: list[object] = []
+        try:
+            async for reply in call:
+                replies.append(_blanked(reply))
+        except grpc.aio.AioRpcError as exc:
+            replies.append((exc.code(), exc.details()))
+        else:
+            replies.append(await call.code())
+    return replies
+
+
+def _blanked(reply: pb.StreamResponse) -> pb.StreamResponse:
+    reply.session_id = "S" if reply.session_id else ""
+    if reply.HasField("opened"):
+        reply.opened.session_id = "S"
+    if reply.HasField("snapshot"):
+        reply.snapshot.data = b"D"
+    if reply.HasField("chunk") and reply.chunk.HasField("error"):
+        reply.chunk.error.message = " ".join(
+            "S" if len(w) == 32 else w for w in reply.chunk.error.message.split(" ")
+        )
+    return reply
+
+
+def both(fronts: tuple[str, str, ServerProcess], requests: list[pb.StreamRequest],
+         metadata: tuple = AUTH) -> tuple[list[object], list[object]]:  # fmt: skip
+    python, native, _ = fronts
+
+    async def main() -> tuple[list[object], list[object]]:
+        expected = await converse(python, requests, metadata)
+        return expected, await converse(native, requests, metadata)
+
+    return asyncio.run(main())
+
+
+def test_text_and_token_replies_are_the_python_fronts_exactly(fronts) -> None:
+    expected, got = both(fronts, text_conversation())
+    assert len(got) == len(text_conversation()) + 1 and got[-1] == grpc.StatusCode.OK
+    assert got == expected  # every field, probabilities to the bit (0.0 difference)
+    chunks = [r.chunk for r in got[:-1] if r.HasField("chunk")]  # type: ignore[union-attr]
+    errors = [c.error.code for c in chunks if c.HasField("error")]
+    assert errors == ["FAILED_PRECONDITION", *["INVALID_ARGUMENT"] * 3]
+
+
+def test_frame_replies_are_the_python_fronts_exactly(fronts) -> None:
+    expected, got = both(fronts, frames_conversation(7))
+    assert got == expected
+    assert len(got[2].chunk.step_probabilities) == 2
+
+
+@pytest.mark.parametrize("case", ["first-not-open", "unknown-model", "open-twice", "no-token"])
+def test_stream_statuses_are_the_python_fronts(fronts, case: str) -> None:
+    open_ = pb.StreamRequest(open=pb.OpenSession(model="langid-chars"))
+    requests, metadata = {
+        "first-not-open": ([_text(1, "hi")], AUTH),
+        "unknown-model": ([pb.StreamRequest(open=pb.OpenSession(model="nope"))], AUTH),
+        "open-twice": ([open_, _text(1, "hi"), open_], AUTH),
+        "no-token": ([open_], ()),
+    }[case]
+    expected, got = both(fronts, requests, metadata)
+    assert got == expected
+    assert got[-1] != grpc.StatusCode.OK
+
+
+def test_many_concurrent_streams_get_the_python_fronts_replies(fronts) -> None:
+    python, native, _ = fronts
+
+    async def main() -> tuple[list[list[object]], list[list[object]]]:
+        work = [frames_conversation(s) if s % 2 else text_conversation() for s in range(48)]
+        native_replies = await asyncio.gather(*(converse(native, w) for w in work))
+        python_replies = [await converse(python, w) for w in work[:4]]
+        return python_replies, native_replies[:4]
+
+    expected, got = asyncio.run(main())
+    assert got == expected
+
+
+def test_other_rpcs_pass_through_on_the_same_port(fronts) -> None:
+    python, native, _ = fronts
+
+    def calls(address: str) -> tuple[object, ...]:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            models = stub.ListModels(pb.ListModelsRequest(), metadata=AUTH)
+            sequence = pb.SequenceInput(text="guten tag")
+            classify = stub.Classify(
+                pb.ClassifyRequest(model="langid-chars", sequences=[sequence], top_k=2),
+                metadata=AUTH,
+            )
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            try:
+                stub.GetModel(pb.GetModelRequest(name="nope"), metadata=AUTH)
+                missing: object = None
+            except grpc.RpcError as exc:
+                missing = (exc.code(), exc.details())
+            try:
+                stub.ListModels(pb.ListModelsRequest())
+                refused: object = None
+            except grpc.RpcError as exc:
+                refused = (exc.code(), exc.details())
+        return [m.name for m in models.models], classify, health.status, missing, refused
+
+    expected, got = calls(python), calls(native)
+    assert got == expected
+    assert got[3][0] == grpc.StatusCode.NOT_FOUND and got[4][0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_ticks_socket_is_private(fronts) -> None:
+    _, _, server = fronts
+    folder = Path(server.proc.args[server.proc.args.index("--native-front-dir") + 1])
+    assert folder.stat().st_mode & 0o077 == 0
+    assert (folder / "ticks.sock").exists() and (folder / "grpc.sock").exists()
