@@ -11,6 +11,7 @@ and encoded by the same codec.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -60,15 +61,45 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
     async def Ticks(
         self, request_iterator: AsyncIterator[npb.Tick], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[npb.TickReply]:
+        """Each tick answered in a task of its own (the front keeps a few in flight, never two
+        messages of one stream); replies in the order they are ready."""
         streams = NativeStreams(self.layer)
-        log.info("native front connected")
-        try:
-            async for tick in request_iterator:
+        ready: asyncio.Queue[npb.TickReply | BaseException | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(tick: npb.Tick) -> None:
+            try:
                 entries = [self._entry(e) for e in tick.entries]
                 closed = list(zip(tick.closed, tick.closed_ok, strict=False))
-                outcomes = await streams.answer(entries, closed)
-                yield self._reply(outcomes)
+                reply = self._reply(await streams.answer(entries, closed))
+                reply.tick = tick.id
+                ready.put_nowait(reply)
+            except BaseException as exc:  # the link ends: the front fails its streams
+                ready.put_nowait(exc)
+
+        async def read() -> None:
+            try:
+                async for tick in request_iterator:
+                    task = asyncio.create_task(answer(tick))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(set(tasks))
+                ready.put_nowait(None)
+            except BaseException as exc:
+                ready.put_nowait(exc)
+
+        reader = asyncio.create_task(read())
+        log.info("native front connected")
+        try:
+            while (item := await ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
             streams.forget_all()
             log.info("native front disconnected")
 

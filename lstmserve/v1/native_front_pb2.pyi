@@ -26,14 +26,16 @@ class TickEntry(_message.Message):
     def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Tick(_message.Message):
-    __slots__ = ("entries", "closed", "closed_ok")
+    __slots__ = ("entries", "closed", "closed_ok", "id")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_OK_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[TickEntry]
     closed: _containers.RepeatedScalarFieldContainer[int]
     closed_ok: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ...) -> None: ...
+    id: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
     __slots__ = ("reply", "code", "message", "finish")
@@ -48,7 +50,9 @@ class TickOutcome(_message.Message):
     def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ...) -> None: ...
 
 class TickReply(_message.Message):
-    __slots__ = ("outcomes",)
+    __slots__ = ("outcomes", "tick")
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    TICK_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[TickOutcome]
-    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ...) -> None: ...
+    tick: int
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ..., tick: _Optional[int] = ...) -> None: ...

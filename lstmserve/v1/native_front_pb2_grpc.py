@@ -45,7 +45,10 @@ class NativeFrontServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Ticks(self, request_iterator, context):
-        """One long-lived stream per front: every `Tick` is answered by exactly one `TickReply`.
+        """One long-lived stream per front: every `Tick` is answered by exactly one `TickReply`
+        (`TickReply.tick` = `Tick.id`). A few ticks may be in flight at once (one computes while
+        the next is decoded); a stream has at most one message in flight, so its messages are
+        answered in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -76,41 +76,54 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   std::shared_ptr<NativeStream> self_;
 };
 
-// Batches every stream's pending message into one Tick, one at a time, over one long-lived
-// NativeFront.Ticks call to the Python server on its Unix socket.
+class Link;
+
+// Batches every stream's pending message into one Tick over one long-lived NativeFront.Ticks call
+// to the Python server on its Unix socket (callback API: a tick is written from the thread a
+// message arrived on, an answer written back from the thread its reply arrived on, no thread of
+// its own). Up to `max_in_flight` ticks are in flight; a stream has at most one message in
+// flight, so its messages are answered in order.
 class Ticker {
  public:
-  Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes);
-  ~Ticker();
-  void Start();
+  Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes, int max_in_flight);
   void Stop();
   void Register(const std::shared_ptr<NativeStream>& stream);
   void Submit(std::shared_ptr<NativeStream> stream, TickEntry entry);
   void Closed(uint64_t id, bool ok);
   uint64_t NextId() { return next_id_.fetch_add(1); }
-  // Counters for the log line on exit.
   uint64_t ticks() const { return ticks_; }
   uint64_t entries() const { return entries_; }
 
+  // From the link.
+  void Answered(const TickReply& reply);
+  void Written(Link* link);
+  void ReadFailed(Link* link);
+  void Lost(Link* link);
+
  private:
-  void Run();
-  bool Exchange(const Tick& tick, TickReply* reply);
-  void Disconnect();
-  void FailAll(const grpc::Status& status);
+  using Streams = std::vector<std::shared_ptr<NativeStream>>;
+  void Pump();  // sends the next tick if there is one and room
+  bool TakeLocked(Tick* tick, Streams* who);
+  void FailAll(const grpc::Status& status, const std::vector<Streams>& in_flight);
 
   std::unique_ptr<lstmserve::v1::NativeFront::Stub> stub_;
   const size_t max_tick_bytes_;
+  const size_t max_in_flight_;
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<std::pair<std::shared_ptr<NativeStream>, TickEntry>> pending_;
+  std::condition_variable idle_;
+  std::deque<std::pair<std::shared_ptr<NativeStream>, TickEntry>> pending_;
   std::vector<std::pair<uint64_t, bool>> closed_;
   std::unordered_map<uint64_t, std::weak_ptr<NativeStream>> live_;
+  std::unordered_map<uint64_t, Streams> in_flight_;  // tick id -> its entries' streams
+  std::unordered_map<uint64_t, int> busy_;            // stream id -> 1 while a message is in flight
   bool stop_ = false;
-  std::thread thread_;
-  std::unique_ptr<grpc::ClientContext> link_ctx_;
-  std::unique_ptr<grpc::ClientReaderWriter<Tick, TickReply>> link_;
+  bool writing_ = false;   // a tick is being written on the link
+  bool dying_ = false;     // the link's reads ended: no more writes on it
+  bool released_ = false;  // its hold released: OnDone (Lost) follows
+  Link* link_ = nullptr;   // owned by gRPC until its OnDone
+  uint64_t next_tick_ = 1;
   std::atomic<uint64_t> next_id_{1};
-  uint64_t ticks_ = 0, entries_ = 0;
+  std::atomic<uint64_t> ticks_{0}, entries_{0};
 };
 
 // Any other method: forwarded as bytes to the Python server (metadata, deadline and status

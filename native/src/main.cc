@@ -38,12 +38,14 @@ struct Options {
   std::string dir;
   std::string tls_cert, tls_key;
   size_t max_tick_bytes = 64 << 20;
+  int max_ticks_in_flight = 2;
 };
 
 int Usage(const char* why) {
   std::fprintf(stderr,
                "lstm-serve-front: %s\nusage: lstm-serve-front --dir DIR [--listen HOST:PORT] "
-               "[--tls-cert FILE --tls-key FILE] [--max-tick-bytes N]\n",
+               "[--tls-cert FILE --tls-key FILE] [--max-tick-bytes N] "
+               "[--max-ticks-in-flight N]\n",
                why);
   return 2;
 }
@@ -77,6 +79,7 @@ int main(int argc, char** argv) {
     else if (arg == "--tls-cert") opt.tls_cert = value;
     else if (arg == "--tls-key") opt.tls_key = value;
     else if (arg == "--max-tick-bytes") opt.max_tick_bytes = std::strtoull(value.c_str(), nullptr, 10);
+    else if (arg == "--max-ticks-in-flight") opt.max_ticks_in_flight = std::atoi(value.c_str());
     else return Usage(("unknown flag " + arg).c_str());
   }
   if (opt.dir.empty()) return Usage("--dir is required (lstm-serve --native-front-dir)");
@@ -88,7 +91,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // every thread: waited for below
 
-  front::Ticker ticker(Local(opt.dir + "/ticks.sock"), opt.max_tick_bytes);
+  front::Ticker ticker(Local(opt.dir + "/ticks.sock"), opt.max_tick_bytes, opt.max_ticks_in_flight);
   front::FrontService service(&ticker, Local(opt.dir + "/grpc.sock"));
 
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
@@ -112,7 +115,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "lstm-serve-front: cannot listen on %s\n", opt.listen.c_str());
     return 1;
   }
-  ticker.Start();
+
   std::printf("{\"event\": \"listening\", \"port\": %d, \"dir\": \"%s\"}\n", port, opt.dir.c_str());
   std::fflush(stdout);
 

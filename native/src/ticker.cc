@@ -1,28 +1,73 @@
-// Ticker: every stream's pending message in one Tick to the Python server, one tick at a time
-// (a tick takes whatever arrived while the previous one ran).
-#include <chrono>
-#include <cstdio>
-
+// Ticker: every stream's pending message in one Tick to the Python server (a tick takes
+// whatever arrived while the previous ones ran), a few ticks in flight, over a callback-API
+// bidi call: no thread of its own.
 #include "front.h"
 
 namespace front {
 
-Ticker::Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes)
-    : stub_(lstmserve::v1::NativeFront::NewStub(channel)), max_tick_bytes_(max_tick_bytes) {}
+namespace {
 
-Ticker::~Ticker() { Stop(); }
+const grpc::Status& LostStatus() {
+  static const grpc::Status lost(grpc::StatusCode::UNAVAILABLE,
+                                 "the server behind the native front is unavailable: resume the "
+                                 "session (or restore its snapshot) on another replica");
+  return lost;
+}
 
-void Ticker::Start() { thread_ = std::thread([this] { Run(); }); }
+}  // namespace
+
+// The NativeFront.Ticks call: one tick written at a time, replies read as they come.
+class Link : public grpc::ClientBidiReactor<Tick, TickReply> {
+ public:
+  Link(Ticker* ticker, lstmserve::v1::NativeFront::Stub* stub) : ticker_(ticker) {
+    stub->async()->Ticks(&ctx_, this);
+    StartRead(&reply_);
+    AddHold();  // writes come and go: held until the ticker gives the call up (ReadFailed)
+    StartCall();
+  }
+  void Write(Tick tick) {
+    out_ = std::move(tick);
+    StartWrite(&out_);
+  }
+  void Cancel() { ctx_.TryCancel(); }
+  void Release() { RemoveHold(); }  // no write will follow: OnDone may come
+  void OnWriteDone(bool ok) override {
+    if (!ok) Cancel();
+    ticker_->Written(this);
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Cancel();
+      ticker_->ReadFailed(this);
+      return;
+    }
+    ticker_->Answered(reply_);
+    StartRead(&reply_);
+  }
+  void OnDone(const grpc::Status& status) override {
+    ticker_->Lost(this);
+    delete this;
+  }
+
+ private:
+  Ticker* ticker_;
+  grpc::ClientContext ctx_;
+  Tick out_;
+  TickReply reply_;
+};
+
+Ticker::Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes, int max_in_flight)
+    : stub_(lstmserve::v1::NativeFront::NewStub(channel)),
+      max_tick_bytes_(max_tick_bytes),
+      max_in_flight_(max_in_flight < 1 ? 1 : max_in_flight) {}
 
 void Ticker::Stop() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return;
-    stop_ = true;
+  std::unique_lock<std::mutex> lock(mu_);
+  stop_ = true;
+  if (link_ != nullptr) {
+    link_->Cancel();
+    idle_.wait_for(lock, std::chrono::seconds(5), [this] { return link_ == nullptr; });
   }
-  cv_.notify_all();
-  if (link_ctx_) link_ctx_->TryCancel();
-  if (thread_.joinable()) thread_.join();
 }
 
 void Ticker::Register(const std::shared_ptr<NativeStream>& stream) {
@@ -35,7 +80,7 @@ void Ticker::Submit(std::shared_ptr<NativeStream> stream, TickEntry entry) {
     std::lock_guard<std::mutex> lock(mu_);
     pending_.emplace_back(std::move(stream), std::move(entry));
   }
-  cv_.notify_one();
+  Pump();
 }
 
 void Ticker::Closed(uint64_t id, bool ok) {
@@ -44,82 +89,135 @@ void Ticker::Closed(uint64_t id, bool ok) {
     live_.erase(id);
     closed_.emplace_back(id, ok);
   }
-  cv_.notify_one();
+  Pump();
 }
 
-void Ticker::Run() {
-  std::vector<std::pair<std::shared_ptr<NativeStream>, TickEntry>> batch;
-  std::vector<std::shared_ptr<NativeStream>> who;
-  while (true) {
-    Tick tick;
-    batch.clear();
-    who.clear();
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stop_ || !pending_.empty() || !closed_.empty(); });
-      if (stop_) break;
-      size_t bytes = 0, take = 0;
-      for (; take < pending_.size(); ++take) {  // at least one; then up to max_tick_bytes_
-        bytes += pending_[take].second.ByteSizeLong();
-        if (take > 0 && bytes > max_tick_bytes_) break;
-      }
-      batch.assign(std::make_move_iterator(pending_.begin()),
-                   std::make_move_iterator(pending_.begin() + take));
-      pending_.erase(pending_.begin(), pending_.begin() + take);
-      for (const auto& [id, ok] : closed_) {
-        tick.add_closed(id);
-        tick.add_closed_ok(ok);
-      }
-      closed_.clear();
-    }
-    for (auto& [stream, entry] : batch) {
-      if (!stream->Taken()) continue;  // ended meanwhile: the message is dropped
-      tick.mutable_entries()->Add(std::move(entry));
-      who.push_back(stream);
-    }
-    if (tick.entries_size() == 0 && tick.closed_size() == 0) continue;
-    TickReply reply;
-    if (!Exchange(tick, &reply) || reply.outcomes_size() != tick.entries_size()) {
-      Disconnect();
-      grpc::Status lost(grpc::StatusCode::UNAVAILABLE,
-                        "the server behind the native front is unavailable: resume the session "
-                        "(or restore its snapshot) on another replica");
-      for (auto& stream : who) stream->Fail(lost);
-      FailAll(lost);
+// The tick's entries: the pending messages of streams with nothing in flight, in arrival order,
+// up to max_tick_bytes_; the closes of streams with nothing in flight. False if none.
+bool Ticker::TakeLocked(Tick* tick, Streams* who) {
+  size_t bytes = 0;
+  std::deque<std::pair<std::shared_ptr<NativeStream>, TickEntry>> kept;
+  while (!pending_.empty()) {
+    auto item = std::move(pending_.front());
+    pending_.pop_front();
+    uint64_t id = item.second.stream();
+    size_t size = item.second.ByteSizeLong();
+    if (busy_.count(id) || (!who->empty() && bytes + size > max_tick_bytes_)) {
+      kept.push_back(std::move(item));
       continue;
     }
-    ++ticks_;
+    if (!item.first->Taken()) continue;  // ended meanwhile: the message is dropped
+    bytes += size;
+    busy_[id] = 1;
+    tick->mutable_entries()->Add(std::move(item.second));
+    who->push_back(std::move(item.first));
+  }
+  pending_ = std::move(kept);
+  std::vector<std::pair<uint64_t, bool>> later;
+  for (const auto& [id, ok] : closed_) {
+    if (busy_.count(id)) {
+      later.emplace_back(id, ok);
+    } else {
+      tick->add_closed(id);
+      tick->add_closed_ok(ok);
+    }
+  }
+  closed_ = std::move(later);
+  return tick->entries_size() > 0 || tick->closed_size() > 0;
+}
+
+void Ticker::Pump() {
+  Tick tick;
+  Link* link;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ || writing_ || dying_ || in_flight_.size() >= max_in_flight_) return;
+    Streams who;
+    if (!TakeLocked(&tick, &who)) return;
+    if (link_ == nullptr) link_ = new Link(this, stub_.get());
+    uint64_t id = next_tick_++;
+    tick.set_id(id);
     entries_ += tick.entries_size();
+    in_flight_[id] = std::move(who);
+    writing_ = true;
+    link = link_;
+  }
+  link->Write(std::move(tick));  // outside the lock: OnWriteDone may run inline
+}
+
+void Ticker::Written(Link* link) {
+  bool release = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (dying_ && !released_) release = released_ = true;
+  }
+  if (release) {
+    link->Release();
+  } else {
+    Pump();
+  }
+}
+
+// The link's reads ended (the call is over): once no write is in flight, the hold that kept the
+// call open for writes is released, and OnDone (Lost) follows.
+void Ticker::ReadFailed(Link* link) {
+  bool release = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    dying_ = true;
+    if (!writing_ && !released_) release = released_ = true;
+  }
+  if (release) link->Release();
+}
+
+void Ticker::Answered(const TickReply& reply) {
+  Streams who;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto found = in_flight_.find(reply.tick());
+    if (found == in_flight_.end()) return;
+    who = std::move(found->second);
+    in_flight_.erase(found);
+    for (auto& stream : who) busy_.erase(stream->id());
+  }
+  if (static_cast<size_t>(reply.outcomes_size()) != who.size()) {
+    for (auto& stream : who) stream->Fail(LostStatus());
+  } else {
+    ++ticks_;
     for (int i = 0; i < reply.outcomes_size(); ++i) who[i]->Answer(reply.outcomes(i));
   }
-  Disconnect();
+  Pump();
 }
 
-bool Ticker::Exchange(const Tick& tick, TickReply* reply) {
-  if (!link_) {
-    link_ctx_ = std::make_unique<grpc::ClientContext>();
-    link_ = stub_->Ticks(link_ctx_.get());
+// The link ended: every stream the Python server knew ends; the next message opens a new link.
+void Ticker::Lost(Link* link) {
+  std::vector<Streams> lost;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (link != link_) return;
+    for (auto& [id, streams] : in_flight_) lost.push_back(std::move(streams));
+    in_flight_.clear();
+    busy_.clear();
+    closed_.clear();  // the next link knows none of them
+    link_ = nullptr;
+    writing_ = dying_ = released_ = false;
   }
-  return link_->Write(tick) && link_->Read(reply);
+  idle_.notify_all();
+  FailAll(LostStatus(), lost);
+  Pump();
 }
 
-void Ticker::Disconnect() {
-  if (!link_) return;
-  link_ctx_->TryCancel();
-  link_->Finish();
-  link_.reset();
-  link_ctx_.reset();
-}
-
-// The Python server forgot every stream of the broken link: those it knew end.
-void Ticker::FailAll(const grpc::Status& status) {
+void Ticker::FailAll(const grpc::Status& status, const std::vector<Streams>& in_flight) {
+  for (const auto& streams : in_flight) {
+    for (const auto& stream : streams) stream->Fail(status);
+  }
   std::vector<std::shared_ptr<NativeStream>> streams;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [id, weak] : live_) {
       if (auto stream = weak.lock()) streams.push_back(std::move(stream));
     }
-    closed_.clear();  // the new link knows none of them
   }
   for (auto& stream : streams) {
     if (stream->Known()) stream->Fail(status);

@@ -10,6 +10,7 @@ the engine as one `Engine.apply_chunks` call, so they share batches.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import InvalidInput, LstmServeError, SequenceGap, Unavailable
 from service.protocol.messages import Body, Chunk, ChunkDone, Ended, Reply, Request
 from service.protocol.session import SessionLayer
+
+log = logging.getLogger(__name__)
 
 RPC = "Stream"
 
@@ -77,7 +80,7 @@ class NativeStreams:
             for item in work:
                 (later if id(item[1].session) in seen else now).append(item)
                 seen.add(id(item[1].session))
-            results = await self.layer.engine.apply_chunks([w for _, w in now])
+            results = await self._apply([w for _, w in now])
             for (i, item), result in zip(now, results, strict=True):
                 outcomes[i] = self._chunk_outcome(entries[i].stream, item, result)
             work = later
@@ -113,6 +116,9 @@ class NativeStreams:
             return NativeOutcome(Reply(session.id, body), finish=_ends(body))
         except LstmServeError as exc:
             return NativeOutcome(error=exc)
+        except Exception as exc:  # a bug: this stream ends INTERNAL, as on the Python front
+            log.exception("unexpected error in Stream (native front)", exc_info=exc)
+            return NativeOutcome(error=exc)
         finally:
             principal.CALLER.reset(scope)
 
@@ -128,9 +134,17 @@ class NativeStreams:
         work.append((i, ChunkWork(session, chunk.seq, steps, held, token)))
         return None
 
+    async def _apply(self, work: list[ChunkWork]) -> list[ChunkOutcome | BaseException]:
+        """One engine call; a failure of the call as a whole fails each of its chunks."""
+        try:
+            return list(await self.layer.engine.apply_chunks(work))
+        except Exception as exc:
+            log.exception("unexpected error in Stream (native front)", exc_info=exc)
+            return [exc] * len(work)
+
     @staticmethod
     def _chunk_outcome(
-        stream: int, item: ChunkWork, result: ChunkOutcome | LstmServeError
+        stream: int, item: ChunkWork, result: ChunkOutcome | BaseException
     ) -> NativeOutcome:
         """As `SessionLayer.chunk` answers on Stream: bad input, a gap or a store that did not
         take it in-band; anything else ends the stream."""
@@ -138,7 +152,7 @@ class NativeStreams:
         if isinstance(result, InvalidInput | SequenceGap | Unavailable):
             metrics.chunk_requests(RPC, name, result.code).inc()
             return NativeOutcome(Reply(session.id, ChunkDone.of(session, item.seq, None, result)))
-        if isinstance(result, LstmServeError):
+        if isinstance(result, BaseException):
             return NativeOutcome(error=result)
         metrics.chunk_requests(RPC, name, "OK").inc()
         done = ChunkDone.of(session, item.seq, result)
