@@ -67,6 +67,11 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
         ready: asyncio.Queue[npb.TickReply | BaseException | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
+        def push(stream: int, outcome: NativeOutcome) -> None:
+            reply = self._reply([outcome])  # tick 0: answers no tick
+            reply.outcomes[0].stream = stream
+            ready.put_nowait(reply)
+
         async def answer(tick: npb.Tick) -> None:
             try:
                 entries = [self._entry(e) for e in tick.entries]
@@ -74,8 +79,14 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
                 reply = self._reply(await streams.answer(entries, closed))
                 reply.tick = tick.id
                 ready.put_nowait(reply)
+                if streams.draining:  # the streams this tick held get their last message now
+                    await streams.drain(push)
             except BaseException as exc:  # the link ends: the front fails its streams
                 ready.put_nowait(exc)
+
+        async def drain() -> None:
+            await self.layer.engine.drain_started.wait()
+            await streams.drain(push)
 
         async def read() -> None:
             try:
@@ -90,6 +101,7 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
                 ready.put_nowait(exc)
 
         reader = asyncio.create_task(read())
+        drainer = asyncio.create_task(drain())
         log.info("native front connected")
         try:
             while (item := await ready.get()) is not None:
@@ -98,6 +110,7 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
                 yield item
         finally:
             reader.cancel()
+            drainer.cancel()
             for task in list(tasks):
                 task.cancel()
             streams.forget_all()

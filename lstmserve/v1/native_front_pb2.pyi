@@ -38,16 +38,18 @@ class Tick(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
-    __slots__ = ("reply", "code", "message", "finish")
+    __slots__ = ("reply", "code", "message", "finish", "stream")
     REPLY_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     reply: _lstm_serve_pb2.StreamResponse
     code: int
     message: str
     finish: bool
-    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ...) -> None: ...
+    stream: int
+    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ...) -> None: ...
 
 class TickReply(_message.Message):
     __slots__ = ("outcomes", "tick")

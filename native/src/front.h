@@ -43,6 +43,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   // From the ticker's thread.
   bool Taken();                          // its message went into a tick: read the next one
   void Answer(const TickOutcome& outcome);
+  void Push(const TickOutcome& outcome);  // unasked: a draining server's last message
   void Fail(const grpc::Status& status);  // the link to the Python server broke
   bool Known();                           // the Python server holds state for it
 
@@ -53,6 +54,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   void OnCancel() override {}
 
  private:
+  void OutcomeLocked(const TickOutcome& outcome);
   void EndLocked(const grpc::Status& status);
   void PumpLocked();
 

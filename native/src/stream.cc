@@ -96,6 +96,15 @@ bool NativeStream::Known() {
 void NativeStream::Answer(const TickOutcome& outcome) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   --unanswered_;
+  OutcomeLocked(outcome);
+}
+
+void NativeStream::Push(const TickOutcome& outcome) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  OutcomeLocked(outcome);
+}
+
+void NativeStream::OutcomeLocked(const TickOutcome& outcome) {
   if (ended_ || done_) return;
   if (outcome.has_reply()) out_.push_back(Encode(outcome.reply()));
   if (outcome.code() != 0) {

@@ -172,6 +172,18 @@ void Ticker::ReadFailed(Link* link) {
 }
 
 void Ticker::Answered(const TickReply& reply) {
+  if (reply.tick() == 0) {  // a push: a draining server's last message on idle streams
+    for (const auto& outcome : reply.outcomes()) {
+      std::shared_ptr<NativeStream> stream;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto found = live_.find(outcome.stream());
+        if (found != live_.end()) stream = found->second.lock();
+      }
+      if (stream) stream->Push(outcome);
+    }
+    return;
+  }
   Streams who;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -10,8 +10,9 @@ the engine as one `Engine.apply_chunks` call, so they share batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from service import metrics, principal
@@ -19,7 +20,7 @@ from service.engine.session.sessions import Session
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import InvalidInput, LstmServeError, SequenceGap, Unavailable
 from service.protocol.messages import Body, Chunk, ChunkDone, Ended, Reply, Request
-from service.protocol.session import SessionLayer
+from service.protocol.session import SessionLayer, draining_error
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class NativeStreams:
     def __init__(self, layer: SessionLayer) -> None:
         self.layer = layer
         self._streams: dict[int, _Stream] = {}
+        self._busy: set[int] = set()  # streams with a message being answered
+        self._final: dict[int, asyncio.Future[None]] = {}  # streams whose last message is sent
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -73,8 +76,25 @@ class NativeStreams:
             self._forget(stream, "OK" if ok else "CANCELLED")
         outcomes: list[NativeOutcome | None] = [None] * len(entries)
         work: list[tuple[int, ChunkWork]] = []
-        for i, entry in enumerate(entries):
-            outcomes[i] = await self._entry(entry, i, work)
+        self._busy.update(e.stream for e in entries)
+        try:
+            for i, entry in enumerate(entries):
+                outcomes[i] = await self._entry(entry, i, work)
+            await self._chunks(entries, work, outcomes)
+        finally:
+            self._busy.difference_update(e.stream for e in entries)
+        done = [o for o in outcomes if o is not None]
+        for entry, outcome in zip(entries, done, strict=True):
+            if outcome.error is not None or outcome.finish:
+                code = "OK" if outcome.error is None else _code(outcome.error)
+                self._forget(entry.stream, code)
+        return done
+
+    async def _chunks(
+        self, entries: Sequence[NativeEntry], work: list[tuple[int, ChunkWork]],
+        outcomes: list[NativeOutcome | None],
+    ) -> None:  # fmt: skip
+        """The tick's chunks in one engine call (a session two streams name: in turn)."""
         while work:  # a session named by two streams in one tick: its chunks in turn
             now, later, seen = [], [], set()
             for item in work:
@@ -84,12 +104,6 @@ class NativeStreams:
             for (i, item), result in zip(now, results, strict=True):
                 outcomes[i] = self._chunk_outcome(entries[i].stream, item, result)
             work = later
-        done = [o for o in outcomes if o is not None]
-        for entry, outcome in zip(entries, done, strict=True):
-            if outcome.error is not None or outcome.finish:
-                code = "OK" if outcome.error is None else _code(outcome.error)
-                self._forget(entry.stream, code)
-        return done
 
     async def _entry(
         self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
@@ -100,7 +114,13 @@ class NativeStreams:
         request = entry.request
         if isinstance(request, LstmServeError):
             return NativeOutcome(error=request)
+        final = self._final.get(entry.stream)
+        if final is not None:  # its last message is on its way: nothing more is answered
+            await final
+            return NativeOutcome(error=draining_error())
         stream = self._streams.get(entry.stream)
+        if stream is not None and stream.session is not None and self.draining:
+            return await self._last_message(stream)  # not applied: resent where it continues
         if stream is None:
             stream = _Stream(entry.caller or principal.ANONYMOUS, object())
             self._streams[entry.stream] = stream
@@ -157,6 +177,40 @@ class NativeStreams:
         metrics.chunk_requests(RPC, name, "OK").inc()
         done = ChunkDone.of(session, item.seq, result)
         return NativeOutcome(Reply(session.id, done), finish=result.ended)
+
+    # -- drain: the last message of each stream ------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.layer.engine.drain_started.is_set()
+
+    async def _last_message(self, stream: _Stream) -> NativeOutcome:
+        """A draining server's last message on a stream: its session's final snapshot (with
+        --snapshot-key), then UNAVAILABLE, as the Python front ends a stream on drain."""
+        session, reply = stream.session, None
+        assert session is not None
+        if self.layer.hands_over and not session.ended:
+            try:
+                snap = await self.layer.snapshot(session, True, stream.token)
+                reply = Reply(session.id, snap)
+            except LstmServeError:
+                pass  # ended, expired or taken over meanwhile: nothing to hand over
+        return NativeOutcome(reply, draining_error())
+
+    async def drain(self, send: Callable[[int, NativeOutcome], None]) -> None:
+        """Send (`send`) the last message of every attached stream with nothing in flight; the
+        others get theirs in reply to the message in flight or by the next call."""
+        for stream_id, held in list(self._streams.items()):
+            if stream_id in self._busy or stream_id in self._final or held.session is None:
+                continue
+            done = asyncio.get_running_loop().create_future()
+            self._final[stream_id] = done
+            try:
+                send(stream_id, await self._last_message(held))
+            finally:
+                done.set_result(None)
+                del self._final[stream_id]
+            self._forget(stream_id, "UNAVAILABLE")
 
     def _forget(self, stream: int, code: str) -> None:
         """The stream is over: its session detached, the call counted as the Python front

@@ -194,3 +194,89 @@ def test_the_ticks_socket_is_private(fronts) -> None:
     folder = Path(server.proc.args[server.proc.args.index("--native-front-dir") + 1])
     assert folder.stat().st_mode & 0o077 == 0
     assert (folder / "ticks.sock").exists() and (folder / "grpc.sock").exists()
+
+
+def test_tls_on_the_native_fronts_port(fronts, tmp_path: Path) -> None:
+    """--tls-cert / --tls-key: the front terminates TLS; the replies are the same."""
+    from tests.integration.tls_certs import Authority
+
+    python, _, server = fronts
+    ca = Authority()
+    cert, key = ca.issue("lstm-serve", server=True).write(tmp_path, "server")
+    folder = server.proc.args[server.proc.args.index("--native-front-dir") + 1]
+    front = NativeFront(Path(folder), "--tls-cert", str(cert), "--tls-key", str(key))
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
+
+    async def secure(requests: list[pb.StreamRequest]) -> list[object]:
+        async with grpc.aio.secure_channel(front.address, credentials) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(iter(requests), metadata=AUTH)
+            return [_blanked(r) async for r in call] + [await call.code()]
+
+    async def plain() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(front.address) as channel:
+            try:
+                await pb_grpc.LstmServeStub(channel).ListModels(
+                    pb.ListModelsRequest(), metadata=AUTH, timeout=5
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    try:
+        got = asyncio.run(secure(text_conversation()))
+        refused = asyncio.run(plain())
+    finally:
+        front.stop()
+    assert got == asyncio.run(converse(python, text_conversation()))
+    assert refused == grpc.StatusCode.UNAVAILABLE
+
+
+def test_drain_hands_over_as_the_python_front_does(tmp_path: Path) -> None:
+    """SIGTERM: every stream, through either front, gets its session's final snapshot after
+    the replies to what it sent, then UNAVAILABLE."""
+    binary()
+    server = ServerProcess(
+        ROOT / "models", "--native-front-dir", str(tmp_path / "sockets"),
+        "--snapshot-key", "k1:" + "A" * 44, "--drain-grace-s", "5",
+    )  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(tmp_path / "sockets")
+
+    async def hold(address: str, opened: asyncio.Event, replies: list[object]) -> None:
+        more: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+        for request in text_conversation()[:3]:
+            more.put_nowait(request)
+
+        async def requests():  # open until the server ends the call
+            while (request := await more.get()) is not None:
+                yield request
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(requests())
+            try:
+                async for reply in call:
+                    replies.append(_blanked(reply))
+                    if len(replies) == 3:
+                        opened.set()
+            except grpc.aio.AioRpcError as exc:
+                replies.append(exc.code())
+
+    async def main() -> list[list[object]]:
+        got: list[list[object]] = [[] for _ in range(4)]
+        ready = [asyncio.Event() for _ in range(4)]
+        addresses = [server.address, front.address, front.address, server.address]
+        work = zip(addresses, ready, got, strict=True)
+        tasks = [asyncio.create_task(hold(a, e, g)) for a, e, g in work]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 30)
+        server.terminate()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return got
+
+    try:
+        python, native, native2, python2 = asyncio.run(main())
+    finally:
+        front.stop()
+        server.stop()
+    assert native == python == native2 == python2
+    assert python[3].snapshot.final and python[3].snapshot.last_applied_seq == 2
+    assert python[-1] == grpc.StatusCode.UNAVAILABLE
