@@ -60,17 +60,22 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
 
     async def Ticks(
         self, request_iterator: AsyncIterator[npb.Tick], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[npb.TickReply]:
+    ) -> None:
         """Each tick answered in a task of its own (the front keeps a few in flight, never two
-        messages of one stream); replies in the order they are ready."""
+        messages of one stream), its reply written as soon as it is ready."""
         streams = NativeStreams(self.layer)
-        ready: asyncio.Queue[npb.TickReply | BaseException | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writing = asyncio.Lock()  # one write at a time, in the order asked for
 
-        def push(stream: int, outcome: NativeOutcome) -> None:
+        async def write(reply: npb.TickReply) -> None:
+            async with writing:
+                await context.write(reply)
+
+        async def push(stream: int, outcome: NativeOutcome) -> None:
             reply = self._reply([outcome])  # tick 0: answers no tick
             reply.outcomes[0].stream = stream
-            ready.put_nowait(reply)
+            await write(reply)
 
         async def answer(tick: npb.Tick) -> None:
             try:
@@ -78,40 +83,35 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
                 closed = list(zip(tick.closed, tick.closed_ok, strict=False))
                 reply = self._reply(await streams.answer(entries, closed))
                 reply.tick = tick.id
-                ready.put_nowait(reply)
+                await write(reply)
                 if streams.draining:  # the streams this tick held get their last message now
                     await streams.drain(push)
             except BaseException as exc:  # the link ends: the front fails its streams
-                ready.put_nowait(exc)
+                if not failed.done():
+                    failed.set_exception(exc)
 
         async def drain() -> None:
             await self.layer.engine.drain_started.wait()
             await streams.drain(push)
 
         async def read() -> None:
-            try:
-                async for tick in request_iterator:
-                    task = asyncio.create_task(answer(tick))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.wait(set(tasks))
-                ready.put_nowait(None)
-            except BaseException as exc:
-                ready.put_nowait(exc)
+            async for tick in request_iterator:
+                task = asyncio.create_task(answer(tick))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(set(tasks))
 
         reader = asyncio.create_task(read())
         drainer = asyncio.create_task(drain())
         log.info("native front connected")
         try:
-            while (item := await ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            await asyncio.wait([reader, failed], return_when=asyncio.FIRST_COMPLETED)
+            if failed.done():
+                failed.result()  # raises what ended the link
+            reader.result()
         finally:
-            reader.cancel()
-            drainer.cancel()
-            for task in list(tasks):
+            for task in (reader, drainer, *tasks):
                 task.cancel()
             streams.forget_all()
             log.info("native front disconnected")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from service import metrics, principal
@@ -155,9 +155,17 @@ class NativeStreams:
         return None
 
     async def _apply(self, work: list[ChunkWork]) -> list[ChunkOutcome | BaseException]:
-        """One engine call; a failure of the call as a whole fails each of its chunks."""
+        """One engine call (a lone chunk: apply_chunk, as the Python front applies it); a
+        failure of the call as a whole fails each of its chunks."""
+        engine = self.layer.engine
         try:
-            return list(await self.layer.engine.apply_chunks(work))
+            if len(work) == 1:
+                w = work[0]
+                try:
+                    return [await engine.apply_chunk(w.session, w.seq, w.chunk, w.held, w.attached)]
+                except LstmServeError as exc:
+                    return [exc]
+            return list(await engine.apply_chunks(work))
         except Exception as exc:
             log.exception("unexpected error in Stream (native front)", exc_info=exc)
             return [exc] * len(work)
@@ -197,7 +205,7 @@ class NativeStreams:
                 pass  # ended, expired or taken over meanwhile: nothing to hand over
         return NativeOutcome(reply, draining_error())
 
-    async def drain(self, send: Callable[[int, NativeOutcome], None]) -> None:
+    async def drain(self, send: Callable[[int, NativeOutcome], Awaitable[None]]) -> None:
         """Send (`send`) the last message of every attached stream with nothing in flight; the
         others get theirs in reply to the message in flight or by the next call."""
         for stream_id, held in list(self._streams.items()):
@@ -206,7 +214,7 @@ class NativeStreams:
             done = asyncio.get_running_loop().create_future()
             self._final[stream_id] = done
             try:
-                send(stream_id, await self._last_message(held))
+                await send(stream_id, await self._last_message(held))
             finally:
                 done.set_result(None)
                 del self._final[stream_id]
