@@ -109,13 +109,12 @@ class FrontedProcess(Process):
         self.server.stop()
 
 
-def start_native(repo: Path, flags: list[str], folder: Path) -> FrontedProcess:
-    """lstm-serve with --native-front-dir `folder`, then the native front on a free port."""
-    server = start_lstm_serve(repo, [*flags, "--native-front-dir", str(folder)])
+def start_front(folder: Path) -> Process:
+    """The native front on a free port before the sockets in `folder`; returns once it accepts
+    connections."""
     port = free_port()
     argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder)]
-    front = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    proc = FrontedProcess(server, front, port)
+    proc = Process(argv, port)
     deadline = time.monotonic() + 30
     while True:
         proc.check_alive()
@@ -126,6 +125,17 @@ def start_native(repo: Path, flags: list[str], folder: Path) -> FrontedProcess:
             proc.stop()
             raise TimeoutError("the native front did not start")
         time.sleep(0.05)
+
+
+def start_native(repo: Path, flags: list[str], folder: Path) -> FrontedProcess:
+    """lstm-serve with --native-front-dir `folder`, then the native front on a free port."""
+    server = start_lstm_serve(repo, [*flags, "--native-front-dir", str(folder)])
+    try:
+        front = start_front(folder)
+    except Exception:
+        server.stop()
+        raise
+    return FrontedProcess(server, front.popen, front.port)
 
 
 def start_echo(protocol: bool = False, timeout_s: float = 30.0) -> Process:
