@@ -117,8 +117,11 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
             log.info("native front disconnected")
 
     def _entry(self, entry: npb.TickEntry) -> NativeEntry:
-        if entry.malformed:
+        if entry.malformed:  # one line, no traceback: a client's problem (as servicer.py)
             error = codec.Malformed("lstmserve.v1.StreamRequest", entry.size).error()
+            log.warning(
+                "malformed request", extra={"fields": {"rpc": "Stream", "error": str(error)}}
+            )
             return NativeEntry(entry.stream, error)
         request = codec.stream_request(entry.request)
         if not entry.first:
