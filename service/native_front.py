@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from lstmserve.v1 import native_front_pb2 as npb
 from lstmserve.v1 import native_front_pb2_grpc as npb_grpc
 from service import codec, metrics
 from service.errors import ConfigError
+from service.protocol.messages import ChunkDone
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams
 from service.protocol.session import SessionLayer
 from service.security.auth import Authenticator, Unauthenticated
@@ -73,8 +75,10 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
                 await context.write(reply)
 
         async def push(stream: int, outcome: NativeOutcome) -> None:
-            reply = self._reply([outcome])  # tick 0: answers no tick
-            reply.outcomes[0].stream = stream
+            reply = npb.TickReply()  # tick 0: answers no tick
+            out = reply.outcomes.add()
+            out.stream = stream
+            self._fill(out, outcome)
             await write(reply)
 
         async def answer(tick: npb.Tick) -> None:
@@ -138,18 +142,71 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
         return NativeEntry(entry.stream, request, caller)
 
     def _reply(self, outcomes: list[NativeOutcome]) -> npb.TickReply:
+        """The tick's reply: plain chunk replies packed (`_Packed`), the others as messages."""
         reply = npb.TickReply()
-        idle = self.idle_timeout_s
-        for outcome in outcomes:
-            out = reply.outcomes.add()
-            if outcome.reply is not None:
-                out.reply.SetInParent()
-                codec.fill_stream_response(out.reply, outcome.reply, idle)
-            if outcome.error is not None:
-                out.code, out.message = _status(outcome.error)
-            elif outcome.finish:
-                out.finish = True
+        packed = _Packed(len(outcomes))
+        for i, outcome in enumerate(outcomes):
+            if not packed.add(i, outcome):
+                out = reply.outcomes.add()
+                out.index = i
+                self._fill(out, outcome)
+        packed.write(reply)
         return reply
+
+    def _fill(self, out: npb.TickOutcome, outcome: NativeOutcome) -> None:
+        if outcome.reply is not None:
+            out.reply.SetInParent()
+            codec.fill_stream_response(out.reply, outcome.reply, self.idle_timeout_s)
+        if outcome.error is not None:
+            out.code, out.message = _status(outcome.error)
+        elif outcome.finish:
+            out.finish = True
+
+
+class _Packed:
+    """A tick's plain chunk replies (applied or a resend; no per-step probabilities, no
+    decision) as little-endian columns: the front writes each ChunkResult itself."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.flags = np.zeros(n, np.uint8)  # 1 packed; 2 duplicate; 4 has probabilities
+        self.u64 = np.zeros((2, n), "<u8")  # seq, total_steps
+        self.u32 = np.zeros((3, n), "<u4")  # steps, held_characters, rewound_steps
+        self.rows: list[np.ndarray] = []
+
+    def add(self, i: int, outcome: NativeOutcome) -> bool:
+        """Packs entry i if its reply is a plain chunk reply; False if it is not."""
+        done = outcome.reply.body if outcome.reply is not None else None
+        if outcome.error is not None or not isinstance(done, ChunkDone) or done.error is not None:
+            return False
+        applied = done.outcome
+        assert applied is not None
+        result = applied.result
+        if result is not None and (result.step_values is not None or result.decision is not None):
+            return False
+        flags = 1 | (2 if applied.duplicate else 0)
+        self.u64[0, i], self.u64[1, i] = applied.seq, applied.total_steps
+        self.u32[1, i] = applied.held_characters
+        if result is not None:
+            self.u32[0, i], self.u32[2, i] = result.steps, result.rewound_steps
+            probs = result.probs
+            if probs.size:
+                flags |= 4
+                self.rows.append(probs.astype("<f4", copy=False))
+        self.flags[i] = flags
+        return True
+
+    def write(self, reply: npb.TickReply) -> None:
+        if not self.flags.any():
+            return
+        flags = self.flags
+        reply.packed = (flags & 1).tobytes()
+        reply.flags = ((flags >> 1) & 3).tobytes()  # bit 0 duplicate, bit 1 probabilities
+        reply.seqs, reply.total_steps = self.u64[0].tobytes(), self.u64[1].tobytes()
+        reply.steps = self.u32[0].tobytes()
+        reply.held_characters, reply.rewound_steps = self.u32[1].tobytes(), self.u32[2].tobytes()
+        if self.rows:
+            reply.probabilities = np.concatenate(self.rows).tobytes()
 
 
 def _status(exc: BaseException) -> tuple[int, str]:

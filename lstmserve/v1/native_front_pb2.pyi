@@ -38,23 +38,41 @@ class Tick(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
-    __slots__ = ("reply", "code", "message", "finish", "stream")
+    __slots__ = ("reply", "code", "message", "finish", "stream", "index")
     REPLY_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     reply: _lstm_serve_pb2.StreamResponse
     code: int
     message: str
     finish: bool
     stream: int
-    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TickReply(_message.Message):
-    __slots__ = ("outcomes", "tick")
+    __slots__ = ("outcomes", "tick", "packed", "seqs", "total_steps", "steps", "held_characters", "rewound_steps", "flags", "probabilities")
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    HELD_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    REWOUND_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[TickOutcome]
     tick: int
-    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ..., tick: _Optional[int] = ...) -> None: ...
+    packed: bytes
+    seqs: bytes
+    total_steps: bytes
+    steps: bytes
+    held_characters: bytes
+    rewound_steps: bytes
+    flags: bytes
+    probabilities: bytes
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ..., tick: _Optional[int] = ..., packed: _Optional[bytes] = ..., seqs: _Optional[bytes] = ..., total_steps: _Optional[bytes] = ..., steps: _Optional[bytes] = ..., held_characters: _Optional[bytes] = ..., rewound_steps: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., probabilities: _Optional[bytes] = ...) -> None: ...

@@ -32,6 +32,14 @@ inline constexpr char kStreamMethod[] = "/lstmserve.v1.LstmServe/Stream";
 
 class Ticker;
 
+// One packed chunk reply (TickReply's columns at one entry).
+struct Packed {
+  uint64_t seq = 0, total_steps = 0;
+  uint32_t steps = 0, held_characters = 0, rewound_steps = 0;
+  bool duplicate = false;
+  const float* probabilities = nullptr;  // as many as the stream's labels, or none
+};
+
 // One client's Stream call: reads one message at a time (one read ahead of the answers), hands
 // each to the ticker, writes the answers in order, ends as the Python server says.
 class NativeStream : public grpc::ServerGenericBidiReactor {
@@ -44,6 +52,8 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   bool Taken();                          // its message went into a tick: read the next one
   void Answer(const TickOutcome& outcome);
   void Push(const TickOutcome& outcome);  // unasked: a draining server's last message
+  void AnswerPacked(const Packed& packed);
+  size_t Classes();  // its model's labels (from its `opened` reply)
   void Fail(const grpc::Status& status);  // the link to the Python server broke
   bool Known();                           // the Python server holds state for it
 
@@ -75,6 +85,9 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   grpc::Status status_;
   std::string authorization_;
   bool has_authorization_ = false;
+  std::string session_id_;  // from the `opened` reply: what packed replies are written with
+  std::vector<std::string> labels_;
+  uint32_t top_k_ = 0;
   std::shared_ptr<NativeStream> self_;
 };
 
@@ -105,6 +118,7 @@ class Ticker {
  private:
   using Streams = std::vector<std::shared_ptr<NativeStream>>;
   void Pump();  // sends the next tick if there is one and room
+  bool Dispatch(const TickReply& reply, const Streams& who);
   bool TakeLocked(Tick* tick, Streams* who);
   void FailAll(const grpc::Status& status, const std::vector<Streams>& in_flight);
 

@@ -1,4 +1,5 @@
 // NativeStream: one client's Stream call.
+#include <algorithm>
 #include <string>
 
 #include "front.h"
@@ -105,13 +106,61 @@ void NativeStream::Push(const TickOutcome& outcome) {
 }
 
 void NativeStream::OutcomeLocked(const TickOutcome& outcome) {
+  const auto& reply = outcome.reply();
+  if (reply.has_opened()) {  // what packed chunk replies are written with (kept even if ended)
+    session_id_ = reply.session_id();
+    labels_.assign(reply.opened().labels().begin(), reply.opened().labels().end());
+    top_k_ = reply.opened().options().top_k();
+  }
   if (ended_ || done_) return;
-  if (outcome.has_reply()) out_.push_back(Encode(outcome.reply()));
+  if (outcome.has_reply()) out_.push_back(Encode(reply));
   if (outcome.code() != 0) {
     EndLocked(grpc::Status(static_cast<grpc::StatusCode>(outcome.code()), outcome.message()));
   } else if (outcome.finish() || (eof_ && unanswered_ == 0)) {
     EndLocked(grpc::Status::OK);
   }
+  PumpLocked();
+}
+
+size_t NativeStream::Classes() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return labels_.size();
+}
+
+// A plain chunk reply from the tick's packed columns: the fields codec.fill_chunk_result sets,
+// the top labels as codec.add_top_labels picks them (argmax, the first of ties, for one; a
+// stable sort by descending probability for more).
+void NativeStream::AnswerPacked(const Packed& p) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  --unanswered_;
+  if (ended_ || done_) return;
+  lstmserve::v1::StreamResponse reply;
+  reply.set_session_id(session_id_);
+  auto* chunk = reply.mutable_chunk();
+  chunk->set_seq(p.seq);
+  chunk->set_steps(p.steps);
+  chunk->set_total_steps(p.total_steps);
+  chunk->set_duplicate(p.duplicate);
+  chunk->set_held_characters(p.held_characters);
+  chunk->set_rewound_steps(p.rewound_steps);
+  if (p.probabilities != nullptr && !labels_.empty()) {
+    const size_t classes = labels_.size();
+    chunk->mutable_probabilities()->Add(p.probabilities, p.probabilities + classes);
+    size_t k = std::min<size_t>(std::max<uint32_t>(top_k_, 1), classes);
+    std::vector<uint32_t> order(classes);
+    for (uint32_t i = 0; i < classes; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+      return p.probabilities[a] > p.probabilities[b];
+    });
+    for (size_t j = 0; j < k; ++j) {
+      auto* top = chunk->add_top();
+      top->set_label(labels_[order[j]]);
+      top->set_index(order[j]);
+      top->set_probability(p.probabilities[order[j]]);
+    }
+  }
+  out_.push_back(Encode(reply));
+  if (eof_ && unanswered_ == 0) EndLocked(grpc::Status::OK);
   PumpLocked();
 }
 

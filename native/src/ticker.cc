@@ -1,6 +1,8 @@
 // Ticker: every stream's pending message in one Tick to the Python server (a tick takes
 // whatever arrived while the previous ones ran), a few ticks in flight, over a callback-API
 // bidi call: no thread of its own.
+#include <cstring>
+
 #include "front.h"
 
 namespace front {
@@ -193,13 +195,81 @@ void Ticker::Answered(const TickReply& reply) {
     in_flight_.erase(found);
     for (auto& stream : who) busy_.erase(stream->id());
   }
-  if (static_cast<size_t>(reply.outcomes_size()) != who.size()) {
+  if (!Dispatch(reply, who)) {
     for (auto& stream : who) stream->Fail(LostStatus());
-  } else {
-    ++ticks_;
-    for (int i = 0; i < reply.outcomes_size(); ++i) who[i]->Answer(reply.outcomes(i));
   }
+  ++ticks_;
   Pump();
+}
+
+namespace {
+
+// A packed little-endian column of n values (copied: the bytes need not be aligned).
+template <typename T>
+bool Column(const std::string& bytes, size_t n, std::vector<T>* out) {
+  if (bytes.size() != n * sizeof(T)) return false;
+  out->resize(n);
+  if (n) std::memcpy(out->data(), bytes.data(), bytes.size());
+  return true;
+}
+
+}  // namespace
+
+// Each entry's answer: packed (from the columns) or its outcome; false if the reply does not
+// fit the tick (nothing answered then).
+bool Ticker::Dispatch(const TickReply& reply, const Streams& who) {
+  const size_t n = who.size();
+  if (reply.packed().empty()) {
+    if (static_cast<size_t>(reply.outcomes_size()) != n) return false;
+    for (size_t i = 0; i < n; ++i) who[i]->Answer(reply.outcomes(i));
+    return true;
+  }
+  std::vector<uint8_t> packed, flags;
+  std::vector<uint64_t> seqs, totals;
+  std::vector<uint32_t> steps, held, rewound;
+  if (!Column(reply.packed(), n, &packed) || !Column(reply.flags(), n, &flags) ||
+      !Column(reply.seqs(), n, &seqs) || !Column(reply.total_steps(), n, &totals) ||
+      !Column(reply.steps(), n, &steps) || !Column(reply.held_characters(), n, &held) ||
+      !Column(reply.rewound_steps(), n, &rewound)) {
+    return false;
+  }
+  size_t unpacked = 0, floats = 0;
+  std::vector<size_t> classes(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (!packed[i]) {
+      ++unpacked;
+    } else if (flags[i] & 2) {
+      classes[i] = who[i]->Classes();
+      floats += classes[i];
+    }
+  }
+  if (unpacked != static_cast<size_t>(reply.outcomes_size()) ||
+      reply.probabilities().size() != floats * sizeof(float)) {
+    return false;
+  }
+  std::vector<float> values(floats);
+  if (floats) std::memcpy(values.data(), reply.probabilities().data(), floats * sizeof(float));
+  const float* probs = values.data();
+  int next = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!packed[i]) {
+      who[i]->Answer(reply.outcomes(next++));
+      continue;
+    }
+    Packed p;
+    p.seq = seqs[i];
+    p.total_steps = totals[i];
+    p.steps = steps[i];
+    p.held_characters = held[i];
+    p.rewound_steps = rewound[i];
+    p.duplicate = flags[i] & 1;
+    if (flags[i] & 2) {
+      p.probabilities = probs;
+      probs += classes[i];
+    }
+    who[i]->AnswerPacked(p);
+  }
+  return true;
 }
 
 // The link ended: every stream the Python server knew ends; the next message opens a new link.
