@@ -280,3 +280,51 @@ def test_drain_hands_over_as_the_python_front_does(tmp_path: Path) -> None:
     assert native == python == native2 == python2
     assert python[3].snapshot.final and python[3].snapshot.last_applied_seq == 2
     assert python[-1] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_front_outlives_a_restart_of_the_server_behind_it(tmp_path: Path) -> None:
+    """A stream open when lstm-serve stops ends UNAVAILABLE; the next server on the same
+    sockets serves new streams through the same front (it reconnects on the next message)."""
+    binary()
+    flags = ("--native-front-dir", str(tmp_path / "sockets"))
+    first = ServerProcess(ROOT / "models", *flags)
+    first.wait_event("ready", 60)
+    front = NativeFront(tmp_path / "sockets")
+    requests = text_conversation()[:2]
+
+    async def held_open_until_the_server_stops() -> list[object]:
+        more: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+        for request in requests:
+            more.put_nowait(request)
+
+        async def stream():
+            while (request := await more.get()) is not None:
+                yield request
+
+        replies: list[object] = []
+        async with grpc.aio.insecure_channel(front.address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(stream())
+            try:
+                async for reply in call:
+                    replies.append(_blanked(reply))
+                    if len(replies) == 2:
+                        first.terminate()
+            except grpc.aio.AioRpcError as exc:
+                replies.append(exc.code())
+        return replies
+
+    try:
+        before = asyncio.run(held_open_until_the_server_stops())
+        first.stop()
+        second = ServerProcess(ROOT / "models", *flags)
+        try:
+            second.wait_event("ready", 60)
+            after = asyncio.run(converse(front.address, text_conversation(), ()))
+            expected = asyncio.run(converse(second.address, text_conversation(), ()))
+        finally:
+            second.stop()
+    finally:
+        front.stop()
+        first.stop()
+    assert before[-1] == grpc.StatusCode.UNAVAILABLE and len(before) == 3
+    assert after == expected and len(after) == 12  # up to the snapshot (no --snapshot-key)
