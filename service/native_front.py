@@ -199,14 +199,15 @@ class _Packed:
     def write(self, reply: npb.TickReply) -> None:
         if not self.flags.any():
             return
-        flags = self.flags
-        reply.packed = (flags & 1).tobytes()
-        reply.flags = ((flags >> 1) & 3).tobytes()  # bit 0 duplicate, bit 1 probabilities
-        reply.seqs, reply.total_steps = self.u64[0].tobytes(), self.u64[1].tobytes()
-        reply.steps = self.u32[0].tobytes()
-        reply.held_characters, reply.rewound_steps = self.u32[1].tobytes(), self.u32[2].tobytes()
-        if self.rows:
-            reply.probabilities = np.concatenate(self.rows).tobytes()
+        flags, u64, u32 = self.flags, self.u64, self.u32
+        columns = npb.TickReply(
+            packed=(flags & 1).tobytes(),
+            flags=((flags >> 1) & 3).tobytes(),  # bit 0 duplicate, bit 1 probabilities
+            seqs=u64[0].tobytes(), total_steps=u64[1].tobytes(), steps=u32[0].tobytes(),
+            held_characters=u32[1].tobytes(), rewound_steps=u32[2].tobytes(),
+            probabilities=np.concatenate(self.rows).tobytes() if self.rows else b"",
+        )  # fmt: skip
+        reply.MergeFrom(columns)
 
 
 def _status(exc: BaseException) -> tuple[int, str]:
