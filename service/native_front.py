@@ -134,7 +134,7 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
             return NativeEntry(entry.stream, request)
         authorization = entry.authorization if entry.has_authorization else None
         try:
-            caller = self.auth.authenticate(authorization, None)
+            caller = self.auth.authenticate(authorization, entry.cert_cn or None)
         except Unauthenticated as exc:
             metrics.AUTH_FAILURES.labels(metrics.PROTOCOL_NATIVE, exc.reason).inc()
             return NativeEntry(entry.stream, request, refused=exc)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lstmserve.v1 import lstm_serve_pb2 as lstmserve_dot_v1_dot_lstm__serve__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flstmserve/v1/native_front.proto\x12\x0clstmserve.v1\x1a\x1dlstmserve/v1/lstm_serve.proto\"\xab\x01\n\tTickEntry\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.lstmserve.v1.StreamRequest\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x15\n\rauthorization\x18\x04 \x01(\t\x12\x19\n\x11has_authorization\x18\x05 \x01(\x08\x12\x11\n\tmalformed\x18\x06 \x01(\x08\x12\x0c\n\x04size\x18\x07 \x01(\r\"_\n\x04Tick\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.lstmserve.v1.TickEntry\x12\x0e\n\x06\x63losed\x18\x02 \x03(\x04\x12\x11\n\tclosed_ok\x18\x03 \x03(\x08\x12\n\n\x02id\x18\x04 \x01(\x04\"\x88\x01\n\x0bTickOutcome\x12+\n\x05reply\x18\x01 \x01(\x0b\x32\x1c.lstmserve.v1.StreamResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06\x66inish\x18\x05 \x01(\x08\x12\x0e\n\x06stream\x18\x06 \x01(\x04\x12\r\n\x05index\x18\x07 \x01(\r\"\xde\x01\n\tTickReply\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.lstmserve.v1.TickOutcome\x12\x0c\n\x04tick\x18\x02 \x01(\x04\x12\x0e\n\x06packed\x18\x03 \x01(\x0c\x12\x0c\n\x04seqs\x18\x04 \x01(\x0c\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x0c\x12\r\n\x05steps\x18\x06 \x01(\x0c\x12\x17\n\x0fheld_characters\x18\x07 \x01(\x0c\x12\x15\n\rrewound_steps\x18\x08 \x01(\x0c\x12\r\n\x05\x66lags\x18\t \x01(\x0c\x12\x15\n\rprobabilities\x18\n \x01(\x0c\x32G\n\x0bNativeFront\x12\x38\n\x05Ticks\x12\x12.lstmserve.v1.Tick\x1a\x17.lstmserve.v1.TickReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flstmserve/v1/native_front.proto\x12\x0clstmserve.v1\x1a\x1dlstmserve/v1/lstm_serve.proto\"\xbc\x01\n\tTickEntry\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.lstmserve.v1.StreamRequest\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x15\n\rauthorization\x18\x04 \x01(\t\x12\x19\n\x11has_authorization\x18\x05 \x01(\x08\x12\x11\n\tmalformed\x18\x06 \x01(\x08\x12\x0c\n\x04size\x18\x07 \x01(\r\x12\x0f\n\x07\x63\x65rt_cn\x18\x08 \x01(\t\"_\n\x04Tick\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.lstmserve.v1.TickEntry\x12\x0e\n\x06\x63losed\x18\x02 \x03(\x04\x12\x11\n\tclosed_ok\x18\x03 \x03(\x08\x12\n\n\x02id\x18\x04 \x01(\x04\"\x88\x01\n\x0bTickOutcome\x12+\n\x05reply\x18\x01 \x01(\x0b\x32\x1c.lstmserve.v1.StreamResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06\x66inish\x18\x05 \x01(\x08\x12\x0e\n\x06stream\x18\x06 \x01(\x04\x12\r\n\x05index\x18\x07 \x01(\r\"\xde\x01\n\tTickReply\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.lstmserve.v1.TickOutcome\x12\x0c\n\x04tick\x18\x02 \x01(\x04\x12\x0e\n\x06packed\x18\x03 \x01(\x0c\x12\x0c\n\x04seqs\x18\x04 \x01(\x0c\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x0c\x12\r\n\x05steps\x18\x06 \x01(\x0c\x12\x17\n\x0fheld_characters\x18\x07 \x01(\x0c\x12\x15\n\rrewound_steps\x18\x08 \x01(\x0c\x12\r\n\x05\x66lags\x18\t \x01(\x0c\x12\x15\n\rprobabilities\x18\n \x01(\x0c\x32G\n\x0bNativeFront\x12\x38\n\x05Ticks\x12\x12.lstmserve.v1.Tick\x1a\x17.lstmserve.v1.TickReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lstmserve.v1.native_front_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TICKENTRY']._serialized_start=81
-  _globals['_TICKENTRY']._serialized_end=252
-  _globals['_TICK']._serialized_start=254
-  _globals['_TICK']._serialized_end=349
-  _globals['_TICKOUTCOME']._serialized_start=352
-  _globals['_TICKOUTCOME']._serialized_end=488
-  _globals['_TICKREPLY']._serialized_start=491
-  _globals['_TICKREPLY']._serialized_end=713
-  _globals['_NATIVEFRONT']._serialized_start=715
-  _globals['_NATIVEFRONT']._serialized_end=786
+  _globals['_TICKENTRY']._serialized_end=269
+  _globals['_TICK']._serialized_start=271
+  _globals['_TICK']._serialized_end=366
+  _globals['_TICKOUTCOME']._serialized_start=369
+  _globals['_TICKOUTCOME']._serialized_end=505
+  _globals['_TICKREPLY']._serialized_start=508
+  _globals['_TICKREPLY']._serialized_end=730
+  _globals['_NATIVEFRONT']._serialized_start=732
+  _globals['_NATIVEFRONT']._serialized_end=803
 # @@protoc_insertion_point(module_scope)

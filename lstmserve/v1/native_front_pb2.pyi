@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TickEntry(_message.Message):
-    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size")
+    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size", "cert_cn")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class TickEntry(_message.Message):
     HAS_AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     MALFORMED_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    CERT_CN_FIELD_NUMBER: _ClassVar[int]
     stream: int
     request: _lstm_serve_pb2.StreamRequest
     first: bool
@@ -23,7 +24,8 @@ class TickEntry(_message.Message):
     has_authorization: bool
     malformed: bool
     size: int
-    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
+    cert_cn: str
+    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ...) -> None: ...
 
 class Tick(_message.Message):
     __slots__ = ("entries", "closed", "closed_ok", "id")

@@ -85,6 +85,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   grpc::Status status_;
   std::string authorization_;
   bool has_authorization_ = false;
+  std::string cert_cn_;
   std::string session_id_;  // from the `opened` reply: what packed replies are written with
   std::vector<std::string> labels_;
   uint32_t top_k_ = 0;

@@ -36,7 +36,7 @@ namespace {
 struct Options {
   std::string listen = "0.0.0.0:8001";
   std::string dir;
-  std::string tls_cert, tls_key;
+  std::string tls_cert, tls_key, tls_client_ca;
   size_t max_tick_bytes = 64 << 20;
   int max_ticks_in_flight = 2;
 };
@@ -44,7 +44,7 @@ struct Options {
 int Usage(const char* why) {
   std::fprintf(stderr,
                "lstm-serve-front: %s\nusage: lstm-serve-front --dir DIR [--listen HOST:PORT] "
-               "[--tls-cert FILE --tls-key FILE] [--max-tick-bytes N] "
+               "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--max-tick-bytes N] "
                "[--max-ticks-in-flight N]\n",
                why);
   return 2;
@@ -83,12 +83,16 @@ int main(int argc, char** argv) {
     else if (arg == "--dir") opt.dir = value;
     else if (arg == "--tls-cert") opt.tls_cert = value;
     else if (arg == "--tls-key") opt.tls_key = value;
+    else if (arg == "--tls-client-ca") opt.tls_client_ca = value;
     else if (arg == "--max-tick-bytes") opt.max_tick_bytes = std::strtoull(value.c_str(), nullptr, 10);
     else if (arg == "--max-ticks-in-flight") opt.max_ticks_in_flight = std::atoi(value.c_str());
     else return Usage(("unknown flag " + arg).c_str());
   }
   if (opt.dir.empty()) return Usage("--dir is required (lstm-serve --native-front-dir)");
   if (opt.tls_cert.empty() != opt.tls_key.empty()) return Usage("--tls-cert needs --tls-key");
+  if (!opt.tls_client_ca.empty() && opt.tls_cert.empty()) {
+    return Usage("--tls-client-ca needs --tls-cert and --tls-key");
+  }
 
   sigset_t signals;
   sigemptyset(&signals);
@@ -107,6 +111,12 @@ int main(int argc, char** argv) {
       return Usage("cannot read --tls-cert / --tls-key");
     }
     ssl.pem_key_cert_pairs.push_back(pair);
+    if (!opt.tls_client_ca.empty()) {  // mTLS: a client certificate signed by these CAs
+      if (!ReadFile(opt.tls_client_ca, &ssl.pem_root_certs)) {
+        return Usage("cannot read --tls-client-ca");
+      }
+      ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
     credentials = grpc::SslServerCredentials(ssl);
   }
   grpc::ServerBuilder builder;

@@ -35,6 +35,11 @@ NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* tick
     authorization_.assign(found->second.data(), found->second.size());
     has_authorization_ = true;
   }
+  auto auth = ctx->auth_context();  // a verified client certificate's CN (mTLS), if any
+  if (auth && auth->IsPeerAuthenticated()) {
+    auto names = auth->FindPropertyValues(GRPC_X509_CN_PROPERTY_NAME);
+    if (!names.empty()) cert_cn_.assign(names.front().data(), names.front().size());
+  }
 }
 
 void NativeStream::Begin(std::shared_ptr<NativeStream> self) {
@@ -69,6 +74,7 @@ void NativeStream::OnReadDone(bool ok) {
         entry.set_has_authorization(true);
         entry.set_authorization(authorization_);
       }
+      if (!cert_cn_.empty()) entry.set_cert_cn(cert_cn_);
     }
     sent_ = true;
     ++unanswered_;

@@ -328,3 +328,50 @@ def test_the_front_outlives_a_restart_of_the_server_behind_it(tmp_path: Path) ->
         first.stop()
     assert before[-1] == grpc.StatusCode.UNAVAILABLE and len(before) == 3
     assert after == expected and len(after) == 12  # up to the snapshot (no --snapshot-key)
+
+
+def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
+    tmp_path: Path,
+) -> None:
+    """--tls-client-ca on the front and --principal-from-cert on lstm-serve: a stream's caller
+    is its certificate's CN; another caller cannot resume its session (NOT_FOUND)."""
+    from tests.integration.tls_certs import Authority
+
+    binary()
+    ca = Authority()
+    cert, key = ca.issue("lstm-serve", server=True).write(tmp_path, "server")
+    ca_file = ca.write(tmp_path)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca_file))
+    server = ServerProcess(ROOT / "models", "--native-front-dir", str(tmp_path / "sockets"),
+                           *tls, "--principal-from-cert")  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(tmp_path / "sockets", *tls)
+    people = {name: ca.issue(name, server=False) for name in ("alice", "bob")}
+
+    def credentials(name: str) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(ca.pem, people[name].key, people[name].cert)
+
+    async def open_then_resume(address: str) -> tuple[object, object]:
+        async with grpc.aio.secure_channel(address, credentials("alice")) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(iter(text_conversation()[:2]))
+            replies = [r async for r in call]
+        session_id = replies[0].opened.session_id
+        resume = [pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))]
+        outcomes = []
+        for name in ("bob", "alice"):
+            async with grpc.aio.secure_channel(address, credentials(name)) as channel:
+                call = pb_grpc.LstmServeStub(channel).Stream(iter(resume))
+                try:
+                    got = [r async for r in call]
+                    outcomes.append(got[0].opened.resumed)
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(exc.code())
+        return outcomes[0], outcomes[1]
+
+    try:
+        native = asyncio.run(open_then_resume(front.address))
+        python = asyncio.run(open_then_resume(server.address))
+    finally:
+        front.stop()
+        server.stop()
+    assert native == python == (grpc.StatusCode.NOT_FOUND, True)
