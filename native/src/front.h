@@ -4,6 +4,7 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
@@ -65,6 +66,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
 
  private:
   void OutcomeLocked(const TickOutcome& outcome);
+  void EndLinger();
   void EndLocked(const grpc::Status& status);
   void PumpLocked();
 
@@ -86,6 +88,8 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   std::string authorization_;
   bool has_authorization_ = false;
   std::string cert_cn_;
+  bool linger_ = false;  // ended after a final snapshot: Finish waits for EOF (2 s at most)
+  std::unique_ptr<grpc::Alarm> alarm_;
   std::string session_id_;  // from the `opened` reply: what packed replies are written with
   std::vector<std::string> labels_;
   uint32_t top_k_ = 0;

@@ -1,5 +1,8 @@
 // NativeStream: one client's Stream call.
+#include <grpcpp/alarm.h>
+
 #include <algorithm>
+#include <chrono>
 #include <string>
 
 #include "front.h"
@@ -7,6 +10,10 @@
 namespace front {
 
 namespace {
+
+// How long a stream ended by a draining server waits for the client to close it after the
+// final snapshot (service/protocol/session.py FINAL_MESSAGE_GRACE_S).
+constexpr std::chrono::seconds kFinalMessageGrace(2);
 
 // The message's bytes, whole (a ByteBuffer may hold several slices).
 std::string Bytes(const grpc::ByteBuffer& buffer) {
@@ -57,10 +64,17 @@ void NativeStream::OnReadDone(bool ok) {
     if (!ok) {  // half-closed (or cancelled: OnDone follows)
       eof_ = true;
       if (unanswered_ == 0 && !ended_) EndLocked(grpc::Status::OK);
+      if (alarm_ && linger_) alarm_->Cancel();  // closed: the alarm runs now, and finishes
       PumpLocked();
       return;
     }
-    if (ended_) return;
+    if (ended_) {  // lingering after a final snapshot: read on, to see the client close
+      if (linger_ && !finished_) {
+        reading_ = true;
+        StartRead(&in_);
+      }
+      return;
+    }
     entry.set_stream(id_);
     std::string data = Bytes(in_);
     if (!entry.mutable_request()->ParseFromString(data)) {
@@ -122,6 +136,13 @@ void NativeStream::OutcomeLocked(const TickOutcome& outcome) {
   if (outcome.has_reply()) out_.push_back(Encode(reply));
   if (outcome.code() != 0) {
     EndLocked(grpc::Status(static_cast<grpc::StatusCode>(outcome.code()), outcome.message()));
+    // A draining server's final snapshot: as the Python front, wait (2 s at most) for the
+    // client to close the stream before ending it, so a client writing meanwhile keeps it.
+    linger_ = reply.has_snapshot() && reply.snapshot().final() && !eof_;
+    if (linger_ && !reading_) {
+      reading_ = true;
+      StartRead(&in_);
+    }
   } else if (outcome.finish() || (eof_ && unanswered_ == 0)) {
     EndLocked(grpc::Status::OK);
   }
@@ -190,10 +211,27 @@ void NativeStream::PumpLocked() {
     StartWrite(&out_.front());
     return;
   }
-  if (ended_) {
-    finished_ = true;
-    Finish(status_);
+  if (!ended_) return;
+  if (linger_) {
+    if (eof_ && !alarm_) {
+      linger_ = false;  // the client closed already: nothing to wait for
+    } else {
+      if (!alarm_) {  // this stays alive until the alarm ran: Finish waits for it
+        alarm_ = std::make_unique<grpc::Alarm>();
+        alarm_->Set(std::chrono::system_clock::now() + kFinalMessageGrace,
+                    [this](bool) { EndLinger(); });
+      }
+      return;
+    }
   }
+  finished_ = true;
+  Finish(status_);
+}
+
+void NativeStream::EndLinger() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  linger_ = false;
+  PumpLocked();
 }
 
 void NativeStream::OnWriteDone(bool ok) {
