@@ -375,3 +375,33 @@ def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
         front.stop()
         server.stop()
     assert native == python == (grpc.StatusCode.NOT_FOUND, True)
+
+
+def test_reflection_and_the_triton_grpc_api_pass_through(fronts) -> None:
+    """Reflection (a bidi stream) and Triton's KServe v2 gRPC API answer through the front as
+    on lstm-serve's own port."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    python, native, _ = fronts
+
+    def calls(address: str) -> tuple[object, ...]:
+        with grpc.insecure_channel(address) as channel:
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            listed = next(
+                iter(
+                    reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                        iter([ask]), metadata=AUTH
+                    )
+                )
+            )
+            services = sorted(s.name for s in listed.list_services_response.service)
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            ready = triton.ServerReady(service_pb2.ServerReadyRequest(), metadata=AUTH).ready
+            meta = triton.ModelMetadata(
+                service_pb2.ModelMetadataRequest(name="langid-chars"), metadata=AUTH
+            )
+        return services, ready, meta
+
+    expected, got = calls(python), calls(native)
+    assert got == expected and got[1] and "lstmserve.v1.LstmServe" in got[0]
