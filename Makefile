@@ -5,13 +5,17 @@
 # tests; by hand, one at a time:
 #   make test-environments   .venv, [export], [train], [tokenizers], [tracing] each alone (.venv-envs/)
 #   make test-image          the CPU image built with buildah (root; Debian's buildah)
+#   make native              the native front (native/; Debian's gRPC C++, packages installed as
+#                            root where missing); make test-native runs its tests
 PYTHON ?= python3
 SERVE_VENV := .venv
 TEST_VENV := .venv-test
 ENVS_DIR := .venv-envs
 DEV_IMAGE := localhost/lstm-serve:dev
 
-.PHONY: serve test test-environments test-image train-speaker train-langid verify proto clean
+.PHONY: serve test test-environments test-image train-speaker train-langid verify proto clean \
+	native native-deps test-native
+NATIVE_BIN := native/build/lstm-serve-front
 
 # First run only (and after pyproject.toml changes): pip shows each package as it installs.
 $(SERVE_VENV)/.installed: pyproject.toml
@@ -46,6 +50,22 @@ test-image: $(TEST_VENV)/.installed
 	bash .ci/image.sh $(DEV_IMAGE)
 	LSTM_SERVE_IMAGE=$(DEV_IMAGE) $(TEST_VENV)/bin/python -m pytest tests/e2e/test_image.py
 
+native-deps:
+	bash .ci/native.sh deps
+
+native: $(NATIVE_BIN)
+
+$(NATIVE_BIN): native/CMakeLists.txt $(wildcard native/src/*) proto/lstmserve/v1/lstm_serve.proto \
+		proto/lstmserve/v1/native_front.proto
+	bash .ci/native.sh
+
+test-native: $(TEST_VENV)/.installed $(NATIVE_BIN)
+	LSTM_SERVE_REQUIRE_NATIVE=1 $(TEST_VENV)/bin/python -m pytest tests/e2e/test_native_front.py \
+		tests/unit/test_native_streams.py tests/integration/test_stream.py \
+		tests/integration/test_text_streaming.py tests/integration/test_errors.py \
+		tests/integration/test_decisions.py \
+		tests/e2e/test_chaos.py -k 'native or not chaos'
+
 train-speaker: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/lstm-export train speaker-vowels --out models
 
@@ -59,4 +79,4 @@ proto: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python tools/codegen.py
 
 clean:
-	rm -rf $(SERVE_VENV) $(TEST_VENV) $(ENVS_DIR)
+	rm -rf $(SERVE_VENV) $(TEST_VENV) $(ENVS_DIR) native/build

@@ -49,7 +49,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.model import BENCH_MODEL, LANGID, build_repository
-from bench.procs import HOST, free_port
+from bench.procs import HOST, NATIVE_FRONT, free_port
 from bench.redisfleet import SentinelFleet
 from lstmserve.client import LstmClient, MultiStream, SessionLost, StreamSession
 from lstmserve.v1 import lstm_serve_pb2 as pb
@@ -110,12 +110,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--store-mode", choices=["strict", "best-effort"], default="strict")
     parser.add_argument(
+        "--native", action="store_true",
+        help="each replica behind the native front (native/, make native); replicas are killed "
+             "and restarted behind fronts that stay up",
+    )  # fmt: skip
+    parser.add_argument(
         "--kill-redis-every-s", type=float, default=0.0,
         help="with --store sentinel: SIGKILL the Redis master this often (0 = never)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.think_ms <= 0 or args.sessions < 1 or args.replicas < 2:
         parser.error("--think-ms must be > 0, --sessions >= 1, --replicas >= 2")
+    if args.native and not NATIVE_FRONT.is_file():
+        parser.error(f"--native needs the native front ({NATIVE_FRONT}): make native")
     if args.kill_redis_every_s and args.store != "sentinel":
         parser.error("--kill-redis-every-s needs --store sentinel")
     args.duration_s = args.seconds if args.seconds is not None else 60 * (args.minutes or 10)
@@ -227,6 +234,11 @@ class Replica:
     popen: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
     cpu_s: float = 0.0  # CPU seconds of the generations that have exited
+    # --native: the native front before it on `front_port` (clients use that); it stays up
+    # while the replica behind it is killed and restarted, and reconnects to the new one.
+    front_argv: list[str] | None = None
+    front_port: int = 0
+    front: subprocess.Popen[bytes] | None = None
 
     def cpu_now(self) -> float:
         """CPU seconds of every generation so far (the current one read now)."""
@@ -239,9 +251,13 @@ class Replica:
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{HOST}:{self.front_port or self.port}"
 
     def spawn(self) -> None:
+        if self.front_argv is not None and (self.front is None or self.front.poll() is not None):
+            log = open(self.logs / f"front{self.slot}.log", "ab")  # noqa: SIM115
+            self.front = subprocess.Popen(self.front_argv, stdout=subprocess.DEVNULL, stderr=log)
+            log.close()
         self.generation += 1
         log = open(self.logs / f"replica{self.slot}.{self.generation}.log", "wb")  # noqa: SIM115
         self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -310,6 +326,17 @@ class Replica:
     def stop(self) -> dict[str, Any] | None:
         """SIGTERM at the end of the run -> a kill-log entry if its drain failed (it overran
         or exited non-zero), else None."""
+        try:
+            return self._stop()
+        finally:
+            if self.front is not None and self.front.poll() is None:
+                self.front.terminate()
+                try:
+                    self.front.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.front.kill()
+
+    def _stop(self) -> dict[str, Any] | None:
         if not self.alive():
             return None
         assert self.popen is not None
@@ -328,6 +355,14 @@ class Replica:
                 "exit_code": code, "overran": overran, "at_the_end": True,
                 "exit_s": round(time.monotonic() - started, 3),
                 "log_tail": self.log_tail(self.generation)}  # fmt: skip
+
+
+def native_front(replica: Replica, folder: Path) -> None:
+    """The replica behind a native front (native/): clients connect to the front."""
+    replica.argv += ["--native-front-dir", str(folder)]
+    replica.front_port = free_port()
+    replica.front_argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{replica.front_port}",
+                          "--dir", str(folder)]  # fmt: skip
 
 
 def replica_argv(repo: Path, port: int, store_url: str, mode: str = "strict") -> list[str]:
@@ -747,6 +782,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     await redis.wait_ready()
     replicas = [Replica(i, port, replica_argv(repo, port, redis.url, args.store_mode), logs)
                 for i, port in enumerate(free_port() for _ in range(args.replicas))]  # fmt: skip
+    if args.native:
+        for replica in replicas:
+            native_front(replica, workdir / f"sockets{replica.slot}")
     try:
         await asyncio.gather(*(r.start() for r in replicas))
         info = await describe(replicas[0].address, model)

@@ -10,6 +10,8 @@ for all: S concurrent sequences, one step per message, each sending the next mes
 the reply, for --seconds after a warm-up, through each system's own streaming client:
 
   lstm-serve       lstmserve.v1 Stream (grpc.aio), one stream per sequence (bench/load.py)
+  lstm-serve-native  the same, through the native front (native/, `make native`) in front of
+                   another lstm-serve with the same flags (CPU: both processes)
   tritonserver     tritonclient.grpc.aio stream_infer, one stream per sequence (bench/triton.py's
                    loop), Python backend, sequence batcher (direct), model.py on onnxruntime
   torchserve       HTTP POST /predictions/MODEL with the ts_request_sequence_id header, a
@@ -45,7 +47,7 @@ import psutil
 
 from bench.load import Load, Window, drive, run_window, window_barrier
 from bench.model import BENCH_MODEL, ROOT, build_repository
-from bench.procs import HOST, free_port, start_lstm_serve
+from bench.procs import HOST, NATIVE_FRONT, free_port, start_lstm_serve, start_native
 from bench.run import BATCHED, VOCAB
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -53,7 +55,7 @@ PEER_HOME = ROOT / ".venv-peers"  # gitignored: the TorchServe venv and the unpa
 PYTRITON = PEER_HOME / "pytriton"
 MAX_RESTARTS = 3  # per server and run, after it died under load
 LOGS = Path(tempfile.gettempdir()) / "lstm-bench-peers-logs"  # server logs of failed points
-SYSTEMS = ("lstm-serve", "tritonserver", "torchserve", "torchserve-grpc")
+SYSTEMS = ("lstm-serve", "lstm-serve-native", "tritonserver", "torchserve", "torchserve-grpc")
 SERVER = {"torchserve-grpc": "torchserve"}  # the same TorchServe process, its gRPC front
 MAX_STREAMS = 1024
 MAX_SECONDS = 600.0
@@ -151,6 +153,8 @@ def missing(system: str) -> str | None:
             return "TorchServe: no .venv-peers/bin/torchserve; run python -m bench.peers --setup"
         if shutil.which("java") is None:
             return "TorchServe: no java; apt-get install -y openjdk-17-jre-headless (as root)"
+    if system == "lstm-serve-native" and not NATIVE_FRONT.is_file():
+        return f"lstm-serve-native: no {NATIVE_FRONT}; run make native"
     if system == "tritonserver" and not triton_binary().exists():
         return f"tritonserver: no {triton_binary()}; run python -m bench.peers --setup"
     return None
@@ -466,7 +470,7 @@ def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> 
     async def on_window(edge: str) -> None:
         marks[edge] = (time.perf_counter(), proc.cpu_seconds(), sum(me.cpu_times()[:2]))
 
-    if system == "lstm-serve":
+    if system in ("lstm-serve", "lstm-serve-native"):
         work = drive(load, proc.address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
     elif system == "tritonserver":
         work = drive_tritonserver(proc.address, load, *timing, on_window)
@@ -585,6 +589,8 @@ def bounded(kind: Any, low: float, high: float) -> Callable[[str], Any]:
 
 
 STARTERS = {"lstm-serve": lambda work, onnx, _: start_lstm_serve(work.parent / "repo", BATCHED),
+            "lstm-serve-native": lambda work, onnx, _: start_native(
+                work.parent / "repo", BATCHED, work / "sockets"),
             "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
 
 

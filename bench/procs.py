@@ -81,6 +81,63 @@ def start_lstm_serve(repo: Path, flags: list[str], timeout_s: float = 120.0) -> 
             time.sleep(0.1)
 
 
+NATIVE_FRONT = Path(__file__).resolve().parent.parent / "native" / "build" / "lstm-serve-front"
+
+
+class FrontedProcess(Process):
+    """lstm-serve behind the native front (native/): clients use the front's port; CPU is both
+    processes'; metrics are lstm-serve's."""
+
+    def __init__(self, server: Process, front: subprocess.Popen[bytes], port: int) -> None:
+        self.server = server
+        self.front = front
+        self.port = port
+        self.metrics_port = server.metrics_port
+        self.popen = front
+        self.ps = psutil.Process(front.pid)
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system) + self.server.cpu_seconds()
+
+    def front_cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        super().stop()
+        self.server.stop()
+
+
+def start_front(folder: Path) -> Process:
+    """The native front on a free port before the sockets in `folder`; returns once it accepts
+    connections."""
+    port = free_port()
+    argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder)]
+    proc = Process(argv, port)
+    deadline = time.monotonic() + 30
+    while True:
+        proc.check_alive()
+        with socket.socket() as sock:
+            if sock.connect_ex((HOST, port)) == 0:
+                return proc
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise TimeoutError("the native front did not start")
+        time.sleep(0.05)
+
+
+def start_native(repo: Path, flags: list[str], folder: Path) -> FrontedProcess:
+    """lstm-serve with --native-front-dir `folder`, then the native front on a free port."""
+    server = start_lstm_serve(repo, [*flags, "--native-front-dir", str(folder)])
+    try:
+        front = start_front(folder)
+    except Exception:
+        server.stop()
+        raise
+    return FrontedProcess(server, front.popen, front.port)
+
+
 def start_echo(protocol: bool = False, timeout_s: float = 30.0) -> Process:
     """The echo server (bench.echo), or with `protocol` the protocol floor; returns once it
     accepts connections."""

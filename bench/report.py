@@ -197,15 +197,49 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def native_table(results: dict[str, Any]) -> str:
+    """The native front against the Python front, echo and the floor, stream points."""
+    rows = results["points"]
+    head = (
+        "| model | S | k | native msg/s | Python msg/s | x Python | echo msg/s | x echo "
+        "| floor msg/s | native p50 / p99 ms | Python p50 / p99 ms | CPU native (both) "
+        "| CPU Python |\n|" + "---|" * 13
+    )
+    lines = [head]
+    for r in rows:
+        if r["server"] != "native":
+            continue
+        key = (r["mode"], r["sessions"], r["steps"], r["model"])
+        b = _find(rows, "batched", *key)
+        e = _find(rows, "echo", *key)
+        f = _find(rows, "floor", *key)
+        cells = [
+            r["model"], str(r["sessions"]), str(r["steps"]), f"{r['messages_per_s']:,.0f}",
+            f"{b['messages_per_s']:,.0f}" if b else "-",
+            f"{r['messages_per_s'] / b['messages_per_s']:.2f}x" if b else "-",
+            f"{e['messages_per_s']:,.0f}" if e else "-",
+            f"{r['messages_per_s'] / e['messages_per_s']:.2f}x" if e else "-",
+            f"{f['messages_per_s']:,.0f}" if f else "-",
+            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
+            f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f}" if b else "-",
+            f"{r['server_cpu_pct']:.0f} %", f"{b['server_cpu_pct']:.0f} %" if b else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: dict[str, Any], out: Path) -> str:
     """table.md + throughput.png under `out`; returns the markdown."""
     parts = [f"Command: `{results['command']}` ({results['total_seconds']:.0f} s)\n",
              f"### {BENCH_MODEL}\n", table(results, BENCH_MODEL)]  # fmt: skip
     if any(r["model"] == "langid-chars" for r in results["points"]):
         parts += ["\n### langid-chars/1\n", table(results, "langid-chars")]
+    if any(r["server"] == "native" for r in results["points"]):
+        parts += ["\n### The native front (native/)\n", native_table(results)]
     parts += ["\n### Targets\n", targets(results)]
     text = "\n".join(parts) + "\n"
     (out / "table.md").write_text(text)
-    if any(r["mode"] == "stream" for r in results["points"]):  # the plot is of stream points
+    ks = {r["steps"] for r in results["points"] if r["mode"] == "stream"}
+    if ks >= {1, 16}:  # the plot is of the stream points, both chunk lengths
         plot(results, out / "throughput.png")
     return text

@@ -27,7 +27,14 @@ import psutil
 
 from bench.load import Load, drive, message_sizes
 from bench.model import BENCH_MODEL, build_repository
-from bench.procs import Process, scrape_batches, start_echo, start_lstm_serve
+from bench.procs import (
+    NATIVE_FRONT,
+    Process,
+    scrape_batches,
+    start_echo,
+    start_lstm_serve,
+    start_native,
+)
 from bench.report import write_report
 from export.ceiling import compute_ceiling
 
@@ -40,7 +47,9 @@ BATCHED = ["--intra-op-threads", str(INTRA_OP_THREADS), "--inter-op-threads", "1
            "--compute-threads", "2", "--max-concurrent-batches", "1", "--max-batch-size", "256",
            "--max-sessions", "20000"]  # fmt: skip
 NAIVE = [*BATCHED, "--no-batching"]  # the same server, one chunk per model run
-SERVERS = ("batched", "naive", "echo", "floor")  # measured in this order at every point
+# Measured in this order at every point; "native" (lstm-serve behind the native front, the
+# batched flags) where native/build/lstm-serve-front is built (`make native`).
+SERVERS = ("batched", "native", "naive", "echo", "floor")
 
 
 def measure(
@@ -95,6 +104,10 @@ def sweep(
     points) the protocol floor back to back (all four up at once, so slow drifts in the
     machine's load hit them alike), then its compute ceiling."""
     procs = {"batched": start_lstm_serve(repo, BATCHED), "naive": start_lstm_serve(repo, NAIVE)}
+    if NATIVE_FRONT.is_file():
+        procs["native"] = start_native(repo, BATCHED, repo.parent / f"{repo.name}-native")
+    else:
+        print(f"native front not built ({NATIVE_FRONT}: make native): not measured", flush=True)
     procs["echo"] = start_echo()
     procs["floor"] = start_echo(protocol=True)
     rows: list[dict[str, Any]] = []
@@ -104,7 +117,7 @@ def sweep(
             vocab = VOCAB[model]
             batched: dict[str, Any] = {}
             for label in SERVERS:
-                if not _serves(label, model, load):
+                if label not in procs or not _serves(label, model, load):
                     continue
                 run_load = load
                 if label == "echo":
@@ -129,6 +142,8 @@ def _serves(label: str, model: str, load: Load) -> bool:
         return model == BENCH_MODEL
     if label == "floor":
         return model == BENCH_MODEL and load.mode == "stream"
+    if label == "native":  # Stream is what it serves natively (the rest passes through)
+        return load.mode == "stream"
     return True
 
 
@@ -184,6 +199,10 @@ def memory(repo: Path, sessions: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _ints(text: str) -> set[int]:
+    return {int(v) for v in text.split(",") if v.strip()}
+
+
 def _progress(row: dict[str, Any]) -> str:
     return (
         f"{row['server']:>8} {row['model']:>12} {row['mode']:>6} S={row['sessions']:<5} "
@@ -202,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", default="", help="only these modes, comma-separated (e.g. multi,columns)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-session check")
+    parser.add_argument("--sessions", default="", help="only these S, comma-separated")
+    parser.add_argument("--steps", default="", help="only these k, comma-separated")
+    parser.add_argument("--bench-model-only", action="store_true", help="no langid points")
     args = parser.parse_args(argv)
     timing = (0.3, 1.2) if args.quick else (0.8, 3.0)
     started = time.perf_counter()
@@ -212,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         points = sweep_points("langid-chars" in paths)
         if args.modes:
             points = [p for p in points if p[1].mode in args.modes.split(",")]
+        if args.sessions:
+            points = [p for p in points if p[1].sessions in _ints(args.sessions)]
+        if args.steps:
+            points = [p for p in points if p[1].steps in _ints(args.steps)]
+        if args.bench_model_only:
+            points = [p for p in points if p[0] == BENCH_MODEL]
         rows, limits = sweep(repo, paths, points, timing)
         limits = best_ceilings(limits + remeasure(paths, limits, timing))[: len(limits)]
         mem = None if args.no_memory else memory(repo, args.memory_sessions)

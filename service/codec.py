@@ -387,6 +387,12 @@ def stream_response(reply: m.Reply, idle_timeout_s: float) -> pb.StreamResponse:
     return response
 
 
+def fill_stream_response(out: pb.StreamResponse, reply: m.Reply, idle_timeout_s: float) -> None:
+    """`stream_response` written into a message that is sent (the native front's tick reply)."""
+    out.session_id = reply.session_id
+    _fill_body(out, reply.body, idle_timeout_s)
+
+
 def multi_response(reply: m.MultiReply, idle_timeout_s: float) -> pb.StreamMultiResponse:
     response = pb.StreamMultiResponse()
     for r in reply.replies:

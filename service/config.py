@@ -118,6 +118,7 @@ class ServerConfig:
     reflection: bool = True
     metrics_host: str = ""
     health_port: int = -1
+    native_front_dir: str = ""
     log_json: bool = False
     log_level: str = "INFO"
     # OpenTelemetry tracing (the `tracing` extra): off while no endpoint is set.
@@ -553,6 +554,11 @@ FLAGS: dict[str, tuple[str, Any]] = {
         float,
     ),
     "trace_service_name": ("service.name of the traces (OTEL_RESOURCE_ATTRIBUTES adds more)", str),
+    "native_front_dir": (
+        "also serve on Unix sockets in this directory (made private) for the native front "
+        "(native/, `make native`), which then owns the public gRPC port; empty = off",
+        str,
+    ),
     "log_json": ("log one JSON object per line", bool),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
 }

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service import metrics
+from service import metrics, native_front
 from service.config import (
     PROVIDER_ALIASES,
     ServerConfig,
@@ -32,7 +32,7 @@ from service.lenient import HEALTH, REFLECTION, add_health, add_reflection
 from service.protocol.sequences import SequenceIds, Sequences
 from service.protocol.session import Limits, SessionLayer
 from service.security import http as security_http
-from service.security.auth import AuthInterceptor, build_authenticator
+from service.security.auth import Authenticator, AuthInterceptor, build_authenticator
 from service.security.tls import CertificateFiles, certificate_files
 from service.servicer import LstmServeServicer, add_to_server
 from service.tracing import EXTRA_MISSING, NO_TRACING, Tracing
@@ -75,6 +75,8 @@ class LstmServer:
         # --health-port: grpc.health.v1 alone, in plaintext, for probes that cannot do TLS.
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        # --native-front-dir: the native front's ticks, on a Unix socket only (native_front.py).
+        self.ticks_server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()
@@ -89,6 +91,8 @@ class LstmServer:
         await self.grpc.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.ticks_server is not None:
+            await self.ticks_server.start()
         if self.http is not None:
             self.http_port = await self.http.start(self.config.host, self.config.http_port)
         if self.config.metrics_port >= 0:
@@ -203,6 +207,8 @@ class LstmServer:
             await self._stop_step("grpc stop", self.grpc.stop(left), left + STOP_STEP_S)
             if self.health_server is not None:
                 await self._stop_step("health port stop", self.health_server.stop(0))
+            if self.ticks_server is not None:
+                await self._stop_step("native front stop", self.ticks_server.stop(0))
             if self.http is not None:  # aiohttp would wait 60 s for a request still being read
                 await self._stop_step("http stop", self.http.stop())
             await self._stop_step("session store close", self.engine.continuity.close())
@@ -337,12 +343,26 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
     port = _bind(server, config.host, config.grpc_port, "--grpc-port",
                  tls.grpc_credentials() if tls is not None else None)  # fmt: skip
+    if config.native_front_dir:
+        _bind_native_front(app, server, auth)
     if config.health_port >= 0:
         app.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_health(app.health, app.health_server)  # the same statuses as on the gRPC port
         app.health_port = _bind(app.health_server, config.host, config.health_port,
                                 "--health-port")  # fmt: skip
     return app, port
+
+
+def _bind_native_front(app: LstmServer, server: grpc.aio.Server,
+                       auth: Authenticator | None) -> None:  # fmt: skip
+    """The native front's two sockets: every public RPC (plaintext: local), and its ticks."""
+    folder = native_front.private_dir(app.config.native_front_dir)
+    address = f"unix:{folder / native_front.PUBLIC_SOCKET}"
+    if server.add_insecure_port(address) == 0:
+        raise ConfigError(f"cannot listen on {address} (--native-front-dir)")
+    app.ticks_server = native_front.build_ticks_server(
+        app.layer, app.config.session_idle_timeout_s, auth, folder
+    )
 
 
 def _bind(

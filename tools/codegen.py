@@ -14,7 +14,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PROTOS = ("lstmserve/v1/lstm_serve.proto",)
+PROTOS = ("lstmserve/v1/lstm_serve.proto", "lstmserve/v1/native_front.proto")
 PACKAGES = ("lstmserve/v1",)  # lstmserve/__init__.py is hand-written (the light package)
 
 

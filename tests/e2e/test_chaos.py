@@ -36,3 +36,26 @@ def test_a_minute_of_chaos_loses_and_doubles_nothing(tmp_path: Path) -> None:
     assert result["failovers"] > 0 and result["multi_sessions"] > 0
     assert all(any(v is not None for v in result["series"][f"replica{i}"]) for i in range(3))
     assert (out / "chaos.png").stat().st_size > 0
+
+
+def test_half_a_minute_of_chaos_through_native_fronts_loses_and_doubles_nothing(
+    tmp_path: Path,
+) -> None:
+    """The same soak with every replica behind the native front (`--native`): the replicas are
+    killed and restarted behind fronts that stay up."""
+    from tests.native_front import binary
+
+    binary()
+    out, seconds = tmp_path / "chaos", SECONDS // 2
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", "--seconds", str(seconds), "--sessions",
+         str(SESSIONS), "--think-ms", str(THINK_MS), "--out", str(out), "--native"],
+        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    result = json.loads((out / "chaos.json").read_text())
+    steps, check = result["steps"], result["verify"]
+    assert steps["lost"] == 0 and steps["doubled"] == 0 and steps["sessions_failed"] == 0
+    assert steps["applied"] == steps["acknowledged"] == steps["sent"] > 0
+    assert check["mismatched"] == 0 and check["final_mismatched"] == 0
+    assert result["error_count"] == 0 and len(result["kills"]) >= 3

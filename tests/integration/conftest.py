@@ -18,6 +18,7 @@ import pytest
 
 from service.config import ServerConfig
 from service.server import LstmServer, create_server
+from tests.native_front import NativeFront, binary
 from tests.slow_runs import slow_loads
 
 T = TypeVar("T")
@@ -82,6 +83,38 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
     srv = ServerThread(make_config(tiny_repo)).start()
     yield srv
     srv.stop()
+
+
+class FrontedServer:
+    """A ServerThread behind the native front: clients talk to the front's port."""
+
+    def __init__(self, server: ServerThread, front: NativeFront) -> None:
+        self.server = server
+        self.front = front
+        self.app = server.app
+
+    @property
+    def address(self) -> str:
+        return self.front.address
+
+
+@pytest.fixture(scope="session")
+def native_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The `server` fixture's configuration behind the native front (skips where not built)."""
+    binary()
+    folder = tmp_path_factory.mktemp("native") / "sockets"
+    srv = ServerThread(make_config(tiny_repo, native_front_dir=str(folder))).start()
+    front = NativeFront(folder)
+    yield FrontedServer(srv, front)
+    front.stop()
+    srv.stop()
+
+
+@pytest.fixture(params=["python", "native"])
+def stream_server(request: pytest.FixtureRequest) -> Any:
+    """The same server through each front: the Python one and the native one."""
+    name = "server" if request.param == "python" else "native_server"
+    return request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")

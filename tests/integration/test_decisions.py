@@ -26,9 +26,10 @@ MODEL = "tiny-lstm"
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]
 
 
-@pytest.fixture(scope="module")
-def stub(server: ServerThread) -> Iterator[pb_grpc.LstmServeStub]:
-    with grpc.insecure_channel(server.address) as channel:
+@pytest.fixture
+def stub(stream_server: ServerThread) -> Iterator[pb_grpc.LstmServeStub]:
+    """Through each front: the Python one and the native one (where built)."""
+    with grpc.insecure_channel(stream_server.address) as channel:
         yield pb_grpc.LstmServeStub(channel)
 
 

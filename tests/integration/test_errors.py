@@ -73,8 +73,9 @@ BAD_CHUNKS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CHUNKS))
 def test_bad_chunk_is_answered_in_band_and_leaves_the_session_unchanged(
-    case: str, server: ServerThread, reference: Reference
+    case: str, stream_server: ServerThread, reference: Reference
 ) -> None:
+    server = stream_server
     model, bad, expected_text = BAD_CHUNKS[case]
     good = (
         pb.SequenceInput(tokens=pb.TokenIds(ids=[1, 2]))  # "ab"
@@ -121,7 +122,9 @@ def test_chunk_longer_than_the_maximum_is_rejected(small_server: ServerThread) -
     assert "17 steps, more than the maximum 16" in reply.error.message
 
 
-def test_seq_zero_is_rejected_in_band(server: ServerThread) -> None:
+def test_seq_zero_is_rejected_in_band(stream_server: ServerThread) -> None:
+    server = stream_server
+
     async def main() -> pb.ChunkResult:
         async with grpc.aio.insecure_channel(server.address) as channel:
             call = pb_grpc.LstmServeStub(channel).Stream()
@@ -187,7 +190,10 @@ STREAM_ERRORS = {
 
 
 @pytest.mark.parametrize("case", sorted(STREAM_ERRORS))
-def test_stream_level_errors_end_the_stream_with_a_status(case: str, server: ServerThread) -> None:
+def test_stream_level_errors_end_the_stream_with_a_status(
+    case: str, stream_server: ServerThread
+) -> None:
+    server = stream_server
     first, code, wanted = STREAM_ERRORS[case]
     got_code, details = asyncio.run(stream_status(server.address, first))
     assert got_code == code and wanted in details
@@ -303,8 +309,10 @@ def test_malformed_bytes_end_a_stream_with_invalid_argument_and_one_warning(
 
 
 def test_a_malformed_message_mid_stream_ends_it_and_the_session_goes_on(
-    server: ServerThread, reference: Reference
+    stream_server: ServerThread, reference: Reference
 ) -> None:
+    server = stream_server
+
     async def main() -> tuple[grpc.aio.AioRpcError, pb.ChunkResult, pb.ChunkResult]:
         async with grpc.aio.insecure_channel(server.address) as channel:
             call = channel.stream_stream(method_path("Stream"))()

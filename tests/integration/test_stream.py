@@ -68,7 +68,7 @@ async def stream_one(address: str, model: str, seq: np.ndarray, seed: int) -> li
 
 
 def test_concurrent_random_chunkings_match_offline_whole_sequence(
-    server: ServerThread, reference: Reference
+    stream_server: ServerThread, reference: Reference
 ) -> None:
     rng = np.random.default_rng(0)
     jobs = []
@@ -78,7 +78,7 @@ def test_concurrent_random_chunkings_match_offline_whole_sequence(
 
     async def main() -> list[list[np.ndarray]]:
         return await asyncio.gather(
-            *(stream_one(server.address, m, s, seed) for seed, (m, s) in enumerate(jobs))
+            *(stream_one(stream_server.address, m, s, seed) for seed, (m, s) in enumerate(jobs))
         )
 
     for (model, seq), got in zip(jobs, asyncio.run(main()), strict=True):
@@ -88,13 +88,13 @@ def test_concurrent_random_chunkings_match_offline_whole_sequence(
 
 
 def test_dropped_stream_resumes_with_same_state_and_no_double_apply(
-    server: ServerThread, reference: Reference
+    stream_server: ServerThread, reference: Reference
 ) -> None:
     text = "hello world"
     ids = np.array([ord(c) - 96 if c != " " else 27 for c in text], dtype=np.int64)
 
     async def main() -> tuple[pb.SessionOpened, pb.ChunkResult, pb.ChunkResult, pb.SessionEnded]:
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with grpc.aio.insecure_channel(stream_server.address) as channel:
             stub = pb_grpc.LstmServeStub(channel)
             call = stub.Stream()
             await call.write(pb.StreamRequest(open=pb.OpenSession(model="tiny-lstm", version=1)))
@@ -133,12 +133,12 @@ def test_dropped_stream_resumes_with_same_state_and_no_double_apply(
 
 
 def test_client_resends_unanswered_chunks_after_a_broken_stream(
-    server: ServerThread, reference: Reference
+    stream_server: ServerThread, reference: Reference
 ) -> None:
     seq = np.random.default_rng(3).normal(size=(12, 5)).astype(np.float32)
 
     async def main() -> pb.ChunkResult:
-        async with LstmClient(server.address) as client:
+        async with LstmClient(stream_server.address) as client:
             session = await client.open_session("tiny-rnn-frames")
             await session.step(seq[:4])
             await session.send(seq[4:8])  # pipelined, not yet answered
@@ -157,10 +157,10 @@ def test_client_resends_unanswered_chunks_after_a_broken_stream(
 
 
 def test_reset_zeroes_state_and_is_not_applied_twice(
-    server: ServerThread, reference: Reference
+    stream_server: ServerThread, reference: Reference
 ) -> None:
     async def main() -> tuple[pb.ResetDone, pb.ChunkResult, pb.ResetDone]:
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with grpc.aio.insecure_channel(stream_server.address) as channel:
             call = pb_grpc.LstmServeStub(channel).Stream()
             await call.write(pb.StreamRequest(open=pb.OpenSession(model="tiny-gru")))
             await call.read()
@@ -182,9 +182,9 @@ def test_reset_zeroes_state_and_is_not_applied_twice(
     np.testing.assert_allclose(after.probabilities, expected, atol=1e-5)
 
 
-def test_end_frees_the_session(server: ServerThread) -> None:
+def test_end_frees_the_session(stream_server: ServerThread) -> None:
     async def main() -> grpc.StatusCode:
-        async with LstmClient(server.address) as client:
+        async with LstmClient(stream_server.address) as client:
             session = await client.open_session("tiny-lstm")
             await session.step("ab")
             ended = await session.end()
@@ -198,10 +198,10 @@ def test_end_frees_the_session(server: ServerThread) -> None:
 
 
 def test_bidirectional_model_cannot_stream_but_classifies(
-    server: ServerThread, reference: Reference
+    stream_server: ServerThread, reference: Reference
 ) -> None:
     async def main() -> tuple[grpc.StatusCode, pb.ClassifyResponse]:
-        async with LstmClient(server.address) as client:
+        async with LstmClient(stream_server.address) as client:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await client.open_session("tiny-bilstm")
             reply = await client.classify("tiny-bilstm", ["hello", "hi"], step_probabilities=True)
@@ -217,9 +217,11 @@ def test_bidirectional_model_cannot_stream_but_classifies(
         assert result.length == len(text)
 
 
-def test_sessions_stay_pinned_to_their_version(server: ServerThread, reference: Reference) -> None:
+def test_sessions_stay_pinned_to_their_version(
+    stream_server: ServerThread, reference: Reference
+) -> None:
     async def main() -> tuple[pb.ChunkResult, pb.ChunkResult]:
-        async with LstmClient(server.address) as client:
+        async with LstmClient(stream_server.address) as client:
             latest = await client.open_session("tiny-lstm")
             first = await client.open_session("tiny-lstm", version=1)
             assert latest.opened.version == 2 and first.opened.version == 1
@@ -231,11 +233,13 @@ def test_sessions_stay_pinned_to_their_version(server: ServerThread, reference: 
     np.testing.assert_allclose(v1.probabilities, reference.run("tiny-lstm", ids, 1)[0], atol=1e-5)
 
 
-def test_a_chunk_of_unknown_characters_is_fed_as_classify_feeds_them(server: ServerThread) -> None:
+def test_a_chunk_of_unknown_characters_is_fed_as_classify_feeds_them(
+    stream_server: ServerThread,
+) -> None:
     text = "ab? c?d"  # '?' and ' ' are outside the tiny models' vocabulary
 
     async def main() -> tuple[list[float], list[float], int]:
-        async with LstmClient(server.address) as client:
+        async with LstmClient(stream_server.address) as client:
             session = await client.open_session("tiny-gru", version=1)
             for piece in ("ab", "?", " ", "c", "?", "d"):  # two chunks of unknowns only
                 reply = await session.step(piece)

@@ -28,9 +28,10 @@ def text_input(text: str) -> pb.SequenceInput:
     return pb.SequenceInput(text=text)
 
 
-@pytest.fixture(scope="module")
-def stub(server: ServerThread) -> Iterator[pb_grpc.LstmServeStub]:
-    with grpc.insecure_channel(server.address) as channel:
+@pytest.fixture
+def stub(stream_server: ServerThread) -> Iterator[pb_grpc.LstmServeStub]:
+    """Through each front: the Python one and the native one (where built)."""
+    with grpc.insecure_channel(stream_server.address) as channel:
         yield pb_grpc.LstmServeStub(channel)
 
 

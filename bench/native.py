@@ -1,0 +1,211 @@
+"""The native front (native/) against the Python front: one lstm-serve process behind both.
+
+    python -m bench.native compare --sessions 1 64 256 --seconds 3 --rounds 2
+    python -m bench.native memory --streams 4000     # RSS per idle stream, each front
+    python -m bench.native hop --messages 3000       # the front's own latency (canned replies)
+
+`compare` starts lstm-serve (bench.run's batched flags) with --native-front-dir and the front,
+then drives the same load (bench.load: S streams, one step per message, ping-pong) through the
+Python front's port and the native front's port back to back, and prints messages/s, latency
+and CPU per message of each process. `hop` puts the front before a Python Ticks server that
+answers every message with a canned reply, beside a Python server answering Stream the same
+way: the difference is the front's own cost. Loopback only; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+
+from bench.load import Load, drive
+from bench.model import BENCH_MODEL, build_repository
+from bench.procs import HOST, NATIVE_FRONT, FrontedProcess, start_front, start_native
+from bench.run import BATCHED, VOCAB
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from lstmserve.v1 import native_front_pb2 as npb
+from lstmserve.v1 import native_front_pb2_grpc as npb_grpc
+
+MAX_STREAMS = 20_000
+MAX_MESSAGES = 100_000
+
+
+def _cpu(ps: psutil.Process) -> float:
+    times = ps.cpu_times()
+    return float(times.user + times.system)
+
+
+def compare(proc: FrontedProcess, sessions: int, timing: tuple[float, float]) -> list[dict]:
+    """One point through each front: msg/s, p50 / p99, CPU µs per message of each process."""
+    rows = []
+    for label, address in (("python", proc.server.address), ("native", proc.address)):
+        marks: dict[str, tuple[float, float, float]] = {}
+
+        async def on_window(edge: str, marks: dict = marks) -> None:
+            marks[edge] = (time.perf_counter(), _cpu(proc.server.ps), _cpu(proc.ps))
+
+        load = Load("stream", sessions, 1, sessions)
+        window = asyncio.run(
+            drive(load, address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
+        )
+        (t0, s0, f0), (t1, s1, f1) = marks["start"], marks["end"]
+        lat = np.array(window.latencies or [float("nan")]) * 1000
+        done = max(window.completed, 1)
+        rows.append({
+            "front": label, "sessions": sessions, "messages_per_s": window.completed / (t1 - t0),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "server_us_per_msg": 1e6 * (s1 - s0) / done,
+            "front_us_per_msg": 1e6 * (f1 - f0) / done if label == "native" else 0.0,
+        })  # fmt: skip
+    return rows
+
+
+async def hold_idle(address: str, streams: int) -> list[Any]:
+    """`streams` Stream calls, each with an open session, left idle (the calls returned)."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, streams // 100))]
+    calls = []
+    for i in range(streams):
+        gate: asyncio.Event = asyncio.Event()
+
+        async def requests(gate: asyncio.Event = gate) -> Any:
+            yield pb.StreamRequest(open=pb.OpenSession(model=BENCH_MODEL))
+            await gate.wait()
+
+        call = pb_grpc.LstmServeStub(channels[i % len(channels)]).Stream(requests())
+        await call.read()
+        calls.append((call, gate))
+    return [channels, calls]
+
+
+def memory(proc: FrontedProcess, streams: int) -> dict[str, float]:
+    """RSS per idle stream in the server, through each front, and in the front."""
+    out: dict[str, float] = {}
+    for label, address in (("python", proc.server.address), ("native", proc.address)):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(hold_idle(address, min(200, streams)))  # warm: pools, arenas
+        time.sleep(1)
+        server0, front0 = proc.server.ps.memory_info().rss, proc.ps.memory_info().rss
+        held = loop.run_until_complete(hold_idle(address, streams))
+        time.sleep(2)
+        out[f"{label}_server_bytes"] = (proc.server.ps.memory_info().rss - server0) / streams
+        if label == "native":
+            out["native_front_bytes"] = (proc.ps.memory_info().rss - front0) / streams
+        del held
+        loop.close()
+    return out
+
+
+class CannedTicks(npb_grpc.NativeFrontServicer):
+    """Every message answered with the same small chunk reply."""
+
+    async def Ticks(self, request_iterator: Any, context: Any) -> Any:
+        async for tick in request_iterator:
+            reply = npb.TickReply(tick=tick.id)
+            for entry in tick.entries:
+                reply.outcomes.add().reply.CopyFrom(canned(entry.request.chunk.seq))
+            yield reply
+
+
+class CannedStream(pb_grpc.LstmServeServicer):
+    async def Stream(self, request_iterator: Any, context: Any) -> Any:
+        async for request in request_iterator:
+            yield canned(request.chunk.seq)
+
+
+def canned(seq: int) -> pb.StreamResponse:
+    reply = pb.StreamResponse(session_id="0" * 32)
+    reply.chunk.seq, reply.chunk.steps, reply.chunk.total_steps = seq, 1, seq
+    reply.chunk.probabilities.extend([0.25] * 4)
+    return reply
+
+
+async def ping_pong(address: str, messages: int) -> float:
+    """p50 ms of one stream sending a one-token chunk and waiting for the reply."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.LstmServeStub(channel).Stream()
+        lat = []
+        for seq in range(1, messages + 1):
+            chunk = pb.Chunk(seq=seq, input=pb.SequenceInput(tokens=pb.TokenIds(ids=[1])))
+            start = time.perf_counter()
+            await call.write(pb.StreamRequest(chunk=chunk))
+            await call.read()
+            lat.append(time.perf_counter() - start)
+        await call.done_writing()
+    return float(np.percentile(lat[messages // 5 :], 50) * 1000)
+
+
+async def hop(messages: int, rounds: int) -> list[tuple[float, float]]:
+    """(Python p50, through the front p50) per round, both with canned replies."""
+    folder = Path(tempfile.mkdtemp(prefix="lstm-native-hop-"))
+    os.chmod(folder, 0o700)
+    server = grpc.aio.server()
+    npb_grpc.add_NativeFrontServicer_to_server(CannedTicks(), server)
+    pb_grpc.add_LstmServeServicer_to_server(CannedStream(), server)
+    server.add_insecure_port(f"unix:{folder}/ticks.sock")
+    port = server.add_insecure_port(f"{HOST}:0")
+    await server.start()
+    front = await asyncio.to_thread(start_front, folder)
+    out = []
+    try:
+        for _ in range(rounds):  # the client is this process: each measured alone
+            direct = await ping_pong(f"{HOST}:{port}", messages)
+            out.append((direct, await ping_pong(front.address, messages)))
+    finally:
+        front.stop()
+        await server.stop(0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("what", choices=("compare", "memory", "hop"))
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=0.8)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--streams", type=int, default=4000)
+    parser.add_argument("--messages", type=int, default=3000)
+    args = parser.parse_args(argv)
+    if not NATIVE_FRONT.is_file():
+        print(f"the native front is not built ({NATIVE_FRONT}): make native", file=sys.stderr)
+        return 1
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    if args.what == "hop":
+        for direct, fronted in asyncio.run(hop(min(args.messages, MAX_MESSAGES), args.rounds)):
+            print(f"p50 Python {direct:.3f} ms, through the front {fronted:.3f} ms "
+                  f"(+{fronted - direct:.3f})")  # fmt: skip
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lstm-bench-native-") as tmp:
+        repo = Path(tmp) / "repo"
+        build_repository(repo)
+        proc = start_native(repo, BATCHED, Path(tmp) / "sockets")
+        try:
+            if args.what == "memory":
+                print(memory(proc, min(args.streams, MAX_STREAMS)))
+                return 0
+            for round_ in range(args.rounds):
+                for s in args.sessions:
+                    for row in compare(proc, min(s, MAX_STREAMS), (args.warmup, args.seconds)):
+                        print(f"round {round_} S={s:<4} {row['front']:>6} "
+                              f"{row['messages_per_s']:>8,.0f} msg/s p50 {row['p50_ms']:.2f} "
+                              f"p99 {row['p99_ms']:.2f} ms CPU/msg server "
+                              f"{row['server_us_per_msg']:.0f} µs front "
+                              f"{row['front_us_per_msg']:.0f} µs", flush=True)  # fmt: skip
+        finally:
+            proc.stop()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

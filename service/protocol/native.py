@@ -1,0 +1,245 @@
+"""Single-session streams terminated by the native front (native/), answered a tick at a time.
+
+The native front owns the clients' `Stream` calls; once per batching tick it hands over every
+message that arrived (at most one per stream) and the streams that closed since. Each message
+gets what `StreamConversation` would have answered: the first attaches the stream's session,
+later ones go through the same `SessionLayer` calls, and a chunk's in-band errors stay in-band
+while what ends a `Stream` with a status ends this one the same way. The tick's chunks go to
+the engine as one `Engine.apply_chunks` call, so they share batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from service import metrics, principal
+from service.engine.session.sessions import Session
+from service.engine.types import ChunkOutcome, ChunkWork
+from service.errors import InvalidInput, LstmServeError, SequenceGap, Unavailable
+from service.protocol.messages import Body, Chunk, ChunkDone, Ended, Reply, Request
+from service.protocol.session import SessionLayer, draining_error
+
+log = logging.getLogger(__name__)
+
+RPC = "Stream"
+
+
+@dataclass(slots=True)
+class NativeEntry:
+    """One client stream's message; `caller` is set on its first (who opened it)."""
+
+    stream: int
+    request: Request | LstmServeError  # an error: the message did not translate (malformed)
+    caller: str | None = None
+    refused: LstmServeError | Exception | None = None  # the caller was not authenticated
+
+
+@dataclass(slots=True)
+class NativeOutcome:
+    """What the front does: write `reply` (if any), then end the stream with `error`'s status,
+    or OK if `finish`."""
+
+    reply: Reply | None = None
+    error: BaseException | None = None
+    finish: bool = False
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A client stream the front holds: its caller, its session once attached."""
+
+    caller: str
+    token: object
+    session: Session | None = None
+
+
+class NativeStreams:
+    """Every client stream of one native front: their sessions and the ticks' answers."""
+
+    def __init__(self, layer: SessionLayer) -> None:
+        self.layer = layer
+        self._streams: dict[int, _Stream] = {}
+        self._busy: set[int] = set()  # streams with a message being answered
+        self._final: dict[int, asyncio.Future[None]] = {}  # streams whose last message is sent
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def answer(
+        self, entries: Sequence[NativeEntry], closed: Sequence[tuple[int, bool]] = ()
+    ) -> list[NativeOutcome]:
+        """One outcome per entry, in entry order; the closed streams' sessions detached."""
+        for stream, ok in closed:
+            self._forget(stream, "OK" if ok else "CANCELLED")
+        outcomes: list[NativeOutcome | None] = [None] * len(entries)
+        work: list[tuple[int, ChunkWork]] = []
+        self._busy.update(e.stream for e in entries)
+        try:
+            for i, entry in enumerate(entries):
+                outcomes[i] = await self._entry(entry, i, work)
+            await self._chunks(entries, work, outcomes)
+        finally:
+            self._busy.difference_update(e.stream for e in entries)
+        done = [o for o in outcomes if o is not None]
+        for entry, outcome in zip(entries, done, strict=True):
+            if outcome.error is not None or outcome.finish:
+                code = "OK" if outcome.error is None else _code(outcome.error)
+                self._forget(entry.stream, code)
+        return done
+
+    async def _chunks(
+        self, entries: Sequence[NativeEntry], work: list[tuple[int, ChunkWork]],
+        outcomes: list[NativeOutcome | None],
+    ) -> None:  # fmt: skip
+        """The tick's chunks in one engine call (a session two streams name: in turn)."""
+        while work:  # a session named by two streams in one tick: its chunks in turn
+            now, later, seen = [], [], set()
+            for item in work:
+                (later if id(item[1].session) in seen else now).append(item)
+                seen.add(id(item[1].session))
+            results = await self._apply([w for _, w in now])
+            for (i, item), result in zip(now, results, strict=True):
+                outcomes[i] = self._chunk_outcome(entries[i].stream, item, result)
+            work = later
+
+    async def _entry(
+        self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
+    ) -> NativeOutcome | None:
+        """An entry's outcome, or None for a valid chunk (added to `work`)."""
+        if entry.refused is not None:
+            return NativeOutcome(error=entry.refused)
+        request = entry.request
+        if isinstance(request, LstmServeError):
+            return NativeOutcome(error=request)
+        final = self._final.get(entry.stream)
+        if final is not None:  # its last message is on its way: nothing more is answered
+            await final
+            return NativeOutcome(error=draining_error())
+        stream = self._streams.get(entry.stream)
+        if stream is not None and stream.session is not None and self.draining:
+            return await self._last_message(stream)  # not applied: resent where it continues
+        if stream is None:
+            stream = _Stream(entry.caller or principal.ANONYMOUS, object())
+            self._streams[entry.stream] = stream
+        scope = principal.CALLER.set(stream.caller)
+        try:
+            if stream.session is None:
+                stream.session, opened = await self.layer.attach(request, stream.token)
+                return NativeOutcome(Reply(opened.session_id, opened))
+            session = stream.session
+            if isinstance(request, Chunk):
+                return self._decode_chunk(session, stream.token, request, i, work)
+            body = await self.layer.handle(session, request, RPC, stream.token)
+            return NativeOutcome(Reply(session.id, body), finish=_ends(body))
+        except LstmServeError as exc:
+            return NativeOutcome(error=exc)
+        except Exception as exc:  # a bug: this stream ends INTERNAL, as on the Python front
+            log.exception("unexpected error in Stream (native front)", exc_info=exc)
+            return NativeOutcome(error=exc)
+        finally:
+            principal.CALLER.reset(scope)
+
+    def _decode_chunk(
+        self, session: Session, token: object, chunk: Chunk, i: int,
+        work: list[tuple[int, ChunkWork]],
+    ) -> NativeOutcome | None:  # fmt: skip
+        try:
+            steps, held = self.layer.decode(session, chunk.input, "chunk.input")
+        except InvalidInput as exc:
+            metrics.chunk_requests(RPC, session.model.name, exc.code).inc()
+            return NativeOutcome(Reply(session.id, ChunkDone.of(session, chunk.seq, None, exc)))
+        work.append((i, ChunkWork(session, chunk.seq, steps, held, token)))
+        return None
+
+    async def _apply(self, work: list[ChunkWork]) -> list[ChunkOutcome | BaseException]:
+        """One engine call (a lone chunk: apply_chunk, as the Python front applies it); a
+        failure of the call as a whole fails each of its chunks."""
+        engine = self.layer.engine
+        try:
+            if len(work) == 1:
+                w = work[0]
+                try:
+                    return [await engine.apply_chunk(w.session, w.seq, w.chunk, w.held, w.attached)]
+                except LstmServeError as exc:
+                    return [exc]
+            return list(await engine.apply_chunks(work))
+        except Exception as exc:
+            log.exception("unexpected error in Stream (native front)", exc_info=exc)
+            return [exc] * len(work)
+
+    @staticmethod
+    def _chunk_outcome(
+        stream: int, item: ChunkWork, result: ChunkOutcome | BaseException
+    ) -> NativeOutcome:
+        """As `SessionLayer.chunk` answers on Stream: bad input, a gap or a store that did not
+        take it in-band; anything else ends the stream."""
+        session, name = item.session, item.session.model.name
+        if isinstance(result, InvalidInput | SequenceGap | Unavailable):
+            metrics.chunk_requests(RPC, name, result.code).inc()
+            return NativeOutcome(Reply(session.id, ChunkDone.of(session, item.seq, None, result)))
+        if isinstance(result, BaseException):
+            return NativeOutcome(error=result)
+        metrics.chunk_requests(RPC, name, "OK").inc()
+        done = ChunkDone.of(session, item.seq, result)
+        return NativeOutcome(Reply(session.id, done), finish=result.ended)
+
+    # -- drain: the last message of each stream ------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.layer.engine.drain_started.is_set()
+
+    async def _last_message(self, stream: _Stream) -> NativeOutcome:
+        """A draining server's last message on a stream: its session's final snapshot (with
+        --snapshot-key), then UNAVAILABLE, as the Python front ends a stream on drain."""
+        session, reply = stream.session, None
+        assert session is not None
+        if self.layer.hands_over and not session.ended:
+            try:
+                snap = await self.layer.snapshot(session, True, stream.token)
+                reply = Reply(session.id, snap)
+            except LstmServeError:
+                pass  # ended, expired or taken over meanwhile: nothing to hand over
+        return NativeOutcome(reply, draining_error())
+
+    async def drain(self, send: Callable[[int, NativeOutcome], Awaitable[None]]) -> None:
+        """Send (`send`) the last message of every attached stream with nothing in flight; the
+        others get theirs in reply to the message in flight or by the next call."""
+        for stream_id, held in list(self._streams.items()):
+            if stream_id in self._busy or stream_id in self._final or held.session is None:
+                continue
+            done = asyncio.get_running_loop().create_future()
+            self._final[stream_id] = done
+            try:
+                await send(stream_id, await self._last_message(held))
+            finally:
+                done.set_result(None)
+                del self._final[stream_id]
+            self._forget(stream_id, "UNAVAILABLE")
+
+    def _forget(self, stream: int, code: str) -> None:
+        """The stream is over: its session detached, the call counted as the Python front
+        counts it."""
+        held = self._streams.pop(stream, None)
+        if held is None:
+            return
+        model = held.session.model.name if held.session is not None else metrics.UNKNOWN_MODEL
+        metrics.REQUESTS.labels(RPC, model, code).inc()
+        if held.session is not None:
+            held.session.detach(held.token)
+
+    def forget_all(self) -> None:
+        """The front went away: every stream it held is over."""
+        for stream in list(self._streams):
+            self._forget(stream, "CANCELLED")
+
+
+def _ends(body: Body) -> bool:
+    return isinstance(body, Ended)
+
+
+def _code(exc: BaseException) -> str:
+    return exc.code if isinstance(exc, LstmServeError) else "INTERNAL"

@@ -1,0 +1,407 @@
+"""The native front (native/) in front of the real lstm-serve process: every Stream reply is the
+Python front's, byte for byte, and every other RPC passes through on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from tests.e2e.conftest import ROOT, ServerProcess
+from tests.native_front import NativeFront, binary
+
+TOKEN = "native-front-test-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, ServerProcess]]:
+    """(the Python front's address, the native front's), one lstm-serve process behind both."""
+    binary()
+    folder = tmp_path_factory.mktemp("native")
+    tokens = folder / "tokens"
+    tokens.write_text(f"alice:{TOKEN}\n")
+    server = ServerProcess(
+        ROOT / "models", "--native-front-dir", str(folder / "sockets"),
+        "--auth-tokens", str(tokens), "--snapshot-key", "k1:" + "A" * 44,
+    )  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(folder / "sockets")
+    yield server.address, front.address, server
+    front.stop()
+    server.stop()
+
+
+def _text(seq: int, text: str) -> pb.StreamRequest:
+    return pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(text=text)))
+
+
+def _ids(seq: int, ids: list[int]) -> pb.StreamRequest:
+    chunk = pb.Chunk(seq=seq, input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
+    return pb.StreamRequest(chunk=chunk)
+
+
+def _frames(seq: int, values: np.ndarray) -> pb.StreamRequest:
+    frames = pb.Frames(values=values.ravel().tolist())
+    return pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(frames=frames)))
+
+
+def text_conversation() -> list[pb.StreamRequest]:
+    """Text, token ids, held characters, duplicates, gaps, bad ids, a reset, a snapshot, end."""
+    opened = pb.OpenSession(model="langid-chars", options=pb.StreamOptions(top_k=3))
+    return [
+        pb.StreamRequest(open=opened), _text(1, "hello wor"), _text(2, "ld, cafe\u0301 e"),
+        _text(2, "again"), _text(5, "gap"), _ids(3, [1, 2, 3]), _ids(4, [1, 10**9]),
+        _ids(4, []), _text(4, ""), pb.StreamRequest(reset=pb.Reset(seq=4)), _text(5, "bonjour"),
+        pb.StreamRequest(snapshot=pb.TakeSnapshot()), pb.StreamRequest(end=pb.End()),
+    ]  # fmt: skip
+
+
+def frames_conversation(seed: int) -> list[pb.StreamRequest]:
+    """Frames, every_step, a non-finite value, a width that does not divide, end."""
+    rng = np.random.default_rng(seed)
+    options = pb.StreamOptions(every_step=True, top_k=2)
+    requests = [pb.StreamRequest(open=pb.OpenSession(model="speaker-vowels", options=options))]
+    for seq in range(1, 6):
+        requests.append(_frames(seq, rng.normal(size=(seq, 12)).astype(np.float32)))
+    bad = rng.normal(size=(2, 12)).astype(np.float32)
+    bad[1, 3] = np.nan
+    requests += [_frames(6, bad), _frames(6, np.zeros(13, np.float32)), _frames(6, bad[:1])]
+    return [*requests, pb.StreamRequest(end=pb.End())]
+
+
+async def converse(address: str, requests: list[pb.StreamRequest],
+                   metadata: tuple = AUTH) -> list[object]:  # fmt: skip
+    """Every reply (ids and snapshot bytes blanked: random per session), then the status."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.LstmServeStub(channel).Stream(iter(requests), metadata=metadata)
+        replies: list[object] = []
+        try:
+            async for reply in call:
+                replies.append(_blanked(reply))
+        except grpc.aio.AioRpcError as exc:
+            replies.append((exc.code(), exc.details()))
+        else:
+            replies.append(await call.code())
+    return replies
+
+
+def _blanked(reply: pb.StreamResponse) -> pb.StreamResponse:
+    reply.session_id = "S" if reply.session_id else ""
+    if reply.HasField("opened"):
+        reply.opened.session_id = "S"
+    if reply.HasField("snapshot"):
+        reply.snapshot.data = b"D"
+    if reply.HasField("chunk") and reply.chunk.HasField("error"):
+        reply.chunk.error.message = " ".join(
+            "S" if len(w) == 32 else w for w in reply.chunk.error.message.split(" ")
+        )
+    return reply
+
+
+def both(fronts: tuple[str, str, ServerProcess], requests: list[pb.StreamRequest],
+         metadata: tuple = AUTH) -> tuple[list[object], list[object]]:  # fmt: skip
+    python, native, _ = fronts
+
+    async def main() -> tuple[list[object], list[object]]:
+        expected = await converse(python, requests, metadata)
+        return expected, await converse(native, requests, metadata)
+
+    return asyncio.run(main())
+
+
+def test_text_and_token_replies_are_the_python_fronts_exactly(fronts) -> None:
+    expected, got = both(fronts, text_conversation())
+    assert len(got) == len(text_conversation()) + 1 and got[-1] == grpc.StatusCode.OK
+    assert got == expected  # every field, probabilities to the bit (0.0 difference)
+    chunks = [r.chunk for r in got[:-1] if r.HasField("chunk")]  # type: ignore[union-attr]
+    errors = [c.error.code for c in chunks if c.HasField("error")]
+    assert errors == ["FAILED_PRECONDITION", *["INVALID_ARGUMENT"] * 3]
+
+
+def test_frame_replies_are_the_python_fronts_exactly(fronts) -> None:
+    expected, got = both(fronts, frames_conversation(7))
+    assert got == expected
+    assert len(got[2].chunk.step_probabilities) == 2
+
+
+@pytest.mark.parametrize("case", ["first-not-open", "unknown-model", "open-twice", "no-token"])
+def test_stream_statuses_are_the_python_fronts(fronts, case: str) -> None:
+    open_ = pb.StreamRequest(open=pb.OpenSession(model="langid-chars"))
+    requests, metadata = {
+        "first-not-open": ([_text(1, "hi")], AUTH),
+        "unknown-model": ([pb.StreamRequest(open=pb.OpenSession(model="nope"))], AUTH),
+        "open-twice": ([open_, _text(1, "hi"), open_], AUTH),
+        "no-token": ([open_], ()),
+    }[case]
+    expected, got = both(fronts, requests, metadata)
+    assert got == expected
+    assert got[-1] != grpc.StatusCode.OK
+
+
+def test_many_concurrent_streams_get_the_python_fronts_replies(fronts) -> None:
+    python, native, _ = fronts
+
+    async def main() -> tuple[list[list[object]], list[list[object]]]:
+        work = [frames_conversation(s) if s % 2 else text_conversation() for s in range(48)]
+        native_replies = await asyncio.gather(*(converse(native, w) for w in work))
+        python_replies = [await converse(python, w) for w in work[:4]]
+        return python_replies, native_replies[:4]
+
+    expected, got = asyncio.run(main())
+    assert got == expected
+
+
+def test_other_rpcs_pass_through_on_the_same_port(fronts) -> None:
+    python, native, _ = fronts
+
+    def calls(address: str) -> tuple[object, ...]:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            models = stub.ListModels(pb.ListModelsRequest(), metadata=AUTH)
+            sequence = pb.SequenceInput(text="guten tag")
+            classify = stub.Classify(
+                pb.ClassifyRequest(model="langid-chars", sequences=[sequence], top_k=2),
+                metadata=AUTH,
+            )
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            try:
+                stub.GetModel(pb.GetModelRequest(name="nope"), metadata=AUTH)
+                missing: object = None
+            except grpc.RpcError as exc:
+                missing = (exc.code(), exc.details())
+            try:
+                stub.ListModels(pb.ListModelsRequest())
+                refused: object = None
+            except grpc.RpcError as exc:
+                refused = (exc.code(), exc.details())
+        return [m.name for m in models.models], classify, health.status, missing, refused
+
+    expected, got = calls(python), calls(native)
+    assert got == expected
+    assert got[3][0] == grpc.StatusCode.NOT_FOUND and got[4][0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_ticks_socket_is_private(fronts) -> None:
+    _, _, server = fronts
+    folder = Path(server.proc.args[server.proc.args.index("--native-front-dir") + 1])
+    assert folder.stat().st_mode & 0o077 == 0
+    assert (folder / "ticks.sock").exists() and (folder / "grpc.sock").exists()
+
+
+def test_tls_on_the_native_fronts_port(fronts, tmp_path: Path) -> None:
+    """--tls-cert / --tls-key: the front terminates TLS; the replies are the same."""
+    from tests.integration.tls_certs import Authority
+
+    python, _, server = fronts
+    ca = Authority()
+    cert, key = ca.issue("lstm-serve", server=True).write(tmp_path, "server")
+    folder = server.proc.args[server.proc.args.index("--native-front-dir") + 1]
+    front = NativeFront(Path(folder), "--tls-cert", str(cert), "--tls-key", str(key))
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
+
+    async def secure(requests: list[pb.StreamRequest]) -> list[object]:
+        async with grpc.aio.secure_channel(front.address, credentials) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(iter(requests), metadata=AUTH)
+            return [_blanked(r) async for r in call] + [await call.code()]
+
+    async def plain() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(front.address) as channel:
+            try:
+                await pb_grpc.LstmServeStub(channel).ListModels(
+                    pb.ListModelsRequest(), metadata=AUTH, timeout=5
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    try:
+        got = asyncio.run(secure(text_conversation()))
+        refused = asyncio.run(plain())
+    finally:
+        front.stop()
+    assert got == asyncio.run(converse(python, text_conversation()))
+    assert refused == grpc.StatusCode.UNAVAILABLE
+
+
+def test_drain_hands_over_as_the_python_front_does(tmp_path: Path) -> None:
+    """SIGTERM: every stream, through either front, gets its session's final snapshot after
+    the replies to what it sent, then UNAVAILABLE."""
+    binary()
+    server = ServerProcess(
+        ROOT / "models", "--native-front-dir", str(tmp_path / "sockets"),
+        "--snapshot-key", "k1:" + "A" * 44, "--drain-grace-s", "5",
+    )  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(tmp_path / "sockets")
+
+    async def hold(address: str, opened: asyncio.Event, replies: list[object]) -> None:
+        more: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+        for request in text_conversation()[:3]:
+            more.put_nowait(request)
+
+        async def requests():  # open until the server ends the call
+            while (request := await more.get()) is not None:
+                yield request
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(requests())
+            try:
+                async for reply in call:
+                    replies.append(_blanked(reply))
+                    if len(replies) == 3:
+                        opened.set()
+            except grpc.aio.AioRpcError as exc:
+                replies.append(exc.code())
+
+    async def main() -> list[list[object]]:
+        got: list[list[object]] = [[] for _ in range(4)]
+        ready = [asyncio.Event() for _ in range(4)]
+        addresses = [server.address, front.address, front.address, server.address]
+        work = zip(addresses, ready, got, strict=True)
+        tasks = [asyncio.create_task(hold(a, e, g)) for a, e, g in work]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 30)
+        server.terminate()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return got
+
+    try:
+        python, native, native2, python2 = asyncio.run(main())
+    finally:
+        front.stop()
+        server.stop()
+    assert native == python == native2 == python2
+    assert python[3].snapshot.final and python[3].snapshot.last_applied_seq == 2
+    assert python[-1] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_front_outlives_a_restart_of_the_server_behind_it(tmp_path: Path) -> None:
+    """A stream open when lstm-serve stops ends UNAVAILABLE; the next server on the same
+    sockets serves new streams through the same front (it reconnects on the next message)."""
+    binary()
+    flags = ("--native-front-dir", str(tmp_path / "sockets"))
+    first = ServerProcess(ROOT / "models", *flags)
+    first.wait_event("ready", 60)
+    front = NativeFront(tmp_path / "sockets")
+    requests = text_conversation()[:2]
+
+    async def held_open_until_the_server_stops() -> list[object]:
+        more: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+        for request in requests:
+            more.put_nowait(request)
+
+        async def stream():
+            while (request := await more.get()) is not None:
+                yield request
+
+        replies: list[object] = []
+        async with grpc.aio.insecure_channel(front.address) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(stream())
+            try:
+                async for reply in call:
+                    replies.append(_blanked(reply))
+                    if len(replies) == 2:
+                        first.terminate()
+            except grpc.aio.AioRpcError as exc:
+                replies.append(exc.code())
+        return replies
+
+    try:
+        before = asyncio.run(held_open_until_the_server_stops())
+        first.stop()
+        second = ServerProcess(ROOT / "models", *flags)
+        try:
+            second.wait_event("ready", 60)
+            after = asyncio.run(converse(front.address, text_conversation(), ()))
+            expected = asyncio.run(converse(second.address, text_conversation(), ()))
+        finally:
+            second.stop()
+    finally:
+        front.stop()
+        first.stop()
+    assert before[-1] == grpc.StatusCode.UNAVAILABLE and len(before) == 3
+    assert after == expected and len(after) == 12  # up to the snapshot (no --snapshot-key)
+
+
+def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
+    tmp_path: Path,
+) -> None:
+    """--tls-client-ca on the front and --principal-from-cert on lstm-serve: a stream's caller
+    is its certificate's CN; another caller cannot resume its session (NOT_FOUND)."""
+    from tests.integration.tls_certs import Authority
+
+    binary()
+    ca = Authority()
+    cert, key = ca.issue("lstm-serve", server=True).write(tmp_path, "server")
+    ca_file = ca.write(tmp_path)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca_file))
+    server = ServerProcess(ROOT / "models", "--native-front-dir", str(tmp_path / "sockets"),
+                           *tls, "--principal-from-cert")  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(tmp_path / "sockets", *tls)
+    people = {name: ca.issue(name, server=False) for name in ("alice", "bob")}
+
+    def credentials(name: str) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(ca.pem, people[name].key, people[name].cert)
+
+    async def open_then_resume(address: str) -> tuple[object, object]:
+        async with grpc.aio.secure_channel(address, credentials("alice")) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(iter(text_conversation()[:2]))
+            replies = [r async for r in call]
+        session_id = replies[0].opened.session_id
+        resume = [pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))]
+        outcomes = []
+        for name in ("bob", "alice"):
+            async with grpc.aio.secure_channel(address, credentials(name)) as channel:
+                call = pb_grpc.LstmServeStub(channel).Stream(iter(resume))
+                try:
+                    got = [r async for r in call]
+                    outcomes.append(got[0].opened.resumed)
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(exc.code())
+        return outcomes[0], outcomes[1]
+
+    try:
+        native = asyncio.run(open_then_resume(front.address))
+        python = asyncio.run(open_then_resume(server.address))
+    finally:
+        front.stop()
+        server.stop()
+    assert native == python == (grpc.StatusCode.NOT_FOUND, True)
+
+
+def test_reflection_and_the_triton_grpc_api_pass_through(fronts) -> None:
+    """Reflection (a bidi stream) and Triton's KServe v2 gRPC API answer through the front as
+    on lstm-serve's own port."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    python, native, _ = fronts
+
+    def calls(address: str) -> tuple[object, ...]:
+        with grpc.insecure_channel(address) as channel:
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            listed = next(
+                iter(
+                    reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                        iter([ask]), metadata=AUTH
+                    )
+                )
+            )
+            services = sorted(s.name for s in listed.list_services_response.service)
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            ready = triton.ServerReady(service_pb2.ServerReadyRequest(), metadata=AUTH).ready
+            meta = triton.ModelMetadata(
+                service_pb2.ModelMetadataRequest(name="langid-chars"), metadata=AUTH
+            )
+        return services, ready, meta
+
+    expected, got = calls(python), calls(native)
+    assert got == expected and got[1] and "lstmserve.v1.LstmServe" in got[0]
