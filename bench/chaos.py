@@ -115,6 +115,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "and restarted behind fronts that stay up",
     )  # fmt: skip
     parser.add_argument(
+        "--kill-fronts", action="store_true",
+        help="with --native: a kill takes the replica's front with it, as a pod's death would "
+             "(SIGKILL both; SIGTERM both, as Kubernetes signals every container of a pod)",
+    )  # fmt: skip
+    parser.add_argument(
         "--kill-redis-every-s", type=float, default=0.0,
         help="with --store sentinel: SIGKILL the Redis master this often (0 = never)",
     )  # fmt: skip
@@ -123,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--think-ms must be > 0, --sessions >= 1, --replicas >= 2")
     if args.native and not NATIVE_FRONT.is_file():
         parser.error(f"--native needs the native front ({NATIVE_FRONT}): make native")
+    if args.kill_fronts and not args.native:
+        parser.error("--kill-fronts needs --native")
     if args.kill_redis_every_s and args.store != "sentinel":
         parser.error("--kill-redis-every-s needs --store sentinel")
     args.duration_s = args.seconds if args.seconds is not None else 60 * (args.minutes or 10)
@@ -239,6 +246,7 @@ class Replica:
     front_argv: list[str] | None = None
     front_port: int = 0
     front: subprocess.Popen[bytes] | None = None
+    kill_front: bool = False  # --kill-fronts: a kill takes the front too (the whole pod)
 
     def cpu_now(self) -> float:
         """CPU seconds of every generation so far (the current one read now)."""
@@ -297,15 +305,21 @@ class Replica:
         still alive OVERRUN_S after its drain grace has overrun and is SIGKILLed."""
         assert self.popen is not None
         self.cpu_s = self.cpu_now()  # read before it dies
-        self.popen.send_signal(sig)
+        doomed = [self.popen]
+        if self.kill_front and self.front is not None and self.front.poll() is None:
+            doomed.append(self.front)  # the pod dies whole; spawn() starts a new front
+        for proc in doomed:
+            proc.send_signal(sig)
         deadline = time.monotonic() + DRAIN_GRACE_S + OVERRUN_S
         overran = False
-        while self.popen.poll() is None:
+        while any(proc.poll() is None for proc in doomed):
             if time.monotonic() > deadline and not overran:
                 overran = True
-                self.popen.kill()
+                for proc in doomed:
+                    proc.kill()
             await asyncio.sleep(0.02)
-        return int(self.popen.returncode), overran
+        codes = [int(proc.returncode) for proc in doomed]
+        return next((c for c in codes if c != 0), 0), overran
 
     def rss_mib(self) -> float | None:
         """RSS of the current process; None while down (or exiting: 0 then)."""
@@ -785,6 +799,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if args.native:
         for replica in replicas:
             native_front(replica, workdir / f"sockets{replica.slot}")
+            replica.kill_front = args.kill_fronts
     try:
         await asyncio.gather(*(r.start() for r in replicas))
         info = await describe(replicas[0].address, model)

@@ -114,17 +114,7 @@ def start_front(folder: Path) -> Process:
     connections."""
     port = free_port()
     argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder)]
-    proc = Process(argv, port)
-    deadline = time.monotonic() + 30
-    while True:
-        proc.check_alive()
-        with socket.socket() as sock:
-            if sock.connect_ex((HOST, port)) == 0:
-                return proc
-        if time.monotonic() > deadline:
-            proc.stop()
-            raise TimeoutError("the native front did not start")
-        time.sleep(0.05)
+    return _listening(Process(argv, port), 30.0, "the native front")
 
 
 def start_native(repo: Path, flags: list[str], folder: Path) -> FrontedProcess:
@@ -144,15 +134,20 @@ def start_echo(protocol: bool = False, timeout_s: float = 30.0) -> Process:
     port = free_port()
     argv = [sys.executable, "-m", "bench.echo", "--port", str(port)]
     proc = Process([*argv, "--protocol"] if protocol else argv, port)
+    return _listening(proc, timeout_s, "floor server" if protocol else "echo server")
+
+
+def _listening(proc: Process, timeout_s: float, what: str) -> Process:
+    """`proc` once its port accepts connections; stopped and TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         proc.check_alive()
         with socket.socket() as sock:
-            if sock.connect_ex((HOST, port)) == 0:
+            if sock.connect_ex((HOST, proc.port)) == 0:
                 return proc
         if time.monotonic() > deadline:
             proc.stop()
-            raise TimeoutError(f"{'floor' if protocol else 'echo'} server did not start")
+            raise TimeoutError(f"{what} did not start")
         time.sleep(0.05)
 
 
