@@ -68,6 +68,9 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
         streams = NativeStreams(self.layer)
         tasks: set[asyncio.Task[None]] = set()
         failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Read here while the link lives; set later (a task cancelled as it ends, a push after
+        # the server stopped), nobody is left to read it: marked read, never logged as lost.
+        failed.add_done_callback(lambda f: f.cancelled() or f.exception())
         writing = asyncio.Lock()  # one write at a time, in the order asked for
 
         async def write(reply: npb.TickReply) -> None:
@@ -90,13 +93,19 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
                 await write(reply)
                 if streams.draining:  # the streams this tick held get their last message now
                     await streams.drain(push)
+            except asyncio.CancelledError:
+                raise  # the link is ending already
             except BaseException as exc:  # the link ends: the front fails its streams
                 if not failed.done():
                     failed.set_exception(exc)
 
         async def drain() -> None:
             await self.layer.engine.drain_started.wait()
-            await streams.drain(push)
+            try:
+                await streams.drain(push)
+            except Exception as exc:  # the link ended under the drain: as for a tick
+                if not failed.done():
+                    failed.set_exception(exc)
 
         async def read() -> None:
             async for tick in request_iterator:
