@@ -61,6 +61,8 @@ MAX_FAILOVERS_IN_A_ROW = 8  # reconnects with no reply in between before Session
 MAX_REATTACH_ENTRIES = 1024  # sessions per message when a MultiStream reattaches them
 # A write on a call that has ended (or is ending) raises one of these.
 WRITE_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+# What a first write that never left says: the stream ended under it, not the server's answer.
+UNSENT = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 async def _close_call(call: Any) -> None:
@@ -110,9 +112,17 @@ async def _read_reply(call: Any, write_failed: bool) -> tuple[Any, bool]:
 
 async def _first_reply(call: Any, request: Any, address: str) -> Any:
     """Write a stream's first message and read its reply; _Refused / AioRpcError if it fails
-    (the call is then cancelled)."""
+    (the call is then cancelled). A first message that cannot even be written (the stream
+    ended under it: the replica went away as it connected; grpc says INTERNAL "execute_batch")
+    is a refusal by that address, not the server's answer."""
     try:
         await call.write(request)
+    except WRITE_ERRORS as exc:
+        call.cancel()
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in UNSENT:
+            raise  # the server's answer (UNAUTHENTICATED, ...), as if read
+        raise _Refused(f"{address}: the first message was not sent: {exc!r}"[:300]) from exc
+    try:
         reply = await call.read()
     except grpc.aio.AioRpcError:
         call.cancel()
