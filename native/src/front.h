@@ -50,7 +50,8 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   uint64_t id() const { return id_; }
 
   // From the ticker's thread.
-  bool Taken();                          // its message went into a tick: read the next one
+  bool Taken();                          // its message went into a tick (false: it ended)
+  void ReadAhead();                      // read its next message (never under the ticker's lock)
   void Answer(const TickOutcome& outcome);
   void Push(const TickOutcome& outcome);  // unasked: a draining server's last message
   void AnswerPacked(const Packed& packed);

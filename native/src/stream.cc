@@ -102,11 +102,17 @@ bool NativeStream::Taken() {
     --unanswered_;
     return false;
   }
-  if (!eof_ && !reading_) {  // one message read ahead of the answers
+  return true;
+}
+
+// Called without the ticker's lock: gRPC may run the read's reaction (OnReadDone, which
+// submits to the ticker) inline at the end of StartRead, on this thread.
+void NativeStream::ReadAhead() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (!eof_ && !reading_ && !ended_ && !done_) {  // one message read ahead of the answers
     reading_ = true;
     StartRead(&in_);
   }
-  return true;
 }
 
 bool NativeStream::Known() {

@@ -21,7 +21,10 @@ const grpc::Status& LostStatus() {
 // The NativeFront.Ticks call: one tick written at a time, replies read as they come.
 class Link : public grpc::ClientBidiReactor<Tick, TickReply> {
  public:
-  Link(Ticker* ticker, lstmserve::v1::NativeFront::Stub* stub) : ticker_(ticker) {
+  explicit Link(Ticker* ticker) : ticker_(ticker) {}
+  // Outside the ticker's lock: gRPC may run a reaction (a failed read: the server is down)
+  // inline at the end of StartCall, and every reaction takes that lock.
+  void Start(lstmserve::v1::NativeFront::Stub* stub) {
     stub->async()->Ticks(&ctx_, this);
     StartRead(&reply_);
     AddHold();  // writes come and go: held until the ticker gives the call up (ReadFailed)
@@ -48,10 +51,17 @@ class Link : public grpc::ClientBidiReactor<Tick, TickReply> {
   }
   void OnDone(const grpc::Status& status) override {
     ticker_->Lost(this);
-    delete this;
+    Unref();
+  }
+  // Kept alive by whoever uses it outside the ticker's lock (Ticker::Stop); gRPC's own use
+  // ends with OnDone.
+  void Ref() { refs_.fetch_add(1); }
+  void Unref() {
+    if (refs_.fetch_sub(1) == 1) delete this;
   }
 
  private:
+  std::atomic<int> refs_{1};
   Ticker* ticker_;
   grpc::ClientContext ctx_;
   Tick out_;
@@ -64,12 +74,18 @@ Ticker::Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes, in
       max_in_flight_(max_in_flight < 1 ? 1 : max_in_flight) {}
 
 void Ticker::Stop() {
-  std::unique_lock<std::mutex> lock(mu_);
-  stop_ = true;
-  if (link_ != nullptr) {
-    link_->Cancel();
-    idle_.wait_for(lock, std::chrono::seconds(5), [this] { return link_ == nullptr; });
+  Link* link;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    link = link_;
+    if (link != nullptr) link->Ref();  // OnDone may come as soon as the lock is released
   }
+  if (link == nullptr) return;
+  link->Cancel();  // outside the lock: its reactions may run inline here (they take it)
+  link->Unref();
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_.wait_for(lock, std::chrono::seconds(5), [this] { return link_ == nullptr; });
 }
 
 void Ticker::Register(const std::shared_ptr<NativeStream>& stream) {
@@ -131,20 +147,24 @@ bool Ticker::TakeLocked(Tick* tick, Streams* who) {
 void Ticker::Pump() {
   Tick tick;
   Link* link;
+  Link* fresh = nullptr;
+  Streams who;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_ || writing_ || dying_ || in_flight_.size() >= max_in_flight_) return;
-    Streams who;
     if (!TakeLocked(&tick, &who)) return;
-    if (link_ == nullptr) link_ = new Link(this, stub_.get());
+    if (link_ == nullptr) fresh = link_ = new Link(this);
     uint64_t id = next_tick_++;
     tick.set_id(id);
     entries_ += tick.entries_size();
-    in_flight_[id] = std::move(who);
+    in_flight_[id] = who;
     writing_ = true;
     link = link_;
   }
-  link->Write(std::move(tick));  // outside the lock: OnWriteDone may run inline
+  // Outside the lock, as gRPC may run reactions inline at the end of these calls.
+  if (fresh != nullptr) fresh->Start(stub_.get());
+  link->Write(std::move(tick));
+  for (auto& stream : who) stream->ReadAhead();
 }
 
 void Ticker::Written(Link* link) {
