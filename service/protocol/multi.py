@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
-from service import metrics
 from service.engine.session.sessions import Session
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import (
@@ -19,14 +18,11 @@ from service.errors import (
     InvalidInput,
     LstmServeError,
     ProtocolError,
-    SequenceGap,
     SessionNotFound,
-    Unavailable,
 )
 from service.protocol.inbox import DRAIN, EOF
 from service.protocol.messages import (
     Chunk,
-    ChunkDone,
     End,
     Ended,
     Failed,
@@ -41,7 +37,9 @@ from service.protocol.messages import (
 )
 from service.protocol.session import (
     FINAL_MESSAGE_GRACE_S,
+    IN_BAND,
     SessionLayer,
+    chunk_done,
     draining_error,
     kind_name,
     traced_message,
@@ -162,8 +160,7 @@ class MultiConversation:
         try:
             steps, held = self.layer.decode(session, chunk.input, field)
         except InvalidInput as exc:
-            metrics.chunk_requests(RPC, session.model.name, exc.code).inc()
-            return Reply(session.id, ChunkDone.of(session, chunk.seq, None, exc))
+            return Reply(session.id, chunk_done(session, chunk.seq, exc, RPC))
         if session.attached is None:
             session.attach(self.token)  # naming a free session attaches it
         work.append((i, ChunkWork(session, chunk.seq, steps, held, self.token)))
@@ -221,11 +218,6 @@ def rounds(entries: Sequence[SessionEntry]) -> list[list[int]]:
 def _chunk_reply(item: ChunkWork, outcome: ChunkOutcome | LstmServeError) -> Reply:
     """A chunk entry's reply: applied, duplicate, rejected in-band, or the session is gone."""
     session = item.session
-    name = session.model.name
-    if isinstance(outcome, InvalidInput | SequenceGap | Unavailable):  # not applied: retry
-        metrics.chunk_requests(RPC, name, outcome.code).inc()
-        return Reply(session.id, ChunkDone.of(session, item.seq, None, outcome))
-    if isinstance(outcome, LstmServeError):
+    if isinstance(outcome, LstmServeError) and not isinstance(outcome, IN_BAND):
         return Reply(session.id, Failed(outcome))
-    metrics.chunk_requests(RPC, name, "OK").inc()
-    return Reply(session.id, ChunkDone.of(session, item.seq, outcome))
+    return Reply(session.id, chunk_done(session, item.seq, outcome, RPC))

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from service import metrics, principal
 from service.engine.session.sessions import Session
 from service.engine.types import ChunkOutcome, ChunkWork
-from service.errors import InvalidInput, LstmServeError, SequenceGap, Unavailable
-from service.protocol.messages import Body, Chunk, ChunkDone, Ended, Reply, Request
-from service.protocol.session import SessionLayer, draining_error
+from service.errors import InvalidInput, LstmServeError
+from service.protocol.messages import Body, Chunk, Ended, Reply, Request
+from service.protocol.session import IN_BAND, SessionLayer, chunk_done, draining_error
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,7 @@ class NativeStreams:
         try:
             steps, held = self.layer.decode(session, chunk.input, "chunk.input")
         except InvalidInput as exc:
-            metrics.chunk_requests(RPC, session.model.name, exc.code).inc()
-            return NativeOutcome(Reply(session.id, ChunkDone.of(session, chunk.seq, None, exc)))
+            return NativeOutcome(Reply(session.id, chunk_done(session, chunk.seq, exc, RPC)))
         work.append((i, ChunkWork(session, chunk.seq, steps, held, token)))
         return None
 
@@ -176,15 +175,12 @@ class NativeStreams:
     ) -> NativeOutcome:
         """As `SessionLayer.chunk` answers on Stream: bad input, a gap or a store that did not
         take it in-band; anything else ends the stream."""
-        session, name = item.session, item.session.model.name
-        if isinstance(result, InvalidInput | SequenceGap | Unavailable):
-            metrics.chunk_requests(RPC, name, result.code).inc()
-            return NativeOutcome(Reply(session.id, ChunkDone.of(session, item.seq, None, result)))
-        if isinstance(result, BaseException):
+        session = item.session
+        if isinstance(result, BaseException) and not isinstance(result, IN_BAND):
             return NativeOutcome(error=result)
-        metrics.chunk_requests(RPC, name, "OK").inc()
-        done = ChunkDone.of(session, item.seq, result)
-        return NativeOutcome(Reply(session.id, done), finish=result.ended)
+        done = chunk_done(session, item.seq, result, RPC)  # type: ignore[arg-type]
+        finish = isinstance(result, ChunkOutcome) and result.ended
+        return NativeOutcome(Reply(session.id, done), finish=finish)
 
     # -- drain: the last message of each stream ------------------------------------------------
 

@@ -19,6 +19,7 @@ from service.engine.model.worker import ModelWorker
 from service.engine.session.sessions import Session
 from service.engine.text.inputs import tokens_from_stream
 from service.engine.text.textstream import HeldChange, HeldText, held_change, ids_after_held
+from service.engine.types import ChunkOutcome
 from service.errors import (
     Draining,
     InvalidInput,
@@ -71,6 +72,23 @@ class Limits:
     max_request_row_steps: int = 1_048_576  # per StreamMulti message, summed over its chunks
     read_ahead_bytes: int = 4 << 20  # read ahead of processing, per stream
     read_ahead_total_bytes: int = 256 << 20  # read ahead of processing, all streams
+
+
+# A chunk refused with one of these was not applied and leaves its session as it was: answered
+# in-band (the client fixes or resends it), on every stream; anything else ends the session's
+# part of the conversation (how: the protocol's).
+IN_BAND = (InvalidInput, SequenceGap, Unavailable)
+
+
+def chunk_done(
+    session: Session, seq: int, outcome: ChunkOutcome | LstmServeError, rpc: str
+) -> ChunkDone:
+    """A chunk's in-band reply, counted: applied (or a duplicate), or refused with IN_BAND."""
+    if isinstance(outcome, LstmServeError):
+        metrics.chunk_requests(rpc, session.model.name, outcome.code).inc()
+        return ChunkDone.of(session, seq, None, outcome)
+    metrics.chunk_requests(rpc, session.model.name, "OK").inc()
+    return ChunkDone.of(session, seq, outcome)
 
 
 def draining_error() -> Draining:
@@ -138,11 +156,9 @@ class SessionLayer:
         try:
             steps, held = self.decode(session, chunk.input, field)
             outcome = await self.engine.apply_chunk(session, chunk.seq, steps, held, token)
-        except (InvalidInput, SequenceGap, Unavailable) as exc:
-            metrics.chunk_requests(rpc, session.model.name, exc.code).inc()
-            return ChunkDone.of(session, chunk.seq, None, exc)
-        metrics.chunk_requests(rpc, session.model.name, "OK").inc()
-        return ChunkDone.of(session, chunk.seq, outcome)
+        except IN_BAND as exc:
+            return chunk_done(session, chunk.seq, exc, rpc)
+        return chunk_done(session, chunk.seq, outcome, rpc)
 
     def decode(
         self, session: Session, source: InputSource, field: str, text_field: str | None = None
