@@ -298,7 +298,18 @@ class Replica:
                 except grpc.aio.AioRpcError:
                     pass
                 await asyncio.sleep(0.05)
-        raise RuntimeError(f"replica {self.slot} not SERVING after {START_TIMEOUT_S} s")
+        raise RuntimeError(f"replica {self.slot} not SERVING after {START_TIMEOUT_S} s"
+                           f"{self._front_state()}")  # fmt: skip
+
+    def _front_state(self) -> str:
+        """With --native: whether the front is alive and its last log lines (what to look at
+        when a replica behind it never answers)."""
+        if self.front is None:
+            return ""
+        state = "running" if self.front.poll() is None else f"exited {self.front.returncode}"
+        path = self.logs / f"front{self.slot}.log"
+        tail = path.read_text(errors="replace").splitlines()[-5:] if path.exists() else []
+        return f"; its native front {state}, log tail: {tail}"
 
     async def kill(self, sig: signal.Signals) -> tuple[int, bool]:
         """Send `sig` and wait for the process to exit -> (exit status, overran): a SIGTERMed one
