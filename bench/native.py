@@ -34,7 +34,7 @@ from bench.run import BATCHED, VOCAB
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from lstmserve.v1 import native_front_pb2 as npb
-from lstmserve.v1 import native_front_pb2_grpc as npb_grpc
+from service.native_front import FRAME
 
 MAX_STREAMS = 20_000
 MAX_MESSAGES = 100_000
@@ -105,15 +105,26 @@ def memory(proc: FrontedProcess, streams: int) -> dict[str, float]:
     return out
 
 
-class CannedTicks(npb_grpc.NativeFrontServicer):
-    """Every message answered with the same small chunk reply."""
+class CannedTicks(asyncio.Protocol):
+    """The ticks socket's framing (service/native_front.py), every message answered with the
+    same small chunk reply."""
 
-    async def Ticks(self, request_iterator: Any, context: Any) -> Any:
-        async for tick in request_iterator:
+    def connection_made(self, transport: Any) -> None:
+        self.transport, self.buffer = transport, bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= FRAME.size:
+            (size,) = FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < FRAME.size + size:
+                return
+            tick = npb.Tick.FromString(bytes(self.buffer[FRAME.size : FRAME.size + size]))
+            del self.buffer[: FRAME.size + size]
             reply = npb.TickReply(tick=tick.id)
             for entry in tick.entries:
                 reply.outcomes.add().reply.CopyFrom(canned(entry.request.chunk.seq))
-            yield reply
+            data = reply.SerializeToString()
+            self.transport.write(FRAME.pack(len(data)) + data)
 
 
 class CannedStream(pb_grpc.LstmServeServicer):
@@ -148,10 +159,9 @@ async def hop(messages: int, rounds: int) -> list[tuple[float, float]]:
     """(Python p50, through the front p50) per round, both with canned replies."""
     folder = Path(tempfile.mkdtemp(prefix="lstm-native-hop-"))
     os.chmod(folder, 0o700)
+    ticks = await asyncio.get_running_loop().create_unix_server(CannedTicks, f"{folder}/ticks.sock")
     server = grpc.aio.server()
-    npb_grpc.add_NativeFrontServicer_to_server(CannedTicks(), server)
     pb_grpc.add_LstmServeServicer_to_server(CannedStream(), server)
-    server.add_insecure_port(f"unix:{folder}/ticks.sock")
     port = server.add_insecure_port(f"{HOST}:0")
     await server.start()
     front = await asyncio.to_thread(start_front, folder)
@@ -163,6 +173,7 @@ async def hop(messages: int, rounds: int) -> list[tuple[float, float]]:
     finally:
         front.stop()
         await server.stop(0)
+        ticks.close()
     return out
 
 

@@ -2,26 +2,31 @@
 
 With --native-front-dir DIR the server also listens on DIR/grpc.sock (every public RPC, as on
 the gRPC port, authentication included: the native front passes through what it does not serve
-itself) and serves `NativeFront.Ticks` on DIR/ticks.sock, a server of its own that the public
-port never reaches. DIR is made private (0700): whoever can connect to ticks.sock is trusted
-to report the callers' credentials. A tick's messages are translated by the same codec as the
-Python front's (service/codec.py), answered by `NativeStreams` (service/protocol/native.py)
-and encoded by the same codec.
+itself) and serves the front's ticks on DIR/ticks.sock: length-prefixed `Tick` frames in,
+`TickReply` frames out (proto/lstmserve/v1/native_front.proto), read and written by the event
+loop itself, without a gRPC stream in between. The public port never reaches it. DIR is made
+private (0700): whoever can connect to ticks.sock is trusted to report the callers'
+credentials. A tick's messages are translated by the same codec as the Python front's
+(service/codec.py), answered by `NativeStreams` (service/protocol/native.py) and encoded by the
+same codec.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import logging
 import os
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from lstmserve.v1 import native_front_pb2 as npb
-from lstmserve.v1 import native_front_pb2_grpc as npb_grpc
 from service import codec, metrics
 from service.errors import ConfigError
 from service.protocol.messages import ChunkDone
@@ -51,7 +56,10 @@ def private_dir(path: str) -> Path:
     return folder
 
 
-class NativeFrontServicer(npb_grpc.NativeFrontServicer):
+FRAME = struct.Struct("<I")  # a frame's length, then its bytes (a Tick, or a TickReply)
+
+
+class NativeFrontServicer:
     """Answers the native front's ticks: one reply per tick, one outcome per message."""
 
     def __init__(self, layer: SessionLayer, idle_timeout_s: float,
@@ -60,74 +68,21 @@ class NativeFrontServicer(npb_grpc.NativeFrontServicer):
         self.idle_timeout_s = idle_timeout_s
         self.auth = auth
 
-    async def Ticks(
-        self, request_iterator: AsyncIterator[npb.Tick], context: grpc.aio.ServicerContext
-    ) -> None:
-        """Each tick answered in a task of its own (the front keeps a few in flight, never two
-        messages of one stream), its reply written as soon as it is ready."""
-        streams = NativeStreams(self.layer)
-        tasks: set[asyncio.Task[None]] = set()
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Read here while the link lives; set later (a task cancelled as it ends, a push after
-        # the server stopped), nobody is left to read it: marked read, never logged as lost.
-        failed.add_done_callback(lambda f: f.cancelled() or f.exception())
-        writing = asyncio.Lock()  # one write at a time, in the order asked for
+    async def answer(self, streams: NativeStreams, tick: npb.Tick) -> npb.TickReply:
+        """The tick's reply."""
+        entries = [self._entry(e) for e in tick.entries]
+        closed = list(zip(tick.closed, tick.closed_ok, strict=False))
+        reply = self._reply(await streams.answer(entries, closed))
+        reply.tick = tick.id
+        return reply
 
-        async def write(reply: npb.TickReply) -> None:
-            async with writing:
-                await context.write(reply)
-
-        async def push(stream: int, outcome: NativeOutcome) -> None:
-            reply = npb.TickReply()  # tick 0: answers no tick
-            out = reply.outcomes.add()
-            out.stream = stream
-            self._fill(out, outcome)
-            await write(reply)
-
-        async def answer(tick: npb.Tick) -> None:
-            try:
-                entries = [self._entry(e) for e in tick.entries]
-                closed = list(zip(tick.closed, tick.closed_ok, strict=False))
-                reply = self._reply(await streams.answer(entries, closed))
-                reply.tick = tick.id
-                await write(reply)
-                if streams.draining:  # the streams this tick held get their last message now
-                    await streams.drain(push)
-            except asyncio.CancelledError:
-                raise  # the link is ending already
-            except BaseException as exc:  # the link ends: the front fails its streams
-                if not failed.done():
-                    failed.set_exception(exc)
-
-        async def drain() -> None:
-            await self.layer.engine.drain_started.wait()
-            try:
-                await streams.drain(push)
-            except Exception as exc:  # the link ended under the drain: as for a tick
-                if not failed.done():
-                    failed.set_exception(exc)
-
-        async def read() -> None:
-            async for tick in request_iterator:
-                task = asyncio.create_task(answer(tick))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(set(tasks))
-
-        reader = asyncio.create_task(read())
-        drainer = asyncio.create_task(drain())
-        log.info("native front connected")
-        try:
-            await asyncio.wait([reader, failed], return_when=asyncio.FIRST_COMPLETED)
-            if failed.done():
-                failed.result()  # raises what ended the link
-            reader.result()
-        finally:
-            for task in (reader, drainer, *tasks):
-                task.cancel()
-            streams.forget_all()
-            log.info("native front disconnected")
+    def push(self, stream: int, outcome: NativeOutcome) -> npb.TickReply:
+        """A message no tick asked for (tick 0): a draining server's last one on a stream."""
+        reply = npb.TickReply()
+        out = reply.outcomes.add()
+        out.stream = stream
+        self._fill(out, outcome)
+        return reply
 
     def _entry(self, entry: npb.TickEntry) -> NativeEntry:
         if entry.malformed:  # one line, no traceback: a client's problem (as servicer.py)
@@ -225,18 +180,130 @@ def _status(exc: BaseException) -> tuple[int, str]:
     return numeric_code(status_code(exc)), status_message(exc)
 
 
+class TickLink(asyncio.Protocol):
+    """One native front's connection: ticks read as they come (the front keeps a few in
+    flight, never two messages of one stream), each answered in a task of its own and its reply
+    written as soon as it is ready. Whatever breaks the link (a frame that does not parse, a
+    reply that cannot be made) closes it: the front fails the streams it held, and they resume
+    elsewhere."""
+
+    def __init__(self, servicer: NativeFrontServicer, links: set[TickLink]) -> None:
+        self.servicer = servicer
+        self.links = links
+        self.streams = NativeStreams(servicer.layer)
+        self.buffer = bytearray()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.links.add(self)
+        self._spawn(self._drain())
+        log.info("native front connected")
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= FRAME.size:
+            (size,) = FRAME.unpack_from(buffer, start)
+            if size > MAX_TICK_BYTES:
+                self._fail(f"a tick of {size} bytes (at most {MAX_TICK_BYTES})")
+                return
+            end = start + FRAME.size + size
+            if len(buffer) < end:
+                break
+            try:
+                tick = npb.Tick.FromString(bytes(buffer[start + FRAME.size : end]))
+            except DecodeError:
+                self._fail("a tick that does not parse")
+                return
+            start = end
+            self._spawn(self._answer(tick))
+        if start:
+            del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.links.discard(self)
+        for task in list(self.tasks):
+            task.cancel()
+        self.streams.forget_all()
+        log.info("native front disconnected")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _write(self, reply: npb.TickReply) -> None:
+        assert self.transport is not None
+        data = reply.SerializeToString()
+        self.transport.write(FRAME.pack(len(data)) + data)  # whole: frames never interleave
+
+    def _fail(self, why: str) -> None:
+        log.error("native front link closed: %s", why)
+        self.close()
+
+    async def _push(self, stream: int, outcome: NativeOutcome) -> None:
+        self._write(self.servicer.push(stream, outcome))
+
+    async def _answer(self, tick: npb.Tick) -> None:
+        try:
+            self._write(await self.servicer.answer(self.streams, tick))
+            if self.streams.draining:  # the streams this tick held get their last message now
+                await self.streams.drain(self._push)
+        except asyncio.CancelledError:
+            raise  # the link is ending already
+        except Exception as exc:  # the front fails the streams it held; they resume elsewhere
+            log.exception("native front link closed: a tick failed", exc_info=exc)
+            self.close()
+
+    async def _drain(self) -> None:
+        await self.servicer.layer.engine.drain_started.wait()
+        try:
+            await self.streams.drain(self._push)
+        except Exception as exc:
+            log.exception("native front link closed: the drain failed", exc_info=exc)
+            self.close()
+
+
+class TicksServer:
+    """The native front's ticks, served on folder/ticks.sock only (a Unix socket in a private
+    directory; never a public port). The same shape as a grpc.aio server for App's start/stop."""
+
+    def __init__(self, servicer: NativeFrontServicer, path: Path) -> None:
+        self.servicer = servicer
+        self.path = path
+        self.links: set[TickLink] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: TickLink(self.servicer, self.links), str(self.path)
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.path} (--native-front-dir): {exc.strerror or exc}"
+            ) from None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops listening and closes every front's link (their streams end UNAVAILABLE)."""
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links):
+            link.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
 def build_ticks_server(
     layer: SessionLayer, idle_timeout_s: float, auth: Authenticator | None, folder: Path
-) -> grpc.aio.Server:
+) -> TicksServer:
     """The internal server of the native front's ticks, bound to folder/ticks.sock only."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_TICK_BYTES),
-        ("grpc.max_send_message_length", MAX_TICK_BYTES),
-    ])  # fmt: skip
-    npb_grpc.add_NativeFrontServicer_to_server(
-        NativeFrontServicer(layer, idle_timeout_s, auth), server
-    )
-    address = f"unix:{folder / TICKS_SOCKET}"
-    if server.add_insecure_port(address) == 0:
-        raise ConfigError(f"cannot listen on {address} (--native-front-dir)")
-    return server
+    return TicksServer(NativeFrontServicer(layer, idle_timeout_s, auth), folder / TICKS_SOCKET)

@@ -76,7 +76,7 @@ class LstmServer:
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         # --native-front-dir: the native front's ticks, on a Unix socket only (native_front.py).
-        self.ticks_server: grpc.aio.Server | None = None
+        self.ticks_server: native_front.TicksServer | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()

@@ -15,6 +15,9 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTOS = ("lstmserve/v1/lstm_serve.proto", "lstmserve/v1/native_front.proto")
+# Protos with a gRPC service: they also get *_pb2_grpc.py (native_front.proto's messages travel
+# as length-prefixed frames on a Unix socket, not gRPC).
+SERVICES = ("lstmserve/v1/lstm_serve.proto",)
 PACKAGES = ("lstmserve/v1",)  # lstmserve/__init__.py is hand-written (the light package)
 
 
@@ -32,7 +35,7 @@ def generate(out: Path) -> None:
                 f"-I{include}",
                 f"--python_out={out}",
                 f"--pyi_out={out}",
-                f"--grpc_python_out={out}",
+                *([f"--grpc_python_out={out}"] if proto in SERVICES else []),
                 str(PROTO_ROOT / proto),
             ]
         )

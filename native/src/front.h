@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "lstmserve/v1/lstm_serve.pb.h"
-#include "lstmserve/v1/native_front.grpc.pb.h"
+#include "lstmserve/v1/native_front.pb.h"
 
 namespace front {
 
@@ -99,14 +99,15 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
 
 class Link;
 
-// Batches every stream's pending message into one Tick over one long-lived NativeFront.Ticks call
-// to the Python server on its Unix socket (callback API: a tick is written from the thread a
-// message arrived on, an answer written back from the thread its reply arrived on, no thread of
-// its own). Up to `max_in_flight` ticks are in flight; a stream has at most one message in
-// flight, so its messages are answered in order.
+// Batches every stream's pending message into one Tick for the Python server, written as one
+// frame on a Unix socket (DIR/ticks.sock: a 4-byte little-endian length, then the message;
+// replies framed the same way). A tick is written by the thread its message arrived on (or the
+// thread whose reply freed room for it), replies are read by the link's own thread. Up to
+// `max_in_flight` ticks are in flight; a stream has at most one message in flight, so its
+// messages are answered in order.
 class Ticker {
  public:
-  Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes, int max_in_flight);
+  Ticker(std::string socket_path, size_t max_tick_bytes, int max_in_flight);
   void Stop();
   void Register(const std::shared_ptr<NativeStream>& stream);
   void Submit(std::shared_ptr<NativeStream> stream, TickEntry entry);
@@ -115,20 +116,18 @@ class Ticker {
   uint64_t ticks() const { return ticks_; }
   uint64_t entries() const { return entries_; }
 
-  // From the link.
+  // From the link's reader thread.
   void Answered(const TickReply& reply);
-  void Written(Link* link);
-  void ReadFailed(Link* link);
   void Lost(Link* link);
 
  private:
   using Streams = std::vector<std::shared_ptr<NativeStream>>;
-  void Pump();  // sends the next tick if there is one and room
+  void Pump();  // sends the next ticks while there are some and room
   bool Dispatch(const TickReply& reply, const Streams& who);
   bool TakeLocked(Tick* tick, Streams* who);
   void FailAll(const grpc::Status& status, const std::vector<Streams>& in_flight);
 
-  std::unique_ptr<lstmserve::v1::NativeFront::Stub> stub_;
+  const std::string socket_path_;
   const size_t max_tick_bytes_;
   const size_t max_in_flight_;
   std::mutex mu_;
@@ -139,10 +138,8 @@ class Ticker {
   std::unordered_map<uint64_t, Streams> in_flight_;  // tick id -> its entries' streams
   std::unordered_map<uint64_t, int> busy_;            // stream id -> 1 while a message is in flight
   bool stop_ = false;
-  bool writing_ = false;   // a tick is being written on the link
-  bool dying_ = false;     // the link's reads ended: no more writes on it
-  bool released_ = false;  // its hold released: OnDone (Lost) follows
-  Link* link_ = nullptr;   // owned by gRPC until its OnDone
+  bool writing_ = false;  // a tick is being written on the link
+  std::shared_ptr<Link> link_;
   uint64_t next_tick_ = 1;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<uint64_t> ticks_{0}, entries_{0};

@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // every thread: waited for below
 
-  front::Ticker ticker(Local(opt.dir + "/ticks.sock"), opt.max_tick_bytes, opt.max_ticks_in_flight);
+  front::Ticker ticker(opt.dir + "/ticks.sock", opt.max_tick_bytes, opt.max_ticks_in_flight);
   front::FrontService service(&ticker, Local(opt.dir + "/grpc.sock"));
 
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();

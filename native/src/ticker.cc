@@ -1,6 +1,11 @@
 // Ticker: every stream's pending message in one Tick to the Python server (a tick takes
-// whatever arrived while the previous ones ran), a few ticks in flight, over a callback-API
-// bidi call: no thread of its own.
+// whatever arrived while the previous ones ran), a few ticks in flight, each a length-prefixed
+// frame on a Unix socket (service/native_front.py serves it).
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "front.h"
@@ -16,74 +21,113 @@ const grpc::Status& LostStatus() {
   return lost;
 }
 
+// A reply larger than this ends the link (the Python server never writes one: its replies are a
+// tick's answers, each tick within --max-tick-bytes).
+constexpr uint32_t kMaxReplyBytes = 1u << 30;
+
+bool WriteAll(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+bool ReadAll(int fd, char* data, size_t size) {
+  while (size > 0) {
+    ssize_t n = ::recv(fd, data, size, 0);
+    if (n == 0) return false;  // the server closed the link
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
 }  // namespace
 
-// The NativeFront.Ticks call: one tick written at a time, replies read as they come.
-class Link : public grpc::ClientBidiReactor<Tick, TickReply> {
+// One connection to the Python server's ticks socket: frames written by whichever thread pumps
+// (one at a time: Ticker::writing_), replies read by a thread of its own until the connection
+// ends, when it reports the link lost and exits.
+class Link {
  public:
-  explicit Link(Ticker* ticker) : ticker_(ticker) {}
-  // Outside the ticker's lock: gRPC may run a reaction (a failed read: the server is down)
-  // inline at the end of StartCall, and every reaction takes that lock.
-  void Start(lstmserve::v1::NativeFront::Stub* stub) {
-    stub->async()->Ticks(&ctx_, this);
-    StartRead(&reply_);
-    AddHold();  // writes come and go: held until the ticker gives the call up (ReadFailed)
-    StartCall();
-  }
-  void Write(Tick tick) {
-    out_ = std::move(tick);
-    StartWrite(&out_);
-  }
-  void Cancel() { ctx_.TryCancel(); }
-  void Release() { RemoveHold(); }  // no write will follow: OnDone may come
-  void OnWriteDone(bool ok) override {
-    if (!ok) Cancel();
-    ticker_->Written(this);
-  }
-  void OnReadDone(bool ok) override {
-    if (!ok) {
-      Cancel();
-      ticker_->ReadFailed(this);
-      return;
+  explicit Link(int fd) : fd_(fd) {}
+  ~Link() { ::close(fd_); }
+
+  static std::shared_ptr<Link> Connect(const std::string& path) {
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    if (path.size() >= sizeof(address.sun_path)) return nullptr;
+    std::memcpy(address.sun_path, path.data(), path.size());
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return nullptr;
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+      ::close(fd);
+      return nullptr;  // not listening (restarting, or gone): the tick's streams fail over
     }
-    ticker_->Answered(reply_);
-    StartRead(&reply_);
+    return std::make_shared<Link>(fd);
   }
-  void OnDone(const grpc::Status& status) override {
-    ticker_->Lost(this);
-    Unref();
+
+  void StartReading(Ticker* ticker, std::shared_ptr<Link> self) {
+    std::thread([ticker, self = std::move(self)] { self->Read(ticker); }).detach();
   }
-  // Kept alive by whoever uses it outside the ticker's lock (Ticker::Stop); gRPC's own use
-  // ends with OnDone.
-  void Ref() { refs_.fetch_add(1); }
-  void Unref() {
-    if (refs_.fetch_sub(1) == 1) delete this;
+
+  bool Write(const Tick& tick) {
+    const uint32_t size = static_cast<uint32_t>(tick.ByteSizeLong());
+    frame_.resize(4 + size);
+    for (int i = 0; i < 4; ++i) frame_[i] = static_cast<char>((size >> (8 * i)) & 0xff);
+    if (!tick.SerializeToArray(frame_.data() + 4, static_cast<int>(size))) return false;
+    return WriteAll(fd_, frame_.data(), frame_.size());
   }
+
+  // Ends the connection: a blocked write returns, the reader sees the end.
+  void Shutdown() { ::shutdown(fd_, SHUT_RDWR); }
 
  private:
-  std::atomic<int> refs_{1};
-  Ticker* ticker_;
-  grpc::ClientContext ctx_;
-  Tick out_;
-  TickReply reply_;
+  void Read(Ticker* ticker) {
+    std::string body;
+    TickReply reply;
+    for (;;) {
+      unsigned char header[4];
+      if (!ReadAll(fd_, reinterpret_cast<char*>(header), 4)) break;
+      const uint32_t size = header[0] | header[1] << 8 | header[2] << 16 |
+                            static_cast<uint32_t>(header[3]) << 24;
+      if (size > kMaxReplyBytes) break;
+      body.resize(size);
+      if (!ReadAll(fd_, body.data(), size)) break;
+      if (!reply.ParseFromString(body)) break;
+      ticker->Answered(reply);
+    }
+    Shutdown();
+    ticker->Lost(this);
+  }
+
+  const int fd_;
+  std::string frame_;  // the tick being written (by one thread at a time)
 };
 
-Ticker::Ticker(std::shared_ptr<grpc::Channel> channel, size_t max_tick_bytes, int max_in_flight)
-    : stub_(lstmserve::v1::NativeFront::NewStub(channel)),
+Ticker::Ticker(std::string socket_path, size_t max_tick_bytes, int max_in_flight)
+    : socket_path_(std::move(socket_path)),
       max_tick_bytes_(max_tick_bytes),
       max_in_flight_(max_in_flight < 1 ? 1 : max_in_flight) {}
 
 void Ticker::Stop() {
-  Link* link;
+  std::shared_ptr<Link> link;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
     link = link_;
-    if (link != nullptr) link->Ref();  // OnDone may come as soon as the lock is released
   }
   if (link == nullptr) return;
-  link->Cancel();  // outside the lock: its reactions may run inline here (they take it)
-  link->Unref();
+  link->Shutdown();  // its reader reports it lost (and fails the streams it held)
   std::unique_lock<std::mutex> lock(mu_);
   idle_.wait_for(lock, std::chrono::seconds(5), [this] { return link_ == nullptr; });
 }
@@ -145,52 +189,45 @@ bool Ticker::TakeLocked(Tick* tick, Streams* who) {
 }
 
 void Ticker::Pump() {
-  Tick tick;
-  Link* link;
-  Link* fresh = nullptr;
-  Streams who;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_ || writing_ || dying_ || in_flight_.size() >= max_in_flight_) return;
-    if (!TakeLocked(&tick, &who)) return;
-    if (link_ == nullptr) fresh = link_ = new Link(this);
-    uint64_t id = next_tick_++;
-    tick.set_id(id);
-    entries_ += tick.entries_size();
-    in_flight_[id] = who;
-    writing_ = true;
-    link = link_;
+  for (;;) {
+    Tick tick;
+    Streams who;
+    std::shared_ptr<Link> link;
+    bool fresh = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_ || writing_ || in_flight_.size() >= max_in_flight_) return;
+      if (!TakeLocked(&tick, &who)) return;
+      if (link_ == nullptr) {
+        link_ = Link::Connect(socket_path_);
+        fresh = link_ != nullptr;
+      }
+      if (link_ == nullptr) {  // the server is not there: these streams fail over
+        for (auto& stream : who) busy_.erase(stream->id());
+        closed_.clear();  // no server knows them
+      } else {
+        uint64_t id = next_tick_++;
+        tick.set_id(id);
+        entries_ += tick.entries_size();
+        in_flight_[id] = who;
+        writing_ = true;
+        link = link_;
+      }
+    }
+    if (link == nullptr) {
+      for (auto& stream : who) stream->Fail(LostStatus());
+      continue;
+    }
+    if (fresh) link->StartReading(this, link);
+    bool ok = link->Write(tick);
+    // Outside the lock: gRPC may run a read's reaction (OnReadDone -> Submit) inline.
+    for (auto& stream : who) stream->ReadAhead();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+    }
+    if (!ok) link->Shutdown();  // its reader reports it lost
   }
-  // Outside the lock, as gRPC may run reactions inline at the end of these calls.
-  if (fresh != nullptr) fresh->Start(stub_.get());
-  link->Write(std::move(tick));
-  for (auto& stream : who) stream->ReadAhead();
-}
-
-void Ticker::Written(Link* link) {
-  bool release = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    writing_ = false;
-    if (dying_ && !released_) release = released_ = true;
-  }
-  if (release) {
-    link->Release();
-  } else {
-    Pump();
-  }
-}
-
-// The link's reads ended (the call is over): once no write is in flight, the hold that kept the
-// call open for writes is released, and OnDone (Lost) follows.
-void Ticker::ReadFailed(Link* link) {
-  bool release = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    dying_ = true;
-    if (!writing_ && !released_) release = released_ = true;
-  }
-  if (release) link->Release();
 }
 
 void Ticker::Answered(const TickReply& reply) {
@@ -295,15 +332,15 @@ bool Ticker::Dispatch(const TickReply& reply, const Streams& who) {
 // The link ended: every stream the Python server knew ends; the next message opens a new link.
 void Ticker::Lost(Link* link) {
   std::vector<Streams> lost;
+  std::shared_ptr<Link> keep;  // released after the lock
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (link != link_) return;
+    if (link != link_.get()) return;
     for (auto& [id, streams] : in_flight_) lost.push_back(std::move(streams));
     in_flight_.clear();
     busy_.clear();
     closed_.clear();  // the next link knows none of them
-    link_ = nullptr;
-    writing_ = dying_ = released_ = false;
+    keep = std::move(link_);
   }
   idle_.notify_all();
   FailAll(LostStatus(), lost);
