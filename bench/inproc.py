@@ -1,5 +1,6 @@
 """Server Python per multi-session entry, in-process and with no network: StreamColumns vs
-StreamMulti, each message parsed from bytes, answered by the session layer and serialized.
+StreamMulti vs the native front's ticks (one client stream's message per entry), each message
+parsed from bytes, answered by the session layer and serialized.
 
     python -m bench.inproc                     # 256 sessions, 1 step each, 100 messages per round
     python -m bench.inproc --lone              # one Stream session of the bench model, ping-pong
@@ -38,10 +39,13 @@ import numpy as np
 from bench.model import BENCH_MODEL
 from lstmserve.client import columns_request
 from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import native_front_pb2 as npb
 from service import codec
 from service.config import ServerConfig
+from service.native_front import NativeFrontServicer
 from service.protocol.columns import ColumnsConversation
 from service.protocol.multi import MultiConversation
+from service.protocol.native import NativeStreams
 from service.protocol.stream import StreamConversation
 from service.server import create_server
 
@@ -86,6 +90,29 @@ async def _multi_round(layer: Any, n: int, messages: int) -> float:
     return time.perf_counter() - started
 
 
+async def _native_round(layer: Any, n: int, messages: int) -> float:
+    """The native front's ticks (service/native_front.py): n streams' messages per tick, each
+    tick parsed from bytes, answered and its reply serialized, as the ticks socket does."""
+    servicer = NativeFrontServicer(layer, 600.0, None)
+    streams_held = NativeStreams(layer)
+    opens = npb.Tick(id=1)
+    for i in range(n):
+        entry = opens.entries.add(stream=i + 1, first=True)
+        entry.request.open.model, entry.request.open.version = MODEL, 1
+    await servicer.answer(streams_held, opens)
+    streams = np.arange(1, n + 1, dtype="<u8").tobytes()  # packed, as the front packs chunks
+    offsets = np.arange(n + 1, dtype="<u4").tobytes()
+    tokens = np.full(n, 7, dtype="<i8").tobytes()
+    started = time.perf_counter()
+    for seq in range(1, messages + 1):
+        seqs = np.full(n, seq, dtype="<u8").tobytes()
+        tick = npb.Tick(id=seq + 1, chunk_streams=streams, chunk_seqs=seqs,
+                        chunk_offsets=offsets, chunk_tokens=tokens)  # fmt: skip
+        reply = await servicer.answer(streams_held, npb.Tick.FromString(tick.SerializeToString()))
+        reply.SerializeToString()
+    return time.perf_counter() - started
+
+
 @contextlib.asynccontextmanager
 async def served(repo: Path, **settings: Any) -> AsyncIterator[Any]:
     """The server's objects on `repo`, loaded, with no port serving traffic; shut down after."""
@@ -102,11 +129,12 @@ async def served(repo: Path, **settings: Any) -> AsyncIterator[Any]:
 
 async def measure(repo: Path, n: int, messages: int, rounds: int) -> dict[str, Any]:
     """The best round of each (other processes on the machine only ever slow a round down)."""
-    best = {"columns": float("inf"), "multi": float("inf")}
+    best = {"columns": float("inf"), "multi": float("inf"), "native": float("inf")}
     async with served(repo, max_sessions=100_000) as app:
         for _ in range(rounds):
             best["columns"] = min(best["columns"], await _columns_round(app.layer, n, messages))
             best["multi"] = min(best["multi"], await _multi_round(app.layer, n, messages))
+            best["native"] = min(best["native"], await _native_round(app.layer, n, messages))
     per_entry = {k: 1e6 * v / (n * messages) for k, v in best.items()}
     return {"sessions_per_message": n, "messages": messages, "rounds": rounds,
             "us_per_entry": per_entry,

@@ -188,6 +188,20 @@ BATCH_COMPUTE_SECONDS = BulkHistogram(
     ["model"],
     buckets=QUEUE_BUCKETS,
 )
+NATIVE_FRONT_LINKS = Gauge(
+    "lstm_serve_native_front_links",
+    "Native fronts (native/) connected to this server's ticks socket (--native-front-dir).",
+)
+NATIVE_TICK_MESSAGES = Histogram(
+    "lstm_serve_native_front_tick_messages",
+    "Per native-front tick: the client stream messages it carried (at most one per stream).",
+    buckets=BATCH_SIZE_BUCKETS,
+)
+NATIVE_TICK_SECONDS = Histogram(
+    "lstm_serve_native_front_tick_seconds",
+    "Per native-front tick: seconds from its last byte read to its reply written.",
+    buckets=QUEUE_BUCKETS,
+)
 STEPS = Counter(
     "lstm_serve_steps_total", "Sequence steps processed by the models.", ["model", "rpc"]
 )

@@ -18,6 +18,7 @@ import asyncio.base_events
 import logging
 import os
 import struct
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,13 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import native_front_pb2 as npb
 from service import codec, metrics
-from service.errors import ConfigError
-from service.protocol.messages import ChunkDone
-from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams
+from service.engine.types import ChunkOutcome
+from service.errors import ConfigError, ProtocolError
+from service.protocol.messages import Request
+from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams, PackedChunks
 from service.protocol.session import SessionLayer
 from service.security.auth import Authenticator, Unauthenticated
 from service.status import numeric_code, status_code, status_message
@@ -69,10 +72,12 @@ class NativeFrontServicer:
         self.auth = auth
 
     async def answer(self, streams: NativeStreams, tick: npb.Tick) -> npb.TickReply:
-        """The tick's reply."""
+        """The tick's reply; ProtocolError if its columns do not fit together (the front's bug:
+        the link ends)."""
         entries = [self._entry(e) for e in tick.entries]
         closed = list(zip(tick.closed, tick.closed_ok, strict=False))
-        reply = self._reply(await streams.answer(entries, closed))
+        chunks = read_chunks(tick) if tick.chunk_streams else None
+        reply = self._reply(await streams.answer(entries, closed, chunks))
         reply.tick = tick.id
         return reply
 
@@ -105,12 +110,14 @@ class NativeFrontServicer:
         metrics.CALLER_REQUESTS.labels(self.auth.label(caller), metrics.PROTOCOL_NATIVE).inc()
         return NativeEntry(entry.stream, request, caller)
 
-    def _reply(self, outcomes: list[NativeOutcome]) -> npb.TickReply:
+    def _reply(self, outcomes: list[NativeOutcome | ChunkOutcome]) -> npb.TickReply:
         """The tick's reply: plain chunk replies packed (`_Packed`), the others as messages."""
         reply = npb.TickReply()
         packed = _Packed(len(outcomes))
         for i, outcome in enumerate(outcomes):
-            if not packed.add(i, outcome):
+            if isinstance(outcome, ChunkOutcome):
+                packed.add(i, outcome)
+            else:
                 out = reply.outcomes.add()
                 out.index = i
                 self._fill(out, outcome)
@@ -133,45 +140,77 @@ class _Packed:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.flags = np.zeros(n, np.uint8)  # 1 packed; 2 duplicate; 4 has probabilities
-        self.u64 = np.zeros((2, n), "<u8")  # seq, total_steps
-        self.u32 = np.zeros((3, n), "<u4")  # steps, held_characters, rewound_steps
+        self.where: list[int] = []
+        self.flags: list[int] = []  # 1 duplicate, 2 has probabilities
+        self.seqs: list[int] = []
+        self.totals: list[int] = []
+        self.steps: list[int] = []
+        self.held: list[int] = []
+        self.rewound: list[int] = []
         self.rows: list[np.ndarray] = []
 
-    def add(self, i: int, outcome: NativeOutcome) -> bool:
-        """Packs entry i if its reply is a plain chunk reply; False if it is not."""
-        done = outcome.reply.body if outcome.reply is not None else None
-        if outcome.error is not None or not isinstance(done, ChunkDone) or done.error is not None:
-            return False
-        applied = done.outcome
-        assert applied is not None
+    def add(self, i: int, applied: ChunkOutcome) -> None:
+        """Message i's answer: `applied`, a plain chunk reply (NativeStreams.answer)."""
+        flags = 1 if applied.duplicate else 0
         result = applied.result
-        if result is not None and (result.step_values is not None or result.decision is not None):
-            return False
-        flags = 1 | (2 if applied.duplicate else 0)
-        self.u64[0, i], self.u64[1, i] = applied.seq, applied.total_steps
-        self.u32[1, i] = applied.held_characters
+        steps = rewound = 0
         if result is not None:
-            self.u32[0, i], self.u32[2, i] = result.steps, result.rewound_steps
-            probs = result.probs
-            if probs.size:
-                flags |= 4
-                self.rows.append(probs.astype("<f4", copy=False))
-        self.flags[i] = flags
-        return True
+            steps, rewound = result.steps, result.rewound_steps
+            if result.probs.size:
+                flags |= 2
+                self.rows.append(result.probs)
+        self.where.append(i)
+        self.flags.append(flags)
+        self.seqs.append(applied.seq)
+        self.totals.append(applied.total_steps)
+        self.steps.append(steps)
+        self.held.append(applied.held_characters)
+        self.rewound.append(rewound)
 
     def write(self, reply: npb.TickReply) -> None:
-        if not self.flags.any():
+        if not self.where:
             return
-        flags, u64, u32 = self.flags, self.u64, self.u32
+        n, where = self.n, self.where
+
+        def column(values: list[int], dtype: str) -> bytes:
+            out = np.zeros(n, dtype)
+            out[where] = values
+            return out.tobytes()
+
+        packed = np.zeros(n, np.uint8)
+        packed[where] = 1
+        rows = np.concatenate(self.rows).astype("<f4", copy=False) if self.rows else None
         columns = npb.TickReply(
-            packed=(flags & 1).tobytes(),
-            flags=((flags >> 1) & 3).tobytes(),  # bit 0 duplicate, bit 1 probabilities
-            seqs=u64[0].tobytes(), total_steps=u64[1].tobytes(), steps=u32[0].tobytes(),
-            held_characters=u32[1].tobytes(), rewound_steps=u32[2].tobytes(),
-            probabilities=np.concatenate(self.rows).tobytes() if self.rows else b"",
+            packed=packed.tobytes(), flags=column(self.flags, "<u1"),
+            seqs=column(self.seqs, "<u8"), total_steps=column(self.totals, "<u8"),
+            steps=column(self.steps, "<u4"), held_characters=column(self.held, "<u4"),
+            rewound_steps=column(self.rewound, "<u4"),
+            probabilities=rows.tobytes() if rows is not None else b"",
         )  # fmt: skip
         reply.MergeFrom(columns)
+
+
+U64, U32, I64 = np.dtype("<u8"), np.dtype("<u4"), np.dtype("<i8")
+
+
+def read_chunks(tick: npb.Tick) -> PackedChunks:
+    """The tick's packed chunks (native_front.proto's Tick.chunk_*), checked to fit together."""
+    streams, seqs = tick.chunk_streams, tick.chunk_seqs
+    n = len(streams) // 8
+    if len(streams) % 8 or len(seqs) != 8 * n or len(tick.chunk_offsets) != 4 * (n + 1):
+        raise ProtocolError(f"tick {tick.id}: chunk columns of different lengths")
+    offsets = np.frombuffer(tick.chunk_offsets, U32).astype(np.int64)
+    tokens = np.frombuffer(tick.chunk_tokens, I64)
+    if offsets[0] != 0 or offsets[-1] != len(tokens) or (np.diff(offsets) < 0).any():
+        raise ProtocolError(f"tick {tick.id}: chunk offsets do not fit chunk_tokens")
+    seq_list = np.frombuffer(seqs, U64).tolist()
+
+    def request(j: int) -> Request:
+        ids = tokens[offsets[j] : offsets[j + 1]].tolist()
+        chunk = pb.Chunk(seq=seq_list[j], input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
+        return codec.stream_request(pb.StreamRequest(chunk=chunk))
+
+    return PackedChunks(np.frombuffer(streams, U64).tolist(), seq_list, offsets, tokens, request)
 
 
 def _status(exc: BaseException) -> tuple[int, str]:
@@ -199,6 +238,7 @@ class TickLink(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.links.add(self)
+        metrics.NATIVE_FRONT_LINKS.inc()
         self._spawn(self._drain())
         log.info("native front connected")
 
@@ -226,6 +266,7 @@ class TickLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.links.discard(self)
+        metrics.NATIVE_FRONT_LINKS.dec()
         for task in list(self.tasks):
             task.cancel()
         self.streams.forget_all()
@@ -253,8 +294,11 @@ class TickLink(asyncio.Protocol):
         self._write(self.servicer.push(stream, outcome))
 
     async def _answer(self, tick: npb.Tick) -> None:
+        start = time.perf_counter()
         try:
             self._write(await self.servicer.answer(self.streams, tick))
+            metrics.NATIVE_TICK_MESSAGES.observe(len(tick.entries))
+            metrics.NATIVE_TICK_SECONDS.observe(time.perf_counter() - start)
             if self.streams.draining:  # the streams this tick held get their last message now
                 await self.streams.drain(self._push)
         except asyncio.CancelledError:

@@ -28,16 +28,24 @@ class TickEntry(_message.Message):
     def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ...) -> None: ...
 
 class Tick(_message.Message):
-    __slots__ = ("entries", "closed", "closed_ok", "id")
+    __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_OK_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SEQS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[TickEntry]
     closed: _containers.RepeatedScalarFieldContainer[int]
     closed_ok: _containers.RepeatedScalarFieldContainer[bool]
     id: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ...) -> None: ...
+    chunk_streams: bytes
+    chunk_seqs: bytes
+    chunk_offsets: bytes
+    chunk_tokens: bytes
+    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ..., chunk_streams: _Optional[bytes] = ..., chunk_seqs: _Optional[bytes] = ..., chunk_offsets: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
     __slots__ = ("reply", "code", "message", "finish", "stream", "index")

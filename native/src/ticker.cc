@@ -154,27 +154,64 @@ void Ticker::Closed(uint64_t id, bool ok) {
   Pump();
 }
 
-// The tick's entries: the pending messages of streams with nothing in flight, in arrival order,
-// up to max_tick_bytes_; the closes of streams with nothing in flight. False if none.
+namespace {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the tick's columns are little-endian");
+
+template <typename T>
+void Append(std::string* column, T value) {
+  column->append(reinterpret_cast<const char*>(&value), sizeof(T));
+}
+
+// A chunk of token ids on a stream the server already knows: packed as columns, not an entry.
+bool Packable(const TickEntry& entry) {
+  return !entry.first() && !entry.malformed() && entry.request().has_chunk() &&
+         entry.request().chunk().input().has_tokens();
+}
+
+}  // namespace
+
+// The tick's messages: the pending messages of streams with nothing in flight, in arrival order,
+// up to max_tick_bytes_ (entries, then the packed chunks: `who` in the same order); the closes
+// of streams with nothing in flight. False if none.
 bool Ticker::TakeLocked(Tick* tick, Streams* who) {
   size_t bytes = 0;
   std::deque<std::pair<std::shared_ptr<NativeStream>, TickEntry>> kept;
+  Streams packed;
+  std::string* streams = tick->mutable_chunk_streams();
+  std::string* seqs = tick->mutable_chunk_seqs();
+  std::string* offsets = tick->mutable_chunk_offsets();
+  std::string* tokens = tick->mutable_chunk_tokens();
+  uint32_t offset = 0;
   while (!pending_.empty()) {
     auto item = std::move(pending_.front());
     pending_.pop_front();
     uint64_t id = item.second.stream();
     size_t size = item.second.ByteSizeLong();
-    if (busy_.count(id) || (!who->empty() && bytes + size > max_tick_bytes_)) {
+    if (busy_.count(id) || (bytes > 0 && bytes + size > max_tick_bytes_)) {
       kept.push_back(std::move(item));
       continue;
     }
     if (!item.first->Taken()) continue;  // ended meanwhile: the message is dropped
     bytes += size;
     busy_[id] = 1;
-    tick->mutable_entries()->Add(std::move(item.second));
-    who->push_back(std::move(item.first));
+    if (Packable(item.second)) {
+      const auto& chunk = item.second.request().chunk();
+      const auto& ids = chunk.input().tokens().ids();
+      if (packed.empty()) Append<uint32_t>(offsets, 0);
+      Append<uint64_t>(streams, id);
+      Append<uint64_t>(seqs, chunk.seq());
+      tokens->append(reinterpret_cast<const char*>(ids.data()), ids.size() * sizeof(int64_t));
+      offset += static_cast<uint32_t>(ids.size());
+      Append<uint32_t>(offsets, offset);
+      packed.push_back(std::move(item.first));
+    } else {
+      tick->mutable_entries()->Add(std::move(item.second));
+      who->push_back(std::move(item.first));
+    }
   }
   pending_ = std::move(kept);
+  for (auto& stream : packed) who->push_back(std::move(stream));
   std::vector<std::pair<uint64_t, bool>> later;
   for (const auto& [id, ok] : closed_) {
     if (busy_.count(id)) {
@@ -185,7 +222,7 @@ bool Ticker::TakeLocked(Tick* tick, Streams* who) {
     }
   }
   closed_ = std::move(later);
-  return tick->entries_size() > 0 || tick->closed_size() > 0;
+  return !who->empty() || tick->closed_size() > 0;
 }
 
 void Ticker::Pump() {
@@ -208,7 +245,7 @@ void Ticker::Pump() {
       } else {
         uint64_t id = next_tick_++;
         tick.set_id(id);
-        entries_ += tick.entries_size();
+        entries_ += who.size();
         in_flight_[id] = who;
         writing_ = true;
         link = link_;

@@ -15,8 +15,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from service import metrics, principal
 from service.engine.session.sessions import Session
+from service.engine.text.textstream import ids_after_held
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import InvalidInput, LstmServeError
 from service.protocol.messages import Body, Chunk, Ended, Reply, Request
@@ -48,6 +51,23 @@ class NativeOutcome:
 
 
 @dataclass(slots=True)
+class PackedChunks:
+    """A tick's plain chunks as columns (token ids on streams past their first message): chunk
+    j is `seqs[j]` with `tokens[offsets[j]:offsets[j + 1]]` on stream `streams[j]`. `request(j)`
+    is the same chunk as the front's codec reads it, for any chunk this path does not take (the
+    answer is then the entry's, exactly)."""
+
+    streams: list[int]
+    seqs: list[int]
+    offsets: np.ndarray  # (n + 1,) int64, checked to start at 0 and never decrease
+    tokens: np.ndarray  # (offsets[n],) int64
+    request: Callable[[int], Request]
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+
+@dataclass(slots=True)
 class _Stream:
     """A client stream the front holds: its caller, its session once attached."""
 
@@ -69,32 +89,79 @@ class NativeStreams:
         return len(self._streams)
 
     async def answer(
-        self, entries: Sequence[NativeEntry], closed: Sequence[tuple[int, bool]] = ()
-    ) -> list[NativeOutcome]:
-        """One outcome per entry, in entry order; the closed streams' sessions detached."""
+        self, entries: Sequence[NativeEntry], closed: Sequence[tuple[int, bool]] = (),
+        chunks: PackedChunks | None = None,
+    ) -> list[NativeOutcome | ChunkOutcome]:  # fmt: skip
+        """One answer per message, entries then chunks: a plain chunk's is its ChunkOutcome (the
+        reply the front writes from it), any other a NativeOutcome. The closed streams' sessions
+        are detached first."""
         for stream, ok in closed:
             self._forget(stream, "OK" if ok else "CANCELLED")
-        outcomes: list[NativeOutcome | None] = [None] * len(entries)
+        ids = [e.stream for e in entries]
+        if chunks is not None:
+            ids += chunks.streams
+        outcomes: list[NativeOutcome | ChunkOutcome | None] = [None] * len(ids)
         work: list[tuple[int, ChunkWork]] = []
-        self._busy.update(e.stream for e in entries)
+        self._busy.update(ids)
         try:
             for i, entry in enumerate(entries):
                 outcomes[i] = await self._entry(entry, i, work)
-            await self._chunks(entries, work, outcomes)
+            if chunks is not None:
+                for i, entry in self._packed(chunks, len(entries), work):
+                    outcomes[i] = await self._entry(entry, i, work)
+            await self._chunks(work, outcomes)
         finally:
-            self._busy.difference_update(e.stream for e in entries)
+            self._busy.difference_update(ids)
         done = [o for o in outcomes if o is not None]
-        for entry, outcome in zip(entries, done, strict=True):
-            if outcome.error is not None or outcome.finish:
-                code = "OK" if outcome.error is None else _code(outcome.error)
-                self._forget(entry.stream, code)
+        for stream, outcome in zip(ids, done, strict=True):
+            if isinstance(outcome, NativeOutcome) and (outcome.error is not None or outcome.finish):
+                self._forget(stream, "OK" if outcome.error is None else _code(outcome.error))
         return done
 
+    def _packed(
+        self, chunks: PackedChunks, base: int, work: list[tuple[int, ChunkWork]]
+    ) -> list[tuple[int, NativeEntry]]:
+        """The packed chunks this path takes, added to `work` (message index base + j) with
+        the checks `SessionLayer.decode` makes on token ids, vectorised; the others returned as
+        entries for the common path: a stream without a session, a draining server, a model
+        that takes frames, a chunk with no step, too many or an id out of range."""
+        offsets, tokens = chunks.offsets, chunks.tokens
+        lengths = np.diff(offsets)
+        fits = (lengths >= 1) & (lengths <= self.layer.limits.max_chunk_steps)
+        if fits.all() and tokens.size:
+            low = np.minimum.reduceat(tokens, offsets[:-1]).tolist()
+            high = np.maximum.reduceat(tokens, offsets[:-1]).tolist()
+        else:  # rare: some chunk is empty or too long (the common path says which)
+            low = [int(tokens[a:b].min()) if ok else 0
+                   for a, b, ok in zip(offsets[:-1], offsets[1:], fits, strict=True)]  # fmt: skip
+            high = [int(tokens[a:b].max()) if ok else 0
+                    for a, b, ok in zip(offsets[:-1], offsets[1:], fits, strict=True)]  # fmt: skip
+        starts, fit, seqs = offsets.tolist(), fits.tolist(), chunks.seqs
+        streams, final, draining = self._streams, self._final, self.draining
+        others: list[tuple[int, NativeEntry]] = []
+        for j, stream_id in enumerate(chunks.streams):
+            held = streams.get(stream_id)
+            session = held.session if held is not None else None
+            desc = session.model.description if session is not None else None
+            if (
+                desc is None or draining or stream_id in final or not fit[j]
+                or desc.input_kind != "tokens" or low[j] < 0 or high[j] >= desc.vocab_size
+            ):  # fmt: skip
+                others.append((base + j, NativeEntry(stream_id, chunks.request(j))))
+                continue
+            assert session is not None and held is not None
+            steps, change = tokens[starts[j] : starts[j + 1]], None
+            if desc.tokenizer is not None:  # ids settle held text first, as decode_for does
+                steps, change = ids_after_held(session.held, steps)
+            work.append((base + j, ChunkWork(session, seqs[j], steps, change, held.token)))
+        return others
+
     async def _chunks(
-        self, entries: Sequence[NativeEntry], work: list[tuple[int, ChunkWork]],
-        outcomes: list[NativeOutcome | None],
-    ) -> None:  # fmt: skip
-        """The tick's chunks in one engine call (a session two streams name: in turn)."""
+        self, work: list[tuple[int, ChunkWork]], outcomes: list[NativeOutcome | ChunkOutcome | None]
+    ) -> None:
+        """The tick's chunks in one engine call (a session two streams name: in turn); the
+        plain ones counted once per model."""
+        counted: dict[str, int] = {}
         while work:  # a session named by two streams in one tick: its chunks in turn
             now, later, seen = [], [], set()
             for item in work:
@@ -102,8 +169,16 @@ class NativeStreams:
                 seen.add(id(item[1].session))
             results = await self._apply([w for _, w in now])
             for (i, item), result in zip(now, results, strict=True):
-                outcomes[i] = self._chunk_outcome(entries[i].stream, item, result)
+                if _plain(result):
+                    assert isinstance(result, ChunkOutcome)
+                    name = item.session.model.name
+                    counted[name] = counted.get(name, 0) + 1
+                    outcomes[i] = result
+                else:
+                    outcomes[i] = self._chunk_outcome(item, result)
             work = later
+        for name, count in counted.items():
+            metrics.chunk_requests(RPC, name, "OK").inc(count)
 
     async def _entry(
         self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
@@ -170,9 +245,7 @@ class NativeStreams:
             return [exc] * len(work)
 
     @staticmethod
-    def _chunk_outcome(
-        stream: int, item: ChunkWork, result: ChunkOutcome | BaseException
-    ) -> NativeOutcome:
+    def _chunk_outcome(item: ChunkWork, result: ChunkOutcome | BaseException) -> NativeOutcome:
         """As `SessionLayer.chunk` answers on Stream: bad input, a gap or a store that did not
         take it in-band; anything else ends the stream."""
         session = item.session
@@ -231,6 +304,15 @@ class NativeStreams:
         """The front went away: every stream it held is over."""
         for stream in list(self._streams):
             self._forget(stream, "CANCELLED")
+
+
+def _plain(result: ChunkOutcome | BaseException) -> bool:
+    """A chunk applied or resent whose reply is only the columns the front packs: no per-step
+    probabilities, no decision, the session not ended by it."""
+    if not isinstance(result, ChunkOutcome) or result.ended:
+        return False
+    step = result.result
+    return step is None or (step.step_values is None and step.decision is None)
 
 
 def _ends(body: Body) -> bool:

@@ -4,12 +4,19 @@ are answered with is what StreamConversation answers, a tick's chunks share one 
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import native_front_pb2 as npb
+from service import codec
+from service.engine.types import ChunkOutcome
 from service.errors import AttachedElsewhere, Draining, ProtocolError
+from service.native_front import read_chunks as packed_chunks
 from service.protocol import messages as m
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams
 from service.protocol.session import Limits, SessionLayer
@@ -25,13 +32,44 @@ def layer(tiny_repo: Path) -> Any:
     engine.close()
 
 
-def tick(streams: NativeStreams, *entries: tuple[int, Any]) -> list[NativeOutcome]:
+def tick(streams: NativeStreams, *entries: tuple[int, Any]) -> list[Any]:
     return asyncio.run(streams.answer([NativeEntry(s, r) for s, r in entries]))
 
 
-def body(outcome: NativeOutcome) -> Any:
+def packed(streams: NativeStreams, *chunks: tuple[int, int, list[int]]) -> list[Any]:
+    """A tick of packed chunks (stream, seq, token ids), read as the ticks socket reads them."""
+    offsets = np.cumsum([0] + [len(ids) for _, _, ids in chunks])
+    message = npb.Tick(
+        id=1,
+        chunk_streams=np.array([s for s, _, _ in chunks], "<u8").tobytes(),
+        chunk_seqs=np.array([q for _, q, _ in chunks], "<u8").tobytes(),
+        chunk_offsets=offsets.astype("<u4").tobytes(),
+        chunk_tokens=np.array([i for _, _, ids in chunks for i in ids], "<i8").tobytes(),
+    )
+    return asyncio.run(streams.answer([], chunks=packed_chunks(message)))
+
+
+def anonymous(exc: BaseException) -> str:
+    """The message with session ids (twin sessions have different ones) blanked out."""
+    return re.sub("[0-9a-f]{32}", "<session>", str(exc))
+
+
+def wire_chunk(seq: int, ids: list[int]) -> m.Request:
+    """A chunk as the codec reads it off the wire (its errors name chunk.input.tokens.ids)."""
+    message = pb.Chunk(seq=seq, input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
+    return codec.stream_request(pb.StreamRequest(chunk=message))
+
+
+def body(outcome: NativeOutcome | ChunkOutcome) -> Any:
+    """What the front writes: a plain chunk's outcome (packed), else the reply's body."""
+    if isinstance(outcome, ChunkOutcome):
+        return m.ChunkDone(outcome.seq, outcome, None, outcome.total_steps, (), 1)
     assert outcome.reply is not None
     return outcome.reply.body
+
+
+def error(outcome: NativeOutcome | ChunkOutcome) -> BaseException | None:
+    return None if isinstance(outcome, ChunkOutcome) else outcome.error
 
 
 def test_a_ticks_chunks_share_one_engine_call_and_match_the_python_fronts(
@@ -53,7 +91,7 @@ def test_a_ticks_chunks_share_one_engine_call_and_match_the_python_fronts(
         alone = asyncio.run(collect(StreamConversation(layer, feed(requests), "Stream").replies()))
         expected = alone[1].body.outcome.result.probs  # type: ignore[union-attr]
         got = body(outcome).outcome.result.probs
-        assert got.tobytes() == expected.tobytes() and outcome.error is None
+        assert got.tobytes() == expected.tobytes() and error(outcome) is None
 
 
 def test_errors_end_a_stream_or_stay_in_band_as_on_the_python_front(layer: SessionLayer) -> None:
@@ -76,7 +114,7 @@ def test_two_streams_naming_one_session_in_one_tick_are_applied_in_turn(
     tick(streams, (2, m.Resume(session_id, None)))  # takes it over from stream 1
     old, new = tick(streams, (1, m.Chunk(1, Tokens(1))), (2, m.Chunk(1, Tokens(1))))
     assert isinstance(old.error, AttachedElsewhere)
-    assert new.error is None and not body(new).outcome.duplicate
+    assert error(new) is None and not body(new).outcome.duplicate
 
 
 def test_a_closed_stream_detaches_its_session(layer: SessionLayer) -> None:
@@ -102,3 +140,50 @@ def test_drain_sends_each_idle_stream_its_last_message(layer: SessionLayer) -> N
     assert all(isinstance(o.error, Draining) for _, o in sent)  # no snapshot key: no snapshot
     (late,) = tick(streams, (3, OPEN))
     assert isinstance(late.error, Draining) and len(streams) == 0
+
+
+def test_packed_chunks_are_answered_as_their_entries_would_be(layer: SessionLayer) -> None:
+    """The packed path (Tick.chunk_*) beside the entries path, on twin sessions: the same
+    probabilities to the bit, in one engine call; every refusal is the entry's, word for word."""
+    fast, slow = NativeStreams(layer), NativeStreams(layer)
+    tick(fast, (1, OPEN), (2, OPEN))
+    tick(slow, (1, OPEN), (2, OPEN))
+    calls: list[int] = []
+    apply_chunks = layer.engine.apply_chunks
+
+    async def counted(work: list[Any]) -> Any:
+        calls.append(len(work))
+        return await apply_chunks(work)
+
+    layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    got = packed(fast, (1, 1, [1, 2, 3]), (2, 1, [4]))
+    assert calls == [2]
+    want = tick(slow, (1, wire_chunk(1, [1, 2, 3])), (2, wire_chunk(1, [4])))
+    for a, b in zip(got, want, strict=True):
+        assert isinstance(a, ChunkOutcome) and isinstance(b, ChunkOutcome)
+        assert a.result is not None and b.result is not None
+        assert a.result.probs.tobytes() == b.result.probs.tobytes()
+        assert (a.seq, a.total_steps, a.duplicate) == (b.seq, b.total_steps, b.duplicate)
+    (resent,) = packed(fast, (1, 1, [1, 2, 3]))
+    assert isinstance(resent, ChunkOutcome) and resent.duplicate
+    # Refused in-band, ending the stream, or unknown: each exactly as the entry is answered.
+    cases = [(1, 2, [999]), (1, 2, []), (1, 2, list(range(9))), (2, 5, [1]), (7, 1, [1])]
+    for stream, seq, ids in cases:
+        (a,) = packed(fast, (stream, seq, ids))
+        (b,) = tick(slow, (stream, wire_chunk(seq, ids)))
+        assert not isinstance(a, ChunkOutcome) and not isinstance(b, ChunkOutcome), ids
+        if a.error is not None or b.error is not None:
+            assert type(a.error) is type(b.error) and str(a.error) == str(b.error)
+        else:
+            assert body(a).error.code == body(b).error.code
+            assert anonymous(body(a).error) == anonymous(body(b).error), ids
+
+
+def test_a_tick_whose_chunk_columns_do_not_fit_is_refused(layer: SessionLayer) -> None:
+    bad = npb.Tick(id=3, chunk_streams=b"\0" * 8, chunk_seqs=b"\0" * 8, chunk_offsets=b"\0" * 4)
+    with pytest.raises(ProtocolError, match="tick 3: chunk columns"):
+        packed_chunks(bad)
+    bad.chunk_offsets = np.array([0, 2], "<u4").tobytes()
+    bad.chunk_tokens = np.array([1], "<i8").tobytes()
+    with pytest.raises(ProtocolError, match="offsets do not fit"):
+        packed_chunks(bad)
