@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -76,7 +77,8 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   const uint64_t id_;
   std::recursive_mutex mu_;  // a reaction may run inline in a Start* call
   grpc::ByteBuffer in_;
-  std::deque<grpc::ByteBuffer> out_;
+  std::list<grpc::ByteBuffer> out_;  // a list: nothing allocated while idle, and the one
+                                     // being written (front) never moves
   bool writing_ = false;
   bool eof_ = false;       // the client half-closed
   bool ended_ = false;     // the stream's status is decided (status_)
