@@ -5,6 +5,8 @@
 // Serves LstmServe/Stream natively (batched into ticks for the Python server on DIR/ticks.sock)
 // and passes every other method through to DIR/grpc.sock (lstm-serve --native-front-dir DIR).
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
 #include <signal.h>
 
@@ -39,12 +41,14 @@ struct Options {
   std::string tls_cert, tls_key, tls_client_ca;
   size_t max_tick_bytes = 64 << 20;
   int max_ticks_in_flight = 2;
+  unsigned int tls_refresh_s = 5;
 };
 
 int Usage(const char* why) {
   std::fprintf(stderr,
                "lstm-serve-front: %s\nusage: lstm-serve-front --dir DIR [--listen HOST:PORT] "
-               "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--max-tick-bytes N] "
+               "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] [--tls-refresh-s N]] "
+               "[--max-tick-bytes N] "
                "[--max-ticks-in-flight N]\n",
                why);
   return 2;
@@ -86,6 +90,7 @@ int main(int argc, char** argv) {
     else if (arg == "--tls-client-ca") opt.tls_client_ca = value;
     else if (arg == "--max-tick-bytes") opt.max_tick_bytes = std::strtoull(value.c_str(), nullptr, 10);
     else if (arg == "--max-ticks-in-flight") opt.max_ticks_in_flight = std::atoi(value.c_str());
+    else if (arg == "--tls-refresh-s") opt.tls_refresh_s = static_cast<unsigned>(std::atoi(value.c_str()));
     else return Usage(("unknown flag " + arg).c_str());
   }
   if (opt.dir.empty()) return Usage("--dir is required (lstm-serve --native-front-dir)");
@@ -93,6 +98,7 @@ int main(int argc, char** argv) {
   if (!opt.tls_client_ca.empty() && opt.tls_cert.empty()) {
     return Usage("--tls-client-ca needs --tls-cert and --tls-key");
   }
+  if (opt.tls_refresh_s < 1) return Usage("--tls-refresh-s must be at least 1");
 
   sigset_t signals;
   sigemptyset(&signals);
@@ -105,19 +111,27 @@ int main(int argc, char** argv) {
 
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!opt.tls_cert.empty()) {
-    grpc::SslServerCredentialsOptions ssl;
-    grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-    if (!ReadFile(opt.tls_key, &pair.private_key) || !ReadFile(opt.tls_cert, &pair.cert_chain)) {
+    std::string pem;  // readable now: a clear error at start, not failed handshakes later
+    if (!ReadFile(opt.tls_key, &pem) || !ReadFile(opt.tls_cert, &pem)) {
       return Usage("cannot read --tls-cert / --tls-key");
     }
-    ssl.pem_key_cert_pairs.push_back(pair);
-    if (!opt.tls_client_ca.empty()) {  // mTLS: a client certificate signed by these CAs
-      if (!ReadFile(opt.tls_client_ca, &ssl.pem_root_certs)) {
-        return Usage("cannot read --tls-client-ca");
-      }
-      ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    if (!opt.tls_client_ca.empty() && !ReadFile(opt.tls_client_ca, &pem)) {
+      return Usage("cannot read --tls-client-ca");
     }
-    credentials = grpc::SslServerCredentials(ssl);
+    // The files are read again every --tls-refresh-s (cert-manager rotation, as the Python
+    // front reloads them): new handshakes get the new pair, open connections keep theirs; a
+    // pair that does not match is not taken (gRPC logs it and keeps the previous one).
+    auto files = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        opt.tls_key, opt.tls_cert, opt.tls_client_ca, opt.tls_refresh_s);
+    grpc::experimental::TlsServerCredentialsOptions tls(files);
+    tls.watch_identity_key_cert_pairs();
+    if (!opt.tls_client_ca.empty()) {  // mTLS: a client certificate signed by these CAs
+      tls.watch_root_certs();
+      tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    } else {
+      tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    }
+    credentials = grpc::experimental::TlsServerCredentials(tls);
   }
   grpc::ServerBuilder builder;
   int port = 0;

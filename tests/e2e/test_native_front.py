@@ -231,6 +231,45 @@ def test_tls_on_the_native_fronts_port(fronts, tmp_path: Path) -> None:
     assert refused == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_rotated_certificate_reaches_the_native_fronts_new_connections(
+    fronts, tmp_path: Path
+) -> None:
+    """The front reads --tls-cert / --tls-key again (every --tls-refresh-s): a new handshake
+    is shown the new certificate, as on the Python front, with no restart."""
+    from tests.integration.test_tls import _presented_serial
+    from tests.integration.tls_certs import Authority
+    from tests.integration.conftest import wait_for
+
+    python, _, server = fronts
+    ca = Authority()
+    first = ca.issue("lstm-serve", server=True)
+    cert, key = first.write(tmp_path, "server")
+    ca_file = ca.write(tmp_path)
+    folder = server.proc.args[server.proc.args.index("--native-front-dir") + 1]
+    front = NativeFront(
+        Path(folder), "--tls-cert", str(cert), "--tls-key", str(key), "--tls-refresh-s", "1"
+    )
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
+
+    async def secure(requests: list[pb.StreamRequest]) -> list[object]:
+        async with grpc.aio.secure_channel(front.address, credentials) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(iter(requests), metadata=AUTH)
+            return [_blanked(r) async for r in call] + [await call.code()]
+
+    try:
+        assert _presented_serial(front.port, ca_file, "h2") == first.serial
+        second = ca.issue("lstm-serve", server=True)
+        second.write(tmp_path, "rotating")
+        (tmp_path / "rotating.key").replace(key)  # as the kubelet swaps a secret's files
+        (tmp_path / "rotating.crt").replace(cert)
+        wait_for(lambda: _presented_serial(front.port, ca_file, "h2") == second.serial,
+                 timeout=15, what="the front to present the new certificate")  # fmt: skip
+        got = asyncio.run(secure(text_conversation()))
+    finally:
+        front.stop()
+    assert got == asyncio.run(converse(python, text_conversation()))
+
+
 def test_drain_hands_over_as_the_python_front_does(tmp_path: Path) -> None:
     """SIGTERM: every stream, through either front, gets its session's final snapshot after
     the replies to what it sent, then UNAVAILABLE."""
