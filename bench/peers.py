@@ -18,7 +18,8 @@ the reply, for --seconds after a warm-up, through each system's own streaming cl
                    kept-alive connection per sequence (aiohttp), sequenceBatching, onnxruntime
   torchserve-grpc  the same TorchServe through gRPC StreamPredictions2, a stream per sequence
 
-A peer whose install is missing is skipped with what to install. Bounded: at most MAX_STREAMS
+A peer whose install is missing is skipped with what to install; a server whose port another
+process took before it bound is started again on fresh ports. Bounded: at most MAX_STREAMS
 sequences, MAX_SECONDS per window, MAX_MESSAGES messages per sequence, loopback only.
 Writes --out (JSON) and prints the table with the ratios.
 """
@@ -54,6 +55,9 @@ PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PEER_HOME = ROOT / ".venv-peers"  # gitignored: the TorchServe venv and the unpacked pytriton wheel
 PYTRITON = PEER_HOME / "pytriton"
 MAX_RESTARTS = 3  # per server and run, after it died under load
+MAX_STARTS = 3  # per start: a port another process took between free_port() and the bind
+# what a server says when its port was taken (TorchServe, tritonserver, lstm-serve, the front)
+PORT_TAKEN = ("already in use", "address is in use", "cannot listen on", "failed to bind")
 LOGS = Path(tempfile.gettempdir()) / "lstm-bench-peers-logs"  # server logs of failed points
 SYSTEMS = ("lstm-serve", "lstm-serve-native", "tritonserver", "torchserve", "torchserve-grpc")
 SERVER = {"torchserve-grpc": "torchserve"}  # the same TorchServe process, its gRPC front
@@ -594,6 +598,31 @@ STARTERS = {"lstm-serve": lambda work, onnx, _: start_lstm_serve(work.parent / "
             "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
 
 
+def port_taken(error: BaseException, work: Path) -> bool:
+    """Whether a start failed because a port it was given was bound by someone else first (the
+    machine is shared: any process may take a free port before the server binds it)."""
+    texts = [str(error), *(log.read_text(errors="replace") for log in work.glob("*.log"))]
+    return any(mark in text.lower() for text in texts for mark in PORT_TAKEN)
+
+
+def start_server(server: str, tmp: Path, onnx: Path, args: argparse.Namespace) -> Any:
+    """`server` started in a fresh folder under `tmp`, again on fresh ports (at most MAX_STARTS
+    times) when a port was taken before it bound; a failed start's logs are kept in LOGS."""
+    for attempt in range(1, MAX_STARTS + 1):
+        work = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=tmp))
+        try:
+            return STARTERS[server](work, onnx, args)
+        except Exception as error:
+            LOGS.mkdir(parents=True, exist_ok=True)
+            for log in work.glob("*.log"):
+                shutil.copy(log, LOGS / f"{server}-start{attempt}-{log.name}")
+            if attempt == MAX_STARTS or not port_taken(error, work):
+                raise
+            print(f"{server}: a port was taken before it bound; starting it again on fresh ports "
+                  f"(logs in {LOGS})", flush=True)  # fmt: skip
+    raise AssertionError("unreachable")
+
+
 def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace) -> dict[str, Any]:
     """One measured point; a failure (a server that died, an error reply) is kept as a row with
     the error and the server's log copied to LOGS, and that system is not measured again."""
@@ -646,10 +675,9 @@ def main(argv: list[str] | None = None) -> int:
             for system in systems:  # all up at once: every point measures them back to back
                 server = SERVER.get(system, system)
                 if server not in procs:
-                    (Path(tmp) / server).mkdir()
-                    procs[server] = STARTERS[server](Path(tmp) / server, onnx, args)
+                    procs[server] = start_server(server, Path(tmp), onnx, args)
                 if system == "torchserve-grpc":
-                    procs[server].stubs = torchserve_stubs(Path(tmp) / server)
+                    procs[server].stubs = torchserve_stubs(Path(tempfile.mkdtemp(dir=tmp)))
             idle = idle_cpu(procs)
             for round_ in range(args.repeat):
                 for s in args.streams:
@@ -667,12 +695,11 @@ def main(argv: list[str] | None = None) -> int:
                             failed.add(system)
                         else:  # the server died (tritonserver 2.51: signal 11): a fresh one
                             crashes[server].append(f"S={s} round {round_}")
+                            stubs = getattr(procs[server], "stubs", None)
                             procs[server].stop()
-                            work = Path(tmp) / f"{server}-{len(crashes[server])}"
-                            work.mkdir()
-                            procs[server] = STARTERS[server](work, onnx, args)
-                            if "torchserve-grpc" in systems and server == "torchserve":
-                                procs[server].stubs = torchserve_stubs(work)
+                            procs[server] = start_server(server, Path(tmp), onnx, args)
+                            if stubs is not None:  # the same TorchServe jar: the same stubs
+                                procs[server].stubs = stubs
         finally:
             for proc in procs.values():
                 proc.stop()

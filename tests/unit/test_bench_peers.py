@@ -160,3 +160,54 @@ def test_summary_takes_medians_and_ratios_per_round() -> None:
     assert tr["x_per_round"] == [2.0] and tr["x_lstm_serve"] == pytest.approx(2.0)
     text = peers.table(peers.summarize(rows))
     assert "| 64 | torchserve | 1,000 | 1,000 - 2,000 | 6.0x | 6.0, 7.0, 2.5 |" in text
+
+
+def test_a_start_whose_port_was_taken_is_started_again_on_fresh_ports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
+    tries: list[Path] = []
+
+    def taken_once(work: Path, onnx: Path, args: Any) -> str:
+        tries.append(work)
+        if len(tries) == 1:
+            (work / "torchserve.log").write_text("bind(..) failed: Address already in use\n")
+            raise RuntimeError("torchserve exited with 0")
+        return "started"
+
+    monkeypatch.setitem(peers.STARTERS, "torchserve", taken_once)
+    assert peers.start_server("torchserve", tmp_path, tmp_path / "m.onnx", None) == "started"
+    assert len(tries) == 2 and tries[0] != tries[1]  # a fresh folder (and ports) each time
+    assert (tmp_path / "logs" / "torchserve-start1-torchserve.log").is_file()
+
+
+def test_a_start_that_failed_otherwise_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
+    tries: list[Path] = []
+
+    def broken(work: Path, onnx: Path, args: Any) -> str:
+        tries.append(work)
+        raise RuntimeError("tritonserver exited with 1: failed to load 'bench-lstm'")
+
+    monkeypatch.setitem(peers.STARTERS, "tritonserver", broken)
+    with pytest.raises(RuntimeError, match="failed to load"):
+        peers.start_server("tritonserver", tmp_path, tmp_path / "m.onnx", None)
+    assert len(tries) == 1
+
+
+def test_a_port_taken_every_time_gives_up_after_max_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
+    tries: list[Path] = []
+
+    def always_taken(work: Path, onnx: Path, args: Any) -> str:
+        tries.append(work)
+        raise RuntimeError("server exited with 1: cannot listen on 127.0.0.1:1: in use")
+
+    monkeypatch.setitem(peers.STARTERS, "lstm-serve", always_taken)
+    with pytest.raises(RuntimeError, match="cannot listen"):
+        peers.start_server("lstm-serve", tmp_path, tmp_path / "m.onnx", None)
+    assert len(tries) == peers.MAX_STARTS
