@@ -2,6 +2,8 @@
 
     python -m bench.peers --setup                        # once: .venv-peers (TorchServe, Triton)
     python -m bench.peers --seconds 5 --streams 1 16 64 --repeat 3
+    python -m bench.peers --systems lstm-serve-native tritonserver torchserve-grpc --streams 64
+                                                         # issue 25's target alone
 
 Each system is started here as a subprocess on 127.0.0.1 (free ports) and serves the bench model
 of bench/model.py (2-layer LSTM 256, tokens in, 4 classes, the same ONNX file for all three);
@@ -21,7 +23,9 @@ the reply, for --seconds after a warm-up, through each system's own streaming cl
 A peer whose install is missing is skipped with what to install; a server whose port another
 process took before it bound is started again on fresh ports. Bounded: at most MAX_STREAMS
 sequences, MAX_SECONDS per window, MAX_MESSAGES messages per sequence, loopback only.
-Writes --out (JSON) and prints the table with the ratios.
+Writes --out (JSON) and prints the table with lstm-serve's and the native front's ratios to
+each system, then issue 25's target at S = 64 (the native front >= 5x torchserve-grpc, >= 3x
+tritonserver), met or missed.
 """
 
 from __future__ import annotations
@@ -506,14 +510,18 @@ def idle_cpu(procs: dict[str, Any], seconds: float = 2.0) -> dict[str, float]:
 # ---- results (pure) ---------------------------------------------------------------------------
 
 
+BASELINES = {"lstm-serve": "x_lstm_serve", "lstm-serve-native": "x_native"}  # ratio keys
+TARGETS = {"torchserve-grpc": 5.0, "tritonserver": 3.0}  # issue 25, S = 64: the native front's
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per S and system: median messages/s and latency over the repeats, the spread, and the
-    ratio of lstm-serve's median to each peer's (the ratio of each round's own figures too)."""
+    ratio of lstm-serve's median to each system's, the native front's likewise (the ratio of
+    each round's own figures too)."""
     out = []
     rows = [r for r in rows if "error" not in r]
     for s in sorted({r["streams"] for r in rows}):
         at = [r for r in rows if r["streams"] == s]
-        ours = {r["round"]: r["messages_per_s"] for r in at if r["system"] == "lstm-serve"}
         for system in SYSTEMS:
             mine = [r for r in at if r["system"] == system]
             if not mine:
@@ -527,27 +535,58 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in mine),
                 "client_cpu_pct": statistics.median(r.get("client_cpu_pct", 0.0) for r in mine),
             }  # fmt: skip
-            per_round = [ours[r["round"]] / r["messages_per_s"] for r in mine
-                         if r["round"] in ours and r["messages_per_s"] > 0]  # fmt: skip
-            if ours and system != "lstm-serve" and per_round:
-                row["x_lstm_serve"] = statistics.median(ours.values()) / row["messages_per_s"]
-                row["x_per_round"] = [round(x, 2) for x in per_round]
+            for baseline, key in BASELINES.items():
+                if system != baseline:
+                    row |= ratios(at, baseline, mine, key)
             out.append(row)
     return out
+
+
+def ratios(
+    at: list[dict[str, Any]], baseline: str, mine: list[dict[str, Any]], key: str
+) -> dict[str, Any]:
+    """{key: the baseline's median over this system's, key's per-round list: the same ratio in
+    each round both were measured}; {} where the baseline has no figure at this S."""
+    theirs = {r["round"]: r["messages_per_s"] for r in at if r["system"] == baseline}
+    per_round = [theirs[r["round"]] / r["messages_per_s"] for r in mine
+                 if r["round"] in theirs and r["messages_per_s"] > 0]  # fmt: skip
+    if not theirs or not per_round:
+        return {}
+    median = statistics.median(r["messages_per_s"] for r in mine)
+    rounds = "x_per_round" if key == "x_lstm_serve" else f"{key}_per_round"
+    return {key: statistics.median(theirs.values()) / median,
+            rounds: [round(x, 2) for x in per_round]}  # fmt: skip
+
+
+def targets(summary: list[dict[str, Any]], streams: int = 64) -> list[str]:
+    """The issue's target at S = `streams`, one line per peer: the native front's ratio (median
+    and per round), met or missed; nothing where either side was not measured."""
+    lines = []
+    for r in summary:
+        goal = TARGETS.get(r["system"])
+        if r["streams"] != streams or goal is None or "x_native" not in r:
+            continue
+        verdict = "met" if r["x_native"] >= goal else "missed"
+        rounds = ", ".join(f"{x:.1f}" for x in r["x_native_per_round"])
+        lines.append(f"target S={streams}: native front >= {goal:.0f}x {r['system']}: "
+                     f"{r['x_native']:.2f}x (rounds {rounds}): {verdict}")  # fmt: skip
+    return lines
 
 
 def table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| S | system | messages/s (median) | min - max | lstm-serve is | per round | "
-        "p50 / p99 ms | server CPU | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "native is | per round | p50 / p99 ms | server CPU | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
-        ratio = f"{r['x_lstm_serve']:.1f}x" if "x_lstm_serve" in r else "-"
-        rounds = ", ".join(f"{x:.1f}" for x in r.get("x_per_round", [])) or "-"
+        cells = []
+        for key, rounds in (("x_lstm_serve", "x_per_round"), ("x_native", "x_native_per_round")):
+            cells.append(f"{r[key]:.1f}x" if key in r else "-")
+            cells.append(", ".join(f"{x:.1f}" for x in r.get(rounds, [])) or "-")
         lines.append(
             f"| {r['streams']} | {r['system']} | {r['messages_per_s']:,.0f} | "
-            f"{r['min']:,.0f} - {r['max']:,.0f} | {ratio} | {rounds} | "
+            f"{r['min']:,.0f} - {r['max']:,.0f} | {' | '.join(cells)} | "
             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_pct']:.0f} % | "
             f"{r['client_cpu_pct']:.0f} % |"
         )
@@ -721,11 +760,13 @@ def main(argv: list[str] | None = None) -> int:
         "crashes": crashes,
         "rows": rows,
         "summary": summary,
+        "targets": targets(summary),
         "total_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(summary))
+    print("\n".join(results["targets"]))
     for server, where in crashes.items():
         print(f"{server} died and was restarted at: {', '.join(where)} (logs in {LOGS})")
     return 0

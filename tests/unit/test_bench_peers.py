@@ -162,6 +162,32 @@ def test_summary_takes_medians_and_ratios_per_round() -> None:
     assert "| 64 | torchserve | 1,000 | 1,000 - 2,000 | 6.0x | 6.0, 7.0, 2.5 |" in text
 
 
+def test_summary_gives_the_native_fronts_ratio_and_the_issues_targets() -> None:
+    rows = [_row("lstm-serve-native", 64, r, i) for i, r in enumerate((9000, 12000, 10000))]
+    rows += [_row("lstm-serve", 64, r, i) for i, r in enumerate((6000, 6000, 5000))]
+    rows += [_row("torchserve-grpc", 64, r, i) for i, r in enumerate((2000, 2000, 2500))]
+    rows += [_row("tritonserver", 64, 3000, 1)]  # died in rounds 0 and 2
+    summary = {r["system"]: r for r in peers.summarize(rows)}
+    ts, tr, ours = summary["torchserve-grpc"], summary["tritonserver"], summary["lstm-serve"]
+    assert ts["x_native"] == pytest.approx(5.0) and ts["x_native_per_round"] == [4.5, 6.0, 4.0]
+    assert ts["x_lstm_serve"] == pytest.approx(3.0)
+    # the median over every round the native front ran, the per-round ratio where both ran
+    assert tr["x_native"] == pytest.approx(10 / 3) and tr["x_native_per_round"] == [4.0]
+    assert ours["x_native"] == pytest.approx(10000 / 6000) and "x_lstm_serve" not in ours
+    assert "x_native" not in summary["lstm-serve-native"]
+    assert peers.targets(list(summary.values())) == [
+        "target S=64: native front >= 3x tritonserver: 3.33x (rounds 4.0): met",
+        "target S=64: native front >= 5x torchserve-grpc: 5.00x (rounds 4.5, 6.0, 4.0): met",
+    ]
+    text = peers.table(peers.summarize(rows))
+    assert "| 64 | tritonserver | 3,000 | 3,000 - 3,000 | 2.0x | 2.0 | 3.3x | 4.0 |" in text
+
+
+def test_targets_need_the_native_front_measured() -> None:
+    rows = [_row("lstm-serve", 64, 6000, 0), _row("tritonserver", 64, 3000, 0)]
+    assert peers.targets(peers.summarize(rows)) == []
+
+
 def test_a_start_whose_port_was_taken_is_started_again_on_fresh_ports(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
