@@ -665,6 +665,7 @@ def start_server(server: str, tmp: Path, onnx: Path, args: argparse.Namespace) -
 def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace) -> dict[str, Any]:
     """One measured point; a failure (a server that died, an error reply) is kept as a row with
     the error and the server's log copied to LOGS, and that system is not measured again."""
+    began = time.perf_counter()
     try:
         row = measure(system, proc, Load("stream", s, 1, s), (args.warmup, args.seconds))
     except Exception as error:  # the run goes on with the other systems
@@ -679,7 +680,8 @@ def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace)
           f"p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
           f"cpu {row['server_cpu_pct']:.0f} % client {row['client_cpu_pct']:.0f} %",
           flush=True)  # fmt: skip
-    return row | {"round": round_, "load_average": os.getloadavg()[0]}
+    wall_s = time.perf_counter() - began  # the window, its warm-up, opening and closing
+    return row | {"round": round_, "load_average": os.getloadavg()[0], "wall_s": wall_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,11 +712,15 @@ def main(argv: list[str] | None = None) -> int:
         idle: dict[str, float] = {}
         failed: set[str] = set()
         crashes: dict[str, list[str]] = {}  # server -> the points where it died
+        start_s: dict[str, float] = {}  # server -> seconds from launch to ready (first start)
         try:
             for system in systems:  # all up at once: every point measures them back to back
                 server = SERVER.get(system, system)
                 if server not in procs:
+                    began = time.perf_counter()
                     procs[server] = start_server(server, Path(tmp), onnx, args)
+                    start_s[server] = round(time.perf_counter() - began, 1)
+                    print(f"{server} up in {start_s[server]:.1f} s", flush=True)
                 if system == "torchserve-grpc":
                     procs[server].stubs = torchserve_stubs(Path(tempfile.mkdtemp(dir=tmp)))
             idle = idle_cpu(procs)
@@ -757,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_configs": peer_configs(args.peer_workers, triton_slots(args.streams)),
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
         "idle_cpu_pct": idle,
+        "start_seconds": start_s,
         "crashes": crashes,
         "rows": rows,
         "summary": summary,
