@@ -313,10 +313,12 @@ def start_torchserve(work: Path, onnx: Path, args: argparse.Namespace) -> Tree:
     ports["grpc_management"] = free_port()
     props = work / "config.properties"
     props.write_text(ts_properties(ports, store))
-    tmp = work / "tmp"  # TorchServe keeps its pid file in the temp dir: ours alone
+    # ours alone: the launcher's pid file (TMPDIR) and the worker's socket, .ts.sock.9000 in the
+    # JVM's java.io.tmpdir (TEMP): /tmp by default, where a second run's TorchServe would take it
+    tmp = work / "tmp"
     tmp.mkdir()
-    env = os.environ | {"TMPDIR": str(tmp), "TS_CONFIG_FILE": str(props), "LOG_LOCATION": str(work),
-                        "METRICS_LOCATION": str(work)}  # fmt: skip
+    env = os.environ | {"TMPDIR": str(tmp), "TEMP": str(tmp), "TS_CONFIG_FILE": str(props),
+                        "LOG_LOCATION": str(work), "METRICS_LOCATION": str(work)}  # fmt: skip
     env["PATH"] = f"{PEER_HOME / 'bin'}:{env.get('PATH', '')}"
     argv = [
         str(PEER_HOME / "bin" / "torchserve"), "--foreground", "--no-config-snapshots",
