@@ -2,6 +2,8 @@
 
     python -m bench.peers --setup                        # once: .venv-peers (TorchServe, Triton)
     python -m bench.peers --seconds 5 --streams 1 16 64 --repeat 3
+    python -m bench.peers --systems lstm-serve-native tritonserver torchserve-grpc --streams 64
+                                                         # issue 25's target alone
 
 Each system is started here as a subprocess on 127.0.0.1 (free ports) and serves the bench model
 of bench/model.py (2-layer LSTM 256, tokens in, 4 classes, the same ONNX file for all three);
@@ -18,9 +20,12 @@ the reply, for --seconds after a warm-up, through each system's own streaming cl
                    kept-alive connection per sequence (aiohttp), sequenceBatching, onnxruntime
   torchserve-grpc  the same TorchServe through gRPC StreamPredictions2, a stream per sequence
 
-A peer whose install is missing is skipped with what to install. Bounded: at most MAX_STREAMS
+A peer whose install is missing is skipped with what to install; a server whose port another
+process took before it bound is started again on fresh ports. Bounded: at most MAX_STREAMS
 sequences, MAX_SECONDS per window, MAX_MESSAGES messages per sequence, loopback only.
-Writes --out (JSON) and prints the table with the ratios.
+Writes --out (JSON) and prints the table with lstm-serve's and the native front's ratios to
+each system, then issue 25's target at S = 64 (the native front >= 5x torchserve-grpc, >= 3x
+tritonserver), met or missed.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PEER_HOME = ROOT / ".venv-peers"  # gitignored: the TorchServe venv and the unpacked pytriton wheel
 PYTRITON = PEER_HOME / "pytriton"
 MAX_RESTARTS = 3  # per server and run, after it died under load
+MAX_STARTS = 3  # per start: a port another process took between free_port() and the bind
+# what a server says when its port was taken (TorchServe, tritonserver, lstm-serve, the front)
+PORT_TAKEN = ("already in use", "address is in use", "cannot listen on", "failed to bind")
 LOGS = Path(tempfile.gettempdir()) / "lstm-bench-peers-logs"  # server logs of failed points
 SYSTEMS = ("lstm-serve", "lstm-serve-native", "tritonserver", "torchserve", "torchserve-grpc")
 SERVER = {"torchserve-grpc": "torchserve"}  # the same TorchServe process, its gRPC front
@@ -305,10 +313,12 @@ def start_torchserve(work: Path, onnx: Path, args: argparse.Namespace) -> Tree:
     ports["grpc_management"] = free_port()
     props = work / "config.properties"
     props.write_text(ts_properties(ports, store))
-    tmp = work / "tmp"  # TorchServe keeps its pid file in the temp dir: ours alone
+    # ours alone: the launcher's pid file (TMPDIR) and the worker's socket, .ts.sock.9000 in the
+    # JVM's java.io.tmpdir (TEMP): /tmp by default, where a second run's TorchServe would take it
+    tmp = work / "tmp"
     tmp.mkdir()
-    env = os.environ | {"TMPDIR": str(tmp), "TS_CONFIG_FILE": str(props), "LOG_LOCATION": str(work),
-                        "METRICS_LOCATION": str(work)}  # fmt: skip
+    env = os.environ | {"TMPDIR": str(tmp), "TEMP": str(tmp), "TS_CONFIG_FILE": str(props),
+                        "LOG_LOCATION": str(work), "METRICS_LOCATION": str(work)}  # fmt: skip
     env["PATH"] = f"{PEER_HOME / 'bin'}:{env.get('PATH', '')}"
     argv = [
         str(PEER_HOME / "bin" / "torchserve"), "--foreground", "--no-config-snapshots",
@@ -502,14 +512,18 @@ def idle_cpu(procs: dict[str, Any], seconds: float = 2.0) -> dict[str, float]:
 # ---- results (pure) ---------------------------------------------------------------------------
 
 
+BASELINES = {"lstm-serve": "x_lstm_serve", "lstm-serve-native": "x_native"}  # ratio keys
+TARGETS = {"torchserve-grpc": 5.0, "tritonserver": 3.0}  # issue 25, S = 64: the native front's
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per S and system: median messages/s and latency over the repeats, the spread, and the
-    ratio of lstm-serve's median to each peer's (the ratio of each round's own figures too)."""
+    ratio of lstm-serve's median to each system's, the native front's likewise (the ratio of
+    each round's own figures too)."""
     out = []
     rows = [r for r in rows if "error" not in r]
     for s in sorted({r["streams"] for r in rows}):
         at = [r for r in rows if r["streams"] == s]
-        ours = {r["round"]: r["messages_per_s"] for r in at if r["system"] == "lstm-serve"}
         for system in SYSTEMS:
             mine = [r for r in at if r["system"] == system]
             if not mine:
@@ -523,27 +537,58 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in mine),
                 "client_cpu_pct": statistics.median(r.get("client_cpu_pct", 0.0) for r in mine),
             }  # fmt: skip
-            per_round = [ours[r["round"]] / r["messages_per_s"] for r in mine
-                         if r["round"] in ours and r["messages_per_s"] > 0]  # fmt: skip
-            if ours and system != "lstm-serve" and per_round:
-                row["x_lstm_serve"] = statistics.median(ours.values()) / row["messages_per_s"]
-                row["x_per_round"] = [round(x, 2) for x in per_round]
+            for baseline, key in BASELINES.items():
+                if system != baseline:
+                    row |= ratios(at, baseline, mine, key)
             out.append(row)
     return out
+
+
+def ratios(
+    at: list[dict[str, Any]], baseline: str, mine: list[dict[str, Any]], key: str
+) -> dict[str, Any]:
+    """{key: the baseline's median over this system's, key's per-round list: the same ratio in
+    each round both were measured}; {} where the baseline has no figure at this S."""
+    theirs = {r["round"]: r["messages_per_s"] for r in at if r["system"] == baseline}
+    per_round = [theirs[r["round"]] / r["messages_per_s"] for r in mine
+                 if r["round"] in theirs and r["messages_per_s"] > 0]  # fmt: skip
+    if not theirs or not per_round:
+        return {}
+    median = statistics.median(r["messages_per_s"] for r in mine)
+    rounds = "x_per_round" if key == "x_lstm_serve" else f"{key}_per_round"
+    return {key: statistics.median(theirs.values()) / median,
+            rounds: [round(x, 2) for x in per_round]}  # fmt: skip
+
+
+def targets(summary: list[dict[str, Any]], streams: int = 64) -> list[str]:
+    """The issue's target at S = `streams`, one line per peer: the native front's ratio (median
+    and per round), met or missed; nothing where either side was not measured."""
+    lines = []
+    for r in summary:
+        goal = TARGETS.get(r["system"])
+        if r["streams"] != streams or goal is None or "x_native" not in r:
+            continue
+        verdict = "met" if r["x_native"] >= goal else "missed"
+        rounds = ", ".join(f"{x:.1f}" for x in r["x_native_per_round"])
+        lines.append(f"target S={streams}: native front >= {goal:.0f}x {r['system']}: "
+                     f"{r['x_native']:.2f}x (rounds {rounds}): {verdict}")  # fmt: skip
+    return lines
 
 
 def table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| S | system | messages/s (median) | min - max | lstm-serve is | per round | "
-        "p50 / p99 ms | server CPU | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "native is | per round | p50 / p99 ms | server CPU | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
-        ratio = f"{r['x_lstm_serve']:.1f}x" if "x_lstm_serve" in r else "-"
-        rounds = ", ".join(f"{x:.1f}" for x in r.get("x_per_round", [])) or "-"
+        cells = []
+        for key, rounds in (("x_lstm_serve", "x_per_round"), ("x_native", "x_native_per_round")):
+            cells.append(f"{r[key]:.1f}x" if key in r else "-")
+            cells.append(", ".join(f"{x:.1f}" for x in r.get(rounds, [])) or "-")
         lines.append(
             f"| {r['streams']} | {r['system']} | {r['messages_per_s']:,.0f} | "
-            f"{r['min']:,.0f} - {r['max']:,.0f} | {ratio} | {rounds} | "
+            f"{r['min']:,.0f} - {r['max']:,.0f} | {' | '.join(cells)} | "
             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_pct']:.0f} % | "
             f"{r['client_cpu_pct']:.0f} % |"
         )
@@ -594,9 +639,35 @@ STARTERS = {"lstm-serve": lambda work, onnx, _: start_lstm_serve(work.parent / "
             "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
 
 
+def port_taken(error: BaseException, work: Path) -> bool:
+    """Whether a start failed because a port it was given was bound by someone else first (the
+    machine is shared: any process may take a free port before the server binds it)."""
+    texts = [str(error), *(log.read_text(errors="replace") for log in work.glob("*.log"))]
+    return any(mark in text.lower() for text in texts for mark in PORT_TAKEN)
+
+
+def start_server(server: str, tmp: Path, onnx: Path, args: argparse.Namespace) -> Any:
+    """`server` started in a fresh folder under `tmp`, again on fresh ports (at most MAX_STARTS
+    times) when a port was taken before it bound; a failed start's logs are kept in LOGS."""
+    for attempt in range(1, MAX_STARTS + 1):
+        work = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=tmp))
+        try:
+            return STARTERS[server](work, onnx, args)
+        except Exception as error:
+            LOGS.mkdir(parents=True, exist_ok=True)
+            for log in work.glob("*.log"):
+                shutil.copy(log, LOGS / f"{server}-start{attempt}-{log.name}")
+            if attempt == MAX_STARTS or not port_taken(error, work):
+                raise
+            print(f"{server}: a port was taken before it bound; starting it again on fresh ports "
+                  f"(logs in {LOGS})", flush=True)  # fmt: skip
+    raise AssertionError("unreachable")
+
+
 def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace) -> dict[str, Any]:
     """One measured point; a failure (a server that died, an error reply) is kept as a row with
     the error and the server's log copied to LOGS, and that system is not measured again."""
+    began = time.perf_counter()
     try:
         row = measure(system, proc, Load("stream", s, 1, s), (args.warmup, args.seconds))
     except Exception as error:  # the run goes on with the other systems
@@ -611,7 +682,8 @@ def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace)
           f"p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
           f"cpu {row['server_cpu_pct']:.0f} % client {row['client_cpu_pct']:.0f} %",
           flush=True)  # fmt: skip
-    return row | {"round": round_, "load_average": os.getloadavg()[0]}
+    wall_s = time.perf_counter() - began  # the window, its warm-up, opening and closing
+    return row | {"round": round_, "load_average": os.getloadavg()[0], "wall_s": wall_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -642,14 +714,17 @@ def main(argv: list[str] | None = None) -> int:
         idle: dict[str, float] = {}
         failed: set[str] = set()
         crashes: dict[str, list[str]] = {}  # server -> the points where it died
+        start_s: dict[str, float] = {}  # server -> seconds from launch to ready (first start)
         try:
             for system in systems:  # all up at once: every point measures them back to back
                 server = SERVER.get(system, system)
                 if server not in procs:
-                    (Path(tmp) / server).mkdir()
-                    procs[server] = STARTERS[server](Path(tmp) / server, onnx, args)
+                    began = time.perf_counter()
+                    procs[server] = start_server(server, Path(tmp), onnx, args)
+                    start_s[server] = round(time.perf_counter() - began, 1)
+                    print(f"{server} up in {start_s[server]:.1f} s", flush=True)
                 if system == "torchserve-grpc":
-                    procs[server].stubs = torchserve_stubs(Path(tmp) / server)
+                    procs[server].stubs = torchserve_stubs(Path(tempfile.mkdtemp(dir=tmp)))
             idle = idle_cpu(procs)
             for round_ in range(args.repeat):
                 for s in args.streams:
@@ -667,12 +742,11 @@ def main(argv: list[str] | None = None) -> int:
                             failed.add(system)
                         else:  # the server died (tritonserver 2.51: signal 11): a fresh one
                             crashes[server].append(f"S={s} round {round_}")
+                            stubs = getattr(procs[server], "stubs", None)
                             procs[server].stop()
-                            work = Path(tmp) / f"{server}-{len(crashes[server])}"
-                            work.mkdir()
-                            procs[server] = STARTERS[server](work, onnx, args)
-                            if "torchserve-grpc" in systems and server == "torchserve":
-                                procs[server].stubs = torchserve_stubs(work)
+                            procs[server] = start_server(server, Path(tmp), onnx, args)
+                            if stubs is not None:  # the same TorchServe jar: the same stubs
+                                procs[server].stubs = stubs
         finally:
             for proc in procs.values():
                 proc.stop()
@@ -691,14 +765,17 @@ def main(argv: list[str] | None = None) -> int:
         "peer_configs": peer_configs(args.peer_workers, triton_slots(args.streams)),
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
         "idle_cpu_pct": idle,
+        "start_seconds": start_s,
         "crashes": crashes,
         "rows": rows,
         "summary": summary,
+        "targets": targets(summary),
         "total_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(summary))
+    print("\n".join(results["targets"]))
     for server, where in crashes.items():
         print(f"{server} died and was restarted at: {', '.join(where)} (logs in {LOGS})")
     return 0

@@ -160,3 +160,80 @@ def test_summary_takes_medians_and_ratios_per_round() -> None:
     assert tr["x_per_round"] == [2.0] and tr["x_lstm_serve"] == pytest.approx(2.0)
     text = peers.table(peers.summarize(rows))
     assert "| 64 | torchserve | 1,000 | 1,000 - 2,000 | 6.0x | 6.0, 7.0, 2.5 |" in text
+
+
+def test_summary_gives_the_native_fronts_ratio_and_the_issues_targets() -> None:
+    rows = [_row("lstm-serve-native", 64, r, i) for i, r in enumerate((9000, 12000, 10000))]
+    rows += [_row("lstm-serve", 64, r, i) for i, r in enumerate((6000, 6000, 5000))]
+    rows += [_row("torchserve-grpc", 64, r, i) for i, r in enumerate((2000, 2000, 2500))]
+    rows += [_row("tritonserver", 64, 3000, 1)]  # died in rounds 0 and 2
+    summary = {r["system"]: r for r in peers.summarize(rows)}
+    ts, tr, ours = summary["torchserve-grpc"], summary["tritonserver"], summary["lstm-serve"]
+    assert ts["x_native"] == pytest.approx(5.0) and ts["x_native_per_round"] == [4.5, 6.0, 4.0]
+    assert ts["x_lstm_serve"] == pytest.approx(3.0)
+    # the median over every round the native front ran, the per-round ratio where both ran
+    assert tr["x_native"] == pytest.approx(10 / 3) and tr["x_native_per_round"] == [4.0]
+    assert ours["x_native"] == pytest.approx(10000 / 6000) and "x_lstm_serve" not in ours
+    assert "x_native" not in summary["lstm-serve-native"]
+    assert peers.targets(list(summary.values())) == [
+        "target S=64: native front >= 3x tritonserver: 3.33x (rounds 4.0): met",
+        "target S=64: native front >= 5x torchserve-grpc: 5.00x (rounds 4.5, 6.0, 4.0): met",
+    ]
+    text = peers.table(peers.summarize(rows))
+    assert "| 64 | tritonserver | 3,000 | 3,000 - 3,000 | 2.0x | 2.0 | 3.3x | 4.0 |" in text
+
+
+def test_targets_need_the_native_front_measured() -> None:
+    rows = [_row("lstm-serve", 64, 6000, 0), _row("tritonserver", 64, 3000, 0)]
+    assert peers.targets(peers.summarize(rows)) == []
+
+
+def test_a_start_whose_port_was_taken_is_started_again_on_fresh_ports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
+    tries: list[Path] = []
+
+    def taken_once(work: Path, onnx: Path, args: Any) -> str:
+        tries.append(work)
+        if len(tries) == 1:
+            (work / "torchserve.log").write_text("bind(..) failed: Address already in use\n")
+            raise RuntimeError("torchserve exited with 0")
+        return "started"
+
+    monkeypatch.setitem(peers.STARTERS, "torchserve", taken_once)
+    assert peers.start_server("torchserve", tmp_path, tmp_path / "m.onnx", None) == "started"
+    assert len(tries) == 2 and tries[0] != tries[1]  # a fresh folder (and ports) each time
+    assert (tmp_path / "logs" / "torchserve-start1-torchserve.log").is_file()
+
+
+def test_a_start_that_failed_otherwise_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
+    tries: list[Path] = []
+
+    def broken(work: Path, onnx: Path, args: Any) -> str:
+        tries.append(work)
+        raise RuntimeError("tritonserver exited with 1: failed to load 'bench-lstm'")
+
+    monkeypatch.setitem(peers.STARTERS, "tritonserver", broken)
+    with pytest.raises(RuntimeError, match="failed to load"):
+        peers.start_server("tritonserver", tmp_path, tmp_path / "m.onnx", None)
+    assert len(tries) == 1
+
+
+def test_a_port_taken_every_time_gives_up_after_max_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
+    tries: list[Path] = []
+
+    def always_taken(work: Path, onnx: Path, args: Any) -> str:
+        tries.append(work)
+        raise RuntimeError("server exited with 1: cannot listen on 127.0.0.1:1: in use")
+
+    monkeypatch.setitem(peers.STARTERS, "lstm-serve", always_taken)
+    with pytest.raises(RuntimeError, match="cannot listen"):
+        peers.start_server("lstm-serve", tmp_path, tmp_path / "m.onnx", None)
+    assert len(tries) == peers.MAX_STARTS
