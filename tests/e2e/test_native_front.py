@@ -236,9 +236,9 @@ def test_a_rotated_certificate_reaches_the_native_fronts_new_connections(
 ) -> None:
     """The front reads --tls-cert / --tls-key again (every --tls-refresh-s): a new handshake
     is shown the new certificate, as on the Python front, with no restart."""
+    from tests.integration.conftest import wait_for
     from tests.integration.test_tls import _presented_serial
     from tests.integration.tls_certs import Authority
-    from tests.integration.conftest import wait_for
 
     python, _, server = fronts
     ca = Authority()
