@@ -31,6 +31,12 @@ using lstmserve::v1::TickOutcome;
 using lstmserve::v1::TickReply;
 
 inline constexpr char kStreamMethod[] = "/lstmserve.v1.LstmServe/Stream";
+// A passed-through call's verified client certificate CN, for lstm-serve's --principal-from-cert
+// (it trusts this key only on its Unix socket; the front drops any a client sends).
+inline constexpr char kCertCnKey[] = "lstm-serve-native-cert-cn-bin";  // binary: any bytes
+
+// The CN of the call's verified client certificate (mTLS), or "".
+std::string CertCommonName(grpc::GenericCallbackServerContext* ctx);
 
 class Ticker;
 

@@ -10,7 +10,8 @@ namespace {
 bool Forwarded(const std::string& key) {
   if (key.empty() || key[0] == ':') return false;
   if (key.rfind("grpc-", 0) == 0) return false;  // the transport's own (deadline: set below)
-  return key != "content-type" && key != "te" && key != "user-agent" && key != "host";
+  return key != "content-type" && key != "te" && key != "user-agent" && key != "host" &&
+         key != kCertCnKey;  // only the front says who a certificate names
 }
 
 class Proxy : public grpc::ServerGenericBidiReactor {
@@ -21,6 +22,8 @@ class Proxy : public grpc::ServerGenericBidiReactor {
       std::string key(k.data(), k.size());
       if (Forwarded(key)) upstream_ctx_.AddMetadata(key, std::string(v.data(), v.size()));
     }
+    std::string cn = CertCommonName(ctx);
+    if (!cn.empty()) upstream_ctx_.AddMetadata(kCertCnKey, cn);
     if (ctx->deadline() != std::chrono::system_clock::time_point::max()) {
       upstream_ctx_.set_deadline(ctx->deadline());
     }

@@ -34,6 +34,13 @@ grpc::ByteBuffer Encode(const lstmserve::v1::StreamResponse& reply) {
 
 }  // namespace
 
+std::string CertCommonName(grpc::GenericCallbackServerContext* ctx) {
+  auto auth = ctx->auth_context();
+  if (!auth || !auth->IsPeerAuthenticated()) return "";
+  auto names = auth->FindPropertyValues(GRPC_X509_CN_PROPERTY_NAME);
+  return names.empty() ? "" : std::string(names.front().data(), names.front().size());
+}
+
 NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* ticker, uint64_t id)
     : ctx_(ctx), ticker_(ticker), id_(id) {
   const auto& metadata = ctx->client_metadata();
@@ -42,11 +49,7 @@ NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* tick
     authorization_.assign(found->second.data(), found->second.size());
     has_authorization_ = true;
   }
-  auto auth = ctx->auth_context();  // a verified client certificate's CN (mTLS), if any
-  if (auth && auth->IsPeerAuthenticated()) {
-    auto names = auth->FindPropertyValues(GRPC_X509_CN_PROPERTY_NAME);
-    if (!names.empty()) cert_cn_.assign(names.front().data(), names.front().size());
-  }
+  cert_cn_ = CertCommonName(ctx);
 }
 
 void NativeStream::Begin(std::shared_ptr<NativeStream> self) {

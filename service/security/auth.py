@@ -245,12 +245,21 @@ def _grpc_protocol(method: str) -> str:
         metrics.PROTOCOL_NATIVE  # fmt: skip
 
 
+# A call the native front passed through names its client certificate's CN here; believed only
+# from a Unix-socket peer (the front, through --native-front-dir's private grpc.sock).
+FRONT_CERT_CN = "lstm-serve-native-cert-cn-bin"
+
+
 def _grpc_caller(auth: Authenticator, context: grpc.aio.ServicerContext) -> str:
-    authorization = None
+    authorization, fronted = None, None
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             authorization = value if isinstance(value, str) else "<binary>"
+        elif key == FRONT_CERT_CN and isinstance(value, bytes):
+            fronted = value
     common_names = (context.auth_context() or {}).get("x509_common_name") or []
+    if not common_names and fronted is not None and context.peer().startswith("unix:"):
+        common_names = [fronted]
     cn = common_names[0].decode("utf-8", "replace") if common_names else None
     return auth.authenticate(authorization, cn)
 

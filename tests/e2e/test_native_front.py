@@ -372,8 +372,9 @@ def test_the_front_outlives_a_restart_of_the_server_behind_it(tmp_path: Path) ->
 def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
     tmp_path: Path,
 ) -> None:
-    """--tls-client-ca on the front and --principal-from-cert on lstm-serve: a stream's caller
-    is its certificate's CN; another caller cannot resume its session (NOT_FOUND)."""
+    """--tls-client-ca on the front and --principal-from-cert on lstm-serve: a stream's caller,
+    and a passed-through call's, is its certificate's CN; another caller cannot resume its
+    session (NOT_FOUND), even naming the CN in the front's own metadata key."""
     from tests.integration.tls_certs import Authority
 
     binary()
@@ -405,7 +406,25 @@ def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
                     outcomes.append(got[0].opened.resumed)
                 except grpc.aio.AioRpcError as exc:
                     outcomes.append(exc.code())
-        return outcomes[0], outcomes[1]
+        return outcomes[0], outcomes[1], await passed_through(address, session_id)
+
+    async def passed_through(address: str, session_id: str) -> list[object]:
+        """StreamMulti (passed through by the front): bob, even claiming to be alice with the
+        front's own key, cannot resume alice's session; alice can."""
+        got: list[object] = []
+        spoof = (("lstm-serve-native-cert-cn-bin", b"alice"),)
+        for name, metadata in (("bob", spoof), ("alice", ())):
+            async with grpc.aio.secure_channel(address, credentials(name)) as channel:
+                entry = pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id))
+                request = pb.StreamMultiRequest(entries=[entry])
+                call = pb_grpc.LstmServeStub(channel).StreamMulti(iter([request]),
+                                                                  metadata=metadata)  # fmt: skip
+                try:
+                    result = [r async for r in call][0].results[0]
+                    got.append(result.error.code if result.HasField("error") else "resumed")
+                except grpc.aio.AioRpcError as exc:
+                    got.append(exc.code())
+        return got
 
     try:
         native = asyncio.run(open_then_resume(front.address))
@@ -413,7 +432,8 @@ def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
     finally:
         front.stop()
         server.stop()
-    assert native == python == (grpc.StatusCode.NOT_FOUND, True)
+    assert native[:2] == python[:2] == (grpc.StatusCode.NOT_FOUND, True)
+    assert native[2] == python[2] and native[2][1] == "resumed" and native[2][0] != "resumed"
 
 
 def test_reflection_and_the_triton_grpc_api_pass_through(fronts) -> None:
