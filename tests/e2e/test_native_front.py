@@ -420,7 +420,8 @@ def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
                 call = pb_grpc.LstmServeStub(channel).StreamMulti(iter([request]),
                                                                   metadata=metadata)  # fmt: skip
                 try:
-                    result = [r async for r in call][0].results[0]
+                    replies = [r async for r in call]
+                    result = replies[0].results[0]
                     got.append(result.error.code if result.HasField("error") else "resumed")
                 except grpc.aio.AioRpcError as exc:
                     got.append(exc.code())
