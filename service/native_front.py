@@ -19,7 +19,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,7 @@ class NativeFrontServicer:
         the link ends)."""
         entries = [self._entry(e) for e in tick.entries]
         closed = list(zip(tick.closed, tick.closed_ok, strict=False))
-        chunks = read_chunks(tick) if tick.chunk_streams else None
-        reply = self._reply(await streams.answer(entries, closed, chunks))
+        reply = self._reply(await streams.answer(entries, closed, read_chunks(tick)))
         reply.tick = tick.id
         return reply
 
@@ -193,24 +192,62 @@ class _Packed:
 U64, U32, I64 = np.dtype("<u8"), np.dtype("<u4"), np.dtype("<i8")
 
 
-def read_chunks(tick: npb.Tick) -> PackedChunks:
-    """The tick's packed chunks (native_front.proto's Tick.chunk_*), checked to fit together."""
-    streams, seqs = tick.chunk_streams, tick.chunk_seqs
-    n = len(streams) // 8
-    if len(streams) % 8 or len(seqs) != 8 * n or len(tick.chunk_offsets) != 4 * (n + 1):
-        raise ProtocolError(f"tick {tick.id}: chunk columns of different lengths")
-    offsets = np.frombuffer(tick.chunk_offsets, U32).astype(np.int64)
-    tokens = np.frombuffer(tick.chunk_tokens, I64)
-    if offsets[0] != 0 or offsets[-1] != len(tokens) or (np.diff(offsets) < 0).any():
-        raise ProtocolError(f"tick {tick.id}: chunk offsets do not fit chunk_tokens")
-    seq_list = np.frombuffer(seqs, U64).tolist()
+F32 = np.dtype("<f4")
+
+
+def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
+    """The tick's packed chunks (native_front.proto's Tick.chunk_* and frame_*), each group
+    checked to fit together: ProtocolError if not (the front's bug: the link ends)."""
+    packed = []
+    if tick.chunk_streams:
+        streams, seqs, offsets, ids = _columns(
+            tick.id, "chunk", tick.chunk_streams, tick.chunk_seqs, tick.chunk_offsets,
+            tick.chunk_tokens, I64,
+        )  # fmt: skip
+        request = _as_sent(seqs, lambda j: pb.SequenceInput(tokens=pb.TokenIds(
+            ids=ids[offsets[j] : offsets[j + 1]].tolist())))  # fmt: skip
+        packed.append(PackedChunks("tokens", streams, seqs, offsets, ids, request))
+    if tick.frame_streams:
+        streams, seqs, at, values = _columns(
+            tick.id, "frame", tick.frame_streams, tick.frame_seqs, tick.frame_offsets,
+            tick.frame_values, F32,
+        )  # fmt: skip
+        if len(tick.frame_counts) != 4 * len(streams):
+            raise ProtocolError(f"tick {tick.id}: frame columns of different lengths")
+        counts = np.frombuffer(tick.frame_counts, U32).tolist()
+        request = _as_sent(seqs, lambda j: pb.SequenceInput(frames=pb.Frames(
+            values=values[at[j] : at[j + 1]].tolist(), frame_count=counts[j])))  # fmt: skip
+        packed.append(PackedChunks("features", streams, seqs, at, values, request, counts))
+    return packed
+
+
+def _as_sent(
+    seqs: list[int], source: Callable[[int], pb.SequenceInput]
+) -> Callable[[int], Request]:
+    """Packed chunk j as the codec reads the message the client sent."""
 
     def request(j: int) -> Request:
-        ids = tokens[offsets[j] : offsets[j + 1]].tolist()
-        chunk = pb.Chunk(seq=seq_list[j], input=pb.SequenceInput(tokens=pb.TokenIds(ids=ids)))
+        chunk = pb.Chunk(seq=seqs[j], input=source(j))
         return codec.stream_request(pb.StreamRequest(chunk=chunk))
 
-    return PackedChunks(np.frombuffer(streams, U64).tolist(), seq_list, offsets, tokens, request)
+    return request
+
+
+def _columns(
+    tick: int, name: str, streams: bytes, seqs: bytes, offsets: bytes, values: bytes,
+    dtype: np.dtype,
+) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:  # fmt: skip
+    """One packed group's streams, seqs, offsets (int64) and values, checked to fit together."""
+    n = len(streams) // 8
+    if len(streams) % 8 or len(seqs) != 8 * n or len(offsets) != 4 * (n + 1):
+        raise ProtocolError(f"tick {tick}: {name} columns of different lengths")
+    if len(values) % dtype.itemsize:
+        raise ProtocolError(f"tick {tick}: {name} values of {len(values)} bytes")
+    at = np.frombuffer(offsets, U32).astype(np.int64)
+    flat = np.frombuffer(values, dtype)
+    if at[0] != 0 or at[-1] != len(flat) or (np.diff(at) < 0).any():
+        raise ProtocolError(f"tick {tick}: {name} offsets do not fit their values")
+    return np.frombuffer(streams, U64).tolist(), np.frombuffer(seqs, U64).tolist(), at, flat
 
 
 def _status(exc: BaseException) -> tuple[int, str]:

@@ -28,7 +28,7 @@ class TickEntry(_message.Message):
     def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ...) -> None: ...
 
 class Tick(_message.Message):
-    __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens")
+    __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens", "frame_streams", "frame_seqs", "frame_counts", "frame_offsets", "frame_values")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_OK_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,11 @@ class Tick(_message.Message):
     CHUNK_SEQS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SEQS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_VALUES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[TickEntry]
     closed: _containers.RepeatedScalarFieldContainer[int]
     closed_ok: _containers.RepeatedScalarFieldContainer[bool]
@@ -45,7 +50,12 @@ class Tick(_message.Message):
     chunk_seqs: bytes
     chunk_offsets: bytes
     chunk_tokens: bytes
-    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ..., chunk_streams: _Optional[bytes] = ..., chunk_seqs: _Optional[bytes] = ..., chunk_offsets: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ...) -> None: ...
+    frame_streams: bytes
+    frame_seqs: bytes
+    frame_counts: bytes
+    frame_offsets: bytes
+    frame_values: bytes
+    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ..., chunk_streams: _Optional[bytes] = ..., chunk_seqs: _Optional[bytes] = ..., chunk_offsets: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., frame_streams: _Optional[bytes] = ..., frame_seqs: _Optional[bytes] = ..., frame_counts: _Optional[bytes] = ..., frame_offsets: _Optional[bytes] = ..., frame_values: _Optional[bytes] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
     __slots__ = ("reply", "code", "message", "finish", "stream", "index")

@@ -157,16 +157,23 @@ void Ticker::Closed(uint64_t id, bool ok) {
 namespace {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the tick's columns are little-endian");
+static_assert(sizeof(float) == 4, "frame values are float32");
 
 template <typename T>
 void Append(std::string* column, T value) {
   column->append(reinterpret_cast<const char*>(&value), sizeof(T));
 }
 
-// A chunk of token ids on a stream the server already knows: packed as columns, not an entry.
-bool Packable(const TickEntry& entry) {
-  return !entry.first() && !entry.malformed() && entry.request().has_chunk() &&
-         entry.request().chunk().input().has_tokens();
+// How a message travels: an entry, or packed as columns (a plain chunk on a stream the server
+// already knows: token ids, or feature frames in the flat form).
+enum class Packing { kEntry, kTokens, kFrames };
+
+Packing PackingOf(const TickEntry& entry) {
+  if (entry.first() || entry.malformed() || !entry.request().has_chunk()) return Packing::kEntry;
+  const auto& input = entry.request().chunk().input();
+  if (input.has_tokens()) return Packing::kTokens;
+  if (input.has_frames() && input.frames().frames_size() == 0) return Packing::kFrames;
+  return Packing::kEntry;
 }
 
 }  // namespace
@@ -177,12 +184,8 @@ bool Packable(const TickEntry& entry) {
 bool Ticker::TakeLocked(Tick* tick, Streams* who) {
   size_t bytes = 0;
   std::deque<std::pair<std::shared_ptr<NativeStream>, TickEntry>> kept;
-  Streams packed;
-  std::string* streams = tick->mutable_chunk_streams();
-  std::string* seqs = tick->mutable_chunk_seqs();
-  std::string* offsets = tick->mutable_chunk_offsets();
-  std::string* tokens = tick->mutable_chunk_tokens();
-  uint32_t offset = 0;
+  Streams tokens_who, frames_who;
+  uint32_t token_offset = 0, frame_offset = 0;
   while (!pending_.empty()) {
     auto item = std::move(pending_.front());
     pending_.pop_front();
@@ -195,23 +198,43 @@ bool Ticker::TakeLocked(Tick* tick, Streams* who) {
     if (!item.first->Taken()) continue;  // ended meanwhile: the message is dropped
     bytes += size;
     busy_[id] = 1;
-    if (Packable(item.second)) {
-      const auto& chunk = item.second.request().chunk();
-      const auto& ids = chunk.input().tokens().ids();
-      if (packed.empty()) Append<uint32_t>(offsets, 0);
-      Append<uint64_t>(streams, id);
-      Append<uint64_t>(seqs, chunk.seq());
-      tokens->append(reinterpret_cast<const char*>(ids.data()), ids.size() * sizeof(int64_t));
-      offset += static_cast<uint32_t>(ids.size());
-      Append<uint32_t>(offsets, offset);
-      packed.push_back(std::move(item.first));
-    } else {
-      tick->mutable_entries()->Add(std::move(item.second));
-      who->push_back(std::move(item.first));
+    const auto& chunk = item.second.request().chunk();
+    switch (PackingOf(item.second)) {
+      case Packing::kTokens: {
+        const auto& ids = chunk.input().tokens().ids();
+        if (tokens_who.empty()) Append<uint32_t>(tick->mutable_chunk_offsets(), 0);
+        Append<uint64_t>(tick->mutable_chunk_streams(), id);
+        Append<uint64_t>(tick->mutable_chunk_seqs(), chunk.seq());
+        tick->mutable_chunk_tokens()->append(reinterpret_cast<const char*>(ids.data()),
+                                             ids.size() * sizeof(int64_t));
+        token_offset += static_cast<uint32_t>(ids.size());
+        Append<uint32_t>(tick->mutable_chunk_offsets(), token_offset);
+        tokens_who.push_back(std::move(item.first));
+        break;
+      }
+      case Packing::kFrames: {
+        const auto& frames = chunk.input().frames();
+        const auto& values = frames.values();
+        if (frames_who.empty()) Append<uint32_t>(tick->mutable_frame_offsets(), 0);
+        Append<uint64_t>(tick->mutable_frame_streams(), id);
+        Append<uint64_t>(tick->mutable_frame_seqs(), chunk.seq());
+        Append<uint32_t>(tick->mutable_frame_counts(), frames.frame_count());
+        tick->mutable_frame_values()->append(reinterpret_cast<const char*>(values.data()),
+                                             values.size() * sizeof(float));
+        frame_offset += static_cast<uint32_t>(values.size());
+        Append<uint32_t>(tick->mutable_frame_offsets(), frame_offset);
+        frames_who.push_back(std::move(item.first));
+        break;
+      }
+      case Packing::kEntry:
+        tick->mutable_entries()->Add(std::move(item.second));
+        who->push_back(std::move(item.first));
+        break;
     }
   }
   pending_ = std::move(kept);
-  for (auto& stream : packed) who->push_back(std::move(stream));
+  for (auto& stream : tokens_who) who->push_back(std::move(stream));
+  for (auto& stream : frames_who) who->push_back(std::move(stream));
   std::vector<std::pair<uint64_t, bool>> later;
   for (const auto& [id, ok] : closed_) {
     if (busy_.count(id)) {

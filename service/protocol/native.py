@@ -52,16 +52,19 @@ class NativeOutcome:
 
 @dataclass(slots=True)
 class PackedChunks:
-    """A tick's plain chunks as columns (token ids on streams past their first message): chunk
-    j is `seqs[j]` with `tokens[offsets[j]:offsets[j + 1]]` on stream `streams[j]`. `request(j)`
-    is the same chunk as the front's codec reads it, for any chunk this path does not take (the
-    answer is then the entry's, exactly)."""
+    """A tick's plain chunks of one input kind as columns, on streams past their first message:
+    chunk j is `seqs[j]` with `values[offsets[j]:offsets[j + 1]]` on stream `streams[j]`: token
+    ids (`kind` "tokens", int64), or feature frames ("features", float32, row-major, `counts[j]`
+    frames as sent: 0 = as many as fit). `request(j)` is the same chunk as the front's codec
+    reads it, for any chunk this path does not take (the answer is then the entry's, exactly)."""
 
+    kind: str
     streams: list[int]
     seqs: list[int]
-    offsets: np.ndarray  # (n + 1,) int64, checked to start at 0 and never decrease
-    tokens: np.ndarray  # (offsets[n],) int64
+    offsets: np.ndarray  # (n + 1,) int64, checked to start at 0, never decrease, end at values
+    values: np.ndarray
     request: Callable[[int], Request]
+    counts: list[int] | None = None  # frames only
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -90,15 +93,15 @@ class NativeStreams:
 
     async def answer(
         self, entries: Sequence[NativeEntry], closed: Sequence[tuple[int, bool]] = (),
-        chunks: PackedChunks | None = None,
+        packed: Sequence[PackedChunks] = (),
     ) -> list[NativeOutcome | ChunkOutcome]:  # fmt: skip
-        """One answer per message, entries then chunks: a plain chunk's is its ChunkOutcome (the
-        reply the front writes from it), any other a NativeOutcome. The closed streams' sessions
-        are detached first."""
+        """One answer per message, the entries then each group of packed chunks: a plain
+        chunk's is its ChunkOutcome (the reply the front writes from it), any other a
+        NativeOutcome. The closed streams' sessions are detached first."""
         for stream, ok in closed:
             self._forget(stream, "OK" if ok else "CANCELLED")
         ids = [e.stream for e in entries]
-        if chunks is not None:
+        for chunks in packed:
             ids += chunks.streams
         outcomes: list[NativeOutcome | ChunkOutcome | None] = [None] * len(ids)
         work: list[tuple[int, ChunkWork]] = []
@@ -106,9 +109,11 @@ class NativeStreams:
         try:
             for i, entry in enumerate(entries):
                 outcomes[i] = await self._entry(entry, i, work)
-            if chunks is not None:
-                for i, entry in self._packed(chunks, len(entries), work):
+            base = len(entries)
+            for chunks in packed:
+                for i, entry in self._packed(chunks, base, work):
                     outcomes[i] = await self._entry(entry, i, work)
+                base += len(chunks)
             await self._chunks(work, outcomes)
         finally:
             self._busy.difference_update(ids)
@@ -121,36 +126,39 @@ class NativeStreams:
     def _packed(
         self, chunks: PackedChunks, base: int, work: list[tuple[int, ChunkWork]]
     ) -> list[tuple[int, NativeEntry]]:
-        """The packed chunks this path takes, added to `work` (message index base + j) with
-        the checks `SessionLayer.decode` makes on token ids, vectorised; the others returned as
-        entries for the common path: a stream without a session, a draining server, a model
-        that takes frames, a chunk with no step, too many or an id out of range."""
-        offsets, tokens = chunks.offsets, chunks.tokens
-        lengths = np.diff(offsets)
-        fits = (lengths >= 1) & (lengths <= self.layer.limits.max_chunk_steps)
-        if fits.all() and tokens.size:
-            low = np.minimum.reduceat(tokens, offsets[:-1]).tolist()
-            high = np.maximum.reduceat(tokens, offsets[:-1]).tolist()
-        else:  # rare: some chunk is empty or too long (the common path says which)
-            low = [int(tokens[a:b].min()) if ok else 0
-                   for a, b, ok in zip(offsets[:-1], offsets[1:], fits, strict=True)]  # fmt: skip
-            high = [int(tokens[a:b].max()) if ok else 0
-                    for a, b, ok in zip(offsets[:-1], offsets[1:], fits, strict=True)]  # fmt: skip
-        starts, fit, seqs = offsets.tolist(), fits.tolist(), chunks.seqs
+        """The packed chunks this path takes, added to `work` (message index base + j) after
+        the checks `SessionLayer.decode` makes, vectorised; the others returned as entries for
+        the common path: a stream without a session, a draining server, a model of the other
+        input kind, a chunk with no step or too many, an id out of range, a value not finite,
+        floats that are not whole frames."""
+        max_steps = self.layer.limits.max_chunk_steps
+        frames = chunks.kind == "features"
+        ranges = _token_ranges(chunks, max_steps) if not frames else []
+        finite = _finite(chunks) if frames else []
+        starts, seqs, values = chunks.offsets.tolist(), chunks.seqs, chunks.values
         streams, final, draining = self._streams, self._final, self.draining
         others: list[tuple[int, NativeEntry]] = []
         for j, stream_id in enumerate(chunks.streams):
             held = streams.get(stream_id)
             session = held.session if held is not None else None
             desc = session.model.description if session is not None else None
-            if (
-                desc is None or draining or stream_id in final or not fit[j]
-                or desc.input_kind != "tokens" or low[j] < 0 or high[j] >= desc.vocab_size
-            ):  # fmt: skip
+            steps = None
+            if desc is not None and not draining and stream_id not in final and \
+                    desc.input_kind == chunks.kind:  # fmt: skip
+                a, b = starts[j], starts[j + 1]
+                if frames:
+                    assert chunks.counts is not None
+                    count, dim = chunks.counts[j], desc.feature_dim
+                    count = count or (b - a) // dim
+                    if finite[j] and b - a == count * dim and 1 <= count <= max_steps:
+                        steps = values[a:b].reshape(count, dim)
+                elif (span := ranges[j]) is not None and span[0] >= 0 and span[1] < desc.vocab_size:
+                    steps = values[a:b]
+            if steps is None:
                 others.append((base + j, NativeEntry(stream_id, chunks.request(j))))
                 continue
-            assert session is not None and held is not None
-            steps, change = tokens[starts[j] : starts[j + 1]], None
+            assert session is not None and held is not None and desc is not None
+            change = None
             if desc.tokenizer is not None:  # ids settle held text first, as decode_for does
                 steps, change = ids_after_held(session.held, steps)
             work.append((base + j, ChunkWork(session, seqs[j], steps, change, held.token)))
@@ -304,6 +312,29 @@ class NativeStreams:
         """The front went away: every stream it held is over."""
         for stream in list(self._streams):
             self._forget(stream, "CANCELLED")
+
+
+def _token_ranges(chunks: PackedChunks, max_steps: int) -> list[tuple[int, int] | None]:
+    """Each token chunk's (lowest, highest) id, or None if it has no step or too many."""
+    offsets, ids = chunks.offsets, chunks.values
+    lengths = np.diff(offsets)
+    fits = (lengths >= 1) & (lengths <= max_steps)
+    if fits.all() and ids.size:
+        low = np.minimum.reduceat(ids, offsets[:-1]).tolist()
+        high = np.maximum.reduceat(ids, offsets[:-1]).tolist()
+        return list(zip(low, high, strict=True))
+    return [(int(ids[a:b].min()), int(ids[a:b].max())) if ok else None
+            for a, b, ok in zip(offsets[:-1], offsets[1:], fits.tolist(), strict=True)]  # fmt: skip
+
+
+def _finite(chunks: PackedChunks) -> list[bool]:
+    """Whether each frame chunk's values are all finite (the step counts are checked per
+    chunk, against its session's feature_dim)."""
+    bad = ~np.isfinite(chunks.values)
+    if not bad.any():
+        return [True] * len(chunks)
+    seen = np.concatenate(([0], np.cumsum(bad)))
+    return (seen[chunks.offsets[1:]] == seen[chunks.offsets[:-1]]).tolist()
 
 
 def _plain(result: ChunkOutcome | BaseException) -> bool:

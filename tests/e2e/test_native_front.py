@@ -64,10 +64,11 @@ def text_conversation() -> list[pb.StreamRequest]:
     ]  # fmt: skip
 
 
-def frames_conversation(seed: int) -> list[pb.StreamRequest]:
-    """Frames, every_step, a non-finite value, a width that does not divide, end."""
+def frames_conversation(seed: int, every_step: bool = True) -> list[pb.StreamRequest]:
+    """Frames, every_step (per-step replies: not packed by the front) or not (packed), a
+    non-finite value, a width that does not divide, end."""
     rng = np.random.default_rng(seed)
-    options = pb.StreamOptions(every_step=True, top_k=2)
+    options = pb.StreamOptions(every_step=every_step, top_k=2)
     requests = [pb.StreamRequest(open=pb.OpenSession(model="speaker-vowels", options=options))]
     for seq in range(1, 6):
         requests.append(_frames(seq, rng.normal(size=(seq, 12)).astype(np.float32)))
@@ -126,10 +127,11 @@ def test_text_and_token_replies_are_the_python_fronts_exactly(fronts) -> None:
     assert errors == ["FAILED_PRECONDITION", *["INVALID_ARGUMENT"] * 3]
 
 
-def test_frame_replies_are_the_python_fronts_exactly(fronts) -> None:
-    expected, got = both(fronts, frames_conversation(7))
+@pytest.mark.parametrize("every_step", [True, False])
+def test_frame_replies_are_the_python_fronts_exactly(fronts, every_step: bool) -> None:
+    expected, got = both(fronts, frames_conversation(7, every_step))
     assert got == expected
-    assert len(got[2].chunk.step_probabilities) == 2
+    assert len(got[2].chunk.step_probabilities) == (2 if every_step else 0)
 
 
 @pytest.mark.parametrize("case", ["first-not-open", "unknown-model", "open-twice", "no-token"])

@@ -46,7 +46,21 @@ def packed(streams: NativeStreams, *chunks: tuple[int, int, list[int]]) -> list[
         chunk_offsets=offsets.astype("<u4").tobytes(),
         chunk_tokens=np.array([i for _, _, ids in chunks for i in ids], "<i8").tobytes(),
     )
-    return asyncio.run(streams.answer([], chunks=packed_chunks(message)))
+    return asyncio.run(streams.answer([], packed=packed_chunks(message)))
+
+
+def packed_frames(streams: NativeStreams, *chunks: tuple[int, int, int, list[float]]) -> list[Any]:
+    """A tick of packed frame chunks (stream, seq, frame_count as sent, row-major values)."""
+    offsets = np.cumsum([0] + [len(values) for *_, values in chunks])
+    message = npb.Tick(
+        id=1,
+        frame_streams=np.array([c[0] for c in chunks], "<u8").tobytes(),
+        frame_seqs=np.array([c[1] for c in chunks], "<u8").tobytes(),
+        frame_counts=np.array([c[2] for c in chunks], "<u4").tobytes(),
+        frame_offsets=offsets.astype("<u4").tobytes(),
+        frame_values=np.array([v for *_, values in chunks for v in values], "<f4").tobytes(),
+    )
+    return asyncio.run(streams.answer([], packed=packed_chunks(message)))
 
 
 def anonymous(exc: BaseException) -> str:
@@ -185,5 +199,68 @@ def test_a_tick_whose_chunk_columns_do_not_fit_is_refused(layer: SessionLayer) -
         packed_chunks(bad)
     bad.chunk_offsets = np.array([0, 2], "<u4").tobytes()
     bad.chunk_tokens = np.array([1], "<i8").tobytes()
-    with pytest.raises(ProtocolError, match="offsets do not fit"):
+    with pytest.raises(ProtocolError, match="chunk offsets do not fit their values"):
         packed_chunks(bad)
+
+
+def test_packed_frames_are_answered_as_their_entries_would_be(layer: SessionLayer) -> None:
+    """Feature frames packed (Tick.frame_*), beside the entries path on twin sessions."""
+    fast, slow = NativeStreams(layer), NativeStreams(layer)
+    frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
+    for streams in (fast, slow):
+        tick(streams, (1, frames_model), (2, frames_model), (3, OPEN))
+    rng = np.random.default_rng(5)
+    one, two = rng.normal(size=10).tolist(), rng.normal(size=5).tolist()
+    got = packed_frames(fast, (1, 1, 2, one), (2, 1, 0, two))
+    want = tick(slow, (1, wire_frames(1, 2, one)), (2, wire_frames(1, 0, two)))
+    for a, b in zip(got, want, strict=True):
+        assert isinstance(a, ChunkOutcome) and isinstance(b, ChunkOutcome)
+        assert a.result is not None and b.result is not None
+        assert a.result.probs.tobytes() == b.result.probs.tobytes()
+        assert a.total_steps == b.total_steps
+    cases = [
+        (1, 2, 3, one),  # frame_count 3 x feature_dim 5 is not 10 floats
+        (1, 2, 0, one[:7]),  # not whole frames
+        (1, 2, 0, [float("nan")] * 5),  # not finite
+        (1, 2, 0, []),  # no frame
+        (3, 1, 0, two),  # a token model's session
+        (9, 1, 0, two),  # no session on that stream
+    ]
+    for stream, seq, count, values in cases:
+        (a,) = packed_frames(fast, (stream, seq, count, values))
+        (b,) = tick(slow, (stream, wire_frames(seq, count, values)))
+        assert not isinstance(a, ChunkOutcome) and not isinstance(b, ChunkOutcome), values
+        if a.error is not None or b.error is not None:
+            assert type(a.error) is type(b.error) and str(a.error) == str(b.error)
+        else:
+            assert anonymous(body(a).error) == anonymous(body(b).error), values
+
+
+def test_a_tick_with_both_kinds_packed_answers_each_in_message_order(
+    layer: SessionLayer,
+) -> None:
+    """Token and frame chunks in one tick (a token chunk refused and answered as its entry)."""
+    streams = NativeStreams(layer)
+    tick(streams, (1, OPEN), (2, m.Open("tiny-rnn-frames", 0, OPEN.options)))
+    message = npb.Tick(
+        id=4,
+        chunk_streams=np.array([1, 1], "<u8").tobytes()[:8],
+        chunk_seqs=np.array([1], "<u8").tobytes(),
+        chunk_offsets=np.array([0, 1], "<u4").tobytes(),
+        chunk_tokens=np.array([999], "<i8").tobytes(),
+        frame_streams=np.array([2], "<u8").tobytes(),
+        frame_seqs=np.array([1], "<u8").tobytes(),
+        frame_counts=np.array([1], "<u4").tobytes(),
+        frame_offsets=np.array([0, 5], "<u4").tobytes(),
+        frame_values=np.ones(5, "<f4").tobytes(),
+    )
+    refused, applied = asyncio.run(streams.answer([], packed=packed_chunks(message)))
+    assert isinstance(refused, NativeOutcome) and body(refused).error.code == "INVALID_ARGUMENT"
+    assert "chunk.input.tokens.ids[0] = 999" in str(body(refused).error)
+    assert isinstance(applied, ChunkOutcome) and applied.total_steps == 1
+
+
+def wire_frames(seq: int, count: int, values: list[float]) -> m.Request:
+    flat = pb.Frames(values=values, frame_count=count)
+    message = pb.Chunk(seq=seq, input=pb.SequenceInput(frames=flat))
+    return codec.stream_request(pb.StreamRequest(chunk=message))
