@@ -262,6 +262,7 @@ class Replica:
         return f"{HOST}:{self.front_port or self.port}"
 
     def spawn(self) -> None:
+        self.check_front()
         if self.front_argv is not None and (self.front is None or self.front.poll() is not None):
             log = open(self.logs / f"front{self.slot}.log", "ab")  # noqa: SIM115
             self.front = subprocess.Popen(self.front_argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -289,6 +290,7 @@ class Replica:
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
+                self.check_front()
                 if self.popen.poll() is not None:
                     return False
                 try:
@@ -299,6 +301,14 @@ class Replica:
                     pass
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"replica {self.slot} not SERVING after {START_TIMEOUT_S} s"
+                           f"{self._front_state()}")  # fmt: skip
+
+    def check_front(self) -> None:
+        """A front that stays up (--native without --kill-fronts) and exited on its own crashed:
+        the run fails at once, rather than restarting it or waiting for health."""
+        if self.kill_front or self.front is None or self.front.poll() is None:
+            return
+        raise RuntimeError(f"replica {self.slot}: the native front that stays up died"
                            f"{self._front_state()}")  # fmt: skip
 
     def _front_state(self) -> str:
@@ -817,6 +827,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         load = Load(model, info.vocab_size, len(info.labels), tuple(args.chunks),
                     args.max_chunk_steps, args.think_ms / 1000)  # fmt: skip
         result = await _run(args, replicas, redis, load)
+        for replica in replicas:
+            replica.check_front()  # died since its replica's last restart
         result["cpu_s"] = cpu_seconds(replicas, redis)
     finally:
         final_stops = [replica.stop() for replica in replicas]

@@ -14,6 +14,13 @@ bool Forwarded(const std::string& key) {
          key != kCertCnKey;  // only the front says who a certificate names
 }
 
+// Both calls' operations are started from the other call's reactions, so the upstream call
+// carries two holds (gRPC's rule for operations started outside a call's own reactions): one
+// for the flow of writes to it, one for the flow of reads from it. Without them the upstream
+// call's state is destroyed as soon as its status arrives with nothing in flight (the server
+// behind it went away, or answered before the client's half-close was forwarded), and the next
+// StartWrite / StartWritesDone / StartRead from the client's side used freed memory: the
+// front's "pure virtual method called" aborts and heap corruption under bench.chaos --native.
 class Proxy : public grpc::ServerGenericBidiReactor {
  public:
   Proxy(grpc::GenericCallbackServerContext* ctx, grpc::GenericStub* upstream)
@@ -29,40 +36,54 @@ class Proxy : public grpc::ServerGenericBidiReactor {
     }
     upstream->PrepareBidiStreamingCall(&upstream_ctx_, ctx->method(), {}, &client_);
     std::lock_guard<std::recursive_mutex> lock(mu_);
+    client_.AddMultipleHolds(2);  // the write flow and the read flow (before StartCall)
     client_.StartRead(&from_upstream_);
     client_.StartCall();
     StartRead(&from_client_);
   }
 
-  // Client -> upstream.
+  // Client -> upstream: one message at a time, then the half-close.
   void OnReadDone(bool ok) override {
     std::lock_guard<std::recursive_mutex> lock(mu_);
-    if (upstream_done_) return;  // the call is over: nothing more goes up
-    if (ok) {
+    if (!write_hold_) return;  // the upstream call is over: nothing more goes up
+    if (ok && !upstream_closed_) {
+      upstream_writing_ = true;
       client_.StartWrite(&from_client_);
-    } else {
-      client_.StartWritesDone();
+      return;
     }
+    if (!ok && !upstream_closed_) client_.StartWritesDone();
+    DropWriteHoldLocked();  // no write follows
   }
   void UpstreamWriteDone(bool ok) {
     std::lock_guard<std::recursive_mutex> lock(mu_);
-    if (ok && !finished_) StartRead(&from_client_);
+    upstream_writing_ = false;
+    if (ok && !upstream_closed_) {
+      StartRead(&from_client_);
+    } else {
+      DropWriteHoldLocked();  // the upstream call is broken or over: its status follows
+    }
   }
 
-  // Upstream -> client.
+  // Upstream -> client: one message at a time; the status comes with UpstreamDone.
   void UpstreamReadDone(bool ok) {
     std::lock_guard<std::recursive_mutex> lock(mu_);
-    if (!ok) return;  // the status comes with UpstreamDone
+    if (!ok) {  // the upstream call is over (or broken): no read or write follows
+      upstream_closed_ = true;
+      DropReadHoldLocked();
+      if (!upstream_writing_) DropWriteHoldLocked();  // else UpstreamWriteDone drops it
+      return;
+    }
     writing_ = true;
     StartWrite(&from_upstream_);
   }
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::recursive_mutex> lock(mu_);
     writing_ = false;
-    if (!ok) {
+    if (ok) {
+      client_.StartRead(&from_upstream_);  // the read hold is held: the call is not over
+    } else {  // the client is gone: no more reads from upstream, and the call is cancelled
       upstream_ctx_.TryCancel();
-    } else if (!upstream_done_) {
-      client_.StartRead(&from_upstream_);
+      DropReadHoldLocked();
     }
     FinishLocked();
   }
@@ -97,6 +118,17 @@ class Proxy : public grpc::ServerGenericBidiReactor {
       Finish(status_);
     }
   }
+  // RemoveHold never runs OnDone inline (it is scheduled), so these are safe under mu_.
+  void DropWriteHoldLocked() {
+    if (!write_hold_) return;
+    write_hold_ = false;
+    client_.RemoveHold();
+  }
+  void DropReadHoldLocked() {
+    if (!read_hold_) return;
+    read_hold_ = false;
+    client_.RemoveHold();
+  }
 
   class Client : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
    public:
@@ -117,7 +149,11 @@ class Proxy : public grpc::ServerGenericBidiReactor {
   Client client_;
   std::recursive_mutex mu_;
   grpc::ByteBuffer from_client_, from_upstream_;
-  bool writing_ = false, upstream_done_ = false, finished_ = false;
+  bool writing_ = false;           // a message is being written to the client
+  bool upstream_writing_ = false;  // a message is being written upstream
+  bool upstream_closed_ = false;   // the upstream call's reads ended: it is over
+  bool write_hold_ = true, read_hold_ = true;  // the upstream call's two holds, until dropped
+  bool upstream_done_ = false, finished_ = false;
   int refs_ = 2;  // OnDone and the upstream call's OnDone
   grpc::Status status_;
 };
