@@ -7,6 +7,10 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 #include <signal.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -39,13 +43,14 @@ struct Options {
   std::string tls_cert, tls_key, tls_client_ca;
   size_t max_tick_bytes = 64 << 20;
   int max_ticks_in_flight = 2;
+  long parent_pid = 0;  // --parent-pid: exit (as on SIGTERM) when that process dies
 };
 
 int Usage(const char* why) {
   std::fprintf(stderr,
                "lstm-serve-front: %s\nusage: lstm-serve-front --dir DIR [--listen HOST:PORT] "
                "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--max-tick-bytes N] "
-               "[--max-ticks-in-flight N]\n",
+               "[--max-ticks-in-flight N] [--parent-pid PID]\n",
                why);
   return 2;
 }
@@ -71,6 +76,15 @@ std::shared_ptr<grpc::Channel> Local(const std::string& socket) {
   return grpc::CreateCustomChannel("unix:" + socket, grpc::InsecureChannelCredentials(), args);
 }
 
+// lstm-serve --native-front: the parent's death (SIGKILL included) sends this process SIGTERM,
+// waited for below like any other. Checked after prctl: a parent that died before it is gone.
+bool ExitWithParent(long parent_pid) {
+#ifdef __linux__
+  if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) return false;
+#endif
+  return static_cast<long>(getppid()) == parent_pid;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -86,6 +100,7 @@ int main(int argc, char** argv) {
     else if (arg == "--tls-client-ca") opt.tls_client_ca = value;
     else if (arg == "--max-tick-bytes") opt.max_tick_bytes = std::strtoull(value.c_str(), nullptr, 10);
     else if (arg == "--max-ticks-in-flight") opt.max_ticks_in_flight = std::atoi(value.c_str());
+    else if (arg == "--parent-pid") opt.parent_pid = std::atol(value.c_str());
     else return Usage(("unknown flag " + arg).c_str());
   }
   if (opt.dir.empty()) return Usage("--dir is required (lstm-serve --native-front-dir)");
@@ -99,6 +114,9 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // every thread: waited for below
+  if (opt.parent_pid != 0 && !ExitWithParent(opt.parent_pid)) {
+    return Usage("--parent-pid: that process is not this one's parent (it ended already?)");
+  }
 
   front::Ticker ticker(Local(opt.dir + "/ticks.sock"), opt.max_tick_bytes, opt.max_ticks_in_flight);
   front::FrontService service(&ticker, Local(opt.dir + "/grpc.sock"));
