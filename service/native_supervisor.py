@@ -200,10 +200,12 @@ class NativeFrontProcess:
         }})  # fmt: skip
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        """SIGKILL; wait() also waits for its pipes to close, which a process it left behind
+        could hold: bounded."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 2.0)
 
     def _remove_folder(self) -> None:
         if self.options.remove_folder:
@@ -247,9 +249,9 @@ async def _forward(stream: asyncio.StreamReader, on_line: _LineHandler) -> None:
             if exc.partial.strip():
                 on_line(exc.partial.decode(errors="replace").rstrip())
             return
-        except asyncio.LimitOverrunError as exc:
+        except asyncio.LimitOverrunError as exc:  # the buffer holds up to ~2x the limit
             raw = await stream.readexactly(exc.consumed)
-            on_line(raw.decode(errors="replace").rstrip() + " [cut]")
+            on_line(raw[:MAX_LINE_BYTES].decode(errors="replace").rstrip() + " [cut]")
             await _skip_line(stream)
             continue
         line = raw.decode(errors="replace").rstrip()
