@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from tests.e2e.conftest import ROOT, ServerProcess
+from tests.e2e.test_image import health_after_sigterm
 from tests.e2e.test_native_front import (
     _blanked,
     _text,
@@ -194,9 +195,58 @@ def test_a_killed_front_is_started_again_and_the_client_resumes(pair, tmp_path: 
     assert (restarts, up, code) == (1.0, 1.0, 0)
 
 
+def test_tls_and_client_certificates_are_the_python_fronts(tmp_path: Path) -> None:
+    """--tls-cert / --tls-key / --tls-client-ca serve the front's port: a verified client's
+    certificate names the caller (--principal-from-cert; another cannot resume its session),
+    a plaintext call is refused."""
+    from tests.integration.tls_certs import Authority
+
+    ca = Authority()
+    cert, key = ca.issue("lstm-serve", server=True).write(tmp_path, "server")
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca",
+           str(ca.write(tmp_path)), "--principal-from-cert")  # fmt: skip
+    server = supervised(tmp_path, *tls)
+    people = {name: ca.issue(name, server=False) for name in ("alice", "bob")}
+
+    def credentials(name: str) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(ca.pem, people[name].key, people[name].cert)
+
+    async def calls() -> list[object]:
+        async with grpc.aio.secure_channel(server.address, credentials("alice")) as channel:
+            call = pb_grpc.LstmServeStub(channel).Stream(iter(text_conversation()[:2]))
+            replies = [r async for r in call]
+        resume = [
+            pb.StreamRequest(resume=pb.ResumeSession(session_id=replies[0].opened.session_id))
+        ]
+        outcomes: list[object] = [replies[1].chunk.steps]
+        for name in ("bob", "alice"):
+            async with grpc.aio.secure_channel(server.address, credentials(name)) as channel:
+                try:
+                    got = [r async for r in pb_grpc.LstmServeStub(channel).Stream(iter(resume))]
+                    outcomes.append(got[0].opened.resumed)
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(exc.code())
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            try:
+                await pb_grpc.LstmServeStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(exc.code())
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(calls())
+        argv = Path(f"/proc/{front_pid(server)}/cmdline").read_bytes().split(b"\0")
+    finally:
+        assert server.stop() == 0
+    assert outcomes == [9, grpc.StatusCode.NOT_FOUND, True, grpc.StatusCode.UNAVAILABLE]
+    for flag, value in zip(tls[:-1:2], tls[1::2], strict=True):
+        assert argv[argv.index(flag.encode()) + 1] == value.encode()
+
+
 def test_sigterm_drains_through_the_front_then_both_exit_0(tmp_path: Path) -> None:
-    """SIGTERM to lstm-serve: the open stream gets its session's final snapshot through the
-    front, then UNAVAILABLE; the front is stopped after that, and both exit 0."""
+    """SIGTERM to lstm-serve: health through the front leaves SERVING, the open stream gets its
+    session's final snapshot through the front, then UNAVAILABLE; the front is stopped after
+    that, and both exit 0."""
     server = supervised(tmp_path, *KEY, "--drain-grace-s", "5")
     pid = front_pid(server)
 
@@ -210,6 +260,7 @@ def test_sigterm_drains_through_the_front_then_both_exit_0(tmp_path: Path) -> No
                 yield await more.get()
 
         replies: list[object] = []
+        health: list[asyncio.Task[int]] = []
         async with grpc.aio.insecure_channel(server.address) as channel:
             call = pb_grpc.LstmServeStub(channel).Stream(requests())
             try:
@@ -217,15 +268,21 @@ def test_sigterm_drains_through_the_front_then_both_exit_0(tmp_path: Path) -> No
                     replies.append(_blanked(reply))
                     if len(replies) == 3:
                         server.terminate()
+                        health.append(asyncio.create_task(asyncio.to_thread(health_after)))
             except grpc.aio.AioRpcError as exc:
                 replies.append(exc.code())
-        return replies
+        return [*replies, await health[0]]
+
+    def health_after() -> int:  # through the front's pass-through, on its own channel
+        with grpc.insecure_channel(server.address) as channel:
+            return health_after_sigterm(health_pb2_grpc.HealthStub(channel))
 
     try:
-        replies = asyncio.run(asyncio.wait_for(held_open(), 30))
+        *replies, health = asyncio.run(asyncio.wait_for(held_open(), 30))
         code = server.proc.wait(20)
     finally:
         server.stop()
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING
     assert replies[3].snapshot.final and replies[3].snapshot.last_applied_seq == 2
     assert replies[-1] == grpc.StatusCode.UNAVAILABLE and len(replies) == 5
     stopped = server.wait_event("native front stopped", 1)
