@@ -50,6 +50,7 @@ HEALTH_SERVICES = ("", SERVICE_NAME, triton_grpc.SERVICE.full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STOP_STEP_S = 2.0  # each step of the stop after the grace (gRPC: the rest of the grace + this)
+NATIVE_STOP_S = native_supervisor.STOP_TIMEOUT_S + STOP_STEP_S  # the ticks server, the front
 
 
 class LstmServer:
@@ -77,9 +78,9 @@ class LstmServer:
         # --health-port: grpc.health.v1 alone, in plaintext, for probes that cannot do TLS.
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
-        # --native-front-dir: the native front's ticks, on a Unix socket only (native_front.py).
+        # The native front's ticks (--native-front-dir, a Unix socket only: native_front.py)
+        # and the front's process on the gRPC port, run here with --native-front.
         self.ticks_server: grpc.aio.Server | None = None
-        # --native-front: the front process on the gRPC port, run and supervised here.
         self.native: native_supervisor.NativeFrontProcess | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,16 +96,13 @@ class LstmServer:
         await self.grpc.start()
         if self.health_server is not None:
             await self.health_server.start()
-        if self.ticks_server is not None:
-            await self.ticks_server.start()
         if self.http is not None:
             self.http_port = await self.http.start(self.config.host, self.config.http_port)
         if self.config.metrics_port >= 0:
             self._metrics_server, self.metrics_port = metrics.start_metrics_server(
                 self.config.metrics_port, self.config.metrics_host or self.config.host
             )
-        if self.native is not None:  # last: it connects to the servers started above
-            await self.native.start()
+        await _start_native(self)  # last: the front connects to the servers started above
         self._spawn(self._load_models(), "load-models")
         self._spawn(self.engine.store.run_evictor(self.config.eviction_interval_s), "evictor")
 
@@ -214,10 +212,7 @@ class LstmServer:
             if self.health_server is not None:
                 await self._stop_step("health port stop", self.health_server.stop(0))
             if self.ticks_server is not None:
-                await self._stop_step("native front stop", self.ticks_server.stop(0))
-            if self.native is not None:  # after the drain's final snapshots went through it
-                await self._stop_step("native front process stop", self.native.stop(),
-                                      native_supervisor.STOP_TIMEOUT_S + STOP_STEP_S)  # fmt: skip
+                await self._stop_step("native front stop", _stop_native(self), NATIVE_STOP_S)
             if self.http is not None:  # aiohttp would wait 60 s for a request still being read
                 await self._stop_step("http stop", self.http.stop())
             await self._stop_step("session store close", self.engine.continuity.close())
@@ -257,6 +252,23 @@ class LstmServer:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+async def _start_native(app: LstmServer) -> None:
+    """The native front's ticks server, then (--native-front) the front itself."""
+    if app.ticks_server is not None:
+        await app.ticks_server.start()
+    if app.native is not None:
+        await app.native.start()
+
+
+async def _stop_native(app: LstmServer) -> None:
+    """After the drain: the ticks server, then the front that its final snapshots went
+    through (--native-front)."""
+    assert app.ticks_server is not None
+    await app.ticks_server.stop(0)
+    if app.native is not None:
+        await app.native.stop()
 
 
 class SessionStoreUnreachable(RuntimeError):
