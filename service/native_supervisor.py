@@ -123,11 +123,14 @@ class NativeFrontProcess:
 
     async def _launch(self) -> None:
         """One start: the process, its first line (the port), then its output to the log."""
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, limit=MAX_LINE_BYTES,
-            start_new_session=True,  # a terminal's Ctrl-C is for lstm-serve, which drains first
-        )  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=MAX_LINE_BYTES,
+                start_new_session=True,  # a terminal's Ctrl-C is for lstm-serve: it drains first
+            )  # fmt: skip
+        except OSError as exc:  # the binary gone or not executable any more, no memory, ...
+            raise _StartFailed(f"cannot run {self.options.binary}: {exc}") from None
         assert proc.stdout is not None and proc.stderr is not None
         self._proc = proc
         self._read(proc.stderr, self._stderr_line)
@@ -171,9 +174,11 @@ class NativeFrontProcess:
             }})  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
-            with contextlib.suppress(_StartFailed):  # logged; the loop waits and tries again
+            try:
                 if not self._stopping:
                     await self._launch()
+            except _StartFailed as exc:  # the loop counts it, waits and tries again
+                log.error("native front did not start", extra={"fields": {"error": str(exc)}})
 
     async def stop(self) -> None:
         """SIGTERM the front (calls in flight get 5 s), SIGKILL after STOP_TIMEOUT_S; then its

@@ -91,6 +91,28 @@ def test_a_front_that_ends_is_started_again_with_a_doubling_bounded_delay(
     assert metrics.NATIVE_FRONT_RESTARTS._value.get() - before == front.restarts >= 5
 
 
+def test_a_front_that_cannot_start_again_is_logged_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(native_supervisor, "RESTART_FIRST_S", 0.01)
+    marker = tmp_path / "started-once"
+    body = f"[ -e {marker} ] && {{ echo 'cannot listen' >&2; exit 1; }}; touch {marker}"
+    front = process(script(tmp_path, f"{body}; {LISTENING}; exit 3"), tmp_path)
+
+    async def main() -> None:
+        await front.start()
+        deadline = time.monotonic() + 20
+        while front.restarts < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await front.stop()
+
+    with caplog.at_level(logging.INFO, logger="service.native_supervisor"):
+        asyncio.run(main())
+    failed = [r for r in caplog.records if r.getMessage() == "native front did not start"]
+    assert front.restarts >= 3 and len(failed) >= 2
+    assert "cannot listen" in failed[0].fields["error"]
+
+
 def test_a_front_that_cannot_start_is_a_configuration_error_with_its_words(
     tmp_path: Path,
 ) -> None:
