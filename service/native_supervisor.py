@@ -36,6 +36,7 @@ STOP_TIMEOUT_S = 8.0  # the front's own stop gives calls in flight 5 s; then SIG
 RESTART_FIRST_S = 0.1
 RESTART_MAX_S = 5.0
 STEADY_S = 30.0  # a front that ran this long restarts after RESTART_FIRST_S again
+TLS_RELOAD_S = 1  # the front reads the TLS files again this often (lstm-serve: on change)
 MAX_LINE_BYTES = 8192  # longer output lines are cut (never buffered without bound)
 
 
@@ -105,7 +106,8 @@ class NativeFrontProcess:
         argv = [str(o.binary), "--listen", f"{o.host}:{self.port}", "--dir", str(o.folder),
                 "--parent-pid", str(os.getpid())]  # fmt: skip
         if o.tls_cert:
-            argv += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
+            argv += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key,
+                     "--tls-reload-s", str(TLS_RELOAD_S)]  # fmt: skip
         if o.tls_client_ca:
             argv += ["--tls-client-ca", o.tls_client_ca]
         return argv

@@ -5,6 +5,8 @@
 // Serves LstmServe/Stream natively (batched into ticks for the Python server on DIR/ticks.sock)
 // and passes every other method through to DIR/grpc.sock (lstm-serve --native-front-dir DIR).
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
 #include <signal.h>
 #include <unistd.h>
@@ -44,13 +46,14 @@ struct Options {
   size_t max_tick_bytes = 64 << 20;
   int max_ticks_in_flight = 2;
   long parent_pid = 0;  // --parent-pid: exit (as on SIGTERM) when that process dies
+  int tls_reload_s = 10;  // --tls-reload-s: how often the TLS files are read again
 };
 
 int Usage(const char* why) {
   std::fprintf(stderr,
                "lstm-serve-front: %s\nusage: lstm-serve-front --dir DIR [--listen HOST:PORT] "
                "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--max-tick-bytes N] "
-               "[--max-ticks-in-flight N] [--parent-pid PID]\n",
+               "[--max-ticks-in-flight N] [--parent-pid PID] [--tls-reload-s N]\n",
                why);
   return 2;
 }
@@ -101,6 +104,7 @@ int main(int argc, char** argv) {
     else if (arg == "--max-tick-bytes") opt.max_tick_bytes = std::strtoull(value.c_str(), nullptr, 10);
     else if (arg == "--max-ticks-in-flight") opt.max_ticks_in_flight = std::atoi(value.c_str());
     else if (arg == "--parent-pid") opt.parent_pid = std::atol(value.c_str());
+    else if (arg == "--tls-reload-s") opt.tls_reload_s = std::atoi(value.c_str());
     else return Usage(("unknown flag " + arg).c_str());
   }
   if (opt.dir.empty()) return Usage("--dir is required (lstm-serve --native-front-dir)");
@@ -108,6 +112,7 @@ int main(int argc, char** argv) {
   if (!opt.tls_client_ca.empty() && opt.tls_cert.empty()) {
     return Usage("--tls-client-ca needs --tls-cert and --tls-key");
   }
+  if (opt.tls_reload_s < 1) return Usage("--tls-reload-s must be >= 1");
 
   sigset_t signals;
   sigemptyset(&signals);
@@ -123,19 +128,26 @@ int main(int argc, char** argv) {
 
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!opt.tls_cert.empty()) {
-    grpc::SslServerCredentialsOptions ssl;
-    grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-    if (!ReadFile(opt.tls_key, &pair.private_key) || !ReadFile(opt.tls_cert, &pair.cert_chain)) {
+    // Read here for a clear error at start; then gRPC's file watcher reads them again every
+    // --tls-reload-s (new connections get what changed; a key that does not match its
+    // certificate is not taken), as lstm-serve re-reads its own.
+    std::string pem;
+    if (!ReadFile(opt.tls_key, &pem) || !ReadFile(opt.tls_cert, &pem)) {
       return Usage("cannot read --tls-cert / --tls-key");
     }
-    ssl.pem_key_cert_pairs.push_back(pair);
-    if (!opt.tls_client_ca.empty()) {  // mTLS: a client certificate signed by these CAs
-      if (!ReadFile(opt.tls_client_ca, &ssl.pem_root_certs)) {
-        return Usage("cannot read --tls-client-ca");
-      }
-      ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    if (!opt.tls_client_ca.empty() && !ReadFile(opt.tls_client_ca, &pem)) {
+      return Usage("cannot read --tls-client-ca");
     }
-    credentials = grpc::SslServerCredentials(ssl);
+    auto files = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        opt.tls_key, opt.tls_cert, opt.tls_client_ca, opt.tls_reload_s);
+    grpc::experimental::TlsServerCredentialsOptions tls(files);
+    tls.watch_identity_key_cert_pairs();
+    tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    if (!opt.tls_client_ca.empty()) {  // mTLS: a client certificate signed by these CAs
+      tls.watch_root_certs();
+      tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    }
+    credentials = grpc::experimental::TlsServerCredentials(tls);
   }
   grpc::ServerBuilder builder;
   int port = 0;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -241,6 +242,45 @@ def test_tls_and_client_certificates_are_the_python_fronts(tmp_path: Path) -> No
     assert outcomes == [9, grpc.StatusCode.NOT_FOUND, True, grpc.StatusCode.UNAVAILABLE]
     for flag, value in zip(tls[:-1:2], tls[1::2], strict=True):
         assert argv[argv.index(flag.encode()) + 1] == value.encode()
+
+
+def test_new_connections_get_a_rotated_certificate_open_ones_keep_theirs(tmp_path: Path) -> None:
+    """The TLS files replaced (another CA's certificate): within seconds new connections get
+    the new certificate, and a stream opened before goes on, as on the Python front."""
+    from tests.integration.tls_certs import Authority
+
+    old, new = Authority("old CA"), Authority("new CA")
+    cert, key = old.issue("lstm-serve", server=True).write(tmp_path, "server")
+    server = supervised(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+
+    def handshakes(ca: Authority) -> bool:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
+        with grpc.secure_channel(server.address, credentials) as channel:  # a new connection
+            try:
+                pb_grpc.LstmServeStub(channel).ListModels(pb.ListModelsRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+        return True
+
+    credentials = grpc.ssl_channel_credentials(root_certificates=old.pem)
+    try:
+        with grpc.secure_channel(server.address, credentials) as channel:
+            more: queue.Queue[pb.StreamRequest] = queue.Queue()
+            replies = pb_grpc.LstmServeStub(channel).Stream(iter(more.get, None), timeout=60)
+            for request in text_conversation()[:2]:
+                more.put(request)
+            assert next(replies).HasField("opened") and next(replies).chunk.steps == 9
+            assert handshakes(old) and not handshakes(new)
+            new_cert, new_key = new.issue("lstm-serve", server=True).write(tmp_path, "new")
+            os.replace(new_key, key)
+            os.replace(new_cert, cert)
+            wait_until(lambda: handshakes(new), 15, "a new connection gets the new certificate")
+            assert not handshakes(old)
+            more.put(_text(2, "ld"))
+            assert next(replies).chunk.steps == 2  # the stream opened before goes on
+            more.put(None)  # type: ignore[arg-type]
+    finally:
+        assert server.stop() == 0
 
 
 def test_sigterm_drains_through_the_front_then_both_exit_0(tmp_path: Path) -> None:
