@@ -11,6 +11,10 @@
 # also runs in a fresh venv: the image installs exactly pyproject.toml's base dependencies and the
 # `tracing` extra (CPU), or those with onnxruntime swapped for the `gpu` extra (GPU). No other
 # extra, so no torch.
+# The native front (native/, C++; docs/NATIVE_FRONT.md) is built in a stage of its own with the
+# base's gRPC packages (Debian bookworm: gRPC 1.51); the runtime installs only the shared
+# libraries it links (read from ldd) and runs it with LSTM_SERVE_NATIVE_FRONT=true. The default
+# stays the Python front.
 # Pin the base by digest for reproducible releases (NAME:TAG@sha256:...).
 
 ARG TARGET=cpu
@@ -31,7 +35,28 @@ RUN python3.11 -m venv /opt/venv \
     && python -c "import service.server" \
     && ! python -c "import torch" 2>/dev/null
 
-# ---- runtime: the venv, the models, a non-root user ----------------------------------------
+# ---- native: the native front, compiled with the base's own gRPC C++ packages ---------------
+FROM ${BASE_IMAGE} AS native
+WORKDIR /src
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler cmake g++ make \
+       pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+COPY native/CMakeLists.txt ./native/
+COPY native/src/ ./native/src/
+COPY proto/lstmserve/v1/ ./proto/lstmserve/v1/
+# /out/runtime-packages: the packages holding the libraries the binary links (ldd -> dpkg -S),
+# which the runtime installs instead of the -dev packages and the compiler.
+RUN cmake -S native -B native/build -DCMAKE_BUILD_TYPE=Release >/dev/null \
+    && cmake --build native/build -j "$(nproc)" \
+    && install -D -s native/build/lstm-serve-front /out/lstm-serve-front \
+    && ldd /out/lstm-serve-front | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | xargs realpath \
+       | xargs dpkg -S 2>/dev/null | cut -d: -f1 | sort -u > /out/runtime-packages \
+    && grep -q '^libgrpc++' /out/runtime-packages
+
+# ---- runtime: the venv, the models, the native front, a non-root user ----------------------
 FROM ${BASE_IMAGE} AS runtime
 ARG TARGET
 LABEL org.opencontainers.image.title="lstm-serve" \
@@ -42,6 +67,14 @@ RUN groupadd --system --gid 10001 lstm \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /app \
        --shell /usr/sbin/nologin lstm
 COPY --from=build /opt/venv /opt/venv
+COPY --from=native /out/runtime-packages /tmp/native-front-packages
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && xargs -a /tmp/native-front-packages env DEBIAN_FRONTEND=noninteractive \
+       apt-get install -y --no-install-recommends \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /tmp/native-front-packages
+COPY --from=native /out/lstm-serve-front /usr/local/bin/lstm-serve-front
+RUN ! ldd /usr/local/bin/lstm-serve-front | grep "not found"
 COPY deploy/docker/healthcheck.py /app/healthcheck.py
 # The model repository: baked in here; mount a volume over /app/models to serve others.
 COPY models/ /app/models/
@@ -55,7 +88,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     LSTM_SERVE_HTTP_PORT=8000 \
     LSTM_SERVE_GRPC_PORT=8001 \
     LSTM_SERVE_METRICS_PORT=8002 \
-    LSTM_SERVE_LOG_JSON=true
+    LSTM_SERVE_LOG_JSON=true \
+    LSTM_SERVE_NATIVE_FRONT=false
 WORKDIR /app
 USER 10001:10001
 # Triton's ports: HTTP/REST (KServe v2), gRPC, metrics.

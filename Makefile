@@ -61,6 +61,7 @@ $(NATIVE_BIN): native/CMakeLists.txt $(wildcard native/src/*) proto/lstmserve/v1
 
 test-native: $(TEST_VENV)/.installed $(NATIVE_BIN)
 	LSTM_SERVE_REQUIRE_NATIVE=1 $(TEST_VENV)/bin/python -m pytest tests/e2e/test_native_front.py \
+		tests/e2e/test_native_supervised.py \
 		tests/unit/test_native_streams.py tests/integration/test_stream.py \
 		tests/integration/test_text_streaming.py tests/integration/test_errors.py \
 		tests/integration/test_decisions.py \

@@ -38,9 +38,11 @@ async def serve(config: ServerConfig) -> int:
     except BaseException:  # e.g. a busy --metrics-port: the gRPC server had already started
         await _abandon(app)
         raise
+    if app.native is not None:  # the native front serves the gRPC port (--native-front)
+        port = app.native.port
     log.info("listening", extra={"fields": {
         "grpc_port": port, "metrics_port": app.metrics_port, "http_port": app.http_port,
-        "host": config.host,
+        "host": config.host, "native_front": app.native is not None,
         "model_repository": str(config.model_repository),
         "health_port": app.health_port, "tls": app.tls is not None,
         "auth": config.auth_enabled, "reflection": config.reflection,

@@ -119,6 +119,8 @@ class ServerConfig:
     metrics_host: str = ""
     health_port: int = -1
     native_front_dir: str = ""
+    native_front: bool = False
+    native_front_bin: str = "lstm-serve-front"
     log_json: bool = False
     log_level: str = "INFO"
     # OpenTelemetry tracing (the `tracing` extra): off while no endpoint is set.
@@ -134,6 +136,8 @@ class ServerConfig:
         self._check_limits()
         check_security(self)
         check_tracing(self)
+        if self.native_front and not self.native_front_bin.strip():
+            raise ConfigError("--native-front-bin is empty: name the native front's binary")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
 
@@ -556,7 +560,20 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "trace_service_name": ("service.name of the traces (OTEL_RESOURCE_ATTRIBUTES adds more)", str),
     "native_front_dir": (
         "also serve on Unix sockets in this directory (made private) for the native front "
-        "(native/, `make native`), which then owns the public gRPC port; empty = off",
+        "(native/, `make native`), which then owns the public gRPC port; empty = off (with "
+        "--native-front: a private temporary directory)",
+        str,
+    ),
+    "native_front": (
+        "run the native front (native/, C++) on the gRPC port (--host, --grpc-port, the same "
+        "TLS files) and supervise it (restarted if it dies, stopped after the drain); this "
+        "server then serves gRPC on the Unix sockets of --native-front-dir only "
+        "(docs/NATIVE_FRONT.md)",
+        bool,
+    ),
+    "native_front_bin": (
+        "the native front's binary for --native-front: a path, or a name looked up on PATH "
+        "(the default, then the checkout's native/build/lstm-serve-front)",
         str,
     ),
     "log_json": ("log one JSON object per line", bool),

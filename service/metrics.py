@@ -315,6 +315,19 @@ class ExportedOnceSet:
 
 _STORE_UP = ExportedOnceSet(SESSION_STORE_UP)
 
+# --native-front: the front process lstm-serve runs and supervises (service/native_supervisor.py).
+NATIVE_FRONT_RESTARTS = Counter(
+    "lstm_serve_native_front_restarts_total",
+    "Times the supervised native front (--native-front) ended unasked and was started again.",
+)
+NATIVE_FRONT_UP_GAUGE = Gauge(
+    "lstm_serve_native_front_up",
+    "1 while the supervised native front (--native-front) serves the gRPC port, 0 while it is "
+    "being restarted; absent without --native-front.",
+    registry=None,  # registered by the first set(): see ExportedOnceSet
+)
+NATIVE_FRONT_UP = ExportedOnceSet(NATIVE_FRONT_UP_GAUGE)
+
 
 class SessionLimits(Protocol):
     """What the limit gauges read from the session store (service.engine's SessionStore)."""

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
-from service import metrics, native_front
+from service import metrics, native_front, native_supervisor
 from service.config import (
     PROVIDER_ALIASES,
     ServerConfig,
@@ -48,6 +50,7 @@ HEALTH_SERVICES = ("", SERVICE_NAME, triton_grpc.SERVICE.full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STOP_STEP_S = 2.0  # each step of the stop after the grace (gRPC: the rest of the grace + this)
+NATIVE_STOP_S = native_supervisor.STOP_TIMEOUT_S + STOP_STEP_S  # the ticks server, the front
 
 
 class LstmServer:
@@ -75,8 +78,10 @@ class LstmServer:
         # --health-port: grpc.health.v1 alone, in plaintext, for probes that cannot do TLS.
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
-        # --native-front-dir: the native front's ticks, on a Unix socket only (native_front.py).
+        # The native front's ticks (--native-front-dir, a Unix socket only: native_front.py)
+        # and the front's process on the gRPC port, run here with --native-front.
         self.ticks_server: native_front.TicksServer | None = None
+        self.native: native_supervisor.NativeFrontProcess | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()
@@ -91,14 +96,13 @@ class LstmServer:
         await self.grpc.start()
         if self.health_server is not None:
             await self.health_server.start()
-        if self.ticks_server is not None:
-            await self.ticks_server.start()
         if self.http is not None:
             self.http_port = await self.http.start(self.config.host, self.config.http_port)
         if self.config.metrics_port >= 0:
             self._metrics_server, self.metrics_port = metrics.start_metrics_server(
                 self.config.metrics_port, self.config.metrics_host or self.config.host
             )
+        await _start_native(self)  # last: the front connects to the servers started above
         self._spawn(self._load_models(), "load-models")
         self._spawn(self.engine.store.run_evictor(self.config.eviction_interval_s), "evictor")
 
@@ -208,7 +212,7 @@ class LstmServer:
             if self.health_server is not None:
                 await self._stop_step("health port stop", self.health_server.stop(0))
             if self.ticks_server is not None:
-                await self._stop_step("native front stop", self.ticks_server.stop(0))
+                await self._stop_step("native front stop", _stop_native(self), NATIVE_STOP_S)
             if self.http is not None:  # aiohttp would wait 60 s for a request still being read
                 await self._stop_step("http stop", self.http.stop())
             await self._stop_step("session store close", self.engine.continuity.close())
@@ -248,6 +252,23 @@ class LstmServer:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+async def _start_native(app: LstmServer) -> None:
+    """The native front's ticks server, then (--native-front) the front itself."""
+    if app.ticks_server is not None:
+        await app.ticks_server.start()
+    if app.native is not None:
+        await app.native.start()
+
+
+async def _stop_native(app: LstmServer) -> None:
+    """After the drain: the ticks server, then the front that its final snapshots went
+    through (--native-front)."""
+    assert app.ticks_server is not None
+    await app.ticks_server.stop(0)
+    if app.native is not None:
+        await app.native.stop()
 
 
 class SessionStoreUnreachable(RuntimeError):
@@ -341,10 +362,14 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     add_health(app.health, server)  # health and reflection also parse leniently
     if config.reflection:
         add_reflection((*HEALTH_SERVICES[1:], HEALTH.full_name, REFLECTION.full_name), server)
-    port = _bind(server, config.host, config.grpc_port, "--grpc-port",
-                 tls.grpc_credentials() if tls is not None else None)  # fmt: skip
-    if config.native_front_dir:
-        _bind_native_front(app, server, auth)
+    if config.native_front:  # the front owns the gRPC port; this server, the sockets only
+        port = config.grpc_port  # the front's own once it started (app.native.port)
+        _supervise_native_front(app, server, auth)
+    else:
+        port = _bind(server, config.host, config.grpc_port, "--grpc-port",
+                     tls.grpc_credentials() if tls is not None else None)  # fmt: skip
+    if config.native_front_dir and not config.native_front:
+        _bind_native_front(app, server, auth, config.native_front_dir)
     if config.health_port >= 0:
         app.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_health(app.health, app.health_server)  # the same statuses as on the gRPC port
@@ -353,16 +378,37 @@ def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     return app, port
 
 
-def _bind_native_front(app: LstmServer, server: grpc.aio.Server,
-                       auth: Authenticator | None) -> None:  # fmt: skip
+def _bind_native_front(app: LstmServer, server: grpc.aio.Server, auth: Authenticator | None,
+                       path: str) -> Path:  # fmt: skip
     """The native front's two sockets: every public RPC (plaintext: local), and its ticks."""
-    folder = native_front.private_dir(app.config.native_front_dir)
+    folder = native_front.private_dir(path)
     address = f"unix:{folder / native_front.PUBLIC_SOCKET}"
     if server.add_insecure_port(address) == 0:
         raise ConfigError(f"cannot listen on {address} (--native-front-dir)")
     app.ticks_server = native_front.build_ticks_server(
         app.layer, app.config.session_idle_timeout_s, auth, folder
     )
+    return folder
+
+
+def _supervise_native_front(app: LstmServer, server: grpc.aio.Server,
+                            auth: Authenticator | None) -> None:  # fmt: skip
+    """--native-front: the sockets (in a private temporary directory without
+    --native-front-dir) and the front process that LstmServer.start() runs on the gRPC port."""
+    config = app.config
+    binary = native_supervisor.find_binary(config.native_front_bin)
+    path, temporary = native_supervisor.socket_dir(config.native_front_dir)
+    try:
+        folder = _bind_native_front(app, server, auth, path)
+    except ConfigError:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    app.native = native_supervisor.NativeFrontProcess(native_supervisor.FrontOptions(
+        binary=binary, host=config.host, port=config.grpc_port, folder=folder,
+        tls_cert=config.tls_cert, tls_key=config.tls_key, tls_client_ca=config.tls_client_ca,
+        remove_folder=temporary,
+    ))  # fmt: skip
 
 
 def _bind(

@@ -1,7 +1,8 @@
 """The native front (native/, `make native`) as a subprocess in front of a server's sockets.
 
 Tests that need it skip when it is not built, unless LSTM_SERVE_REQUIRE_NATIVE=1 (CI builds
-it: there a missing binary fails them). LSTM_SERVE_NATIVE_FRONT names another binary.
+it: there a missing binary fails them). LSTM_SERVE_NATIVE_FRONT_BIN names another binary (the
+variable lstm-serve reads for --native-front-bin).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ BUILT = ROOT / "native" / "build" / "lstm-serve-front"
 
 def binary() -> Path:
     """The front's binary; skips (or, where it is required, fails) the test without it."""
-    path = Path(os.environ.get("LSTM_SERVE_NATIVE_FRONT") or BUILT)
+    path = Path(os.environ.get("LSTM_SERVE_NATIVE_FRONT_BIN") or BUILT)
     if path.is_file() and os.access(path, os.X_OK):
         return path
     why = f"the native front is not built ({path}): run `make native`"

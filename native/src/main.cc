@@ -9,6 +9,10 @@
 #include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
 #include <signal.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -41,15 +45,15 @@ struct Options {
   std::string tls_cert, tls_key, tls_client_ca;
   size_t max_tick_bytes = 64 << 20;
   int max_ticks_in_flight = 2;
-  unsigned int tls_refresh_s = 5;
+  long parent_pid = 0;  // --parent-pid: exit (as on SIGTERM) when that process dies
+  int tls_reload_s = 10;  // --tls-reload-s: how often the TLS files are read again
 };
 
 int Usage(const char* why) {
   std::fprintf(stderr,
                "lstm-serve-front: %s\nusage: lstm-serve-front --dir DIR [--listen HOST:PORT] "
-               "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] [--tls-refresh-s N]] "
-               "[--max-tick-bytes N] "
-               "[--max-ticks-in-flight N]\n",
+               "[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--max-tick-bytes N] "
+               "[--max-ticks-in-flight N] [--parent-pid PID] [--tls-reload-s N]\n",
                why);
   return 2;
 }
@@ -75,6 +79,15 @@ std::shared_ptr<grpc::Channel> Local(const std::string& socket) {
   return grpc::CreateCustomChannel("unix:" + socket, grpc::InsecureChannelCredentials(), args);
 }
 
+// lstm-serve --native-front: the parent's death (SIGKILL included) sends this process SIGTERM,
+// waited for below like any other. Checked after prctl: a parent that died before it is gone.
+bool ExitWithParent(long parent_pid) {
+#ifdef __linux__
+  if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) return false;
+#endif
+  return static_cast<long>(getppid()) == parent_pid;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -90,7 +103,8 @@ int main(int argc, char** argv) {
     else if (arg == "--tls-client-ca") opt.tls_client_ca = value;
     else if (arg == "--max-tick-bytes") opt.max_tick_bytes = std::strtoull(value.c_str(), nullptr, 10);
     else if (arg == "--max-ticks-in-flight") opt.max_ticks_in_flight = std::atoi(value.c_str());
-    else if (arg == "--tls-refresh-s") opt.tls_refresh_s = static_cast<unsigned>(std::atoi(value.c_str()));
+    else if (arg == "--parent-pid") opt.parent_pid = std::atol(value.c_str());
+    else if (arg == "--tls-reload-s") opt.tls_reload_s = std::atoi(value.c_str());
     else return Usage(("unknown flag " + arg).c_str());
   }
   if (opt.dir.empty()) return Usage("--dir is required (lstm-serve --native-front-dir)");
@@ -98,38 +112,40 @@ int main(int argc, char** argv) {
   if (!opt.tls_client_ca.empty() && opt.tls_cert.empty()) {
     return Usage("--tls-client-ca needs --tls-cert and --tls-key");
   }
-  if (opt.tls_refresh_s < 1) return Usage("--tls-refresh-s must be at least 1");
+  if (opt.tls_reload_s < 1) return Usage("--tls-reload-s must be >= 1");
 
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // every thread: waited for below
+  if (opt.parent_pid != 0 && !ExitWithParent(opt.parent_pid)) {
+    return Usage("--parent-pid: that process is not this one's parent (it ended already?)");
+  }
 
   front::Ticker ticker(opt.dir + "/ticks.sock", opt.max_tick_bytes, opt.max_ticks_in_flight);
   front::FrontService service(&ticker, Local(opt.dir + "/grpc.sock"));
 
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!opt.tls_cert.empty()) {
-    std::string pem;  // readable now: a clear error at start, not failed handshakes later
+    // Read here for a clear error at start; then gRPC's file watcher reads them again every
+    // --tls-reload-s (new connections get what changed; a key that does not match its
+    // certificate is not taken), as lstm-serve re-reads its own.
+    std::string pem;
     if (!ReadFile(opt.tls_key, &pem) || !ReadFile(opt.tls_cert, &pem)) {
       return Usage("cannot read --tls-cert / --tls-key");
     }
     if (!opt.tls_client_ca.empty() && !ReadFile(opt.tls_client_ca, &pem)) {
       return Usage("cannot read --tls-client-ca");
     }
-    // The files are read again every --tls-refresh-s (cert-manager rotation, as the Python
-    // front reloads them): new handshakes get the new pair, open connections keep theirs; a
-    // pair that does not match is not taken (gRPC logs it and keeps the previous one).
     auto files = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-        opt.tls_key, opt.tls_cert, opt.tls_client_ca, opt.tls_refresh_s);
+        opt.tls_key, opt.tls_cert, opt.tls_client_ca, opt.tls_reload_s);
     grpc::experimental::TlsServerCredentialsOptions tls(files);
     tls.watch_identity_key_cert_pairs();
+    tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
     if (!opt.tls_client_ca.empty()) {  // mTLS: a client certificate signed by these CAs
       tls.watch_root_certs();
       tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-    } else {
-      tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
     }
     credentials = grpc::experimental::TlsServerCredentials(tls);
   }

@@ -111,7 +111,10 @@ class NativeStreams:
                 outcomes[i] = await self._entry(entry, i, work)
             base = len(entries)
             for chunks in packed:
-                for i, entry in self._packed(chunks, base, work):
+                taken = _take_packed(chunks, base, self._streams, self._final, self.draining,
+                                     self.layer.limits.max_chunk_steps)  # fmt: skip
+                work += taken.work
+                for i, entry in taken.others:
                     outcomes[i] = await self._entry(entry, i, work)
                 base += len(chunks)
             await self._chunks(work, outcomes)
@@ -122,47 +125,6 @@ class NativeStreams:
             if isinstance(outcome, NativeOutcome) and (outcome.error is not None or outcome.finish):
                 self._forget(stream, "OK" if outcome.error is None else _code(outcome.error))
         return done
-
-    def _packed(
-        self, chunks: PackedChunks, base: int, work: list[tuple[int, ChunkWork]]
-    ) -> list[tuple[int, NativeEntry]]:
-        """The packed chunks this path takes, added to `work` (message index base + j) after
-        the checks `SessionLayer.decode` makes, vectorised; the others returned as entries for
-        the common path: a stream without a session, a draining server, a model of the other
-        input kind, a chunk with no step or too many, an id out of range, a value not finite,
-        floats that are not whole frames."""
-        max_steps = self.layer.limits.max_chunk_steps
-        frames = chunks.kind == "features"
-        ranges = _token_ranges(chunks, max_steps) if not frames else []
-        finite = _finite(chunks) if frames else []
-        starts, seqs, values = chunks.offsets.tolist(), chunks.seqs, chunks.values
-        streams, final, draining = self._streams, self._final, self.draining
-        others: list[tuple[int, NativeEntry]] = []
-        for j, stream_id in enumerate(chunks.streams):
-            held = streams.get(stream_id)
-            session = held.session if held is not None else None
-            desc = session.model.description if session is not None else None
-            steps = None
-            if desc is not None and not draining and stream_id not in final and \
-                    desc.input_kind == chunks.kind:  # fmt: skip
-                a, b = starts[j], starts[j + 1]
-                if frames:
-                    assert chunks.counts is not None
-                    count, dim = chunks.counts[j], desc.feature_dim
-                    count = count or (b - a) // dim
-                    if finite[j] and b - a == count * dim and 1 <= count <= max_steps:
-                        steps = values[a:b].reshape(count, dim)
-                elif (span := ranges[j]) is not None and span[0] >= 0 and span[1] < desc.vocab_size:
-                    steps = values[a:b]
-            if steps is None:
-                others.append((base + j, NativeEntry(stream_id, chunks.request(j))))
-                continue
-            assert session is not None and held is not None and desc is not None
-            change = None
-            if desc.tokenizer is not None:  # ids settle held text first, as decode_for does
-                steps, change = ids_after_held(session.held, steps)
-            work.append((base + j, ChunkWork(session, seqs[j], steps, change, held.token)))
-        return others
 
     async def _chunks(
         self, work: list[tuple[int, ChunkWork]], outcomes: list[NativeOutcome | ChunkOutcome | None]
@@ -312,6 +274,53 @@ class NativeStreams:
         """The front went away: every stream it held is over."""
         for stream in list(self._streams):
             self._forget(stream, "CANCELLED")
+
+
+@dataclass(slots=True)
+class _Taken:
+    work: list[tuple[int, ChunkWork]]  # (message index, the chunk) for the engine
+    others: list[tuple[int, NativeEntry]]  # (message index, the entry) for the common path
+
+
+def _take_packed(
+    chunks: PackedChunks, base: int, streams: dict[int, _Stream],
+    final: dict[int, asyncio.Future[None]], draining: bool, max_steps: int,
+) -> _Taken:  # fmt: skip
+    """The packed chunks this path takes (message index base + j), after the checks
+    `SessionLayer.decode` makes, vectorised; the others as entries for the common path: a
+    stream without a session, a draining server, a model of the other input kind, a chunk with
+    no step or too many, an id out of range, a value not finite, floats that are not whole
+    frames."""
+    frames = chunks.kind == "features"
+    ranges = _token_ranges(chunks, max_steps) if not frames else []
+    finite = _finite(chunks) if frames else []
+    starts, seqs, values = chunks.offsets.tolist(), chunks.seqs, chunks.values
+    taken = _Taken([], [])
+    for j, stream_id in enumerate(chunks.streams):
+        held = streams.get(stream_id)
+        session = held.session if held is not None else None
+        desc = session.model.description if session is not None else None
+        steps = None
+        if desc is not None and not draining and stream_id not in final and \
+                desc.input_kind == chunks.kind:  # fmt: skip
+            a, b = starts[j], starts[j + 1]
+            if frames:
+                assert chunks.counts is not None
+                count, dim = chunks.counts[j], desc.feature_dim
+                count = count or (b - a) // dim
+                if finite[j] and b - a == count * dim and 1 <= count <= max_steps:
+                    steps = values[a:b].reshape(count, dim)
+            elif (span := ranges[j]) is not None and span[0] >= 0 and span[1] < desc.vocab_size:
+                steps = values[a:b]
+        if steps is None:
+            taken.others.append((base + j, NativeEntry(stream_id, chunks.request(j))))
+            continue
+        assert session is not None and held is not None and desc is not None
+        change = None
+        if desc.tokenizer is not None:  # ids settle held text first, as decode_for does
+            steps, change = ids_after_held(session.held, steps)
+        taken.work.append((base + j, ChunkWork(session, seqs[j], steps, change, held.token)))
+    return taken
 
 
 def _token_ranges(chunks: PackedChunks, max_steps: int) -> list[tuple[int, int] | None]:

@@ -1,8 +1,9 @@
 """The serving image itself: built from the Dockerfile by .ci/image.sh (buildah, no daemon) and
 named by LSTM_SERVE_IMAGE, run as its non-root user with `buildah run --isolation chroot` on the
 host's network: v2 HTTP ready, lstm-client (the image's own) over gRPC, the tritonclient
-sequence of docs/COMING_FROM_TRITON.md, /metrics, the HEALTHCHECK script, and a clean SIGTERM
-drain of an open stream; the CPU image stays under 500 MB."""
+sequence of docs/COMING_FROM_TRITON.md, /metrics, the HEALTHCHECK script, the native front
+(LSTM_SERVE_NATIVE_FRONT=true) serving a Stream session as the Python front does, and a clean
+SIGTERM drain of an open stream; the CPU image stays under 500 MB."""
 
 from __future__ import annotations
 
@@ -65,10 +66,11 @@ class ImageServer(CommandServer):
     """`lstm-serve` in a container of the image. SIGTERM goes to the server process itself, as
     a container runtime delivers it: `buildah run` does not forward it."""
 
-    def __init__(self, container: str) -> None:
+    def __init__(self, container: str, *env: str) -> None:
+        settings = [flag for setting in env for flag in ("--env", setting)]  # NAME=VALUE
         super().__init__([
             "buildah", "run", "--isolation", "chroot", "--network", "host", "--user", USER,
-            container, "--", "lstm-serve", *PORT_FLAGS,
+            *settings, container, "--", "lstm-serve", *PORT_FLAGS,
         ])  # fmt: skip
 
     def server_pid(self) -> int:
@@ -187,6 +189,54 @@ def test_metrics_are_served(server: ImageServer) -> None:
     text = body.decode()
     assert status == 200
     assert re.search(r'^lstm_serve_model_info\{[^}]*model="langid-chars"', text, re.M), text[:2000]
+
+
+def session_replies(address: str) -> list[pb.StreamResponse]:
+    """A Stream session of several chunks, its replies with the session id blanked."""
+    chunks = ["Guten ", "Morgen, ", "wie geht ", "es dir?"]
+    opened = pb.OpenSession(model="langid-chars", options=pb.StreamOptions(top_k=3))
+    requests = [pb.StreamRequest(open=opened)]
+    requests += [pb.StreamRequest(chunk=pb.Chunk(seq=i, input=pb.SequenceInput(text=text)))
+                 for i, text in enumerate(chunks, 1)]  # fmt: skip
+    requests.append(pb.StreamRequest(end=pb.End()))
+    with grpc.insecure_channel(address) as channel:
+        replies = list(pb_grpc.LstmServeStub(channel).Stream(iter(requests), timeout=60))
+    for reply in replies:
+        reply.session_id = ""
+        if reply.HasField("opened"):
+            reply.opened.session_id = ""
+    return replies
+
+
+def argv0(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""  # ended meanwhile
+
+
+def test_the_native_front_serves_a_stream_session_as_the_python_front(
+    server: ImageServer, container: str
+) -> None:
+    """LSTM_SERVE_NATIVE_FRONT=true: lstm-serve runs the image's /usr/local/bin/lstm-serve-front
+    (as the image's user) on the gRPC port; a session's replies are the Python front's; SIGTERM
+    stops both, exit status 0."""
+    native = ImageServer(container, "LSTM_SERVE_NATIVE_FRONT=true")
+    try:
+        native.wait_event("ready", 90)
+        fronts = [pid for pid in descendants(native.server_pid())
+                  if argv0(pid) == b"/usr/local/bin/lstm-serve-front"]  # fmt: skip
+        assert len(fronts) == 1, "".join(native.lines[-20:])
+        status = Path(f"/proc/{fronts[0]}/status").read_text()
+        assert f"Uid:\t{USER.split(':')[0]}\t" in status
+        got, expected = session_replies(native.address), session_replies(server.address)
+        assert got == expected and len(got) == 6 and got[-1].HasField("ended")
+        native.terminate()
+        assert native.proc.wait(60) == 0, "".join(native.lines[-20:])
+        assert argv0(fronts[0]) == b"" and "Traceback" not in "".join(native.lines)
+    finally:
+        if native.proc.poll() is None:
+            native.proc.kill()
 
 
 def test_sigterm_drains_an_open_stream_and_exits_cleanly(server: ImageServer) -> None:

@@ -236,7 +236,7 @@ def test_tls_on_the_native_fronts_port(fronts, tmp_path: Path) -> None:
 def test_a_rotated_certificate_reaches_the_native_fronts_new_connections(
     fronts, tmp_path: Path
 ) -> None:
-    """The front reads --tls-cert / --tls-key again (every --tls-refresh-s): a new handshake
+    """The front reads --tls-cert / --tls-key again (every --tls-reload-s): a new handshake
     is shown the new certificate, as on the Python front, with no restart."""
     from tests.integration.conftest import wait_for
     from tests.integration.test_tls import _presented_serial
@@ -249,7 +249,7 @@ def test_a_rotated_certificate_reaches_the_native_fronts_new_connections(
     ca_file = ca.write(tmp_path)
     folder = server.proc.args[server.proc.args.index("--native-front-dir") + 1]
     front = NativeFront(
-        Path(folder), "--tls-cert", str(cert), "--tls-key", str(key), "--tls-refresh-s", "1"
+        Path(folder), "--tls-cert", str(cert), "--tls-key", str(key), "--tls-reload-s", "1"
     )
     credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
 

@@ -55,13 +55,15 @@ def dockerignored(path: str) -> bool:
 
 
 def test_image_copies_only_what_the_context_holds() -> None:
-    for name in ("build", "runtime"):
+    for name in ("build", "native", "runtime"):
         for source in copy_sources(name):
             assert (ROOT / source).exists(), f"stage {name}: COPY {source} does not exist"
             assert not dockerignored(source), f"stage {name}: .dockerignore drops {source}"
     assert dockerignored(".venv-test/") and dockerignored("export/model.py")
     assert not dockerignored("models/speaker-vowels/1/model.onnx")
     assert any("deploy/docker/install.sh" in ln for ln in stage("build") if ln.startswith("RUN"))
+    assert dockerignored("native/build/lstm-serve-front")  # built in the image, not copied
+    assert not dockerignored("native/src/main.cc") and not dockerignored("proto/lstmserve/v1")
 
 
 def test_image_runs_lstm_serve_non_root_on_the_default_ports() -> None:
@@ -71,6 +73,20 @@ def test_image_runs_lstm_serve_non_root_on_the_default_ports() -> None:
     assert 'ENTRYPOINT ["lstm-serve"]' in runtime
     assert f"USER {NON_ROOT_UID}:{NON_ROOT_UID}" in runtime
     assert any(ln.startswith("COPY models/ /app/models") for ln in runtime)
+
+
+def test_image_ships_the_native_front_off_by_default() -> None:
+    """The front's binary from its own stage, its runtime libraries only (no compiler), and
+    the Python front unless LSTM_SERVE_NATIVE_FRONT=true."""
+    runtime = stage("runtime")
+    assert "COPY --from=native /out/lstm-serve-front /usr/local/bin/lstm-serve-front" in runtime
+    installs = " ".join(ln for ln in runtime if ln.startswith("RUN"))
+    assert "/tmp/native-front-packages" in installs and "g++" not in installs
+    assert "-dev" not in installs
+    assert any("LSTM_SERVE_NATIVE_FRONT=false" in ln for ln in runtime if ln.startswith("ENV"))
+    assert ServerConfig().native_front is False
+    native = " ".join(stage("native"))
+    assert "cmake --build native/build" in native and "ldd /out/lstm-serve-front" in native
 
 
 def from_lines(dockerfile: Path) -> list[tuple[str, str | None]]:
@@ -94,6 +110,6 @@ def test_every_builder_resolves_the_stages() -> None:
                 assert image in stages or ":" in image, f"{dockerfile.name}: FROM {image}"
             if name:
                 stages.add(name)
-    assert [image for image, _ in from_lines(DOCKERFILE)] == ["${BASE_IMAGE}"] * 2
+    assert [image for image, _ in from_lines(DOCKERFILE)] == ["${BASE_IMAGE}"] * 3
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text, "the official image by default"
