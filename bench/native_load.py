@@ -108,7 +108,9 @@ async def drive_native(
             err = stderr.read().decode(errors="replace")[-2000:]
             raise RuntimeError(f"the native load generator exited {proc.returncode}: {err}")
     if result["errors"]:
-        raise RuntimeError(f"native load: {result['errors']} errors, first: {result['first_error']}")
+        raise RuntimeError(
+            f"native load: {result['errors']} errors, first: {result['first_error']}"
+        )
     return _window(result)
 
 
@@ -163,7 +165,9 @@ def verify_exact(
             continue
         if s.version not in sessions:
             path = repo / model / str(s.version) / "model.onnx"
-            sessions[s.version] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            sessions[s.version] = ort.InferenceSession(
+                str(path), providers=["CPUExecutionProvider"]
+            )
         sess = sessions[s.version]
         state_shape = {i.name: i for i in sess.get_inputs()}["state"].shape[1:]
         if len(s.tokens) < replies * steps:
