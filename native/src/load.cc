@@ -3,6 +3,7 @@
 //   lstm-serve-load --address 127.0.0.1:8001 --mode stream --model bench-lstm --sessions 256
 //       --steps 1 [--per-channel 128] [--warmup 0.8] [--seconds 3] [--vocab 1000] [--seed 0]
 //       [--sample 32] [--threads 1] [--max-seconds 60] [--max-messages 2000000]
+//       [--own-connections 0]
 //   lstm-serve-load --address 127.0.0.1:50123 --mode echo --sessions 256
 //       --request-bytes 12 --reply-bytes 78 ...
 //
@@ -19,9 +20,11 @@
 // probabilities (base64 of little-endian float32) for an offline exactness check.
 //
 // One completion queue per thread (`--threads`, default 1), each session's events on its
-// queue's thread: no executor hand-off between gRPC and the session. Sessions are spread over
-// max(1, min(8, sessions / per-channel)) channels (bench/load.py's rule), each its own HTTP/2
-// connection. Bounds: every call has a deadline of `max-seconds`, the run stops sending after
+// queue's thread: no executor hand-off between gRPC and the session (measured cheaper than the
+// callback API or two queues). Sessions are spread over max(1, min(8, sessions / per-channel))
+// channels (bench/load.py's rule); like grpc.aio's channels in bench/load.py, channels of equal
+// arguments share one HTTP/2 connection (gRPC's global subchannel pool), so both clients offer
+// a server the same connections; `--own-connections 1` gives each channel its own. Bounds: every call has a deadline of `max-seconds`, the run stops sending after
 // `max-messages` in all, and calls still running at `max-seconds` are cancelled (an error).
 // It connects to `--address` and nowhere else.
 #include <grpcpp/generic/generic_stub.h>
@@ -59,6 +62,7 @@ constexpr int64_t kNever = INT64_MAX;
 struct Options {
   std::string address, mode = "stream", model = "bench-lstm";
   int sessions = 1, steps = 1, per_channel = 128, vocab = 1000, sample = 32, threads = 1;
+  bool own_connections = false;
   uint64_t seed = 0, max_messages = 2'000'000;
   double warmup_s = 0.8, seconds = 3.0, max_seconds = 60.0;
   size_t request_bytes = 0, reply_bytes = 16;  // echo
@@ -478,7 +482,7 @@ int Usage(const std::string& why) {
                "[--mode stream|echo] [--model NAME] [--sessions S] [--steps K] "
                "[--per-channel N] [--warmup S] [--seconds S] [--vocab V] [--seed N] "
                "[--sample N] [--threads N] [--max-seconds S] [--max-messages N] "
-               "[--request-bytes N] [--reply-bytes N]\n",
+               "[--request-bytes N] [--reply-bytes N] [--own-connections 0|1]\n",
                why.c_str());
   return 2;
 }
@@ -505,6 +509,7 @@ int Parse(int argc, char** argv, Options* opt) {
     else if (arg == "--max-messages") opt->max_messages = std::strtoull(v, nullptr, 10);
     else if (arg == "--request-bytes") opt->request_bytes = std::strtoull(v, nullptr, 10);
     else if (arg == "--reply-bytes") opt->reply_bytes = std::strtoull(v, nullptr, 10);
+    else if (arg == "--own-connections") opt->own_connections = std::atoi(v) != 0;
     else return Usage("unknown flag " + arg);
   }
   if (opt->address.empty()) return Usage("--address is required");
@@ -522,11 +527,12 @@ int Parse(int argc, char** argv, Options* opt) {
   return 0;
 }
 
-std::shared_ptr<grpc::Channel> Connect(const std::string& address, int index) {
+std::shared_ptr<grpc::Channel> Connect(const std::string& address, int index, bool own) {
   grpc::ChannelArguments args;
-  // Each channel its own connection (channels with equal arguments share one by default).
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  args.SetInt("lstm_serve_load.channel", index);
+  if (own) {  // otherwise channels of equal arguments share one connection
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("lstm_serve_load.channel", index);
+  }
   args.SetMaxReceiveMessageSize(-1);
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
@@ -544,7 +550,7 @@ int main(int argc, char** argv) {
   std::vector<std::shared_ptr<grpc::Channel>> channels;
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs;
   for (int i = 0; i < channel_count; ++i) {
-    channels.push_back(Connect(opt.address, i));
+    channels.push_back(Connect(opt.address, i, opt.own_connections));
     stubs.push_back(std::make_unique<grpc::GenericStub>(channels.back()));
   }
   const int threads = std::min(opt.threads, opt.sessions);

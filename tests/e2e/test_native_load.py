@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
-from bench.load import Load, message_sizes
+from bench.load import SESSIONS_PER_CHANNEL, Load, message_sizes
+from bench.load import drive as bench_drive
 from bench.native_load import NativeWindow, SampledSession, drive_native, verify_exact
 from bench.procs import start_echo
 from export.tiny import TINY_VOCAB
@@ -121,3 +123,29 @@ def test_echo_load_against_the_echo_server() -> None:
     assert 0 < result.p50_ms <= result.p99_ms
     assert result.sample == []  # nothing to check against a model
     assert result.client_cpu_s > 0
+
+
+def test_both_clients_offer_the_echo_server_the_same_connections() -> None:
+    """bench.load's grpc.aio channels share one connection (gRPC's subchannel pool); the native
+    load generator's channels do too, so the two clients load a server alike."""
+    load_binary()
+    echo = start_echo()
+    counts: dict[str, int] = {}
+
+    def counter(client: str) -> Callable[[str], Awaitable[None]]:
+        async def on_window(edge: str) -> None:
+            if edge == "start":
+                counts[client] = sum(
+                    1 for c in psutil.net_connections("tcp")
+                    if c.raddr and c.raddr.port == echo.port and c.status == "ESTABLISHED"
+                )  # fmt: skip
+
+        return on_window
+
+    load = Load("echo", 2 * SESSIONS_PER_CHANNEL, 1, 2 * SESSIONS_PER_CHANNEL, (12, 78))
+    try:
+        asyncio.run(bench_drive(load, echo.address, "", 2, 0.2, 0.3, counter("python")))
+        asyncio.run(drive_native(load, echo.address, "", 2, 0.2, 0.3, counter("native")))
+    finally:
+        echo.stop()
+    assert counts == {"python": 1, "native": 1}
