@@ -17,7 +17,8 @@ import pytest
 from bench.load import SESSIONS_PER_CHANNEL, Load, message_sizes
 from bench.load import drive as bench_drive
 from bench.native_load import NativeWindow, SampledSession, drive_native, verify_exact
-from bench.procs import start_echo
+from bench.procs import start_echo, start_lstm_serve
+from bench.run import measure
 from export.tiny import TINY_VOCAB
 from tests.e2e.conftest import ServerProcess
 from tests.native_front import NativeFront, binary, load_binary
@@ -149,3 +150,25 @@ def test_both_clients_offer_the_echo_server_the_same_connections() -> None:
     finally:
         echo.stop()
     assert counts == {"python": 1, "native": 1}
+
+
+def test_bench_run_measures_lstm_serve_and_the_floor_with_the_native_client(
+    tiny_repo: Path,
+) -> None:
+    """bench.run's `measure` with `client="native"`: the row says so, with the server's CPU
+    sampled at the window's edges, the client's own CPU, and a sample that checks exact."""
+    load_binary()
+    server, floor = start_lstm_serve(tiny_repo, []), start_echo(protocol=True)
+    try:
+        load = Load("stream", 4, STEPS, 4)
+        row = measure(server, load, MODEL, len(TINY_VOCAB), WARMUP_S, 0.5, client="native")
+        at_floor = measure(floor, load, MODEL, len(TINY_VOCAB), WARMUP_S, 0.5, client="native")
+    finally:
+        server.stop()
+        floor.stop()
+    for r in (row, at_floor):
+        assert r["client"] == "native" and r["messages_per_s"] > 0
+        assert r["server_cpu_pct"] > 0 and 0 < r["client_us_per_msg"] < 10_000
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    check = verify_exact(row["native_sample"].sample, tiny_repo, MODEL, STEPS)
+    assert check["sessions"] == 4 and check["replies"] > 0 and check["mismatched"] == 0
