@@ -174,11 +174,8 @@ class Session {
   void OnEvent(Op op, bool ok) {
     switch (op) {
       case kStart:
-        if (!ok) return Abandon("the call did not start");
-        if (opt_.mode == "echo") {
-          phase_ = kWaiting;
-          return run_->Arrive(this);
-        }
+        if (!ok) return Finish("the call did not start");
+        if (opt_.mode == "echo") return Ready();
         phase_ = kOpening;
         request_open_.mutable_open()->set_model(opt_.model);
         return Exchange(request_open_);
@@ -230,19 +227,17 @@ class Session {
   void Exchanged() {
     const int64_t done = Now();
     if (failed_) {
-      if (phase_ == kOpening) return Abandon("the stream ended before `opened`");
+      if (phase_ == kOpening) return Finish("the stream ended before `opened`");
       return Finish(phase_ == kEnding ? "" : "the stream ended under a message in flight");
     }
     switch (phase_) {
       case kOpening:
-        if (!Parse()) return run_->Arrive(nullptr);  // closing
+        if (!Parse()) return;  // closing
         if (!reply_.has_opened()) {
-          Close("the open was answered with " + reply_.ShortDebugString());
-          return run_->Arrive(nullptr);
+          return Close("the open was answered with " + reply_.ShortDebugString());
         }
         if (sample_) sample_->version = reply_.opened().version();
-        phase_ = kWaiting;
-        return run_->Arrive(this);
+        return Ready();
       case kRunning:
         if (!Check()) return;
         Record(sent_ns_, done);
@@ -318,21 +313,30 @@ class Session {
     Exchange(end);
   }
 
+  void Ready() {  // open: wait at the barrier for the window
+    phase_ = kWaiting;
+    arrived_ = true;
+    run_->Arrive(this);
+  }
+
   void Close(const std::string& why) {  // half-close, then the status
     if (why_.empty()) why_ = why;
     phase_ = kClosing;
     call_->WritesDone(Tag(kWritesDone));
-  }
-
-  void Abandon(const std::string& why) {  // failed before the barrier: counted there anyway
-    Finish(why);
-    run_->Arrive(nullptr);
+    Leave();
   }
 
   void Finish(const std::string& why) {  // no operation in flight: the status now
     if (why_.empty()) why_ = why;
     phase_ = kClosing;
     call_->Finish(&status_, Tag(kFinish));
+    Leave();
+  }
+
+  void Leave() {  // ended before the barrier: counted there all the same
+    if (arrived_) return;
+    arrived_ = true;
+    run_->Arrive(nullptr);
   }
 
   void Error(const std::string& what) {
@@ -354,6 +358,7 @@ class Session {
   Phase phase_ = kStarting;
   int pending_ = 0;
   bool failed_ = false;
+  bool arrived_ = false;  // at the barrier (open, or ended before it)
   uint64_t seq_ = 0;
   int64_t sent_ns_ = 0;
   std::string why_;
