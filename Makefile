@@ -5,8 +5,9 @@
 # tests; by hand, one at a time:
 #   make test-environments   .venv, [export], [train], [tokenizers], [tracing] each alone (.venv-envs/)
 #   make test-image          the CPU image built with buildah (root; Debian's buildah)
-#   make native              the native front (native/; Debian's gRPC C++, packages installed as
-#                            root where missing); make test-native runs its tests
+#   make native              the native front and the benchmarks' native load generator (native/;
+#                            Debian's gRPC C++, packages installed as root where missing);
+#                            make test-native runs their tests
 PYTHON ?= python3
 SERVE_VENV := .venv
 TEST_VENV := .venv-test
@@ -16,6 +17,7 @@ DEV_IMAGE := localhost/lstm-serve:dev
 .PHONY: serve test test-environments test-image train-speaker train-langid verify proto clean \
 	native native-deps test-native
 NATIVE_BIN := native/build/lstm-serve-front
+NATIVE_LOAD := native/build/lstm-serve-load
 
 # First run only (and after pyproject.toml changes): pip shows each package as it installs.
 $(SERVE_VENV)/.installed: pyproject.toml
@@ -53,15 +55,22 @@ test-image: $(TEST_VENV)/.installed
 native-deps:
 	bash .ci/native.sh deps
 
-native: $(NATIVE_BIN)
+native: $(NATIVE_BIN) $(NATIVE_LOAD)
 
 $(NATIVE_BIN): native/CMakeLists.txt $(wildcard native/src/*) proto/lstmserve/v1/lstm_serve.proto \
 		proto/lstmserve/v1/native_front.proto
 	bash .ci/native.sh
 
-test-native: $(TEST_VENV)/.installed $(NATIVE_BIN)
+$(NATIVE_LOAD): $(NATIVE_BIN)  # built with it (one CMake project)
+	test -x $@ || bash .ci/native.sh
+
+test-native: $(TEST_VENV)/.installed $(NATIVE_BIN) $(NATIVE_LOAD)
 	LSTM_SERVE_REQUIRE_NATIVE=1 $(TEST_VENV)/bin/python -m pytest tests/e2e/test_native_front.py \
+<<<<<<< HEAD
 		tests/e2e/test_native_supervised.py \
+=======
+		tests/e2e/test_native_load.py \
+>>>>>>> helper-load
 		tests/unit/test_native_streams.py tests/integration/test_stream.py \
 		tests/integration/test_text_streaming.py tests/integration/test_errors.py \
 		tests/integration/test_decisions.py \

@@ -2,7 +2,8 @@
 # The native front (native/): its Debian packages, then its build (CMake, -j2 by default).
 #   bash .ci/native.sh          packages (as root, where missing), then build
 #   bash .ci/native.sh deps     packages only
-# Builds native/build/lstm-serve-front; NATIVE_JOBS sets the build's parallelism.
+# Builds native/build/lstm-serve-front and lstm-serve-load (the benchmarks' client); NATIVE_JOBS
+# sets the build's parallelism.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

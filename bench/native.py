@@ -1,13 +1,16 @@
 """The native front (native/) against the Python front: one lstm-serve process behind both.
 
     python -m bench.native compare --sessions 1 64 256 --seconds 3 --rounds 2
+    python -m bench.native compare --client both     # each point by both load generators
     python -m bench.native memory --streams 4000     # RSS per idle stream, each front
     python -m bench.native hop --messages 3000       # the front's own latency (canned replies)
 
 `compare` starts lstm-serve (bench.run's batched flags) with --native-front-dir and the front,
 then drives the same load (bench.load: S streams, one step per message, ping-pong) through the
 Python front's port and the native front's port back to back, and prints messages/s, latency
-and CPU per message of each process. `hop` puts the front before a Python Ticks server that
+and CPU per message of each process. `--client native` drives it from native/build/lstm-serve-load
+instead of this process (its sampled replies checked against offline onnxruntime), `both`
+from each in turn. `hop` puts the front before a Python Ticks server that
 answers every message with a canned reply, beside a Python server answering Stream the same
 way: the difference is the front's own cost. Loopback only; every loop is bounded.
 """
@@ -29,6 +32,7 @@ import psutil
 
 from bench.load import Load, drive
 from bench.model import BENCH_MODEL, build_repository
+from bench.native_load import LOAD_BINARY, drive_native, verify_exact
 from bench.procs import HOST, NATIVE_FRONT, FrontedProcess, start_front, start_native
 from bench.run import BATCHED, VOCAB
 from lstmserve.v1 import lstm_serve_pb2 as pb
@@ -45,29 +49,60 @@ def _cpu(ps: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def compare(proc: FrontedProcess, sessions: int, timing: tuple[float, float]) -> list[dict]:
-    """One point through each front: msg/s, p50 / p99, CPU µs per message of each process."""
+def compare(
+    proc: FrontedProcess, sessions: int, timing: tuple[float, float], client: str = "python",
+    repo: Path | None = None,
+) -> list[dict]:  # fmt: skip
+    """One point through each front: msg/s, p50 / p99, CPU µs per message of each process
+    (the client's too); with the native client and `repo`, its sample checked for exactness."""
     rows = []
     for label, address in (("python", proc.server.address), ("native", proc.address)):
-        marks: dict[str, tuple[float, float, float]] = {}
+        marks: dict[str, tuple[float, float, float, float]] = {}
+        me = psutil.Process()
 
-        async def on_window(edge: str, marks: dict = marks) -> None:
-            marks[edge] = (time.perf_counter(), _cpu(proc.server.ps), _cpu(proc.ps))
+        async def on_window(edge: str, marks: dict = marks, me: psutil.Process = me) -> None:
+            marks[edge] = (time.perf_counter(), _cpu(proc.server.ps), _cpu(proc.ps), _cpu(me))
 
         load = Load("stream", sessions, 1, sessions)
-        window = asyncio.run(
-            drive(load, address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
-        )
-        (t0, s0, f0), (t1, s1, f1) = marks["start"], marks["end"]
-        lat = np.array(window.latencies or [float("nan")]) * 1000
-        done = max(window.completed, 1)
-        rows.append({
-            "front": label, "sessions": sessions, "messages_per_s": window.completed / (t1 - t0),
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        args = (load, address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
+        if client == "native":
+            native = asyncio.run(drive_native(*args))
+            completed, client_cpu = native.completed, native.client_cpu_s
+            p50, p99 = native.p50_ms, native.p99_ms
+        else:
+            window = asyncio.run(drive(*args))
+            lat = np.array(window.latencies or [float("nan")]) * 1000
+            completed = window.completed
+            p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+        (t0, s0, f0, c0), (t1, s1, f1, c1) = marks["start"], marks["end"]
+        client_cpu = client_cpu if client == "native" else c1 - c0
+        window_s = native.seconds if client == "native" else t1 - t0  # the binary times its own
+        done = max(completed, 1)
+        row = {
+            "front": label, "client": client, "sessions": sessions,
+            "messages_per_s": completed / window_s, "p50_ms": p50, "p99_ms": p99,
             "server_us_per_msg": 1e6 * (s1 - s0) / done,
             "front_us_per_msg": 1e6 * (f1 - f0) / done if label == "native" else 0.0,
-        })  # fmt: skip
+            "client_us_per_msg": 1e6 * client_cpu / done,
+        }  # fmt: skip
+        if client == "native" and repo is not None:
+            row["exact"] = verify_exact(native.sample, repo, BENCH_MODEL, load.steps)
+        rows.append(row)
     return rows
+
+
+def _compare_line(round_: int, s: int, row: dict) -> str:
+    exact = row.get("exact")
+    check = ""
+    if exact is not None:
+        check = f" exact {exact['replies'] - exact['mismatched']:,}/{exact['replies']:,}"
+        check += "" if not exact["mismatched"] else f" (max |diff| {exact['max_abs_diff']:.2e})"
+    return (
+        f"round {round_} S={s:<4} {row['front']:>6} front, {row['client']:>6} client "
+        f"{row['messages_per_s']:>8,.0f} msg/s p50 {row['p50_ms']:.2f} p99 {row['p99_ms']:.2f} ms "
+        f"CPU/msg server {row['server_us_per_msg']:.0f} µs front {row['front_us_per_msg']:.0f} µs "
+        f"client {row['client_us_per_msg']:.1f} µs{check}"
+    )
 
 
 async def hold_idle(address: str, streams: int) -> list[Any]:
@@ -186,7 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--streams", type=int, default=4000)
     parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument(
+        "--client", choices=("python", "native", "both"), default="python",
+        help="compare's load generator: this process (asyncio gRPC), "
+        "native/build/lstm-serve-load, or each in turn at every point",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.client != "python" and not LOAD_BINARY.is_file():
+        print(f"the native load generator is not built ({LOAD_BINARY}): make native",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if not NATIVE_FRONT.is_file():
         print(f"the native front is not built ({NATIVE_FRONT}): make native", file=sys.stderr)
         return 1
@@ -199,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lstm-bench-native-") as tmp:
         repo = Path(tmp) / "repo"
         build_repository(repo)
+        clients = ("python", "native") if args.client == "both" else (args.client,)
         proc = start_native(repo, BATCHED, Path(tmp) / "sockets")
         try:
             if args.what == "memory":
@@ -206,12 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             for round_ in range(args.rounds):
                 for s in args.sessions:
-                    for row in compare(proc, min(s, MAX_STREAMS), (args.warmup, args.seconds)):
-                        print(f"round {round_} S={s:<4} {row['front']:>6} "
-                              f"{row['messages_per_s']:>8,.0f} msg/s p50 {row['p50_ms']:.2f} "
-                              f"p99 {row['p99_ms']:.2f} ms CPU/msg server "
-                              f"{row['server_us_per_msg']:.0f} µs front "
-                              f"{row['front_us_per_msg']:.0f} µs", flush=True)  # fmt: skip
+                    for client in clients:
+                        timing = (args.warmup, args.seconds)
+                        for row in compare(proc, min(s, MAX_STREAMS), timing, client, repo):
+                            print(_compare_line(round_, s, row), flush=True)
         finally:
             proc.stop()
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -228,10 +228,25 @@ def native_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def client_line(results: dict[str, Any]) -> str:
+    """Which load generator measured, and the native one's exactness check."""
+    if results.get("client", "python") == "python":
+        return "Load generator: bench.load (asyncio gRPC, in the bench process).\n"
+    checks = [r["exact"] for r in results["points"] if "exact" in r]
+    replies = sum(c["replies"] for c in checks)
+    wrong = sum(c["mismatched"] for c in checks)
+    worst = max((c["max_abs_diff"] for c in checks), default=0.0)
+    return (
+        "Load generator: native/build/lstm-serve-load for stream and echo points (multi and "
+        f"columns: bench.load); its sampled replies at lstm-serve points: {replies:,} checked "
+        f"against offline onnxruntime, {wrong:,} not exact (max |diff| {worst:.1e}).\n"
+    )
+
+
 def write_report(results: dict[str, Any], out: Path) -> str:
     """table.md + throughput.png under `out`; returns the markdown."""
     parts = [f"Command: `{results['command']}` ({results['total_seconds']:.0f} s)\n",
-             f"### {BENCH_MODEL}\n", table(results, BENCH_MODEL)]  # fmt: skip
+             client_line(results), f"### {BENCH_MODEL}\n", table(results, BENCH_MODEL)]  # fmt: skip
     if any(r["model"] == "langid-chars" for r in results["points"]):
         parts += ["\n### langid-chars/1\n", table(results, "langid-chars")]
     if any(r["server"] == "native" for r in results["points"]):

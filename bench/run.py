@@ -4,8 +4,13 @@
     python -m bench.run --out /tmp/bench --quick      # a few seconds per point
     python -m bench.run --out /tmp/cols --modes multi,columns --no-memory   # the multi-session RPCs
 
+    python -m bench.run --out /tmp/n --modes stream --sessions 256 --steps 1 --client native
+
 Writes results.json, table.md and throughput.png under --out and prints the table. Every server
-is a subprocess on 127.0.0.1; the load generator is this process (asyncio gRPC).
+is a subprocess on 127.0.0.1; the load generator is this process (asyncio gRPC), or with
+`--client native` native/build/lstm-serve-load (`make native`) for the stream and echo points
+(multi and columns points stay with this process), its sampled replies checked against offline
+onnxruntime at every lstm-serve point.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import psutil
 
 from bench.load import Load, drive, message_sizes
 from bench.model import BENCH_MODEL, build_repository
+from bench.native_load import LOAD_BINARY, NativeWindow, drive_native, verify_exact
 from bench.procs import (
     NATIVE_FRONT,
     Process,
@@ -53,9 +59,11 @@ SERVERS = ("batched", "native", "naive", "echo", "floor")
 
 
 def measure(
-    proc: Process, load: Load, model: str, vocab: int, warmup_s: float, seconds: float
-) -> dict[str, Any]:
-    """One point: throughput, latency percentiles, server CPU, mean batch size."""
+    proc: Process, load: Load, model: str, vocab: int, warmup_s: float, seconds: float,
+    client: str = "python",
+) -> dict[str, Any]:  # fmt: skip
+    """One point: throughput, latency percentiles, server CPU, client CPU, mean batch size;
+    `client` "native": measured by the native load generator (stream and echo loads)."""
     marks: dict[str, tuple[float, float, float, tuple[float, float]]] = {}
     me = psutil.Process()
 
@@ -66,25 +74,46 @@ def measure(
         client = sum(me.cpu_times()[:2])
         marks[edge] = (time.perf_counter(), proc.cpu_seconds(), client, batches)
 
-    window = asyncio.run(drive(load, proc.address, model, vocab, warmup_s, seconds, on_window))
+    if client == "native":
+        native = asyncio.run(
+            drive_native(load, proc.address, model, vocab, warmup_s, seconds, on_window)
+        )
+    else:
+        window = asyncio.run(drive(load, proc.address, model, vocab, warmup_s, seconds, on_window))
     (t0, cpu0, me0, b0), (t1, cpu1, me1, b1) = marks["start"], marks["end"]
     elapsed = t1 - t0
-    lat = np.array(window.latencies or [float("nan")]) * 1000
-    msgs = window.completed / elapsed
+    if client == "native":  # its window, timed in the binary
+        completed, client_cpu, window_s = native.completed, native.client_cpu_s, native.seconds
+        percentiles = [native.p50_ms, native.p95_ms, native.p99_ms]
+    else:
+        lat = np.array(window.latencies or [float("nan")]) * 1000
+        completed, client_cpu, window_s = window.completed, me1 - me0, elapsed
+        percentiles = [float(np.percentile(lat, q)) for q in (50, 95, 99)]
+    msgs = completed / window_s
     runs, chunks = b1[0] - b0[0], b1[1] - b0[1]
-    return asdict(load) | {
+    row = asdict(load) | {
         "model": model,
+        "client": client,
         "messages_per_s": msgs,
         "chunks_per_s": msgs * load.per_message,
         "steps_per_s": msgs * load.per_message * load.steps,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p95_ms": float(np.percentile(lat, 95)),
-        "p99_ms": float(np.percentile(lat, 99)),
+        "p50_ms": percentiles[0],
+        "p95_ms": percentiles[1],
+        "p99_ms": percentiles[2],
         "server_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
-        "client_cpu_pct": 100 * (me1 - me0) / elapsed,
+        "client_cpu_pct": 100 * client_cpu / elapsed,
+        "client_us_per_msg": 1e6 * client_cpu / max(completed, 1),
         "mean_batch": chunks / runs if runs else None,
         "seconds": elapsed,
     }
+    if client == "native":
+        row["native_sample"] = native
+    return row
+
+
+def native_client(load: Load) -> bool:
+    """Whether `--client native` measures this load (the native generator's modes)."""
+    return load.mode in ("stream", "echo")
 
 
 def sweep_points(langid: bool) -> list[tuple[str, Load]]:
@@ -98,11 +127,14 @@ def sweep_points(langid: bool) -> list[tuple[str, Load]]:
 
 
 def sweep(
-    repo: Path, paths: dict[str, Path], points: list[tuple[str, Load]], timing: tuple[float, float]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    repo: Path, paths: dict[str, Path], points: list[tuple[str, Load]],
+    timing: tuple[float, float], client: str = "python",
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
     """Every point on the batched server, the batching-off server, the echo server and (stream
     points) the protocol floor back to back (all four up at once, so slow drifts in the
-    machine's load hit them alike), then its compute ceiling."""
+    machine's load hit them alike), then its compute ceiling. With `client` "native", stream
+    and echo loads are driven by the native load generator and its sample of every lstm-serve
+    point is checked against offline onnxruntime."""
     procs = {"batched": start_lstm_serve(repo, BATCHED), "naive": start_lstm_serve(repo, NAIVE)}
     if NATIVE_FRONT.is_file():
         procs["native"] = start_native(repo, BATCHED, repo.parent / f"{repo.name}-native")
@@ -123,8 +155,12 @@ def sweep(
                 if label == "echo":
                     sizes = message_sizes(load.per_message, load.steps, mode=load.mode)
                     run_load = Load("echo", load.sessions, load.steps, load.streams, sizes)
-                row = measure(procs[label], run_load, model, vocab, *timing)
+                by = client if native_client(run_load) else "python"
+                row = measure(procs[label], run_load, model, vocab, *timing, client=by)
                 row |= {"server": label, "mode": load.mode}
+                sample: NativeWindow | None = row.pop("native_sample", None)
+                if sample is not None and label in LSTM_SERVE:
+                    row["exact"] = verify_exact(sample.sample, repo, model, load.steps)
                 print(_progress(row), flush=True)
                 rows.append(row)
                 batched = row if label == "batched" else batched
@@ -133,6 +169,9 @@ def sweep(
         for proc in procs.values():
             proc.stop()
     return rows, limits
+
+
+LSTM_SERVE = ("batched", "native", "naive")  # the servers whose replies are the model's
 
 
 def _serves(label: str, model: str, load: Load) -> bool:
@@ -204,11 +243,18 @@ def _ints(text: str) -> set[int]:
 
 
 def _progress(row: dict[str, Any]) -> str:
+    exact = row.get("exact")
+    check = ""
+    if exact is not None:
+        check = f" exact {exact['replies'] - exact['mismatched']}/{exact['replies']}" + (
+            "" if not exact["mismatched"] else f" (max |diff| {exact['max_abs_diff']:.2e})"
+        )
     return (
         f"{row['server']:>8} {row['model']:>12} {row['mode']:>6} S={row['sessions']:<5} "
         f"k={row['steps']:<3} {row['steps_per_s']:>9.0f} steps/s {row['messages_per_s']:>7.0f} "
         f"msg/s p50 {row['p50_ms']:.2f} ms cpu {row['server_cpu_pct']:.0f}% "
-        f"batch {row['mean_batch'] or 0:.1f}"
+        f"batch {row['mean_batch'] or 0:.1f} client {row['client']} "
+        f"{row['client_us_per_msg']:.1f} µs/msg{check}"
     )
 
 
@@ -224,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default="", help="only these S, comma-separated")
     parser.add_argument("--steps", default="", help="only these k, comma-separated")
     parser.add_argument("--bench-model-only", action="store_true", help="no langid points")
+    parser.add_argument(
+        "--client", choices=("python", "native"), default="python",
+        help="the load generator: this process (asyncio gRPC) or native/build/lstm-serve-load "
+        "(stream and echo points; `make native`)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.client == "native" and not LOAD_BINARY.is_file():
+        parser.error(f"the native load generator is not built ({LOAD_BINARY}): make native")
     timing = (0.3, 1.2) if args.quick else (0.8, 3.0)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -240,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             points = [p for p in points if p[1].steps in _ints(args.steps)]
         if args.bench_model_only:
             points = [p for p in points if p[0] == BENCH_MODEL]
-        rows, limits = sweep(repo, paths, points, timing)
+        rows, limits = sweep(repo, paths, points, timing, args.client)
         limits = best_ceilings(limits + remeasure(paths, limits, timing))[: len(limits)]
         mem = None if args.no_memory else memory(repo, args.memory_sessions)
     results = {
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version()},
+        "client": args.client,
         "server_flags": {"batched": BATCHED, "naive": NAIVE},
         "timing": {"warmup_s": timing[0], "seconds": timing[1]},
         "points": rows,

@@ -16,14 +16,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = ROOT / "native" / "build" / "lstm-serve-front"
+LOAD_BUILT = ROOT / "native" / "build" / "lstm-serve-load"
 
 
 def binary() -> Path:
     """The front's binary; skips (or, where it is required, fails) the test without it."""
-    path = Path(os.environ.get("LSTM_SERVE_NATIVE_FRONT_BIN") or BUILT)
+    return _built(Path(os.environ.get("LSTM_SERVE_NATIVE_FRONT_BIN") or BUILT), "the native front")
+
+
+def load_binary() -> Path:
+    """The benchmarks' native load generator (native/build/lstm-serve-load), as `binary()`."""
+    return _built(LOAD_BUILT, "the native load generator")
+
+
+def _built(path: Path, what: str) -> Path:
     if path.is_file() and os.access(path, os.X_OK):
         return path
-    why = f"the native front is not built ({path}): run `make native`"
+    why = f"{what} is not built ({path}): run `make native`"
     if os.environ.get("LSTM_SERVE_REQUIRE_NATIVE") == "1":
         pytest.fail(why)
     pytest.skip(why)
