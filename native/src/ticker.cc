@@ -25,31 +25,26 @@ const grpc::Status& LostStatus() {
 // tick's answers, each tick within --max-tick-bytes).
 constexpr uint32_t kMaxReplyBytes = 1u << 30;
 
-bool WriteAll(int fd, const char* data, size_t size) {
+// Moves `size` bytes with `op` (a send or a recv of up to n bytes at p), through short counts
+// and interrupted calls; false once the socket fails or (recv) the server closed it.
+template <typename Op>
+bool Whole(char* data, size_t size, Op op) {
   while (size > 0) {
-    ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
+    ssize_t n = op(data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
     data += n;
     size -= static_cast<size_t>(n);
   }
   return true;
 }
 
+bool WriteAll(int fd, char* data, size_t size) {
+  return Whole(data, size, [fd](char* p, size_t n) { return ::send(fd, p, n, MSG_NOSIGNAL); });
+}
+
 bool ReadAll(int fd, char* data, size_t size) {
-  while (size > 0) {
-    ssize_t n = ::recv(fd, data, size, 0);
-    if (n == 0) return false;  // the server closed the link
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    data += n;
-    size -= static_cast<size_t>(n);
-  }
-  return true;
+  return Whole(data, size, [fd](char* p, size_t n) { return ::recv(fd, p, n, 0); });
 }
 
 }  // namespace

@@ -207,33 +207,24 @@ def test_a_start_whose_port_was_taken_is_started_again_on_fresh_ports(
     assert (tmp_path / "logs" / "torchserve-start1-torchserve.log").is_file()
 
 
-def test_a_start_that_failed_otherwise_is_not_retried(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    ("system", "error", "starts"),
+    [  # another failure is not retried; a port taken every time gives up after MAX_STARTS
+        ("tritonserver", "tritonserver exited with 1: failed to load 'bench-lstm'", 1),
+        ("lstm-serve", "server exited with 1: cannot listen on 127.0.0.1:1: in use", None),
+    ],
+)
+def test_a_failed_start_is_retried_only_for_a_taken_port(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, system: str, error: str, starts: int | None
 ) -> None:
     monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
     tries: list[Path] = []
 
-    def broken(work: Path, onnx: Path, args: Any) -> str:
+    def failing(work: Path, onnx: Path, args: Any) -> str:
         tries.append(work)
-        raise RuntimeError("tritonserver exited with 1: failed to load 'bench-lstm'")
+        raise RuntimeError(error)
 
-    monkeypatch.setitem(peers.STARTERS, "tritonserver", broken)
-    with pytest.raises(RuntimeError, match="failed to load"):
-        peers.start_server("tritonserver", tmp_path, tmp_path / "m.onnx", None)
-    assert len(tries) == 1
-
-
-def test_a_port_taken_every_time_gives_up_after_max_starts(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setattr(peers, "LOGS", tmp_path / "logs")
-    tries: list[Path] = []
-
-    def always_taken(work: Path, onnx: Path, args: Any) -> str:
-        tries.append(work)
-        raise RuntimeError("server exited with 1: cannot listen on 127.0.0.1:1: in use")
-
-    monkeypatch.setitem(peers.STARTERS, "lstm-serve", always_taken)
-    with pytest.raises(RuntimeError, match="cannot listen"):
-        peers.start_server("lstm-serve", tmp_path, tmp_path / "m.onnx", None)
-    assert len(tries) == peers.MAX_STARTS
+    monkeypatch.setitem(peers.STARTERS, system, failing)
+    with pytest.raises(RuntimeError, match=error.split(": ")[1][:12]):
+        peers.start_server(system, tmp_path, tmp_path / "m.onnx", None)
+    assert len(tries) == (starts or peers.MAX_STARTS)
