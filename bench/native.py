@@ -156,8 +156,11 @@ class CannedTicks(asyncio.Protocol):
             tick = npb.Tick.FromString(bytes(self.buffer[FRAME.size : FRAME.size + size]))
             del self.buffer[: FRAME.size + size]
             reply = npb.TickReply(tick=tick.id)
-            for entry in tick.entries:
-                reply.outcomes.add().reply.CopyFrom(canned(entry.request.chunk.seq))
+            seqs = [e.request.chunk.seq for e in tick.entries]  # then the packed chunks'
+            seqs += np.frombuffer(tick.chunk_seqs, "<u8").tolist()
+            for i, seq in enumerate(seqs):
+                out = reply.outcomes.add(index=i)
+                out.reply.CopyFrom(canned(seq))
             data = reply.SerializeToString()
             self.transport.write(FRAME.pack(len(data)) + data)
 
