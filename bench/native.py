@@ -4,6 +4,7 @@
     python -m bench.native compare --client both     # each point by both load generators
     python -m bench.native memory --streams 4000     # RSS per idle stream, each front
     python -m bench.native hop --messages 3000       # the front's own latency (canned replies)
+    python -m bench.native compare --client native --front-flags '--max-ticks-in-flight 2'
 
 `compare` starts lstm-serve (bench.run's batched flags) with --native-front-dir and the front,
 then drives the same load (bench.load: S streams, one step per message, ping-pong) through the
@@ -225,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=4000)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument(
+        "--front-flags",
+        default="",
+        help="extra flags for the front, e.g. '--max-ticks-in-flight 2'",
+    )
+    parser.add_argument(
         "--client", choices=("python", "native", "both"), default="python",
         help="compare's load generator: this process (asyncio gRPC), "
         "native/build/lstm-serve-load, or each in turn at every point",
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp) / "repo"
         build_repository(repo)
         clients = ("python", "native") if args.client == "both" else (args.client,)
-        proc = start_native(repo, BATCHED, Path(tmp) / "sockets")
+        proc = start_native(repo, BATCHED, Path(tmp) / "sockets", args.front_flags.split())
         try:
             if args.what == "memory":
                 print(memory(proc, min(args.streams, MAX_STREAMS)))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -109,19 +110,21 @@ class FrontedProcess(Process):
         self.server.stop()
 
 
-def start_front(folder: Path) -> Process:
-    """The native front on a free port before the sockets in `folder`; returns once it accepts
-    connections."""
+def start_front(folder: Path, flags: Sequence[str] = ()) -> Process:
+    """The native front (with `flags`) on a free port before the sockets in `folder`; returns
+    once it accepts connections."""
     port = free_port()
-    argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder)]
+    argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder), *flags]
     return _listening(Process(argv, port), 30.0, "the native front")
 
 
-def start_native(repo: Path, flags: list[str], folder: Path) -> FrontedProcess:
+def start_native(
+    repo: Path, flags: list[str], folder: Path, front_flags: Sequence[str] = ()
+) -> FrontedProcess:
     """lstm-serve with --native-front-dir `folder`, then the native front on a free port."""
     server = start_lstm_serve(repo, [*flags, "--native-front-dir", str(folder)])
     try:
-        front = start_front(folder)
+        front = start_front(folder, front_flags)
     except Exception:
         server.stop()
         raise

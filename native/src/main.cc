@@ -44,7 +44,7 @@ struct Options {
   std::string dir;
   std::string tls_cert, tls_key, tls_client_ca;
   size_t max_tick_bytes = 64 << 20;
-  int max_ticks_in_flight = 2;
+  int max_ticks_in_flight = 1;  // measured best at S = 1..256 (docs/NATIVE_FRONT.md)
   long parent_pid = 0;  // --parent-pid: exit (as on SIGTERM) when that process dies
   int tls_reload_s = 10;  // --tls-reload-s: how often the TLS files are read again
 };
