@@ -4,6 +4,7 @@
     python -m bench.native compare --client both     # each point by both load generators
     python -m bench.native memory --streams 4000     # RSS per idle stream, each front
     python -m bench.native hop --messages 3000       # the front's own latency (canned replies)
+    python -m bench.native heap --streams 1000       # the front's heap per idle stream, by site
     python -m bench.native compare --client native --front-flags '--max-ticks-in-flight 2'
 
 `compare` starts lstm-serve (bench.run's batched flags) with --native-front-dir and the front,
@@ -21,6 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +38,17 @@ import psutil
 from bench.load import Load, drive
 from bench.model import BENCH_MODEL, build_repository
 from bench.native_load import LOAD_BINARY, drive_native, verify_exact
-from bench.procs import HOST, NATIVE_FRONT, FrontedProcess, start_front, start_native
+from bench.procs import (
+    HOST,
+    NATIVE_FRONT,
+    FrontedProcess,
+    Process,
+    free_port,
+    listening,
+    start_front,
+    start_lstm_serve,
+    start_native,
+)
 from bench.run import BATCHED, VOCAB
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
@@ -141,6 +155,44 @@ def memory(proc: FrontedProcess, streams: int) -> dict[str, float]:
     return out
 
 
+def heap(repo: Path, folder: Path, streams: int) -> list[str]:
+    """Where the front's heap goes per idle stream: the front under valgrind's massif, holding
+    `streams` idle Stream calls (each with an open session); the peak snapshot's allocation
+    sites, in bytes per stream."""
+    if shutil.which("valgrind") is None or shutil.which("ms_print") is None:
+        raise SystemExit("heap needs valgrind (apt-get install valgrind)")
+    server = start_lstm_serve(repo, [*BATCHED, "--native-front-dir", str(folder)])
+    out = folder.parent / "massif.out"
+    try:
+        port = free_port()
+        argv = ["valgrind", "--tool=massif", f"--massif-out-file={out}", "--threshold=1.0",
+                str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder)]  # fmt: skip
+        front = listening(Process(argv, port), 120.0, "the native front under valgrind")
+        loop = asyncio.new_event_loop()
+        held = loop.run_until_complete(hold_idle(front.address, streams))
+        time.sleep(3)
+        front.stop()  # SIGTERM: massif writes its snapshots
+        del held
+        loop.close()
+    finally:
+        server.stop()
+    text = subprocess.run(["ms_print", str(out)], capture_output=True, text=True, check=True)
+    number = re.search(r"(\d+) \(peak\)", text.stdout)
+    if number is None:
+        raise SystemExit(f"no peak snapshot in {out}")
+    header = re.compile(rf"^ *{number.group(1)} +[\d,]+ +[\d,]+ ", re.M)
+    peak = text.stdout[header.search(text.stdout).end() :]  # type: ignore[union-attr]
+    following = re.search(r"^ *\d+ +[\d,]+ +[\d,]+ +[\d,]+ +[\d,]+ +\d+ *$", peak, re.M)
+    peak = peak[: following.start()] if following else peak
+    sites = re.findall(r"^([| ]*)->\d+\.\d+% \(([\d,]+)B\) (?:0x[0-9A-F]+: )?(.*)$", peak, re.M)
+    lines = []
+    for indent, size, where in sites:  # the callers of each allocator, and large sites below
+        depth, per = len(indent) // 2, int(size.replace(",", "")) / streams
+        if depth <= 1 or (depth <= 4 and per >= 1000):
+            lines.append(f"{'  ' * depth}{per:8,.0f} B/stream  {where[:110]}")
+    return lines
+
+
 class CannedTicks(asyncio.Protocol):
     """The ticks socket's framing (service/native_front.py), every message answered with the
     same small chunk reply."""
@@ -218,7 +270,7 @@ async def hop(messages: int, rounds: int) -> list[tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("what", choices=("compare", "memory", "hop"))
+    parser.add_argument("what", choices=("compare", "memory", "hop", "heap"))
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.8)
@@ -252,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lstm-bench-native-") as tmp:
         repo = Path(tmp) / "repo"
         build_repository(repo)
+        if args.what == "heap":
+            print("\n".join(heap(repo, Path(tmp) / "sockets", min(args.streams, MAX_STREAMS))))
+            return 0
         clients = ("python", "native") if args.client == "both" else (args.client,)
         proc = start_native(repo, BATCHED, Path(tmp) / "sockets", args.front_flags.split())
         try:

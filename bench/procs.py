@@ -115,7 +115,7 @@ def start_front(folder: Path, flags: Sequence[str] = ()) -> Process:
     once it accepts connections."""
     port = free_port()
     argv = [str(NATIVE_FRONT), "--listen", f"{HOST}:{port}", "--dir", str(folder), *flags]
-    return _listening(Process(argv, port), 30.0, "the native front")
+    return listening(Process(argv, port), 30.0, "the native front")
 
 
 def start_native(
@@ -137,10 +137,10 @@ def start_echo(protocol: bool = False, timeout_s: float = 30.0) -> Process:
     port = free_port()
     argv = [sys.executable, "-m", "bench.echo", "--port", str(port)]
     proc = Process([*argv, "--protocol"] if protocol else argv, port)
-    return _listening(proc, timeout_s, "floor server" if protocol else "echo server")
+    return listening(proc, timeout_s, "floor server" if protocol else "echo server")
 
 
-def _listening(proc: Process, timeout_s: float, what: str) -> Process:
+def listening(proc: Process, timeout_s: float, what: str) -> Process:
     """`proc` once its port accepts connections; stopped and TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
