@@ -192,6 +192,11 @@ class _Packed:
 U64, U32, I64 = np.dtype("<u8"), np.dtype("<u4"), np.dtype("<i8")
 
 
+def tick_messages(tick: npb.Tick) -> int:
+    """The client messages a tick carries: its entries and its packed chunks."""
+    return len(tick.entries) + (len(tick.chunk_streams) + len(tick.frame_streams)) // 8
+
+
 F32 = np.dtype("<f4")
 
 
@@ -334,7 +339,7 @@ class TickLink(asyncio.Protocol):
         start = time.perf_counter()
         try:
             self._write(await self.servicer.answer(self.streams, tick))
-            metrics.NATIVE_TICK_MESSAGES.observe(len(tick.entries))
+            metrics.NATIVE_TICK_MESSAGES.observe(tick_messages(tick))
             metrics.NATIVE_TICK_SECONDS.observe(time.perf_counter() - start)
             if self.streams.draining:  # the streams this tick held get their last message now
                 await self.streams.drain(self._push)

@@ -17,6 +17,7 @@ from service import codec
 from service.engine.types import ChunkOutcome
 from service.errors import AttachedElsewhere, Draining, ProtocolError
 from service.native_front import read_chunks as packed_chunks
+from service.native_front import tick_messages
 from service.protocol import messages as m
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams
 from service.protocol.session import Limits, SessionLayer
@@ -244,7 +245,7 @@ def test_a_tick_with_both_kinds_packed_answers_each_in_message_order(
     tick(streams, (1, OPEN), (2, m.Open("tiny-rnn-frames", 0, OPEN.options)))
     message = npb.Tick(
         id=4,
-        chunk_streams=np.array([1, 1], "<u8").tobytes()[:8],
+        chunk_streams=np.array([1], "<u8").tobytes(),
         chunk_seqs=np.array([1], "<u8").tobytes(),
         chunk_offsets=np.array([0, 1], "<u4").tobytes(),
         chunk_tokens=np.array([999], "<i8").tobytes(),
@@ -254,6 +255,7 @@ def test_a_tick_with_both_kinds_packed_answers_each_in_message_order(
         frame_offsets=np.array([0, 5], "<u4").tobytes(),
         frame_values=np.ones(5, "<f4").tobytes(),
     )
+    assert tick_messages(message) == 2
     refused, applied = asyncio.run(streams.answer([], packed=packed_chunks(message)))
     assert isinstance(refused, NativeOutcome) and body(refused).error.code == "INVALID_ARGUMENT"
     assert "chunk.input.tokens.ids[0] = 999" in str(body(refused).error)
