@@ -56,6 +56,15 @@ class Process:
             raise RuntimeError(f"server exited with {self.popen.returncode}: {err[-2000:]}")
 
 
+def serving(stub: health_pb2_grpc.HealthStub) -> bool:
+    """One health check (1 s at most): whether it says SERVING."""
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def start_lstm_serve(repo: Path, flags: list[str], timeout_s: float = 120.0) -> Process:
     """lstm-serve on free ports; returns once health says SERVING (models loaded and warmed)."""
     port, metrics_port = free_port(), free_port()
@@ -70,12 +79,8 @@ def start_lstm_serve(repo: Path, flags: list[str], timeout_s: float = 120.0) -> 
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             proc.check_alive()
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc
-            except grpc.RpcError:
-                pass
+            if serving(stub):
+                return proc
             if time.monotonic() > deadline:
                 proc.stop()
                 raise TimeoutError("lstm-serve did not become SERVING")

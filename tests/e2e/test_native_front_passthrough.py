@@ -9,8 +9,9 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
+from bench.procs import serving
 from tests.e2e.conftest import ROOT, ServerProcess
 from tests.native_front import NativeFront, binary
 
@@ -63,12 +64,8 @@ def serving_through(address: str, timeout_s: float) -> bool:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
+            if serving(stub):
+                return True
             time.sleep(0.05)
     return False
 
