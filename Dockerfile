@@ -49,11 +49,12 @@ COPY native/src/ ./native/src/
 COPY proto/lstmserve/v1/ ./proto/lstmserve/v1/
 # /out/runtime-packages: the packages holding the libraries the binary links (ldd -> dpkg -S),
 # which the runtime installs instead of the -dev packages and the compiler.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN cmake -S native -B native/build -DCMAKE_BUILD_TYPE=Release >/dev/null \
     && cmake --build native/build -j "$(nproc)" \
     && install -D -s native/build/lstm-serve-front /out/lstm-serve-front \
     && ldd /out/lstm-serve-front | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | xargs realpath \
-       | xargs dpkg -S 2>/dev/null | cut -d: -f1 | sort -u > /out/runtime-packages \
+       | { xargs dpkg -S 2>/dev/null || true; } | cut -d: -f1 | sort -u > /out/runtime-packages \
     && grep -q '^libgrpc++' /out/runtime-packages
 
 # ---- runtime: the venv, the models, the native front, a non-root user ----------------------
@@ -74,6 +75,7 @@ RUN apt-get update \
        apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /tmp/native-front-packages
 COPY --from=native /out/lstm-serve-front /usr/local/bin/lstm-serve-front
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN ! ldd /usr/local/bin/lstm-serve-front | grep "not found"
 COPY deploy/docker/healthcheck.py /app/healthcheck.py
 # The model repository: baked in here; mount a volume over /app/models to serve others.

@@ -243,11 +243,19 @@ def load(server: ServerProcess, prometheus: Prometheus, streams: list[Stream]) -
     triton.close()
 
 
+# Series only a server running its native front exports (lstm-serve --native-front: absent
+# otherwise, not 0); tests/e2e/test_native_supervised.py reads them from such a server.
+SUPERVISED_FRONT_ONLY = ("lstm_serve_native_front_up",)
+
+
 def dashboard_queries() -> dict[str, str]:
     """Every dashboard expression (panels and variables), its variables substituted: the
-    namespace the target is in, every model (the dashboard's default, All = .*)."""
+    namespace the target is in, every model (the dashboard's default, All = .*); not those of
+    SUPERVISED_FRONT_ONLY (this server runs no native front)."""
     found = {}
     for where, expr in expressions(dashboard()):
+        if any(series in expr for series in SUPERVISED_FRONT_ONLY):
+            continue
         expr = expr.replace("$__rate_interval", "1m").replace("$namespace", NAMESPACE)
         found[f"dashboard {where}: {expr}"] = expr.replace("$model", ".*")
     return found
