@@ -32,6 +32,7 @@ from lstmserve.v1 import native_front_pb2 as npb
 from service import codec, metrics
 from service.engine.types import ChunkOutcome
 from service.errors import ConfigError, ProtocolError
+from service.protocol.columns import F32, I64, U32, U64
 from service.protocol.messages import Request
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams, PackedChunks
 from service.protocol.session import SessionLayer
@@ -189,15 +190,9 @@ class _Packed:
         reply.MergeFrom(columns)
 
 
-U64, U32, I64 = np.dtype("<u8"), np.dtype("<u4"), np.dtype("<i8")
-
-
 def tick_messages(tick: npb.Tick) -> int:
     """The client messages a tick carries: its entries and its packed chunks."""
     return len(tick.entries) + (len(tick.chunk_streams) + len(tick.frame_streams)) // 8
-
-
-F32 = np.dtype("<f4")
 
 
 def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
@@ -262,11 +257,11 @@ def _status(exc: BaseException) -> tuple[int, str]:
 
 
 class TickLink(asyncio.Protocol):
-    """One native front's connection: ticks read as they come (the front keeps a few in
-    flight, never two messages of one stream), each answered in a task of its own and its reply
-    written as soon as it is ready. Whatever breaks the link (a frame that does not parse, a
-    reply that cannot be made) closes it: the front fails the streams it held, and they resume
-    elsewhere."""
+    """One native front's connection: ticks read as they come (up to the front's
+    --max-ticks-in-flight at once, never two messages of one stream), each answered in a task
+    of its own and its reply written as soon as it is ready. Whatever breaks the link (a frame
+    that does not parse, a reply that cannot be made) closes it: the front fails the streams it
+    held, and they resume elsewhere."""
 
     def __init__(self, servicer: NativeFrontServicer, links: set[TickLink]) -> None:
         self.servicer = servicer
