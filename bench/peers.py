@@ -3,7 +3,9 @@
     python -m bench.peers --setup                        # once: .venv-peers (TorchServe, Triton)
     python -m bench.peers --seconds 5 --streams 1 16 64 --repeat 3
     python -m bench.peers --systems lstm-serve-native tritonserver torchserve-grpc --streams 64
-                                                         # issue 25's target alone
+                                                         # issue 25's peer targets alone
+    python -m bench.peers --streams 1 64 256 --repeat 3  # every system and every target of
+                                                         # issue 25 in one run
 
 Each system is started here as a subprocess on 127.0.0.1 (free ports) and serves the bench model
 of bench/model.py (2-layer LSTM 256, tokens in, 4 classes, the same ONNX file for all three);
@@ -19,13 +21,24 @@ the reply, for --seconds after a warm-up, through each system's own streaming cl
   torchserve       HTTP POST /predictions/MODEL with the ts_request_sequence_id header, a
                    kept-alive connection per sequence (aiohttp), sequenceBatching, onnxruntime
   torchserve-grpc  the same TorchServe through gRPC StreamPredictions2, a stream per sequence
+  echo             bench.echo: a grpc.aio server that answers each message with canned bytes of a
+                   reply's size (no parsing, no model): what a Python gRPC server can reach
+  floor            bench.echo --protocol: lstmserve.v1 Stream parsed and answered by grpc.aio,
+                   no session and no model (the Python front's protocol floor)
+
+`--client native` drives the four lstmserve.v1 systems (lstm-serve, lstm-serve-native, echo,
+floor) with native/build/lstm-serve-load instead (`make native`; a sample of its replies checked
+exact against offline onnxruntime); the peers keep their Python clients, so the peer targets are
+then not judged (the clients differ), only the echo, floor and latency ones.
 
 A peer whose install is missing is skipped with what to install; a server whose port another
 process took before it bound is started again on fresh ports. Bounded: at most MAX_STREAMS
 sequences, MAX_SECONDS per window, MAX_MESSAGES messages per sequence, loopback only.
 Writes --out (JSON) and prints the table with lstm-serve's and the native front's ratios to
 each system, then issue 25's target at S = 64 (the native front >= 5x torchserve-grpc, >= 3x
-tritonserver), met or missed.
+tritonserver), met or missed, and where measured issue 25's other targets: S = 256 the native
+front >= 2x echo and lstm-serve >= 60 % of the floor, S = 1 the native front's p50 within 0.2 ms
+of lstm-serve's.
 """
 
 from __future__ import annotations
@@ -50,9 +63,10 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.load import Load, Window, drive, run_window, window_barrier
+from bench.load import Load, Window, drive, message_sizes, run_window, window_barrier
 from bench.model import BENCH_MODEL, ROOT, build_repository
-from bench.procs import HOST, NATIVE_FRONT, free_port, start_lstm_serve, start_native
+from bench.native_load import LOAD_BINARY, drive_native, verify_exact
+from bench.procs import HOST, NATIVE_FRONT, free_port, start_echo, start_lstm_serve, start_native
 from bench.run import BATCHED, VOCAB
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -63,7 +77,10 @@ MAX_STARTS = 3  # per start: a port another process took between free_port() and
 # what a server says when its port was taken (TorchServe, tritonserver, lstm-serve, the front)
 PORT_TAKEN = ("already in use", "address is in use", "cannot listen on", "failed to bind")
 LOGS = Path(tempfile.gettempdir()) / "lstm-bench-peers-logs"  # server logs of failed points
-SYSTEMS = ("lstm-serve", "lstm-serve-native", "tritonserver", "torchserve", "torchserve-grpc")
+SYSTEMS = ("lstm-serve", "lstm-serve-native", "tritonserver", "torchserve", "torchserve-grpc",
+           "echo", "floor")  # fmt: skip
+OURS = ("lstm-serve", "lstm-serve-native", "echo", "floor")  # lstmserve.v1: --client native
+EXACT = ("lstm-serve", "lstm-serve-native")  # their replies are the model's
 SERVER = {"torchserve-grpc": "torchserve"}  # the same TorchServe process, its gRPC front
 MAX_STREAMS = 1024
 MAX_SECONDS = 600.0
@@ -154,8 +171,10 @@ def ts_properties(ports: dict[str, int], store: Path) -> str:
     ])  # fmt: skip
 
 
-def missing(system: str) -> str | None:
-    """What to install for `system`, or None when it is there."""
+def missing(system: str, client: str = "python") -> str | None:
+    """What to install for `system` (driven by `client`), or None when it is there."""
+    if client == "native" and system in OURS and not LOAD_BINARY.is_file():
+        return f"--client native: no {LOAD_BINARY}; run make native"
     if system in ("torchserve", "torchserve-grpc"):
         if not (PEER_HOME / "bin" / "torchserve").exists():
             return "TorchServe: no .venv-peers/bin/torchserve; run python -m bench.peers --setup"
@@ -472,16 +491,29 @@ async def drive_tritonserver(
     return await run_window(loops, window, opened, on_window, clients)
 
 
-def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> dict[str, Any]:
-    """One system, one S: messages/s, latency percentiles, server (tree) CPU."""
+def measure(
+    system: str, proc: Any, load: Load, timing: tuple[float, float], client: str = "python",
+    repo: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One system, one S: messages/s, latency percentiles, server (tree) CPU, client CPU;
+    `client` "native": an lstmserve.v1 system driven by the native load generator (its sampled
+    replies checked exact against onnxruntime on the model `repo` for lstm-serve's)."""
     marks: dict[str, tuple[float, float, float]] = {}
     me = psutil.Process()
 
     async def on_window(edge: str) -> None:
         marks[edge] = (time.perf_counter(), proc.cpu_seconds(), sum(me.cpu_times()[:2]))
 
-    if system in ("lstm-serve", "lstm-serve-native"):
-        work = drive(load, proc.address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
+    if system == "echo":  # canned replies of an lstm-serve reply's size
+        load = Load("echo", load.sessions, load.steps, load.streams,
+                    message_sizes(1, load.steps, mode="stream"))  # fmt: skip
+    native = client == "native" and system in OURS
+    vocab = VOCAB[BENCH_MODEL]
+    if native:
+        work: Awaitable[Any] = drive_native(load, proc.address, BENCH_MODEL, vocab, *timing,
+                                            on_window)  # fmt: skip
+    elif system in OURS:
+        work = drive(load, proc.address, BENCH_MODEL, vocab, *timing, on_window)
     elif system == "tritonserver":
         work = drive_tritonserver(proc.address, load, *timing, on_window)
     elif system == "torchserve-grpc":
@@ -490,13 +522,25 @@ def measure(system: str, proc: Any, load: Load, timing: tuple[float, float]) -> 
         work = drive_torchserve(proc.port, load, *timing, on_window)
     window = asyncio.run(work)
     (t0, cpu0, me0), (t1, cpu1, me1) = marks["start"], marks["end"]
-    lat = np.array(window.latencies or [float("nan")]) * 1000
-    return {
+    row: dict[str, Any] = {
         "system": system, "streams": load.sessions, "steps": load.steps,
+        "client": "native" if native else "python",
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0), "seconds": t1 - t0,
+    }  # fmt: skip
+    if native:  # its window and latencies, timed in the binary
+        row |= {
+            "messages_per_s": window.completed / window.seconds,
+            "p50_ms": window.p50_ms, "p99_ms": window.p99_ms,
+            "client_cpu_pct": 100 * window.client_cpu_s / window.seconds,
+        }  # fmt: skip
+        if system in EXACT and repo is not None:
+            row["exact"] = verify_exact(window.sample, repo, BENCH_MODEL, load.steps)
+        return row
+    lat = np.array(window.latencies or [float("nan")]) * 1000
+    return row | {
         "messages_per_s": window.completed / (t1 - t0),
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-        "server_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
-        "client_cpu_pct": 100 * (me1 - me0) / (t1 - t0), "seconds": t1 - t0,
+        "client_cpu_pct": 100 * (me1 - me0) / (t1 - t0),
     }  # fmt: skip
 
 
@@ -513,7 +557,17 @@ def idle_cpu(procs: dict[str, Any], seconds: float = 2.0) -> dict[str, float]:
 
 
 BASELINES = {"lstm-serve": "x_lstm_serve", "lstm-serve-native": "x_native"}  # ratio keys
-TARGETS = {"torchserve-grpc": 5.0, "tritonserver": 3.0}  # issue 25, S = 64: the native front's
+# Issue 25's targets, each (S, the system measured against, the ratio key, the least ratio):
+# at S = 64 the native front against the peers, at S = 256 against the echo server, and the
+# Python front's guard against the protocol floor.
+TARGETS = (
+    (64, "tritonserver", "x_native", 3.0),
+    (64, "torchserve-grpc", "x_native", 5.0),
+    (256, "echo", "x_native", 2.0),
+    (256, "floor", "x_lstm_serve", 0.6),
+)
+P50_TARGET_MS = 0.2  # S = 1: the native front's p50 at most this much above lstm-serve's
+WHO = {"x_native": "native front", "x_lstm_serve": "lstm-serve"}
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -536,7 +590,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p99_ms": statistics.median(r["p99_ms"] for r in mine),
                 "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in mine),
                 "client_cpu_pct": statistics.median(r.get("client_cpu_pct", 0.0) for r in mine),
+                "client": mine[0].get("client", "python"),
             }  # fmt: skip
+            exact = [r["exact"] for r in mine if "exact" in r]
+            if exact:  # the native client's sampled replies against onnxruntime
+                row["mismatched"] = sum(e["mismatched"] for e in exact)
+                row["max_abs_diff"] = max(e["max_abs_diff"] for e in exact)
             for baseline, key in BASELINES.items():
                 if system != baseline:
                     row |= ratios(at, baseline, mine, key)
@@ -560,26 +619,39 @@ def ratios(
             rounds: [round(x, 2) for x in per_round]}  # fmt: skip
 
 
-def targets(summary: list[dict[str, Any]], streams: int = 64) -> list[str]:
-    """The issue's target at S = `streams`, one line per peer: the native front's ratio (median
-    and per round), met or missed; nothing where either side was not measured."""
+def targets(summary: list[dict[str, Any]]) -> list[str]:
+    """Issue 25's targets this run measured, one line each: the ratio (median and per round),
+    met or missed; a target against a peer driven by another client is not judged; nothing
+    where either side was not measured."""
+    at = {(r["streams"], r["system"]): r for r in summary}
     lines = []
-    for r in summary:
-        goal = TARGETS.get(r["system"])
-        if r["streams"] != streams or goal is None or "x_native" not in r:
+    for s, system, key, goal in TARGETS:
+        r = at.get((s, system))
+        if r is None or key not in r:
             continue
-        verdict = "met" if r["x_native"] >= goal else "missed"
-        rounds = ", ".join(f"{x:.1f}" for x in r["x_native_per_round"])
-        lines.append(f"target S={streams}: native front >= {goal:.0f}x {r['system']}: "
-                     f"{r['x_native']:.2f}x (rounds {rounds}): {verdict}")  # fmt: skip
+        mine = at[(s, "lstm-serve-native" if key == "x_native" else "lstm-serve")]
+        rounds = ", ".join(f"{x:.1f}" for x in r[f"{key}_per_round" if key != "x_lstm_serve"
+                                                  else "x_per_round"])  # fmt: skip
+        verdict = "met" if r[key] >= goal else "missed"
+        if mine["client"] != r["client"]:
+            verdict = f"not judged: {mine['client']} client against {r['client']} client"
+        lines.append(f"target S={s}: {WHO[key]} >= {goal:g}x {system}: {r[key]:.2f}x "
+                     f"(rounds {rounds}): {verdict}")  # fmt: skip
+    native, python = at.get((1, "lstm-serve-native")), at.get((1, "lstm-serve"))
+    if native is not None and python is not None:
+        extra = native["p50_ms"] - python["p50_ms"]
+        verdict = "met" if extra <= P50_TARGET_MS else "missed"
+        lines.append(f"target S=1: native front p50 within {P50_TARGET_MS} ms of lstm-serve's: "
+                     f"{native['p50_ms']:.2f} vs {python['p50_ms']:.2f} ms ({extra:+.2f}): "
+                     f"{verdict}")  # fmt: skip
     return lines
 
 
 def table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| S | system | messages/s (median) | min - max | lstm-serve is | per round | "
-        "native is | per round | p50 / p99 ms | server CPU | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "native is | per round | p50 / p99 ms | server CPU | client CPU | client | max diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         cells = []
@@ -590,7 +662,8 @@ def table(summary: list[dict[str, Any]]) -> str:
             f"| {r['streams']} | {r['system']} | {r['messages_per_s']:,.0f} | "
             f"{r['min']:,.0f} - {r['max']:,.0f} | {' | '.join(cells)} | "
             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_pct']:.0f} % | "
-            f"{r['client_cpu_pct']:.0f} % |"
+            f"{r['client_cpu_pct']:.0f} % | {r['client']} | "
+            f"{r.get('max_abs_diff', '-')} |"
         )
     return "\n".join(lines)
 
@@ -636,7 +709,9 @@ def bounded(kind: Any, low: float, high: float) -> Callable[[str], Any]:
 STARTERS = {"lstm-serve": lambda work, onnx, _: start_lstm_serve(work.parent / "repo", BATCHED),
             "lstm-serve-native": lambda work, onnx, _: start_native(
                 work.parent / "repo", BATCHED, work / "sockets"),
-            "tritonserver": start_triton, "torchserve": start_torchserve}  # fmt: skip
+            "tritonserver": start_triton, "torchserve": start_torchserve,
+            "echo": lambda work, onnx, _: start_echo(),
+            "floor": lambda work, onnx, _: start_echo(protocol=True)}  # fmt: skip
 
 
 def port_taken(error: BaseException, work: Path) -> bool:
@@ -669,7 +744,8 @@ def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace)
     the error and the server's log copied to LOGS, and that system is not measured again."""
     began = time.perf_counter()
     try:
-        row = measure(system, proc, Load("stream", s, 1, s), (args.warmup, args.seconds))
+        row = measure(system, proc, Load("stream", s, 1, s), (args.warmup, args.seconds),
+                      args.client, args.repo)  # fmt: skip
     except Exception as error:  # the run goes on with the other systems
         LOGS.mkdir(parents=True, exist_ok=True)
         log = getattr(proc, "log", None)
@@ -678,6 +754,11 @@ def point(system: str, proc: Any, s: int, round_: int, args: argparse.Namespace)
         print(f"round {round_} {system:>12} S={s:<4} FAILED: {error!r:.300} (logs in {LOGS})")
         return {"system": system, "streams": s, "steps": 1, "round": round_,
                 "error": f"{error!r:.500}"}  # fmt: skip
+    if row.get("exact", {}).get("mismatched"):  # a wrong reply is a failure, not a figure
+        print(f"round {round_} {system:>12} S={s:<4} replies differ from onnxruntime: "
+              f"{row['exact']}")  # fmt: skip
+        return {"system": system, "streams": s, "steps": 1, "round": round_,
+                "error": f"replies differ from onnxruntime: {row['exact']}"}  # fmt: skip
     print(f"round {round_} {system:>12} S={s:<4} {row['messages_per_s']:>8,.0f} msg/s "
           f"p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
           f"cpu {row['server_cpu_pct']:.0f} % client {row['client_cpu_pct']:.0f} %",
@@ -695,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=[1, 16, 64])  # fmt: skip
     parser.add_argument("--repeat", type=bounded(int, 1, 20), default=1)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--client", choices=("python", "native"), default="python",
+                        help="what drives lstmserve.v1's systems (peers: Python)")  # fmt: skip
     parser.add_argument("--peer-workers", type=bounded(int, 1, 2), default=1,
                         help="TorchServe workers / Triton instances")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/peers.json"))
@@ -702,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup:
         return setup()
     started = time.perf_counter()
-    skipped = {s: why for s in args.systems if (why := missing(s))}
+    skipped = {s: why for s in args.systems if (why := missing(s, args.client))}
     for why in skipped.values():
         print(f"skipped: {why}", flush=True)
     systems = [s for s in args.systems if s not in skipped]
@@ -710,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lstm-bench-peers-") as tmp:
         repo = Path(tmp) / "repo"
         onnx = build_repository(repo)[BENCH_MODEL]
+        args.repo = repo
         procs: dict[str, Any] = {}
         idle: dict[str, float] = {}
         failed: set[str] = set()
@@ -764,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_workers": args.peer_workers,
         "peer_configs": peer_configs(args.peer_workers, triton_slots(args.streams)),
         "timing": {"warmup_s": args.warmup, "seconds": args.seconds, "repeat": args.repeat},
+        "client": args.client,
         "idle_cpu_pct": idle,
         "start_seconds": start_s,
         "crashes": crashes,

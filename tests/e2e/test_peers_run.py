@@ -1,8 +1,8 @@
 """`python -m bench.peers` as its docstring promises: every system (lstm-serve, the native front,
-tritonserver 2.51, TorchServe over HTTP and gRPC) starts as a real process on 127.0.0.1 and
-answers the same load, and the results carry every system's row. Needs what `--setup` and `make
-native` install (.venv-peers, Java 17, native/build): skipped, with what to run, where they are
-missing (CI does not build .venv-peers)."""
+tritonserver 2.51, TorchServe over HTTP and gRPC, the echo server, the protocol floor) starts as
+a real process on 127.0.0.1 and answers the same load, and the results carry every system's row.
+Needs what `--setup` and `make native` install (.venv-peers, Java 17, native/build): skipped,
+with what to run, where they are missing (CI does not build .venv-peers)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_every_system_starts_and_answers_one_short_point(tmp_path: Path) -> None
         assert "error" not in row, (system, row)
         assert row["messages_per_s"] > 0 and row["streams"] == 2
     assert set(result["start_seconds"]) == {"lstm-serve", "lstm-serve-native", "tritonserver",
-                                            "torchserve"}  # fmt: skip
+                                            "torchserve", "echo", "floor"}  # fmt: skip
     summary = {r["system"]: r for r in result["summary"]}
     assert "x_native" in summary["torchserve-grpc"] and "x_lstm_serve" in summary["tritonserver"]
-    assert result["targets"] == []  # the target is at S = 64 only
+    assert result["targets"] == []  # the targets are at S = 1, 64 and 256 only

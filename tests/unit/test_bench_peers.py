@@ -183,6 +183,38 @@ def test_summary_gives_the_native_fronts_ratio_and_the_issues_targets() -> None:
     assert "| 64 | tritonserver | 3,000 | 3,000 - 3,000 | 2.0x | 2.0 | 3.3x | 4.0 |" in text
 
 
+def test_targets_at_256_against_echo_and_floor_and_at_1_on_latency() -> None:
+    rows = [_row("lstm-serve-native", 256, r, i) for i, r in enumerate((30000, 31000))]
+    rows += [_row("lstm-serve", 256, r, i) for i, r in enumerate((14000, 15000))]
+    rows += [_row("echo", 256, r, i) for i, r in enumerate((40000, 42000))]
+    rows += [_row("floor", 256, r, i) for i, r in enumerate((20000, 30000))]
+    rows += [_row("lstm-serve-native", 1, 1250, 0), _row("lstm-serve", 1, 1600, 0)]
+    assert peers.targets(peers.summarize(rows)) == [
+        "target S=256: native front >= 2x echo: 0.74x (rounds 0.8, 0.7): missed",
+        "target S=256: lstm-serve >= 0.6x floor: 0.58x (rounds 0.7, 0.5): missed",
+        "target S=1: native front p50 within 0.2 ms of lstm-serve's: 0.80 vs 0.62 ms (+0.18): met",
+    ]
+
+
+def test_a_target_against_a_peer_driven_by_another_client_is_not_judged() -> None:
+    rows = [_row("lstm-serve-native", 64, 30000, 0) | {"client": "native"},
+            _row("tritonserver", 64, 3000, 0) | {"client": "python"}]  # fmt: skip
+    summary = peers.summarize(rows)
+    assert peers.targets(summary) == [
+        "target S=64: native front >= 3x tritonserver: 10.00x (rounds 10.0): not judged: native "
+        "client against python client"
+    ]
+    assert "| native | - |" in peers.table(summary)
+
+
+def test_summary_carries_the_native_clients_exactness() -> None:
+    exact = [{"mismatched": 0, "max_abs_diff": 0.0}, {"mismatched": 0, "max_abs_diff": 0.0}]
+    rows = [_row("lstm-serve-native", 64, r, i) | {"client": "native", "exact": e}
+            for i, (r, e) in enumerate(zip((9000, 9500), exact, strict=True))]  # fmt: skip
+    (row,) = peers.summarize(rows)
+    assert (row["mismatched"], row["max_abs_diff"], row["client"]) == (0, 0.0, "native")
+
+
 def test_targets_need_the_native_front_measured() -> None:
     rows = [_row("lstm-serve", 64, 6000, 0), _row("tritonserver", 64, 3000, 0)]
     assert peers.targets(peers.summarize(rows)) == []
