@@ -100,6 +100,14 @@ class NativeFrontProcess:
         self._supervisor: asyncio.Task[None] | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self._stderr_tail: deque[str] = deque(maxlen=3)  # for the message of a failed start
+        self._running: metrics.ProcessId | None = None  # the front's process while it runs
+
+    def running(self) -> metrics.ProcessId | None:
+        """The front's process while it runs (its figures in /metrics), None while it is down."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return None
+        return self._running
 
     def argv(self) -> list[str]:
         o = self.options
@@ -121,6 +129,7 @@ class NativeFrontProcess:
             self._remove_folder()
             raise ConfigError(f"--native-front: {exc}") from None
         self._supervisor = asyncio.create_task(self._supervise(), name="native-front")
+        metrics.FRONT_PROCESS.track(self.running)
         return self.port
 
     async def _launch(self) -> None:
@@ -135,6 +144,7 @@ class NativeFrontProcess:
             raise _StartFailed(f"cannot run {self.options.binary}: {exc}") from None
         assert proc.stdout is not None and proc.stderr is not None
         self._proc = proc
+        self._running = metrics.process_id(proc.pid)  # its start time: a reused pid is not it
         self._read(proc.stderr, self._stderr_line)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)

@@ -196,6 +196,85 @@ def test_a_killed_front_is_started_again_and_the_client_resumes(pair, tmp_path: 
     assert (restarts, up, code) == (1.0, 1.0, 0)
 
 
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """Every unlabelled series of lstm-serve's /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln and ln[0] != "#"
+            and "{" not in ln}  # fmt: skip
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU = "lstm_serve_native_front_cpu_seconds_total"
+RSS = "lstm_serve_native_front_resident_memory_bytes"
+THREADS = "lstm_serve_native_front_threads"
+FDS = "lstm_serve_native_front_open_fds"
+STREAMS = "lstm_serve_native_front_streams"
+
+
+def test_the_fronts_process_figures_and_streams_held_are_in_metrics(tmp_path: Path) -> None:
+    """/metrics shows the supervised front's CPU, resident memory, threads and descriptors as
+    /proc shows its pid's (CPU grows under load), and the client streams lstm-serve holds for
+    it: 1 while one is open, 0 once it ended."""
+    server = supervised(tmp_path)
+    try:
+        pid = front_pid(server)
+        idle = scrape(server)
+        status = proc_status(pid)
+        rss = int(status["VmRSS"].split()[0]) * 1024
+        assert rss / 2 <= idle[RSS] <= rss * 2, (idle[RSS], rss)
+        assert abs(idle[THREADS] - int(status["Threads"])) <= 4, (idle[THREADS], status)
+        assert abs(idle[FDS] - len(os.listdir(f"/proc/{pid}/fd"))) <= 4
+        assert 0 <= idle[CPU] <= proc_cpu_s(pid) + 0.05
+        assert idle[STREAMS] == 0.0
+
+        async def loaded() -> tuple[float, dict[str, float]]:
+            more: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+            more.put_nowait(pb.StreamRequest(open=pb.OpenSession(model="langid-chars")))
+
+            async def requests():
+                while (request := await more.get()) is not None:
+                    yield request
+
+            held, seq, ending, during = -1.0, 0, False, idle
+            deadline = time.monotonic() + 30
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                call = pb_grpc.LstmServeStub(channel).Stream(requests())
+                async for reply in call:  # one chunk in flight; every 200th reply, a scrape
+                    assert not reply.chunk.HasField("error"), reply
+                    if ending:
+                        continue
+                    if seq % 200 == 0:
+                        during = await asyncio.to_thread(scrape, server)
+                        held = during[STREAMS] if seq == 0 else held
+                        if during[CPU] > idle[CPU] or time.monotonic() > deadline:
+                            ending = True
+                            more.put_nowait(pb.StreamRequest(end=pb.End()))
+                            more.put_nowait(None)
+                            continue
+                    seq += 1
+                    more.put_nowait(_text(seq, "bonjour "))
+            return held, during
+
+        held, during = asyncio.run(loaded())
+        wait_until(lambda: scrape(server)[STREAMS] == 0.0, 10, "the ended stream let go")
+        after = scrape(server)
+    finally:
+        code = server.stop()
+    assert held == 1.0 and during[CPU] > idle[CPU], (held, during[CPU], idle[CPU])
+    assert after[CPU] >= during[CPU] and code == 0
+
+
 def test_tls_and_client_certificates_are_the_python_fronts(tmp_path: Path) -> None:
     """--tls-cert / --tls-key / --tls-client-ca serve the front's port: a verified client's
     certificate names the caller (--principal-from-cert; another cannot resume its session),
