@@ -284,7 +284,11 @@ AUTH_FAILURES = Counter(
     "no_certificate, bad_certificate_name).",
     ["protocol", "reason"],
 )
-READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")
+READY = Gauge(
+    "lstm_serve_ready",
+    "1 when ready: every model loaded and warmed, not draining and, with --native-front, the "
+    "front up.",
+)
 MAX_SESSIONS = Gauge(
     "lstm_serve_max_sessions",
     "The sessions this replica may hold at once (--max-sessions).",

@@ -91,9 +91,12 @@ class FrontOptions:
 class NativeFrontProcess:
     """The supervised front: start() once, then restarted until stop()."""
 
-    def __init__(self, options: FrontOptions) -> None:
+    def __init__(self, options: FrontOptions,
+                 on_up: Callable[[bool], None] = lambda up: None) -> None:  # fmt: skip
         self.options = options
         self.port = options.port  # the public port, known once started
+        self.up = False  # listening on the port (False from an unasked end to the next start)
+        self._on_up = on_up  # told each time `up` changes (lstm-serve's readiness follows)
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -161,6 +164,8 @@ class NativeFrontProcess:
         self.port = port
         self._read(proc.stdout, self._stdout_line)
         metrics.NATIVE_FRONT_UP.set(1)
+        self.up = True
+        self._on_up(True)
         log.info("native front started", extra={"fields": {
             "pid": proc.pid, "port": port, "dir": str(self.options.folder),
             "tls": bool(self.options.tls_cert),
@@ -177,6 +182,8 @@ class NativeFrontProcess:
             if self._stopping:
                 return
             metrics.NATIVE_FRONT_UP.set(0)
+            self.up = False
+            self._on_up(False)
             metrics.NATIVE_FRONT_RESTARTS.inc()
             self.restarts += 1
             if time.monotonic() - started >= STEADY_S:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -273,6 +274,104 @@ def test_the_fronts_process_figures_and_streams_held_are_in_metrics(tmp_path: Pa
         code = server.stop()
     assert held == 1.0 and during[CPU] > idle[CPU], (held, during[CPU], idle[CPU])
     assert after[CPU] >= during[CPU] and code == 0
+
+
+def health_port(server: ServerProcess) -> int:
+    for line in list(server.lines):
+        if '"listening"' in line:
+            return int(json.loads(line)["health_port"])
+    raise AssertionError("no 'listening' line")
+
+
+def grab_port_once_the_front_died(pid: int, port: int) -> socket.socket | None:
+    """SIGKILL the front and take its port before lstm-serve starts it again (0.1 s later):
+    its restarts then fail until the port is free (None: the new front was first)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        taker = socket.socket()
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT only
+        try:
+            taker.bind(("127.0.0.1", port))
+            taker.listen()
+            return taker
+        except OSError:  # the front still dying, or (too late) its successor listening
+            taker.close()
+            time.sleep(0.001)
+    return None
+
+
+def test_readiness_is_not_ready_while_the_supervised_front_is_down(tmp_path: Path) -> None:
+    """The front SIGKILLed and its port taken (so its restarts fail for a while): readiness says
+    not ready, with the reason (HTTP /v2/health/ready 503 and its body; gRPC health of
+    lstmserve.v1.LstmServe on --health-port NOT_SERVING; lstm_serve_ready 0) while liveness
+    stays (health "" SERVING, /v2/health/live 200); once the port is free and the front listens
+    again, ready again."""
+    server = supervised(tmp_path, "--health-port", "0")
+    http = f"http://127.0.0.1:{server.http_port}/v2/health"
+    channel = grpc.insecure_channel(f"127.0.0.1:{health_port(server)}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def check(service: str) -> int:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health.Check(request, timeout=5).status
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(http + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        assert (get("/ready")[0], check("lstmserve.v1.LstmServe"), check("")) == (
+            200, serving, serving)  # fmt: skip
+        taker = None
+        for _ in range(3):  # the new front may take the port first: kill that one then
+            taker = grab_port_once_the_front_died(front_pid(server), server.port)
+            if taker is not None:
+                break
+            server.wait_event("native front started", 15)
+        assert taker is not None, "the port was never free between the front's restarts"
+        try:
+            wait_until(lambda: get("/ready")[0] == 503, 10, "not ready while the front is down")
+            down = (
+                get("/ready"),
+                check("lstmserve.v1.LstmServe"),
+                check("inference.GRPCInferenceService"),
+                check(""),
+                get("/live")[0],
+                metric(server, "lstm_serve_ready"),
+                metric(server, "lstm_serve_native_front_up"),
+            )
+            server.wait_event("native front did not start", 15)  # a restart failed meanwhile
+            still = get("/ready")[0]
+        finally:
+            taker.close()
+        server.wait_event("native front started", 15)
+        wait_until(lambda: get("/ready")[0] == 200, 10, "ready again once the front listens")
+        back = (check("lstmserve.v1.LstmServe"), check(""), metric(server, "lstm_serve_ready"))
+        answered = asyncio.run(
+            converse(
+                server.address,
+                [
+                    pb.StreamRequest(open=pb.OpenSession(model="langid-chars")),
+                    pb.StreamRequest(end=pb.End()),
+                ],
+                (),
+            )
+        )
+    finally:
+        channel.close()
+        code = server.stop()
+    (status, body), *rest = down
+    assert status == 503 and json.loads(body) == {
+        "error": "not ready: the native front (--native-front) is down: it is being started again"
+    }
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert rest == [not_serving, not_serving, serving, 200, 0.0, 0.0] and still == 503
+    assert back == (serving, serving, 1.0) and answered[-1] == grpc.StatusCode.OK and code == 0
 
 
 def test_tls_and_client_certificates_are_the_python_fronts(tmp_path: Path) -> None:
