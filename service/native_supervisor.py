@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections import deque
@@ -60,18 +62,83 @@ def find_binary(name: str) -> Path:
     )
 
 
+# The private temporary directories (without --native-front-dir): TMPDIR/PREFIX<pid>-XXXXXXXX,
+# each locked (flock) by the lstm-serve that made it for as long as that process lives, and
+# holding OWNER once it is locked. The kernel drops the lock when its process dies, SIGKILL
+# included, so a directory whose lock can be taken and which holds OWNER was left by a dead
+# lstm-serve: the next one removes it (remove_stale_socket_dirs). Neither pid reuse nor pid
+# namespaces (containers sharing a /tmp) can make a live one look dead; the pid in the name is
+# only for people.
+PREFIX = "lstm-serve-front-"
+OWNER = "owner"
+_held: dict[str, int] = {}  # the directories this process made -> their locked descriptor
+
+
 def socket_dir(configured: str) -> tuple[str, bool]:
     """The sockets' directory: --native-front-dir, else a new private temporary one (True:
-    this server made it and removes it at the end)."""
+    this server made it and removes it at the end, remove_socket_dir), after removing those
+    that dead lstm-serve processes left behind."""
     if configured:
         return configured, False
+    path = ""
     try:
-        return tempfile.mkdtemp(prefix="lstm-serve-front-"), True  # mode 0700
+        remove_stale_socket_dirs(Path(tempfile.gettempdir()))
+        path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # mode 0700
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the front
+        _held[path] = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a scan of another lstm-serve may hold it a moment
+        (Path(path) / OWNER).write_text(f"{os.getpid()}\n")
     except OSError as exc:
+        if path:
+            remove_socket_dir(path)
         raise ConfigError(
             f"--native-front: cannot make a temporary directory for its sockets "
             f"({exc.strerror or exc}); set --native-front-dir"
         ) from None
+    return path, True
+
+
+def remove_socket_dir(path: str) -> None:
+    """A temporary directory of socket_dir's removed (its lock let go after)."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_socket_dirs(folder: Path) -> list[str]:
+    """Remove the socket directories under `folder` that lstm-serve processes which have died
+    left behind: this user's, not symbolic links, holding OWNER, their lock free. One being
+    made (no OWNER yet) or held by a live process is left alone; so is whatever cannot be read.
+    Returns the paths removed (each logged)."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.path in _held:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.lexists(os.path.join(entry.path, OWNER)):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # BlockingIOError: its lstm-serve lives
+            continue
+        finally:
+            os.close(fd)
+        removed.append(entry.path)
+        log.info("removed a native front socket directory left by a dead lstm-serve",
+                 extra={"fields": {"dir": entry.path}})  # fmt: skip
+    return removed
 
 
 @dataclass(frozen=True)
@@ -233,7 +300,7 @@ class NativeFrontProcess:
 
     def _remove_folder(self) -> None:
         if self.options.remove_folder:
-            shutil.rmtree(self.options.folder, ignore_errors=True)
+            remove_socket_dir(str(self.options.folder))
 
     def _read(self, stream: asyncio.StreamReader, on_line: _LineHandler) -> None:
         task = asyncio.create_task(_forward(stream, on_line))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
@@ -425,7 +424,7 @@ def _supervise_native_front(app: LstmServer, server: grpc.aio.Server,
         folder = _bind_native_front(app, server, auth, path)
     except ConfigError:
         if temporary:
-            shutil.rmtree(path, ignore_errors=True)
+            native_supervisor.remove_socket_dir(path)
         raise
     app.native = native_supervisor.NativeFrontProcess(native_supervisor.FrontOptions(
         binary=binary, host=config.host, port=config.grpc_port, folder=folder,

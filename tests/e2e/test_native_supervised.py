@@ -12,10 +12,12 @@ import asyncio
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -519,6 +521,46 @@ def test_the_front_ends_when_lstm_serve_is_sigkilled(tmp_path: Path) -> None:
         if running(pid):
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(folder)], check=False)  # nobody was left to remove it
+
+
+def test_a_sigkilled_lstm_serves_socket_directory_goes_at_the_next_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --native-front-dir: a SIGKILLed lstm-serve leaves its private directory behind;
+    the next lstm-serve started removes it (logged), and leaves a live one's directory, whose
+    server goes on answering through its front. Those that stop remove their own."""
+    tmp = Path(tempfile.mkdtemp(prefix="ops-", dir="/tmp"))  # short: sockets' paths are bounded
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    servers: list[ServerProcess] = []
+    try:
+        live = supervised(tmp)
+        servers.append(live)
+        killed = supervised(tmp)
+        servers.append(killed)
+        live_dir, stale = Path(started(live)["dir"]), Path(started(killed)["dir"])
+        front = front_pid(killed)
+        killed.proc.kill()
+        killed.proc.wait(10)
+        wait_until(lambda: not running(front), 15, "the killed server's front ends too")
+        assert stale.is_dir() and live_dir.is_dir() and stale.parent == live_dir.parent == tmp
+        after = supervised(tmp)
+        servers.append(after)
+        removed = [json.loads(line)["dir"] for line in list(after.lines) if
+                   '"removed a native front socket directory left by a dead' in line]  # fmt: skip
+        after_dir = Path(started(after)["dir"])
+        assert not stale.exists() and removed == [str(stale)]
+        assert sorted(tmp.glob("lstm-serve-front-*")) == sorted([live_dir, after_dir])
+        opened = pb.StreamRequest(open=pb.OpenSession(model="langid-chars"))
+        answered = asyncio.run(converse(live.address, [opened, pb.StreamRequest(end=pb.End())], ()))
+        assert answered[-1] == grpc.StatusCode.OK
+        codes = (live.stop(), after.stop())
+        assert codes == (0, 0) and list(tmp.glob("lstm-serve-front-*")) == []
+    finally:
+        for server in servers:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def serve_briefly(*flags: str) -> subprocess.CompletedProcess[str]:
