@@ -6,15 +6,22 @@ Never a session id. Requests naming an unknown model are counted under model="<u
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -277,7 +284,11 @@ AUTH_FAILURES = Counter(
     "no_certificate, bad_certificate_name).",
     ["protocol", "reason"],
 )
-READY = Gauge("lstm_serve_ready", "1 when every model is loaded and warmed and not draining.")
+READY = Gauge(
+    "lstm_serve_ready",
+    "1 when ready: every model loaded and warmed, not draining and, with --native-front, the "
+    "front up.",
+)
 MAX_SESSIONS = Gauge(
     "lstm_serve_max_sessions",
     "The sessions this replica may hold at once (--max-sessions).",
@@ -327,6 +338,155 @@ NATIVE_FRONT_UP_GAUGE = Gauge(
     registry=None,  # registered by the first set(): see ExportedOnceSet
 )
 NATIVE_FRONT_UP = ExportedOnceSet(NATIVE_FRONT_UP_GAUGE)
+# The supervised front's process, read from /proc/<pid>/ at each scrape (FrontProcessFigures):
+# the front exports nothing itself. Defined here for their names and help; not registered.
+NATIVE_FRONT_CPU = Counter(
+    "lstm_serve_native_front_cpu_seconds",
+    "User and system CPU seconds of the supervised native front's process (--native-front; "
+    "starts again from 0 with each restart); absent while it is down and without --native-front.",
+    registry=None,
+)
+NATIVE_FRONT_RESIDENT_MEMORY = Gauge(
+    "lstm_serve_native_front_resident_memory_bytes",
+    "Resident memory of the supervised native front's process (--native-front); absent while "
+    "it is down and without --native-front.",
+    registry=None,
+)
+NATIVE_FRONT_THREADS = Gauge(
+    "lstm_serve_native_front_threads",
+    "Threads of the supervised native front's process (--native-front); absent while it is "
+    "down and without --native-front.",
+    registry=None,
+)
+NATIVE_FRONT_OPEN_FDS = Gauge(
+    "lstm_serve_native_front_open_fds",
+    "Open file descriptors of the supervised native front's process (--native-front: client "
+    "connections, its sockets to this server, its pipes); absent while it is down and without "
+    "--native-front.",
+    registry=None,
+)
+NATIVE_FRONT_STREAMS = Gauge(
+    "lstm_serve_native_front_streams",
+    "Client Stream calls this server holds for native fronts (--native-front, or fronts started "
+    "by hand on --native-front-dir): from a stream's first message to its end.",
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process, told apart from a later one given the same pid by its start time (clock
+    ticks after boot, /proc/<pid>/stat's 22nd field)."""
+
+    pid: int
+    start_ticks: int
+
+
+@dataclass(frozen=True)
+class ProcessFigures:
+    cpu_seconds: float
+    resident_bytes: int
+    threads: int
+    open_fds: int | None  # None: /proc/<pid>/fd not readable
+
+
+def process_id(pid: int) -> ProcessId | None:
+    """`pid` with its start time; None if it is gone."""
+    stat = _stat(pid)
+    return None if stat is None else ProcessId(pid, int(stat[19]))
+
+
+def read_process(which: ProcessId) -> ProcessFigures | None:
+    """The process's figures from /proc; None if it has ended (gone, a zombie, or its pid now
+    another process's). Never raises for a process that dies meanwhile."""
+    stat = _stat(which.pid)
+    if stat is None or stat[0] == "Z" or int(stat[19]) != which.start_ticks:
+        return None
+    try:  # fields 14 and 15 (utime, stime), 20 (threads), 24 (rss, pages) of proc(5)
+        cpu = (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
+        figures = ProcessFigures(cpu, int(stat[21]) * PAGE_BYTES, int(stat[17]), None)
+    except (IndexError, ValueError):
+        return None
+    try:
+        fds = len(os.listdir(f"/proc/{which.pid}/fd"))
+    except OSError:
+        return figures
+    return ProcessFigures(figures.cpu_seconds, figures.resident_bytes, figures.threads, fds)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (the state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:  # gone (ENOENT, ESRCH), or no /proc
+        return None
+    fields = raw.rsplit(b")", 1)[-1].split()
+    return [f.decode() for f in fields] if len(fields) > 21 else None
+
+
+class FrontProcessFigures:
+    """The supervised front's CPU, memory, threads and descriptors, read from /proc at each
+    scrape (no thread polls them). Registered by the first track(): absent without
+    --native-front; absent too while the tracked process is down."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self._registry = registry
+        self._current: Callable[[], ProcessId | None] = lambda: None
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def track(self, current: Callable[[], ProcessId | None], /) -> None:
+        """`current()` names the front's process while it runs (None while it is down); the
+        last one tracked wins (one supervisor per process outside tests)."""
+        self._current = current
+        with self._lock:
+            if not self._registered:
+                self._registry.register(self)
+                self._registered = True
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check against other collectors' names at registration
+
+    def collect(self) -> Iterator[Metric]:
+        which = self._current()
+        figures = read_process(which) if which is not None else None
+        if figures is None:
+            return
+        yield CounterMetricFamily(
+            NATIVE_FRONT_CPU._name, NATIVE_FRONT_CPU._documentation, figures.cpu_seconds
+        )
+        for gauge, value in ((NATIVE_FRONT_RESIDENT_MEMORY, figures.resident_bytes),
+                             (NATIVE_FRONT_THREADS, figures.threads),
+                             (NATIVE_FRONT_OPEN_FDS, figures.open_fds)):  # fmt: skip
+            if value is not None:
+                yield GaugeMetricFamily(gauge._name, gauge._documentation, value)
+
+
+FRONT_PROCESS = FrontProcessFigures()
+
+
+class HoldsStreams(Protocol):
+    """What NativeStreamsHeld reads (service.native_front's TicksServer)."""
+
+    def streams_held(self) -> int: ...
+
+
+class NativeStreamsHeld:
+    """lstm_serve_native_front_streams: the streams every live ticks server's links hold, read
+    when scraped."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._servers: weakref.WeakSet[HoldsStreams] = weakref.WeakSet()
+        gauge.set_function(lambda: sum(s.streams_held() for s in list(self._servers)))
+
+    def track(self, server: HoldsStreams, /) -> None:
+        self._servers.add(server)
+
+
+NATIVE_STREAMS_HELD = NativeStreamsHeld(NATIVE_FRONT_STREAMS)
 
 
 class SessionLimits(Protocol):

@@ -362,6 +362,12 @@ class TicksServer:
         self.path = path
         self.links: set[TickLink] = set()
         self._server: asyncio.base_events.Server | None = None
+        metrics.NATIVE_STREAMS_HELD.track(self)
+
+    def streams_held(self) -> int:
+        """The client streams every connected front holds here (read from the scrape thread:
+        list() copies the set in one step under the GIL)."""
+        return sum(len(link.streams) for link in list(self.links))
 
     async def start(self) -> None:
         try:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections import deque
@@ -60,18 +62,83 @@ def find_binary(name: str) -> Path:
     )
 
 
+# The private temporary directories (without --native-front-dir): TMPDIR/PREFIX<pid>-XXXXXXXX,
+# each locked (flock) by the lstm-serve that made it for as long as that process lives, and
+# holding OWNER once it is locked. The kernel drops the lock when its process dies, SIGKILL
+# included, so a directory whose lock can be taken and which holds OWNER was left by a dead
+# lstm-serve: the next one removes it (remove_stale_socket_dirs). Neither pid reuse nor pid
+# namespaces (containers sharing a /tmp) can make a live one look dead; the pid in the name is
+# only for people.
+PREFIX = "lstm-serve-front-"
+OWNER = "owner"
+_held: dict[str, int] = {}  # the directories this process made -> their locked descriptor
+
+
 def socket_dir(configured: str) -> tuple[str, bool]:
     """The sockets' directory: --native-front-dir, else a new private temporary one (True:
-    this server made it and removes it at the end)."""
+    this server made it and removes it at the end, remove_socket_dir), after removing those
+    that dead lstm-serve processes left behind."""
     if configured:
         return configured, False
+    path = ""
     try:
-        return tempfile.mkdtemp(prefix="lstm-serve-front-"), True  # mode 0700
+        remove_stale_socket_dirs(Path(tempfile.gettempdir()))
+        path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # mode 0700
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the front
+        _held[path] = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a scan of another lstm-serve may hold it a moment
+        (Path(path) / OWNER).write_text(f"{os.getpid()}\n")
     except OSError as exc:
+        if path:
+            remove_socket_dir(path)
         raise ConfigError(
             f"--native-front: cannot make a temporary directory for its sockets "
             f"({exc.strerror or exc}); set --native-front-dir"
         ) from None
+    return path, True
+
+
+def remove_socket_dir(path: str) -> None:
+    """A temporary directory of socket_dir's removed (its lock let go after)."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_socket_dirs(folder: Path) -> list[str]:
+    """Remove the socket directories under `folder` that lstm-serve processes which have died
+    left behind: this user's, not symbolic links, holding OWNER, their lock free. One being
+    made (no OWNER yet) or held by a live process is left alone; so is whatever cannot be read.
+    Returns the paths removed (each logged)."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.path in _held:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.lexists(os.path.join(entry.path, OWNER)):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # BlockingIOError: its lstm-serve lives
+            continue
+        finally:
+            os.close(fd)
+        removed.append(entry.path)
+        log.info("removed a native front socket directory left by a dead lstm-serve",
+                 extra={"fields": {"dir": entry.path}})  # fmt: skip
+    return removed
 
 
 @dataclass(frozen=True)
@@ -91,15 +158,26 @@ class FrontOptions:
 class NativeFrontProcess:
     """The supervised front: start() once, then restarted until stop()."""
 
-    def __init__(self, options: FrontOptions) -> None:
+    def __init__(self, options: FrontOptions,
+                 on_up: Callable[[bool], None] = lambda up: None) -> None:  # fmt: skip
         self.options = options
         self.port = options.port  # the public port, known once started
+        self.up = False  # listening on the port (False from an unasked end to the next start)
+        self._on_up = on_up  # told each time `up` changes (lstm-serve's readiness follows)
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self._stderr_tail: deque[str] = deque(maxlen=3)  # for the message of a failed start
+        self._running: metrics.ProcessId | None = None  # the front's process while it runs
+
+    def running(self) -> metrics.ProcessId | None:
+        """The front's process while it runs (its figures in /metrics), None while it is down."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return None
+        return self._running
 
     def argv(self) -> list[str]:
         o = self.options
@@ -121,6 +199,7 @@ class NativeFrontProcess:
             self._remove_folder()
             raise ConfigError(f"--native-front: {exc}") from None
         self._supervisor = asyncio.create_task(self._supervise(), name="native-front")
+        metrics.FRONT_PROCESS.track(self.running)
         return self.port
 
     async def _launch(self) -> None:
@@ -135,6 +214,7 @@ class NativeFrontProcess:
             raise _StartFailed(f"cannot run {self.options.binary}: {exc}") from None
         assert proc.stdout is not None and proc.stderr is not None
         self._proc = proc
+        self._running = metrics.process_id(proc.pid)  # its start time: a reused pid is not it
         self._read(proc.stderr, self._stderr_line)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
@@ -151,6 +231,8 @@ class NativeFrontProcess:
         self.port = port
         self._read(proc.stdout, self._stdout_line)
         metrics.NATIVE_FRONT_UP.set(1)
+        self.up = True
+        self._on_up(True)
         log.info("native front started", extra={"fields": {
             "pid": proc.pid, "port": port, "dir": str(self.options.folder),
             "tls": bool(self.options.tls_cert),
@@ -167,6 +249,8 @@ class NativeFrontProcess:
             if self._stopping:
                 return
             metrics.NATIVE_FRONT_UP.set(0)
+            self.up = False
+            self._on_up(False)
             metrics.NATIVE_FRONT_RESTARTS.inc()
             self.restarts += 1
             if time.monotonic() - started >= STEADY_S:
@@ -216,7 +300,7 @@ class NativeFrontProcess:
 
     def _remove_folder(self) -> None:
         if self.options.remove_folder:
-            shutil.rmtree(self.options.folder, ignore_errors=True)
+            remove_socket_dir(str(self.options.folder))
 
     def _read(self, stream: asyncio.StreamReader, on_line: _LineHandler) -> None:
         task = asyncio.create_task(_forward(stream, on_line))

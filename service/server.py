@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
@@ -84,11 +83,13 @@ class LstmServer:
         self.native: native_supervisor.NativeFrontProcess | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._front_health: set[asyncio.Task[None]] = set()
         self._loaded = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._serving: bool | None = None
+        self._serving: tuple[bool, bool] | None = None  # (live: "", ready: the services)
         self.load_error: BaseException | None = None
         self.shutdown_stage = ""  # the stop's step in progress (drain_deadline.py reports it)
+        self.triton.readiness_gates.append(self._front_not_ready)
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING), then load and warm the models in the background."""
@@ -159,16 +160,37 @@ class LstmServer:
         self._spawn(self._refresh_health(), "health")
 
     async def _refresh_health(self) -> None:
-        """SERVING while some version is READY and the server is not draining."""
-        await self._set_health(bool(self.engine.registry.ready()) and not self.engine.draining)
+        """SERVING while some version is READY and the server is not draining; the named
+        services (readiness) also need the supervised native front up, "" (liveness) not."""
+        serving = bool(self.engine.registry.ready()) and not self.engine.draining
+        await self._set_health(serving, serving and not self._front_not_ready())
 
-    async def _set_health(self, serving: bool) -> None:
-        if serving == self._serving:
+    async def _set_health(self, serving: bool, ready: bool | None = None) -> None:
+        """Health "" (liveness) SERVING or not with `serving`, the named services (readiness)
+        with `ready` (default: the same); lstm_serve_ready follows `ready`."""
+        state = (serving, serving if ready is None else ready)
+        if state == self._serving:
             return
-        self._serving = serving
+        self._serving = state
         for service in HEALTH_SERVICES:
-            await self.health.set(service, SERVING if serving else NOT_SERVING)
-        metrics.READY.set(1 if serving else 0)
+            up = state[0] if service == "" else state[1]
+            await self.health.set(service, SERVING if up else NOT_SERVING)
+        metrics.READY.set(1 if state[1] else 0)
+
+    def _front_not_ready(self) -> str:
+        """Why the supervised native front keeps this server from being ready ("" if it does
+        not): it owns the gRPC port, which nobody serves while it is down."""
+        if self.native is None or self.native.up:
+            return ""
+        return "the native front (--native-front) is down: it is being started again"
+
+    def _on_front_up(self, up: bool) -> None:
+        """The supervised front went down or listens again: readiness follows, once the models
+        are loaded (before that, the load's end sets it)."""
+        if self._loaded.is_set() and self.load_error is None and not self.engine.draining:
+            task = asyncio.create_task(self._refresh_health(), name="health")
+            self._front_health.add(task)  # held until done (not one more per restart)
+            task.add_done_callback(self._front_health.discard)
 
     async def _check_session_store(self) -> None:
         """Not ready until the shared session store (if any) answers."""
@@ -200,7 +222,7 @@ class LstmServer:
         log.info("draining", extra={"fields": {"inflight": self.engine.inflight, "grace_s": grace}})
         drained = False
         try:
-            self._serving = False
+            self._serving = (False, False)
             metrics.READY.set(0)
             await self.health.enter_graceful_shutdown()
             self.engine.draining = True
@@ -402,13 +424,13 @@ def _supervise_native_front(app: LstmServer, server: grpc.aio.Server,
         folder = _bind_native_front(app, server, auth, path)
     except ConfigError:
         if temporary:
-            shutil.rmtree(path, ignore_errors=True)
+            native_supervisor.remove_socket_dir(path)
         raise
     app.native = native_supervisor.NativeFrontProcess(native_supervisor.FrontOptions(
         binary=binary, host=config.host, port=config.grpc_port, folder=folder,
         tls_cert=config.tls_cert, tls_key=config.tls_key, tls_client_ca=config.tls_client_ca,
         remove_folder=temporary,
-    ))  # fmt: skip
+    ), on_up=app._on_front_up)  # fmt: skip
 
 
 def _bind(

@@ -99,6 +99,8 @@ class TritonCore:
         self.stats = InferStatistics()
         self.version = _server_version()
         self.decode = DecodePool()  # large requests' decodes, off the loop (both fronts)
+        # More conditions of readiness, each "" when met, else why not (server.py adds them).
+        self.readiness_gates: list[Callable[[], str]] = []
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -107,9 +109,23 @@ class TritonCore:
         return True
 
     def ready(self) -> bool:
-        """Models loaded, some version READY, not draining."""
+        """Models loaded, some version READY, not draining, and every readiness gate open."""
+        return not self.not_ready()
+
+    def not_ready(self) -> str:
+        """Why the server is not ready, in a line ("" when it is): the models, the drain, or a
+        readiness gate's reason (lstm-serve --native-front: its front down)."""
         engine = self.engine
-        return engine.loaded and not engine.draining and bool(engine.registry.ready())
+        if not engine.loaded:
+            return "not ready: the models are loading"
+        if engine.draining:
+            return "not ready: draining"
+        if not engine.registry.ready():
+            return "not ready: no model version is ready"
+        for gate in self.readiness_gates:
+            if why := gate():
+                return f"not ready: {why}"
+        return ""
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(SERVER_NAME, self.version, EXTENSIONS)

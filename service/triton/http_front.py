@@ -340,7 +340,8 @@ class HttpFront:
         return web.Response(status=200 if self.core.live() else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.core.ready() else 503)
+        why = self.core.not_ready()
+        return error_response(503, why) if why else web.Response(status=200)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], version_of(request)

@@ -12,11 +12,14 @@ import asyncio
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -196,6 +199,183 @@ def test_a_killed_front_is_started_again_and_the_client_resumes(pair, tmp_path: 
     assert (restarts, up, code) == (1.0, 1.0, 0)
 
 
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """Every unlabelled series of lstm-serve's /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln and ln[0] != "#"
+            and "{" not in ln}  # fmt: skip
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU = "lstm_serve_native_front_cpu_seconds_total"
+RSS = "lstm_serve_native_front_resident_memory_bytes"
+THREADS = "lstm_serve_native_front_threads"
+FDS = "lstm_serve_native_front_open_fds"
+STREAMS = "lstm_serve_native_front_streams"
+
+
+def test_the_fronts_process_figures_and_streams_held_are_in_metrics(tmp_path: Path) -> None:
+    """/metrics shows the supervised front's CPU, resident memory, threads and descriptors as
+    /proc shows its pid's (CPU grows under load), and the client streams lstm-serve holds for
+    it: 1 while one is open, 0 once it ended."""
+    server = supervised(tmp_path)
+    try:
+        pid = front_pid(server)
+        idle = scrape(server)
+        status = proc_status(pid)
+        rss = int(status["VmRSS"].split()[0]) * 1024
+        assert rss / 2 <= idle[RSS] <= rss * 2, (idle[RSS], rss)
+        assert abs(idle[THREADS] - int(status["Threads"])) <= 4, (idle[THREADS], status)
+        assert abs(idle[FDS] - len(os.listdir(f"/proc/{pid}/fd"))) <= 4
+        assert 0 <= idle[CPU] <= proc_cpu_s(pid) + 0.05
+        assert idle[STREAMS] == 0.0
+
+        async def loaded() -> tuple[float, dict[str, float]]:
+            more: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+            more.put_nowait(pb.StreamRequest(open=pb.OpenSession(model="langid-chars")))
+
+            async def requests():
+                while (request := await more.get()) is not None:
+                    yield request
+
+            held, seq, ending, during = -1.0, 0, False, idle
+            deadline = time.monotonic() + 30
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                call = pb_grpc.LstmServeStub(channel).Stream(requests())
+                async for reply in call:  # one chunk in flight; every 200th reply, a scrape
+                    assert not reply.chunk.HasField("error"), reply
+                    if ending:
+                        continue
+                    if seq % 200 == 0:
+                        during = await asyncio.to_thread(scrape, server)
+                        held = during[STREAMS] if seq == 0 else held
+                        if during[CPU] > idle[CPU] or time.monotonic() > deadline:
+                            ending = True
+                            more.put_nowait(pb.StreamRequest(end=pb.End()))
+                            more.put_nowait(None)
+                            continue
+                    seq += 1
+                    more.put_nowait(_text(seq, "bonjour "))
+            return held, during
+
+        held, during = asyncio.run(loaded())
+        wait_until(lambda: scrape(server)[STREAMS] == 0.0, 10, "the ended stream let go")
+        after = scrape(server)
+    finally:
+        code = server.stop()
+    assert held == 1.0 and during[CPU] > idle[CPU], (held, during[CPU], idle[CPU])
+    assert after[CPU] >= during[CPU] and code == 0
+
+
+def health_port(server: ServerProcess) -> int:
+    for line in list(server.lines):
+        if '"listening"' in line:
+            return int(json.loads(line)["health_port"])
+    raise AssertionError("no 'listening' line")
+
+
+def grab_port_once_the_front_died(pid: int, port: int) -> socket.socket | None:
+    """SIGKILL the front and take its port before lstm-serve starts it again (0.1 s later):
+    its restarts then fail until the port is free (None: the new front was first)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        taker = socket.socket()
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT only
+        try:
+            taker.bind(("127.0.0.1", port))
+            taker.listen()
+            return taker
+        except OSError:  # the front still dying, or (too late) its successor listening
+            taker.close()
+            time.sleep(0.001)
+    return None
+
+
+def test_readiness_is_not_ready_while_the_supervised_front_is_down(tmp_path: Path) -> None:
+    """The front SIGKILLed and its port taken (so its restarts fail for a while): readiness says
+    not ready, with the reason (HTTP /v2/health/ready 503 and its body; gRPC health of
+    lstmserve.v1.LstmServe on --health-port NOT_SERVING; lstm_serve_ready 0) while liveness
+    stays (health "" SERVING, /v2/health/live 200); once the port is free and the front listens
+    again, ready again."""
+    server = supervised(tmp_path, "--health-port", "0")
+    http = f"http://127.0.0.1:{server.http_port}/v2/health"
+    channel = grpc.insecure_channel(f"127.0.0.1:{health_port(server)}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def check(service: str) -> int:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health.Check(request, timeout=5).status
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(http + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        assert (get("/ready")[0], check("lstmserve.v1.LstmServe"), check("")) == (
+            200, serving, serving)  # fmt: skip
+        taker = None
+        for _ in range(3):  # the new front may take the port first: kill that one then
+            taker = grab_port_once_the_front_died(front_pid(server), server.port)
+            if taker is not None:
+                break
+            server.wait_event("native front started", 15)
+        assert taker is not None, "the port was never free between the front's restarts"
+        try:
+            wait_until(lambda: get("/ready")[0] == 503, 10, "not ready while the front is down")
+            down = (
+                get("/ready"),
+                check("lstmserve.v1.LstmServe"),
+                check("inference.GRPCInferenceService"),
+                check(""),
+                get("/live")[0],
+                metric(server, "lstm_serve_ready"),
+                metric(server, "lstm_serve_native_front_up"),
+            )
+            server.wait_event("native front did not start", 15)  # a restart failed meanwhile
+            still = get("/ready")[0]
+        finally:
+            taker.close()
+        server.wait_event("native front started", 15)
+        wait_until(lambda: get("/ready")[0] == 200, 10, "ready again once the front listens")
+        back = (check("lstmserve.v1.LstmServe"), check(""), metric(server, "lstm_serve_ready"))
+        answered = asyncio.run(
+            converse(
+                server.address,
+                [
+                    pb.StreamRequest(open=pb.OpenSession(model="langid-chars")),
+                    pb.StreamRequest(end=pb.End()),
+                ],
+                (),
+            )
+        )
+    finally:
+        channel.close()
+        code = server.stop()
+    (status, body), *rest = down
+    assert status == 503 and json.loads(body) == {
+        "error": "not ready: the native front (--native-front) is down: it is being started again"
+    }
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert rest == [not_serving, not_serving, serving, 200, 0.0, 0.0] and still == 503
+    assert back == (serving, serving, 1.0) and answered[-1] == grpc.StatusCode.OK and code == 0
+
+
 def test_tls_and_client_certificates_are_the_python_fronts(tmp_path: Path) -> None:
     """--tls-cert / --tls-key / --tls-client-ca serve the front's port: a verified client's
     certificate names the caller (--principal-from-cert; another cannot resume its session),
@@ -341,6 +521,46 @@ def test_the_front_ends_when_lstm_serve_is_sigkilled(tmp_path: Path) -> None:
         if running(pid):
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(folder)], check=False)  # nobody was left to remove it
+
+
+def test_a_sigkilled_lstm_serves_socket_directory_goes_at_the_next_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --native-front-dir: a SIGKILLed lstm-serve leaves its private directory behind;
+    the next lstm-serve started removes it (logged), and leaves a live one's directory, whose
+    server goes on answering through its front. Those that stop remove their own."""
+    tmp = Path(tempfile.mkdtemp(prefix="ops-", dir="/tmp"))  # short: sockets' paths are bounded
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    servers: list[ServerProcess] = []
+    try:
+        live = supervised(tmp)
+        servers.append(live)
+        killed = supervised(tmp)
+        servers.append(killed)
+        live_dir, stale = Path(started(live)["dir"]), Path(started(killed)["dir"])
+        front = front_pid(killed)
+        killed.proc.kill()
+        killed.proc.wait(10)
+        wait_until(lambda: not running(front), 15, "the killed server's front ends too")
+        assert stale.is_dir() and live_dir.is_dir() and stale.parent == live_dir.parent == tmp
+        after = supervised(tmp)
+        servers.append(after)
+        removed = [json.loads(line)["dir"] for line in list(after.lines) if
+                   '"removed a native front socket directory left by a dead' in line]  # fmt: skip
+        after_dir = Path(started(after)["dir"])
+        assert not stale.exists() and removed == [str(stale)]
+        assert sorted(tmp.glob("lstm-serve-front-*")) == sorted([live_dir, after_dir])
+        opened = pb.StreamRequest(open=pb.OpenSession(model="langid-chars"))
+        answered = asyncio.run(converse(live.address, [opened, pb.StreamRequest(end=pb.End())], ()))
+        assert answered[-1] == grpc.StatusCode.OK
+        codes = (live.stop(), after.stop())
+        assert codes == (0, 0) and list(tmp.glob("lstm-serve-front-*")) == []
+    finally:
+        for server in servers:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def serve_briefly(*flags: str) -> subprocess.CompletedProcess[str]:

@@ -245,7 +245,13 @@ def load(server: ServerProcess, prometheus: Prometheus, streams: list[Stream]) -
 
 # Series only a server running its native front exports (lstm-serve --native-front: absent
 # otherwise, not 0); tests/e2e/test_native_supervised.py reads them from such a server.
-SUPERVISED_FRONT_ONLY = ("lstm_serve_native_front_up",)
+SUPERVISED_FRONT_ONLY = (
+    "lstm_serve_native_front_up",
+    "lstm_serve_native_front_cpu_seconds_total",
+    "lstm_serve_native_front_resident_memory_bytes",
+    "lstm_serve_native_front_threads",
+    "lstm_serve_native_front_open_fds",
+)
 
 
 def dashboard_queries() -> dict[str, str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from service.config import config_from_args
 from service.errors import ConfigError
 from service.native_supervisor import FrontOptions, NativeFrontProcess
 
+ROOT = Path(__file__).resolve().parents[2]
 LISTENING = 'echo \'{"event": "listening", "port": 4321, "dir": "x"}\''
 
 
@@ -59,9 +62,70 @@ def test_the_temporary_socket_directory_is_private() -> None:
     path, temporary = native_supervisor.socket_dir("")
     try:
         assert temporary and Path(path).stat().st_mode & 0o777 == 0o700
+        assert Path(path).name.startswith(f"{native_supervisor.PREFIX}{os.getpid()}-")
     finally:
-        os.rmdir(path)
+        native_supervisor.remove_socket_dir(path)
+    assert not Path(path).exists()
     assert native_supervisor.socket_dir("/run/x") == ("/run/x", False)
+
+
+HOLDER = """
+import time
+from service import native_supervisor
+path, _ = native_supervisor.socket_dir("")
+print(path, flush=True)
+time.sleep(120)
+"""
+
+
+def holder(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A real process that made its socket directory under tmp_path (TMPDIR) and holds it."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, env=env)
+    assert child.stdout is not None
+    return child, Path(child.stdout.readline().decode().strip())
+
+
+def test_directories_left_by_dead_processes_are_removed_live_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed holder's directory is removed by the next socket_dir(); a live holder's, one
+    still being made (no owner file), a symbolic link and a plain file of the same prefix are
+    left alone."""
+    killed, stale = holder(tmp_path)
+    live, kept = holder(tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        assert stale.is_dir() and (stale / native_supervisor.OWNER).read_text() == f"{killed.pid}\n"
+        prefix = native_supervisor.PREFIX
+        making = tmp_path / f"{prefix}1-making"
+        making.mkdir(mode=0o700)
+        target = tmp_path / "target"
+        target.mkdir()
+        (target / native_supervisor.OWNER).write_text("1\n")
+        (tmp_path / f"{prefix}2-link").symlink_to(target)
+        (tmp_path / f"{prefix}3-file").write_text("")
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        path, _ = native_supervisor.socket_dir("")
+        try:
+            left = sorted(p.name for p in tmp_path.iterdir())
+            assert not stale.exists() and kept.is_dir() and making.is_dir()
+            assert (target / native_supervisor.OWNER).exists()
+            assert left == sorted([kept.name, making.name, "target", f"{prefix}2-link",
+                                   f"{prefix}3-file", Path(path).name])  # fmt: skip
+            # The live holder's lock also keeps its directory from this process's next scan.
+            assert native_supervisor.remove_stale_socket_dirs(tmp_path) == []
+        finally:
+            native_supervisor.remove_socket_dir(path)
+        live.kill()
+        live.wait()
+        assert native_supervisor.remove_stale_socket_dirs(tmp_path) == [str(kept)]
+        assert making.is_dir()  # never judged: it could be a live process's, being made
+    finally:
+        for child in (killed, live):
+            child.kill()
+            child.wait()
 
 
 def test_a_front_that_ends_is_started_again_with_a_doubling_bounded_delay(
