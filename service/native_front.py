@@ -33,6 +33,8 @@ from service import codec, metrics
 from service.engine.types import ChunkOutcome
 from service.errors import ConfigError, ProtocolError
 from service.protocol.columns import F32, I64, U32, U64
+
+U8 = np.dtype("u1")  # Tick.text_bytes
 from service.protocol.messages import Request
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams, PackedChunks
 from service.protocol.session import SessionLayer
@@ -77,7 +79,12 @@ class NativeFrontServicer:
         the link ends)."""
         entries = [self._entry(e) for e in tick.entries]
         closed = list(zip(tick.closed, tick.closed_ok, strict=False))
-        reply = self._reply(await streams.answer(entries, closed, read_chunks(tick)))
+        packed = read_chunks(tick)
+        if entries:
+            metrics.NATIVE_TICK_PACKING.labels("entry").inc(len(entries))
+        for chunks in packed:
+            metrics.NATIVE_TICK_PACKING.labels(chunks.kind).inc(len(chunks))
+        reply = self._reply(await streams.answer(entries, closed, packed))
         reply.tick = tick.id
         return reply
 
@@ -192,12 +199,13 @@ class _Packed:
 
 def tick_messages(tick: npb.Tick) -> int:
     """The client messages a tick carries: its entries and its packed chunks."""
-    return len(tick.entries) + (len(tick.chunk_streams) + len(tick.frame_streams)) // 8
+    packed = len(tick.chunk_streams) + len(tick.frame_streams) + len(tick.text_streams)
+    return len(tick.entries) + packed // 8
 
 
 def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
-    """The tick's packed chunks (native_front.proto's Tick.chunk_* and frame_*), each group
-    checked to fit together: ProtocolError if not (the front's bug: the link ends)."""
+    """The tick's packed chunks (native_front.proto's Tick.chunk_*, frame_* and text_*), each
+    group checked to fit together: ProtocolError if not (the front's bug: the link ends)."""
     packed = []
     if tick.chunk_streams:
         streams, seqs, offsets, ids = _columns(
@@ -218,7 +226,27 @@ def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
         request = _as_sent(seqs, lambda j: pb.SequenceInput(frames=pb.Frames(
             values=values[at[j] : at[j + 1]].tolist(), frame_count=counts[j])))  # fmt: skip
         packed.append(PackedChunks("features", streams, seqs, at, values, request, counts))
+    if tick.text_streams:
+        streams, seqs, at, raw = _columns(
+            tick.id, "text", tick.text_streams, tick.text_seqs, tick.text_offsets,
+            tick.text_bytes, U8,
+        )  # fmt: skip
+        texts = _texts(tick.id, tick.text_bytes, at.tolist())
+        request = _as_sent(seqs, lambda j: pb.SequenceInput(text=texts[j]))
+        packed.append(PackedChunks("text", streams, seqs, at, raw, request))
     return packed
+
+
+def _texts(tick: int, data: bytes, bounds: list[int]) -> list[str]:
+    """Each packed text (bytes bounds[j]..bounds[j + 1]) as a str; ProtocolError if one is not
+    UTF-8 (the front parsed it as a protobuf string: it cannot be, but for a bug)."""
+    texts = []
+    for j in range(len(bounds) - 1):
+        try:
+            texts.append(data[bounds[j] : bounds[j + 1]].decode())
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"tick {tick}: text {j} is not UTF-8 ({exc.reason})") from None
+    return texts
 
 
 def _as_sent(
