@@ -33,8 +33,6 @@ from service import codec, metrics
 from service.engine.types import ChunkOutcome
 from service.errors import ConfigError, ProtocolError
 from service.protocol.columns import F32, I64, U32, U64
-
-U8 = np.dtype("u1")  # Tick.text_bytes
 from service.protocol.messages import Request
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams, PackedChunks
 from service.protocol.session import SessionLayer
@@ -46,6 +44,7 @@ log = logging.getLogger(__name__)
 PUBLIC_SOCKET = "grpc.sock"
 TICKS_SOCKET = "ticks.sock"
 MAX_TICK_BYTES = 256 << 20  # a tick carries many streams' messages (each within 4 MiB)
+U8 = np.dtype("u1")  # Tick.text_bytes
 
 
 def private_dir(path: str) -> Path:
