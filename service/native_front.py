@@ -225,27 +225,27 @@ def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
         request = _as_sent(seqs, lambda j: pb.SequenceInput(frames=pb.Frames(
             values=values[at[j] : at[j + 1]].tolist(), frame_count=counts[j])))  # fmt: skip
         packed.append(PackedChunks("features", streams, seqs, at, values, request, counts))
-    if tick.text_streams:
-        streams, seqs, at, raw = _columns(
-            tick.id, "text", tick.text_streams, tick.text_seqs, tick.text_offsets,
-            tick.text_bytes, U8,
-        )  # fmt: skip
-        texts = _texts(tick.id, tick.text_bytes, at.tolist())
-        request = _as_sent(seqs, lambda j: pb.SequenceInput(text=texts[j]))
-        packed.append(PackedChunks("text", streams, seqs, at, raw, request))
+    if tick.text_streams:  # (a function of its own: the lambdas above read this scope's names)
+        packed.append(_text_chunks(tick))
     return packed
 
 
-def _texts(tick: int, data: bytes, bounds: list[int]) -> list[str]:
-    """Each packed text (bytes bounds[j]..bounds[j + 1]) as a str; ProtocolError if one is not
-    UTF-8 (the front parsed it as a protobuf string: it cannot be, but for a bug)."""
-    texts = []
-    for j in range(len(bounds) - 1):
+def _text_chunks(tick: npb.Tick) -> PackedChunks:
+    """The tick's packed text chunks (Tick.text_*), each text a str; ProtocolError if the
+    columns do not fit or a text is not UTF-8 (the front parsed it as a protobuf string: it
+    cannot be, but for a bug)."""
+    streams, seqs, at, raw = _columns(
+        tick.id, "text", tick.text_streams, tick.text_seqs, tick.text_offsets, tick.text_bytes,
+        U8,
+    )  # fmt: skip
+    data, bounds, texts = tick.text_bytes, at.tolist(), []
+    for j in range(len(streams)):
         try:
             texts.append(data[bounds[j] : bounds[j + 1]].decode())
         except UnicodeDecodeError as exc:
-            raise ProtocolError(f"tick {tick}: text {j} is not UTF-8 ({exc.reason})") from None
-    return texts
+            raise ProtocolError(f"tick {tick.id}: text {j} is not UTF-8 ({exc.reason})") from None
+    request = _as_sent(seqs, lambda j: pb.SequenceInput(text=texts[j]))
+    return PackedChunks("text", streams, seqs, at, raw, request)
 
 
 def _as_sent(

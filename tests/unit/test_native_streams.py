@@ -372,10 +372,11 @@ def test_a_tick_with_tokens_frames_and_text_answers_each_in_message_order(
     layer: SessionLayer,
 ) -> None:
     """All three packed kinds and an entry in one tick: answers in the proto's order (entries,
-    tokens, frames, text), the chunks in one engine call."""
+    tokens, frames, text), the chunks in one engine call, a refused chunk of each kind answered
+    as its entry (from its own columns)."""
     streams, calls = NativeStreams(layer), []
     frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
-    tick(streams, (1, OPEN), (2, frames_model), (3, OPEN), (4, OPEN))
+    tick(streams, (1, OPEN), (2, frames_model), (3, OPEN), (4, OPEN), (5, frames_model))
     apply_chunks = layer.engine.apply_chunks
 
     async def counted(work: list[Any]) -> Any:
@@ -390,25 +391,27 @@ def test_a_tick_with_tokens_frames_and_text_answers_each_in_message_order(
         chunk_seqs=np.array([1], "<u8").tobytes(),
         chunk_offsets=np.array([0, 2], "<u4").tobytes(),
         chunk_tokens=np.array([3, 4], "<i8").tobytes(),
-        frame_streams=np.array([2], "<u8").tobytes(),
-        frame_seqs=np.array([1], "<u8").tobytes(),
-        frame_counts=np.array([1], "<u4").tobytes(),
-        frame_offsets=np.array([0, 5], "<u4").tobytes(),
-        frame_values=np.ones(5, "<f4").tobytes(),
+        frame_streams=np.array([2, 5], "<u8").tobytes(),
+        frame_seqs=np.array([1, 1], "<u8").tobytes(),
+        frame_counts=np.array([1, 0], "<u4").tobytes(),
+        frame_offsets=np.array([0, 5, 12], "<u4").tobytes(),
+        frame_values=np.ones(12, "<f4").tobytes(),
         text_streams=np.array([3, 1], "<u8").tobytes(),
         text_seqs=np.array([1, 2], "<u8").tobytes(),
         text_offsets=np.array([0, 3, 3], "<u4").tobytes(),
         text_bytes=b"abc",
     )
-    assert tick_messages(message) == 5
+    assert tick_messages(message) == 6
     entries = [NativeEntry(4, codec.stream_request(message.entries[0].request))]
-    reset, ids, frames, text, empty = asyncio.run(
+    reset, ids, frames, not_frames, text, empty = asyncio.run(
         streams.answer(entries, packed=packed_chunks(message))
     )
     assert calls == [3]
     assert isinstance(body(reset), m.ResetDone)
     assert isinstance(ids, ChunkOutcome) and ids.total_steps == 2
     assert isinstance(frames, ChunkOutcome) and frames.total_steps == 1
+    assert isinstance(not_frames, NativeOutcome)
+    assert "chunk.input.frames.values has 7 floats" in str(body(not_frames).error)
     assert isinstance(text, ChunkOutcome) and (text.total_steps, text.held_characters) == (3, 1)
     assert isinstance(empty, NativeOutcome) and "chunk.input.text is empty" in str(
         body(empty).error
