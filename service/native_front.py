@@ -245,7 +245,11 @@ def _text_chunks(tick: npb.Tick) -> PackedChunks:
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"tick {tick.id}: text {j} is not UTF-8 ({exc.reason})") from None
     request = _as_sent(seqs, lambda j: pb.SequenceInput(text=texts[j]))
-    return PackedChunks("text", streams, seqs, at, raw, request)
+
+    def inputs(j: int) -> codec.PbInput:
+        return codec.PbInput(pb.SequenceInput(text=texts[j]))
+
+    return PackedChunks("text", streams, seqs, at, raw, request, inputs=inputs)
 
 
 def _as_sent(

@@ -22,7 +22,7 @@ from service.engine.session.sessions import Session
 from service.engine.text.textstream import ids_after_held
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import InvalidInput, LstmServeError
-from service.protocol.messages import Body, Chunk, Ended, Reply, Request
+from service.protocol.messages import Body, Chunk, Ended, InputSource, Reply, Request
 from service.protocol.session import IN_BAND, SessionLayer, chunk_done, draining_error
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class PackedChunks:
     values: np.ndarray
     request: Callable[[int], Request]
     counts: list[int] | None = None  # frames only
+    inputs: Callable[[int], InputSource] | None = None  # text only: chunk j's, as the codec's
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -200,17 +201,17 @@ class NativeStreams:
         server's, or a chunk whose decoding fails otherwise, as entries."""
         taken = _Taken([], [])
         for j, stream_id in enumerate(chunks.streams):
-            i, request = base + j, chunks.request(j)
-            held = self._streams.get(stream_id)
+            i, held = base + j, self._streams.get(stream_id)
             if held is not None and held.session is not None and not self.draining and \
-                    stream_id not in self._final and isinstance(request, Chunk):  # fmt: skip
+                    stream_id not in self._final and chunks.inputs is not None:  # fmt: skip
+                chunk = Chunk(chunks.seqs[j], chunks.inputs(j))
                 try:
-                    outcomes[i] = self._decode_chunk(held.session, held.token, request, i,
+                    outcomes[i] = self._decode_chunk(held.session, held.token, chunk, i,
                                                      taken.work)  # fmt: skip
                     continue
                 except Exception:  # a bug: the entry path answers it (INTERNAL, logged)
                     pass
-            taken.others.append((i, NativeEntry(stream_id, request)))
+            taken.others.append((i, NativeEntry(stream_id, chunks.request(j))))
         return taken
 
     def _decode_chunk(
