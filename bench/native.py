@@ -217,7 +217,8 @@ class CannedTicks(asyncio.Protocol):
             del self.buffer[: FRAME.size + size]
             reply = npb.TickReply(tick=tick.id)
             seqs = [e.request.chunk.seq for e in tick.entries]  # then the packed chunks'
-            seqs += np.frombuffer(tick.chunk_seqs, "<u8").tolist()
+            for packed in (tick.chunk_seqs, tick.frame_seqs, tick.text_seqs):
+                seqs += np.frombuffer(packed, "<u8").tolist()
             for i, seq in enumerate(seqs):
                 out = reply.outcomes.add(index=i)
                 out.reply.CopyFrom(canned(seq))
