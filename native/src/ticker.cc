@@ -168,7 +168,7 @@ Packing PackingOf(const TickEntry& entry) {
   const auto& input = entry.request().chunk().input();
   if (input.has_tokens()) return Packing::kTokens;
   if (input.has_frames() && input.frames().frames_size() == 0) return Packing::kFrames;
-  if (input.has_text()) return Packing::kText;  // UTF-8: the parser refused a message with less
+  if (input.has_text()) return Packing::kText;  // valid UTF-8: else it did not parse (malformed)
   return Packing::kEntry;
 }
 

@@ -55,9 +55,10 @@ class PackedChunks:
     """A tick's plain chunks of one input kind as columns, on streams past their first message:
     chunk j is `seqs[j]` with `values[offsets[j]:offsets[j + 1]]` on stream `streams[j]`: token
     ids (`kind` "tokens", int64), feature frames ("features", float32, row-major, `counts[j]`
-    frames as sent: 0 = as many as fit), or UTF-8 text ("text", uint8: the bytes). `request(j)`
-    is the same chunk as the front's codec reads it, for any chunk this path does not take (the
-    answer is then the entry's, exactly; text is always decoded from it)."""
+    frames as sent: 0 = as many as fit), or UTF-8 text ("text", uint8: the bytes; `inputs(j)` its
+    input as the codec reads an entry's, decoded by the entry path's own code). `request(j)` is
+    the same chunk as the front's codec reads it, for any chunk this path does not take (the
+    answer is then the entry's, exactly)."""
 
     kind: str
     streams: list[int]
