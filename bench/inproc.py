@@ -3,6 +3,7 @@ StreamMulti vs the native front's ticks (one client stream's message per entry),
 parsed from bytes, answered by the session layer and serialized.
 
     python -m bench.inproc                     # 256 sessions, 1 step each, 100 messages per round
+    python -m bench.inproc --text              # also the ticks' text chunks: packed vs entries
     python -m bench.inproc --lone              # one Stream session of the bench model, ping-pong
     python -m bench.inproc --lone --intra-op-threads 1
     python -m bench.inproc --lone --trace      # every message traced and exported
@@ -113,6 +114,34 @@ async def _native_round(layer: Any, n: int, messages: int) -> float:
     return time.perf_counter() - started
 
 
+async def _native_text_round(layer: Any, n: int, messages: int, packed: bool) -> float:
+    """`_native_round` with one letter of text per message (tiny-lstm has a character
+    tokenizer): packed as the front packs text (Tick.text_*), or each a TickEntry."""
+    servicer = NativeFrontServicer(layer, 600.0, None)
+    streams_held = NativeStreams(layer)
+    opens = npb.Tick(id=1)
+    for i in range(n):
+        entry = opens.entries.add(stream=i + 1, first=True)
+        entry.request.open.model, entry.request.open.version = MODEL, 1
+    await servicer.answer(streams_held, opens)
+    streams = np.arange(1, n + 1, dtype="<u8").tobytes()
+    offsets = np.arange(n + 1, dtype="<u4").tobytes()
+    letters = bytes(ord("a") + i % 26 for i in range(n))
+    started = time.perf_counter()
+    for seq in range(1, messages + 1):
+        tick = npb.Tick(id=seq + 1)
+        if packed:
+            tick.text_streams, tick.text_offsets, tick.text_bytes = streams, offsets, letters
+            tick.text_seqs = np.full(n, seq, dtype="<u8").tobytes()
+        else:
+            for i in range(n):
+                chunk = tick.entries.add(stream=i + 1).request.chunk
+                chunk.seq, chunk.input.text = seq, chr(letters[i])
+        reply = await servicer.answer(streams_held, npb.Tick.FromString(tick.SerializeToString()))
+        reply.SerializeToString()
+    return time.perf_counter() - started
+
+
 @contextlib.asynccontextmanager
 async def served(repo: Path, **settings: Any) -> AsyncIterator[Any]:
     """The server's objects on `repo`, loaded, with no port serving traffic; shut down after."""
@@ -127,14 +156,23 @@ async def served(repo: Path, **settings: Any) -> AsyncIterator[Any]:
         await app.shutdown(grace_s=0)
 
 
-async def measure(repo: Path, n: int, messages: int, rounds: int) -> dict[str, Any]:
-    """The best round of each (other processes on the machine only ever slow a round down)."""
+async def measure(
+    repo: Path, n: int, messages: int, rounds: int, text: bool = False
+) -> dict[str, Any]:
+    """The best round of each (other processes on the machine only ever slow a round down);
+    `text`: also the ticks' text chunks, packed and as entries."""
     best = {"columns": float("inf"), "multi": float("inf"), "native": float("inf")}
+    if text:
+        best |= {"native_text": float("inf"), "native_text_entries": float("inf")}
     async with served(repo, max_sessions=100_000) as app:
         for _ in range(rounds):
             best["columns"] = min(best["columns"], await _columns_round(app.layer, n, messages))
             best["multi"] = min(best["multi"], await _multi_round(app.layer, n, messages))
             best["native"] = min(best["native"], await _native_round(app.layer, n, messages))
+            if text:
+                for key, packed in (("native_text", True), ("native_text_entries", False)):
+                    took = await _native_text_round(app.layer, n, messages, packed)
+                    best[key] = min(best[key], took)
     per_entry = {k: 1e6 * v / (n * messages) for k, v in best.items()}
     return {"sessions_per_message": n, "messages": messages, "rounds": rounds,
             "us_per_entry": per_entry,
@@ -200,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lone", action="store_true", help="the lone client's Stream path")
+    parser.add_argument(
+        "--text", action="store_true", help="also the native front's text chunks (one letter "
+        "per message), packed and as entries",
+    )  # fmt: skip
     parser.add_argument("--intra-op-threads", type=int, default=2, help="with --lone")
     parser.add_argument(
         "--streams", type=int, default=1, help="with --lone: this many streams at once"
@@ -222,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lstm-inproc-") as tmp:
         write_tiny_repository(Path(tmp))
-        figures = asyncio.run(measure(Path(tmp), args.sessions, args.messages, args.rounds))
+        figures = asyncio.run(
+            measure(Path(tmp), args.sessions, args.messages, args.rounds, args.text)
+        )
     print(json.dumps(figures))
     return 0
 

@@ -6,6 +6,7 @@
     python -m bench.native hop --messages 3000       # the front's own latency (canned replies)
     python -m bench.native heap --streams 1000       # the front's heap per idle stream, by site
     python -m bench.native compare --client native --front-flags '--max-ticks-in-flight 2'
+    python -m bench.native compare --client native --text   # chunks of text, langid-chars
 
 `compare` starts lstm-serve (bench.run's batched flags) with --native-front-dir and the front,
 then drives the same load (bench.load: S streams, one step per message, ping-pong) through the
@@ -55,6 +56,8 @@ from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from lstmserve.v1 import native_front_pb2 as npb
 from service.native_front import FRAME
 
+TEXT_MODEL = "langid-chars"  # compare --text: a character tokenizer
+
 MAX_STREAMS = 20_000
 MAX_MESSAGES = 100_000
 
@@ -66,10 +69,13 @@ def _cpu(ps: psutil.Process) -> float:
 
 def compare(
     proc: FrontedProcess, sessions: int, timing: tuple[float, float], client: str = "python",
-    repo: Path | None = None,
+    repo: Path | None = None, text: bool = False,
 ) -> list[dict]:  # fmt: skip
     """One point through each front: msg/s, p50 / p99, CPU µs per message of each process
-    (the client's too); with the native client and `repo`, its sample checked for exactness."""
+    (the client's too); with the native client and `repo`, its sample checked for exactness.
+    `text` (the native client only): each chunk one random letter of text, on langid-chars
+    (no exactness check: the sample holds token ids)."""
+    model = TEXT_MODEL if text else BENCH_MODEL
     rows = []
     for label, address in (("python", proc.server.address), ("native", proc.address)):
         marks: dict[str, tuple[float, float, float, float]] = {}
@@ -79,9 +85,10 @@ def compare(
             marks[edge] = (time.perf_counter(), _cpu(proc.server.ps), _cpu(proc.ps), _cpu(me))
 
         load = Load("stream", sessions, 1, sessions)
-        args = (load, address, BENCH_MODEL, VOCAB[BENCH_MODEL], *timing, on_window)
+        args = (load, address, model, VOCAB[model], *timing, on_window)
         if client == "native":
-            native = asyncio.run(drive_native(*args))
+            native = asyncio.run(drive_native(*args, sample=0, text=True) if text else
+                                 drive_native(*args))  # fmt: skip
             completed, client_cpu = native.completed, native.client_cpu_s
             p50, p99 = native.p50_ms, native.p99_ms
         else:
@@ -100,7 +107,7 @@ def compare(
             "front_us_per_msg": 1e6 * (f1 - f0) / done if label == "native" else 0.0,
             "client_us_per_msg": 1e6 * client_cpu / done,
         }  # fmt: skip
-        if client == "native" and repo is not None:
+        if client == "native" and repo is not None and not text:
             row["exact"] = verify_exact(native.sample, repo, BENCH_MODEL, load.steps)
         rows.append(row)
     return rows
@@ -210,7 +217,8 @@ class CannedTicks(asyncio.Protocol):
             del self.buffer[: FRAME.size + size]
             reply = npb.TickReply(tick=tick.id)
             seqs = [e.request.chunk.seq for e in tick.entries]  # then the packed chunks'
-            seqs += np.frombuffer(tick.chunk_seqs, "<u8").tolist()
+            for packed in (tick.chunk_seqs, tick.frame_seqs, tick.text_seqs):
+                seqs += np.frombuffer(packed, "<u8").tolist()
             for i, seq in enumerate(seqs):
                 out = reply.outcomes.add(index=i)
                 out.reply.CopyFrom(canned(seq))
@@ -287,7 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         help="compare's load generator: this process (asyncio gRPC), "
         "native/build/lstm-serve-load, or each in turn at every point",
     )  # fmt: skip
+    parser.add_argument(
+        "--text", action="store_true",
+        help=f"compare's chunks as text (one random letter each) on {TEXT_MODEL}: "
+        "--client native only, no exactness check",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.text and args.client != "native":
+        print("--text needs --client native", file=sys.stderr)
+        return 2
     if args.client != "python" and not LOAD_BINARY.is_file():
         print(f"the native load generator is not built ({LOAD_BINARY}): make native",
               file=sys.stderr)  # fmt: skip
@@ -303,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="lstm-bench-native-") as tmp:
         repo = Path(tmp) / "repo"
-        build_repository(repo)
+        models = build_repository(repo)
+        if args.text and TEXT_MODEL not in models:
+            print(f"--text needs {TEXT_MODEL} (models/{TEXT_MODEL}/1)", file=sys.stderr)
+            return 2
         if args.what == "heap":
             print("\n".join(heap(repo, Path(tmp) / "sockets", min(args.streams, MAX_STREAMS))))
             return 0
@@ -317,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 for s in args.sessions:
                     for client in clients:
                         timing = (args.warmup, args.seconds)
-                        for row in compare(proc, min(s, MAX_STREAMS), timing, client, repo):
+                        point = (proc, min(s, MAX_STREAMS), timing, client, repo, args.text)
+                        for row in compare(*point):
                             print(_compare_line(round_, s, row), flush=True)
         finally:
             proc.stop()

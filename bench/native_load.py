@@ -61,9 +61,10 @@ def built() -> bool:
 
 def load_argv(
     load: Load, address: str, model: str, vocab: int, warmup_s: float, seconds: float,
-    seed: int = 0, threads: int = 1, sample: int = SAMPLE_SESSIONS,
+    seed: int = 0, threads: int = 1, sample: int = SAMPLE_SESSIONS, text: bool = False,
 ) -> list[str]:  # fmt: skip
-    """The command line of one point (bench.load's modes `stream` and `echo` only)."""
+    """The command line of one point (bench.load's modes `stream` and `echo` only); `text`:
+    each chunk `steps` random characters (a model with a character tokenizer; `sample` 0)."""
     if load.mode not in ("stream", "echo") or load.streams != load.sessions:
         raise ValueError(f"the native load generator runs stream and echo loads, not {load}")
     argv = [
@@ -78,17 +79,19 @@ def load_argv(
     if load.mode == "echo":
         request, reply = load.echo_sizes
         argv += ["--request-bytes", str(request), "--reply-bytes", str(reply)]
+    if text:
+        argv += ["--text", "1"]
     return argv
 
 
 async def drive_native(
     load: Load, address: str, model: str, vocab: int, warmup_s: float, seconds: float,
     on_window: Callable[[str], Awaitable[None]], seed: int = 0, threads: int = 1,
-    sample: int = SAMPLE_SESSIONS,
+    sample: int = SAMPLE_SESSIONS, text: bool = False,
 ) -> NativeWindow:  # fmt: skip
     """`bench.load.drive` with the native load generator as a subprocess, bounded by a timeout;
     RuntimeError if it reported an error (with the count and the first) or did not finish."""
-    argv = load_argv(load, address, model, vocab, warmup_s, seconds, seed, threads, sample)
+    argv = load_argv(load, address, model, vocab, warmup_s, seconds, seed, threads, sample, text)
     timeout_s = warmup_s + seconds + OPEN_MARGIN_S + 15
     with tempfile.TemporaryFile() as stderr:  # gRPC's own log lines, whatever their volume
         proc = await asyncio.create_subprocess_exec(

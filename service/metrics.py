@@ -209,6 +209,12 @@ NATIVE_TICK_SECONDS = Histogram(
     "Per native-front tick: seconds from its last byte read to its reply written.",
     buckets=QUEUE_BUCKETS,
 )
+NATIVE_TICK_PACKING = Counter(
+    "lstm_serve_native_front_messages",
+    "Client stream messages of native-front ticks, by how they travelled: packed as columns by "
+    "input kind (packing = tokens, features, text) or as whole entries (entry).",
+    ["packing"],
+)
 STEPS = Counter(
     "lstm_serve_steps_total", "Sequence steps processed by the models.", ["model", "rpc"]
 )

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PUBLIC_SOCKET = "grpc.sock"
 TICKS_SOCKET = "ticks.sock"
 MAX_TICK_BYTES = 256 << 20  # a tick carries many streams' messages (each within 4 MiB)
+U8 = np.dtype("u1")  # Tick.text_bytes
 
 
 def private_dir(path: str) -> Path:
@@ -77,7 +78,12 @@ class NativeFrontServicer:
         the link ends)."""
         entries = [self._entry(e) for e in tick.entries]
         closed = list(zip(tick.closed, tick.closed_ok, strict=False))
-        reply = self._reply(await streams.answer(entries, closed, read_chunks(tick)))
+        packed = read_chunks(tick)
+        if entries:
+            metrics.NATIVE_TICK_PACKING.labels("entry").inc(len(entries))
+        for chunks in packed:
+            metrics.NATIVE_TICK_PACKING.labels(chunks.kind).inc(len(chunks))
+        reply = self._reply(await streams.answer(entries, closed, packed))
         reply.tick = tick.id
         return reply
 
@@ -192,12 +198,13 @@ class _Packed:
 
 def tick_messages(tick: npb.Tick) -> int:
     """The client messages a tick carries: its entries and its packed chunks."""
-    return len(tick.entries) + (len(tick.chunk_streams) + len(tick.frame_streams)) // 8
+    packed = len(tick.chunk_streams) + len(tick.frame_streams) + len(tick.text_streams)
+    return len(tick.entries) + packed // 8
 
 
 def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
-    """The tick's packed chunks (native_front.proto's Tick.chunk_* and frame_*), each group
-    checked to fit together: ProtocolError if not (the front's bug: the link ends)."""
+    """The tick's packed chunks (native_front.proto's Tick.chunk_*, frame_* and text_*), each
+    group checked to fit together: ProtocolError if not (the front's bug: the link ends)."""
     packed = []
     if tick.chunk_streams:
         streams, seqs, offsets, ids = _columns(
@@ -218,7 +225,31 @@ def read_chunks(tick: npb.Tick) -> list[PackedChunks]:
         request = _as_sent(seqs, lambda j: pb.SequenceInput(frames=pb.Frames(
             values=values[at[j] : at[j + 1]].tolist(), frame_count=counts[j])))  # fmt: skip
         packed.append(PackedChunks("features", streams, seqs, at, values, request, counts))
+    if tick.text_streams:  # (a function of its own: the lambdas above read this scope's names)
+        packed.append(_text_chunks(tick))
     return packed
+
+
+def _text_chunks(tick: npb.Tick) -> PackedChunks:
+    """The tick's packed text chunks (Tick.text_*), each text a str; ProtocolError if the
+    columns do not fit or a text is not UTF-8 (the front parsed it as a protobuf string: it
+    cannot be, but for a bug)."""
+    streams, seqs, at, raw = _columns(
+        tick.id, "text", tick.text_streams, tick.text_seqs, tick.text_offsets, tick.text_bytes,
+        U8,
+    )  # fmt: skip
+    data, bounds, texts = tick.text_bytes, at.tolist(), []
+    for j in range(len(streams)):
+        try:
+            texts.append(data[bounds[j] : bounds[j + 1]].decode())
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"tick {tick.id}: text {j} is not UTF-8 ({exc.reason})") from None
+    request = _as_sent(seqs, lambda j: pb.SequenceInput(text=texts[j]))
+
+    def inputs(j: int) -> codec.PbInput:
+        return codec.PbInput(pb.SequenceInput(text=texts[j]))
+
+    return PackedChunks("text", streams, seqs, at, raw, request, inputs=inputs)
 
 
 def _as_sent(

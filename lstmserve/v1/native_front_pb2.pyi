@@ -28,7 +28,7 @@ class TickEntry(_message.Message):
     def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ...) -> None: ...
 
 class Tick(_message.Message):
-    __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens", "frame_streams", "frame_seqs", "frame_counts", "frame_offsets", "frame_values")
+    __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens", "frame_streams", "frame_seqs", "frame_counts", "frame_offsets", "frame_values", "text_streams", "text_seqs", "text_offsets", "text_bytes")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_OK_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,10 @@ class Tick(_message.Message):
     FRAME_COUNTS_FIELD_NUMBER: _ClassVar[int]
     FRAME_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     FRAME_VALUES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SEQS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[TickEntry]
     closed: _containers.RepeatedScalarFieldContainer[int]
     closed_ok: _containers.RepeatedScalarFieldContainer[bool]
@@ -55,7 +59,11 @@ class Tick(_message.Message):
     frame_counts: bytes
     frame_offsets: bytes
     frame_values: bytes
-    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ..., chunk_streams: _Optional[bytes] = ..., chunk_seqs: _Optional[bytes] = ..., chunk_offsets: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., frame_streams: _Optional[bytes] = ..., frame_seqs: _Optional[bytes] = ..., frame_counts: _Optional[bytes] = ..., frame_offsets: _Optional[bytes] = ..., frame_values: _Optional[bytes] = ...) -> None: ...
+    text_streams: bytes
+    text_seqs: bytes
+    text_offsets: bytes
+    text_bytes: bytes
+    def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ..., chunk_streams: _Optional[bytes] = ..., chunk_seqs: _Optional[bytes] = ..., chunk_offsets: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., frame_streams: _Optional[bytes] = ..., frame_seqs: _Optional[bytes] = ..., frame_counts: _Optional[bytes] = ..., frame_offsets: _Optional[bytes] = ..., frame_values: _Optional[bytes] = ..., text_streams: _Optional[bytes] = ..., text_seqs: _Optional[bytes] = ..., text_offsets: _Optional[bytes] = ..., text_bytes: _Optional[bytes] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
     __slots__ = ("reply", "code", "message", "finish", "stream", "index")

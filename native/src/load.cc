@@ -3,7 +3,7 @@
 //   lstm-serve-load --address 127.0.0.1:8001 --mode stream --model bench-lstm --sessions 256
 //       --steps 1 [--per-channel 128] [--warmup 0.8] [--seconds 3] [--vocab 1000] [--seed 0]
 //       [--sample 32] [--threads 1] [--max-seconds 60] [--max-messages 2000000]
-//       [--own-connections 0]
+//       [--own-connections 0] [--text 0]
 //   lstm-serve-load --address 127.0.0.1:50123 --mode echo --sessions 256
 //       --request-bytes 12 --reply-bytes 78 ...
 //
@@ -17,7 +17,9 @@
 // the server's CPU at the same edges), then one {"event": "result", ...} line with the counts,
 // latency percentiles, errors, this process's CPU seconds in the window, and, for up to
 // `sample` sessions spread over all of them, every token id sent and every reply's
-// probabilities (base64 of little-endian float32) for an offline exactness check.
+// probabilities (base64 of little-endian float32) for an offline exactness check. `--text 1`
+// sends each chunk as `steps` random letters "a".."z" (`SequenceInput.text`, for
+// a model with a character tokenizer) instead of token ids, with `--sample 0` (no offline check).
 //
 // One completion queue per thread (`--threads`, default 1), each session's events on its
 // queue's thread: no executor hand-off between gRPC and the session (measured cheaper than the
@@ -62,7 +64,7 @@ constexpr int64_t kNever = INT64_MAX;
 struct Options {
   std::string address, mode = "stream", model = "bench-lstm";
   int sessions = 1, steps = 1, per_channel = 128, vocab = 1000, sample = 32, threads = 1;
-  bool own_connections = false;
+  bool own_connections = false, text = false;
   uint64_t seed = 0, max_messages = 2'000'000;
   double warmup_s = 0.8, seconds = 3.0, max_seconds = 60.0;
   size_t request_bytes = 0, reply_bytes = 16;  // echo
@@ -161,6 +163,8 @@ class Session {
       std::string payload(opt_.request_bytes, '\x01');
       grpc::Slice slice(payload);
       echo_payload_ = grpc::ByteBuffer(&slice, 1);
+    } else if (opt_.text) {
+      request_.mutable_chunk()->mutable_input()->mutable_text()->assign(opt_.steps, 'a');
     } else {
       request_.mutable_chunk()->mutable_input()->mutable_tokens()->mutable_ids()->Resize(
           opt_.steps, 0);
@@ -259,6 +263,12 @@ class Session {
     ++seq_;
     auto* chunk = request_.mutable_chunk();
     chunk->set_seq(seq_);
+    if (opt_.text) {
+      static constexpr char kChars[] = "abcdefghijklmnopqrstuvwxyz";  // known to any alphabet
+      std::string* text = chunk->mutable_input()->mutable_text();
+      for (int i = 0; i < opt_.steps; ++i) (*text)[i] = kChars[NextRandom(&random_) % 26];
+      return Exchange(request_);
+    }
     auto* ids = chunk->mutable_input()->mutable_tokens()->mutable_ids();
     const uint64_t span = static_cast<uint64_t>(std::max(opt_.vocab - 1, 1));
     for (int i = 0; i < opt_.steps; ++i) {
@@ -487,7 +497,8 @@ int Usage(const std::string& why) {
                "[--mode stream|echo] [--model NAME] [--sessions S] [--steps K] "
                "[--per-channel N] [--warmup S] [--seconds S] [--vocab V] [--seed N] "
                "[--sample N] [--threads N] [--max-seconds S] [--max-messages N] "
-               "[--request-bytes N] [--reply-bytes N] [--own-connections 0|1]\n",
+               "[--request-bytes N] [--reply-bytes N] [--own-connections 0|1] "
+               "[--text 0|1]\n",
                why.c_str());
   return 2;
 }
@@ -515,6 +526,7 @@ int Parse(int argc, char** argv, Options* opt) {
     else if (arg == "--request-bytes") opt->request_bytes = std::strtoull(v, nullptr, 10);
     else if (arg == "--reply-bytes") opt->reply_bytes = std::strtoull(v, nullptr, 10);
     else if (arg == "--own-connections") opt->own_connections = std::atoi(v) != 0;
+    else if (arg == "--text") opt->text = std::atoi(v) != 0;
     else return Usage("unknown flag " + arg);
   }
   if (opt->address.empty()) return Usage("--address is required");
@@ -524,6 +536,7 @@ int Parse(int argc, char** argv, Options* opt) {
   if (opt->per_channel < 1 || opt->threads < 1 || opt->threads > 64 || opt->sample < 0) {
     return Usage("--per-channel >= 1, --threads 1 to 64, --sample >= 0");
   }
+  if (opt->text && opt->sample != 0) return Usage("--text 1 takes --sample 0 (no offline check)");
   if (opt->vocab < 2) return Usage("--vocab >= 2 (token ids are drawn from [1, vocab))");
   if (!(opt->warmup_s >= 0) || !(opt->seconds > 0) || !(opt->max_seconds > 0) ||
       opt->warmup_s + opt->seconds >= opt->max_seconds) {

@@ -160,14 +160,15 @@ void Append(std::string* column, T value) {
 }
 
 // How a message travels: an entry, or packed as columns (a plain chunk on a stream the server
-// already knows: token ids, or feature frames in the flat form).
-enum class Packing { kEntry, kTokens, kFrames };
+// already knows: token ids, feature frames in the flat form, or text).
+enum class Packing { kEntry, kTokens, kFrames, kText };
 
 Packing PackingOf(const TickEntry& entry) {
   if (entry.first() || entry.malformed() || !entry.request().has_chunk()) return Packing::kEntry;
   const auto& input = entry.request().chunk().input();
   if (input.has_tokens()) return Packing::kTokens;
   if (input.has_frames() && input.frames().frames_size() == 0) return Packing::kFrames;
+  if (input.has_text()) return Packing::kText;  // valid UTF-8: else it did not parse (malformed)
   return Packing::kEntry;
 }
 
@@ -179,8 +180,8 @@ Packing PackingOf(const TickEntry& entry) {
 bool Ticker::TakeLocked(Tick* tick, Streams* who) {
   size_t bytes = 0;
   std::deque<std::pair<std::shared_ptr<NativeStream>, TickEntry>> kept;
-  Streams tokens_who, frames_who;
-  uint32_t token_offset = 0, frame_offset = 0;
+  Streams tokens_who, frames_who, text_who;
+  uint32_t token_offset = 0, frame_offset = 0, text_offset = 0;
   while (!pending_.empty()) {
     auto item = std::move(pending_.front());
     pending_.pop_front();
@@ -221,6 +222,17 @@ bool Ticker::TakeLocked(Tick* tick, Streams* who) {
         frames_who.push_back(std::move(item.first));
         break;
       }
+      case Packing::kText: {
+        const std::string& text = chunk.input().text();
+        if (text_who.empty()) Append<uint32_t>(tick->mutable_text_offsets(), 0);
+        Append<uint64_t>(tick->mutable_text_streams(), id);
+        Append<uint64_t>(tick->mutable_text_seqs(), chunk.seq());
+        tick->mutable_text_bytes()->append(text);
+        text_offset += static_cast<uint32_t>(text.size());
+        Append<uint32_t>(tick->mutable_text_offsets(), text_offset);
+        text_who.push_back(std::move(item.first));
+        break;
+      }
       case Packing::kEntry:
         tick->mutable_entries()->Add(std::move(item.second));
         who->push_back(std::move(item.first));
@@ -230,6 +242,7 @@ bool Ticker::TakeLocked(Tick* tick, Streams* who) {
   pending_ = std::move(kept);
   for (auto& stream : tokens_who) who->push_back(std::move(stream));
   for (auto& stream : frames_who) who->push_back(std::move(stream));
+  for (auto& stream : text_who) who->push_back(std::move(stream));
   std::vector<std::pair<uint64_t, bool>> later;
   for (const auto& [id, ok] : closed_) {
     if (busy_.count(id)) {

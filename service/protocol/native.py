@@ -22,7 +22,7 @@ from service.engine.session.sessions import Session
 from service.engine.text.textstream import ids_after_held
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import InvalidInput, LstmServeError
-from service.protocol.messages import Body, Chunk, Ended, Reply, Request
+from service.protocol.messages import Body, Chunk, Ended, InputSource, Reply, Request
 from service.protocol.session import IN_BAND, SessionLayer, chunk_done, draining_error
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ class NativeOutcome:
 class PackedChunks:
     """A tick's plain chunks of one input kind as columns, on streams past their first message:
     chunk j is `seqs[j]` with `values[offsets[j]:offsets[j + 1]]` on stream `streams[j]`: token
-    ids (`kind` "tokens", int64), or feature frames ("features", float32, row-major, `counts[j]`
-    frames as sent: 0 = as many as fit). `request(j)` is the same chunk as the front's codec
-    reads it, for any chunk this path does not take (the answer is then the entry's, exactly)."""
+    ids (`kind` "tokens", int64), feature frames ("features", float32, row-major, `counts[j]`
+    frames as sent: 0 = as many as fit), or UTF-8 text ("text", uint8: the bytes; `inputs(j)` its
+    input as the codec reads an entry's, decoded by the entry path's own code). `request(j)` is
+    the same chunk as the front's codec reads it, for any chunk this path does not take (the
+    answer is then the entry's, exactly)."""
 
     kind: str
     streams: list[int]
@@ -65,6 +67,7 @@ class PackedChunks:
     values: np.ndarray
     request: Callable[[int], Request]
     counts: list[int] | None = None  # frames only
+    inputs: Callable[[int], InputSource] | None = None  # text only: chunk j's, as the codec's
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -111,8 +114,11 @@ class NativeStreams:
                 outcomes[i] = await self._entry(entry, i, work)
             base = len(entries)
             for chunks in packed:
-                taken = _take_packed(chunks, base, self._streams, self._final, self.draining,
-                                     self.layer.limits.max_chunk_steps)  # fmt: skip
+                if chunks.kind == "text":
+                    taken = self._take_text(chunks, base, outcomes)
+                else:
+                    taken = _take_packed(chunks, base, self._streams, self._final, self.draining,
+                                         self.layer.limits.max_chunk_steps)  # fmt: skip
                 work += taken.work
                 for i, entry in taken.others:
                     outcomes[i] = await self._entry(entry, i, work)
@@ -186,6 +192,28 @@ class NativeStreams:
             return NativeOutcome(error=exc)
         finally:
             principal.CALLER.reset(scope)
+
+    def _take_text(
+        self, chunks: PackedChunks, base: int, outcomes: list[NativeOutcome | ChunkOutcome | None]
+    ) -> _Taken:
+        """Packed text chunks (message index base + j), each decoded by the entry path's own
+        `_decode_chunk` (SessionLayer.decode: the model's tokenizer after the session's held
+        text; a refusal in-band, as the entry's); a stream without a session, a draining
+        server's, or a chunk whose decoding fails otherwise, as entries."""
+        taken = _Taken([], [])
+        for j, stream_id in enumerate(chunks.streams):
+            i, held = base + j, self._streams.get(stream_id)
+            if held is not None and held.session is not None and not self.draining and \
+                    stream_id not in self._final and chunks.inputs is not None:  # fmt: skip
+                chunk = Chunk(chunks.seqs[j], chunks.inputs(j))
+                try:
+                    outcomes[i] = self._decode_chunk(held.session, held.token, chunk, i,
+                                                     taken.work)  # fmt: skip
+                    continue
+                except Exception:  # a bug: the entry path answers it (INTERNAL, logged)
+                    pass
+            taken.others.append((i, NativeEntry(stream_id, chunks.request(j))))
+        return taken
 
     def _decode_chunk(
         self, session: Session, token: object, chunk: Chunk, i: int,

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from tests.e2e.conftest import ROOT, ServerProcess
+from tests.integration.conftest import metric, scrape
 from tests.native_front import NativeFront, binary
 
 TOKEN = "native-front-test-token"
@@ -118,13 +119,67 @@ def both(fronts: tuple[str, str, ServerProcess], requests: list[pb.StreamRequest
     return asyncio.run(main())
 
 
+def travelled(server: ServerProcess) -> dict[str, float]:
+    """lstm_serve_native_front_messages_total by packing (entry, tokens, features, text)."""
+    samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    name = "lstm_serve_native_front_messages_total"
+    return {kind: metric(samples, name, packing=kind) for kind in PACKINGS}
+
+
+PACKINGS = ("entry", "tokens", "features", "text")
+
+
 def test_text_and_token_replies_are_the_python_fronts_exactly(fronts) -> None:
+    before = travelled(fronts[2])
     expected, got = both(fronts, text_conversation())
+    after = travelled(fronts[2])
     assert len(got) == len(text_conversation()) + 1 and got[-1] == grpc.StatusCode.OK
     assert got == expected  # every field, probabilities to the bit (0.0 difference)
     chunks = [r.chunk for r in got[:-1] if r.HasField("chunk")]  # type: ignore[union-attr]
     errors = [c.error.code for c in chunks if c.HasField("error")]
     assert errors == ["FAILED_PRECONDITION", *["INVALID_ARGUMENT"] * 3]
+    assert any(c.held_characters for c in chunks)
+    # The front packed every chunk (6 of text, 3 of token ids); open, reset, snapshot and end
+    # went as entries.
+    moved = {kind: after[kind] - before[kind] for kind in PACKINGS}
+    assert moved == {"entry": 4, "tokens": 3, "features": 0, "text": 6}
+
+
+async def converse_raw(address: str, messages: list[bytes]) -> list[object]:
+    """converse() with the messages' bytes as given (not necessarily a valid StreamRequest)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = channel.stream_stream(
+            "/lstmserve.v1.LstmServe/Stream",
+            request_serializer=lambda b: b, response_deserializer=pb.StreamResponse.FromString,
+        )  # fmt: skip
+        call = stream(iter(messages), metadata=AUTH)
+        replies: list[object] = []
+        try:
+            async for reply in call:
+                replies.append(_blanked(reply))
+        except grpc.aio.AioRpcError as exc:
+            replies.append((exc.code(), exc.details()))
+    return replies
+
+
+def test_text_that_is_not_utf8_is_malformed_as_on_the_python_front(fronts) -> None:
+    """Invalid UTF-8 in `text` (a proto3 string) does not parse, on either front: it never
+    reaches the packed columns, and the stream ends as the Python front ends it."""
+    python, native, server = fronts
+    opened = pb.StreamRequest(open=pb.OpenSession(model="langid-chars"))
+    good = _text(1, "hi ZZ").SerializeToString()
+    bad = good.replace(b"ZZ", b"\xc3\x28")  # a 2-byte sequence with a bad continuation
+    messages = [opened.SerializeToString(), good, bad]
+    before = travelled(server)
+
+    async def main() -> tuple[list[object], list[object]]:
+        return await converse_raw(python, messages), await converse_raw(native, messages)
+
+    expected, got = asyncio.run(main())
+    assert got == expected and len(got) == 3  # opened, the good chunk's reply, the status
+    assert got[-1][0] == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[index]
+    assert "lstmserve.v1.StreamRequest" in got[-1][1]  # type: ignore[index]
+    assert travelled(server)["text"] == before["text"] + 1  # the good one only
 
 
 @pytest.mark.parametrize("every_step", [True, False])

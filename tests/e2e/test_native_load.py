@@ -78,6 +78,20 @@ def test_stream_load_through_each_front_is_answered_exactly(
     assert check["mismatched"] == 0 and check["max_abs_diff"] == 0.0
 
 
+@pytest.mark.parametrize("front", ["python", "native"])
+def test_text_load_through_each_front_is_answered(front: str, fronts: dict[str, str]) -> None:
+    """--text 1: each chunk STEPS random letters (tiny-lstm has a character tokenizer); the load
+    generator fails the run on any reply that is not the chunk's (seq, total steps, no error)."""
+
+    async def on_window(edge: str) -> None:
+        pass
+
+    load = Load("stream", SESSIONS, STEPS, SESSIONS)
+    result = asyncio.run(drive_native(load, fronts[front], MODEL, len(TINY_VOCAB), WARMUP_S,
+                                      SECONDS, on_window, sample=0, text=True))  # fmt: skip
+    assert result.completed > 0 and result.sent >= result.completed and result.sample == []
+
+
 def test_token_ids_are_random_but_the_same_per_session_run_after_run(
     fronts: dict[str, str],
 ) -> None:

@@ -266,3 +266,168 @@ def wire_frames(seq: int, count: int, values: list[float]) -> m.Request:
     flat = pb.Frames(values=values, frame_count=count)
     message = pb.Chunk(seq=seq, input=pb.SequenceInput(frames=flat))
     return codec.stream_request(pb.StreamRequest(chunk=message))
+
+
+def packed_text(streams: NativeStreams, *chunks: tuple[int, int, str]) -> list[Any]:
+    """A tick of packed text chunks (stream, seq, text), read as the ticks socket reads them."""
+    data = [text.encode() for _, _, text in chunks]
+    message = npb.Tick(
+        id=1,
+        text_streams=np.array([s for s, _, _ in chunks], "<u8").tobytes(),
+        text_seqs=np.array([q for _, q, _ in chunks], "<u8").tobytes(),
+        text_offsets=np.cumsum([0] + [len(d) for d in data]).astype("<u4").tobytes(),
+        text_bytes=b"".join(data),
+    )
+    return asyncio.run(streams.answer([], packed=packed_chunks(message)))
+
+
+def wire_text(seq: int, text: str) -> m.Request:
+    message = pb.Chunk(seq=seq, input=pb.SequenceInput(text=text))
+    return codec.stream_request(pb.StreamRequest(chunk=message))
+
+
+def assert_same(a: NativeOutcome | ChunkOutcome, b: NativeOutcome | ChunkOutcome) -> None:
+    """Packed (a) and entry (b) answers of twin sessions: the same in every field the front
+    writes (probabilities to the bit), every refusal word for word."""
+    assert type(a) is type(b)
+    if isinstance(a, ChunkOutcome):
+        assert isinstance(b, ChunkOutcome) and a.result is not None and b.result is not None
+        assert a.result.probs.tobytes() == b.result.probs.tobytes()
+        fields = ("seq", "total_steps", "duplicate", "held_characters", "ended")
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+        assert (a.result.steps, a.result.rewound_steps) == (b.result.steps, b.result.rewound_steps)
+        return
+    assert isinstance(b, NativeOutcome) and a.finish == b.finish
+    if a.error is not None or b.error is not None:
+        assert type(a.error) is type(b.error) and str(a.error) == str(b.error)
+    if a.reply is not None or b.reply is not None:
+        assert a.reply is not None and b.reply is not None
+        assert body(a).error.code == body(b).error.code
+        assert anonymous(body(a).error) == anonymous(body(b).error)
+        assert body(a).total_steps == body(b).total_steps
+
+
+def test_packed_text_is_answered_as_its_entries_would_be(layer: SessionLayer) -> None:
+    """Text packed (Tick.text_*) beside the entries path on twin sessions: the same
+    probabilities to the bit and held characters, in one engine call; every refusal the
+    entry's, word for word."""
+    fast, slow = NativeStreams(layer), NativeStreams(layer)
+    frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
+    for streams in (fast, slow):
+        tick(streams, (1, OPEN), (2, OPEN), (3, frames_model))
+    calls: list[int] = []
+    apply_chunks = layer.engine.apply_chunks
+
+    async def counted(work: list[Any]) -> Any:
+        calls.append(len(work))
+        return await apply_chunks(work)
+
+    layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    conversation = [
+        [(1, 1, "hello wo"), (2, 1, "cafe\u0301")],  # held: a character that may still combine
+        [(1, 2, "rld"), (2, 2, "\u0301 e")],  # combines with what was held
+        [(1, 3, "  "), (2, 3, "ΣΑΣ")],  # unknown characters: the unknown token
+    ]
+    for chunks in conversation:
+        calls.clear()
+        got = packed_text(fast, *chunks)
+        assert calls == [2]
+        want = tick(slow, *((s, wire_text(q, t)) for s, q, t in chunks))
+        for a, b in zip(got, want, strict=True):
+            assert isinstance(a, ChunkOutcome)
+            assert_same(a, b)
+    assert any(o.held_characters for o in got)  # type: ignore[union-attr]
+    (resent,) = packed_text(fast, (1, 3, "  "))
+    assert isinstance(resent, ChunkOutcome) and resent.duplicate
+    tick(slow, (1, wire_text(3, "  ")))
+    cases = [
+        (1, 4, ""),  # empty: no step
+        (1, 4, "abcdefghij"),  # more steps than --max-chunk-steps (8)
+        (1, 4, "x" * 100),  # more characters than 8 steps can take
+        (1, 9, "gap"),  # a sequence gap (the engine's refusal)
+        (3, 1, "text"),  # a frames model: no text
+        (7, 1, "no session on this stream"),
+    ]
+    for stream, seq, text in cases:
+        (a,) = packed_text(fast, (stream, seq, text))
+        (b,) = tick(slow, (stream, wire_text(seq, text)))
+        assert not isinstance(a, ChunkOutcome), text
+        assert_same(a, b)
+    (a,) = packed_text(fast, (3, 1, "text"))
+    assert "chunk.input.text: model tiny-rnn-frames v1 takes features, not tokens" in str(
+        body(a).error
+    )
+    for streams in (fast, slow):  # ended: the stream is over, later chunks refused as entries
+        tick(streams, (2, m.End()))
+    assert_same(packed_text(fast, (2, 4, "more"))[0], tick(slow, (2, wire_text(4, "more")))[0])
+    layer.engine.draining = True  # a draining server: the stream's last message
+    layer.engine.drain_started.set()
+    (a,) = packed_text(fast, (1, 4, "late"))
+    (b,) = tick(slow, (1, wire_text(4, "late")))
+    assert isinstance(a.error, Draining)
+    assert_same(a, b)
+
+
+def test_a_tick_with_tokens_frames_and_text_answers_each_in_message_order(
+    layer: SessionLayer,
+) -> None:
+    """All three packed kinds and an entry in one tick: answers in the proto's order (entries,
+    tokens, frames, text), the chunks in one engine call, a refused chunk of each kind answered
+    as its entry (from its own columns)."""
+    streams, calls = NativeStreams(layer), []
+    frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
+    tick(streams, (1, OPEN), (2, frames_model), (3, OPEN), (4, OPEN), (5, frames_model))
+    apply_chunks = layer.engine.apply_chunks
+
+    async def counted(work: list[Any]) -> Any:
+        calls.append(len(work))
+        return await apply_chunks(work)
+
+    layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    message = npb.Tick(
+        id=5,
+        entries=[npb.TickEntry(stream=4, request=pb.StreamRequest(reset=pb.Reset(seq=1)))],
+        chunk_streams=np.array([1], "<u8").tobytes(),
+        chunk_seqs=np.array([1], "<u8").tobytes(),
+        chunk_offsets=np.array([0, 2], "<u4").tobytes(),
+        chunk_tokens=np.array([3, 4], "<i8").tobytes(),
+        frame_streams=np.array([2, 5], "<u8").tobytes(),
+        frame_seqs=np.array([1, 1], "<u8").tobytes(),
+        frame_counts=np.array([1, 0], "<u4").tobytes(),
+        frame_offsets=np.array([0, 5, 12], "<u4").tobytes(),
+        frame_values=np.ones(12, "<f4").tobytes(),
+        text_streams=np.array([3, 1], "<u8").tobytes(),
+        text_seqs=np.array([1, 2], "<u8").tobytes(),
+        text_offsets=np.array([0, 3, 3], "<u4").tobytes(),
+        text_bytes=b"abc",
+    )
+    assert tick_messages(message) == 6
+    entries = [NativeEntry(4, codec.stream_request(message.entries[0].request))]
+    reset, ids, frames, not_frames, text, empty = asyncio.run(
+        streams.answer(entries, packed=packed_chunks(message))
+    )
+    assert calls == [3]
+    assert isinstance(body(reset), m.ResetDone)
+    assert isinstance(ids, ChunkOutcome) and ids.total_steps == 2
+    assert isinstance(frames, ChunkOutcome) and frames.total_steps == 1
+    assert isinstance(not_frames, NativeOutcome)
+    assert "chunk.input.frames.values has 7 floats" in str(body(not_frames).error)
+    assert isinstance(text, ChunkOutcome) and (text.total_steps, text.held_characters) == (3, 1)
+    assert isinstance(empty, NativeOutcome) and "chunk.input.text is empty" in str(
+        body(empty).error
+    )
+
+
+def test_a_tick_whose_text_columns_do_not_fit_is_refused(layer: SessionLayer) -> None:
+    bad = npb.Tick(id=6, text_streams=b"\0" * 8, text_seqs=b"\0" * 16,
+                   text_offsets=np.array([0, 1], "<u4").tobytes(), text_bytes=b"a")  # fmt: skip
+    with pytest.raises(ProtocolError, match="tick 6: text columns of different lengths"):
+        packed_chunks(bad)
+    bad.text_seqs = b"\0" * 8
+    bad.text_offsets = np.array([0, 2], "<u4").tobytes()
+    with pytest.raises(ProtocolError, match="tick 6: text offsets do not fit their values"):
+        packed_chunks(bad)
+    bad.text_offsets = np.array([0, 2], "<u4").tobytes()
+    bad.text_bytes = "é".encode()[:1] + b"a"  # a character cut in two: not UTF-8
+    with pytest.raises(ProtocolError, match="tick 6: text 0 is not UTF-8"):
+        packed_chunks(bad)
