@@ -103,7 +103,7 @@ class NativeFrontServicer:
         else:
             request = codec.stream_request(entry.request)
         if not entry.first or self.auth is None:
-            return NativeEntry(entry.stream, request, multi=multi)
+            return NativeEntry(entry.stream, request, multi=multi, traceparent=entry.traceparent)
         authorization = entry.authorization if entry.has_authorization else None
         try:
             caller = self.auth.authenticate(authorization, entry.cert_cn or None)
@@ -111,7 +111,8 @@ class NativeFrontServicer:
             metrics.AUTH_FAILURES.labels(metrics.PROTOCOL_NATIVE, exc.reason).inc()
             return NativeEntry(entry.stream, request, refused=exc, multi=multi)
         metrics.CALLER_REQUESTS.labels(self.auth.label(caller), metrics.PROTOCOL_NATIVE).inc()
-        return NativeEntry(entry.stream, request, caller, multi=multi)
+        return NativeEntry(entry.stream, request, caller, multi=multi,
+                           traceparent=entry.traceparent)  # fmt: skip
 
     def _reply(self, outcomes: list[NativeOutcome | ChunkOutcome]) -> npb.TickReply:
         """The tick's reply: plain chunk replies packed (`_Packed`), the others as messages."""

@@ -100,6 +100,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   std::string authorization_;
   bool has_authorization_ = false;
   std::string cert_cn_;
+  std::string traceparent_;
   bool linger_ = false;  // ended after a final snapshot: Finish waits for EOF (2 s at most)
   std::unique_ptr<grpc::Alarm> alarm_;
   std::string session_id_;  // from the `opened` reply: what packed replies are written with

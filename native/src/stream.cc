@@ -51,6 +51,8 @@ NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* tick
     has_authorization_ = true;
   }
   cert_cn_ = CertCommonName(ctx);
+  auto parent = metadata.find("traceparent");
+  if (parent != metadata.end()) traceparent_.assign(parent->second.data(), parent->second.size());
 }
 
 void NativeStream::Begin(std::shared_ptr<NativeStream> self) {
@@ -97,6 +99,7 @@ void NativeStream::OnReadDone(bool ok) {
         entry.set_authorization(authorization_);
       }
       if (!cert_cn_.empty()) entry.set_cert_cn(cert_cn_);
+      if (!traceparent_.empty()) entry.set_traceparent(traceparent_);
     }
     sent_ = true;
     ++unanswered_;

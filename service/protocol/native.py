@@ -46,6 +46,7 @@ class NativeEntry:
     caller: str | None = None
     refused: LstmServeError | Exception | None = None  # the caller was not authenticated
     multi: bool = False
+    traceparent: str = ""  # on the first: the caller's traceparent metadata, if it sent one
 
 
 @dataclass(slots=True)
@@ -259,7 +260,11 @@ class NativeStreams:
             return NativeOutcome(error=entry.refused)
         held = self._multis.get(entry.stream)
         if held is None:
-            held = _MultiStream(entry.caller or principal.ANONYMOUS, MultiConversation(self.layer))
+            tracing = self.layer.tracing  # each message's span is a child of the caller's
+            parent = tracing.extract([("traceparent", entry.traceparent)]) \
+                if tracing.enabled and entry.traceparent else None  # fmt: skip
+            conversation = MultiConversation(self.layer, parent=parent)
+            held = _MultiStream(entry.caller or principal.ANONYMOUS, conversation)
             self._multis[entry.stream] = held
         request = entry.request
         if isinstance(request, LstmServeError):
