@@ -395,18 +395,11 @@ def fill_stream_response(out: pb.StreamResponse, reply: m.Reply, idle_timeout_s:
 
 def multi_response(reply: m.MultiReply, idle_timeout_s: float) -> pb.StreamMultiResponse:
     response = pb.StreamMultiResponse()
-    fill_multi_response(response, reply, idle_timeout_s)
-    return response
-
-
-def fill_multi_response(
-    response: pb.StreamMultiResponse, reply: m.MultiReply, idle_timeout_s: float
-) -> None:
-    """`multi_response` written into a message that is sent (the native front's tick reply)."""
     for r in reply.replies:
         out = response.results.add()
         out.session_id = r.session_id
         _fill_body(out, r.body, idle_timeout_s)
+    return response
 
 
 # -- StreamColumns: packed arrays <-> the session layer's columns messages ---------------------

@@ -130,8 +130,8 @@ class NativeFrontServicer:
 
     def _fill(self, out: npb.TickOutcome, outcome: NativeOutcome) -> None:
         if isinstance(outcome.reply, MultiReply):
-            out.multi_reply.SetInParent()
-            codec.fill_multi_response(out.multi_reply, outcome.reply, self.idle_timeout_s)
+            response = codec.multi_response(outcome.reply, self.idle_timeout_s)
+            out.multi_reply = response.SerializeToString()  # written by the front as it is
         elif outcome.reply is not None:
             out.reply.SetInParent()
             codec.fill_stream_response(out.reply, outcome.reply, self.idle_timeout_s)

@@ -78,8 +78,8 @@ class TickOutcome(_message.Message):
     finish: bool
     stream: int
     index: int
-    multi_reply: _lstm_serve_pb2.StreamMultiResponse
-    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ..., index: _Optional[int] = ..., multi_reply: _Optional[_Union[_lstm_serve_pb2.StreamMultiResponse, _Mapping]] = ...) -> None: ...
+    multi_reply: bytes
+    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ..., index: _Optional[int] = ..., multi_reply: _Optional[bytes] = ...) -> None: ...
 
 class TickReply(_message.Message):
     __slots__ = ("outcomes", "tick", "packed", "seqs", "total_steps", "steps", "held_characters", "rewound_steps", "flags", "probabilities")

@@ -15,6 +15,12 @@ namespace {
 // final snapshot (service/protocol/session.py FINAL_MESSAGE_GRACE_S).
 constexpr std::chrono::seconds kFinalMessageGrace(2);
 
+// One slice holding `data` (a serialized message).
+grpc::ByteBuffer Buffer(std::string data) {
+  grpc::Slice slice(std::move(data));
+  return grpc::ByteBuffer(&slice, 1);
+}
+
 // The message's bytes, whole (a ByteBuffer may hold several slices).
 std::string Bytes(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -25,11 +31,10 @@ std::string Bytes(const grpc::ByteBuffer& buffer) {
   return data;
 }
 
-grpc::ByteBuffer Encode(const google::protobuf::Message& reply) {
+grpc::ByteBuffer Encode(const lstmserve::v1::StreamResponse& reply) {
   std::string data;
   reply.SerializeToString(&data);
-  grpc::Slice slice(std::move(data));
-  return grpc::ByteBuffer(&slice, 1);
+  return Buffer(std::move(data));
 }
 
 }  // namespace
@@ -151,7 +156,7 @@ void NativeStream::OutcomeLocked(const TickOutcome& outcome) {
   }
   if (ended_ || done_) return;
   if (multi_ ? outcome.has_multi_reply() : outcome.has_reply()) {
-    out_.push_back(multi_ ? Encode(outcome.multi_reply()) : Encode(reply));
+    out_.push_back(multi_ ? Buffer(outcome.multi_reply()) : Encode(reply));
   }
   if (outcome.code() != 0) {
     EndLocked(grpc::Status(static_cast<grpc::StatusCode>(outcome.code()), outcome.message()));

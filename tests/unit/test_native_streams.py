@@ -365,7 +365,8 @@ def test_a_malformed_multi_message_and_a_reply_on_the_wire(layer: SessionLayer) 
     assert (bad.code, bad.message) == (
         3, "the request is not a valid lstmserve.v1.StreamMultiRequest (5 bytes)")  # fmt: skip
     assert not bad.HasField("multi_reply") and not bad.HasField("reply")
-    assert opened.code == 0 and opened.multi_reply.results[0].opened.model == "tiny-gru"
+    result = pb.StreamMultiResponse.FromString(opened.multi_reply).results[0]
+    assert opened.code == 0 and result.opened.model == "tiny-gru"
     assert not opened.HasField("reply") and len(streams) == 1
 
 
