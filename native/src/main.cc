@@ -3,8 +3,8 @@
 //   lstm-serve-front --listen 0.0.0.0:8001 --dir /run/lstm-serve [--tls-cert F --tls-key F]
 //
 // Serves LstmServe/Stream and StreamMulti natively (batched into ticks for the Python server on
-// DIR/ticks.sock)
-// and passes every other method through to DIR/grpc.sock (lstm-serve --native-front-dir DIR).
+// DIR/ticks.sock) and passes every other method through to DIR/grpc.sock (lstm-serve
+// --native-front-dir DIR).
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>

@@ -56,7 +56,7 @@ NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* tick
     has_authorization_ = true;
   }
   cert_cn_ = CertCommonName(ctx);
-  auto parent = metadata.find("traceparent");
+  auto parent = multi_ ? metadata.find("traceparent") : metadata.end();  // StreamMulti's spans
   if (parent != metadata.end()) traceparent_.assign(parent->second.data(), parent->second.size());
 }
 
