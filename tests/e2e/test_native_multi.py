@@ -200,6 +200,23 @@ def test_a_full_conversation_is_answered_as_by_the_python_front(fronts) -> None:
     assert replies[3].results[2].opened.resumed and replies[4].results[0].chunk.total_steps > 5
 
 
+def test_many_concurrent_multi_streams_get_the_python_fronts_replies(fronts) -> None:
+    """32 StreamMulti calls at once through the front (their messages share ticks and batched
+    runs): each gets what one call gets through the Python front."""
+    python, native, _ = fronts
+
+    def steps() -> list[Step]:
+        return [*full_conversation(b"")[:3], (0, lambda s: message(entry(s[0], end=pb.End())))]
+
+    async def main() -> tuple[list[list[object]], list[list[list[object]]]]:
+        expected = await converse(python, steps())
+        got = await asyncio.gather(*(converse(native, steps()) for _ in range(32)))
+        return expected, got
+
+    expected, got = asyncio.run(main())
+    assert len(expected[0]) == 5 and all(g == expected for g in got)
+
+
 def test_stream_multi_is_terminated_by_the_front_not_passed_through(fronts) -> None:
     """Each StreamMulti message goes to lstm-serve in a tick (the front counts them on exit),
     not through the pass-through."""
