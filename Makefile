@@ -67,7 +67,7 @@ $(NATIVE_LOAD): $(NATIVE_BIN)  # built with it (one CMake project)
 test-native: $(TEST_VENV)/.installed $(NATIVE_BIN) $(NATIVE_LOAD)
 	LSTM_SERVE_REQUIRE_NATIVE=1 $(TEST_VENV)/bin/python -m pytest tests/e2e/test_native_front.py \
 		tests/e2e/test_native_supervised.py tests/e2e/test_native_load.py \
-		tests/e2e/test_native_front_passthrough.py \
+		tests/e2e/test_native_front_passthrough.py tests/e2e/test_native_multi.py \
 		tests/unit/test_native_streams.py tests/integration/test_stream.py \
 		tests/integration/test_text_streaming.py tests/integration/test_errors.py \
 		tests/integration/test_decisions.py \

@@ -7,13 +7,16 @@
     python -m bench.native heap --streams 1000       # the front's heap per idle stream, by site
     python -m bench.native compare --client native --front-flags '--max-ticks-in-flight 2'
     python -m bench.native compare --client native --text   # chunks of text, langid-chars
+    python -m bench.native compare --multi 4 --sessions 256 1024   # StreamMulti: S over 4 calls
 
 `compare` starts lstm-serve (bench.run's batched flags) with --native-front-dir and the front,
 then drives the same load (bench.load: S streams, one step per message, ping-pong) through the
 Python front's port and the native front's port back to back, and prints messages/s, latency
 and CPU per message of each process. `--client native` drives it from native/build/lstm-serve-load
 instead of this process (its sampled replies checked against offline onnxruntime), `both`
-from each in turn. `hop` puts the front before a Python Ticks server that
+from each in turn. `--multi G` drives StreamMulti instead (bench.load's multi mode, this
+process only: S sessions over G calls, each message one 1-step chunk per session of its call)
+and prints steps/s beside messages/s. `hop` puts the front before a Python Ticks server that
 answers every message with a canned reply, beside a Python server answering Stream the same
 way: the difference is the front's own cost. Loopback only; every loop is bounded.
 """
@@ -69,12 +72,13 @@ def _cpu(ps: psutil.Process) -> float:
 
 def compare(
     proc: FrontedProcess, sessions: int, timing: tuple[float, float], client: str = "python",
-    repo: Path | None = None, text: bool = False,
+    repo: Path | None = None, text: bool = False, multi: int = 0,
 ) -> list[dict]:  # fmt: skip
     """One point through each front: msg/s, p50 / p99, CPU µs per message of each process
     (the client's too); with the native client and `repo`, its sample checked for exactness.
     `text` (the native client only): each chunk one random letter of text, on langid-chars
-    (no exactness check: the sample holds token ids)."""
+    (no exactness check: the sample holds token ids). `multi` > 0: StreamMulti, the S sessions
+    over that many calls (the Python client)."""
     model = TEXT_MODEL if text else BENCH_MODEL
     rows = []
     for label, address in (("python", proc.server.address), ("native", proc.address)):
@@ -84,7 +88,7 @@ def compare(
         async def on_window(edge: str, marks: dict = marks, me: psutil.Process = me) -> None:
             marks[edge] = (time.perf_counter(), _cpu(proc.server.ps), _cpu(proc.ps), _cpu(me))
 
-        load = Load("stream", sessions, 1, sessions)
+        load = Load("multi", sessions, 1, multi) if multi else Load("stream", sessions, 1, sessions)
         args = (load, address, model, VOCAB[model], *timing, on_window)
         if client == "native":
             native = asyncio.run(drive_native(*args, sample=0, text=True) if text else
@@ -103,6 +107,7 @@ def compare(
         row = {
             "front": label, "client": client, "sessions": sessions,
             "messages_per_s": completed / window_s, "p50_ms": p50, "p99_ms": p99,
+            "steps_per_s": completed * load.per_message * load.steps / window_s,
             "server_us_per_msg": 1e6 * (s1 - s0) / done,
             "front_us_per_msg": 1e6 * (f1 - f0) / done if label == "native" else 0.0,
             "client_us_per_msg": 1e6 * client_cpu / done,
@@ -121,7 +126,8 @@ def _compare_line(round_: int, s: int, row: dict) -> str:
         check += "" if not exact["mismatched"] else f" (max |diff| {exact['max_abs_diff']:.2e})"
     return (
         f"round {round_} S={s:<4} {row['front']:>6} front, {row['client']:>6} client "
-        f"{row['messages_per_s']:>8,.0f} msg/s p50 {row['p50_ms']:.2f} p99 {row['p99_ms']:.2f} ms "
+        f"{row['messages_per_s']:>8,.0f} msg/s {row['steps_per_s']:>9,.0f} steps/s "
+        f"p50 {row['p50_ms']:.2f} p99 {row['p99_ms']:.2f} ms "
         f"CPU/msg server {row['server_us_per_msg']:.0f} µs front {row['front_us_per_msg']:.0f} µs "
         f"client {row['client_us_per_msg']:.1f} µs{check}"
     )
@@ -300,9 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"compare's chunks as text (one random letter each) on {TEXT_MODEL}: "
         "--client native only, no exactness check",
     )  # fmt: skip
+    parser.add_argument(
+        "--multi", type=int, default=0, metavar="G",
+        help="compare StreamMulti: each point's S sessions over G calls (the Python client)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.text and args.client != "native":
         print("--text needs --client native", file=sys.stderr)
+        return 2
+    if args.multi and args.client != "python":
+        print("--multi drives StreamMulti from this process: --client python", file=sys.stderr)
         return 2
     if args.client != "python" and not LOAD_BINARY.is_file():
         print(f"the native load generator is not built ({LOAD_BINARY}): make native",
@@ -336,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 for s in args.sessions:
                     for client in clients:
                         timing = (args.warmup, args.seconds)
-                        point = (proc, min(s, MAX_STREAMS), timing, client, repo, args.text)
+                        point = (proc, min(s, MAX_STREAMS), timing, client, repo, args.text,
+                                 args.multi)  # fmt: skip
                         for row in compare(*point):
                             print(_compare_line(round_, s, row), flush=True)
         finally:

@@ -373,7 +373,7 @@ NATIVE_FRONT_OPEN_FDS = Gauge(
 )
 NATIVE_FRONT_STREAMS = Gauge(
     "lstm_serve_native_front_streams",
-    "Client Stream calls this server holds for native fronts (--native-front, or fronts started "
+    "Client Stream and StreamMulti calls this server holds for native fronts (--native-front, or fronts started "
     "by hand on --native-front-dir): from a stream's first message to its end.",
 )
 

@@ -33,7 +33,7 @@ from service import codec, metrics
 from service.engine.types import ChunkOutcome
 from service.errors import ConfigError, ProtocolError
 from service.protocol.columns import F32, I64, U32, U64
-from service.protocol.messages import Request
+from service.protocol.messages import MultiReply, Request, SessionEntry
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams, PackedChunks
 from service.protocol.session import SessionLayer
 from service.security.auth import Authenticator, Unauthenticated
@@ -96,25 +96,29 @@ class NativeFrontServicer:
         return reply
 
     def _entry(self, entry: npb.TickEntry) -> NativeEntry:
+        multi = entry.multi_stream
         if entry.malformed:  # one line, no traceback: a client's problem (as servicer.py)
-            error = codec.Malformed("lstmserve.v1.StreamRequest", entry.size).error()
-            log.warning(
-                "malformed request", extra={"fields": {"rpc": "Stream", "error": str(error)}}
-            )
-            return NativeEntry(entry.stream, error)
-        request = codec.stream_request(entry.request)
-        if not entry.first:
-            return NativeEntry(entry.stream, request)
-        if self.auth is None:
-            return NativeEntry(entry.stream, request)
+            rpc, message = ("StreamMulti", "StreamMultiRequest") if multi else \
+                ("Stream", "StreamRequest")  # fmt: skip
+            error = codec.Malformed(f"lstmserve.v1.{message}", entry.size).error()
+            log.warning("malformed request", extra={"fields": {"rpc": rpc, "error": str(error)}})
+            return NativeEntry(entry.stream, error, multi=multi)
+        request: Request | list[SessionEntry]
+        if multi:
+            request = [codec.session_entry(e) for e in entry.multi.entries]
+        else:
+            request = codec.stream_request(entry.request)
+        if not entry.first or self.auth is None:
+            return NativeEntry(entry.stream, request, multi=multi, traceparent=entry.traceparent)
         authorization = entry.authorization if entry.has_authorization else None
         try:
             caller = self.auth.authenticate(authorization, entry.cert_cn or None)
         except Unauthenticated as exc:
             metrics.AUTH_FAILURES.labels(metrics.PROTOCOL_NATIVE, exc.reason).inc()
-            return NativeEntry(entry.stream, request, refused=exc)
+            return NativeEntry(entry.stream, request, refused=exc, multi=multi)
         metrics.CALLER_REQUESTS.labels(self.auth.label(caller), metrics.PROTOCOL_NATIVE).inc()
-        return NativeEntry(entry.stream, request, caller)
+        return NativeEntry(entry.stream, request, caller, multi=multi,
+                           traceparent=entry.traceparent)  # fmt: skip
 
     def _reply(self, outcomes: list[NativeOutcome | ChunkOutcome]) -> npb.TickReply:
         """The tick's reply: plain chunk replies packed (`_Packed`), the others as messages."""
@@ -131,7 +135,10 @@ class NativeFrontServicer:
         return reply
 
     def _fill(self, out: npb.TickOutcome, outcome: NativeOutcome) -> None:
-        if outcome.reply is not None:
+        if isinstance(outcome.reply, MultiReply):
+            response = codec.multi_response(outcome.reply, self.idle_timeout_s)
+            out.multi_reply = response.SerializeToString()  # written by the front as it is
+        elif outcome.reply is not None:
             out.reply.SetInParent()
             codec.fill_stream_response(out.reply, outcome.reply, self.idle_timeout_s)
         if outcome.error is not None:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TickEntry(_message.Message):
-    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size", "cert_cn")
+    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size", "cert_cn", "multi", "multi_stream", "traceparent")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,9 @@ class TickEntry(_message.Message):
     MALFORMED_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CERT_CN_FIELD_NUMBER: _ClassVar[int]
+    MULTI_FIELD_NUMBER: _ClassVar[int]
+    MULTI_STREAM_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     stream: int
     request: _lstm_serve_pb2.StreamRequest
     first: bool
@@ -25,7 +28,10 @@ class TickEntry(_message.Message):
     malformed: bool
     size: int
     cert_cn: str
-    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ...) -> None: ...
+    multi: _lstm_serve_pb2.StreamMultiRequest
+    multi_stream: bool
+    traceparent: str
+    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ..., multi: _Optional[_Union[_lstm_serve_pb2.StreamMultiRequest, _Mapping]] = ..., multi_stream: _Optional[bool] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Tick(_message.Message):
     __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens", "frame_streams", "frame_seqs", "frame_counts", "frame_offsets", "frame_values", "text_streams", "text_seqs", "text_offsets", "text_bytes")
@@ -66,20 +72,22 @@ class Tick(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[TickEntry, _Mapping]]] = ..., closed: _Optional[_Iterable[int]] = ..., closed_ok: _Optional[_Iterable[bool]] = ..., id: _Optional[int] = ..., chunk_streams: _Optional[bytes] = ..., chunk_seqs: _Optional[bytes] = ..., chunk_offsets: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., frame_streams: _Optional[bytes] = ..., frame_seqs: _Optional[bytes] = ..., frame_counts: _Optional[bytes] = ..., frame_offsets: _Optional[bytes] = ..., frame_values: _Optional[bytes] = ..., text_streams: _Optional[bytes] = ..., text_seqs: _Optional[bytes] = ..., text_offsets: _Optional[bytes] = ..., text_bytes: _Optional[bytes] = ...) -> None: ...
 
 class TickOutcome(_message.Message):
-    __slots__ = ("reply", "code", "message", "finish", "stream", "index")
+    __slots__ = ("reply", "code", "message", "finish", "stream", "index", "multi_reply")
     REPLY_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    MULTI_REPLY_FIELD_NUMBER: _ClassVar[int]
     reply: _lstm_serve_pb2.StreamResponse
     code: int
     message: str
     finish: bool
     stream: int
     index: int
-    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+    multi_reply: bytes
+    def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ..., index: _Optional[int] = ..., multi_reply: _Optional[bytes] = ...) -> None: ...
 
 class TickReply(_message.Message):
     __slots__ = ("outcomes", "tick", "packed", "seqs", "total_steps", "steps", "held_characters", "rewound_steps", "flags", "probabilities")

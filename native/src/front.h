@@ -1,5 +1,5 @@
-// The native front: Stream terminated here and batched into ticks for the Python server;
-// every other method passed through to it. See docs/NATIVE_FRONT.md.
+// The native front: Stream and StreamMulti terminated here and batched into ticks for the
+// Python server; every other method passed through to it. See docs/NATIVE_FRONT.md.
 #pragma once
 
 #include <grpcpp/generic/async_generic_service.h>
@@ -31,6 +31,7 @@ using lstmserve::v1::TickOutcome;
 using lstmserve::v1::TickReply;
 
 inline constexpr char kStreamMethod[] = "/lstmserve.v1.LstmServe/Stream";
+inline constexpr char kStreamMultiMethod[] = "/lstmserve.v1.LstmServe/StreamMulti";
 // A passed-through call's verified client certificate CN, for lstm-serve's --principal-from-cert
 // (it trusts this key only on its Unix socket; the front drops any a client sends).
 inline constexpr char kCertCnKey[] = "lstm-serve-native-cert-cn-bin";  // binary: any bytes
@@ -48,11 +49,12 @@ struct Packed {
   const float* probabilities = nullptr;  // as many as the stream's labels, or none
 };
 
-// One client's Stream call: reads one message at a time (one read ahead of the answers), hands
-// each to the ticker, writes the answers in order, ends as the Python server says.
+// One client's Stream or StreamMulti call (`multi`): reads one message at a time (one read
+// ahead of the answers), hands each to the ticker, writes the answers in order, ends as the
+// Python server says. Packed chunk replies are Stream's only.
 class NativeStream : public grpc::ServerGenericBidiReactor {
  public:
-  NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* ticker, uint64_t id);
+  NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* ticker, uint64_t id, bool multi);
   void Begin(std::shared_ptr<NativeStream> self);
   uint64_t id() const { return id_; }
 
@@ -81,6 +83,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   grpc::GenericCallbackServerContext* ctx_;
   Ticker* ticker_;
   const uint64_t id_;
+  const bool multi_;  // a StreamMulti call: TickEntry.multi, TickOutcome.multi_reply
   std::recursive_mutex mu_;  // a reaction may run inline in a Start* call
   grpc::ByteBuffer in_;
   std::list<grpc::ByteBuffer> out_;  // a list: nothing allocated while idle, and the one
@@ -97,6 +100,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   std::string authorization_;
   bool has_authorization_ = false;
   std::string cert_cn_;
+  std::string traceparent_;
   bool linger_ = false;  // ended after a final snapshot: Finish waits for EOF (2 s at most)
   std::unique_ptr<grpc::Alarm> alarm_;
   std::string session_id_;  // from the `opened` reply: what packed replies are written with

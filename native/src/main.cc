@@ -2,8 +2,9 @@
 //
 //   lstm-serve-front --listen 0.0.0.0:8001 --dir /run/lstm-serve [--tls-cert F --tls-key F]
 //
-// Serves LstmServe/Stream natively (batched into ticks for the Python server on DIR/ticks.sock)
-// and passes every other method through to DIR/grpc.sock (lstm-serve --native-front-dir DIR).
+// Serves LstmServe/Stream and StreamMulti natively (batched into ticks for the Python server on
+// DIR/ticks.sock) and passes every other method through to DIR/grpc.sock (lstm-serve
+// --native-front-dir DIR).
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
@@ -26,8 +27,9 @@ namespace front {
 
 grpc::ServerGenericBidiReactor* FrontService::CreateReactor(
     grpc::GenericCallbackServerContext* ctx) {
-  if (ctx->method() == kStreamMethod) {
-    auto stream = std::make_shared<NativeStream>(ctx, ticker_, ticker_->NextId());
+  const bool multi = ctx->method() == kStreamMultiMethod;
+  if (multi || ctx->method() == kStreamMethod) {
+    auto stream = std::make_shared<NativeStream>(ctx, ticker_, ticker_->NextId(), multi);
     ticker_->Register(stream);
     stream->Begin(stream);
     return stream.get();

@@ -1,4 +1,4 @@
-// NativeStream: one client's Stream call.
+// NativeStream: one client's Stream or StreamMulti call.
 #include <grpcpp/alarm.h>
 
 #include <algorithm>
@@ -15,6 +15,12 @@ namespace {
 // final snapshot (service/protocol/session.py FINAL_MESSAGE_GRACE_S).
 constexpr std::chrono::seconds kFinalMessageGrace(2);
 
+// One slice holding `data` (a serialized message).
+grpc::ByteBuffer Buffer(std::string data) {
+  grpc::Slice slice(std::move(data));
+  return grpc::ByteBuffer(&slice, 1);
+}
+
 // The message's bytes, whole (a ByteBuffer may hold several slices).
 std::string Bytes(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -28,8 +34,7 @@ std::string Bytes(const grpc::ByteBuffer& buffer) {
 grpc::ByteBuffer Encode(const lstmserve::v1::StreamResponse& reply) {
   std::string data;
   reply.SerializeToString(&data);
-  grpc::Slice slice(std::move(data));
-  return grpc::ByteBuffer(&slice, 1);
+  return Buffer(std::move(data));
 }
 
 }  // namespace
@@ -41,8 +46,9 @@ std::string CertCommonName(grpc::GenericCallbackServerContext* ctx) {
   return names.empty() ? "" : std::string(names.front().data(), names.front().size());
 }
 
-NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* ticker, uint64_t id)
-    : ctx_(ctx), ticker_(ticker), id_(id) {
+NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* ticker, uint64_t id,
+                           bool multi)
+    : ctx_(ctx), ticker_(ticker), id_(id), multi_(multi) {
   const auto& metadata = ctx->client_metadata();
   auto found = metadata.find("authorization");
   if (found != metadata.end()) {
@@ -50,6 +56,8 @@ NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* tick
     has_authorization_ = true;
   }
   cert_cn_ = CertCommonName(ctx);
+  auto parent = multi_ ? metadata.find("traceparent") : metadata.end();  // StreamMulti's spans
+  if (parent != metadata.end()) traceparent_.assign(parent->second.data(), parent->second.size());
 }
 
 void NativeStream::Begin(std::shared_ptr<NativeStream> self) {
@@ -80,8 +88,12 @@ void NativeStream::OnReadDone(bool ok) {
     }
     entry.set_stream(id_);
     std::string data = Bytes(in_);
-    if (!entry.mutable_request()->ParseFromString(data)) {
+    if (multi_) entry.set_multi_stream(true);
+    bool parsed = multi_ ? entry.mutable_multi()->ParseFromString(data)
+                         : entry.mutable_request()->ParseFromString(data);
+    if (!parsed) {
       entry.clear_request();
+      entry.clear_multi();
       entry.set_malformed(true);
       entry.set_size(static_cast<uint32_t>(data.size()));
     }
@@ -92,6 +104,7 @@ void NativeStream::OnReadDone(bool ok) {
         entry.set_authorization(authorization_);
       }
       if (!cert_cn_.empty()) entry.set_cert_cn(cert_cn_);
+      if (!traceparent_.empty()) entry.set_traceparent(traceparent_);
     }
     sent_ = true;
     ++unanswered_;
@@ -142,12 +155,17 @@ void NativeStream::OutcomeLocked(const TickOutcome& outcome) {
     top_k_ = reply.opened().options().top_k();
   }
   if (ended_ || done_) return;
-  if (outcome.has_reply()) out_.push_back(Encode(reply));
+  if (multi_ ? outcome.has_multi_reply() : outcome.has_reply()) {
+    out_.push_back(multi_ ? Buffer(outcome.multi_reply()) : Encode(reply));
+  }
   if (outcome.code() != 0) {
     EndLocked(grpc::Status(static_cast<grpc::StatusCode>(outcome.code()), outcome.message()));
-    // A draining server's final snapshot: as the Python front, wait (2 s at most) for the
+    // A draining server's final snapshot(s): as the Python front, wait (2 s at most) for the
     // client to close the stream before ending it, so a client writing meanwhile keeps it.
-    linger_ = reply.has_snapshot() && reply.snapshot().final() && !eof_;
+    // StreamMulti's reply with a status is only ever that last message.
+    bool last = multi_ ? outcome.has_multi_reply()
+                       : reply.has_snapshot() && reply.snapshot().final();
+    linger_ = last && !eof_;
     if (linger_ && !reading_) {
       reading_ = true;
       StartRead(&in_);

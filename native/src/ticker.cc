@@ -160,11 +160,14 @@ void Append(std::string* column, T value) {
 }
 
 // How a message travels: an entry, or packed as columns (a plain chunk on a stream the server
-// already knows: token ids, feature frames in the flat form, or text).
+// already knows: token ids, feature frames in the flat form, or text). StreamMulti's are
+// entries.
 enum class Packing { kEntry, kTokens, kFrames, kText };
 
 Packing PackingOf(const TickEntry& entry) {
-  if (entry.first() || entry.malformed() || !entry.request().has_chunk()) return Packing::kEntry;
+  if (entry.first() || entry.malformed() || entry.multi_stream() || !entry.request().has_chunk()) {
+    return Packing::kEntry;
+  }
   const auto& input = entry.request().chunk().input();
   if (input.has_tokens()) return Packing::kTokens;
   if (input.has_frames() && input.frames().frames_size() == 0) return Packing::kFrames;

@@ -4,6 +4,10 @@ Round r holds the r-th entry of every session named, so one session's entries ap
 while different sessions' chunks share batched runs. Session-level problems are answered
 in-band per entry; the stream goes on. On drain: a final snapshot of every live session the
 stream has named, then the stream ends (UNAVAILABLE).
+
+Both fronts run the same rules here: the grpc.aio front drives `replies` over the stream's
+requests; the native front's ticks (service/protocol/native.py) call `answer_traced` per
+message, `last_message` on drain and `close` when the client stream ends.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ PRUNE_FLOOR = 1024  # a stream remembers this many sessions before it forgets th
 class MultiConversation:
     """Drives one multi-session stream."""
 
-    def __init__(self, layer: SessionLayer, requests: AsyncIterator[list[SessionEntry]],
+    def __init__(self, layer: SessionLayer,
+                 requests: AsyncIterator[list[SessionEntry]] | None = None,
                  parent: object = None) -> None:  # fmt: skip
         self.layer = layer
         self.parent = parent  # the call's trace context (Tracing.extract), when traced
@@ -64,7 +69,9 @@ class MultiConversation:
         self.token = object()
 
     async def replies(self) -> AsyncIterator[MultiReply]:
+        """The replies to the stream's requests (the grpc.aio front)."""
         layer = self.layer
+        assert self._requests is not None
         inbox = layer.open_inbox(self._requests, entries_bytes)
         try:
             while True:
@@ -72,8 +79,9 @@ class MultiConversation:
                 if entries is EOF:
                     return
                 if entries is DRAIN:
-                    if self._used and layer.hands_over:
-                        yield await self._final_snapshots()
+                    last = await self.last_message()
+                    if last is not None:
+                        yield last
                         await inbox.wait_closed(FINAL_MESSAGE_GRACE_S)
                     raise draining_error()
                 span = layer.tracing.rpc(LSTM_SERVE_SERVICE, RPC, self.parent)
@@ -85,8 +93,28 @@ class MultiConversation:
                         yield reply
         finally:
             layer.close_inbox(inbox)
-            for session in self._used.values():
-                session.detach(self.token)
+            self.close()
+
+    async def answer_traced(self, entries: Sequence[SessionEntry]) -> MultiReply:
+        """`answer`, in the message's span when tracing samples it (the native front)."""
+        span = self.layer.tracing.rpc(LSTM_SERVE_SERVICE, RPC, self.parent)
+        if span is NO_REQUEST_SPAN:
+            return await self.answer(entries)
+        async with aclosing(traced_message(span, self.answer(entries))) as traced:
+            (reply,) = [reply async for reply in traced]  # run whole: the span ends OK
+        return reply
+
+    async def last_message(self) -> MultiReply | None:
+        """A draining server's last message on the stream: the final snapshots of the live
+        sessions it named (with --snapshot-key), or None when there is nothing to hand over."""
+        if self._used and self.layer.hands_over:
+            return await self._final_snapshots()
+        return None
+
+    def close(self) -> None:
+        """The stream is over: the sessions it named are detached from it."""
+        for session in self._used.values():
+            session.detach(self.token)
 
     async def answer(self, entries: Sequence[SessionEntry]) -> MultiReply:
         """One reply per entry, in entry order."""

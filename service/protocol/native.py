@@ -1,16 +1,20 @@
-"""Single-session streams terminated by the native front (native/), answered a tick at a time.
+"""Streams terminated by the native front (native/), answered a tick at a time.
 
-The native front owns the clients' `Stream` calls; once per batching tick it hands over every
-message that arrived (at most one per stream) and the streams that closed since. Each message
-gets what `StreamConversation` would have answered: the first attaches the stream's session,
-later ones go through the same `SessionLayer` calls, and a chunk's in-band errors stay in-band
-while what ends a `Stream` with a status ends this one the same way. The tick's chunks go to
-the engine as one `Engine.apply_chunks` call, so they share batches.
+The native front owns the clients' `Stream` and `StreamMulti` calls; once per batching tick it
+hands over every message that arrived (at most one per stream) and the streams that closed
+since. Each `Stream` message gets what `StreamConversation` would have answered: the first
+attaches the stream's session, later ones go through the same `SessionLayer` calls, and a
+chunk's in-band errors stay in-band while what ends a `Stream` with a status ends this one the
+same way. The tick's chunks go to the engine as one `Engine.apply_chunks` call, so they share
+batches. Each `StreamMulti` stream is a `MultiConversation` (the Python front's rules, the same
+code), its messages answered concurrently with the tick's chunks, so the engine's batcher
+groups their runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +26,18 @@ from service.engine.session.sessions import Session
 from service.engine.text.textstream import ids_after_held
 from service.engine.types import ChunkOutcome, ChunkWork
 from service.errors import InvalidInput, LstmServeError
-from service.protocol.messages import Body, Chunk, Ended, InputSource, Reply, Request
+from service.protocol.messages import (
+    Body,
+    Chunk,
+    Ended,
+    InputSource,
+    MultiReply,
+    Reply,
+    Request,
+    SessionEntry,
+)
+from service.protocol.multi import RPC as MULTI_RPC
+from service.protocol.multi import MultiConversation
 from service.protocol.session import IN_BAND, SessionLayer, chunk_done, draining_error
 
 log = logging.getLogger(__name__)
@@ -32,12 +47,15 @@ RPC = "Stream"
 
 @dataclass(slots=True)
 class NativeEntry:
-    """One client stream's message; `caller` is set on its first (who opened it)."""
+    """One client stream's message; `caller` is set on its first (who opened it). A StreamMulti
+    message (`multi`) has its entries as `request`."""
 
     stream: int
-    request: Request | LstmServeError  # an error: the message did not translate (malformed)
+    request: Request | list[SessionEntry] | LstmServeError  # an error: malformed
     caller: str | None = None
     refused: LstmServeError | Exception | None = None  # the caller was not authenticated
+    multi: bool = False
+    traceparent: str = ""  # on the first: the caller's traceparent metadata, if it sent one
 
 
 @dataclass(slots=True)
@@ -45,7 +63,7 @@ class NativeOutcome:
     """What the front does: write `reply` (if any), then end the stream with `error`'s status,
     or OK if `finish`."""
 
-    reply: Reply | None = None
+    reply: Reply | MultiReply | None = None  # MultiReply: on a StreamMulti stream
     error: BaseException | None = None
     finish: bool = False
 
@@ -82,17 +100,26 @@ class _Stream:
     session: Session | None = None
 
 
+@dataclass(slots=True)
+class _MultiStream:
+    """A StreamMulti client stream the front holds: its caller and its conversation."""
+
+    caller: str
+    conversation: MultiConversation
+
+
 class NativeStreams:
     """Every client stream of one native front: their sessions and the ticks' answers."""
 
     def __init__(self, layer: SessionLayer) -> None:
         self.layer = layer
         self._streams: dict[int, _Stream] = {}
+        self._multis: dict[int, _MultiStream] = {}
         self._busy: set[int] = set()  # streams with a message being answered
         self._final: dict[int, asyncio.Future[None]] = {}  # streams whose last message is sent
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._multis)
 
     async def answer(
         self, entries: Sequence[NativeEntry], closed: Sequence[tuple[int, bool]] = (),
@@ -108,9 +135,13 @@ class NativeStreams:
             ids += chunks.streams
         outcomes: list[NativeOutcome | ChunkOutcome | None] = [None] * len(ids)
         work: list[tuple[int, ChunkWork]] = []
+        multis: list[tuple[int, NativeEntry]] = []
         self._busy.update(ids)
         try:
             for i, entry in enumerate(entries):
+                if entry.multi:
+                    multis.append((i, entry))
+                    continue
                 outcomes[i] = await self._entry(entry, i, work)
             base = len(entries)
             for chunks in packed:
@@ -123,7 +154,14 @@ class NativeStreams:
                 for i, entry in taken.others:
                     outcomes[i] = await self._entry(entry, i, work)
                 base += len(chunks)
-            await self._chunks(work, outcomes)
+            if multis:  # concurrently with the chunks: the engine's batcher groups their runs
+                answers = await asyncio.gather(
+                    self._chunks(work, outcomes), *(self._multi(e) for _, e in multis)
+                )
+                for (i, _), answer in zip(multis, answers[1:], strict=True):
+                    outcomes[i] = answer
+            else:
+                await self._chunks(work, outcomes)
         finally:
             self._busy.difference_update(ids)
         done = [o for o in outcomes if o is not None]
@@ -253,6 +291,39 @@ class NativeStreams:
         finish = isinstance(result, ChunkOutcome) and result.ended
         return NativeOutcome(Reply(session.id, done), finish=finish)
 
+    async def _multi(self, entry: NativeEntry) -> NativeOutcome:
+        """A StreamMulti message's outcome, from the stream's `MultiConversation`."""
+        if entry.refused is not None:
+            return NativeOutcome(error=entry.refused)
+        held = self._multis.get(entry.stream)
+        if held is None:
+            tracing = self.layer.tracing  # each message's span is a child of the caller's
+            parent = tracing.extract([("traceparent", entry.traceparent)]) \
+                if tracing.enabled and entry.traceparent else None  # fmt: skip
+            conversation = MultiConversation(self.layer, parent=parent)
+            held = _MultiStream(entry.caller or principal.ANONYMOUS, conversation)
+            self._multis[entry.stream] = held
+        request = entry.request
+        if isinstance(request, LstmServeError):
+            return NativeOutcome(error=request)
+        final = self._final.get(entry.stream)
+        if final is not None:  # its last message is on its way: nothing more is answered
+            await final
+            return NativeOutcome(error=draining_error())
+        if self.draining:  # not applied: resent where its sessions continue
+            return await self._last_multi(held)
+        assert isinstance(request, list)
+        scope = principal.CALLER.set(held.caller)
+        try:
+            return NativeOutcome(await held.conversation.answer_traced(request))
+        except LstmServeError as exc:  # too many entries: the stream ends, as on the Python front
+            return NativeOutcome(error=exc)
+        except Exception as exc:  # a bug: this stream ends INTERNAL, as on the Python front
+            log.exception("unexpected error in StreamMulti (native front)", exc_info=exc)
+            return NativeOutcome(error=exc)
+        finally:
+            principal.CALLER.reset(scope)
+
     # -- drain: the last message of each stream ------------------------------------------------
 
     @property
@@ -272,16 +343,29 @@ class NativeStreams:
                 pass  # ended, expired or taken over meanwhile: nothing to hand over
         return NativeOutcome(reply, draining_error())
 
+    async def _last_multi(self, held: _MultiStream) -> NativeOutcome:
+        """The same for a StreamMulti stream: the final snapshots of the live sessions it named
+        (MultiConversation.last_message), then UNAVAILABLE."""
+        return NativeOutcome(await held.conversation.last_message(), draining_error())
+
     async def drain(self, send: Callable[[int, NativeOutcome], Awaitable[None]]) -> None:
         """Send (`send`) the last message of every attached stream with nothing in flight; the
         others get theirs in reply to the message in flight or by the next call."""
-        for stream_id, held in list(self._streams.items()):
-            if stream_id in self._busy or stream_id in self._final or held.session is None:
+        last: list[tuple[int, Callable[[], Awaitable[NativeOutcome]]]] = [
+            (sid, functools.partial(self._last_message, held))
+            for sid, held in self._streams.items() if held.session is not None
+        ]  # fmt: skip
+        last += [(sid, functools.partial(self._last_multi, held))
+                 for sid, held in self._multis.items()]  # fmt: skip
+        for stream_id, message in last:
+            if stream_id in self._busy or stream_id in self._final:
                 continue
+            if stream_id not in self._streams and stream_id not in self._multis:
+                continue  # ended meanwhile
             done = asyncio.get_running_loop().create_future()
             self._final[stream_id] = done
             try:
-                await send(stream_id, await self._last_message(held))
+                await send(stream_id, await message())
             finally:
                 done.set_result(None)
                 del self._final[stream_id]
@@ -290,6 +374,11 @@ class NativeStreams:
     def _forget(self, stream: int, code: str) -> None:
         """The stream is over: its session detached, the call counted as the Python front
         counts it."""
+        multi = self._multis.pop(stream, None)
+        if multi is not None:
+            metrics.REQUESTS.labels(MULTI_RPC, metrics.UNKNOWN_MODEL, code).inc()
+            multi.conversation.close()
+            return
         held = self._streams.pop(stream, None)
         if held is None:
             return
@@ -300,7 +389,7 @@ class NativeStreams:
 
     def forget_all(self) -> None:
         """The front went away: every stream it held is over."""
-        for stream in list(self._streams):
+        for stream in [*self._streams, *self._multis]:
             self._forget(stream, "CANCELLED")
 
 

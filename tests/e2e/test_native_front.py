@@ -466,8 +466,9 @@ def test_mtls_names_the_caller_by_its_certificate_as_the_python_front_does(
         return outcomes[0], outcomes[1], await passed_through(address, session_id)
 
     async def passed_through(address: str, session_id: str) -> list[object]:
-        """StreamMulti (passed through by the front): bob, even claiming to be alice with the
-        front's own key, cannot resume alice's session; alice can."""
+        """StreamMulti (terminated by the front, its CN sent with the first message): bob, even
+        claiming to be alice with the front's own key, cannot resume alice's session; alice
+        can."""
         got: list[object] = []
         spoof = (("lstm-serve-native-cert-cn-bin", b"alice"),)
         for name, metadata in (("bob", spoof), ("alice", ())):

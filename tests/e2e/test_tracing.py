@@ -271,10 +271,40 @@ def test_each_stream_multi_message_is_a_span_its_batch_links_to(
     traced: ServerProcess, receiver: Receiver
 ) -> None:
     """StreamMulti: one span per message (its entries share it), linked from their batch."""
+    spans, messages = stream_multi_spans(traced.address, receiver)
+    check_queued_batch(receiver, spans, max(messages, key=lambda s: s.start_time_unix_nano))
+
+
+def test_a_stream_multi_message_through_the_native_front_hangs_under_its_traceparent(
+    repo: Path, receiver: Receiver, monkeypatch_module: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The native front forwards a StreamMulti call's traceparent with its first message: each
+    message's span is the caller's child, as on the Python front, linked from its batch."""
+    from tests.native_front import NativeFront, binary
+
+    binary()
+    monkeypatch_module.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = start(repo, "--trace-otlp-endpoint", receiver.endpoint, "--trace-sample-ratio",
+                   "1", "--native-front-dir", str(tmp_path / "sockets"))  # fmt: skip
+    front = NativeFront(tmp_path / "sockets")
+    try:
+        spans, messages = stream_multi_spans(front.address, receiver, 6)  # no store: no save
+    finally:
+        front.stop()
+        server.stop()
+    chunk = max(messages, key=lambda s: s.start_time_unix_nano)
+    assert "queue wait" in children(spans, chunk) and "reply" in children(spans, chunk)
+    assert attributes(batch_linking(receiver, chunk))["lstmserve.batch.size"] >= 1
+
+
+def stream_multi_spans(address: str, receiver: Receiver,
+                       at_least: int = 7) -> tuple[list[Span], list[Span]]:  # fmt: skip
+    """Two StreamMulti messages (an open, a chunk) under a traceparent: the trace's spans (once
+    `at_least` arrived) and the two message spans (children of the caller's)."""
     client = Traceparent()
     outbox: queue.Queue[Any] = queue.Queue()
     outbox.put(pb.StreamMultiRequest(entries=[pb.SessionRequest(open=pb.OpenSession(model=MODEL))]))
-    with grpc.insecure_channel(traced.address) as channel:
+    with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.LstmServeStub(channel)
         replies = stub.StreamMulti(iter(outbox.get, None),
                                    metadata=(("traceparent", client.header),))  # fmt: skip
@@ -286,10 +316,10 @@ def test_each_stream_multi_message_is_a_span_its_batch_links_to(
         outbox.put(None)
         list(replies)
     name = "lstmserve.v1.LstmServe/StreamMulti"
-    spans = receiver.wait(lambda: len(s := receiver.of_trace(client.trace_id)) >= 7 and s)
+    spans = receiver.wait(lambda: len(s := receiver.of_trace(client.trace_id)) >= at_least and s)
     messages = [s for s in spans if s.name == name and s.parent_span_id == client.span_id]
     assert len(messages) == 2, [s.name for s in spans]
-    check_queued_batch(receiver, spans, max(messages, key=lambda s: s.start_time_unix_nano))
+    return spans, messages
 
 
 def test_a_classify_has_its_batch_as_a_child(traced: ServerProcess, receiver: Receiver) -> None:

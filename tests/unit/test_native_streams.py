@@ -1,5 +1,6 @@
 """NativeStreams (service/protocol/native.py) without a network: what the native front's ticks
-are answered with is what StreamConversation answers, a tick's chunks share one engine call."""
+are answered with is what StreamConversation (Stream) and MultiConversation (StreamMulti)
+answer, a tick's chunks share one engine call (StreamMulti's: batched runs)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import native_front_pb2 as npb
-from service import codec
+from service import codec, metrics
 from service.engine.types import ChunkOutcome
-from service.errors import AttachedElsewhere, Draining, ProtocolError
+from service.errors import AttachedElsewhere, Draining, InvalidInput, ProtocolError, SessionNotFound
+from service.native_front import NativeFrontServicer, tick_messages
 from service.native_front import read_chunks as packed_chunks
-from service.native_front import tick_messages
 from service.protocol import messages as m
+from service.protocol.multi import MultiConversation
 from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams
 from service.protocol.session import Limits, SessionLayer
 from service.protocol.stream import StreamConversation
@@ -431,3 +433,157 @@ def test_a_tick_whose_text_columns_do_not_fit_is_refused(layer: SessionLayer) ->
     bad.text_bytes = "é".encode()[:1] + b"a"  # a character cut in two: not UTF-8
     with pytest.raises(ProtocolError, match="tick 6: text 0 is not UTF-8"):
         packed_chunks(bad)
+
+
+# -- StreamMulti: every message through the stream's MultiConversation ---------------------------
+
+
+def multi(stream: int, *entries: m.SessionEntry) -> NativeEntry:
+    return NativeEntry(stream, list(entries), multi=True)
+
+
+def batches(model: str) -> tuple[float, float]:
+    """(model runs, chunks in them) so far for `model` (lstm_serve_batch_size)."""
+    from prometheus_client import REGISTRY
+
+    labels = {"model": model}
+    count = REGISTRY.get_sample_value("lstm_serve_batch_size_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value("lstm_serve_batch_size_sum", labels) or 0.0
+
+
+def test_multi_messages_get_the_python_fronts_replies_and_share_batches(
+    layer: SessionLayer,
+) -> None:
+    """Two StreamMulti streams and a Stream in one tick: each multi message answered as
+    MultiConversation answers it on the Python front (probabilities to the bit), and their
+    chunks run in one batched model run."""
+    streams = NativeStreams(layer)
+    opens = [m.SessionEntry("", OPEN), m.SessionEntry("", OPEN)]
+    a, b, _ = asyncio.run(
+        streams.answer([multi(1, *opens), multi(2, opens[0]), NativeEntry(3, OPEN)])
+    )
+    ids = [r.session_id for r in a.reply.replies] + [b.reply.replies[0].session_id]
+    before = batches("tiny-gru")
+    chunks = [m.SessionEntry(ids[0], m.Chunk(1, Tokens(1))),
+              m.SessionEntry(ids[1], m.Chunk(1, Tokens(3))),
+              m.SessionEntry(ids[0], m.Chunk(2, Tokens(4)))]  # fmt: skip
+    got = asyncio.run(streams.answer([
+        multi(1, *chunks), multi(2, m.SessionEntry(ids[2], m.Chunk(1, Tokens(5)))),
+        NativeEntry(3, m.Chunk(1, Tokens(6))),
+    ]))  # fmt: skip
+    runs, sizes = (x - y for x, y in zip(batches("tiny-gru"), before, strict=True))
+    assert (runs, sizes) == (2, 5)  # round 1: the 4 sessions' chunks at once; round 2: one
+    # (one step each: the batcher puts chunks of different lengths in different runs)
+
+    async def python_front() -> list[m.MultiReply]:
+        conversation = MultiConversation(layer, feed([]))
+        [o1, o2] = (await conversation.answer(opens)).replies
+        twin = [m.SessionEntry(o1.session_id, c.request) if c.session_id == ids[0] else
+                m.SessionEntry(o2.session_id, c.request) for c in chunks]  # fmt: skip
+        return [await conversation.answer(twin)]
+
+    (expected,) = asyncio.run(python_front())
+    assert got[0].error is None and len(got[0].reply.replies) == 3
+    for native, python in zip(got[0].reply.replies, expected.replies, strict=True):
+        n, p = native.body.outcome, python.body.outcome
+        assert n.result.probs.tobytes() == p.result.probs.tobytes()
+        assert (n.seq, n.total_steps) == (p.seq, p.total_steps)
+    assert got[1].reply.replies[0].body.outcome.total_steps == 1
+    assert isinstance(got[2], ChunkOutcome) and got[2].total_steps == 1
+
+
+def test_multi_refusals_are_the_python_fronts(layer: SessionLayer) -> None:
+    """In-band: an unknown session, an empty entry; too many entries (limit 4) ends the stream
+    INVALID_ARGUMENT, counted as the Python front counts StreamMulti."""
+    from prometheus_client import REGISTRY
+
+    streams = NativeStreams(layer)
+    unknown = m.SessionEntry("f" * 32, m.Chunk(1, Tokens(1)))
+    empty = m.SessionEntry("", m.Unset("open, resume, chunk, reset or end"))
+    (first,) = tick_multi(streams, multi(1, unknown, empty))
+    expected = asyncio.run(MultiConversation(layer, feed([])).answer([unknown, empty]))
+    got = [(type(r.body.error), str(r.body.error)) for r in first.reply.replies]
+    assert got == [(type(r.body.error), str(r.body.error)) for r in expected.replies]
+    assert isinstance(first.reply.replies[0].body.error, SessionNotFound)
+    labels = {"rpc": "StreamMulti", "model": metrics.UNKNOWN_MODEL, "code": "INVALID_ARGUMENT",
+              "protocol": metrics.PROTOCOL_NATIVE}  # fmt: skip
+    counted = REGISTRY.get_sample_value("lstm_serve_requests_total", labels) or 0.0
+    (over,) = tick_multi(streams, multi(1, *[m.SessionEntry("", OPEN)] * 5))
+    assert isinstance(over.error, InvalidInput) and over.reply is None
+    assert str(over.error) == "entries has 5 entries, more than the maximum 4"
+    assert REGISTRY.get_sample_value("lstm_serve_requests_total", labels) == counted + 1
+    assert len(streams) == 0
+
+
+def test_a_malformed_multi_message_and_a_reply_on_the_wire(layer: SessionLayer) -> None:
+    """Through the ticks' servicer: a StreamMulti message that did not parse ends its stream
+    with the Python front's status and message; a good one comes back as `multi_reply`."""
+    servicer = NativeFrontServicer(layer, 60.0, None)
+    streams = NativeStreams(layer)
+    good = pb.StreamMultiRequest(entries=[pb.SessionRequest(open=pb.OpenSession(model="tiny-gru"))])
+    message = npb.Tick(id=2, entries=[
+        npb.TickEntry(stream=1, first=True, malformed=True, size=5, multi_stream=True),
+        npb.TickEntry(stream=2, first=True, multi=good, multi_stream=True),
+    ])  # fmt: skip
+    reply = asyncio.run(servicer.answer(streams, message))
+    bad, opened = reply.outcomes
+    assert (bad.code, bad.message) == (
+        3, "the request is not a valid lstmserve.v1.StreamMultiRequest (5 bytes)")  # fmt: skip
+    assert not bad.HasField("multi_reply") and not bad.HasField("reply")
+    result = pb.StreamMultiResponse.FromString(opened.multi_reply).results[0]
+    assert opened.code == 0 and result.opened.model == "tiny-gru"
+    assert not opened.HasField("reply") and len(streams) == 1
+
+
+def test_a_closed_multi_stream_detaches_its_sessions(layer: SessionLayer) -> None:
+    streams = NativeStreams(layer)
+    (opened,) = tick_multi(streams, multi(1, m.SessionEntry("", OPEN), m.SessionEntry("", OPEN)))
+    held = [layer.engine.store.peek(r.session_id) for r in opened.reply.replies]
+    assert all(s is not None and s.attached is not None for s in held)
+    asyncio.run(streams.answer([], closed=[(1, True)]))
+    assert all(s.attached is None for s in held) and len(streams) == 0  # type: ignore[union-attr]
+
+
+def test_drain_hands_each_idle_multi_stream_its_final_snapshots(tiny_repo: Path) -> None:
+    """With --snapshot-key: an idle multi stream gets one last MultiReply with the final
+    snapshot of each live session it named, then UNAVAILABLE; a message arriving after the
+    drain began is not applied and gets the same."""
+    import base64
+
+    from service.engine.continuity.continuity import SessionContinuity
+    from service.engine.continuity.snapshots import SnapshotKeys
+
+    engine = load_engine(tiny_repo)
+    keys = SnapshotKeys.parse("k1:" + base64.b64encode(b"x" * 32).decode())
+    engine.continuity = SessionContinuity(engine.store, keys=keys)
+    layer = SessionLayer(engine, Limits())
+    streams, sent = NativeStreams(layer), []
+    (opened,) = tick_multi(streams, multi(1, m.SessionEntry("", OPEN), m.SessionEntry("", OPEN)))
+    sid = opened.reply.replies[0].session_id
+    tick_multi(streams, multi(1, m.SessionEntry(sid, m.Chunk(1, Tokens(1, 2)))))
+    tick_multi(streams, multi(2, m.SessionEntry("", OPEN)))
+    engine.drain_started.set()
+    layer.begin_drain()
+
+    async def send(stream: int, outcome: NativeOutcome) -> None:
+        sent.append((stream, outcome))
+
+    async def drain_with_one_busy() -> list[Any]:
+        streams._busy.add(2)  # stream 2 has a message in flight: it gets its last one in reply
+        await streams.drain(send)
+        streams._busy.discard(2)
+        return await streams.answer([multi(2, m.SessionEntry("", OPEN))])
+
+    (late,) = asyncio.run(drain_with_one_busy())
+    engine.close()
+    ((stream, last),) = sent
+    assert stream == 1 and isinstance(last.error, Draining)
+    snaps = [r.body for r in last.reply.replies]
+    assert all(isinstance(s, m.Snapshot) and s.final for s in snaps) and len(snaps) == 2
+    assert sorted(s.last_seq for s in snaps) == [0, 1]
+    assert isinstance(late.error, Draining) and len(late.reply.replies) == 1
+    assert len(streams) == 0
+
+
+def tick_multi(streams: NativeStreams, *entries: NativeEntry) -> list[Any]:
+    return asyncio.run(streams.answer(list(entries)))
