@@ -373,8 +373,8 @@ NATIVE_FRONT_OPEN_FDS = Gauge(
 )
 NATIVE_FRONT_STREAMS = Gauge(
     "lstm_serve_native_front_streams",
-    "Client Stream and StreamMulti calls this server holds for native fronts (--native-front, or fronts started "
-    "by hand on --native-front-dir): from a stream's first message to its end.",
+    "Client Stream and StreamMulti calls this server holds for native fronts (--native-front, "
+    "or fronts started by hand on --native-front-dir): from a call's first message to its end.",
 )
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
