@@ -90,7 +90,7 @@ class TickOutcome(_message.Message):
     def __init__(self, reply: _Optional[_Union[_lstm_serve_pb2.StreamResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., finish: _Optional[bool] = ..., stream: _Optional[int] = ..., index: _Optional[int] = ..., multi_reply: _Optional[bytes] = ...) -> None: ...
 
 class TickReply(_message.Message):
-    __slots__ = ("outcomes", "tick", "packed", "seqs", "total_steps", "steps", "held_characters", "rewound_steps", "flags", "probabilities")
+    __slots__ = ("outcomes", "tick", "packed", "seqs", "total_steps", "steps", "held_characters", "rewound_steps", "flags", "probabilities", "drain", "drain_first_message_ms")
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class TickReply(_message.Message):
     REWOUND_STEPS_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIRST_MESSAGE_MS_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[TickOutcome]
     tick: int
     packed: bytes
@@ -111,4 +113,6 @@ class TickReply(_message.Message):
     rewound_steps: bytes
     flags: bytes
     probabilities: bytes
-    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ..., tick: _Optional[int] = ..., packed: _Optional[bytes] = ..., seqs: _Optional[bytes] = ..., total_steps: _Optional[bytes] = ..., steps: _Optional[bytes] = ..., held_characters: _Optional[bytes] = ..., rewound_steps: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., probabilities: _Optional[bytes] = ...) -> None: ...
+    drain: TickOutcome
+    drain_first_message_ms: int
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[TickOutcome, _Mapping]]] = ..., tick: _Optional[int] = ..., packed: _Optional[bytes] = ..., seqs: _Optional[bytes] = ..., total_steps: _Optional[bytes] = ..., steps: _Optional[bytes] = ..., held_characters: _Optional[bytes] = ..., rewound_steps: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., probabilities: _Optional[bytes] = ..., drain: _Optional[_Union[TickOutcome, _Mapping]] = ..., drain_first_message_ms: _Optional[int] = ...) -> None: ...

@@ -8,12 +8,14 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -41,6 +43,14 @@ std::string CertCommonName(grpc::GenericCallbackServerContext* ctx);
 
 class Ticker;
 
+// A draining server's word on the calls it does not know (TickReply.drain): they end with
+// `status`, a StreamMulti call at once, a Stream call unless its first message comes within
+// `first_message`.
+struct DrainNotice {
+  grpc::Status status;
+  std::chrono::milliseconds first_message{0};
+};
+
 // One packed chunk reply (TickReply's columns at one entry).
 struct Packed {
   uint64_t seq = 0, total_steps = 0;
@@ -67,6 +77,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   size_t Classes();  // its model's labels (from its `opened` reply)
   void Fail(const grpc::Status& status);  // the link to the Python server broke
   bool Known();                           // the Python server holds state for it
+  void Drain(const DrainNotice& notice);  // the server drains: ends it if it sent nothing
 
   // Reactions (gRPC's threads).
   void OnReadDone(bool ok) override;
@@ -77,6 +88,7 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
  private:
   void OutcomeLocked(const TickOutcome& outcome);
   void EndLinger();
+  void FirstMessageDue();
   void EndLocked(const grpc::Status& status);
   void PumpLocked();
 
@@ -103,6 +115,8 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   std::string traceparent_;
   bool linger_ = false;  // ended after a final snapshot: Finish waits for EOF (2 s at most)
   std::unique_ptr<grpc::Alarm> alarm_;
+  grpc::Status drain_status_;  // Drain: what it ends with if no first message comes
+  std::unique_ptr<grpc::Alarm> first_alarm_;  // Drain, on a Stream: the first message's time
   std::string session_id_;  // from the `opened` reply: what packed replies are written with
   std::vector<std::string> labels_;
   uint32_t top_k_ = 0;
@@ -120,8 +134,11 @@ class Link;
 class Ticker {
  public:
   Ticker(std::string socket_path, size_t max_tick_bytes, int max_in_flight);
+  ~Ticker();
+  void Start();  // keeps a link open from now on (Keep)
   void Stop();
-  void Register(const std::shared_ptr<NativeStream>& stream);
+  // A new call; the server's drain notice if it drains (the call is then ended as it says).
+  std::optional<DrainNotice> Register(const std::shared_ptr<NativeStream>& stream);
   void Submit(std::shared_ptr<NativeStream> stream, TickEntry entry);
   void Closed(uint64_t id, bool ok);
   uint64_t NextId() { return next_id_.fetch_add(1); }
@@ -135,6 +152,8 @@ class Ticker {
  private:
   using Streams = std::vector<std::shared_ptr<NativeStream>>;
   void Pump();  // sends the next ticks while there are some and room
+  void Keep();  // the keeper thread: a link open even while no message needs one
+  void Drained(const TickReply& reply);  // the server's drain notice (TickReply.drain)
   bool Dispatch(const TickReply& reply, const Streams& who);
   bool TakeLocked(Tick* tick, Streams* who);
   void FailAll(const grpc::Status& status, const std::vector<Streams>& in_flight);
@@ -152,6 +171,8 @@ class Ticker {
   bool stop_ = false;
   bool writing_ = false;  // a tick is being written on the link
   std::shared_ptr<Link> link_;
+  std::optional<DrainNotice> drain_;  // the link's server drains (reset when the link ends)
+  std::thread keeper_;
   uint64_t next_tick_ = 1;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<uint64_t> ticks_{0}, entries_{0};

@@ -30,8 +30,9 @@ grpc::ServerGenericBidiReactor* FrontService::CreateReactor(
   const bool multi = ctx->method() == kStreamMultiMethod;
   if (multi || ctx->method() == kStreamMethod) {
     auto stream = std::make_shared<NativeStream>(ctx, ticker_, ticker_->NextId(), multi);
-    ticker_->Register(stream);
+    auto drain = ticker_->Register(stream);
     stream->Begin(stream);
+    if (drain) stream->Drain(*drain);  // opened while the server drains
     return stream.get();
   }
   return StartProxy(ctx, upstream_.get());
@@ -163,6 +164,7 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  ticker.Start();  // a link open at once: a drain notice reaches idle calls too
   std::printf("{\"event\": \"listening\", \"port\": %d, \"dir\": \"%s\"}\n", port, opt.dir.c_str());
   std::fflush(stdout);
 

@@ -136,6 +136,33 @@ bool NativeStream::Known() {
   return sent_ && !ended_ && !done_;
 }
 
+// A draining server does not know this call if it sent nothing yet: as the Python front, a
+// StreamMulti call ends at once, a Stream call if its first message does not come in time (it
+// goes to the server, which answers it; cut off while the client writes it, the client would
+// see INTERNAL rather than the status).
+void NativeStream::Drain(const DrainNotice& notice) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (sent_ || ended_ || done_ || first_alarm_) return;
+  drain_status_ = notice.status;
+  if (multi_ || notice.first_message.count() <= 0) {
+    EndLocked(drain_status_);
+    PumpLocked();
+    return;
+  }
+  std::weak_ptr<NativeStream> weak = self_;  // the alarm never keeps it alive
+  first_alarm_ = std::make_unique<grpc::Alarm>();
+  first_alarm_->Set(std::chrono::system_clock::now() + notice.first_message, [weak](bool ok) {
+    if (auto stream = weak.lock(); stream && ok) stream->FirstMessageDue();
+  });
+}
+
+void NativeStream::FirstMessageDue() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (sent_ || ended_ || done_) return;
+  EndLocked(drain_status_);
+  PumpLocked();
+}
+
 void NativeStream::Answer(const TickOutcome& outcome) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   --unanswered_;

@@ -21,6 +21,9 @@ const grpc::Status& LostStatus() {
   return lost;
 }
 
+// How long the keeper waits before connecting again after a link ended (or a connect failed).
+constexpr std::chrono::milliseconds kReconnect(100);
+
 // A reply larger than this ends the link (the Python server never writes one: its replies are a
 // tick's answers, each tick within --max-tick-bytes).
 constexpr uint32_t kMaxReplyBytes = 1u << 30;
@@ -114,6 +117,27 @@ Ticker::Ticker(std::string socket_path, size_t max_tick_bytes, int max_in_flight
       max_tick_bytes_(max_tick_bytes),
       max_in_flight_(max_in_flight < 1 ? 1 : max_in_flight) {}
 
+Ticker::~Ticker() {
+  if (keeper_.joinable()) Stop();
+}
+
+void Ticker::Start() { keeper_ = std::thread([this] { Keep(); }); }
+
+// A link open while no message needs one, so that a draining server's notice (TickReply.drain)
+// reaches the calls that have sent nothing yet: connected at once, and again kReconnect after
+// a link ends or a connect fails (the server not there yet, restarting, or gone), until Stop.
+void Ticker::Keep() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    if (link_ == nullptr) {
+      link_ = Link::Connect(socket_path_);
+      if (link_ != nullptr) link_->StartReading(this, link_);  // its reader locks mu_ later
+    }
+    idle_.wait(lock, [this] { return stop_ || link_ == nullptr; });
+    idle_.wait_for(lock, kReconnect, [this] { return stop_; });
+  }
+}
+
 void Ticker::Stop() {
   std::shared_ptr<Link> link;
   {
@@ -121,15 +145,18 @@ void Ticker::Stop() {
     stop_ = true;
     link = link_;
   }
+  idle_.notify_all();
+  if (keeper_.joinable()) keeper_.join();
   if (link == nullptr) return;
   link->Shutdown();  // its reader reports it lost (and fails the streams it held)
   std::unique_lock<std::mutex> lock(mu_);
   idle_.wait_for(lock, std::chrono::seconds(5), [this] { return link_ == nullptr; });
 }
 
-void Ticker::Register(const std::shared_ptr<NativeStream>& stream) {
+std::optional<DrainNotice> Ticker::Register(const std::shared_ptr<NativeStream>& stream) {
   std::lock_guard<std::mutex> lock(mu_);
   live_[stream->id()] = stream;
+  return drain_;
 }
 
 void Ticker::Submit(std::shared_ptr<NativeStream> stream, TickEntry entry) {
@@ -303,6 +330,7 @@ void Ticker::Pump() {
 
 void Ticker::Answered(const TickReply& reply) {
   if (reply.tick() == 0) {  // a push: a draining server's last message on idle streams
+    if (reply.has_drain()) Drained(reply);
     for (const auto& outcome : reply.outcomes()) {
       std::shared_ptr<NativeStream> stream;
       {
@@ -400,6 +428,23 @@ bool Ticker::Dispatch(const TickReply& reply, const Streams& who) {
   return true;
 }
 
+// The server drains: every call it does not know ends (NativeStream::Drain), now and as they
+// open, while this link lasts.
+void Ticker::Drained(const TickReply& reply) {
+  DrainNotice notice{
+      grpc::Status(static_cast<grpc::StatusCode>(reply.drain().code()), reply.drain().message()),
+      std::chrono::milliseconds(reply.drain_first_message_ms())};
+  std::vector<std::shared_ptr<NativeStream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    drain_ = notice;
+    for (auto& [id, weak] : live_) {
+      if (auto stream = weak.lock()) streams.push_back(std::move(stream));
+    }
+  }
+  for (auto& stream : streams) stream->Drain(notice);
+}
+
 // The link ended: every stream the Python server knew ends; the next message opens a new link.
 void Ticker::Lost(Link* link) {
   std::vector<Streams> lost;
@@ -411,6 +456,7 @@ void Ticker::Lost(Link* link) {
     in_flight_.clear();
     busy_.clear();
     closed_.clear();  // the next link knows none of them
+    drain_.reset();   // its server's: the next one may serve
     keep = std::move(link_);
   }
   idle_.notify_all();

@@ -38,7 +38,13 @@ from service.protocol.messages import (
 )
 from service.protocol.multi import RPC as MULTI_RPC
 from service.protocol.multi import MultiConversation
-from service.protocol.session import IN_BAND, SessionLayer, chunk_done, draining_error
+from service.protocol.session import (
+    FINAL_MESSAGE_GRACE_S,
+    IN_BAND,
+    SessionLayer,
+    chunk_done,
+    draining_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +467,15 @@ def _finite(chunks: PackedChunks) -> list[bool]:
         return [True] * len(chunks)
     seen = np.concatenate(([0], np.cumsum(bad)))
     return (seen[chunks.offsets[1:]] == seen[chunks.offsets[:-1]]).tolist()
+
+
+def unknown_on_drain() -> tuple[LstmServeError, float]:
+    """What a draining server's front does with the calls the server does not know (none of
+    their messages sent yet), and those opened during the drain: it ends them with this error,
+    a StreamMulti call at once (`MultiConversation.replies`), a Stream call if no first message
+    comes within these seconds (`StreamConversation._next`: a first message is read, and
+    refused by attach, not cut off while the client writes it)."""
+    return draining_error(), FINAL_MESSAGE_GRACE_S
 
 
 def _plain(result: ChunkOutcome | BaseException) -> bool:

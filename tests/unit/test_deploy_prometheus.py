@@ -28,7 +28,8 @@ PROCESS_SERIES = {"process_start_time_seconds"}
 ALERTS = {
     "LstmServeSessionStoreDown", "LstmServeModelLoadFailed", "LstmServeVersionStuckDraining",
     "LstmServeSessionsNearLimit", "LstmServePrincipalNearQuota", "LstmServeChunkLatencyHigh",
-    "LstmServeErrorRatioHigh", "LstmServeRestarting",
+    "LstmServeErrorRatioHigh", "LstmServeRestarting", "LstmServeNativeFrontRestarting",
+    "LstmServeNativeFrontDown",
 }  # fmt: skip
 SEVERITIES = {"critical", "warning", "info"}
 
