@@ -215,3 +215,21 @@ def test_a_message_in_flight_on_drain_is_answered_as_on_the_python_front(
     assert python["idle stream"] == python["idle multi"] == ([], DRAINING)
     opening = python["opening"]
     assert opening[0] == [] and opening[1][0] == grpc.StatusCode.UNAVAILABLE, opening
+
+
+def test_the_supervised_front_ends_calls_with_no_message_on_drain(tmp_path: Path) -> None:
+    """lstm-serve --native-front: the same as the Python front (the test above) while
+    lstm-serve drains, before it stops the front."""
+    server = ServerProcess(
+        ROOT / "models", "--native-front", "--native-front-bin", str(binary()),
+        "--snapshot-key", "k1:" + "A" * 44, "--drain-grace-s", "10",
+    )  # fmt: skip
+    try:
+        server.wait_event("ready", 60)
+        got = asyncio.run(calls_with_no_message(server.address, server))
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+    assert got["stream"] == ([], DRAINING) and got["multi"] == ([], DRAINING)
+    assert got["stream_after_s"] >= FIRST_MESSAGE_GRACE_S - 0.1
+    assert got["multi_after_s"] < got["stream_after_s"]
