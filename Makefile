@@ -70,7 +70,7 @@ test-native: $(TEST_VENV)/.installed $(NATIVE_BIN) $(NATIVE_LOAD)
 		tests/e2e/test_native_front_passthrough.py tests/e2e/test_native_multi.py \
 		tests/unit/test_native_streams.py tests/integration/test_stream.py \
 		tests/integration/test_text_streaming.py tests/integration/test_errors.py \
-		tests/integration/test_decisions.py \
+		tests/integration/test_decisions.py tests/e2e/test_native_drain.py \
 		tests/e2e/test_chaos.py -k 'native or not chaos'
 
 train-speaker: $(TEST_VENV)/.installed

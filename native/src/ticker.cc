@@ -445,7 +445,8 @@ void Ticker::Drained(const TickReply& reply) {
   for (auto& stream : streams) stream->Drain(notice);
 }
 
-// The link ended: every stream the Python server knew ends; the next message opens a new link.
+// The link ended: every stream the Python server knew ends; the next message (or the keeper,
+// kReconnect later) opens a new link.
 void Ticker::Lost(Link* link) {
   std::vector<Streams> lost;
   std::shared_ptr<Link> keep;  // released after the lock

@@ -233,3 +233,44 @@ def test_the_supervised_front_ends_calls_with_no_message_on_drain(tmp_path: Path
     assert got["stream"] == ([], DRAINING) and got["multi"] == ([], DRAINING)
     assert got["stream_after_s"] >= FIRST_MESSAGE_GRACE_S - 0.1
     assert got["multi_after_s"] < got["stream_after_s"]
+
+
+async def two_calls_in_flight(address: str, server: ServerProcess) -> dict[str, object]:
+    """A Stream with a chunk in its model run (2 s more) and a StreamMulti whose chunk comes
+    meanwhile; SIGTERM."""
+    stream, multi = Call(multi=False), Call(multi=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        tasks = [asyncio.create_task(c.run(channel)) for c in (stream, multi)]
+        stream.send(OPEN)
+        multi.send(_entries(pb.SessionRequest(open=LANGID)))
+        await stream.next_reply(1)
+        await multi.next_reply(1)
+        stream.send(_text(1, "hello"))
+        await asyncio.sleep(0.3)  # in its model run: the front's tick is in flight
+        chunk = _chunk(1, "bonjour")
+        multi.send(_entries(pb.SessionRequest(session_id=multi.session_ids[0], chunk=chunk)))
+        await asyncio.sleep(0.4)
+        server.terminate()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    return {"stream": stream.outcome(), "multi": multi.outcome()}
+
+
+def test_a_message_waiting_in_the_front_on_drain_is_not_applied(tmp_path: Path) -> None:
+    """Through the front, the StreamMulti's chunk waits for the tick in flight (the Stream's):
+    the drain starts before lstm-serve has it, so it is not applied and the final snapshot says
+    so (last applied 0; the Python front, where each call reads on its own, applies it). The
+    Stream's chunk in flight is answered, then its final snapshot."""
+    binary()
+    got = through(True, tmp_path, two_calls_in_flight, run_delay_ms=2000)
+    replies, status = got["stream"]
+    assert [r.WhichOneof("kind") for r in replies] == ["opened", "chunk", "snapshot"]
+    assert replies[2].snapshot.last_applied_seq == 1 and status == DRAINING
+    replies, status = got["multi"]
+    assert len(replies) == 2 and status == DRAINING, replies
+    (final,) = replies[1].results
+    assert final.snapshot.final and final.snapshot.last_applied_seq == 0
+    python = through(False, tmp_path, two_calls_in_flight, run_delay_ms=2000)
+    (applied,) = python["multi"][0][1].results
+    assert (
+        applied.chunk.seq == 1 and python["multi"][0][2].results[0].snapshot.last_applied_seq == 1
+    )
