@@ -377,6 +377,15 @@ class NativeStreams:
                 del self._final[stream_id]
             self._forget(stream_id, "UNAVAILABLE")
 
+    @staticmethod
+    def unknown_on_drain() -> tuple[LstmServeError, float]:
+        """What a draining server's front does with the calls the server does not know (none
+        of their messages sent yet), and those opened during the drain: it ends them with this
+        error, a StreamMulti call at once (`MultiConversation.replies`), a Stream call if no
+        first message comes within these seconds (`StreamConversation._next`: a first message
+        is read, and refused by attach, not cut off while the client writes it)."""
+        return draining_error(), FINAL_MESSAGE_GRACE_S
+
     def _forget(self, stream: int, code: str) -> None:
         """The stream is over: its session detached, the call counted as the Python front
         counts it."""
@@ -467,15 +476,6 @@ def _finite(chunks: PackedChunks) -> list[bool]:
         return [True] * len(chunks)
     seen = np.concatenate(([0], np.cumsum(bad)))
     return (seen[chunks.offsets[1:]] == seen[chunks.offsets[:-1]]).tolist()
-
-
-def unknown_on_drain() -> tuple[LstmServeError, float]:
-    """What a draining server's front does with the calls the server does not know (none of
-    their messages sent yet), and those opened during the drain: it ends them with this error,
-    a StreamMulti call at once (`MultiConversation.replies`), a Stream call if no first message
-    comes within these seconds (`StreamConversation._next`: a first message is read, and
-    refused by attach, not cut off while the client writes it)."""
-    return draining_error(), FINAL_MESSAGE_GRACE_S
 
 
 def _plain(result: ChunkOutcome | BaseException) -> bool:
