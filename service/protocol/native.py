@@ -204,15 +204,11 @@ class NativeStreams:
         self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
     ) -> NativeOutcome | None:
         """An entry's outcome, or None for a valid chunk (added to `work`)."""
-        if entry.refused is not None:
-            return NativeOutcome(error=entry.refused)
+        settled = await self._settled(entry)
+        if settled is not None:
+            return settled
         request = entry.request
-        if isinstance(request, LstmServeError):
-            return NativeOutcome(error=request)
-        final = self._final.get(entry.stream)
-        if final is not None:  # its last message is on its way: nothing more is answered
-            await final
-            return NativeOutcome(error=draining_error())
+        assert not isinstance(request, LstmServeError | list)
         stream = self._streams.get(entry.stream)
         if stream is not None and stream.session is not None and self.draining:
             return await self._last_message(stream)  # not applied: resent where it continues
@@ -299,23 +295,19 @@ class NativeStreams:
 
     async def _multi(self, entry: NativeEntry) -> NativeOutcome:
         """A StreamMulti message's outcome, from the stream's `MultiConversation`."""
-        if entry.refused is not None:
-            return NativeOutcome(error=entry.refused)
         held = self._multis.get(entry.stream)
-        if held is None:
+        if held is None and entry.refused is None:  # a malformed message's call counts too
             tracing = self.layer.tracing  # each message's span is a child of the caller's
             parent = tracing.extract([("traceparent", entry.traceparent)]) \
                 if tracing.enabled and entry.traceparent else None  # fmt: skip
             conversation = MultiConversation(self.layer, parent=parent)
             held = _MultiStream(entry.caller or principal.ANONYMOUS, conversation)
             self._multis[entry.stream] = held
+        settled = await self._settled(entry)
+        if settled is not None:
+            return settled
+        assert held is not None
         request = entry.request
-        if isinstance(request, LstmServeError):
-            return NativeOutcome(error=request)
-        final = self._final.get(entry.stream)
-        if final is not None:  # its last message is on its way: nothing more is answered
-            await final
-            return NativeOutcome(error=draining_error())
         if self.draining:  # not applied: resent where its sessions continue
             return await self._last_multi(held)
         assert isinstance(request, list)
@@ -329,6 +321,20 @@ class NativeStreams:
             return NativeOutcome(error=exc)
         finally:
             principal.CALLER.reset(scope)
+
+    async def _settled(self, entry: NativeEntry) -> NativeOutcome | None:
+        """The outcome of a message answered without looking at it: its caller refused, a
+        message that did not translate, or one on a stream whose last message is on its way;
+        None for any other."""
+        if entry.refused is not None:
+            return NativeOutcome(error=entry.refused)
+        if isinstance(entry.request, LstmServeError):
+            return NativeOutcome(error=entry.request)
+        final = self._final.get(entry.stream)
+        if final is not None:  # nothing more is answered on it
+            await final
+            return NativeOutcome(error=draining_error())
+        return None
 
     # -- drain: the last message of each stream ------------------------------------------------
 
