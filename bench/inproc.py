@@ -91,9 +91,9 @@ async def _multi_round(layer: Any, n: int, messages: int) -> float:
     return time.perf_counter() - started
 
 
-async def _native_round(layer: Any, n: int, messages: int) -> float:
-    """The native front's ticks (service/native_front.py): n streams' messages per tick, each
-    tick parsed from bytes, answered and its reply serialized, as the ticks socket does."""
+async def _native_opened(layer: Any, n: int) -> tuple[NativeFrontServicer, NativeStreams]:
+    """A ticks servicer whose front holds n streams (1..n), each with a session of MODEL
+    opened by one tick."""
     servicer = NativeFrontServicer(layer, 600.0, None)
     streams_held = NativeStreams(layer)
     opens = npb.Tick(id=1)
@@ -101,6 +101,13 @@ async def _native_round(layer: Any, n: int, messages: int) -> float:
         entry = opens.entries.add(stream=i + 1, first=True)
         entry.request.open.model, entry.request.open.version = MODEL, 1
     await servicer.answer(streams_held, opens)
+    return servicer, streams_held
+
+
+async def _native_round(layer: Any, n: int, messages: int) -> float:
+    """The native front's ticks (service/native_front.py): n streams' messages per tick, each
+    tick parsed from bytes, answered and its reply serialized, as the ticks socket does."""
+    servicer, streams_held = await _native_opened(layer, n)
     streams = np.arange(1, n + 1, dtype="<u8").tobytes()  # packed, as the front packs chunks
     offsets = np.arange(n + 1, dtype="<u4").tobytes()
     tokens = np.full(n, 7, dtype="<i8").tobytes()
@@ -117,13 +124,7 @@ async def _native_round(layer: Any, n: int, messages: int) -> float:
 async def _native_text_round(layer: Any, n: int, messages: int, packed: bool) -> float:
     """`_native_round` with one letter of text per message (tiny-lstm has a character
     tokenizer): packed as the front packs text (Tick.text_*), or each a TickEntry."""
-    servicer = NativeFrontServicer(layer, 600.0, None)
-    streams_held = NativeStreams(layer)
-    opens = npb.Tick(id=1)
-    for i in range(n):
-        entry = opens.entries.add(stream=i + 1, first=True)
-        entry.request.open.model, entry.request.open.version = MODEL, 1
-    await servicer.answer(streams_held, opens)
+    servicer, streams_held = await _native_opened(layer, n)
     streams = np.arange(1, n + 1, dtype="<u8").tobytes()
     offsets = np.arange(n + 1, dtype="<u4").tobytes()
     letters = bytes(ord("a") + i % 26 for i in range(n))
