@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.continuity.continuity import settle
+from service.engine.schedule.pending import Answer, Waiter, WaiterGroup
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork, StepResult
 from service.errors import InvalidInput, LstmServeError
 
@@ -57,7 +58,9 @@ class ChunkApply:
             if (resend := self._admit(work)) is not None:
                 return resend
             before = self.continuity.checkpoint(session)  # strict mode only, else None
-            outcome = self._finish(work, await self._submit(work))
+            answer: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+            self._submit(work, answer)
+            outcome = self._finish(work, await answer)
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
                 with self.tracer.span("store save", {"lstmserve.store.sessions": 1}):
                     await self._write_through(work, before)
@@ -76,7 +79,8 @@ class ChunkApply:
         if len({id(w.session) for w in work}) != len(work):
             raise ValueError("apply_chunks takes at most one chunk per session")
         outcomes: list[Outcome | None] = [None] * len(work)
-        waiting: dict[int, asyncio.Future[StepResult]] = {}
+        group = WaiterGroup()  # one future for the submitted chunks, none per chunk
+        waiting: dict[int, Waiter] = {}
         before: dict[int, Checkpoint | None] = {}  # strict mode: what a refused save restores
         alone: dict[int, asyncio.Future[ChunkOutcome]] = {}
         locked: list[Session] = []
@@ -97,9 +101,12 @@ class ChunkApply:
                     outcomes[i] = exc
                 if outcomes[i] is None:
                     before[i] = self.continuity.checkpoint(session)
-                    waiting[i] = self._submit(w)
-            if waiting or alone:
-                await asyncio.wait([*waiting.values(), *alone.values()])
+                    waiting[i] = group.waiter()
+                    self._submit(w, waiting[i])
+            if alone:
+                await asyncio.wait([group.all_done(), *alone.values()])
+            elif waiting:
+                await group.all_done()
             await self._finish_all(work, waiting, before, outcomes)
         finally:
             for future in [*waiting.values(), *alone.values()]:
@@ -135,17 +142,17 @@ class ChunkApply:
         return None
 
     @staticmethod
-    def _submit(work: ChunkWork) -> asyncio.Future[StepResult]:
+    def _submit(work: ChunkWork, answer: Answer) -> None:
         """The chunk to its version's batcher, which runs its settled steps and (streamed text)
         the held text's tail after them as a probe, then applies it (`Session.apply`: state
-        row, seq, steps, result and held text together); nothing to run (no step settled,
-        nothing held) is applied at once."""
+        row, seq, steps, result and held text together) and sets `answer` (a future, or the
+        waiter of chunks submitted together); nothing to run (no step settled, nothing held)
+        is applied at once."""
         session, change = work.session, work.held
         if len(work.chunk) or (change is not None and change.after.tail):
-            return session.model.submit(session, work.seq, work.chunk, change)
-        done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        done.set_result(session.apply(work.seq, change))
-        return done
+            session.model.submit_with(answer, session, work.seq, work.chunk, change)
+        else:
+            answer.set_result(session.apply(work.seq, change))
 
     def _finish(self, work: ChunkWork, result: StepResult) -> ChunkOutcome:
         """An applied chunk's outcome; its session is touched (idle expiry)."""
@@ -159,7 +166,7 @@ class ChunkApply:
         return self.continuity.persist(work.session, before=before)
 
     async def _finish_all(
-        self, work: list[ChunkWork], waiting: dict[int, asyncio.Future[StepResult]],
+        self, work: list[ChunkWork], waiting: dict[int, Waiter],
         before: dict[int, Checkpoint | None], outcomes: list[Outcome | None],
     ) -> None:  # fmt: skip
         """Each submitted entry finished and written through (locks held); a closed

@@ -25,6 +25,7 @@ from service.engine.compute.runtime import CPU, CUDA, ModelRuntime
 from service.engine.compute.state import HostStateSlab, StateStore
 from service.engine.schedule.batcher import ComputeLanes, SequenceBatcher
 from service.engine.schedule.classify import ClassifyLane
+from service.engine.schedule.pending import Answer
 from service.engine.session.sessions import Session
 from service.engine.text.subwords import with_tokenizer_file
 from service.engine.text.textstream import HeldChange
@@ -108,6 +109,14 @@ class ModelWorker:
         """Queue one chunk of a session of this version (its lock held by the caller); `change`:
         streamed text's change to the held text, applied with its result (None: not text)."""
         return self.batcher.submit(session, seq, chunk, change)
+
+    def submit_with(
+        self, answer: Answer, session: Session, seq: int, chunk: np.ndarray,
+        change: HeldChange | None = None,
+    ) -> None:  # fmt: skip
+        """`submit`, answered through `answer` (a future, or one of chunks submitted together:
+        its Waiter)."""
+        self.batcher.submit_with(answer, session, seq, chunk, change)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from service.engine.compute.runtime import ModelRuntime, RunOutput
 from service.engine.compute.state import StateStore
-from service.engine.schedule.pending import Pending, PendingChunks, bucket_of
+from service.engine.schedule.pending import Answer, Pending, PendingChunks, bucket_of
 from service.engine.session.sessions import Session
 from service.engine.text.textstream import HeldChange
 from service.engine.types import (
@@ -243,8 +243,17 @@ class SequenceBatcher:
         """Queue one validated chunk of a session that has no other chunk pending: the steps
         it settles and (`change`: streamed text's change to the held text, applied with its
         result; None: not text) the held text's tail, run after them as a probe; >= 1 step."""
-        loop = asyncio.get_running_loop()
-        item = Pending(session, seq, chunk, loop.create_future(), change)
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.submit_with(future, session, seq, chunk, change)
+        return future
+
+    def submit_with(
+        self, answer: Answer, session: Session, seq: int, chunk: np.ndarray,
+        change: HeldChange | None = None,
+    ) -> None:  # fmt: skip
+        """`submit`, answered through `answer`: a future, or the Waiter of a chunk submitted
+        with others (its group's one future wakes their caller: no future per chunk)."""
+        item = Pending(session, seq, chunk, answer, change)
         if item.steps < 1:
             raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
         if self._tracer.enabled:  # the request's span, carried into the batch by the chunk
@@ -253,8 +262,7 @@ class SequenceBatcher:
         self._inflight.enter()
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._dispatch)  # chunks submitted in this loop turn join the batch
-        return item.future
+            asyncio.get_running_loop().call_soon(self._dispatch)  # this turn's chunks join it
 
     def fail_queued(self) -> None:
         """Answer every queued chunk now (its session was closed: the version is retiring)."""
