@@ -28,6 +28,7 @@ from service.errors import InvalidInput, LstmServeError
 
 if TYPE_CHECKING:
     from service.engine.continuity.continuity import SessionContinuity
+    from service.engine.model.worker import ModelWorker
     from service.engine.session.sessions import Checkpoint, Session, SessionStore
     from service.engine.text.textstream import HeldChange
     from service.engine.types import EngineTracer
@@ -81,6 +82,7 @@ class ChunkApply:
         outcomes: list[Outcome | None] = [None] * len(work)
         group = WaiterGroup()  # one future for the submitted chunks, none per chunk
         waiting: dict[int, Waiter] = {}
+        runs: dict[ModelWorker, list[tuple[Answer, ChunkWork]]] = {}  # by version, to submit
         before: dict[int, Checkpoint | None] = {}  # strict mode: what a refused save restores
         alone: dict[int, asyncio.Future[ChunkOutcome]] = {}
         locked: list[Session] = []
@@ -101,8 +103,13 @@ class ChunkApply:
                     outcomes[i] = exc
                 if outcomes[i] is None:
                     before[i] = self.continuity.checkpoint(session)
-                    waiting[i] = group.waiter()
-                    self._submit(w, waiting[i])
+                    waiting[i] = waiter = group.waiter()
+                    if _runs(w):  # queued below, each version's chunks at once
+                        runs.setdefault(session.model, []).append((waiter, w))
+                    else:
+                        self._submit(w, waiter)
+            for model, items in runs.items():
+                model.submit_all(items)
             if alone:
                 await asyncio.wait([group.all_done(), *alone.values()])
             elif waiting:
@@ -148,11 +155,11 @@ class ChunkApply:
         row, seq, steps, result and held text together) and sets `answer` (a future, or the
         waiter of chunks submitted together); nothing to run (no step settled, nothing held)
         is applied at once."""
-        session, change = work.session, work.held
-        if len(work.chunk) or (change is not None and change.after.tail):
-            session.model.submit_with(answer, session, work.seq, work.chunk, change)
+        session = work.session
+        if _runs(work):
+            session.model.submit_with(answer, session, work.seq, work.chunk, work.held)
         else:
-            answer.set_result(session.apply(work.seq, change))
+            answer.set_result(session.apply(work.seq, work.held))
 
     def _finish(self, work: ChunkWork, result: StepResult) -> ChunkOutcome:
         """An applied chunk's outcome; its session is touched (idle expiry)."""
@@ -205,6 +212,13 @@ class ChunkApply:
             return
         await self.continuity.end(session)
         outcome.ended = True
+
+
+def _runs(work: ChunkWork) -> bool:
+    """Whether the chunk has anything to run: steps it settles, or (streamed text) a held
+    tail to probe; else it is applied at once."""
+    change = work.held
+    return bool(len(work.chunk)) or (change is not None and bool(change.after.tail))
 
 
 def check_seq(seq: int, what: str) -> None:

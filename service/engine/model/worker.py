@@ -32,6 +32,7 @@ from service.engine.text.textstream import HeldChange
 from service.engine.types import (
     NO_METRICS,
     BatchPolicy,
+    ChunkWork,
     EngineMetrics,
     ModelState,
     RuntimeOptions,
@@ -117,6 +118,10 @@ class ModelWorker:
         """`submit`, answered through `answer` (a future, or one of chunks submitted together:
         its Waiter)."""
         self.batcher.submit_with(answer, session, seq, chunk, change)
+
+    def submit_all(self, items: list[tuple[Answer, ChunkWork]]) -> None:
+        """`submit_with` for each of chunks of distinct sessions submitted together."""
+        self.batcher.submit_all(items)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

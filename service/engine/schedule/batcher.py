@@ -47,6 +47,7 @@ from service.engine.types import (
     NO_METRICS,
     NO_TRACER,
     BatchPolicy,
+    ChunkWork,
     EngineMetrics,
     EngineTracer,
     StepResult,
@@ -253,13 +254,22 @@ class SequenceBatcher:
     ) -> None:  # fmt: skip
         """`submit`, answered through `answer`: a future, or the Waiter of a chunk submitted
         with others (its group's one future wakes their caller: no future per chunk)."""
-        item = Pending(session, seq, chunk, answer, change)
-        if item.steps < 1:
-            raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
+        self._enqueue([Pending(session, seq, chunk, answer, change)])
+
+    def submit_all(self, items: list[tuple[Answer, ChunkWork]]) -> None:
+        """`submit_with` for each chunk of `items` (of distinct sessions, each validated, its
+        session's lock held, >= 1 step to run), in their order, queued at once."""
+        self._enqueue([Pending(w.session, w.seq, w.chunk, answer, w.held) for answer, w in items])
+
+    def _enqueue(self, items: list[Pending]) -> None:
+        for item in items:
+            if item.steps < 1:
+                raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
         if self._tracer.enabled:  # the request's span, carried into the batch by the chunk
-            item.trace = self._tracer.current()
-        self._queue.add(item)
-        self._inflight.enter()
+            for item in items:
+                item.trace = self._tracer.current()
+        self._queue.add_all(items)
+        self._inflight.enter(len(items))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)  # this turn's chunks join it

@@ -176,9 +176,17 @@ class PendingChunks:
         return self._count
 
     def add(self, item: Pending) -> None:
-        key = item.key if self.equal_lengths else bucket_of(item.steps)
-        self._buckets.setdefault(key, deque()).append(item)
-        self._count += 1
+        self.add_all([item])
+
+    def add_all(self, items: list[Pending]) -> None:
+        buckets, equal = self._buckets, self.equal_lengths
+        for item in items:
+            key = item.key if equal else (item.steps - 1).bit_length()  # bucket_of, inlined
+            queue = buckets.get(key)
+            if queue is None:
+                queue = buckets[key] = deque()
+            queue.append(item)
+        self._count += len(items)
 
     def oldest(self) -> float:
         """When the oldest pending chunk was queued (perf_counter)."""
