@@ -402,7 +402,8 @@ class SequenceBatcher:
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         """Scatter the kept rows' states, then apply each kept session's chunk (Session.apply:
         seq, steps, result and held text at once); answer the rest."""
-        keep = [b for b, item in enumerate(batch) if _wanted(item)]
+        keep = [b for b, item in enumerate(batch)
+                if not item.future.done() and not item.resolve_closed()]  # fmt: skip
         if keep:
             rows = [batch[b].session.row for b in keep]
             every_row = len(keep) == len(batch)  # then no copy of the kept rows
@@ -412,18 +413,14 @@ class SequenceBatcher:
         for b in keep:
             item = batch[b]
             session = item.session
-            wanted = step_probs is not None and session.options.step_rows
-            rows = step_probs[b, : item.steps] if wanted else None  # type: ignore[index]
-            result = session.apply(item.seq, item.change, item.settled, probs[b], rows)
-            item.future.set_result(result)
+            rows = None
+            if step_probs is not None and session.options.step_rows:
+                rows = step_probs[b, : item.steps]
+            item.future.set_result(
+                session.apply(item.seq, item.change, item.settled, probs[b], rows)
+            )
             steps += item.steps
         now = time.perf_counter()
         self._m_chunk["total"].observe_many([now - batch[b].enqueued for b in keep])
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
-
-
-def _wanted(item: Pending) -> bool:
-    """Apply the chunk only if its waiter is still there and its session still lives (a
-    closed session's chunk is answered with the close reason here)."""
-    return not item.future.done() and not item.resolve_closed()

@@ -211,22 +211,25 @@ class PendingChunks:
                    longest: int) -> int:  # fmt: skip
         """Move chunks of one bucket into the batch; the batch's longest chunk after."""
         deferred: list[Pending] = []
-        while queue and len(batch) < self.policy.max_batch_size:
+        size, fits = self.policy.max_batch_size, self._fits
+        while queue and len(batch) < size:
             item = queue.popleft()
             self._count -= 1
             if item.future.done() or item.resolve_closed():  # cancelled, or session gone
                 self._inflight.leave()
                 continue
-            repeat = id(item.session) in seen  # never two chunks of one session in a batch
-            if repeat or not self._fits(len(batch), longest, item.steps):
+            key = id(item.session)
+            repeat = key in seen  # never two chunks of one session in a batch
+            if repeat or not fits(len(batch), longest, item.steps):
                 deferred.append(item)
                 self._count += 1
                 if not repeat:
                     break  # over the size cap: the rest of this bucket is no shorter
                 continue
-            seen.add(id(item.session))
+            seen.add(key)
             batch.append(item)
-            longest = max(longest, item.steps)
+            if item.steps > longest:
+                longest = item.steps
         queue.extendleft(reversed(deferred))
         return longest
 
