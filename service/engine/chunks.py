@@ -179,15 +179,15 @@ class ChunkApply:
         """Each submitted entry finished and written through (locks held); a closed
         session's error or a refused save in its place."""
         applied = []
-        for i, future in waiting.items():
-            exc = future.exception()
-            if isinstance(exc, LstmServeError):  # its session was closed meanwhile
-                outcomes[i] = exc
-            elif exc is not None:
-                raise exc
-            else:
-                outcomes[i] = self._finish(work[i], future.result())
+        for i, waiter in waiting.items():
+            exc = waiter.exception()
+            if exc is None:
+                outcomes[i] = self._finish(work[i], waiter.result())
                 applied.append(i)
+            elif isinstance(exc, LstmServeError):  # its session was closed meanwhile
+                outcomes[i] = exc
+            else:
+                raise exc
         if applied and self.continuity.backend is not None:
             with self.tracer.span("store save", {"lstmserve.store.sessions": len(applied)}):
                 saved = await asyncio.gather(

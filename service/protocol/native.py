@@ -18,6 +18,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from service.protocol.messages import (
 from service.protocol.multi import RPC as MULTI_RPC
 from service.protocol.multi import MultiConversation
 from service.protocol.session import IN_BAND, SessionLayer, chunk_done, draining_error
+
+if TYPE_CHECKING:
+    from service.engine.model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -175,24 +179,25 @@ class NativeStreams:
     ) -> None:
         """The tick's chunks in one engine call (a session two streams name: in turn); the
         plain ones counted once per model."""
-        counted: dict[str, int] = {}
+        counted: dict[ModelWorker, int] = {}
         while work:  # a session named by two streams in one tick: its chunks in turn
-            now, later, seen = [], [], set()
-            for item in work:
-                (later if id(item[1].session) in seen else now).append(item)
-                seen.add(id(item[1].session))
+            now, later = work, []
+            if len({id(w.session) for _, w in work}) != len(work):
+                now, seen = [], set()
+                for item in work:
+                    (later if id(item[1].session) in seen else now).append(item)
+                    seen.add(id(item[1].session))
             results = await self._apply([w for _, w in now])
             for (i, item), result in zip(now, results, strict=True):
                 if _plain(result):
-                    assert isinstance(result, ChunkOutcome)
-                    name = item.session.model.name
-                    counted[name] = counted.get(name, 0) + 1
+                    model = item.session.model
+                    counted[model] = counted.get(model, 0) + 1
                     outcomes[i] = result
                 else:
                     outcomes[i] = self._chunk_outcome(item, result)
             work = later
-        for name, count in counted.items():
-            metrics.chunk_requests(RPC, name, "OK").inc(count)
+        for model, count in counted.items():
+            metrics.chunk_requests(RPC, model.name, "OK").inc(count)
 
     async def _entry(
         self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
@@ -411,15 +416,15 @@ def _take_packed(
     frames = chunks.kind == "features"
     ranges = _token_ranges(chunks, max_steps) if not frames else []
     finite = _finite(chunks) if frames else []
-    starts, seqs, values = chunks.offsets.tolist(), chunks.seqs, chunks.values
+    starts, seqs, values, kind = chunks.offsets.tolist(), chunks.seqs, chunks.values, chunks.kind
     taken = _Taken([], [])
     for j, stream_id in enumerate(chunks.streams):
         held = streams.get(stream_id)
         session = held.session if held is not None else None
         desc = session.model.description if session is not None else None
         steps = None
-        if desc is not None and not draining and stream_id not in final and \
-                desc.input_kind == chunks.kind:  # fmt: skip
+        if desc is not None and not draining and desc.input_kind == kind and \
+                (not final or stream_id not in final):  # fmt: skip
             a, b = starts[j], starts[j + 1]
             if frames:
                 assert chunks.counts is not None
@@ -463,7 +468,7 @@ def _finite(chunks: PackedChunks) -> list[bool]:
     return (seen[chunks.offsets[1:]] == seen[chunks.offsets[:-1]]).tolist()
 
 
-def _plain(result: ChunkOutcome | BaseException) -> bool:
+def _plain(result: ChunkOutcome | BaseException) -> TypeGuard[ChunkOutcome]:
     """A chunk applied or resent whose reply is only the columns the front packs: no per-step
     probabilities, no decision, the session not ended by it."""
     if not isinstance(result, ChunkOutcome) or result.ended:
