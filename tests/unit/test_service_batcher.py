@@ -296,6 +296,45 @@ def test_a_cancelled_apply_chunks_leaves_its_sessions_untouched(
     engine.close()
 
 
+def test_a_batch_gathers_its_states_into_a_finished_runs_buffer_with_the_same_answers(
+    tiny_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 4, 3, 5 and 2 sessions: each after the first gathers into the buffer a
+    finished run left (a bigger batch into a new one), with every answer, state and seq to the
+    bit what an engine that gathers into a new array each time gives."""
+    sizes = [4, 3, 5, 2]
+
+    def run(engine: Engine) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[int]]:
+        batcher = engine.registry.get("tiny-gru").batcher
+        buffers: list[int] = []
+
+        async def main() -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+            sessions = [await engine.open_session("tiny-gru", 0, StreamOptions())
+                        for _ in range(max(sizes))]  # fmt: skip
+            answers = []
+            for seq, n in enumerate(sizes, start=1):
+                work = [ChunkWork(s, seq, tokens(seq, i + 1)) for i, s in enumerate(sessions[:n])]
+                done = await engine.apply_chunks(work)
+                answers.append([o.result.probs for o in done])  # type: ignore[union-attr]
+                buffers.extend(id(b) for b in batcher._spare)
+                for s in sessions[n:]:  # the others keep in step (a batch of their own)
+                    await engine.apply_chunk(s, seq, tokens(seq))
+            return answers, [s.read_state() for s in sessions]
+
+        answers, states = asyncio.run(main())
+        engine.close()
+        return answers, states, buffers
+
+    pooled, pooled_states, buffers = run(make_engine(tiny_repo))
+    assert buffers and len(set(buffers)) < len(buffers)  # a buffer served several batches
+    monkeypatch.setattr("service.engine.schedule.batcher.SPARE_STATE_BYTES", 0)
+    fresh, fresh_states, none = run(make_engine(tiny_repo))
+    assert not none  # nothing kept: a new array per batch
+    for a, b in zip(pooled, fresh, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(pooled_states, fresh_states, strict=True))
+
+
 def test_batching_flags_make_the_policy() -> None:
     from service.config import config_from_args
 

@@ -62,6 +62,10 @@ STAGES = ("queue", "compute", "total")
 # A run of at least this many B x Tmax steps gives its onnxruntime arena growth back afterwards
 # (docs/OPERATIONS.md, "Memory"): big runs are rare and costly anyway, small ones stay fast.
 SHRINK_ROW_STEPS = 8192  # per-chunk latency stages, as for Classify
+# A batch's gathered states go into a buffer of a finished run when one is big enough (a new
+# array per batch cost the loop thread a page fault per 4 KB: ~1 MB a batch for the bench
+# model); buffers up to this size are kept, at most one per batch that may run at once.
+SPARE_STATE_BYTES = 8 << 20
 
 
 class InflightCounter:
@@ -225,6 +229,7 @@ class SequenceBatcher:
         self._queue = PendingChunks(policy, lanes.inflight, runtime.equal_lengths)
         self._running = 0
         self._scheduled = False
+        self._spare: list[np.ndarray] = []  # finished runs' state buffers (SPARE_STATE_BYTES)
         self._timer: asyncio.TimerHandle | None = None
         self._m_size = metrics.batch_size.labels(name)
         self._m_queue = metrics.batch_queue_seconds.labels(name)
@@ -338,7 +343,7 @@ class SequenceBatcher:
         self._m_size.observe(len(batch))
         # Gathered here, on the loop thread: the run holds its own copy, so a session closed
         # while its batch runs can free its row at once.
-        state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
+        state, buffer = self._gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
         steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
@@ -352,11 +357,23 @@ class SequenceBatcher:
                 done.set_result(self._run(state, chunks, ids, steps, tails))
             except Exception as exc:
                 done.set_exception(exc)
-            self._finish(batch, done, False, span)  # the caller's _dispatch loop goes on
+            self._finish(batch, done, False, span, buffer)  # the caller's _dispatch goes on
             return
         future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps,
                                       tails)  # fmt: skip
-        future.add_done_callback(lambda f: self._finish(batch, f, span=span))
+        future.add_done_callback(lambda f: self._finish(batch, f, span=span, buffer=buffer))
+
+    def _gather(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows' states (B, S, H), this run's own copy: in a spare buffer big enough, or a
+        new array; and the buffer to keep after the run (None: too big to keep, or one row)."""
+        if len(rows) == 1:
+            return self.state.gather(rows), None
+        spare = self._spare.pop() if self._spare else None
+        if spare is not None and spare.shape[0] >= len(rows):
+            return self.state.gather(rows, spare[: len(rows)]), spare
+        state = self.state.gather(rows)
+        keep = state.base is None and state.nbytes <= SPARE_STATE_BYTES
+        return state, state if keep else None
 
     def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str], steps: bool,
              tails: list[np.ndarray | None] | None = None) -> tuple[RunOutput, float]:  # fmt: skip
@@ -377,8 +394,11 @@ class SequenceBatcher:
         batch: list[Pending],
         future: asyncio.Future[tuple[RunOutput, float]],
         dispatch: bool = True, span: TraceSpan | None = None,
+        buffer: np.ndarray | None = None,
     ) -> None:  # fmt: skip
-        """On the loop thread: commit every row whose waiter still wants it, wake the waiters."""
+        """On the loop thread: commit every row whose waiter still wants it, wake the waiters;
+        the run's state `buffer` is kept for a later batch (not after a cancelled run: its
+        thread may still hold it)."""
         self._running -= 1
         try:
             if future.cancelled():
@@ -395,6 +415,9 @@ class SequenceBatcher:
         finally:
             if span is not None:
                 span.end(None if future.cancelled() else future.exception())
+            if buffer is not None and not future.cancelled() and \
+                    len(self._spare) < self.policy.max_concurrent:  # fmt: skip
+                self._spare.append(buffer)
             self._inflight.leave(len(batch))
             if dispatch:
                 self._dispatch()
