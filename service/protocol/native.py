@@ -416,15 +416,15 @@ def _take_packed(
     frames = chunks.kind == "features"
     ranges = _token_ranges(chunks, max_steps) if not frames else []
     finite = _finite(chunks) if frames else []
-    starts, seqs, values, kind = chunks.offsets.tolist(), chunks.seqs, chunks.values, chunks.kind
+    starts, seqs, values = chunks.offsets.tolist(), chunks.seqs, chunks.values
     taken = _Taken([], [])
     for j, stream_id in enumerate(chunks.streams):
         held = streams.get(stream_id)
         session = held.session if held is not None else None
         desc = session.model.description if session is not None else None
         steps = None
-        if desc is not None and not draining and desc.input_kind == kind and \
-                (not final or stream_id not in final):  # fmt: skip
+        if desc is not None and not draining and stream_id not in final and \
+                desc.input_kind == chunks.kind:  # fmt: skip
             a, b = starts[j], starts[j + 1]
             if frames:
                 assert chunks.counts is not None
