@@ -130,17 +130,21 @@ class NativeFrontServicer:
                            traceparent=entry.traceparent)  # fmt: skip
 
     def _reply(self, outcomes: list[NativeOutcome | ChunkOutcome]) -> npb.TickReply:
-        """The tick's reply: plain chunk replies packed (`_Packed`), the others as messages."""
+        """The tick's reply: plain chunk replies packed (`_write_packed`), the others as
+        messages."""
         reply = npb.TickReply()
-        packed = _Packed(len(outcomes))
+        where: list[int] = []
+        applied: list[ChunkOutcome] = []
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, ChunkOutcome):
-                packed.add(i, outcome)
+                where.append(i)
+                applied.append(outcome)
             else:
                 out = reply.outcomes.add()
                 out.index = i
                 self._fill(out, outcome)
-        packed.write(reply)
+        if applied:
+            _write_packed(reply, len(outcomes), where, applied)
         return reply
 
     def _fill(self, out: npb.TickOutcome, outcome: NativeOutcome) -> None:
@@ -156,60 +160,35 @@ class NativeFrontServicer:
             out.finish = True
 
 
-class _Packed:
-    """A tick's plain chunk replies (applied or a resend; no per-step probabilities, no
-    decision) as little-endian columns: the front writes each ChunkResult itself."""
+def _write_packed(
+    reply: npb.TickReply, n: int, where: list[int], applied: list[ChunkOutcome]
+) -> None:
+    """Messages `where` of a tick of n, plain chunk replies (`applied`: applied or a resend;
+    no per-step probabilities, no decision), as little-endian columns: the front writes each
+    ChunkResult itself. Flags: 1 duplicate, 2 has probabilities."""
+    results = [a.result for a in applied]
+    rows = [r.probs for r in results if r is not None and r.values.size]
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.where: list[int] = []
-        self.flags: list[int] = []  # 1 duplicate, 2 has probabilities
-        self.seqs: list[int] = []
-        self.totals: list[int] = []
-        self.steps: list[int] = []
-        self.held: list[int] = []
-        self.rewound: list[int] = []
-        self.rows: list[np.ndarray] = []
+    def column(values: list[int], dtype: str) -> bytes:
+        out = np.zeros(n, dtype)
+        out[where] = values
+        return out.tobytes()
 
-    def add(self, i: int, applied: ChunkOutcome) -> None:
-        """Message i's answer: `applied`, a plain chunk reply (NativeStreams.answer)."""
-        flags = 1 if applied.duplicate else 0
-        result = applied.result
-        steps = rewound = 0
-        if result is not None:
-            steps, rewound = result.steps, result.rewound_steps
-            if result.probs.size:
-                flags |= 2
-                self.rows.append(result.probs)
-        self.where.append(i)
-        self.flags.append(flags)
-        self.seqs.append(applied.seq)
-        self.totals.append(applied.total_steps)
-        self.steps.append(steps)
-        self.held.append(applied.held_characters)
-        self.rewound.append(rewound)
-
-    def write(self, reply: npb.TickReply) -> None:
-        if not self.where:
-            return
-        n, where = self.n, self.where
-
-        def column(values: list[int], dtype: str) -> bytes:
-            out = np.zeros(n, dtype)
-            out[where] = values
-            return out.tobytes()
-
-        packed = np.zeros(n, np.uint8)
-        packed[where] = 1
-        rows = np.concatenate(self.rows).astype("<f4", copy=False) if self.rows else None
-        columns = npb.TickReply(
-            packed=packed.tobytes(), flags=column(self.flags, "<u1"),
-            seqs=column(self.seqs, "<u8"), total_steps=column(self.totals, "<u8"),
-            steps=column(self.steps, "<u4"), held_characters=column(self.held, "<u4"),
-            rewound_steps=column(self.rewound, "<u4"),
-            probabilities=rows.tobytes() if rows is not None else b"",
-        )  # fmt: skip
-        reply.MergeFrom(columns)
+    flags = [(1 if a.duplicate else 0) | (2 if r is not None and r.values.size else 0)
+             for a, r in zip(applied, results, strict=True)]  # fmt: skip
+    packed = np.zeros(n, np.uint8)
+    packed[where] = 1
+    probabilities = np.concatenate(rows).astype("<f4", copy=False).tobytes() if rows else b""
+    columns = npb.TickReply(
+        packed=packed.tobytes(), flags=column(flags, "<u1"),
+        seqs=column([a.seq for a in applied], "<u8"),
+        total_steps=column([a.total_steps for a in applied], "<u8"),
+        steps=column([0 if r is None else r.steps for r in results], "<u4"),
+        held_characters=column([a.held_characters for a in applied], "<u4"),
+        rewound_steps=column([0 if r is None else r.rewound_steps for r in results], "<u4"),
+        probabilities=probabilities,
+    )  # fmt: skip
+    reply.MergeFrom(columns)
 
 
 def tick_messages(tick: npb.Tick) -> int:

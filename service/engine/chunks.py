@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.continuity.continuity import settle
+from service.engine.schedule.pending import Answer, Waiter, WaiterGroup
 from service.engine.types import MAX_SEQ, ChunkOutcome, ChunkWork, StepResult
 from service.errors import InvalidInput, LstmServeError
 
 if TYPE_CHECKING:
     from service.engine.continuity.continuity import SessionContinuity
+    from service.engine.model.worker import ModelWorker
     from service.engine.session.sessions import Checkpoint, Session, SessionStore
     from service.engine.text.textstream import HeldChange
     from service.engine.types import EngineTracer
@@ -57,7 +59,9 @@ class ChunkApply:
             if (resend := self._admit(work)) is not None:
                 return resend
             before = self.continuity.checkpoint(session)  # strict mode only, else None
-            outcome = self._finish(work, await self._submit(work))
+            answer: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+            self._submit(work, answer)
+            outcome = self._finish(work, await answer)
             if self.continuity.backend is not None:  # no coroutine on the hot path without one
                 with self.tracer.span("store save", {"lstmserve.store.sessions": 1}):
                     await self._write_through(work, before)
@@ -76,7 +80,9 @@ class ChunkApply:
         if len({id(w.session) for w in work}) != len(work):
             raise ValueError("apply_chunks takes at most one chunk per session")
         outcomes: list[Outcome | None] = [None] * len(work)
-        waiting: dict[int, asyncio.Future[StepResult]] = {}
+        group = WaiterGroup()  # one future for the submitted chunks, none per chunk
+        waiting: dict[int, Waiter] = {}
+        runs: dict[ModelWorker, list[tuple[Answer, ChunkWork]]] = {}  # by version, to submit
         before: dict[int, Checkpoint | None] = {}  # strict mode: what a refused save restores
         alone: dict[int, asyncio.Future[ChunkOutcome]] = {}
         locked: list[Session] = []
@@ -97,9 +103,17 @@ class ChunkApply:
                     outcomes[i] = exc
                 if outcomes[i] is None:
                     before[i] = self.continuity.checkpoint(session)
-                    waiting[i] = self._submit(w)
-            if waiting or alone:
-                await asyncio.wait([*waiting.values(), *alone.values()])
+                    waiting[i] = waiter = group.waiter()
+                    if _runs(w):  # queued below, each version's chunks at once
+                        runs.setdefault(session.model, []).append((waiter, w))
+                    else:
+                        self._submit(w, waiter)
+            for model, items in runs.items():
+                model.submit_all(items)
+            if alone:
+                await asyncio.wait([group.all_done(), *alone.values()])
+            elif waiting:
+                await group.all_done()
             await self._finish_all(work, waiting, before, outcomes)
         finally:
             for future in [*waiting.values(), *alone.values()]:
@@ -135,17 +149,17 @@ class ChunkApply:
         return None
 
     @staticmethod
-    def _submit(work: ChunkWork) -> asyncio.Future[StepResult]:
+    def _submit(work: ChunkWork, answer: Answer) -> None:
         """The chunk to its version's batcher, which runs its settled steps and (streamed text)
         the held text's tail after them as a probe, then applies it (`Session.apply`: state
-        row, seq, steps, result and held text together); nothing to run (no step settled,
-        nothing held) is applied at once."""
-        session, change = work.session, work.held
-        if len(work.chunk) or (change is not None and change.after.tail):
-            return session.model.submit(session, work.seq, work.chunk, change)
-        done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        done.set_result(session.apply(work.seq, change))
-        return done
+        row, seq, steps, result and held text together) and sets `answer` (a future, or the
+        waiter of chunks submitted together); nothing to run (no step settled, nothing held)
+        is applied at once."""
+        session = work.session
+        if _runs(work):
+            session.model.submit_with(answer, session, work.seq, work.chunk, work.held)
+        else:
+            answer.set_result(session.apply(work.seq, work.held))
 
     def _finish(self, work: ChunkWork, result: StepResult) -> ChunkOutcome:
         """An applied chunk's outcome; its session is touched (idle expiry)."""
@@ -159,21 +173,21 @@ class ChunkApply:
         return self.continuity.persist(work.session, before=before)
 
     async def _finish_all(
-        self, work: list[ChunkWork], waiting: dict[int, asyncio.Future[StepResult]],
+        self, work: list[ChunkWork], waiting: dict[int, Waiter],
         before: dict[int, Checkpoint | None], outcomes: list[Outcome | None],
     ) -> None:  # fmt: skip
         """Each submitted entry finished and written through (locks held); a closed
         session's error or a refused save in its place."""
         applied = []
-        for i, future in waiting.items():
-            exc = future.exception()
-            if isinstance(exc, LstmServeError):  # its session was closed meanwhile
-                outcomes[i] = exc
-            elif exc is not None:
-                raise exc
-            else:
-                outcomes[i] = self._finish(work[i], future.result())
+        for i, waiter in waiting.items():
+            exc = waiter.exception()
+            if exc is None:
+                outcomes[i] = self._finish(work[i], waiter.result())
                 applied.append(i)
+            elif isinstance(exc, LstmServeError):  # its session was closed meanwhile
+                outcomes[i] = exc
+            else:
+                raise exc
         if applied and self.continuity.backend is not None:
             with self.tracer.span("store save", {"lstmserve.store.sessions": len(applied)}):
                 saved = await asyncio.gather(
@@ -198,6 +212,13 @@ class ChunkApply:
             return
         await self.continuity.end(session)
         outcome.ended = True
+
+
+def _runs(work: ChunkWork) -> bool:
+    """Whether the chunk has anything to run: steps it settles, or (streamed text) a held
+    tail to probe; else it is applied at once."""
+    change = work.held
+    return bool(len(work.chunk)) or (change is not None and bool(change.after.tail))
 
 
 def check_seq(seq: int, what: str) -> None:

@@ -18,6 +18,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from service.protocol.session import (
     chunk_done,
     draining_error,
 )
+
+if TYPE_CHECKING:
+    from service.engine.model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -181,24 +185,25 @@ class NativeStreams:
     ) -> None:
         """The tick's chunks in one engine call (a session two streams name: in turn); the
         plain ones counted once per model."""
-        counted: dict[str, int] = {}
+        counted: dict[ModelWorker, int] = {}
         while work:  # a session named by two streams in one tick: its chunks in turn
-            now, later, seen = [], [], set()
-            for item in work:
-                (later if id(item[1].session) in seen else now).append(item)
-                seen.add(id(item[1].session))
+            now, later = work, []
+            if len({id(w.session) for _, w in work}) != len(work):
+                now, seen = [], set()
+                for item in work:
+                    (later if id(item[1].session) in seen else now).append(item)
+                    seen.add(id(item[1].session))
             results = await self._apply([w for _, w in now])
             for (i, item), result in zip(now, results, strict=True):
                 if _plain(result):
-                    assert isinstance(result, ChunkOutcome)
-                    name = item.session.model.name
-                    counted[name] = counted.get(name, 0) + 1
+                    model = item.session.model
+                    counted[model] = counted.get(model, 0) + 1
                     outcomes[i] = result
                 else:
                     outcomes[i] = self._chunk_outcome(item, result)
             work = later
-        for name, count in counted.items():
-            metrics.chunk_requests(RPC, name, "OK").inc(count)
+        for model, count in counted.items():
+            metrics.chunk_requests(RPC, model.name, "OK").inc(count)
 
     async def _entry(
         self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
@@ -484,7 +489,7 @@ def _finite(chunks: PackedChunks) -> list[bool]:
     return (seen[chunks.offsets[1:]] == seen[chunks.offsets[:-1]]).tolist()
 
 
-def _plain(result: ChunkOutcome | BaseException) -> bool:
+def _plain(result: ChunkOutcome | BaseException) -> TypeGuard[ChunkOutcome]:
     """A chunk applied or resent whose reply is only the columns the front packs: no per-step
     probabilities, no decision, the session not ended by it."""
     if not isinstance(result, ChunkOutcome) or result.ended:

@@ -14,8 +14,9 @@ import pytest
 from service.engine.compute.runtime import RunOutput
 from service.engine.core import ChunkOutcome, ChunkWork, Engine
 from service.engine.schedule.batcher import bucket_of, pad_chunks
+from service.engine.schedule.pending import WaiterGroup
 from service.engine.types import BatchPolicy, StreamOptions
-from service.errors import InvalidInput, SessionNotFound, SessionReplaced
+from service.errors import InvalidInput, SequenceGap, SessionNotFound, SessionReplaced
 from tests.unit.engines import load_engine
 
 
@@ -204,6 +205,134 @@ def test_apply_chunks_waits_for_a_session_busy_elsewhere(tiny_repo: Path) -> Non
 
     asyncio.run(main())
     engine.close()
+
+
+def test_a_waiter_group_wakes_its_caller_once_every_waiter_is_answered() -> None:
+    async def main() -> None:
+        group = WaiterGroup()
+        done, failed, dropped = group.waiter(), group.waiter(), group.waiter()
+        everyone = group.all_done()
+        result = object()
+        done.set_result(result)  # type: ignore[arg-type]
+        failed.set_exception(SessionNotFound("gone"))
+        assert not everyone.done()  # one is still out
+        assert dropped.cancel() and not dropped.cancel()  # the second: a no-op, as a future's
+        await asyncio.wait_for(everyone, 1)
+        assert done.result() is result and done.exception() is None
+        assert isinstance(failed.exception(), SessionNotFound)
+        with pytest.raises(SessionNotFound):
+            failed.result()
+        assert dropped.cancelled() and dropped.done()
+        with pytest.raises(asyncio.CancelledError):
+            dropped.exception()
+        with pytest.raises(asyncio.InvalidStateError):
+            done.set_result(result)  # type: ignore[arg-type]
+        assert not done.cancel()
+        assert WaiterGroup().all_done().done()  # nothing submitted: done at once
+
+    asyncio.run(main())
+
+
+def test_apply_chunks_answers_exactly_as_apply_chunks_of_the_same_batch(tiny_repo: Path) -> None:
+    """apply_chunks (one group's waiters) and as many apply_chunk calls in one loop turn (a
+    future each) form the same batches: every reply the same to the bit, in order, resends
+    answered as duplicates and a gap refused in place."""
+    engine = make_engine(tiny_repo)
+    rng = np.random.default_rng(7)
+    rounds = [[tokens(*rng.integers(1, 20, int(rng.integers(1, 5)))) for _ in range(6)]
+              for _ in range(4)]  # fmt: skip
+
+    async def main() -> None:
+        grouped = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(6)]
+        single = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(6)]
+        for seq, chunks in enumerate(rounds, start=1):
+            work = [ChunkWork(s, seq, c) for s, c in zip(grouped, chunks, strict=True)]
+            a = await engine.apply_chunks(work)
+            b = await asyncio.gather(*(engine.apply_chunk(s, seq, c)
+                                       for s, c in zip(single, chunks, strict=True)))  # fmt: skip
+            for x, y in zip(a, b, strict=True):
+                assert isinstance(x, ChunkOutcome) and x.result is not None
+                assert y.result is not None and (x.seq, x.total_steps) == (y.seq, y.total_steps)
+                assert np.array_equal(x.result.probs, y.result.probs)  # to the bit
+        resent = await engine.apply_chunks(
+            [ChunkWork(grouped[0], 4, rounds[3][0]), ChunkWork(grouped[1], 6, tokens(1)),
+             ChunkWork(grouped[2], 5, tokens(1))]
+        )  # fmt: skip
+        duplicate, gap, applied = resent
+        assert isinstance(duplicate, ChunkOutcome) and duplicate.duplicate
+        assert np.array_equal(duplicate.result.probs, a[0].result.probs)  # type: ignore[union-attr]
+        assert isinstance(gap, SequenceGap) and grouped[1].last_seq == 4
+        assert isinstance(applied, ChunkOutcome) and grouped[2].last_seq == 5
+
+    asyncio.run(main())
+    engine.close()
+
+
+def test_a_cancelled_apply_chunks_leaves_its_sessions_untouched(
+    tiny_repo: Path, gated: GatedRun
+) -> None:
+    engine = gated.attach(make_engine(tiny_repo))
+    gated.gate.clear()
+
+    async def main() -> None:
+        sessions = [await engine.open_session("tiny-gru", 0, StreamOptions()) for _ in range(3)]
+        before = [s.read_state() for s in sessions]
+        task = asyncio.ensure_future(engine.apply_chunks([ChunkWork(s, 1, tokens(1, 2))
+                                                          for s in sessions]))  # fmt: skip
+        await until(lambda: gated.calls)
+        task.cancel()  # the caller went away while its chunks were in the running batch
+        gated.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await engine.wait_idle(10)
+        for session, state in zip(sessions, before, strict=True):
+            np.testing.assert_array_equal(session.read_state(), state)
+            assert session.last_seq == 0 and not session.lock.locked()
+        again = await engine.apply_chunks([ChunkWork(s, 1, tokens(1, 2)) for s in sessions])
+        assert all(isinstance(o, ChunkOutcome) and o.total_steps == 2 for o in again)
+
+    asyncio.run(main())
+    assert gated.calls == [[2, 2, 2], [2, 2, 2]]
+    engine.close()
+
+
+def test_a_batch_gathers_its_states_into_a_finished_runs_buffer_with_the_same_answers(
+    tiny_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 4, 3, 5 and 2 sessions: each after the first gathers into the buffer a
+    finished run left (a bigger batch into a new one), with every answer, state and seq to the
+    bit what an engine that gathers into a new array each time gives."""
+    sizes = [4, 3, 5, 2]
+
+    def run(engine: Engine) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[int]]:
+        batcher = engine.registry.get("tiny-gru").batcher
+        buffers: list[int] = []
+
+        async def main() -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+            sessions = [await engine.open_session("tiny-gru", 0, StreamOptions())
+                        for _ in range(max(sizes))]  # fmt: skip
+            answers = []
+            for seq, n in enumerate(sizes, start=1):
+                work = [ChunkWork(s, seq, tokens(seq, i + 1)) for i, s in enumerate(sessions[:n])]
+                done = await engine.apply_chunks(work)
+                answers.append([o.result.probs for o in done])  # type: ignore[union-attr]
+                buffers.extend(id(b) for b in batcher._spare)
+                for s in sessions[n:]:  # the others keep in step (a batch of their own)
+                    await engine.apply_chunk(s, seq, tokens(seq))
+            return answers, [s.read_state() for s in sessions]
+
+        answers, states = asyncio.run(main())
+        engine.close()
+        return answers, states, buffers
+
+    pooled, pooled_states, buffers = run(make_engine(tiny_repo))
+    assert buffers and len(set(buffers)) < len(buffers)  # a buffer served several batches
+    monkeypatch.setattr("service.engine.schedule.batcher.SPARE_STATE_BYTES", 0)
+    fresh, fresh_states, none = run(make_engine(tiny_repo))
+    assert not none  # nothing kept: a new array per batch
+    for a, b in zip(pooled, fresh, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(pooled_states, fresh_states, strict=True))
 
 
 def test_batching_flags_make_the_policy() -> None:

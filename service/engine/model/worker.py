@@ -25,12 +25,14 @@ from service.engine.compute.runtime import CPU, CUDA, ModelRuntime
 from service.engine.compute.state import HostStateSlab, StateStore
 from service.engine.schedule.batcher import ComputeLanes, SequenceBatcher
 from service.engine.schedule.classify import ClassifyLane
+from service.engine.schedule.pending import Answer
 from service.engine.session.sessions import Session
 from service.engine.text.subwords import with_tokenizer_file
 from service.engine.text.textstream import HeldChange
 from service.engine.types import (
     NO_METRICS,
     BatchPolicy,
+    ChunkWork,
     EngineMetrics,
     ModelState,
     RuntimeOptions,
@@ -108,6 +110,18 @@ class ModelWorker:
         """Queue one chunk of a session of this version (its lock held by the caller); `change`:
         streamed text's change to the held text, applied with its result (None: not text)."""
         return self.batcher.submit(session, seq, chunk, change)
+
+    def submit_with(
+        self, answer: Answer, session: Session, seq: int, chunk: np.ndarray,
+        change: HeldChange | None = None,
+    ) -> None:  # fmt: skip
+        """`submit`, answered through `answer` (a future, or one of chunks submitted together:
+        its Waiter)."""
+        self.batcher.submit_with(answer, session, seq, chunk, change)
+
+    def submit_all(self, items: list[tuple[Answer, ChunkWork]]) -> None:
+        """`submit_with` for each of chunks of distinct sessions submitted together."""
+        self.batcher.submit_all(items)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

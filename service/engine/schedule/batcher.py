@@ -40,13 +40,14 @@ import numpy as np
 
 from service.engine.compute.runtime import ModelRuntime, RunOutput
 from service.engine.compute.state import StateStore
-from service.engine.schedule.pending import Pending, PendingChunks, bucket_of
+from service.engine.schedule.pending import Answer, Pending, PendingChunks, bucket_of
 from service.engine.session.sessions import Session
 from service.engine.text.textstream import HeldChange
 from service.engine.types import (
     NO_METRICS,
     NO_TRACER,
     BatchPolicy,
+    ChunkWork,
     EngineMetrics,
     EngineTracer,
     StepResult,
@@ -61,6 +62,10 @@ STAGES = ("queue", "compute", "total")
 # A run of at least this many B x Tmax steps gives its onnxruntime arena growth back afterwards
 # (docs/OPERATIONS.md, "Memory"): big runs are rare and costly anyway, small ones stay fast.
 SHRINK_ROW_STEPS = 8192  # per-chunk latency stages, as for Classify
+# A batch's gathered states go into a buffer of a finished run when one is big enough (a new
+# array per batch cost the loop thread a page fault per 4 KB: ~1 MB a batch for the bench
+# model); buffers up to this size are kept, at most one per batch that may run at once.
+SPARE_STATE_BYTES = 8 << 20
 
 
 class InflightCounter:
@@ -224,6 +229,7 @@ class SequenceBatcher:
         self._queue = PendingChunks(policy, lanes.inflight, runtime.equal_lengths)
         self._running = 0
         self._scheduled = False
+        self._spare: list[np.ndarray] = []  # finished runs' state buffers (SPARE_STATE_BYTES)
         self._timer: asyncio.TimerHandle | None = None
         self._m_size = metrics.batch_size.labels(name)
         self._m_queue = metrics.batch_queue_seconds.labels(name)
@@ -243,18 +249,35 @@ class SequenceBatcher:
         """Queue one validated chunk of a session that has no other chunk pending: the steps
         it settles and (`change`: streamed text's change to the held text, applied with its
         result; None: not text) the held text's tail, run after them as a probe; >= 1 step."""
-        loop = asyncio.get_running_loop()
-        item = Pending(session, seq, chunk, loop.create_future(), change)
-        if item.steps < 1:
-            raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.submit_with(future, session, seq, chunk, change)
+        return future
+
+    def submit_with(
+        self, answer: Answer, session: Session, seq: int, chunk: np.ndarray,
+        change: HeldChange | None = None,
+    ) -> None:  # fmt: skip
+        """`submit`, answered through `answer`: a future, or the Waiter of a chunk submitted
+        with others (its group's one future wakes their caller: no future per chunk)."""
+        self._enqueue([Pending(session, seq, chunk, answer, change)])
+
+    def submit_all(self, items: list[tuple[Answer, ChunkWork]]) -> None:
+        """`submit_with` for each chunk of `items` (of distinct sessions, each validated, its
+        session's lock held, >= 1 step to run), in their order, queued at once."""
+        self._enqueue([Pending(w.session, w.seq, w.chunk, answer, w.held) for answer, w in items])
+
+    def _enqueue(self, items: list[Pending]) -> None:
+        for item in items:
+            if item.steps < 1:
+                raise ValueError("a chunk needs at least one step (lengths 0 would zero the state)")
         if self._tracer.enabled:  # the request's span, carried into the batch by the chunk
-            item.trace = self._tracer.current()
-        self._queue.add(item)
-        self._inflight.enter()
+            for item in items:
+                item.trace = self._tracer.current()
+        self._queue.add_all(items)
+        self._inflight.enter(len(items))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._dispatch)  # chunks submitted in this loop turn join the batch
-        return item.future
+            asyncio.get_running_loop().call_soon(self._dispatch)  # this turn's chunks join it
 
     def fail_queued(self) -> None:
         """Answer every queued chunk now (its session was closed: the version is retiring)."""
@@ -320,7 +343,7 @@ class SequenceBatcher:
         self._m_size.observe(len(batch))
         # Gathered here, on the loop thread: the run holds its own copy, so a session closed
         # while its batch runs can free its row at once.
-        state = self.state.gather([item.session.row for item in batch])  # (B, S, H)
+        state, buffer = self._gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
         steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
@@ -334,11 +357,23 @@ class SequenceBatcher:
                 done.set_result(self._run(state, chunks, ids, steps, tails))
             except Exception as exc:
                 done.set_exception(exc)
-            self._finish(batch, done, False, span)  # the caller's _dispatch loop goes on
+            self._finish(batch, done, False, span, buffer)  # the caller's _dispatch goes on
             return
         future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps,
                                       tails)  # fmt: skip
-        future.add_done_callback(lambda f: self._finish(batch, f, span=span))
+        future.add_done_callback(lambda f: self._finish(batch, f, span=span, buffer=buffer))
+
+    def _gather(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows' states (B, S, H), this run's own copy: in a spare buffer big enough, or a
+        new array; and the buffer to keep after the run (None: too big to keep, or one row)."""
+        if len(rows) == 1:
+            return self.state.gather(rows), None
+        spare = self._spare.pop() if self._spare else None
+        if spare is not None and spare.shape[0] >= len(rows):
+            return self.state.gather(rows, spare[: len(rows)]), spare
+        state = self.state.gather(rows)
+        keep = state.base is None and state.nbytes <= SPARE_STATE_BYTES
+        return state, state if keep else None
 
     def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str], steps: bool,
              tails: list[np.ndarray | None] | None = None) -> tuple[RunOutput, float]:  # fmt: skip
@@ -359,8 +394,11 @@ class SequenceBatcher:
         batch: list[Pending],
         future: asyncio.Future[tuple[RunOutput, float]],
         dispatch: bool = True, span: TraceSpan | None = None,
+        buffer: np.ndarray | None = None,
     ) -> None:  # fmt: skip
-        """On the loop thread: commit every row whose waiter still wants it, wake the waiters."""
+        """On the loop thread: commit every row whose waiter still wants it, wake the waiters;
+        the run's state `buffer` is kept for a later batch (not after a cancelled run: its
+        thread may still hold it)."""
         self._running -= 1
         try:
             if future.cancelled():
@@ -377,6 +415,9 @@ class SequenceBatcher:
         finally:
             if span is not None:
                 span.end(None if future.cancelled() else future.exception())
+            if buffer is not None and not future.cancelled() and \
+                    len(self._spare) < self.policy.max_concurrent:  # fmt: skip
+                self._spare.append(buffer)
             self._inflight.leave(len(batch))
             if dispatch:
                 self._dispatch()
@@ -384,7 +425,8 @@ class SequenceBatcher:
     def _commit(self, batch: list[Pending], out: RunOutput, seconds: float) -> None:
         """Scatter the kept rows' states, then apply each kept session's chunk (Session.apply:
         seq, steps, result and held text at once); answer the rest."""
-        keep = [b for b, item in enumerate(batch) if _wanted(item)]
+        keep = [b for b, item in enumerate(batch)
+                if not item.future.done() and not item.resolve_closed()]  # fmt: skip
         if keep:
             rows = [batch[b].session.row for b in keep]
             every_row = len(keep) == len(batch)  # then no copy of the kept rows
@@ -394,18 +436,14 @@ class SequenceBatcher:
         for b in keep:
             item = batch[b]
             session = item.session
-            wanted = step_probs is not None and session.options.step_rows
-            rows = step_probs[b, : item.steps] if wanted else None  # type: ignore[index]
-            result = session.apply(item.seq, item.change, item.settled, probs[b], rows)
-            item.future.set_result(result)
+            rows = None
+            if step_probs is not None and session.options.step_rows:
+                rows = step_probs[b, : item.steps]
+            item.future.set_result(
+                session.apply(item.seq, item.change, item.settled, probs[b], rows)
+            )
             steps += item.steps
         now = time.perf_counter()
         self._m_chunk["total"].observe_many([now - batch[b].enqueued for b in keep])
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
-
-
-def _wanted(item: Pending) -> bool:
-    """Apply the chunk only if its waiter is still there and its session still lives (a
-    closed session's chunk is answered with the close reason here)."""
-    return not item.future.done() and not item.resolve_closed()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -25,6 +26,95 @@ if TYPE_CHECKING:
     from service.engine.text.textstream import HeldChange
 
 
+class Waiter:
+    """How a chunk submitted with others (`ChunkApply.apply_chunks`) is answered: the part of
+    an asyncio.Future the batcher and its caller use (done, set_result, set_exception, cancel,
+    result, exception), with no future, done-callback and event loop callback per chunk; its
+    group's one future is done once every waiter of the group is."""
+
+    __slots__ = ("_group", "_state", "_value")
+
+    _PENDING, _RESULT, _ERROR, _CANCELLED = range(4)
+
+    def __init__(self, group: WaiterGroup) -> None:
+        self._group = group
+        self._state = Waiter._PENDING
+        self._value: Any = None
+
+    def done(self) -> bool:
+        return self._state != Waiter._PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == Waiter._CANCELLED
+
+    def set_result(self, result: StepResult) -> None:
+        self._settle(Waiter._RESULT, result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(Waiter._ERROR, exc)
+
+    def cancel(self) -> bool:
+        """As Future.cancel: False if already done (then a no-op)."""
+        if self._state != Waiter._PENDING:
+            return False
+        self._settle(Waiter._CANCELLED, None)
+        return True
+
+    def result(self) -> StepResult:
+        if self._state == Waiter._RESULT:
+            return self._value  # type: ignore[no-any-return]
+        raise self._raised()
+
+    def exception(self) -> BaseException | None:
+        if self._state == Waiter._RESULT:
+            return None
+        if self._state == Waiter._ERROR:
+            return self._value  # type: ignore[no-any-return]
+        raise self._raised()
+
+    def _raised(self) -> BaseException:
+        if self._state == Waiter._ERROR:
+            return self._value  # type: ignore[no-any-return]
+        if self._state == Waiter._CANCELLED:
+            return asyncio.CancelledError()
+        return asyncio.InvalidStateError("the chunk is not answered yet")
+
+    def _settle(self, state: int, value: Any) -> None:
+        if self._state != Waiter._PENDING:
+            raise asyncio.InvalidStateError("the chunk was answered already")
+        self._state, self._value = state, value
+        self._group.one_done()
+
+
+class WaiterGroup:
+    """The waiters of chunks submitted together, and one future done when all of them are."""
+
+    __slots__ = ("_future", "_left")
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._future: asyncio.Future[None] | None = None
+
+    def waiter(self) -> Waiter:
+        self._left += 1
+        return Waiter(self)
+
+    def one_done(self) -> None:
+        self._left -= 1
+        if self._left == 0 and self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    def all_done(self) -> Awaitable[None]:
+        """A future done once every waiter made so far is (at once if they are)."""
+        future = self._future = asyncio.get_running_loop().create_future()
+        if self._left == 0:
+            future.set_result(None)
+        return future
+
+
+Answer: TypeAlias = "asyncio.Future[StepResult] | Waiter"  # how a submitted chunk is answered
+
+
 class Pending:
     """One submitted chunk waiting for (or inside) a batch: the steps it settles (`chunk`,
     kept in the session's state row) and, for streamed text, the held text's tail run after
@@ -34,8 +124,8 @@ class Pending:
                  "tail", "trace")  # fmt: skip
 
     def __init__(
-        self, session: Session, seq: int, chunk: np.ndarray, future: asyncio.Future[StepResult],
-        change: HeldChange | None = None,
+        self, session: Session, seq: int, chunk: np.ndarray,
+        future: Answer, change: HeldChange | None = None,
     ) -> None:  # fmt: skip
         self.session = session
         self.seq = seq
@@ -86,9 +176,17 @@ class PendingChunks:
         return self._count
 
     def add(self, item: Pending) -> None:
-        key = item.key if self.equal_lengths else bucket_of(item.steps)
-        self._buckets.setdefault(key, deque()).append(item)
-        self._count += 1
+        self.add_all([item])
+
+    def add_all(self, items: list[Pending]) -> None:
+        buckets, equal = self._buckets, self.equal_lengths
+        for item in items:
+            key = item.key if equal else (item.steps - 1).bit_length()  # bucket_of, inlined
+            queue = buckets.get(key)
+            if queue is None:
+                queue = buckets[key] = deque()
+            queue.append(item)
+        self._count += len(items)
 
     def oldest(self) -> float:
         """When the oldest pending chunk was queued (perf_counter)."""
@@ -113,22 +211,25 @@ class PendingChunks:
                    longest: int) -> int:  # fmt: skip
         """Move chunks of one bucket into the batch; the batch's longest chunk after."""
         deferred: list[Pending] = []
-        while queue and len(batch) < self.policy.max_batch_size:
+        size, fits = self.policy.max_batch_size, self._fits
+        while queue and len(batch) < size:
             item = queue.popleft()
             self._count -= 1
             if item.future.done() or item.resolve_closed():  # cancelled, or session gone
                 self._inflight.leave()
                 continue
-            repeat = id(item.session) in seen  # never two chunks of one session in a batch
-            if repeat or not self._fits(len(batch), longest, item.steps):
+            key = id(item.session)
+            repeat = key in seen  # never two chunks of one session in a batch
+            if repeat or not fits(len(batch), longest, item.steps):
                 deferred.append(item)
                 self._count += 1
                 if not repeat:
                     break  # over the size cap: the rest of this bucket is no shorter
                 continue
-            seen.add(id(item.session))
+            seen.add(key)
             batch.append(item)
-            longest = max(longest, item.steps)
+            if item.steps > longest:
+                longest = item.steps
         queue.extendleft(reversed(deferred))
         return longest
 
