@@ -34,7 +34,13 @@ from service.engine.types import ChunkOutcome
 from service.errors import ConfigError, ProtocolError
 from service.protocol.columns import F32, I64, U32, U64
 from service.protocol.messages import MultiReply, Request, SessionEntry
-from service.protocol.native import NativeEntry, NativeOutcome, NativeStreams, PackedChunks
+from service.protocol.native import (
+    NativeEntry,
+    NativeOutcome,
+    NativeStreams,
+    PackedChunks,
+    unknown_on_drain,
+)
 from service.protocol.session import SessionLayer
 from service.security.auth import Authenticator, Unauthenticated
 from service.status import numeric_code, status_code, status_message
@@ -99,7 +105,7 @@ class NativeFrontServicer:
     def drain_notice() -> npb.TickReply:
         """A push (tick 0) when the server starts draining: how the front ends the calls the
         server does not know (TickReply.drain, native_front.proto)."""
-        error, first_message_s = NativeStreams.unknown_on_drain()
+        error, first_message_s = unknown_on_drain()
         reply = npb.TickReply(drain_first_message_ms=round(first_message_s * 1000))
         reply.drain.code, reply.drain.message = _status(error)
         return reply

@@ -48,6 +48,7 @@ from service.protocol.session import (
 )
 
 if TYPE_CHECKING:
+    from service.engine.core import Engine
     from service.engine.model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ class NativeStreams:
             base = len(entries)
             for chunks in packed:
                 if chunks.kind == "text":
-                    taken = self._take_text(chunks, base, outcomes)
+                    taken = _take_text(chunks, base, outcomes, self._streams, self._taking,
+                                       self._decode_chunk)  # fmt: skip
                 else:
                     taken = _take_packed(chunks, base, self._streams, self._final, self.draining,
                                          self.layer.limits.max_chunk_steps)  # fmt: skip
@@ -166,12 +168,13 @@ class NativeStreams:
                 base += len(chunks)
             if multis:  # concurrently with the chunks: the engine's batcher groups their runs
                 answers = await asyncio.gather(
-                    self._chunks(work, outcomes), *(self._multi(e) for _, e in multis)
+                    _run_chunks(self.layer.engine, work, outcomes),
+                    *(self._multi(e) for _, e in multis),
                 )
                 for (i, _), answer in zip(multis, answers[1:], strict=True):
                     outcomes[i] = answer
             else:
-                await self._chunks(work, outcomes)
+                await _run_chunks(self.layer.engine, work, outcomes)
         finally:
             self._busy.difference_update(ids)
         done = [o for o in outcomes if o is not None]
@@ -180,43 +183,18 @@ class NativeStreams:
                 self._forget(stream, "OK" if outcome.error is None else _code(outcome.error))
         return done
 
-    async def _chunks(
-        self, work: list[tuple[int, ChunkWork]], outcomes: list[NativeOutcome | ChunkOutcome | None]
-    ) -> None:
-        """The tick's chunks in one engine call (a session two streams name: in turn); the
-        plain ones counted once per model."""
-        counted: dict[ModelWorker, int] = {}
-        while work:  # a session named by two streams in one tick: its chunks in turn
-            now, later = work, []
-            if len({id(w.session) for _, w in work}) != len(work):
-                now, seen = [], set()
-                for item in work:
-                    (later if id(item[1].session) in seen else now).append(item)
-                    seen.add(id(item[1].session))
-            results = await self._apply([w for _, w in now])
-            for (i, item), result in zip(now, results, strict=True):
-                if _plain(result):
-                    model = item.session.model
-                    counted[model] = counted.get(model, 0) + 1
-                    outcomes[i] = result
-                else:
-                    outcomes[i] = self._chunk_outcome(item, result)
-            work = later
-        for model, count in counted.items():
-            metrics.chunk_requests(RPC, model.name, "OK").inc(count)
-
     async def _entry(
         self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
     ) -> NativeOutcome | None:
         """An entry's outcome, or None for a valid chunk (added to `work`)."""
-        settled = await self._settled(entry)
+        settled = await _settled(entry, self._final)
         if settled is not None:
             return settled
         request = entry.request
         assert not isinstance(request, LstmServeError | list)
         stream = self._streams.get(entry.stream)
         if stream is not None and stream.session is not None and self.draining:
-            return await self._last_message(stream)  # not applied: resent where it continues
+            return await _last_message(self.layer, stream)  # not applied: resent where it continues
         if stream is None:
             stream = _Stream(entry.caller or principal.ANONYMOUS, object())
             self._streams[entry.stream] = stream
@@ -238,28 +216,6 @@ class NativeStreams:
         finally:
             principal.CALLER.reset(scope)
 
-    def _take_text(
-        self, chunks: PackedChunks, base: int, outcomes: list[NativeOutcome | ChunkOutcome | None]
-    ) -> _Taken:
-        """Packed text chunks (message index base + j), each decoded by the entry path's own
-        `_decode_chunk` (SessionLayer.decode: the model's tokenizer after the session's held
-        text; a refusal in-band, as the entry's); a stream without a session, a draining
-        server's, or a chunk whose decoding fails otherwise, as entries."""
-        taken = _Taken([], [])
-        for j, stream_id in enumerate(chunks.streams):
-            i, held = base + j, self._streams.get(stream_id)
-            if held is not None and held.session is not None and not self.draining and \
-                    stream_id not in self._final and chunks.inputs is not None:  # fmt: skip
-                chunk = Chunk(chunks.seqs[j], chunks.inputs(j))
-                try:
-                    outcomes[i] = self._decode_chunk(held.session, held.token, chunk, i,
-                                                     taken.work)  # fmt: skip
-                    continue
-                except Exception:  # a bug: the entry path answers it (INTERNAL, logged)
-                    pass
-            taken.others.append((i, NativeEntry(stream_id, chunks.request(j))))
-        return taken
-
     def _decode_chunk(
         self, session: Session, token: object, chunk: Chunk, i: int,
         work: list[tuple[int, ChunkWork]],
@@ -271,33 +227,6 @@ class NativeStreams:
         work.append((i, ChunkWork(session, chunk.seq, steps, held, token)))
         return None
 
-    async def _apply(self, work: list[ChunkWork]) -> list[ChunkOutcome | BaseException]:
-        """One engine call (a lone chunk: apply_chunk, as the Python front applies it); a
-        failure of the call as a whole fails each of its chunks."""
-        engine = self.layer.engine
-        try:
-            if len(work) == 1:
-                w = work[0]
-                try:
-                    return [await engine.apply_chunk(w.session, w.seq, w.chunk, w.held, w.attached)]
-                except LstmServeError as exc:
-                    return [exc]
-            return list(await engine.apply_chunks(work))
-        except Exception as exc:
-            log.exception("unexpected error in Stream (native front)", exc_info=exc)
-            return [exc] * len(work)
-
-    @staticmethod
-    def _chunk_outcome(item: ChunkWork, result: ChunkOutcome | BaseException) -> NativeOutcome:
-        """As `SessionLayer.chunk` answers on Stream: bad input, a gap or a store that did not
-        take it in-band; anything else ends the stream."""
-        session = item.session
-        if isinstance(result, BaseException) and not isinstance(result, IN_BAND):
-            return NativeOutcome(error=result)
-        done = chunk_done(session, item.seq, result, RPC)  # type: ignore[arg-type]
-        finish = isinstance(result, ChunkOutcome) and result.ended
-        return NativeOutcome(Reply(session.id, done), finish=finish)
-
     async def _multi(self, entry: NativeEntry) -> NativeOutcome:
         """A StreamMulti message's outcome, from the stream's `MultiConversation`."""
         held = self._multis.get(entry.stream)
@@ -308,13 +237,13 @@ class NativeStreams:
             conversation = MultiConversation(self.layer, parent=parent)
             held = _MultiStream(entry.caller or principal.ANONYMOUS, conversation)
             self._multis[entry.stream] = held
-        settled = await self._settled(entry)
+        settled = await _settled(entry, self._final)
         if settled is not None:
             return settled
         assert held is not None
         request = entry.request
         if self.draining:  # not applied: resent where its sessions continue
-            return await self._last_multi(held)
+            return await _last_multi(held)
         assert isinstance(request, list)
         scope = principal.CALLER.set(held.caller)
         try:
@@ -327,52 +256,25 @@ class NativeStreams:
         finally:
             principal.CALLER.reset(scope)
 
-    async def _settled(self, entry: NativeEntry) -> NativeOutcome | None:
-        """The outcome of a message answered without looking at it: its caller refused, a
-        message that did not translate, or one on a stream whose last message is on its way;
-        None for any other."""
-        if entry.refused is not None:
-            return NativeOutcome(error=entry.refused)
-        if isinstance(entry.request, LstmServeError):
-            return NativeOutcome(error=entry.request)
-        final = self._final.get(entry.stream)
-        if final is not None:  # nothing more is answered on it
-            await final
-            return NativeOutcome(error=draining_error())
-        return None
-
     # -- drain: the last message of each stream ------------------------------------------------
+
+    def _taking(self, stream: int) -> bool:
+        """Whether a packed chunk of `stream` may be answered on the packed path (not while
+        draining, nor once its last message is on its way)."""
+        return not self.draining and stream not in self._final
 
     @property
     def draining(self) -> bool:
         return self.layer.engine.drain_started.is_set()
 
-    async def _last_message(self, stream: _Stream) -> NativeOutcome:
-        """A draining server's last message on a stream: its session's final snapshot (with
-        --snapshot-key), then UNAVAILABLE, as the Python front ends a stream on drain."""
-        session, reply = stream.session, None
-        assert session is not None
-        if self.layer.hands_over and not session.ended:
-            try:
-                snap = await self.layer.snapshot(session, True, stream.token)
-                reply = Reply(session.id, snap)
-            except LstmServeError:
-                pass  # ended, expired or taken over meanwhile: nothing to hand over
-        return NativeOutcome(reply, draining_error())
-
-    async def _last_multi(self, held: _MultiStream) -> NativeOutcome:
-        """The same for a StreamMulti stream: the final snapshots of the live sessions it named
-        (MultiConversation.last_message), then UNAVAILABLE."""
-        return NativeOutcome(await held.conversation.last_message(), draining_error())
-
     async def drain(self, send: Callable[[int, NativeOutcome], Awaitable[None]]) -> None:
         """Send (`send`) the last message of every attached stream with nothing in flight; the
         others get theirs in reply to the message in flight or by the next call."""
         last: list[tuple[int, Callable[[], Awaitable[NativeOutcome]]]] = [
-            (sid, functools.partial(self._last_message, held))
+            (sid, functools.partial(_last_message, self.layer, held))
             for sid, held in self._streams.items() if held.session is not None
         ]  # fmt: skip
-        last += [(sid, functools.partial(self._last_multi, held))
+        last += [(sid, functools.partial(_last_multi, held))
                  for sid, held in self._multis.items()]  # fmt: skip
         for stream_id, message in last:
             if stream_id in self._busy or stream_id in self._final:
@@ -387,15 +289,6 @@ class NativeStreams:
                 done.set_result(None)
                 del self._final[stream_id]
             self._forget(stream_id, "UNAVAILABLE")
-
-    @staticmethod
-    def unknown_on_drain() -> tuple[LstmServeError, float]:
-        """What a draining server's front does with the calls the server does not know (none
-        of their messages sent yet), and those opened during the drain: it ends them with this
-        error, a StreamMulti call at once (`MultiConversation.replies`), a Stream call if no
-        first message comes within these seconds (`StreamConversation._next`: a first message
-        is read, and refused by attach, not cut off while the client writes it)."""
-        return draining_error(), FINAL_MESSAGE_GRACE_S
 
     def _forget(self, stream: int, code: str) -> None:
         """The stream is over: its session detached, the call counted as the Python front
@@ -419,10 +312,137 @@ class NativeStreams:
             self._forget(stream, "CANCELLED")
 
 
+def unknown_on_drain() -> tuple[LstmServeError, float]:
+    """What a draining server's front does with the calls the server does not know (none
+    of their messages sent yet), and those opened during the drain: it ends them with this
+    error, a StreamMulti call at once (`MultiConversation.replies`), a Stream call if no
+    first message comes within these seconds (`StreamConversation._next`: a first message
+    is read, and refused by attach, not cut off while the client writes it)."""
+    return draining_error(), FINAL_MESSAGE_GRACE_S
+
+
+async def _last_message(layer: SessionLayer, stream: _Stream) -> NativeOutcome:
+    """A draining server's last message on a stream: its session's final snapshot (with
+    --snapshot-key), then UNAVAILABLE, as the Python front ends a stream on drain."""
+    session, reply = stream.session, None
+    assert session is not None
+    if layer.hands_over and not session.ended:
+        try:
+            snap = await layer.snapshot(session, True, stream.token)
+            reply = Reply(session.id, snap)
+        except LstmServeError:
+            pass  # ended, expired or taken over meanwhile: nothing to hand over
+    return NativeOutcome(reply, draining_error())
+
+
+async def _last_multi(held: _MultiStream) -> NativeOutcome:
+    """The same for a StreamMulti stream: the final snapshots of the live sessions it named
+    (MultiConversation.last_message), then UNAVAILABLE."""
+    return NativeOutcome(await held.conversation.last_message(), draining_error())
+
+
+async def _run_chunks(
+    engine: Engine, work: list[tuple[int, ChunkWork]],
+    outcomes: list[NativeOutcome | ChunkOutcome | None],
+) -> None:  # fmt: skip
+    """The tick's chunks in one engine call (a session two streams name: in turn); the
+    plain ones counted once per model."""
+    counted: dict[ModelWorker, int] = {}
+    while work:  # a session named by two streams in one tick: its chunks in turn
+        now, later = work, []
+        if len({id(w.session) for _, w in work}) != len(work):
+            now, seen = [], set()
+            for item in work:
+                (later if id(item[1].session) in seen else now).append(item)
+                seen.add(id(item[1].session))
+        results = await _apply(engine, [w for _, w in now])
+        for (i, item), result in zip(now, results, strict=True):
+            if _plain(result):
+                model = item.session.model
+                counted[model] = counted.get(model, 0) + 1
+                outcomes[i] = result
+            else:
+                outcomes[i] = _chunk_outcome(item, result)
+        work = later
+    for model, count in counted.items():
+        metrics.chunk_requests(RPC, model.name, "OK").inc(count)
+
+
+async def _apply(engine: Engine, work: list[ChunkWork]) -> list[ChunkOutcome | BaseException]:
+    """One engine call (a lone chunk: apply_chunk, as the Python front applies it); a
+    failure of the call as a whole fails each of its chunks."""
+    try:
+        if len(work) == 1:
+            w = work[0]
+            try:
+                return [await engine.apply_chunk(w.session, w.seq, w.chunk, w.held, w.attached)]
+            except LstmServeError as exc:
+                return [exc]
+        return list(await engine.apply_chunks(work))
+    except Exception as exc:
+        log.exception("unexpected error in Stream (native front)", exc_info=exc)
+        return [exc] * len(work)
+
+
+def _chunk_outcome(item: ChunkWork, result: ChunkOutcome | BaseException) -> NativeOutcome:
+    """As `SessionLayer.chunk` answers on Stream: bad input, a gap or a store that did not
+    take it in-band; anything else ends the stream."""
+    session = item.session
+    if isinstance(result, BaseException) and not isinstance(result, IN_BAND):
+        return NativeOutcome(error=result)
+    done = chunk_done(session, item.seq, result, RPC)  # type: ignore[arg-type]
+    finish = isinstance(result, ChunkOutcome) and result.ended
+    return NativeOutcome(Reply(session.id, done), finish=finish)
+
+
+async def _settled(
+    entry: NativeEntry, final: dict[int, asyncio.Future[None]]
+) -> NativeOutcome | None:
+    """The outcome of a message answered without looking at it: its caller refused, a
+    message that did not translate, or one on a stream whose last message is on its way;
+    None for any other."""
+    if entry.refused is not None:
+        return NativeOutcome(error=entry.refused)
+    if isinstance(entry.request, LstmServeError):
+        return NativeOutcome(error=entry.request)
+    last = final.get(entry.stream)
+    if last is not None:  # nothing more is answered on it
+        await last
+        return NativeOutcome(error=draining_error())
+    return None
+
+
 @dataclass(slots=True)
 class _Taken:
     work: list[tuple[int, ChunkWork]]  # (message index, the chunk) for the engine
     others: list[tuple[int, NativeEntry]]  # (message index, the entry) for the common path
+
+
+# NativeStreams._decode_chunk: a chunk's steps into `work`, or its in-band refusal
+Decode = Callable[[Session, object, Chunk, int, list[tuple[int, ChunkWork]]], NativeOutcome | None]
+
+
+def _take_text(
+    chunks: PackedChunks, base: int, outcomes: list[NativeOutcome | ChunkOutcome | None],
+    streams: dict[int, _Stream], taking: Callable[[int], bool], decode: Decode,
+) -> _Taken:  # fmt: skip
+    """Packed text chunks (message index base + j), each decoded by the entry path's own
+    `_decode_chunk` (`decode`: SessionLayer.decode: the model's tokenizer after the session's held
+    text; a refusal in-band, as the entry's); a stream without a session, a draining
+    server's (`taking` False), or a chunk whose decoding fails otherwise, as entries."""
+    taken = _Taken([], [])
+    for j, stream_id in enumerate(chunks.streams):
+        i, held = base + j, streams.get(stream_id)
+        if held is not None and held.session is not None and taking(stream_id) and \
+                chunks.inputs is not None:  # fmt: skip
+            chunk = Chunk(chunks.seqs[j], chunks.inputs(j))
+            try:
+                outcomes[i] = decode(held.session, held.token, chunk, i, taken.work)
+                continue
+            except Exception:  # a bug: the entry path answers it (INTERNAL, logged)
+                pass
+        taken.others.append((i, NativeEntry(stream_id, chunks.request(j))))
+    return taken
 
 
 def _take_packed(
