@@ -157,7 +157,7 @@ class ChunkApply:
         is applied at once."""
         session = work.session
         if _runs(work):
-            session.model.submit_with(answer, session, work.seq, work.chunk, work.held)
+            session.model.submit_all([(answer, work)])
         else:
             answer.set_result(session.apply(work.seq, work.held))
 

@@ -316,7 +316,7 @@ def test_a_batch_gathers_its_states_into_a_finished_runs_buffer_with_the_same_an
                 work = [ChunkWork(s, seq, tokens(seq, i + 1)) for i, s in enumerate(sessions[:n])]
                 done = await engine.apply_chunks(work)
                 answers.append([o.result.probs for o in done])  # type: ignore[union-attr]
-                buffers.extend(id(b) for b in batcher._spare)
+                buffers.extend(id(b) for b in batcher._spare.buffers)
                 for s in sessions[n:]:  # the others keep in step (a batch of their own)
                     await engine.apply_chunk(s, seq, tokens(seq))
             return answers, [s.read_state() for s in sessions]

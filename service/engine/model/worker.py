@@ -111,16 +111,9 @@ class ModelWorker:
         streamed text's change to the held text, applied with its result (None: not text)."""
         return self.batcher.submit(session, seq, chunk, change)
 
-    def submit_with(
-        self, answer: Answer, session: Session, seq: int, chunk: np.ndarray,
-        change: HeldChange | None = None,
-    ) -> None:  # fmt: skip
-        """`submit`, answered through `answer` (a future, or one of chunks submitted together:
-        its Waiter)."""
-        self.batcher.submit_with(answer, session, seq, chunk, change)
-
     def submit_all(self, items: list[tuple[Answer, ChunkWork]]) -> None:
-        """`submit_with` for each of chunks of distinct sessions submitted together."""
+        """`submit` for each of chunks of distinct sessions submitted together, each answered
+        through its `Answer` (a future, or its group's Waiter)."""
         self.batcher.submit_all(items)
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from service.engine.types import (
     ChunkWork,
     EngineMetrics,
     EngineTracer,
+    Observed,
     StepResult,
     TraceSpan,
 )
@@ -208,6 +209,34 @@ def trace_batch(tracer: EngineTracer, named: dict[str, Any],
     }, traced)  # fmt: skip
 
 
+class SpareStates:
+    """Finished runs' state buffers for later batches to gather into (a new array per batch
+    cost the loop thread a page fault per 4 KB: ~1 MB a batch for the bench model): at most
+    `most` kept (one per batch that may run at once), each at most SPARE_STATE_BYTES."""
+
+    def __init__(self, state: StateStore, most: int) -> None:
+        self.state = state
+        self.most = most
+        self.buffers: list[np.ndarray] = []
+
+    def gather(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows' states (B, S, H), the run's own copy: in a spare buffer big enough, or a
+        new array; and the buffer to keep after the run (None: too big to keep, or one row)."""
+        if len(rows) == 1:
+            return self.state.gather(rows), None
+        spare = self.buffers.pop() if self.buffers else None
+        if spare is not None and spare.shape[0] >= len(rows):
+            return self.state.gather(rows, spare[: len(rows)]), spare
+        state = self.state.gather(rows)
+        keep = state.base is None and state.nbytes <= SPARE_STATE_BYTES
+        return state, state if keep else None
+
+    def keep(self, buffer: np.ndarray) -> None:
+        """A finished run's buffer, for a later batch (while fewer than `most` are kept)."""
+        if len(self.buffers) < self.most:
+            self.buffers.append(buffer)
+
+
 class SequenceBatcher:
     """Pending chunks of one model version's sessions -> batched runs on the executor."""
 
@@ -229,7 +258,7 @@ class SequenceBatcher:
         self._queue = PendingChunks(policy, lanes.inflight, runtime.equal_lengths)
         self._running = 0
         self._scheduled = False
-        self._spare: list[np.ndarray] = []  # finished runs' state buffers (SPARE_STATE_BYTES)
+        self._spare = SpareStates(state, policy.max_concurrent)
         self._timer: asyncio.TimerHandle | None = None
         self._m_size = metrics.batch_size.labels(name)
         self._m_queue = metrics.batch_queue_seconds.labels(name)
@@ -250,20 +279,14 @@ class SequenceBatcher:
         it settles and (`change`: streamed text's change to the held text, applied with its
         result; None: not text) the held text's tail, run after them as a probe; >= 1 step."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self.submit_with(future, session, seq, chunk, change)
+        self._enqueue([Pending(session, seq, chunk, future, change)])
         return future
 
-    def submit_with(
-        self, answer: Answer, session: Session, seq: int, chunk: np.ndarray,
-        change: HeldChange | None = None,
-    ) -> None:  # fmt: skip
-        """`submit`, answered through `answer`: a future, or the Waiter of a chunk submitted
-        with others (its group's one future wakes their caller: no future per chunk)."""
-        self._enqueue([Pending(session, seq, chunk, answer, change)])
-
     def submit_all(self, items: list[tuple[Answer, ChunkWork]]) -> None:
-        """`submit_with` for each chunk of `items` (of distinct sessions, each validated, its
-        session's lock held, >= 1 step to run), in their order, queued at once."""
+        """`submit` for each chunk of `items` (of distinct sessions, each validated, its
+        session's lock held, >= 1 step to run), in their order, queued at once, each answered
+        through its `Answer`: a future, or the Waiter of a chunk submitted with others (its
+        group's one future wakes their caller: no future per chunk)."""
         self._enqueue([Pending(w.session, w.seq, w.chunk, answer, w.held) for answer, w in items])
 
     def _enqueue(self, items: list[Pending]) -> None:
@@ -343,7 +366,7 @@ class SequenceBatcher:
         self._m_size.observe(len(batch))
         # Gathered here, on the loop thread: the run holds its own copy, so a session closed
         # while its batch runs can free its row at once.
-        state, buffer = self._gather([item.session.row for item in batch])  # (B, S, H)
+        state, buffer = self._spare.gather([item.session.row for item in batch])  # (B, S, H)
         chunks = [item.chunk for item in batch]
         ids = [item.session.id for item in batch]
         steps = any(item.session.options.step_rows for item in batch)  # fetched if needed
@@ -354,40 +377,16 @@ class SequenceBatcher:
         if runs_inline(self.policy, self._running, batch):
             done: asyncio.Future[tuple[RunOutput, float]] = loop.create_future()
             try:
-                done.set_result(self._run(state, chunks, ids, steps, tails))
+                done.set_result(
+                    _run(self.runtime, self._m_compute, state, chunks, ids, steps, tails)
+                )
             except Exception as exc:
                 done.set_exception(exc)
             self._finish(batch, done, False, span, buffer)  # the caller's _dispatch goes on
             return
-        future = loop.run_in_executor(self._executor, self._run, state, chunks, ids, steps,
-                                      tails)  # fmt: skip
+        future = loop.run_in_executor(self._executor, _run, self.runtime, self._m_compute, state,
+                                      chunks, ids, steps, tails)  # fmt: skip
         future.add_done_callback(lambda f: self._finish(batch, f, span=span, buffer=buffer))
-
-    def _gather(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """The rows' states (B, S, H), this run's own copy: in a spare buffer big enough, or a
-        new array; and the buffer to keep after the run (None: too big to keep, or one row)."""
-        if len(rows) == 1:
-            return self.state.gather(rows), None
-        spare = self._spare.pop() if self._spare else None
-        if spare is not None and spare.shape[0] >= len(rows):
-            return self.state.gather(rows, spare[: len(rows)]), spare
-        state = self.state.gather(rows)
-        keep = state.base is None and state.nbytes <= SPARE_STATE_BYTES
-        return state, state if keep else None
-
-    def _run(self, state: np.ndarray, chunks: list[np.ndarray], ids: list[str], steps: bool,
-             tails: list[np.ndarray | None] | None = None) -> tuple[RunOutput, float]:  # fmt: skip
-        """On a worker thread: pad chunks, one model call (two with probes); (out, seconds)."""
-        started = time.perf_counter()
-        if tails is not None:
-            out = run_with_probes(self.runtime, state, chunks, tails, ids, steps)
-        else:
-            inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
-            shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
-            out = self.runtime.run(inputs, lengths, state, shrink, ids, steps)
-        seconds = time.perf_counter() - started
-        self._m_compute.observe(seconds)
-        return out, seconds
 
     def _finish(
         self,
@@ -415,9 +414,8 @@ class SequenceBatcher:
         finally:
             if span is not None:
                 span.end(None if future.cancelled() else future.exception())
-            if buffer is not None and not future.cancelled() and \
-                    len(self._spare) < self.policy.max_concurrent:  # fmt: skip
-                self._spare.append(buffer)
+            if buffer is not None and not future.cancelled():  # a cancelled run's thread
+                self._spare.keep(buffer)  # may still hold it
             self._inflight.leave(len(batch))
             if dispatch:
                 self._dispatch()
@@ -431,19 +429,42 @@ class SequenceBatcher:
             rows = [batch[b].session.row for b in keep]
             every_row = len(keep) == len(batch)  # then no copy of the kept rows
             self.state.scatter(rows, out.state_out if every_row else out.state_out[keep])
-        probs, step_probs = out.probs, out.step_probs
-        steps = 0
-        for b in keep:
-            item = batch[b]
-            session = item.session
-            rows = None
-            if step_probs is not None and session.options.step_rows:
-                rows = step_probs[b, : item.steps]
-            item.future.set_result(
-                session.apply(item.seq, item.change, item.settled, probs[b], rows)
-            )
-            steps += item.steps
+        steps = _apply_kept(batch, keep, out)
         now = time.perf_counter()
         self._m_chunk["total"].observe_many([now - batch[b].enqueued for b in keep])
         self._m_chunk["compute"].observe(seconds)  # once per model run, as for Classify
         self._m_steps.inc(steps)
+
+
+def _run(
+    runtime: ModelRuntime, timed: Observed, state: np.ndarray, chunks: list[np.ndarray],
+    ids: list[str], steps: bool, tails: list[np.ndarray | None] | None = None,
+) -> tuple[RunOutput, float]:  # fmt: skip
+    """On a worker thread: pad chunks, one model call (two with probes); (out, seconds), the
+    seconds observed in `timed`."""
+    started = time.perf_counter()
+    if tails is not None:
+        out = run_with_probes(runtime, state, chunks, tails, ids, steps)
+    else:
+        inputs, lengths = pad_chunks(chunks)  # (B, Tmax[, F]), (B,)
+        shrink = inputs.shape[0] * inputs.shape[1] >= SHRINK_ROW_STEPS  # a large run
+        out = runtime.run(inputs, lengths, state, shrink, ids, steps)
+    seconds = time.perf_counter() - started
+    timed.observe(seconds)
+    return out, seconds
+
+
+def _apply_kept(batch: list[Pending], keep: list[int], out: RunOutput) -> int:
+    """Apply each kept chunk's run to its session (Session.apply: seq, steps, result and held
+    text at once) and answer it; the steps applied."""
+    probs, step_probs = out.probs, out.step_probs
+    steps = 0
+    for b in keep:
+        item = batch[b]
+        session = item.session
+        rows = None
+        if step_probs is not None and session.options.step_rows:
+            rows = step_probs[b, : item.steps]
+        item.future.set_result(session.apply(item.seq, item.change, item.settled, probs[b], rows))
+        steps += item.steps
+    return steps
