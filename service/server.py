@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,52 @@ STOP_STEP_S = 2.0  # each step of the stop after the grace (gRPC: the rest of th
 NATIVE_STOP_S = native_supervisor.STOP_TIMEOUT_S + STOP_STEP_S  # the ticks server, the front
 
 
+class Readiness:
+    """grpc.health.v1 and lstm_serve_ready: liveness ("") SERVING while some model version is
+    ready and the server is not draining; readiness (the named services, and the Open Inference
+    Protocol's through `front_not_ready`) also needs the supervised native front up."""
+
+    def __init__(
+        self, engine: Engine, front: Callable[[], native_supervisor.NativeFrontProcess | None]
+    ) -> None:
+        self.engine = engine
+        self.servicer = health.aio.HealthServicer()
+        self._front = front  # the supervised native front, if any (--native-front)
+        self._state: tuple[bool, bool] | None = None  # (live: "", ready: the services)
+
+    async def refresh(self) -> None:
+        """SERVING while some version is READY and the server is not draining; the named
+        services (readiness) also need the supervised native front up, "" (liveness) not."""
+        serving = bool(self.engine.registry.ready()) and not self.engine.draining
+        await self.set(serving, serving and not self.front_not_ready())
+
+    async def set(self, serving: bool, ready: bool | None = None) -> None:
+        """Health "" (liveness) SERVING or not with `serving`, the named services (readiness)
+        with `ready` (default: the same); lstm_serve_ready follows `ready`."""
+        state = (serving, serving if ready is None else ready)
+        if state == self._state:
+            return
+        self._state = state
+        for service in HEALTH_SERVICES:
+            up = state[0] if service == "" else state[1]
+            await self.servicer.set(service, SERVING if up else NOT_SERVING)
+        metrics.READY.set(1 if state[1] else 0)
+
+    def front_not_ready(self) -> str:
+        """Why the supervised native front keeps this server from being ready ("" if it does
+        not): it owns the gRPC port, which nobody serves while it is down."""
+        native = self._front()
+        if native is None or native.up:
+            return ""
+        return "the native front (--native-front) is down: it is being started again"
+
+    async def drain(self) -> None:
+        """NOT_SERVING for good: every service, and lstm_serve_ready 0."""
+        self._state = (False, False)
+        metrics.READY.set(0)
+        await self.servicer.enter_graceful_shutdown()
+
+
 class LstmServer:
     """A running lstm-serve: gRPC server, engine, health, metrics endpoint, background tasks."""
 
@@ -71,7 +117,8 @@ class LstmServer:
                       ssl_context=security_http.ssl_context(tls))
             if config.http_port >= 0 else None
         )  # fmt: skip
-        self.health = health.aio.HealthServicer()
+        self.readiness = Readiness(engine, lambda: self.native)
+        self.health = self.readiness.servicer
         self.metrics_port: int | None = None
         self.http_port: int | None = None  # the Open Inference Protocol's HTTP/REST front
         # --health-port: grpc.health.v1 alone, in plaintext, for probes that cannot do TLS.
@@ -86,14 +133,13 @@ class LstmServer:
         self._front_health: set[asyncio.Task[None]] = set()
         self._loaded = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._serving: tuple[bool, bool] | None = None  # (live: "", ready: the services)
         self.load_error: BaseException | None = None
         self.shutdown_stage = ""  # the stop's step in progress (drain_deadline.py reports it)
-        self.triton.readiness_gates.append(self._front_not_ready)
+        self.triton.readiness_gates.append(self.readiness.front_not_ready)
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING), then load and warm the models in the background."""
-        await self._set_health(False)
+        await self.readiness.set(False)
         await self.grpc.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -132,7 +178,7 @@ class LstmServer:
             "seconds": round(time.perf_counter() - started, 4),
             "model_control": self.config.model_control,
         }})  # fmt: skip
-        await self._refresh_health()
+        await self.readiness.refresh()
         self._loaded.set()
 
     def _check_not_empty(self) -> None:
@@ -157,38 +203,13 @@ class LstmServer:
             log.error("repository scan failed", extra={"fields": {"error": str(exc)}})
 
     def _on_models_changed(self) -> None:
-        self._spawn(self._refresh_health(), "health")
-
-    async def _refresh_health(self) -> None:
-        """SERVING while some version is READY and the server is not draining; the named
-        services (readiness) also need the supervised native front up, "" (liveness) not."""
-        serving = bool(self.engine.registry.ready()) and not self.engine.draining
-        await self._set_health(serving, serving and not self._front_not_ready())
-
-    async def _set_health(self, serving: bool, ready: bool | None = None) -> None:
-        """Health "" (liveness) SERVING or not with `serving`, the named services (readiness)
-        with `ready` (default: the same); lstm_serve_ready follows `ready`."""
-        state = (serving, serving if ready is None else ready)
-        if state == self._serving:
-            return
-        self._serving = state
-        for service in HEALTH_SERVICES:
-            up = state[0] if service == "" else state[1]
-            await self.health.set(service, SERVING if up else NOT_SERVING)
-        metrics.READY.set(1 if state[1] else 0)
-
-    def _front_not_ready(self) -> str:
-        """Why the supervised native front keeps this server from being ready ("" if it does
-        not): it owns the gRPC port, which nobody serves while it is down."""
-        if self.native is None or self.native.up:
-            return ""
-        return "the native front (--native-front) is down: it is being started again"
+        self._spawn(self.readiness.refresh(), "health")
 
     def _on_front_up(self, up: bool) -> None:
         """The supervised front went down or listens again: readiness follows, once the models
         are loaded (before that, the load's end sets it)."""
         if self._loaded.is_set() and self.load_error is None and not self.engine.draining:
-            task = asyncio.create_task(self._refresh_health(), name="health")
+            task = asyncio.create_task(self.readiness.refresh(), name="health")
             self._front_health.add(task)  # held until done (not one more per restart)
             task.add_done_callback(self._front_health.discard)
 
@@ -222,9 +243,7 @@ class LstmServer:
         log.info("draining", extra={"fields": {"inflight": self.engine.inflight, "grace_s": grace}})
         drained = False
         try:
-            self._serving = (False, False)
-            metrics.READY.set(0)
-            await self.health.enter_graceful_shutdown()
+            await self.readiness.drain()
             self.engine.draining = True
             self.engine.drain_started.set()
             self.layer.begin_drain()
