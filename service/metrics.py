@@ -215,6 +215,8 @@ NATIVE_TICK_PACKING = Counter(
     "input kind (packing = tokens, features, text) or as whole entries (entry).",
     ["packing"],
 )
+for _packing in ("entry", "tokens", "features", "text"):  # at 0 from the start: rate() has data
+    NATIVE_TICK_PACKING.labels(_packing)
 STEPS = Counter(
     "lstm_serve_steps_total", "Sequence steps processed by the models.", ["model", "rpc"]
 )
