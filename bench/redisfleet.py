@@ -21,6 +21,9 @@ import redis
 from bench.procs import HOST, free_port
 
 MASTER_NAME = "lstm"
+# A master starts a replica's full sync at once (Redis waits 5 s by default for more replicas):
+# a restarted node is empty, and unable to acknowledge a save, for milliseconds instead.
+SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
 
 
 def _binary(name: str = "redis-server") -> str:
@@ -128,9 +131,9 @@ class SentinelFleet:
         self.failovers = 0
 
     def start(self) -> SentinelFleet:
-        self.nodes[0].start()
+        self.nodes[0].start(*SYNC_AT_ONCE)
         for node in self.nodes[1:]:
-            node.start("--replicaof", HOST, str(self.nodes[0].port))
+            node.start(*SYNC_AT_ONCE, "--replicaof", HOST, str(self.nodes[0].port))
         self.wait_synced()
         for sentinel in self.sentinels:
             sentinel.start()
@@ -207,10 +210,25 @@ class SentinelFleet:
 
     def restart_as_replica(self, node: RedisNode) -> None:
         """Start a killed node again as a replica of the current master (never as a master:
-        empty, it would wipe the group); waits until it has caught up."""
+        empty, it would wipe the group); waits until it has caught up. Until then it cannot be
+        promoted (replica-priority 0): a failover to it while still empty would lose everything."""
         master = self.master_port()
-        node.start("--replicaof", HOST, str(master))
+        node.start(*SYNC_AT_ONCE, "--replica-priority", "0", "--replicaof", HOST, str(master))
         self.wait_synced()
+        with node.client() as c:
+            c.config_set("replica-priority", 100)
+
+    def switches(self) -> list[str]:
+        """The failovers as the sentinels logged them (`+switch-master`, one line each per
+        sentinel), with the down and promotion events around them: the story of a failed test."""
+        events = ("+switch-master", "+sdown master", "+odown master", "+promoted-slave")
+        lines = []
+        for sentinel in self.sentinels:
+            log = sentinel.dir / "log.txt"
+            text = log.read_text(errors="replace") if log.exists() else ""
+            lines += [f"{sentinel.name}: {line}" for line in text.splitlines()
+                      if any(e in line for e in events)]  # fmt: skip
+        return lines
 
     def stop(self) -> None:
         for node in [*self.sentinels, *self.nodes]:

@@ -99,6 +99,10 @@ def _serving(server: ServerProcess) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _story(fleet: SentinelFleet) -> str:
+    return "\n".join(fleet.switches())
+
+
 def _recover(fleet: SentinelFleet, old: RedisNode) -> None:
     """After a master kill: wait for the failover, then bring the old master back as a replica
     (strict mode waits for one replica per save: without it, saves are refused)."""
@@ -137,8 +141,12 @@ def test_sentinel_master_killed_mid_stream_strict_loses_nothing(
                     assert session.address == second.address
                 return results
 
-        results = asyncio.run(scenario())
-        assert fleet.failovers == 1
+        try:
+            results = asyncio.run(scenario())
+        except Exception as exc:  # with what the sentinels did, whatever broke
+            raise AssertionError(f"{exc}\nthe sentinels' log:\n" + _story(fleet)) from exc
+        switched = [line.split(":")[0] for line in fleet.switches() if "+switch-master" in line]
+        assert fleet.failovers == 1 and sorted(set(switched)) == sorted(switched), _story(fleet)
         assert refused, "strict: chunks were refused while no master answered"
         assert all("session store" in m for m in refused), refused[:3]
         reference = Reference(tiny_repo)
