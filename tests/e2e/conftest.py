@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,11 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.native_front import NativeFront, binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +99,51 @@ def run_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
         [sys.executable, "-m", "lstmserve.client_cli", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
+
+
+def held_open(first: Iterable[Any]) -> tuple[Callable[[Any], None], AsyncIterator[Any]]:
+    """A call's requests, open until the server ends the call: `first`, then each one given to
+    the `send` returned beside them."""
+    more: asyncio.Queue[Any] = asyncio.Queue()
+    for request in first:
+        more.put_nowait(request)
+
+    async def requests() -> AsyncIterator[Any]:
+        while True:
+            yield await more.get()
+
+    return more.put_nowait, requests()
+
+
+# Opens a call through the front at the address, sets the event once the call is where the
+# drain should find it, and appends each reply, then the status, to the list.
+Hold = Callable[[str, asyncio.Event, list[object]], Awaitable[None]]
+
+
+def drain_side_by_side(folder: Path, calls: Sequence[tuple[str, Hold]]) -> list[list[object]]:
+    """Each (front, hold) of `calls` through the "python" or "native" front of one lstm-serve
+    (--snapshot-key, --drain-grace-s 5), SIGTERM once every call is ready: what each got."""
+    binary()
+    server = ServerProcess(
+        ROOT / "models", "--native-front-dir", str(folder / "sockets"),
+        "--snapshot-key", "k1:" + "A" * 44, "--drain-grace-s", "5",
+    )  # fmt: skip
+    server.wait_event("ready", 60)
+    front = NativeFront(folder / "sockets")
+    addresses = {"python": server.address, "native": front.address}
+
+    async def main() -> list[list[object]]:
+        got: list[list[object]] = [[] for _ in calls]
+        ready = [asyncio.Event() for _ in calls]
+        work = zip(calls, ready, got, strict=True)
+        tasks = [asyncio.create_task(hold(addresses[name], e, g)) for (name, hold), e, g in work]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 30)
+        server.terminate()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return got
+
+    try:
+        return asyncio.run(main())
+    finally:
+        front.stop()
+        server.stop()

@@ -4,7 +4,7 @@ Python front's, byte for byte, and every other RPC passes through on the same po
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import ROOT, ServerProcess
+from tests.e2e.conftest import ROOT, ServerProcess, drain_side_by_side, held_open
 from tests.integration.conftest import metric, scrape
 from tests.native_front import NativeFront, binary
 
@@ -327,52 +327,33 @@ def test_a_rotated_certificate_reaches_the_native_fronts_new_connections(
     assert got == asyncio.run(converse(python, text_conversation()))
 
 
+async def held_stream(address: str, requests: list[pb.StreamRequest], count: int,
+                      then: Callable[[], object]) -> list[object]:  # fmt: skip
+    """A Stream call held open until the server ends it, `then()` on its `count`th reply: its
+    replies (blanked), then its status."""
+    _, stream = held_open(requests)
+    replies: list[object] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.LstmServeStub(channel).Stream(stream)
+        try:
+            async for reply in call:
+                replies.append(_blanked(reply))
+                if len(replies) == count:
+                    then()
+        except grpc.aio.AioRpcError as exc:
+            replies.append(exc.code())
+    return replies
+
+
 def test_drain_hands_over_as_the_python_front_does(tmp_path: Path) -> None:
     """SIGTERM: every stream, through either front, gets its session's final snapshot after
     the replies to what it sent, then UNAVAILABLE."""
-    binary()
-    server = ServerProcess(
-        ROOT / "models", "--native-front-dir", str(tmp_path / "sockets"),
-        "--snapshot-key", "k1:" + "A" * 44, "--drain-grace-s", "5",
-    )  # fmt: skip
-    server.wait_event("ready", 60)
-    front = NativeFront(tmp_path / "sockets")
 
     async def hold(address: str, opened: asyncio.Event, replies: list[object]) -> None:
-        more: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
-        for request in text_conversation()[:3]:
-            more.put_nowait(request)
+        replies.extend(await held_stream(address, text_conversation()[:3], 3, opened.set))
 
-        async def requests():  # open until the server ends the call
-            while (request := await more.get()) is not None:
-                yield request
-
-        async with grpc.aio.insecure_channel(address) as channel:
-            call = pb_grpc.LstmServeStub(channel).Stream(requests())
-            try:
-                async for reply in call:
-                    replies.append(_blanked(reply))
-                    if len(replies) == 3:
-                        opened.set()
-            except grpc.aio.AioRpcError as exc:
-                replies.append(exc.code())
-
-    async def main() -> list[list[object]]:
-        got: list[list[object]] = [[] for _ in range(4)]
-        ready = [asyncio.Event() for _ in range(4)]
-        addresses = [server.address, front.address, front.address, server.address]
-        work = zip(addresses, ready, got, strict=True)
-        tasks = [asyncio.create_task(hold(a, e, g)) for a, e, g in work]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 30)
-        server.terminate()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-        return got
-
-    try:
-        python, native, native2, python2 = asyncio.run(main())
-    finally:
-        front.stop()
-        server.stop()
+    calls = [(front, hold) for front in ("python", "native", "native", "python")]
+    python, native, native2, python2 = drain_side_by_side(tmp_path, calls)
     assert native == python == native2 == python2
     assert python[3].snapshot.final and python[3].snapshot.last_applied_seq == 2
     assert python[-1] == grpc.StatusCode.UNAVAILABLE
@@ -386,31 +367,9 @@ def test_the_front_outlives_a_restart_of_the_server_behind_it(tmp_path: Path) ->
     first = ServerProcess(ROOT / "models", *flags)
     first.wait_event("ready", 60)
     front = NativeFront(tmp_path / "sockets")
-    requests = text_conversation()[:2]
-
-    async def held_open_until_the_server_stops() -> list[object]:
-        more: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
-        for request in requests:
-            more.put_nowait(request)
-
-        async def stream():
-            while (request := await more.get()) is not None:
-                yield request
-
-        replies: list[object] = []
-        async with grpc.aio.insecure_channel(front.address) as channel:
-            call = pb_grpc.LstmServeStub(channel).Stream(stream())
-            try:
-                async for reply in call:
-                    replies.append(_blanked(reply))
-                    if len(replies) == 2:
-                        first.terminate()
-            except grpc.aio.AioRpcError as exc:
-                replies.append(exc.code())
-        return replies
-
     try:
-        before = asyncio.run(held_open_until_the_server_stops())
+        until_it_stops = held_stream(front.address, text_conversation()[:2], 2, first.terminate)
+        before = asyncio.run(until_it_stops)
         first.stop()
         second = ServerProcess(ROOT / "models", *flags)
         try:

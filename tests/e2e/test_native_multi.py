@@ -5,6 +5,7 @@ for the same conversation on the same lstm-serve process."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 
 from lstmserve.v1 import lstm_serve_pb2 as pb
 from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import ROOT, ServerProcess
+from tests.e2e.conftest import ROOT, ServerProcess, drain_side_by_side, held_open
 from tests.native_front import NativeFront, binary
 
 TOKENS = {"alice": "native-multi-alice", "bob": "native-multi-bob"}
@@ -331,55 +332,28 @@ def test_drain_sends_the_final_snapshots_as_the_python_front_does(tmp_path: Path
     """SIGTERM: each multi stream, through either front, gets after the replies to what it
     sent one last message with the final snapshot of each live session it named, then
     UNAVAILABLE; a stream whose sessions all ended gets none, only UNAVAILABLE."""
-    binary()
-    server = ServerProcess(
-        ROOT / "models", "--native-front-dir", str(tmp_path / "sockets"),
-        "--snapshot-key", "k1:" + "A" * 44, "--drain-grace-s", "5",
-    )  # fmt: skip
-    server.wait_event("ready", 60)
-    front = NativeFront(tmp_path / "sockets")
 
-    async def hold(address: str, which: int, ready: asyncio.Event, got: list[object]) -> None:
-        more: asyncio.Queue[pb.StreamMultiRequest | None] = asyncio.Queue()
-        opens = [entry(open=LANGID)] * (2 if which == 0 else 1)
-        more.put_nowait(message(*opens)[0])
-
-        async def requests():  # open until the server ends the call
-            while (request := await more.get()) is not None:
-                yield request
-
+    async def hold(which: int, address: str, ready: asyncio.Event, got: list[object]) -> None:
+        send, requests = held_open(message(*[entry(open=LANGID)] * (2 if which == 0 else 1)))
         async with grpc.aio.insecure_channel(address) as channel:
-            call = pb_grpc.LstmServeStub(channel).StreamMulti(requests())
+            call = pb_grpc.LstmServeStub(channel).StreamMulti(requests)
             try:
                 async for reply in call:
                     sids = [r.session_id for r in reply.results]
                     got.append(blanked(reply))
                     if len(got) == 1 and which == 0:
-                        more.put_nowait(message(text(sids[0], 1, "abc"), text(sids[1], 1, "d"),
-                                                text(sids[1], 2, "ef"))[0])  # fmt: skip
+                        send(message(text(sids[0], 1, "abc"), text(sids[1], 1, "d"),
+                                     text(sids[1], 2, "ef"))[0])  # fmt: skip
                     elif len(got) == 1:
-                        more.put_nowait(message(entry(sids[0], end=pb.End()))[0])
+                        send(message(entry(sids[0], end=pb.End()))[0])
                     elif len(got) == 2:
                         ready.set()
             except grpc.aio.AioRpcError as exc:
                 got.append(exc.code())
 
-    async def main() -> list[list[object]]:
-        got: list[list[object]] = [[] for _ in range(4)]
-        ready = [asyncio.Event() for _ in range(4)]
-        plan = [(server.address, 0), (front.address, 0), (server.address, 1), (front.address, 1)]
-        tasks = [asyncio.create_task(hold(a, w, e, g))
-                 for (a, w), e, g in zip(plan, ready, got, strict=True)]  # fmt: skip
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 30)
-        server.terminate()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-        return got
-
-    try:
-        python, native, python_ended, native_ended = asyncio.run(main())
-    finally:
-        front.stop()
-        server.stop()
+    plan = [("python", 0), ("native", 0), ("python", 1), ("native", 1)]
+    calls = [(front, functools.partial(hold, which)) for front, which in plan]
+    python, native, python_ended, native_ended = drain_side_by_side(tmp_path, calls)
     assert native == python and native_ended == python_ended
     snaps = [r.snapshot for r in python[2].results]
     assert [(s.final, s.last_applied_seq) for s in snaps] == [(True, 1), (True, 2)]

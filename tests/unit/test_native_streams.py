@@ -89,10 +89,21 @@ def error(outcome: NativeOutcome | ChunkOutcome) -> BaseException | None:
     return None if isinstance(outcome, ChunkOutcome) else outcome.error
 
 
-def test_a_ticks_chunks_share_one_engine_call_and_match_the_python_fronts(
-    layer: SessionLayer,
-) -> None:
-    streams, calls = NativeStreams(layer), []
+FRAMES = m.Open("tiny-rnn-frames", 0, OPEN.options)
+
+
+def twins(layer: SessionLayer, *opens: m.Open) -> tuple[NativeStreams, NativeStreams]:
+    """Two NativeStreams with the same sessions opened, on streams 1, 2, ...: one for the
+    packed path, one for the entries path."""
+    pair = NativeStreams(layer), NativeStreams(layer)
+    for streams in pair:
+        tick(streams, *enumerate(opens, 1))
+    return pair
+
+
+def engine_calls(layer: SessionLayer) -> list[int]:
+    """From now on, the number of chunks in each engine call (apply_chunks), in order."""
+    calls: list[int] = []
     apply_chunks = layer.engine.apply_chunks
 
     async def counted(work: list[Any]) -> Any:
@@ -100,6 +111,13 @@ def test_a_ticks_chunks_share_one_engine_call_and_match_the_python_fronts(
         return await apply_chunks(work)
 
     layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_ticks_chunks_share_one_engine_call_and_match_the_python_fronts(
+    layer: SessionLayer,
+) -> None:
+    streams, calls = NativeStreams(layer), engine_calls(layer)
     tick(streams, *((s, OPEN) for s in (1, 2, 3)))
     outcomes = tick(streams, *((s, m.Chunk(1, Tokens(1, 2, s))) for s in (1, 2, 3)))
     assert calls == [3]
@@ -162,17 +180,8 @@ def test_drain_sends_each_idle_stream_its_last_message(layer: SessionLayer) -> N
 def test_packed_chunks_are_answered_as_their_entries_would_be(layer: SessionLayer) -> None:
     """The packed path (Tick.chunk_*) beside the entries path, on twin sessions: the same
     probabilities to the bit, in one engine call; every refusal is the entry's, word for word."""
-    fast, slow = NativeStreams(layer), NativeStreams(layer)
-    tick(fast, (1, OPEN), (2, OPEN))
-    tick(slow, (1, OPEN), (2, OPEN))
-    calls: list[int] = []
-    apply_chunks = layer.engine.apply_chunks
-
-    async def counted(work: list[Any]) -> Any:
-        calls.append(len(work))
-        return await apply_chunks(work)
-
-    layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    fast, slow = twins(layer, OPEN, OPEN)
+    calls = engine_calls(layer)
     got = packed(fast, (1, 1, [1, 2, 3]), (2, 1, [4]))
     assert calls == [2]
     want = tick(slow, (1, wire_chunk(1, [1, 2, 3])), (2, wire_chunk(1, [4])))
@@ -208,10 +217,7 @@ def test_a_tick_whose_chunk_columns_do_not_fit_is_refused(layer: SessionLayer) -
 
 def test_packed_frames_are_answered_as_their_entries_would_be(layer: SessionLayer) -> None:
     """Feature frames packed (Tick.frame_*), beside the entries path on twin sessions."""
-    fast, slow = NativeStreams(layer), NativeStreams(layer)
-    frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
-    for streams in (fast, slow):
-        tick(streams, (1, frames_model), (2, frames_model), (3, OPEN))
+    fast, slow = twins(layer, FRAMES, FRAMES, OPEN)
     rng = np.random.default_rng(5)
     one, two = rng.normal(size=10).tolist(), rng.normal(size=5).tolist()
     got = packed_frames(fast, (1, 1, 2, one), (2, 1, 0, two))
@@ -244,7 +250,7 @@ def test_a_tick_with_both_kinds_packed_answers_each_in_message_order(
 ) -> None:
     """Token and frame chunks in one tick (a token chunk refused and answered as its entry)."""
     streams = NativeStreams(layer)
-    tick(streams, (1, OPEN), (2, m.Open("tiny-rnn-frames", 0, OPEN.options)))
+    tick(streams, (1, OPEN), (2, FRAMES))
     message = npb.Tick(
         id=4,
         chunk_streams=np.array([1], "<u8").tobytes(),
@@ -313,18 +319,8 @@ def test_packed_text_is_answered_as_its_entries_would_be(layer: SessionLayer) ->
     """Text packed (Tick.text_*) beside the entries path on twin sessions: the same
     probabilities to the bit and held characters, in one engine call; every refusal the
     entry's, word for word."""
-    fast, slow = NativeStreams(layer), NativeStreams(layer)
-    frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
-    for streams in (fast, slow):
-        tick(streams, (1, OPEN), (2, OPEN), (3, frames_model))
-    calls: list[int] = []
-    apply_chunks = layer.engine.apply_chunks
-
-    async def counted(work: list[Any]) -> Any:
-        calls.append(len(work))
-        return await apply_chunks(work)
-
-    layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    fast, slow = twins(layer, OPEN, OPEN, FRAMES)
+    calls = engine_calls(layer)
     conversation = [
         [(1, 1, "hello wo"), (2, 1, "cafe\u0301")],  # held: a character that may still combine
         [(1, 2, "rld"), (2, 2, "\u0301 e")],  # combines with what was held
@@ -376,16 +372,9 @@ def test_a_tick_with_tokens_frames_and_text_answers_each_in_message_order(
     """All three packed kinds and an entry in one tick: answers in the proto's order (entries,
     tokens, frames, text), the chunks in one engine call, a refused chunk of each kind answered
     as its entry (from its own columns)."""
-    streams, calls = NativeStreams(layer), []
-    frames_model = m.Open("tiny-rnn-frames", 0, OPEN.options)
-    tick(streams, (1, OPEN), (2, frames_model), (3, OPEN), (4, OPEN), (5, frames_model))
-    apply_chunks = layer.engine.apply_chunks
-
-    async def counted(work: list[Any]) -> Any:
-        calls.append(len(work))
-        return await apply_chunks(work)
-
-    layer.engine.apply_chunks = counted  # type: ignore[method-assign]
+    streams = NativeStreams(layer)
+    tick(streams, (1, OPEN), (2, FRAMES), (3, OPEN), (4, OPEN), (5, FRAMES))
+    calls = engine_calls(layer)
     message = npb.Tick(
         id=5,
         entries=[npb.TickEntry(stream=4, request=pb.StreamRequest(reset=pb.Reset(seq=1)))],
