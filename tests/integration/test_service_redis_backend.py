@@ -181,3 +181,44 @@ def test_an_end_during_an_outage_is_written_when_the_store_is_back(
         _run(scenario())
     finally:
         node.stop()
+
+
+def test_with_min_replicas_a_record_no_replica_has_yet_is_not_taken(tmp_path: Path) -> None:
+    """A save refused for want of replicas may still reach the master: strict mode must not
+    continue a session from that record (and acknowledge its steps) until a replica has it,
+    or a failover to that replica takes acknowledged steps back."""
+    from bench.redisfleet import HOST, SYNC_AT_ONCE, RedisNode
+    from service.engine.continuity.redis_backend import StoreUnavailable
+    from service.engine.continuity.store_urls import StoreOptions
+
+    master = RedisNode(tmp_path, "master").start(*SYNC_AT_ONCE)
+    replica = RedisNode(tmp_path, "replica")
+
+    async def scenario() -> None:
+        url = f"redis://{HOST}:{master.port}/0"
+        landed = RedisSessionBackend(url, 60)  # what reached the master of a refused save
+        strict = RedisSessionBackend(url, 60, StoreOptions(timeout_s=0.5), min_replicas=1)
+        sid = uuid.uuid4().hex
+        assert await landed.save(sid, 1, "g1", b"s1") == WRITTEN
+        with pytest.raises(StoreUnavailable, match="record, but 0 of the 1 replicas"):
+            await strict.load(sid)
+        assert strict.guard.up, "not an outage: the master answered"
+        assert await strict.load(uuid.uuid4().hex) is None, "no record: nothing to wait for"
+        replica.start("--replicaof", HOST, str(master.port))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                assert await strict.load(sid) == Record(b"s1", 1, "g1", False)
+                break
+            except StoreUnavailable:
+                assert loop.time() < deadline, "the replica never acknowledged the record"
+                await asyncio.sleep(0.05)
+        await landed.close()
+        await strict.close()
+
+    try:
+        _run(scenario())
+    finally:
+        replica.stop()
+        master.stop()

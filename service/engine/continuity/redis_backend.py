@@ -22,7 +22,10 @@ operations fail fast (StoreUnavailable) while a background probe pings it (0.1 s
 
 With `min_replicas` (strict mode with Sentinel: 1), a save counts only once that many replicas
 have it (WAIT on the save's connection), so a master killed right after a reply cannot take an
-acknowledged chunk with it: the replica Sentinel promotes has it.
+acknowledged chunk with it: the replica Sentinel promotes has it. A load too: a record is taken
+only once that many replicas have it, since a save refused for want of replicas may have
+reached the master all the same, and continuing from it would acknowledge what a failover can
+still take back.
 """
 
 from __future__ import annotations
@@ -234,29 +237,49 @@ class RedisSessionBackend:
         args = [seq, generation, snapshot, self.ttl_ms, ISSUED_TTL_S, mode, takeover_from or ""]
         if self.min_replicas <= 0:
             return int(await self.guard.run("save", lambda: self._save(keys=keys, args=args)))
-        wait_ms = max(1, int(self.options.timeout_s * 500))  # half the deadline
-        saved, acked = await self.guard.run("save", lambda: self._replicated(keys, args, wait_ms))
-        if int(saved) == WRITTEN and int(acked) < self.min_replicas:  # the master is up
-            raise StoreUnavailable(
-                f"saved on the master, but {acked} of the {self.min_replicas} replicas needed "
-                f"acknowledged it within {wait_ms} ms"
-            )
+        saved, acked = await self.guard.run(
+            "save", lambda: self._replicated(self._save, keys, args)
+        )
+        if int(saved) == WRITTEN:  # the master is up
+            self._check_replicated(int(acked), "saved on the master")
         return int(saved)
 
-    async def _replicated(self, keys: list[str], args: list[Any], wait_ms: int) -> list[Any]:
-        """The save, then WAIT for `min_replicas` on the same connection (one pipeline)."""
+    async def _replicated(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+        """`script`, then WAIT for `min_replicas` on the same connection (one pipeline)."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            await self._save(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
             return list(await pipe.execute())
 
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, int(self.options.timeout_s * 500))  # half the deadline
+
+    def _check_replicated(self, acked: int, what: str) -> None:
+        if acked < self.min_replicas:
+            raise StoreUnavailable(
+                f"{what}, but {acked} of the {self.min_replicas} replicas needed acknowledged "
+                f"it within {self._wait_ms} ms"
+            )
+
     async def load(self, session_id: str) -> Record | None:
-        """The stored record, refreshing its idle timer; None if absent."""
+        """The stored record, refreshing its idle timer; None if absent. With `min_replicas`,
+        a record is only taken once that many replicas have it (the idle timer's refresh is
+        a write: WAIT for it covers the record read): a save refused for want of replicas may
+        still have reached the master, and a copy continued from it would otherwise answer
+        steps that a failover then takes back."""
         keys, args = [session_key(session_id)], [self.ttl_ms]
-        rec = await self.guard.run("load", lambda: self._load(keys=keys, args=args))
+        acked = self.min_replicas
+        if self.min_replicas <= 0:
+            rec = await self.guard.run("load", lambda: self._load(keys=keys, args=args))
+        else:
+            rec, acked = await self.guard.run(
+                "load", lambda: self._replicated(self._load, keys, args)
+            )
         snap, seq, gen, ended, final = rec
         if seq is None and ended is None:
             return None
+        self._check_replicated(int(acked), f"read session {session_id}'s record")
         return Record(snap, int(seq or 0), (gen or b"").decode(), ended is not None, final)
 
     async def end(self, session_id: str, final: bytes = b"") -> None:
