@@ -86,9 +86,9 @@ class NativeFrontServicer:
         closed = list(zip(tick.closed, tick.closed_ok, strict=False))
         packed = read_chunks(tick)
         if entries:
-            metrics.NATIVE_TICK_PACKING.labels("entry").inc(len(entries))
+            metrics.NATIVE_PACKINGS["entry"].inc(len(entries))
         for chunks in packed:
-            metrics.NATIVE_TICK_PACKING.labels(chunks.kind).inc(len(chunks))
+            metrics.NATIVE_PACKINGS[chunks.kind].inc(len(chunks))
         reply = self._reply(await streams.answer(entries, closed, packed))
         reply.tick = tick.id
         return reply
