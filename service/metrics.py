@@ -215,8 +215,10 @@ NATIVE_TICK_PACKING = Counter(
     "input kind (packing = tokens, features, text) or as whole entries (entry).",
     ["packing"],
 )
-for _packing in ("entry", "tokens", "features", "text"):  # at 0 from the start: rate() has data
-    NATIVE_TICK_PACKING.labels(_packing)
+# Its children, made at import (at 0 from the start: rate() has data), looked up per tick.
+NATIVE_PACKINGS = {
+    p: NATIVE_TICK_PACKING.labels(p) for p in ("entry", "tokens", "features", "text")
+}
 STEPS = Counter(
     "lstm_serve_steps_total", "Sequence steps processed by the models.", ["model", "rpc"]
 )

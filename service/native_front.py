@@ -86,9 +86,9 @@ class NativeFrontServicer:
         closed = list(zip(tick.closed, tick.closed_ok, strict=False))
         packed = read_chunks(tick)
         if entries:
-            metrics.NATIVE_TICK_PACKING.labels("entry").inc(len(entries))
+            metrics.NATIVE_PACKINGS["entry"].inc(len(entries))
         for chunks in packed:
-            metrics.NATIVE_TICK_PACKING.labels(chunks.kind).inc(len(chunks))
+            metrics.NATIVE_PACKINGS[chunks.kind].inc(len(chunks))
         reply = self._reply(await streams.answer(entries, closed, packed))
         reply.tick = tick.id
         return reply
@@ -123,8 +123,9 @@ class NativeFrontServicer:
             request = [codec.session_entry(e) for e in entry.multi.entries]
         else:
             request = codec.stream_request(entry.request)
+        parent = self._parent(entry) if entry.first else None
         if not entry.first or self.auth is None:
-            return NativeEntry(entry.stream, request, multi=multi, traceparent=entry.traceparent)
+            return NativeEntry(entry.stream, request, multi=multi, parent=parent)
         authorization = entry.authorization if entry.has_authorization else None
         try:
             caller = self.auth.authenticate(authorization, entry.cert_cn or None)
@@ -132,8 +133,16 @@ class NativeFrontServicer:
             metrics.AUTH_FAILURES.labels(metrics.PROTOCOL_NATIVE, exc.reason).inc()
             return NativeEntry(entry.stream, request, refused=exc, multi=multi)
         metrics.CALLER_REQUESTS.labels(self.auth.label(caller), metrics.PROTOCOL_NATIVE).inc()
-        return NativeEntry(entry.stream, request, caller, multi=multi,
-                           traceparent=entry.traceparent)  # fmt: skip
+        return NativeEntry(entry.stream, request, caller, multi=multi, parent=parent)
+
+    def _parent(self, entry: npb.TickEntry) -> object:
+        """A stream's first message: the caller's trace context (its `traceparent` and
+        `tracestate` metadata), its messages' spans' parent; None when tracing is off."""
+        tracing = self.layer.tracing
+        if not tracing.enabled or not entry.traceparent:
+            return None
+        return tracing.extract([("traceparent", entry.traceparent),
+                                ("tracestate", entry.tracestate)])  # fmt: skip
 
     def _reply(self, outcomes: list[NativeOutcome | ChunkOutcome]) -> npb.TickReply:
         """The tick's reply: plain chunk replies packed (`_write_packed`), the others as

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TickEntry(_message.Message):
-    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size", "cert_cn", "multi", "multi_stream", "traceparent")
+    __slots__ = ("stream", "request", "first", "authorization", "has_authorization", "malformed", "size", "cert_cn", "multi", "multi_stream", "traceparent", "tracestate")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class TickEntry(_message.Message):
     MULTI_FIELD_NUMBER: _ClassVar[int]
     MULTI_STREAM_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
     stream: int
     request: _lstm_serve_pb2.StreamRequest
     first: bool
@@ -31,7 +32,8 @@ class TickEntry(_message.Message):
     multi: _lstm_serve_pb2.StreamMultiRequest
     multi_stream: bool
     traceparent: str
-    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ..., multi: _Optional[_Union[_lstm_serve_pb2.StreamMultiRequest, _Mapping]] = ..., multi_stream: _Optional[bool] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    tracestate: str
+    def __init__(self, stream: _Optional[int] = ..., request: _Optional[_Union[_lstm_serve_pb2.StreamRequest, _Mapping]] = ..., first: _Optional[bool] = ..., authorization: _Optional[str] = ..., has_authorization: _Optional[bool] = ..., malformed: _Optional[bool] = ..., size: _Optional[int] = ..., cert_cn: _Optional[str] = ..., multi: _Optional[_Union[_lstm_serve_pb2.StreamMultiRequest, _Mapping]] = ..., multi_stream: _Optional[bool] = ..., traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
 
 class Tick(_message.Message):
     __slots__ = ("entries", "closed", "closed_ok", "id", "chunk_streams", "chunk_seqs", "chunk_offsets", "chunk_tokens", "frame_streams", "frame_seqs", "frame_counts", "frame_offsets", "frame_values", "text_streams", "text_seqs", "text_offsets", "text_bytes")

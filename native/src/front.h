@@ -112,7 +112,8 @@ class NativeStream : public grpc::ServerGenericBidiReactor {
   std::string authorization_;
   bool has_authorization_ = false;
   std::string cert_cn_;
-  std::string traceparent_;
+  std::string traceparent_;  // the caller's trace context (sent with the first message)
+  std::string tracestate_;
   bool linger_ = false;  // ended after a final snapshot: Finish waits for EOF (2 s at most)
   std::unique_ptr<grpc::Alarm> alarm_;
   grpc::Status drain_status_;  // Drain: what it ends with if no first message comes

@@ -56,8 +56,10 @@ NativeStream::NativeStream(grpc::GenericCallbackServerContext* ctx, Ticker* tick
     has_authorization_ = true;
   }
   cert_cn_ = CertCommonName(ctx);
-  auto parent = multi_ ? metadata.find("traceparent") : metadata.end();  // StreamMulti's spans
+  auto parent = metadata.find("traceparent");  // the parent of its messages' spans
   if (parent != metadata.end()) traceparent_.assign(parent->second.data(), parent->second.size());
+  auto state = metadata.find("tracestate");
+  if (state != metadata.end()) tracestate_.assign(state->second.data(), state->second.size());
 }
 
 void NativeStream::Begin(std::shared_ptr<NativeStream> self) {
@@ -105,6 +107,7 @@ void NativeStream::OnReadDone(bool ok) {
       }
       if (!cert_cn_.empty()) entry.set_cert_cn(cert_cn_);
       if (!traceparent_.empty()) entry.set_traceparent(traceparent_);
+      if (!tracestate_.empty()) entry.set_tracestate(tracestate_);
     }
     sent_ = true;
     ++unanswered_;

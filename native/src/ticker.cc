@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "front.h"
@@ -21,8 +22,10 @@ const grpc::Status& LostStatus() {
   return lost;
 }
 
-// How long the keeper waits before connecting again after a link ended (or a connect failed).
+// How long the keeper waits before connecting again after a link ended; doubled after each
+// connect that fails (no server there), up to kReconnectMax, back to kReconnect once linked.
 constexpr std::chrono::milliseconds kReconnect(100);
+constexpr std::chrono::milliseconds kReconnectMax(1000);
 
 // A reply larger than this ends the link (the Python server never writes one: its replies are a
 // tick's answers, each tick within --max-tick-bytes).
@@ -125,16 +128,20 @@ void Ticker::Start() { keeper_ = std::thread([this] { Keep(); }); }
 
 // A link open while no message needs one, so that a draining server's notice (TickReply.drain)
 // reaches the calls that have sent nothing yet: connected at once, and again kReconnect after
-// a link ends or a connect fails (the server not there yet, restarting, or gone), until Stop.
+// a link ends, then (the server not there yet, restarting, or gone) after 0.2, 0.4, 0.8 s and
+// every kReconnectMax until a connect succeeds (here, or Pump's for a message), until Stop.
 void Ticker::Keep() {
   std::unique_lock<std::mutex> lock(mu_);
+  auto delay = kReconnect;
   while (!stop_) {
     if (link_ == nullptr) {
       link_ = Link::Connect(socket_path_);
       if (link_ != nullptr) link_->StartReading(this, link_);  // its reader locks mu_ later
     }
+    if (link_ != nullptr) delay = kReconnect;  // linked: the next loss retries soon
     idle_.wait(lock, [this] { return stop_ || link_ == nullptr; });
-    idle_.wait_for(lock, kReconnect, [this] { return stop_; });
+    idle_.wait_for(lock, delay, [this] { return stop_; });
+    delay = std::min(delay * 2, kReconnectMax);
   }
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeGuard
 
@@ -39,6 +39,7 @@ from service.protocol.messages import (
 )
 from service.protocol.multi import RPC as MULTI_RPC
 from service.protocol.multi import MultiConversation
+from service.protocol.native_spans import TickSpans, open_spans
 from service.protocol.session import (
     FINAL_MESSAGE_GRACE_S,
     IN_BAND,
@@ -66,7 +67,7 @@ class NativeEntry:
     caller: str | None = None
     refused: LstmServeError | Exception | None = None  # the caller was not authenticated
     multi: bool = False
-    traceparent: str = ""  # on the first: the caller's traceparent metadata, if it sent one
+    parent: object = None  # on the first, when traced: the caller's trace context (its metadata)
 
 
 @dataclass(slots=True)
@@ -109,6 +110,7 @@ class _Stream:
     caller: str
     token: object
     session: Session | None = None
+    parent: object = None  # the caller's trace context (its messages' spans' parent)
 
 
 @dataclass(slots=True)
@@ -147,36 +149,38 @@ class NativeStreams:
         outcomes: list[NativeOutcome | ChunkOutcome | None] = [None] * len(ids)
         work: list[tuple[int, ChunkWork]] = []
         multis: list[tuple[int, NativeEntry]] = []
+        spans = open_spans(self.layer.tracing, RPC, entries, packed, self._streams, self._final,
+                           self.draining) if self.layer.tracing.enabled else None  # fmt: skip
         self._busy.update(ids)
         try:
             for i, entry in enumerate(entries):
                 if entry.multi:
                     multis.append((i, entry))
                     continue
-                outcomes[i] = await self._entry(entry, i, work)
-            base = len(entries)
+                outcomes[i] = await self._entry(entry, i, work, spans)
+            base, taking, held_back = len(entries), self._taking, self._final.keys()
+            if spans is not None and spans.streams:  # a traced chunk is answered as an entry
+                taking, held_back = spans.untraced(taking), held_back | spans.streams
             for chunks in packed:
                 if chunks.kind == "text":
-                    taken = _take_text(chunks, base, outcomes, self._streams, self._taking,
+                    taken = _take_text(chunks, base, outcomes, self._streams, taking,
                                        self._decode_chunk)  # fmt: skip
                 else:
-                    taken = _take_packed(chunks, base, self._streams, self._final, self.draining,
+                    taken = _take_packed(chunks, base, self._streams, held_back, self.draining,
                                          self.layer.limits.max_chunk_steps)  # fmt: skip
                 work += taken.work
                 for i, entry in taken.others:
-                    outcomes[i] = await self._entry(entry, i, work)
+                    outcomes[i] = await self._entry(entry, i, work, spans)
                 base += len(chunks)
-            if multis:  # concurrently with the chunks: the engine's batcher groups their runs
-                answers = await asyncio.gather(
-                    _run_chunks(self.layer.engine, work, outcomes),
-                    *(self._multi(e) for _, e in multis),
-                )
-                for (i, _), answer in zip(multis, answers[1:], strict=True):
-                    outcomes[i] = answer
-            else:
-                await _run_chunks(self.layer.engine, work, outcomes)
+            await _run_tick(self.layer.engine, work, outcomes, spans, multis, self._multi)
+        except BaseException as exc:
+            if spans is not None:
+                spans.fail(exc)
+            raise
         finally:
             self._busy.difference_update(ids)
+        if spans is not None:
+            spans.end(outcomes)
         done = [o for o in outcomes if o is not None]
         for stream, outcome in zip(ids, done, strict=True):
             if isinstance(outcome, NativeOutcome) and (outcome.error is not None or outcome.finish):
@@ -184,9 +188,13 @@ class NativeStreams:
         return done
 
     async def _entry(
-        self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]]
-    ) -> NativeOutcome | None:
-        """An entry's outcome, or None for a valid chunk (added to `work`)."""
+        self, entry: NativeEntry, i: int, work: list[tuple[int, ChunkWork]],
+        spans: TickSpans | None = None,
+    ) -> NativeOutcome | None:  # fmt: skip
+        """An entry's outcome, or None for a valid chunk (added to `work`); in its span, if
+        traced."""
+        if spans is not None:
+            return await spans.within(i, self._entry(entry, i, work))
         settled = await _settled(entry, self._final)
         if settled is not None:
             return settled
@@ -196,25 +204,22 @@ class NativeStreams:
         if stream is not None and stream.session is not None and self.draining:
             return await _last_message(self.layer, stream)  # not applied: resent where it continues
         if stream is None:
-            stream = _Stream(entry.caller or principal.ANONYMOUS, object())
+            stream = _Stream(entry.caller or principal.ANONYMOUS, object(), parent=entry.parent)
             self._streams[entry.stream] = stream
-        scope = principal.CALLER.set(stream.caller)
-        try:
-            if stream.session is None:
-                stream.session, opened = await self.layer.attach(request, stream.token)
-                return NativeOutcome(Reply(opened.session_id, opened))
-            session = stream.session
-            if isinstance(request, Chunk):
-                return self._decode_chunk(session, stream.token, request, i, work)
-            body = await self.layer.handle(session, request, RPC, stream.token)
-            return NativeOutcome(Reply(session.id, body), finish=_ends(body))
-        except LstmServeError as exc:
-            return NativeOutcome(error=exc)
-        except Exception as exc:  # a bug: this stream ends INTERNAL, as on the Python front
-            log.exception("unexpected error in Stream (native front)", exc_info=exc)
-            return NativeOutcome(error=exc)
-        finally:
-            principal.CALLER.reset(scope)
+        return await _as_caller(stream.caller, RPC, self._message(stream, request, i, work))
+
+    async def _message(
+        self, stream: _Stream, request: Request, i: int, work: list[tuple[int, ChunkWork]]
+    ) -> NativeOutcome | None:
+        """A Stream message's outcome: the first attaches, a valid chunk goes to `work`."""
+        if stream.session is None:
+            stream.session, opened = await self.layer.attach(request, stream.token)
+            return NativeOutcome(Reply(opened.session_id, opened))
+        session = stream.session
+        if isinstance(request, Chunk):
+            return self._decode_chunk(session, stream.token, request, i, work)
+        body = await self.layer.handle(session, request, RPC, stream.token)
+        return NativeOutcome(Reply(session.id, body), finish=_ends(body))
 
     def _decode_chunk(
         self, session: Session, token: object, chunk: Chunk, i: int,
@@ -231,10 +236,8 @@ class NativeStreams:
         """A StreamMulti message's outcome, from the stream's `MultiConversation`."""
         held = self._multis.get(entry.stream)
         if held is None and entry.refused is None:  # a malformed message's call counts too
-            tracing = self.layer.tracing  # each message's span is a child of the caller's
-            parent = tracing.extract([("traceparent", entry.traceparent)]) \
-                if tracing.enabled and entry.traceparent else None  # fmt: skip
-            conversation = MultiConversation(self.layer, parent=parent)
+            # each message's span is a child of the caller's trace context
+            conversation = MultiConversation(self.layer, parent=entry.parent)
             held = _MultiStream(entry.caller or principal.ANONYMOUS, conversation)
             self._multis[entry.stream] = held
         settled = await _settled(entry, self._final)
@@ -245,16 +248,9 @@ class NativeStreams:
         if self.draining:  # not applied: resent where its sessions continue
             return await _last_multi(held)
         assert isinstance(request, list)
-        scope = principal.CALLER.set(held.caller)
-        try:
-            return NativeOutcome(await held.conversation.answer_traced(request))
-        except LstmServeError as exc:  # too many entries: the stream ends, as on the Python front
-            return NativeOutcome(error=exc)
-        except Exception as exc:  # a bug: this stream ends INTERNAL, as on the Python front
-            log.exception("unexpected error in StreamMulti (native front)", exc_info=exc)
-            return NativeOutcome(error=exc)
-        finally:
-            principal.CALLER.reset(scope)
+        outcome = await _as_caller(held.caller, MULTI_RPC, _multi_reply(held.conversation, request))
+        assert outcome is not None
+        return outcome
 
     # -- drain: the last message of each stream ------------------------------------------------
 
@@ -312,6 +308,31 @@ class NativeStreams:
             self._forget(stream, "CANCELLED")
 
 
+async def _as_caller(
+    caller: str, rpc: str, answer: Awaitable[NativeOutcome | None]
+) -> NativeOutcome | None:
+    """`answer` awaited as `caller` (principal.CALLER); what it raises ends the stream, as on
+    the Python front: an LstmServeError with its status (StreamMulti: too many entries), any
+    other exception (a bug, logged) INTERNAL."""
+    scope = principal.CALLER.set(caller)
+    try:
+        return await answer
+    except LstmServeError as exc:
+        return NativeOutcome(error=exc)
+    except Exception as exc:
+        log.exception("unexpected error in %s (native front)", rpc, exc_info=exc)
+        return NativeOutcome(error=exc)
+    finally:
+        principal.CALLER.reset(scope)
+
+
+async def _multi_reply(
+    conversation: MultiConversation, entries: list[SessionEntry]
+) -> NativeOutcome:
+    """A StreamMulti message's reply, in its span when traced."""
+    return NativeOutcome(await conversation.answer_traced(entries))
+
+
 def unknown_on_drain() -> tuple[LstmServeError, float]:
     """What a draining server's front does with the calls the server does not know (none
     of their messages sent yet), and those opened during the drain: it ends them with this
@@ -339,6 +360,28 @@ async def _last_multi(held: _MultiStream) -> NativeOutcome:
     """The same for a StreamMulti stream: the final snapshots of the live sessions it named
     (MultiConversation.last_message), then UNAVAILABLE."""
     return NativeOutcome(await held.conversation.last_message(), draining_error())
+
+
+async def _run_tick(
+    engine: Engine, work: list[tuple[int, ChunkWork]],
+    outcomes: list[NativeOutcome | ChunkOutcome | None], spans: TickSpans | None,
+    multis: list[tuple[int, NativeEntry]], multi: Callable[[NativeEntry], Awaitable[NativeOutcome]],
+) -> None:  # fmt: skip
+    """The tick's chunks in one engine call, concurrently with its StreamMulti messages
+    (`multi` answers one) and its traced chunks (each in its span): the engine's batcher
+    groups their runs."""
+    alone = spans.take_traced(work) if spans is not None else []
+    if not multis and not alone:
+        await _run_chunks(engine, work, outcomes)
+        return
+    answers = await asyncio.gather(
+        _run_chunks(engine, work, outcomes),
+        *(multi(e) for _, e in multis),
+        *(spans.within(i, _run_chunks(engine, [(i, w)], outcomes))  # type: ignore[union-attr]
+          for i, w in alone),
+    )  # fmt: skip
+    for (i, _), answer in zip(multis, answers[1 : 1 + len(multis)], strict=True):
+        outcomes[i] = answer
 
 
 async def _run_chunks(
@@ -446,12 +489,13 @@ def _take_text(
 
 
 def _take_packed(
-    chunks: PackedChunks, base: int, streams: dict[int, _Stream],
-    final: dict[int, asyncio.Future[None]], draining: bool, max_steps: int,
+    chunks: PackedChunks, base: int, streams: dict[int, _Stream], held_back: Container[int],
+    draining: bool, max_steps: int,
 ) -> _Taken:  # fmt: skip
     """The packed chunks this path takes (message index base + j), after the checks
     `SessionLayer.decode` makes, vectorised; the others as entries for the common path: a
-    stream without a session, a draining server, a model of the other input kind, a chunk with
+    stream `held_back` (its last message on its way, or traced), a stream without a session,
+    a draining server, a model of the other input kind, a chunk with
     no step or too many, an id out of range, a value not finite, floats that are not whole
     frames."""
     frames = chunks.kind == "features"
@@ -464,7 +508,7 @@ def _take_packed(
         session = held.session if held is not None else None
         desc = session.model.description if session is not None else None
         steps = None
-        if desc is not None and not draining and stream_id not in final and \
+        if desc is not None and not draining and stream_id not in held_back and \
                 desc.input_kind == chunks.kind:  # fmt: skip
             a, b = starts[j], starts[j + 1]
             if frames:

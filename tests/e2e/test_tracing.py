@@ -297,6 +297,76 @@ def test_a_stream_multi_message_through_the_native_front_hangs_under_its_tracepa
     assert attributes(batch_linking(receiver, chunk))["lstmserve.batch.size"] >= 1
 
 
+def test_a_native_stream_is_traced_as_the_python_front_traces_it(
+    repo: Path, receiver: Receiver, monkeypatch_module: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same Stream (open, a text chunk, one refused in-band, another, end) through the
+    Python front and the native front of one traced server: the same spans (names, parents,
+    attributes, status), each message's under the caller's traceparent, and the caller's
+    tracestate in their context. The native front's chunks after the first message travel
+    packed: traced, each is answered in its own span."""
+    from tests.native_front import NativeFront, binary
+
+    binary()
+    monkeypatch_module.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = start(repo, "--trace-otlp-endpoint", receiver.endpoint, "--trace-sample-ratio",
+                   "1", "--native-front-dir", str(tmp_path / "sockets"))  # fmt: skip
+    front = NativeFront(tmp_path / "sockets")
+    try:
+        python, native = (traced_stream_shape(a, receiver) for a in (server.address, front.address))
+    finally:
+        front.stop()
+        server.stop()
+    assert native == python
+    messages = [s for s in native if s[1] == "caller"]
+    kinds = sorted(s[2]["lstmserve.message"] for s in messages)
+    assert kinds == ["chunk", "chunk", "chunk", "end", "open"], kinds
+    assert {s[5] for s in messages} == {TRACESTATE}, messages
+    assert ("reply", ("chunk", 9), {}, trace_pb2.Status.STATUS_CODE_UNSET, "", TRACESTATE) in native
+
+
+TRACESTATE = "vendor=opaque,other=7"
+STREAM = "lstmserve.v1.LstmServe/Stream"
+
+
+def traced_stream_shape(address: str, receiver: Receiver) -> list[tuple[Any, ...]]:
+    """One Stream under a fresh traceparent and TRACESTATE: its trace's spans, each as (name,
+    its parent: "caller" or the parent's (message kind, status code), attributes, status code,
+    status message, trace state), sorted (the ids and times differ from call to call)."""
+    client = Traceparent()
+    texts = [(1, "bonj"), (5, "gap"), (2, "our")]  # seq 5: a gap, refused in-band
+    requests = [pb.StreamRequest(open=pb.OpenSession(model=MODEL))]
+    requests += [pb.StreamRequest(chunk=pb.Chunk(seq=seq, input=pb.SequenceInput(text=text)))
+                 for seq, text in texts]  # fmt: skip
+    requests.append(pb.StreamRequest(end=pb.End()))
+    metadata = (("traceparent", client.header), ("tracestate", TRACESTATE))
+    with grpc.insecure_channel(address) as channel:
+        replies = list(pb_grpc.LstmServeStub(channel).Stream(iter(requests), metadata=metadata))
+    assert replies[2].chunk.error.numeric_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert replies[-1].HasField("ended"), replies[-1]
+
+    def all_messages() -> list[Span] | None:
+        spans = receiver.of_trace(client.trace_id)
+        mine = [s for s in spans if s.parent_span_id == client.span_id]
+        return spans if len(mine) >= len(requests) else None  # children end (and go) first
+
+    spans = receiver.wait(all_messages)
+    by_id = {s.span_id: s for s in spans}
+
+    def parent(span: Span) -> Any:
+        if span.parent_span_id == client.span_id:
+            return "caller"
+        above = by_id[span.parent_span_id]
+        facts = attributes(above)
+        return facts.get("lstmserve.message"), facts.get("rpc.grpc.status_code")
+
+    shape = [(s.name, parent(s), attributes(s), s.status.code, s.status.message, s.trace_state)
+             for s in spans]  # fmt: skip
+    assert all(s.trace_id == client.trace_id for s in spans)
+    assert {s[0] for s in shape if s[1] == "caller"} == {STREAM}
+    return sorted(shape, key=repr)
+
+
 def stream_multi_spans(address: str, receiver: Receiver,
                        at_least: int = 7) -> tuple[list[Span], list[Span]]:  # fmt: skip
     """Two StreamMulti messages (an open, a chunk) under a traceparent: the trace's spans (once

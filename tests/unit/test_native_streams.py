@@ -205,6 +205,22 @@ def test_packed_chunks_are_answered_as_their_entries_would_be(layer: SessionLaye
             assert anonymous(body(a).error) == anonymous(body(b).error), ids
 
 
+def test_tracing_off_costs_a_tick_no_span_work(
+    layer: SessionLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracing off (the layer's NO_TRACING): no tick looks for spans, and every packed chunk
+    takes the packed path (a traced one would go as an entry, in its span)."""
+
+    def no_spans(*args: Any) -> None:
+        raise AssertionError("spans opened with tracing off")
+
+    monkeypatch.setattr("service.protocol.native.open_spans", no_spans)
+    streams = NativeStreams(layer)
+    tick(streams, (1, OPEN), (2, OPEN))
+    got = packed(streams, (1, 1, [1, 2, 3]), (2, 1, [4]))
+    assert all(isinstance(o, ChunkOutcome) for o in got), got
+
+
 def test_a_tick_whose_chunk_columns_do_not_fit_is_refused(layer: SessionLayer) -> None:
     bad = npb.Tick(id=3, chunk_streams=b"\0" * 8, chunk_seqs=b"\0" * 8, chunk_offsets=b"\0" * 4)
     with pytest.raises(ProtocolError, match="tick 3: chunk columns"):
