@@ -7,6 +7,7 @@ redis-server as the session store (its save span)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import queue
 import secrets
@@ -275,11 +276,11 @@ def test_each_stream_multi_message_is_a_span_its_batch_links_to(
     check_queued_batch(receiver, spans, max(messages, key=lambda s: s.start_time_unix_nano))
 
 
-def test_a_stream_multi_message_through_the_native_front_hangs_under_its_traceparent(
+@contextlib.contextmanager
+def traced_native_front(
     repo: Path, receiver: Receiver, monkeypatch_module: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The native front forwards a StreamMulti call's traceparent with its first message: each
-    message's span is the caller's child, as on the Python front, linked from its batch."""
+) -> Iterator[tuple[ServerProcess, Any]]:
+    """A server tracing every message to `receiver`, and a native front in front of it."""
     from tests.native_front import NativeFront, binary
 
     binary()
@@ -288,10 +289,19 @@ def test_a_stream_multi_message_through_the_native_front_hangs_under_its_tracepa
                    "1", "--native-front-dir", str(tmp_path / "sockets"))  # fmt: skip
     front = NativeFront(tmp_path / "sockets")
     try:
-        spans, messages = stream_multi_spans(front.address, receiver, 6)  # no store: no save
+        yield server, front
     finally:
         front.stop()
         server.stop()
+
+
+def test_a_stream_multi_message_through_the_native_front_hangs_under_its_traceparent(
+    repo: Path, receiver: Receiver, monkeypatch_module: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The native front forwards a StreamMulti call's traceparent with its first message: each
+    message's span is the caller's child, as on the Python front, linked from its batch."""
+    with traced_native_front(repo, receiver, monkeypatch_module, tmp_path) as (_, front):
+        spans, messages = stream_multi_spans(front.address, receiver, 6)  # no store: no save
     chunk = max(messages, key=lambda s: s.start_time_unix_nano)
     assert "queue wait" in children(spans, chunk) and "reply" in children(spans, chunk)
     assert attributes(batch_linking(receiver, chunk))["lstmserve.batch.size"] >= 1
@@ -305,18 +315,8 @@ def test_a_native_stream_is_traced_as_the_python_front_traces_it(
     attributes, status), each message's under the caller's traceparent, and the caller's
     tracestate in their context. The native front's chunks after the first message travel
     packed: traced, each is answered in its own span."""
-    from tests.native_front import NativeFront, binary
-
-    binary()
-    monkeypatch_module.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    server = start(repo, "--trace-otlp-endpoint", receiver.endpoint, "--trace-sample-ratio",
-                   "1", "--native-front-dir", str(tmp_path / "sockets"))  # fmt: skip
-    front = NativeFront(tmp_path / "sockets")
-    try:
+    with traced_native_front(repo, receiver, monkeypatch_module, tmp_path) as (server, front):
         python, native = (traced_stream_shape(a, receiver) for a in (server.address, front.address))
-    finally:
-        front.stop()
-        server.stop()
     assert native == python
     messages = [s for s in native if s[1] == "caller"]
     kinds = sorted(s[2]["lstmserve.message"] for s in messages)
