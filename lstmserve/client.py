@@ -8,7 +8,9 @@
 
 Failover, given several addresses:
   * unary calls, `open_session` and `restore_session` go to the next address when one is
-    UNAVAILABLE (unreachable, draining, still loading);
+    UNAVAILABLE (unreachable, draining, still loading); the session calls also when the new
+    stream breaks under them (CANCELLED, UNKNOWN: a replica stopping), and repeat the round
+    for up to `failover_s` seconds while an address may come back;
   * `resume_session` also moves on past NOT_FOUND (without a shared store only the replica that
     holds a session knows it);
   * a session whose stream breaks (`StreamSession`, and every session of a `MultiStream`)
@@ -172,9 +174,14 @@ class _AllFailed(Exception):
         self.errors = errors
 
     def telling(self) -> BaseException:
-        """The error to show: an answer (NOT_FOUND, ...) over an unreachable address."""
-        answered = [e for e in self.errors if _code(e) not in (grpc.StatusCode.UNAVAILABLE, None)]
-        return (answered or self.errors)[0]
+        """The error to show: an answer (NOT_FOUND, ...) over a broken or unavailable stream,
+        a server's status (UNAVAILABLE: its store is down, ...) over an unreachable address."""
+
+        def rank(error: BaseException) -> int:
+            code = _code(error)
+            return 2 if code is None else 1 if code in RETRYABLE else 0
+
+        return min(self.errors, key=rank)
 
     def gone(self) -> bool:
         """Every address that answered (some did) said it does not know the session."""
@@ -203,25 +210,35 @@ async def _fail_over(
     client: LstmClient, current: str, elsewhere: bool, attempt: Callable[[str], Awaitable[Any]],
     what: str,
 ) -> str:  # fmt: skip
-    """Run `attempt` on the addresses in failover order, in rounds while some address may come
-    back (short pauses, `client.failover_s` at most); the address that took it, or SessionLost."""
+    """Run `attempt` on the addresses in failover order (`_rounds`); the address that took
+    it, or SessionLost."""
+    order = client.failover_order(current, elsewhere)
+    try:
+        address, _ = await _rounds(client.failover_s, order, attempt, lambda _: True)
+    except _AllFailed as failed:
+        message = f"{what} could not be continued on {client.addresses}: {failed.telling()}"
+        raise SessionLost(message, failed.gone()) from failed.telling()
+    client.moved_to(address)
+    return address
+
+
+async def _rounds(
+    failover_s: float, addresses: Sequence[str], attempt: Callable[[str], Awaitable[Any]],
+    moves_on: Callable[[BaseException], bool],
+) -> tuple[str, Any]:  # fmt: skip
+    """`_one_round`, again while some address may come back (a replica restarting, a store
+    failing over: short pauses, `failover_s` at most); the last round's _AllFailed after that."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + client.failover_s
+    deadline = loop.time() + failover_s
     pause = 0.05
     while True:
         try:
-            address, _ = await _one_round(
-                client.failover_order(current, elsewhere), attempt, lambda _: True
-            )
+            return await _one_round(addresses, attempt, moves_on)
         except _AllFailed as failed:
-            if any(map(_may_come_back, failed.errors)) and loop.time() + pause < deadline:
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, 0.5)
-                continue
-            message = f"{what} could not be continued on {client.addresses}: {failed.telling()}"
-            raise SessionLost(message, failed.gone()) from failed.telling()
-        client.moved_to(address)
-        return address
+            if not any(map(_may_come_back, failed.errors)) or loop.time() + pause >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 0.5)
 
 
 def to_input(steps: Steps) -> pb.SequenceInput:
@@ -292,9 +309,15 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _Refused) or _code(exc) == grpc.StatusCode.UNAVAILABLE
 
 
-def _unavailable_or_unknown(exc: BaseException) -> bool:
+def _not_taken(exc: BaseException) -> bool:
+    """A stream's first message (open, restore) moves on past these too: the stream broke
+    under it (a replica stopping cancels its streams), as a session's stream does later."""
+    return _unavailable(exc) or _code(exc) in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+
+def _not_taken_or_unknown(exc: BaseException) -> bool:
     """A resume by id also moves on past NOT_FOUND: another replica may hold the session."""
-    return _unavailable(exc) or _code(exc) == grpc.StatusCode.NOT_FOUND
+    return _not_taken(exc) or _code(exc) == grpc.StatusCode.NOT_FOUND
 
 
 class LstmClient:
@@ -414,7 +437,7 @@ class LstmClient:
         `decide`: an early decision rule (`decision_rule`)."""
         options = pb.StreamOptions(every_step=every_step, top_k=top_k, decide=decide)
         first = pb.StreamRequest(open=pb.OpenSession(model=model, version=version, options=options))
-        return await self._attach(first, _unavailable)
+        return await self._attach(first, _not_taken)
 
     def multi_stream(self) -> MultiStream:
         """A StreamMulti call on the current address: many sessions over one stream."""
@@ -424,7 +447,7 @@ class LstmClient:
         """Reattach to a session by id, on the first address that has it (UNAVAILABLE or
         NOT_FOUND: the next one); the most telling error if none has."""
         first = pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))
-        return await self._attach(first, _unavailable_or_unknown)
+        return await self._attach(first, _not_taken_or_unknown)
 
     async def restore_session(
         self, snapshot: bytes, every_step: bool = False, top_k: int = 1
@@ -432,15 +455,16 @@ class LstmClient:
         """Continue a session from a snapshot (`StreamSession.snapshot()`), on any replica."""
         options = pb.StreamOptions(every_step=every_step, top_k=top_k)
         first = pb.StreamRequest(restore=_restore(snapshot, options))
-        return await self._attach(first, _unavailable)
+        return await self._attach(first, _not_taken)
 
     async def _attach(
         self, first: pb.StreamRequest, moves_on: Callable[[BaseException], bool]
     ) -> StreamSession:
         session = StreamSession(self)
+        order = self.failover_order(self.address)
         try:
-            address, _ = await _one_round(
-                self.failover_order(self.address), lambda a: session.attach(first, a), moves_on
+            address, _ = await _rounds(
+                self.failover_s, order, lambda a: session.attach(first, a), moves_on
             )
         except _AllFailed as failed:
             error = failed.telling()

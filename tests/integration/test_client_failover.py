@@ -10,11 +10,13 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from lstmserve.client import LstmClient, MultiStream, StreamSession
 from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from tests.integration.conftest import Reference, ServerThread, make_config, metric, scrape
 
 KEY = "k1:" + base64.b64encode(b"one-key-for-the-whole-failover!!").decode()
@@ -200,6 +202,63 @@ def test_open_session_skips_an_unreachable_address(survivor: ServerThread) -> No
             return session.address
 
     assert asyncio.run(scenario()) == survivor.address
+
+
+class Failing(pb_grpc.LstmServeServicer):
+    """A replica whose every Stream ends at once with `code` (CANCELLED: as when it stops)."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+        self.calls = 0
+
+    async def Stream(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.calls += 1
+        await context.abort(self.code, self.code.name)
+        yield pb.StreamResponse()  # never reached: makes this a stream handler
+
+
+async def failing(code: grpc.StatusCode) -> tuple[grpc.aio.Server, str, Failing]:
+    """A Failing replica on this loop: (server, address, servicer)."""
+    server, servicer = grpc.aio.server(), Failing(code)
+    pb_grpc.add_LstmServeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}", servicer
+
+
+def test_open_session_moves_on_past_a_stream_cancelled_under_it(survivor: ServerThread) -> None:
+    async def scenario() -> str:
+        server, address, _ = await failing(grpc.StatusCode.CANCELLED)
+        try:
+            async with LstmClient([address, survivor.address]) as client:
+                session = await client.open_session("tiny-gru")
+                await session.step([1, 2])
+                await session.end()
+                return session.address
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == survivor.address
+
+
+def test_an_open_no_address_takes_is_asked_again_then_answered_with_the_servers_status() -> None:
+    """A dead address and a replica answering UNAVAILABLE (its store failing over): the open is
+    tried again for failover_s, then raises the replica's UNAVAILABLE, not SessionLost."""
+
+    async def scenario() -> tuple[grpc.StatusCode | None, int]:
+        server, address, servicer = await failing(grpc.StatusCode.UNAVAILABLE)
+        try:
+            async with LstmClient(["127.0.0.1:1", address], failover_s=0.5) as client:
+                try:
+                    await client.open_session("tiny-gru")
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), servicer.calls
+                return None, servicer.calls
+        finally:
+            await server.stop(None)
+
+    code, calls = asyncio.run(scenario())
+    assert code == grpc.StatusCode.UNAVAILABLE and calls > 1
 
 
 WORDS = [WORD[:6], WORD[2:9], WORD[4:11]]
