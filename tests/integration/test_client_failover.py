@@ -211,7 +211,7 @@ class Failing(pb_grpc.LstmServeServicer):
         self.code = code
         self.calls = 0
 
-    async def Stream(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Stream(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
         self.calls += 1
         await context.abort(self.code, self.code.name)
         yield pb.StreamResponse()  # never reached: makes this a stream handler
@@ -363,3 +363,52 @@ def test_a_final_snapshot_the_store_has_moved_past_falls_back_to_resume_by_id(
     assert opened.last_applied_seq == 2 and opened.total_steps == 3
     expected = reference.run("tiny-gru", np.array([1, 2, 3, 4]))[0]
     np.testing.assert_allclose(reply.probabilities, expected, atol=1e-5)
+
+
+def test_a_multi_stream_continues_a_session_its_replica_holds_a_stale_copy_of(
+    doomed: ServerThread, survivor: ServerThread, reference: Reference
+) -> None:
+    """Replica A holds session S at seq 1 on a MultiStream while B advances S to seq 2: A's
+    answer to the stream's chunk 2 would be ABORTED in band (its copy is stale). The stream
+    resumes S on A and sends the chunk again: answered as B applied it (duplicate), the other
+    session's entry untouched, a message pipelined behind it answered after it, S's options
+    kept and its next chunk applied once."""
+    a, b = doomed, survivor
+
+    async def scenario() -> tuple[list[pb.SessionResult], pb.SessionResult, MultiStream]:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            multi = ca.multi_stream()
+            opened = await multi.exchange([MultiStream.open("tiny-gru", top_k=2)] * 2)
+            s, other = (r.session_id for r in opened)
+            await multi.exchange(
+                [MultiStream.chunk(s, 1, WORD[:1]), MultiStream.chunk(other, 1, WORD[:1])]
+            )
+            on_b = await cb.resume_session(s)
+            await on_b.step(WORD[1:2])  # seq 2, applied on B: A's copy is now stale
+            await on_b.close()
+            await multi.send(
+                [MultiStream.chunk(s, 2, WORD[1:2]), MultiStream.chunk(other, 2, WORD[1:2])]
+            )
+            await multi.send([MultiStream.chunk(other, 3, WORD[2:3])])  # pipelined behind it
+            results = await multi.receive()
+            (behind,) = await multi.receive()
+            assert behind.chunk.seq == 3 and behind.chunk.total_steps == 3, "in order"
+            (third,) = await multi.exchange([MultiStream.chunk(s, 3, WORD[2:3])])
+            await multi.exchange([MultiStream.end(s), MultiStream.end(other)])
+            await multi.close()
+            return results, third, multi
+
+    results, third, multi = asyncio.run(scenario())
+    assert [r.WhichOneof("kind") for r in results] == ["chunk", "chunk"], results
+    resent, other = results[0].chunk, results[1].chunk
+    assert resent.seq == 2 and resent.duplicate and resent.total_steps == 2
+    assert other.seq == 2 and not other.duplicate and other.total_steps == 2
+    for result in (resent, other):
+        expected, _ = reference.run("tiny-gru", WORD[:2])
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    assert third.chunk.total_steps == 3 and not third.chunk.duplicate
+    assert len(third.chunk.top) == 2, "the session's options (top_k=2) kept by the resume"
+    np.testing.assert_allclose(
+        third.chunk.probabilities, reference.run("tiny-gru", WORD[:3])[0], atol=1e-5
+    )
+    assert multi.failovers == 0, "continued on the same stream"
