@@ -768,8 +768,8 @@ class _Entries:
         return pb.SessionRequest(restore=_restore(snapshot, options))
 
     @staticmethod
-    def resume(session_id: str) -> pb.SessionRequest:
-        return pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id))
+    def resume(session_id: str, options: pb.StreamOptions | None = None) -> pb.SessionRequest:
+        return pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id, options=options))
 
     @staticmethod
     def chunk(session_id: str, seq: int, steps: Steps) -> pb.SessionRequest:
@@ -884,7 +884,8 @@ class MultiStream(_Entries):
     async def _continue(self, message: _Message, indices: list[int]) -> None:
         """Resume the sessions of `message`'s entries `indices` here, then send those again."""
         entries = [message.entries[i] for i in indices]
-        resumes = [self._reattach(i) for i in dict.fromkeys(e.session_id for e in entries)]
+        ids = dict.fromkeys(e.session_id for e in entries)
+        resumes = [self.resume(i, self._held.get(i)) for i in ids]  # by id: the current state
         continuation = _Message([*resumes, *entries], (message, indices))
         self._pending.append(continuation)
         await self._write(continuation.entries)
