@@ -848,15 +848,17 @@ class MultiStream(_Entries):
         """The results of the oldest message not returned yet, one per entry, in entry order
         (entries continued after an in-band ABORTED: once their continuation is answered)."""
         while True:
-            head = self._pending[0]
-            if head.ready:
+            head = self._pending[0] if self._pending else None
+            if head is not None and head.ready:
                 self._pending.popleft()
                 if head.redoes is None:
                     assert head.results is not None
                     return head.results
                 continue  # a continuation of ours: its answers are in their message
-            message = next(m for m in self._pending if m.results is None)
-            results = await self._next_reply()
+            results = await self._next_reply()  # (a drain's final snapshots, with none sent)
+            message = next((m for m in self._pending if m.results is None), None)
+            if message is None:
+                raise IndexError("a StreamMulti reply to no message sent")
             self._note(message.entries, results)
             again = message.answer(results)
             if again is not None:
