@@ -8,7 +8,9 @@
 
 Failover, given several addresses:
   * unary calls, `open_session` and `restore_session` go to the next address when one is
-    UNAVAILABLE (unreachable, draining, still loading);
+    UNAVAILABLE (unreachable, draining, still loading); the session calls also when the new
+    stream breaks under them (CANCELLED, UNKNOWN: a replica stopping), and repeat the round
+    for up to `failover_s` seconds while an address may come back;
   * `resume_session` also moves on past NOT_FOUND (without a shared store only the replica that
     holds a session knows it);
   * a session whose stream breaks (`StreamSession`, and every session of a `MultiStream`)
@@ -59,6 +61,7 @@ CHANNEL_OPTIONS = (
 )
 MAX_FAILOVERS_IN_A_ROW = 8  # reconnects with no reply in between before SessionLost
 MAX_REATTACH_ENTRIES = 1024  # sessions per message when a MultiStream reattaches them
+MAX_CONTINUES = 3  # times a MultiStream resumes and resends one message's refused entries
 # A write on a call that has ended (or is ending) raises one of these.
 WRITE_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 # What a first write that never left says: the stream ended under it, not the server's answer.
@@ -172,9 +175,14 @@ class _AllFailed(Exception):
         self.errors = errors
 
     def telling(self) -> BaseException:
-        """The error to show: an answer (NOT_FOUND, ...) over an unreachable address."""
-        answered = [e for e in self.errors if _code(e) not in (grpc.StatusCode.UNAVAILABLE, None)]
-        return (answered or self.errors)[0]
+        """The error to show: an answer (NOT_FOUND, ...) over a broken or unavailable stream,
+        a server's status (UNAVAILABLE: its store is down, ...) over an unreachable address."""
+
+        def rank(error: BaseException) -> int:
+            code = _code(error)
+            return 2 if code is None else 1 if code in RETRYABLE else 0
+
+        return min(self.errors, key=rank)
 
     def gone(self) -> bool:
         """Every address that answered (some did) said it does not know the session."""
@@ -203,25 +211,35 @@ async def _fail_over(
     client: LstmClient, current: str, elsewhere: bool, attempt: Callable[[str], Awaitable[Any]],
     what: str,
 ) -> str:  # fmt: skip
-    """Run `attempt` on the addresses in failover order, in rounds while some address may come
-    back (short pauses, `client.failover_s` at most); the address that took it, or SessionLost."""
+    """Run `attempt` on the addresses in failover order (`_rounds`); the address that took
+    it, or SessionLost."""
+    order = client.failover_order(current, elsewhere)
+    try:
+        address, _ = await _rounds(client.failover_s, order, attempt, lambda _: True)
+    except _AllFailed as failed:
+        message = f"{what} could not be continued on {client.addresses}: {failed.telling()}"
+        raise SessionLost(message, failed.gone()) from failed.telling()
+    client.moved_to(address)
+    return address
+
+
+async def _rounds(
+    failover_s: float, addresses: Sequence[str], attempt: Callable[[str], Awaitable[Any]],
+    moves_on: Callable[[BaseException], bool],
+) -> tuple[str, Any]:  # fmt: skip
+    """`_one_round`, again while some address may come back (a replica restarting, a store
+    failing over: short pauses, `failover_s` at most); the last round's _AllFailed after that."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + client.failover_s
+    deadline = loop.time() + failover_s
     pause = 0.05
     while True:
         try:
-            address, _ = await _one_round(
-                client.failover_order(current, elsewhere), attempt, lambda _: True
-            )
+            return await _one_round(addresses, attempt, moves_on)
         except _AllFailed as failed:
-            if any(map(_may_come_back, failed.errors)) and loop.time() + pause < deadline:
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, 0.5)
-                continue
-            message = f"{what} could not be continued on {client.addresses}: {failed.telling()}"
-            raise SessionLost(message, failed.gone()) from failed.telling()
-        client.moved_to(address)
-        return address
+            if not any(map(_may_come_back, failed.errors)) or loop.time() + pause >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 0.5)
 
 
 def to_input(steps: Steps) -> pb.SequenceInput:
@@ -292,9 +310,15 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _Refused) or _code(exc) == grpc.StatusCode.UNAVAILABLE
 
 
-def _unavailable_or_unknown(exc: BaseException) -> bool:
+def _not_taken(exc: BaseException) -> bool:
+    """A stream's first message (open, restore) moves on past these too: the stream broke
+    under it (a replica stopping cancels its streams), as a session's stream does later."""
+    return _unavailable(exc) or _code(exc) in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+
+def _not_taken_or_unknown(exc: BaseException) -> bool:
     """A resume by id also moves on past NOT_FOUND: another replica may hold the session."""
-    return _unavailable(exc) or _code(exc) == grpc.StatusCode.NOT_FOUND
+    return _not_taken(exc) or _code(exc) == grpc.StatusCode.NOT_FOUND
 
 
 class LstmClient:
@@ -414,7 +438,7 @@ class LstmClient:
         `decide`: an early decision rule (`decision_rule`)."""
         options = pb.StreamOptions(every_step=every_step, top_k=top_k, decide=decide)
         first = pb.StreamRequest(open=pb.OpenSession(model=model, version=version, options=options))
-        return await self._attach(first, _unavailable)
+        return await self._attach(first, _not_taken)
 
     def multi_stream(self) -> MultiStream:
         """A StreamMulti call on the current address: many sessions over one stream."""
@@ -424,7 +448,7 @@ class LstmClient:
         """Reattach to a session by id, on the first address that has it (UNAVAILABLE or
         NOT_FOUND: the next one); the most telling error if none has."""
         first = pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))
-        return await self._attach(first, _unavailable_or_unknown)
+        return await self._attach(first, _not_taken_or_unknown)
 
     async def restore_session(
         self, snapshot: bytes, every_step: bool = False, top_k: int = 1
@@ -432,15 +456,16 @@ class LstmClient:
         """Continue a session from a snapshot (`StreamSession.snapshot()`), on any replica."""
         options = pb.StreamOptions(every_step=every_step, top_k=top_k)
         first = pb.StreamRequest(restore=_restore(snapshot, options))
-        return await self._attach(first, _unavailable)
+        return await self._attach(first, _not_taken)
 
     async def _attach(
         self, first: pb.StreamRequest, moves_on: Callable[[BaseException], bool]
     ) -> StreamSession:
         session = StreamSession(self)
+        order = self.failover_order(self.address)
         try:
-            address, _ = await _one_round(
-                self.failover_order(self.address), lambda a: session.attach(first, a), moves_on
+            address, _ = await _rounds(
+                self.failover_s, order, lambda a: session.attach(first, a), moves_on
             )
         except _AllFailed as failed:
             error = failed.telling()
@@ -673,7 +698,95 @@ def _final_snapshots(results: Sequence[pb.SessionResult]) -> dict[str, bytes]:
     return {}
 
 
-class MultiStream:
+def _moved(entry: pb.SessionRequest, result: pb.SessionResult) -> bool:
+    """A chunk or reset refused in band because its session moved (continued on another
+    replica, or taken over by another stream): resuming it here fetches its current state."""
+    return (
+        entry.WhichOneof("kind") in ("chunk", "reset")
+        and result.WhichOneof("kind") == "error"
+        and result.error.code == "ABORTED"
+    )
+
+
+class _Message:
+    """One StreamMulti message sent: its entries, then its results. A continuation (`redoes`:
+    a message and entry indices) is the client's own: it resumes those entries' sessions and
+    sends the entries again, and its answers to them replace theirs."""
+
+    __slots__ = ("continued", "entries", "redoes", "results", "waiting")
+
+    def __init__(
+        self, entries: list[pb.SessionRequest], redoes: tuple[_Message, list[int]] | None = None
+    ) -> None:
+        self.entries = entries
+        self.redoes = redoes
+        self.results: list[pb.SessionResult] | None = None  # once answered
+        self.waiting = 0  # its continuations not answered yet
+        self.continued = 0  # its continuations sent
+
+    @property
+    def ready(self) -> bool:
+        return self.results is not None and self.waiting == 0
+
+    def answer(self, results: list[pb.SessionResult]) -> tuple[_Message, list[int]] | None:
+        """Take this message's results; (a message, its entries) to continue, if any (a few
+        times at most: then the in-band ABORTED stands)."""
+        self.results = results
+        target, indices = self.redoes or (self, list(range(min(len(results), len(self.entries)))))
+        if self.redoes is not None:
+            target.take_again(indices, results[len(results) - len(indices) :])
+        assert target.results is not None
+        moved = [i for i in indices if _moved(target.entries[i], target.results[i])]
+        if not moved or target.continued >= MAX_CONTINUES:
+            return None
+        target.continued += 1
+        target.waiting += 1
+        return target, moved
+
+    def take_again(self, indices: list[int], results: list[pb.SessionResult]) -> None:
+        """A continuation's answers to entries `indices`, in their place."""
+        assert self.results is not None
+        for i, result in zip(indices, results, strict=False):
+            self.results[i] = result
+        self.waiting -= 1
+
+
+class _Entries:
+    """The StreamMulti entries, built (as MultiStream.open(...), MultiStream.chunk(...), ...)."""
+
+    @staticmethod
+    def open(
+        model: str, version: int = 0, every_step: bool = False, top_k: int = 1,
+        decide: pb.DecisionRule | None = None,
+    ) -> pb.SessionRequest:  # fmt: skip
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k, decide=decide)
+        return pb.SessionRequest(open=pb.OpenSession(model=model, version=version, options=options))
+
+    @staticmethod
+    def restore(snapshot: bytes, every_step: bool = False, top_k: int = 1) -> pb.SessionRequest:
+        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
+        return pb.SessionRequest(restore=_restore(snapshot, options))
+
+    @staticmethod
+    def resume(session_id: str, options: pb.StreamOptions | None = None) -> pb.SessionRequest:
+        return pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id, options=options))
+
+    @staticmethod
+    def chunk(session_id: str, seq: int, steps: Steps) -> pb.SessionRequest:
+        return pb.SessionRequest(
+            session_id=session_id, chunk=pb.Chunk(seq=seq, input=to_input(steps))
+        )
+
+    @staticmethod
+    def reset(session_id: str, seq: int) -> pb.SessionRequest:
+        return pb.SessionRequest(session_id=session_id, reset=pb.Reset(seq=seq))
+
+    @staticmethod
+    def end(session_id: str) -> pb.SessionRequest:
+        return pb.SessionRequest(session_id=session_id, end=pb.End())
+
+
+class MultiStream(_Entries):
     """One StreamMulti call (a gateway's many sessions over one stream): each message carries
     entries for any number of sessions and is answered by one result per entry, in order.
 
@@ -683,7 +796,12 @@ class MultiStream:
     ended, then every unanswered message is resent, so each entry is answered once, in order.
     A session no replica knows any more is dropped (its entries are then answered NOT_FOUND, in
     band). An `open` entry whose reply was lost is sent again (a second session: the first idles
-    out). SessionLost if no address takes the stream; `final_snapshots` keeps the snapshots not
+    out). A chunk or reset answered ABORTED in band (its session was continued on another
+    replica, or taken by another stream, since this replica last held it) is continued on the
+    stream: a message of the client's own resumes the session (its current state) and sends
+    the entry again, and the answer to that (applied, or `duplicate`: a seq is never applied
+    twice) stands in the ABORTED's place; after MAX_CONTINUES tries the ABORTED is returned.
+    SessionLost if no address takes the stream; `final_snapshots` keeps the snapshots not
     restored yet. Build entries with the static helpers.
 
         multi = client.multi_stream()
@@ -696,7 +814,7 @@ class MultiStream:
         self.client = client
         self.address = address or client.address
         self._call: Any = client.stub_at(self.address).StreamMulti(metadata=client.metadata)
-        self._pending: deque[list[pb.SessionRequest]] = deque()  # sent, not yet answered
+        self._pending: deque[_Message] = deque()  # sent, not yet returned
         self._held: dict[str, pb.StreamOptions | None] = {}  # live sessions named, and options
         self.final_snapshots: dict[str, bytes] = {}  # session id -> snapshot, from a drain
         self._write_failed = False
@@ -711,12 +829,12 @@ class MultiStream:
 
     async def send(self, entries: Sequence[pb.SessionRequest]) -> None:
         """Send one message without waiting for its results (pipelining)."""
-        message = list(entries)
+        message = _Message(list(entries))
         self._pending.append(message)
         if self._call is None:
             await self.reconnect()  # resends every pending message, this one included
             return
-        await self._write(message)
+        await self._write(message.entries)
 
     async def _write(self, message: list[pb.SessionRequest]) -> bool:
         try:
@@ -727,7 +845,27 @@ class MultiStream:
         return True
 
     async def receive(self) -> list[pb.SessionResult]:
-        """The results of the oldest unanswered message, one per entry, in entry order."""
+        """The results of the oldest message not returned yet, one per entry, in entry order
+        (entries continued after an in-band ABORTED: once their continuation is answered)."""
+        while True:
+            head = self._pending[0] if self._pending else None
+            if head is not None and head.ready:
+                self._pending.popleft()
+                if head.redoes is None:
+                    assert head.results is not None
+                    return head.results
+                continue  # a continuation of ours: its answers are in their message
+            results = await self._next_reply()  # (a drain's final snapshots, with none sent)
+            message = next((m for m in self._pending if m.results is None), None)
+            if message is None:
+                raise IndexError("a StreamMulti reply to no message sent")
+            self._note(message.entries, results)
+            again = message.answer(results)
+            if again is not None:
+                await self._continue(*again)
+
+    async def _next_reply(self) -> list[pb.SessionResult]:
+        """The results of the next message answered, continuing the stream if it breaks."""
         while True:
             if self._call is None:
                 await self.reconnect()
@@ -743,8 +881,16 @@ class MultiStream:
                 await self.reconnect(True)
                 continue
             self._in_a_row = 0
-            self._note(self._pending.popleft(), results)
             return results
+
+    async def _continue(self, message: _Message, indices: list[int]) -> None:
+        """Resume the sessions of `message`'s entries `indices` here, then send those again."""
+        entries = [message.entries[i] for i in indices]
+        ids = dict.fromkeys(e.session_id for e in entries)
+        resumes = [self.resume(i, self._held.get(i)) for i in ids]  # by id: the current state
+        continuation = _Message([*resumes, *entries], (message, indices))
+        self._pending.append(continuation)
+        await self._write(continuation.entries)
 
     def _note(
         self, entries: Sequence[pb.SessionRequest], results: Sequence[pb.SessionResult]
@@ -780,9 +926,9 @@ class MultiStream:
         await _fail_over(self.client, self.address, elsewhere, self._reopen, "StreamMulti")
         self._write_failed = False
         self.failovers += 1
-        for message in list(self._pending):
+        for message in [m for m in self._pending if m.results is None]:
             self.resent += 1
-            if not await self._write(message):
+            if not await self._write(message.entries):
                 return  # broken again: receive() continues once more
 
     async def _reopen(self, address: str) -> None:
@@ -821,37 +967,6 @@ class MultiStream:
             self.final_snapshots.pop(session_id, None)
         else:
             self._held.pop(session_id, None)
-
-    @staticmethod
-    def open(
-        model: str, version: int = 0, every_step: bool = False, top_k: int = 1,
-        decide: pb.DecisionRule | None = None,
-    ) -> pb.SessionRequest:  # fmt: skip
-        options = pb.StreamOptions(every_step=every_step, top_k=top_k, decide=decide)
-        return pb.SessionRequest(open=pb.OpenSession(model=model, version=version, options=options))
-
-    @staticmethod
-    def restore(snapshot: bytes, every_step: bool = False, top_k: int = 1) -> pb.SessionRequest:
-        options = pb.StreamOptions(every_step=every_step, top_k=top_k)
-        return pb.SessionRequest(restore=_restore(snapshot, options))
-
-    @staticmethod
-    def resume(session_id: str) -> pb.SessionRequest:
-        return pb.SessionRequest(resume=pb.ResumeSession(session_id=session_id))
-
-    @staticmethod
-    def chunk(session_id: str, seq: int, steps: Steps) -> pb.SessionRequest:
-        return pb.SessionRequest(
-            session_id=session_id, chunk=pb.Chunk(seq=seq, input=to_input(steps))
-        )
-
-    @staticmethod
-    def reset(session_id: str, seq: int) -> pb.SessionRequest:
-        return pb.SessionRequest(session_id=session_id, reset=pb.Reset(seq=seq))
-
-    @staticmethod
-    def end(session_id: str) -> pb.SessionRequest:
-        return pb.SessionRequest(session_id=session_id, end=pb.End())
 
 
 # -- StreamColumns -------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from lstmserve.client import LstmClient, MultiStream, StreamSession
 from lstmserve.v1 import lstm_serve_pb2 as pb
+from lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from tests.integration.conftest import Reference, ServerThread, make_config, metric, scrape
 
 KEY = "k1:" + base64.b64encode(b"one-key-for-the-whole-failover!!").decode()
@@ -202,6 +204,63 @@ def test_open_session_skips_an_unreachable_address(survivor: ServerThread) -> No
     assert asyncio.run(scenario()) == survivor.address
 
 
+class Failing(pb_grpc.LstmServeServicer):
+    """A replica whose every Stream ends at once with `code` (CANCELLED: as when it stops)."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+        self.calls = 0
+
+    async def Stream(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.calls += 1
+        await context.abort(self.code, self.code.name)
+        yield pb.StreamResponse()  # never reached: makes this a stream handler
+
+
+async def failing(code: grpc.StatusCode) -> tuple[grpc.aio.Server, str, Failing]:
+    """A Failing replica on this loop: (server, address, servicer)."""
+    server, servicer = grpc.aio.server(), Failing(code)
+    pb_grpc.add_LstmServeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}", servicer
+
+
+def test_open_session_moves_on_past_a_stream_cancelled_under_it(survivor: ServerThread) -> None:
+    async def scenario() -> str:
+        server, address, _ = await failing(grpc.StatusCode.CANCELLED)
+        try:
+            async with LstmClient([address, survivor.address]) as client:
+                session = await client.open_session("tiny-gru")
+                await session.step([1, 2])
+                await session.end()
+                return session.address
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == survivor.address
+
+
+def test_an_open_no_address_takes_is_asked_again_then_answered_with_the_servers_status() -> None:
+    """A dead address and a replica answering UNAVAILABLE (its store failing over): the open is
+    tried again for failover_s, then raises the replica's UNAVAILABLE, not SessionLost."""
+
+    async def scenario() -> tuple[grpc.StatusCode | None, int]:
+        server, address, servicer = await failing(grpc.StatusCode.UNAVAILABLE)
+        try:
+            async with LstmClient(["127.0.0.1:1", address], failover_s=0.5) as client:
+                try:
+                    await client.open_session("tiny-gru")
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), servicer.calls
+                return None, servicer.calls
+        finally:
+            await server.stop(None)
+
+    code, calls = asyncio.run(scenario())
+    assert code == grpc.StatusCode.UNAVAILABLE and calls > 1
+
+
 WORDS = [WORD[:6], WORD[2:9], WORD[4:11]]
 
 
@@ -304,3 +363,52 @@ def test_a_final_snapshot_the_store_has_moved_past_falls_back_to_resume_by_id(
     assert opened.last_applied_seq == 2 and opened.total_steps == 3
     expected = reference.run("tiny-gru", np.array([1, 2, 3, 4]))[0]
     np.testing.assert_allclose(reply.probabilities, expected, atol=1e-5)
+
+
+def test_a_multi_stream_continues_a_session_its_replica_holds_a_stale_copy_of(
+    doomed: ServerThread, survivor: ServerThread, reference: Reference
+) -> None:
+    """Replica A holds session S at seq 1 on a MultiStream while B advances S to seq 2: A's
+    answer to the stream's chunk 2 would be ABORTED in band (its copy is stale). The stream
+    resumes S on A and sends the chunk again: answered as B applied it (duplicate), the other
+    session's entry untouched, a message pipelined behind it answered after it, S's options
+    kept and its next chunk applied once."""
+    a, b = doomed, survivor
+
+    async def scenario() -> tuple[list[pb.SessionResult], pb.SessionResult, MultiStream]:
+        async with LstmClient(a.address) as ca, LstmClient(b.address) as cb:
+            multi = ca.multi_stream()
+            opened = await multi.exchange([MultiStream.open("tiny-gru", top_k=2)] * 2)
+            s, other = (r.session_id for r in opened)
+            await multi.exchange(
+                [MultiStream.chunk(s, 1, WORD[:1]), MultiStream.chunk(other, 1, WORD[:1])]
+            )
+            on_b = await cb.resume_session(s)
+            await on_b.step(WORD[1:2])  # seq 2, applied on B: A's copy is now stale
+            await on_b.close()
+            await multi.send(
+                [MultiStream.chunk(s, 2, WORD[1:2]), MultiStream.chunk(other, 2, WORD[1:2])]
+            )
+            await multi.send([MultiStream.chunk(other, 3, WORD[2:3])])  # pipelined behind it
+            results = await multi.receive()
+            (behind,) = await multi.receive()
+            assert behind.chunk.seq == 3 and behind.chunk.total_steps == 3, "in order"
+            (third,) = await multi.exchange([MultiStream.chunk(s, 3, WORD[2:3])])
+            await multi.exchange([MultiStream.end(s), MultiStream.end(other)])
+            await multi.close()
+            return results, third, multi
+
+    results, third, multi = asyncio.run(scenario())
+    assert [r.WhichOneof("kind") for r in results] == ["chunk", "chunk"], results
+    resent, other = results[0].chunk, results[1].chunk
+    assert resent.seq == 2 and resent.duplicate and resent.total_steps == 2
+    assert other.seq == 2 and not other.duplicate and other.total_steps == 2
+    for result in (resent, other):
+        expected, _ = reference.run("tiny-gru", WORD[:2])
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    assert third.chunk.total_steps == 3 and not third.chunk.duplicate
+    assert len(third.chunk.top) == 2, "the session's options (top_k=2) kept by the resume"
+    np.testing.assert_allclose(
+        third.chunk.probabilities, reference.run("tiny-gru", WORD[:3])[0], atol=1e-5
+    )
+    assert multi.failovers == 0, "continued on the same stream"

@@ -1,12 +1,15 @@
 """The chaos soak's drain check on a synthetic result: a SIGTERMed replica that outlived its grace
 by OVERRUN_S (SIGKILLed) or exited non-zero fails the run with one line naming it (the overrun
-itself, on a real process: tests/e2e/test_chaos_overrun.py)."""
+itself, on a real process: tests/e2e/test_chaos_overrun.py); the multi driver's places."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from bench import chaos
+from lstmserve.client import MultiStream
+from lstmserve.v1 import lstm_serve_pb2 as pb
 
 
 def _result(*kills: dict[str, Any], final: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
@@ -41,3 +44,26 @@ def test_a_drain_ended_by_its_deadline_or_at_the_end_of_the_run_fails_it() -> No
     lines = chaos.drain_failures(_result(deadline, final=(at_the_end,)))
     assert "exited 3" in lines[0] and "at the end of the run" in lines[1]
     assert not chaos.passed(_result(deadline))
+
+
+def test_a_multi_place_whose_session_failed_mid_retry_opens_afresh_and_sends_seq_1() -> None:
+    """A chunk refused UNAVAILABLE (sent again), then its session failed: the place's next
+    session starts at seq 1, not with the dropped session's refused chunk at seq 0."""
+    load = chaos.Load("m", vocab=5, classes=2, chunks=(3, 3), max_steps=2, think_s=0.1)
+    stats, rng, slot = chaos.Stats(), random.Random(0), chaos.Slot()
+    opened = pb.SessionResult(session_id="a", opened=pb.SessionOpened(session_id="a"))
+    chaos._multi_result(slot, MultiStream.open("m"), opened, load, stats, rng)
+    chunk = chaos._entry(slot, load, rng, finishing=False)
+    refused = pb.SessionResult(session_id="a", chunk=pb.ChunkResult(
+        seq=1, error=pb.ErrorStatus(code="UNAVAILABLE", message="store down")))  # fmt: skip
+    chaos._multi_result(slot, chunk, refused, load, stats, rng)
+    assert slot.retries == 1
+    failed = pb.SessionResult(session_id="a", error=pb.ErrorStatus(code="NOT_FOUND", message="x"))
+    chaos._multi_result(slot, chaos._entry(slot, load, rng, finishing=False), failed, load,
+                        stats, rng)  # fmt: skip
+    assert slot.record is None
+    assert chaos._entry(slot, load, rng, finishing=False).WhichOneof("kind") == "open"
+    opened = pb.SessionResult(session_id="b", opened=pb.SessionOpened(session_id="b"))
+    chaos._multi_result(slot, MultiStream.open("m"), opened, load, stats, rng)
+    entry = chaos._entry(slot, load, rng, finishing=False)
+    assert entry.session_id == "b" and entry.chunk.seq == 1
