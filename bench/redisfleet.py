@@ -117,9 +117,12 @@ class SentinelNode(RedisNode):
 
 
 class SentinelFleet:
-    """A master, `replicas` replicas and three sentinels."""
+    """A master, `replicas` replicas and three sentinels. `down_after_ms` 2000: a sentinel pings
+    every second, so with 1000 one late reply (a loaded machine, or the first ping to a master
+    just promoted) calls a master down and can start a second failover, leaving the first
+    promoted node a master without replicas until the sentinels demote it (~10 s)."""
 
-    def __init__(self, workdir: Path, replicas: int = 1, down_after_ms: int = 1000) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1, down_after_ms: int = 2000) -> None:
         self.workdir = workdir
         self.nodes = [RedisNode(workdir, f"redis{i}") for i in range(1 + replicas)]
         master = self.nodes[0].port
