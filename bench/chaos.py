@@ -623,7 +623,7 @@ def _multi_result(
             stats.errors.append(f"multi open failed: {result.error.code} {result.error.message}")
             return
         slot.record, slot.session_id = Record("multi"), result.session_id
-        slot.left, slot.seq, slot.retries = load.length(rng), 0, 0
+        slot.left, slot.seq = load.length(rng), 0
         stats.records.append(slot.record)
         return
     assert slot.record is not None
